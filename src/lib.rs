@@ -1,0 +1,11 @@
+//! monoscope: a workbench for looking inside decoder language models.
+//!
+//! Data flows one way: [`model`] (load, hooked forward passes, generation) feeds everything
+//! built on top of it.
+
+pub mod device;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};
+pub use model::Model;

@@ -1,0 +1,126 @@
+//! GPT-2 (`model_type: gpt2`): learned positions, pre-LayerNorm, `Conv1D` weights stored
+//! `[in, out]` (transposed here to `[out, in]`), tied embeddings.
+
+use candle_nn::Linear;
+use serde::Deserialize;
+
+use super::super::config::ConfigFile;
+use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Transformer};
+use super::super::weights::Weights;
+use crate::error::Result;
+
+#[derive(Deserialize)]
+struct Gpt2Config {
+    vocab_size: usize,
+    n_positions: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    #[serde(default = "default_act")]
+    activation_function: String,
+    #[serde(default = "default_eps")]
+    layer_norm_epsilon: f64,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    reorder_and_upcast_attn: bool,
+}
+
+fn default_act() -> String {
+    "gelu_new".to_string()
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// A `Conv1D`: weight `[in, out]` on disk.
+fn conv1d(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    let weight = w.get(&format!("{prefix}.weight"), &[in_dim, out_dim])?;
+    let bias = w.get(&format!("{prefix}.bias"), &[out_dim])?;
+    Ok(Linear::new(weight.t()?.contiguous()?, Some(bias)))
+}
+
+pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
+    let c: Gpt2Config = config.parse()?;
+    if c.scale_attn_by_inverse_layer_idx {
+        return Err(config.error("scale_attn_by_inverse_layer_idx", "true is not supported"));
+    }
+    // reorder_and_upcast_attn only changes where the f32 upcast happens; we always upcast.
+    let _ = c.reorder_and_upcast_attn;
+    if c.n_embd % c.n_head != 0 {
+        return Err(config.error(
+            "n_head",
+            format!(
+                "n_embd {} is not divisible by n_head {}",
+                c.n_embd, c.n_head
+            ),
+        ));
+    }
+    let act = config.activation("activation_function", &c.activation_function)?;
+    let d = c.n_embd;
+    let d_mlp = c.n_inner.unwrap_or(4 * d);
+    // Hub checkpoints saved from GPT2LMHeadModel prefix keys with `transformer.`; the original
+    // OpenAI conversion does not.
+    let p = if w.contains("transformer.wte.weight") {
+        "transformer."
+    } else {
+        ""
+    };
+    let layer_norm = |name: &str| -> Result<Norm> {
+        Ok(Norm::layer_norm(
+            w.get(&format!("{p}{name}.weight"), &[d])?,
+            w.get(&format!("{p}{name}.bias"), &[d])?,
+            c.layer_norm_epsilon,
+        ))
+    };
+    let blocks = (0..c.n_layer)
+        .map(|l| -> Result<Block> {
+            let h = format!("{p}h.{l}");
+            Ok(Block {
+                ln_attn: layer_norm(&format!("h.{l}.ln_1"))?,
+                attn: Attention {
+                    qkv: conv1d(w, &format!("{h}.attn.c_attn"), d, 3 * d)?,
+                    out: conv1d(w, &format!("{h}.attn.c_proj"), d, d)?,
+                    n_heads: c.n_head,
+                    n_kv_heads: c.n_head,
+                    head_dim: d / c.n_head,
+                    rotary: None,
+                    sliding_window: None,
+                },
+                ln_mlp: layer_norm(&format!("h.{l}.ln_2"))?,
+                mlp: Mlp::Plain {
+                    fc: conv1d(w, &format!("{h}.mlp.c_fc"), d, d_mlp)?,
+                    proj: conv1d(w, &format!("{h}.mlp.c_proj"), d_mlp, d)?,
+                    act,
+                },
+                parallel_residual: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embed = w.get(&format!("{p}wte.weight"), &[c.vocab_size, d])?;
+    let (unembed, tied) = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
+        Some(head) => (head, false),
+        None => (embed.clone(), true),
+    };
+    Ok(Transformer {
+        pos_embed: Some(w.get(&format!("{p}wpe.weight"), &[c.n_positions, d])?),
+        embed,
+        embed_scale: None,
+        blocks,
+        ln_final: layer_norm("ln_f")?,
+        unembed,
+        tied_embeddings: tied,
+        dims: Dims {
+            n_layers: c.n_layer,
+            d_model: d,
+            d_mlp,
+            n_heads: c.n_head,
+            n_kv_heads: c.n_head,
+            head_dim: d / c.n_head,
+            vocab_size: c.vocab_size,
+            context_length: c.n_positions,
+        },
+    })
+}

@@ -1,0 +1,206 @@
+//! Llama (`model_type: llama`), and the loader the rest of the Llama family (Mistral, Qwen2,
+//! Gemma) shares: RMSNorm, rotary, grouped-query attention, gated MLP, `model.` key prefix.
+
+use candle_core::DType;
+use serde::Deserialize;
+
+use super::super::config::{ConfigFile, RopeParameters, rope_theta};
+use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer};
+use super::super::weights::Weights;
+use super::{fuse_qkv, linear};
+use crate::error::Result;
+
+/// The union of the Llama-family config keys; each family member reads the ones it has.
+#[derive(Deserialize)]
+pub(super) struct LlamaLikeConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    hidden_act: Option<String>,
+    /// Gemma's spelling, which takes precedence there.
+    hidden_activation: Option<String>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    pub(super) sliding_window: Option<usize>,
+    pub(super) use_sliding_window: Option<bool>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// How a family member departs from Llama.
+pub(super) struct Family {
+    /// Biases on q, k, v (Qwen2: always; Llama: `attention_bias`).
+    pub qkv_bias: Option<bool>,
+    /// Bias on the output projection (Llama: `attention_bias`; Qwen2: never).
+    pub o_bias: Option<bool>,
+    /// Gemma: RMSNorm weight used as `1 + w`, embeddings scaled by √d_model, GeGLU default.
+    pub gemma: bool,
+    /// Mask keys further back than `sliding_window` (Mistral).
+    pub sliding_window: Option<usize>,
+}
+
+pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
+    let c: LlamaLikeConfig = config.parse()?;
+    let bias = c.attention_bias;
+    load_family(
+        config,
+        &c,
+        w,
+        &Family {
+            qkv_bias: bias,
+            o_bias: bias,
+            gemma: false,
+            sliding_window: None,
+        },
+    )
+}
+
+pub(super) fn parse(config: &ConfigFile) -> Result<LlamaLikeConfig> {
+    config.parse()
+}
+
+pub(super) fn load_family(
+    config: &ConfigFile,
+    c: &LlamaLikeConfig,
+    w: &Weights,
+    family: &Family,
+) -> Result<Transformer> {
+    let (d, nh) = (c.hidden_size, c.num_attention_heads);
+    let nkv = c.num_key_value_heads.unwrap_or(nh);
+    if nkv == 0 || nh % nkv != 0 {
+        return Err(config.error(
+            "num_key_value_heads",
+            format!("{nkv} does not divide num_attention_heads {nh}"),
+        ));
+    }
+    let hd = c.head_dim.unwrap_or(d / nh);
+    let act = match (&c.hidden_activation, &c.hidden_act, family.gemma) {
+        (Some(a), _, true) => config.activation("hidden_activation", a)?,
+        // transformers forces the tanh GELU on Gemma configs that name none.
+        (None, _, true) => config.activation("hidden_activation", "gelu_pytorch_tanh")?,
+        (_, Some(a), false) => config.activation("hidden_act", a)?,
+        (_, None, false) => config.activation("hidden_act", "silu")?,
+    };
+    if c.mlp_bias == Some(true) && family.gemma {
+        return Err(config.error("mlp_bias", "not supported for gemma"));
+    }
+    let mlp_bias = c.mlp_bias.unwrap_or(false);
+    let theta = rope_theta(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?;
+    let rotary = Rotary::new(hd, theta, c.max_position_embeddings, w.device())?;
+    let rms = |key: String| -> Result<Norm> {
+        let weight = w.get(&key, &[d])?;
+        let weight = if family.gemma {
+            // Gemma's RMSNorm multiplies by (1 + w), computed in f32 as transformers does.
+            (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?
+        } else {
+            weight
+        };
+        Ok(Norm::rms_norm(weight, c.rms_norm_eps))
+    };
+    let (qkv_bias, o_bias) = (
+        family.qkv_bias.unwrap_or(false),
+        family.o_bias.unwrap_or(false),
+    );
+    let blocks = (0..c.num_hidden_layers)
+        .map(|l| -> Result<Block> {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let q = linear(w, &format!("{a}.q_proj"), nh * hd, d, qkv_bias)?;
+            let k = linear(w, &format!("{a}.k_proj"), nkv * hd, d, qkv_bias)?;
+            let v = linear(w, &format!("{a}.v_proj"), nkv * hd, d, qkv_bias)?;
+            Ok(Block {
+                ln_attn: rms(format!("{p}.input_layernorm.weight"))?,
+                attn: Attention {
+                    qkv: fuse_qkv(q, k, v)?,
+                    out: linear(w, &format!("{a}.o_proj"), d, nh * hd, o_bias)?,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    rotary: Some(rotary.clone()),
+                    sliding_window: family.sliding_window,
+                },
+                ln_mlp: rms(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp::Gated {
+                    gate: linear(
+                        w,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        d,
+                        mlp_bias,
+                    )?,
+                    up: linear(
+                        w,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        d,
+                        mlp_bias,
+                    )?,
+                    down: linear(
+                        w,
+                        &format!("{p}.mlp.down_proj"),
+                        d,
+                        c.intermediate_size,
+                        mlp_bias,
+                    )?,
+                    act,
+                },
+                parallel_residual: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, d])?;
+    let tie = c.tie_word_embeddings.unwrap_or(family.gemma);
+    let (unembed, tied) = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
+        Some(head) if !tie => (head, false),
+        _ if tie => (embed.clone(), true),
+        _ => {
+            return Err(crate::error::Error::MissingTensor {
+                dir: w.dir().to_path_buf(),
+                key: "lm_head.weight".to_string(),
+            });
+        }
+    };
+    let embed_scale = family
+        .gemma
+        .then(|| round_to_dtype((d as f64).sqrt(), w.dtype()));
+    Ok(Transformer {
+        embed,
+        pos_embed: None,
+        embed_scale,
+        blocks,
+        ln_final: rms("model.norm.weight".to_string())?,
+        unembed,
+        tied_embeddings: tied,
+        dims: Dims {
+            n_layers: c.num_hidden_layers,
+            d_model: d,
+            d_mlp: c.intermediate_size,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            vocab_size: c.vocab_size,
+            context_length: c.max_position_embeddings,
+        },
+    })
+}
+
+/// transformers builds Gemma's √d normaliser as a tensor of the run dtype, so it is rounded.
+fn round_to_dtype(v: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        DType::F16 => half::f16::from_f64(v).to_f64(),
+        _ => v,
+    }
+}

@@ -1,0 +1,66 @@
+//! One file per architecture: each maps its `config.json` and weight names onto the shared
+//! [`Transformer`]. Adding an architecture means adding a file here and a line to
+//! [`ARCHITECTURES`].
+
+mod gemma;
+mod gpt2;
+mod gpt_neox;
+mod llama;
+mod mistral;
+mod qwen2;
+
+use candle_nn::Linear;
+
+use super::config::ConfigFile;
+use super::layers::Transformer;
+use super::weights::Weights;
+use crate::error::Result;
+
+/// Builds a [`Transformer`] from a config and its weights.
+pub type LoadFn = fn(&ConfigFile, &Weights) -> Result<Transformer>;
+
+/// Supported `model_type` values and their loaders.
+pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
+    ("gpt2", gpt2::load),
+    ("gpt_neox", gpt_neox::load),
+    ("llama", llama::load),
+    ("mistral", mistral::load),
+    ("qwen2", qwen2::load),
+    ("gemma", gemma::load),
+];
+
+pub fn loader(model_type: &str) -> Option<LoadFn> {
+    ARCHITECTURES
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, load)| *load)
+}
+
+pub fn supported() -> String {
+    ARCHITECTURES
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias` (`[out]`).
+fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+    let bias = if bias {
+        Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Stacks q, k and v projections into the fused `[q; k; v]` layout of [`super::layers::Attention`].
+fn fuse_qkv(q: Linear, k: Linear, v: Linear) -> Result<Linear> {
+    let weight = candle_core::Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+    let bias = match (q.bias(), k.bias(), v.bias()) {
+        (Some(qb), Some(kb), Some(vb)) => Some(candle_core::Tensor::cat(&[qb, kb, vb], 0)?),
+        _ => None,
+    };
+    Ok(Linear::new(weight, bias))
+}

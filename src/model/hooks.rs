@@ -1,0 +1,506 @@
+//! Hook points with TransformerLens names, and the one mechanism that serves capture,
+//! intervention and gradients.
+//!
+//! Every block calls [`HookRunner::hook`] at each of its hook points. With no hook set for a
+//! point the call returns its input untouched, so an un-hooked forward pass pays one set lookup
+//! per point. Hooks are scoped to a single forward call: a [`Hooks`] value describes what to do,
+//! and the cache and gradient leaves come back in the forward output — nothing global to forget
+//! to remove (the trap TransformerLens' `run_with_hooks` guards against).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// A named place in the forward pass. Tensors at every point are `[batch, seq, d]`, where `d` is
+/// `d_model`, or `d_mlp` for the two `mlp.*` points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookPoint {
+    /// `hook_embed`: token embeddings (scaled, for Gemma) — `[batch, seq, d_model]`.
+    Embed,
+    /// `hook_pos_embed`: learned position embeddings (GPT-2 only) — `[batch, seq, d_model]`.
+    PosEmbed,
+    /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
+    ResidPre(usize),
+    /// `blocks.L.hook_attn_out`: the attention output, after the output projection.
+    AttnOut(usize),
+    /// `blocks.L.hook_resid_mid`: resid_pre + attn_out (absent in parallel-residual blocks).
+    ResidMid(usize),
+    /// `blocks.L.mlp.hook_pre`: FFN pre-activation (for gated MLPs, the gate's) — `[.., d_mlp]`.
+    MlpPre(usize),
+    /// `blocks.L.mlp.hook_post`: FFN value after the nonlinearity (gated: act(gate)·up), the input
+    /// of the down projection: ROME's key space and the space of knowledge neurons — `[.., d_mlp]`.
+    MlpPost(usize),
+    /// `blocks.L.hook_mlp_out`: the FFN output, after the down projection.
+    MlpOut(usize),
+    /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
+    ResidPost(usize),
+    /// `ln_final.hook_normalized`: the final norm's output, the input of the unembedding.
+    LnFinal,
+}
+
+impl HookPoint {
+    /// The layer this point belongs to, if any.
+    pub fn layer(&self) -> Option<usize> {
+        match *self {
+            Self::ResidPre(l)
+            | Self::AttnOut(l)
+            | Self::ResidMid(l)
+            | Self::MlpPre(l)
+            | Self::MlpPost(l)
+            | Self::MlpOut(l)
+            | Self::ResidPost(l) => Some(l),
+            Self::Embed | Self::PosEmbed | Self::LnFinal => None,
+        }
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embed => write!(f, "hook_embed"),
+            Self::PosEmbed => write!(f, "hook_pos_embed"),
+            Self::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
+            Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
+            Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
+            Self::MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
+            Self::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
+            Self::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
+            Self::LnFinal => write!(f, "ln_final.hook_normalized"),
+        }
+    }
+}
+
+impl FromStr for HookPoint {
+    type Err = Error;
+
+    /// Parses a TransformerLens hook name. Whether the layer exists in a given model is checked
+    /// by [`HookRunner`] users against the model's hook list.
+    fn from_str(s: &str) -> Result<Self> {
+        let unknown = || Error::UnknownHook {
+            name: s.to_string(),
+            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, hook_attn_out, \
+                    hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
+                    ln_final.hook_normalized"
+                .to_string(),
+        };
+        match s {
+            "hook_embed" => return Ok(Self::Embed),
+            "hook_pos_embed" => return Ok(Self::PosEmbed),
+            "ln_final.hook_normalized" => return Ok(Self::LnFinal),
+            _ => {}
+        }
+        let rest = s.strip_prefix("blocks.").ok_or_else(unknown)?;
+        let (layer, name) = rest.split_once('.').ok_or_else(unknown)?;
+        let layer: usize = layer.parse().map_err(|_| unknown())?;
+        Ok(match name {
+            "hook_resid_pre" => Self::ResidPre(layer),
+            "hook_attn_out" => Self::AttnOut(layer),
+            "hook_resid_mid" => Self::ResidMid(layer),
+            "mlp.hook_pre" => Self::MlpPre(layer),
+            "mlp.hook_post" => Self::MlpPost(layer),
+            "hook_mlp_out" => Self::MlpOut(layer),
+            "hook_resid_post" => Self::ResidPost(layer),
+            _ => return Err(unknown()),
+        })
+    }
+}
+
+/// Resolves names or glob patterns (`blocks.*.mlp.hook_post`, `*resid_post`) against the hook
+/// points a model actually has. An exact name that is not there, or a pattern that matches
+/// nothing, is an error listing the valid names.
+pub fn resolve_hook_patterns(patterns: &[&str], available: &[HookPoint]) -> Result<Vec<HookPoint>> {
+    let valid = || {
+        available
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = Vec::new();
+    for pattern in patterns {
+        let is_glob = pattern.contains(['*', '?', '[']);
+        if !is_glob {
+            let point: HookPoint = pattern.parse().map_err(|_| Error::UnknownHook {
+                name: pattern.to_string(),
+                valid: valid(),
+            })?;
+            if !available.contains(&point) {
+                return Err(Error::UnknownHook {
+                    name: pattern.to_string(),
+                    valid: valid(),
+                });
+            }
+            out.push(point);
+            continue;
+        }
+        let glob = glob::Pattern::new(pattern).map_err(|e| Error::BadHookPattern {
+            pattern: pattern.to_string(),
+            message: e.to_string(),
+        })?;
+        let before = out.len();
+        out.extend(
+            available
+                .iter()
+                .filter(|h| glob.matches(&h.to_string()))
+                .copied(),
+        );
+        if out.len() == before {
+            return Err(Error::HookPatternMatchesNothing {
+                pattern: pattern.to_string(),
+                valid: valid(),
+            });
+        }
+    }
+    let mut seen = HashSet::new();
+    out.retain(|h| seen.insert(*h));
+    Ok(out)
+}
+
+/// A user function applied to a hook's value: receives `[batch, seq, d]` and the absolute
+/// position of its first sequence element, returns the replacement (same shape).
+pub type HookFn = Arc<dyn Fn(&Tensor, usize) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// What an intervention does to the selected entries of a hook's value.
+#[derive(Clone)]
+pub enum InterventionOp {
+    /// Set to this tensor (broadcast to `[batch, seq, d]`; a `[d]` vector works).
+    Replace(Tensor),
+    /// Add this tensor (broadcast like `Replace`), e.g. a steering vector.
+    Add(Tensor),
+    /// Multiply by a constant.
+    Scale(f64),
+    /// Set to zero (zero-ablation).
+    Zero,
+    /// Anything else, e.g. splicing an SAE reconstruction in.
+    Func(HookFn),
+}
+
+impl fmt::Debug for InterventionOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Replace(t) => write!(f, "Replace({:?})", t.shape()),
+            Self::Add(t) => write!(f, "Add({:?})", t.shape()),
+            Self::Scale(s) => write!(f, "Scale({s})"),
+            Self::Zero => write!(f, "Zero"),
+            Self::Func(_) => write!(f, "Func(..)"),
+        }
+    }
+}
+
+/// An intervention at a hook: an operation restricted to some positions and channels.
+#[derive(Clone, Debug)]
+pub struct Intervention {
+    pub op: InterventionOp,
+    /// Sequence positions to touch (absolute; negative counts from the end of the current
+    /// forward call's sequence). `None` = all.
+    pub positions: Option<Vec<i64>>,
+    /// Channels (last-dimension indices) to touch. `None` = all.
+    pub channels: Option<Vec<usize>>,
+}
+
+impl Intervention {
+    pub fn new(op: InterventionOp) -> Self {
+        Self {
+            op,
+            positions: None,
+            channels: None,
+        }
+    }
+
+    pub fn at_positions(mut self, positions: impl Into<Vec<i64>>) -> Self {
+        self.positions = Some(positions.into());
+        self
+    }
+
+    pub fn at_channels(mut self, channels: impl Into<Vec<usize>>) -> Self {
+        self.channels = Some(channels.into());
+        self
+    }
+
+    /// Applies the operation to `x` (`[batch, seq, d]`, starting at absolute position `offset`).
+    fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let full = match &self.op {
+            InterventionOp::Replace(v) => v.to_dtype(x.dtype())?.broadcast_as(x.shape())?,
+            InterventionOp::Add(v) => x.broadcast_add(&v.to_dtype(x.dtype())?)?,
+            InterventionOp::Scale(s) => x.affine(*s, 0.0)?,
+            InterventionOp::Zero => x.zeros_like()?,
+            InterventionOp::Func(f) => f(x, offset)?,
+        };
+        if self.positions.is_none() && self.channels.is_none() {
+            return Ok(full);
+        }
+        let (_, seq, d) = x.dims3()?;
+        let mask = self.mask(seq, d, offset, x.device())?.to_dtype(x.dtype())?;
+        // x·(1−m) + new·m keeps the graph differentiable in both terms.
+        let keep = mask.affine(-1.0, 1.0)?;
+        x.broadcast_mul(&keep)?.add(&full.broadcast_mul(&mask)?)
+    }
+
+    /// `[1, seq, d]` 0/1 mask of the selected entries.
+    fn mask(
+        &self,
+        seq: usize,
+        d: usize,
+        offset: usize,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut pos_sel = vec![self.positions.is_none(); seq];
+        if let Some(positions) = &self.positions {
+            for &p in positions {
+                let local = if p < 0 {
+                    seq as i64 + p
+                } else {
+                    p - offset as i64
+                };
+                if (0..seq as i64).contains(&local) {
+                    pos_sel[local as usize] = true;
+                }
+            }
+        }
+        let mut ch_sel = vec![self.channels.is_none(); d];
+        if let Some(channels) = &self.channels {
+            for &c in channels {
+                if c >= d {
+                    candle_core::bail!("intervention channel {c} is out of range for width {d}");
+                }
+                ch_sel[c] = true;
+            }
+        }
+        let data: Vec<f32> = pos_sel
+            .iter()
+            .flat_map(|&p| ch_sel.iter().map(move |&c| f32::from(u8::from(p && c))))
+            .collect();
+        Tensor::from_vec(data, (1, seq, d), device)
+    }
+}
+
+/// What to do at hook points during one forward call.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    capture: HashSet<HookPoint>,
+    interventions: HashMap<HookPoint, Vec<Intervention>>,
+    grad: HashSet<HookPoint>,
+}
+
+impl Hooks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record the value at these points into the output's [`ActivationCache`].
+    pub fn capture(mut self, points: impl IntoIterator<Item = HookPoint>) -> Self {
+        self.capture.extend(points);
+        self
+    }
+
+    /// Apply an intervention at `point` (several at one point run in the order added).
+    pub fn intervene(mut self, point: HookPoint, intervention: Intervention) -> Self {
+        self.interventions
+            .entry(point)
+            .or_default()
+            .push(intervention);
+        self
+    }
+
+    /// Make the value at `point` a differentiable leaf: after `loss.backward()`, the gradient
+    /// with respect to that value is `grads.get(output.grad_leaf(point))`.
+    pub fn grad(mut self, point: HookPoint) -> Self {
+        self.grad.insert(point);
+        self
+    }
+
+    /// Every point this value touches, to check against a model's hook list.
+    pub fn points(&self) -> impl Iterator<Item = &HookPoint> {
+        self.capture
+            .iter()
+            .chain(self.interventions.keys())
+            .chain(self.grad.iter())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.capture.is_empty() && self.interventions.is_empty() && self.grad.is_empty()
+    }
+
+    pub fn needs_grad(&self) -> bool {
+        !self.grad.is_empty()
+    }
+}
+
+/// Captured hook values by point, each `[batch, seq, d]`. Across KV-cached calls (generation)
+/// new positions are appended along `seq`.
+#[derive(Clone, Debug, Default)]
+pub struct ActivationCache {
+    values: BTreeMap<HookPoint, Tensor>,
+}
+
+impl ActivationCache {
+    pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
+        self.values.get(&point)
+    }
+
+    /// Looks a value up by its TransformerLens name.
+    pub fn get_by_name(&self, name: &str) -> Result<&Tensor> {
+        let point: HookPoint = name.parse()?;
+        self.values.get(&point).ok_or_else(|| Error::UnknownHook {
+            name: name.to_string(),
+            valid: self.names().join(", "),
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.values.keys().map(|h| h.to_string()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HookPoint, &Tensor)> {
+        self.values.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn into_inner(self) -> BTreeMap<HookPoint, Tensor> {
+        self.values
+    }
+
+    fn append(&mut self, point: HookPoint, value: Tensor) -> candle_core::Result<()> {
+        let merged = match self.values.remove(&point) {
+            Some(old) => Tensor::cat(&[&old, &value], 1)?,
+            None => value,
+        };
+        self.values.insert(point, merged);
+        Ok(())
+    }
+}
+
+/// The per-call state blocks talk to: applies [`Hooks`] at each point and collects results.
+pub struct HookRunner<'a> {
+    hooks: &'a Hooks,
+    /// Absolute position of the first element of this call's sequence (non-zero with a KV cache).
+    pub offset: usize,
+    pub cache: ActivationCache,
+    pub grad_leaves: HashMap<HookPoint, Var>,
+}
+
+impl<'a> HookRunner<'a> {
+    pub fn new(hooks: &'a Hooks, offset: usize) -> Self {
+        Self {
+            hooks,
+            offset,
+            cache: ActivationCache::default(),
+            grad_leaves: HashMap::new(),
+        }
+    }
+
+    /// Whether a forward pass must keep every op differentiable (fast fused kernels without a
+    /// backward pass are then avoided).
+    pub fn needs_grad(&self) -> bool {
+        self.hooks.needs_grad()
+    }
+
+    /// The hook point itself: interventions, then the gradient leaf, then capture.
+    pub fn hook(&mut self, point: HookPoint, x: Tensor) -> candle_core::Result<Tensor> {
+        if self.hooks.is_empty() {
+            return Ok(x);
+        }
+        let mut x = x;
+        if let Some(list) = self.hooks.interventions.get(&point) {
+            for intervention in list {
+                x = intervention.apply(&x, self.offset)?;
+            }
+        }
+        if self.hooks.grad.contains(&point) {
+            // x + 0-leaf: the gradient w.r.t. the leaf equals the gradient w.r.t. the hook's
+            // value, and the upstream graph stays intact for leaves at earlier hooks.
+            let leaf = Var::zeros(x.shape(), x.dtype(), x.device())?;
+            x = x.add(leaf.as_tensor())?;
+            self.grad_leaves.insert(point, leaf);
+        }
+        if self.hooks.capture.contains(&point) {
+            self.cache.append(point, x.clone())?;
+        }
+        Ok(x)
+    }
+}
+
+/// Upcasts to f32 for numerically sensitive ops; a no-op for f32 inputs.
+pub(crate) fn to_f32(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+/// Index of the last dimension, for ops like softmax.
+pub(crate) const LAST: D = D::Minus1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_names_round_trip() {
+        let points = [
+            HookPoint::Embed,
+            HookPoint::PosEmbed,
+            HookPoint::ResidPre(3),
+            HookPoint::AttnOut(0),
+            HookPoint::ResidMid(11),
+            HookPoint::MlpPre(2),
+            HookPoint::MlpPost(2),
+            HookPoint::MlpOut(7),
+            HookPoint::ResidPost(1),
+            HookPoint::LnFinal,
+        ];
+        for p in points {
+            assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
+        }
+        assert!("blocks.x.hook_resid_pre".parse::<HookPoint>().is_err());
+        assert!("blocks.1.hook_nothing".parse::<HookPoint>().is_err());
+    }
+
+    #[test]
+    fn globs_resolve_against_available_points() {
+        let available = [
+            HookPoint::Embed,
+            HookPoint::MlpPost(0),
+            HookPoint::MlpPost(1),
+            HookPoint::ResidPost(0),
+        ];
+        let got = resolve_hook_patterns(&["blocks.*.mlp.hook_post"], &available).unwrap();
+        assert_eq!(got, vec![HookPoint::MlpPost(0), HookPoint::MlpPost(1)]);
+        let err = resolve_hook_patterns(&["blocks.5.mlp.hook_post"], &available).unwrap_err();
+        assert!(err.to_string().contains("blocks.5.mlp.hook_post"));
+        assert!(resolve_hook_patterns(&["*attn*"], &available).is_err());
+    }
+
+    #[test]
+    fn interventions_touch_only_selected_positions_and_channels() {
+        let x = Tensor::ones((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let zero_some = Intervention::new(InterventionOp::Zero)
+            .at_positions(vec![-1])
+            .at_channels(vec![1, 2]);
+        let y = zero_some.apply(&x, 0).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y[0][0], vec![1.0; 4]);
+        assert_eq!(y[0][2], vec![1.0, 0.0, 0.0, 1.0]);
+        let add = Intervention::new(InterventionOp::Add(
+            Tensor::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap(),
+        ))
+        .at_positions(vec![5]);
+        // Absolute position 5 with the call starting at offset 4 is local position 1.
+        let y = add.apply(&x, 4).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y[0][1], vec![2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(y[0][0], vec![1.0; 4]);
+    }
+}

@@ -1,0 +1,524 @@
+//! The shared decoder: norms, rotary embeddings, attention, MLPs, blocks and the
+//! [`Transformer`] that every architecture file fills in.
+//!
+//! Architectures differ in weight names, config spelling and a handful of switches (norm
+//! kind, gated MLP, parallel residual, partial rotary, embedding scale); the forward pass and
+//! its hook points live here once, so every architecture gets the same hooks for free.
+//!
+//! Numerically sensitive steps (norms, softmax) run in f32 whatever the run dtype, as
+//! transformers does. When a forward pass needs gradients, candle's fused kernels (which have
+//! no backward pass) are swapped for their differentiable compositions.
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::Linear;
+
+use super::hooks::{HookPoint, HookRunner, LAST, to_f32};
+
+/// Which normalisation a model uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NormKind {
+    /// `(x − mean) / sqrt(var + eps) · w + b` (GPT-2, GPT-NeoX).
+    LayerNorm,
+    /// `x / sqrt(mean(x²) + eps) · w` (Llama, Mistral, Qwen2; Gemma with `w` stored as 1 + w).
+    RmsNorm,
+}
+
+#[derive(Clone, Debug)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+    kind: NormKind,
+}
+
+impl Norm {
+    pub fn layer_norm(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias: Some(bias),
+            eps,
+            kind: NormKind::LayerNorm,
+        }
+    }
+
+    pub fn rms_norm(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias: None,
+            eps,
+            kind: NormKind::RmsNorm,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
+        if !needs_grad {
+            return match (&self.kind, &self.bias) {
+                (NormKind::LayerNorm, Some(b)) => {
+                    candle_nn::ops::layer_norm(x, &self.weight, b, self.eps as f32)
+                }
+                _ => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            };
+        }
+        let dtype = x.dtype();
+        let x = to_f32(x)?;
+        let x = match self.kind {
+            NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?)?,
+            NormKind::RmsNorm => x,
+        };
+        let normed = x.broadcast_div(&(x.sqr()?.mean_keepdim(LAST)? + self.eps)?.sqrt()?)?;
+        let y = normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// FFN nonlinearities, by their transformers names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// Exact erf GELU (`gelu`).
+    GeluErf,
+    /// tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// `silu` / `swish`.
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    /// Parses a transformers activation name; `None` if unsupported.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "silu" | "swish" => Self::Silu,
+            "relu" => Self::Relu,
+            _ => return None,
+        })
+    }
+
+    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Silu => x.silu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// Rotary position embedding in the `rotate_half` layout of GPT-NeoX and Llama, applied to the
+/// first `rot_dim` channels of each head (all of them unless the model uses partial rotary).
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    /// `[max_positions, rot_dim]`, f32.
+    cos: Tensor,
+    sin: Tensor,
+    rot_dim: usize,
+}
+
+impl Rotary {
+    pub fn new(
+        rot_dim: usize,
+        theta: f64,
+        max_positions: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let inv_freq: Vec<f32> = (0..rot_dim / 2)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
+        let positions = Tensor::arange(0u32, max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok(Self {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+            rot_dim,
+        })
+    }
+
+    /// `x`: `[batch, heads, seq, head_dim]` starting at absolute position `offset`.
+    fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let (_, _, seq, head_dim) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let x_rot = x.narrow(D::Minus1, 0, self.rot_dim)?;
+        let half = self.rot_dim / 2;
+        let x1 = x_rot.narrow(D::Minus1, 0, half)?;
+        let x2 = x_rot.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (x_rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        if self.rot_dim == head_dim {
+            Ok(out)
+        } else {
+            let pass = x.narrow(D::Minus1, self.rot_dim, head_dim - self.rot_dim)?;
+            Tensor::cat(&[&out, &pass], D::Minus1)
+        }
+    }
+}
+
+/// Multi-head attention with grouped KV heads, with q, k and v fused into one projection whose
+/// output rows are `[q (n_heads·head_dim); k (n_kv_heads·head_dim); v (n_kv_heads·head_dim)]`.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub out: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary: Option<Rotary>,
+    /// Keys more than this many positions back are masked (Mistral).
+    pub sliding_window: Option<usize>,
+}
+
+/// Keys and values of one layer for all positions seen so far: `[batch, n_kv_heads, t, head_dim]`.
+pub type LayerKv = Option<(Tensor, Tensor)>;
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv: &mut LayerKv,
+        offset: usize,
+        needs_grad: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x)?;
+        let split = |start: usize, heads: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, start * hd, heads * hd)?
+                .reshape((b, s, heads, hd))?
+                .transpose(1, 2)
+        };
+        let (mut q, mut k) = (split(0, nh)?, split(nh, nkv)?);
+        let mut v = split(nh + nkv, nkv)?.contiguous()?;
+        if let Some(rotary) = &self.rotary {
+            q = rotary.apply(&q.contiguous()?, offset)?;
+            k = rotary.apply(&k.contiguous()?, offset)?;
+        }
+        if let Some((past_k, past_v)) = kv.as_ref() {
+            k = Tensor::cat(&[past_k, &k], 2)?;
+            v = Tensor::cat(&[past_v, &v], 2)?;
+        }
+        *kv = Some((k.clone(), v.clone()));
+        let t = k.dim(2)?;
+        if nkv != nh {
+            let repeat = nh / nkv;
+            k = k
+                .unsqueeze(2)?
+                .expand((b, nkv, repeat, t, hd))?
+                .reshape((b, nh, t, hd))?;
+            v = v
+                .unsqueeze(2)?
+                .expand((b, nkv, repeat, t, hd))?
+                .reshape((b, nh, t, hd))?;
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mask = causal_mask(s, t, offset, self.sliding_window, x.device())?;
+        let scores = to_f32(&scores)?.broadcast_add(&mask)?;
+        let probs = if needs_grad {
+            candle_nn::ops::softmax(&scores, LAST)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let y = probs.to_dtype(x.dtype())?.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        self.out.forward(&y)
+    }
+}
+
+/// `[seq, total]` additive mask: 0 where query `i` (absolute `offset + i`) may see key `j`,
+/// −∞ elsewhere. With a window `w`, a query sees itself and the `w − 1` keys before it.
+fn causal_mask(
+    seq: usize,
+    total: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            let q = offset + i;
+            (0..total).map(move |j| {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (seq, total), device)
+}
+
+/// The feed-forward network.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// `proj(act(fc(x)))` (GPT-2, GPT-NeoX).
+    Plain {
+        fc: Linear,
+        proj: Linear,
+        act: Activation,
+    },
+    /// `down(act(gate(x)) · up(x))` (Llama, Mistral, Qwen2: SwiGLU; Gemma: GeGLU).
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        act: Activation,
+    },
+}
+
+impl Mlp {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        hooks: &mut HookRunner,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Plain { fc, proj, act } => {
+                let pre = hooks.hook(HookPoint::MlpPre(layer), fc.forward(x)?)?; // [b, s, d_mlp]
+                let post = hooks.hook(HookPoint::MlpPost(layer), act.forward(&pre)?)?; // [b, s, d_mlp]
+                proj.forward(&post)
+            }
+            Self::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
+                let pre = hooks.hook(HookPoint::MlpPre(layer), gate.forward(x)?)?; // [b, s, d_mlp]
+                let post = (act.forward(&pre)? * up.forward(x)?)?;
+                let post = hooks.hook(HookPoint::MlpPost(layer), post)?; // [b, s, d_mlp]
+                down.forward(&post)
+            }
+        }
+    }
+
+    /// The down projection, whose input is `mlp.hook_post`: ROME's edit target.
+    pub fn down_proj(&self) -> &Linear {
+        match self {
+            Self::Plain { proj, .. } => proj,
+            Self::Gated { down, .. } => down,
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub ln_attn: Norm,
+    pub attn: Attention,
+    pub ln_mlp: Norm,
+    pub mlp: Mlp,
+    /// GPT-NeoX's `x + attn(ln1(x)) + mlp(ln2(x))` (no `hook_resid_mid`).
+    pub parallel_residual: bool,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        resid_pre: Tensor,
+        layer: usize,
+        kv: &mut LayerKv,
+        hooks: &mut HookRunner,
+    ) -> candle_core::Result<Tensor> {
+        let grad = hooks.needs_grad();
+        let offset = hooks.offset;
+        let resid_pre = hooks.hook(HookPoint::ResidPre(layer), resid_pre)?; // [b, s, d_model]
+        let attn_in = self.ln_attn.forward(&resid_pre, grad)?;
+        let attn_out = self.attn.forward(&attn_in, kv, offset, grad)?;
+        let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
+        let resid_post = if self.parallel_residual {
+            let mlp_in = self.ln_mlp.forward(&resid_pre, grad)?;
+            let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
+            let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
+            ((resid_pre + attn_out)? + mlp_out)?
+        } else {
+            let resid_mid = hooks.hook(HookPoint::ResidMid(layer), (resid_pre + attn_out)?)?; // [b, s, d_model]
+            let mlp_in = self.ln_mlp.forward(&resid_mid, grad)?;
+            let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
+            let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
+            (resid_mid + mlp_out)?
+        };
+        hooks.hook(HookPoint::ResidPost(layer), resid_post) // [b, s, d_model]
+    }
+}
+
+/// Shape facts about a loaded model, for `info` and for sizing buffers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Dims {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_mlp: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Longest sequence the model accepts (its position table / rotary range).
+    pub context_length: usize,
+}
+
+/// A decoder-only transformer with hook points, built by an architecture file.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    /// `[vocab, d_model]`.
+    pub embed: Tensor,
+    /// `[context, d_model]` learned positions (GPT-2).
+    pub pos_embed: Option<Tensor>,
+    /// Multiplier on token embeddings (Gemma: √d_model, rounded to the run dtype).
+    pub embed_scale: Option<f64>,
+    pub blocks: Vec<Block>,
+    pub ln_final: Norm,
+    /// `[vocab, d_model]`; the same tensor as `embed` when embeddings are tied.
+    pub unembed: Tensor,
+    pub tied_embeddings: bool,
+    pub dims: Dims,
+}
+
+/// Keys and values for every layer, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// Number of positions already processed.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|kv| kv.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Transformer {
+    /// The hook points this model has, in forward order.
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        let mut points = vec![HookPoint::Embed];
+        if self.pos_embed.is_some() {
+            points.push(HookPoint::PosEmbed);
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            points.extend([HookPoint::ResidPre(l), HookPoint::AttnOut(l)]);
+            if !block.parallel_residual {
+                points.push(HookPoint::ResidMid(l));
+            }
+            points.extend([
+                HookPoint::MlpPre(l),
+                HookPoint::MlpPost(l),
+                HookPoint::MlpOut(l),
+                HookPoint::ResidPost(l),
+            ]);
+        }
+        points.push(HookPoint::LnFinal);
+        points
+    }
+
+    /// `input_ids`: `[batch, seq]` u32. Returns logits `[batch, seq, vocab]`. With `kv`, the
+    /// ids continue the cached positions and the cache is extended.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        kv: Option<&mut KvCache>,
+        hooks: &mut HookRunner,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let d = self.dims.d_model;
+        let mut scratch = KvCache::default();
+        let kv = kv.unwrap_or(&mut scratch);
+        if kv.layers.len() != self.blocks.len() {
+            kv.layers = vec![None; self.blocks.len()];
+        }
+        let offset = hooks.offset;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let mut x = hooks.hook(HookPoint::Embed, x)?; // [b, s, d_model]
+        if let Some(pos) = &self.pos_embed {
+            let p = pos
+                .narrow(0, offset, s)?
+                .unsqueeze(0)?
+                .broadcast_as((b, s, d))?;
+            let p = hooks.hook(HookPoint::PosEmbed, p.contiguous()?)?; // [b, s, d_model]
+            x = (x + p)?;
+        }
+        for (layer, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
+            x = block.forward(x, layer, layer_kv, hooks)?;
+        }
+        let x = self.ln_final.forward(&x, hooks.needs_grad())?;
+        let x = hooks.hook(HookPoint::LnFinal, x)?; // [b, s, d_model]
+        x.broadcast_matmul(&self.unembed.t()?)
+    }
+
+    /// Total parameter count (tied embeddings counted once).
+    pub fn parameter_count(&self) -> usize {
+        let linear = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
+        let norm = |n: &Norm| n.weight.elem_count() + n.bias.as_ref().map_or(0, |b| b.elem_count());
+        let mut n = self.embed.elem_count() + norm(&self.ln_final);
+        n += self.pos_embed.as_ref().map_or(0, |p| p.elem_count());
+        if !self.tied_embeddings {
+            n += self.unembed.elem_count();
+        }
+        for b in &self.blocks {
+            n += norm(&b.ln_attn) + norm(&b.ln_mlp);
+            n += linear(&b.attn.qkv) + linear(&b.attn.out);
+            n += match &b.mlp {
+                Mlp::Plain { fc, proj, .. } => linear(fc) + linear(proj),
+                Mlp::Gated { gate, up, down, .. } => linear(gate) + linear(up) + linear(down),
+            };
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_respects_offset_and_window() {
+        let m = causal_mask(2, 4, 2, None, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(m[0][2], 0.0);
+        assert!(m[0][3].is_infinite());
+        assert!(m[1].iter().all(|v| *v == 0.0));
+        let w = causal_mask(4, 4, 0, Some(2), &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(w[3][2], 0.0);
+        assert_eq!(w[3][3], 0.0);
+        assert!(w[3][1].is_infinite());
+    }
+
+    #[test]
+    fn fused_and_differentiable_norms_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, 8, &dev).unwrap();
+        for norm in [
+            Norm::layer_norm(w.clone(), b, 1e-5),
+            Norm::rms_norm(w.clone(), 1e-6),
+        ] {
+            let fast = norm.forward(&x, false).unwrap();
+            let slow = norm.forward(&x, true).unwrap();
+            let diff = (fast - slow).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Decoder models from local Hugging Face folders: loading, hooked forward passes, tokenizer,
+//! generation.
+
+pub mod arch;
+pub mod config;
+pub mod generate;
+pub mod hooks;
+pub mod layers;
+pub mod tokenizer;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+pub use config::ConfigFile;
+pub use hooks::{ActivationCache, HookPoint, Hooks, Intervention, InterventionOp};
+pub use layers::{Dims, KvCache, Transformer};
+pub use tokenizer::Tokenizer;
+
+use crate::error::{Error, Result};
+use hooks::HookRunner;
+use weights::Weights;
+
+/// A loaded model: architecture, weights, tokenizer.
+pub struct Model {
+    pub dir: PathBuf,
+    pub model_type: String,
+    pub transformer: Transformer,
+    pub tokenizer: Tokenizer,
+    pub device: Device,
+    pub dtype: DType,
+    pub eos_token_ids: Vec<u32>,
+    hook_points: Vec<HookPoint>,
+}
+
+/// What a forward pass returns.
+pub struct ForwardOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    pub cache: ActivationCache,
+    /// Leaves for the hooks requested with [`Hooks::grad`].
+    pub grad_leaves: HashMap<HookPoint, Var>,
+}
+
+impl ForwardOutput {
+    /// The leaf whose gradient is the gradient w.r.t. the value at `point`.
+    pub fn grad_leaf(&self, point: HookPoint) -> Option<&Tensor> {
+        self.grad_leaves.get(&point).map(|v| v.as_tensor())
+    }
+}
+
+impl Model {
+    /// Loads `config.json`, the safetensors weights and `tokenizer.json` from `dir`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                what: "model directory",
+            });
+        }
+        let config = ConfigFile::read(dir)?;
+        let model_type = config.model_type()?.to_string();
+        let load = arch::loader(&model_type).ok_or_else(|| Error::UnknownModelType {
+            path: config.path.clone(),
+            value: model_type.clone(),
+            supported: arch::supported(),
+        })?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let weights = Weights::open(dir, dtype, device)?;
+        let transformer = load(&config, &weights)?;
+        let vocab = transformer.dims.vocab_size;
+        if tokenizer.vocab_size() > vocab {
+            return Err(Error::Tokenizer {
+                path: tokenizer.path().to_path_buf(),
+                message: format!(
+                    "tokenizer has {} tokens but {} declares vocab_size {vocab}: tokenizer and model do not match",
+                    tokenizer.vocab_size(),
+                    config.path.display()
+                ),
+            });
+        }
+        let hook_points = transformer.hook_points();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model_type,
+            eos_token_ids: config.eos_token_ids(),
+            transformer,
+            tokenizer,
+            device: device.clone(),
+            dtype,
+            hook_points,
+        })
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.transformer.dims
+    }
+
+    /// Every hook point of this model, in forward order.
+    pub fn hook_points(&self) -> &[HookPoint] {
+        &self.hook_points
+    }
+
+    /// Resolves hook names or globs against this model's hooks.
+    pub fn resolve_hooks(&self, patterns: &[&str]) -> Result<Vec<HookPoint>> {
+        hooks::resolve_hook_patterns(patterns, &self.hook_points)
+    }
+
+    /// Tokenises a prompt, rejecting empty prompts and prompts longer than the context.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode(prompt)?;
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        self.check_length(ids.len())?;
+        Ok(ids)
+    }
+
+    fn check_length(&self, tokens: usize) -> Result<()> {
+        let max = self.dims().context_length;
+        if tokens > max {
+            return Err(Error::PromptTooLong { tokens, max });
+        }
+        Ok(())
+    }
+
+    /// `[1, seq]` u32 tensor on the model's device.
+    pub fn ids_tensor(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
+    }
+
+    /// A forward pass over `input_ids` (`[batch, seq]`, u32) with hooks.
+    pub fn forward(&self, input_ids: &Tensor, hooks: &Hooks) -> Result<ForwardOutput> {
+        self.forward_impl(input_ids, None, hooks)
+    }
+
+    /// A forward pass that continues `kv` (incremental decoding).
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        kv: &mut KvCache,
+        hooks: &Hooks,
+    ) -> Result<ForwardOutput> {
+        self.forward_impl(input_ids, Some(kv), hooks)
+    }
+
+    /// Runs the model and returns logits plus the values at `patterns` (names or globs),
+    /// like TransformerLens' `run_with_cache(names_filter=...)`.
+    pub fn run_with_cache(&self, input_ids: &Tensor, patterns: &[&str]) -> Result<ForwardOutput> {
+        let points = self.resolve_hooks(patterns)?;
+        self.forward(input_ids, &Hooks::new().capture(points))
+    }
+
+    fn forward_impl(
+        &self,
+        input_ids: &Tensor,
+        kv: Option<&mut KvCache>,
+        hooks: &Hooks,
+    ) -> Result<ForwardOutput> {
+        if let Some(bad) = hooks.points().find(|p| !self.hook_points.contains(p)) {
+            return Err(Error::UnknownHook {
+                name: bad.to_string(),
+                valid: self
+                    .hook_points
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let offset = kv.as_ref().map_or(0, |kv| kv.len());
+        let (_, seq) = input_ids.dims2()?;
+        self.check_length(offset + seq)?;
+        if let Some(bad) = input_ids
+            .flatten_all()?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&id| id as usize >= self.dims().vocab_size)
+        {
+            return Err(Error::InvalidArgument {
+                what: "token id",
+                value: bad.to_string(),
+                message: format!(
+                    "outside the vocabulary of {} tokens",
+                    self.dims().vocab_size
+                ),
+            });
+        }
+        let mut runner = HookRunner::new(hooks, offset);
+        let logits = self.transformer.forward(input_ids, kv, &mut runner)?;
+        Ok(ForwardOutput {
+            logits,
+            cache: runner.cache,
+            grad_leaves: runner.grad_leaves,
+        })
+    }
+}

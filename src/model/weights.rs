@@ -1,0 +1,160 @@
+//! Memory-mapped safetensors weights, single-file or sharded, with errors that name the file
+//! and the tensor key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The weights of one model directory. Tensors are read from the memory map on request and
+/// converted to the run dtype and device.
+pub struct Weights {
+    dir: PathBuf,
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor key → index into `files`.
+    routing: HashMap<String, usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(INDEX_FILE);
+        let paths = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_paths(&index)?
+        } else {
+            return Err(Error::MissingFile {
+                path: single,
+                what: "model weights: model.safetensors or model.safetensors.index.json",
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut routing = HashMap::new();
+        for path in paths {
+            if !path.is_file() {
+                return Err(Error::MissingFile {
+                    path,
+                    what: "weight shard listed in model.safetensors.index.json",
+                });
+            }
+            // SAFETY: the file is mapped read-only; like every mmap-based loader (candle,
+            // transformers) this assumes nobody truncates the file while the model is loaded.
+            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                message: root_message(&e),
+            })?;
+            for (key, _) in st.tensors() {
+                routing.insert(key, files.len());
+            }
+            files.push((path, st));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            routing,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.routing.contains_key(key)
+    }
+
+    /// Every tensor key, for architecture files that must guess a prefix.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.routing.keys()
+    }
+
+    /// Loads `key`, checks it has `shape`, converts to the run dtype and device.
+    pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let (path, tensor) = self.load(key)?;
+        if tensor.dims() != shape {
+            return Err(Error::TensorShape {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                actual: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// Loads `key` when present; `Ok(None)` when absent (optional biases, untied heads).
+    pub fn get_opt(&self, key: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(key) {
+            self.get(key, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn load(&self, key: &str) -> Result<(&Path, Tensor)> {
+        let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
+            dir: self.dir.clone(),
+            key: key.to_string(),
+        })?;
+        let (path, st) = &self.files[idx];
+        let tensor = st.load(key, &Device::Cpu).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            message: format!("tensor `{key}`: {}", root_message(&e)),
+        })?;
+        Ok((path, tensor))
+    }
+}
+
+/// The distinct shard files of an index, in order of first appearance.
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::config(index, "weight_map", "missing or not an object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for (key, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::config(index, format!("weight_map.{key}"), "not a string"))?;
+        let path = dir.join(file);
+        if !paths.contains(&path) {
+            paths.push(path);
+        }
+    }
+    Ok(paths)
+}
+
+/// candle wraps errors in context layers; the innermost message is the informative one.
+fn root_message(e: &candle_core::Error) -> String {
+    let mut msg = e.to_string();
+    if let candle_core::Error::WithBacktrace { inner, .. } = e {
+        msg = root_message(inner);
+    }
+    msg
+}

@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+
+/// Every supported architecture has a tiny oracle model under tests/fixtures/models.
+pub const MODEL_TYPES: &[&str] = &["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"];
+
+pub fn fixture_dir(model_type: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(model_type)
+}
+
+/// max |a − b| / max |b|: the error relative to the reference tensor's scale (element-wise
+/// relative error is meaningless for entries near zero).
+pub fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
+    let a = actual.to_dtype(DType::F32).unwrap();
+    let e = expected.to_dtype(DType::F32).unwrap();
+    let diff = (a - &e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = e
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / scale.max(1e-12)
+}
+
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    pub num_layers: usize,
+    pub prompts: Vec<ReferencePrompt>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct ReferencePrompt {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+}
+
+pub fn reference(model_type: &str) -> (Reference, std::collections::HashMap<String, Tensor>) {
+    let dir = fixture_dir(model_type);
+    let json = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    (serde_json::from_str(&json).unwrap(), tensors)
+}
+
+/// Copies a fixture model into a temporary directory that a test may damage.
+pub fn scratch_copy(model_type: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture_dir(model_type)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    tmp
+}

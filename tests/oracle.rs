@@ -1,0 +1,116 @@
+//! Every architecture against Hugging Face transformers: token ids, logits, per-layer
+//! `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`, and greedy continuations, on the tiny
+//! models that tests/fixtures/make_fixtures.py built (f32, max relative error ≤ 1e-4).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{MODEL_TYPES, fixture_dir, max_relative_error, reference};
+use monoscope::model::generate::{GenerateOptions, generate};
+use monoscope::model::{HookPoint, Hooks, Model};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn check_against_transformers(model_type: &str, device: &Device) {
+    let model = Model::load(&fixture_dir(model_type), device, DType::F32).unwrap();
+    let (reference, tensors) = reference(model_type);
+    assert_eq!(model.dims().n_layers, reference.num_layers);
+    let layers = 0..reference.num_layers;
+    let points: Vec<HookPoint> = layers
+        .clone()
+        .flat_map(|l| {
+            [
+                HookPoint::MlpPost(l),
+                HookPoint::MlpOut(l),
+                HookPoint::ResidPost(l),
+            ]
+        })
+        .collect();
+    for (i, p) in reference.prompts.iter().enumerate() {
+        let ids = model.encode_prompt(&p.prompt).unwrap();
+        assert_eq!(
+            ids, p.input_ids,
+            "{model_type}: token ids of {:?}",
+            p.prompt
+        );
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture(points.clone()),
+            )
+            .unwrap();
+        let mut worst = 0f32;
+        let logits = out.logits.get(0).unwrap();
+        let err = max_relative_error(&logits, &tensors[&format!("p{i}.logits")]);
+        assert!(
+            err <= TOLERANCE,
+            "{model_type} p{i} logits: max relative error {err}"
+        );
+        worst = worst.max(err);
+        for point in &points {
+            let got = out.cache.get(*point).unwrap().get(0).unwrap();
+            let err = max_relative_error(&got, &tensors[&format!("p{i}.{point}")]);
+            assert!(
+                err <= TOLERANCE,
+                "{model_type} p{i} {point}: max relative error {err}"
+            );
+            worst = worst.max(err);
+        }
+        let options = GenerateOptions {
+            max_new_tokens: p.greedy_ids.len(),
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let generation = generate(&model, &ids, &options, &Hooks::new()).unwrap();
+        assert_eq!(
+            generation.new_ids(),
+            p.greedy_ids,
+            "{model_type}: greedy continuation of {:?}",
+            p.prompt
+        );
+        println!("{model_type} prompt {i}: max relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_against_transformers("gpt2", &Device::Cpu);
+}
+
+#[test]
+fn gpt_neox_matches_transformers() {
+    check_against_transformers("gpt_neox", &Device::Cpu);
+}
+
+#[test]
+fn llama_sharded_matches_transformers() {
+    check_against_transformers("llama", &Device::Cpu);
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_against_transformers("mistral", &Device::Cpu);
+}
+
+#[test]
+fn qwen2_matches_transformers() {
+    check_against_transformers("qwen2", &Device::Cpu);
+}
+
+#[test]
+fn gemma_matches_transformers() {
+    check_against_transformers("gemma", &Device::Cpu);
+}
+
+/// Runs the same checks on a CUDA GPU when the build has one (`--features cuda`).
+#[test]
+fn all_architectures_match_transformers_on_cuda() {
+    if !candle_core::utils::cuda_is_available() {
+        eprintln!("no CUDA in this build: skipped");
+        return;
+    }
+    let device = Device::new_cuda(0).unwrap();
+    for model_type in MODEL_TYPES {
+        check_against_transformers(model_type, &device);
+    }
+}
