@@ -3,6 +3,7 @@
 //! Data flows one way: [`model`] (load, hooked forward passes, generation) feeds everything
 //! built on top of it.
 
+pub mod cli;
 pub mod device;
 pub mod error;
 pub mod model;

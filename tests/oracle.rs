@@ -15,6 +15,11 @@ fn check_against_transformers(model_type: &str, device: &Device) {
     let model = Model::load(&fixture_dir(model_type), device, DType::F32).unwrap();
     let (reference, tensors) = reference(model_type);
     assert_eq!(model.dims().n_layers, reference.num_layers);
+    assert_eq!(
+        model.transformer.parameter_count(),
+        reference.num_parameters,
+        "{model_type}: parameter count"
+    );
     let layers = 0..reference.num_layers;
     let points: Vec<HookPoint> = layers
         .clone()

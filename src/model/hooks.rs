@@ -433,12 +433,11 @@ impl<'a> HookRunner<'a> {
     }
 }
 
-/// Upcasts to f32 for numerically sensitive ops; a no-op for f32 inputs.
-pub(crate) fn to_f32(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.dtype() == DType::F32 {
-        Ok(x.clone())
-    } else {
-        x.to_dtype(DType::F32)
+/// Upcasts half-precision values to f32 for numerically sensitive ops (f32 and f64 stay).
+pub(crate) fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
     }
 }
 

@@ -12,7 +12,7 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::Linear;
 
-use super::hooks::{HookPoint, HookRunner, LAST, to_f32};
+use super::hooks::{HookPoint, HookRunner, LAST, upcast};
 
 /// Which normalisation a model uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,7 +51,8 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
-        if !needs_grad {
+        // candle's fused kernels have no backward pass and no f64 version.
+        if !needs_grad && x.dtype() != DType::F64 {
             return match (&self.kind, &self.bias) {
                 (NormKind::LayerNorm, Some(b)) => {
                     candle_nn::ops::layer_norm(x, &self.weight, b, self.eps as f32)
@@ -60,7 +61,7 @@ impl Norm {
             };
         }
         let dtype = x.dtype();
-        let x = to_f32(x)?;
+        let x = upcast(x)?;
         let x = match self.kind {
             NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?)?,
             NormKind::RmsNorm => x,
@@ -220,7 +221,8 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let mask = causal_mask(s, t, offset, self.sliding_window, x.device())?;
-        let scores = to_f32(&scores)?.broadcast_add(&mask)?;
+        let scores = upcast(&scores)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = if needs_grad {
             candle_nn::ops::softmax(&scores, LAST)?
         } else {

@@ -113,11 +113,22 @@ impl Tokenizer {
     }
 }
 
-/// Renders bytes as UTF-8 where valid and `\xNN` for each byte that is not.
+/// Renders bytes as UTF-8 where valid and `\xNN` for each byte that is not; control
+/// characters are escaped (`\n`, `\t`, `\xNN`) so a token never breaks a line or a table.
 fn display_bytes(bytes: &[u8]) -> String {
     let mut out = String::new();
     for chunk in bytes.utf8_chunks() {
-        out.push_str(chunk.valid());
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() && (c as u32) < 0x100 => {
+                    out.push_str(&format!("\\x{:02X}", c as u32))
+                }
+                c => out.push(c),
+            }
+        }
         for b in chunk.invalid() {
             out.push_str(&format!("\\x{b:02X}"));
         }
@@ -161,5 +172,6 @@ mod tests {
         // "日" is E6 97 A5; a piece holding its first two bytes only.
         assert_eq!(display_bytes(&[0xE6, 0x97]), "\\xE6\\x97");
         assert_eq!(display_bytes("日本".as_bytes()), "日本");
+        assert_eq!(display_bytes(b"a\nb\x01"), "a\\nb\\x01");
     }
 }

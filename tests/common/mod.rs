@@ -41,6 +41,7 @@ pub fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 #[derive(serde::Deserialize)]
 pub struct Reference {
     pub num_layers: usize,
+    pub num_parameters: usize,
     pub prompts: Vec<ReferencePrompt>,
 }
 

@@ -1,0 +1,130 @@
+//! Command-line front end: clap arguments → validated library calls → text or `--json`.
+
+mod generate;
+mod info;
+mod trace;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::device::{DeviceChoice, parse_dtype};
+use crate::model::Model;
+
+#[derive(Parser)]
+#[command(
+    name = "monoscope",
+    version,
+    about = "Look inside decoder language models: hooks, activations, generation.",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, parameter count, dimensions and every hook name of a model.
+    Info(info::InfoArgs),
+    /// Continue a prompt (greedy or sampled) and show next-token probabilities.
+    Generate(generate::GenerateArgs),
+    /// Run a prompt and save the values at chosen hooks to a safetensors file.
+    Trace(trace::TraceArgs),
+}
+
+/// Options every model-loading command shares.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A local Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// Defaults to the bundled world model in assets/.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Run dtype: f32 | f16 | bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Where the bundled world model lives.
+pub fn bundled_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world")
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let device = self.device.parse::<DeviceChoice>()?.open()?;
+        let dtype = parse_dtype(&self.dtype)?;
+        let dir = match &self.model {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = bundled_model_dir();
+                if !dir.join("config.json").is_file() {
+                    anyhow::bail!(
+                        "no --model given and the bundled world model ({}) is not there; pass --model DIR",
+                        dir.display()
+                    );
+                }
+                dir
+            }
+        };
+        Model::load(&dir, &device, dtype)
+            .with_context(|| format!("loading model {}", dir.display()))
+    }
+}
+
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info(args) => info::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Trace(args) => trace::run(&args),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename), and
+/// never replaces an existing file unless `overwrite`.
+pub fn write_new_file(
+    path: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if path.exists() && !overwrite {
+        anyhow::bail!(
+            "{} already exists (pass --force to replace it)",
+            path.display()
+        );
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!("{}: output folder does not exist", dir.display());
+    }
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Bad input gets an error that names the file, key or value — never a panic. One test per
+//! case, plus the binary's exit code.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_dir, scratch_copy};
+use monoscope::model::Model;
+
+fn load_err(dir: &std::path::Path) -> String {
+    match Model::load(dir, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn rewrite_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn missing_config_error_names_config_json() {
+    let dir = scratch_copy("gpt2");
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("config.json") && msg.contains("not found"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_weights_error_names_model_safetensors() {
+    let dir = scratch_copy("gpt2");
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn missing_shard_error_names_the_shard() {
+    let dir = scratch_copy("llama");
+    std::fs::remove_file(dir.path().join("model-00003-of-00012.safetensors")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("model-00003-of-00012.safetensors"), "{msg}");
+}
+
+#[test]
+fn missing_tokenizer_error_names_tokenizer_json() {
+    let dir = scratch_copy("gpt2");
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+}
+
+#[test]
+fn unknown_model_type_error_names_the_value() {
+    let dir = scratch_copy("gpt2");
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"gpt2\"", "\"mamba_x\"");
+    std::fs::write(&path, text).unwrap();
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("mamba_x") && msg.contains("config.json") && msg.contains("llama"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_config_key_error_names_the_key() {
+    let dir = scratch_copy("llama");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("hidden_size") && msg.contains("config.json"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_tensor_error_names_the_key() {
+    let dir = scratch_copy("gpt2");
+    rewrite_weights(dir.path(), |t| {
+        t.remove("transformer.h.1.mlp.c_fc.weight");
+    });
+    let msg = load_err(dir.path());
+    assert!(msg.contains("transformer.h.1.mlp.c_fc.weight"), "{msg}");
+}
+
+#[test]
+fn misshaped_tensor_error_names_key_and_shapes() {
+    let dir = scratch_copy("gpt2");
+    rewrite_weights(dir.path(), |t| {
+        t.insert(
+            "transformer.ln_f.weight".into(),
+            Tensor::ones(63, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("transformer.ln_f.weight") && msg.contains("[63]") && msg.contains("[64]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn truncated_safetensors_error_names_the_file() {
+    let dir = scratch_copy("gpt2");
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn tokenizer_larger_than_the_model_vocab_is_a_mismatch() {
+    let dir = scratch_copy("gpt2");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["vocab_size"] = 300.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    rewrite_weights(dir.path(), |t| {
+        let wte = t["transformer.wte.weight"]
+            .narrow(0, 0, 300)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        t.insert("transformer.wte.weight".into(), wte);
+    });
+    let msg = load_err(dir.path());
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("vocab_size 300"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_hook_name_error_lists_valid_hooks() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let msg = model
+        .resolve_hooks(&["blocks.7.mlp.hook_post"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("blocks.7.mlp.hook_post") && msg.contains("blocks.1.mlp.hook_post"),
+        "{msg}"
+    );
+    let msg = model
+        .resolve_hooks(&["blocks.*.hook_nothing"])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("blocks.*.hook_nothing"), "{msg}");
+}
+
+#[test]
+fn prompt_longer_than_the_context_window_is_rejected() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let long = "hello ".repeat(200);
+    let msg = model.encode_prompt(&long).unwrap_err().to_string();
+    assert!(msg.contains("context window of 64"), "{msg}");
+}
+
+#[test]
+fn empty_prompt_is_rejected() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    assert!(
+        model
+            .encode_prompt("")
+            .unwrap_err()
+            .to_string()
+            .contains("empty")
+    );
+}
+
+fn monoscope(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_binary_exits_non_zero_with_a_message_and_no_panic() {
+    let gpt2 = fixture_dir("gpt2");
+    let gpt2 = gpt2.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["info", "--model", "/no/such/model"], "/no/such/model"),
+        (&["generate", "--model", gpt2, "--prompt", ""], "empty"),
+        (
+            &[
+                "trace",
+                "--model",
+                gpt2,
+                "--prompt",
+                "hi",
+                "--hooks",
+                "blocks.9.hook_resid_post",
+                "--out",
+                "/tmp/x.st",
+            ],
+            "blocks.9.hook_resid_post",
+        ),
+        (
+            &[
+                "generate", "--model", gpt2, "--prompt", "hi", "--device", "tpu",
+            ],
+            "tpu",
+        ),
+        (
+            &[
+                "generate", "--model", gpt2, "--prompt", "hi", "--top-p", "0",
+            ],
+            "top-p",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = monoscope(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn trace_never_overwrites_an_existing_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("trace.safetensors");
+    std::fs::write(&out, b"user data").unwrap();
+    let gpt2 = fixture_dir("gpt2");
+    let args = [
+        "trace",
+        "--model",
+        gpt2.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--hooks",
+        "hook_embed",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let result = monoscope(&args);
+    assert_eq!(result.status.code(), Some(2));
+    assert_eq!(std::fs::read(&out).unwrap(), b"user data");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "no temporary file left behind"
+    );
+}

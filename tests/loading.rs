@@ -1,0 +1,89 @@
+//! Weight dtypes on disk and at run time, and the tokenizer's display strings.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{fixture_dir, max_relative_error, reference, scratch_copy};
+use monoscope::model::{Hooks, Model};
+
+/// Rewrites a fixture's weights in `dtype` on disk.
+fn with_weights_in(model_type: &str, dtype: DType) -> tempfile::TempDir {
+    let dir = scratch_copy(model_type);
+    let path = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let converted: std::collections::HashMap<_, _> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&converted, &path).unwrap();
+    dir
+}
+
+fn logits_error(model: &Model, model_type: &str) -> f32 {
+    let (reference, tensors) = reference(model_type);
+    let p = &reference.prompts[1];
+    let out = model
+        .forward(&model.ids_tensor(&p.input_ids).unwrap(), &Hooks::new())
+        .unwrap();
+    max_relative_error(&out.logits.get(0).unwrap(), &tensors["p1.logits"])
+}
+
+#[test]
+fn f16_and_bf16_weights_on_disk_load_and_stay_close_to_the_f32_reference() {
+    for (dtype, tolerance) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+        let dir = with_weights_in("qwen2", dtype);
+        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let err = logits_error(&model, "qwen2");
+        assert!(
+            err < tolerance,
+            "{dtype:?} weights: max relative error {err}"
+        );
+        assert!(
+            err > 0.0,
+            "{dtype:?} rounding must show up: the weights were converted"
+        );
+    }
+}
+
+#[test]
+fn run_dtype_is_selectable() {
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::F16, 2e-2), (DType::BF16, 8e-2)] {
+        let model = Model::load(&fixture_dir("llama"), &Device::Cpu, dtype).unwrap();
+        let (reference, tensors) = reference("llama");
+        let p = &reference.prompts[0];
+        let out = model
+            .forward(&model.ids_tensor(&p.input_ids).unwrap(), &Hooks::new())
+            .unwrap();
+        assert_eq!(out.logits.dtype(), dtype);
+        let err = max_relative_error(&out.logits.get(0).unwrap(), &tensors["p0.logits"]);
+        assert!(err < tolerance, "{dtype:?}: max relative error {err}");
+    }
+}
+
+#[test]
+fn token_display_strings_are_readable_including_japanese() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tok = &model.tokenizer;
+    let text = "The capital of Japan is 東京";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    let shown = tok.tokens_display(&ids);
+    assert!(
+        shown.iter().all(|s| !s.contains('Ġ')),
+        "byte-level markers leak: {shown:?}"
+    );
+    // Where every piece holds whole characters the pieces spell the text; otherwise the
+    // dangling UTF-8 bytes show as \xNN.
+    let joined = shown.concat();
+    assert!(joined == text || joined.contains("\\x"), "{shown:?}");
+    assert!(
+        shown.iter().any(|s| s.starts_with(' ')),
+        "spaces are shown as spaces: {shown:?}"
+    );
+    let ja = tok.encode("日本の首都は東京です。").unwrap();
+    let shown_ja = tok.tokens_display(&ja).concat();
+    assert!(
+        shown_ja.contains('の') || shown_ja.contains("\\x"),
+        "{shown_ja}"
+    );
+}
