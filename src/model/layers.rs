@@ -9,10 +9,26 @@
 //! transformers does. When a forward pass needs gradients, candle's fused kernels (which have
 //! no backward pass) are swapped for their differentiable compositions.
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::hooks::{HookPoint, HookRunner, LAST, upcast};
+
+/// `x @ Wᵀ + b` over all leading dimensions at once: one `[batch·seq, in] × [in, out]` GEMM
+/// instead of candle's per-batch broadcast matmul.
+fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let rows = x.elem_count() / d_in;
+    let y = x.reshape((rows, d_in))?.matmul(&l.weight().t()?)?;
+    let y = match l.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    out_dims[dims.len() - 1] = y.dim(1)?;
+    y.reshape(out_dims)
+}
 
 /// Which normalisation a model uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,9 +115,10 @@ impl Activation {
         })
     }
 
-    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
         match self {
             Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh if !needs_grad => super::kernels::gelu_tanh(x),
             Self::GeluTanh => x.gelu(),
             Self::Silu => x.silu(),
             Self::Relu => x.relu(),
@@ -189,7 +206,7 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?;
+        let qkv = linear(x, &self.qkv)?;
         let split = |start: usize, heads: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, start * hd, heads * hd)?
                 .reshape((b, s, heads, hd))?
@@ -230,7 +247,7 @@ impl Attention {
         };
         let y = probs.to_dtype(x.dtype())?.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        self.out.forward(&y)
+        linear(&y, &self.out)
     }
 }
 
@@ -282,9 +299,12 @@ impl Mlp {
     ) -> candle_core::Result<Tensor> {
         match self {
             Self::Plain { fc, proj, act } => {
-                let pre = hooks.hook(HookPoint::MlpPre(layer), fc.forward(x)?)?; // [b, s, d_mlp]
-                let post = hooks.hook(HookPoint::MlpPost(layer), act.forward(&pre)?)?; // [b, s, d_mlp]
-                proj.forward(&post)
+                let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, fc)?)?; // [b, s, d_mlp]
+                let post = hooks.hook(
+                    HookPoint::MlpPost(layer),
+                    act.forward(&pre, hooks.needs_grad())?,
+                )?; // [b, s, d_mlp]
+                linear(&post, proj)
             }
             Self::Gated {
                 gate,
@@ -292,10 +312,10 @@ impl Mlp {
                 down,
                 act,
             } => {
-                let pre = hooks.hook(HookPoint::MlpPre(layer), gate.forward(x)?)?; // [b, s, d_mlp]
-                let post = (act.forward(&pre)? * up.forward(x)?)?;
+                let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, gate)?)?; // [b, s, d_mlp]
+                let post = (act.forward(&pre, hooks.needs_grad())? * linear(x, up)?)?;
                 let post = hooks.hook(HookPoint::MlpPost(layer), post)?; // [b, s, d_mlp]
-                down.forward(&post)
+                linear(&post, down)
             }
         }
     }
@@ -461,7 +481,7 @@ impl Transformer {
         }
         let x = self.ln_final.forward(&x, hooks.needs_grad())?;
         let x = hooks.hook(HookPoint::LnFinal, x)?; // [b, s, d_model]
-        x.broadcast_matmul(&self.unembed.t()?)
+        linear(&x, &Linear::new(self.unembed.clone(), None))
     }
 
     /// Total parameter count (tied embeddings counted once).

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod config;
 pub mod generate;
 pub mod hooks;
+mod kernels;
 pub mod layers;
 pub mod tokenizer;
 pub mod weights;
