@@ -4,6 +4,8 @@
 //!
 //!     cargo bench --bench forward
 
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};

@@ -1,6 +1,8 @@
 //! Bad input gets an error that names the file, key or value — never a panic. One test per
 //! case, plus the binary's exit code.
 
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
 mod common;
 
 use std::collections::HashMap;

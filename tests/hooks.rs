@@ -1,6 +1,8 @@
 //! The hook mechanism on real fixture models: gradients agree with finite differences,
 //! interventions change exactly what they should, capture works across KV-cached calls.
 
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
 mod common;
 
 use candle_core::{DType, Device, Tensor};

@@ -1,5 +1,7 @@
 //! Weight dtypes on disk and at run time, and the tokenizer's display strings.
 
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
 mod common;
 
 use candle_core::{DType, Device};

@@ -2,6 +2,8 @@
 //! `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`, and greedy continuations, on the tiny
 //! models that tests/fixtures/make_fixtures.py built (f32, max relative error ≤ 1e-4).
 
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
 mod common;
 
 use candle_core::{DType, Device};
