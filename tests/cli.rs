@@ -1,0 +1,135 @@
+//! The binary end to end on fixture models: `info`, `generate`, `trace` with `--json`.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use common::{MODEL_TYPES, fixture_dir, max_relative_error, reference};
+use monoscope::model::Model;
+
+fn monoscope_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn info_lists_every_hook_and_the_parameter_count() {
+    for model_type in MODEL_TYPES {
+        let dir = fixture_dir(model_type);
+        let info = monoscope_json(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+        let (reference, _) = reference(model_type);
+        assert_eq!(info["model_type"], *model_type);
+        assert_eq!(info["parameters"], reference.num_parameters);
+        assert_eq!(info["dims"]["n_layers"], reference.num_layers);
+        let hooks: Vec<&str> = info["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap())
+            .collect();
+        let model = Model::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(hooks.len(), model.hook_points().len());
+        assert!(
+            hooks.contains(&"blocks.1.mlp.hook_post")
+                && hooks.contains(&"ln_final.hook_normalized")
+        );
+        assert_eq!(
+            hooks.contains(&"blocks.0.hook_resid_mid"),
+            *model_type != "gpt_neox"
+        );
+    }
+}
+
+#[test]
+fn generate_json_gives_the_transformers_greedy_continuation() {
+    let (reference, _) = reference("gemma");
+    let p = &reference.prompts[1];
+    let dir = fixture_dir("gemma");
+    let n = p.greedy_ids.len().to_string();
+    let out = monoscope_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &p.prompt,
+        "--max-new-tokens",
+        &n,
+        "--top-k-probs",
+        "4",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let steps = out["generation"]["steps"].as_array().unwrap();
+    let ids: Vec<u32> = steps
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, p.greedy_ids);
+    for step in steps {
+        let top = step["top"].as_array().unwrap();
+        assert_eq!(top.len(), 4);
+        assert_eq!(
+            top[0]["id"], step["id"],
+            "greedy picks the most likely token"
+        );
+        let probs: Vec<f64> = top.iter().map(|t| t["prob"].as_f64().unwrap()).collect();
+        assert!(probs.windows(2).all(|w| w[0] >= w[1]) && probs.iter().sum::<f64>() <= 1.0 + 1e-6);
+    }
+}
+
+#[test]
+fn trace_writes_the_requested_hooks_and_the_reference_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("trace.safetensors");
+    let (reference, tensors) = reference("gpt_neox");
+    let p = &reference.prompts[0];
+    let dir = fixture_dir("gpt_neox");
+    monoscope_json(&[
+        "trace",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &p.prompt,
+        "--hooks",
+        "blocks.*.mlp.hook_post, hook_embed",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let traced = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let mut keys: Vec<&str> = traced.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "blocks.0.mlp.hook_post",
+            "blocks.1.mlp.hook_post",
+            "hook_embed",
+            "input_ids",
+            "logits"
+        ]
+    );
+    let ids: Vec<i64> = traced["input_ids"].get(0).unwrap().to_vec1().unwrap();
+    assert_eq!(
+        ids,
+        p.input_ids
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect::<Vec<_>>()
+    );
+    let logits = traced["logits"].get(0).unwrap();
+    assert!(max_relative_error(&logits, &tensors["p0.logits"]) < 1e-4);
+    let post = traced["blocks.1.mlp.hook_post"].get(0).unwrap();
+    assert!(max_relative_error(&post, &tensors["p0.blocks.1.mlp.hook_post"]) < 1e-4);
+}
