@@ -10,8 +10,8 @@ use crate::error::Result;
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let c = parse(config)?;
     let family = Family {
-        qkv_bias: Some(false),
-        o_bias: Some(false),
+        qkv_bias: c.attention_bias,
+        o_bias: c.attention_bias,
         gemma: true,
         sliding_window: None,
     };

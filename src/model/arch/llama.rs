@@ -29,7 +29,7 @@ pub(super) struct LlamaLikeConfig {
     /// Gemma's spelling, which takes precedence there.
     hidden_activation: Option<String>,
     tie_word_embeddings: Option<bool>,
-    attention_bias: Option<bool>,
+    pub(super) attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     pub(super) sliding_window: Option<usize>,
     pub(super) use_sliding_window: Option<bool>,

@@ -9,8 +9,8 @@ use crate::error::Result;
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let c = parse(config)?;
     let family = Family {
-        qkv_bias: Some(false),
-        o_bias: Some(false),
+        qkv_bias: c.attention_bias,
+        o_bias: c.attention_bias,
         gemma: false,
         sliding_window: c.sliding_window,
     };
