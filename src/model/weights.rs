@@ -83,11 +83,6 @@ impl Weights {
         self.routing.contains_key(key)
     }
 
-    /// Every tensor key, for architecture files that must guess a prefix.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.routing.keys()
-    }
-
     /// Loads `key`, checks it has `shape`, converts to the run dtype and device.
     pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let (path, tensor) = self.load(key)?;
