@@ -157,16 +157,8 @@ fn an_intervention_at_one_position_changes_only_that_position_and_later() {
         Intervention::new(InterventionOp::Add(steer)).at_positions(vec![2]),
     );
     let steered = model.forward(&ids, &hooks).unwrap().logits.get(0).unwrap();
-    let row_diff = |p: usize| {
-        (clean.get(p).unwrap() - steered.get(p).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let row_diff =
+        |p: usize| common::max_abs_diff(&clean.get(p).unwrap(), &steered.get(p).unwrap());
     assert_eq!(row_diff(0), 0.0);
     assert_eq!(row_diff(1), 0.0);
     assert!(row_diff(2) > 1e-3);

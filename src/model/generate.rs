@@ -156,14 +156,7 @@ pub fn generate(
             id,
             token: model.tokenizer.token_display(id),
             prob: probs[id as usize],
-            top: top_k(&probs, options.top_k_probs)
-                .into_iter()
-                .map(|(id, prob)| TokenProb {
-                    id,
-                    token: model.tokenizer.token_display(id),
-                    prob,
-                })
-                .collect(),
+            top: token_probs(model, &probs, options.top_k_probs),
         };
         steps.push(step);
         if options.stop_at_eos && model.eos_token_ids.contains(&id) {
@@ -196,14 +189,19 @@ pub fn next_token_top_k(
         .to_dtype(DType::F32)?
         .to_vec1()?;
     let probs = softmax(&logits, 1.0);
-    Ok(top_k(&probs, k)
+    Ok(token_probs(model, &probs, k))
+}
+
+/// The `k` most likely tokens of a distribution, with their display strings.
+fn token_probs(model: &Model, probs: &[f32], k: usize) -> Vec<TokenProb> {
+    top_k(probs, k)
         .into_iter()
         .map(|(id, prob)| TokenProb {
             id,
             token: model.tokenizer.token_display(id),
             prob,
         })
-        .collect())
+        .collect()
 }
 
 fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {

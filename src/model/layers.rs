@@ -202,6 +202,7 @@ impl Attention {
         x: &Tensor,
         kv: &mut LayerKv,
         offset: usize,
+        mask: &Tensor,
         needs_grad: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -237,9 +238,7 @@ impl Attention {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let mask = causal_mask(s, t, offset, self.sliding_window, x.device())?;
-        let scores = upcast(&scores)?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let scores = upcast(&scores)?.broadcast_add(mask)?;
         let probs = if needs_grad {
             candle_nn::ops::softmax(&scores, LAST)?
         } else {
@@ -253,6 +252,7 @@ impl Attention {
 
 /// `[seq, total]` additive mask: 0 where query `i` (absolute `offset + i`) may see key `j`,
 /// −∞ elsewhere. With a window `w`, a query sees itself and the `w − 1` keys before it.
+/// Built as f32; callers convert it once to the dtype attention scores are computed in.
 fn causal_mask(
     seq: usize,
     total: usize,
@@ -346,13 +346,14 @@ impl Block {
         resid_pre: Tensor,
         layer: usize,
         kv: &mut LayerKv,
+        mask: &Tensor,
         hooks: &mut HookRunner,
     ) -> candle_core::Result<Tensor> {
         let grad = hooks.needs_grad();
         let offset = hooks.offset;
         let resid_pre = hooks.hook(HookPoint::ResidPre(layer), resid_pre)?; // [b, s, d_model]
         let attn_in = self.ln_attn.forward(&resid_pre, grad)?;
-        let attn_out = self.attn.forward(&attn_in, kv, offset, grad)?;
+        let attn_out = self.attn.forward(&attn_in, kv, offset, mask, grad)?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
             let mlp_in = self.ln_mlp.forward(&resid_pre, grad)?;
@@ -476,8 +477,23 @@ impl Transformer {
             let p = hooks.hook(HookPoint::PosEmbed, p.contiguous()?)?; // [b, s, d_model]
             x = (x + p)?;
         }
+        // One mask per distinct attention window, built once per call rather than per layer,
+        // in the dtype the scores are computed in (f32, or f64 for f64 runs).
+        let total = offset + s;
+        let score_dtype = upcast(&x)?.dtype();
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for (layer, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
-            x = block.forward(x, layer, layer_kv, hooks)?;
+            let window = block.attn.sliding_window;
+            let mask = match masks.iter().position(|(w, _)| *w == window) {
+                Some(i) => &masks[i].1,
+                None => {
+                    let m =
+                        causal_mask(s, total, offset, window, x.device())?.to_dtype(score_dtype)?;
+                    masks.push((window, m));
+                    &masks[masks.len() - 1].1
+                }
+            };
+            x = block.forward(x, layer, layer_kv, mask, hooks)?;
         }
         let x = self.ln_final.forward(&x, hooks.needs_grad())?;
         let x = hooks.hook(HookPoint::LnFinal, x)?; // [b, s, d_model]

@@ -17,25 +17,25 @@ pub fn fixture_dir(model_type: &str) -> PathBuf {
 /// max |a − b| / max |b|: the error relative to the reference tensor's scale (element-wise
 /// relative error is meaningless for entries near zero).
 pub fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
-    let a = actual.to_dtype(DType::F32).unwrap();
-    let e = expected.to_dtype(DType::F32).unwrap();
-    let diff = (a - &e)
-        .unwrap()
-        .abs()
+    let scale = max_abs(expected);
+    max_abs_diff(actual, expected) / scale.max(1e-12)
+}
+
+/// max |a − b| over all elements (shapes must match), in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap();
+    max_abs(&(a - b.to_dtype(DType::F32).unwrap()).unwrap())
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    let t = t.to_dtype(DType::F32).unwrap();
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
-    let scale = e
-        .abs()
         .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-12)
 }
 
 #[derive(serde::Deserialize)]
