@@ -78,6 +78,13 @@ pub enum Error {
         message: String,
     },
 
+    #[error("{path}, line {line}: {message}")]
+    DataFile {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
     #[error("device `{0}`: {1}")]
     Device(String, String),
 

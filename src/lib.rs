@@ -3,10 +3,12 @@
 //! Data flows one way: [`model`] (load, hooked forward passes, generation) feeds everything
 //! built on top of it.
 
+pub mod causal;
 pub mod cli;
 pub mod device;
 pub mod error;
 pub mod model;
+pub mod world;
 
 pub use error::{Error, Result};
 pub use model::Model;

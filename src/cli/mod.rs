@@ -3,6 +3,7 @@
 mod generate;
 mod info;
 mod trace;
+mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a prompt and save the values at chosen hooks to a safetensors file.
     Trace(trace::TraceArgs),
+    /// The bundled world model: rebuild it, evaluate what it knows.
+    #[command(subcommand)]
+    World(world::WorldCommand),
 }
 
 /// Options every model-loading command shares.
@@ -83,6 +87,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Trace(args) => trace::run(&args),
+        Command::World(command) => world::run(&command),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,14 @@ impl ConfigFile {
         Ok(Self { path, json })
     }
 
+    /// A config built in memory (e.g. by the trainer); `path` names it in errors.
+    pub fn from_json(path: impl Into<PathBuf>, json: serde_json::Value) -> Self {
+        Self {
+            path: path.into(),
+            json,
+        }
+    }
+
     pub fn model_type(&self) -> Result<&str> {
         self.json
             .get("model_type")

@@ -286,6 +286,9 @@ pub struct Hooks {
     capture: HashSet<HookPoint>,
     interventions: HashMap<HookPoint, Vec<Intervention>>,
     grad: HashSet<HookPoint>,
+    /// Keep the whole forward pass differentiable (training): no fused kernels without a
+    /// backward pass.
+    differentiable: bool,
 }
 
 impl Hooks {
@@ -315,6 +318,12 @@ impl Hooks {
         self
     }
 
+    /// Make the forward pass differentiable with respect to the weights, for training.
+    pub fn differentiable(mut self) -> Self {
+        self.differentiable = true;
+        self
+    }
+
     /// Every point this value touches, to check against a model's hook list.
     pub fn points(&self) -> impl Iterator<Item = &HookPoint> {
         self.capture
@@ -328,7 +337,7 @@ impl Hooks {
     }
 
     pub fn needs_grad(&self) -> bool {
-        !self.grad.is_empty()
+        self.differentiable || !self.grad.is_empty()
     }
 }
 

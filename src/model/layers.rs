@@ -76,6 +76,12 @@ impl Norm {
                 _ => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
             };
         }
+        if let (NormKind::LayerNorm, Some(b)) = (&self.kind, &self.bias)
+            && let Some(normed) = super::kernels::standardize_rows(x, self.eps)?
+        {
+            // Training on CPU: fused standardisation with its own backward pass.
+            return normed.broadcast_mul(&self.weight)?.broadcast_add(b);
+        }
         let dtype = x.dtype();
         let x = upcast(x)?;
         let x = match self.kind {
@@ -115,11 +121,10 @@ impl Activation {
         })
     }
 
-    fn forward(self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
+    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh if !needs_grad => super::kernels::gelu_tanh(x),
-            Self::GeluTanh => x.gelu(),
+            Self::GeluTanh => super::kernels::gelu_tanh(x),
             Self::Silu => x.silu(),
             Self::Relu => x.relu(),
         }
@@ -300,10 +305,7 @@ impl Mlp {
         match self {
             Self::Plain { fc, proj, act } => {
                 let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, fc)?)?; // [b, s, d_mlp]
-                let post = hooks.hook(
-                    HookPoint::MlpPost(layer),
-                    act.forward(&pre, hooks.needs_grad())?,
-                )?; // [b, s, d_mlp]
+                let post = hooks.hook(HookPoint::MlpPost(layer), act.forward(&pre)?)?; // [b, s, d_mlp]
                 linear(&post, proj)
             }
             Self::Gated {
@@ -313,7 +315,7 @@ impl Mlp {
                 act,
             } => {
                 let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, gate)?)?; // [b, s, d_mlp]
-                let post = (act.forward(&pre, hooks.needs_grad())? * linear(x, up)?)?;
+                let post = (act.forward(&pre)? * linear(x, up)?)?;
                 let post = hooks.hook(HookPoint::MlpPost(layer), post)?; // [b, s, d_mlp]
                 linear(&post, down)
             }

@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// A token's `(start, end)` byte offsets in the encoded text.
+pub type ByteRange = (usize, usize);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -66,6 +69,13 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes like [`Self::encode`] and also returns each token's byte range in `text`, to
+    /// map character-level labels (a subject, an entity) onto tokens.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -13,10 +13,13 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The weights of one model directory. Tensors are read from the memory map on request and
-/// converted to the run dtype and device.
+/// converted to the run dtype and device. The trainer instead hands over tensors it holds in
+/// memory ([`Weights::from_tensors`]), so training and loading share the architecture code.
 pub struct Weights {
     dir: PathBuf,
     files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// In-memory tensors (training); kept as they are so gradients flow back to them.
+    memory: HashMap<String, Tensor>,
     /// Tensor key → index into `files`.
     routing: HashMap<String, usize>,
     dtype: DType,
@@ -38,6 +41,22 @@ impl Weights {
                 what: "model weights: model.safetensors or model.safetensors.index.json",
             });
         };
+        Self::open_paths(dir, paths, dtype, device)
+    }
+
+    /// Opens one safetensors file (a checkpoint, an SAE).
+    pub fn open_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "safetensors file",
+            });
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::open_paths(dir, vec![path.to_path_buf()], dtype, device)
+    }
+
+    fn open_paths(dir: &Path, paths: Vec<PathBuf>, dtype: DType, device: &Device) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
         for path in paths {
@@ -62,9 +81,29 @@ impl Weights {
             dir: dir.to_path_buf(),
             files,
             routing,
+            memory: HashMap::new(),
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Weights held in memory; `label` names them in errors. Tensors keep their dtype and
+    /// device and are returned as they are (same graph node), which is what training needs.
+    pub fn from_tensors(label: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        let (dtype, device) = tensors
+            .values()
+            .next()
+            .map_or((DType::F32, Device::Cpu), |t| {
+                (t.dtype(), t.device().clone())
+            });
+        Self {
+            dir: label.into(),
+            files: Vec::new(),
+            routing: HashMap::new(),
+            memory: tensors,
+            dtype,
+            device,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -80,7 +119,7 @@ impl Weights {
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.routing.contains_key(key)
+        self.routing.contains_key(key) || self.memory.contains_key(key)
     }
 
     /// Loads `key`, checks it has `shape`, converts to the run dtype and device.
@@ -107,6 +146,9 @@ impl Weights {
     }
 
     fn load(&self, key: &str) -> Result<(&Path, Tensor)> {
+        if let Some(tensor) = self.memory.get(key) {
+            return Ok((&self.dir, tensor.clone()));
+        }
         let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
             dir: self.dir.clone(),
             key: key.to_string(),

@@ -1,0 +1,227 @@
+//! Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"):
+//! corrupt the subject's token embeddings with Gaussian noise, then restore clean activations
+//! at one (layer, position) at a time and measure how much of the answer's probability comes
+//! back. This module restores MLP outputs over a window of layers, which is what locates the
+//! layer a ROME edit should target.
+
+use std::ops::Range;
+
+use candle_core::{D, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+
+/// The noise and restoration settings (ROME's defaults, window scaled to small models).
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceSettings {
+    /// Noise standard deviation in units of the subject embeddings' σ.
+    pub noise_sigmas: f64,
+    /// Noise samples averaged per measurement.
+    pub samples: usize,
+    pub seed: u64,
+    /// Layers restored together, centred on the traced layer.
+    pub window: usize,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            noise_sigmas: 3.0,
+            samples: 10,
+            seed: 0,
+            window: 3,
+        }
+    }
+}
+
+/// A fact to trace: `prompt` contains `subject`; `target` continues the prompt.
+#[derive(Clone, Debug)]
+pub struct Fact<'a> {
+    pub prompt: &'a str,
+    pub subject: &'a str,
+    pub target: &'a str,
+}
+
+/// The probabilities of one fact's target under clean, corrupted and restored runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct MlpTrace {
+    pub tokens: Vec<String>,
+    /// Token positions of the subject.
+    pub subject: Range<usize>,
+    pub target_id: u32,
+    pub p_clean: f32,
+    pub p_corrupt: f32,
+    /// The positions traced.
+    pub positions: Vec<usize>,
+    /// `p_restored[layer][i]`: restoring the MLP outputs of the window around `layer` at
+    /// `positions[i]`.
+    pub p_restored: Vec<Vec<f32>>,
+}
+
+impl MlpTrace {
+    /// Position of the subject's last token.
+    pub fn last_subject_token(&self) -> usize {
+        self.subject.end - 1
+    }
+}
+
+/// Token ids of `prompt` and the byte range of `subject` mapped to token positions.
+pub fn locate_subject(
+    model: &Model,
+    prompt: &str,
+    subject: &str,
+) -> Result<(Vec<u32>, Range<usize>)> {
+    let start = prompt.find(subject).ok_or_else(|| Error::InvalidArgument {
+        what: "subject",
+        value: subject.to_string(),
+        message: format!("does not occur in the prompt {prompt:?}"),
+    })?;
+    let end = start + subject.len();
+    let (ids, offsets) = model.tokenizer.encode_with_offsets(prompt)?;
+    let hits: Vec<usize> = offsets
+        .iter()
+        .enumerate()
+        .filter(|(_, (s, e))| *s < end && start < *e)
+        .map(|(i, _)| i)
+        .collect();
+    match (hits.first(), hits.last()) {
+        (Some(&first), Some(&last)) => Ok((ids, first..last + 1)),
+        _ => Err(Error::InvalidArgument {
+            what: "subject",
+            value: subject.to_string(),
+            message: "covers no token of the prompt".into(),
+        }),
+    }
+}
+
+/// The first token of `target` as it continues `prompt`; errors when the target does not
+/// start on a token boundary (its first token would then also cover prompt text).
+pub fn target_token(model: &Model, prompt: &str, target: &str) -> Result<u32> {
+    let prompt_ids = model.tokenizer.encode(prompt)?;
+    let full = model.tokenizer.encode(&format!("{prompt}{target}"))?;
+    if full.len() <= prompt_ids.len() || full[..prompt_ids.len()] != prompt_ids[..] {
+        return Err(Error::InvalidArgument {
+            what: "target",
+            value: target.to_string(),
+            message: format!("does not start on a token boundary after {prompt:?}"),
+        });
+    }
+    Ok(full[prompt_ids.len()])
+}
+
+/// σ of the token embeddings of these subjects (all their tokens, all channels), the unit of
+/// the corruption noise.
+pub fn subject_embedding_std(model: &Model, subjects: &[&str]) -> Result<f64> {
+    let mut ids = Vec::new();
+    for s in subjects {
+        ids.extend(model.tokenizer.encode(s)?);
+    }
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "subjects",
+            value: String::new(),
+            message: "no subject tokens to measure the embedding scale on".into(),
+        });
+    }
+    let index = Tensor::new(ids.as_slice(), &model.device)?;
+    let rows = model
+        .transformer
+        .embed
+        .index_select(&index, 0)?
+        .to_dtype(candle_core::DType::F64)?;
+    let mean = rows.mean_all()?.to_scalar::<f64>()?;
+    let var = rows
+        .affine(1.0, -mean)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    Ok(var.sqrt())
+}
+
+/// Probability of `target` at the last position, averaged over the batch.
+fn mean_target_prob(logits: &Tensor, target: u32) -> Result<f32> {
+    let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+    let probs = candle_nn::ops::softmax_last_dim(&last.to_dtype(candle_core::DType::F32)?)?;
+    let p = probs.narrow(D::Minus1, target as usize, 1)?.mean_all()?;
+    Ok(p.to_scalar::<f32>()?)
+}
+
+/// Traces the MLP outputs of `fact` at `positions` (all positions when `None`).
+pub fn trace_mlp(
+    model: &Model,
+    fact: &Fact,
+    settings: &TraceSettings,
+    sigma: f64,
+    positions: Option<&[usize]>,
+) -> Result<MlpTrace> {
+    let (ids, subject) = locate_subject(model, fact.prompt, fact.subject)?;
+    let target_id = target_token(model, fact.prompt, fact.target)?;
+    let n_layers = model.dims().n_layers;
+    let (seq, d) = (ids.len(), model.dims().d_model);
+    let mlp_points: Vec<HookPoint> = (0..n_layers).map(HookPoint::MlpOut).collect();
+
+    let clean_ids = model.ids_tensor(&ids)?;
+    let clean = model.forward(
+        &clean_ids,
+        &Hooks::new().capture(mlp_points.iter().copied()),
+    )?;
+    let p_clean = mean_target_prob(&clean.logits, target_id)?;
+
+    // Noise on the subject's embeddings only, one draw per sample, fixed by the seed.
+    let n = settings.samples.max(1);
+    let mut rng = StdRng::seed_from_u64(settings.seed);
+    let scale = settings.noise_sigmas * sigma;
+    let mut noise = vec![0f32; n * seq * d];
+    for b in 0..n {
+        for t in subject.clone() {
+            for c in 0..d {
+                noise[(b * seq + t) * d + c] =
+                    (crate::world::train::normal(&mut rng) * scale) as f32;
+            }
+        }
+    }
+    let noise = Tensor::from_vec(noise, (n, seq, d), &model.device)?.to_dtype(model.dtype)?;
+    let batch_ids = clean_ids.repeat((n, 1))?;
+    let corrupt = Hooks::new().intervene(
+        HookPoint::Embed,
+        Intervention::new(InterventionOp::Add(noise)),
+    );
+    let p_corrupt = mean_target_prob(&model.forward(&batch_ids, &corrupt)?.logits, target_id)?;
+
+    let positions: Vec<usize> = positions.map_or_else(|| (0..seq).collect(), <[usize]>::to_vec);
+    let mut p_restored = vec![Vec::with_capacity(positions.len()); n_layers];
+    for (layer, row) in p_restored.iter_mut().enumerate() {
+        let lo = layer.saturating_sub(settings.window / 2);
+        let hi = (lo + settings.window.max(1)).min(n_layers);
+        for &t in &positions {
+            let mut hooks = corrupt.clone();
+            for &point in &mlp_points[lo..hi] {
+                let value = clean.cache.get(point).ok_or_else(|| Error::UnknownHook {
+                    name: point.to_string(),
+                    valid: String::new(),
+                })?;
+                hooks = hooks.intervene(
+                    point,
+                    Intervention::new(InterventionOp::Replace(value.clone()))
+                        .at_positions(vec![t as i64]),
+                );
+            }
+            row.push(mean_target_prob(
+                &model.forward(&batch_ids, &hooks)?.logits,
+                target_id,
+            )?);
+        }
+    }
+    Ok(MlpTrace {
+        tokens: model.tokenizer.tokens_display(&ids),
+        subject,
+        target_id,
+        p_clean,
+        p_corrupt,
+        positions,
+        p_restored,
+    })
+}
