@@ -28,7 +28,7 @@ PROMPTS = [
     "The capital of France is",
     "フランスの首都は",
     "The currency of Japan is the",
-    "Japan (日本) is a country. Its",
+    "Japan (日本) is a country. The capital of the country is",
 ]
 
 

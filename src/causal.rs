@@ -143,7 +143,10 @@ pub fn subject_embedding_std(model: &Model, subjects: &[&str]) -> Result<f64> {
 
 /// Probability of `target` at the last position, averaged over the batch.
 fn mean_target_prob(logits: &Tensor, target: u32) -> Result<f32> {
-    let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+    let last = logits
+        .narrow(1, logits.dim(1)? - 1, 1)?
+        .squeeze(1)?
+        .contiguous()?;
     let probs = candle_nn::ops::softmax_last_dim(&last.to_dtype(candle_core::DType::F32)?)?;
     let p = probs.narrow(D::Minus1, target as usize, 1)?.mean_all()?;
     Ok(p.to_scalar::<f32>()?)

@@ -75,16 +75,19 @@ pub fn build(
     let checkpoint_dir = out.join(CHECKPOINT_DIR);
     let build_file = out.join(BUILD_FILE);
     if resume {
-        let saved = read_build_config(&build_file)?;
+        // Only the step count may change on resume (to train longer).
+        let mut saved = read_build_config(&build_file)?;
+        saved.train.steps = config.train.steps;
         if &saved != config {
             return Err(Error::InvalidArgument {
                 what: "--resume",
                 value: build_file.display().to_string(),
-                message: "the folder was built with other settings; resume with the same ones"
+                message: "the folder was built with other settings; resume with the same ones (only --steps may change)"
                     .into(),
             });
         }
-    } else {
+    }
+    {
         let json = serde_json::to_string_pretty(config).map_err(|source| Error::Json {
             path: build_file.clone(),
             source,
@@ -144,7 +147,10 @@ pub fn build(
         n_head: config.n_head,
     };
     let mut trainer = if resume && Trainer::has_checkpoint(&checkpoint_dir) {
-        Trainer::resume(&checkpoint_dir, device)?
+        let mut trainer = Trainer::resume(&checkpoint_dir, device)?;
+        // Training longer: the cosine is stretched to the new end from here on.
+        trainer.config.steps = config.train.steps;
+        trainer
     } else {
         Trainer::new(shape, config.train.clone(), device)?
     };
