@@ -7,7 +7,9 @@ pub mod causal;
 pub mod cli;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod model;
+pub mod sae;
 pub mod world;
 
 pub use error::{Error, Result};

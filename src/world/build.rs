@@ -11,10 +11,9 @@ use serde::{Deserialize, Serialize};
 use super::bpe::{EOS_TOKEN, train_tokenizer};
 use super::corpus::{CorpusConfig, CorpusGenerator, token_labels};
 use super::knowledge::KnowledgeBase;
-use super::train::{
-    Gpt2Shape, StepReport, TrainConfig, TrainData, TrainOutcome, Trainer, write_atomic,
-};
+use super::train::{Gpt2Shape, StepReport, TrainConfig, TrainData, TrainOutcome, Trainer};
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 use crate::model::Tokenizer;
 
 /// Everything a build depends on; saved as `build.json` next to the model.

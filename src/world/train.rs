@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 use crate::model::arch;
 use crate::model::config::ConfigFile;
 use crate::model::hooks::HookRunner;
@@ -582,29 +583,6 @@ impl Trainer {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_tensor())
     }
-}
-
-/// Writes through a temporary file in the same folder, then renames into place.
-pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write(&tmp).and_then(|()| {
-        // Some writers create private files; results are for sharing.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// A standard normal draw (Box–Muller), so initialisation depends only on the seed.

@@ -1,0 +1,165 @@
+//! Sparse autoencoders: the inference-time model (encode / decode for every architecture) and
+//! its on-disk SAELens format ([`saelens`]).
+//!
+//! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
+//! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
+//! `W_dec [d_sae, d_in]`.
+
+pub mod saelens;
+
+use candle_core::{D, DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// How latent activations are computed from pre-activations.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Architecture {
+    /// ReLU.
+    Standard,
+    /// Keep the `k` largest pre-activations per token (then ReLU).
+    TopK { k: usize },
+    /// Trained with a batch-level top-k; at inference a JumpReLU with the saved threshold.
+    BatchTopK { k: usize },
+    /// `pre · [pre > threshold]`, per-latent thresholds.
+    JumpRelu,
+}
+
+impl Architecture {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Standard => "standard",
+            Architecture::TopK { .. } => "topk",
+            Architecture::BatchTopK { .. } => "batchtopk",
+            Architecture::JumpRelu => "jumprelu",
+        }
+    }
+
+    /// Whether the weights include a per-latent `threshold`.
+    pub fn has_threshold(&self) -> bool {
+        matches!(
+            self,
+            Architecture::JumpRelu | Architecture::BatchTopK { .. }
+        )
+    }
+}
+
+/// An SAE ready to encode and decode activations.
+#[derive(Clone, Debug)]
+pub struct Sae {
+    pub architecture: Architecture,
+    /// `[d_in, d_sae]`.
+    pub w_enc: Tensor,
+    /// `[d_sae, d_in]`.
+    pub w_dec: Tensor,
+    /// `[d_sae]`.
+    pub b_enc: Tensor,
+    /// `[d_in]`.
+    pub b_dec: Tensor,
+    /// `[d_sae]`, for JumpReLU and BatchTopK.
+    pub threshold: Option<Tensor>,
+    pub apply_b_dec_to_input: bool,
+}
+
+impl Sae {
+    pub fn d_in(&self) -> usize {
+        self.b_dec.dim(0).unwrap_or(0)
+    }
+
+    pub fn d_sae(&self) -> usize {
+        self.b_enc.dim(0).unwrap_or(0)
+    }
+
+    /// Checks shapes against each other; errors name the tensor.
+    pub fn validate(&self, source: &std::path::Path) -> Result<()> {
+        let (d_in, d_sae) = (self.d_in(), self.d_sae());
+        let check = |key: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
+            if t.dims() != expected {
+                return Err(Error::TensorShape {
+                    path: source.to_path_buf(),
+                    key: key.to_string(),
+                    expected: expected.to_vec(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(())
+        };
+        check("W_enc", &self.w_enc, &[d_in, d_sae])?;
+        check("W_dec", &self.w_dec, &[d_sae, d_in])?;
+        if let Some(t) = &self.threshold {
+            check("threshold", t, &[d_sae])?;
+        }
+        if let Architecture::TopK { k } | Architecture::BatchTopK { k } = self.architecture
+            && (k == 0 || k > d_sae)
+        {
+            return Err(Error::config(
+                source,
+                "k",
+                format!("{k} is not between 1 and d_sae ({d_sae})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pre-activations `[.., d_sae]` of activations `[.., d_in]`.
+    pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(self.w_enc.dtype())?;
+        let x = if self.apply_b_dec_to_input {
+            x.broadcast_sub(&self.b_dec)?
+        } else {
+            x
+        };
+        Ok(x.broadcast_matmul(&self.w_enc)?
+            .broadcast_add(&self.b_enc)?)
+    }
+
+    /// Latent activations `[.., d_sae]` (dense; zeros where a latent is off).
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let pre = self.pre_activations(x)?;
+        Ok(match &self.architecture {
+            Architecture::Standard => pre.relu()?,
+            Architecture::TopK { k } => top_k_mask(&pre, *k)?.relu()?,
+            Architecture::JumpRelu | Architecture::BatchTopK { .. } => {
+                let threshold = self
+                    .threshold
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidArgument {
+                        what: "SAE",
+                        value: self.architecture.name().into(),
+                        message: "has no threshold".into(),
+                    })?;
+                let on = pre.broadcast_gt(threshold)?.to_dtype(pre.dtype())?;
+                (pre.relu()? * on)?
+            }
+        })
+    }
+
+    /// Reconstruction `[.., d_in]` of latent activations `[.., d_sae]`.
+    pub fn decode(&self, acts: &Tensor) -> Result<Tensor> {
+        Ok(acts
+            .broadcast_matmul(&self.w_dec)?
+            .broadcast_add(&self.b_dec)?)
+    }
+
+    /// Converts every tensor to `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut out = self.clone();
+        out.w_enc = self.w_enc.to_dtype(dtype)?;
+        out.w_dec = self.w_dec.to_dtype(dtype)?;
+        out.b_enc = self.b_enc.to_dtype(dtype)?;
+        out.b_dec = self.b_dec.to_dtype(dtype)?;
+        out.threshold = self
+            .threshold
+            .as_ref()
+            .map(|t| t.to_dtype(dtype))
+            .transpose()?;
+        Ok(out)
+    }
+}
+
+/// Keeps the `k` largest entries of the last dimension, zeroing the rest.
+fn top_k_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
+    let sorted = pre.contiguous()?.sort_last_dim(false)?.0;
+    let kth = sorted.narrow(D::Minus1, k - 1, 1)?;
+    let keep = pre.broadcast_ge(&kth)?.to_dtype(pre.dtype())?;
+    Ok((pre * keep)?)
+}
