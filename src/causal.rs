@@ -61,13 +61,6 @@ pub struct MlpTrace {
     pub p_restored: Vec<Vec<f32>>,
 }
 
-impl MlpTrace {
-    /// Position of the subject's last token.
-    pub fn last_subject_token(&self) -> usize {
-        self.subject.end - 1
-    }
-}
-
 /// Token ids of `prompt` and the byte range of `subject` mapped to token positions.
 pub fn locate_subject(
     model: &Model,

@@ -1,11 +1,31 @@
-//! Writing result files safely: never a half-written file under the final name.
+//! Reading and writing files with errors that name them, and writing results safely: never a
+//! half-written file under the final name.
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
+
 use crate::error::{Error, Result};
+
+/// Reads and parses a JSON file; errors name the file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
 
 /// Writes through a temporary file in the same folder, then renames into place.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    write_atomic_with(path, write)
+}
+
+/// [`write_atomic`] for any error type that library errors convert into (the CLI's `anyhow`).
+pub fn write_atomic_with<E: From<Error>>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -19,7 +39,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
                 .map_err(|e| Error::io(&tmp, e))?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e).into())
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -2,6 +2,8 @@
 //! end, exact resume, and what the bundled model knows.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -144,14 +146,7 @@ fn resumed_training_matches_an_uninterrupted_run() {
     ] {
         let a = straight.parameter(name).unwrap();
         let b = resumed.parameter(name).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(a, b);
         assert!(diff < 1e-6, "{name} differs by {diff}");
     }
 }

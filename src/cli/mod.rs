@@ -112,20 +112,8 @@ pub fn write_new_file(
     if !dir.is_dir() {
         anyhow::bail!("{}: output folder does not exist", dir.display());
     }
-    let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    path.file_name().context("output path has no file name")?;
+    crate::files::write_atomic_with(path, write)
 }
 
 /// Prints a value as pretty JSON on stdout.

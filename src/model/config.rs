@@ -26,11 +26,7 @@ impl ConfigFile {
                 what: "model config",
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let json = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let json = crate::files::read_json(&path)?;
         Ok(Self { path, json })
     }
 

@@ -22,27 +22,20 @@ const K: f32 = 2.0 * 0.797_884_6; // 2·√(2/π)
 
 /// Applies `f` elementwise over two equally laid-out contiguous f32 buffers, in parallel.
 fn zip_map_f32(
-    a: &CpuStorage,
-    a_layout: &Layout,
-    b: &CpuStorage,
-    b_layout: &Layout,
+    op: &str,
+    (a, a_layout): (&CpuStorage, &Layout),
+    (b, b_layout): (&CpuStorage, &Layout),
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (CpuStorage::F32(a_data), CpuStorage::F32(b_data)) = (a, b) else {
-        candle_core::bail!("gelu-tanh-grad-cpu: expected f32");
-    };
-    let (Some((a0, a1)), Some((b0, b1))) =
-        (a_layout.contiguous_offsets(), b_layout.contiguous_offsets())
-    else {
-        candle_core::bail!("gelu-tanh-grad-cpu: expected contiguous tensors");
-    };
+    let a_data = contiguous_f32(a, a_layout, op)?;
+    let b_data = contiguous_f32(b, b_layout, op)?;
     if a_layout.shape() != b_layout.shape() {
-        candle_core::bail!("gelu-tanh-grad-cpu: shapes differ");
+        candle_core::bail!("{op}: shapes differ");
     }
-    let mut out = vec![0f32; a1 - a0];
+    let mut out = vec![0f32; a_data.len()];
     out.par_chunks_mut(4096)
-        .zip(a_data[a0..a1].par_chunks(4096))
-        .zip(b_data[b0..b1].par_chunks(4096))
+        .zip(a_data.par_chunks(4096))
+        .zip(b_data.par_chunks(4096))
         .for_each(|((o, a), b)| {
             for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                 *o = f(a, b);
@@ -178,7 +171,7 @@ impl CustomOp2 for GeluTanhGradCpu {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        zip_map_f32(x, x_layout, grad, grad_layout, |x, g| {
+        zip_map_f32(self.name(), (x, x_layout), (grad, grad_layout), |x, g| {
             let z = K * (x + 0.044_715 * x * x * x);
             let s = 1.0 / (1.0 + (-z).exp());
             g * (s + x * s * (1.0 - s) * K * (1.0 + 3.0 * 0.044_715 * x * x))
@@ -198,15 +191,10 @@ impl CustomOp1 for GeluTanhCpu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("gelu-tanh-cpu: expected f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-tanh-cpu: expected a contiguous tensor");
-        };
-        let mut out = vec![0f32; end - start];
+        let data = contiguous_f32(storage, layout, self.name())?;
+        let mut out = vec![0f32; data.len()];
         out.par_chunks_mut(4096)
-            .zip(data[start..end].par_chunks(4096))
+            .zip(data.par_chunks(4096))
             .for_each(|(o, x)| {
                 for (o, &x) in o.iter_mut().zip(x) {
                     let z = K * (x + 0.044_715 * x * x * x);
@@ -227,20 +215,33 @@ impl CustomOp1 for GeluTanhCpu {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fast_gelu_matches_candles_tanh_gelu() {
-        let x = Tensor::randn(0f32, 3.0, (7, 1000), &candle_core::Device::Cpu).unwrap();
-        let x = (x * 1.0).unwrap();
-        let fast = gelu_tanh(&x).unwrap();
-        let slow = x.gelu().unwrap();
-        let diff = (fast - slow)
+    type Op<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `f(x)` and d(Σ f(x)·w)/dx by candle's backward pass.
+    fn value_and_grad(f: Op, x: &Tensor, w: &Tensor) -> (Tensor, Tensor) {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor()).unwrap();
+        let loss = (&y * w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+        (y, g)
+    }
+
+    #[test]
+    fn fast_gelu_matches_candles_tanh_gelu() {
+        let x = Tensor::randn(0f32, 3.0, (7, 1000), &candle_core::Device::Cpu).unwrap();
+        let x = (x * 1.0).unwrap();
+        let diff = max_abs_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
         assert!(diff < 1e-5, "max abs difference {diff}");
         let extreme = Tensor::new(
             &[-100f32, -20.0, 0.0, 20.0, 100.0],
@@ -256,21 +257,9 @@ mod tests {
     fn fast_gelu_gradient_matches_candles() {
         let x = Tensor::randn(0f32, 3.0, (5, 300), &candle_core::Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (5, 300), &candle_core::Device::Cpu).unwrap();
-        let grad_of = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
-            let v = candle_core::Var::from_tensor(&x).unwrap();
-            let loss = (f(v.as_tensor()).unwrap() * &w).unwrap().sum_all().unwrap();
-            loss.backward().unwrap().get(v.as_tensor()).unwrap().clone()
-        };
-        let fast = grad_of(&|t| gelu_tanh(t));
-        let slow = grad_of(&|t| t.gelu());
-        let diff = (fast - slow)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (_, fast) = value_and_grad(&|t| gelu_tanh(t), &x, &w);
+        let (_, slow) = value_and_grad(&|t| t.gelu(), &x, &w);
+        let diff = max_abs_diff(&fast, &slow);
         assert!(diff < 1e-4, "max abs difference {diff}");
     }
 
@@ -286,26 +275,9 @@ mod tests {
         };
         let fast =
             |t: &Tensor| -> candle_core::Result<Tensor> { Ok(standardize_rows(t, eps)?.unwrap()) };
-        let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
-            let v = candle_core::Var::from_tensor(&x).unwrap();
-            let y = f(v.as_tensor()).unwrap();
-            let loss = (&y * &w).unwrap().sum_all().unwrap();
-            let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
-            (y, g)
-        };
-        let (y_fast, g_fast) = run(&fast);
-        let (y_slow, g_slow) = run(&slow);
-        let max = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(max(y_fast, y_slow) < 1e-5);
-        assert!(max(g_fast, g_slow) < 1e-4);
+        let (y_fast, g_fast) = value_and_grad(&fast, &x, &w);
+        let (y_slow, g_slow) = value_and_grad(&slow, &x, &w);
+        assert!(max_abs_diff(&y_fast, &y_slow) < 1e-5);
+        assert!(max_abs_diff(&g_fast, &g_slow) < 1e-4);
     }
 }

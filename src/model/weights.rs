@@ -164,11 +164,7 @@ impl Weights {
 
 /// The distinct shard files of an index, in order of first appearance.
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let json: serde_json::Value = crate::files::read_json(index)?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{Architecture, Sae};
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{read_json, write_atomic};
 use crate::model::weights::Weights;
 
 pub const CONFIG_FILE: &str = "cfg.json";
@@ -111,11 +111,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
             what: "SAE config (cfg.json)",
         });
     }
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: cfg_path.clone(),
-        source,
-    })?;
+    let cfg: Value = read_json(&cfg_path)?;
     let architecture = architecture(&cfg_path, &cfg)?;
     let d_in = usize_key(&cfg_path, &cfg, "d_in")?;
     let d_sae = usize_key(&cfg_path, &cfg, "d_sae")?;

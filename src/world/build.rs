@@ -13,7 +13,7 @@ use super::corpus::{CorpusConfig, CorpusGenerator, token_labels};
 use super::knowledge::KnowledgeBase;
 use super::train::{Gpt2Shape, StepReport, TrainConfig, TrainData, TrainOutcome, Trainer};
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{read_json, write_atomic};
 use crate::model::Tokenizer;
 
 /// Everything a build depends on; saved as `build.json` next to the model.
@@ -75,7 +75,7 @@ pub fn build(
     let build_file = out.join(BUILD_FILE);
     if resume {
         // Only the step count may change on resume (to train longer).
-        let mut saved = read_build_config(&build_file)?;
+        let mut saved: BuildConfig = read_json(&build_file)?;
         saved.train.steps = config.train.steps;
         if &saved != config {
             return Err(Error::InvalidArgument {
@@ -167,15 +167,6 @@ pub fn build(
         trainer.save_model(out, eos)?;
     }
     Ok(outcome)
-}
-
-/// Reads the `build.json` of an earlier build.
-pub fn read_build_config(path: &Path) -> Result<BuildConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 /// One JSON object per line, written atomically.

@@ -13,7 +13,8 @@ use crate::causal::{
     Fact, TraceSettings, locate_subject, subject_embedding_std, target_token, trace_mlp,
 };
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::generate::next_token_top_k;
+use crate::model::{Hooks, Model};
 
 /// Correct out of total.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
@@ -134,12 +135,7 @@ fn predict(model: &Model, item: &EvalItem) -> Result<Option<Prediction>> {
     let Ok(expected) = target_token(model, &item.prompt, &item.answer) else {
         return Ok(None);
     };
-    let ids = model.encode_prompt(&item.prompt)?;
-    let logits = model
-        .forward(&model.ids_tensor(&ids)?, &crate::model::Hooks::new())?
-        .logits;
-    let last = logits.squeeze(0)?.get(ids.len() - 1)?;
-    let predicted = last.argmax(0)?.to_scalar::<u32>()?;
+    let predicted = top1(model, &model.encode_prompt(&item.prompt)?)?;
     Ok(Some(Prediction {
         prompt: item.prompt.clone(),
         answer: item.answer.clone(),
@@ -150,6 +146,12 @@ fn predict(model: &Model, item: &EvalItem) -> Result<Option<Prediction>> {
         predicted_id: predicted,
         correct: predicted == expected,
     }))
+}
+
+/// The model's most likely next token after `ids`.
+fn top1(model: &Model, ids: &[u32]) -> Result<u32> {
+    let best = next_token_top_k(model, ids, 1, &Hooks::new())?;
+    Ok(best.first().map_or(0, |t| t.id))
 }
 
 /// The canonical capital prompt of a country in a language.
@@ -190,23 +192,14 @@ fn trace_capitals(model: &Model, kb: &KnowledgeBase, per_lang: usize) -> Result<
                 subject: &subject,
                 target: &target,
             };
-            let ids = model.encode_prompt(&prompt)?;
             let Ok(expected) = target_token(model, &prompt, &target) else {
                 continue;
             };
-            let logits = model
-                .forward(&model.ids_tensor(&ids)?, &crate::model::Hooks::new())?
-                .logits;
-            let predicted = logits
-                .squeeze(0)?
-                .get(ids.len() - 1)?
-                .argmax(0)?
-                .to_scalar::<u32>()?;
-            if predicted != expected {
+            let (ids, subject_tokens) = locate_subject(model, &prompt, &subject)?;
+            if top1(model, &ids)? != expected {
                 continue;
             }
             // Positions: the subject's last token, then the prompt's last token.
-            let (_, subject_tokens) = locate_subject(model, &prompt, &subject)?;
             let positions = [subject_tokens.end - 1, ids.len() - 1];
             let trace = trace_mlp(model, &fact, &settings, sigma, Some(&positions))?;
             facts += 1;

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{read_json, write_atomic};
 use crate::model::arch;
 use crate::model::config::ConfigFile;
 use crate::model::hooks::HookRunner;
@@ -217,12 +217,10 @@ impl TrainData {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let len = config.seq_len;
-        let usable: Vec<usize> = self
+        // Starts are ascending: the usable ones (a full row fits after them) are a prefix.
+        let usable = &self.doc_starts[..self
             .doc_starts
-            .iter()
-            .copied()
-            .filter(|&s| s + len < self.tokens.len())
-            .collect();
+            .partition_point(|&s| s + len < self.tokens.len())];
         if usable.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "training data",
@@ -528,11 +526,7 @@ impl Trainer {
                 what: "training checkpoint state",
             });
         }
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: state_path.clone(),
-            source,
-        })?;
+        let state: CheckpointState = read_json(&state_path)?;
         let tensors_path = dir.join(CHECKPOINT_TENSORS);
         let weights = Weights::open_file(&tensors_path, DType::F32, device)?;
         let mut params = Vec::new();
