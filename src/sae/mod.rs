@@ -5,7 +5,9 @@
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
 //! `W_dec [d_sae, d_in]`.
 
+pub mod cpu;
 pub mod saelens;
+pub mod train;
 
 use candle_core::{D, DType, Tensor};
 

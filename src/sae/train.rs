@@ -1,0 +1,1400 @@
+//! SAE training: the parameters, their gradients (written by hand, see [`cpu`]) and Adam, for
+//! every architecture. This module sees batches of activations only; where they come from is
+//! [`super::activations`], and the run loop with checkpoints is [`super::run`].
+//!
+//! Losses, per batch of `B` rows (x̂ the reconstruction, `e = x̂ − x`):
+//! - reconstruction `Σ‖e‖² / B` (summed over features, averaged over rows, as SAELens);
+//! - `standard`: `+ λ · Σ_b Σ_j f_j(x_b)·‖W_dec[j]‖ / B` (L1 weighted by decoder norms);
+//! - `jumprelu`: `+ λ · Σ_b ‖f(x_b)‖₀ / B`, through the straight-through estimator of
+//!   Rajamanoharan et al. (rectangle kernel of width `bandwidth`) for the thresholds;
+//! - `topk` / `batchtopk`: `+ α · min(1, dead/aux_k) · Σ‖ê − (x − x̂)‖² / B`, AuxK: `ê` decodes
+//!   the `aux_k` largest pre-activations among dead latents (OpenAI's AuxK, as in sparsify).
+//!   Decoder rows are kept at unit norm and the gradient's component along each row removed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::cpu::{self, Active, AdamStep, MatRef};
+use super::{Architecture, Sae};
+use crate::error::{Error, Result};
+
+/// The architecture to train and its own settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "architecture", rename_all = "lowercase")]
+pub enum TrainArchitecture {
+    Standard {
+        l1_coefficient: f32,
+    },
+    #[serde(rename = "topk")]
+    TopK {
+        k: usize,
+        aux_k: usize,
+        aux_coefficient: f32,
+    },
+    #[serde(rename = "batchtopk")]
+    BatchTopK {
+        k: usize,
+        aux_k: usize,
+        aux_coefficient: f32,
+        /// Rate of the running average that turns into the inference threshold.
+        threshold_lr: f32,
+    },
+    #[serde(rename = "jumprelu")]
+    JumpRelu {
+        l0_coefficient: f32,
+        bandwidth: f32,
+        init_threshold: f32,
+    },
+}
+
+impl TrainArchitecture {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Standard { .. } => "standard",
+            Self::TopK { .. } => "topk",
+            Self::BatchTopK { .. } => "batchtopk",
+            Self::JumpRelu { .. } => "jumprelu",
+        }
+    }
+
+    fn top_k(&self) -> Option<usize> {
+        match self {
+            Self::TopK { k, .. } | Self::BatchTopK { k, .. } => Some(*k),
+            _ => None,
+        }
+    }
+
+    /// Unit-norm decoder rows (TopK family); the others let the penalty see the norms.
+    fn constrains_decoder(&self) -> bool {
+        self.top_k().is_some()
+    }
+}
+
+/// How `b_dec` starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    /// Geometric median of the first batch (Weiszfeld), robust to outliers (Bricken et al.).
+    GeometricMedian,
+    Mean,
+    Zeros,
+}
+
+/// Everything that fixes a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub architecture: TrainArchitecture,
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub batch_size: usize,
+    pub total_steps: u64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Linear learning-rate warm-up from 0.
+    pub warmup_steps: u64,
+    /// Linear decay to 0 over the final steps.
+    pub decay_steps: u64,
+    /// Linear warm-up of the sparsity coefficient (standard, jumprelu).
+    pub penalty_warmup_steps: u64,
+    /// Global gradient-norm clipping.
+    pub grad_clip: Option<f32>,
+    /// A latent that has not fired for this many tokens counts as dead (for AuxK and stats).
+    pub dead_after_tokens: u64,
+    /// Initial decoder row norm.
+    pub decoder_init_norm: f32,
+    pub b_dec_init: BDecInit,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Settings a researcher would start from (SAELens / sparsify defaults where they agree).
+    pub fn new(architecture: TrainArchitecture, d_in: usize, d_sae: usize) -> Self {
+        let decoder_init_norm = if architecture.constrains_decoder() {
+            1.0
+        } else {
+            0.1
+        };
+        Self {
+            architecture,
+            d_in,
+            d_sae,
+            batch_size: 4096,
+            total_steps: 1000,
+            lr: 4e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 0,
+            decay_steps: 0,
+            penalty_warmup_steps: 0,
+            grad_clip: None,
+            dead_after_tokens: 2_000_000,
+            decoder_init_norm,
+            b_dec_init: BDecInit::GeometricMedian,
+            seed: 0,
+        }
+    }
+
+    /// Rejects settings that cannot train; errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &'static str, value: String, message: &str| {
+            Err(Error::InvalidArgument {
+                what,
+                value,
+                message: message.into(),
+            })
+        };
+        if self.d_in == 0 || self.d_sae == 0 {
+            return bad(
+                "SAE size",
+                format!("{}x{}", self.d_in, self.d_sae),
+                "d_in and d_sae must be positive",
+            );
+        }
+        if self.batch_size == 0 {
+            return bad("batch size", "0".into(), "must be positive");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(
+                "learning rate",
+                self.lr.to_string(),
+                "must be a positive number",
+            );
+        }
+        if let Some(k) = self.architecture.top_k()
+            && (k == 0 || k > self.d_sae)
+        {
+            return bad(
+                "k",
+                k.to_string(),
+                &format!("must be between 1 and d_sae ({})", self.d_sae),
+            );
+        }
+        if let TrainArchitecture::JumpRelu {
+            bandwidth,
+            init_threshold,
+            ..
+        } = self.architecture
+            && !(bandwidth > 0.0 && init_threshold > 0.0)
+        {
+            return bad(
+                "jumprelu bandwidth/threshold",
+                format!("{bandwidth}/{init_threshold}"),
+                "must be positive",
+            );
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f32 {
+        let warm = if self.warmup_steps > 0 {
+            ((step + 1) as f32 / self.warmup_steps as f32).min(1.0)
+        } else {
+            1.0
+        };
+        let left = self.total_steps.saturating_sub(step);
+        let decay = if self.decay_steps > 0 && left < self.decay_steps {
+            left as f32 / self.decay_steps as f32
+        } else {
+            1.0
+        };
+        self.lr * warm * decay
+    }
+
+    fn penalty_scale(&self, step: u64) -> f32 {
+        if self.penalty_warmup_steps == 0 {
+            1.0
+        } else {
+            ((step + 1) as f32 / self.penalty_warmup_steps as f32).min(1.0)
+        }
+    }
+}
+
+/// One trained tensor with its gradient and Adam moments.
+#[derive(Clone, Debug)]
+struct Param {
+    name: &'static str,
+    value: Vec<f32>,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Param {
+    fn new(name: &'static str, value: Vec<f32>) -> Self {
+        let n = value.len();
+        Self {
+            name,
+            value,
+            grad: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+}
+
+// Indices into `SaeTrainer::params`.
+const W_ENC_T: usize = 0;
+const W_DEC: usize = 1;
+const B_ENC: usize = 2;
+const B_DEC: usize = 3;
+const LOG_THRESHOLD: usize = 4;
+
+/// What one step measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub tokens: u64,
+    /// Total loss.
+    pub loss: f64,
+    /// Reconstruction `Σ‖e‖² / B`.
+    pub mse: f64,
+    /// Batch FVU, `Σ‖e‖² / Σ‖x − x̄‖²`.
+    pub fvu: f64,
+    /// Mean active latents per row.
+    pub l0: f64,
+    /// Sparsity penalty (L1 or L0 term) or AuxK loss.
+    pub auxiliary_loss: f64,
+    /// Fraction of latents that have not fired for `dead_after_tokens`.
+    pub dead_fraction: f64,
+    pub lr: f32,
+    pub grad_norm: f64,
+}
+
+/// Training state: parameters, optimiser moments, counters. Owns its work buffers, so a step
+/// allocates little beyond the active set.
+pub struct SaeTrainer {
+    pub config: TrainConfig,
+    params: [Param; 5],
+    /// Steps taken.
+    pub step: u64,
+    /// Rows trained on.
+    pub tokens: u64,
+    /// Tokens since each latent last fired.
+    tokens_since_fired: Vec<u64>,
+    /// Running BatchTopK threshold (smallest kept activation, averaged).
+    batch_threshold: f32,
+    x_in: Vec<f32>,
+    pre: Vec<f32>,
+    x_hat: Vec<f32>,
+    dense_grad: Vec<f32>,
+}
+
+impl SaeTrainer {
+    /// A fresh SAE; `first_batch` (`[rows, d_in]`) sets `b_dec`.
+    pub fn new(config: TrainConfig, first_batch: &[f32]) -> Result<Self> {
+        config.validate()?;
+        let (d_in, d_sae) = (config.d_in, config.d_sae);
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let mut w_dec: Vec<f32> = (0..d_sae * d_in)
+            .map(|_| crate::world::train::normal(&mut rng) as f32)
+            .collect();
+        for row in w_dec.chunks_exact_mut(d_in) {
+            let norm = cpu::dot(row, row).sqrt().max(f32::MIN_POSITIVE);
+            row.iter_mut()
+                .for_each(|v| *v *= config.decoder_init_norm / norm);
+        }
+        let w_enc_t = w_dec.clone();
+        let b_dec = match config.b_dec_init {
+            BDecInit::Zeros => vec![0.0; d_in],
+            BDecInit::Mean => mean_row(first_batch, d_in),
+            BDecInit::GeometricMedian => geometric_median(first_batch, d_in, 100),
+        };
+        let log_threshold = match config.architecture {
+            TrainArchitecture::JumpRelu { init_threshold, .. } => vec![init_threshold.ln(); d_sae],
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            params: [
+                Param::new("W_enc_T", w_enc_t),
+                Param::new("W_dec", w_dec),
+                Param::new("b_enc", vec![0.0; d_sae]),
+                Param::new("b_dec", b_dec),
+                Param::new("log_threshold", log_threshold),
+            ],
+            step: 0,
+            tokens: 0,
+            tokens_since_fired: vec![0; d_sae],
+            batch_threshold: 0.0,
+            x_in: Vec::new(),
+            pre: Vec::new(),
+            x_hat: Vec::new(),
+            dense_grad: Vec::new(),
+            config,
+        })
+    }
+
+    fn dead_mask(&self) -> Vec<bool> {
+        self.tokens_since_fired
+            .iter()
+            .map(|&t| t >= self.config.dead_after_tokens)
+            .collect()
+    }
+
+    /// Fraction of latents dead right now.
+    pub fn dead_fraction(&self) -> f64 {
+        let dead = self.dead_mask().iter().filter(|&&d| d).count();
+        dead as f64 / self.config.d_sae as f64
+    }
+
+    /// One optimisation step on `x` (`[rows, d_in]`, finite values).
+    pub fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
+        let pass = self.backward(x)?;
+        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
+        let arch = &self.config.architecture;
+        let rows = pass.rows;
+        let lr = self.config.lr_at(self.step);
+        if arch.constrains_decoder() {
+            let w_dec = &mut self.params[W_DEC];
+            remove_parallel_component(&mut w_dec.grad, &w_dec.value, d_in);
+        }
+        let grad_norm = self
+            .params
+            .iter()
+            .map(|p| cpu::sum_squares(&p.grad))
+            .sum::<f64>()
+            .sqrt();
+        if let Some(clip) = self.config.grad_clip
+            && grad_norm > f64::from(clip)
+        {
+            let s = (f64::from(clip) / grad_norm) as f32;
+            for p in &mut self.params {
+                p.grad.par_iter_mut().for_each(|g| *g *= s);
+            }
+        }
+        let adam = AdamStep {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            t: self.step + 1,
+        };
+        for p in &mut self.params {
+            adam.apply(&mut p.value, &p.grad, &mut p.m, &mut p.v);
+        }
+        if arch.constrains_decoder() {
+            normalize_rows(&mut self.params[W_DEC].value, d_in);
+        }
+
+        for (t, f) in self.tokens_since_fired.iter_mut().zip(&pass.fired) {
+            *t = if *f { 0 } else { *t + rows as u64 };
+        }
+        if let TrainArchitecture::BatchTopK { threshold_lr, .. } = *arch
+            && let Some(min) = pass.smallest_activation
+        {
+            self.batch_threshold = if self.step == 0 {
+                min
+            } else {
+                self.batch_threshold + threshold_lr * (min - self.batch_threshold)
+            };
+        }
+        self.step += 1;
+        self.tokens += rows as u64;
+        debug_assert_eq!(pass.fired.len(), d_sae);
+        Ok(StepMetrics {
+            step: self.step,
+            tokens: self.tokens,
+            loss: pass.mse + pass.auxiliary_loss,
+            mse: pass.mse,
+            fvu: pass.fvu,
+            l0: pass.l0,
+            auxiliary_loss: pass.auxiliary_loss,
+            dead_fraction: self.dead_fraction(),
+            lr,
+            grad_norm,
+        })
+    }
+
+    /// Forward pass and gradients (into each parameter's `grad`) for the batch `x`.
+    fn backward(&mut self, x: &[f32]) -> Result<Pass> {
+        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
+        if x.is_empty() || x.len() % d_in != 0 {
+            return Err(Error::InvalidArgument {
+                what: "SAE training batch",
+                value: format!("{} values", x.len()),
+                message: format!("not a whole number of rows of width d_in = {d_in}"),
+            });
+        }
+        let rows = x.len() / d_in;
+        let step = self.step;
+        let penalty_scale = self.config.penalty_scale(step);
+        let arch = self.config.architecture.clone();
+        for p in &mut self.params {
+            p.grad.fill(0.0);
+        }
+
+        let dead = self.dead_mask();
+        let Self {
+            params,
+            x_in,
+            pre,
+            x_hat,
+            dense_grad,
+            config,
+            ..
+        } = self;
+        let [w_enc_t, w_dec_p, b_enc_p, b_dec_p, log_threshold] = params;
+        // Encoder input and pre-activations (bias added on the fly by the selection).
+        x_in.resize(rows * d_in, 0.0);
+        {
+            let b_dec = &b_dec_p.value;
+            x_in.par_chunks_mut(d_in)
+                .zip(x.par_chunks(d_in))
+                .for_each(|(o, x)| {
+                    for ((o, &x), &b) in o.iter_mut().zip(x).zip(b_dec) {
+                        *o = x - b;
+                    }
+                });
+        }
+        pre.resize(rows * d_sae, 0.0);
+        cpu::matmul(
+            MatRef::new(&x_in, rows, d_in),
+            MatRef::new(&w_enc_t.value, d_sae, d_in).t(),
+            pre,
+            false,
+        );
+
+        // Which latents fire.
+        let b_enc = &b_enc_p.value;
+        let threshold: Vec<f32> = log_threshold.value.iter().map(|l| l.exp()).collect();
+        let mut near: Vec<(u32, u32, f32)> = Vec::new();
+        let active = match arch {
+            TrainArchitecture::Standard { .. } => cpu::select_rows(&pre, b_enc, |_, v| v > 0.0),
+            TrainArchitecture::TopK { k, .. } => cpu::top_k_rows(&pre, b_enc, k),
+            TrainArchitecture::BatchTopK { k, .. } => {
+                batch_top_k(&pre, b_enc, k * rows, config.seed ^ step)
+            }
+            TrainArchitecture::JumpRelu { bandwidth, .. } => {
+                near = near_threshold(&pre, b_enc, &threshold, bandwidth);
+                cpu::select_rows(&pre, b_enc, |j, v| v > threshold[j] && v > 0.0)
+            }
+        };
+        let l0 = active.len() as f64 / rows as f64;
+        // AuxK candidates: the largest pre-activations among dead latents (selected now, as
+        // the dense path below reuses the pre-activation buffer).
+        let n_dead = dead.iter().filter(|&&d| d).count();
+        let aux_active = match arch {
+            TrainArchitecture::TopK {
+                aux_k,
+                aux_coefficient,
+                ..
+            }
+            | TrainArchitecture::BatchTopK {
+                aux_k,
+                aux_coefficient,
+                ..
+            } if n_dead > 0 && aux_k > 0 && aux_coefficient > 0.0 => {
+                Some(cpu::top_k_rows_where(pre, b_enc, aux_k.min(n_dead), |j| {
+                    dead[j]
+                }))
+            }
+            _ => None,
+        };
+
+        // Decode, reconstruction error, its gradient g_e = 2e/B.
+        let dense = active.len() * 16 > rows * d_sae;
+        x_hat.resize(rows * d_in, 0.0);
+        if dense {
+            scatter_dense(&active, d_sae, pre);
+            for row in x_hat.chunks_exact_mut(d_in) {
+                row.copy_from_slice(&b_dec_p.value);
+            }
+            cpu::matmul(
+                MatRef::new(&pre, rows, d_sae),
+                MatRef::new(&w_dec_p.value, d_sae, d_in),
+                x_hat,
+                true,
+            );
+        } else {
+            cpu::sparse_decode(&active, &w_dec_p.value, Some(&b_dec_p.value), x_hat);
+        }
+        let mut g_e = std::mem::take(x_hat);
+        g_e.par_chunks_mut(d_in)
+            .zip(x.par_chunks(d_in))
+            .for_each(|(e, x)| e.iter_mut().zip(x).for_each(|(e, &x)| *e -= x));
+        let sq_error = cpu::sum_squares(&g_e);
+        let total_variance = cpu::total_variance(x, d_in);
+        let mse = sq_error / rows as f64;
+        let scale = 2.0 / rows as f32;
+        g_e.par_iter_mut().for_each(|g| *g *= scale);
+
+        // Gradient reaching each active latent's activation.
+        let w_dec = &w_dec_p.value;
+        let mut g_pre = if dense {
+            dense_grad.resize(rows * d_sae, 0.0);
+            cpu::matmul(
+                MatRef::new(&g_e, rows, d_in),
+                MatRef::new(w_dec, d_sae, d_in).t(),
+                dense_grad,
+                false,
+            );
+            gather_pairs(&active, &dense_grad, d_sae)
+        } else {
+            cpu::pair_dots(&active, &g_e, w_dec, d_in)
+        };
+
+        // Sparsity penalties.
+        let mut auxiliary_loss = 0.0f64;
+        let mut decoder_norm_grad: Option<Vec<f32>> = None;
+        match arch {
+            TrainArchitecture::Standard { l1_coefficient } => {
+                let lambda = l1_coefficient * penalty_scale / rows as f32;
+                let norms = row_norms(w_dec, d_in);
+                let mut act_sums = vec![0f64; d_sae];
+                for (p, (&j, &v)) in active.latent.iter().zip(&active.value).enumerate() {
+                    let j = j as usize;
+                    auxiliary_loss += f64::from(lambda * v * norms[j]);
+                    act_sums[j] += f64::from(v);
+                    g_pre[p] += lambda * norms[j];
+                }
+                // ∂/∂W_dec[j] of λ·(Σ_b f_j)·‖W_dec[j]‖.
+                decoder_norm_grad = Some(
+                    act_sums
+                        .iter()
+                        .zip(&norms)
+                        .map(|(&s, &n)| lambda * s as f32 / n.max(f32::MIN_POSITIVE))
+                        .collect(),
+                );
+            }
+            TrainArchitecture::JumpRelu {
+                l0_coefficient,
+                bandwidth,
+                ..
+            } => {
+                let lambda = l0_coefficient * penalty_scale / rows as f32;
+                auxiliary_loss = f64::from(lambda) * active.len() as f64;
+                // Pseudo-derivatives w.r.t. θ from the rectangle kernel, then chain to log θ.
+                let g_log = &mut log_threshold.grad;
+                for &(b, j, _) in &near {
+                    let (b, j) = (b as usize, j as usize);
+                    let theta = threshold[j];
+                    let g_act = cpu::dot(&g_e[b * d_in..][..d_in], &w_dec[j * d_in..][..d_in]);
+                    let g_theta = -(theta * g_act + lambda) / bandwidth;
+                    g_log[j] += g_theta * theta;
+                }
+            }
+            _ => {}
+        }
+
+        // Per-latent gradients of the main path.
+        if dense {
+            // g_pre as a dense matrix in the buffer the dot products came from.
+            scatter_values(&active, &g_pre, d_sae, dense_grad);
+            cpu::matmul(
+                MatRef::new(&pre, rows, d_sae).t(),
+                MatRef::new(&g_e, rows, d_in),
+                &mut w_dec_p.grad,
+                true,
+            );
+            cpu::matmul(
+                MatRef::new(&dense_grad, rows, d_sae).t(),
+                MatRef::new(&x_in, rows, d_in),
+                &mut w_enc_t.grad,
+                true,
+            );
+            for (&j, &g) in active.latent.iter().zip(&g_pre) {
+                b_enc_p.grad[j as usize] += g;
+            }
+        } else {
+            cpu::accumulate_latent_grads(
+                &active,
+                &active.by_latent(d_sae),
+                &g_e,
+                &g_pre,
+                &x_in,
+                d_in,
+                &mut w_dec_p.grad,
+                &mut w_enc_t.grad,
+                &mut b_enc_p.grad,
+            );
+        }
+        if let Some(scale) = decoder_norm_grad {
+            w_dec_p
+                .grad
+                .par_chunks_mut(d_in)
+                .zip(w_dec_p.value.par_chunks(d_in))
+                .zip(scale.par_iter())
+                .for_each(|((g, w), &s)| cpu::axpy(s, w, g));
+        }
+
+        // AuxK: dead latents learn to explain the residual.
+        if let TrainArchitecture::TopK {
+            aux_k,
+            aux_coefficient,
+            ..
+        }
+        | TrainArchitecture::BatchTopK {
+            aux_k,
+            aux_coefficient,
+            ..
+        } = arch
+            && n_dead > 0
+            && aux_k > 0
+            && aux_coefficient > 0.0
+        {
+            let aux_scale = (n_dead as f32 / aux_k as f32).min(1.0) * aux_coefficient;
+            if let Some(aux) = aux_active.as_ref().filter(|a| !a.is_empty()) {
+                let mut e_aux = vec![0f32; rows * d_in];
+                cpu::sparse_decode(aux, &w_dec_p.value, None, &mut e_aux);
+                // ê − (x − x̂) = ê + e, with e = g_e·B/2.
+                let half_b = rows as f32 / 2.0;
+                e_aux
+                    .par_chunks_mut(d_in)
+                    .zip(g_e.par_chunks(d_in))
+                    .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g * half_b));
+                auxiliary_loss = f64::from(aux_scale) * cpu::sum_squares(&e_aux) / rows as f64;
+                let s = aux_scale * 2.0 / rows as f32;
+                e_aux.par_iter_mut().for_each(|v| *v *= s);
+                let g_aux = cpu::pair_dots(aux, &e_aux, &w_dec_p.value, d_in);
+                cpu::accumulate_latent_grads(
+                    aux,
+                    &aux.by_latent(d_sae),
+                    &e_aux,
+                    &g_aux,
+                    &x_in,
+                    d_in,
+                    &mut w_dec_p.grad,
+                    &mut w_enc_t.grad,
+                    &mut b_enc_p.grad,
+                );
+            }
+        }
+
+        // b_dec: directly through the output, and through the encoder input x − b_dec.
+        let mut g_b_dec: Vec<f32> = cpu::column_sums(&g_e, d_in)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let mut through_encoder = vec![0f32; d_in];
+        cpu::matmul(
+            MatRef::new(&b_enc_p.grad, 1, d_sae),
+            MatRef::new(&w_enc_t.value, d_sae, d_in),
+            &mut through_encoder,
+            false,
+        );
+        for (g, t) in g_b_dec.iter_mut().zip(&through_encoder) {
+            *g -= t;
+        }
+        b_dec_p.grad.copy_from_slice(&g_b_dec);
+        *x_hat = g_e;
+
+        let mut fired = vec![false; d_sae];
+        for &j in &active.latent {
+            fired[j as usize] = true;
+        }
+        Ok(Pass {
+            rows,
+            mse,
+            fvu: sq_error / total_variance.max(f64::MIN_POSITIVE),
+            l0,
+            auxiliary_loss,
+            fired,
+            smallest_activation: active.value.iter().copied().reduce(f32::min),
+        })
+    }
+
+    /// The SAE as trained, for data multiplied by `input_scale` during training; the scale is
+    /// folded into the weights so the result takes raw activations.
+    pub fn to_sae(&self, input_scale: f32, device: &Device) -> Result<Sae> {
+        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
+        let s = input_scale;
+        let w_enc_t = &self.params[W_ENC_T].value;
+        let mut w_enc = vec![0f32; d_in * d_sae];
+        for j in 0..d_sae {
+            for i in 0..d_in {
+                w_enc[i * d_sae + j] = w_enc_t[j * d_in + i] * s;
+            }
+        }
+        let scaled = |v: &[f32], f: f32| v.iter().map(|x| x * f).collect::<Vec<f32>>();
+        let architecture = match self.config.architecture {
+            TrainArchitecture::Standard { .. } => Architecture::Standard,
+            TrainArchitecture::TopK { k, .. } => Architecture::TopK { k },
+            TrainArchitecture::BatchTopK { k, .. } => Architecture::BatchTopK { k },
+            TrainArchitecture::JumpRelu { .. } => Architecture::JumpRelu,
+        };
+        let threshold = match self.config.architecture {
+            TrainArchitecture::JumpRelu { .. } => Some(
+                self.params[LOG_THRESHOLD]
+                    .value
+                    .iter()
+                    .map(|l| l.exp())
+                    .collect::<Vec<f32>>(),
+            ),
+            TrainArchitecture::BatchTopK { .. } => Some(vec![self.batch_threshold; d_sae]),
+            _ => None,
+        };
+        Ok(Sae {
+            architecture,
+            w_enc: Tensor::from_vec(w_enc, (d_in, d_sae), device)?,
+            w_dec: Tensor::from_vec(
+                scaled(&self.params[W_DEC].value, 1.0 / s),
+                (d_sae, d_in),
+                device,
+            )?,
+            b_enc: Tensor::from_vec(self.params[B_ENC].value.clone(), d_sae, device)?,
+            b_dec: Tensor::from_vec(scaled(&self.params[B_DEC].value, 1.0 / s), d_in, device)?,
+            threshold: threshold
+                .map(|t| Tensor::from_vec(t, d_sae, device))
+                .transpose()?,
+            apply_b_dec_to_input: true,
+        })
+    }
+
+    /// Every tensor of the training state, for a checkpoint.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let dev = Device::Cpu;
+        let mut out = HashMap::new();
+        for p in &self.params {
+            for (suffix, data) in [("", &p.value), (".adam_m", &p.m), (".adam_v", &p.v)] {
+                out.insert(
+                    format!("{}{suffix}", p.name),
+                    Tensor::from_slice(data, data.len(), &dev)?,
+                );
+            }
+        }
+        out.insert(
+            "tokens_since_fired".into(),
+            Tensor::from_vec(
+                self.tokens_since_fired
+                    .iter()
+                    .map(|&t| t as i64)
+                    .collect::<Vec<i64>>(),
+                self.tokens_since_fired.len(),
+                &dev,
+            )?,
+        );
+        Ok(out)
+    }
+
+    /// Counters that go with [`Self::state_tensors`].
+    pub fn state_counters(&self) -> TrainerCounters {
+        TrainerCounters {
+            step: self.step,
+            tokens: self.tokens,
+            batch_threshold: self.batch_threshold,
+        }
+    }
+
+    /// Rebuilds a trainer from a checkpoint's tensors; errors name `source` and the tensor.
+    pub fn from_state(
+        config: TrainConfig,
+        counters: &TrainerCounters,
+        tensors: &HashMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut trainer = Self::new(config, &[])?;
+        let get = |key: String, len: usize| -> Result<Vec<f32>> {
+            let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
+                dir: source.to_path_buf(),
+                key: key.clone(),
+            })?;
+            if t.elem_count() != len {
+                return Err(Error::TensorShape {
+                    path: source.to_path_buf(),
+                    key,
+                    expected: vec![len],
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(t.flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?)
+        };
+        for p in &mut trainer.params {
+            let n = p.value.len();
+            p.value = get(p.name.to_string(), n)?;
+            p.m = get(format!("{}.adam_m", p.name), n)?;
+            p.v = get(format!("{}.adam_v", p.name), n)?;
+        }
+        let key = "tokens_since_fired";
+        let fired = tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            dir: source.to_path_buf(),
+            key: key.into(),
+        })?;
+        trainer.tokens_since_fired = fired
+            .to_dtype(candle_core::DType::I64)?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|t| t.max(0) as u64)
+            .collect();
+        if trainer.tokens_since_fired.len() != trainer.config.d_sae {
+            return Err(Error::TensorShape {
+                path: source.to_path_buf(),
+                key: key.into(),
+                expected: vec![trainer.config.d_sae],
+                actual: fired.dims().to_vec(),
+            });
+        }
+        trainer.step = counters.step;
+        trainer.tokens = counters.tokens;
+        trainer.batch_threshold = counters.batch_threshold;
+        Ok(trainer)
+    }
+
+    /// Latent firing counts over the tokens since `tokens_since_fired` was reset are not kept;
+    /// this reports which latents fired within the dead window.
+    pub fn alive(&self) -> Vec<bool> {
+        self.dead_mask().iter().map(|d| !d).collect()
+    }
+}
+
+/// What [`SaeTrainer::backward`] leaves for the update.
+struct Pass {
+    rows: usize,
+    mse: f64,
+    fvu: f64,
+    l0: f64,
+    auxiliary_loss: f64,
+    fired: Vec<bool>,
+    smallest_activation: Option<f32>,
+}
+
+/// Scalar training counters saved with a checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerCounters {
+    pub step: u64,
+    pub tokens: u64,
+    pub batch_threshold: f32,
+}
+
+fn mean_row(x: &[f32], d: usize) -> Vec<f32> {
+    let rows = (x.len() / d).max(1);
+    cpu::column_sums(x, d)
+        .into_iter()
+        .map(|s| (s / rows as f64) as f32)
+        .collect()
+}
+
+/// Weiszfeld's iteration for the point minimising the summed distance to the rows of `x`.
+pub fn geometric_median(x: &[f32], d: usize, iterations: usize) -> Vec<f32> {
+    let mut y: Vec<f64> = mean_row(x, d).into_iter().map(f64::from).collect();
+    if x.len() < d {
+        return vec![0.0; d];
+    }
+    for _ in 0..iterations {
+        let (num, den) = x
+            .par_chunks(d)
+            .map(|row| {
+                let dist = row
+                    .iter()
+                    .zip(&y)
+                    .map(|(&v, &m)| (f64::from(v) - m).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    .max(1e-8);
+                let w = 1.0 / dist;
+                (
+                    row.iter().map(|&v| f64::from(v) * w).collect::<Vec<f64>>(),
+                    w,
+                )
+            })
+            .reduce(
+                || (vec![0.0; d], 0.0),
+                |(mut a, wa), (b, wb)| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    (a, wa + wb)
+                },
+            );
+        let next: Vec<f64> = num.iter().map(|v| v / den).collect();
+        let moved = next
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        y = next;
+        if moved < 1e-6 {
+            break;
+        }
+    }
+    y.into_iter().map(|v| v as f32).collect()
+}
+
+fn row_norms(w: &[f32], d: usize) -> Vec<f32> {
+    w.par_chunks(d).map(|r| cpu::dot(r, r).sqrt()).collect()
+}
+
+fn normalize_rows(w: &mut [f32], d: usize) {
+    w.par_chunks_mut(d).for_each(|r| {
+        let n = cpu::dot(r, r).sqrt();
+        if n > 0.0 {
+            r.iter_mut().for_each(|v| *v /= n);
+        }
+    });
+}
+
+/// `g[j] −= (g[j]·w[j] / ‖w[j]‖²) w[j]`: keeps steps tangent to the unit-norm constraint.
+fn remove_parallel_component(g: &mut [f32], w: &[f32], d: usize) {
+    g.par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, w)| {
+        let ww = cpu::dot(w, w);
+        if ww > 0.0 {
+            cpu::axpy(-cpu::dot(g, w) / ww, w, g);
+        }
+    });
+}
+
+/// Overwrites `out` (`[rows, d_sae]`) with the active values, zeros elsewhere.
+fn scatter_dense(active: &Active, d_sae: usize, out: &mut [f32]) {
+    scatter_values(active, &active.value, d_sae, out);
+}
+
+fn scatter_values(active: &Active, values: &[f32], d_sae: usize, out: &mut [f32]) {
+    out.par_chunks_mut(d_sae).enumerate().for_each(|(b, row)| {
+        row.fill(0.0);
+        let r = active.row_start[b]..active.row_start[b + 1];
+        for (&j, &v) in active.latent[r.clone()].iter().zip(&values[r]) {
+            row[j as usize] = v;
+        }
+    });
+}
+
+fn gather_pairs(active: &Active, dense: &[f32], d_sae: usize) -> Vec<f32> {
+    (0..active.rows())
+        .into_par_iter()
+        .flat_map_iter(|b| {
+            let r = active.row_start[b]..active.row_start[b + 1];
+            active.latent[r]
+                .iter()
+                .map(move |&j| dense[b * d_sae + j as usize])
+        })
+        .collect()
+}
+
+/// `(row, latent, value)` of pre-activations within half a bandwidth of their threshold: the
+/// only ones with a JumpReLU threshold gradient.
+fn near_threshold(
+    pre: &[f32],
+    bias: &[f32],
+    threshold: &[f32],
+    bandwidth: f32,
+) -> Vec<(u32, u32, f32)> {
+    let d_sae = bias.len();
+    let half = bandwidth / 2.0;
+    pre.par_chunks(d_sae)
+        .enumerate()
+        .flat_map_iter(|(b, row)| {
+            row.iter().zip(bias).zip(threshold).enumerate().filter_map(
+                move |(j, ((&p, &bi), &t))| {
+                    let v = p + bi;
+                    ((v - t).abs() < half).then_some((b as u32, j as u32, v))
+                },
+            )
+        })
+        .collect()
+}
+
+/// BatchTopK: the `total` largest positive values of the whole batch. Exact: a threshold
+/// estimated from a sample filters the candidates, then a selection finds the cut.
+fn batch_top_k(pre: &[f32], bias: &[f32], total: usize, seed: u64) -> Active {
+    let n = pre.len();
+    let d_sae = bias.len();
+    let value = |i: usize| pre[i] + bias[i % d_sae];
+    // Sample-based lower bound that should keep about twice `total` candidates.
+    let samples = 65_536.min(n);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sample: Vec<f32> = (0..samples)
+        .map(|_| value(rng.random_range(0..n)))
+        .collect();
+    let want = ((2 * total) as f64 / n as f64 * samples as f64).ceil() as usize;
+    let mut floor = 0.0f32;
+    if want < samples {
+        let at = samples - 1 - want;
+        sample.select_nth_unstable_by(at, f32::total_cmp);
+        floor = sample[at].max(0.0);
+    }
+    loop {
+        let candidates = cpu::select_rows(pre, bias, |_, v| v > floor);
+        if candidates.len() < total && floor > 0.0 {
+            floor = 0.0;
+            continue;
+        }
+        if candidates.len() <= total {
+            return candidates;
+        }
+        let mut values = candidates.value.clone();
+        let at = values.len() - total;
+        values.select_nth_unstable_by(at, f32::total_cmp);
+        let cut = values[at];
+        let rows: Vec<Vec<(u32, f32)>> = (0..candidates.rows())
+            .map(|b| {
+                let (l, v) = candidates.row(b);
+                l.iter()
+                    .zip(v)
+                    .filter(|&(_, &v)| v >= cut)
+                    .map(|(&j, &v)| (j, v))
+                    .collect()
+            })
+            .collect();
+        return Active::from_rows(rows);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| crate::world::train::normal(&mut rng) as f32 * scale)
+            .collect()
+    }
+
+    /// A trainer whose parameters are all nonzero and not at their constrained values.
+    fn trainer(architecture: TrainArchitecture, d_in: usize, d_sae: usize) -> SaeTrainer {
+        let mut config = TrainConfig::new(architecture, d_in, d_sae);
+        config.b_dec_init = BDecInit::Zeros;
+        let mut t = SaeTrainer::new(config, &[]).unwrap();
+        t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
+        t.params[W_DEC].value = random(d_sae * d_in, 2, 0.5);
+        t.params[B_ENC].value = random(d_sae, 3, 0.1);
+        t.params[B_DEC].value = random(d_in, 4, 0.1);
+        t
+    }
+
+    /// Loss and gradients by candle's autograd, for given 0/1 masks of the active latents
+    /// (main and AuxK): the selection itself has no gradient.
+    fn autograd(
+        t: &SaeTrainer,
+        x: &[f32],
+        mask: &[f32],
+        aux: Option<(&[f32], f32)>,
+        l1: Option<f32>,
+    ) -> Vec<Vec<f32>> {
+        let (d_in, d_sae) = (t.config.d_in, t.config.d_sae);
+        let rows = x.len() / d_in;
+        let dev = Device::Cpu;
+        let var = |i: usize, shape: &[usize]| {
+            Var::from_tensor(&Tensor::from_slice(&t.params[i].value, shape, &dev).unwrap()).unwrap()
+        };
+        let w_enc_t = var(W_ENC_T, &[d_sae, d_in]);
+        let w_dec = var(W_DEC, &[d_sae, d_in]);
+        let b_enc = var(B_ENC, &[d_sae]);
+        let b_dec = var(B_DEC, &[d_in]);
+        let x = Tensor::from_slice(x, (rows, d_in), &dev).unwrap();
+        let mask = Tensor::from_slice(mask, (rows, d_sae), &dev).unwrap();
+        let pre = x
+            .broadcast_sub(&b_dec)
+            .unwrap()
+            .matmul(&w_enc_t.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b_enc)
+            .unwrap();
+        let acts = (&pre * &mask).unwrap();
+        let x_hat = acts.matmul(&w_dec).unwrap().broadcast_add(&b_dec).unwrap();
+        let n = rows as f64;
+        let mut loss = ((&x_hat - &x).unwrap().sqr().unwrap().sum_all().unwrap() / n).unwrap();
+        if let Some(lambda) = l1 {
+            let norms = w_dec.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+            let penalty = acts
+                .broadcast_mul(&norms)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .affine(f64::from(lambda) / n, 0.0)
+                .unwrap();
+            loss = (loss + penalty).unwrap();
+        }
+        if let Some((aux_mask, coefficient)) = aux {
+            let aux_mask = Tensor::from_slice(aux_mask, (rows, d_sae), &dev).unwrap();
+            let residual = (&x - &x_hat).unwrap().detach();
+            let e_hat = (&pre * &aux_mask).unwrap().matmul(&w_dec).unwrap();
+            let aux_loss = (&e_hat - &residual)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .affine(f64::from(coefficient) / n, 0.0)
+                .unwrap();
+            loss = (loss + aux_loss).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        [&w_enc_t, &w_dec, &b_enc, &b_dec]
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Pre-activations computed independently of the trainer, `[rows][d_sae]`.
+    fn pre_activations(t: &SaeTrainer, x: &[f32]) -> Vec<Vec<f32>> {
+        let (d_in, d_sae) = (t.config.d_in, t.config.d_sae);
+        x.chunks(d_in)
+            .map(|row| {
+                (0..d_sae)
+                    .map(|j| {
+                        let w = &t.params[W_ENC_T].value[j * d_in..][..d_in];
+                        let xc: Vec<f32> = row
+                            .iter()
+                            .zip(&t.params[B_DEC].value)
+                            .map(|(a, b)| a - b)
+                            .collect();
+                        cpu::dot(&xc, w) + t.params[B_ENC].value[j]
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// 0/1 mask of the `k` largest positive values per row among `allowed` latents.
+    fn top_k_mask(pre: &[Vec<f32>], k: usize, allowed: &[bool]) -> Vec<f32> {
+        pre.iter()
+            .flat_map(|row| {
+                let mut order: Vec<usize> = (0..row.len()).filter(|&j| allowed[j]).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let mut mask = vec![0f32; row.len()];
+                for &j in order.iter().take(k) {
+                    if row[j] > 0.0 {
+                        mask[j] = 1.0;
+                    }
+                }
+                mask
+            })
+            .collect()
+    }
+
+    fn assert_close(name: &str, ours: &[f32], reference: &[f32]) {
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 2e-4 * scale,
+                "{name}[{i}]: ours {a}, autograd {b} (scale {scale})"
+            );
+        }
+    }
+
+    fn check_gradients(
+        mut t: SaeTrainer,
+        x: &[f32],
+        mask: &[f32],
+        aux: Option<(&[f32], f32)>,
+        l1: Option<f32>,
+    ) {
+        let reference = autograd(&t, x, mask, aux, l1);
+        t.backward(x).unwrap();
+        for (i, r) in reference.iter().enumerate() {
+            assert_close(t.params[i].name, &t.params[i].grad, r);
+        }
+    }
+
+    #[test]
+    fn topk_gradients_match_autograd() {
+        let (d_in, d_sae, rows, k) = (12, 40, 9, 5);
+        let t = trainer(
+            TrainArchitecture::TopK {
+                k,
+                aux_k: 0,
+                aux_coefficient: 0.0,
+            },
+            d_in,
+            d_sae,
+        );
+        let x = random(rows * d_in, 7, 1.0);
+        let mask = top_k_mask(&pre_activations(&t, &x), k, &vec![true; d_sae]);
+        check_gradients(t, &x, &mask, None, None);
+    }
+
+    #[test]
+    fn auxk_gradients_match_autograd() {
+        let (d_in, d_sae, rows, k, aux_k) = (12, 40, 9, 5, 6);
+        let mut t = trainer(
+            TrainArchitecture::TopK {
+                k,
+                aux_k,
+                aux_coefficient: 0.5,
+            },
+            d_in,
+            d_sae,
+        );
+        // Every third latent has been silent for longer than the dead window.
+        let dead: Vec<bool> = (0..d_sae).map(|j| j % 3 == 0).collect();
+        for (t_since, &d) in t.tokens_since_fired.iter_mut().zip(&dead) {
+            *t_since = if d { t.config.dead_after_tokens } else { 0 };
+        }
+        let x = random(rows * d_in, 8, 1.0);
+        let pre = pre_activations(&t, &x);
+        let mask = top_k_mask(&pre, k, &vec![true; d_sae]);
+        let aux_mask = top_k_mask(&pre, aux_k, &dead);
+        let n_dead = dead.iter().filter(|&&d| d).count();
+        let scale = 0.5 * (n_dead as f32 / aux_k as f32).min(1.0);
+        check_gradients(t, &x, &mask, Some((&aux_mask, scale)), None);
+    }
+
+    #[test]
+    fn standard_l1_gradients_match_autograd() {
+        let (d_in, d_sae, rows) = (12, 40, 9);
+        let t = trainer(
+            TrainArchitecture::Standard {
+                l1_coefficient: 0.3,
+            },
+            d_in,
+            d_sae,
+        );
+        let x = random(rows * d_in, 9, 1.0);
+        let mask: Vec<f32> = pre_activations(&t, &x)
+            .iter()
+            .flatten()
+            .map(|&v| f32::from(u8::from(v > 0.0)))
+            .collect();
+        // About half the latents fire at this scale, so this takes the dense path.
+        check_gradients(t, &x, &mask, None, Some(0.3));
+    }
+
+    #[test]
+    fn standard_l1_sparse_path_matches_autograd() {
+        let (d_in, d_sae, rows) = (12, 200, 9);
+        let mut t = trainer(
+            TrainArchitecture::Standard {
+                l1_coefficient: 0.3,
+            },
+            d_in,
+            d_sae,
+        );
+        // Negative encoder biases leave a few latents on: the sparse path.
+        t.params[B_ENC].value.iter_mut().for_each(|b| *b -= 4.0);
+        let x = random(rows * d_in, 10, 1.0);
+        let mask: Vec<f32> = pre_activations(&t, &x)
+            .iter()
+            .flatten()
+            .map(|&v| f32::from(u8::from(v > 0.0)))
+            .collect();
+        let on = mask.iter().sum::<f32>() as usize;
+        assert!(
+            on > 0 && on * 16 < rows * d_sae,
+            "{on} active: not the sparse path"
+        );
+        check_gradients(t, &x, &mask, None, Some(0.3));
+    }
+
+    #[test]
+    fn batchtopk_keeps_the_batch_largest_and_matches_autograd() {
+        let (d_in, d_sae, rows, k) = (12, 40, 9, 3);
+        let t = trainer(
+            TrainArchitecture::BatchTopK {
+                k,
+                aux_k: 0,
+                aux_coefficient: 0.0,
+                threshold_lr: 0.01,
+            },
+            d_in,
+            d_sae,
+        );
+        let x = random(rows * d_in, 11, 1.0);
+        let pre: Vec<f32> = pre_activations(&t, &x).into_iter().flatten().collect();
+        let mut sorted = pre.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let cut = sorted[k * rows - 1];
+        let mask: Vec<f32> = pre
+            .iter()
+            .map(|&v| f32::from(u8::from(v >= cut && v > 0.0)))
+            .collect();
+        assert_eq!(mask.iter().sum::<f32>() as usize, k * rows);
+        check_gradients(t, &x, &mask, None, None);
+    }
+
+    #[test]
+    fn jumprelu_weight_gradients_match_autograd_and_thresholds_move() {
+        let (d_in, d_sae, rows) = (12, 40, 9);
+        let arch = TrainArchitecture::JumpRelu {
+            l0_coefficient: 0.1,
+            bandwidth: 0.5,
+            init_threshold: 0.3,
+        };
+        let t = trainer(arch, d_in, d_sae);
+        let x = random(rows * d_in, 12, 1.0);
+        let mask: Vec<f32> = pre_activations(&t, &x)
+            .iter()
+            .flatten()
+            .map(|&v| f32::from(u8::from(v > 0.3)))
+            .collect();
+        let reference = autograd(&t, &x, &mask, None, None);
+        let mut t = t;
+        t.backward(&x).unwrap();
+        for (i, r) in reference.iter().enumerate() {
+            assert_close(t.params[i].name, &t.params[i].grad, r);
+        }
+        // With a wide bandwidth some pre-activations sit near a threshold.
+        assert!(t.params[LOG_THRESHOLD].grad.iter().any(|&g| g != 0.0));
+    }
+
+    /// Sparse ground truth: each row mixes a few of `n_true` directions.
+    fn sparse_data(rows: usize, d_in: usize, n_true: usize, per_row: usize, seed: u64) -> Vec<f32> {
+        let dirs = random(n_true * d_in, seed, 1.0);
+        let mut rng = StdRng::seed_from_u64(seed + 1);
+        let mut x = vec![0f32; rows * d_in];
+        for row in x.chunks_mut(d_in) {
+            for _ in 0..per_row {
+                let j = rng.random_range(0..n_true);
+                let a = 1.0 + rng.random::<f32>();
+                cpu::axpy(a, &dirs[j * d_in..][..d_in], row);
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn every_architecture_learns_sparse_data() {
+        let (d_in, d_sae, rows) = (16, 64, 256);
+        let x = sparse_data(rows * 8, d_in, 32, 3, 5);
+        for arch in [
+            TrainArchitecture::TopK {
+                k: 4,
+                aux_k: 8,
+                aux_coefficient: 1.0 / 32.0,
+            },
+            TrainArchitecture::BatchTopK {
+                k: 4,
+                aux_k: 8,
+                aux_coefficient: 1.0 / 32.0,
+                threshold_lr: 0.01,
+            },
+            TrainArchitecture::Standard {
+                l1_coefficient: 0.3,
+            },
+            TrainArchitecture::JumpRelu {
+                l0_coefficient: 0.05,
+                bandwidth: 0.5,
+                init_threshold: 1.0,
+            },
+        ] {
+            let name = arch.name();
+            let mut config = TrainConfig::new(arch, d_in, d_sae);
+            config.lr = 3e-3;
+            config.batch_size = rows;
+            let mut t = SaeTrainer::new(config, &x[..rows * d_in]).unwrap();
+            let mut first = None;
+            let mut last = StepMetrics::default();
+            for step in 0..400 {
+                let batch = &x[(step % 8) * rows * d_in..][..rows * d_in];
+                last = t.step(batch).unwrap();
+                first.get_or_insert(last.fvu);
+            }
+            let first = first.unwrap();
+            assert!(
+                last.fvu < 0.5 * first && last.fvu < 0.25,
+                "{name}: FVU {first} -> {}",
+                last.fvu
+            );
+            assert!(last.l0 < d_sae as f64 / 2.0, "{name}: L0 {}", last.l0);
+        }
+    }
+}
