@@ -85,6 +85,9 @@ pub enum Error {
         message: String,
     },
 
+    #[error("non-finite values (NaN or Inf) in {what}, at {at}")]
+    NonFinite { what: String, at: String },
+
     #[error("device `{0}`: {1}")]
     Device(String, String),
 

@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--d-sae", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--l1", type=float, default=5.0)
+    ap.add_argument("--l1", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.steps <= args.warmup:

@@ -2,6 +2,7 @@
 
 mod generate;
 mod info;
+mod sae;
 mod trace;
 mod world;
 
@@ -37,6 +38,9 @@ enum Command {
     /// The bundled world model: rebuild it, evaluate what it knows.
     #[command(subcommand)]
     World(world::WorldCommand),
+    /// Sparse autoencoders: train on a hook's activations, evaluate.
+    #[command(subcommand)]
+    Sae(sae::SaeCommand),
 }
 
 /// Options every model-loading command shares.
@@ -88,6 +92,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Generate(args) => generate::run(&args),
         Command::Trace(args) => trace::run(&args),
         Command::World(command) => world::run(&command),
+        Command::Sae(command) => sae::run(&command),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -68,6 +68,13 @@ impl ConfigFile {
     }
 
     /// `eos_token_id` as a list (configs write an int or a list).
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.json
+            .get("bos_token_id")
+            .and_then(serde_json::Value::as_u64)
+            .map(|v| v as u32)
+    }
+
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match self.json.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => {

@@ -33,6 +33,7 @@ pub struct Model {
     pub device: Device,
     pub dtype: DType,
     pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
     hook_points: Vec<HookPoint>,
 }
 
@@ -87,6 +88,7 @@ impl Model {
             dir: dir.to_path_buf(),
             model_type,
             eos_token_ids: config.eos_token_ids(),
+            bos_token_id: config.bos_token_id(),
             transformer,
             tokenizer,
             device: device.clone(),

@@ -59,6 +59,16 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// Ids of the tokens the tokenizer marks special (BOS, EOS, padding, …).
+    pub fn special_token_ids(&self) -> Vec<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -5,7 +5,10 @@
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
 //! `W_dec [d_sae, d_in]`.
 
+pub mod activations;
 pub mod cpu;
+pub mod eval;
+pub mod run;
 pub mod saelens;
 pub mod train;
 
@@ -158,10 +161,29 @@ impl Sae {
     }
 }
 
-/// Keeps the `k` largest entries of the last dimension, zeroing the rest.
+/// Keeps the `k` largest entries of the last dimension (exactly `k`: ties at the k-th value
+/// are broken arbitrarily, as `torch.topk` does), zeroing the rest.
 fn top_k_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
-    let sorted = pre.contiguous()?.sort_last_dim(false)?.0;
-    let kth = sorted.narrow(D::Minus1, k - 1, 1)?;
-    let keep = pre.broadcast_ge(&kth)?.to_dtype(pre.dtype())?;
-    Ok((pre * keep)?)
+    let on_device = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let t = t.contiguous()?;
+        let idx = t
+            .arg_sort_last_dim(false)?
+            .narrow(D::Minus1, 0, k)?
+            .contiguous()?;
+        let kept = t.gather(&idx, D::Minus1)?;
+        t.zeros_like()?.scatter(&idx, &kept, D::Minus1)
+    };
+    if pre.device().is_cpu() {
+        return Ok(on_device(pre)?);
+    }
+    // candle's GPU arg-sort keeps a whole (power-of-two padded) row in shared memory, which
+    // fails for wide SAEs: sort those on the CPU.
+    let fits = pre.dim(D::Minus1)?.next_power_of_two() <= 8192;
+    match fits.then(|| on_device(pre)) {
+        Some(Ok(t)) => Ok(t),
+        _ => {
+            let cpu = on_device(&pre.to_device(&candle_core::Device::Cpu)?)?;
+            Ok(cpu.to_device(pre.device())?)
+        }
+    }
 }

@@ -283,6 +283,10 @@ pub struct SaeTrainer {
     tokens_since_fired: Vec<u64>,
     /// Running BatchTopK threshold (smallest kept activation, averaged).
     batch_threshold: f32,
+    /// Firings per latent over the second half of training, for `sparsity.safetensors`.
+    fire_counts: Vec<u64>,
+    /// Rows those counts cover.
+    fire_tokens: u64,
     x_in: Vec<f32>,
     pre: Vec<f32>,
     x_hat: Vec<f32>,
@@ -325,6 +329,8 @@ impl SaeTrainer {
             tokens: 0,
             tokens_since_fired: vec![0; d_sae],
             batch_threshold: 0.0,
+            fire_counts: vec![0; d_sae],
+            fire_tokens: 0,
             x_in: Vec::new(),
             pre: Vec::new(),
             x_hat: Vec::new(),
@@ -385,8 +391,14 @@ impl SaeTrainer {
             normalize_rows(&mut self.params[W_DEC].value, d_in);
         }
 
-        for (t, f) in self.tokens_since_fired.iter_mut().zip(&pass.fired) {
-            *t = if *f { 0 } else { *t + rows as u64 };
+        for (t, &f) in self.tokens_since_fired.iter_mut().zip(&pass.fire_counts) {
+            *t = if f > 0 { 0 } else { *t + rows as u64 };
+        }
+        if self.step >= self.config.total_steps / 2 {
+            for (c, &f) in self.fire_counts.iter_mut().zip(&pass.fire_counts) {
+                *c += u64::from(f);
+            }
+            self.fire_tokens += rows as u64;
         }
         if let TrainArchitecture::BatchTopK { threshold_lr, .. } = *arch
             && let Some(min) = pass.smallest_activation
@@ -399,7 +411,7 @@ impl SaeTrainer {
         }
         self.step += 1;
         self.tokens += rows as u64;
-        debug_assert_eq!(pass.fired.len(), d_sae);
+        debug_assert_eq!(pass.fire_counts.len(), d_sae);
         Ok(StepMetrics {
             step: self.step,
             tokens: self.tokens,
@@ -687,9 +699,9 @@ impl SaeTrainer {
         b_dec_p.grad.copy_from_slice(&g_b_dec);
         *x_hat = g_e;
 
-        let mut fired = vec![false; d_sae];
+        let mut fire_counts = vec![0u32; d_sae];
         for &j in &active.latent {
-            fired[j as usize] = true;
+            fire_counts[j as usize] += 1;
         }
         Ok(Pass {
             rows,
@@ -697,7 +709,7 @@ impl SaeTrainer {
             fvu: sq_error / total_variance.max(f64::MIN_POSITIVE),
             l0,
             auxiliary_loss,
-            fired,
+            fire_counts,
             smallest_activation: active.value.iter().copied().reduce(f32::min),
         })
     }
@@ -762,6 +774,17 @@ impl SaeTrainer {
             }
         }
         out.insert(
+            "fire_counts".into(),
+            Tensor::from_vec(
+                self.fire_counts
+                    .iter()
+                    .map(|&t| t as i64)
+                    .collect::<Vec<i64>>(),
+                self.fire_counts.len(),
+                &dev,
+            )?,
+        );
+        out.insert(
             "tokens_since_fired".into(),
             Tensor::from_vec(
                 self.tokens_since_fired
@@ -781,7 +804,18 @@ impl SaeTrainer {
             step: self.step,
             tokens: self.tokens,
             batch_threshold: self.batch_threshold,
+            fire_tokens: self.fire_tokens,
         }
+    }
+
+    /// log10 of each latent's firing frequency over the second half of training (SAELens'
+    /// `sparsity`; −10 for latents that never fired).
+    pub fn log_sparsity(&self) -> Vec<f32> {
+        let n = self.fire_tokens.max(1) as f64;
+        self.fire_counts
+            .iter()
+            .map(|&c| (c as f64 / n + 1e-10).log10() as f32)
+            .collect()
     }
 
     /// Rebuilds a trainer from a checkpoint's tensors; errors name `source` and the tensor.
@@ -816,25 +850,29 @@ impl SaeTrainer {
             p.m = get(format!("{}.adam_m", p.name), n)?;
             p.v = get(format!("{}.adam_v", p.name), n)?;
         }
-        let key = "tokens_since_fired";
-        let fired = tensors.get(key).ok_or_else(|| Error::MissingTensor {
-            dir: source.to_path_buf(),
-            key: key.into(),
-        })?;
-        trainer.tokens_since_fired = fired
-            .to_dtype(candle_core::DType::I64)?
-            .to_vec1::<i64>()?
-            .into_iter()
-            .map(|t| t.max(0) as u64)
-            .collect();
-        if trainer.tokens_since_fired.len() != trainer.config.d_sae {
-            return Err(Error::TensorShape {
-                path: source.to_path_buf(),
+        let d_sae = trainer.config.d_sae;
+        let counts = |key: &str| -> Result<Vec<u64>> {
+            let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
+                dir: source.to_path_buf(),
                 key: key.into(),
-                expected: vec![trainer.config.d_sae],
-                actual: fired.dims().to_vec(),
-            });
-        }
+            })?;
+            if t.dims() != [d_sae] {
+                return Err(Error::TensorShape {
+                    path: source.to_path_buf(),
+                    key: key.into(),
+                    expected: vec![d_sae],
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(t.to_dtype(candle_core::DType::I64)?
+                .to_vec1::<i64>()?
+                .into_iter()
+                .map(|t| t.max(0) as u64)
+                .collect())
+        };
+        trainer.tokens_since_fired = counts("tokens_since_fired")?;
+        trainer.fire_counts = counts("fire_counts")?;
+        trainer.fire_tokens = counters.fire_tokens;
         trainer.step = counters.step;
         trainer.tokens = counters.tokens;
         trainer.batch_threshold = counters.batch_threshold;
@@ -855,7 +893,7 @@ struct Pass {
     fvu: f64,
     l0: f64,
     auxiliary_loss: f64,
-    fired: Vec<bool>,
+    fire_counts: Vec<u32>,
     smallest_activation: Option<f32>,
 }
 
@@ -865,6 +903,7 @@ pub struct TrainerCounters {
     pub step: u64,
     pub tokens: u64,
     pub batch_threshold: f32,
+    pub fire_tokens: u64,
 }
 
 fn mean_row(x: &[f32], d: usize) -> Vec<f32> {

@@ -1,0 +1,410 @@
+//! `monoscope sae train|eval`: train a sparse autoencoder on a hook's activations, measure one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{ModelArgs, print_json};
+use crate::device::parse_dtype;
+use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
+use crate::sae::eval::{EvalSettings, evaluate};
+use crate::sae::run::{RunOutcome, RunSettings, run as run_training};
+use crate::sae::saelens::{self, SaeMetadata};
+use crate::sae::train::{BDecInit, TrainArchitecture, TrainConfig};
+
+#[derive(Subcommand)]
+pub enum SaeCommand {
+    /// Train an SAE on one hook's activations over a corpus (SAELens-format output).
+    Train(Box<TrainArgs>),
+    /// L0, FVU, dead/dense latents, CE loss recovered, KL and delta LM loss of an SAE.
+    Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ArchArg {
+    Standard,
+    Topk,
+    Batchtopk,
+    Jumprelu,
+}
+
+/// Corpus and windowing options shared by train and eval.
+#[derive(Args, Clone, Debug)]
+pub struct CorpusArgs {
+    /// `world` (the bundled corpus, regenerated), `world:SEED`, or a .txt (blank-line
+    /// separated documents), .jsonl or .parquet file.
+    #[arg(long, default_value = "world")]
+    corpus: String,
+    /// JSONL field / Parquet column holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Tokens per window (default: min(128, the model's context)).
+    #[arg(long)]
+    context_size: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 32)]
+    windows_per_forward: usize,
+    /// Do not start windows with the BOS token.
+    #[arg(long)]
+    no_bos: bool,
+    /// Keep activations at special-token positions (BOS, EOS, …), left out by default.
+    #[arg(long)]
+    include_special: bool,
+}
+
+impl CorpusArgs {
+    fn source<'m>(
+        &self,
+        model: &'m crate::model::Model,
+        hook: &str,
+    ) -> anyhow::Result<ActivationSource<'m>> {
+        let corpus = Corpus::parse(&self.corpus, &self.text_field)?;
+        let settings = WindowSettings {
+            context_size: self
+                .context_size
+                .unwrap_or(128.min(model.dims().context_length)),
+            prepend_bos: !self.no_bos,
+            exclude_special: !self.include_special,
+            windows_per_forward: self.windows_per_forward,
+        };
+        Ok(ActivationSource::new(model, corpus, hook, settings)?)
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Hook to train on, e.g. blocks.4.mlp.hook_post.
+    #[arg(long)]
+    hook: String,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Output folder for the SAE (cfg.json, sae_weights.safetensors, training/).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "topk")]
+    arch: ArchArg,
+    /// Latents per token (topk, batchtopk).
+    #[arg(long, default_value_t = 32)]
+    k: usize,
+    /// d_sae = expansion × d_in.
+    #[arg(long, default_value_t = 16)]
+    expansion: usize,
+    /// d_sae directly (overrides --expansion).
+    #[arg(long)]
+    d_sae: Option<usize>,
+    /// Tokens to train on.
+    #[arg(long, default_value_t = 2_000_000)]
+    tokens: u64,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4096)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 4e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// Fraction of steps at the end over which the learning rate decays linearly to 0.
+    #[arg(long, default_value_t = 0.2)]
+    decay_fraction: f64,
+    /// Global gradient-norm clipping (off by default).
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    /// L1 coefficient (standard).
+    #[arg(long, default_value_t = 5.0)]
+    l1_coefficient: f32,
+    /// L0 coefficient (jumprelu).
+    #[arg(long, default_value_t = 1.0)]
+    l0_coefficient: f32,
+    /// Steps over which the L1/L0 coefficient ramps up from 0.
+    #[arg(long, default_value_t = 0)]
+    penalty_warmup_steps: u64,
+    /// JumpReLU straight-through-estimator bandwidth.
+    #[arg(long, default_value_t = 0.05)]
+    bandwidth: f32,
+    /// JumpReLU initial threshold.
+    #[arg(long, default_value_t = 0.01)]
+    init_threshold: f32,
+    /// AuxK latents (topk, batchtopk; default d_in / 2).
+    #[arg(long)]
+    aux_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0 / 32.0)]
+    aux_coefficient: f32,
+    /// A latent silent for this many tokens counts as dead.
+    #[arg(long, default_value_t = 1_000_000)]
+    dead_after_tokens: u64,
+    /// b_dec initialisation.
+    #[arg(long, value_enum, default_value = "geometric-median")]
+    b_dec_init: BDecInitArg,
+    /// Train on raw activations (by default they are scaled to mean norm √d_in, and the
+    /// scale is folded into the saved weights).
+    #[arg(long)]
+    no_normalize: bool,
+    /// Rows held by the shuffling buffer (default 16 batches).
+    #[arg(long)]
+    buffer_rows: Option<usize>,
+    /// Keep activations in (and reuse them from) this folder.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Storage dtype of the activation cache: f32 | f16 | bf16.
+    #[arg(long, default_value = "f16")]
+    cache_dtype: String,
+    /// Checkpoint every this many tokens (0: only at the end or on Ctrl-C).
+    #[arg(long, default_value_t = 1_000_000)]
+    checkpoint_every: u64,
+    /// Continue the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Metrics-log interval in steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Print the final step's metrics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BDecInitArg {
+    GeometricMedian,
+    Mean,
+    Zeros,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The SAE folder (SAELens format).
+    #[arg(long)]
+    sae: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Hook to splice the SAE into (default: the SAE's metadata.hook_name).
+    #[arg(long)]
+    hook: Option<String>,
+    /// Windows to evaluate on.
+    #[arg(long, default_value_t = 256)]
+    windows: usize,
+    /// Firing frequency above which a latent counts as dense.
+    #[arg(long, default_value_t = 0.1)]
+    dense_threshold: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: &SaeCommand) -> anyhow::Result<()> {
+    match command {
+        SaeCommand::Train(args) => train(args),
+        SaeCommand::Eval(args) => eval(args),
+    }
+}
+
+/// Set by Ctrl-C: the run writes a checkpoint and stops. A second Ctrl-C exits at once.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrl_c() {
+    // Only the first installation in a process succeeds; later calls keep the first handler.
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and writing a checkpoint (Ctrl-C again to quit now)");
+    });
+}
+
+fn progress_bar(len: u64, template: &str) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template)?.progress_chars("=> "));
+    Ok(bar)
+}
+
+fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.out.exists() && !args.out.is_dir() {
+        anyhow::bail!("{} exists and is not a folder", args.out.display());
+    }
+    let model = args.model.load()?;
+    let mut source = args.corpus.source(&model, &args.hook)?;
+    if let Some(dir) = &args.cache {
+        source = source.with_cache(dir, parse_dtype(&args.cache_dtype)?)?;
+    }
+    let d_in = crate::sae::activations::ChunkSource::d_in(&source);
+    let d_sae = args.d_sae.unwrap_or(args.expansion * d_in);
+    let aux_k = args.aux_k.unwrap_or(d_in / 2);
+    let architecture = match args.arch {
+        ArchArg::Standard => TrainArchitecture::Standard {
+            l1_coefficient: args.l1_coefficient,
+        },
+        ArchArg::Topk => TrainArchitecture::TopK {
+            k: args.k,
+            aux_k,
+            aux_coefficient: args.aux_coefficient,
+        },
+        ArchArg::Batchtopk => TrainArchitecture::BatchTopK {
+            k: args.k,
+            aux_k,
+            aux_coefficient: args.aux_coefficient,
+            threshold_lr: 0.01,
+        },
+        ArchArg::Jumprelu => TrainArchitecture::JumpRelu {
+            l0_coefficient: args.l0_coefficient,
+            bandwidth: args.bandwidth,
+            init_threshold: args.init_threshold,
+        },
+    };
+    let mut train = TrainConfig::new(architecture, d_in, d_sae);
+    train.batch_size = args.batch_size;
+    train.total_steps = args.tokens.div_ceil(args.batch_size.max(1) as u64);
+    train.lr = args.lr;
+    train.warmup_steps = args.warmup_steps;
+    train.decay_steps = (train.total_steps as f64 * args.decay_fraction.clamp(0.0, 1.0)) as u64;
+    train.penalty_warmup_steps = args.penalty_warmup_steps;
+    train.grad_clip = args.grad_clip;
+    train.dead_after_tokens = args.dead_after_tokens;
+    train.seed = args.seed;
+    train.b_dec_init = match args.b_dec_init {
+        BDecInitArg::GeometricMedian => BDecInit::GeometricMedian,
+        BDecInitArg::Mean => BDecInit::Mean,
+        BDecInitArg::Zeros => BDecInit::Zeros,
+    };
+    train.validate()?;
+    let settings = RunSettings {
+        buffer_rows: args.buffer_rows.unwrap_or(16 * args.batch_size),
+        normalize: !args.no_normalize,
+        checkpoint_every_tokens: args.checkpoint_every,
+        log_every_steps: args.log_every,
+        train,
+    };
+    let metadata = SaeMetadata {
+        model_name: model_name(&model.dir),
+        hook_name: source.hook.to_string(),
+        context_size: source.settings.context_size,
+        prepend_bos: source.settings.prepend_bos,
+        dataset_path: source.corpus().describe(),
+    };
+    install_ctrl_c();
+    let total = settings.train.total_steps;
+    let bar = progress_bar(
+        total,
+        "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+    )?;
+    eprintln!(
+        "training a {} SAE ({d_in} → {d_sae}) on {} over {} for {} tokens",
+        settings.train.architecture.name(),
+        metadata.hook_name,
+        metadata.dataset_path,
+        args.tokens
+    );
+    let started = Instant::now();
+    let mut first_tokens = None;
+    let outcome = run_training(
+        &mut source,
+        &settings,
+        &metadata,
+        &args.out,
+        args.resume,
+        &CANCEL,
+        |m| {
+            let t0 = *first_tokens.get_or_insert(m.tokens);
+            let rate = (m.tokens - t0) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(m.step);
+            let msg = format!(
+                "loss {:.4} L0 {:.1} FVU {:.4} dead {:.1}% {:.0} tok/s",
+                m.loss,
+                m.l0,
+                m.fvu,
+                100.0 * m.dead_fraction,
+                rate
+            );
+            if bar.is_hidden() {
+                if m.step % 50 == 0 || m.step == total {
+                    eprintln!("step {}/{total} {msg}", m.step);
+                }
+            } else {
+                bar.set_message(msg);
+            }
+        },
+    )
+    .with_context(|| format!("training the SAE into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    match outcome {
+        RunOutcome::Finished(m) => {
+            if args.json {
+                print_json(&m)?;
+            } else {
+                println!(
+                    "SAE written to {} (step {}, L0 {:.1}, FVU {:.4}, dead {:.1}%)",
+                    args.out.display(),
+                    m.step,
+                    m.l0,
+                    m.fvu,
+                    100.0 * m.dead_fraction
+                );
+            }
+        }
+        RunOutcome::Cancelled { step } => {
+            println!(
+                "stopped at step {step}; checkpoint in {}; continue with the same command plus --resume",
+                args.out.join("training/checkpoint").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let device = model.device.clone();
+    let sae_dir = saelens::load(&args.sae, &device, candle_core::DType::F32)
+        .with_context(|| format!("loading SAE {}", args.sae.display()))?;
+    let hook = match &args.hook {
+        Some(h) => h.clone(),
+        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
+        None => anyhow::bail!(
+            "{}: the SAE's cfg.json names no hook_name; pass --hook",
+            args.sae.display()
+        ),
+    };
+    let mut corpus = args.corpus.clone();
+    if corpus.context_size.is_none() && sae_dir.metadata.context_size > 0 {
+        corpus.context_size = Some(
+            sae_dir
+                .metadata
+                .context_size
+                .min(model.dims().context_length),
+        );
+    }
+    let mut source = corpus.source(&model, &hook)?;
+    let bar = progress_bar(
+        args.windows as u64,
+        "{elapsed_precise} [{bar:30}] window {pos}/{len} (eta {eta})",
+    )?;
+    let report = evaluate(
+        &mut source,
+        &sae_dir.sae,
+        &EvalSettings {
+            windows: args.windows,
+            dense_threshold: args.dense_threshold,
+        },
+        |done, _| bar.set_position(done as u64),
+    )
+    .with_context(|| format!("evaluating {} at {hook}", args.sae.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! A training run: activation source → mixing buffer → trainer, with a metrics log,
+//! checkpoints that resume exactly, cancellation, and the SAELens-format result.
+//!
+//! Output folder:
+//! - `cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`: the SAE (SAELens v6), written
+//!   when the run finishes (normalisation folded into the weights);
+//! - `training/metrics.jsonl`: one [`StepMetrics`] object per logged step;
+//! - `training/checkpoint/`: parameters, Adam moments, counters, the buffer's unread rows and the
+//!   stream position. SAELens never looks in `training/`, so the folder stays loadable.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::activations::{ChunkSource, MixingBuffer};
+use super::saelens::{self, SaeDir, SaeMetadata};
+use super::train::{SaeTrainer, StepMetrics, TrainConfig, TrainerCounters};
+use crate::error::{Error, Result};
+use crate::files::{read_json, write_atomic};
+
+/// Run-level settings around the trainer's own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub train: TrainConfig,
+    /// Rows held by the mixing buffer.
+    pub buffer_rows: usize,
+    /// Scale inputs to mean norm √d_in during training (folded into the saved weights).
+    pub normalize: bool,
+    /// Write a checkpoint every this many tokens (0: only at the end or on cancel).
+    pub checkpoint_every_tokens: u64,
+    /// Append to the metrics log every this many steps (and at the last step).
+    pub log_every_steps: u64,
+}
+
+/// Everything saved with a checkpoint besides tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    settings: RunSettings,
+    metadata: SaeMetadataJson,
+    input_scale: f32,
+    chunks_read: u64,
+    buffer_refills: u64,
+    counters: TrainerCounters,
+}
+
+/// [`SaeMetadata`] as stored in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct SaeMetadataJson {
+    model_name: String,
+    hook_name: String,
+    context_size: usize,
+    prepend_bos: bool,
+    dataset_path: String,
+}
+
+impl From<&SaeMetadata> for SaeMetadataJson {
+    fn from(m: &SaeMetadata) -> Self {
+        Self {
+            model_name: m.model_name.clone(),
+            hook_name: m.hook_name.clone(),
+            context_size: m.context_size,
+            prepend_bos: m.prepend_bos,
+            dataset_path: m.dataset_path.clone(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunOutcome {
+    Finished(StepMetrics),
+    /// Stopped by the cancel flag after writing a checkpoint.
+    Cancelled {
+        step: u64,
+    },
+}
+
+/// Paths inside an output folder.
+pub struct RunPaths {
+    pub out: PathBuf,
+}
+
+impl RunPaths {
+    pub fn training(&self) -> PathBuf {
+        self.out.join("training")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.training().join("checkpoint")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.training().join("metrics.jsonl")
+    }
+}
+
+const STATE_JSON: &str = "state.json";
+const TRAINER_FILE: &str = "trainer.safetensors";
+const BUFFER_FILE: &str = "buffer.safetensors";
+
+/// Trains an SAE into `out`. With `resume`, continues from `out/training/checkpoint` (the
+/// settings must match, except that `total_steps` may grow); without it, refuses a folder
+/// that already holds an SAE or a checkpoint.
+pub fn run(
+    source: &mut dyn ChunkSource,
+    settings: &RunSettings,
+    metadata: &SaeMetadata,
+    out: &Path,
+    resume: bool,
+    cancel: &AtomicBool,
+    mut on_step: impl FnMut(&StepMetrics),
+) -> Result<RunOutcome> {
+    let paths = RunPaths {
+        out: out.to_path_buf(),
+    };
+    let d_in = source.d_in();
+    if settings.train.d_in != d_in {
+        return Err(Error::InvalidArgument {
+            what: "SAE d_in",
+            value: settings.train.d_in.to_string(),
+            message: format!("the hook `{}` is {d_in} wide", metadata.hook_name),
+        });
+    }
+    let mut buffer = MixingBuffer::new(d_in, settings.buffer_rows, settings.train.seed);
+    let (mut trainer, input_scale) = if resume {
+        let (trainer, scale) = restore(&paths, settings, metadata, source, &mut buffer)?;
+        (trainer, scale)
+    } else {
+        refuse_existing(&paths)?;
+        std::fs::create_dir_all(paths.training()).map_err(|e| Error::io(paths.training(), e))?;
+        std::fs::write(paths.metrics(), "").map_err(|e| Error::io(paths.metrics(), e))?;
+        buffer.fill(source)?;
+        let scale = if settings.normalize {
+            let norm = buffer.mean_norm();
+            if norm > 0.0 {
+                ((d_in as f64).sqrt() / norm) as f32
+            } else {
+                1.0
+            }
+        } else {
+            1.0
+        };
+        let first = scaled(buffer.state().0, settings.train.batch_size * d_in, scale);
+        (SaeTrainer::new(settings.train.clone(), &first)?, scale)
+    };
+
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(paths.metrics())
+        .map_err(|e| Error::io(paths.metrics(), e))?;
+    let batch = settings.train.batch_size;
+    let mut last = StepMetrics::default();
+    let mut next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
+    while trainer.step < settings.train.total_steps {
+        if cancel.load(Ordering::Relaxed) {
+            save_checkpoint(
+                &paths,
+                &trainer,
+                &buffer,
+                source,
+                settings,
+                metadata,
+                input_scale,
+            )?;
+            return Ok(RunOutcome::Cancelled { step: trainer.step });
+        }
+        let rows = buffer.next_batch(source, batch)?;
+        let metrics = if input_scale == 1.0 {
+            trainer.step(rows)?
+        } else {
+            let x = scaled(rows, rows.len(), input_scale);
+            trainer.step(&x)?
+        };
+        if !metrics.loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: "the SAE training loss".into(),
+                at: format!(
+                    "step {} (try a lower learning rate or --normalize)",
+                    metrics.step
+                ),
+            });
+        }
+        let is_last = trainer.step == settings.train.total_steps;
+        if settings.log_every_steps > 0 && (metrics.step % settings.log_every_steps == 0 || is_last)
+        {
+            let line = serde_json::to_string(&metrics).map_err(|source| Error::Json {
+                path: paths.metrics(),
+                source,
+            })?;
+            writeln!(log, "{line}").map_err(|e| Error::io(paths.metrics(), e))?;
+        }
+        on_step(&metrics);
+        last = metrics;
+        if settings.checkpoint_every_tokens > 0 && trainer.tokens >= next_checkpoint && !is_last {
+            save_checkpoint(
+                &paths,
+                &trainer,
+                &buffer,
+                source,
+                settings,
+                metadata,
+                input_scale,
+            )?;
+            next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
+        }
+    }
+    save_checkpoint(
+        &paths,
+        &trainer,
+        &buffer,
+        source,
+        settings,
+        metadata,
+        input_scale,
+    )?;
+    let sae = trainer.to_sae(input_scale, &Device::Cpu)?;
+    let sparsity = Tensor::from_vec(trainer.log_sparsity(), settings.train.d_sae, &Device::Cpu)?;
+    saelens::save(
+        out,
+        &SaeDir {
+            sae,
+            metadata: metadata.clone(),
+            sparsity: Some(sparsity),
+        },
+        resume,
+    )?;
+    Ok(RunOutcome::Finished(last))
+}
+
+fn next_multiple(tokens: u64, every: u64) -> u64 {
+    if every == 0 {
+        u64::MAX
+    } else {
+        (tokens / every + 1) * every
+    }
+}
+
+fn scaled(rows: &[f32], len: usize, scale: f32) -> Vec<f32> {
+    rows[..len.min(rows.len())]
+        .iter()
+        .map(|v| v * scale)
+        .collect()
+}
+
+fn refuse_existing(paths: &RunPaths) -> Result<()> {
+    let taken = |what: &str| {
+        Err(Error::InvalidArgument {
+            what: "SAE output folder",
+            value: paths.out.display().to_string(),
+            message: format!("{what}; pass --resume to continue it or choose another folder"),
+        })
+    };
+    if paths.out.join(saelens::CONFIG_FILE).exists() {
+        return taken("already holds a trained SAE");
+    }
+    if paths.checkpoint().exists() {
+        return taken("holds a training checkpoint");
+    }
+    Ok(())
+}
+
+fn save_checkpoint(
+    paths: &RunPaths,
+    trainer: &SaeTrainer,
+    buffer: &MixingBuffer,
+    source: &dyn ChunkSource,
+    settings: &RunSettings,
+    metadata: &SaeMetadata,
+    input_scale: f32,
+) -> Result<()> {
+    let (remaining, refills) = buffer.state();
+    let state = CheckpointState {
+        settings: settings.clone(),
+        metadata: metadata.into(),
+        input_scale,
+        chunks_read: source.chunks_read(),
+        buffer_refills: refills,
+        counters: trainer.state_counters(),
+    };
+    let new = paths.training().join("checkpoint.new");
+    if new.exists() {
+        std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+    }
+    std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+    let tensors = trainer.state_tensors()?;
+    candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
+    let rows = remaining.len() / settings.train.d_in;
+    let buffer_tensor = Tensor::from_slice(remaining, (rows, settings.train.d_in), &Device::Cpu)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("rows".to_string(), buffer_tensor)]),
+        new.join(BUFFER_FILE),
+    )?;
+    let json = serde_json::to_string_pretty(&state).map_err(|source| Error::Json {
+        path: new.join(STATE_JSON),
+        source,
+    })?;
+    std::fs::write(new.join(STATE_JSON), json).map_err(|e| Error::io(new.join(STATE_JSON), e))?;
+    // Swap in: the old checkpoint is removed only once the new one is complete.
+    let current = paths.checkpoint();
+    let old = paths.training().join("checkpoint.old");
+    if current.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
+    }
+    std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+fn restore(
+    paths: &RunPaths,
+    settings: &RunSettings,
+    metadata: &SaeMetadata,
+    source: &mut dyn ChunkSource,
+    buffer: &mut MixingBuffer,
+) -> Result<(SaeTrainer, f32)> {
+    let mut dir = paths.checkpoint();
+    if !dir.exists() {
+        // A crash between the two renames leaves only the old one.
+        let old = paths.training().join("checkpoint.old");
+        if old.exists() {
+            dir = old;
+        } else {
+            return Err(Error::MissingFile {
+                path: dir,
+                what: "training checkpoint to resume from",
+            });
+        }
+    }
+    let state: CheckpointState = read_json(&dir.join(STATE_JSON))?;
+    let mut expected = state.settings.clone();
+    expected.train.total_steps = settings.train.total_steps;
+    if &expected != settings {
+        return Err(Error::InvalidArgument {
+            what: "resume",
+            value: dir.display().to_string(),
+            message: "the checkpoint was made with other settings (only the token budget may \
+                      change on resume)"
+                .into(),
+        });
+    }
+    if state.metadata != SaeMetadataJson::from(metadata) {
+        return Err(Error::InvalidArgument {
+            what: "resume",
+            value: dir.display().to_string(),
+            message: format!(
+                "the checkpoint is for model {} hook {} on {}",
+                state.metadata.model_name, state.metadata.hook_name, state.metadata.dataset_path
+            ),
+        });
+    }
+    let load = |file: &str| -> Result<HashMap<String, Tensor>> {
+        let path = dir.join(file);
+        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Safetensors {
+            path,
+            message: e.to_string(),
+        })
+    };
+    let tensors = load(TRAINER_FILE)?;
+    let trainer = SaeTrainer::from_state(
+        settings.train.clone(),
+        &state.counters,
+        &tensors,
+        &dir.join(TRAINER_FILE),
+    )?;
+    let buffer_file = dir.join(BUFFER_FILE);
+    let rows = load(BUFFER_FILE)?
+        .remove("rows")
+        .ok_or_else(|| Error::MissingTensor {
+            dir: buffer_file.clone(),
+            key: "rows".into(),
+        })?;
+    if rows.dims().get(1) != Some(&settings.train.d_in) {
+        return Err(Error::TensorShape {
+            path: buffer_file,
+            key: "rows".into(),
+            expected: vec![0, settings.train.d_in],
+            actual: rows.dims().to_vec(),
+        });
+    }
+    buffer.restore(rows.flatten_all()?.to_vec1()?, state.buffer_refills);
+    source_skip(source, state.chunks_read)?;
+    truncate_metrics(&paths.metrics(), trainer.step)?;
+    Ok((trainer, state.input_scale))
+}
+
+/// Moves a source to chunk `n` by reading (and dropping) chunks.
+fn source_skip(source: &mut dyn ChunkSource, n: u64) -> Result<()> {
+    source.skip_to(n)
+}
+
+/// Drops logged steps after `step`, so a resumed log reads as one run.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, kept).map_err(|e| Error::io(tmp, e))
+    })
+}
