@@ -10,6 +10,9 @@ use rayon::prelude::*;
 /// Rows handed to one rayon task in elementwise loops.
 const CHUNK: usize = 1 << 14;
 
+/// Values scanned per block by the top-k selection.
+const BLOCK: usize = 32;
+
 /// A row-major matrix operand of [`matmul`], optionally read transposed.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -190,16 +193,33 @@ pub fn top_k_rows_where(
     let rows: Vec<Vec<(u32, f32)>> = pre
         .par_chunks(d_sae)
         .map(|row| {
-            // `best` stays sorted descending; a value enters only if it beats the last.
+            // `best` stays sorted descending; a value enters only if it beats `bar` (0 until
+            // `best` is full, then its last value). Blocks whose maximum cannot enter are
+            // skipped with one well-predicted branch: the scan is mostly vector max.
             let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-            for (j, (&p, &b)) in row.iter().zip(bias).enumerate() {
-                let v = p + b;
-                if v <= 0.0 || (best.len() == k && v <= best[k - 1].1) || !allowed(j) {
+            let mut bar = 0.0f32;
+            for (block, (pb, bb)) in row.chunks(BLOCK).zip(bias.chunks(BLOCK)).enumerate() {
+                let mut max = f32::NEG_INFINITY;
+                for (&p, &b) in pb.iter().zip(bb) {
+                    let v = p + b;
+                    max = if v > max { v } else { max };
+                }
+                if max <= bar {
                     continue;
                 }
-                let at = best.partition_point(|&(_, w)| w >= v);
-                best.insert(at, (j as u32, v));
-                best.truncate(k);
+                for (i, (&p, &b)) in pb.iter().zip(bb).enumerate() {
+                    let v = p + b;
+                    let j = block * BLOCK + i;
+                    if v <= bar || !allowed(j) {
+                        continue;
+                    }
+                    let at = best.partition_point(|&(_, w)| w >= v);
+                    best.insert(at, (j as u32, v));
+                    best.truncate(k);
+                    if best.len() == k {
+                        bar = best[k - 1].1;
+                    }
+                }
             }
             best
         })
@@ -386,11 +406,10 @@ impl AdamStep {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let g = g[i];
-                    m[i] = b1 * m[i] + (1.0 - b1) * g;
-                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                    p[i] -= step * m[i] / (v[i].sqrt() / c2_sqrt + eps);
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p -= step * *m / (v.sqrt() / c2_sqrt + eps);
                 }
             });
     }
