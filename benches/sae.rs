@@ -85,7 +85,10 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
     let train = rows("train")?;
     let eval = rows("eval")?;
     let train_rows = train.len() / D_IN;
-    anyhow::ensure!(train_rows % BATCH == 0, "{path}: train rows not a multiple of {BATCH}");
+    anyhow::ensure!(
+        train_rows % BATCH == 0,
+        "{path}: train rows not a multiple of {BATCH}"
+    );
     let threads = rayon::current_num_threads();
     for (name, arch) in variants() {
         let mut trainer = SaeTrainer::new(config(arch, steps), &train[..BATCH * D_IN])?;
@@ -96,7 +99,9 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
                 timed_from = Instant::now();
             }
             let start = (s * BATCH) % train_rows;
-            last_loss = trainer.step(&train[start * D_IN..(start + BATCH) * D_IN])?.loss;
+            last_loss = trainer
+                .step(&train[start * D_IN..(start + BATCH) * D_IN])?
+                .loss;
         }
         let elapsed = timed_from.elapsed().as_secs_f64();
         let sae = trainer.to_sae(1.0, &Device::Cpu)?;
@@ -108,10 +113,20 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
             let acts = sae.encode(&xs)?;
             let x_hat = sae.decode(&acts)?;
             sq_err += f64::from((x_hat - &xs)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
-            active += f64::from(acts.gt(0.0)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+            active += f64::from(
+                acts.gt(0.0)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?,
+            );
         }
         let mean = x.mean(0)?;
-        let total = f64::from(x.broadcast_sub(&mean)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        let total = f64::from(
+            x.broadcast_sub(&mean)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        );
         let n = x.dim(0)? as f64;
         println!(
             "{}",

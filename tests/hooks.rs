@@ -238,3 +238,28 @@ fn run_with_cache_accepts_globs_and_names_every_capture() {
     let last = out.cache.get_by_name("blocks.1.hook_resid_post").unwrap();
     assert_eq!(last.dims(), &[1, ids.dim(1).unwrap(), model.dims().d_model]);
 }
+
+/// `stop_at_layer(L)` returns the residual stream entering block L, as the full run sees it.
+#[test]
+fn stop_at_layer_returns_the_residual_entering_that_block() {
+    for model_type in ["gpt2", "llama"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is").unwrap())
+            .unwrap();
+        let point: HookPoint = "blocks.1.hook_resid_pre".parse().unwrap();
+        let full = model.forward(&ids, &Hooks::new().capture([point])).unwrap();
+        let stopped = model.forward(&ids, &Hooks::new().stop_at_layer(1)).unwrap();
+        let expected = full.cache.get(point).unwrap();
+        assert_eq!(stopped.logits.dims(), expected.dims(), "{model_type}");
+        let diff = (&stopped.logits - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{model_type}");
+    }
+}

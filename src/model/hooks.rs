@@ -289,11 +289,21 @@ pub struct Hooks {
     /// Keep the whole forward pass differentiable (training): no fused kernels without a
     /// backward pass.
     differentiable: bool,
+    /// Stop before this block, as TransformerLens' `stop_at_layer`.
+    stop_at_layer: Option<usize>,
 }
 
 impl Hooks {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Run only blocks `0..layer`: the forward output's `logits` is then the residual stream
+    /// entering block `layer` (`[batch, seq, d_model]`), as with TransformerLens'
+    /// `stop_at_layer`. Saves the rest of the model when only early hooks are wanted.
+    pub fn stop_at_layer(mut self, layer: usize) -> Self {
+        self.stop_at_layer = Some(layer);
+        self
     }
 
     /// Record the value at these points into the output's [`ActivationCache`].
@@ -415,6 +425,11 @@ impl<'a> HookRunner<'a> {
     /// backward pass are then avoided).
     pub fn needs_grad(&self) -> bool {
         self.hooks.needs_grad()
+    }
+
+    /// See [`Hooks::stop_at_layer`].
+    pub fn stop_at_layer(&self) -> Option<usize> {
+        self.hooks.stop_at_layer
     }
 
     /// The hook point itself: interventions, then the gradient leaf, then capture.

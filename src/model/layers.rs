@@ -485,6 +485,9 @@ impl Transformer {
         let score_dtype = upcast(&x)?.dtype();
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for (layer, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
+            if hooks.stop_at_layer() == Some(layer) {
+                return Ok(x);
+            }
             let window = block.attn.sliding_window;
             let mask = match masks.iter().position(|(w, _)| *w == window) {
                 Some(i) => &masks[i].1,

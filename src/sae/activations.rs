@@ -545,9 +545,11 @@ impl<'m> ActivationSource<'m> {
         let ctx = self.settings.context_size;
         let ids = self.next_windows(n)?;
         let input = Tensor::from_vec(ids.clone(), (n, ctx), &self.model.device)?;
-        let out = self
-            .model
-            .forward(&input, &Hooks::new().capture([self.hook]))?;
+        let mut hooks = Hooks::new().capture([self.hook]);
+        if let Some(layer) = self.hook.layer() {
+            hooks = hooks.stop_at_layer(layer + 1);
+        }
+        let out = self.model.forward(&input, &hooks)?;
         let acts = out
             .cache
             .get(self.hook)
@@ -837,15 +839,21 @@ impl MixingBuffer {
         Ok(())
     }
 
-    /// Rows not yet handed out, and the refill count: all a checkpoint needs.
-    pub fn state(&self) -> (&[f32], u64) {
-        (&self.data[self.used * self.d_in..], self.refills)
+    /// Everything a checkpoint needs: the rows held, how many of them were handed out, and
+    /// the refill count.
+    pub fn state(&self) -> (&[f32], usize, u64) {
+        (&self.data, self.used, self.refills)
     }
 
-    pub fn restore(&mut self, remaining: Vec<f32>, refills: u64) {
-        self.data = remaining;
-        self.used = 0;
+    pub fn restore(&mut self, data: Vec<f32>, used: usize, refills: u64) {
+        self.data = data;
+        self.used = used;
         self.refills = refills;
+    }
+
+    /// Rows not yet handed out.
+    pub fn unread(&self) -> &[f32] {
+        &self.data[self.used * self.d_in..]
     }
 
     /// Mean Euclidean norm of the rows currently held (for normalisation).

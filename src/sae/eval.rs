@@ -197,7 +197,7 @@ pub fn evaluate(
         };
         let sae_logits = splice(x_hat.clone())?;
         let zero_logits = splice(x_hat.zeros_like()?)?;
-        let targets = input.narrow(1, 1, ctx - 1)?;
+        let targets = input.narrow(1, 1, ctx - 1)?.contiguous()?;
         let clean_lp = log_probs(&clean.logits, ctx)?;
         let sae_lp = log_probs(&sae_logits, ctx)?;
         let zero_lp = log_probs(&zero_logits, ctx)?;
@@ -273,7 +273,7 @@ fn log_probs(logits: &Tensor, ctx: usize) -> Result<Tensor> {
 }
 
 fn nll_sum(log_probs: &Tensor, targets: &Tensor) -> Result<f64> {
-    let picked = log_probs.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    let picked = log_probs.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
     Ok(-f64::from(picked.sum_all()?.to_scalar::<f32>()?))
 }
 

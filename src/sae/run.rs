@@ -44,6 +44,8 @@ struct CheckpointState {
     input_scale: f32,
     chunks_read: u64,
     buffer_refills: u64,
+    /// Rows of the saved buffer already handed out.
+    buffer_used: usize,
     counters: TrainerCounters,
 }
 
@@ -142,7 +144,7 @@ pub fn run(
         } else {
             1.0
         };
-        let first = scaled(buffer.state().0, settings.train.batch_size * d_in, scale);
+        let first = scaled(buffer.unread(), settings.train.batch_size * d_in, scale);
         (SaeTrainer::new(settings.train.clone(), &first)?, scale)
     };
 
@@ -270,13 +272,14 @@ fn save_checkpoint(
     metadata: &SaeMetadata,
     input_scale: f32,
 ) -> Result<()> {
-    let (remaining, refills) = buffer.state();
+    let (held, used, refills) = buffer.state();
     let state = CheckpointState {
         settings: settings.clone(),
         metadata: metadata.into(),
         input_scale,
         chunks_read: source.chunks_read(),
         buffer_refills: refills,
+        buffer_used: used,
         counters: trainer.state_counters(),
     };
     let new = paths.training().join("checkpoint.new");
@@ -286,8 +289,8 @@ fn save_checkpoint(
     std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
     let tensors = trainer.state_tensors()?;
     candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
-    let rows = remaining.len() / settings.train.d_in;
-    let buffer_tensor = Tensor::from_slice(remaining, (rows, settings.train.d_in), &Device::Cpu)?;
+    let rows = held.len() / settings.train.d_in;
+    let buffer_tensor = Tensor::from_slice(held, (rows, settings.train.d_in), &Device::Cpu)?;
     candle_core::safetensors::save(
         &HashMap::from([("rows".to_string(), buffer_tensor)]),
         new.join(BUFFER_FILE),
@@ -384,7 +387,11 @@ fn restore(
             actual: rows.dims().to_vec(),
         });
     }
-    buffer.restore(rows.flatten_all()?.to_vec1()?, state.buffer_refills);
+    buffer.restore(
+        rows.flatten_all()?.to_vec1()?,
+        state.buffer_used,
+        state.buffer_refills,
+    );
     source_skip(source, state.chunks_read)?;
     truncate_metrics(&paths.metrics(), trainer.step)?;
     Ok((trainer, state.input_scale))

@@ -1,0 +1,456 @@
+//! SAE training on a real (tiny) model: exact resume, cancellation, the activation cache,
+//! evaluation, and clear errors for bad input.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use common::fixture_dir;
+use monoscope::Model;
+use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use monoscope::sae::eval::{EvalSettings, evaluate};
+use monoscope::sae::run::{RunOutcome, RunSettings, run};
+use monoscope::sae::saelens::{self, SaeMetadata};
+use monoscope::sae::train::{TrainArchitecture, TrainConfig};
+
+const HOOK: &str = "blocks.1.mlp.hook_post";
+
+fn model() -> Model {
+    Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// A small plain-text corpus: blank-line separated documents.
+fn corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus.txt");
+    let docs: Vec<String> = (0..60)
+        .map(|i| {
+            format!(
+                "Document {i}. The capital of country {i} is city {}. It lies by the river {}.",
+                i * 7 % 13,
+                i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&path, docs.join("\n\n")).unwrap();
+    path
+}
+
+fn windows() -> WindowSettings {
+    WindowSettings {
+        context_size: 16,
+        windows_per_forward: 4,
+        ..WindowSettings::default()
+    }
+}
+
+fn source<'m>(model: &'m Model, corpus: &Path) -> ActivationSource<'m> {
+    ActivationSource::new(
+        model,
+        Corpus::parse(corpus.to_str().unwrap(), "text").unwrap(),
+        HOOK,
+        windows(),
+    )
+    .unwrap()
+}
+
+fn settings(d_in: usize, steps: u64) -> RunSettings {
+    let mut train = TrainConfig::new(
+        TrainArchitecture::TopK {
+            k: 4,
+            aux_k: 8,
+            aux_coefficient: 1.0 / 32.0,
+        },
+        d_in,
+        4 * d_in,
+    );
+    train.batch_size = 32;
+    train.total_steps = steps;
+    train.lr = 1e-3;
+    train.decay_steps = steps / 4;
+    // Small enough that some latents go dead and AuxK runs.
+    train.dead_after_tokens = 96;
+    RunSettings {
+        train,
+        buffer_rows: 128,
+        normalize: true,
+        checkpoint_every_tokens: 0,
+        log_every_steps: 1,
+    }
+}
+
+fn metadata(source: &ActivationSource) -> SaeMetadata {
+    SaeMetadata {
+        model_name: "gpt2-fixture".into(),
+        hook_name: HOOK.into(),
+        context_size: 16,
+        prepend_bos: true,
+        dataset_path: source.corpus().describe(),
+    }
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join(saelens::WEIGHTS_FILE), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let never = AtomicBool::new(false);
+
+    let straight = tmp.path().join("straight");
+    let mut src = source(&model, &text);
+    let s = settings(src.d_in(), 24);
+    let meta = metadata(&src);
+    let outcome = run(&mut src, &s, &meta, &straight, false, &never, |_| {}).unwrap();
+    let RunOutcome::Finished(last) = outcome else {
+        panic!("not finished")
+    };
+    assert_eq!(last.step, 24);
+
+    // Cancel after step 9 (a checkpoint is written), then resume in a fresh source.
+    let resumed = tmp.path().join("resumed");
+    let cancel = AtomicBool::new(false);
+    let mut src = source(&model, &text);
+    let outcome = run(&mut src, &s, &meta, &resumed, false, &cancel, |m| {
+        if m.step == 9 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
+    assert!(resumed.join("training/checkpoint/state.json").is_file());
+    assert!(!resumed.join(saelens::CONFIG_FILE).exists());
+    // Without --resume the folder is refused.
+    let mut src = source(&model, &text);
+    let err = run(&mut src, &s, &meta, &resumed, false, &never, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("checkpoint"), "{err}");
+    let mut src = source(&model, &text);
+    run(&mut src, &s, &meta, &resumed, true, &never, |_| {}).unwrap();
+
+    let (a, b) = (weights(&straight), weights(&resumed));
+    for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
+        let diff = (&a[key] - &b[key])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{key} differs after resume");
+    }
+    // The metrics log reads as one run: steps 1..=24 once each.
+    let log = std::fs::read_to_string(resumed.join("training/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    // The result loads as an SAE and reconstructs the hook better than chance.
+    let sae = saelens::load(&resumed, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(sae.metadata.hook_name, HOOK);
+    let mut src = source(&model, &text);
+    let report = evaluate(
+        &mut src,
+        &sae.sae,
+        &EvalSettings {
+            windows: 8,
+            dense_threshold: 0.5,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(report.l0 <= 4.0 + 1e-9, "L0 {}", report.l0);
+    assert!(report.fvu < 1.0, "FVU {}", report.fvu);
+    assert!(report.ce_clean.is_finite() && report.ce_sae.is_finite() && report.ce_zero.is_finite());
+    let binned: usize = report.density_histogram.iter().map(|b| b.latents).sum();
+    let dead = (report.dead_fraction * sae.sae.d_sae() as f64).round() as usize;
+    assert_eq!(binned + dead, sae.sae.d_sae());
+}
+
+#[test]
+fn the_activation_cache_replays_what_the_model_computed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let cache = tmp.path().join("cache");
+    let mut fresh = source(&model, &text)
+        .with_cache(&cache, DType::F32)
+        .unwrap();
+    let computed: Vec<Vec<f32>> = (0..3).map(|_| fresh.next_chunk().unwrap()).collect();
+    // A new source reads the three cached chunks back, then computes a fourth that matches
+    // an uncached source's fourth.
+    let mut cached = source(&model, &text)
+        .with_cache(&cache, DType::F32)
+        .unwrap();
+    for c in &computed {
+        assert_eq!(&cached.next_chunk().unwrap(), c);
+    }
+    let mut plain = source(&model, &text);
+    plain.skip_to(3).unwrap();
+    assert_eq!(cached.next_chunk().unwrap(), plain.next_chunk().unwrap());
+    // A cache made for another hook is refused.
+    let other = ActivationSource::new(
+        &model,
+        Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+        "blocks.0.mlp.hook_post",
+        windows(),
+    )
+    .unwrap();
+    let err = other.with_cache(&cache, DType::F32).err().unwrap();
+    assert!(err.to_string().contains("another model, hook"), "{err}");
+}
+
+#[test]
+fn special_tokens_are_left_out_of_the_activations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let mut with = source(&model, &text);
+    let mut without = ActivationSource::new(
+        &model,
+        Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+        HOOK,
+        WindowSettings {
+            exclude_special: false,
+            ..windows()
+        },
+    )
+    .unwrap();
+    let d = with.d_in();
+    let kept = with.next_chunk().unwrap().len() / d;
+    let all = without.next_chunk().unwrap().len() / d;
+    // Every window starts with BOS and documents end with EOS: at least one row per window.
+    assert_eq!(all, 4 * 16);
+    assert!(kept <= all - 4, "{kept} of {all}");
+}
+
+fn error_of(result: Result<impl Sized, monoscope::Error>) -> String {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_input_gives_errors_that_name_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model();
+    let text = corpus(tmp.path());
+    let parse = |p: &Path| Corpus::parse(p.to_str().unwrap(), "text").unwrap();
+
+    // A hook the model does not have.
+    let e = error_of(ActivationSource::new(
+        &model,
+        parse(&text),
+        "blocks.9.mlp.hook_post",
+        windows(),
+    ));
+    assert!(e.contains("blocks.9.mlp.hook_post"), "{e}");
+
+    // An empty corpus.
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let mut src = ActivationSource::new(&model, parse(&empty), HOOK, windows()).unwrap();
+    let e = error_of(src.next_chunk());
+    assert!(e.contains("empty.txt"), "{e}");
+
+    // A JSONL line without the text field names the file and line.
+    let jsonl = tmp.path().join("c.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n").unwrap();
+    let mut src = ActivationSource::new(&model, parse(&jsonl), HOOK, windows()).unwrap();
+    let e = error_of(src.next_chunk());
+    assert!(e.contains("c.jsonl, line 2") && e.contains("`text`"), "{e}");
+
+    // NaN in the activations: a model whose MLP weights hold a NaN.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture_dir("gpt2").join(f), broken.join(f)).unwrap();
+    }
+    let mut tensors =
+        candle_core::safetensors::load(fixture_dir("gpt2").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.contains("h.1.mlp.c_fc.bias"))
+        .unwrap()
+        .clone();
+    let n = tensors[&key].elem_count();
+    let mut values = vec![0f32; n];
+    values[3] = f32::NAN;
+    tensors.insert(key, Tensor::from_vec(values, n, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, broken.join("model.safetensors")).unwrap();
+    let broken_model = Model::load(&broken, &Device::Cpu, DType::F32).unwrap();
+    let mut src = ActivationSource::new(&broken_model, parse(&text), HOOK, windows()).unwrap();
+    let e = error_of(src.next_chunk());
+    assert!(
+        e.contains("NaN") && e.contains(HOOK) && e.contains("forward batch 0"),
+        "{e}"
+    );
+
+    // k larger than d_sae.
+    let d_in = source(&model, &text).d_in();
+    let mut s = settings(d_in, 4);
+    s.train.architecture = TrainArchitecture::TopK {
+        k: 10 * d_in,
+        aux_k: 0,
+        aux_coefficient: 0.0,
+    };
+    let mut src = source(&model, &text);
+    let meta = metadata(&src);
+    let never = AtomicBool::new(false);
+    let e = error_of(run(
+        &mut src,
+        &s,
+        &meta,
+        &tmp.path().join("k"),
+        false,
+        &never,
+        |_| {},
+    ));
+    assert!(
+        e.contains(&format!("{}", 10 * d_in)) && e.contains("d_sae"),
+        "{e}"
+    );
+
+    // SAE width that is not the hook's.
+    let mut s = settings(d_in + 1, 4);
+    s.train.d_in = d_in + 1;
+    let e = error_of(run(
+        &mut src,
+        &s,
+        &meta,
+        &tmp.path().join("w"),
+        false,
+        &never,
+        |_| {},
+    ));
+    assert!(e.contains(HOOK) && e.contains(&d_in.to_string()), "{e}");
+
+    // A corrupt checkpoint names its file.
+    let out = tmp.path().join("corrupt");
+    let s = settings(d_in, 6);
+    let cancel = AtomicBool::new(false);
+    let mut src = source(&model, &text);
+    run(&mut src, &s, &meta, &out, false, &cancel, |m| {
+        if m.step == 2 {
+            cancel.store(true, Ordering::Relaxed)
+        }
+    })
+    .unwrap();
+    let file = out.join("training/checkpoint/trainer.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let mut src = source(&model, &text);
+    let e = error_of(run(&mut src, &s, &meta, &out, true, &never, |_| {}));
+    assert!(e.contains("trainer.safetensors"), "{e}");
+}
+
+#[test]
+fn cli_trains_and_evaluates_an_sae() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let out = tmp.path().join("sae");
+    let model = fixture_dir("gpt2");
+    let status = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "sae",
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--hook",
+            HOOK,
+        ])
+        .args([
+            "--corpus",
+            text.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--context-size",
+            "16",
+            "--tokens",
+            "1024",
+            "--batch-size",
+            "64",
+        ])
+        .args(["--k", "4", "--expansion", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(last["step"], 16);
+    let eval = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "sae",
+            "eval",
+            "--sae",
+            out.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .args([
+            "--corpus",
+            text.to_str().unwrap(),
+            "--windows",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    for key in [
+        "l0",
+        "fvu",
+        "dead_fraction",
+        "ce_loss_recovered",
+        "kl_score",
+        "delta_lm_loss",
+    ] {
+        assert!(report[key].is_number(), "{key} missing: {report}");
+    }
+    // k > d_sae is refused before any work, naming the value.
+    let bad = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "sae",
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--hook",
+            HOOK,
+        ])
+        .args([
+            "--corpus",
+            text.to_str().unwrap(),
+            "--out",
+            tmp.path().join("bad").to_str().unwrap(),
+        ])
+        .args(["--context-size", "16", "--k", "100000"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("100000"));
+}
