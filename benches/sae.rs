@@ -17,7 +17,7 @@ const D_IN: usize = 512;
 const D_SAE: usize = 8192;
 const BATCH: usize = 4096;
 const K: usize = 32;
-const L1: f32 = 5.0;
+const L1: f32 = 20.0;
 const LR: f32 = 4e-4;
 const WARMUP_STEPS: usize = 3;
 

@@ -21,7 +21,7 @@ pub enum SaeCommand {
     /// Train an SAE on one hook's activations over a corpus (SAELens-format output).
     Train(Box<TrainArgs>),
     /// L0, FVU, dead/dense latents, CE loss recovered, KL and delta LM loss of an SAE.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

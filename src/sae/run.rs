@@ -232,11 +232,9 @@ pub fn run(
 }
 
 fn next_multiple(tokens: u64, every: u64) -> u64 {
-    if every == 0 {
-        u64::MAX
-    } else {
-        (tokens / every + 1) * every
-    }
+    tokens
+        .checked_div(every)
+        .map_or(u64::MAX, |q| (q + 1) * every)
 }
 
 fn scaled(rows: &[f32], len: usize, scale: f32) -> Vec<f32> {

@@ -469,7 +469,7 @@ impl SaeTrainer {
         }
         pre.resize(rows * d_sae, 0.0);
         cpu::matmul(
-            MatRef::new(&x_in, rows, d_in),
+            MatRef::new(x_in, rows, d_in),
             MatRef::new(&w_enc_t.value, d_sae, d_in).t(),
             pre,
             false,
@@ -480,14 +480,14 @@ impl SaeTrainer {
         let threshold: Vec<f32> = log_threshold.value.iter().map(|l| l.exp()).collect();
         let mut near: Vec<(u32, u32, f32)> = Vec::new();
         let active = match arch {
-            TrainArchitecture::Standard { .. } => cpu::select_rows(&pre, b_enc, |_, v| v > 0.0),
-            TrainArchitecture::TopK { k, .. } => cpu::top_k_rows(&pre, b_enc, k),
+            TrainArchitecture::Standard { .. } => cpu::select_rows(pre, b_enc, |_, v| v > 0.0),
+            TrainArchitecture::TopK { k, .. } => cpu::top_k_rows(pre, b_enc, k),
             TrainArchitecture::BatchTopK { k, .. } => {
-                batch_top_k(&pre, b_enc, k * rows, config.seed ^ step)
+                batch_top_k(pre, b_enc, k * rows, config.seed ^ step)
             }
             TrainArchitecture::JumpRelu { bandwidth, .. } => {
-                near = near_threshold(&pre, b_enc, &threshold, bandwidth);
-                cpu::select_rows(&pre, b_enc, |j, v| v > threshold[j] && v > 0.0)
+                near = near_threshold(pre, b_enc, &threshold, bandwidth);
+                cpu::select_rows(pre, b_enc, |j, v| v > threshold[j] && v > 0.0)
             }
         };
         let l0 = active.len() as f64 / rows as f64;
@@ -521,7 +521,7 @@ impl SaeTrainer {
                 row.copy_from_slice(&b_dec_p.value);
             }
             cpu::matmul(
-                MatRef::new(&pre, rows, d_sae),
+                MatRef::new(pre, rows, d_sae),
                 MatRef::new(&w_dec_p.value, d_sae, d_in),
                 x_hat,
                 true,
@@ -549,7 +549,7 @@ impl SaeTrainer {
                 dense_grad,
                 false,
             );
-            gather_pairs(&active, &dense_grad, d_sae)
+            gather_pairs(&active, dense_grad, d_sae)
         } else {
             cpu::pair_dots(&active, &g_e, w_dec, d_in)
         };
@@ -602,14 +602,14 @@ impl SaeTrainer {
             // g_pre as a dense matrix in the buffer the dot products came from.
             scatter_values(&active, &g_pre, d_sae, dense_grad);
             cpu::matmul(
-                MatRef::new(&pre, rows, d_sae).t(),
+                MatRef::new(pre, rows, d_sae).t(),
                 MatRef::new(&g_e, rows, d_in),
                 &mut w_dec_p.grad,
                 true,
             );
             cpu::matmul(
-                MatRef::new(&dense_grad, rows, d_sae).t(),
-                MatRef::new(&x_in, rows, d_in),
+                MatRef::new(dense_grad, rows, d_sae).t(),
+                MatRef::new(x_in, rows, d_in),
                 &mut w_enc_t.grad,
                 true,
             );
@@ -622,7 +622,7 @@ impl SaeTrainer {
                 &active.by_latent(d_sae),
                 &g_e,
                 &g_pre,
-                &x_in,
+                x_in,
                 d_in,
                 &mut w_dec_p.grad,
                 &mut w_enc_t.grad,
@@ -672,7 +672,7 @@ impl SaeTrainer {
                     &aux.by_latent(d_sae),
                     &e_aux,
                     &g_aux,
-                    &x_in,
+                    x_in,
                     d_in,
                     &mut w_dec_p.grad,
                     &mut w_enc_t.grad,
