@@ -454,3 +454,61 @@ fn cli_trains_and_evaluates_an_sae() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("100000"));
 }
+
+#[test]
+fn parquet_text_columns_feed_the_same_windows_as_text() {
+    use arrow::array::{ArrayRef, Int32Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let docs: Vec<String> = std::fs::read_to_string(&text)
+        .unwrap()
+        .split("\n\n")
+        .map(str::to_string)
+        .collect();
+    let path = tmp.path().join("corpus.parquet");
+    let batch = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int32Array::from_iter_values(0..docs.len() as i32)) as ArrayRef,
+        ),
+        (
+            "body",
+            Arc::new(StringArray::from_iter_values(docs.iter())) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+
+    let model = model();
+    let mut from_parquet = ActivationSource::new(
+        &model,
+        Corpus::parse(path.to_str().unwrap(), "body").unwrap(),
+        HOOK,
+        windows(),
+    )
+    .unwrap();
+    let mut from_text = source(&model, &text);
+    assert_eq!(
+        from_parquet.next_windows(6).unwrap(),
+        from_text.next_windows(6).unwrap()
+    );
+    // A missing column is named, with the ones that exist.
+    let mut wrong = ActivationSource::new(
+        &model,
+        Corpus::parse(path.to_str().unwrap(), "text").unwrap(),
+        HOOK,
+        windows(),
+    )
+    .unwrap();
+    let e = error_of(wrong.next_chunk());
+    assert!(
+        e.contains("corpus.parquet") && e.contains("`text`") && e.contains("body"),
+        "{e}"
+    );
+}

@@ -164,6 +164,9 @@ pub struct TrainArgs {
     /// Metrics-log interval in steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
+    /// Dtype of the saved weights: f32 | f16 | bf16 (training is always f32).
+    #[arg(long, default_value = "f32")]
+    save_dtype: String,
     /// Print the final step's metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -228,6 +231,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         anyhow::bail!("{} exists and is not a folder", args.out.display());
     }
+    let save_dtype = parse_dtype(&args.save_dtype)?;
     let model = args.model.load()?;
     let mut source = args.corpus.source(&model, &args.hook)?;
     if let Some(dir) = &args.cache {
@@ -334,6 +338,14 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     match outcome {
         RunOutcome::Finished(m) => {
+            if save_dtype != candle_core::DType::F32 {
+                let mut saved = saelens::load(&args.out, &candle_core::Device::Cpu, save_dtype)?;
+                saved.sparsity = saved
+                    .sparsity
+                    .map(|s| s.to_dtype(candle_core::DType::F32))
+                    .transpose()?;
+                saelens::save(&args.out, &saved, true)?;
+            }
             if args.json {
                 print_json(&m)?;
             } else {
