@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixture_dir;
+use common::{fixture_dir, max_abs_diff};
 use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model};
 
 fn load(model_type: &str, dtype: DType) -> Model {
@@ -252,14 +252,6 @@ fn stop_at_layer_returns_the_residual_entering_that_block() {
         let stopped = model.forward(&ids, &Hooks::new().stop_at_layer(1)).unwrap();
         let expected = full.cache.get(point).unwrap();
         assert_eq!(stopped.logits.dims(), expected.dims(), "{model_type}");
-        let diff = (&stopped.logits - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{model_type}");
+        assert_eq!(max_abs_diff(&stopped.logits, expected), 0.0, "{model_type}");
     }
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use common::fixture_dir;
+use common::{fixture_dir, max_abs_diff};
 use monoscope::Model;
 use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use monoscope::sae::eval::{EvalSettings, evaluate};
@@ -81,6 +81,7 @@ fn settings(d_in: usize, steps: u64) -> RunSettings {
         normalize: true,
         checkpoint_every_tokens: 0,
         log_every_steps: 1,
+        save_dtype: Default::default(),
     }
 }
 
@@ -137,15 +138,11 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
 
     let (a, b) = (weights(&straight), weights(&resumed));
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
-        let diff = (&a[key] - &b[key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{key} differs after resume");
+        assert_eq!(
+            max_abs_diff(&a[key], &b[key]),
+            0.0,
+            "{key} differs after resume"
+        );
     }
     // The metrics log reads as one run: steps 1..=24 once each.
     let log = std::fs::read_to_string(resumed.join("training/metrics.jsonl")).unwrap();
@@ -359,38 +356,41 @@ fn bad_input_gives_errors_that_name_the_culprit() {
     assert!(e.contains("trainer.safetensors"), "{e}");
 }
 
+fn monoscope(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cli_trains_and_evaluates_an_sae() {
     let tmp = tempfile::tempdir().unwrap();
     let text = corpus(tmp.path());
+    let text = text.to_str().unwrap();
     let out = tmp.path().join("sae");
+    let out = out.to_str().unwrap();
     let model = fixture_dir("gpt2");
-    let status = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args([
-            "sae",
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--hook",
-            HOOK,
-        ])
-        .args([
-            "--corpus",
-            text.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args([
-            "--context-size",
-            "16",
-            "--tokens",
-            "1024",
-            "--batch-size",
-            "64",
-        ])
-        .args(["--k", "4", "--expansion", "2", "--json"])
-        .output()
-        .unwrap();
+    let model = model.to_str().unwrap();
+    let train = [
+        "sae", "train", "--model", model, "--hook", HOOK, "--corpus", text,
+    ];
+    let status = monoscope(
+        &[
+            &train[..],
+            &["--out", out, "--context-size", "16", "--tokens", "1024"],
+            &[
+                "--batch-size",
+                "64",
+                "--k",
+                "4",
+                "--expansion",
+                "2",
+                "--json",
+            ],
+        ]
+        .concat(),
+    );
     assert!(
         status.status.success(),
         "{}",
@@ -398,24 +398,19 @@ fn cli_trains_and_evaluates_an_sae() {
     );
     let last: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(last["step"], 16);
-    let eval = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args([
-            "sae",
-            "eval",
-            "--sae",
-            out.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-        ])
-        .args([
-            "--corpus",
-            text.to_str().unwrap(),
-            "--windows",
-            "8",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let eval = monoscope(&[
+        "sae",
+        "eval",
+        "--sae",
+        out,
+        "--model",
+        model,
+        "--corpus",
+        text,
+        "--windows",
+        "8",
+        "--json",
+    ]);
     assert!(
         eval.status.success(),
         "{}",
@@ -433,24 +428,15 @@ fn cli_trains_and_evaluates_an_sae() {
         assert!(report[key].is_number(), "{key} missing: {report}");
     }
     // k > d_sae is refused before any work, naming the value.
-    let bad = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args([
-            "sae",
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--hook",
-            HOOK,
-        ])
-        .args([
-            "--corpus",
-            text.to_str().unwrap(),
-            "--out",
-            tmp.path().join("bad").to_str().unwrap(),
-        ])
-        .args(["--context-size", "16", "--k", "100000"])
-        .output()
-        .unwrap();
+    let bad_out = tmp.path().join("bad");
+    let bad = monoscope(
+        &[
+            &train[..],
+            &["--out", bad_out.to_str().unwrap(), "--context-size", "16"],
+            &["--k", "100000"],
+        ]
+        .concat(),
+    );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("100000"));
 }

@@ -8,15 +8,18 @@
 
 #![allow(clippy::unwrap_used)] // tests and benches may panic on failure
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use monoscope::sae::saelens::{self, SaeDir};
 use monoscope::sae::{Architecture, Sae};
 
 const ARCHITECTURES: [&str; 4] = ["standard", "topk", "batchtopk", "jumprelu"];
-const TOLERANCE: f64 = 1e-5;
+const TOLERANCE: f32 = 1e-5;
 
 fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,18 +30,6 @@ fn fixture(arch: &str) -> PathBuf {
 /// `x`, `feature_acts` and `reconstruction` as SAELens computed them.
 fn io(arch: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(arch).join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn load(dir: &Path) -> SaeDir {
@@ -69,13 +60,13 @@ fn saelens_written_saes_match_saelens_outputs() {
         assert_eq!(loaded.metadata.context_size, 32);
         let io = io(arch);
         let acts = loaded.sae.encode(&io["x"]).unwrap();
-        let d = max_diff(&acts, &io["feature_acts"]);
+        let d = max_abs_diff(&acts, &io["feature_acts"]);
         assert!(
             d <= TOLERANCE,
             "{arch}: encode differs from sae_lens by {d}"
         );
         let recon = loaded.sae.decode(&io["feature_acts"]).unwrap();
-        let d = max_diff(&recon, &io["reconstruction"]);
+        let d = max_abs_diff(&recon, &io["reconstruction"]);
         assert!(
             d <= TOLERANCE,
             "{arch}: decode differs from sae_lens by {d}"
@@ -149,11 +140,14 @@ fn saved_saes_reload_to_identical_outputs() {
         };
         assert_eq!(reloaded.sae.architecture, expected_arch, "{name}");
         let (acts2, recon2) = outputs(&reloaded.sae, x);
-        assert_eq!(max_diff(&acts, &acts2), 0.0, "{name}: encode");
-        assert_eq!(max_diff(&recon, &recon2), 0.0, "{name}: decode");
+        assert_eq!(max_abs_diff(&acts, &acts2), 0.0, "{name}: encode");
+        assert_eq!(max_abs_diff(&recon, &recon2), 0.0, "{name}: decode");
         if name != "topk_rescale" {
             // Still SAELens's outputs (the rescaled variant has no SAELens reference here).
-            assert!(max_diff(&acts, &io["feature_acts"]) <= TOLERANCE, "{name}");
+            assert!(
+                max_abs_diff(&acts, &io["feature_acts"]) <= TOLERANCE,
+                "{name}"
+            );
         }
         if keep.is_some() {
             write_io(&dir.join("io.safetensors"), x, &acts, &recon);

@@ -10,9 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{ModelArgs, print_json};
 use crate::device::parse_dtype;
-use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
+use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::eval::{EvalSettings, evaluate};
-use crate::sae::run::{RunOutcome, RunSettings, run as run_training};
+use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run as run_training};
 use crate::sae::saelens::{self, SaeMetadata};
 use crate::sae::train::{BDecInit, TrainArchitecture, TrainConfig};
 
@@ -164,9 +164,9 @@ pub struct TrainArgs {
     /// Metrics-log interval in steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
-    /// Dtype of the saved weights: f32 | f16 | bf16 (training is always f32).
-    #[arg(long, default_value = "f32")]
-    save_dtype: String,
+    /// Dtype of the saved weights (training is always f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    save_dtype: SaveDtype,
     /// Print the final step's metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -231,13 +231,12 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         anyhow::bail!("{} exists and is not a folder", args.out.display());
     }
-    let save_dtype = parse_dtype(&args.save_dtype)?;
     let model = args.model.load()?;
     let mut source = args.corpus.source(&model, &args.hook)?;
     if let Some(dir) = &args.cache {
         source = source.with_cache(dir, parse_dtype(&args.cache_dtype)?)?;
     }
-    let d_in = crate::sae::activations::ChunkSource::d_in(&source);
+    let d_in = source.d_in();
     let d_sae = args.d_sae.unwrap_or(args.expansion * d_in);
     let aux_k = args.aux_k.unwrap_or(d_in / 2);
     let architecture = match args.arch {
@@ -282,6 +281,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         normalize: !args.no_normalize,
         checkpoint_every_tokens: args.checkpoint_every,
         log_every_steps: args.log_every,
+        save_dtype: args.save_dtype,
         train,
     };
     let metadata = SaeMetadata {
@@ -338,14 +338,6 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     match outcome {
         RunOutcome::Finished(m) => {
-            if save_dtype != candle_core::DType::F32 {
-                let mut saved = saelens::load(&args.out, &candle_core::Device::Cpu, save_dtype)?;
-                saved.sparsity = saved
-                    .sparsity
-                    .map(|s| s.to_dtype(candle_core::DType::F32))
-                    .transpose()?;
-                saelens::save(&args.out, &saved, true)?;
-            }
             if args.json {
                 print_json(&m)?;
             } else {

@@ -4,7 +4,8 @@
 //!
 //! The stream is a sequence of *chunks*, chunk `i` being the activations of forward batch `i`
 //! (`windows_per_forward` windows). Everything downstream counts chunks, so a run resumes by
-//! skipping chunks (tokenising only) or reading them back from the cache.
+//! moving the chunk counter: chunks come back from the cache, or the token stream catches up
+//! (tokenising only) before the next one is computed.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -368,6 +369,8 @@ pub struct ActivationSource<'m> {
     special: HashSet<u32>,
     windows: Option<TokenWindows>,
     epoch: u64,
+    /// Windows taken from the token stream since the start (all epochs).
+    windows_read: u64,
     chunks: u64,
     d_in: usize,
     cache: Option<DiskCache>,
@@ -430,6 +433,7 @@ impl<'m> ActivationSource<'m> {
             special,
             windows: None,
             epoch: 0,
+            windows_read: 0,
             chunks: 0,
             d_in,
             cache: None,
@@ -442,11 +446,6 @@ impl<'m> ActivationSource<'m> {
 
     pub fn model(&self) -> &'m Model {
         self.model
-    }
-
-    /// Width of the hook's rows.
-    pub fn d_in_width(&self) -> usize {
-        self.d_in
     }
 
     /// Whether positions holding `id` are left out.
@@ -479,17 +478,13 @@ impl<'m> ActivationSource<'m> {
         Ok(self)
     }
 
-    /// Moves on to chunk `n` without computing activations (tokenising only), to resume.
-    fn skip_chunks(&mut self, n: u64) -> Result<()> {
-        while self.chunks < n {
-            if self.cache.as_ref().is_some_and(|c| c.has(self.chunks)) {
-                self.chunks += 1;
-                continue;
-            }
-            for _ in 0..self.settings.windows_per_forward {
-                self.next_window()?;
-            }
-            self.chunks += 1;
+    /// Advances the token stream to the first window of chunk `index`. The stream lags
+    /// behind the chunk counter after a resume or after chunks read from the cache; catching
+    /// up only tokenises.
+    fn seek_windows(&mut self, index: u64) -> Result<()> {
+        let target = index * self.settings.windows_per_forward as u64;
+        while self.windows_read < target {
+            self.next_window()?;
         }
         Ok(())
     }
@@ -508,6 +503,7 @@ impl<'m> ActivationSource<'m> {
             }
             let w = self.windows.as_mut().expect("set above");
             if w.pending.len() >= body {
+                self.windows_read += 1;
                 let mut window = Vec::with_capacity(ctx);
                 window.extend(bos);
                 window.extend(w.pending.drain(..body));
@@ -592,16 +588,11 @@ impl ChunkSource for ActivationSource<'_> {
     fn next_chunk(&mut self) -> Result<Vec<f32>> {
         loop {
             let index = self.chunks;
-            let rows = match self.cache.as_mut().map(|c| c.read(index)).transpose()? {
-                Some(Some(rows)) => {
-                    // Keep the token stream in step for when the cache runs out.
-                    self.windows = None;
-                    rows
-                }
-                _ => {
-                    if self.cache.is_some() && self.windows.is_none() && index > 0 {
-                        self.resync_after_cache(index)?;
-                    }
+            let cached = self.cache.as_mut().map(|c| c.read(index)).transpose()?;
+            let rows = match cached.flatten() {
+                Some(rows) => rows,
+                None => {
+                    self.seek_windows(index)?;
                     let rows = self.compute_chunk()?;
                     if let Some(cache) = self.cache.as_mut() {
                         cache.append(index, &rows, self.d_in)?;
@@ -620,20 +611,9 @@ impl ChunkSource for ActivationSource<'_> {
         self.chunks
     }
 
+    /// Lazy: the token stream catches up when the next chunk is computed.
     fn skip_to(&mut self, n: u64) -> Result<()> {
-        self.skip_chunks(n)
-    }
-}
-
-impl ActivationSource<'_> {
-    /// After reading chunks from the cache, re-derive the token stream position.
-    fn resync_after_cache(&mut self, index: u64) -> Result<()> {
-        self.epoch = 0;
-        self.windows = None;
-        let windows = index * self.settings.windows_per_forward as u64;
-        for _ in 0..windows {
-            self.next_window()?;
-        }
+        self.chunks = n;
         Ok(())
     }
 }
@@ -702,10 +682,6 @@ impl DiskCache {
             manifest,
             dtype,
         })
-    }
-
-    fn has(&self, index: u64) -> bool {
-        (index as usize) < self.manifest.shards.len()
     }
 
     fn read(&mut self, index: u64) -> Result<Option<Vec<f32>>> {

@@ -20,7 +20,7 @@ use candle_nn::ops::log_softmax;
 use serde::Serialize;
 
 use super::Sae;
-use super::activations::ActivationSource;
+use super::activations::{ActivationSource, ChunkSource};
 use crate::error::{Error, Result};
 use crate::model::hooks::{Hooks, Intervention, InterventionOp};
 
@@ -124,7 +124,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let model = source.model();
     let hook = source.hook;
-    let d_in = source.d_in_width();
+    let d_in = source.d_in();
     if sae.d_in() != d_in {
         return Err(Error::InvalidArgument {
             what: "SAE",

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::activations::{ChunkSource, MixingBuffer};
@@ -34,41 +34,43 @@ pub struct RunSettings {
     pub checkpoint_every_tokens: u64,
     /// Append to the metrics log every this many steps (and at the last step).
     pub log_every_steps: u64,
+    /// Dtype of the saved weights (training is always f32).
+    #[serde(default)]
+    pub save_dtype: SaveDtype,
+}
+
+/// Storage dtype of a finished SAE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum)]
+pub enum SaveDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<SaveDtype> for DType {
+    fn from(d: SaveDtype) -> DType {
+        match d {
+            SaveDtype::F32 => DType::F32,
+            SaveDtype::F16 => DType::F16,
+            SaveDtype::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// Everything saved with a checkpoint besides tensors.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct CheckpointState {
     settings: RunSettings,
-    metadata: SaeMetadataJson,
+    metadata: SaeMetadata,
     input_scale: f32,
     chunks_read: u64,
     buffer_refills: u64,
     /// Rows of the saved buffer already handed out.
     buffer_used: usize,
     counters: TrainerCounters,
-}
-
-/// [`SaeMetadata`] as stored in a checkpoint.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct SaeMetadataJson {
-    model_name: String,
-    hook_name: String,
-    context_size: usize,
-    prepend_bos: bool,
-    dataset_path: String,
-}
-
-impl From<&SaeMetadata> for SaeMetadataJson {
-    fn from(m: &SaeMetadata) -> Self {
-        Self {
-            model_name: m.model_name.clone(),
-            hook_name: m.hook_name.clone(),
-            context_size: m.context_size,
-            prepend_bos: m.prepend_bos,
-            dataset_path: m.dataset_path.clone(),
-        }
-    }
 }
 
 /// How a run ended.
@@ -127,8 +129,7 @@ pub fn run(
     }
     let mut buffer = MixingBuffer::new(d_in, settings.buffer_rows, settings.train.seed);
     let (mut trainer, input_scale) = if resume {
-        let (trainer, scale) = restore(&paths, settings, metadata, source, &mut buffer)?;
-        (trainer, scale)
+        restore(&paths, settings, metadata, source, &mut buffer)?
     } else {
         refuse_existing(&paths)?;
         std::fs::create_dir_all(paths.training()).map_err(|e| Error::io(paths.training(), e))?;
@@ -148,6 +149,12 @@ pub fn run(
         (SaeTrainer::new(settings.train.clone(), &first)?, scale)
     };
 
+    let checkpoint = Checkpoint {
+        paths: &paths,
+        settings,
+        metadata,
+        input_scale,
+    };
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(paths.metrics())
@@ -157,15 +164,7 @@ pub fn run(
     let mut next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
     while trainer.step < settings.train.total_steps {
         if cancel.load(Ordering::Relaxed) {
-            save_checkpoint(
-                &paths,
-                &trainer,
-                &buffer,
-                source,
-                settings,
-                metadata,
-                input_scale,
-            )?;
+            checkpoint.save(&trainer, &buffer, source)?;
             return Ok(RunOutcome::Cancelled { step: trainer.step });
         }
         let rows = buffer.next_batch(source, batch)?;
@@ -196,28 +195,14 @@ pub fn run(
         on_step(&metrics);
         last = metrics;
         if settings.checkpoint_every_tokens > 0 && trainer.tokens >= next_checkpoint && !is_last {
-            save_checkpoint(
-                &paths,
-                &trainer,
-                &buffer,
-                source,
-                settings,
-                metadata,
-                input_scale,
-            )?;
+            checkpoint.save(&trainer, &buffer, source)?;
             next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
         }
     }
-    save_checkpoint(
-        &paths,
-        &trainer,
-        &buffer,
-        source,
-        settings,
-        metadata,
-        input_scale,
-    )?;
-    let sae = trainer.to_sae(input_scale, &Device::Cpu)?;
+    checkpoint.save(&trainer, &buffer, source)?;
+    let sae = trainer
+        .to_sae(input_scale, &Device::Cpu)?
+        .to_dtype(settings.save_dtype.into())?;
     let sparsity = Tensor::from_vec(trainer.log_sparsity(), settings.train.d_sae, &Device::Cpu)?;
     saelens::save(
         out,
@@ -261,57 +246,72 @@ fn refuse_existing(paths: &RunPaths) -> Result<()> {
     Ok(())
 }
 
-fn save_checkpoint(
-    paths: &RunPaths,
-    trainer: &SaeTrainer,
-    buffer: &MixingBuffer,
-    source: &dyn ChunkSource,
-    settings: &RunSettings,
-    metadata: &SaeMetadata,
+/// What a checkpoint saves besides the trainer, buffer and source it is handed.
+struct Checkpoint<'a> {
+    paths: &'a RunPaths,
+    settings: &'a RunSettings,
+    metadata: &'a SaeMetadata,
     input_scale: f32,
-) -> Result<()> {
-    let (held, used, refills) = buffer.state();
-    let state = CheckpointState {
-        settings: settings.clone(),
-        metadata: metadata.into(),
-        input_scale,
-        chunks_read: source.chunks_read(),
-        buffer_refills: refills,
-        buffer_used: used,
-        counters: trainer.state_counters(),
-    };
-    let new = paths.training().join("checkpoint.new");
-    if new.exists() {
-        std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-    }
-    std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-    let tensors = trainer.state_tensors()?;
-    candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
-    let rows = held.len() / settings.train.d_in;
-    let buffer_tensor = Tensor::from_slice(held, (rows, settings.train.d_in), &Device::Cpu)?;
-    candle_core::safetensors::save(
-        &HashMap::from([("rows".to_string(), buffer_tensor)]),
-        new.join(BUFFER_FILE),
-    )?;
-    let json = serde_json::to_string_pretty(&state).map_err(|source| Error::Json {
-        path: new.join(STATE_JSON),
-        source,
-    })?;
-    std::fs::write(new.join(STATE_JSON), json).map_err(|e| Error::io(new.join(STATE_JSON), e))?;
-    // Swap in: the old checkpoint is removed only once the new one is complete.
-    let current = paths.checkpoint();
-    let old = paths.training().join("checkpoint.old");
-    if current.exists() {
+}
+
+impl Checkpoint<'_> {
+    /// Writes `training/checkpoint.new`, then swaps it in for `training/checkpoint`.
+    fn save(
+        &self,
+        trainer: &SaeTrainer,
+        buffer: &MixingBuffer,
+        source: &dyn ChunkSource,
+    ) -> Result<()> {
+        let Self {
+            paths,
+            settings,
+            metadata,
+            input_scale,
+        } = *self;
+        let (held, used, refills) = buffer.state();
+        let state = CheckpointState {
+            settings: settings.clone(),
+            metadata: metadata.clone(),
+            input_scale,
+            chunks_read: source.chunks_read(),
+            buffer_refills: refills,
+            buffer_used: used,
+            counters: trainer.state_counters(),
+        };
+        let new = paths.training().join("checkpoint.new");
+        if new.exists() {
+            std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+        }
+        std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+        let tensors = trainer.state_tensors()?;
+        candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
+        let rows = held.len() / settings.train.d_in;
+        let buffer_tensor = Tensor::from_slice(held, (rows, settings.train.d_in), &Device::Cpu)?;
+        candle_core::safetensors::save(
+            &HashMap::from([("rows".to_string(), buffer_tensor)]),
+            new.join(BUFFER_FILE),
+        )?;
+        let json = serde_json::to_string_pretty(&state).map_err(|source| Error::Json {
+            path: new.join(STATE_JSON),
+            source,
+        })?;
+        std::fs::write(new.join(STATE_JSON), json)
+            .map_err(|e| Error::io(new.join(STATE_JSON), e))?;
+        // Swap in: the old checkpoint is removed only once the new one is complete.
+        let current = paths.checkpoint();
+        let old = paths.training().join("checkpoint.old");
+        if current.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
+        }
+        std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
-        std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
+        Ok(())
     }
-    std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
 }
 
 fn restore(
@@ -346,7 +346,7 @@ fn restore(
                 .into(),
         });
     }
-    if state.metadata != SaeMetadataJson::from(metadata) {
+    if &state.metadata != metadata {
         return Err(Error::InvalidArgument {
             what: "resume",
             value: dir.display().to_string(),
@@ -390,14 +390,9 @@ fn restore(
         state.buffer_used,
         state.buffer_refills,
     );
-    source_skip(source, state.chunks_read)?;
+    source.skip_to(state.chunks_read)?;
     truncate_metrics(&paths.metrics(), trainer.step)?;
     Ok((trainer, state.input_scale))
-}
-
-/// Moves a source to chunk `n` by reading (and dropping) chunks.
-fn source_skip(source: &mut dyn ChunkSource, n: u64) -> Result<()> {
-    source.skip_to(n)
 }
 
 /// Drops logged steps after `step`, so a resumed log reads as one run.

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Architecture, Sae};
@@ -31,7 +31,7 @@ pub const SPARSITY_FILE: &str = "sparsity.safetensors";
 pub const SAELENS_FORMAT_VERSION: &str = "6.54.12";
 
 /// Where an SAE was trained: SAELens keeps these under `metadata`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SaeMetadata {
     pub model_name: String,
     pub hook_name: String,

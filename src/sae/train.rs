@@ -516,7 +516,7 @@ impl SaeTrainer {
         let dense = active.len() * 16 > rows * d_sae;
         x_hat.resize(rows * d_in, 0.0);
         if dense {
-            scatter_dense(&active, d_sae, pre);
+            scatter_values(&active, &active.value, d_sae, pre);
             for row in x_hat.chunks_exact_mut(d_in) {
                 row.copy_from_slice(&b_dec_p.value);
             }
@@ -773,28 +773,14 @@ impl SaeTrainer {
                 );
             }
         }
-        out.insert(
-            "fire_counts".into(),
-            Tensor::from_vec(
-                self.fire_counts
-                    .iter()
-                    .map(|&t| t as i64)
-                    .collect::<Vec<i64>>(),
-                self.fire_counts.len(),
-                &dev,
-            )?,
-        );
-        out.insert(
-            "tokens_since_fired".into(),
-            Tensor::from_vec(
-                self.tokens_since_fired
-                    .iter()
-                    .map(|&t| t as i64)
-                    .collect::<Vec<i64>>(),
-                self.tokens_since_fired.len(),
-                &dev,
-            )?,
-        );
+        // safetensors has no u64: counters go as i64.
+        for (name, counts) in [
+            ("fire_counts", &self.fire_counts),
+            ("tokens_since_fired", &self.tokens_since_fired),
+        ] {
+            let values: Vec<i64> = counts.iter().map(|&t| t as i64).collect();
+            out.insert(name.into(), Tensor::from_vec(values, counts.len(), &dev)?);
+        }
         Ok(out)
     }
 
@@ -877,12 +863,6 @@ impl SaeTrainer {
         trainer.tokens = counters.tokens;
         trainer.batch_threshold = counters.batch_threshold;
         Ok(trainer)
-    }
-
-    /// Latent firing counts over the tokens since `tokens_since_fired` was reset are not kept;
-    /// this reports which latents fired within the dead window.
-    pub fn alive(&self) -> Vec<bool> {
-        self.dead_mask().iter().map(|d| !d).collect()
     }
 }
 
@@ -982,11 +962,7 @@ fn remove_parallel_component(g: &mut [f32], w: &[f32], d: usize) {
     });
 }
 
-/// Overwrites `out` (`[rows, d_sae]`) with the active values, zeros elsewhere.
-fn scatter_dense(active: &Active, d_sae: usize, out: &mut [f32]) {
-    scatter_values(active, &active.value, d_sae, out);
-}
-
+/// Overwrites `out` (`[rows, d_sae]`) with one value per active pair, zeros elsewhere.
 fn scatter_values(active: &Active, values: &[f32], d_sae: usize, out: &mut [f32]) {
     out.par_chunks_mut(d_sae).enumerate().for_each(|(b, row)| {
         row.fill(0.0);

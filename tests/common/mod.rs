@@ -21,11 +21,17 @@ pub fn max_relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
     max_abs_diff(actual, expected) / scale.max(1e-12)
 }
 
-/// max |a − b| over all elements (shapes must match), in f32.
+/// max |a − b| over all elements (shapes must match), computed in f64 (so f64 tensors keep
+/// their precision), returned as f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    max_abs(&(a - b.to_dtype(DType::F32).unwrap()).unwrap())
+    let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    diff.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap() as f32
 }
 
 fn max_abs(t: &Tensor) -> f32 {
