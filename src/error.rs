@@ -37,6 +37,9 @@ pub enum Error {
         supported: String,
     },
 
+    #[error("{path}: Parquet: {message}")]
+    Parquet { path: PathBuf, message: String },
+
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 

@@ -1,15 +1,19 @@
 //! monoscope: a workbench for looking inside decoder language models.
 //!
-//! Data flows one way: [`model`] (load, hooked forward passes, generation) feeds everything
-//! built on top of it.
+//! Data flows one way: [`model`] (load, hooked forward passes, generation) → [`sae`]
+//! (activations, training, codes) → [`features`] and [`export`]; [`world`] is the bundled
+//! model and its labelled corpus.
 
 pub mod causal;
 pub mod cli;
 pub mod device;
 pub mod error;
+pub mod export;
+pub mod features;
 pub mod files;
 pub mod model;
 pub mod sae;
+pub mod table;
 pub mod world;
 
 pub use error::{Error, Result};

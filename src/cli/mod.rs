@@ -1,5 +1,7 @@
 //! Command-line front end: clap arguments → validated library calls → text or `--json`.
 
+mod export;
+mod features;
 mod generate;
 mod info;
 mod sae;
@@ -8,9 +10,11 @@ mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{DeviceChoice, parse_dtype};
 use crate::model::Model;
@@ -41,6 +45,11 @@ enum Command {
     /// Sparse autoencoders: train on a hook's activations, evaluate.
     #[command(subcommand)]
     Sae(sae::SaeCommand),
+    /// SAE features: build the statistics the GUI shows, score them against ground truth.
+    #[command(subcommand)]
+    Features(features::FeaturesCommand),
+    /// Export an SAE's feature activations over a corpus to Parquet.
+    Export(Box<export::ExportArgs>),
 }
 
 /// Options every model-loading command shares.
@@ -93,6 +102,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Trace(args) => trace::run(&args),
         Command::World(command) => world::run(&command),
         Command::Sae(command) => sae::run(&command),
+        Command::Features(command) => features::run(&command),
+        Command::Export(args) => export::run(&args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -125,4 +136,33 @@ pub fn write_new_file(
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Set by Ctrl-C: long jobs stop at the next safe point. A second Ctrl-C exits at once.
+pub static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler; `what` says what the first Ctrl-C does.
+pub fn install_ctrl_c(what: &'static str) {
+    // Only the first installation in a process succeeds; later calls keep the first handler.
+    let _ = ctrlc::set_handler(move || {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\n{what} (Ctrl-C again to quit now)");
+    });
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, template: &str) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template)?.progress_chars("=> "));
+    Ok(bar)
+}
+
+/// Peak resident memory of this process in bytes (Linux; `None` elsewhere).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -1,14 +1,12 @@
 //! `monoscope sae train|eval`: train a sparse autoencoder on a hook's activations, measure one.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{ModelArgs, print_json};
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::device::parse_dtype;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::eval::{EvalSettings, evaluate};
@@ -57,12 +55,38 @@ pub struct CorpusArgs {
 }
 
 impl CorpusArgs {
+    pub fn corpus(&self) -> anyhow::Result<Corpus> {
+        Ok(Corpus::parse(&self.corpus, &self.text_field)?)
+    }
+
+    /// How documents are cut into forward segments (`default_context`: the SAE's).
+    pub fn segments(
+        &self,
+        model: &crate::model::Model,
+        default_context: usize,
+    ) -> crate::sae::codes::SegmentSettings {
+        let fallback = if default_context > 0 {
+            default_context
+        } else {
+            128
+        };
+        crate::sae::codes::SegmentSettings {
+            context_size: self
+                .context_size
+                .unwrap_or(fallback)
+                .min(model.dims().context_length),
+            prepend_bos: !self.no_bos,
+            exclude_special: !self.include_special,
+            segments_per_forward: self.windows_per_forward,
+        }
+    }
+
     fn source<'m>(
         &self,
         model: &'m crate::model::Model,
         hook: &str,
     ) -> anyhow::Result<ActivationSource<'m>> {
-        let corpus = Corpus::parse(&self.corpus, &self.text_field)?;
+        let corpus = self.corpus()?;
         let settings = WindowSettings {
             context_size: self
                 .context_size
@@ -208,25 +232,6 @@ pub fn run(command: &SaeCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Set by Ctrl-C: the run writes a checkpoint and stops. A second Ctrl-C exits at once.
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-fn install_ctrl_c() {
-    // Only the first installation in a process succeeds; later calls keep the first handler.
-    let _ = ctrlc::set_handler(|| {
-        if CANCEL.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step and writing a checkpoint (Ctrl-C again to quit now)");
-    });
-}
-
-fn progress_bar(len: u64, template: &str) -> anyhow::Result<ProgressBar> {
-    let bar = ProgressBar::new(len);
-    bar.set_style(ProgressStyle::with_template(template)?.progress_chars("=> "));
-    Ok(bar)
-}
-
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         anyhow::bail!("{} exists and is not a folder", args.out.display());
@@ -291,7 +296,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         prepend_bos: source.settings.prepend_bos,
         dataset_path: source.corpus().describe(),
     };
-    install_ctrl_c();
+    install_ctrl_c("stopping after this step and writing a checkpoint");
     let total = settings.train.total_steps;
     let bar = progress_bar(
         total,
@@ -370,16 +375,8 @@ fn model_name(dir: &Path) -> String {
 fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let device = model.device.clone();
-    let sae_dir = saelens::load(&args.sae, &device, candle_core::DType::F32)
-        .with_context(|| format!("loading SAE {}", args.sae.display()))?;
-    let hook = match &args.hook {
-        Some(h) => h.clone(),
-        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
-        None => anyhow::bail!(
-            "{}: the SAE's cfg.json names no hook_name; pass --hook",
-            args.sae.display()
-        ),
-    };
+    let (sae_dir, hook) = load_sae(&args.sae, args.hook.as_deref(), &model, &device)?;
+    let hook = hook.to_string();
     let mut corpus = args.corpus.clone();
     if corpus.context_size.is_none() && sae_dir.metadata.context_size > 0 {
         corpus.context_size = Some(
@@ -411,4 +408,38 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         print!("{}", report.render());
     }
     Ok(())
+}
+
+/// Loads an SAE (in f32) and resolves the hook it reads: `hook`, or else the SAE's
+/// `metadata.hook_name`, which must exist in `model`.
+pub fn load_sae(
+    dir: &Path,
+    hook: Option<&str>,
+    model: &crate::model::Model,
+    device: &candle_core::Device,
+) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
+    let sae_dir = saelens::load(dir, device, candle_core::DType::F32)
+        .with_context(|| format!("loading SAE {}", dir.display()))?;
+    let name = match hook {
+        Some(h) => h.to_string(),
+        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
+        None => anyhow::bail!(
+            "{}: the SAE's cfg.json names no hook_name; pass --hook",
+            dir.join("cfg.json").display()
+        ),
+    };
+    let points = model.resolve_hooks(&[&name]).with_context(|| {
+        format!(
+            "the SAE {} reads hook `{name}`, which {} does not have",
+            dir.display(),
+            model.dir.display()
+        )
+    })?;
+    match points[..] {
+        [point] => Ok((sae_dir, point)),
+        _ => anyhow::bail!(
+            "hook `{name}` names {} hook points; an SAE reads one",
+            points.len()
+        ),
+    }
 }

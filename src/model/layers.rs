@@ -66,6 +66,16 @@ impl Norm {
         }
     }
 
+    /// The elementwise gain (Gemma's stored `1 + w` included).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Whether the norm centres its input (LayerNorm) or only rescales it (RMSNorm).
+    pub fn centers(&self) -> bool {
+        matches!(self.kind, NormKind::LayerNorm)
+    }
+
     pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
         // candle's fused kernels have no backward pass and no f64 version.
         if !needs_grad && x.dtype() != DType::F64 {

@@ -11,6 +11,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -28,7 +30,7 @@ use crate::world::knowledge::{KnowledgeBase, bundled_knowledge_path};
 /// A text corpus to run the model over.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Corpus {
-    /// Plain text; documents are separated by blank lines.
+    /// Plain text, one document per non-empty line.
     Text(PathBuf),
     /// One JSON object per line, text under `field`.
     Jsonl { path: PathBuf, field: String },
@@ -89,21 +91,26 @@ impl Corpus {
     }
 
     /// The documents of one pass over the corpus, streamed (files are never read whole).
-    pub fn documents(&self, epoch: u64) -> Result<Box<dyn Iterator<Item = Result<String>>>> {
-        Ok(match self {
-            Corpus::Text(path) => Box::new(Paragraphs {
-                lines: open(path)?.lines(),
-                path: path.clone(),
-                line: 0,
-            }),
+    /// Lines that are not valid UTF-8 are skipped and counted ([`Documents::skipped_lines`]).
+    pub fn documents(&self, epoch: u64) -> Result<Documents> {
+        let skipped = Arc::new(AtomicU64::new(0));
+        let iter: Box<dyn Iterator<Item = Result<String>> + Send> = match self {
+            Corpus::Text(path) => {
+                let path = path.clone();
+                let counter = skipped.clone();
+                Box::new(utf8_lines(&path, counter)?.filter_map(|line| match line {
+                    Ok((_, text)) if text.trim().is_empty() => None,
+                    other => Some(other.map(|(_, text)| text)),
+                }))
+            }
             Corpus::Jsonl { path, field } => {
                 let path = path.clone();
                 let field = field.clone();
                 Box::new(
-                    open(&path)?
-                        .lines()
-                        .enumerate()
-                        .filter_map(move |(i, line)| jsonl_text(&path, &field, i + 1, line)),
+                    utf8_lines(&path, skipped.clone())?.filter_map(move |line| match line {
+                        Ok((number, text)) => jsonl_text(&path, &field, number, &text),
+                        Err(e) => Some(Err(e)),
+                    }),
                 )
             }
             Corpus::Parquet { path, column } => parquet_texts(path, column)?,
@@ -116,62 +123,80 @@ impl Corpus {
                 let docs = CorpusGenerator::new(&kb, config)?.training_documents();
                 Box::new(docs.into_iter().map(|d| Ok(d.text)))
             }
-        })
+        };
+        Ok(Documents { iter, skipped })
     }
 }
 
-fn open(path: &Path) -> Result<BufReader<File>> {
-    Ok(BufReader::new(
-        File::open(path).map_err(|e| Error::io(path, e))?,
-    ))
+/// One pass over a corpus's documents.
+pub struct Documents {
+    iter: Box<dyn Iterator<Item = Result<String>> + Send>,
+    skipped: Arc<AtomicU64>,
 }
 
-/// Blank-line separated paragraphs of a text file.
-struct Paragraphs {
-    lines: std::io::Lines<BufReader<File>>,
-    path: PathBuf,
-    line: usize,
+impl Documents {
+    /// Lines left out so far because they were not valid UTF-8.
+    pub fn skipped_lines(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// A handle on the skipped-lines count that outlives the iterator.
+    pub fn skipped_counter(&self) -> Arc<AtomicU64> {
+        self.skipped.clone()
+    }
 }
 
-impl Iterator for Paragraphs {
+impl Iterator for Documents {
     type Item = Result<String>;
 
     fn next(&mut self) -> Option<Result<String>> {
-        let mut doc = String::new();
-        loop {
-            match self.lines.next() {
-                None => return (!doc.is_empty()).then_some(Ok(doc)),
-                Some(Err(e)) => {
-                    return Some(Err(Error::DataFile {
-                        path: self.path.clone(),
-                        line: self.line + 1,
-                        message: e.to_string(),
-                    }));
-                }
-                Some(Ok(l)) => {
-                    self.line += 1;
-                    if l.trim().is_empty() {
-                        if !doc.is_empty() {
-                            return Some(Ok(doc));
-                        }
-                    } else {
-                        if !doc.is_empty() {
-                            doc.push('\n');
-                        }
-                        doc.push_str(&l);
-                    }
-                }
-            }
-        }
+        self.iter.next()
     }
 }
 
-fn jsonl_text(
+/// The lines of a file with their 1-based numbers, without line endings; lines that are not
+/// valid UTF-8 are skipped and counted in `skipped`.
+fn utf8_lines(
     path: &Path,
-    field: &str,
-    line: usize,
-    text: std::io::Result<String>,
-) -> Option<Result<String>> {
+    skipped: Arc<AtomicU64>,
+) -> Result<impl Iterator<Item = Result<(usize, String)>> + Send + use<>> {
+    let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    let path = path.to_path_buf();
+    let mut number = 0usize;
+    let mut failed = false;
+    Ok(std::iter::from_fn(move || {
+        loop {
+            if failed {
+                return None;
+            }
+            let mut bytes = Vec::new();
+            match reader.read_until(b'\n', &mut bytes) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    failed = true;
+                    return Some(Err(Error::DataFile {
+                        path: path.clone(),
+                        line: number + 1,
+                        message: e.to_string(),
+                    }));
+                }
+            }
+            number += 1;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            match String::from_utf8(bytes) {
+                Ok(text) => return Some(Ok((number, text))),
+                Err(_) => {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }))
+}
+
+fn jsonl_text(path: &Path, field: &str, line: usize, text: &str) -> Option<Result<String>> {
     let error = |message: String| {
         Some(Err(Error::DataFile {
             path: path.to_path_buf(),
@@ -179,14 +204,10 @@ fn jsonl_text(
             message,
         }))
     };
-    let text = match text {
-        Ok(t) => t,
-        Err(e) => return error(e.to_string()),
-    };
     if text.trim().is_empty() {
         return None;
     }
-    let value: serde_json::Value = match serde_json::from_str(&text) {
+    let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return error(format!("invalid JSON: {e}")),
     };
@@ -197,7 +218,10 @@ fn jsonl_text(
     }
 }
 
-fn parquet_texts(path: &Path, column: &str) -> Result<Box<dyn Iterator<Item = Result<String>>>> {
+fn parquet_texts(
+    path: &Path,
+    column: &str,
+) -> Result<Box<dyn Iterator<Item = Result<String>> + Send>> {
     use arrow::array::{Array, AsArray};
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -284,7 +308,7 @@ impl Default for WindowSettings {
 
 /// Documents → fixed-length token windows, documents joined by EOS.
 struct TokenWindows {
-    docs: Box<dyn Iterator<Item = Result<String>>>,
+    docs: Documents,
     pending: Vec<u32>,
     /// Whether this pass produced any window.
     produced: bool,

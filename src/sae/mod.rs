@@ -6,10 +6,12 @@
 //! `W_dec [d_sae, d_in]`.
 
 pub mod activations;
+pub mod codes;
 pub mod cpu;
 pub mod eval;
 pub mod run;
 pub mod saelens;
+pub mod sparse;
 pub mod train;
 
 use candle_core::{D, DType, Tensor};

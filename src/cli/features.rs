@@ -1,0 +1,146 @@
+//! `monoscope features build|score`: per-feature statistics for exploring an SAE, and its
+//! features scored against the world corpus's ground-truth labels.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::sae::{CorpusArgs, load_sae};
+use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
+use crate::features::stats::StatsSettings;
+use crate::features::{BuildInput, BuildSettings, build};
+
+#[derive(Subcommand)]
+pub enum FeaturesCommand {
+    /// Density, activations, histograms, top and sampled contexts, logit effects and
+    /// neighbours of every feature, in a folder the GUI opens.
+    Build(Box<BuildArgs>),
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The SAE folder (SAELens format).
+    #[arg(long)]
+    sae: PathBuf,
+    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
+    #[arg(long)]
+    hook: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Tokens to read.
+    #[arg(long, default_value_t = 500_000)]
+    tokens: u64,
+    /// The feature store folder (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a feature store already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Top activating contexts kept per feature.
+    #[arg(long, default_value_t = 16)]
+    top_contexts: usize,
+    /// Activation intervals sampled per feature (a power of two).
+    #[arg(long, default_value_t = 8)]
+    intervals: usize,
+    /// Contexts sampled per interval.
+    #[arg(long, default_value_t = 4)]
+    samples_per_interval: usize,
+    /// Tokens shown before and after the token a context is about.
+    #[arg(long, default_value_t = 10)]
+    context_before: usize,
+    #[arg(long, default_value_t = 4)]
+    context_after: usize,
+    /// Top and bottom logit tokens per feature.
+    #[arg(long, default_value_t = 10)]
+    logit_tokens: usize,
+    /// Nearest features (decoder cosine) per feature.
+    #[arg(long, default_value_t = 10)]
+    neighbours: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: &FeaturesCommand) -> anyhow::Result<()> {
+    match command {
+        FeaturesCommand::Build(args) => build_store(args),
+    }
+}
+
+fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let (sae_dir, hook) = load_sae(
+        &args.sae,
+        args.hook.as_deref(),
+        &model,
+        &candle_core::Device::Cpu,
+    )?;
+    let corpus = args.corpus.corpus()?;
+    let settings = BuildSettings {
+        segment: args.corpus.segments(&model, sae_dir.metadata.context_size),
+        tokens: args.tokens,
+        stats: StatsSettings {
+            top_n: args.top_contexts,
+            intervals: args.intervals,
+            samples_per_interval: args.samples_per_interval,
+            histogram_bins: 32.max(args.intervals),
+            context_before: args.context_before,
+            context_after: args.context_after,
+        },
+        logit_tokens: args.logit_tokens,
+        neighbours: args.neighbours,
+    };
+    install_ctrl_c("stopping; nothing will be written");
+    let bar = progress_bar(
+        args.tokens,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} tokens {msg} (eta {eta})",
+    )?;
+    let started = std::time::Instant::now();
+    let input = BuildInput {
+        model: &model,
+        sae: &sae_dir.sae,
+        sae_dir: &args.sae,
+        hook,
+        corpus: &corpus,
+    };
+    let report = build(
+        &input,
+        &args.out,
+        &settings,
+        args.overwrite,
+        &CANCEL,
+        |tokens| {
+            bar.set_position(tokens);
+            bar.set_message(format!(
+                "{:.0} tok/s",
+                tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            ));
+        },
+    )
+    .with_context(|| format!("building feature statistics into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    let Some(info) = report.info else {
+        println!("stopped after {} tokens; nothing written", report.tokens);
+        return Ok(());
+    };
+    if args.json {
+        return print_json(&serde_json::json!({
+            "out": args.out.display().to_string(),
+            "info": info,
+            "encode_seconds": report.encode_time.as_secs_f64(),
+            "total_seconds": report.total_time.as_secs_f64(),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }));
+    }
+    println!(
+        "feature store for {} features over {} tokens ({} documents) written to {} in {:.1}s",
+        info.d_sae,
+        info.tokens,
+        info.documents,
+        args.out.display(),
+        report.total_time.as_secs_f64()
+    );
+    Ok(())
+}

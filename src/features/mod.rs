@@ -1,0 +1,183 @@
+//! What SAE features mean: per-feature statistics and contexts over a corpus ([`stats`]),
+//! logit effects and decoder neighbours ([`logits`]), the on-disk feature store the GUI
+//! opens ([`store`]), steering ([`steer`]) and ground-truth scoring on the world corpus
+//! ([`score`]).
+
+pub mod logits;
+pub mod stats;
+pub mod store;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::model::hooks::HookPoint;
+use crate::sae::Sae;
+use crate::sae::activations::Corpus;
+use crate::sae::codes::{DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
+use crate::sae::sparse::SparseEncoder;
+use crate::table::{model_hash, sae_hash};
+use stats::{FeatureStats, StatsSettings};
+use store::StoreInfo;
+
+/// What a feature store is built from.
+pub struct BuildInput<'a> {
+    pub model: &'a Model,
+    pub sae: &'a Sae,
+    pub sae_dir: &'a Path,
+    pub hook: HookPoint,
+    pub corpus: &'a Corpus,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    pub segment: SegmentSettings,
+    /// Tokens to read (the corpus is read once at most).
+    pub tokens: u64,
+    pub stats: StatsSettings,
+    /// Top and bottom logit tokens kept per feature.
+    pub logit_tokens: usize,
+    /// Nearest features kept per feature.
+    pub neighbours: usize,
+}
+
+/// How a build went.
+#[derive(Clone, Debug)]
+pub struct BuildReport {
+    /// `None` when cancelled (nothing was written).
+    pub info: Option<StoreInfo>,
+    pub tokens: u64,
+    pub encode_time: Duration,
+    pub total_time: Duration,
+}
+
+/// One streaming pass over the corpus, then logit effects and neighbours; writes the store
+/// into `out` (created if missing; it must not hold anything but an older store).
+pub fn build(
+    input: &BuildInput,
+    out: &Path,
+    settings: &BuildSettings,
+    overwrite: bool,
+    cancel: &AtomicBool,
+    mut on_progress: impl FnMut(u64),
+) -> Result<BuildReport> {
+    let started = Instant::now();
+    if settings.tokens == 0 {
+        return Err(Error::InvalidArgument {
+            what: "--tokens",
+            value: "0".into(),
+            message: "feature statistics need at least one token".into(),
+        });
+    }
+    settings.stats.validate()?;
+    check_sae_fits(input.model, input.hook, input.sae, input.sae_dir)?;
+    prepare_out(out, overwrite)?;
+
+    let encoder = SparseEncoder::new(input.sae)?;
+    let mut stats = FeatureStats::new(encoder.d_sae(), settings.stats.clone())?;
+    let mut coder = DocumentCoder::new(
+        input.model,
+        &encoder,
+        input.hook,
+        settings.segment.clone(),
+        tokenised(input.model, input.corpus.documents(0)?, 0),
+        0,
+        Some(settings.tokens),
+    )?;
+    let mut documents = 0;
+    while let Some(batch) = coder.next_batch()? {
+        stats.observe(&batch);
+        documents = batch.segments.last().map_or(documents, |s| s.doc_id + 1);
+        on_progress(stats.tokens());
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(BuildReport {
+                info: None,
+                tokens: stats.tokens(),
+                encode_time: coder.forward_time + coder.encode_time,
+                total_time: started.elapsed(),
+            });
+        }
+    }
+    let tokens = stats.tokens();
+    let summaries = stats.finish();
+    let effects = logits::logit_effects(
+        input.model,
+        input.hook,
+        &input.sae.w_dec,
+        settings.logit_tokens,
+    )?;
+    let neighbours = logits::decoder_neighbours(&input.sae.w_dec, settings.neighbours)?;
+    let token_names: Vec<String> = (0..input.model.dims().vocab_size as u32)
+        .map(|id| input.model.tokenizer.token_display(id))
+        .collect();
+    let info = StoreInfo {
+        schema_version: 1,
+        model_dir: input.model.dir.display().to_string(),
+        model_hash: model_hash(&input.model.dir)?,
+        sae_dir: input.sae_dir.display().to_string(),
+        sae_hash: sae_hash(input.sae_dir)?,
+        hook: input.hook.to_string(),
+        corpus: input.corpus.describe(),
+        documents,
+        tokens,
+        d_sae: encoder.d_sae(),
+        settings: settings.stats.clone(),
+        logit_effects: if effects.is_some() {
+            LOGIT_EFFECTS_METHOD.into()
+        } else {
+            String::new()
+        },
+    };
+    store::write(
+        out,
+        &info,
+        &summaries,
+        effects.as_deref(),
+        &neighbours,
+        &token_names,
+    )?;
+    Ok(BuildReport {
+        info: Some(info),
+        tokens,
+        encode_time: coder.forward_time + coder.encode_time,
+        total_time: started.elapsed(),
+    })
+}
+
+/// Recorded in `features.json`: how the logit effects were computed.
+pub const LOGIT_EFFECTS_METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post) → final norm with its scale held constant (centre, gain) → unembedding";
+
+/// Creates `out`, or checks it may be written into.
+fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
+    let known = [store::INFO_FILE, store::FEATURES_FILE, store::CONTEXTS_FILE];
+    match std::fs::read_dir(out) {
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry
+                    .map_err(|e| Error::io(out, e))?
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned();
+                let ours = known.contains(&name.as_str());
+                if !ours || !overwrite {
+                    return Err(Error::InvalidArgument {
+                        what: "--out",
+                        value: out.display().to_string(),
+                        message: if ours {
+                            "already holds a feature store: pass --overwrite to replace it".into()
+                        } else {
+                            format!("holds `{name}`, which is not part of a feature store")
+                        },
+                    });
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+        }
+        Err(e) => Err(Error::io(out, e)),
+    }
+}
