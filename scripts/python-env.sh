@@ -22,7 +22,7 @@ if ! ready; then
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "installing python3 and python3-venv with apt-get" >&2
     $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3 python3-venv >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >&2
   fi
   if ! { [ -x "$py" ] && "$py" -m pip --version >/dev/null 2>&1; }; then
     echo "creating the venv $env_dir" >&2

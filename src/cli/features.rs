@@ -9,13 +9,38 @@ use clap::{Args, Subcommand};
 use super::sae::{CorpusArgs, load_sae};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
 use crate::features::stats::StatsSettings;
+use crate::features::score::{ScoreSettings, score};
 use crate::features::{BuildInput, BuildSettings, build};
+use crate::sae::codes::SegmentSettings;
 
 #[derive(Subcommand)]
 pub enum FeaturesCommand {
     /// Density, activations, histograms, top and sampled contexts, logit effects and
     /// neighbours of every feature, in a folder the GUI opens.
     Build(Box<BuildArgs>),
+    /// How well the best single feature detects each labelled concept of the world corpus
+    /// (precision, recall, F1 on held-out text), and which concepts split across features.
+    Score(Box<ScoreArgs>),
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// The SAE folder (SAELens format), trained on a world model.
+    #[arg(long)]
+    sae: PathBuf,
+    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
+    #[arg(long)]
+    hook: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Paragraph documents per country and language in each generated split.
+    #[arg(long, default_value_t = 2)]
+    docs_per_country: usize,
+    /// Fact-list documents per language in each split.
+    #[arg(long, default_value_t = 200)]
+    fact_lists: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -66,6 +91,7 @@ pub struct BuildArgs {
 pub fn run(command: &FeaturesCommand) -> anyhow::Result<()> {
     match command {
         FeaturesCommand::Build(args) => build_store(args),
+        FeaturesCommand::Score(args) => score_features(args),
     }
 }
 
@@ -142,5 +168,35 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
         args.out.display(),
         report.total_time.as_secs_f64()
     );
+    Ok(())
+}
+
+fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let (sae_dir, hook) = load_sae(
+        &args.sae,
+        args.hook.as_deref(),
+        &model,
+        &candle_core::Device::Cpu,
+    )?;
+    let context = sae_dir.metadata.context_size;
+    let mut settings = ScoreSettings::new(SegmentSettings {
+        context_size: if context > 0 { context } else { 128 }.min(model.dims().context_length),
+        prepend_bos: true,
+        exclude_special: true,
+        segments_per_forward: 32,
+    });
+    settings.docs_per_country = args.docs_per_country;
+    settings.fact_lists = args.fact_lists;
+    let bar = progress_bar(0, "{elapsed_precise} {msg}")?;
+    let report = score(&model, &sae_dir.sae, hook, &settings, |split, tokens| {
+        bar.set_message(format!("{split} split: {tokens} tokens"));
+    })
+    .with_context(|| format!("scoring {} against the world labels", args.sae.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        return print_json(&report);
+    }
+    print!("{}", report.render());
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! `monoscope generate`: continue a prompt, optionally showing next-token probabilities.
 
+use anyhow::Context;
 use clap::Args;
 
+use super::sae::load_sae;
 use super::{ModelArgs, print_json};
+use crate::features::steer::{SteerMode, parse_steers, steering_hooks};
 use crate::model::Hooks;
 use crate::model::generate::{GenerateOptions, Sampling, generate};
 
@@ -32,9 +35,25 @@ pub struct GenerateArgs {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// An SAE folder whose features --steer names.
+    #[arg(long, requires = "steer")]
+    sae: Option<std::path::PathBuf>,
+    /// Steer with SAE features: FEATURE=VALUE[,FEATURE=VALUE…] (needs --sae).
+    #[arg(long, requires = "sae")]
+    steer: Option<String>,
+    /// clamp: set each feature to VALUE (keeping the SAE's error term); add: add VALUE times
+    /// the feature's decoder direction.
+    #[arg(long, value_enum, default_value = "clamp")]
+    steer_mode: SteerModeArg,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SteerModeArg {
+    Clamp,
+    Add,
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -51,14 +70,42 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         top_k_probs: args.top_k_probs,
         stop_at_eos: !args.ignore_eos,
     };
-    let generation = generate(&model, &ids, &options, &Hooks::new())?;
+    let (hooks, steering) = match (&args.sae, &args.steer) {
+        (Some(dir), Some(spec)) => {
+            let (sae_dir, hook) = load_sae(dir, None, &model, &model.device)?;
+            let steers = parse_steers(spec)?;
+            let mode = match args.steer_mode {
+                SteerModeArg::Clamp => SteerMode::Clamp,
+                SteerModeArg::Add => SteerMode::Add,
+            };
+            let hooks = steering_hooks(&sae_dir.sae, hook, &steers, mode, &model.device)
+                .with_context(|| format!("steering with {}", dir.display()))?;
+            let described: Vec<serde_json::Value> = steers
+                .iter()
+                .map(|s| serde_json::json!({"feature": s.feature, "value": s.value}))
+                .collect();
+            let info = serde_json::json!({
+                "sae": dir.display().to_string(),
+                "hook": hook.to_string(),
+                "mode": format!("{:?}", args.steer_mode).to_lowercase(),
+                "features": described,
+            });
+            (hooks, Some(info))
+        }
+        _ => (Hooks::new(), None),
+    };
+    let generation = generate(&model, &ids, &options, &hooks)?;
     if args.json {
         return print_json(&serde_json::json!({
             "model": model.dir.display().to_string(),
             "prompt": args.prompt,
             "prompt_tokens": model.tokenizer.tokens_display(&ids),
+            "steering": steering,
             "generation": generation,
         }));
+    }
+    if let Some(info) = &steering {
+        eprintln!("steering: {info}");
     }
     println!("{}{}", args.prompt, generation.text);
     if args.top_k_probs > 0 {

@@ -4,7 +4,9 @@
 //! ([`score`]).
 
 pub mod logits;
+pub mod score;
 pub mod stats;
+pub mod steer;
 pub mod store;
 
 use std::path::Path;

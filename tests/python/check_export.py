@@ -5,14 +5,14 @@
     "$py" tests/python/check_export.py EXPORT_DIR
 
 First with pyarrow, file by file: manifest.json (complete, schema_version 1, field types,
-consecutive shard ranges), no leftover temporary files, and for every file the manifest lists:
-its sha256, its row count (Parquet metadata and an actual read), its exact Arrow schema, ZSTD
-compression, and its contents (activations non-zero, finite, feature < d_sae, strictly sorted by
-(doc_id, position, feature); tokens strictly sorted by (doc_id, position) with positions 0, 1, ...
-in every document; doc ids inside the shard's [first_doc, end_doc); features 0..d_sae-1 with
-density in [0, 1]). Then with DuckDB, straight on the Parquet files: the totals, the join of
-activations with tokens on (doc_id, position), and each feature's density, mean and max
-recomputed from the activations against features.parquet.
+consecutive shard ranges within document_count), no leftover temporary files, and for every
+file the manifest lists: its sha256, its row count (Parquet metadata and an actual read), its
+exact Arrow schema, ZSTD compression, and its contents (activations non-zero, finite, feature <
+d_sae, strictly sorted by (doc_id, position, feature); tokens strictly sorted by (doc_id,
+position) with positions 0, 1, ... in every document; doc ids inside the shard's [first_doc,
+end_doc); features 0..d_sae-1 with density in [0, 1]). Then with DuckDB, straight on the
+Parquet files: the totals, the join of activations with tokens on (doc_id, position), and each
+feature's density, mean and max recomputed from the activations against features.parquet.
 
 Prints a short summary and a sample join and exits 0 when every check passes; otherwise prints
 one `FAIL <file>: <check>: <detail>` line per failure on stderr and exits 1.
@@ -21,9 +21,9 @@ one `FAIL <file>: <check>: <detail>` line per failure on stderr and exits 1.
 import argparse
 import hashlib
 import json
-import math
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import duckdb
@@ -39,6 +39,8 @@ DENSITY_TOL = 1e-9  # absolute
 MAX_REL_TOL = 1e-6  # relative: the same float32 values, so this is equality up to rounding
 MEAN_REL_TOL = 1e-4  # relative: the exporter may sum in a different order or precision
 
+ACTIVATION_KEY = ("doc_id", "position", "feature")  # the sort key, unique per row
+TOKEN_KEY = ("doc_id", "position")
 # (name, type) of every column, in order; all of them non-null except the list columns.
 ACTIVATIONS_COLUMNS = [
     ("doc_id", pa.uint64()),
@@ -80,6 +82,26 @@ MANIFEST_FIELDS = {
     ("shards",): list,
     ("features",): dict,
 }
+
+# Per feature, features.parquet's statistics next to the same recomputed from the activations,
+# for the features where they differ (a feature that never fires has no activation rows: 0).
+COMPARE_FEATURES_SQL = """
+    WITH recomputed AS (
+        SELECT feature, count(DISTINCT (doc_id, position)) / $tokens AS density,
+               avg(activation) AS mean_activation, max(activation) AS max_activation
+        FROM acts GROUP BY feature),
+    compared AS (
+        SELECT f.feature, f.density, coalesce(r.density, 0) AS density_re,
+               f.mean_activation, coalesce(r.mean_activation, 0) AS mean_re,
+               f.max_activation, coalesce(r.max_activation, 0) AS max_re
+        FROM features f LEFT JOIN recomputed r USING (feature))
+    SELECT * FROM compared
+    WHERE abs(density - density_re) >= $density_tol
+       OR abs(mean_activation - mean_re)
+          > $mean_tol * greatest(abs(mean_activation), abs(mean_re))
+       OR abs(max_activation - max_re) > $max_tol * greatest(abs(max_activation), abs(max_re))
+    ORDER BY feature
+"""
 
 
 class CheckFailed(Exception):
@@ -165,7 +187,8 @@ def load_manifest(root: Path) -> dict:
 
 
 def check_shard_ranges(manifest: dict) -> None:
-    """Shards cover consecutive, non-empty doc ranges adding up to document_count."""
+    """Shards cover consecutive, non-empty doc ranges, within the document_count documents
+    read (documents without tokens, e.g. empty ones, may start or end the export)."""
     shards = manifest["shards"]
     require(len(shards) > 0, MANIFEST, "shards", "no shards")
     end = None
@@ -186,12 +209,11 @@ def check_shard_ranges(manifest: dict) -> None:
             f"first_doc {first_doc} does not continue the previous shard's end_doc {end}",
         )
         end = end_doc
-    covered = sum(s["end_doc"] - s["first_doc"] for s in shards)
     require(
-        covered == manifest["document_count"],
+        end <= manifest["document_count"],
         MANIFEST,
         "document_count",
-        f"shards cover {covered} documents, document_count is {manifest['document_count']}",
+        f"the last shard ends at document {end}, document_count is {manifest['document_count']}",
     )
 
 
@@ -237,17 +259,26 @@ def check_folder(root: Path, manifest: dict) -> None:
     """No temporary (dot-named) files anywhere, and no Parquet file in activations/ or tokens/
     that the manifest does not list (the DuckDB globs would read it)."""
     hidden = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
+        str(p.relative_to(root))
+        for p in root.rglob("*")
         if any(part.startswith(".") for part in p.relative_to(root).parts)
     )
-    require(not hidden, hidden[0] if hidden else ".", "no temporary files",
-            f"{len(hidden)} dot-named leftovers: {hidden[:5]}")
+    require(
+        not hidden,
+        hidden[0] if hidden else ".",
+        "no temporary files",
+        f"{len(hidden)} dot-named leftovers: {hidden[:5]}",
+    )
     listed = {entry["path"] for _, entry in file_entries(manifest)}
     for kind in ("activations", "tokens"):
         present = {f"{kind}/{p.name}" for p in (root / kind).glob("*.parquet")}
         extra = sorted(present - listed)
-        require(not extra, extra[0] if extra else kind, "listed in the manifest",
-                f"{len(extra)} unlisted Parquet files in {kind}/: {extra[:5]}")
+        require(
+            not extra,
+            extra[0] if extra else kind,
+            "listed in the manifest",
+            f"{len(extra)} unlisted Parquet files in {kind}/: {extra[:5]}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,38 +291,52 @@ def open_parquet(root: Path, entry: dict, columns: list) -> pq.ParquetFile:
     path = root / name
     require(path.is_file(), name, "exists", f"listed in the manifest but missing: {path}")
     digest = sha256_of(path)
-    require(digest == entry["sha256"], name, "sha256",
-            f"file has {digest}, manifest says {entry['sha256']}")
+    require(
+        digest == entry["sha256"],
+        name,
+        "sha256",
+        f"file has {digest}, manifest says {entry['sha256']}",
+    )
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise CheckFailed(name, "readable Parquet", str(e)) from e
     meta = pf.metadata
-    require(meta.num_rows == entry["rows"], name, "row count (Parquet metadata)",
-            f"file has {meta.num_rows} rows, manifest says {entry['rows']}")
+    require(
+        meta.num_rows == entry["rows"],
+        name,
+        "row count (Parquet metadata)",
+        f"file has {meta.num_rows} rows, manifest says {entry['rows']}",
+    )
     check_schema(name, pf.schema_arrow, columns)
     for rg in range(meta.num_row_groups):
         for c in range(meta.num_columns):
             chunk = meta.row_group(rg).column(c)
-            require(chunk.compression == "ZSTD", name, "ZSTD compression",
-                    f"row group {rg}, column {chunk.path_in_schema} is {chunk.compression}")
+            require(
+                chunk.compression == "ZSTD",
+                name,
+                "ZSTD compression",
+                f"row group {rg}, column {chunk.path_in_schema} is {chunk.compression}",
+            )
     return pf
 
 
 def check_schema(name: str, schema: pa.Schema, columns: list) -> None:
     """Exact column names, order and types; scalar columns non-null; lists of utf8 strings."""
-    found = [(f.name, str(f.type)) for f in schema]
-    wanted = [(n, str(t)) for n, t in columns]
-    require([n for n, _ in found] == [n for n, _ in wanted], name, "schema columns",
-            f"expected {[n for n, _ in wanted]}, found {[n for n, _ in found]}")
+    found, wanted = schema.names, [n for n, _ in columns]
+    require(found == wanted, name, "schema columns", f"expected {wanted}, found {found}")
     for field, (col, kind) in zip(schema, columns):
         if pa.types.is_list(kind):
             ok = pa.types.is_list(field.type) and field.type.value_type == kind.value_type
         else:
             ok = field.type == kind and not field.nullable
-        require(ok, name, f"schema of column {col}",
-                f"expected {kind}{'' if pa.types.is_list(kind) else ' not null'}, found "
-                f"{field.type}{' not null' if not field.nullable else ' (nullable)'}")
+        require(
+            ok,
+            name,
+            f"schema of column {col}",
+            f"expected {kind}{'' if pa.types.is_list(kind) else ' not null'}, found "
+            f"{field.type}{' not null' if not field.nullable else ' (nullable)'}",
+        )
 
 
 def require_none(mask: np.ndarray, file: str, check: str, describe) -> None:
@@ -303,13 +348,18 @@ def require_none(mask: np.ndarray, file: str, check: str, describe) -> None:
         raise CheckFailed(file, check, describe(int(hits[0])) + more)
 
 
-def batches(pf: pq.ParquetFile, names: list, before: tuple):
-    """Yield (columns, predecessors, first row) per batch of the file: columns maps each name to
-    an int64 (or float) NumPy array; predecessors holds the same columns shifted down by one row,
-    so that row i can be compared with the row before it, across batches, the file's first row
-    having `before` as its predecessor."""
+def key_text(cols: dict, i: int, names: tuple) -> str:
+    """Row i's values of the named columns, as `doc_id 3, position 7`."""
+    return ", ".join(f"{n} {cols[n][i]}" for n in names)
+
+
+def batches(pf: pq.ParquetFile, names: tuple, before: tuple):
+    """Yield (columns, predecessors, first row number) per non-empty batch of the file.
+    columns maps each name to a NumPy array (integers widened to int64); predecessors holds the
+    same columns shifted down one row, so that each row can be compared with the row before
+    it, across batches too, the file's first row getting `before` as its predecessor."""
     start = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=names):
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(names)):
         if not batch.num_rows:
             continue
         cols = {}
@@ -325,119 +375,193 @@ def batches(pf: pq.ParquetFile, names: list, before: tuple):
 def check_activations(pf: pq.ParquetFile, name: str, shard: dict, d_sae: int) -> int:
     """Non-zero finite activations, feature < d_sae, doc ids in the shard's range, strictly
     sorted by (doc_id, position, feature). Returns the number of rows read."""
-    keys = ["doc_id", "position", "feature"]
-    first_doc, end_doc = shard["first_doc"], shard["end_doc"]
     rows = 0
-    for cols, prev, start in batches(pf, keys + ["activation"], (-1, 0, 0, 0.0)):
-        doc, pos, feat, act = (cols[k] for k in keys + ["activation"])
-
-        def at(i: int) -> str:
-            return f"row {start + i} (doc {doc[i]}, position {pos[i]}, feature {feat[i]})"
-
-        require_none(~np.isfinite(act) | (act == 0), name, "activations non-zero and finite",
-                     lambda i: f"{at(i)} has activation {act[i]}")
-        require_none(feat >= d_sae, name, "feature < d_sae",
-                     lambda i: f"{at(i)}, d_sae is {d_sae}")
-        require_none((doc < first_doc) | (doc >= end_doc), name, "doc_id in the shard's range",
-                     lambda i: f"{at(i)} is outside [{first_doc}, {end_doc})")
-        greater = np.zeros(len(doc), dtype=bool)
-        equal = np.ones(len(doc), dtype=bool)
-        for k in keys:
-            greater |= equal & (cols[k] > prev[k])
-            equal &= cols[k] == prev[k]
-        require_none(equal, name, "no duplicate (doc_id, position, feature)",
-                     lambda i: f"{at(i)} repeats the row before it")
-        require_none(~greater, name, "sorted by (doc_id, position, feature)",
-                     lambda i: f"{at(i)} comes after (doc {prev['doc_id'][i]}, position "
-                     f"{prev['position'][i]}, feature {prev['feature'][i]})")
-        rows += len(doc)
+    names = ACTIVATION_KEY + ("activation",)
+    for cols, prev, start in batches(pf, names, before=(-1, 0, 0, 0.0)):
+        check_activation_batch(name, cols, prev, start, shard, d_sae)
+        rows += len(cols["doc_id"])
     return rows
+
+
+def check_activation_batch(
+    name: str, cols: dict, prev: dict, start: int, shard: dict, d_sae: int
+) -> None:
+    """check_activations on one batch of rows (see batches)."""
+    doc, feature, act = cols["doc_id"], cols["feature"], cols["activation"]
+    first_doc, end_doc = shard["first_doc"], shard["end_doc"]
+
+    def row(i: int) -> str:
+        return f"row {start + i} ({key_text(cols, i, ACTIVATION_KEY)})"
+
+    require_none(
+        ~np.isfinite(act) | (act == 0),
+        name,
+        "activations non-zero and finite",
+        lambda i: f"{row(i)} has activation {act[i]}",
+    )
+    require_none(feature >= d_sae, name, "feature < d_sae", lambda i: f"{row(i)}, d_sae is {d_sae}")
+    require_none(
+        (doc < first_doc) | (doc >= end_doc),
+        name,
+        "doc_id in the shard's range",
+        lambda i: f"{row(i)} is outside [{first_doc}, {end_doc})",
+    )
+    greater = np.zeros(len(doc), dtype=bool)
+    equal = np.ones(len(doc), dtype=bool)
+    for k in ACTIVATION_KEY:  # lexicographic comparison with the row before
+        greater |= equal & (cols[k] > prev[k])
+        equal &= cols[k] == prev[k]
+    require_none(
+        equal,
+        name,
+        "no duplicate (doc_id, position, feature)",
+        lambda i: f"{row(i)} repeats the row before it",
+    )
+    require_none(
+        ~greater,
+        name,
+        "sorted by (doc_id, position, feature)",
+        lambda i: f"{row(i)} comes after ({key_text(prev, i, ACTIVATION_KEY)})",
+    )
 
 
 def check_tokens(pf: pq.ParquetFile, name: str, shard: dict) -> int:
-    """Doc ids in the shard's range, every document of the range present, rows strictly sorted
-    by (doc_id, position) with positions 0, 1, 2, ... within each document. Returns rows read."""
-    first_doc, end_doc = shard["first_doc"], shard["end_doc"]
-    rows = documents = 0
-    for cols, prev, start in batches(pf, ["doc_id", "position"], (-1, 0)):
-        doc, pos = cols["doc_id"], cols["position"]
-
-        def at(i: int) -> str:
-            return f"row {start + i} (doc {doc[i]}, position {pos[i]})"
-
-        require_none((doc < first_doc) | (doc >= end_doc), name, "doc_id in the shard's range",
-                     lambda i: f"{at(i)} is outside [{first_doc}, {end_doc})")
-        same_doc = doc == prev["doc_id"]
-        ok = np.where(same_doc, pos == prev["position"] + 1, (doc > prev["doc_id"]) & (pos == 0))
-        require_none(~ok, name, "sorted by (doc_id, position), positions 0, 1, 2, ... per document",
-                     lambda i: f"{at(i)} comes after " + (
-                         f"(doc {prev['doc_id'][i]}, position {prev['position'][i]})"
-                         if prev["doc_id"][i] >= 0 else "the start of the file"))
-        documents += int((~same_doc).sum())
-        rows += len(doc)
-    require(documents == end_doc - first_doc, name, "every document of the shard present",
-            f"{documents} documents have tokens, the shard covers [{first_doc}, {end_doc}), "
-            f"{end_doc - first_doc} documents")
+    """Doc ids in the shard's range, rows strictly sorted by (doc_id, position) with positions
+    0, 1, 2, ... within each document. Returns the number of rows read."""
+    rows = 0
+    for cols, prev, start in batches(pf, TOKEN_KEY, before=(-1, 0)):
+        check_token_batch(name, cols, prev, start, shard)
+        rows += len(cols["doc_id"])
     return rows
+
+
+def check_token_batch(name: str, cols: dict, prev: dict, start: int, shard: dict) -> None:
+    """check_tokens on one batch of rows (see batches)."""
+    doc, pos = cols["doc_id"], cols["position"]
+    first_doc, end_doc = shard["first_doc"], shard["end_doc"]
+
+    def row(i: int) -> str:
+        return f"row {start + i} ({key_text(cols, i, TOKEN_KEY)})"
+
+    require_none(
+        (doc < first_doc) | (doc >= end_doc),
+        name,
+        "doc_id in the shard's range",
+        lambda i: f"{row(i)} is outside [{first_doc}, {end_doc})",
+    )
+    ok = np.where(
+        doc == prev["doc_id"],
+        pos == prev["position"] + 1,
+        (doc > prev["doc_id"]) & (pos == 0),
+    )
+    require_none(
+        ~ok,
+        name,
+        "sorted by (doc_id, position), positions 0, 1, 2, ... per document",
+        lambda i: (
+            f"{row(i)} comes after "
+            + (
+                f"({key_text(prev, i, TOKEN_KEY)})"
+                if prev["doc_id"][i] >= 0
+                else "the start of the file"
+            )
+        ),
+    )
 
 
 def check_features(pf: pq.ParquetFile, name: str, d_sae: int) -> int:
     """One row per feature 0..d_sae-1 in order, density in [0, 1], finite statistics, and
     mean_activation 0 for a feature that never fires. Returns the number of rows read."""
     table = pf.read()
-    require(table.num_rows == d_sae, name, "one row per feature",
-            f"{table.num_rows} rows, d_sae is {d_sae}")
-    col = {n: table.column(n).to_numpy() for n in ("feature", "density", "mean_activation",
-                                                    "max_activation")}
-    require_none(col["feature"] != np.arange(d_sae), name, "feature = 0..d_sae-1 in order",
-                 lambda i: f"row {i} has feature {col['feature'][i]}")
-    density = col["density"]
-    require_none(~((density >= 0) & (density <= 1)), name, "density in [0, 1]",
-                 lambda i: f"feature {i} has density {density[i]}")
-    for n in ("mean_activation", "max_activation"):
-        require_none(~np.isfinite(col[n]), name, f"{n} finite",
-                     lambda i: f"feature {i} has {n} {col[n][i]}")
-    mean = col["mean_activation"]
-    require_none((density == 0) & (mean != 0), name, "mean_activation 0 for a dead feature",
-                 lambda i: f"feature {i} has density 0 and mean_activation {mean[i]}")
+    require(
+        table.num_rows == d_sae,
+        name,
+        "one row per feature",
+        f"{table.num_rows} rows, d_sae is {d_sae}",
+    )
+    feature, density, mean, max_ = (
+        table.column(n).to_numpy()
+        for n in ("feature", "density", "mean_activation", "max_activation")
+    )
+    require_none(
+        feature != np.arange(d_sae),
+        name,
+        "feature = 0..d_sae-1 in order",
+        lambda i: f"row {i} has feature {feature[i]}",
+    )
+    require_none(
+        ~((density >= 0) & (density <= 1)),
+        name,
+        "density in [0, 1]",
+        lambda i: f"feature {i} has density {density[i]}",
+    )
+    require_none(
+        ~(np.isfinite(mean) & np.isfinite(max_)),
+        name,
+        "mean_activation and max_activation finite",
+        lambda i: f"feature {i} has mean_activation {mean[i]}, max_activation {max_[i]}",
+    )
+    require_none(
+        (density == 0) & (mean != 0),
+        name,
+        "mean_activation 0 for a dead feature",
+        lambda i: f"feature {i} has density 0 and mean_activation {mean[i]}",
+    )
     return table.num_rows
 
 
+def check_file(root: Path, entry: dict, columns: list, check_contents) -> int:
+    """All the checks on one listed file: open_parquet's, then check_contents(pf, path), which
+    returns the rows it read. Returns that row count."""
+    pf = open_parquet(root, entry, columns)
+    rows = check_contents(pf, entry["path"])
+    require(
+        rows == entry["rows"],
+        entry["path"],
+        "row count (read)",
+        f"read {rows} rows, manifest says {entry['rows']}",
+    )
+    return rows
+
+
 def check_files(root: Path, manifest: dict) -> list:
-    """Run the per-file checks on every listed file; return the failures (each file's first)."""
+    """Check every listed file, then the row totals; returns the failures (one per file at
+    most: a file's first failed check)."""
     d_sae = manifest["sae"]["d_sae"]
-    failures = []
-    totals = {"activations": 0, "tokens": 0}
+    files = []
     for shard in manifest["shards"]:
-        for kind, columns, check in (
-            ("activations", ACTIVATIONS_COLUMNS,
-             lambda pf, name: check_activations(pf, name, shard, d_sae)),
-            ("tokens", TOKENS_COLUMNS, lambda pf, name: check_tokens(pf, name, shard)),
-        ):
-            entry = shard[kind]
-            try:
-                pf = open_parquet(root, entry, columns)
-                rows = check(pf, entry["path"])
-                require(rows == entry["rows"], entry["path"], "row count (read)",
-                        f"read {rows} rows, manifest says {entry['rows']}")
-                totals[kind] += rows
-            except CheckFailed as e:
-                failures.append(e)
-    entry = manifest["features"]
-    try:
-        pf = open_parquet(root, entry, FEATURES_COLUMNS)
-        rows = check_features(pf, entry["path"], d_sae)
-        require(rows == entry["rows"], entry["path"], "row count (read)",
-                f"read {rows} rows, manifest says {entry['rows']}")
-    except CheckFailed as e:
-        failures.append(e)
-    if not failures:
-        for kind, key in (("activations", "activation_count"), ("tokens", "token_count")):
-            try:
-                require(totals[kind] == manifest[key], MANIFEST, key,
-                        f"the {kind} shards hold {totals[kind]} rows, {key} is {manifest[key]}")
-            except CheckFailed as e:
-                failures.append(e)
+        files.append(
+            (
+                "activations",
+                shard["activations"],
+                ACTIVATIONS_COLUMNS,
+                partial(check_activations, shard=shard, d_sae=d_sae),
+            )
+        )
+        files.append(
+            ("tokens", shard["tokens"], TOKENS_COLUMNS, partial(check_tokens, shard=shard))
+        )
+    files.append(
+        ("features", manifest["features"], FEATURES_COLUMNS, partial(check_features, d_sae=d_sae))
+    )
+    failures = []
+    totals = {"activations": 0, "tokens": 0, "features": 0}
+    for kind, entry, columns, check_contents in files:
+        try:
+            totals[kind] += check_file(root, entry, columns, check_contents)
+        except CheckFailed as e:
+            failures.append(e)
+    if failures:
+        return failures
+    for kind, key in (("activations", "activation_count"), ("tokens", "token_count")):
+        if totals[kind] != manifest[key]:
+            failures.append(
+                CheckFailed(
+                    MANIFEST,
+                    key,
+                    f"the {kind} files hold {totals[kind]} rows, {key} is {manifest[key]}",
+                )
+            )
     return failures
 
 
@@ -448,52 +572,78 @@ def check_files(root: Path, manifest: dict) -> list:
 def duckdb_views(root: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views acts, tokens and features over the export's files."""
     con = duckdb.connect()
-    for view, pattern in (("acts", "activations/*.parquet"), ("tokens", "tokens/*.parquet"),
-                          ("features", "features.parquet")):
-        con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({sql_string(str(root / pattern))})")
+    for view, pattern in (
+        ("acts", "activations/*.parquet"),
+        ("tokens", "tokens/*.parquet"),
+        ("features", "features.parquet"),
+    ):
+        con.execute(
+            f"CREATE VIEW {view} AS SELECT * FROM read_parquet({sql_string(str(root / pattern))})"
+        )
     return con
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params=None):
+    """The first column of the first row of a query's result, or None when it has no rows."""
+    rows = con.execute(sql, params).fetchall()
+    return rows[0][0] if rows else None
 
 
 def check_with_duckdb(con: duckdb.DuckDBPyConnection, manifest: dict) -> None:
     """Totals, the activation-token join, and per-feature density / mean / max recomputed."""
-    where = "activations/*.parquet"
-    n_acts = con.execute("SELECT count(*) FROM acts").fetchone()[0]
-    require(n_acts == manifest["activation_count"], where, "DuckDB count",
-            f"{n_acts} rows, activation_count is {manifest['activation_count']}")
-    n_tokens = con.execute("SELECT count(*) FROM tokens").fetchone()[0]
-    require(n_tokens == manifest["token_count"], "tokens/*.parquet", "DuckDB count",
-            f"{n_tokens} rows, token_count is {manifest['token_count']}")
-    orphan = con.execute("""SELECT doc_id, position, feature, count(*) OVER () FROM acts
-                        ANTI JOIN tokens USING (doc_id, position) LIMIT 1""").fetchone()
-    require(orphan is None, where, "every activation has a token",
-            f"{orphan[3] if orphan else 0} activations have no token row, e.g. doc {orphan[0]} "
-            f"position {orphan[1]} feature {orphan[2]}" if orphan else "")
-    joined = con.execute("SELECT count(*) FROM acts JOIN tokens USING (doc_id, position)").fetchone()[0]
-    require(joined == n_acts, where, "every activation joins exactly one token",
-            f"the join has {joined} rows for {n_acts} activations")
-    mismatches = con.execute(
-        """
-        WITH recomputed AS (
-            SELECT feature, count(DISTINCT (doc_id, position)) AS fires,
-                   avg(activation) AS mean, max(activation) AS max
-            FROM acts GROUP BY feature)
-        SELECT f.feature, f.density, coalesce(r.fires, 0) / $tokens AS density_re,
-               f.mean_activation, coalesce(r.mean, 0) AS mean_re,
-               f.max_activation, coalesce(r.max, 0) AS max_re
-        FROM features f LEFT JOIN recomputed r USING (feature)
-        WHERE abs(f.density - density_re) >= $density_tol
-           OR abs(f.max_activation - max_re) > $max_tol * greatest(abs(f.max_activation), abs(max_re))
-           OR abs(f.mean_activation - mean_re) > $mean_tol * greatest(abs(f.mean_activation), abs(mean_re))
-        ORDER BY f.feature
-        """,
-        {"tokens": max(manifest["token_count"], 1), "density_tol": DENSITY_TOL,
-         "max_tol": MAX_REL_TOL, "mean_tol": MEAN_REL_TOL},
+    acts_glob, tokens_glob = "activations/*.parquet", "tokens/*.parquet"
+    n_acts = scalar(con, "SELECT count(*) FROM acts")
+    require(
+        n_acts == manifest["activation_count"],
+        acts_glob,
+        "DuckDB row count",
+        f"{n_acts} rows, activation_count is {manifest['activation_count']}",
+    )
+    n_tokens = scalar(con, "SELECT count(*) FROM tokens")
+    require(
+        n_tokens == manifest["token_count"],
+        tokens_glob,
+        "DuckDB row count",
+        f"{n_tokens} rows, token_count is {manifest['token_count']}",
+    )
+    orphans = con.execute(
+        "SELECT doc_id, position, feature FROM acts ANTI JOIN tokens USING (doc_id, position)"
     ).fetchall()
-    require(not mismatches, manifest["features"]["path"],
-            "density / mean_activation / max_activation recomputed from the activations",
-            f"{len(mismatches)} features differ, e.g. " + "; ".join(
-                f"feature {m[0]}: density {m[1]!r} vs {m[2]!r}, mean {m[3]!r} vs {m[4]!r}, "
-                f"max {m[5]!r} vs {m[6]!r}" for m in mismatches[:3]))
+    if orphans:
+        doc, pos, feature = orphans[0]
+        raise CheckFailed(
+            acts_glob,
+            "every activation has a token",
+            f"{len(orphans)} activations have no (doc_id, position) in "
+            f"{tokens_glob}, the first: doc_id {doc}, position {pos}, feature {feature}",
+        )
+    joined = scalar(con, "SELECT count(*) FROM acts JOIN tokens USING (doc_id, position)")
+    require(
+        joined == n_acts,
+        acts_glob,
+        "every activation joins exactly one token",
+        f"the join has {joined} rows for {n_acts} activations",
+    )
+    mismatches = con.execute(
+        COMPARE_FEATURES_SQL,
+        {
+            "tokens": max(n_tokens, 1),
+            "density_tol": DENSITY_TOL,
+            "max_tol": MAX_REL_TOL,
+            "mean_tol": MEAN_REL_TOL,
+        },
+    ).fetchall()
+    if mismatches:
+        raise CheckFailed(
+            manifest["features"]["path"],
+            "density, mean_activation and max_activation match the activations",
+            f"{len(mismatches)} features differ, e.g. "
+            + "; ".join(
+                f"feature {f}: density {d!r} (recomputed {dr!r}), mean_activation {m!r} ({mr!r}),"
+                f" max_activation {x!r} ({xr!r})"
+                for f, d, dr, m, mr, x, xr in mismatches[:3]
+            ),
+        )
 
 
 def print_summary(root: Path, manifest: dict, con: duckdb.DuckDBPyConnection) -> None:
@@ -501,26 +651,39 @@ def print_summary(root: Path, manifest: dict, con: duckdb.DuckDBPyConnection) ->
     feature."""
     sae = manifest["sae"]
     n_tokens, n_acts = manifest["token_count"], manifest["activation_count"]
-    dead = con.execute("SELECT count(*) FROM features WHERE density = 0").fetchone()[0]
-    print(f"export {root}: hook {manifest['hook']}, SAE {sae['architecture']} "
-          f"d_in {sae['d_in']} d_sae {sae['d_sae']}, corpus {manifest['corpus']}")
-    print(f"  {len(manifest['shards'])} shards, {manifest['document_count']} documents, "
-          f"{n_tokens} tokens, {n_acts} activations "
-          f"({n_acts / max(n_tokens, 1):.2f} per token)")
+    dead = scalar(con, "SELECT count(*) FROM features WHERE density = 0")
+    print(
+        f"export {root}: hook {manifest['hook']}, SAE {sae['architecture']} "
+        f"d_in {sae['d_in']} d_sae {sae['d_sae']}, corpus {manifest['corpus']}"
+    )
+    with_tokens = scalar(con, "SELECT count(DISTINCT doc_id) FROM tokens")
+    print(
+        f"  {len(manifest['shards'])} shards, {manifest['document_count']} documents read "
+        f"({with_tokens} with tokens), "
+        f"{n_tokens} tokens, {n_acts} activations "
+        f"({n_acts / max(n_tokens, 1):.2f} per token)"
+    )
     print(f"  features: {sae['d_sae'] - dead} fire at least once, {dead} never")
-    top = con.execute("SELECT feature, density FROM features ORDER BY density DESC, feature LIMIT 1").fetchone()
-    if top is None or top[1] == 0:
+    feature, density = con.execute(
+        "SELECT feature, density FROM features ORDER BY density DESC, feature LIMIT 1"
+    ).fetchall()[0]
+    if density == 0:
+        print("  (no feature fires, so there is no sample join to show)")
         return
-    print(f"sample join: the top 5 activations of feature {top[0]} "
-          f"(the most frequent, fires on {100 * top[1]:.2f}% of tokens)")
+    print(
+        f"sample join: the top 5 activations of feature {feature} "
+        f"(the most frequent, fires on {100 * density:.2f}% of tokens)"
+    )
     rows = con.execute(
         """SELECT a.doc_id, a.position, a.activation, t.token_id, t.token
            FROM acts a JOIN tokens t USING (doc_id, position)
            WHERE a.feature = ? ORDER BY a.activation DESC, a.doc_id, a.position LIMIT 5""",
-        [top[0]],
+        [feature],
     ).fetchall()
     for doc, pos, act, token_id, token in rows:
-        print(f"  doc {doc:>6} position {pos:>4}  activation {act:9.4f}  token {token_id:>6} {token!r}")
+        print(
+            f"  doc {doc:>6} position {pos:>4} activation {act:9.4f} token {token_id:>6} {token!r}"
+        )
 
 
 def main() -> int:

@@ -62,13 +62,17 @@ def execute(notebook: Path, export_dir: Path, output: Path) -> bool:
         try:
             client.execute(cleanup_kc=True)  # shut the kernel down even though we made km
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-            print(f"FAIL {notebook}: a cell failed:\n{ANSI_ESCAPE.sub('', str(e))}", file=sys.stderr)
+            print(
+                f"FAIL {notebook}: a cell failed:\n{ANSI_ESCAPE.sub('', str(e))}", file=sys.stderr
+            )
             return False
         finally:
             nbformat.write(nb, output)
             print(f"executed copy: {output}", file=sys.stderr)
     cells = sum(c.cell_type == "code" for c in nb.cells)
-    print(f"{notebook}: {cells} code cells ran in {time.monotonic() - started:.1f} s on {export_dir}")
+    print(
+        f"{notebook}: {cells} code cells ran in {time.monotonic() - started:.1f} s on {export_dir}"
+    )
     return True
 
 
@@ -76,8 +80,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebook", type=Path)
     parser.add_argument("export_dir", type=Path, help="the folder `monoscope export --out` wrote")
-    parser.add_argument("--output", type=Path,
-                        help="where to write the executed notebook (default: a new temporary folder)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="where to write the executed notebook (default: a new temporary folder)",
+    )
     args = parser.parse_args()
     notebook = args.notebook.resolve()
     export_dir = args.export_dir.resolve()
