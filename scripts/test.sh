@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, then runs every test (no Python, no network
-# beyond crates.io: the oracle fixtures are committed).
+# The test command: installs what is missing, then runs every test. The oracle fixtures are
+# committed (no model downloads); the Parquet export is also read back by pyarrow, DuckDB and
+# the notebook, in a Python venv that scripts/python-env.sh makes from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+MONOSCOPE_PYTHON="$(bash scripts/python-env.sh)"
+export MONOSCOPE_PYTHON
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --all-targets --no-fail-fast
 else

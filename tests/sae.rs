@@ -25,7 +25,7 @@ fn model() -> Model {
     Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap()
 }
 
-/// A small plain-text corpus: blank-line separated documents.
+/// A small plain-text corpus: one document per line (blank lines are skipped).
 fn corpus(dir: &Path) -> PathBuf {
     let path = dir.join("corpus.txt");
     let docs: Vec<String> = (0..60)

@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 
 use super::sae::{CorpusArgs, load_sae};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
-use crate::features::stats::StatsSettings;
 use crate::features::score::{ScoreSettings, score};
+use crate::features::stats::StatsSettings;
 use crate::features::{BuildInput, BuildSettings, build};
 use crate::sae::codes::SegmentSettings;
 

@@ -112,7 +112,10 @@ impl Concept {
             }
             ConceptKind::Relation(r) => labels.get(i + 1).is_some_and(|next| {
                 let value = Some(r.value_kind());
-                next.relation == Some(r) && next.kind == value && label.kind != value && in_lang(next)
+                next.relation == Some(r)
+                    && next.kind == value
+                    && label.kind != value
+                    && in_lang(next)
             }),
             ConceptKind::Japanese => label.lang == Lang::Ja,
         }
@@ -210,7 +213,9 @@ impl ScoreReport {
         );
         for (i, c) in self.concepts.iter().enumerate() {
             if !c.scored && i > 0 && self.concepts[i - 1].scored {
-                s.push_str("-- merged across languages (not scored: shows splitting by language) --\n");
+                s.push_str(
+                    "-- merged across languages (not scored: shows splitting by language) --\n",
+                );
             }
             let split = if c.split_features.len() >= 2 {
                 format!(

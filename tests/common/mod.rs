@@ -78,3 +78,108 @@ pub fn scratch_copy(model_type: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// Writes an SAE with deterministic pseudo-random weights for `hook` (SAELens layout) into
+/// `dir`: real files for the commands that read SAEs, without training one.
+pub fn random_sae(
+    dir: &std::path::Path,
+    hook: &str,
+    d_in: usize,
+    d_sae: usize,
+    architecture: monoscope::sae::Architecture,
+) -> monoscope::sae::Sae {
+    use monoscope::sae::Sae;
+    use monoscope::sae::saelens::{SaeDir, SaeMetadata, save};
+    let dev = candle_core::Device::Cpu;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut randn = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let w_dec = randn(&[d_sae, d_in], 1.0);
+    let norms = w_dec.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+    let w_dec = w_dec.broadcast_div(&norms).unwrap();
+    let threshold = architecture
+        .has_threshold()
+        .then(|| randn(&[d_sae], 0.2).abs().unwrap());
+    let sae = Sae {
+        architecture,
+        w_enc: w_dec.t().unwrap().contiguous().unwrap(),
+        w_dec,
+        b_enc: randn(&[d_sae], 0.2),
+        b_dec: randn(&[d_in], 0.1),
+        threshold,
+        apply_b_dec_to_input: true,
+    };
+    let metadata = SaeMetadata {
+        model_name: "fixture".into(),
+        hook_name: hook.into(),
+        context_size: 16,
+        prepend_bos: true,
+        dataset_path: "test".into(),
+    };
+    save(
+        dir,
+        &SaeDir {
+            sae: sae.clone(),
+            metadata,
+            sparsity: None,
+        },
+        false,
+    )
+    .unwrap();
+    sae
+}
+
+/// Activations by (doc_id, position, feature).
+pub type Rows = std::collections::BTreeMap<(u64, u32, u32), f32>;
+
+/// What a direct forward pass and dense SAE encode give for each document, segment by
+/// segment as the export cuts them (BOS + `context − 1` tokens): the non-zero activations
+/// and the token id at each (doc_id, position).
+pub fn direct_codes(
+    model: &monoscope::Model,
+    sae: &monoscope::sae::Sae,
+    hook: &str,
+    context: usize,
+    docs: &[String],
+) -> (Rows, std::collections::BTreeMap<(u64, u32), u32>) {
+    use monoscope::model::{HookPoint, Hooks};
+    let hook: HookPoint = hook.parse().unwrap();
+    let bos = model.bos_token_id.unwrap();
+    let mut rows = Rows::new();
+    let mut tokens = std::collections::BTreeMap::new();
+    for (doc, line) in docs.iter().enumerate() {
+        let ids = model.tokenizer.encode(line).unwrap();
+        for (s, chunk) in ids.chunks(context - 1).enumerate() {
+            let mut input = vec![bos];
+            input.extend(chunk);
+            let out = model
+                .forward(
+                    &model.ids_tensor(&input).unwrap(),
+                    &Hooks::new().capture([hook]),
+                )
+                .unwrap();
+            let acts = sae.encode(out.cache.get(hook).unwrap()).unwrap();
+            let acts = acts.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            for (i, row) in acts.iter().enumerate().skip(1) {
+                let pos = (s * (context - 1) + i - 1) as u32;
+                tokens.insert((doc as u64, pos), input[i]);
+                for (f, &v) in row.iter().enumerate() {
+                    if v > 0.0 {
+                        rows.insert((doc as u64, pos, f as u32), v);
+                    }
+                }
+            }
+        }
+    }
+    (rows, tokens)
+}
