@@ -313,26 +313,23 @@ pub fn score(
     mut on_progress: impl FnMut(&str, u64),
 ) -> Result<ScoreReport> {
     let encoder = SparseEncoder::new(sae)?;
-    let kb = KnowledgeBase::bundled()?;
-    let concepts = Concept::all();
-    let mut split = |seed: u64, name: &str, keep_rows: bool| {
-        count_split(
-            model,
-            &encoder,
-            hook,
-            settings,
-            &kb,
-            seed,
-            &concepts,
-            keep_rows,
-            |t| on_progress(name, t),
-        )
+    let splits = Splits {
+        model,
+        encoder: &encoder,
+        hook,
+        settings,
+        kb: KnowledgeBase::bundled()?,
+        concepts: Concept::all(),
     };
-    let (selection, rows) = split(settings.selection_seed, "selection", true)?;
-    let (evaluation, _) = split(settings.evaluation_seed, "evaluation", false)?;
+    let (selection, rows) = splits.count(settings.selection_seed, true, |t| {
+        on_progress("selection", t)
+    })?;
+    let (evaluation, _) = splits.count(settings.evaluation_seed, false, |t| {
+        on_progress("evaluation", t)
+    })?;
     let d_sae = encoder.d_sae();
     let mut scores = Vec::new();
-    for (c, concept) in concepts.iter().enumerate() {
+    for (c, concept) in splits.concepts.iter().enumerate() {
         let (best, level, chosen) = selection.best(c);
         let split_features: Vec<u32> = (0..d_sae)
             .filter(|&f| {
@@ -350,13 +347,9 @@ pub fn score(
             threshold: threshold(level),
             selection: chosen,
             evaluation: evaluation.detection(c, best, level),
-            split_union_recall: 0.0,
+            split_union_recall: union_recall(&rows, c, &split_features),
             split_features,
         });
-    }
-    let union = union_recalls(&rows, &scores);
-    for (s, u) in scores.iter_mut().zip(union) {
-        s.split_union_recall = u;
     }
     let scored: Vec<f64> = scores
         .iter()
@@ -376,93 +369,94 @@ pub fn score(
     })
 }
 
-/// Generates one split, runs the model and SAE over it, and calls `visit` with each batch's
-/// codes and the concept flags of its tokens (`[token][concept]`).
-#[allow(clippy::too_many_arguments)]
-fn for_each_batch(
-    model: &Model,
-    encoder: &SparseEncoder,
-    hook: HookPoint,
-    settings: &ScoreSettings,
-    kb: &KnowledgeBase,
-    seed: u64,
-    concepts: &[Concept],
-    mut visit: impl FnMut(&Active, &[Vec<bool>]),
-) -> Result<()> {
-    let config = CorpusConfig {
-        seed,
-        docs_per_country: settings.docs_per_country,
-        fact_list_docs: settings.fact_lists,
-    };
-    let docs = CorpusGenerator::new(kb, config)?.training_documents();
-    let mut labels = Vec::with_capacity(docs.len());
-    let mut ids = Vec::with_capacity(docs.len());
-    for doc in &docs {
-        let (tokens, offsets) = model.tokenizer.encode_with_offsets(&doc.text)?;
-        let token_labels = token_labels(doc, &tokens, &offsets);
-        let flags: Vec<Vec<bool>> = (0..tokens.len())
-            .map(|i| concepts.iter().map(|c| c.holds(&token_labels, i)).collect())
-            .collect();
-        labels.push(flags);
-        ids.push(tokens);
-    }
-    let mut coder = DocumentCoder::new(
-        model,
-        encoder,
-        hook,
-        settings.segment.clone(),
-        Box::new(ids.into_iter().map(Ok)),
-        0,
-        None,
-    )?;
-    while let Some(batch) = coder.next_batch()? {
-        let flags: Vec<Vec<bool>> = batch
-            .addresses()
-            .map(|(doc, pos, _)| labels[doc as usize][pos as usize].clone())
-            .collect();
-        visit(&batch.codes, &flags);
-    }
-    Ok(())
+/// One token of a split: the features that fire, and which concepts it has.
+struct TokenRow {
+    latents: Vec<u32>,
+    concepts: Vec<bool>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn count_split(
-    model: &Model,
-    encoder: &SparseEncoder,
+/// What generating and coding a split needs.
+struct Splits<'a> {
+    model: &'a Model,
+    encoder: &'a SparseEncoder,
     hook: HookPoint,
-    settings: &ScoreSettings,
-    kb: &KnowledgeBase,
-    seed: u64,
-    concepts: &[Concept],
-    keep_rows: bool,
-    mut on_progress: impl FnMut(u64),
-) -> Result<(Counts, Vec<(Vec<u32>, Vec<bool>)>)> {
-    let mut rows = Vec::new();
-    let d_sae = encoder.d_sae();
-    let mut counts = Counts {
-        tokens: 0,
-        positives: vec![0; concepts.len()],
-        fires: vec![[0; LEVELS]; d_sae],
-        both: vec![vec![[0; LEVELS]; d_sae]; concepts.len()],
-    };
-    for_each_batch(
-        model,
-        encoder,
-        hook,
-        settings,
-        kb,
-        seed,
-        concepts,
-        |codes, flags| {
+    settings: &'a ScoreSettings,
+    kb: KnowledgeBase,
+    concepts: Vec<Concept>,
+}
+
+impl Splits<'_> {
+    /// Generates the split with `seed`, runs the model and SAE over it, and calls `visit`
+    /// with each batch's codes and the concept flags of its tokens (`[token][concept]`).
+    fn for_each_batch(
+        &self,
+        seed: u64,
+        mut visit: impl FnMut(&Active, &[Vec<bool>]),
+    ) -> Result<()> {
+        let config = CorpusConfig {
+            seed,
+            docs_per_country: self.settings.docs_per_country,
+            fact_list_docs: self.settings.fact_lists,
+        };
+        let docs = CorpusGenerator::new(&self.kb, config)?.training_documents();
+        let mut labels = Vec::with_capacity(docs.len());
+        let mut ids = Vec::with_capacity(docs.len());
+        for doc in &docs {
+            let (tokens, offsets) = self.model.tokenizer.encode_with_offsets(&doc.text)?;
+            let token_labels = token_labels(doc, &tokens, &offsets);
+            let flags: Vec<Vec<bool>> = (0..tokens.len())
+                .map(|i| {
+                    self.concepts
+                        .iter()
+                        .map(|c| c.holds(&token_labels, i))
+                        .collect()
+                })
+                .collect();
+            labels.push(flags);
+            ids.push(tokens);
+        }
+        let mut coder = DocumentCoder::new(
+            self.model,
+            self.encoder,
+            self.hook,
+            self.settings.segment.clone(),
+            Box::new(ids.into_iter().map(Ok)),
+            0,
+            None,
+        )?;
+        while let Some(batch) = coder.next_batch()? {
+            let flags: Vec<Vec<bool>> = batch
+                .addresses()
+                .map(|(doc, pos, _)| labels[doc as usize][pos as usize].clone())
+                .collect();
+            visit(&batch.codes, &flags);
+        }
+        Ok(())
+    }
+
+    /// Counts for one split; with `keep_rows`, also every token's firing set and concepts.
+    fn count(
+        &self,
+        seed: u64,
+        keep_rows: bool,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<(Counts, Vec<TokenRow>)> {
+        let d_sae = self.encoder.d_sae();
+        let n = self.concepts.len();
+        let mut rows = Vec::new();
+        let mut counts = Counts {
+            tokens: 0,
+            positives: vec![0; n],
+            fires: vec![[0; LEVELS]; d_sae],
+            both: vec![vec![[0; LEVELS]; d_sae]; n],
+        };
+        self.for_each_batch(seed, |codes, flags| {
             for (r, flag) in flags.iter().enumerate() {
                 counts.tokens += 1;
                 let (latents, values) = codes.row(r);
                 let levels: Vec<usize> = values.iter().map(|&v| level_of(v)).collect();
                 for (&f, &l) in latents.iter().zip(&levels) {
                     counts.fires[f as usize][l] += 1;
-                }
-                if keep_rows {
-                    rows.push((latents.to_vec(), flag.clone()));
                 }
                 for (c, &on) in flag.iter().enumerate() {
                     if on {
@@ -472,30 +466,99 @@ fn count_split(
                         }
                     }
                 }
+                if keep_rows {
+                    rows.push(TokenRow {
+                        latents: latents.to_vec(),
+                        concepts: flag.clone(),
+                    });
+                }
             }
             on_progress(counts.tokens);
-        },
-    )?;
-    Ok((counts, rows))
+        })?;
+        Ok((counts, rows))
+    }
 }
 
-/// For each concept, the recall of "any of its split features fires" over `rows` (the
-/// selection split's firing sets and concept flags).
-fn union_recalls(rows: &[(Vec<u32>, Vec<bool>)], scores: &[ConceptScore]) -> Vec<f64> {
-    scores
-        .iter()
-        .enumerate()
-        .map(|(c, s)| {
-            if s.split_features.len() < 2 {
-                return 0.0;
-            }
-            let set: std::collections::HashSet<u32> = s.split_features.iter().copied().collect();
-            let (mut covered, mut positives) = (0u64, 0u64);
-            for (latents, _) in rows.iter().filter(|(_, flags)| flags[c]) {
-                positives += 1;
-                covered += u64::from(latents.iter().any(|f| set.contains(f)));
-            }
-            covered as f64 / positives.max(1) as f64
-        })
-        .collect()
+/// The recall of "any of `features` fires" for concept `c` over `rows` (0 for fewer than
+/// two features: nothing is split).
+fn union_recall(rows: &[TokenRow], c: usize, features: &[u32]) -> f64 {
+    if features.len() < 2 {
+        return 0.0;
+    }
+    let set: std::collections::HashSet<u32> = features.iter().copied().collect();
+    let (mut covered, mut positives) = (0u64, 0u64);
+    for row in rows.iter().filter(|r| r.concepts[c]) {
+        positives += 1;
+        covered += u64::from(row.latents.iter().any(|f| set.contains(f)));
+    }
+    covered as f64 / positives.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(kind: Option<EntityKind>, relation: Option<Relation>, lang: Lang) -> TokenLabel {
+        TokenLabel {
+            id: 0,
+            kind,
+            relation,
+            lang,
+            country: None,
+        }
+    }
+
+    #[test]
+    fn concepts_mark_mention_ends_and_prediction_sites() {
+        // "The capital of Japan is Tok yo ." with Japan a country mention and Tokyo the value.
+        let cap = Some(Relation::Capital);
+        let labels = [
+            label(None, cap, Lang::En),
+            label(None, cap, Lang::En),
+            label(Some(EntityKind::Country), cap, Lang::En),
+            label(None, cap, Lang::En),
+            label(Some(EntityKind::Capital), cap, Lang::En),
+            label(Some(EntityKind::Capital), cap, Lang::En),
+            label(None, cap, Lang::En),
+        ];
+        let holds = |kind, lang| -> Vec<usize> {
+            let c = Concept { kind, lang };
+            (0..labels.len()).filter(|&i| c.holds(&labels, i)).collect()
+        };
+        let en = Some(Lang::En);
+        assert_eq!(holds(ConceptKind::Entity(EntityKind::Capital), en), vec![5]);
+        assert_eq!(
+            holds(ConceptKind::Entity(EntityKind::Country), None),
+            vec![2]
+        );
+        assert_eq!(holds(ConceptKind::Relation(Relation::Capital), en), vec![3]);
+        assert!(holds(ConceptKind::Relation(Relation::Capital), Some(Lang::Ja)).is_empty());
+        assert!(holds(ConceptKind::Japanese, None).is_empty());
+    }
+
+    #[test]
+    fn the_best_threshold_trades_precision_for_recall() {
+        // One concept, two features. Feature 0 fires on 10 tokens, all positive, at level 3;
+        // and on 30 negatives at level 1. Feature 1 fires on 4 positives only.
+        let mut fires = vec![[0u32; LEVELS]; 2];
+        let mut both = vec![vec![[0u32; LEVELS]; 2]];
+        fires[0][3] = 10;
+        fires[0][1] = 30;
+        both[0][0][3] = 10;
+        fires[1][5] = 4;
+        both[0][1][5] = 4;
+        let counts = Counts {
+            tokens: 100,
+            positives: vec![12],
+            fires,
+            both,
+        };
+        let (feature, level, d) = counts.best(0);
+        assert_eq!((feature, level), (0, 3), "above level 1 and 2 alike: the first found");
+        assert!((d.precision - 1.0).abs() < 1e-12);
+        assert!((d.recall - 10.0 / 12.0).abs() < 1e-12);
+        let all = counts.detection(0, 0, 0);
+        assert!((all.precision - 0.25).abs() < 1e-12);
+        assert!(level_of(threshold(7) * 1.01) == 7 && level_of(threshold(7)) == 6);
+    }
 }
