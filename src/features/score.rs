@@ -554,7 +554,11 @@ mod tests {
             both,
         };
         let (feature, level, d) = counts.best(0);
-        assert_eq!((feature, level), (0, 3), "above level 1 and 2 alike: the first found");
+        assert_eq!(
+            (feature, level),
+            (0, 3),
+            "above level 1 and 2 alike: the first found"
+        );
         assert!((d.precision - 1.0).abs() < 1e-12);
         assert!((d.recall - 10.0 / 12.0).abs() < 1e-12);
         let all = counts.detection(0, 0, 0);
