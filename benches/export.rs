@@ -4,7 +4,8 @@
 //! at each shard) into a temporary folder. Throughput is in activation rows (non-zero
 //! activations) per second.
 //!
-//! `cargo bench --bench export`
+//! `cargo bench --bench export`. With `MONOSCOPE_FEATURE_STORE=DIR` (a folder made by
+//! `monoscope features build`) it also times opening that feature store, as the GUI does.
 
 use std::path::Path;
 
@@ -141,5 +142,18 @@ fn bench_write(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_write);
+fn bench_store_open(c: &mut Criterion) {
+    let Ok(dir) = std::env::var("MONOSCOPE_FEATURE_STORE") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let mut group = c.benchmark_group("features");
+    group.sample_size(10);
+    group.bench_function("open_feature_store", |b| {
+        b.iter(|| monoscope::features::store::open(&dir).expect("feature store"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_write, bench_store_open);
 criterion_main!(benches);

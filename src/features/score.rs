@@ -6,9 +6,11 @@
 //! concept") is chosen, and an *evaluation* split, on which that feature's precision, recall
 //! and F1 are reported. Concepts (per token, from the corpus's character-level labels; a
 //! token has a label when it overlaps the labelled span):
-//! - `entity:KIND` — the token ends a mention of that kind (country, capital, …): the first
-//!   place where the whole name has been read (earlier tokens of "Buenos Aires" or
-//!   "ブエノスアイレス" do not yet say which entity, or which kind, they belong to);
+//! - `entity:KIND` — the token ends a mention of a name of that kind (country, capital, …):
+//!   the first place where the whole name has been read (earlier tokens of "Buenos Aires" or
+//!   "ブエノスアイレス" do not yet say which entity, or which kind, they belong to). A name
+//!   has every kind it has for its country: "Tokyo" is a capital token also where a sentence
+//!   names it as Japan's largest city;
 //! - `relation:R` — the next token starts the value of relation R in a sentence stating it:
 //!   the place where the model has to say a capital, a currency, … (earlier tokens of the
 //!   sentence do not yet say which relation it states);
@@ -98,17 +100,20 @@ impl Concept {
         }
     }
 
-    /// Whether token `i` of a document with these labels has the concept.
-    fn holds(&self, labels: &[TokenLabel], i: usize) -> bool {
+    /// Whether token `i` of a document with these labels has the concept; `kinds[i]` are
+    /// the entity kinds of the token's name ([`name_kinds`]).
+    fn holds(&self, labels: &[TokenLabel], kinds: &[Vec<EntityKind>], i: usize) -> bool {
         let label = &labels[i];
         let in_lang = |l: &TokenLabel| self.lang.is_none_or(|lang| l.lang == lang);
         match self.kind {
             ConceptKind::Entity(k) => {
                 // The mention's last token: where its whole name has been read.
-                let last = labels
-                    .get(i + 1)
-                    .is_none_or(|next| next.kind != Some(k) || next.lang != label.lang);
-                label.kind == Some(k) && in_lang(label) && last
+                let last = labels.get(i + 1).is_none_or(|next| {
+                    next.kind != label.kind
+                        || next.lang != label.lang
+                        || next.country != label.country
+                });
+                kinds[i].contains(&k) && in_lang(label) && last
             }
             ConceptKind::Relation(r) => labels.get(i + 1).is_some_and(|next| {
                 let value = Some(r.value_kind());
@@ -120,6 +125,21 @@ impl Concept {
             ConceptKind::Japanese => label.lang == Lang::Ja,
         }
     }
+}
+
+/// Every kind the name of a token's mention has for its country (none outside mentions).
+fn name_kinds(kb: &KnowledgeBase, label: &TokenLabel) -> Vec<EntityKind> {
+    let (Some(kind), Some(country)) = (label.kind, label.country) else {
+        return Vec::new();
+    };
+    let Some(c) = kb.countries.get(country) else {
+        return vec![kind];
+    };
+    let name = c.entity(kind).get(label.lang);
+    EntityKind::ALL
+        .into_iter()
+        .filter(|&k| k == kind || c.entity(k).get(label.lang) == name)
+        .collect()
 }
 
 /// Sizes and seeds of the two generated splits.
@@ -404,11 +424,15 @@ impl Splits<'_> {
         for doc in &docs {
             let (tokens, offsets) = self.model.tokenizer.encode_with_offsets(&doc.text)?;
             let token_labels = token_labels(doc, &tokens, &offsets);
+            let kinds: Vec<Vec<EntityKind>> = token_labels
+                .iter()
+                .map(|l| name_kinds(&self.kb, l))
+                .collect();
             let flags: Vec<Vec<bool>> = (0..tokens.len())
                 .map(|i| {
                     self.concepts
                         .iter()
-                        .map(|c| c.holds(&token_labels, i))
+                        .map(|c| c.holds(&token_labels, &kinds, i))
                         .collect()
                 })
                 .collect();
@@ -521,9 +545,15 @@ mod tests {
             label(Some(EntityKind::Capital), cap, Lang::En),
             label(None, cap, Lang::En),
         ];
+        let kinds: Vec<Vec<EntityKind>> = labels
+            .iter()
+            .map(|l| l.kind.into_iter().collect())
+            .collect();
         let holds = |kind, lang| -> Vec<usize> {
             let c = Concept { kind, lang };
-            (0..labels.len()).filter(|&i| c.holds(&labels, i)).collect()
+            (0..labels.len())
+                .filter(|&i| c.holds(&labels, &kinds, i))
+                .collect()
         };
         let en = Some(Lang::En);
         assert_eq!(holds(ConceptKind::Entity(EntityKind::Capital), en), vec![5]);

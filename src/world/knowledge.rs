@@ -180,6 +180,19 @@ impl Country {
             Relation::Landmark => &self.landmark,
         }
     }
+
+    /// The country's name for an entity of `kind` (its own name for `Country`).
+    pub fn entity(&self, kind: EntityKind) -> &Names {
+        match kind {
+            EntityKind::Country => &self.name,
+            EntityKind::Capital => &self.capital,
+            EntityKind::Language => &self.language,
+            EntityKind::Currency => &self.currency,
+            EntityKind::Continent => &self.continent,
+            EntityKind::City => &self.largest_city,
+            EntityKind::Landmark => &self.landmark,
+        }
+    }
 }
 
 /// The columns of the TSV, in order.
