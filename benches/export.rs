@@ -89,6 +89,7 @@ fn manifest() -> Manifest {
         corpus: "bench".into(),
         context_size: 128,
         prepend_bos: true,
+        exclude_special: true,
         document_count: 0,
         token_count: 0,
         activation_count: 0,

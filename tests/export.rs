@@ -337,6 +337,14 @@ fn overwrite_replaces_an_export_but_never_other_files() {
     .to_string();
     assert!(e.contains("keep.txt"), "{e}");
     assert!(other.join("keep.txt").is_file());
+    // Nor are hidden folders next to an export's files.
+    std::fs::create_dir_all(out.join(".git")).unwrap();
+    let e = run_export(&model, &f, &out, &small, Existing::Overwrite, &never, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(".git"), "{e}");
+    assert!(out.join(".git").is_dir() && out.join("manifest.json").is_file());
 }
 
 #[test]
@@ -353,6 +361,20 @@ fn bad_input_gets_clear_errors() {
     let mut zero = settings(100);
     zero.tokens = Some(0);
     assert!(err(&f, &f.dir.join("a"), &zero).contains("--tokens"));
+
+    // A corpus without a single valid line: an error, and no export left behind.
+    let empty_text = f.dir.join("empty.txt");
+    std::fs::write(&empty_text, b"\n  \n\xff\xfe\n").unwrap();
+    let empty = Fixture {
+        corpus: Corpus::parse(empty_text.to_str().unwrap(), "text").unwrap(),
+        ..fixture()
+    };
+    let e = err(&empty, &f.dir.join("e"), &settings(100));
+    assert!(
+        e.contains("no tokens") && e.contains("1 lines skipped"),
+        "{e}"
+    );
+    assert!(!f.dir.join("e/manifest.json").exists());
 
     // An SAE whose width does not match the hook.
     let narrow = f.dir.join("narrow");

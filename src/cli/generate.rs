@@ -8,6 +8,7 @@ use super::{ModelArgs, print_json};
 use crate::features::steer::{SteerMode, parse_steers, steering_hooks};
 use crate::model::Hooks;
 use crate::model::generate::{GenerateOptions, Sampling, generate};
+use crate::sae::codes::check_sae_fits;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -38,6 +39,9 @@ pub struct GenerateArgs {
     /// An SAE folder whose features --steer names.
     #[arg(long, requires = "steer")]
     sae: Option<std::path::PathBuf>,
+    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
+    #[arg(long, requires = "sae")]
+    hook: Option<String>,
     /// Steer with SAE features: FEATURE=VALUE[,FEATURE=VALUE…] (needs --sae).
     #[arg(long, requires = "sae")]
     steer: Option<String>,
@@ -72,7 +76,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let (hooks, steering) = match (&args.sae, &args.steer) {
         (Some(dir), Some(spec)) => {
-            let (sae_dir, hook) = load_sae(dir, None, &model, &model.device)?;
+            let (sae_dir, hook) = load_sae(dir, args.hook.as_deref(), &model, &model.device)?;
+            check_sae_fits(&model, hook, &sae_dir.sae, dir)?;
             let steers = parse_steers(spec)?;
             let mode = match args.steer_mode {
                 SteerModeArg::Clamp => SteerMode::Clamp,

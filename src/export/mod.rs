@@ -31,7 +31,7 @@ use crate::sae::Sae;
 use crate::sae::activations::Corpus;
 use crate::sae::codes::{CodedBatch, DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
 use crate::sae::sparse::SparseEncoder;
-use crate::table::{model_hash, sae_hash};
+use crate::table::{model_hash, parquet_error, sae_hash};
 use writer::{ShardWriter, write_features};
 
 pub const MANIFEST: &str = "manifest.json";
@@ -87,6 +87,8 @@ pub struct Manifest {
     pub corpus: String,
     pub context_size: usize,
     pub prepend_bos: bool,
+    /// Whether special tokens (BOS, EOS, …) inside documents were left without codes.
+    pub exclude_special: bool,
     pub document_count: u64,
     pub token_count: u64,
     pub activation_count: u64,
@@ -106,6 +108,7 @@ impl Manifest {
             && self.corpus == other.corpus
             && self.context_size == other.context_size
             && self.prepend_bos == other.prepend_bos
+            && self.exclude_special == other.exclude_special
     }
 
     fn save(&self, out: &Path) -> Result<()> {
@@ -157,7 +160,6 @@ pub struct ExportInput<'a> {
 pub struct Progress {
     pub tokens: u64,
     pub rows: u64,
-    pub documents: u64,
 }
 
 /// How an export ended, with where the time went.
@@ -192,12 +194,17 @@ pub fn export(
             message: "an export needs at least one token".into(),
         });
     }
-    if settings.shard_rows == 0 || settings.row_group_rows == 0 {
-        return Err(Error::InvalidArgument {
-            what: "--shard-rows",
-            value: "0".into(),
-            message: "shards and row groups need at least one row".into(),
-        });
+    for (what, rows) in [
+        ("--shard-rows", settings.shard_rows),
+        ("--row-group-rows", settings.row_group_rows as u64),
+    ] {
+        if rows == 0 {
+            return Err(Error::InvalidArgument {
+                what,
+                value: "0".into(),
+                message: "must be at least one row".into(),
+            });
+        }
     }
     check_sae_fits(input.model, input.hook, input.sae, input.sae_dir)?;
     let fresh = Manifest {
@@ -218,6 +225,7 @@ pub fn export(
         corpus: input.corpus.describe(),
         context_size: settings.segment.context_size,
         prepend_bos: settings.segment.prepend_bos,
+        exclude_special: settings.segment.exclude_special,
         document_count: 0,
         token_count: 0,
         activation_count: 0,
@@ -265,7 +273,6 @@ pub fn export(
     let mut progress = Progress {
         tokens: manifest.token_count,
         rows: manifest.activation_count,
-        documents: first_doc,
     };
     let (written, produced) = std::thread::scope(|scope| {
         let writer_manifest = manifest.clone();
@@ -290,7 +297,6 @@ pub fn export(
             while let Some(batch) = coder.next_batch()? {
                 progress.tokens += batch.tokens() as u64;
                 progress.rows += batch.codes.len() as u64;
-                progress.documents = batch.segments.last().map_or(0, |s| s.doc_id + 1);
                 report.tokens_this_run += batch.tokens() as u64;
                 report.rows_this_run += batch.codes.len() as u64;
                 if tx.send(Message::Batch(batch)).is_err() {
@@ -322,13 +328,29 @@ pub fn export(
     report.forward_time = coder.forward_time;
     report.encode_time = coder.encode_time;
     report.write_time = busy;
-    manifest.skipped_lines += skipped.load(Ordering::Relaxed);
+    // Every run reads the corpus from its first line, so this run's count is the whole count.
+    manifest.skipped_lines = skipped.load(Ordering::Relaxed);
     if !(all_read && finished) {
         manifest.save(out)?;
         report.cancelled = true;
         report.manifest = manifest;
         report.total_time = started.elapsed();
         return Ok(report);
+    }
+    if manifest.token_count == 0 {
+        // Nothing to export: leave no half-made export behind.
+        for dir in [ACTIVATIONS_DIR, TOKENS_DIR] {
+            let _ = std::fs::remove_dir(out.join(dir));
+        }
+        let _ = std::fs::remove_file(out.join(MANIFEST));
+        return Err(Error::InvalidArgument {
+            what: "corpus",
+            value: input.corpus.describe(),
+            message: format!(
+                "holds no tokens ({} lines skipped as invalid UTF-8)",
+                manifest.skipped_lines
+            ),
+        });
     }
     let features = write_features(
         out,
@@ -356,12 +378,21 @@ enum Message {
     },
 }
 
-/// Names allowed in an export folder (hidden temporary files aside).
+/// Names an export folder holds: its files, and the temporary names they are written under
+/// (`.manifest.json.tmp-PID`, `.features.parquet.tmp-PID`).
 fn is_export_entry(name: &str) -> bool {
+    let temporary = [MANIFEST, FEATURES_FILE]
+        .iter()
+        .any(|f| name.starts_with(&format!(".{f}.tmp-")));
     matches!(
         name,
         MANIFEST | ACTIVATIONS_DIR | TOKENS_DIR | FEATURES_FILE
-    ) || name.starts_with('.')
+    ) || temporary
+}
+
+/// Whether `name` in a shard folder is a shard's temporary name (`.part-NNNNN.parquet.tmp`).
+fn is_temporary_shard(name: &str) -> bool {
+    name.starts_with(".part-") && name.ends_with(".parquet.tmp")
 }
 
 /// Makes `out` ready: a fresh folder with an empty manifest, or the manifest to resume.
@@ -421,7 +452,9 @@ fn prepare_folder(out: &Path, fresh: Manifest, existing: Existing) -> Result<Man
                         ),
                     });
                 }
-                clean_unlisted(out, &saved)?;
+                if !saved.complete {
+                    clean_unlisted(out, &saved)?;
+                }
                 return Ok(saved);
             }
         }
@@ -438,18 +471,14 @@ fn prepare_folder(out: &Path, fresh: Manifest, existing: Existing) -> Result<Man
 }
 
 /// Before resuming: removes temporary files and shards the manifest does not list (renamed
-/// just before an interruption), and checks the listed ones are whole.
+/// just before an interruption), and checks that the listed ones hold the rows it says.
 fn clean_unlisted(out: &Path, manifest: &Manifest) -> Result<()> {
     let listed: std::collections::HashSet<PathBuf> = manifest
         .shards
         .iter()
         .flat_map(|s| [out.join(&s.activations.path), out.join(&s.tokens.path)])
         .collect();
-    for dir in [
-        out.to_path_buf(),
-        out.join(ACTIVATIONS_DIR),
-        out.join(TOKENS_DIR),
-    ] {
+    for dir in [out.join(ACTIVATIONS_DIR), out.join(TOKENS_DIR)] {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
             let path = entry.map_err(|e| Error::io(&dir, e))?.path();
@@ -457,21 +486,49 @@ fn clean_unlisted(out: &Path, manifest: &Manifest) -> Result<()> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let stale = name.starts_with('.')
-                || (dir != out && path.is_file() && !listed.contains(&path))
-                || (dir == out && name == FEATURES_FILE);
-            if stale {
+            let unlisted_shard =
+                name.starts_with("part-") && name.ends_with(".parquet") && !listed.contains(&path);
+            if is_temporary_shard(&name) || unlisted_shard {
                 std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
         }
     }
-    for path in &listed {
-        if !path.is_file() {
-            return Err(Error::MissingFile {
+    for name in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(std::result::Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    {
+        // A features table from an interrupted finish, or a writer's temporary file.
+        if name == FEATURES_FILE || (name.starts_with('.') && is_export_entry(&name)) {
+            let path = out.join(&name);
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    for shard in &manifest.shards {
+        for entry in [&shard.activations, &shard.tokens] {
+            let path = out.join(&entry.path);
+            let rows = parquet_rows(&path).map_err(|_| Error::MissingFile {
                 path: path.clone(),
                 what: "export shard listed in manifest.json (start again with --overwrite)",
-            });
+            })?;
+            if rows != entry.rows {
+                return Err(parquet_error(
+                    &path,
+                    format!(
+                        "holds {rows} rows, manifest.json says {} (start again with --overwrite)",
+                        entry.rows
+                    ),
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// Rows of a Parquet file, from its footer.
+fn parquet_rows(path: &Path) -> Result<u64> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| parquet_error(path, e))?;
+    Ok(builder.metadata().file_metadata().num_rows() as u64)
 }

@@ -60,6 +60,11 @@ pub fn features_schema() -> Arc<Schema> {
     ]))
 }
 
+/// The hidden name a shard is written under until it is complete.
+pub fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
 /// One table's shard being written under its temporary name; removed on drop unless it
 /// was published.
 struct OpenFile {
@@ -81,7 +86,7 @@ impl OpenFile {
         rows: usize,
     ) -> Result<Self> {
         let name = format!("part-{index:05}.parquet");
-        let tmp = out.join(dir).join(format!(".{name}.tmp"));
+        let tmp = out.join(dir).join(temporary_name(&name));
         Ok(Self {
             writer: Some(create_writer(&tmp, schema, rows)?),
             tmp,
@@ -179,13 +184,8 @@ impl<'a> ShardWriter<'a> {
             let index = self.manifest.shards.len();
             let rows = self.settings.row_group_rows;
             self.open = Some(OpenShard {
-                first_doc: self
-                    .manifest
-                    .shards
-                    .last()
-                    .map_or(batch.segments.first().map_or(0, |s| s.doc_id), |s| {
-                        s.end_doc
-                    }),
+                // Shards cover documents contiguously from 0, empty documents included.
+                first_doc: self.manifest.shards.last().map_or(0, |s| s.end_doc),
                 activations: OpenFile::create(
                     self.out,
                     ACTIVATIONS_DIR,
@@ -310,8 +310,15 @@ pub fn feature_totals(out: &Path, manifest: &Manifest) -> Result<(Vec<u64>, Vec<
             .map_err(|e| parquet_error(&path, e))?;
         for batch in reader {
             let batch = batch.map_err(|e| parquet_error(&path, e))?;
-            let features = batch.column(0).as_primitive::<UInt32Type>();
-            let values = batch.column(1).as_primitive::<Float32Type>();
+            let (Some(features), Some(values)) = (
+                batch.column(0).as_primitive_opt::<UInt32Type>(),
+                batch.column(1).as_primitive_opt::<Float32Type>(),
+            ) else {
+                return Err(parquet_error(
+                    &path,
+                    "columns `feature` and `activation` must be uint32 and float32",
+                ));
+            };
             for (&f, &v) in features.values().iter().zip(values.values()) {
                 let f = f as usize;
                 if f >= d_sae {

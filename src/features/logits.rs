@@ -181,7 +181,8 @@ pub fn decoder_neighbours(w_dec: &Tensor, n: usize) -> Result<Vec<Neighbours>> {
             .enumerate()
             .map(|(i, row)| {
                 row[start + i] = f32::NEG_INFINITY;
-                let ids = extreme_indices(row, n, true);
+                // Never the feature itself, however many neighbours are asked for.
+                let ids = extreme_indices(row, n.min(d_sae - 1), true);
                 Neighbours {
                     cosines: ids.iter().map(|&j| row[j]).collect(),
                     features: ids.into_iter().map(|j| j as u32).collect(),

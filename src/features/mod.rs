@@ -103,6 +103,13 @@ pub fn build(
         }
     }
     let tokens = stats.tokens();
+    if tokens == 0 {
+        return Err(Error::InvalidArgument {
+            what: "corpus",
+            value: input.corpus.describe(),
+            message: "holds no tokens".into(),
+        });
+    }
     let summaries = stats.finish();
     let effects = logits::logit_effects(
         input.model,
@@ -148,7 +155,7 @@ pub fn build(
     })
 }
 
-/// Recorded in `features.json`: how the logit effects were computed.
+/// Recorded in `features.json`: how the logit effects were computed (see [`logits`]).
 pub const LOGIT_EFFECTS_METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post) → final norm with its scale held constant (centre, gain) → unembedding";
 
 /// Creates `out`, or checks it may be written into.
@@ -162,7 +169,9 @@ fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
                     .file_name()
                     .to_string_lossy()
                     .into_owned();
-                let ours = known.contains(&name.as_str());
+                let ours = known
+                    .iter()
+                    .any(|k| name == *k || name.starts_with(&format!(".{k}.tmp-")));
                 if !ours || !overwrite {
                     return Err(Error::InvalidArgument {
                         what: "--out",

@@ -246,7 +246,8 @@ impl Occurrence {
 }
 
 /// The window around token `index` of segment `segment`, whose first row in the batch is
-/// `first_row`.
+/// `first_row`. Windows stay within the segment (one forward pass), so near a segment's
+/// edge a long document's context is shorter.
 fn context(
     settings: &StatsSettings,
     batch: &CodedBatch,

@@ -28,7 +28,7 @@ pub struct Steer {
     pub value: f32,
 }
 
-/// Parses `FEATURE=VALUE[,FEATURE=VALUE…]`.
+/// Parses `FEATURE=VALUE[,FEATURE=VALUE…]`; each feature at most once.
 pub fn parse_steers(spec: &str) -> Result<Vec<Steer>> {
     let bad = |part: &str, message: &str| Error::InvalidArgument {
         what: "--steer",
@@ -55,7 +55,17 @@ pub fn parse_steers(spec: &str) -> Result<Vec<Steer>> {
             }
             Ok(Steer { feature, value })
         })
-        .collect()
+        .collect::<Result<Vec<Steer>>>()
+        .and_then(|steers| {
+            if steers.is_empty() {
+                return Err(bad(spec, "names no feature; expected FEATURE=VALUE[,…]"));
+            }
+            let mut seen = std::collections::HashSet::new();
+            match steers.iter().find(|s| !seen.insert(s.feature)) {
+                Some(s) => Err(bad(&s.feature.to_string(), "is named twice")),
+                None => Ok(steers),
+            }
+        })
 }
 
 /// Hooks that steer `steers` at `hook` (the SAE's). The SAE is moved to `device` in f32.
@@ -114,4 +124,38 @@ pub fn steering_hooks(
 fn steer_shape(x: &Tensor, n: usize) -> candle_core::Result<(usize, usize, usize)> {
     let (b, s, _) = x.dims3()?;
     Ok((b, s, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steer_specs_parse_or_say_what_is_wrong() {
+        let s = parse_steers("12=5, 7=-2.5").unwrap();
+        assert_eq!(
+            s,
+            vec![
+                Steer {
+                    feature: 12,
+                    value: 5.0
+                },
+                Steer {
+                    feature: 7,
+                    value: -2.5
+                }
+            ]
+        );
+        for (spec, says) in [
+            ("", "names no feature"),
+            ("12", "FEATURE=VALUE"),
+            ("x=1", "non-negative integer"),
+            ("3=abc", "number"),
+            ("3=inf", "finite"),
+            ("3=1,3=2", "twice"),
+        ] {
+            let e = parse_steers(spec).unwrap_err().to_string();
+            assert!(e.contains(says), "{spec}: {e}");
+        }
+    }
 }

@@ -306,17 +306,26 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// Row `row` of a list-of-primitive column.
 fn list_values<T: arrow::datatypes::ArrowPrimitiveType>(
     list: &ListArray,
     row: usize,
-) -> Vec<T::Native> {
-    list.value(row).as_primitive::<T>().values().to_vec()
+    path: &Path,
+) -> Result<Vec<T::Native>> {
+    let values = list.value(row);
+    let typed = values
+        .as_primitive_opt::<T>()
+        .ok_or_else(|| parquet_error(path, format!("row {row}: a list holds the wrong type")))?;
+    Ok(typed.values().to_vec())
 }
 
-fn list_strings(list: &ListArray, row: usize) -> Vec<String> {
-    let v = list.value(row);
-    let s = v.as_string::<i32>();
-    (0..s.len()).map(|i| s.value(i).to_string()).collect()
+/// Row `row` of a list-of-strings column.
+fn list_strings(list: &ListArray, row: usize, path: &Path) -> Result<Vec<String>> {
+    let values = list.value(row);
+    let s = values
+        .as_string_opt::<i32>()
+        .ok_or_else(|| parquet_error(path, format!("row {row}: a list holds no strings")))?;
+    Ok((0..s.len()).map(|i| s.value(i).to_string()).collect())
 }
 
 /// Reads a store written by [`write`].
@@ -347,11 +356,11 @@ pub fn open(dir: &Path) -> Result<FeatureStore> {
         let (bottom, bottom_v) = (c.list("bottom_logits")?, c.list("bottom_logit_values")?);
         let (nb, nb_cos) = (c.list("neighbours")?, c.list("neighbour_cosines")?);
         for r in 0..batch.num_rows() {
-            let pairs = |names: &ListArray, values: &ListArray| {
-                list_strings(names, r)
+            let pairs = |names: &ListArray, values: &ListArray| -> Result<Vec<(String, f32)>> {
+                Ok(list_strings(names, r, &path)?
                     .into_iter()
-                    .zip(list_values::<Float32Type>(values, r))
-                    .collect()
+                    .zip(list_values::<Float32Type>(values, r, &path)?)
+                    .collect())
             };
             features.push(StoredFeature {
                 feature: feature.value(r),
@@ -360,12 +369,12 @@ pub fn open(dir: &Path) -> Result<FeatureStore> {
                 mean_activation: mean.value(r),
                 max_activation: max.value(r),
                 histogram_bin_width: width.value(r),
-                histogram: list_values::<UInt64Type>(hist, r),
-                top_logits: pairs(top, top_v),
-                bottom_logits: pairs(bottom, bottom_v),
-                neighbours: list_values::<UInt32Type>(nb, r)
+                histogram: list_values::<UInt64Type>(hist, r, &path)?,
+                top_logits: pairs(top, top_v)?,
+                bottom_logits: pairs(bottom, bottom_v)?,
+                neighbours: list_values::<UInt32Type>(nb, r, &path)?
                     .into_iter()
-                    .zip(list_values::<Float32Type>(nb_cos, r))
+                    .zip(list_values::<Float32Type>(nb_cos, r, &path)?)
                     .collect(),
                 contexts: Vec::new(),
             });
@@ -389,8 +398,8 @@ pub fn open(dir: &Path) -> Result<FeatureStore> {
             path: &path,
         };
         let feature = c.typed::<UInt32Array>("feature")?;
-        let low = c.get("interval_low")?.as_primitive::<Float32Type>();
-        let high = c.get("interval_high")?.as_primitive::<Float32Type>();
+        let low = c.typed::<Float32Array>("interval_low")?;
+        let high = c.typed::<Float32Array>("interval_high")?;
         let act = c.typed::<Float32Array>("activation")?;
         let doc = c.typed::<UInt64Array>("doc_id")?;
         let pos = c.typed::<UInt32Array>("position")?;
@@ -411,9 +420,9 @@ pub fn open(dir: &Path) -> Result<FeatureStore> {
                 doc_id: doc.value(r),
                 position: pos.value(r),
                 peak: peak.value(r),
-                token_ids: list_values::<UInt32Type>(ids, r),
-                tokens: list_strings(tokens, r),
-                token_activations: list_values::<Float32Type>(acts, r),
+                token_ids: list_values::<UInt32Type>(ids, r, &path)?,
+                tokens: list_strings(tokens, r, &path)?,
+                token_activations: list_values::<Float32Type>(acts, r, &path)?,
             });
         }
     }

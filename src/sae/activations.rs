@@ -91,7 +91,7 @@ impl Corpus {
     }
 
     /// The documents of one pass over the corpus, streamed (files are never read whole).
-    /// Lines that are not valid UTF-8 are skipped and counted ([`Documents::skipped_lines`]).
+    /// Lines that are not valid UTF-8 are skipped and counted ([`Documents::skipped_counter`]).
     pub fn documents(&self, epoch: u64) -> Result<Documents> {
         let skipped = Arc::new(AtomicU64::new(0));
         let iter: Box<dyn Iterator<Item = Result<String>> + Send> = match self {
@@ -135,11 +135,6 @@ pub struct Documents {
 }
 
 impl Documents {
-    /// Lines left out so far because they were not valid UTF-8.
-    pub fn skipped_lines(&self) -> u64 {
-        self.skipped.load(Ordering::Relaxed)
-    }
-
     /// A handle on the skipped-lines count that outlives the iterator.
     pub fn skipped_counter(&self) -> Arc<AtomicU64> {
         self.skipped.clone()

@@ -181,6 +181,10 @@ impl<'a> DocumentCoder<'a> {
             return Ok(());
         };
         let mut ids = doc?;
+        // Tokenizers that add BOS themselves (Llama, Gemma) would otherwise get two.
+        if self.settings.prepend_bos && self.bos.is_some() && ids.first() == self.bos.as_ref() {
+            ids.remove(0);
+        }
         if let Some(budget) = self.budget.as_mut() {
             ids.truncate(usize::try_from(*budget).unwrap_or(usize::MAX));
             *budget -= ids.len() as u64;
