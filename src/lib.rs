@@ -12,6 +12,7 @@ pub mod export;
 pub mod features;
 pub mod files;
 pub mod model;
+pub mod neurons;
 pub mod sae;
 pub mod table;
 pub mod world;

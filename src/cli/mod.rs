@@ -4,6 +4,7 @@ mod export;
 mod features;
 mod generate;
 mod info;
+mod neurons;
 mod sae;
 mod trace;
 mod world;
@@ -50,6 +51,9 @@ enum Command {
     Features(features::FeaturesCommand),
     /// Export an SAE's feature activations over a corpus to Parquet.
     Export(Box<export::ExportArgs>),
+    /// Knowledge neurons of a fact (integrated gradients, refined across paraphrases), with
+    /// suppress/amplify checks.
+    Neurons(Box<neurons::NeuronsArgs>),
 }
 
 /// Options every model-loading command shares.
@@ -104,6 +108,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Sae(command) => sae::run(&command),
         Command::Features(command) => features::run(&command),
         Command::Export(args) => export::run(&args),
+        Command::Neurons(args) => neurons::run(&args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

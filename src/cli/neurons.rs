@@ -1,0 +1,242 @@
+//! `monoscope neurons`: knowledge neurons of a fact, with suppress/amplify checks and what
+//! each neuron writes.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use super::{ModelArgs, print_json};
+use crate::causal::target_token;
+use crate::features::logits::{LogitEffects, logit_effects};
+use crate::model::{HookPoint, Hooks};
+use crate::neurons::{
+    FactPrompt, Neuron, NeuronSettings, attribute, probabilities, refine, relative_change,
+    scale_neurons,
+};
+use crate::world::knowledge::{KnowledgeBase, Lang};
+
+#[derive(Args)]
+pub struct NeuronsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The fact's prompt, `{}` where the subject goes: "The capital of {} is".
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    subject: String,
+    /// What should follow the prompt (its first token is attributed): " Tokyo".
+    #[arg(long)]
+    target: String,
+    /// More templates of the same fact, one per line with `{}` (default: the prompt behind
+    /// three context prefixes).
+    #[arg(long, value_name = "FILE")]
+    paraphrases: Option<PathBuf>,
+    /// Subjects of unrelated facts for the suppress/amplify control, comma-separated; each
+    /// is put in the prompt and the model's own answer is its target (default with the
+    /// bundled model: five other countries).
+    #[arg(long)]
+    unrelated: Option<String>,
+    /// Integration steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Tokens shown per neuron value vector.
+    #[arg(long, default_value_t = 8)]
+    value_tokens: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Context prefixes that turn one template into several prompts of the same fact.
+const PREFIXES: [&str; 3] = ["Here is a fact. ", "As is well known, ", "Q: "];
+
+#[derive(Serialize)]
+struct Report {
+    prompts: Vec<FactPrompt>,
+    p_target: Vec<f32>,
+    neurons: Vec<NeuronReport>,
+    suppress: Effect,
+    amplify: Effect,
+}
+
+#[derive(Serialize)]
+struct NeuronReport {
+    #[serde(flatten)]
+    neuron: Neuron,
+    /// Tokens its value vector (down-projection column) promotes through the unembedding.
+    promotes: Vec<String>,
+}
+
+/// Mean relative change of P(target): on the fact's prompts, and on unrelated facts'.
+#[derive(Serialize)]
+struct Effect {
+    fact: f32,
+    unrelated: Option<f32>,
+}
+
+pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    if !args.prompt.contains("{}") {
+        anyhow::bail!("--prompt {:?} has no `{{}}` for the subject", args.prompt);
+    }
+    let templates: Vec<String> = match &args.paraphrases {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading paraphrases {}", path.display()))?;
+            let mut t = vec![args.prompt.clone()];
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                if !line.contains("{}") {
+                    anyhow::bail!("{}:{}: no `{{}}` for the subject", path.display(), i + 1);
+                }
+                t.push(line.to_string());
+            }
+            t
+        }
+        None => std::iter::once(args.prompt.clone())
+            .chain(PREFIXES.iter().map(|p| format!("{p}{}", args.prompt)))
+            .collect(),
+    };
+    let fill = |t: &str, subject: &str| t.replace("{}", subject);
+    let facts: Vec<FactPrompt> = templates
+        .iter()
+        .map(|t| {
+            let prompt = fill(t, &args.subject);
+            let target_id = target_token(&model, &prompt, &args.target)?;
+            Ok(FactPrompt { prompt, target_id })
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let settings = NeuronSettings {
+        steps: args.steps,
+        ..NeuronSettings::default()
+    };
+    let mut attributions = Vec::new();
+    for (i, f) in facts.iter().enumerate() {
+        eprintln!(
+            "attributing prompt {}/{}: {:?}",
+            i + 1,
+            facts.len(),
+            f.prompt
+        );
+        let ids = model.encode_prompt(&f.prompt)?;
+        attributions.push(attribute(&model, &ids, f.target_id, settings.steps)?);
+    }
+    let neurons = refine(&attributions, &settings);
+    if neurons.is_empty() {
+        anyhow::bail!("no neuron has a positive attribution to {:?}", args.target);
+    }
+
+    let unrelated = unrelated_facts(&model, args)?;
+    let effect = |factor: f64| -> anyhow::Result<Effect> {
+        let hooks = scale_neurons(&neurons, factor);
+        Ok(Effect {
+            fact: relative_change(&model, &facts, &hooks)?,
+            unrelated: (!unrelated.is_empty())
+                .then(|| relative_change(&model, &unrelated, &hooks))
+                .transpose()?,
+        })
+    };
+    let report = Report {
+        p_target: probabilities(&model, &facts, &Hooks::new())?,
+        suppress: effect(0.0)?,
+        amplify: effect(2.0)?,
+        neurons: neurons
+            .iter()
+            .map(|n| {
+                Ok(NeuronReport {
+                    neuron: *n,
+                    promotes: value_tokens(&model, n, args.value_tokens)?
+                        .top
+                        .into_iter()
+                        .map(|t| t.token)
+                        .collect(),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        prompts: facts,
+    };
+    if args.json {
+        return print_json(&report);
+    }
+    println!(
+        "knowledge neurons for {:?} → {:?}",
+        fill(&args.prompt, &args.subject),
+        args.target
+    );
+    for (f, p) in report.prompts.iter().zip(&report.p_target) {
+        println!("  P = {p:.3}  {:?}", f.prompt);
+    }
+    println!(
+        "\n{:>5} {:>7} {:>11} {:>7}  promotes",
+        "layer", "neuron", "attribution", "shared"
+    );
+    for n in &report.neurons {
+        println!(
+            "{:>5} {:>7} {:>11.4} {:>6.0}%  {}",
+            n.neuron.layer,
+            n.neuron.neuron,
+            n.neuron.attribution,
+            100.0 * n.neuron.shared_by,
+            n.promotes.join(" ")
+        );
+    }
+    let show = |name: &str, e: &Effect| {
+        let unrelated = e
+            .unrelated
+            .map_or("-".to_string(), |u| format!("{:+.1}%", 100.0 * u));
+        println!(
+            "{name}: P(target) on the fact's prompts {:+.1}%, on unrelated facts {unrelated}",
+            100.0 * e.fact
+        );
+    };
+    println!();
+    show("suppress (×0)", &report.suppress);
+    show("amplify  (×2)", &report.amplify);
+    Ok(())
+}
+
+/// The unrelated facts: the prompt with other subjects, each with the model's own answer.
+fn unrelated_facts(model: &crate::Model, args: &NeuronsArgs) -> anyhow::Result<Vec<FactPrompt>> {
+    let subjects: Vec<String> = match &args.unrelated {
+        Some(list) => list.split(',').map(|s| s.trim().to_string()).collect(),
+        None if args.model.model.is_none() => {
+            let kb = KnowledgeBase::bundled()?;
+            kb.countries
+                .iter()
+                .map(|c| c.name.get(Lang::En).to_string())
+                .filter(|n| n != &args.subject)
+                .step_by(37)
+                .take(5)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    subjects
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let prompt = args.prompt.replace("{}", s);
+            let ids = model.encode_prompt(&prompt)?;
+            let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Hooks::new())?;
+            let target_id = top.first().map(|t| t.id).context("empty vocabulary")?;
+            Ok(FactPrompt { prompt, target_id })
+        })
+        .collect()
+}
+
+/// The direct-path logit effect of a neuron's value vector (its down-projection column).
+fn value_tokens(model: &crate::Model, n: &Neuron, k: usize) -> anyhow::Result<LogitEffects> {
+    let d_mlp = model.dims().d_mlp;
+    let mut one_hot = vec![0f32; d_mlp];
+    one_hot[n.neuron] = 1.0;
+    let row = candle_core::Tensor::from_vec(one_hot, (1, d_mlp), &candle_core::Device::Cpu)?;
+    let effects = logit_effects(model, HookPoint::MlpPost(n.layer), &row, k)?
+        .and_then(|mut e| e.pop())
+        .unwrap_or_default();
+    Ok(effects)
+}
