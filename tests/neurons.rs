@@ -91,3 +91,58 @@ fn suppress_and_amplify_touch_only_the_chosen_neurons_at_the_last_token() {
         }
     }
 }
+
+#[test]
+fn key_contexts_are_the_neurons_strongest_activations() {
+    use monoscope::neurons::key_contexts;
+    use monoscope::sae::activations::Corpus;
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "line {i}: the river {} flows past town {}",
+                i % 3,
+                i * 7 % 5
+            )
+        })
+        .collect();
+    let text = tmp.path().join("corpus.txt");
+    std::fs::write(&text, docs.join("\n")).unwrap();
+    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    let neurons = [(1usize, 5usize), (0, 17), (1, 200)].map(|(layer, neuron)| Neuron {
+        layer,
+        neuron,
+        attribution: 1.0,
+        shared_by: 1.0,
+    });
+    let contexts = key_contexts(&model, &neurons, &corpus, 1_000_000, 3).unwrap();
+    for (n, found) in neurons.iter().zip(&contexts) {
+        // Brute force: every positive activation of the neuron over the documents.
+        let point = HookPoint::MlpPost(n.layer);
+        let mut all = Vec::new();
+        for doc in &docs {
+            let mut ids = vec![model.bos_token_id.unwrap()];
+            ids.extend(model.tokenizer.encode(doc).unwrap());
+            let out = model
+                .forward(
+                    &model.ids_tensor(&ids).unwrap(),
+                    &Hooks::new().capture([point]),
+                )
+                .unwrap();
+            let acts = out.cache.get(point).unwrap().to_vec3::<f32>().unwrap();
+            all.extend(
+                acts[0][1..]
+                    .iter()
+                    .map(|row| row[n.neuron])
+                    .filter(|&v| v > 0.0),
+            );
+        }
+        all.sort_by(|a, b| b.total_cmp(a));
+        let got: Vec<f32> = found.iter().map(|c| c.activation).collect();
+        assert_eq!(got.len(), all.len().min(3), "{n:?}");
+        for (g, w) in got.iter().zip(&all) {
+            assert!((g - w).abs() < 1e-5, "{n:?}: {g} vs {w}");
+        }
+    }
+}

@@ -12,9 +12,10 @@ use crate::causal::target_token;
 use crate::features::logits::{LogitEffects, logit_effects};
 use crate::model::{HookPoint, Hooks};
 use crate::neurons::{
-    FactPrompt, Neuron, NeuronSettings, attribute, probabilities, refine, relative_change,
-    scale_neurons,
+    FactPrompt, Neuron, NeuronSettings, attribute, key_contexts, probabilities, refine,
+    relative_change, scale_neurons,
 };
+use crate::sae::activations::Corpus;
 use crate::world::knowledge::{KnowledgeBase, Lang};
 
 #[derive(Args)]
@@ -44,6 +45,16 @@ pub struct NeuronsArgs {
     /// Tokens shown per neuron value vector.
     #[arg(long, default_value_t = 8)]
     value_tokens: usize,
+    /// Corpus searched for the contexts that fire each neuron's key (`world`, or a .txt,
+    /// .jsonl or .parquet file).
+    #[arg(long, default_value = "world")]
+    corpus: String,
+    /// JSONL field / Parquet column holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Tokens of --corpus read for key contexts (0: skip them).
+    #[arg(long, default_value_t = 20_000)]
+    key_tokens: u64,
     #[arg(long)]
     json: bool,
 }
@@ -66,6 +77,8 @@ struct NeuronReport {
     neuron: Neuron,
     /// Tokens its value vector (down-projection column) promotes through the unembedding.
     promotes: Vec<String>,
+    /// Contexts that fire its key most, the firing token in [[…]], with the activation.
+    key_contexts: Vec<(f32, String)>,
 }
 
 /// Mean relative change of P(target): on the fact's prompts, and on unrelated facts'.
@@ -131,6 +144,16 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
         anyhow::bail!("no neuron has a positive attribution to {:?}", args.target);
     }
 
+    let keys = if args.key_tokens > 0 {
+        eprintln!(
+            "reading {} tokens of {} for key contexts",
+            args.key_tokens, args.corpus
+        );
+        let corpus = Corpus::parse(&args.corpus, &args.text_field)?;
+        key_contexts(&model, &neurons, &corpus, args.key_tokens, 3)?
+    } else {
+        vec![Vec::new(); neurons.len()]
+    };
     let unrelated = unrelated_facts(&model, args)?;
     let effect = |factor: f64| -> anyhow::Result<Effect> {
         let hooks = scale_neurons(&neurons, factor);
@@ -147,13 +170,18 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
         amplify: effect(2.0)?,
         neurons: neurons
             .iter()
-            .map(|n| {
+            .zip(&keys)
+            .map(|(n, contexts)| {
                 Ok(NeuronReport {
                     neuron: *n,
                     promotes: value_tokens(&model, n, args.value_tokens)?
                         .top
                         .into_iter()
                         .map(|t| t.token)
+                        .collect(),
+                    key_contexts: contexts
+                        .iter()
+                        .map(|c| (c.activation, render_context(&model, c)))
                         .collect(),
                 })
             })
@@ -184,6 +212,9 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
             100.0 * n.neuron.shared_by,
             n.promotes.join(" ")
         );
+        for (a, text) in &n.key_contexts {
+            println!("{:>26.3}  {text}", a);
+        }
     }
     let show = |name: &str, e: &Effect| {
         let unrelated = e
@@ -225,6 +256,22 @@ fn unrelated_facts(model: &crate::Model, args: &NeuronsArgs) -> anyhow::Result<V
             let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Hooks::new())?;
             let target_id = top.first().map(|t| t.id).context("empty vocabulary")?;
             Ok(FactPrompt { prompt, target_id })
+        })
+        .collect()
+}
+
+/// A context's tokens with the firing one in `[[…]]`.
+fn render_context(model: &crate::Model, c: &crate::features::stats::Context) -> String {
+    c.token_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let t = model.tokenizer.token_display(id).replace('\n', "⏎");
+            if i == c.peak as usize {
+                format!("[[{t}]]")
+            } else {
+                t
+            }
         })
         .collect()
 }

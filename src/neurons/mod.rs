@@ -230,6 +230,79 @@ pub fn relative_change(model: &Model, facts: &[FactPrompt], hooks: &Hooks) -> Re
     Ok(changes.iter().sum::<f32>() / changes.len().max(1) as f32)
 }
 
+/// The contexts that fire each neuron's key most: its top activations over `tokens` tokens of
+/// `corpus` (one streaming pass per layer involved), highest first, in `neurons`' order.
+pub fn key_contexts(
+    model: &Model,
+    neurons: &[Neuron],
+    corpus: &crate::sae::activations::Corpus,
+    tokens: u64,
+    top_n: usize,
+) -> Result<Vec<Vec<crate::features::stats::Context>>> {
+    use crate::features::stats::{FeatureStats, StatsSettings};
+    use crate::sae::codes::{DocumentCoder, SegmentSettings, tokenised};
+    use crate::sae::sparse::SparseEncoder;
+    use crate::sae::{Architecture, Sae};
+
+    let d_mlp = model.dims().d_mlp;
+    let mut out = vec![Vec::new(); neurons.len()];
+    let layers: std::collections::BTreeSet<usize> = neurons.iter().map(|n| n.layer).collect();
+    for layer in layers {
+        let chosen: Vec<usize> = (0..neurons.len())
+            .filter(|&i| neurons[i].layer == layer)
+            .collect();
+        // An "SAE" whose features are the chosen neurons themselves (ReLU: a key fires when
+        // its activation is positive).
+        let n = chosen.len();
+        let mut select = vec![0f32; d_mlp * n];
+        for (j, &i) in chosen.iter().enumerate() {
+            select[neurons[i].neuron * n + j] = 1.0;
+        }
+        let device = candle_core::Device::Cpu;
+        let w_enc = Tensor::from_vec(select, (d_mlp, n), &device)?;
+        let sae = Sae {
+            architecture: Architecture::Standard,
+            w_dec: w_enc.t()?.contiguous()?,
+            w_enc,
+            b_enc: Tensor::zeros(n, DType::F32, &device)?,
+            b_dec: Tensor::zeros(d_mlp, DType::F32, &device)?,
+            threshold: None,
+            apply_b_dec_to_input: false,
+        };
+        let encoder = SparseEncoder::new(&sae)?;
+        let settings = StatsSettings {
+            top_n,
+            intervals: 1,
+            samples_per_interval: 0,
+            histogram_bins: 1,
+            context_before: 10,
+            context_after: 3,
+        };
+        let mut stats = FeatureStats::new(n, settings)?;
+        let mut coder = DocumentCoder::new(
+            model,
+            &encoder,
+            HookPoint::MlpPost(layer),
+            SegmentSettings {
+                context_size: 128.min(model.dims().context_length),
+                prepend_bos: true,
+                exclude_special: true,
+                segments_per_forward: 16,
+            },
+            tokenised(model, corpus.documents(0)?, 0),
+            0,
+            Some(tokens),
+        )?;
+        while let Some(batch) = coder.next_batch()? {
+            stats.observe(&batch);
+        }
+        for (summary, &i) in stats.finish().into_iter().zip(&chosen) {
+            out[i] = summary.top;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
