@@ -1,8 +1,9 @@
 //! Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"):
 //! corrupt the subject's token embeddings with Gaussian noise, then restore clean activations
 //! at one (layer, position) at a time and measure how much of the answer's probability comes
-//! back. This module restores MLP outputs over a window of layers, which is what locates the
-//! layer a ROME edit should target.
+//! back. Three things can be restored ([`Restore`]): the hidden state (`hook_resid_post` of
+//! one layer), or the MLP or attention outputs of a window of layers around it. The MLP trace
+//! at the last subject token is what locates the layer a ROME edit should target.
 
 use std::ops::Range;
 
@@ -45,9 +46,53 @@ pub struct Fact<'a> {
     pub target: &'a str,
 }
 
+/// What a trace restores at each (layer, position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Restore {
+    /// The residual stream after the layer (`blocks.L.hook_resid_post`), that layer only.
+    Hidden,
+    /// The MLP outputs (`blocks.L.hook_mlp_out`) of the window of layers around `L`.
+    Mlp,
+    /// The attention outputs (`blocks.L.hook_attn_out`) of the window around `L`.
+    Attn,
+}
+
+impl Restore {
+    pub const ALL: [Restore; 3] = [Restore::Hidden, Restore::Mlp, Restore::Attn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Restore::Hidden => "hidden",
+            Restore::Mlp => "mlp",
+            Restore::Attn => "attn",
+        }
+    }
+
+    fn point(self, layer: usize) -> HookPoint {
+        match self {
+            Restore::Hidden => HookPoint::ResidPost(layer),
+            Restore::Mlp => HookPoint::MlpOut(layer),
+            Restore::Attn => HookPoint::AttnOut(layer),
+        }
+    }
+
+    /// The layers restored together when tracing `layer`.
+    fn layers(self, layer: usize, window: usize, n_layers: usize) -> Range<usize> {
+        match self {
+            Restore::Hidden => layer..layer + 1,
+            _ => {
+                let lo = layer.saturating_sub(window / 2);
+                lo..(lo + window.max(1)).min(n_layers)
+            }
+        }
+    }
+}
+
 /// The probabilities of one fact's target under clean, corrupted and restored runs.
 #[derive(Clone, Debug, Serialize)]
-pub struct MlpTrace {
+pub struct Trace {
+    pub restore: Restore,
     pub tokens: Vec<String>,
     /// Token positions of the subject.
     pub subject: Range<usize>,
@@ -56,10 +101,12 @@ pub struct MlpTrace {
     pub p_corrupt: f32,
     /// The positions traced.
     pub positions: Vec<usize>,
-    /// `p_restored[layer][i]`: restoring the MLP outputs of the window around `layer` at
-    /// `positions[i]`.
+    /// `p_restored[layer][i]`: restoring at `layer` (or its window) at `positions[i]`.
     pub p_restored: Vec<Vec<f32>>,
 }
+
+/// The MLP trace of issue 3's world evaluation.
+pub type MlpTrace = Trace;
 
 /// Token ids of `prompt` and the byte range of `subject` mapped to token positions.
 pub fn locate_subject(
@@ -153,17 +200,27 @@ pub fn trace_mlp(
     sigma: f64,
     positions: Option<&[usize]>,
 ) -> Result<MlpTrace> {
+    trace(model, fact, settings, sigma, positions, Restore::Mlp)
+}
+
+/// Traces `fact`, restoring `restore` at every layer and each of `positions` (all when
+/// `None`).
+pub fn trace(
+    model: &Model,
+    fact: &Fact,
+    settings: &TraceSettings,
+    sigma: f64,
+    positions: Option<&[usize]>,
+    restore: Restore,
+) -> Result<Trace> {
     let (ids, subject) = locate_subject(model, fact.prompt, fact.subject)?;
     let target_id = target_token(model, fact.prompt, fact.target)?;
     let n_layers = model.dims().n_layers;
     let (seq, d) = (ids.len(), model.dims().d_model);
-    let mlp_points: Vec<HookPoint> = (0..n_layers).map(HookPoint::MlpOut).collect();
+    let points: Vec<HookPoint> = (0..n_layers).map(|l| restore.point(l)).collect();
 
     let clean_ids = model.ids_tensor(&ids)?;
-    let clean = model.forward(
-        &clean_ids,
-        &Hooks::new().capture(mlp_points.iter().copied()),
-    )?;
+    let clean = model.forward(&clean_ids, &Hooks::new().capture(points.iter().copied()))?;
     let p_clean = mean_target_prob(&clean.logits, target_id)?;
 
     // Noise on the subject's embeddings only, one draw per sample, fixed by the seed.
@@ -190,11 +247,10 @@ pub fn trace_mlp(
     let positions: Vec<usize> = positions.map_or_else(|| (0..seq).collect(), <[usize]>::to_vec);
     let mut p_restored = vec![Vec::with_capacity(positions.len()); n_layers];
     for (layer, row) in p_restored.iter_mut().enumerate() {
-        let lo = layer.saturating_sub(settings.window / 2);
-        let hi = (lo + settings.window.max(1)).min(n_layers);
+        let restored = restore.layers(layer, settings.window, n_layers);
         for &t in &positions {
             let mut hooks = corrupt.clone();
-            for &point in &mlp_points[lo..hi] {
+            for &point in &points[restored.clone()] {
                 let value = clean.cache.get(point).ok_or_else(|| Error::UnknownHook {
                     name: point.to_string(),
                     valid: String::new(),
@@ -211,7 +267,8 @@ pub fn trace_mlp(
             )?);
         }
     }
-    Ok(MlpTrace {
+    Ok(Trace {
+        restore,
         tokens: model.tokenizer.tokens_display(&ids),
         subject,
         target_id,

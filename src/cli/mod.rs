@@ -7,6 +7,7 @@ mod info;
 mod neurons;
 mod sae;
 mod trace;
+mod trace_fact;
 mod world;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ enum Command {
     /// Knowledge neurons of a fact (integrated gradients, refined across paraphrases), with
     /// suppress/amplify checks.
     Neurons(Box<neurons::NeuronsArgs>),
+    /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
+    /// brings the answer back after the subject is corrupted; suggests the edit layer.
+    TraceFact(Box<trace_fact::TraceFactArgs>),
 }
 
 /// Options every model-loading command shares.
@@ -109,6 +113,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Features(command) => features::run(&command),
         Command::Export(args) => export::run(&args),
         Command::Neurons(args) => neurons::run(&args),
+        Command::TraceFact(args) => trace_fact::run(&args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,178 @@
+//! `monoscope trace-fact`: causal tracing of one fact (hidden state, MLP and attention
+//! restoration heatmaps) and the layer it suggests for an edit.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use super::{ModelArgs, print_json, write_new_file};
+use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+use crate::world::knowledge::{KnowledgeBase, Lang};
+
+#[derive(Args)]
+pub struct TraceFactArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt, containing the subject (or `{}` where it goes): "The capital of Japan is".
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    subject: String,
+    /// What should follow the prompt: " Tokyo".
+    #[arg(long)]
+    target: String,
+    /// Noise in units of σ of the subjects' token embeddings.
+    #[arg(long, default_value_t = 3.0)]
+    noise: f64,
+    /// Noise samples averaged per measurement.
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Layers restored together for MLP and attention traces.
+    #[arg(long, default_value_t = 10)]
+    window: usize,
+    /// Subjects whose token embeddings set σ, one per line (default: the knowledge base's
+    /// country names, English and Japanese).
+    #[arg(long, value_name = "FILE")]
+    subjects: Option<PathBuf>,
+    /// Write the traces as JSON to this file (never replaced unless --force).
+    #[arg(long, value_name = "FILE.json")]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    prompt: String,
+    subject: String,
+    target: String,
+    sigma: f64,
+    settings: TraceSettings,
+    traces: Vec<Trace>,
+    /// The layer with the strongest MLP effect at the last subject token.
+    suggested_layer: usize,
+    suggested_reason: String,
+}
+
+pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let prompt = args.prompt.replace("{}", &args.subject);
+    let subjects: Vec<String> = match &args.subjects {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading subjects {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => KnowledgeBase::bundled()?
+            .countries
+            .iter()
+            .flat_map(|c| Lang::ALL.map(|l| c.name.get(l).to_string()))
+            .collect(),
+    };
+    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    let sigma = subject_embedding_std(&model, &refs)?;
+    let settings = TraceSettings {
+        noise_sigmas: args.noise,
+        samples: args.samples,
+        seed: args.seed,
+        window: args.window,
+    };
+    let fact = Fact {
+        prompt: &prompt,
+        subject: &args.subject,
+        target: &args.target,
+    };
+    let mut traces = Vec::new();
+    for restore in Restore::ALL {
+        eprintln!(
+            "tracing: restoring {} at every (layer, token)",
+            restore.name()
+        );
+        traces.push(
+            trace(&model, &fact, &settings, sigma, None, restore)
+                .with_context(|| format!("tracing {prompt:?}"))?,
+        );
+    }
+    let mlp = &traces[1];
+    let last_subject = mlp.subject.end - 1;
+    let effects: Vec<f32> = mlp
+        .p_restored
+        .iter()
+        .map(|row| row[last_subject] - mlp.p_corrupt)
+        .collect();
+    let suggested_layer = (0..effects.len())
+        .max_by(|&a, &b| effects[a].total_cmp(&effects[b]))
+        .unwrap_or(0);
+    let report = Report {
+        suggested_reason: format!(
+            "restoring the MLP outputs around layer {suggested_layer} at the last subject token {:?} brings P({:?}) from {:.3} back to {:.3} (clean {:.3}), the most of any layer",
+            mlp.tokens[last_subject],
+            args.target,
+            mlp.p_corrupt,
+            mlp.p_restored[suggested_layer][last_subject],
+            mlp.p_clean
+        ),
+        prompt,
+        subject: args.subject.clone(),
+        target: args.target.clone(),
+        sigma,
+        settings,
+        traces,
+        suggested_layer,
+    };
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&report)?;
+        write_new_file(path, args.force, |tmp| Ok(std::fs::write(tmp, json)?))?;
+    }
+    if args.json {
+        return print_json(&report);
+    }
+    for t in &report.traces {
+        print!("{}", render(t));
+    }
+    println!(
+        "suggested edit layer: {} — {}",
+        report.suggested_layer, report.suggested_reason
+    );
+    Ok(())
+}
+
+/// A heatmap as text: one row per token, one column per layer, shaded by how much of the
+/// clean probability the restoration brings back.
+fn render(t: &Trace) -> String {
+    const SHADES: [char; 5] = [' ', '░', '▒', '▓', '█'];
+    let span = (t.p_clean - t.p_corrupt).abs().max(1e-9);
+    let mut s = format!(
+        "\nrestoring {} (P clean {:.3}, corrupted {:.3})\n",
+        t.restore.name(),
+        t.p_clean,
+        t.p_corrupt
+    );
+    let layers = t.p_restored.len();
+    s.push_str(&format!("{:>18} ", ""));
+    for l in 0..layers {
+        s.push_str(&format!("{:>2}", l % 100));
+    }
+    s.push('\n');
+    for (i, &pos) in t.positions.iter().enumerate() {
+        let marker = if t.subject.contains(&pos) { "*" } else { " " };
+        let token: String = t.tokens[pos].chars().take(16).collect();
+        s.push_str(&format!("{marker}{token:>17} "));
+        for row in &t.p_restored {
+            let x = ((row[i] - t.p_corrupt) / span).clamp(0.0, 1.0);
+            let shade = SHADES[((x * 4.0).round() as usize).min(4)];
+            s.push(shade);
+            s.push(shade);
+        }
+        s.push('\n');
+    }
+    s
+}

@@ -1,0 +1,94 @@
+//! Causal tracing of a fact on the bundled world model through the CLI: three heatmaps of the
+//! right shape, a restoration that must give back the clean probability exactly, and the
+//! suggested edit layer recomputed from the JSON.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+use std::process::Command;
+
+#[test]
+fn trace_fact_restores_and_suggests_a_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("trace.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "trace-fact",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Tokyo",
+            "--samples",
+            "3",
+            "--out",
+            out_file.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert_eq!(report, saved);
+    let traces = report["traces"].as_array().unwrap();
+    let kinds: Vec<&str> = traces
+        .iter()
+        .map(|t| t["restore"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["hidden", "mlp", "attn"]);
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    for t in traces {
+        let seq = t["tokens"].as_array().unwrap().len();
+        let rows = t["p_restored"].as_array().unwrap();
+        assert_eq!(rows.len(), 8, "one row per layer");
+        for row in rows {
+            assert_eq!(row.as_array().unwrap().len(), seq);
+        }
+        assert!(f(&t["p_corrupt"]) < f(&t["p_clean"]));
+    }
+    // The hidden state after the last layer at the last token is all the logits there see:
+    // restoring it gives the clean probability back.
+    let hidden = &traces[0];
+    let last = hidden["tokens"].as_array().unwrap().len() - 1;
+    let restored = f(&hidden["p_restored"][7][last]);
+    assert!(
+        (restored - f(&hidden["p_clean"])).abs() < 1e-4,
+        "{restored}"
+    );
+    // The suggestion is the strongest MLP effect at the last subject token.
+    let mlp = &traces[1];
+    let subject_end = mlp["subject"]["end"].as_u64().unwrap() as usize;
+    let effects: Vec<f64> = (0..8)
+        .map(|l| f(&mlp["p_restored"][l][subject_end - 1]))
+        .collect();
+    let best = (0..8)
+        .max_by(|&a, &b| effects[a].total_cmp(&effects[b]))
+        .unwrap();
+    assert_eq!(report["suggested_layer"].as_u64().unwrap() as usize, best);
+
+    // The output file is never replaced without --force.
+    let again = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "trace-fact",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Tokyo",
+            "--samples",
+            "1",
+            "--out",
+            out_file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+}
