@@ -9,7 +9,8 @@ use std::process::Command;
 #[test]
 fn trace_fact_restores_and_suggests_a_layer() {
     let tmp = tempfile::tempdir().unwrap();
-    let out_file = tmp.path().join("trace.json");
+    let out_dir = tmp.path().join("trace");
+    let out_file = out_dir.join("trace.json");
     let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args([
             "trace-fact",
@@ -22,7 +23,7 @@ fn trace_fact_restores_and_suggests_a_layer() {
             "--samples",
             "3",
             "--out",
-            out_file.to_str().unwrap(),
+            out_dir.to_str().unwrap(),
             "--json",
         ])
         .output()
@@ -72,7 +73,16 @@ fn trace_fact_restores_and_suggests_a_layer() {
         .unwrap();
     assert_eq!(report["suggested_layer"].as_u64().unwrap() as usize, best);
 
-    // The output file is never replaced without --force.
+    // One PNG heatmap per restoration: a cell per (token, layer) plus the subject margin.
+    for kind in ["hidden", "mlp", "attn"] {
+        let bytes = std::fs::read(out_dir.join(format!("{kind}.png"))).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        let seq = traces[0]["tokens"].as_array().unwrap().len() as u32;
+        assert_eq!((width, height), ((8 + 1) * 16, seq * 16));
+    }
+    // The output files are never replaced without --force.
     let again = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args([
             "trace-fact",
@@ -85,7 +95,7 @@ fn trace_fact_restores_and_suggests_a_layer() {
             "--samples",
             "1",
             "--out",
-            out_file.to_str().unwrap(),
+            out_dir.to_str().unwrap(),
         ])
         .output()
         .unwrap();

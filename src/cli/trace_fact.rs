@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{ModelArgs, print_json, write_new_file};
 use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+
 use crate::world::knowledge::{KnowledgeBase, Lang};
 
 #[derive(Args)]
@@ -38,8 +39,9 @@ pub struct TraceFactArgs {
     /// country names, English and Japanese).
     #[arg(long, value_name = "FILE")]
     subjects: Option<PathBuf>,
-    /// Write the traces as JSON to this file (never replaced unless --force).
-    #[arg(long, value_name = "FILE.json")]
+    /// Write `trace.json` and one heatmap per restoration (`hidden.png`, `mlp.png`,
+    /// `attn.png`) into this folder (files are never replaced unless --force).
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     #[arg(long)]
     force: bool,
@@ -128,9 +130,16 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
         traces,
         suggested_layer,
     };
-    if let Some(path) = &args.out {
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::to_string_pretty(&report)?;
-        write_new_file(path, args.force, |tmp| Ok(std::fs::write(tmp, json)?))?;
+        write_new_file(&dir.join("trace.json"), args.force, |tmp| {
+            Ok(std::fs::write(tmp, json)?)
+        })?;
+        for t in &report.traces {
+            let path = dir.join(format!("{}.png", t.restore.name()));
+            write_new_file(&path, args.force, |tmp| write_heatmap(t, tmp))?;
+        }
     }
     if args.json {
         return print_json(&report);
@@ -175,4 +184,48 @@ fn render(t: &Trace) -> String {
         s.push('\n');
     }
     s
+}
+
+/// Pixels per heatmap cell.
+const CELL: usize = 16;
+
+/// The trace as a PNG heatmap: one row of cells per token (top to bottom), one column per
+/// layer (left to right), white where restoring brings nothing back and the restoration's
+/// colour (hidden purple, MLP green, attention red) where it brings back the clean
+/// probability; subject rows are marked by a dark bar on the left. Labels are in
+/// `trace.json`.
+fn write_heatmap(t: &Trace, path: &std::path::Path) -> anyhow::Result<()> {
+    let (rows, cols) = (t.positions.len(), t.p_restored.len());
+    let (width, height) = ((cols + 1) * CELL, rows * CELL);
+    let full: [f32; 3] = match t.restore {
+        Restore::Hidden => [84.0, 39.0, 143.0],
+        Restore::Mlp => [0.0, 109.0, 44.0],
+        Restore::Attn => [165.0, 15.0, 21.0],
+    };
+    let span = (t.p_clean - t.p_corrupt).abs().max(1e-9);
+    let mut pixels = vec![255u8; width * height * 3];
+    for (i, &pos) in t.positions.iter().enumerate() {
+        for y in i * CELL..(i + 1) * CELL {
+            for x in 0..width {
+                let rgb = if x < CELL {
+                    if t.subject.contains(&pos) && x < CELL / 2 {
+                        [40, 40, 40]
+                    } else {
+                        [255, 255, 255]
+                    }
+                } else {
+                    let layer = x / CELL - 1;
+                    let v = ((t.p_restored[layer][i] - t.p_corrupt) / span).clamp(0.0, 1.0);
+                    full.map(|c| (255.0 + (c - 255.0) * v).round() as u8)
+                };
+                pixels[(y * width + x) * 3..][..3].copy_from_slice(&rgb);
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.write_header()?.write_image_data(&pixels)?;
+    Ok(())
 }
