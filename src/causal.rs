@@ -114,13 +114,26 @@ pub fn locate_subject(
     prompt: &str,
     subject: &str,
 ) -> Result<(Vec<u32>, Range<usize>)> {
-    let start = prompt.find(subject).ok_or_else(|| Error::InvalidArgument {
+    let (ids, offsets) = model.tokenizer.encode_with_offsets(prompt)?;
+    let tokens = || {
+        model
+            .tokenizer
+            .tokens_display(&ids)
+            .iter()
+            .map(|t| format!("{t:?}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let start = prompt.find(subject).filter(|_| !subject.is_empty());
+    let start = start.ok_or_else(|| Error::InvalidArgument {
         what: "subject",
         value: subject.to_string(),
-        message: format!("does not occur in the prompt {prompt:?}"),
+        message: format!(
+            "does not occur in the prompt {prompt:?} (its tokens: {})",
+            tokens()
+        ),
     })?;
     let end = start + subject.len();
-    let (ids, offsets) = model.tokenizer.encode_with_offsets(prompt)?;
     let hits: Vec<usize> = offsets
         .iter()
         .enumerate()

@@ -102,3 +102,26 @@ fn trace_fact_restores_and_suggests_a_layer() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
+
+#[test]
+fn a_subject_missing_from_the_prompt_is_named_with_the_prompts_tokens() {
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "trace-fact",
+            "--prompt",
+            "The capital of France is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Paris",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Japan") && stderr.contains("\" capital\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
