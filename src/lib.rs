@@ -7,6 +7,7 @@
 pub mod causal;
 pub mod cli;
 pub mod device;
+pub mod edit;
 pub mod error;
 pub mod export;
 pub mod features;

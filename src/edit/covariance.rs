@@ -1,0 +1,182 @@
+//! ROME's key statistics: the second moment `C = E[k kᵀ]` of the keys `k` (the input of a
+//! layer's down projection, `blocks.L.mlp.hook_post`) over a corpus, cached on disk.
+//!
+//! The cache file is keyed by the model's content hash, the layer, the corpus and the sample
+//! count, so a changed model, another layer or a bigger sample never reuses a stale matrix.
+//! Accumulation is in blocks of rows (`XᵀX` by gemm in `f32`, summed into `f64`), which keeps
+//! 100k tokens of the bundled model to a few seconds beyond the forward passes.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::files::write_atomic;
+use crate::model::Model;
+use crate::model::hooks::HookPoint;
+use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use crate::sae::cpu::{MatRef, matmul};
+use crate::table::model_hash;
+
+/// `E[k kᵀ]` at one layer, `[d_mlp, d_mlp]` row-major, and the keys it averages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyCovariance {
+    pub layer: usize,
+    pub d: usize,
+    pub samples: u64,
+    pub values: Vec<f64>,
+}
+
+/// What identifies a covariance: the cache file's name within `dir`.
+pub fn cache_path(
+    dir: &Path,
+    model_hash: &str,
+    layer: usize,
+    corpus: &Corpus,
+    tokens: u64,
+) -> PathBuf {
+    let model = model_hash.trim_start_matches("sha256:");
+    let corpus: String = corpus
+        .describe()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let tail: String = corpus
+        .chars()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    dir.join(format!(
+        "cov-{}-L{layer}-{tail}-{tokens}.safetensors",
+        &model[..model.len().min(16)]
+    ))
+}
+
+/// The key covariance of `layer` over `tokens` tokens of `corpus`, from the cache in
+/// `cache_dir` when it is there (and written there when it is not).
+pub fn key_covariance(
+    model: &Model,
+    layer: usize,
+    corpus: &Corpus,
+    tokens: u64,
+    cache_dir: Option<&Path>,
+    mut on_progress: impl FnMut(u64),
+) -> Result<KeyCovariance> {
+    let n_layers = model.dims().n_layers;
+    if layer >= n_layers {
+        return Err(Error::InvalidArgument {
+            what: "layer",
+            value: layer.to_string(),
+            message: format!("the model has layers 0..{}", n_layers - 1),
+        });
+    }
+    if tokens == 0 {
+        return Err(Error::InvalidArgument {
+            what: "covariance samples",
+            value: "0".into(),
+            message: "needs at least one token".into(),
+        });
+    }
+    let path = match cache_dir {
+        Some(dir) => Some(cache_path(
+            dir,
+            &model_hash(&model.dir)?,
+            layer,
+            corpus,
+            tokens,
+        )),
+        None => None,
+    };
+    if let Some(path) = path.as_ref().filter(|p| p.is_file()) {
+        return load(path, layer);
+    }
+    let settings = WindowSettings {
+        context_size: 128.min(model.dims().context_length),
+        ..WindowSettings::default()
+    };
+    let hook = HookPoint::MlpPost(layer).to_string();
+    let mut source = ActivationSource::new(model, corpus.clone(), &hook, settings)?;
+    let d = source.d_in();
+    let mut sum = vec![0f64; d * d];
+    let mut block = vec![0f32; d * d];
+    let mut seen = 0u64;
+    while seen < tokens {
+        let rows = source.next_chunk()?;
+        let take = ((tokens - seen) as usize).min(rows.len() / d);
+        let x = &rows[..take * d];
+        matmul(
+            MatRef::new(x, take, d).t(),
+            MatRef::new(x, take, d),
+            &mut block,
+            false,
+        );
+        for (s, b) in sum.iter_mut().zip(&block) {
+            *s += f64::from(*b);
+        }
+        seen += take as u64;
+        on_progress(seen);
+    }
+    let values: Vec<f64> = sum.iter().map(|s| s / seen as f64).collect();
+    let cov = KeyCovariance {
+        layer,
+        d,
+        samples: seen,
+        values,
+    };
+    if let Some(path) = &path {
+        save(path, &cov)?;
+    }
+    Ok(cov)
+}
+
+fn save(path: &Path, cov: &KeyCovariance) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tensor = Tensor::from_vec(cov.values.clone(), (cov.d, cov.d), &Device::Cpu)?;
+    let samples = Tensor::new(&[cov.samples as f64], &Device::Cpu)?;
+    write_atomic(path, |tmp| {
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([
+                ("covariance".to_string(), tensor),
+                ("samples".to_string(), samples),
+            ]),
+            tmp,
+        )
+        .map_err(|e| Error::Safetensors {
+            path: tmp.to_path_buf(),
+            message: e.to_string(),
+        })
+    })
+}
+
+fn load(path: &Path, layer: usize) -> Result<KeyCovariance> {
+    let bad = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let cov = tensors
+        .get("covariance")
+        .ok_or_else(|| bad("no `covariance` tensor".into()))?;
+    let (d, d2) = cov.dims2()?;
+    if d != d2 {
+        return Err(bad(format!("`covariance` is {d}×{d2}, not square")));
+    }
+    let samples = tensors
+        .get("samples")
+        .ok_or_else(|| bad("no `samples` tensor".into()))?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    Ok(KeyCovariance {
+        layer,
+        d,
+        samples: samples.first().copied().unwrap_or(0.0) as u64,
+        values: cov.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+    })
+}

@@ -1,0 +1,97 @@
+//! Fact editing on real (tiny) models: ROME's key statistics against a direct computation,
+//! and their on-disk cache.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::fixture_dir;
+use monoscope::Model;
+use monoscope::edit::covariance::key_covariance;
+use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+
+#[test]
+fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("corpus.txt");
+    let docs: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "line {i}: the river {} flows past town {}",
+                i % 3,
+                i * 7 % 5
+            )
+        })
+        .collect();
+    std::fs::write(&text, docs.join("\n")).unwrap();
+    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    let tokens = 300;
+    let cache = tmp.path().join("stats");
+    let cov = key_covariance(&model, 1, &corpus, tokens, Some(&cache), |_| {}).unwrap();
+    assert_eq!((cov.d, cov.samples), (256, tokens));
+
+    // Direct: the same keys, outer products summed in f64.
+    let settings = WindowSettings {
+        context_size: 64,
+        ..WindowSettings::default()
+    };
+    let mut source =
+        ActivationSource::new(&model, corpus.clone(), "blocks.1.mlp.hook_post", settings).unwrap();
+    let d = 256;
+    let mut want = vec![0f64; d * d];
+    let mut seen = 0;
+    while seen < tokens as usize {
+        let rows = source.next_chunk().unwrap();
+        for row in rows.chunks(d).take(tokens as usize - seen) {
+            for i in 0..d {
+                for j in 0..d {
+                    want[i * d + j] += f64::from(row[i]) * f64::from(row[j]);
+                }
+            }
+            seen += 1;
+        }
+    }
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())) / tokens as f64;
+    for (g, w) in cov.values.iter().zip(&want) {
+        assert!(
+            (g - w / tokens as f64).abs() <= 1e-5 * scale,
+            "{g} vs {}",
+            w / tokens as f64
+        );
+    }
+
+    // The cache: one file, read back identically; another layer gets its own.
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let again = key_covariance(&model, 1, &corpus, tokens, Some(&cache), |_| {
+        panic!("a cached covariance recomputes nothing")
+    })
+    .unwrap();
+    assert_eq!(again, cov);
+    key_covariance(&model, 0, &corpus, tokens, Some(&cache), |_| {}).unwrap();
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+
+    // A damaged cache file is an error naming it, and a layer out of range is refused.
+    let path = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&path, b"not safetensors").unwrap();
+    let layer = if path.to_string_lossy().contains("-L0-") {
+        0
+    } else {
+        1
+    };
+    let e = key_covariance(&model, layer, &corpus, tokens, Some(&cache), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&*path.to_string_lossy()), "{e}");
+    let e = key_covariance(&model, 2, &corpus, tokens, None, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer") && e.contains('2'), "{e}");
+}
