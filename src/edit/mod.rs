@@ -2,3 +2,4 @@
 //! layer ([`covariance`]). The causal trace that picks the layer is in [`crate::causal`].
 
 pub mod covariance;
+pub mod rome;
