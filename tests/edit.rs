@@ -95,3 +95,83 @@ fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
         .to_string();
     assert!(e.contains("layer") && e.contains('2'), "{e}");
 }
+
+#[test]
+fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
+    use monoscope::edit::rome::{Request, RomeSettings, apply, compute_edit};
+    use monoscope::model::{HookPoint, Hooks};
+    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("corpus.txt");
+    let docs: Vec<String> = (0..60)
+        .map(|i| {
+            format!(
+                "line {i}: the river {} flows past town {}",
+                i % 3,
+                i * 7 % 5
+            )
+        })
+        .collect();
+    std::fs::write(&text, docs.join("\n")).unwrap();
+    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    // Layer 0: its MLP output at the subject reaches the last token through layer 1's
+    // attention (layer 1, the last, could not move it there).
+    let cov = key_covariance(&model, 0, &corpus, 600, None, |_| {}).unwrap();
+    let request = Request {
+        prompt: "{} flows past the".into(),
+        subject: "the river".into(),
+        target: " hills".into(),
+    };
+    let contexts = vec!["{}".to_string(), "Note: {}".to_string()];
+    let edit = compute_edit(
+        &model,
+        &request,
+        0,
+        &cov,
+        &contexts,
+        &RomeSettings::default(),
+    )
+    .unwrap();
+    // v* makes the target more likely than the clean MLP output did.
+    assert!(
+        edit.nll_after < edit.nll_before - 0.1,
+        "{} → {}",
+        edit.nll_before,
+        edit.nll_after
+    );
+    // The closed form: the edited layer now gives exactly v* at the subject's last token.
+    let ids = model.encode_prompt("the river flows past the").unwrap();
+    let point = HookPoint::MlpOut(0);
+    let mlp_out = |model: &Model| {
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture([point]),
+            )
+            .unwrap();
+        out.cache
+            .get(point)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let clean = mlp_out(&model);
+    apply(&mut model, &edit, 1.0).unwrap();
+    let edited = mlp_out(&model);
+    let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (got, want) in edited[edit.subject_last].iter().zip(&edit.value) {
+        assert!(
+            (f64::from(*got) - want).abs() < 1e-4 * scale,
+            "{got} vs {want}"
+        );
+    }
+    assert!(edited[edit.subject_last] != clean[edit.subject_last]);
+    // Taking the edit away restores the layer (to rounding; exact undo keeps the original).
+    apply(&mut model, &edit, -1.0).unwrap();
+    let restored = mlp_out(&model);
+    for (a, b) in restored.iter().flatten().zip(clean.iter().flatten()) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+}

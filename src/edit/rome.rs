@@ -8,11 +8,14 @@
 //! not positive definite enough to factorise, `λ·(tr C / d)·I` is added with growing `λ`, and
 //! the `λ` used is reported.
 
+use candle_core::{D, DType, Tensor};
 use ndarray::{Array1, Array2};
 use ndarray_linalg::{FactorizeC, SolveC, UPLO};
 
 use super::covariance::KeyCovariance;
+use crate::causal::locate_subject;
 use crate::error::{Error, Result};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// `u = C⁻¹ k` and the ridge `λ` (0 when none was needed).
 pub fn solve_key(cov: &KeyCovariance, k: &[f64]) -> Result<(Vec<f64>, f64)> {
@@ -94,6 +97,289 @@ pub fn rank_one_update(
         }
     }
     Ok(delta)
+}
+
+/// ROME's hyper-parameters (the reference implementation's values for GPT-2).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RomeSettings {
+    /// Adam steps optimising v*.
+    pub v_steps: usize,
+    pub v_lr: f64,
+    /// Weight of the KL term that keeps "{subject} is a" predictions (essence drift).
+    pub kl_factor: f64,
+    /// Weight of ‖δ‖² / ‖v₀‖².
+    pub weight_decay: f64,
+    /// ‖δ‖ is clamped to this many ‖v₀‖.
+    pub clamp_norm: f64,
+}
+
+impl Default for RomeSettings {
+    fn default() -> Self {
+        Self {
+            v_steps: 20,
+            v_lr: 0.5,
+            kl_factor: 0.0625,
+            weight_decay: 0.5,
+            clamp_norm: 4.0,
+        }
+    }
+}
+
+/// One fact to write: `prompt` holds `{}` where `subject` goes; `target` follows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Request {
+    pub prompt: String,
+    pub subject: String,
+    pub target: String,
+}
+
+/// A computed edit: where it goes and the weight change.
+#[derive(Clone, Debug)]
+pub struct RomeEdit {
+    pub layer: usize,
+    /// `[d_model, d_mlp]`, Linear layout, `f32`.
+    pub delta: Vec<f32>,
+    /// The ridge the covariance needed (0: none).
+    pub ridge: f64,
+    /// NLL of the target on the rewriting prompts before and after optimising v*.
+    pub nll_before: f32,
+    pub nll_after: f32,
+    /// v*: the MLP output the edited layer now gives at the subject's last token.
+    pub value: Vec<f64>,
+    /// That token's position in the plain prompt.
+    pub subject_last: usize,
+}
+
+/// The key (`mlp.hook_post` of `layer`) at the subject's last token of `prompt`.
+fn key_at_subject(model: &Model, prompt: &str, subject: &str, layer: usize) -> Result<Vec<f64>> {
+    let (ids, span) = locate_subject(model, prompt, subject)?;
+    let point = HookPoint::MlpPost(layer);
+    let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
+    let v = out
+        .cache
+        .get(point)
+        .ok_or_else(|| Error::UnknownHook {
+            name: point.to_string(),
+            valid: String::new(),
+        })?
+        .get(0)?
+        .get(span.end - 1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(v)
+}
+
+/// Computes ROME's edit of `request` at `layer` (statistics `cov` of that layer's keys),
+/// averaging the key over `contexts` (prefix templates with `{}` for the prompt, the first
+/// being `"{}"`).
+pub fn compute_edit(
+    model: &Model,
+    request: &Request,
+    layer: usize,
+    cov: &KeyCovariance,
+    contexts: &[String],
+    settings: &RomeSettings,
+) -> Result<RomeEdit> {
+    if request.target.trim().is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "target",
+            value: request.target.clone(),
+            message: "is empty: nothing to write".into(),
+        });
+    }
+    let n_layers = model.dims().n_layers;
+    if layer >= n_layers {
+        return Err(Error::InvalidArgument {
+            what: "layer",
+            value: layer.to_string(),
+            message: format!("the model has layers 0..{}", n_layers - 1),
+        });
+    }
+    let prompt = request.prompt.replace("{}", &request.subject);
+    let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
+    // k̄ over the context templates, and the key of the plain prompt.
+    let mut k_mean = vec![0f64; cov.d];
+    for p in &prompts {
+        for (m, v) in k_mean
+            .iter_mut()
+            .zip(key_at_subject(model, p, &request.subject, layer)?)
+        {
+            *m += v / prompts.len() as f64;
+        }
+    }
+    let k_cur = key_at_subject(model, &prompt, &request.subject, layer)?;
+    let (u, ridge) = solve_key(cov, &k_mean)?;
+
+    let v_star = optimise_value(model, request, &prompts, layer, settings)?;
+    let (target, nll_before, nll_after) = v_star;
+    let down = model.transformer.blocks[layer].mlp.down_proj();
+    let w = down
+        .weight()
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bias: Vec<f64> = match down.bias() {
+        Some(b) => b
+            .to_dtype(DType::F64)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1()?,
+        None => vec![0.0; target.len()],
+    };
+    let v: Vec<f64> = target.iter().zip(&bias).map(|(t, b)| t - b).collect();
+    let delta = rank_one_update(&w, v.len(), &k_cur, &v, &u)?;
+    let (_, span) = locate_subject(model, &prompt, &request.subject)?;
+    Ok(RomeEdit {
+        layer,
+        delta,
+        ridge,
+        nll_before,
+        nll_after,
+        value: target,
+        subject_last: span.end - 1,
+    })
+}
+
+/// v*: the MLP output at the subject's last token that makes the target likely, found by
+/// optimising an offset δ added there (NLL of the target over the rewriting prompts + KL on
+/// "{subject} is a" + weight decay, Adam, norm clamp). Returns v* = v₀ + δ and the NLL before
+/// and after.
+fn optimise_value(
+    model: &Model,
+    request: &Request,
+    prompts: &[String],
+    layer: usize,
+    settings: &RomeSettings,
+) -> Result<(Vec<f64>, f32, f32)> {
+    use candle_nn::Optimizer;
+    let device = &model.device;
+    let point = HookPoint::MlpOut(layer);
+    let d = model.dims().d_model;
+    // Teacher-forced inputs: prompt + target tokens but the last.
+    struct Case {
+        input: Tensor,
+        subject_last: usize,
+        targets: Vec<(usize, u32)>,
+    }
+    let mut cases = Vec::new();
+    for p in prompts {
+        let (ids, span) = locate_subject(model, p, &request.subject)?;
+        let full = model.tokenizer.encode(&format!("{p}{}", request.target))?;
+        if full.len() <= ids.len() || full[..ids.len()] != ids[..] {
+            return Err(Error::InvalidArgument {
+                what: "target",
+                value: request.target.clone(),
+                message: format!("does not start on a token boundary after {p:?}"),
+            });
+        }
+        let targets: Vec<(usize, u32)> =
+            (ids.len()..full.len()).map(|i| (i - 1, full[i])).collect();
+        cases.push(Case {
+            input: model.ids_tensor(&full[..full.len() - 1])?,
+            subject_last: span.end - 1,
+            targets,
+        });
+    }
+    // The essence prompt for the KL term.
+    let essence = format!("{} is a", request.subject);
+    let (essence_ids, essence_span) = locate_subject(model, &essence, &request.subject)?;
+    let essence_input = model.ids_tensor(&essence_ids)?;
+    let last_log_probs = |logits: &Tensor| -> candle_core::Result<Tensor> {
+        let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
+        candle_nn::ops::log_softmax(&last.to_dtype(DType::F32)?, D::Minus1)
+    };
+    let essence_orig =
+        last_log_probs(&model.forward(&essence_input, &Hooks::new())?.logits)?.detach();
+
+    // v₀: the clean MLP output at the subject's last token of the first prompt.
+    let clean = model.forward(&cases[0].input, &Hooks::new().capture([point]))?;
+    let v0 = clean
+        .cache
+        .get(point)
+        .ok_or_else(|| Error::UnknownHook {
+            name: point.to_string(),
+            valid: String::new(),
+        })?
+        .get(0)?
+        .get(cases[0].subject_last)?
+        .to_dtype(DType::F32)?;
+    let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+
+    let delta = candle_core::Var::zeros(d, DType::F32, device)?;
+    let mut adam = candle_nn::optim::AdamW::new(
+        vec![delta.clone()],
+        candle_nn::optim::ParamsAdamW {
+            lr: settings.v_lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let nll = |with_delta: bool| -> Result<Tensor> {
+        let mut total = Tensor::zeros((), DType::F32, device)?;
+        for c in &cases {
+            let mut hooks = Hooks::new().differentiable();
+            if with_delta {
+                hooks = hooks.intervene(
+                    point,
+                    Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
+                        .at_positions(vec![c.subject_last as i64]),
+                );
+            }
+            let logits = model.forward(&c.input, &hooks)?.logits.get(0)?;
+            let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+            let mut sum = Tensor::zeros((), DType::F32, device)?;
+            for &(pos, id) in &c.targets {
+                sum = (sum - log_probs.get(pos)?.get(id as usize)?)?;
+            }
+            total = (total + (sum / c.targets.len() as f64)?)?;
+        }
+        Ok((total / cases.len() as f64)?)
+    };
+    let nll_before = nll(false)?.to_scalar::<f32>()?;
+    for _ in 0..settings.v_steps {
+        let essence_hooks = Hooks::new().differentiable().intervene(
+            point,
+            Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
+                .at_positions(vec![(essence_span.end - 1) as i64]),
+        );
+        let essence_new = last_log_probs(&model.forward(&essence_input, &essence_hooks)?.logits)?;
+        // KL(orig ‖ new) = Σ p_orig (log p_orig − log p_new).
+        let kl = (essence_orig.exp()? * (&essence_orig - &essence_new)?)?.sum_all()?;
+        let decay = (delta.as_tensor().sqr()?.sum_all()? / (v0_norm * v0_norm).max(1e-12))?;
+        let loss = ((nll(true)? + (kl * settings.kl_factor)?)? + (decay * settings.weight_decay)?)?;
+        adam.backward_step(&loss)?;
+
+        // Clamp ‖δ‖ to clamp_norm · ‖v₀‖.
+        let norm = delta
+            .as_tensor()
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f32>()? as f64;
+        let max = settings.clamp_norm * v0_norm;
+        if norm > max {
+            delta.set(&(delta.as_tensor() * (max / norm))?)?;
+        }
+    }
+    let nll_after = nll(true)?.to_scalar::<f32>()?;
+    let v_star = (v0 + delta.as_tensor())?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok((v_star, nll_before, nll_after))
+}
+
+/// Adds `edit` to the model's weights (`sign` 1.0) or takes it away (−1.0).
+pub fn apply(model: &mut Model, edit: &RomeEdit, sign: f32) -> Result<()> {
+    let mlp = &mut model.transformer.blocks[edit.layer].mlp;
+    let w = mlp.down_proj().weight().clone();
+    let delta = Tensor::from_vec(
+        edit.delta.iter().map(|d| d * sign).collect::<Vec<f32>>(),
+        w.dims(),
+        w.device(),
+    )?
+    .to_dtype(w.dtype())?;
+    mlp.set_down_proj_weight((w + delta)?);
+    Ok(())
 }
 
 #[cfg(test)]

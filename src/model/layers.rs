@@ -339,6 +339,16 @@ impl Mlp {
             Self::Gated { down, .. } => down,
         }
     }
+
+    /// Replaces the down projection's weight (`[d_model, d_mlp]`, Linear layout), keeping its
+    /// bias: how an edit is applied and undone.
+    pub fn set_down_proj_weight(&mut self, weight: Tensor) {
+        let slot = match self {
+            Self::Plain { proj, .. } => proj,
+            Self::Gated { down, .. } => down,
+        };
+        *slot = Linear::new(weight, slot.bias().cloned());
+    }
 }
 
 /// One transformer block.
