@@ -98,7 +98,7 @@ fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
 
 #[test]
 fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
-    use monoscope::edit::rome::{Request, RomeSettings, apply, compute_edit};
+    use monoscope::edit::rome::{KeyPosition, Request, RomeSettings, apply, compute_edit};
     use monoscope::model::{HookPoint, Hooks};
     let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -123,23 +123,6 @@ fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
         target: " hills".into(),
     };
     let contexts = vec!["{}".to_string(), "Note: {}".to_string()];
-    let edit = compute_edit(
-        &model,
-        &request,
-        0,
-        &cov,
-        &contexts,
-        &RomeSettings::default(),
-    )
-    .unwrap();
-    // v* makes the target more likely than the clean MLP output did.
-    assert!(
-        edit.nll_after < edit.nll_before - 0.1,
-        "{} → {}",
-        edit.nll_before,
-        edit.nll_after
-    );
-    // The closed form: the edited layer now gives exactly v* at the subject's last token.
     let ids = model.encode_prompt("the river flows past the").unwrap();
     let point = HookPoint::MlpOut(0);
     let mlp_out = |model: &Model| {
@@ -157,21 +140,36 @@ fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
             .to_vec2::<f32>()
             .unwrap()
     };
-    let clean = mlp_out(&model);
-    apply(&mut model, &edit, 1.0).unwrap();
-    let edited = mlp_out(&model);
-    let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
-    for (got, want) in edited[edit.subject_last].iter().zip(&edit.value) {
+    for key in [KeyPosition::SubjectLast, KeyPosition::PromptLast] {
+        let settings = RomeSettings::default();
+        let edit = compute_edit(&model, &request, 0, key, &cov, &contexts, &settings).unwrap();
+        // v* makes the target more likely than the clean MLP output did.
         assert!(
-            (f64::from(*got) - want).abs() < 1e-4 * scale,
-            "{got} vs {want}"
+            edit.nll_after < edit.nll_before - 0.1,
+            "{key:?}: {} → {}",
+            edit.nll_before,
+            edit.nll_after
         );
-    }
-    assert!(edited[edit.subject_last] != clean[edit.subject_last]);
-    // Taking the edit away restores the layer (to rounding; exact undo keeps the original).
-    apply(&mut model, &edit, -1.0).unwrap();
-    let restored = mlp_out(&model);
-    for (a, b) in restored.iter().flatten().zip(clean.iter().flatten()) {
-        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        if key == KeyPosition::PromptLast {
+            assert_eq!(edit.key_index, ids.len() - 1);
+        }
+        // The closed form: the edited layer now gives exactly v* at the key's token.
+        let clean = mlp_out(&model);
+        apply(&mut model, &edit, 1.0).unwrap();
+        let edited = mlp_out(&model);
+        let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (got, want) in edited[edit.key_index].iter().zip(&edit.value) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-4 * scale,
+                "{got} vs {want}"
+            );
+        }
+        assert!(edited[edit.key_index] != clean[edit.key_index]);
+        // Taking the edit away restores the layer (to rounding; exact undo keeps the original).
+        apply(&mut model, &edit, -1.0).unwrap();
+        let restored = mlp_out(&model);
+        for (a, b) in restored.iter().flatten().zip(clean.iter().flatten()) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
     }
 }

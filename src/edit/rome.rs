@@ -125,6 +125,26 @@ impl Default for RomeSettings {
     }
 }
 
+/// Which token's key the edit is written at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyPosition {
+    /// The subject's last token: ROME proper.
+    SubjectLast,
+    /// The prompt's last token, for models that look facts up there.
+    PromptLast,
+}
+
+impl KeyPosition {
+    /// The position in `ids` (a prompt whose subject spans `subject`).
+    fn index(self, ids_len: usize, subject: &std::ops::Range<usize>) -> usize {
+        match self {
+            KeyPosition::SubjectLast => subject.end - 1,
+            KeyPosition::PromptLast => ids_len - 1,
+        }
+    }
+}
+
 /// One fact to write: `prompt` holds `{}` where `subject` goes; `target` follows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Request {
@@ -144,14 +164,21 @@ pub struct RomeEdit {
     /// NLL of the target on the rewriting prompts before and after optimising v*.
     pub nll_before: f32,
     pub nll_after: f32,
-    /// v*: the MLP output the edited layer now gives at the subject's last token.
+    /// v*: the MLP output the edited layer now gives at the key's token.
     pub value: Vec<f64>,
-    /// That token's position in the plain prompt.
-    pub subject_last: usize,
+    pub key: KeyPosition,
+    /// The key token's position in the plain prompt.
+    pub key_index: usize,
 }
 
-/// The key (`mlp.hook_post` of `layer`) at the subject's last token of `prompt`.
-fn key_at_subject(model: &Model, prompt: &str, subject: &str, layer: usize) -> Result<Vec<f64>> {
+/// The key (`mlp.hook_post` of `layer`) at the `key` token of `prompt`.
+fn key_at(
+    model: &Model,
+    prompt: &str,
+    subject: &str,
+    layer: usize,
+    key: KeyPosition,
+) -> Result<Vec<f64>> {
     let (ids, span) = locate_subject(model, prompt, subject)?;
     let point = HookPoint::MlpPost(layer);
     let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
@@ -163,19 +190,20 @@ fn key_at_subject(model: &Model, prompt: &str, subject: &str, layer: usize) -> R
             valid: String::new(),
         })?
         .get(0)?
-        .get(span.end - 1)?
+        .get(key.index(ids.len(), &span))?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
     Ok(v)
 }
 
-/// Computes ROME's edit of `request` at `layer` (statistics `cov` of that layer's keys),
-/// averaging the key over `contexts` (prefix templates with `{}` for the prompt, the first
-/// being `"{}"`).
+/// Computes ROME's edit of `request` at `layer` and the `key` token (statistics `cov` of that
+/// layer's keys), averaging the key over `contexts` (prefix templates with `{}` for the
+/// prompt, the first being `"{}"`).
 pub fn compute_edit(
     model: &Model,
     request: &Request,
     layer: usize,
+    key: KeyPosition,
     cov: &KeyCovariance,
     contexts: &[String],
     settings: &RomeSettings,
@@ -202,15 +230,15 @@ pub fn compute_edit(
     for p in &prompts {
         for (m, v) in k_mean
             .iter_mut()
-            .zip(key_at_subject(model, p, &request.subject, layer)?)
+            .zip(key_at(model, p, &request.subject, layer, key)?)
         {
             *m += v / prompts.len() as f64;
         }
     }
-    let k_cur = key_at_subject(model, &prompt, &request.subject, layer)?;
+    let k_cur = key_at(model, &prompt, &request.subject, layer, key)?;
     let (u, ridge) = solve_key(cov, &k_mean)?;
 
-    let v_star = optimise_value(model, request, &prompts, layer, settings)?;
+    let v_star = optimise_value(model, request, &prompts, layer, key, settings)?;
     let (target, nll_before, nll_after) = v_star;
     let down = model.transformer.blocks[layer].mlp.down_proj();
     let w = down
@@ -228,7 +256,7 @@ pub fn compute_edit(
     };
     let v: Vec<f64> = target.iter().zip(&bias).map(|(t, b)| t - b).collect();
     let delta = rank_one_update(&w, v.len(), &k_cur, &v, &u)?;
-    let (_, span) = locate_subject(model, &prompt, &request.subject)?;
+    let (ids, span) = locate_subject(model, &prompt, &request.subject)?;
     Ok(RomeEdit {
         layer,
         delta,
@@ -236,11 +264,12 @@ pub fn compute_edit(
         nll_before,
         nll_after,
         value: target,
-        subject_last: span.end - 1,
+        key,
+        key_index: key.index(ids.len(), &span),
     })
 }
 
-/// v*: the MLP output at the subject's last token that makes the target likely, found by
+/// v*: the MLP output at the key token that makes the target likely, found by
 /// optimising an offset δ added there (NLL of the target over the rewriting prompts + KL on
 /// "{subject} is a" + weight decay, Adam, norm clamp). Returns v* = v₀ + δ and the NLL before
 /// and after.
@@ -249,6 +278,7 @@ fn optimise_value(
     request: &Request,
     prompts: &[String],
     layer: usize,
+    key: KeyPosition,
     settings: &RomeSettings,
 ) -> Result<(Vec<f64>, f32, f32)> {
     use candle_nn::Optimizer;
@@ -258,7 +288,8 @@ fn optimise_value(
     // Teacher-forced inputs: prompt + target tokens but the last.
     struct Case {
         input: Tensor,
-        subject_last: usize,
+        /// Where δ goes: the key token.
+        at: usize,
         targets: Vec<(usize, u32)>,
     }
     let mut cases = Vec::new();
@@ -276,7 +307,7 @@ fn optimise_value(
             (ids.len()..full.len()).map(|i| (i - 1, full[i])).collect();
         cases.push(Case {
             input: model.ids_tensor(&full[..full.len() - 1])?,
-            subject_last: span.end - 1,
+            at: key.index(ids.len(), &span),
             targets,
         });
     }
@@ -301,7 +332,7 @@ fn optimise_value(
             valid: String::new(),
         })?
         .get(0)?
-        .get(cases[0].subject_last)?
+        .get(cases[0].at)?
         .to_dtype(DType::F32)?;
     let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
 
@@ -322,7 +353,7 @@ fn optimise_value(
                 hooks = hooks.intervene(
                     point,
                     Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
-                        .at_positions(vec![c.subject_last as i64]),
+                        .at_positions(vec![c.at as i64]),
                 );
             }
             let logits = model.forward(&c.input, &hooks)?.logits.get(0)?;
@@ -340,7 +371,7 @@ fn optimise_value(
         let essence_hooks = Hooks::new().differentiable().intervene(
             point,
             Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
-                .at_positions(vec![(essence_span.end - 1) as i64]),
+                .at_positions(vec![key.index(essence_ids.len(), &essence_span) as i64]),
         );
         let essence_new = last_log_probs(&model.forward(&essence_input, &essence_hooks)?.logits)?;
         // KL(orig ‖ new) = Σ p_orig (log p_orig − log p_new).
