@@ -153,6 +153,11 @@ pub fn locate_subject(
 /// The first token of `target` as it continues `prompt`; errors when the target does not
 /// start on a token boundary (its first token would then also cover prompt text).
 pub fn target_token(model: &Model, prompt: &str, target: &str) -> Result<u32> {
+    Ok(target_tokens(model, prompt, target)?[0])
+}
+
+/// Every token of `target` as it continues `prompt` (never empty); errors as [`target_token`].
+pub fn target_tokens(model: &Model, prompt: &str, target: &str) -> Result<Vec<u32>> {
     let prompt_ids = model.tokenizer.encode(prompt)?;
     let full = model.tokenizer.encode(&format!("{prompt}{target}"))?;
     if full.len() <= prompt_ids.len() || full[..prompt_ids.len()] != prompt_ids[..] {
@@ -162,7 +167,7 @@ pub fn target_token(model: &Model, prompt: &str, target: &str) -> Result<u32> {
             message: format!("does not start on a token boundary after {prompt:?}"),
         });
     }
-    Ok(full[prompt_ids.len()])
+    Ok(full[prompt_ids.len()..].to_vec())
 }
 
 /// σ of the token embeddings of these subjects (all their tokens, all channels), the unit of
@@ -194,15 +199,23 @@ pub fn subject_embedding_std(model: &Model, subjects: &[&str]) -> Result<f64> {
     Ok(var.sqrt())
 }
 
-/// Probability of `target` at the last position, averaged over the batch.
-fn mean_target_prob(logits: &Tensor, target: u32) -> Result<f32> {
+/// Probability of `target` at the last position of each sequence of `logits`
+/// (`[batch, seq, vocab]` → `[batch]`). Differentiable (the composed softmax: candle's fused
+/// one has no backward pass).
+pub fn target_probs(logits: &Tensor, target: u32) -> Result<Tensor> {
     let last = logits
         .narrow(1, logits.dim(1)? - 1, 1)?
         .squeeze(1)?
         .contiguous()?;
-    let probs = candle_nn::ops::softmax_last_dim(&last.to_dtype(candle_core::DType::F32)?)?;
-    let p = probs.narrow(D::Minus1, target as usize, 1)?.mean_all()?;
-    Ok(p.to_scalar::<f32>()?)
+    let probs = candle_nn::ops::softmax(&last.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+    Ok(probs.narrow(D::Minus1, target as usize, 1)?.squeeze(1)?)
+}
+
+/// Probability of `target` at the last position, averaged over the batch.
+fn mean_target_prob(logits: &Tensor, target: u32) -> Result<f32> {
+    Ok(target_probs(logits, target)?
+        .mean_all()?
+        .to_scalar::<f32>()?)
 }
 
 /// Traces the MLP outputs of `fact` at `positions` (all positions when `None`).

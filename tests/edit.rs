@@ -9,24 +9,13 @@ use candle_core::{DType, Device};
 use common::fixture_dir;
 use monoscope::Model;
 use monoscope::edit::covariance::key_covariance;
-use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use monoscope::sae::activations::{ActivationSource, ChunkSource, WindowSettings};
 
 #[test]
 fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
     let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("corpus.txt");
-    let docs: Vec<String> = (0..40)
-        .map(|i| {
-            format!(
-                "line {i}: the river {} flows past town {}",
-                i % 3,
-                i * 7 % 5
-            )
-        })
-        .collect();
-    std::fs::write(&text, docs.join("\n")).unwrap();
-    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 40);
     let tokens = 300;
     let cache = tmp.path().join("stats");
     let cov = key_covariance(&model, 1, &corpus, tokens, Some(&cache), |_| {}).unwrap();
@@ -102,18 +91,7 @@ fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
     use monoscope::model::{HookPoint, Hooks};
     let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("corpus.txt");
-    let docs: Vec<String> = (0..60)
-        .map(|i| {
-            format!(
-                "line {i}: the river {} flows past town {}",
-                i % 3,
-                i * 7 % 5
-            )
-        })
-        .collect();
-    std::fs::write(&text, docs.join("\n")).unwrap();
-    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
     // Layer 0: its MLP output at the subject reaches the last token through layer 1's
     // attention (layer 1, the last, could not move it there).
     let cov = key_covariance(&model, 0, &corpus, 600, None, |_| {}).unwrap();

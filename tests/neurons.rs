@@ -95,21 +95,9 @@ fn suppress_and_amplify_touch_only_the_chosen_neurons_at_the_last_token() {
 #[test]
 fn key_contexts_are_the_neurons_strongest_activations() {
     use monoscope::neurons::key_contexts;
-    use monoscope::sae::activations::Corpus;
     let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let docs: Vec<String> = (0..12)
-        .map(|i| {
-            format!(
-                "line {i}: the river {} flows past town {}",
-                i % 3,
-                i * 7 % 5
-            )
-        })
-        .collect();
-    let text = tmp.path().join("corpus.txt");
-    std::fs::write(&text, docs.join("\n")).unwrap();
-    let corpus = Corpus::parse(text.to_str().unwrap(), "text").unwrap();
+    let (corpus, docs) = common::river_corpus(tmp.path(), 12);
     let neurons = [(1usize, 5usize), (0, 17), (1, 200)].map(|(layer, neuron)| Neuron {
         layer,
         neuron,

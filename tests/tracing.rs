@@ -6,12 +6,9 @@
 
 use std::process::Command;
 
-#[test]
-fn trace_fact_restores_and_suggests_a_layer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out_dir = tmp.path().join("trace");
-    let out_file = out_dir.join("trace.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+/// `monoscope trace-fact` on "The capital of Japan is" → " Tokyo", plus `extra` options.
+fn trace_japan(extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args([
             "trace-fact",
             "--prompt",
@@ -20,14 +17,24 @@ fn trace_fact_restores_and_suggests_a_layer() {
             "Japan",
             "--target",
             " Tokyo",
-            "--samples",
-            "3",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--json",
         ])
+        .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn trace_fact_restores_and_suggests_a_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("trace");
+    let out_file = out_dir.join("trace.json");
+    let out = trace_japan(&[
+        "--samples",
+        "3",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -83,22 +90,7 @@ fn trace_fact_restores_and_suggests_a_layer() {
         assert_eq!((width, height), ((8 + 1) * 16, seq * 16));
     }
     // The output files are never replaced without --force.
-    let again = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args([
-            "trace-fact",
-            "--prompt",
-            "The capital of {} is",
-            "--subject",
-            "Japan",
-            "--target",
-            " Tokyo",
-            "--samples",
-            "1",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let again = trace_japan(&["--samples", "1", "--out", out_dir.to_str().unwrap()]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }

@@ -5,19 +5,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::sae::{CorpusArgs, load_sae};
+use super::sae::{CorpusArgs, SaeArgs};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
 use crate::export::{Existing, ExportInput, ExportSettings, export};
 use crate::table::ROW_GROUP_ROWS;
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The SAE folder (SAELens format).
-    #[arg(long)]
-    sae: PathBuf,
-    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
-    #[arg(long)]
-    hook: Option<String>,
+    #[command(flatten)]
+    sae: SaeArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -49,12 +45,7 @@ pub struct ExportArgs {
 
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = load_sae(
-        &args.sae,
-        args.hook.as_deref(),
-        &model,
-        &candle_core::Device::Cpu,
-    )?;
+    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
     let corpus = args.corpus.corpus()?;
     let settings = ExportSettings {
         segment: args.corpus.segments(&model, sae_dir.metadata.context_size),
@@ -83,7 +74,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let input = ExportInput {
         model: &model,
         sae: &sae_dir.sae,
-        sae_dir: &args.sae,
+        sae_dir: &args.sae.dir,
         hook,
         corpus: &corpus,
     };

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::sae::{CorpusArgs, load_sae};
+use super::sae::{CorpusArgs, SaeArgs};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
 use crate::features::score::{ScoreSettings, score};
 use crate::features::stats::StatsSettings;
@@ -25,12 +25,8 @@ pub enum FeaturesCommand {
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// The SAE folder (SAELens format), trained on a world model.
-    #[arg(long)]
-    sae: PathBuf,
-    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
-    #[arg(long)]
-    hook: Option<String>,
+    #[command(flatten)]
+    sae: SaeArgs,
     #[command(flatten)]
     model: ModelArgs,
     /// Paragraph documents per country and language in each generated split.
@@ -45,12 +41,8 @@ pub struct ScoreArgs {
 
 #[derive(Args)]
 pub struct BuildArgs {
-    /// The SAE folder (SAELens format).
-    #[arg(long)]
-    sae: PathBuf,
-    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
-    #[arg(long)]
-    hook: Option<String>,
+    #[command(flatten)]
+    sae: SaeArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -97,12 +89,7 @@ pub fn run(command: &FeaturesCommand) -> anyhow::Result<()> {
 
 fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = load_sae(
-        &args.sae,
-        args.hook.as_deref(),
-        &model,
-        &candle_core::Device::Cpu,
-    )?;
+    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
     let corpus = args.corpus.corpus()?;
     let settings = BuildSettings {
         segment: args.corpus.segments(&model, sae_dir.metadata.context_size),
@@ -127,7 +114,7 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
     let input = BuildInput {
         model: &model,
         sae: &sae_dir.sae,
-        sae_dir: &args.sae,
+        sae_dir: &args.sae.dir,
         hook,
         corpus: &corpus,
     };
@@ -173,12 +160,7 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
 
 fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = load_sae(
-        &args.sae,
-        args.hook.as_deref(),
-        &model,
-        &candle_core::Device::Cpu,
-    )?;
+    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
     let context = sae_dir.metadata.context_size;
     let mut settings = ScoreSettings::new(SegmentSettings {
         context_size: if context > 0 { context } else { 128 }.min(model.dims().context_length),
@@ -192,7 +174,12 @@ fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     let report = score(&model, &sae_dir.sae, hook, &settings, |split, tokens| {
         bar.set_message(format!("{split} split: {tokens} tokens"));
     })
-    .with_context(|| format!("scoring {} against the world labels", args.sae.display()))?;
+    .with_context(|| {
+        format!(
+            "scoring {} against the world labels",
+            args.sae.dir.display()
+        )
+    })?;
     bar.finish_and_clear();
     if args.json {
         return print_json(&report);

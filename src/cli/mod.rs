@@ -75,6 +75,19 @@ pub struct ModelArgs {
     pub dtype: String,
 }
 
+/// A fact, as the tracing, neuron and editing commands take it.
+#[derive(Args, Clone, Debug)]
+pub struct FactArgs {
+    /// The prompt, `{}` where the subject goes: "The capital of {} is".
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub subject: String,
+    /// What should follow the prompt: " Tokyo".
+    #[arg(long)]
+    pub target: String,
+}
+
 /// Where the bundled world model lives.
 pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world")

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use super::{ModelArgs, print_json};
+use super::{FactArgs, ModelArgs, print_json};
 use crate::causal::target_token;
 use crate::features::logits::{LogitEffects, logit_effects};
 use crate::model::{HookPoint, Hooks};
@@ -22,14 +22,8 @@ use crate::world::knowledge::{KnowledgeBase, Lang};
 pub struct NeuronsArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The fact's prompt, `{}` where the subject goes: "The capital of {} is".
-    #[arg(long)]
-    prompt: String,
-    #[arg(long)]
-    subject: String,
-    /// What should follow the prompt (its first token is attributed): " Tokyo".
-    #[arg(long)]
-    target: String,
+    #[command(flatten)]
+    fact: FactArgs,
     /// More templates of the same fact, one per line with `{}` (default: the prompt behind
     /// three context prefixes).
     #[arg(long, value_name = "FILE")]
@@ -90,14 +84,17 @@ struct Effect {
 
 pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    if !args.prompt.contains("{}") {
-        anyhow::bail!("--prompt {:?} has no `{{}}` for the subject", args.prompt);
+    if !args.fact.prompt.contains("{}") {
+        anyhow::bail!(
+            "--prompt {:?} has no `{{}}` for the subject",
+            args.fact.prompt
+        );
     }
     let templates: Vec<String> = match &args.paraphrases {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading paraphrases {}", path.display()))?;
-            let mut t = vec![args.prompt.clone()];
+            let mut t = vec![args.fact.prompt.clone()];
             for (i, line) in text
                 .lines()
                 .enumerate()
@@ -110,16 +107,16 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
             }
             t
         }
-        None => std::iter::once(args.prompt.clone())
-            .chain(PREFIXES.iter().map(|p| format!("{p}{}", args.prompt)))
+        None => std::iter::once(args.fact.prompt.clone())
+            .chain(PREFIXES.iter().map(|p| format!("{p}{}", args.fact.prompt)))
             .collect(),
     };
     let fill = |t: &str, subject: &str| t.replace("{}", subject);
     let facts: Vec<FactPrompt> = templates
         .iter()
         .map(|t| {
-            let prompt = fill(t, &args.subject);
-            let target_id = target_token(&model, &prompt, &args.target)?;
+            let prompt = fill(t, &args.fact.subject);
+            let target_id = target_token(&model, &prompt, &args.fact.target)?;
             Ok(FactPrompt { prompt, target_id })
         })
         .collect::<anyhow::Result<_>>()?;
@@ -141,7 +138,10 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
     }
     let neurons = refine(&attributions, &settings);
     if neurons.is_empty() {
-        anyhow::bail!("no neuron has a positive attribution to {:?}", args.target);
+        anyhow::bail!(
+            "no neuron has a positive attribution to {:?}",
+            args.fact.target
+        );
     }
 
     let keys = if args.key_tokens > 0 {
@@ -164,6 +164,7 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
                 .transpose()?,
         })
     };
+    let token_names = model.token_names();
     let report = Report {
         p_target: probabilities(&model, &facts, &Hooks::new())?,
         suppress: effect(0.0)?,
@@ -174,7 +175,7 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
             .map(|(n, contexts)| {
                 Ok(NeuronReport {
                     neuron: *n,
-                    promotes: value_tokens(&model, n, args.value_tokens)?
+                    promotes: value_tokens(&model, n, args.value_tokens, &token_names)?
                         .top
                         .into_iter()
                         .map(|t| t.token)
@@ -193,8 +194,8 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
     }
     println!(
         "knowledge neurons for {:?} → {:?}",
-        fill(&args.prompt, &args.subject),
-        args.target
+        fill(&args.fact.prompt, &args.fact.subject),
+        args.fact.target
     );
     for (f, p) in report.prompts.iter().zip(&report.p_target) {
         println!("  P = {p:.3}  {:?}", f.prompt);
@@ -240,7 +241,7 @@ fn unrelated_facts(model: &crate::Model, args: &NeuronsArgs) -> anyhow::Result<V
             kb.countries
                 .iter()
                 .map(|c| c.name.get(Lang::En).to_string())
-                .filter(|n| n != &args.subject)
+                .filter(|n| n != &args.fact.subject)
                 .step_by(37)
                 .take(5)
                 .collect()
@@ -251,7 +252,7 @@ fn unrelated_facts(model: &crate::Model, args: &NeuronsArgs) -> anyhow::Result<V
         .iter()
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let prompt = args.prompt.replace("{}", s);
+            let prompt = args.fact.prompt.replace("{}", s);
             let ids = model.encode_prompt(&prompt)?;
             let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Hooks::new())?;
             let target_id = top.first().map(|t| t.id).context("empty vocabulary")?;
@@ -277,12 +278,17 @@ fn render_context(model: &crate::Model, c: &crate::features::stats::Context) -> 
 }
 
 /// The direct-path logit effect of a neuron's value vector (its down-projection column).
-fn value_tokens(model: &crate::Model, n: &Neuron, k: usize) -> anyhow::Result<LogitEffects> {
+fn value_tokens(
+    model: &crate::Model,
+    n: &Neuron,
+    k: usize,
+    names: &[String],
+) -> anyhow::Result<LogitEffects> {
     let d_mlp = model.dims().d_mlp;
     let mut one_hot = vec![0f32; d_mlp];
     one_hot[n.neuron] = 1.0;
     let row = candle_core::Tensor::from_vec(one_hot, (1, d_mlp), &candle_core::Device::Cpu)?;
-    let effects = logit_effects(model, HookPoint::MlpPost(n.layer), &row, k)?
+    let effects = logit_effects(model, HookPoint::MlpPost(n.layer), &row, k, names)?
         .and_then(|mut e| e.pop())
         .unwrap_or_default();
     Ok(effects)

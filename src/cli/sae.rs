@@ -205,16 +205,12 @@ pub enum BDecInitArg {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The SAE folder (SAELens format).
-    #[arg(long)]
-    sae: PathBuf,
+    #[command(flatten)]
+    sae: SaeArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     corpus: CorpusArgs,
-    /// Hook to splice the SAE into (default: the SAE's metadata.hook_name).
-    #[arg(long)]
-    hook: Option<String>,
     /// Windows to evaluate on.
     #[arg(long, default_value_t = 256)]
     windows: usize,
@@ -375,7 +371,7 @@ fn model_name(dir: &Path) -> String {
 fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let device = model.device.clone();
-    let (sae_dir, hook) = load_sae(&args.sae, args.hook.as_deref(), &model, &device)?;
+    let (sae_dir, hook) = args.sae.load(&model, &device)?;
     let hook = hook.to_string();
     let mut corpus = args.corpus.clone();
     if corpus.context_size.is_none() && sae_dir.metadata.context_size > 0 {
@@ -400,7 +396,7 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         },
         |done, _| bar.set_position(done as u64),
     )
-    .with_context(|| format!("evaluating {} at {hook}", args.sae.display()))?;
+    .with_context(|| format!("evaluating {} at {hook}", args.sae.dir.display()))?;
     bar.finish_and_clear();
     if args.json {
         print_json(&report)?;
@@ -408,6 +404,28 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         print!("{}", report.render());
     }
     Ok(())
+}
+
+/// An SAE folder and the hook it reads, as every SAE command takes them.
+#[derive(Args, Clone, Debug)]
+pub struct SaeArgs {
+    /// The SAE folder (SAELens format).
+    #[arg(long = "sae", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
+    #[arg(long)]
+    pub hook: Option<String>,
+}
+
+impl SaeArgs {
+    /// See [`load_sae`].
+    pub fn load(
+        &self,
+        model: &crate::model::Model,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
+        load_sae(&self.dir, self.hook.as_deref(), model, device)
+    }
 }
 
 /// Loads an SAE (in f32) and resolves the hook it reads: `hook`, or else the SAE's

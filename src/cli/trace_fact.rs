@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use super::{ModelArgs, print_json, write_new_file};
+use super::{FactArgs, ModelArgs, print_json, write_new_file};
 use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
 
 use crate::world::knowledge::{KnowledgeBase, Lang};
@@ -16,14 +16,8 @@ use crate::world::knowledge::{KnowledgeBase, Lang};
 pub struct TraceFactArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The prompt, containing the subject (or `{}` where it goes): "The capital of Japan is".
-    #[arg(long)]
-    prompt: String,
-    #[arg(long)]
-    subject: String,
-    /// What should follow the prompt: " Tokyo".
-    #[arg(long)]
-    target: String,
+    #[command(flatten)]
+    fact: FactArgs,
     /// Noise in units of σ of the subjects' token embeddings.
     #[arg(long, default_value_t = 3.0)]
     noise: f64,
@@ -64,7 +58,7 @@ struct Report {
 
 pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let prompt = args.prompt.replace("{}", &args.subject);
+    let prompt = args.fact.prompt.replace("{}", &args.fact.subject);
     let subjects: Vec<String> = match &args.subjects {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading subjects {}", path.display()))?
@@ -89,8 +83,8 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
     };
     let fact = Fact {
         prompt: &prompt,
-        subject: &args.subject,
-        target: &args.target,
+        subject: &args.fact.subject,
+        target: &args.fact.target,
     };
     let mut traces = Vec::new();
     for restore in Restore::ALL {
@@ -117,14 +111,14 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
         suggested_reason: format!(
             "restoring the MLP outputs around layer {suggested_layer} at the last subject token {:?} brings P({:?}) from {:.3} back to {:.3} (clean {:.3}), the most of any layer",
             mlp.tokens[last_subject],
-            args.target,
+            args.fact.target,
             mlp.p_corrupt,
             mlp.p_restored[suggested_layer][last_subject],
             mlp.p_clean
         ),
         prompt,
-        subject: args.subject.clone(),
-        target: args.target.clone(),
+        subject: args.fact.subject.clone(),
+        target: args.fact.target.clone(),
         sigma,
         settings,
         traces,

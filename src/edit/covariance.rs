@@ -65,14 +65,7 @@ pub fn key_covariance(
     cache_dir: Option<&Path>,
     mut on_progress: impl FnMut(u64),
 ) -> Result<KeyCovariance> {
-    let n_layers = model.dims().n_layers;
-    if layer >= n_layers {
-        return Err(Error::InvalidArgument {
-            what: "layer",
-            value: layer.to_string(),
-            message: format!("the model has layers 0..{}", n_layers - 1),
-        });
-    }
+    super::check_layer(model, layer)?;
     if tokens == 0 {
         return Err(Error::InvalidArgument {
             what: "covariance samples",

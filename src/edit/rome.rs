@@ -12,8 +12,9 @@ use candle_core::{D, DType, Tensor};
 use ndarray::{Array1, Array2};
 use ndarray_linalg::{FactorizeC, SolveC, UPLO};
 
+use super::check_layer;
 use super::covariance::KeyCovariance;
-use crate::causal::locate_subject;
+use crate::causal::{locate_subject, target_tokens};
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
@@ -171,15 +172,17 @@ pub struct RomeEdit {
     pub key_index: usize,
 }
 
-/// The key (`mlp.hook_post` of `layer`) at the `key` token of `prompt`.
+/// The key (`mlp.hook_post` of `layer`) at the `key` token of `prompt`, and that token's
+/// position.
 fn key_at(
     model: &Model,
     prompt: &str,
     subject: &str,
     layer: usize,
     key: KeyPosition,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, usize)> {
     let (ids, span) = locate_subject(model, prompt, subject)?;
+    let index = key.index(ids.len(), &span);
     let point = HookPoint::MlpPost(layer);
     let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
     let v = out
@@ -190,10 +193,10 @@ fn key_at(
             valid: String::new(),
         })?
         .get(0)?
-        .get(key.index(ids.len(), &span))?
+        .get(index)?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
-    Ok(v)
+    Ok((v, index))
 }
 
 /// Computes ROME's edit of `request` at `layer` and the `key` token (statistics `cov` of that
@@ -215,27 +218,22 @@ pub fn compute_edit(
             message: "is empty: nothing to write".into(),
         });
     }
-    let n_layers = model.dims().n_layers;
-    if layer >= n_layers {
-        return Err(Error::InvalidArgument {
-            what: "layer",
-            value: layer.to_string(),
-            message: format!("the model has layers 0..{}", n_layers - 1),
-        });
-    }
+    check_layer(model, layer)?;
     let prompt = request.prompt.replace("{}", &request.subject);
     let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
-    // k̄ over the context templates, and the key of the plain prompt.
+    // The key of the plain prompt, and k̄ over the context templates.
+    let (k_cur, key_index) = key_at(model, &prompt, &request.subject, layer, key)?;
     let mut k_mean = vec![0f64; cov.d];
     for p in &prompts {
-        for (m, v) in k_mean
-            .iter_mut()
-            .zip(key_at(model, p, &request.subject, layer, key)?)
-        {
+        let k = if *p == prompt {
+            k_cur.clone()
+        } else {
+            key_at(model, p, &request.subject, layer, key)?.0
+        };
+        for (m, v) in k_mean.iter_mut().zip(k) {
             *m += v / prompts.len() as f64;
         }
     }
-    let k_cur = key_at(model, &prompt, &request.subject, layer, key)?;
     let (u, ridge) = solve_key(cov, &k_mean)?;
 
     let v_star = optimise_value(model, request, &prompts, layer, key, settings)?;
@@ -256,7 +254,6 @@ pub fn compute_edit(
     };
     let v: Vec<f64> = target.iter().zip(&bias).map(|(t, b)| t - b).collect();
     let delta = rank_one_update(&w, v.len(), &k_cur, &v, &u)?;
-    let (ids, span) = locate_subject(model, &prompt, &request.subject)?;
     Ok(RomeEdit {
         layer,
         delta,
@@ -265,7 +262,7 @@ pub fn compute_edit(
         nll_after,
         value: target,
         key,
-        key_index: key.index(ids.len(), &span),
+        key_index,
     })
 }
 
@@ -295,14 +292,9 @@ fn optimise_value(
     let mut cases = Vec::new();
     for p in prompts {
         let (ids, span) = locate_subject(model, p, &request.subject)?;
-        let full = model.tokenizer.encode(&format!("{p}{}", request.target))?;
-        if full.len() <= ids.len() || full[..ids.len()] != ids[..] {
-            return Err(Error::InvalidArgument {
-                what: "target",
-                value: request.target.clone(),
-                message: format!("does not start on a token boundary after {p:?}"),
-            });
-        }
+        let target_ids = target_tokens(model, p, &request.target)?;
+        let mut full = ids.clone();
+        full.extend(&target_ids);
         let targets: Vec<(usize, u32)> =
             (ids.len()..full.len()).map(|i| (i - 1, full[i])).collect();
         cases.push(Case {

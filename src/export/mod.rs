@@ -265,9 +265,7 @@ pub fn export(
         first_doc,
         budget,
     )?;
-    let token_names: Vec<String> = (0..input.model.dims().vocab_size as u32)
-        .map(|id| input.model.tokenizer.token_display(id))
-        .collect();
+    let token_names = input.model.token_names();
 
     let (tx, rx) = mpsc::sync_channel::<Message>(2);
     let mut progress = Progress {
@@ -359,6 +357,7 @@ pub fn export(
         input.hook,
         &manifest,
         settings.logit_tokens,
+        &token_names,
     )?;
     manifest.features = Some(features);
     manifest.complete = true;

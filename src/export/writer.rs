@@ -345,11 +345,12 @@ pub fn write_features(
     hook: HookPoint,
     manifest: &Manifest,
     logit_tokens: usize,
+    token_names: &[String],
 ) -> Result<FileEntry> {
     let (count, sum, max) = feature_totals(out, manifest)?;
     let d_sae = count.len();
     let tokens = manifest.token_count.max(1) as f64;
-    let effects = logit_effects(model, hook, &sae.w_dec, logit_tokens)?;
+    let effects = logit_effects(model, hook, &sae.w_dec, logit_tokens, token_names)?;
     let mut top = ListBuilder::new(StringBuilder::new());
     let mut bottom = ListBuilder::new(StringBuilder::new());
     for f in 0..d_sae {

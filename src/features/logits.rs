@@ -21,6 +21,9 @@ use crate::model::Model;
 use crate::model::hooks::HookPoint;
 use crate::sae::cpu::{MatRef, matmul};
 
+/// How logit effects are computed, in one line (recorded in `features.json`).
+pub const METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post) → final norm with its scale held constant (centre, gain) → unembedding";
+
 /// Features per block in the batched products (bounds memory to `BLOCK × max(vocab, d_sae)`).
 const BLOCK: usize = 512;
 
@@ -47,13 +50,15 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// The direct-path logit effects of each row of `w_dec` (`[d_sae, d_in]`) written at `hook`:
-/// the `n` most promoted and `n` most suppressed tokens. `None` for hooks without a linear
-/// path to the logits (`mlp.hook_pre`).
+/// the `n` most promoted and `n` most suppressed tokens, named from `names`
+/// ([`Model::token_names`]). `None` for hooks without a linear path to the logits
+/// (`mlp.hook_pre`).
 pub fn logit_effects(
     model: &Model,
     hook: HookPoint,
     w_dec: &Tensor,
     n: usize,
+    names: &[String],
 ) -> Result<Option<Vec<LogitEffects>>> {
     let t = &model.transformer;
     let (d_sae, d_in) = w_dec.dims2()?;
@@ -74,9 +79,6 @@ pub fn logit_effects(
     let centers = t.ln_final.centers();
     let unembed = to_vec(&t.unembed)?; // [vocab, d_model]
     let vocab = t.dims.vocab_size;
-    let names: Vec<String> = (0..vocab as u32)
-        .map(|id| model.tokenizer.token_display(id))
-        .collect();
 
     let mut out = Vec::with_capacity(d_sae);
     for start in (0..d_sae).step_by(BLOCK) {
@@ -118,7 +120,7 @@ pub fn logit_effects(
                     ids.into_iter()
                         .map(|i| TokenEffect {
                             token_id: i as u32,
-                            token: names[i].clone(),
+                            token: names.get(i).cloned().unwrap_or_default(),
                             logit: row[i],
                         })
                         .collect()

@@ -111,16 +111,15 @@ pub fn build(
         });
     }
     let summaries = stats.finish();
+    let token_names = input.model.token_names();
     let effects = logits::logit_effects(
         input.model,
         input.hook,
         &input.sae.w_dec,
         settings.logit_tokens,
+        &token_names,
     )?;
     let neighbours = logits::decoder_neighbours(&input.sae.w_dec, settings.neighbours)?;
-    let token_names: Vec<String> = (0..input.model.dims().vocab_size as u32)
-        .map(|id| input.model.tokenizer.token_display(id))
-        .collect();
     let info = StoreInfo {
         schema_version: 1,
         model_dir: input.model.dir.display().to_string(),
@@ -134,7 +133,7 @@ pub fn build(
         d_sae: encoder.d_sae(),
         settings: settings.stats.clone(),
         logit_effects: if effects.is_some() {
-            LOGIT_EFFECTS_METHOD.into()
+            logits::METHOD.into()
         } else {
             String::new()
         },
@@ -154,9 +153,6 @@ pub fn build(
         total_time: started.elapsed(),
     })
 }
-
-/// Recorded in `features.json`: how the logit effects were computed (see [`logits`]).
-pub const LOGIT_EFFECTS_METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post) → final norm with its scale held constant (centre, gain) → unembedding";
 
 /// Creates `out`, or checks it may be written into.
 fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {

@@ -10,7 +10,7 @@ pub mod layers;
 pub mod tokenizer;
 pub mod weights;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -109,6 +109,48 @@ impl Model {
     /// Resolves hook names or globs against this model's hooks.
     pub fn resolve_hooks(&self, patterns: &[&str]) -> Result<Vec<HookPoint>> {
         hooks::resolve_hook_patterns(patterns, &self.hook_points)
+    }
+
+    /// The token that starts a sequence: BOS, or EOS for models without one (GPT-2).
+    pub fn start_token(&self) -> Option<u32> {
+        self.bos_token_id.or(self.eos_token_ids.first().copied())
+    }
+
+    /// Every special token id: the tokenizer's, EOS and the start token.
+    pub fn special_tokens(&self) -> HashSet<u32> {
+        let mut special: HashSet<u32> = self.tokenizer.special_token_ids().into_iter().collect();
+        special.extend(self.eos_token_ids.iter().copied());
+        special.extend(self.start_token());
+        special
+    }
+
+    /// Width of the value at `point`, measured with a one-token forward pass; errors name the
+    /// point and list this model's hooks.
+    pub fn hook_width(&self, point: HookPoint) -> Result<usize> {
+        let probe = self.forward(
+            &self.ids_tensor(&[self.start_token().unwrap_or(0)])?,
+            &Hooks::new().capture([point]),
+        )?;
+        probe
+            .cache
+            .get(point)
+            .and_then(|t| t.dims().last().copied())
+            .ok_or_else(|| Error::UnknownHook {
+                name: point.to_string(),
+                valid: self
+                    .hook_points
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A readable string for every token id of the vocabulary, indexed by id.
+    pub fn token_names(&self) -> Vec<String> {
+        (0..self.dims().vocab_size as u32)
+            .map(|id| self.tokenizer.token_display(id))
+            .collect()
     }
 
     /// Tokenises a prompt, rejecting empty prompts and prompts longer than the context.

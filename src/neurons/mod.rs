@@ -19,9 +19,10 @@
 //! `mlp.hook_post` is the activation after the nonlinearity (act(gate)·up for gated MLPs), so
 //! this works the same on every supported architecture.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
+use crate::causal::target_probs;
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
@@ -122,17 +123,6 @@ pub fn attribute(model: &Model, ids: &[u32], target: u32, steps: usize) -> Resul
         out.push(attr);
     }
     Ok(out)
-}
-
-/// P(target) at the last position of each sequence: `[batch]`.
-fn target_probs(logits: &Tensor, target: u32) -> Result<Tensor> {
-    let last = logits
-        .narrow(1, logits.dim(1)? - 1, 1)?
-        .squeeze(1)?
-        .contiguous()?;
-    // The composed softmax: candle's fused `softmax_last_dim` has no backward pass.
-    let probs = candle_nn::ops::softmax(&last.to_dtype(DType::F32)?, D::Minus1)?;
-    Ok(probs.narrow(D::Minus1, target as usize, 1)?.squeeze(1)?)
 }
 
 /// P(target) after each prompt, with `hooks` applied.

@@ -428,28 +428,15 @@ impl<'m> ActivationSource<'m> {
                 message: "must be positive".into(),
             });
         }
-        let eos = model.eos_token_ids.first().copied();
-        let bos = model.bos_token_id.or(eos);
-        let mut special: HashSet<u32> = model.tokenizer.special_token_ids().into_iter().collect();
-        special.extend(model.eos_token_ids.iter().copied());
-        special.extend(bos);
-        let probe = model.forward(
-            &model.ids_tensor(&[bos.unwrap_or(0)])?,
-            &Hooks::new().capture([hook]),
-        )?;
-        let d_in = probe
-            .cache
-            .get(hook)
-            .map(|t| t.dims().last().copied().unwrap_or(0))
-            .unwrap_or(0);
+        let d_in = model.hook_width(hook)?;
         Ok(Self {
             model,
             corpus,
             hook,
             settings,
-            bos,
-            eos,
-            special,
+            bos: model.start_token(),
+            eos: model.eos_token_ids.first().copied(),
+            special: model.special_tokens(),
             windows: None,
             epoch: 0,
             windows_read: 0,

@@ -119,12 +119,6 @@ impl<'a> DocumentCoder<'a> {
                 message: "must be positive".into(),
             });
         }
-        let eos = model.eos_token_ids.first().copied();
-        let bos = model.bos_token_id.or(eos);
-        let mut special: std::collections::HashSet<u32> =
-            model.tokenizer.special_token_ids().into_iter().collect();
-        special.extend(model.eos_token_ids.iter().copied());
-        special.extend(bos);
         Ok(Self {
             model,
             encoder,
@@ -134,9 +128,9 @@ impl<'a> DocumentCoder<'a> {
             next_doc: first_doc,
             budget,
             pending: Default::default(),
-            bos,
-            pad: eos.unwrap_or(0),
-            special,
+            bos: model.start_token(),
+            pad: model.eos_token_ids.first().copied().unwrap_or(0),
+            special: model.special_tokens(),
             finished: false,
             forward_time: Duration::ZERO,
             encode_time: Duration::ZERO,
@@ -280,17 +274,15 @@ impl<'a> DocumentCoder<'a> {
             value: Vec::with_capacity(coded.len()),
         };
         codes.row_start.push(0);
+        let mut pairs: Vec<(u32, f32)> = Vec::new();
         for row in source_row {
             if let Some(r) = row {
                 let (latents, values) = coded.row(r);
                 // Ascending latent order within a token, as the export's sort order wants.
-                let mut pairs: Vec<(u32, f32)> = latents
-                    .iter()
-                    .copied()
-                    .zip(values.iter().copied())
-                    .collect();
+                pairs.clear();
+                pairs.extend(latents.iter().copied().zip(values.iter().copied()));
                 pairs.sort_unstable_by_key(|p| p.0);
-                for (j, v) in pairs {
+                for &(j, v) in &pairs {
                     codes.latent.push(j);
                     codes.value.push(v);
                 }
@@ -317,23 +309,7 @@ pub fn tokenised<'a>(
 /// The SAE's hook exists in the model and is as wide as the SAE's input; errors name the
 /// SAE's `cfg.json` or list the model's hooks.
 pub fn check_sae_fits(model: &Model, hook: HookPoint, sae: &Sae, sae_dir: &Path) -> Result<()> {
-    let probe = model.forward(
-        &model.ids_tensor(&[model.bos_token_id.unwrap_or(0)])?,
-        &Hooks::new().capture([hook]),
-    )?;
-    let width = probe
-        .cache
-        .get(hook)
-        .and_then(|t| t.dims().last().copied())
-        .ok_or_else(|| Error::UnknownHook {
-            name: hook.to_string(),
-            valid: model
-                .hook_points()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+    let width = model.hook_width(hook)?;
     if width != sae.d_in() {
         return Err(Error::Config {
             path: sae_dir.join("cfg.json"),

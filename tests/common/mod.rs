@@ -183,3 +183,24 @@ pub fn direct_codes(
     }
     (rows, tokens)
 }
+
+/// A plain-text corpus of `lines` short documents (one per line) in `dir`, and its documents.
+pub fn river_corpus(
+    dir: &std::path::Path,
+    lines: usize,
+) -> (monoscope::sae::activations::Corpus, Vec<String>) {
+    let docs: Vec<String> = (0..lines)
+        .map(|i| {
+            format!(
+                "line {i}: the river {} flows past town {}",
+                i % 3,
+                i * 7 % 5
+            )
+        })
+        .collect();
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, docs.join("\n")).unwrap();
+    let corpus =
+        monoscope::sae::activations::Corpus::parse(path.to_str().unwrap(), "text").unwrap();
+    (corpus, docs)
+}
