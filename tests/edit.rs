@@ -9,7 +9,17 @@ use candle_core::{DType, Device};
 use common::fixture_dir;
 use monoscope::Model;
 use monoscope::edit::covariance::key_covariance;
+use monoscope::edit::history::{AppliedEdit, EditHistory, LayerDelta};
+use monoscope::edit::memit::{MemitSettings, compute_batch};
+use monoscope::edit::rome::{
+    KeyPosition, Request, RomeEdit, RomeSettings, compute_edit, read_batch,
+};
+use monoscope::edit::save::{open_edits, save_edited};
+use monoscope::edit::verify::{CheckKind, WorldFact, answer_nll, world_checks};
+use monoscope::model::Hooks;
 use monoscope::sae::activations::{ActivationSource, ChunkSource, WindowSettings};
+use monoscope::world::corpus::Templates;
+use monoscope::world::knowledge::{KnowledgeBase, Lang, Relation};
 
 #[test]
 fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
@@ -85,42 +95,87 @@ fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
     assert!(e.contains("layer") && e.contains('2'), "{e}");
 }
 
+/// The down projection's weight of `layer`, as f32 values.
+fn down_proj(model: &Model, layer: usize) -> Vec<f32> {
+    model.transformer.blocks[layer]
+        .mlp
+        .down_proj()
+        .weight()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// Every tensor of a model folder's checkpoint (single file or shards).
+fn checkpoint_tensors(
+    dir: &std::path::Path,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let mut all = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("model") && name.ends_with(".safetensors") {
+            all.extend(candle_core::safetensors::load(&path, &Device::Cpu).unwrap());
+        }
+    }
+    assert!(!all.is_empty());
+    all
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn river_edit(
+    model: &Model,
+    cov: &monoscope::edit::covariance::KeyCovariance,
+    target: &str,
+    key: KeyPosition,
+) -> (RomeEdit, AppliedEdit) {
+    let request = Request {
+        prompt: "{} flows past the".into(),
+        subject: "the river".into(),
+        target: target.into(),
+    };
+    let contexts = vec!["{}".to_string(), "Note: {}".to_string()];
+    let edit = compute_edit(
+        model,
+        &request,
+        0,
+        key,
+        cov,
+        &contexts,
+        &RomeSettings::default(),
+    )
+    .unwrap();
+    let applied = AppliedEdit {
+        id: 0,
+        method: "rome".into(),
+        requests: vec![request],
+        layers: vec![0],
+        key: key.name().into(),
+        reason: "test".into(),
+        deltas: vec![LayerDelta {
+            layer: 0,
+            delta: edit.delta.clone(),
+        }],
+    };
+    (edit, applied)
+}
+
 #[test]
-fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
-    use monoscope::edit::rome::{KeyPosition, Request, RomeSettings, apply, compute_edit};
-    use monoscope::model::{HookPoint, Hooks};
+fn a_rome_edit_maps_the_averaged_key_to_the_optimised_value() {
     let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
     // Layer 0: its MLP output at the subject reaches the last token through layer 1's
     // attention (layer 1, the last, could not move it there).
     let cov = key_covariance(&model, 0, &corpus, 600, None, |_| {}).unwrap();
-    let request = Request {
-        prompt: "{} flows past the".into(),
-        subject: "the river".into(),
-        target: " hills".into(),
-    };
-    let contexts = vec!["{}".to_string(), "Note: {}".to_string()];
     let ids = model.encode_prompt("the river flows past the").unwrap();
-    let point = HookPoint::MlpOut(0);
-    let mlp_out = |model: &Model| {
-        let out = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture([point]),
-            )
-            .unwrap();
-        out.cache
-            .get(point)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-    };
+    let original = down_proj(&model, 0);
     for key in [KeyPosition::SubjectLast, KeyPosition::PromptLast] {
-        let settings = RomeSettings::default();
-        let edit = compute_edit(&model, &request, 0, key, &cov, &contexts, &settings).unwrap();
+        let (edit, applied) = river_edit(&model, &cov, " hills", key);
         // v* makes the target more likely than the clean MLP output did.
         assert!(
             edit.nll_after < edit.nll_before - 0.1,
@@ -130,24 +185,341 @@ fn a_rome_edit_writes_the_optimised_value_at_the_subject() {
         );
         if key == KeyPosition::PromptLast {
             assert_eq!(edit.key_index, ids.len() - 1);
+        } else {
+            let (_, span) =
+                monoscope::causal::locate_subject(&model, "the river flows past the", "the river")
+                    .unwrap();
+            assert_eq!(edit.key_index, span.end - 1, "the subject's last token");
         }
-        // The closed form: the edited layer now gives exactly v* at the key's token.
-        let clean = mlp_out(&model);
-        apply(&mut model, &edit, 1.0).unwrap();
-        let edited = mlp_out(&model);
+        // r-ROME's closed form: the edited down projection maps k̄ exactly to v* (bias
+        // included), whatever the plain prompt's key.
+        let mut history = EditHistory::new();
+        history.apply(&mut model, applied).unwrap();
+        let w = down_proj(&model, 0);
+        let bias = model.transformer.blocks[0]
+            .mlp
+            .down_proj()
+            .bias()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let d_in = edit.key_vector.len();
         let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for (got, want) in edited[edit.key_index].iter().zip(&edit.value) {
-            assert!(
-                (f64::from(*got) - want).abs() < 1e-4 * scale,
-                "{got} vs {want}"
-            );
+        for (o, want) in edit.value.iter().enumerate() {
+            let got: f64 = w[o * d_in..(o + 1) * d_in]
+                .iter()
+                .zip(&edit.key_vector)
+                .map(|(a, b)| f64::from(*a) * b)
+                .sum::<f64>()
+                + f64::from(bias[o]);
+            assert!((got - want).abs() < 1e-4 * scale, "{got} vs {want}");
         }
-        assert!(edited[edit.key_index] != clean[edit.key_index]);
-        // Taking the edit away restores the layer (to rounding; exact undo keeps the original).
-        apply(&mut model, &edit, -1.0).unwrap();
-        let restored = mlp_out(&model);
-        for (a, b) in restored.iter().flatten().zip(clean.iter().flatten()) {
-            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        assert_ne!(bits(&w), bits(&original));
+        history.undo_all(&mut model).unwrap();
+        assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
+    }
+}
+
+#[test]
+fn undoing_any_edit_gives_the_weights_back_bit_for_bit() {
+    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let cov = key_covariance(&model, 0, &corpus, 600, None, |_| {}).unwrap();
+    let original = down_proj(&model, 0);
+    let (_, first) = river_edit(&model, &cov, " hills", KeyPosition::SubjectLast);
+    let (_, second) = river_edit(&model, &cov, " sea", KeyPosition::PromptLast);
+
+    // The second edit alone, for comparison.
+    let mut alone = EditHistory::new();
+    alone.apply(&mut model, second.clone()).unwrap();
+    let second_only = down_proj(&model, 0);
+    alone.undo_all(&mut model).unwrap();
+    assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
+
+    let mut history = EditHistory::new();
+    let a = history.apply(&mut model, first).unwrap();
+    let b = history.apply(&mut model, second).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(history.edits().len(), 2);
+    // Undo the first (not the last): exactly as if only the second had been applied.
+    history.undo(&mut model, a).unwrap();
+    assert_eq!(bits(&down_proj(&model, 0)), bits(&second_only));
+    assert_eq!(history.edits().len(), 1);
+    history.undo(&mut model, b).unwrap();
+    assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
+    // An id that is not there names the ones that are.
+    let e = history.undo(&mut model, 7).unwrap_err().to_string();
+    assert!(e.contains('7'), "{e}");
+}
+
+#[test]
+fn an_edited_model_is_saved_to_a_new_folder_in_its_checkpoint_layout() {
+    // GPT-2 stores the down projection as Conv1D [in, out]; Llama as Linear [out, in].
+    for arch in ["gpt2", "llama"] {
+        let source = fixture_dir(arch);
+        let source_hash = monoscope::table::model_hash(&source).unwrap();
+        let mut model = Model::load(&source, &Device::Cpu, DType::F32).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (corpus, _) = common::river_corpus(tmp.path(), 60);
+        let cov = key_covariance(&model, 0, &corpus, 400, None, |_| {}).unwrap();
+        let (_, applied) = river_edit(&model, &cov, " hills", KeyPosition::PromptLast);
+        let mut history = EditHistory::new();
+        history.apply(&mut model, applied).unwrap();
+        let out = tmp.path().join("edited");
+        save_edited(&model, &history, &out).unwrap();
+
+        // Reloaded, it is the edited model: same down projection bits, same logits.
+        let reloaded = Model::load(&out, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(
+            bits(&down_proj(&reloaded, 0)),
+            bits(&down_proj(&model, 0)),
+            "{arch}"
+        );
+        let ids = model.encode_prompt("the river flows past the").unwrap();
+        let logits = |m: &Model| {
+            m.forward(&m.ids_tensor(&ids).unwrap(), &Hooks::new())
+                .unwrap()
+                .logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(bits(&logits(&reloaded)), bits(&logits(&model)), "{arch}");
+        // Only that tensor changed on disk; the source folder is untouched.
+        let before = checkpoint_tensors(&source);
+        let after = checkpoint_tensors(&out);
+        let changed: Vec<&String> = before
+            .keys()
+            .filter(|k| {
+                let a = before[*k]
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let b = after[*k]
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                bits(&a) != bits(&b)
+            })
+            .collect();
+        assert_eq!(
+            changed,
+            vec![&model.transformer.blocks[0].down_proj_source.key],
+            "{arch}"
+        );
+        assert_eq!(monoscope::table::model_hash(&source).unwrap(), source_hash);
+
+        // The log and the weight changes read back; the undo replayed on the source is
+        // bit-identical to the source.
+        let log = open_edits(&out).unwrap().unwrap();
+        assert_eq!(log.edits.len(), 1);
+        assert_eq!(log.source_hash, source_hash);
+        assert_eq!(
+            bits(&log.edits[0].deltas[0].delta),
+            bits(&history.edits()[0].deltas[0].delta)
+        );
+        let mut fresh = Model::load(&source, &Device::Cpu, DType::F32).unwrap();
+        let original = down_proj(&fresh, 0);
+        let mut replayed = EditHistory::new();
+        for e in log.edits {
+            replayed.replay(&mut fresh, e).unwrap();
         }
+        assert_eq!(bits(&down_proj(&fresh, 0)), bits(&down_proj(&model, 0)));
+        replayed.undo(&mut fresh, 0).unwrap();
+        assert_eq!(bits(&down_proj(&fresh, 0)), bits(&original));
+
+        // Never over an existing folder with files in it.
+        let e = save_edited(&model, &history, &out).unwrap_err().to_string();
+        assert!(e.contains("not empty") && e.contains("edited"), "{e}");
+    }
+}
+
+#[test]
+fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
+    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let layers = [0usize, 1];
+    let covs: Vec<_> = layers
+        .iter()
+        .map(|&l| key_covariance(&model, l, &corpus, 600, None, |_| {}).unwrap())
+        .collect();
+    let requests = vec![
+        Request {
+            prompt: "{} flows past the".into(),
+            subject: "the river".into(),
+            target: " hills".into(),
+        },
+        Request {
+            prompt: "{} shines over the".into(),
+            subject: "the sun".into(),
+            target: " sea".into(),
+        },
+    ];
+    let nll = |m: &Model, r: &Request| {
+        answer_nll(
+            m,
+            &r.prompt.replace("{}", &r.subject),
+            &r.target,
+            &Hooks::new(),
+        )
+        .unwrap()
+    };
+    let before: Vec<f64> = requests.iter().map(|r| nll(&model, r)).collect();
+    let originals: Vec<Vec<f32>> = layers.iter().map(|&l| down_proj(&model, l)).collect();
+    let contexts = vec!["{}".to_string()];
+    // A random two-layer model's keys are dense: a small λ lets two facts through.
+    let memit = MemitSettings {
+        covariance_weight: 1.0,
+    };
+    // Prompt-last: a two-layer model has no later layer to carry a subject key's value to
+    // the last token.
+    let edit = compute_batch(
+        &mut model,
+        &requests,
+        &layers,
+        KeyPosition::PromptLast,
+        &covs,
+        &contexts,
+        &RomeSettings::default(),
+        &memit,
+        |_| {},
+    )
+    .unwrap();
+    for (&l, w) in layers.iter().zip(&originals) {
+        assert_eq!(
+            bits(&down_proj(&model, l)),
+            bits(w),
+            "compute_batch leaves layer {l} as it was"
+        );
+    }
+    assert_eq!(edit.deltas.len(), 2);
+    let mut history = EditHistory::new();
+    history
+        .apply(
+            &mut model,
+            AppliedEdit {
+                id: 0,
+                method: "memit".into(),
+                requests: requests.clone(),
+                layers: layers.to_vec(),
+                key: "prompt-last".into(),
+                reason: "test".into(),
+                deltas: edit.deltas,
+            },
+        )
+        .unwrap();
+    for (r, b) in requests.iter().zip(&before) {
+        let after = nll(&model, r);
+        assert!(after < b - 0.5, "{:?}: NLL {b} → {after}", r.target);
+    }
+    // Bad batches are refused with the reason.
+    let e = compute_batch(
+        &mut model,
+        &requests,
+        &[1, 0],
+        KeyPosition::PromptLast,
+        &covs,
+        &contexts,
+        &RomeSettings::default(),
+        &memit,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ascending"), "{e}");
+}
+
+#[test]
+fn a_batch_file_with_a_malformed_line_is_refused_naming_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("facts.jsonl");
+    let good = r#"{"prompt": "The capital of {} is", "subject": "Japan", "target": " Seoul"}"#;
+    std::fs::write(&path, format!("{good}\n\n{good}\n")).unwrap();
+    assert_eq!(read_batch(&path).unwrap().len(), 2);
+    for (bad, says) in [
+        (
+            r#"{"prompt": "The capital of {} is", "subject": "Japan"}"#,
+            "target",
+        ),
+        (
+            r#"{"prompt": "The capital of {} is", "subject": "Japan", "target": "  "}"#,
+            "empty",
+        ),
+        (
+            r#"{"prompt": "The capital of Japan is", "subject": "Japan", "target": " X"}"#,
+            "{}",
+        ),
+        (r#"not json"#, "prompt"),
+        (
+            r#"{"prompt": "{} is", "subject": "A", "target": " B", "extra": 1}"#,
+            "extra",
+        ),
+    ] {
+        std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
+        let e = read_batch(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("facts.jsonl") && e.contains("line 2") && e.contains(says),
+            "{e}"
+        );
+    }
+    std::fs::write(&path, "\n").unwrap();
+    assert!(
+        read_batch(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("no edit requests")
+    );
+}
+
+#[test]
+fn a_world_fact_is_checked_on_held_out_paraphrases_neighbours_and_japanese() {
+    let kb = KnowledgeBase::bundled().unwrap();
+    let fact = WorldFact::find(&kb, "The capital of {} is", "Japan").unwrap();
+    assert_eq!(kb.countries[fact.country].name.en, "Japan");
+    assert!(WorldFact::find(&kb, "The river of {} is", "Japan").is_none());
+    let checks = world_checks(
+        &kb,
+        fact,
+        "The capital of Japan is",
+        " Seoul",
+        Some("ソウル"),
+        12,
+    );
+    let of = |k: CheckKind| checks.iter().filter(|c| c.kind == k).collect::<Vec<_>>();
+    assert_eq!(of(CheckKind::Edit).len(), 1);
+    let paraphrases = of(CheckKind::Paraphrase);
+    assert_eq!(
+        paraphrases.len(),
+        Templates::held_out_prompts(Relation::Capital, Lang::En, "Japan").len()
+    );
+    assert!(
+        paraphrases
+            .iter()
+            .all(|c| c.prompt.contains("Japan") && c.wanted == " Seoul")
+    );
+    assert!(
+        paraphrases
+            .iter()
+            .all(|c| c.rival.as_deref() == Some(" Tokyo"))
+    );
+    let ja = of(CheckKind::Japanese);
+    assert_eq!(ja.len(), 1);
+    assert_eq!(ja[0].prompt, "日本の首都は");
+    assert_eq!(ja[0].rival.as_deref(), Some("東京"));
+    let neighbours = of(CheckKind::Neighbour);
+    assert_eq!(neighbours.len(), 12);
+    for n in neighbours {
+        assert!(!n.prompt.contains("Japan"));
+        assert!(n.wanted != " Seoul" && n.wanted != " Tokyo");
+        assert_eq!(n.rival.as_deref(), Some(" Seoul"));
     }
 }

@@ -1,5 +1,6 @@
 //! Command-line front end: clap arguments → validated library calls → text or `--json`.
 
+mod edit;
 mod export;
 mod features;
 mod generate;
@@ -58,6 +59,9 @@ enum Command {
     /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
     /// brings the answer back after the subject is corrupted; suggests the edit layer.
     TraceFact(Box<trace_fact::TraceFactArgs>),
+    /// Edit a fact (ROME; MEMIT-style batches with --batch), check it on paraphrases,
+    /// neighbours and Japanese, save the edited model; `edit eval` scores many edits.
+    Edit(Box<edit::EditArgs>),
 }
 
 /// Options every model-loading command shares.
@@ -127,6 +131,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(&args),
         Command::Neurons(args) => neurons::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
+        Command::Edit(args) => edit::run(&args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -33,8 +33,8 @@ pub enum ArchArg {
 /// Corpus and windowing options shared by train and eval.
 #[derive(Args, Clone, Debug)]
 pub struct CorpusArgs {
-    /// `world` (the bundled corpus, regenerated), `world:SEED`, or a .txt (blank-line
-    /// separated documents), .jsonl or .parquet file.
+    /// `world` (the bundled corpus, regenerated), `world:SEED`, or a .txt (one document per
+    /// non-empty line), .jsonl or .parquet file.
     #[arg(long, default_value = "world")]
     corpus: String,
     /// JSONL field / Parquet column holding the text.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{FactArgs, ModelArgs, print_json, write_new_file};
 use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
 
-use crate::world::knowledge::{KnowledgeBase, Lang};
+use crate::world::knowledge::KnowledgeBase;
 
 #[derive(Args)]
 pub struct TraceFactArgs {
@@ -67,11 +67,7 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
             .filter(|l| !l.is_empty())
             .map(String::from)
             .collect(),
-        None => KnowledgeBase::bundled()?
-            .countries
-            .iter()
-            .flat_map(|c| Lang::ALL.map(|l| c.name.get(l).to_string()))
-            .collect(),
+        None => KnowledgeBase::bundled()?.subject_names(),
     };
     let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
     let sigma = subject_embedding_std(&model, &refs)?;

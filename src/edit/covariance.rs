@@ -27,6 +27,29 @@ pub struct KeyCovariance {
     pub values: Vec<f64>,
 }
 
+impl KeyCovariance {
+    /// The matrix as ndarray, for the solves.
+    pub fn matrix(&self) -> Result<ndarray::Array2<f64>> {
+        ndarray::Array2::from_shape_vec((self.d, self.d), self.values.clone()).map_err(|e| {
+            Error::InvalidArgument {
+                what: "covariance",
+                value: format!("{} values", self.values.len()),
+                message: e.to_string(),
+            }
+        })
+    }
+}
+
+/// Where key statistics are cached by default: `$XDG_CACHE_HOME/monoscope/stats`, else
+/// `~/.cache/monoscope/stats` (`None` when neither variable is set).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("monoscope").join("stats"))
+}
+
 /// What identifies a covariance: the cache file's name within `dir`.
 pub fn cache_path(
     dir: &Path,

@@ -1,11 +1,25 @@
-//! Fact editing (ROME and MEMIT-style batches), with what it needs: the key statistics of a
-//! layer ([`covariance`]). The causal trace that picks the layer is in [`crate::causal`].
+//! Fact editing: ROME ([`rome`]) and MEMIT-style batches ([`memit`]) on the down projections,
+//! with what they need and what checks them: the key statistics of a layer ([`covariance`]),
+//! where to write ([`locate`]), the checks of an edit ([`verify`]), CounterFact-style scores
+//! ([`counterfact`]), a history with exact undo ([`history`]) and saving the edited model as
+//! a new Hugging Face folder ([`save`]).
 
+pub mod counterfact;
 pub mod covariance;
+pub mod editor;
+pub mod history;
+pub mod locate;
+pub mod memit;
 pub mod rome;
+pub mod save;
+pub mod verify;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::generate::{GenerateOptions, Sampling, generate};
+use crate::model::{Hooks, Model};
 
 /// Refuses a layer the model does not have.
 fn check_layer(model: &Model, layer: usize) -> Result<()> {
@@ -18,4 +32,50 @@ fn check_layer(model: &Model, layer: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Words the context prefixes start from (MEMIT's).
+const PREFIX_STARTS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
+
+/// ROME/MEMIT's context templates: `"{}"` and short texts the model writes itself (sampled,
+/// top-5, `length` tokens from each start word, seeded) followed by `". {}"`, so the key is
+/// averaged over the contexts a subject may appear in.
+pub fn context_templates(
+    model: &Model,
+    per_start: usize,
+    length: usize,
+    seed: u64,
+) -> Result<Vec<String>> {
+    let mut templates = vec!["{}".to_string()];
+    let mut rng = StdRng::seed_from_u64(seed);
+    for start in PREFIX_STARTS {
+        let ids = model.encode_prompt(start)?;
+        for _ in 0..per_start {
+            let options = GenerateOptions {
+                max_new_tokens: length,
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_k: 5,
+                    top_p: 1.0,
+                    seed: rand::Rng::random(&mut rng),
+                },
+                top_k_probs: 0,
+                stop_at_eos: true,
+            };
+            let text = generate(model, &ids, &options, &Hooks::new())?.text;
+            // Braces would read as the subject's slot; line breaks would end the document.
+            let text: String = format!("{start}{text}")
+                .chars()
+                .map(|c| {
+                    if matches!(c, '{' | '}' | '\n' | '\r') {
+                        ' '
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            templates.push(format!("{}. {{}}", text.trim_end()));
+        }
+    }
+    Ok(templates)
 }

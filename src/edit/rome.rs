@@ -7,6 +7,13 @@
 //! `C⁻¹ k*` is solved through a Cholesky factorisation (ndarray-linalg, LAPACK); when `C` is
 //! not positive definite enough to factorise, `λ·(tr C / d)·I` is added with growing `λ`, and
 //! the `λ` used is reported.
+//!
+//! `k*` is the key averaged over context-prefix templates (`k̄`), in *both* places it appears.
+//! The reference implementation takes `u` from `k̄` but the residual `v* − W k` and the
+//! denominator from the plain prompt's key; Gupta et al. 2024 ("Rebuilding ROME", r-ROME)
+//! showed that this asymmetry is what makes sequential edits blow the model up. Using `k̄`
+//! throughout is r-ROME's fix: the edit maps `k̄` exactly to `v*`, and the plain prompt's key
+//! (close to `k̄`) nearly so.
 
 use candle_core::{D, DType, Tensor};
 use ndarray::{Array1, Array2};
@@ -28,29 +35,37 @@ pub fn solve_key(cov: &KeyCovariance, k: &[f64]) -> Result<(Vec<f64>, f64)> {
             message: format!("the covariance is {d}×{d}"),
         });
     }
-    let c =
-        Array2::from_shape_vec((d, d), cov.values.clone()).map_err(|e| Error::InvalidArgument {
-            what: "covariance",
-            value: format!("{} values", cov.values.len()),
-            message: e.to_string(),
-        })?;
-    let mean_diag = (0..d).map(|i| c[[i, i]]).sum::<f64>() / d as f64;
-    let k = Array1::from_vec(k.to_vec());
-    for lambda in [0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0] {
-        let mut m = c.clone();
+    let c = cov.matrix()?;
+    let (mut u, ridge) = solve_spd(&c, std::slice::from_ref(&k.to_vec()), cov.layer)?;
+    Ok((u.remove(0), ridge))
+}
+
+/// Solves `A x = b` for each of `rhs` with `A` symmetric positive (semi-)definite, by
+/// Cholesky; when `A` will not factorise, `λ·(tr A / d)·I` is added with growing `λ`.
+/// Returns the solutions and the `λ` used (0: none). `layer` names `A` in errors.
+pub fn solve_spd(a: &Array2<f64>, rhs: &[Vec<f64>], layer: usize) -> Result<(Vec<Vec<f64>>, f64)> {
+    let d = a.nrows();
+    let mean_diag = (0..d).map(|i| a[[i, i]]).sum::<f64>() / d.max(1) as f64;
+    'ridge: for lambda in [0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0] {
+        let mut m = a.clone();
         for i in 0..d {
             m[[i, i]] += lambda * mean_diag.max(f64::MIN_POSITIVE);
         }
-        if let Ok(factor) = m.factorizec(UPLO::Lower)
-            && let Ok(u) = factor.solvec(&k)
-            && u.iter().all(|v| v.is_finite())
-        {
-            return Ok((u.to_vec(), lambda));
+        let Ok(factor) = m.factorizec(UPLO::Lower) else {
+            continue;
+        };
+        let mut out = Vec::with_capacity(rhs.len());
+        for b in rhs {
+            match factor.solvec(&Array1::from_vec(b.clone())) {
+                Ok(x) if x.iter().all(|v| v.is_finite()) => out.push(x.to_vec()),
+                _ => continue 'ridge,
+            }
         }
+        return Ok((out, lambda));
     }
     Err(Error::InvalidArgument {
         what: "covariance",
-        value: format!("layer {}", cov.layer),
+        value: format!("layer {layer}"),
         message: "cannot be factorised even with a ridge of its mean diagonal".into(),
     })
 }
@@ -137,6 +152,13 @@ pub enum KeyPosition {
 }
 
 impl KeyPosition {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyPosition::SubjectLast => "subject-last",
+            KeyPosition::PromptLast => "prompt-last",
+        }
+    }
+
     /// The position in `ids` (a prompt whose subject spans `subject`).
     fn index(self, ids_len: usize, subject: &std::ops::Range<usize>) -> usize {
         match self {
@@ -147,11 +169,66 @@ impl KeyPosition {
 }
 
 /// One fact to write: `prompt` holds `{}` where `subject` goes; `target` follows it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Request {
     pub prompt: String,
     pub subject: String,
     pub target: String,
+}
+
+impl Request {
+    /// Checks what can be checked without a model: a `{}` slot, a subject, a target.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !self.prompt.contains("{}") {
+            return Err(format!(
+                "prompt {:?} has no {{}} where the subject goes",
+                self.prompt
+            ));
+        }
+        if self.subject.trim().is_empty() {
+            return Err("subject is empty".into());
+        }
+        if self.target.trim().is_empty() {
+            return Err(format!(
+                "target {:?} is empty: nothing to write",
+                self.target
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a batch of requests: JSON Lines, one `{"prompt", "subject", "target"}` object per
+/// line (blank lines skipped). A malformed line is an error naming the file and line.
+pub fn read_batch(path: &std::path::Path) -> Result<Vec<Request>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut requests = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| Error::DataFile {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let request: Request = serde_json::from_str(line).map_err(|e| {
+            bad(format!(
+                "not a {{\"prompt\", \"subject\", \"target\"}} object: {e}"
+            ))
+        })?;
+        request.validate().map_err(bad)?;
+        requests.push(request);
+    }
+    if requests.is_empty() {
+        return Err(Error::DataFile {
+            path: path.to_path_buf(),
+            line: 0,
+            message: "no edit requests in the file".into(),
+        });
+    }
+    Ok(requests)
 }
 
 /// A computed edit: where it goes and the weight change.
@@ -165,25 +242,25 @@ pub struct RomeEdit {
     /// NLL of the target on the rewriting prompts before and after optimising v*.
     pub nll_before: f32,
     pub nll_after: f32,
-    /// v*: the MLP output the edited layer now gives at the key's token.
+    /// v*: the MLP output the edited layer now gives for the key `k̄`.
     pub value: Vec<f64>,
+    /// k̄: the key averaged over the context templates, which the edit maps to `v*`.
+    pub key_vector: Vec<f64>,
     pub key: KeyPosition,
     /// The key token's position in the plain prompt.
     pub key_index: usize,
 }
 
-/// The key (`mlp.hook_post` of `layer`) at the `key` token of `prompt`, and that token's
-/// position.
-fn key_at(
+/// The value at `point` at the `key` token of `prompt`, and that token's position.
+pub(super) fn value_at(
     model: &Model,
     prompt: &str,
     subject: &str,
-    layer: usize,
+    point: HookPoint,
     key: KeyPosition,
 ) -> Result<(Vec<f64>, usize)> {
     let (ids, span) = locate_subject(model, prompt, subject)?;
     let index = key.index(ids.len(), &span);
-    let point = HookPoint::MlpPost(layer);
     let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
     let v = out
         .cache
@@ -197,6 +274,32 @@ fn key_at(
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?;
     Ok((v, index))
+}
+
+/// k̄: the key at `layer` averaged over `prompts` (the plain `prompt` among them, each
+/// containing `subject`), and the key token's position in the plain prompt.
+pub(super) fn mean_key(
+    model: &Model,
+    subject: &str,
+    prompt: &str,
+    prompts: &[String],
+    layer: usize,
+    key: KeyPosition,
+) -> Result<(Vec<f64>, usize)> {
+    let point = HookPoint::MlpPost(layer);
+    let (k_plain, key_index) = value_at(model, prompt, subject, point, key)?;
+    let mut k_mean = vec![0f64; k_plain.len()];
+    for p in prompts {
+        let k = if p == prompt {
+            k_plain.clone()
+        } else {
+            value_at(model, p, subject, point, key)?.0
+        };
+        for (m, v) in k_mean.iter_mut().zip(k) {
+            *m += v / prompts.len() as f64;
+        }
+    }
+    Ok((k_mean, key_index))
 }
 
 /// Computes ROME's edit of `request` at `layer` and the `key` token (statistics `cov` of that
@@ -221,23 +324,17 @@ pub fn compute_edit(
     check_layer(model, layer)?;
     let prompt = request.prompt.replace("{}", &request.subject);
     let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
-    // The key of the plain prompt, and k̄ over the context templates.
-    let (k_cur, key_index) = key_at(model, &prompt, &request.subject, layer, key)?;
-    let mut k_mean = vec![0f64; cov.d];
-    for p in &prompts {
-        let k = if *p == prompt {
-            k_cur.clone()
-        } else {
-            key_at(model, p, &request.subject, layer, key)?.0
-        };
-        for (m, v) in k_mean.iter_mut().zip(k) {
-            *m += v / prompts.len() as f64;
-        }
-    }
+    let (k_mean, key_index) = mean_key(model, &request.subject, &prompt, &prompts, layer, key)?;
     let (u, ridge) = solve_key(cov, &k_mean)?;
 
-    let v_star = optimise_value(model, request, &prompts, layer, key, settings)?;
-    let (target, nll_before, nll_after) = v_star;
+    let (target, nll_before, nll_after) = optimise_value(
+        model,
+        request,
+        &prompts,
+        HookPoint::MlpOut(layer),
+        key,
+        settings,
+    )?;
     let down = model.transformer.blocks[layer].mlp.down_proj();
     let w = down
         .weight()
@@ -253,7 +350,7 @@ pub fn compute_edit(
         None => vec![0.0; target.len()],
     };
     let v: Vec<f64> = target.iter().zip(&bias).map(|(t, b)| t - b).collect();
-    let delta = rank_one_update(&w, v.len(), &k_cur, &v, &u)?;
+    let delta = rank_one_update(&w, v.len(), &k_mean, &v, &u)?;
     Ok(RomeEdit {
         layer,
         delta,
@@ -261,52 +358,72 @@ pub fn compute_edit(
         nll_before,
         nll_after,
         value: target,
+        key_vector: k_mean,
         key,
         key_index,
     })
 }
 
-/// v*: the MLP output at the key token that makes the target likely, found by
+/// v*: the value at `point` (ROME: the edit layer's MLP output; MEMIT: the last edit
+/// layer's residual stream) at the key token that makes the target likely, found by
 /// optimising an offset δ added there (NLL of the target over the rewriting prompts + KL on
 /// "{subject} is a" + weight decay, Adam, norm clamp). Returns v* = v₀ + δ and the NLL before
 /// and after.
-fn optimise_value(
+pub(super) fn optimise_value(
     model: &Model,
     request: &Request,
     prompts: &[String],
-    layer: usize,
+    point: HookPoint,
     key: KeyPosition,
     settings: &RomeSettings,
 ) -> Result<(Vec<f64>, f32, f32)> {
     use candle_nn::Optimizer;
     let device = &model.device;
-    let point = HookPoint::MlpOut(layer);
     let d = model.dims().d_model;
-    // Teacher-forced inputs: prompt + target tokens but the last.
-    struct Case {
-        input: Tensor,
-        /// Where δ goes: the key token.
-        at: usize,
-        targets: Vec<(usize, u32)>,
-    }
-    let mut cases = Vec::new();
-    for p in prompts {
+    // All rewriting prompts in one batch, teacher-forced (prompt + target but its last
+    // token), right-padded: causal attention keeps the padding out of the real positions.
+    let mut rows: Vec<Vec<u32>> = Vec::new();
+    let mut key_at = Vec::new();
+    // (row, position, token) of every target token, for the NLL.
+    let mut targets: Vec<(usize, usize, u32)> = Vec::new();
+    for (row, p) in prompts.iter().enumerate() {
         let (ids, span) = locate_subject(model, p, &request.subject)?;
         let target_ids = target_tokens(model, p, &request.target)?;
         let mut full = ids.clone();
         full.extend(&target_ids);
-        let targets: Vec<(usize, u32)> =
-            (ids.len()..full.len()).map(|i| (i - 1, full[i])).collect();
-        cases.push(Case {
-            input: model.ids_tensor(&full[..full.len() - 1])?,
-            at: key.index(ids.len(), &span),
-            targets,
-        });
+        targets.extend((ids.len()..full.len()).map(|i| (row, i - 1, full[i])));
+        full.pop();
+        key_at.push(key.index(ids.len(), &span));
+        rows.push(full);
     }
+    let input = padded_batch(model, &rows)?;
+    let (n, seq) = input.dims2()?;
+    // One-hot of the key token per row: δ goes there.
+    let mut onehot = vec![0f32; n * seq];
+    for (row, &at) in key_at.iter().enumerate() {
+        onehot[row * seq + at] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (n, seq, 1), device)?;
+    let index: Vec<u32> = targets
+        .iter()
+        .map(|&(row, pos, id)| ((row * seq + pos) * model.dims().vocab_size) as u32 + id)
+        .collect();
+    let index = Tensor::new(index.as_slice(), device)?;
+    // Each prompt's target NLL is a mean over its tokens; prompts weigh the same.
+    let per_token: Vec<f32> = targets
+        .iter()
+        .map(|&(row, ..)| {
+            let len = targets.iter().filter(|t| t.0 == row).count();
+            1.0 / (len * n) as f32
+        })
+        .collect();
+    let per_token = Tensor::new(per_token.as_slice(), device)?;
+
     // The essence prompt for the KL term.
     let essence = format!("{} is a", request.subject);
     let (essence_ids, essence_span) = locate_subject(model, &essence, &request.subject)?;
     let essence_input = model.ids_tensor(&essence_ids)?;
+    let essence_at = key.index(essence_ids.len(), &essence_span) as i64;
     let last_log_probs = |logits: &Tensor| -> candle_core::Result<Tensor> {
         let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
         candle_nn::ops::log_softmax(&last.to_dtype(DType::F32)?, D::Minus1)
@@ -314,8 +431,8 @@ fn optimise_value(
     let essence_orig =
         last_log_probs(&model.forward(&essence_input, &Hooks::new())?.logits)?.detach();
 
-    // v₀: the clean MLP output at the subject's last token of the first prompt.
-    let clean = model.forward(&cases[0].input, &Hooks::new().capture([point]))?;
+    // v₀: the clean value at the key token of the first (plain) prompt.
+    let clean = model.forward(&input, &Hooks::new().capture([point]))?;
     let v0 = clean
         .cache
         .get(point)
@@ -324,7 +441,7 @@ fn optimise_value(
             valid: String::new(),
         })?
         .get(0)?
-        .get(cases[0].at)?
+        .get(key_at[0])?
         .to_dtype(DType::F32)?;
     let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
 
@@ -338,32 +455,22 @@ fn optimise_value(
         },
     )?;
     let nll = |with_delta: bool| -> Result<Tensor> {
-        let mut total = Tensor::zeros((), DType::F32, device)?;
-        for c in &cases {
-            let mut hooks = Hooks::new().differentiable();
-            if with_delta {
-                hooks = hooks.intervene(
-                    point,
-                    Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
-                        .at_positions(vec![c.at as i64]),
-                );
-            }
-            let logits = model.forward(&c.input, &hooks)?.logits.get(0)?;
-            let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-            let mut sum = Tensor::zeros((), DType::F32, device)?;
-            for &(pos, id) in &c.targets {
-                sum = (sum - log_probs.get(pos)?.get(id as usize)?)?;
-            }
-            total = (total + (sum / c.targets.len() as f64)?)?;
+        let mut hooks = Hooks::new().differentiable();
+        if with_delta {
+            let add = onehot.broadcast_mul(&delta.as_tensor().reshape((1, 1, d))?)?;
+            hooks = hooks.intervene(point, Intervention::new(InterventionOp::Add(add)));
         }
-        Ok((total / cases.len() as f64)?)
+        let logits = model.forward(&input, &hooks)?.logits.to_dtype(DType::F32)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.flatten_all()?;
+        let picked = log_probs.index_select(&index, 0)?;
+        Ok((picked * &per_token)?.sum_all()?.neg()?)
     };
     let nll_before = nll(false)?.to_scalar::<f32>()?;
     for _ in 0..settings.v_steps {
         let essence_hooks = Hooks::new().differentiable().intervene(
             point,
             Intervention::new(InterventionOp::Add(delta.as_tensor().clone()))
-                .at_positions(vec![key.index(essence_ids.len(), &essence_span) as i64]),
+                .at_positions(vec![essence_at]),
         );
         let essence_new = last_log_probs(&model.forward(&essence_input, &essence_hooks)?.logits)?;
         // KL(orig ‖ new) = Σ p_orig (log p_orig − log p_new).
@@ -391,18 +498,17 @@ fn optimise_value(
     Ok((v_star, nll_before, nll_after))
 }
 
-/// Adds `edit` to the model's weights (`sign` 1.0) or takes it away (−1.0).
-pub fn apply(model: &mut Model, edit: &RomeEdit, sign: f32) -> Result<()> {
-    let mlp = &mut model.transformer.blocks[edit.layer].mlp;
-    let w = mlp.down_proj().weight().clone();
-    let delta = Tensor::from_vec(
-        edit.delta.iter().map(|d| d * sign).collect::<Vec<f32>>(),
-        w.dims(),
-        w.device(),
-    )?
-    .to_dtype(w.dtype())?;
-    mlp.set_down_proj_weight((w + delta)?);
-    Ok(())
+/// `[rows, longest]` token ids, shorter rows right-padded with the start token (padding
+/// only ever follows the real tokens, which causal attention never lets them see).
+pub(super) fn padded_batch(model: &Model, rows: &[Vec<u32>]) -> Result<Tensor> {
+    let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = model.start_token().unwrap_or(0);
+    let mut flat = Vec::with_capacity(rows.len() * seq);
+    for r in rows {
+        flat.extend(r);
+        flat.extend(std::iter::repeat_n(pad, seq - r.len()));
+    }
+    Ok(Tensor::from_vec(flat, (rows.len(), seq), &model.device)?)
 }
 
 #[cfg(test)]

@@ -358,8 +358,19 @@ pub struct Block {
     pub attn: Attention,
     pub ln_mlp: Norm,
     pub mlp: Mlp,
+    /// Where the down projection's weight lives in the checkpoint, so an edited model can be
+    /// written back in the layout it came in.
+    pub down_proj_source: WeightSource,
     /// GPT-NeoX's `x + attn(ln1(x)) + mlp(ln2(x))` (no `hook_resid_mid`).
     pub parallel_residual: bool,
+}
+
+/// A weight's key in the checkpoint and its layout there.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct WeightSource {
+    pub key: String,
+    /// Stored `[in, out]` (GPT-2's `Conv1D`) rather than `[out, in]` (`Linear`).
+    pub transposed: bool,
 }
 
 impl Block {

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 pub use config::ConfigFile;
 pub use hooks::{ActivationCache, HookPoint, Hooks, Intervention, InterventionOp};
-pub use layers::{Dims, KvCache, Transformer};
+pub use layers::{Dims, KvCache, Transformer, WeightSource};
 pub use tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};

@@ -339,6 +339,45 @@ impl Templates {
         Self::pairs(relation, lang, true)
     }
 
+    /// A fact prompt (without its answer) about `subject`: the opening and phrasing joined,
+    /// capitalised in English.
+    pub fn prompt(
+        lang: Lang,
+        relation: Relation,
+        (opening, phrasing): (usize, usize),
+        subject: &str,
+    ) -> String {
+        let (opening, before, after) = prompt_parts(lang, relation, opening, phrasing);
+        let prompt = format!("{opening}{before}{subject}{after}");
+        match lang {
+            Lang::En => capitalize(&prompt),
+            Lang::Ja => prompt,
+        }
+    }
+
+    /// Every held-out prompt of `relation` about `subject` in `lang`: the paraphrases a fact
+    /// edit is checked on (never seen in training).
+    pub fn held_out_prompts(relation: Relation, lang: Lang, subject: &str) -> Vec<String> {
+        Self::held_out_pairs(relation, lang)
+            .into_iter()
+            .map(|pair| Self::prompt(lang, relation, pair, subject))
+            .collect()
+    }
+
+    /// The relation and language of a prompt template (`{}` for the subject) when it is one
+    /// of the bare phrasings, ignoring case: "The capital of {} is" → capital, English.
+    pub fn relation_of(template: &str) -> Option<(Relation, Lang)> {
+        let wanted = template.trim().replace("{}", "{S}").to_lowercase();
+        Lang::ALL.into_iter().find_map(|lang| {
+            Relation::ALL.into_iter().find_map(|relation| {
+                phrasings(relation, lang)
+                    .iter()
+                    .any(|p| p.to_lowercase() == wanted)
+                    .then_some((relation, lang))
+            })
+        })
+    }
+
     fn pairs(relation: Relation, lang: Lang, held_out: bool) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         for o in 0..Self::openings(lang).len() {
@@ -611,13 +650,11 @@ impl<'a> CorpusGenerator<'a> {
             for relation in Relation::ALL {
                 let pairs = Templates::held_out_pairs(relation, lang);
                 for (i, c) in self.kb.countries.iter().enumerate() {
-                    let (o, p) = pairs[(i * 31 + relation as usize) % pairs.len()];
-                    let (opening, before, after) = prompt_parts(lang, relation, o, p);
+                    let pair = pairs[(i * 31 + relation as usize) % pairs.len()];
                     let subject = c.name.get(lang);
-                    let mut prompt = format!("{opening}{before}{subject}{after}");
+                    let prompt = Templates::prompt(lang, relation, pair, subject);
                     let mut answer = c.attribute(relation).get(lang).to_string();
                     if lang == Lang::En {
-                        prompt = capitalize(&prompt);
                         answer.insert(0, ' ');
                     }
                     items.push(EvalItem {

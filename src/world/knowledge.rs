@@ -321,6 +321,15 @@ impl KnowledgeBase {
         })
     }
 
+    /// Every country name, English and Japanese: the subjects whose embeddings set the
+    /// causal-trace noise scale.
+    pub fn subject_names(&self) -> Vec<String> {
+        self.countries
+            .iter()
+            .flat_map(|c| Lang::ALL.map(|l| c.name.get(l).to_string()))
+            .collect()
+    }
+
     /// Index of the country with this English or Japanese name.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.countries

@@ -5,7 +5,7 @@ use candle_nn::Linear;
 use serde::Deserialize;
 
 use super::super::config::ConfigFile;
-use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Transformer};
+use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Transformer, WeightSource};
 use super::super::weights::Weights;
 use crate::error::Result;
 
@@ -92,6 +92,10 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     fc: conv1d(w, &format!("{h}.mlp.c_fc"), d, d_mlp)?,
                     proj: conv1d(w, &format!("{h}.mlp.c_proj"), d_mlp, d)?,
                     act,
+                },
+                down_proj_source: WeightSource {
+                    key: format!("{h}.mlp.c_proj.weight"),
+                    transposed: true,
                 },
                 parallel_residual: false,
             })

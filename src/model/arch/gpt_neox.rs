@@ -6,7 +6,7 @@ use candle_nn::Linear;
 use serde::Deserialize;
 
 use super::super::config::{ConfigFile, RopeParameters, rope_theta};
-use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer};
+use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
 use super::linear;
 use crate::error::Result;
@@ -129,6 +129,10 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                         true,
                     )?,
                     act,
+                },
+                down_proj_source: WeightSource {
+                    key: format!("{p}.mlp.dense_4h_to_h.weight"),
+                    transposed: false,
                 },
                 parallel_residual: c.use_parallel_residual,
             })

@@ -5,7 +5,7 @@ use candle_core::DType;
 use serde::Deserialize;
 
 use super::super::config::{ConfigFile, RopeParameters, rope_theta};
-use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer};
+use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
 use super::{fuse_qkv, linear};
 use crate::error::Result;
@@ -155,6 +155,10 @@ pub(super) fn load_family(
                         mlp_bias,
                     )?,
                     act,
+                },
+                down_proj_source: WeightSource {
+                    key: format!("{p}.mlp.down_proj.weight"),
+                    transposed: false,
                 },
                 parallel_residual: false,
             })

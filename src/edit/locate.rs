@@ -1,0 +1,147 @@
+//! Where to write an edit: the layer and the key token, from the causal trace.
+//!
+//! ROME keys its edit on the subject's last token, at the layer whose MLP matters most
+//! there. Small models often look facts up at the prompt's last token instead, where a
+//! subject-keyed edit cannot work; `auto` traces the MLP outputs at both places and takes the
+//! (position, layer) with the strongest effect. Every choice carries a sentence saying why.
+
+use serde::Serialize;
+
+use super::rome::KeyPosition;
+use crate::causal::{Fact, Restore, TraceSettings, locate_subject, trace};
+use crate::error::Result;
+use crate::model::Model;
+
+/// How the key is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySelect {
+    Fixed(KeyPosition),
+    Auto,
+}
+
+impl std::str::FromStr for KeySelect {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "subject-last" => Ok(Self::Fixed(KeyPosition::SubjectLast)),
+            "prompt-last" => Ok(Self::Fixed(KeyPosition::PromptLast)),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "unknown key position {other:?}: expected subject-last, prompt-last or auto"
+            )),
+        }
+    }
+}
+
+/// The layer and key an edit uses, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyChoice {
+    pub layer: usize,
+    pub key: KeyPosition,
+    pub reason: String,
+    /// Share of the corrupted-to-clean probability gap that restoring each layer's MLP output
+    /// brings back, at `[subject-last, prompt-last]` (empty when nothing was traced).
+    pub recovery: Vec<[f32; 2]>,
+}
+
+/// The MLP window the choice traces with: single layers, so the effect points at one layer.
+pub fn locate_settings() -> TraceSettings {
+    TraceSettings {
+        window: 1,
+        ..TraceSettings::default()
+    }
+}
+
+/// Chooses the layer (unless given) and the key position (unless fixed) for editing `fact`;
+/// `sigma` scales the corruption noise (see [`crate::causal::subject_embedding_std`]).
+pub fn choose_key(
+    model: &Model,
+    fact: &Fact,
+    sigma: f64,
+    layer: Option<usize>,
+    select: KeySelect,
+) -> Result<KeyChoice> {
+    if let (Some(layer), KeySelect::Fixed(key)) = (layer, select) {
+        super::check_layer(model, layer)?;
+        return Ok(KeyChoice {
+            layer,
+            key,
+            reason: format!("layer {layer} and the {} key, as asked", key.name()),
+            recovery: Vec::new(),
+        });
+    }
+    if let Some(layer) = layer {
+        super::check_layer(model, layer)?;
+    }
+    let (ids, subject) = locate_subject(model, fact.prompt, fact.subject)?;
+    let positions = [subject.end - 1, ids.len() - 1];
+    let t = trace(
+        model,
+        fact,
+        &locate_settings(),
+        sigma,
+        Some(&positions),
+        Restore::Mlp,
+    )?;
+    let gap = (t.p_clean - t.p_corrupt).abs().max(1e-9);
+    let recovery: Vec<[f32; 2]> = t
+        .p_restored
+        .iter()
+        .map(|row| [0, 1].map(|i| (row[i] - t.p_corrupt) / gap))
+        .collect();
+    let keys: Vec<(usize, KeyPosition)> = match select {
+        KeySelect::Fixed(key) => vec![(key_slot(key), key)],
+        KeySelect::Auto => vec![(0, KeyPosition::SubjectLast), (1, KeyPosition::PromptLast)],
+    };
+    let layers: Vec<usize> = match layer {
+        Some(l) => vec![l],
+        None => (0..recovery.len()).collect(),
+    };
+    let mut best = (layers[0], keys[0].1, f32::NEG_INFINITY);
+    for &l in &layers {
+        for &(slot, key) in &keys {
+            if recovery[l][slot] > best.2 {
+                best = (l, key, recovery[l][slot]);
+            }
+        }
+    }
+    let (layer, key, share) = best;
+    let token = &t.tokens[positions[key_slot(key)]];
+    let other = match select {
+        KeySelect::Auto => {
+            let alt = 1 - key_slot(key);
+            let alt_best = layers
+                .iter()
+                .map(|&l| recovery[l][alt])
+                .fold(f32::NEG_INFINITY, f32::max);
+            format!(
+                "; the best at the {} was {:.0}%",
+                if alt == 0 {
+                    "last subject token"
+                } else {
+                    "last token"
+                },
+                100.0 * alt_best
+            )
+        }
+        KeySelect::Fixed(_) => String::new(),
+    };
+    Ok(KeyChoice {
+        layer,
+        key,
+        reason: format!(
+            "restoring layer {layer}'s MLP output at {token:?} ({}) brings back {:.0}% of P({:?}) lost to the corrupted subject, the most of the places traced{other}",
+            key.name(),
+            100.0 * share,
+            fact.target
+        ),
+        recovery,
+    })
+}
+
+fn key_slot(key: KeyPosition) -> usize {
+    match key {
+        KeyPosition::SubjectLast => 0,
+        KeyPosition::PromptLast => 1,
+    }
+}

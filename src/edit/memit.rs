@@ -1,0 +1,210 @@
+//! MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"): many facts at once,
+//! spread over several layers.
+//!
+//! Each fact gets a target residual `z` at the last edit layer (its value at the key token
+//! plus an optimised δ, the same losses as ROME's v*). Then, layer by layer from the first,
+//! with the earlier layers already updated: keys `K` (averaged over the context templates),
+//! residuals `R = (z − z_now) / (layers left)`, and the update
+//! `ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`, solved in `f64` by Cholesky (`λ`: how many corpus keys' worth
+//! the preserved statistics weigh; MEMIT's GPT-J value is 15,000).
+
+use serde::Serialize;
+
+use super::covariance::KeyCovariance;
+use super::history::LayerDelta;
+use super::rome::{
+    KeyPosition, Request, RomeSettings, mean_key, optimise_value, solve_spd, value_at,
+};
+use crate::error::{Error, Result};
+use crate::model::{HookPoint, Model};
+
+/// MEMIT's knobs beyond ROME's v* settings.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemitSettings {
+    /// λ, the weight of the preserved key statistics against the new keys.
+    pub covariance_weight: f64,
+}
+
+impl Default for MemitSettings {
+    fn default() -> Self {
+        Self {
+            covariance_weight: 15_000.0,
+        }
+    }
+}
+
+/// What a batch edit did.
+#[derive(Clone, Debug)]
+pub struct MemitEdit {
+    pub deltas: Vec<LayerDelta>,
+    /// Ridge added per layer (0: none).
+    pub ridges: Vec<f64>,
+    /// Mean target NLL over the requests before and after optimising their z.
+    pub nll_before: f32,
+    pub nll_after: f32,
+}
+
+/// Computes the MEMIT edit of `requests` at `layers` (ascending, with `covs[i]` the key
+/// statistics of `layers[i]`). Each layer's update is computed on the model with the earlier
+/// layers' updates in place, so the model is edited as it goes; it is given back with its
+/// weights as they were, and the deltas are for [`super::history::EditHistory::apply`].
+#[allow(clippy::too_many_arguments)] // the algorithm's inputs, each used once
+pub fn compute_batch(
+    model: &mut Model,
+    requests: &[Request],
+    layers: &[usize],
+    key: KeyPosition,
+    covs: &[KeyCovariance],
+    contexts: &[String],
+    settings: &RomeSettings,
+    memit: &MemitSettings,
+    mut on_progress: impl FnMut(&str),
+) -> Result<MemitEdit> {
+    if requests.is_empty() || layers.is_empty() || covs.len() != layers.len() {
+        return Err(Error::InvalidArgument {
+            what: "MEMIT batch",
+            value: format!(
+                "{} requests, {} layers, {} covariances",
+                requests.len(),
+                layers.len(),
+                covs.len()
+            ),
+            message: "needs at least one request and one covariance per layer".into(),
+        });
+    }
+    for &l in layers {
+        super::check_layer(model, l)?;
+    }
+    if layers.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::InvalidArgument {
+            what: "layers",
+            value: format!("{layers:?}"),
+            message: "must be strictly ascending".into(),
+        });
+    }
+    let z_layer = layers[layers.len() - 1];
+    let z_point = HookPoint::ResidPost(z_layer);
+    // Target residuals z at the last layer.
+    let mut zs = Vec::with_capacity(requests.len());
+    let (mut nll_before, mut nll_after) = (0f32, 0f32);
+    for (i, r) in requests.iter().enumerate() {
+        on_progress(&format!(
+            "target {}/{}: {:?}",
+            i + 1,
+            requests.len(),
+            r.subject
+        ));
+        check_target(r)?;
+        let prompt = r.prompt.replace("{}", &r.subject);
+        let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
+        let (z, before, after) = optimise_value(model, r, &prompts, z_point, key, settings)?;
+        zs.push(z);
+        nll_before += before / requests.len() as f32;
+        nll_after += after / requests.len() as f32;
+    }
+    let originals: Vec<candle_core::Tensor> = layers
+        .iter()
+        .map(|&l| model.transformer.blocks[l].mlp.down_proj().weight().clone())
+        .collect();
+    let result = update_layers(
+        model,
+        requests,
+        layers,
+        key,
+        covs,
+        contexts,
+        memit,
+        &zs,
+        &mut on_progress,
+    );
+    for (&l, w) in layers.iter().zip(originals) {
+        model.transformer.blocks[l].mlp.set_down_proj_weight(w);
+    }
+    let (deltas, ridges) = result?;
+    Ok(MemitEdit {
+        deltas,
+        ridges,
+        nll_before,
+        nll_after,
+    })
+}
+
+/// The layer-by-layer updates (applied to `model` as they are made).
+#[allow(clippy::too_many_arguments)]
+fn update_layers(
+    model: &mut Model,
+    requests: &[Request],
+    layers: &[usize],
+    key: KeyPosition,
+    covs: &[KeyCovariance],
+    contexts: &[String],
+    memit: &MemitSettings,
+    zs: &[Vec<f64>],
+    on_progress: &mut impl FnMut(&str),
+) -> Result<(Vec<LayerDelta>, Vec<f64>)> {
+    let z_point = HookPoint::ResidPost(layers[layers.len() - 1]);
+    let mut deltas = Vec::with_capacity(layers.len());
+    let mut ridges = Vec::with_capacity(layers.len());
+    for (li, (&layer, cov)) in layers.iter().zip(covs).enumerate() {
+        on_progress(&format!("layer {layer} ({}/{})", li + 1, layers.len()));
+        // Keys at this layer and the residuals still to write, on the model as edited so far.
+        let mut keys = Vec::with_capacity(requests.len());
+        let mut resids = Vec::with_capacity(requests.len());
+        for (r, z) in requests.iter().zip(zs) {
+            let prompt = r.prompt.replace("{}", &r.subject);
+            let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
+            keys.push(mean_key(model, &r.subject, &prompt, &prompts, layer, key)?.0);
+            let (now, _) = value_at(model, &prompt, &r.subject, z_point, key)?;
+            let left = (layers.len() - li) as f64;
+            resids.push(
+                z.iter()
+                    .zip(now)
+                    .map(|(z, n)| (z - n) / left)
+                    .collect::<Vec<f64>>(),
+            );
+        }
+        // A = λC + K Kᵀ; X = A⁻¹ K (one column per request).
+        let mut a = cov.matrix()?;
+        a *= memit.covariance_weight;
+        for k in &keys {
+            for i in 0..cov.d {
+                for j in 0..cov.d {
+                    a[[i, j]] += k[i] * k[j];
+                }
+            }
+        }
+        let (adj, ridge) = solve_spd(&a, &keys, layer)?;
+        ridges.push(ridge);
+        // ΔW = Σ_i r_i x_iᵀ, [d_model, d_mlp].
+        let d_out = resids[0].len();
+        let mut delta = vec![0f64; d_out * cov.d];
+        for (r, x) in resids.iter().zip(&adj) {
+            for (o, ro) in r.iter().enumerate() {
+                let row = &mut delta[o * cov.d..(o + 1) * cov.d];
+                for (dv, xv) in row.iter_mut().zip(x) {
+                    *dv += ro * xv;
+                }
+            }
+        }
+        let delta: Vec<f32> = delta.into_iter().map(|v| v as f32).collect();
+        let mlp = &mut model.transformer.blocks[layer].mlp;
+        let w = mlp.down_proj().weight();
+        let update =
+            candle_core::Tensor::from_slice(&delta, w.dims(), w.device())?.to_dtype(w.dtype())?;
+        let edited = (w + update)?;
+        mlp.set_down_proj_weight(edited);
+        deltas.push(LayerDelta { layer, delta });
+    }
+    Ok((deltas, ridges))
+}
+
+fn check_target(r: &Request) -> Result<()> {
+    if r.target.trim().is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "target",
+            value: r.target.clone(),
+            message: format!("is empty for subject {:?}: nothing to write", r.subject),
+        });
+    }
+    Ok(())
+}
