@@ -1,9 +1,12 @@
-//! Fact editing on real (tiny) models: ROME's key statistics against a direct computation,
-//! and their on-disk cache.
+//! Fact editing on real models (tiny fixtures and the bundled world model): ROME's key
+//! statistics and their cache, the closed form, MEMIT batches, exact undo, saving in the
+//! checkpoint's layout, the world checks, and the `edit` command end to end with its errors.
 
 #![allow(clippy::unwrap_used)] // tests may panic on failure
 
 mod common;
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use common::fixture_dir;
@@ -522,4 +525,169 @@ fn a_world_fact_is_checked_on_held_out_paraphrases_neighbours_and_japanese() {
         assert!(n.wanted != " Seoul" && n.wanted != " Tokyo");
         assert_eq!(n.rival.as_deref(), Some(" Seoul"));
     }
+}
+
+/// Runs the binary; returns (success, stdout, stderr).
+fn monoscope(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn edits_stack_across_runs_and_undo_restores_the_bundled_weights_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats");
+    let (a, b, c, d) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+        tmp.path().join("d"),
+    );
+    let edit =
+        |model: Option<&std::path::Path>, subject: &str, target: &str, out: &std::path::Path| {
+            let mut args = vec![
+                "edit",
+                "--prompt",
+                "The capital of {} is",
+                "--subject",
+                subject,
+                "--target",
+                target,
+                "--layer",
+                "0",
+                "--key",
+                "subject-last",
+                "--stats-tokens",
+                "3000",
+                "--stats-dir",
+                stats.to_str().unwrap(),
+                "--neighbours",
+                "5",
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ];
+            if let Some(m) = model {
+                args.extend(["--model", m.to_str().unwrap()]);
+            }
+            let (ok, stdout, stderr) = monoscope(&args);
+            assert!(ok, "{stderr}");
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+        };
+    let first = edit(None, "Japan", " Seoul", &a);
+    // The edit makes the new answer likelier on the edit prompt (teacher-forced).
+    let check = first["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "edit")
+        .unwrap();
+    assert!(
+        check["after"]["nll_wanted"].as_f64().unwrap()
+            < check["before"]["nll_wanted"].as_f64().unwrap() - 0.5,
+        "{check}"
+    );
+    assert_eq!(first["key"]["key"], "subject-last");
+    assert_eq!(first["layers"], serde_json::json!([0]));
+    // A second edit on the edited folder carries the history on.
+    let second = edit(Some(&a), "France", " Rome", &b);
+    assert_eq!(second["history"].as_array().unwrap().len(), 2);
+    let (ok, stdout, stderr) =
+        monoscope(&["edit", "list", "--model", b.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stderr}");
+    let log: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(log["edits"].as_array().unwrap().len(), 2);
+
+    // Undo both, one run each: the bundled model's weights, bit for bit.
+    for (from, id, to) in [(&b, "0", &c), (&c, "1", &d)] {
+        let (ok, _, stderr) = monoscope(&[
+            "edit",
+            "undo",
+            "--model",
+            from.to_str().unwrap(),
+            "--id",
+            id,
+            "--out",
+            to.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+    }
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world");
+    let original = checkpoint_tensors(&bundled);
+    let restored = checkpoint_tensors(&d);
+    let edited = checkpoint_tensors(&b);
+    let key = original
+        .keys()
+        .find(|k| k.ends_with("h.0.mlp.c_proj.weight"))
+        .unwrap()
+        .as_str();
+    let raw = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(bits(&raw(&edited[key])), bits(&raw(&original[key])));
+    assert_eq!(original.len(), restored.len());
+    for (name, t) in &original {
+        assert_eq!(bits(&raw(t)), bits(&raw(&restored[name])), "{name}");
+    }
+    assert_eq!(open_edits(&d).unwrap().unwrap().edits.len(), 0);
+}
+
+#[test]
+fn bad_edit_requests_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats");
+    let base = [
+        "edit",
+        "--stats-tokens",
+        "500",
+        "--stats-dir",
+        stats.to_str().unwrap(),
+        "--key",
+        "subject-last",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra);
+        let (ok, _, stderr) = monoscope(&args);
+        assert!(!ok, "{extra:?} should fail");
+        stderr
+    };
+    let fact = |subject: &'static str, target: &'static str, layer: &'static str| {
+        [
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            subject,
+            "--target",
+            target,
+            "--layer",
+            layer,
+        ]
+    };
+    let e = run(&[
+        "--prompt",
+        "The capital of France is",
+        "--subject",
+        "Atlantis",
+        "--target",
+        " Rome",
+    ]);
+    assert!(e.contains("Atlantis") && e.contains("\"The\""), "{e}");
+    let e = run(&fact("Japan", " ", "0"));
+    assert!(e.contains("empty"), "{e}");
+    let e = run(&fact("Japan", " Rome", "99"));
+    assert!(e.contains("layer") && e.contains("99"), "{e}");
+    let batch = tmp.path().join("batch.jsonl");
+    std::fs::write(
+        &batch,
+        "{\"prompt\": \"The capital of {} is\", \"subject\": \"Japan\"}\n",
+    )
+    .unwrap();
+    let e = run(&["--batch", batch.to_str().unwrap()]);
+    assert!(e.contains("batch.jsonl") && e.contains("line 1"), "{e}");
 }

@@ -235,11 +235,20 @@ fn load_with_history(args: &ModelArgs) -> anyhow::Result<(Model, EditHistory)> {
 }
 
 fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
+    let (mut model, mut history) = load_with_history(&args.model)?;
     let requests = match (&args.batch, &args.prompt, &args.subject, &args.target) {
         (Some(path), ..) => read_batch(path)?,
         (None, Some(prompt), Some(subject), Some(target)) => {
+            // A prompt may spell the subject out instead of `{}`; one that has neither is
+            // refused with its tokens listed.
+            let template = if prompt.contains("{}") {
+                prompt.clone()
+            } else {
+                crate::causal::locate_subject(&model, prompt, subject)?;
+                prompt.replacen(subject.as_str(), "{}", 1)
+            };
             let r = Request {
-                prompt: prompt.clone(),
+                prompt: template,
                 subject: subject.clone(),
                 target: target.clone(),
             };
@@ -249,7 +258,6 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("edit needs --prompt, --subject and --target, or --batch FILE.jsonl"),
     };
-    let (mut model, mut history) = load_with_history(&args.model)?;
     let kb = KnowledgeBase::bundled()?;
     let first = &requests[0];
     let prompt = first.prompt.replace("{}", &first.subject);
