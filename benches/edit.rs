@@ -66,14 +66,16 @@ fn gpt2_small_shaped(dir: &Path) -> Model {
 
 fn bench_rome(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let models = [
-        (
-            "bundled",
-            Model::load(&bundled_dir(), &Device::Cpu, DType::F32).expect("bundled model"),
-            20_000,
-        ),
-        ("gpt2_small_shaped", gpt2_small_shaped(tmp.path()), 2_000),
-    ];
+    let mut models = vec![(
+        "bundled",
+        Model::load(&bundled_dir(), &Device::Cpu, DType::F32).expect("bundled model"),
+        20_000,
+    )];
+    // The 124M-parameter model takes minutes to set up and time: only under `cargo bench`,
+    // not when the test runner runs each benchmark once.
+    if std::env::args().any(|a| a == "--bench") {
+        models.push(("gpt2_small_shaped", gpt2_small_shaped(tmp.path()), 2_000));
+    }
     let request = Request {
         prompt: "The capital of {} is".into(),
         subject: "Japan".into(),

@@ -736,7 +736,8 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         report.layers
     );
     println!("{:<28} {:>8} {:>8}", "", "before", "after");
-    let rows: [(&str, fn(&Scores) -> f64); 8] = [
+    type Row = (&'static str, fn(&Scores) -> f64);
+    let rows: [Row; 8] = [
         ("efficacy (ES)", |x| x.efficacy),
         ("paraphrase (PS)", |x| x.paraphrase),
         ("neighbourhood (NS)", |x| x.neighbourhood),
