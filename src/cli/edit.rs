@@ -140,8 +140,9 @@ struct RunArgs {
     /// MEMIT's layers, comma-separated (default: the chosen layer and the two before it).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
-    /// MEMIT's λ: the weight of the preserved key statistics.
-    #[arg(long, default_value_t = 15_000.0)]
+    /// MEMIT's λ: the weight of the preserved key statistics (MEMIT used 15,000 for GPT-J;
+    /// on the small bundled model that erases every edit, 100 lets them through).
+    #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
     /// The new answer in Japanese, for the Japanese check (default: the knowledge base's
     /// Japanese name of the target, when it has one).
@@ -595,8 +596,9 @@ struct EvalArgs {
     /// MEMIT's layers, comma-separated (default: the --layer and the two before it).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
-    /// MEMIT's λ: the weight of the preserved key statistics.
-    #[arg(long, default_value_t = 15_000.0)]
+    /// MEMIT's λ: the weight of the preserved key statistics (MEMIT used 15,000 for GPT-J;
+    /// on the small bundled model that erases every edit, 100 lets them through).
+    #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
     /// Neighbourhood prompts per edit.
     #[arg(long, default_value_t = 10)]
