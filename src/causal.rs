@@ -172,10 +172,10 @@ pub fn target_tokens(model: &Model, prompt: &str, target: &str) -> Result<Vec<u3
 
 /// σ of the token embeddings of these subjects (all their tokens, all channels), the unit of
 /// the corruption noise.
-pub fn subject_embedding_std(model: &Model, subjects: &[&str]) -> Result<f64> {
+pub fn subject_embedding_std(model: &Model, subjects: &[impl AsRef<str>]) -> Result<f64> {
     let mut ids = Vec::new();
     for s in subjects {
-        ids.extend(model.tokenizer.encode(s)?);
+        ids.extend(model.tokenizer.encode(s.as_ref())?);
     }
     if ids.is_empty() {
         return Err(Error::InvalidArgument {
@@ -277,10 +277,7 @@ pub fn trace(
         for &t in &positions {
             let mut hooks = corrupt.clone();
             for &point in &points[restored.clone()] {
-                let value = clean.cache.get(point).ok_or_else(|| Error::UnknownHook {
-                    name: point.to_string(),
-                    valid: String::new(),
-                })?;
+                let value = clean.cache.require(point)?;
                 hooks = hooks.intervene(
                     point,
                     Intervention::new(InterventionOp::Replace(value.clone()))

@@ -17,9 +17,10 @@ use arrow::datatypes::{Float32Type, UInt32Type, UInt64Type};
 use candle_core::{DType, Device};
 use common::{Rows, direct_codes, fixture_dir, random_sae};
 use monoscope::Model;
-use monoscope::export::{Existing, ExportInput, ExportSettings, Manifest, export};
+use monoscope::export::{Existing, ExportSettings, Manifest, export};
 use monoscope::model::HookPoint;
 use monoscope::sae::activations::Corpus;
+use monoscope::sae::codes::CodingInput;
 use monoscope::sae::codes::SegmentSettings;
 use monoscope::sae::{Architecture, Sae};
 use monoscope::table::{read_table, sha256_file};
@@ -110,7 +111,7 @@ fn run_export(
     cancel: &AtomicBool,
     stop_after: Option<usize>,
 ) -> monoscope::Result<monoscope::export::ExportReport> {
-    let input = ExportInput {
+    let input = CodingInput {
         model,
         sae: &f.sae,
         sae_dir: &f.sae_dir,

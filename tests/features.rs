@@ -14,10 +14,11 @@ use common::{direct_codes, fixture_dir, random_sae};
 use monoscope::Model;
 use monoscope::features::stats::StatsSettings;
 use monoscope::features::steer::{Steer, SteerMode, steering_hooks};
-use monoscope::features::{BuildInput, BuildSettings, build, store};
+use monoscope::features::{BuildSettings, build, store};
 use monoscope::model::{HookPoint, Hooks};
 use monoscope::sae::Architecture;
 use monoscope::sae::activations::Corpus;
+use monoscope::sae::codes::CodingInput;
 use monoscope::sae::codes::SegmentSettings;
 
 const HOOK: &str = "blocks.1.mlp.hook_post";
@@ -72,7 +73,7 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
         neighbours: 3,
     };
     let hook: HookPoint = HOOK.parse().unwrap();
-    let input = BuildInput {
+    let input = CodingInput {
         model: &model,
         sae: &sae,
         sae_dir: &sae_dir,

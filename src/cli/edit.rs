@@ -115,13 +115,6 @@ fn prepare_stats(editor: &mut Editor, model: &Model, layers: &[usize]) -> anyhow
     Ok(())
 }
 
-/// σ of the knowledge base's subject embeddings: the unit of the causal trace's noise.
-fn subject_sigma(model: &Model, kb: &KnowledgeBase) -> anyhow::Result<f64> {
-    let names = kb.subject_names();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    Ok(subject_embedding_std(model, &refs)?)
-}
-
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -261,9 +254,9 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     };
     let kb = KnowledgeBase::bundled()?;
     let first = &requests[0];
-    let prompt = first.prompt.replace("{}", &first.subject);
+    let prompt = first.text();
     let choice = {
-        let sigma = subject_sigma(&model, &kb)?;
+        let sigma = subject_embedding_std(&model, &kb.subject_names())?;
         // Trace the model's own answer: that is what the edit replaces.
         let ids = model.encode_prompt(&prompt)?;
         let top = crate::model::generate::next_token_top_k(&model, &ids, 1, &Hooks::new())?;
@@ -434,7 +427,7 @@ fn build_checks(
     kb: &KnowledgeBase,
     request: &Request,
 ) -> anyhow::Result<Vec<Check>> {
-    let prompt = &request.prompt.replace("{}", &request.subject);
+    let prompt = &request.text();
     let target_ja = args
         .target_ja
         .clone()
@@ -628,7 +621,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let cases = capital_swaps(&kb, args.edits, args.seed)?;
     let mut editor = args.stats.editor(&model)?;
     editor.memit.covariance_weight = args.covariance_weight;
-    let sigma = subject_sigma(&model, &kb)?;
+    let sigma = subject_embedding_std(&model, &kb.subject_names())?;
     install_ctrl_c("stopping after this edit");
     let bar = progress_bar(
         cases.len() as u64,
@@ -656,23 +649,16 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         let before = group
             .iter()
             .zip(&checks)
-            .map(|(c, ch)| score_checks(&model, ch, &c.subject, args.seed))
+            .map(|(c, ch)| score_checks(&model, ch, &c.request.subject, args.seed))
             .collect::<crate::Result<Vec<Scores>>>()?;
-        let requests: Vec<Request> = group
-            .iter()
-            .map(|c| Request {
-                prompt: c.prompt.clone(),
-                subject: c.subject.clone(),
-                target: c.new_en.clone(),
-            })
-            .collect();
+        let requests: Vec<Request> = group.iter().map(|c| c.request.clone()).collect();
         let start = Instant::now();
         if args.batch == 0 {
             let c = &group[0];
-            let prompt = c.prompt.replace("{}", &c.subject);
+            let prompt = c.request.text();
             let fact = Fact {
                 prompt: &prompt,
-                subject: &c.subject,
+                subject: &c.request.subject,
                 target: &c.old_en,
             };
             let choice = choose_key(&model, &fact, sigma, args.layer, args.key)?;
@@ -696,7 +682,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             history.apply(&mut model, applied)?;
         }
         for ((c, ch), b) in group.iter().zip(&checks).zip(before) {
-            let after = score_checks(&model, ch, &c.subject, args.seed)?;
+            let after = score_checks(&model, ch, &c.request.subject, args.seed)?;
             tally.push(b, after);
         }
         history.undo_all(&mut model)?;

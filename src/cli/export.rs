@@ -7,7 +7,8 @@ use clap::Args;
 
 use super::sae::{CorpusArgs, SaeArgs};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
-use crate::export::{Existing, ExportInput, ExportSettings, export};
+use crate::export::{Existing, ExportSettings, export};
+use crate::sae::codes::CodingInput;
 use crate::table::ROW_GROUP_ROWS;
 
 #[derive(Args)]
@@ -71,7 +72,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let mut first = None;
-    let input = ExportInput {
+    let input = CodingInput {
         model: &model,
         sae: &sae_dir.sae,
         sae_dir: &args.sae.dir,

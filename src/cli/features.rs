@@ -10,7 +10,8 @@ use super::sae::{CorpusArgs, SaeArgs};
 use super::{CANCEL, ModelArgs, install_ctrl_c, peak_rss_bytes, print_json, progress_bar};
 use crate::features::score::{ScoreSettings, score};
 use crate::features::stats::StatsSettings;
-use crate::features::{BuildInput, BuildSettings, build};
+use crate::features::{BuildSettings, build};
+use crate::sae::codes::CodingInput;
 use crate::sae::codes::SegmentSettings;
 
 #[derive(Subcommand)]
@@ -111,7 +112,7 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
         "{elapsed_precise} [{bar:30}] {pos}/{len} tokens {msg} (eta {eta})",
     )?;
     let started = std::time::Instant::now();
-    let input = BuildInput {
+    let input = CodingInput {
         model: &model,
         sae: &sae_dir.sae,
         sae_dir: &args.sae.dir,

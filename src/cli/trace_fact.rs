@@ -69,8 +69,7 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
             .collect(),
         None => KnowledgeBase::bundled()?.subject_names(),
     };
-    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
-    let sigma = subject_embedding_std(&model, &refs)?;
+    let sigma = subject_embedding_std(&model, &subjects)?;
     let settings = TraceSettings {
         noise_sigmas: args.noise,
         samples: args.samples,

@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use super::rome::Request;
 use super::verify::{Check, CheckKind, WorldFact, measure, world_checks};
 use crate::error::{Error, Result};
 use crate::model::generate::{GenerateOptions, Sampling, generate};
@@ -25,9 +26,8 @@ use crate::world::knowledge::{KnowledgeBase, Relation};
 #[derive(Clone, Debug, Serialize)]
 pub struct Counterfact {
     pub country: usize,
-    pub subject: String,
-    pub prompt: String,
-    pub new_en: String,
+    /// "The capital of {}" with the country and the new capital (English).
+    pub request: Request,
     pub new_ja: String,
     pub old_en: String,
 }
@@ -57,9 +57,11 @@ pub fn capital_swaps(kb: &KnowledgeBase, n: usize, seed: u64) -> Result<Vec<Coun
         };
         cases.push(Counterfact {
             country: i,
-            subject: c.name.en.clone(),
-            prompt: "The capital of {} is".into(),
-            new_en: format!(" {}", kb.countries[new].capital.en),
+            request: Request {
+                prompt: "The capital of {} is".into(),
+                subject: c.name.en.clone(),
+                target: format!(" {}", kb.countries[new].capital.en),
+            },
             new_ja: kb.countries[new].capital.ja.clone(),
             old_en: format!(" {}", c.capital.en),
         });
@@ -77,8 +79,8 @@ impl Counterfact {
         world_checks(
             kb,
             fact,
-            &self.prompt.replace("{}", &self.subject),
-            &self.new_en,
+            &self.request.text(),
+            &self.request.target,
             Some(&self.new_ja),
             neighbours,
         )
@@ -278,11 +280,11 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 40);
         for c in &cases {
-            assert_ne!(c.new_en, c.old_en);
+            assert_ne!(c.request.target, c.old_en);
             assert!(
                 kb.countries
                     .iter()
-                    .any(|k| format!(" {}", k.capital.en) == c.new_en)
+                    .any(|k| format!(" {}", k.capital.en) == c.request.target)
             );
         }
         assert!(capital_swaps(&kb, 0, 0).is_err());

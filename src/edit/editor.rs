@@ -113,10 +113,10 @@ impl Editor {
         key: KeyPosition,
         progress: impl FnMut(&str),
     ) -> Result<(MemitEdit, AppliedEdit)> {
-        let mut covs = Vec::with_capacity(layers.len());
         for &l in layers {
-            covs.push(self.covariance(model, l, |_| {})?.clone());
+            self.covariance(model, l, |_| {})?;
         }
+        let covs: Vec<&KeyCovariance> = layers.iter().map(|l| &self.covs[l]).collect();
         let edit = compute_batch(
             model,
             requests,

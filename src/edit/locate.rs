@@ -45,7 +45,7 @@ pub struct KeyChoice {
 }
 
 /// The MLP window the choice traces with: single layers, so the effect points at one layer.
-pub fn locate_settings() -> TraceSettings {
+fn locate_settings() -> TraceSettings {
     TraceSettings {
         window: 1,
         ..TraceSettings::default()

@@ -54,7 +54,7 @@ pub fn compute_batch(
     requests: &[Request],
     layers: &[usize],
     key: KeyPosition,
-    covs: &[KeyCovariance],
+    covs: &[&KeyCovariance],
     contexts: &[String],
     settings: &RomeSettings,
     memit: &MemitSettings,
@@ -94,10 +94,9 @@ pub fn compute_batch(
             requests.len(),
             r.subject
         ));
-        check_target(r)?;
-        let prompt = r.prompt.replace("{}", &r.subject);
-        let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
-        let (z, before, after) = optimise_value(model, r, &prompts, z_point, key, settings)?;
+        r.check()?;
+        let (z, before, after) =
+            optimise_value(model, r, &r.in_contexts(contexts), z_point, key, settings)?;
         zs.push(z);
         nll_before += before / requests.len() as f32;
         nll_after += after / requests.len() as f32;
@@ -136,13 +135,18 @@ fn update_layers(
     requests: &[Request],
     layers: &[usize],
     key: KeyPosition,
-    covs: &[KeyCovariance],
+    covs: &[&KeyCovariance],
     contexts: &[String],
     memit: &MemitSettings,
     zs: &[Vec<f64>],
     on_progress: &mut impl FnMut(&str),
 ) -> Result<(Vec<LayerDelta>, Vec<f64>)> {
     let z_point = HookPoint::ResidPost(layers[layers.len() - 1]);
+    // Each request's prompt and its context versions, the same at every layer.
+    let texts: Vec<(String, Vec<String>)> = requests
+        .iter()
+        .map(|r| (r.text(), r.in_contexts(contexts)))
+        .collect();
     let mut deltas = Vec::with_capacity(layers.len());
     let mut ridges = Vec::with_capacity(layers.len());
     for (li, (&layer, cov)) in layers.iter().zip(covs).enumerate() {
@@ -150,11 +154,9 @@ fn update_layers(
         // Keys at this layer and the residuals still to write, on the model as edited so far.
         let mut keys = Vec::with_capacity(requests.len());
         let mut resids = Vec::with_capacity(requests.len());
-        for (r, z) in requests.iter().zip(zs) {
-            let prompt = r.prompt.replace("{}", &r.subject);
-            let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
-            keys.push(mean_key(model, &r.subject, &prompt, &prompts, layer, key)?.0);
-            let (now, _) = value_at(model, &prompt, &r.subject, z_point, key)?;
+        for ((r, (prompt, prompts)), z) in requests.iter().zip(&texts).zip(zs) {
+            keys.push(mean_key(model, &r.subject, prompt, prompts, layer, key)?.0);
+            let (now, _) = value_at(model, prompt, &r.subject, z_point, key)?;
             let left = (layers.len() - li) as f64;
             resids.push(
                 z.iter()
@@ -196,15 +198,4 @@ fn update_layers(
         deltas.push(LayerDelta { layer, delta });
     }
     Ok((deltas, ridges))
-}
-
-fn check_target(r: &Request) -> Result<()> {
-    if r.target.trim().is_empty() {
-        return Err(Error::InvalidArgument {
-            what: "target",
-            value: r.target.clone(),
-            message: format!("is empty for subject {:?}: nothing to write", r.subject),
-        });
-    }
-    Ok(())
 }

@@ -178,6 +178,26 @@ pub struct Request {
 }
 
 impl Request {
+    /// The prompt with the subject in its slot.
+    pub fn text(&self) -> String {
+        self.prompt.replace("{}", &self.subject)
+    }
+
+    /// The prompt behind each context template (`{}` in a template is the prompt).
+    pub fn in_contexts(&self, contexts: &[String]) -> Vec<String> {
+        let text = self.text();
+        contexts.iter().map(|c| c.replace("{}", &text)).collect()
+    }
+
+    /// [`Request::validate`] as a library error.
+    pub fn check(&self) -> Result<()> {
+        self.validate().map_err(|message| Error::InvalidArgument {
+            what: "edit request",
+            value: self.subject.clone(),
+            message,
+        })
+    }
+
     /// Checks what can be checked without a model: a `{}` slot, a subject, a target.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !self.prompt.contains("{}") {
@@ -264,11 +284,7 @@ pub(super) fn value_at(
     let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
     let v = out
         .cache
-        .get(point)
-        .ok_or_else(|| Error::UnknownHook {
-            name: point.to_string(),
-            valid: String::new(),
-        })?
+        .require(point)?
         .get(0)?
         .get(index)?
         .to_dtype(DType::F64)?
@@ -314,16 +330,10 @@ pub fn compute_edit(
     contexts: &[String],
     settings: &RomeSettings,
 ) -> Result<RomeEdit> {
-    if request.target.trim().is_empty() {
-        return Err(Error::InvalidArgument {
-            what: "target",
-            value: request.target.clone(),
-            message: "is empty: nothing to write".into(),
-        });
-    }
+    request.check()?;
     check_layer(model, layer)?;
-    let prompt = request.prompt.replace("{}", &request.subject);
-    let prompts: Vec<String> = contexts.iter().map(|c| c.replace("{}", &prompt)).collect();
+    let prompt = request.text();
+    let prompts = request.in_contexts(contexts);
     let (k_mean, key_index) = mean_key(model, &request.subject, &prompt, &prompts, layer, key)?;
     let (u, ridge) = solve_key(cov, &k_mean)?;
 
@@ -435,11 +445,7 @@ pub(super) fn optimise_value(
     let clean = model.forward(&input, &Hooks::new().capture([point]))?;
     let v0 = clean
         .cache
-        .get(point)
-        .ok_or_else(|| Error::UnknownHook {
-            name: point.to_string(),
-            valid: String::new(),
-        })?
+        .require(point)?
         .get(0)?
         .get(key_at[0])?
         .to_dtype(DType::F32)?;
@@ -500,7 +506,7 @@ pub(super) fn optimise_value(
 
 /// `[rows, longest]` token ids, shorter rows right-padded with the start token (padding
 /// only ever follows the real tokens, which causal attention never lets them see).
-pub(super) fn padded_batch(model: &Model, rows: &[Vec<u32>]) -> Result<Tensor> {
+fn padded_batch(model: &Model, rows: &[Vec<u32>]) -> Result<Tensor> {
     let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
     let pad = model.start_token().unwrap_or(0);
     let mut flat = Vec::with_capacity(rows.len() * seq);

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::causal::target_tokens;
 use crate::error::Result;
-use crate::model::generate::{TokenProb, next_token_top_k};
+use crate::model::generate::{TokenProb, top_tokens};
 use crate::model::{Hooks, Model};
 use crate::world::corpus::Templates;
 use crate::world::knowledge::{KnowledgeBase, Lang, Relation};
@@ -163,6 +163,19 @@ pub fn world_checks(
 
 /// Mean negative log-likelihood per token of `answer` after `prompt`, teacher-forced.
 pub fn answer_nll(model: &Model, prompt: &str, answer: &str, hooks: &Hooks) -> Result<f64> {
+    Ok(teacher_forced(model, prompt, answer, 0, hooks)?.0)
+}
+
+/// One forward pass over `prompt` + `answer` (but its last token): the answer's mean NLL per
+/// token, and the `top_k` next tokens after the prompt (causal attention: the answer does
+/// not change the prompt's positions).
+fn teacher_forced(
+    model: &Model,
+    prompt: &str,
+    answer: &str,
+    top_k: usize,
+    hooks: &Hooks,
+) -> Result<(f64, Vec<TokenProb>)> {
     let mut ids = model.encode_prompt(prompt)?;
     let n_prompt = ids.len();
     let answer_ids = target_tokens(model, prompt, answer)?;
@@ -172,6 +185,11 @@ pub fn answer_nll(model: &Model, prompt: &str, answer: &str, hooks: &Hooks) -> R
         .logits
         .get(0)?
         .to_dtype(candle_core::DType::F32)?;
+    let top = if top_k > 0 {
+        top_tokens(model, &logits.get(n_prompt - 1)?.to_vec1::<f32>()?, top_k)
+    } else {
+        Vec::new()
+    };
     let log_probs =
         candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.to_vec2::<f32>()?;
     let nll: f64 = answer_ids
@@ -179,7 +197,7 @@ pub fn answer_nll(model: &Model, prompt: &str, answer: &str, hooks: &Hooks) -> R
         .enumerate()
         .map(|(i, &id)| -f64::from(log_probs[n_prompt - 1 + i][id as usize]))
         .sum();
-    Ok(nll / answer_ids.len() as f64)
+    Ok((nll / answer_ids.len() as f64, top))
 }
 
 /// One check measured on the current model.
@@ -203,13 +221,13 @@ impl Outcome {
 
 /// Measures `check` on `model` (with `hooks`, for edits applied as interventions).
 pub fn measure(model: &Model, check: &Check, top_k: usize, hooks: &Hooks) -> Result<Outcome> {
-    let ids = model.encode_prompt(&check.prompt)?;
-    let top = next_token_top_k(model, &ids, top_k.max(1), hooks)?;
     let first = target_tokens(model, &check.prompt, &check.wanted)?[0];
+    let (nll_wanted, top) =
+        teacher_forced(model, &check.prompt, &check.wanted, top_k.max(1), hooks)?;
     Ok(Outcome {
         top1_wanted: top.first().is_some_and(|t| t.id == first),
         top,
-        nll_wanted: answer_nll(model, &check.prompt, &check.wanted, hooks)?,
+        nll_wanted,
         nll_rival: match &check.rival {
             Some(r) => Some(answer_nll(model, &check.prompt, r, hooks)?),
             None => None,

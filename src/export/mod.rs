@@ -25,11 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::files::{read_json, write_atomic};
-use crate::model::Model;
-use crate::model::hooks::HookPoint;
-use crate::sae::Sae;
-use crate::sae::activations::Corpus;
-use crate::sae::codes::{CodedBatch, DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
+use crate::sae::codes::{
+    CodedBatch, CodingInput, DocumentCoder, SegmentSettings, check_sae_fits, tokenised,
+};
 use crate::sae::sparse::SparseEncoder;
 use crate::table::{model_hash, parquet_error, sae_hash};
 use writer::{ShardWriter, write_features};
@@ -146,15 +144,6 @@ pub struct ExportSettings {
     pub logit_tokens: usize,
 }
 
-/// What the export is made from.
-pub struct ExportInput<'a> {
-    pub model: &'a Model,
-    pub sae: &'a Sae,
-    pub sae_dir: &'a Path,
-    pub hook: HookPoint,
-    pub corpus: &'a Corpus,
-}
-
 /// Counts reported as the export goes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -179,7 +168,7 @@ pub struct ExportReport {
 
 /// Runs the export into `out`.
 pub fn export(
-    input: &ExportInput,
+    input: &CodingInput,
     out: &Path,
     settings: &ExportSettings,
     existing: Existing,

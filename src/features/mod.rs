@@ -14,24 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::model::hooks::HookPoint;
-use crate::sae::Sae;
-use crate::sae::activations::Corpus;
-use crate::sae::codes::{DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
+use crate::sae::codes::{CodingInput, DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
 use crate::sae::sparse::SparseEncoder;
 use crate::table::{model_hash, sae_hash};
 use stats::{FeatureStats, StatsSettings};
 use store::StoreInfo;
-
-/// What a feature store is built from.
-pub struct BuildInput<'a> {
-    pub model: &'a Model,
-    pub sae: &'a Sae,
-    pub sae_dir: &'a Path,
-    pub hook: HookPoint,
-    pub corpus: &'a Corpus,
-}
 
 #[derive(Clone, Debug)]
 pub struct BuildSettings {
@@ -58,7 +45,7 @@ pub struct BuildReport {
 /// One streaming pass over the corpus, then logit effects and neighbours; writes the store
 /// into `out` (created if missing; it must not hold anything but an older store).
 pub fn build(
-    input: &BuildInput,
+    input: &CodingInput,
     out: &Path,
     settings: &BuildSettings,
     overwrite: bool,

@@ -188,8 +188,12 @@ pub fn next_token_top_k(
         .get(prompt_ids.len() - 1)?
         .to_dtype(DType::F32)?
         .to_vec1()?;
-    let probs = softmax(&logits, 1.0);
-    Ok(token_probs(model, &probs, k))
+    Ok(top_tokens(model, &logits, k))
+}
+
+/// The `k` most likely next tokens given one position's logits.
+pub fn top_tokens(model: &Model, logits: &[f32], k: usize) -> Vec<TokenProb> {
+    token_probs(model, &softmax(logits, 1.0), k)
 }
 
 /// The `k` most likely tokens of a distribution, with their display strings.

@@ -363,6 +363,15 @@ impl ActivationCache {
         self.values.get(&point)
     }
 
+    /// The value at `point`, which the caller asked to capture: an error naming it and what
+    /// was captured if it is missing.
+    pub fn require(&self, point: HookPoint) -> Result<&Tensor> {
+        self.values.get(&point).ok_or_else(|| Error::UnknownHook {
+            name: point.to_string(),
+            valid: self.names().join(", "),
+        })
+    }
+
     /// Looks a value up by its TransformerLens name.
     pub fn get_by_name(&self, name: &str) -> Result<&Tensor> {
         let point: HookPoint = name.parse()?;

@@ -88,10 +88,7 @@ pub fn attribute(model: &Model, ids: &[u32], target: u32, steps: usize) -> Resul
     let alphas = Tensor::from_vec(alphas, (steps, 1, 1), &model.device)?;
     let mut out = Vec::with_capacity(n_layers);
     for &point in &points {
-        let value = clean.cache.get(point).ok_or_else(|| Error::UnknownHook {
-            name: point.to_string(),
-            valid: String::new(),
-        })?;
+        let value = clean.cache.require(point)?;
         let a = value.narrow(1, last, 1)?.to_dtype(DType::F32)?; // [1, 1, d]
         let scaled = alphas.broadcast_mul(&a)?.to_dtype(value.dtype())?; // [m, 1, d]
         let hooks = Hooks::new()

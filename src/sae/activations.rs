@@ -554,11 +554,7 @@ impl<'m> ActivationSource<'m> {
         let out = self.model.forward(&input, &hooks)?;
         let acts = out
             .cache
-            .get(self.hook)
-            .ok_or_else(|| Error::UnknownHook {
-                name: self.hook.to_string(),
-                valid: String::new(),
-            })?
+            .require(self.hook)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_device(&Device::Cpu)?

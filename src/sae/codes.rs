@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use std::path::Path;
 
 use super::Sae;
+use super::activations::Corpus;
 use super::cpu::Active;
 use super::sparse::SparseEncoder;
 use crate::error::{Error, Result};
@@ -224,11 +225,7 @@ impl<'a> DocumentCoder<'a> {
         let out = self.model.forward(&input, &hooks)?;
         let acts = out
             .cache
-            .get(self.hook)
-            .ok_or_else(|| Error::UnknownHook {
-                name: self.hook.to_string(),
-                valid: String::new(),
-            })?
+            .require(self.hook)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
             .flatten_all()?
@@ -322,4 +319,15 @@ pub fn check_sae_fits(model: &Model, hook: HookPoint, sae: &Sae, sae_dir: &Path)
         });
     }
     Ok(())
+}
+
+/// An SAE read at its hook of a model, over a corpus: what a feature store and an export are
+/// made from.
+pub struct CodingInput<'a> {
+    pub model: &'a Model,
+    pub sae: &'a Sae,
+    /// The SAE's folder (its content hash goes into the outputs).
+    pub sae_dir: &'a Path,
+    pub hook: HookPoint,
+    pub corpus: &'a Corpus,
 }

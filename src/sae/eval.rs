@@ -155,14 +155,7 @@ pub fn evaluate(
         let keep = Tensor::from_vec(keep, (n, ctx, 1), &model.device)?;
 
         let clean = model.forward(&input, &Hooks::new().capture([hook]))?;
-        let x = clean
-            .cache
-            .get(hook)
-            .ok_or_else(|| Error::UnknownHook {
-                name: hook.to_string(),
-                valid: String::new(),
-            })?
-            .to_dtype(DType::F32)?;
+        let x = clean.cache.require(hook)?.to_dtype(DType::F32)?;
         let acts = sae.encode(&x)?;
         let x_hat = sae.decode(&acts)?;
 
