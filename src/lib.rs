@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`model`] (load, hooked forward passes, generation) → [`sae`]
 //! (activations, training, codes) → [`features`] and [`export`]; [`world`] is the bundled
-//! model and its labelled corpus.
+//! model and its labelled corpus; [`jobs`] runs long work in the background with progress and
+//! cancel; [`gui`] is the desktop workbench on top of all of it.
 
 pub mod causal;
 pub mod cli;
@@ -12,6 +13,8 @@ pub mod error;
 pub mod export;
 pub mod features;
 pub mod files;
+pub mod gui;
+pub mod jobs;
 pub mod model;
 pub mod neurons;
 pub mod sae;

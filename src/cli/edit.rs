@@ -15,12 +15,10 @@ use crate::edit::counterfact::{EvalSummary, Scores, Tally, capital_swaps, score_
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
 use crate::edit::history::{AppliedEdit, EditHistory};
-use crate::edit::locate::{KeyChoice, KeySelect, choose_key};
+use crate::edit::locate::{KeyChoice, KeySelect, choose_key, locate_request};
 use crate::edit::rome::{KeyPosition, Request, RomeSettings, read_batch};
 use crate::edit::save::{EDIT_LOG, EditLog, open_edits, save_edited};
-use crate::edit::verify::{
-    Check, CheckKind, Outcome, WorldFact, japanese_name, measure, world_checks,
-};
+use crate::edit::verify::{Check, CheckKind, Outcome, measure, request_checks};
 use crate::model::{Hooks, Model};
 use crate::sae::activations::Corpus;
 use crate::world::knowledge::KnowledgeBase;
@@ -254,24 +252,7 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     };
     let kb = KnowledgeBase::bundled()?;
     let first = &requests[0];
-    let prompt = first.text();
-    let choice = {
-        let sigma = subject_embedding_std(&model, &kb.subject_names())?;
-        // Trace the model's own answer: that is what the edit replaces.
-        let ids = model.encode_prompt(&prompt)?;
-        let top = crate::model::generate::next_token_top_k(&model, &ids, 1, &Hooks::new())?;
-        let current = match top.first() {
-            Some(t) => model.tokenizer.decode(&[t.id])?,
-            None => String::new(),
-        };
-        let fact = Fact {
-            prompt: &prompt,
-            subject: &first.subject,
-            target: &current,
-        };
-        eprintln!("locating the fact ({prompt:?} → {current:?})");
-        choose_key(&model, &fact, sigma, args.layer, args.key)?
-    };
+    let choice = locate_request(&model, &kb, first, args.layer, args.key)?;
     let layers: Vec<usize> = if args.batch.is_none() {
         vec![choice.layer]
     } else if !args.layers.is_empty() {
@@ -427,27 +408,7 @@ fn build_checks(
     kb: &KnowledgeBase,
     request: &Request,
 ) -> anyhow::Result<Vec<Check>> {
-    let prompt = &request.text();
-    let target_ja = args
-        .target_ja
-        .clone()
-        .or_else(|| japanese_name(kb, &request.target));
-    let mut checks = match WorldFact::find(kb, &request.prompt, &request.subject) {
-        Some(fact) => world_checks(
-            kb,
-            fact,
-            prompt,
-            &request.target,
-            target_ja.as_deref(),
-            args.neighbours,
-        ),
-        None => vec![Check {
-            kind: CheckKind::Edit,
-            prompt: prompt.to_string(),
-            wanted: request.target.clone(),
-            rival: None,
-        }],
-    };
+    let mut checks = request_checks(kb, request, args.target_ja.as_deref(), args.neighbours);
     if let Some(path) = &args.paraphrases {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading paraphrases {}", path.display()))?;

@@ -26,16 +26,18 @@ use crate::model::Model;
 #[command(
     name = "monoscope",
     version,
-    about = "Look inside decoder language models: hooks, activations, generation.",
-    arg_required_else_help = true
+    about = "Look inside decoder language models: hooks, SAEs, knowledge neurons, ROME editing. \
+             With no command, opens the workbench window."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Open the workbench window (the default with no command).
+    Gui(GuiArgs),
     /// Architecture, parameter count, dimensions and every hook name of a model.
     Info(info::InfoArgs),
     /// Continue a prompt (greedy or sampled) and show next-token probabilities.
@@ -62,6 +64,20 @@ enum Command {
     /// Edit a fact (ROME; MEMIT-style batches with --batch), check it on paraphrases,
     /// neighbours and Japanese, save the edited model; `edit eval` scores many edits.
     Edit(Box<edit::EditArgs>),
+}
+
+#[derive(Args, Default)]
+struct GuiArgs {
+    /// A local Hugging Face model folder (default: the last one opened, else the bundled
+    /// world model).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// An SAE folder (default: the last one opened, else the bundled SAE).
+    #[arg(long, value_name = "DIR")]
+    sae: Option<PathBuf>,
+    /// Save a PNG of every panel into DIR and quit (for docs/screenshots).
+    #[arg(long, value_name = "DIR", hide = true)]
+    screenshots: Option<PathBuf>,
 }
 
 /// Options every model-loading command shares.
@@ -121,7 +137,12 @@ impl ModelArgs {
 
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    match cli.command.unwrap_or(Command::Gui(GuiArgs::default())) {
+        Command::Gui(args) => crate::gui::run(crate::gui::GuiOptions {
+            model: args.model,
+            sae: args.sae,
+            screenshots: args.screenshots,
+        }),
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Trace(args) => trace::run(&args),

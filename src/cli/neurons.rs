@@ -9,11 +9,10 @@ use serde::Serialize;
 
 use super::{FactArgs, ModelArgs, print_json};
 use crate::causal::target_token;
-use crate::features::logits::{LogitEffects, logit_effects};
-use crate::model::{HookPoint, Hooks};
+use crate::model::Hooks;
 use crate::neurons::{
-    FactPrompt, Neuron, NeuronSettings, attribute, key_contexts, probabilities, refine,
-    relative_change, scale_neurons,
+    FactPrompt, Neuron, NeuronSettings, PARAPHRASE_PREFIXES, attribute, key_contexts,
+    probabilities, refine, relative_change, scale_neurons, value_tokens,
 };
 use crate::sae::activations::Corpus;
 use crate::world::knowledge::{KnowledgeBase, Lang};
@@ -52,9 +51,6 @@ pub struct NeuronsArgs {
     #[arg(long)]
     json: bool,
 }
-
-/// Context prefixes that turn one template into several prompts of the same fact.
-const PREFIXES: [&str; 3] = ["Here is a fact. ", "As is well known, ", "Q: "];
 
 #[derive(Serialize)]
 struct Report {
@@ -108,7 +104,11 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
             t
         }
         None => std::iter::once(args.fact.prompt.clone())
-            .chain(PREFIXES.iter().map(|p| format!("{p}{}", args.fact.prompt)))
+            .chain(
+                PARAPHRASE_PREFIXES
+                    .iter()
+                    .map(|p| format!("{p}{}", args.fact.prompt)),
+            )
             .collect(),
     };
     let fill = |t: &str, subject: &str| t.replace("{}", subject);
@@ -275,21 +275,4 @@ fn render_context(model: &crate::Model, c: &crate::features::stats::Context) -> 
             }
         })
         .collect()
-}
-
-/// The direct-path logit effect of a neuron's value vector (its down-projection column).
-fn value_tokens(
-    model: &crate::Model,
-    n: &Neuron,
-    k: usize,
-    names: &[String],
-) -> anyhow::Result<LogitEffects> {
-    let d_mlp = model.dims().d_mlp;
-    let mut one_hot = vec![0f32; d_mlp];
-    one_hot[n.neuron] = 1.0;
-    let row = candle_core::Tensor::from_vec(one_hot, (1, d_mlp), &candle_core::Device::Cpu)?;
-    let effects = logit_effects(model, HookPoint::MlpPost(n.layer), &row, k, names)?
-        .and_then(|mut e| e.pop())
-        .unwrap_or_default();
-    Ok(effects)
 }

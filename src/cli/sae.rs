@@ -436,28 +436,6 @@ pub fn load_sae(
     model: &crate::model::Model,
     device: &candle_core::Device,
 ) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
-    let sae_dir = saelens::load(dir, device, candle_core::DType::F32)
-        .with_context(|| format!("loading SAE {}", dir.display()))?;
-    let name = match hook {
-        Some(h) => h.to_string(),
-        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
-        None => anyhow::bail!(
-            "{}: the SAE's cfg.json names no hook_name; pass --hook",
-            dir.join("cfg.json").display()
-        ),
-    };
-    let points = model.resolve_hooks(&[&name]).with_context(|| {
-        format!(
-            "the SAE {} reads hook `{name}`, which {} does not have",
-            dir.display(),
-            model.dir.display()
-        )
-    })?;
-    match points[..] {
-        [point] => Ok((sae_dir, point)),
-        _ => anyhow::bail!(
-            "hook `{name}` names {} hook points; an SAE reads one",
-            points.len()
-        ),
-    }
+    saelens::load_for_model(dir, hook, model, device)
+        .with_context(|| format!("loading SAE {}", dir.display()))
 }

@@ -39,7 +39,7 @@ pub struct AppliedEdit {
 }
 
 /// The applied edits and the original weights of every layer they touched.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct EditHistory {
     originals: BTreeMap<usize, Tensor>,
     edits: Vec<AppliedEdit>,

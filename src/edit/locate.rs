@@ -52,6 +52,31 @@ fn locate_settings() -> TraceSettings {
     }
 }
 
+/// [`choose_key`] for an edit request: the noise scale from the world's subjects, and the
+/// model's own current answer as the fact traced (that is what the edit replaces).
+pub fn locate_request(
+    model: &Model,
+    kb: &crate::world::knowledge::KnowledgeBase,
+    request: &super::rome::Request,
+    layer: Option<usize>,
+    select: KeySelect,
+) -> Result<KeyChoice> {
+    let sigma = crate::causal::subject_embedding_std(model, &kb.subject_names())?;
+    let prompt = request.text();
+    let ids = model.encode_prompt(&prompt)?;
+    let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Default::default())?;
+    let current = match top.first() {
+        Some(t) => model.tokenizer.decode(&[t.id])?,
+        None => String::new(),
+    };
+    let fact = Fact {
+        prompt: &prompt,
+        subject: &request.subject,
+        target: &current,
+    };
+    choose_key(model, &fact, sigma, layer, select)
+}
+
 /// Chooses the layer (unless given) and the key position (unless fixed) for editing `fact`;
 /// `sigma` scales the corruption noise (see [`crate::causal::subject_embedding_std`]).
 pub fn choose_key(

@@ -161,6 +161,37 @@ pub fn world_checks(
     checks
 }
 
+/// The checks of `request`: [`world_checks`] when it is a world fact (Japanese with
+/// `target_ja`, else the KB's Japanese name of the target when it has one), else just the
+/// edit prompt.
+pub fn request_checks(
+    kb: &KnowledgeBase,
+    request: &super::rome::Request,
+    target_ja: Option<&str>,
+    neighbours: usize,
+) -> Vec<Check> {
+    let prompt = request.text();
+    let target_ja = target_ja
+        .map(str::to_string)
+        .or_else(|| japanese_name(kb, &request.target));
+    match WorldFact::find(kb, &request.prompt, &request.subject) {
+        Some(fact) => world_checks(
+            kb,
+            fact,
+            &prompt,
+            &request.target,
+            target_ja.as_deref(),
+            neighbours,
+        ),
+        None => vec![Check {
+            kind: CheckKind::Edit,
+            prompt,
+            wanted: request.target.clone(),
+            rival: None,
+        }],
+    }
+}
+
 /// Mean negative log-likelihood per token of `answer` after `prompt`, teacher-forced.
 pub fn answer_nll(model: &Model, prompt: &str, answer: &str, hooks: &Hooks) -> Result<f64> {
     Ok(teacher_forced(model, prompt, answer, 0, hooks)?.0)

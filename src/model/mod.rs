@@ -24,7 +24,9 @@ use crate::error::{Error, Result};
 use hooks::HookRunner;
 use weights::Weights;
 
-/// A loaded model: architecture, weights, tokenizer.
+/// A loaded model: architecture, weights, tokenizer. Cloning is cheap (tensors share their
+/// storage), and an edit of a clone replaces tensors, leaving the original as it was.
+#[derive(Clone)]
 pub struct Model {
     pub dir: PathBuf,
     pub model_type: String,

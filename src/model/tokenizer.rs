@@ -14,6 +14,7 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// A token's `(start, end)` byte offsets in the encoded text.
 pub type ByteRange = (usize, usize);
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

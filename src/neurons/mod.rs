@@ -26,6 +26,9 @@ use crate::causal::target_probs;
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
+/// Context prefixes that turn one template into several prompts of the same fact.
+pub const PARAPHRASE_PREFIXES: [&str; 3] = ["Here is a fact. ", "As is well known, ", "Q: "];
+
 /// How neurons are found.
 #[derive(Clone, Debug, Serialize)]
 pub struct NeuronSettings {
@@ -215,6 +218,24 @@ pub fn relative_change(model: &Model, facts: &[FactPrompt], hooks: &Hooks) -> Re
         .map(|(b, a)| (a - b) / b.max(1e-12))
         .collect();
     Ok(changes.iter().sum::<f32>() / changes.len().max(1) as f32)
+}
+
+/// The direct-path logit effect of a neuron's value vector (its down-projection column).
+pub fn value_tokens(
+    model: &Model,
+    n: &Neuron,
+    k: usize,
+    names: &[String],
+) -> Result<crate::features::logits::LogitEffects> {
+    let d_mlp = model.dims().d_mlp;
+    let mut one_hot = vec![0f32; d_mlp];
+    one_hot[n.neuron] = 1.0;
+    let row = Tensor::from_vec(one_hot, (1, d_mlp), &candle_core::Device::Cpu)?;
+    let effects =
+        crate::features::logits::logit_effects(model, HookPoint::MlpPost(n.layer), &row, k, names)?
+            .and_then(|mut e| e.pop())
+            .unwrap_or_default();
+    Ok(effects)
 }
 
 /// The contexts that fire each neuron's key most: its top activations over `tokens` tokens of

@@ -221,6 +221,41 @@ fn fold_decoder_norm(sae: &mut Sae, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads an SAE (in f32) for `model`, at `hook` or else the hook its metadata names; the hook
+/// must be one hook point of the model.
+pub fn load_for_model(
+    dir: &Path,
+    hook: Option<&str>,
+    model: &crate::model::Model,
+    device: &Device,
+) -> Result<(SaeDir, crate::model::HookPoint)> {
+    let sae_dir = load(dir, device, DType::F32)?;
+    let name = match hook {
+        Some(h) => h.to_string(),
+        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
+        None => {
+            return Err(config_error(
+                &dir.join(CONFIG_FILE),
+                "metadata.hook_name",
+                "the SAE names no hook; pass the hook it reads",
+            ));
+        }
+    };
+    let points = model.resolve_hooks(&[&name])?;
+    match points[..] {
+        [point] => Ok((sae_dir, point)),
+        _ => Err(Error::InvalidArgument {
+            what: "SAE hook",
+            value: name,
+            message: format!(
+                "names {} hook points of {}; an SAE reads one",
+                points.len(),
+                model.dir.display()
+            ),
+        }),
+    }
+}
+
 /// Loads an SAE directory onto `device` in `dtype`.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     let cfg_path = dir.join(CONFIG_FILE);

@@ -1,0 +1,284 @@
+//! The desktop workbench: an eframe window with one panel per task, on top of everything
+//! else in the crate. Heavy work goes through [`crate::jobs`], so a frame only draws.
+//!
+//! Structure (after rerun's viewer): [`Workbench`] holds what panels share (the model, the
+//! SAE and its feature store, the edit history, messages); each panel is one file in
+//! [`panels`] implementing [`panels::Panel`]; [`App`] draws the frame around them.
+
+pub mod panels;
+pub mod style;
+pub mod widgets;
+pub mod workbench;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use panels::PanelKind;
+pub use workbench::Workbench;
+
+use panels::Panel;
+
+/// What is remembered between runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Remembered {
+    pub model: Option<PathBuf>,
+    pub sae: Option<PathBuf>,
+    pub panel: Option<PanelKind>,
+    pub dark: Option<bool>,
+}
+
+const REMEMBERED_KEY: &str = "monoscope";
+
+/// How the window starts.
+#[derive(Clone, Debug, Default)]
+pub struct GuiOptions {
+    /// `None`: the last model opened, else the bundled world model.
+    pub model: Option<PathBuf>,
+    /// `None`: the last SAE opened, else the bundled SAE (with the bundled model).
+    pub sae: Option<PathBuf>,
+    /// Save a screenshot of every panel into this folder, then quit (for the README).
+    pub screenshots: Option<PathBuf>,
+}
+
+/// The bundled SAE (on `blocks.4.mlp.hook_post` of the world model).
+pub fn bundled_sae_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/sae/world-l4-topk")
+}
+
+/// The window's state.
+pub struct App {
+    pub workbench: Workbench,
+    panels: Vec<Box<dyn Panel>>,
+    pub current: PanelKind,
+    dark: bool,
+    screenshots: Option<screenshots::Tour>,
+}
+
+impl App {
+    /// Opens the model and SAE in `options`, else those remembered, else the bundled ones.
+    pub fn new(ctx: &egui::Context, options: GuiOptions, remembered: Remembered) -> Self {
+        style::install_fonts(ctx);
+        let dark = remembered.dark.unwrap_or(true);
+        style::apply_theme(ctx, dark);
+        let bundled = crate::cli::bundled_model_dir();
+        let model = options
+            .model
+            .clone()
+            .or(remembered.model.clone())
+            .unwrap_or(bundled.clone());
+        let sae = options
+            .sae
+            .clone()
+            .or(remembered.sae.clone())
+            .or_else(|| (model == bundled && bundled_sae_dir().is_dir()).then(bundled_sae_dir));
+        let mut workbench = Workbench::new(ctx.clone());
+        workbench.open_model(model, sae);
+        Self {
+            workbench,
+            panels: panels::all(),
+            current: remembered.panel.unwrap_or(PanelKind::Playground),
+            dark,
+            screenshots: options.screenshots.map(screenshots::Tour::new),
+        }
+    }
+
+    fn remembered(&self) -> Remembered {
+        Remembered {
+            model: Some(self.workbench.model_dir.clone()),
+            sae: self.workbench.sae_dir.clone(),
+            panel: Some(self.current),
+            dark: Some(self.dark),
+        }
+    }
+
+    /// One frame (also what the kittest tests drive).
+    pub fn ui(&mut self, ctx: &egui::Context) {
+        self.workbench.poll();
+        if let Some(kind) = self.workbench.goto.take() {
+            self.current = kind;
+        }
+        egui::TopBottomPanel::top("top").show(ctx, |ui| self.top_bar(ui));
+        egui::TopBottomPanel::bottom("status").show(ctx, |ui| self.status_bar(ui));
+        egui::CentralPanel::default().show(ctx, |ui| {
+            let current = self.current;
+            if let Some(panel) = self.panels.iter_mut().find(|p| p.kind() == current) {
+                egui::ScrollArea::vertical()
+                    .id_salt(current.title())
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| panel.ui(ui, &mut self.workbench));
+            }
+        });
+        self.workbench.show_notices(ctx);
+        if self.workbench.busy() || self.panels.iter().any(|p| p.busy()) {
+            // Jobs also request repaints when they report; this keeps timers moving.
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn top_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            ui.heading("monoscope");
+            ui.separator();
+            for kind in PanelKind::ALL {
+                ui.selectable_value(&mut self.current, kind, kind.title())
+                    .on_hover_text(kind.about());
+            }
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                let label = if self.dark { "☀ Light" } else { "☾ Dark" };
+                if ui.button(label).on_hover_text("Switch theme").clicked() {
+                    self.dark = !self.dark;
+                    style::apply_theme(ui.ctx(), self.dark);
+                }
+                if ui
+                    .button("Open SAE…")
+                    .on_hover_text("A SAELens-format SAE folder (cfg.json, sae_weights.safetensors)")
+                    .clicked()
+                    && let Some(dir) = pick_folder("Open an SAE folder")
+                {
+                    self.workbench.open_sae(dir);
+                }
+                if ui
+                    .button("Open model…")
+                    .on_hover_text(
+                        "A local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)",
+                    )
+                    .clicked()
+                    && let Some(dir) = pick_folder("Open a model folder")
+                {
+                    self.workbench.open_model(dir, None);
+                }
+            });
+        });
+    }
+
+    fn status_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            self.workbench.status_ui(ui);
+        });
+    }
+}
+
+/// A native folder dialog (`None` when cancelled or when no dialog service is available).
+pub fn pick_folder(title: &str) -> Option<PathBuf> {
+    rfd::FileDialog::new().set_title(title).pick_folder()
+}
+
+impl eframe::App for App {
+    fn update(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.ui(ctx);
+        if let Some(tour) = &mut self.screenshots {
+            tour.step(ctx, &mut self.current, &self.workbench);
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, REMEMBERED_KEY, &self.remembered());
+    }
+}
+
+/// Opens the window and runs until it is closed.
+pub fn run(options: GuiOptions) -> anyhow::Result<()> {
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("monoscope")
+            .with_inner_size([1280.0, 820.0])
+            .with_min_inner_size([720.0, 480.0]),
+        persist_window: options.screenshots.is_none(),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "monoscope",
+        native,
+        Box::new(move |cc| {
+            let remembered = match (&options.screenshots, cc.storage) {
+                (None, Some(storage)) => {
+                    eframe::get_value(storage, REMEMBERED_KEY).unwrap_or_default()
+                }
+                _ => Remembered::default(),
+            };
+            Ok(Box::new(App::new(&cc.egui_ctx, options, remembered)))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
+}
+
+/// `--screenshots DIR`: visit each panel once everything has loaded, save a PNG of each.
+mod screenshots {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use super::{PanelKind, Workbench};
+
+    pub struct Tour {
+        dir: PathBuf,
+        next: usize,
+        shown_since: Option<Instant>,
+        requested: bool,
+    }
+
+    impl Tour {
+        pub fn new(dir: PathBuf) -> Self {
+            Self {
+                dir,
+                next: 0,
+                shown_since: None,
+                requested: false,
+            }
+        }
+
+        pub fn step(&mut self, ctx: &egui::Context, current: &mut PanelKind, wb: &Workbench) {
+            ctx.request_repaint_after(Duration::from_millis(100));
+            let Some(&kind) = PanelKind::ALL.get(self.next) else {
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                return;
+            };
+            *current = kind;
+            if wb.busy() {
+                return;
+            }
+            let since = *self.shown_since.get_or_insert_with(Instant::now);
+            // Let the panel start and finish its first job (the playground's forward pass).
+            if since.elapsed() < Duration::from_secs(3) {
+                return;
+            }
+            if !self.requested {
+                ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::UserData::default()));
+                self.requested = true;
+                return;
+            }
+            let image = ctx.input(|i| {
+                i.raw.events.iter().find_map(|e| match e {
+                    egui::Event::Screenshot { image, .. } => Some(image.clone()),
+                    _ => None,
+                })
+            });
+            if let Some(image) = image {
+                let path = self
+                    .dir
+                    .join(format!("{}.png", kind.title().to_lowercase()));
+                if let Err(err) = save_png(&path, &image) {
+                    eprintln!("screenshot {}: {err:#}", path.display());
+                } else {
+                    eprintln!("saved {}", path.display());
+                }
+                self.next += 1;
+                self.shown_since = None;
+                self.requested = false;
+            }
+        }
+    }
+
+    fn save_png(path: &std::path::Path, image: &egui::ColorImage) -> anyhow::Result<()> {
+        let [w, h] = image.size;
+        let bytes: Vec<u8> = image.pixels.iter().flat_map(|c| c.to_array()).collect();
+        crate::files::write_atomic_with(path, |tmp| {
+            let file = std::fs::File::create(tmp)?;
+            let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+            encoder.set_color(png::ColorType::Rgba);
+            encoder.set_depth(png::BitDepth::Eight);
+            encoder.write_header()?.write_image_data(&bytes)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,546 @@
+//! Edit: trace a fact (hidden / MLP / attention restoration heatmaps), edit it with ROME at
+//! the layer the trace suggests, compare before and after on the edit prompt, paraphrases,
+//! neighbours and the Japanese prompt; undo edits; save the edited model to a new folder.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::{Panel, PanelKind, need_model, take};
+use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+use crate::edit::covariance::default_cache_dir;
+use crate::edit::editor::{Editor, StatsSource};
+use crate::edit::history::{AppliedEdit, EditHistory};
+use crate::edit::locate::{KeyChoice, KeySelect, locate_request};
+use crate::edit::rome::{KeyPosition, Request, RomeSettings};
+use crate::edit::save::save_edited;
+use crate::edit::verify::{Check, Outcome, measure, request_checks};
+use crate::gui::style::explain;
+use crate::gui::widgets::Heatmap;
+use crate::gui::workbench::Workbench;
+use crate::jobs::Job;
+use crate::model::{Hooks, Model};
+use crate::sae::activations::Corpus;
+
+/// Tokens of the world corpus the key statistics C = E[kkᵀ] are measured on (as the CLI).
+const STATS_TOKENS: u64 = 100_000;
+
+/// One row of the before/after table.
+pub struct CheckRow {
+    pub check: Check,
+    pub before: Outcome,
+    pub after: Outcome,
+}
+
+struct EditDone {
+    model: Model,
+    history: EditHistory,
+    choice: KeyChoice,
+    rows: Vec<CheckRow>,
+    seconds: f64,
+}
+
+struct Undone {
+    model: Model,
+    history: EditHistory,
+    removed: AppliedEdit,
+}
+
+pub struct Edit {
+    prompt: String,
+    subject: String,
+    target: String,
+    target_ja: String,
+    auto_layer: bool,
+    layer: usize,
+    key: KeySelect,
+    traces: Vec<Trace>,
+    trace_job: Option<Job<Vec<Trace>>>,
+    editor: Option<Arc<Mutex<Editor>>>,
+    editor_for: u64,
+    edit_job: Option<Job<EditDone>>,
+    last: Option<(KeyChoice, Vec<CheckRow>, f64)>,
+    undo_job: Option<Job<Undone>>,
+    save_to: String,
+    save_job: Option<Job<PathBuf>>,
+}
+
+impl Default for Edit {
+    fn default() -> Self {
+        Self {
+            prompt: "The capital of {} is".into(),
+            subject: "Japan".into(),
+            target: " Yokohama".into(),
+            target_ja: "横浜".into(),
+            auto_layer: true,
+            layer: 0,
+            key: KeySelect::Auto,
+            traces: Vec::new(),
+            trace_job: None,
+            editor: None,
+            editor_for: u64::MAX,
+            edit_job: None,
+            last: None,
+            undo_job: None,
+            save_to: String::new(),
+            save_job: None,
+        }
+    }
+}
+
+impl Panel for Edit {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Edit
+    }
+
+    fn busy(&self) -> bool {
+        self.trace_job.is_some()
+            || self.edit_job.is_some()
+            || self.undo_job.is_some()
+            || self.save_job.is_some()
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        self.poll(wb);
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        self.fact_form(ui, &model);
+        ui.horizontal(|ui| {
+            let tracing = self.trace_job.is_some();
+            if ui
+                .add_enabled(!tracing, egui::Button::new("Trace"))
+                .on_hover_text(explain::RECOVERY)
+                .clicked()
+            {
+                self.start_trace(wb, &model);
+            }
+            if tracing {
+                ui.spinner();
+                ui.label("tracing…");
+            }
+            let editing = self.edit_job.is_some();
+            if ui
+                .add_enabled(
+                    !editing && !self.busy(),
+                    egui::Button::new("Apply ROME edit"),
+                )
+                .on_hover_text("rank-one update of the chosen layer's MLP down projection")
+                .clicked()
+            {
+                self.start_edit(wb, &model);
+            }
+            if let Some(job) = &self.edit_job {
+                crate::gui::widgets::job_row(ui, job);
+            }
+        });
+        self.show_traces(ui);
+        self.show_result(ui);
+        ui.separator();
+        self.history_ui(ui, wb, &model);
+    }
+}
+
+impl Edit {
+    fn poll(&mut self, wb: &mut Workbench) {
+        if let Some(traces) = take(&mut self.trace_job, wb) {
+            self.traces = traces;
+        }
+        if let Some(done) = take(&mut self.edit_job, wb) {
+            wb.info(format!(
+                "edited layer {} in {:.1}s",
+                done.choice.layer, done.seconds
+            ));
+            wb.set_edited_model(done.model, done.history);
+            self.last = Some((done.choice, done.rows, done.seconds));
+        }
+        if let Some(undone) = take(&mut self.undo_job, wb) {
+            wb.info(format!(
+                "undid edit #{} ({} on layers {:?})",
+                undone.removed.id, undone.removed.method, undone.removed.layers
+            ));
+            wb.set_edited_model(undone.model, undone.history);
+            self.last = None;
+        }
+        if let Some(dir) = take(&mut self.save_job, wb) {
+            wb.info(format!("saved the edited model to {}", dir.display()));
+        }
+    }
+
+    fn request(&self) -> Request {
+        Request {
+            prompt: self.prompt.clone(),
+            subject: self.subject.clone(),
+            target: self.target.clone(),
+        }
+    }
+
+    fn fact_form(&mut self, ui: &mut egui::Ui, model: &Model) {
+        egui::Grid::new("edit-form").num_columns(2).show(ui, |ui| {
+            ui.label("Prompt template")
+                .on_hover_text("{} marks where the subject goes");
+            ui.text_edit_singleline(&mut self.prompt);
+            ui.end_row();
+            ui.label("Subject");
+            ui.text_edit_singleline(&mut self.subject);
+            ui.end_row();
+            ui.label("New target");
+            ui.text_edit_singleline(&mut self.target)
+                .on_hover_text("what should follow the prompt, with its leading space");
+            ui.end_row();
+            ui.label("New target (Japanese)")
+                .on_hover_text("checked on the Japanese prompt of the same fact");
+            ui.text_edit_singleline(&mut self.target_ja);
+            ui.end_row();
+            ui.label("Layer");
+            ui.horizontal(|ui| {
+                ui.checkbox(&mut self.auto_layer, "from the trace")
+                    .on_hover_text(
+                        "trace the MLP at the subject's and the prompt's last token; \
+                         edit where restoring it matters most",
+                    );
+                ui.add_enabled(
+                    !self.auto_layer,
+                    egui::DragValue::new(&mut self.layer).range(0..=model.dims().n_layers - 1),
+                );
+                ui.label("key");
+                ui.radio_value(&mut self.key, KeySelect::Auto, "auto");
+                ui.radio_value(
+                    &mut self.key,
+                    KeySelect::Fixed(KeyPosition::SubjectLast),
+                    "subject-last",
+                );
+                ui.radio_value(
+                    &mut self.key,
+                    KeySelect::Fixed(KeyPosition::PromptLast),
+                    "prompt-last",
+                );
+            });
+            ui.end_row();
+        });
+    }
+
+    fn start_trace(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let model = model.clone();
+        let kb = wb.kb.clone();
+        let request = self.request();
+        self.trace_job = Some(wb.spawn("causal trace", move |job| {
+            request.validate().map_err(anyhow::Error::msg)?;
+            let prompt = request.text();
+            let ids = model.encode_prompt(&prompt)?;
+            let top = crate::model::generate::next_token_top_k(&model, &ids, 1, &Hooks::new())?;
+            let answer = match top.first() {
+                Some(t) => model.tokenizer.decode(&[t.id])?,
+                None => anyhow::bail!("the model gave no next token"),
+            };
+            let sigma = subject_embedding_std(&model, &kb.subject_names())?;
+            let fact = Fact {
+                prompt: &prompt,
+                subject: &request.subject,
+                target: &answer,
+            };
+            let mut traces = Vec::new();
+            for (i, restore) in Restore::ALL.into_iter().enumerate() {
+                job.set_progress(i as u64, 3, "traces");
+                if job.is_cancelled() {
+                    anyhow::bail!("cancelled");
+                }
+                traces.push(trace(
+                    &model,
+                    &fact,
+                    &TraceSettings::default(),
+                    sigma,
+                    None,
+                    restore,
+                )?);
+            }
+            Ok(traces)
+        }));
+    }
+
+    fn show_traces(&self, ui: &mut egui::Ui) {
+        let Some(first) = self.traces.first() else {
+            return;
+        };
+        ui.label(format!(
+            "Causal trace of the model's answer: P(clean) {:.3}, P(subject corrupted) {:.3}; \
+             cells show P(answer) with one state restored",
+            first.p_clean, first.p_corrupt
+        ))
+        .on_hover_text(explain::RECOVERY);
+        ui.horizontal_wrapped(|ui| {
+            for t in &self.traces {
+                ui.vertical(|ui| {
+                    ui.strong(match t.restore {
+                        Restore::Hidden => "hidden state (resid_post)",
+                        Restore::Mlp => "MLP output (window)",
+                        Restore::Attn => "attention output (window)",
+                    });
+                    // Rows are token positions, columns layers (as in the ROME paper).
+                    let layers = t.p_restored.len();
+                    let rows = t.positions.len();
+                    let mut values = vec![0f32; rows * layers];
+                    for (l, row) in t.p_restored.iter().enumerate() {
+                        for (i, &p) in row.iter().enumerate() {
+                            values[i * layers + l] = p;
+                        }
+                    }
+                    let row_labels: Vec<String> = t
+                        .positions
+                        .iter()
+                        .map(|&p| {
+                            let token = t.tokens.get(p).cloned().unwrap_or_default();
+                            if t.subject.contains(&p) {
+                                format!("{token}*")
+                            } else {
+                                token
+                            }
+                        })
+                        .collect();
+                    let col_labels: Vec<String> = (0..layers).map(|l| l.to_string()).collect();
+                    Heatmap {
+                        values: &values,
+                        rows,
+                        cols: layers,
+                        row_labels: &row_labels,
+                        col_labels: &col_labels,
+                        cell: egui::vec2(18.0, 16.0),
+                        what: "P(answer)",
+                    }
+                    .show(ui);
+                });
+            }
+        });
+        ui.weak("* subject tokens; columns are layers");
+    }
+
+    fn editor(&mut self, wb: &Workbench, model: &Model) -> anyhow::Result<Arc<Mutex<Editor>>> {
+        if let Some(editor) = &self.editor
+            && self.editor_for == wb.model_version
+        {
+            return Ok(editor.clone());
+        }
+        let stats = StatsSource {
+            corpus: Corpus::parse("world", "text")?,
+            tokens: STATS_TOKENS,
+            cache_dir: default_cache_dir(),
+        };
+        let editor = Arc::new(Mutex::new(Editor::new(
+            model,
+            stats,
+            1,
+            RomeSettings::default(),
+        )?));
+        self.editor = Some(editor.clone());
+        self.editor_for = wb.model_version;
+        Ok(editor)
+    }
+
+    fn start_edit(&mut self, wb: &mut Workbench, model: &Arc<Model>) {
+        let request = self.request();
+        if let Err(m) = request.validate() {
+            wb.error(format!("edit: {m}"));
+            return;
+        }
+        let editor = match self.editor(wb, model) {
+            Ok(e) => e,
+            Err(e) => {
+                wb.error(format!("edit: {e:#}"));
+                return;
+            }
+        };
+        let model = model.clone();
+        let kb = wb.kb.clone();
+        let mut history = wb.history.clone();
+        let layer = (!self.auto_layer).then_some(self.layer);
+        let key = self.key;
+        let target_ja = (!self.target_ja.trim().is_empty()).then(|| self.target_ja.clone());
+        self.edit_job = Some(wb.spawn("ROME edit", move |job| {
+            let started = Instant::now();
+            job.set_message("locating the fact");
+            let choice = locate_request(&model, &kb, &request, layer, key)?;
+            let checks = request_checks(&kb, &request, target_ja.as_deref(), 10);
+            let before = checks
+                .iter()
+                .map(|c| measure(&model, c, 3, &Hooks::new()))
+                .collect::<crate::Result<Vec<_>>>()?;
+            job.set_message(format!(
+                "key statistics and v* at layer {} ({} key)",
+                choice.layer,
+                choice.key.name()
+            ));
+            let mut editor = editor
+                .lock()
+                .map_err(|_| anyhow::anyhow!("an earlier edit failed midway"))?;
+            editor.covariance(&model, choice.layer, |t| {
+                job.set_progress(t, STATS_TOKENS, "tokens")
+            })?;
+            if job.is_cancelled() {
+                anyhow::bail!("cancelled");
+            }
+            job.set_message("optimising v* and applying the edit");
+            let (_, applied) = editor.rome(&model, &request, &choice)?;
+            let mut edited = (*model).clone();
+            history.apply(&mut edited, applied)?;
+            let after = checks
+                .iter()
+                .map(|c| measure(&edited, c, 3, &Hooks::new()))
+                .collect::<crate::Result<Vec<_>>>()?;
+            let rows = checks
+                .into_iter()
+                .zip(before)
+                .zip(after)
+                .map(|((check, before), after)| CheckRow {
+                    check,
+                    before,
+                    after,
+                })
+                .collect();
+            Ok(EditDone {
+                model: edited,
+                history,
+                choice,
+                rows,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        }));
+    }
+
+    fn show_result(&self, ui: &mut egui::Ui) {
+        let Some((choice, rows, seconds)) = &self.last else {
+            return;
+        };
+        ui.separator();
+        ui.label(format!(
+            "Edited layer {} at the {} key in {seconds:.1}s: {}",
+            choice.layer,
+            choice.key.name(),
+            choice.reason
+        ));
+        let wins = |kind: &str| {
+            let of_kind: Vec<&CheckRow> = rows
+                .iter()
+                .filter(|r| r.check.kind.name() == kind)
+                .collect();
+            let won = of_kind.iter().filter(|r| r.after.wins()).count();
+            (won, of_kind.len())
+        };
+        ui.horizontal(|ui| {
+            for (kind, tip) in [
+                ("edit", explain::ES),
+                ("paraphrase", explain::PS),
+                ("neighbour", explain::NS),
+                (
+                    "japanese",
+                    "the Japanese prompt of the fact gives the new Japanese target",
+                ),
+            ] {
+                let (won, n) = wins(kind);
+                if n > 0 {
+                    ui.label(format!("{kind}: {won}/{n}")).on_hover_text(tip);
+                }
+            }
+        });
+        egui::ScrollArea::vertical()
+            .id_salt("after-table")
+            .max_height(320.0)
+            .show(ui, |ui| {
+                egui::Grid::new("before-after")
+                    .num_columns(5)
+                    .striped(true)
+                    .show(ui, |ui| {
+                        ui.strong("check");
+                        ui.strong("prompt");
+                        ui.strong("wanted");
+                        ui.strong("before (top 3)");
+                        ui.strong("after (top 3)");
+                        ui.end_row();
+                        for r in rows {
+                            ui.label(r.check.kind.name());
+                            ui.label(&r.check.prompt);
+                            ui.label(format!("{:?}", r.check.wanted));
+                            ui.label(top_text(&r.before));
+                            let mark = if r.after.wins() { "✔ " } else { "✘ " };
+                            ui.label(format!("{mark}{}", top_text(&r.after)));
+                            ui.end_row();
+                        }
+                    });
+            });
+    }
+
+    fn history_ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench, model: &Arc<Model>) {
+        ui.strong("Edit history");
+        if wb.history.is_empty() {
+            ui.weak("no edits yet");
+        }
+        let mut undo = None;
+        for e in wb.history.edits() {
+            ui.horizontal(|ui| {
+                let what: Vec<String> = e
+                    .requests
+                    .iter()
+                    .map(|r| format!("{} → {:?}", r.text(), r.target))
+                    .collect();
+                ui.label(format!(
+                    "#{} {} layers {:?} ({} key): {}",
+                    e.id,
+                    e.method,
+                    e.layers,
+                    e.key,
+                    what.join("; ")
+                ));
+                if ui
+                    .add_enabled(!self.busy(), egui::Button::new(format!("Undo #{}", e.id)))
+                    .on_hover_text("restores the touched layers bit for bit, replaying the others")
+                    .clicked()
+                {
+                    undo = Some(e.id);
+                }
+            });
+        }
+        if let Some(id) = undo {
+            let model = model.clone();
+            let mut history = wb.history.clone();
+            self.undo_job = Some(wb.spawn("undo edit", move |_| {
+                let mut restored = (*model).clone();
+                let removed = history.undo(&mut restored, id)?;
+                Ok(Undone {
+                    model: restored,
+                    history,
+                    removed,
+                })
+            }));
+        }
+        ui.horizontal(|ui| {
+            ui.label("Save to a new folder");
+            ui.text_edit_singleline(&mut self.save_to);
+            if ui.button("Browse…").clicked()
+                && let Some(dir) = crate::gui::pick_folder("Folder to save the edited model in")
+            {
+                self.save_to = dir.display().to_string();
+            }
+            let can_save = !wb.history.is_empty() && !self.save_to.trim().is_empty();
+            if ui
+                .add_enabled(can_save && !self.busy(), egui::Button::new("Save"))
+                .on_hover_text("writes config, tokenizer, weights (same layout and dtype) and the edit log; never into a non-empty folder")
+                .clicked()
+            {
+                let model = model.clone();
+                let history = wb.history.clone();
+                let out = PathBuf::from(self.save_to.trim());
+                self.save_job = Some(wb.spawn("save edited model", move |_| {
+                    save_edited(&model, &history, &out)?;
+                    Ok(out)
+                }));
+            }
+        });
+    }
+}
+
+fn top_text(o: &Outcome) -> String {
+    o.top
+        .iter()
+        .map(|t| format!("{:?} {:.2}", t.token, t.prob))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,104 @@
+//! One file per panel. Adding a panel: write the file, add its [`PanelKind`] and its line in
+//! [`all`].
+
+mod edit;
+mod export;
+mod features;
+mod neurons;
+mod playground;
+mod train;
+
+use serde::{Deserialize, Serialize};
+
+use super::Workbench;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PanelKind {
+    Playground,
+    Train,
+    Features,
+    Neurons,
+    Edit,
+    Export,
+}
+
+impl PanelKind {
+    pub const ALL: [PanelKind; 6] = [
+        PanelKind::Playground,
+        PanelKind::Train,
+        PanelKind::Features,
+        PanelKind::Neurons,
+        PanelKind::Edit,
+        PanelKind::Export,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            PanelKind::Playground => "Playground",
+            PanelKind::Train => "Train",
+            PanelKind::Features => "Features",
+            PanelKind::Neurons => "Neurons",
+            PanelKind::Edit => "Edit",
+            PanelKind::Export => "Export",
+        }
+    }
+
+    pub fn about(self) -> &'static str {
+        match self {
+            PanelKind::Playground => {
+                "Run a prompt: tokens, next-token probabilities, feature colouring, steering"
+            }
+            PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
+            PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
+            PanelKind::Neurons => "Knowledge neurons of a fact (integrated gradients)",
+            PanelKind::Edit => "Trace a fact, edit it with ROME, check, undo, save",
+            PanelKind::Export => "Export feature activations to Parquet",
+        }
+    }
+}
+
+/// A panel: draws itself and owns its jobs.
+pub trait Panel {
+    fn kind(&self) -> PanelKind;
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench);
+    /// Has a job running (the window keeps repainting while one does).
+    fn busy(&self) -> bool;
+}
+
+pub fn all() -> Vec<Box<dyn Panel>> {
+    vec![
+        Box::<playground::Playground>::default(),
+        Box::<train::Train>::default(),
+        Box::<features::Features>::default(),
+        Box::<neurons::Neurons>::default(),
+        Box::<edit::Edit>::default(),
+        Box::<export::Export>::default(),
+    ]
+}
+
+/// "Waiting for the model" when it is not loaded yet; the model otherwise.
+fn need_model(ui: &mut egui::Ui, wb: &Workbench) -> Option<std::sync::Arc<crate::Model>> {
+    if wb.model.is_none() {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label("Loading the model…");
+        });
+    }
+    wb.model.clone()
+}
+
+/// Polls a panel's job slot: the result once it is done (errors go to the messages).
+fn take<T: Send + 'static>(
+    slot: &mut Option<crate::jobs::Job<T>>,
+    wb: &mut Workbench,
+) -> Option<T> {
+    let result = slot.as_mut()?.poll()?;
+    let name = slot.take().map(|j| j.name).unwrap_or_default();
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => {
+            wb.error(format!("{name}: {e}"));
+            None
+        }
+    }
+}

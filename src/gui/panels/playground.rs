@@ -1,0 +1,397 @@
+//! Playground: a prompt's tokens (coloured by a feature or neuron), the next-token
+//! distribution, and generation with and without feature steering.
+
+use std::sync::Arc;
+
+use candle_core::{D, IndexOp};
+use egui_plot::{Bar, BarChart, Plot};
+
+use super::{Panel, PanelKind, need_model, take};
+use crate::features::steer::{Steer, SteerMode, steering_hooks};
+use crate::gui::widgets::token_chips;
+use crate::gui::workbench::{OpenSae, Request, Workbench};
+use crate::jobs::Job;
+use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
+use crate::model::{HookPoint, Hooks, Model};
+
+/// What colours the token chips.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ColourBy {
+    Nothing,
+    Feature(u32),
+    Neuron { layer: usize, index: usize },
+}
+
+/// One forward pass over the prompt.
+struct Reading {
+    tokens: Vec<String>,
+    top: Vec<TokenProb>,
+    values: Option<Vec<f32>>,
+    prompt: String,
+    colour: ColourBy,
+    version: u64,
+}
+
+struct Continuations {
+    plain: String,
+    steered: Option<String>,
+}
+
+pub struct Playground {
+    prompt: String,
+    colour: ColourBy,
+    feature_input: u32,
+    neuron_layer: usize,
+    neuron_index: usize,
+    reading: Option<Reading>,
+    read_job: Option<Job<Reading>>,
+    steers: Vec<Steer>,
+    steer_mode: SteerMode,
+    max_new_tokens: usize,
+    continuations: Option<Continuations>,
+    generate_job: Option<Job<Continuations>>,
+}
+
+impl Default for Playground {
+    fn default() -> Self {
+        Self {
+            prompt: "The capital of Japan is".into(),
+            colour: ColourBy::Nothing,
+            feature_input: 0,
+            neuron_layer: 0,
+            neuron_index: 0,
+            reading: None,
+            read_job: None,
+            steers: Vec::new(),
+            steer_mode: SteerMode::Add,
+            max_new_tokens: 12,
+            continuations: None,
+            generate_job: None,
+        }
+    }
+}
+
+impl Panel for Playground {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Playground
+    }
+
+    fn busy(&self) -> bool {
+        self.read_job.is_some() || self.generate_job.is_some()
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        self.take_requests(wb);
+        if let Some(r) = take(&mut self.read_job, wb) {
+            self.reading = Some(r);
+        }
+        if let Some(c) = take(&mut self.generate_job, wb) {
+            self.continuations = Some(c);
+        }
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.label("Prompt");
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.prompt)
+                    .desired_width(ui.available_width() - 80.0)
+                    .hint_text("type a prompt and press Enter"),
+            );
+            let entered = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if ui.button("Run").clicked() || entered {
+                self.start_reading(wb, &model);
+            }
+        });
+        self.colour_picker(ui, wb, &model);
+        let stale = match &self.reading {
+            Some(r) => {
+                r.version != wb.model_version || r.colour != self.colour || r.prompt != self.prompt
+            }
+            None => true,
+        };
+        if stale && self.read_job.is_none() && !self.prompt.trim().is_empty() {
+            self.start_reading(wb, &model);
+        }
+        ui.separator();
+        if let Some(r) = &self.reading {
+            self.show_reading(ui, r);
+        } else if self.read_job.is_some() {
+            ui.spinner();
+        }
+        ui.separator();
+        self.steering_ui(ui, wb, &model);
+    }
+}
+
+impl Playground {
+    fn take_requests(&mut self, wb: &mut Workbench) {
+        wb.requests.retain(|r| match r {
+            Request::Steer(f) => {
+                if !self.steers.iter().any(|s| s.feature == *f) {
+                    self.steers.push(Steer {
+                        feature: *f,
+                        value: 10.0,
+                    });
+                }
+                self.colour = ColourBy::Feature(*f);
+                self.feature_input = *f;
+                false
+            }
+            _ => true,
+        });
+    }
+
+    fn colour_picker(&mut self, ui: &mut egui::Ui, wb: &Workbench, model: &Model) {
+        ui.horizontal(|ui| {
+            ui.label("Colour tokens by");
+            ui.radio_value(&mut self.colour, ColourBy::Nothing, "nothing");
+            let has_sae = wb.sae.is_some();
+            ui.add_enabled_ui(has_sae, |ui| {
+                let d_sae = wb.sae.as_ref().map_or(1, |s| s.sae.sae.d_sae()) as u32;
+                if ui
+                    .radio(matches!(self.colour, ColourBy::Feature(_)), "SAE feature")
+                    .on_disabled_hover_text("open an SAE first")
+                    .clicked()
+                {
+                    self.colour = ColourBy::Feature(self.feature_input);
+                }
+                if ui
+                    .add(egui::DragValue::new(&mut self.feature_input).range(0..=d_sae - 1))
+                    .changed()
+                {
+                    self.colour = ColourBy::Feature(self.feature_input);
+                }
+            });
+            let dims = model.dims();
+            if ui
+                .radio(
+                    matches!(self.colour, ColourBy::Neuron { .. }),
+                    "MLP neuron (layer, index)",
+                )
+                .on_hover_text("blocks.L.mlp.hook_post: the FFN key activations")
+                .clicked()
+            {
+                self.colour = self.neuron();
+            }
+            let l =
+                ui.add(egui::DragValue::new(&mut self.neuron_layer).range(0..=dims.n_layers - 1));
+            let n = ui.add(egui::DragValue::new(&mut self.neuron_index).range(0..=dims.d_mlp - 1));
+            if l.changed() || n.changed() {
+                self.colour = self.neuron();
+            }
+        });
+    }
+
+    fn neuron(&self) -> ColourBy {
+        ColourBy::Neuron {
+            layer: self.neuron_layer,
+            index: self.neuron_index,
+        }
+    }
+
+    fn start_reading(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let model = model.clone();
+        let sae = wb.sae.clone();
+        let prompt = self.prompt.clone();
+        let colour = self.colour;
+        let version = wb.model_version;
+        self.read_job = Some(wb.spawn("run prompt", move |_| {
+            read_prompt(&model, sae.as_deref(), &prompt, colour, version)
+        }));
+    }
+
+    fn show_reading(&self, ui: &mut egui::Ui, r: &Reading) {
+        let max = r.values.as_ref().map_or(0.0, |v| {
+            v.iter().copied().fold(0.0f32, |a, b| a.max(b.abs()))
+        });
+        ui.label(format!("{} tokens", r.tokens.len()));
+        token_chips(ui, &r.tokens, r.values.as_deref(), max, None);
+        if r.values.is_some() {
+            ui.weak(format!("colour scale: 0 … {max:.3}"));
+        }
+        ui.add_space(6.0);
+        ui.strong("Next token");
+        let bars: Vec<Bar> = r
+            .top
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Bar::new(i as f64, t.prob as f64)
+                    .name(format!("{:?} {:.3}", t.token, t.prob))
+                    .width(0.7)
+            })
+            .collect();
+        let names: Vec<String> = r.top.iter().map(|t| format!("{:?}", t.token)).collect();
+        Plot::new("next-token")
+            .height(180.0)
+            .allow_scroll(false)
+            .allow_zoom(false)
+            .allow_drag(false)
+            .include_y(0.0)
+            .include_y(1.0)
+            .y_axis_label("probability")
+            .x_axis_formatter(move |mark, _| {
+                let i = mark.value.round();
+                if (mark.value - i).abs() < 1e-6 && i >= 0.0 {
+                    names.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .show(ui, |plot| plot.bar_chart(BarChart::new("p(next)", bars)));
+        for t in r.top.iter().take(3) {
+            ui.label(format!("{:?}  {:.1}%", t.token, 100.0 * t.prob));
+        }
+    }
+
+    fn steering_ui(&mut self, ui: &mut egui::Ui, wb: &Workbench, model: &Arc<Model>) {
+        ui.strong("Generate");
+        ui.horizontal(|ui| {
+            ui.label("new tokens");
+            ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=200));
+            if wb.sae.is_some() {
+                ui.label("steering");
+                ui.radio_value(&mut self.steer_mode, SteerMode::Add, "add")
+                    .on_hover_text("add VALUE × the feature's decoder direction at every token");
+                ui.radio_value(&mut self.steer_mode, SteerMode::Clamp, "clamp")
+                    .on_hover_text("set the feature to VALUE, keeping the SAE's error term");
+                if ui.button("+ feature").clicked() {
+                    self.steers.push(Steer {
+                        feature: self.feature_input,
+                        value: 10.0,
+                    });
+                }
+            }
+        });
+        let d_sae = wb.sae.as_ref().map_or(1, |s| s.sae.sae.d_sae()) as u32;
+        let mut remove = None;
+        for (i, s) in self.steers.iter_mut().enumerate() {
+            ui.horizontal(|ui| {
+                ui.label("feature");
+                ui.add(egui::DragValue::new(&mut s.feature).range(0..=d_sae - 1));
+                ui.add(egui::Slider::new(&mut s.value, -40.0..=40.0).text("value"));
+                if ui.small_button("✕").clicked() {
+                    remove = Some(i);
+                }
+            });
+        }
+        if let Some(i) = remove {
+            self.steers.remove(i);
+        }
+        let running = self.generate_job.is_some();
+        if ui
+            .add_enabled(!running, egui::Button::new("Generate"))
+            .clicked()
+        {
+            let model = model.clone();
+            let sae = wb.sae.clone();
+            let prompt = self.prompt.clone();
+            let steers = self.steers.clone();
+            let mode = self.steer_mode;
+            let n = self.max_new_tokens;
+            self.generate_job = Some(wb.spawn("generate", move |_| {
+                continue_prompt(&model, sae.as_deref(), &prompt, &steers, mode, n)
+            }));
+        }
+        if running {
+            ui.spinner();
+        }
+        if let Some(c) = &self.continuations {
+            egui::Grid::new("continuations")
+                .num_columns(2)
+                .striped(true)
+                .show(ui, |ui| {
+                    ui.label("plain");
+                    ui.label(format!("{}⟨{}⟩", self.prompt, c.plain));
+                    ui.end_row();
+                    if let Some(steered) = &c.steered {
+                        ui.label("steered");
+                        ui.label(format!("{}⟨{}⟩", self.prompt, steered));
+                        ui.end_row();
+                    }
+                });
+        }
+    }
+}
+
+fn read_prompt(
+    model: &Model,
+    sae: Option<&OpenSae>,
+    prompt: &str,
+    colour: ColourBy,
+    version: u64,
+) -> anyhow::Result<Reading> {
+    let ids = model.encode_prompt(prompt)?;
+    let point = match colour {
+        ColourBy::Nothing => None,
+        ColourBy::Feature(_) => sae.map(|s| s.hook),
+        ColourBy::Neuron { layer, .. } => Some(HookPoint::MlpPost(layer)),
+    };
+    let hooks = Hooks::new().capture(point);
+    let out = model.forward(&model.ids_tensor(&ids)?, &hooks)?;
+    let last: Vec<f32> = out
+        .logits
+        .i((0, ids.len() - 1))?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    let values = match (colour, point) {
+        (ColourBy::Feature(f), Some(p)) => {
+            let sae = sae
+                .map(|s| &s.sae.sae)
+                .ok_or_else(|| anyhow::anyhow!("no SAE"))?;
+            let x = out
+                .cache
+                .require(p)?
+                .i(0)?
+                .to_dtype(candle_core::DType::F32)?;
+            let acts = sae.encode(&x)?;
+            Some(
+                acts.narrow(D::Minus1, f as usize, 1)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )
+        }
+        (ColourBy::Neuron { index, .. }, Some(p)) => {
+            let x = out
+                .cache
+                .require(p)?
+                .i(0)?
+                .to_dtype(candle_core::DType::F32)?;
+            Some(x.narrow(D::Minus1, index, 1)?.flatten_all()?.to_vec1()?)
+        }
+        _ => None,
+    };
+    Ok(Reading {
+        tokens: model.tokenizer.tokens_display(&ids),
+        top: top_tokens(model, &last, 10),
+        values,
+        prompt: prompt.to_string(),
+        colour,
+        version,
+    })
+}
+
+fn continue_prompt(
+    model: &Model,
+    sae: Option<&OpenSae>,
+    prompt: &str,
+    steers: &[Steer],
+    mode: SteerMode,
+    max_new_tokens: usize,
+) -> anyhow::Result<Continuations> {
+    let ids = model.encode_prompt(prompt)?;
+    let options = GenerateOptions {
+        max_new_tokens,
+        ..Default::default()
+    };
+    let plain = generate(model, &ids, &options, &Hooks::new())?.text;
+    let steered = match sae {
+        Some(s) if !steers.is_empty() => {
+            let hooks = steering_hooks(&s.sae.sae, s.hook, steers, mode, &model.device)?;
+            Some(generate(model, &ids, &options, &hooks)?.text)
+        }
+        _ => None,
+    };
+    Ok(Continuations { plain, steered })
+}

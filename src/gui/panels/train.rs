@@ -1,0 +1,335 @@
+//! Train: capture a hook's activations over a corpus and train an SAE on them, with live
+//! curves of loss, L0, FVU, dead latents and throughput; pause, cancel (a checkpoint stays),
+//! and open the result in Features.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+use super::{Panel, PanelKind, need_model, take};
+use crate::gui::style::explain;
+use crate::gui::widgets::job_row;
+use crate::gui::workbench::Workbench;
+use crate::jobs::Job;
+use crate::model::Model;
+use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run};
+use crate::sae::saelens::SaeMetadata;
+use crate::sae::train::{TrainArchitecture, TrainConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Arch {
+    TopK,
+    BatchTopK,
+    Standard,
+    JumpRelu,
+}
+
+/// The training form.
+#[derive(Clone, Debug)]
+pub struct TrainForm {
+    pub hook: String,
+    arch: Arch,
+    pub k: usize,
+    l1: f32,
+    pub expansion: usize,
+    pub tokens: u64,
+    pub batch_size: usize,
+    lr: f32,
+    pub corpus: String,
+    pub out: String,
+}
+
+impl Default for TrainForm {
+    fn default() -> Self {
+        Self {
+            hook: "blocks.4.mlp.hook_post".into(),
+            arch: Arch::TopK,
+            k: 32,
+            l1: 5.0,
+            expansion: 8,
+            tokens: 500_000,
+            batch_size: 4096,
+            lr: 4e-4,
+            corpus: "world".into(),
+            out: "sae-out".into(),
+        }
+    }
+}
+
+enum Ended {
+    Finished(PathBuf),
+    Cancelled(u64),
+}
+
+#[derive(Default)]
+pub struct Train {
+    pub form: TrainForm,
+    job: Option<Job<Ended>>,
+    /// The curves of the last run (kept after it ends).
+    last_series: Option<crate::jobs::Progress>,
+}
+
+impl Panel for Train {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Train
+    }
+
+    fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        if let Some(job) = &self.job {
+            self.last_series = Some(job.progress());
+        }
+        if let Some(ended) = take(&mut self.job, wb) {
+            match ended {
+                Ended::Finished(dir) => {
+                    wb.info(format!("SAE written to {}", dir.display()));
+                    wb.open_sae(dir);
+                    wb.goto = Some(PanelKind::Features);
+                }
+                Ended::Cancelled(step) => wb.info(format!(
+                    "training stopped at step {step}; a checkpoint is in the output folder"
+                )),
+            }
+        }
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        ui.add_enabled_ui(self.job.is_none(), |ui| self.form_ui(ui, &model));
+        ui.horizontal(|ui| match &self.job {
+            None => {
+                if ui.button("Start training").clicked() {
+                    self.start(wb, &model);
+                }
+            }
+            Some(job) => {
+                let paused = job.is_paused();
+                if ui
+                    .button(if paused { "Resume" } else { "Pause" })
+                    .on_hover_text("holds the trainer between steps")
+                    .clicked()
+                {
+                    job.set_paused(!paused);
+                }
+                job_row(ui, job);
+            }
+        });
+        if let Some(p) = &self.last_series {
+            charts(ui, p);
+        }
+    }
+}
+
+impl Train {
+    fn form_ui(&mut self, ui: &mut egui::Ui, model: &Model) {
+        let f = &mut self.form;
+        egui::Grid::new("train-form").num_columns(2).show(ui, |ui| {
+            ui.label("Hook");
+            egui::ComboBox::from_id_salt("hook")
+                .selected_text(&f.hook)
+                .height(400.0)
+                .show_ui(ui, |ui| {
+                    for h in model.hook_points() {
+                        let name = h.to_string();
+                        ui.selectable_value(&mut f.hook, name.clone(), name);
+                    }
+                });
+            ui.end_row();
+            ui.label("Architecture");
+            ui.horizontal(|ui| {
+                ui.radio_value(&mut f.arch, Arch::TopK, "TopK");
+                ui.radio_value(&mut f.arch, Arch::BatchTopK, "BatchTopK");
+                ui.radio_value(&mut f.arch, Arch::Standard, "ReLU + L1");
+                ui.radio_value(&mut f.arch, Arch::JumpRelu, "JumpReLU");
+            });
+            ui.end_row();
+            match f.arch {
+                Arch::TopK | Arch::BatchTopK => {
+                    ui.label("k").on_hover_text("latents active per token");
+                    ui.add(egui::DragValue::new(&mut f.k).range(1..=1024));
+                }
+                Arch::Standard | Arch::JumpRelu => {
+                    ui.label("sparsity coefficient")
+                        .on_hover_text("L1 (ReLU) or L0 (JumpReLU) penalty weight");
+                    ui.add(
+                        egui::DragValue::new(&mut f.l1)
+                            .speed(0.1)
+                            .range(0.0..=1000.0),
+                    );
+                }
+            }
+            ui.end_row();
+            ui.label("Expansion")
+                .on_hover_text("d_sae = expansion × d_in");
+            ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
+            ui.end_row();
+            ui.label("Tokens");
+            ui.add(
+                egui::DragValue::new(&mut f.tokens)
+                    .range(1_000..=1_000_000_000)
+                    .speed(10_000),
+            );
+            ui.end_row();
+            ui.label("Batch size");
+            ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
+            ui.end_row();
+            ui.label("Learning rate");
+            ui.add(
+                egui::DragValue::new(&mut f.lr)
+                    .speed(1e-5)
+                    .range(1e-6..=1e-1),
+            );
+            ui.end_row();
+            ui.label("Corpus").on_hover_text(
+                "world (the bundled generated corpus), or a .txt / .jsonl / .parquet file",
+            );
+            ui.text_edit_singleline(&mut f.corpus);
+            ui.end_row();
+            ui.label("Output folder");
+            ui.horizontal(|ui| {
+                ui.text_edit_singleline(&mut f.out);
+                if ui.button("Browse…").clicked()
+                    && let Some(dir) = crate::gui::pick_folder("Folder for the SAE")
+                {
+                    f.out = dir.display().to_string();
+                }
+            });
+            ui.end_row();
+        });
+    }
+
+    pub fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let model = model.clone();
+        let form = self.form.clone();
+        self.last_series = None;
+        self.job = Some(wb.spawn("train SAE", move |job| train(&model, &form, job)));
+    }
+}
+
+fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::Result<Ended> {
+    let out = PathBuf::from(f.out.trim());
+    if out.as_os_str().is_empty() {
+        anyhow::bail!("choose an output folder");
+    }
+    job.set_message("filling the activation buffer");
+    let corpus = Corpus::parse(f.corpus.trim(), "text")?;
+    let settings = WindowSettings {
+        context_size: 128.min(model.dims().context_length),
+        prepend_bos: true,
+        exclude_special: true,
+        windows_per_forward: 32,
+    };
+    let mut source = ActivationSource::new(model, corpus, &f.hook, settings)?;
+    let d_in = source.d_in();
+    let aux_k = d_in / 2;
+    let architecture = match f.arch {
+        Arch::TopK => TrainArchitecture::TopK {
+            k: f.k,
+            aux_k,
+            aux_coefficient: 1.0 / 32.0,
+        },
+        Arch::BatchTopK => TrainArchitecture::BatchTopK {
+            k: f.k,
+            aux_k,
+            aux_coefficient: 1.0 / 32.0,
+            threshold_lr: 0.01,
+        },
+        Arch::Standard => TrainArchitecture::Standard {
+            l1_coefficient: f.l1,
+        },
+        Arch::JumpRelu => TrainArchitecture::JumpRelu {
+            l0_coefficient: f.l1,
+            bandwidth: 0.05,
+            init_threshold: 0.01,
+        },
+    };
+    let mut train = TrainConfig::new(architecture, d_in, f.expansion * d_in);
+    train.batch_size = f.batch_size;
+    train.total_steps = f.tokens.div_ceil(f.batch_size.max(1) as u64);
+    train.lr = f.lr;
+    train.decay_steps = train.total_steps / 5;
+    train.dead_after_tokens = f.tokens.min(1_000_000) / 2;
+    train.validate()?;
+    let total = train.total_steps;
+    let settings = RunSettings {
+        buffer_rows: 16 * f.batch_size,
+        normalize: true,
+        checkpoint_every_tokens: 1_000_000,
+        log_every_steps: 10,
+        save_dtype: SaveDtype::F32,
+        train,
+    };
+    let metadata = SaeMetadata {
+        model_name: model
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hook_name: source.hook.to_string(),
+        context_size: source.settings.context_size,
+        prepend_bos: source.settings.prepend_bos,
+        dataset_path: source.corpus().describe(),
+    };
+    let started = std::time::Instant::now();
+    let outcome = run(
+        &mut source,
+        &settings,
+        &metadata,
+        &out,
+        false,
+        job.cancel_flag(),
+        |m| {
+            job.wait_while_paused();
+            job.set_progress(m.step, total, "steps");
+            job.set_message(format!("step {} of {total}", m.step));
+            if m.step % 2 == 0 || m.step == total {
+                let x = m.tokens as f64;
+                job.record("loss", x, m.loss);
+                job.record("L0", x, m.l0);
+                job.record("FVU", x, m.fvu);
+                job.record("dead %", x, 100.0 * m.dead_fraction);
+                let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                job.record("tokens/s", x, rate);
+            }
+        },
+    )?;
+    Ok(match outcome {
+        RunOutcome::Finished(_) => Ended::Finished(out),
+        RunOutcome::Cancelled { step } => Ended::Cancelled(step),
+    })
+}
+
+/// Five small live charts against tokens trained on.
+fn charts(ui: &mut egui::Ui, p: &crate::jobs::Progress) {
+    let charts = [
+        ("loss", explain::LOSS),
+        ("L0", explain::L0),
+        ("FVU", explain::FVU),
+        ("dead %", explain::DEAD),
+        ("tokens/s", explain::TOKENS_PER_S),
+    ];
+    ui.horizontal_wrapped(|ui| {
+        for (name, tip) in charts {
+            let Some(points) = p.series.get(name) else {
+                continue;
+            };
+            ui.vertical(|ui| {
+                let last = points.last().map_or(0.0, |q| q[1]);
+                ui.label(format!("{name}: {last:.4}")).on_hover_text(tip);
+                Plot::new(("train-chart", name))
+                    .width(260.0)
+                    .height(150.0)
+                    .legend(Legend::default())
+                    .x_axis_label("tokens")
+                    .allow_scroll(false)
+                    .show(ui, |plot| {
+                        plot.line(Line::new(name, PlotPoints::from(points.clone())));
+                    });
+            });
+        }
+    });
+}

@@ -1,0 +1,103 @@
+//! Fonts, colours and the words that explain each metric.
+
+use egui::{Color32, FontData, FontDefinitions, FontFamily};
+
+/// A subset of Noto Sans CJK JP (SIL OFL 1.1; see assets/fonts/README.md) so Japanese renders.
+const CJK_FONT: &[u8] = include_bytes!("../../assets/fonts/NotoSansCJKjp-Regular-subset.otf");
+
+/// egui's own fonts first, the CJK subset as the fallback for what they lack.
+pub fn install_fonts(ctx: &egui::Context) {
+    let mut fonts = FontDefinitions::default();
+    fonts.font_data.insert(
+        "noto-sans-jp".into(),
+        std::sync::Arc::new(FontData::from_static(CJK_FONT)),
+    );
+    for family in [FontFamily::Proportional, FontFamily::Monospace] {
+        fonts
+            .families
+            .entry(family)
+            .or_default()
+            .push("noto-sans-jp".into());
+    }
+    ctx.set_fonts(fonts);
+}
+
+pub fn apply_theme(ctx: &egui::Context, dark: bool) {
+    ctx.set_visuals(if dark {
+        egui::Visuals::dark()
+    } else {
+        egui::Visuals::light()
+    });
+    ctx.style_mut(|s| {
+        s.spacing.item_spacing = egui::vec2(8.0, 6.0);
+        s.spacing.button_padding = egui::vec2(8.0, 3.0);
+    });
+}
+
+/// Colour of an activation `value` on a scale whose top is `max`: transparent at 0, the
+/// accent colour at `max` (negative values in the second colour).
+pub fn activation_colour(value: f32, max: f32, dark: bool) -> Color32 {
+    if !value.is_finite() || max <= 0.0 {
+        return Color32::TRANSPARENT;
+    }
+    let t = (value.abs() / max).clamp(0.0, 1.0);
+    let (r, g, b) = if value >= 0.0 {
+        (255, 140, 0)
+    } else {
+        (60, 130, 255)
+    };
+    let alpha = (t * if dark { 200.0 } else { 170.0 }) as u8;
+    Color32::from_rgba_unmultiplied(r, g, b, alpha)
+}
+
+/// The colour map of heatmaps: dark blue → yellow (viridis-like), `t` in [0, 1].
+pub fn heat_colour(t: f32) -> Color32 {
+    const STOPS: [(f32, [u8; 3]); 5] = [
+        (0.0, [68, 1, 84]),
+        (0.25, [59, 82, 139]),
+        (0.5, [33, 145, 140]),
+        (0.75, [94, 201, 98]),
+        (1.0, [253, 231, 37]),
+    ];
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    for pair in STOPS.windows(2) {
+        let ((t0, a), (t1, b)) = (pair[0], pair[1]);
+        if t <= t1 {
+            let f = (t - t0) / (t1 - t0);
+            let mix = |i: usize| (a[i] as f32 + f * (b[i] as f32 - a[i] as f32)) as u8;
+            return Color32::from_rgb(mix(0), mix(1), mix(2));
+        }
+    }
+    Color32::from_rgb(253, 231, 37)
+}
+
+/// Tooltips: what each metric means, with the formula the code uses.
+pub mod explain {
+    pub const L0: &str = "L0: the mean number of latents active per token.";
+    pub const FVU: &str = "FVU (fraction of variance unexplained) = Σ‖x − x̂‖² / Σ‖x − x̄‖², \
+        pooled over the batch. 0 is a perfect reconstruction, 1 is no better than the mean.";
+    pub const DEAD: &str = "Dead: the share of latents that have not fired in the last N tokens \
+        (N = dead-after tokens).";
+    pub const LOSS: &str = "Training loss: reconstruction MSE plus the sparsity or AuxK term.";
+    pub const TOKENS_PER_S: &str = "Activation rows trained on per second.";
+    pub const CE_RECOVERED: &str = "CE loss recovered = (CE_zero-ablated − CE_with_SAE) / \
+        (CE_zero-ablated − CE_clean): the share of the model's next-token loss kept when the \
+        hook's value is replaced by the SAE's reconstruction.";
+    pub const DENSITY: &str = "Density: the fraction of tokens on which the feature fires.";
+    pub const MAX_ACT: &str = "The largest activation seen over the statistics' tokens.";
+    pub const ES: &str = "Efficacy (ES): the edit prompt now puts the new target above the old \
+        answer.";
+    pub const PS: &str = "Paraphrase success (PS): the same on other phrasings of the fact.";
+    pub const NS: &str = "Neighbourhood success (NS): other subjects still give their own, \
+        unedited answers.";
+    pub const ATTRIBUTION: &str = "Integrated gradients (Dai et al. 2022): the neuron's \
+        activation times the mean gradient of P(target) as the activation is scaled from 0 \
+        to its value.";
+    pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \
+        corrupted with noise; restoring one state from the clean run brings P(answer) back by \
+        this much.";
+}

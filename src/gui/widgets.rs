@@ -1,0 +1,164 @@
+//! Pieces several panels draw: a job's progress row, token chips coloured by activation, a
+//! heatmap.
+
+use egui::{Color32, RichText, Sense, Stroke, Ui, vec2};
+
+use super::style::{activation_colour, heat_colour};
+use super::workbench::JobView;
+
+/// Name, message, progress bar with rate and a Cancel button.
+pub fn job_row(ui: &mut Ui, job: &dyn JobView) {
+    let p = job.progress();
+    ui.spinner();
+    let mut text = job.name().to_string();
+    if !p.message.is_empty() {
+        text = format!("{text}: {}", p.message);
+    }
+    ui.label(text);
+    if let Some(fraction) = p.fraction() {
+        let rate = job.rate();
+        let bar = egui::ProgressBar::new(fraction)
+            .desired_width(160.0)
+            .text(format!("{} / {} {} · {rate:.0}/s", p.done, p.total, p.unit));
+        ui.add(bar);
+    } else {
+        ui.label(format!("{:.0}s", job.elapsed().as_secs_f64()));
+    }
+    if ui
+        .small_button("Cancel")
+        .on_hover_text("Stop at the next safe point")
+        .clicked()
+    {
+        job.cancel();
+    }
+}
+
+/// Tokens as chips; `values[i]` colours chip `i` (scale top `max`); the hover text shows it.
+/// Returns the index of a clicked chip.
+pub fn token_chips(
+    ui: &mut Ui,
+    tokens: &[String],
+    values: Option<&[f32]>,
+    max: f32,
+    highlight: Option<usize>,
+) -> Option<usize> {
+    let dark = ui.visuals().dark_mode;
+    let mut clicked = None;
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing = vec2(2.0, 4.0);
+        for (i, token) in tokens.iter().enumerate() {
+            let value = values.and_then(|v| v.get(i)).copied();
+            let fill = value.map_or(Color32::TRANSPARENT, |v| activation_colour(v, max, dark));
+            let shown = display_token(token);
+            let mut frame = egui::Frame::new()
+                .fill(fill)
+                .corner_radius(3.0)
+                .inner_margin(egui::Margin::symmetric(3, 1))
+                .stroke(Stroke::new(
+                    1.0,
+                    ui.visuals().widgets.noninteractive.bg_stroke.color,
+                ));
+            if highlight == Some(i) {
+                frame = frame.stroke(Stroke::new(2.0, ui.visuals().selection.stroke.color));
+            }
+            let response = frame
+                .show(ui, |ui| ui.label(RichText::new(shown).monospace()))
+                .response
+                .interact(Sense::click());
+            let response = match value {
+                Some(v) => response.on_hover_text(format!("token {i}: {token:?}\nvalue {v:.3}")),
+                None => response.on_hover_text(format!("token {i}: {token:?}")),
+            };
+            if response.clicked() {
+                clicked = Some(i);
+            }
+        }
+    });
+    clicked
+}
+
+/// A token as a chip shows it: spaces as `·`, newlines as `⏎`.
+pub fn display_token(token: &str) -> String {
+    let t = token.replace('\n', "⏎").replace(' ', "·");
+    if t.is_empty() { "∅".into() } else { t }
+}
+
+/// A heatmap of `rows × cols` values (row-major), scaled to the largest value; row and column
+/// labels; returns the hovered cell. Values ≤ 0 draw as the colour map's bottom.
+pub struct Heatmap<'a> {
+    pub values: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_labels: &'a [String],
+    pub col_labels: &'a [String],
+    pub cell: egui::Vec2,
+    /// What a value is, for the hover text.
+    pub what: &'a str,
+}
+
+impl Heatmap<'_> {
+    pub fn show(&self, ui: &mut Ui) -> Option<(usize, usize)> {
+        let max = self
+            .values
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, f32::max);
+        let label_w = 120.0;
+        let size = vec2(
+            label_w + self.cell.x * self.cols as f32,
+            self.cell.y * self.rows as f32 + 18.0,
+        );
+        let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
+        let painter = ui.painter_at(rect);
+        let font = egui::FontId::proportional(11.0);
+        let text = ui.visuals().text_color();
+        for r in 0..self.rows {
+            let y = rect.top() + r as f32 * self.cell.y;
+            if let Some(label) = self.row_labels.get(r) {
+                painter.text(
+                    egui::pos2(rect.left() + label_w - 4.0, y + self.cell.y / 2.0),
+                    egui::Align2::RIGHT_CENTER,
+                    display_token(label),
+                    font.clone(),
+                    text,
+                );
+            }
+            for c in 0..self.cols {
+                let v = self.values.get(r * self.cols + c).copied().unwrap_or(0.0);
+                let t = if max > 0.0 { v / max } else { 0.0 };
+                let cell = egui::Rect::from_min_size(
+                    egui::pos2(rect.left() + label_w + c as f32 * self.cell.x, y),
+                    self.cell,
+                );
+                painter.rect_filled(cell, 0.0, heat_colour(t));
+            }
+        }
+        let bottom = rect.top() + self.rows as f32 * self.cell.y;
+        let step = (self.col_labels.len() / 12).max(1);
+        for (c, label) in self.col_labels.iter().enumerate().step_by(step) {
+            painter.text(
+                egui::pos2(
+                    rect.left() + label_w + (c as f32 + 0.5) * self.cell.x,
+                    bottom + 2.0,
+                ),
+                egui::Align2::CENTER_TOP,
+                label,
+                font.clone(),
+                text,
+            );
+        }
+        let pos = response.hover_pos()?;
+        let c = ((pos.x - rect.left() - label_w) / self.cell.x).floor();
+        let r = ((pos.y - rect.top()) / self.cell.y).floor();
+        if c < 0.0 || r < 0.0 || c as usize >= self.cols || r as usize >= self.rows {
+            return None;
+        }
+        let (r, c) = (r as usize, c as usize);
+        let v = self.values.get(r * self.cols + c).copied().unwrap_or(0.0);
+        let row = self.row_labels.get(r).cloned().unwrap_or_default();
+        let col = self.col_labels.get(c).cloned().unwrap_or_default();
+        response.on_hover_text(format!("{row:?} × {col}: {} {v:.4}", self.what));
+        Some((r, c))
+    }
+}

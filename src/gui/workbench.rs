@@ -1,0 +1,477 @@
+//! What the panels share: the open model, SAE and feature store, the edit history, messages,
+//! and requests from one panel to another. Opening anything is a background job.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::edit::history::EditHistory;
+use crate::features::store::{self, FeatureStore};
+use crate::features::{BuildSettings, build};
+use crate::jobs::{Job, JobHandle};
+use crate::model::{HookPoint, Model};
+use crate::sae::activations::Corpus;
+use crate::sae::codes::{CodingInput, SegmentSettings};
+use crate::sae::saelens::{SaeDir, load_for_model};
+use crate::world::knowledge::KnowledgeBase;
+
+use super::PanelKind;
+use super::widgets::job_row;
+
+/// An SAE opened for the current model.
+pub struct OpenSae {
+    pub dir: PathBuf,
+    pub sae: SaeDir,
+    pub hook: HookPoint,
+}
+
+/// Tokens of the world corpus a feature store is built from when an SAE has none.
+pub const STORE_TOKENS: u64 = 30_000;
+
+/// A message shown in the window.
+struct Notice {
+    text: String,
+    error: bool,
+    at: Instant,
+}
+
+/// What a panel can ask another to show.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    /// Steer with this SAE feature in the playground.
+    Steer(u32),
+    /// Open this feature's page.
+    Feature(u32),
+}
+
+pub struct Workbench {
+    pub ctx: egui::Context,
+    pub model_dir: PathBuf,
+    pub model: Option<Arc<Model>>,
+    /// Bumped whenever the model's weights change (opened, edited, undone): panels drop
+    /// results computed on an older model.
+    pub model_version: u64,
+    pub sae_dir: Option<PathBuf>,
+    pub sae: Option<Arc<OpenSae>>,
+    pub store: Option<Arc<FeatureStore>>,
+    /// Ground-truth concept names of features (world model only), from `features score`.
+    pub labels: HashMap<u32, String>,
+    pub history: EditHistory,
+    pub kb: Arc<KnowledgeBase>,
+    /// Panel to switch to, set by a panel.
+    pub goto: Option<PanelKind>,
+    pub requests: Vec<Request>,
+    notices: Vec<Notice>,
+    model_job: Option<Job<Model>>,
+    sae_job: Option<Job<OpenSae>>,
+    store_job: Option<Job<FeatureStore>>,
+    label_job: Option<Job<HashMap<u32, String>>>,
+    /// SAE to open once the model has loaded.
+    pending_sae: Option<PathBuf>,
+}
+
+impl Workbench {
+    pub fn new(ctx: egui::Context) -> Self {
+        let (kb, notice) = match KnowledgeBase::bundled() {
+            Ok(kb) => (kb, None),
+            Err(e) => (
+                KnowledgeBase {
+                    path: PathBuf::new(),
+                    countries: Vec::new(),
+                },
+                Some(format!("world facts: {e}")),
+            ),
+        };
+        let mut wb = Self {
+            ctx,
+            model_dir: PathBuf::new(),
+            model: None,
+            model_version: 0,
+            sae_dir: None,
+            sae: None,
+            store: None,
+            labels: HashMap::new(),
+            history: EditHistory::new(),
+            kb: Arc::new(kb),
+            goto: None,
+            requests: Vec::new(),
+            notices: Vec::new(),
+            model_job: None,
+            sae_job: None,
+            store_job: None,
+            label_job: None,
+            pending_sae: None,
+        };
+        if let Some(n) = notice {
+            wb.error(n);
+        }
+        wb
+    }
+
+    /// Starts `work` in the background; its reports repaint the window.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        name: impl Into<String>,
+        work: impl FnOnce(&JobHandle) -> anyhow::Result<T> + Send + 'static,
+    ) -> Job<T> {
+        let ctx = self.ctx.clone();
+        Job::spawn(name, move || ctx.request_repaint(), work)
+    }
+
+    pub fn error(&mut self, text: impl Into<String>) {
+        self.notices.push(Notice {
+            text: text.into(),
+            error: true,
+            at: Instant::now(),
+        });
+    }
+
+    pub fn info(&mut self, text: impl Into<String>) {
+        self.notices.push(Notice {
+            text: text.into(),
+            error: false,
+            at: Instant::now(),
+        });
+    }
+
+    /// The message texts (tests read them).
+    pub fn messages(&self) -> Vec<&str> {
+        self.notices.iter().map(|n| n.text.as_str()).collect()
+    }
+
+    /// Opens a model folder (and then `sae`, if given); the SAE and edits of the old model go.
+    pub fn open_model(&mut self, dir: PathBuf, sae: Option<PathBuf>) {
+        self.model = None;
+        self.sae = None;
+        self.sae_dir = None;
+        self.store = None;
+        self.labels.clear();
+        self.history = EditHistory::new();
+        self.model_dir = dir.clone();
+        self.pending_sae = sae;
+        self.model_job = Some(self.spawn("open model", move |job| {
+            job.set_message(format!("loading {}", dir.display()));
+            let device = crate::device::DeviceChoice::Auto.open()?;
+            Ok(Model::load(&dir, &device, candle_core::DType::F32)?)
+        }));
+    }
+
+    /// Opens an SAE for the current model, then its feature store (building one if needed).
+    pub fn open_sae(&mut self, dir: PathBuf) {
+        let Some(model) = self.model.clone() else {
+            self.pending_sae = Some(dir);
+            return;
+        };
+        self.sae = None;
+        self.store = None;
+        self.labels.clear();
+        self.sae_dir = Some(dir.clone());
+        self.sae_job = Some(self.spawn("open SAE", move |job| {
+            job.set_message(format!("loading {}", dir.display()));
+            let (sae, hook) = load_for_model(&dir, None, &model, &candle_core::Device::Cpu)?;
+            crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
+            Ok(OpenSae { dir, sae, hook })
+        }));
+    }
+
+    /// Replaces the model's weights (after an edit or an undo).
+    pub fn set_edited_model(&mut self, model: Model, history: EditHistory) {
+        self.model = Some(Arc::new(model));
+        self.history = history;
+        self.model_version += 1;
+    }
+
+    /// Is anything of the workbench's own still loading?
+    pub fn busy(&self) -> bool {
+        self.model_job.is_some()
+            || self.sae_job.is_some()
+            || self.store_job.is_some()
+            || self.label_job.is_some()
+    }
+
+    /// Is the model being (re)loaded?
+    pub fn loading_model(&self) -> bool {
+        self.model_job.is_some()
+    }
+
+    /// Takes finished jobs' results. Called once per frame.
+    pub fn poll(&mut self) {
+        if let Some(result) = self.model_job.as_mut().and_then(Job::poll) {
+            self.model_job = None;
+            match result {
+                Ok(model) => {
+                    self.model = Some(Arc::new(model));
+                    self.model_version += 1;
+                    if let Some(sae) = self.pending_sae.take() {
+                        self.open_sae(sae);
+                    }
+                }
+                Err(e) => self.error(format!("opening {}: {e}", self.model_dir.display())),
+            }
+        }
+        if let Some(result) = self.sae_job.as_mut().and_then(Job::poll) {
+            self.sae_job = None;
+            match result {
+                Ok(sae) => {
+                    let sae = Arc::new(sae);
+                    self.sae = Some(sae.clone());
+                    self.open_store(sae);
+                }
+                Err(e) => {
+                    let dir = self.sae_dir.take().unwrap_or_default();
+                    self.error(format!("opening SAE {}: {e}", dir.display()));
+                }
+            }
+        }
+        if let Some(result) = self.store_job.as_mut().and_then(Job::poll) {
+            self.store_job = None;
+            match result {
+                Ok(store) => {
+                    self.store = Some(Arc::new(store));
+                    self.start_labels();
+                }
+                Err(e) => self.error(format!("feature statistics: {e}")),
+            }
+        }
+        if let Some(result) = self.label_job.as_mut().and_then(Job::poll) {
+            self.label_job = None;
+            match result {
+                Ok(labels) => self.labels = labels,
+                Err(e) => self.error(format!("concept labels: {e}")),
+            }
+        }
+        let now = Instant::now();
+        self.notices
+            .retain(|n| n.error || now.duration_since(n.at) < Duration::from_secs(8));
+    }
+
+    /// The SAE's feature store: `DIR/features` when the SAE folder has one, else one built
+    /// from the world corpus into the cache.
+    fn open_store(&mut self, sae: Arc<OpenSae>) {
+        let Some(model) = self.model.clone() else {
+            return;
+        };
+        self.store_job = Some(self.spawn("feature statistics", move |job| {
+            let local = sae.dir.join("features");
+            if local.join(store::INFO_FILE).is_file() {
+                job.set_message(format!("reading {}", local.display()));
+                return Ok(store::open(&local)?);
+            }
+            let dir = store_cache_dir(&model.dir, &sae.dir)?;
+            if dir.join(store::INFO_FILE).is_file() {
+                job.set_message(format!("reading {}", dir.display()));
+                return Ok(store::open(&dir)?);
+            }
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            job.set_message(format!(
+                "first look at this SAE: statistics over {STORE_TOKENS} tokens"
+            ));
+            let corpus = Corpus::parse("world", "text")?;
+            let settings = BuildSettings {
+                segment: SegmentSettings {
+                    context_size: 128.min(model.dims().context_length),
+                    prepend_bos: true,
+                    exclude_special: true,
+                    segments_per_forward: 16,
+                },
+                tokens: STORE_TOKENS,
+                stats: Default::default(),
+                logit_tokens: 10,
+                neighbours: 10,
+            };
+            let input = CodingInput {
+                model: &model,
+                sae: &sae.sae.sae,
+                sae_dir: &sae.dir,
+                hook: sae.hook,
+                corpus: &corpus,
+            };
+            let report = build(&input, &dir, &settings, true, job.cancel_flag(), |t| {
+                job.set_progress(t, STORE_TOKENS, "tokens")
+            })?;
+            if report.info.is_none() {
+                anyhow::bail!("cancelled");
+            }
+            Ok(store::open(&dir)?)
+        }));
+    }
+
+    /// Ground-truth labels for the bundled model's features (cached beside the store).
+    fn start_labels(&mut self) {
+        let (Some(model), Some(sae)) = (self.model.clone(), self.sae.clone()) else {
+            return;
+        };
+        if model.dir != crate::cli::bundled_model_dir() {
+            return;
+        }
+        self.label_job = Some(self.spawn("concept labels", move |job| {
+            let path = store_cache_dir(&model.dir, &sae.dir)?.join("labels.json");
+            if path.is_file() {
+                return Ok(crate::files::read_json(&path)?);
+            }
+            job.set_message("scoring features against the world's labels");
+            let mut settings =
+                crate::features::score::ScoreSettings::new(crate::sae::codes::SegmentSettings {
+                    context_size: 128.min(model.dims().context_length),
+                    prepend_bos: true,
+                    exclude_special: true,
+                    segments_per_forward: 16,
+                });
+            settings.docs_per_country = 1;
+            settings.fact_lists = 100;
+            let report = crate::features::score::score(
+                &model,
+                &sae.sae.sae,
+                sae.hook,
+                &settings,
+                |split, tokens| job.set_message(format!("{split} split: {tokens} tokens")),
+            )?;
+            let labels: HashMap<u32, String> = report
+                .concepts
+                .iter()
+                .filter(|c| c.scored)
+                .map(|c| {
+                    let label = format!("{} (F1 {:.2})", c.concept, c.evaluation.f1);
+                    (c.best_feature, label)
+                })
+                .collect();
+            let text = serde_json::to_vec_pretty(&labels)?;
+            crate::files::write_atomic(&path, |tmp| {
+                std::fs::write(tmp, &text).map_err(|e| crate::Error::io(tmp, e))
+            })?;
+            Ok(labels)
+        }));
+    }
+
+    /// The bottom bar: what is open, and the workbench's own jobs with cancel buttons.
+    pub fn status_ui(&mut self, ui: &mut egui::Ui) {
+        match &self.model {
+            Some(m) => {
+                let d = m.dims();
+                ui.label(format!(
+                    "model {} ({}, {} layers, d_model {}){}",
+                    short_path(&m.dir),
+                    m.model_type,
+                    d.n_layers,
+                    d.d_model,
+                    if self.history.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} edit(s)", self.history.edits().len())
+                    }
+                ));
+            }
+            None => {
+                ui.label(format!("model {} (loading)", short_path(&self.model_dir)));
+            }
+        }
+        if let Some(sae) = &self.sae {
+            ui.separator();
+            ui.label(format!(
+                "SAE {} ({} on {}, {} latents)",
+                short_path(&sae.dir),
+                sae.sae.sae.architecture.name(),
+                sae.hook,
+                sae.sae.sae.d_sae()
+            ));
+        }
+        for job in [
+            self.model_job.as_ref().map(|j| j as &dyn JobView),
+            self.sae_job.as_ref().map(|j| j as &dyn JobView),
+            self.store_job.as_ref().map(|j| j as &dyn JobView),
+            self.label_job.as_ref().map(|j| j as &dyn JobView),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ui.separator();
+            job_row(ui, job);
+        }
+    }
+
+    /// Errors stay until dismissed; other messages fade after a few seconds.
+    pub fn show_notices(&mut self, ctx: &egui::Context) {
+        if self.notices.is_empty() {
+            return;
+        }
+        let mut dismiss = None;
+        egui::Area::new(egui::Id::new("notices"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, [-12.0, -40.0])
+            .show(ctx, |ui| {
+                ui.set_max_width(480.0);
+                for (i, n) in self.notices.iter().enumerate() {
+                    let colour = if n.error {
+                        ui.visuals().error_fg_color
+                    } else {
+                        ui.visuals().text_color()
+                    };
+                    egui::Frame::popup(ui.style()).show(ui, |ui| {
+                        ui.horizontal(|ui| {
+                            ui.colored_label(colour, if n.error { "⚠" } else { "ℹ" });
+                            ui.add(egui::Label::new(&n.text).wrap());
+                            if ui.small_button("✕").on_hover_text("Dismiss").clicked() {
+                                dismiss = Some(i);
+                            }
+                        });
+                    });
+                }
+            });
+        if let Some(i) = dismiss {
+            self.notices.remove(i);
+        }
+    }
+}
+
+/// A job as the status bar sees it, whatever it produces.
+pub trait JobView {
+    fn name(&self) -> &str;
+    fn progress(&self) -> crate::jobs::Progress;
+    fn rate(&self) -> f64;
+    fn elapsed(&self) -> Duration;
+    fn cancel(&self);
+}
+
+impl<T> JobView for Job<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn progress(&self) -> crate::jobs::Progress {
+        Job::progress(self)
+    }
+    fn rate(&self) -> f64 {
+        Job::rate(self)
+    }
+    fn elapsed(&self) -> Duration {
+        Job::elapsed(self)
+    }
+    fn cancel(&self) {
+        Job::cancel(self)
+    }
+}
+
+/// Where the feature store of an SAE without one is kept.
+fn store_cache_dir(model_dir: &Path, sae_dir: &Path) -> anyhow::Result<PathBuf> {
+    let base = crate::edit::covariance::default_cache_dir()
+        .and_then(|stats| stats.parent().map(Path::to_path_buf))
+        .unwrap_or_else(std::env::temp_dir);
+    let model = crate::table::model_hash(model_dir)?;
+    let sae = crate::table::sae_hash(sae_dir)?;
+    Ok(base.join("features").join(format!(
+        "{}-{}",
+        &sae[..16.min(sae.len())],
+        &model[..16.min(model.len())]
+    )))
+}
+
+/// The last two components of a path, for labels.
+pub fn short_path(path: &Path) -> String {
+    let parts: Vec<_> = path.components().rev().take(2).collect();
+    parts
+        .iter()
+        .rev()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
