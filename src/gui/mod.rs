@@ -53,14 +53,14 @@ pub struct App {
     pub current: PanelKind,
     dark: bool,
     screenshots: Option<screenshots::Tour>,
+    /// The model and SAE to open on the first frame (when the window's context exists).
+    startup: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 impl App {
-    /// Opens the model and SAE in `options`, else those remembered, else the bundled ones.
-    pub fn new(ctx: &egui::Context, options: GuiOptions, remembered: Remembered) -> Self {
-        style::install_fonts(ctx);
-        let dark = remembered.dark.unwrap_or(true);
-        style::apply_theme(ctx, dark);
+    /// The window opens the model and SAE in `options`, else those remembered, else the
+    /// bundled ones.
+    pub fn new(options: GuiOptions, remembered: Remembered) -> Self {
         let bundled = crate::cli::bundled_model_dir();
         let model = options
             .model
@@ -72,14 +72,13 @@ impl App {
             .clone()
             .or(remembered.sae.clone())
             .or_else(|| (model == bundled && bundled_sae_dir().is_dir()).then(bundled_sae_dir));
-        let mut workbench = Workbench::new(ctx.clone());
-        workbench.open_model(model, sae);
         Self {
-            workbench,
+            workbench: Workbench::new(egui::Context::default()),
             panels: panels::all(),
             current: remembered.panel.unwrap_or(PanelKind::Playground),
-            dark,
+            dark: remembered.dark.unwrap_or(true),
             screenshots: options.screenshots.map(screenshots::Tour::new),
+            startup: Some((model, sae)),
         }
     }
 
@@ -94,6 +93,12 @@ impl App {
 
     /// One frame (also what the kittest tests drive).
     pub fn ui(&mut self, ctx: &egui::Context) {
+        if let Some((model, sae)) = self.startup.take() {
+            style::install_fonts(ctx);
+            style::apply_theme(ctx, self.dark);
+            self.workbench.ctx = ctx.clone();
+            self.workbench.open_model(model, sae);
+        }
         self.workbench.poll();
         if let Some(kind) = self.workbench.goto.take() {
             self.current = kind;
@@ -197,7 +202,7 @@ pub fn run(options: GuiOptions) -> anyhow::Result<()> {
                 }
                 _ => Remembered::default(),
             };
-            Ok(Box::new(App::new(&cc.egui_ctx, options, remembered)))
+            Ok(Box::new(App::new(options, remembered)))
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))

@@ -25,7 +25,7 @@ pub fn job_row(ui: &mut Ui, job: &dyn JobView) {
         ui.label(format!("{:.0}s", job.elapsed().as_secs_f64()));
     }
     if ui
-        .small_button("Cancel")
+        .small_button(format!("Cancel {}", job.name()))
         .on_hover_text("Stop at the next safe point")
         .clicked()
     {

@@ -32,12 +32,19 @@ pub struct CheckRow {
     pub after: Outcome,
 }
 
+/// What one applied edit changed.
+struct EditResult {
+    choice: KeyChoice,
+    rows: Vec<CheckRow>,
+    /// Greedy continuations of the edit prompt, before and after.
+    continuation: [String; 2],
+    seconds: f64,
+}
+
 struct EditDone {
     model: Model,
     history: EditHistory,
-    choice: KeyChoice,
-    rows: Vec<CheckRow>,
-    seconds: f64,
+    result: EditResult,
 }
 
 struct Undone {
@@ -59,7 +66,7 @@ pub struct Edit {
     editor: Option<Arc<Mutex<Editor>>>,
     editor_for: u64,
     edit_job: Option<Job<EditDone>>,
-    last: Option<(KeyChoice, Vec<CheckRow>, f64)>,
+    last: Option<EditResult>,
     undo_job: Option<Job<Undone>>,
     save_to: String,
     save_job: Option<Job<PathBuf>>,
@@ -74,7 +81,9 @@ impl Default for Edit {
             target_ja: "横浜".into(),
             auto_layer: true,
             layer: 0,
-            key: KeySelect::Auto,
+            // ROME's key; `auto` may choose the prompt's last token, which small models
+            // often read facts at but where an edit rarely generalises.
+            key: KeySelect::Fixed(KeyPosition::SubjectLast),
             traces: Vec::new(),
             trace_job: None,
             editor: None,
@@ -149,10 +158,10 @@ impl Edit {
         if let Some(done) = take(&mut self.edit_job, wb) {
             wb.info(format!(
                 "edited layer {} in {:.1}s",
-                done.choice.layer, done.seconds
+                done.result.choice.layer, done.result.seconds
             ));
             wb.set_edited_model(done.model, done.history);
-            self.last = Some((done.choice, done.rows, done.seconds));
+            self.last = Some(done.result);
         }
         if let Some(undone) = take(&mut self.undo_job, wb) {
             wb.info(format!(
@@ -181,11 +190,13 @@ impl Edit {
                 .on_hover_text("{} marks where the subject goes");
             ui.text_edit_singleline(&mut self.prompt);
             ui.end_row();
-            ui.label("Subject");
-            ui.text_edit_singleline(&mut self.subject);
+            let label = ui.label("Subject");
+            ui.text_edit_singleline(&mut self.subject)
+                .labelled_by(label.id);
             ui.end_row();
-            ui.label("New target");
+            let label = ui.label("New target");
             ui.text_edit_singleline(&mut self.target)
+                .labelled_by(label.id)
                 .on_hover_text("what should follow the prompt, with its leading space");
             ui.end_row();
             ui.label("New target (Japanese)")
@@ -386,6 +397,7 @@ impl Edit {
                 .iter()
                 .map(|c| measure(&edited, c, 3, &Hooks::new()))
                 .collect::<crate::Result<Vec<_>>>()?;
+            let continuation = [&*model, &edited].map(|m| greedy(m, &request.text()));
             let rows = checks
                 .into_iter()
                 .zip(before)
@@ -396,18 +408,28 @@ impl Edit {
                     after,
                 })
                 .collect();
+            let [before, after] = continuation;
             Ok(EditDone {
                 model: edited,
                 history,
-                choice,
-                rows,
-                seconds: started.elapsed().as_secs_f64(),
+                result: EditResult {
+                    choice,
+                    rows,
+                    continuation: [before?, after?],
+                    seconds: started.elapsed().as_secs_f64(),
+                },
             })
         }));
     }
 
     fn show_result(&self, ui: &mut egui::Ui) {
-        let Some((choice, rows, seconds)) = &self.last else {
+        let Some(EditResult {
+            choice,
+            rows,
+            continuation,
+            seconds,
+        }) = &self.last
+        else {
             return;
         };
         ui.separator();
@@ -417,15 +439,7 @@ impl Edit {
             choice.key.name(),
             choice.reason
         ));
-        let wins = |kind: &str| {
-            let of_kind: Vec<&CheckRow> = rows
-                .iter()
-                .filter(|r| r.check.kind.name() == kind)
-                .collect();
-            let won = of_kind.iter().filter(|r| r.after.wins()).count();
-            (won, of_kind.len())
-        };
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             for (kind, tip) in [
                 ("edit", explain::ES),
                 ("paraphrase", explain::PS),
@@ -435,18 +449,38 @@ impl Edit {
                     "the Japanese prompt of the fact gives the new Japanese target",
                 ),
             ] {
-                let (won, n) = wins(kind);
-                if n > 0 {
-                    ui.label(format!("{kind}: {won}/{n}")).on_hover_text(tip);
+                let of_kind: Vec<&CheckRow> = rows
+                    .iter()
+                    .filter(|r| r.check.kind.name() == kind)
+                    .collect();
+                if of_kind.is_empty() {
+                    continue;
                 }
+                let top1 = of_kind.iter().filter(|r| r.after.top1_wanted).count();
+                let wins = of_kind.iter().filter(|r| r.after.wins()).count();
+                let n = of_kind.len();
+                ui.label(format!(
+                    "{kind}: top-1 {top1}/{n}, beats the rival {wins}/{n}"
+                ))
+                .on_hover_text(tip);
+                ui.separator();
             }
         });
+        egui::Grid::new("continuations")
+            .num_columns(2)
+            .show(ui, |ui| {
+                for (when, text) in ["before", "after"].iter().zip(continuation) {
+                    ui.label(format!("greedy {when}"));
+                    ui.label(text);
+                    ui.end_row();
+                }
+            });
         egui::ScrollArea::vertical()
             .id_salt("after-table")
             .max_height(320.0)
             .show(ui, |ui| {
                 egui::Grid::new("before-after")
-                    .num_columns(5)
+                    .num_columns(7)
                     .striped(true)
                     .show(ui, |ui| {
                         ui.strong("check");
@@ -454,14 +488,24 @@ impl Edit {
                         ui.strong("wanted");
                         ui.strong("before (top 3)");
                         ui.strong("after (top 3)");
+                        ui.strong("top-1").on_hover_text(
+                            "the wanted answer's first token is the most likely next token",
+                        );
+                        ui.strong("beats the rival").on_hover_text(
+                            "CounterFact's criterion: the whole wanted answer is likelier \
+                             (teacher-forced) than the rival (the old answer, or for \
+                             neighbours the new target)",
+                        );
                         ui.end_row();
                         for r in rows {
                             ui.label(r.check.kind.name());
                             ui.label(&r.check.prompt);
                             ui.label(format!("{:?}", r.check.wanted));
                             ui.label(top_text(&r.before));
-                            let mark = if r.after.wins() { "✔ " } else { "✘ " };
-                            ui.label(format!("{mark}{}", top_text(&r.after)));
+                            ui.label(top_text(&r.after));
+                            let mark = |ok: bool| if ok { "✔" } else { "✘" };
+                            ui.label(mark(r.after.top1_wanted));
+                            ui.label(mark(r.after.wins()));
                             ui.end_row();
                         }
                     });
@@ -535,6 +579,17 @@ impl Edit {
             }
         });
     }
+}
+
+/// The prompt and its greedy continuation of a few tokens.
+fn greedy(model: &Model, prompt: &str) -> anyhow::Result<String> {
+    let ids = model.encode_prompt(prompt)?;
+    let options = crate::model::generate::GenerateOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let generation = crate::model::generate::generate(model, &ids, &options, &Hooks::new())?;
+    Ok(format!("{prompt}{}", generation.text))
 }
 
 fn top_text(o: &Outcome) -> String {

@@ -78,16 +78,17 @@ impl Panel for Export {
                     );
                     ui.text_edit_singleline(&mut f.corpus);
                     ui.end_row();
-                    ui.label("Tokens");
+                    let label = ui.label("Tokens");
                     ui.add(
                         egui::DragValue::new(&mut f.tokens)
                             .range(1..=10_000_000_000u64)
                             .speed(1_000),
-                    );
+                    )
+                    .labelled_by(label.id);
                     ui.end_row();
-                    ui.label("Output folder");
+                    let label = ui.label("Output folder");
                     ui.horizontal(|ui| {
-                        ui.text_edit_singleline(&mut f.out);
+                        ui.text_edit_singleline(&mut f.out).labelled_by(label.id);
                         if ui.button("Browse…").clicked()
                             && let Some(dir) = crate::gui::pick_folder("Folder for the export")
                         {
@@ -102,7 +103,7 @@ impl Panel for Export {
         });
         ui.horizontal(|ui| match &self.job {
             None => {
-                if ui.button("Export").clicked() {
+                if ui.button("Start export").clicked() {
                     self.start(wb);
                 }
             }

@@ -97,12 +97,13 @@ impl Panel for Features {
 impl Features {
     fn list_ui(&mut self, ui: &mut egui::Ui, wb: &Workbench, store: &FeatureStore) {
         ui.horizontal(|ui| {
-            ui.label("Search");
+            let label = ui.label("Search");
             ui.add(
                 egui::TextEdit::singleline(&mut self.search)
                     .hint_text("id, concept or logit token")
                     .desired_width(180.0),
-            );
+            )
+            .labelled_by(label.id);
             ui.checkbox(&mut self.hide_dead, "hide dead");
         });
         ui.horizontal(|ui| {

@@ -92,12 +92,14 @@ impl Panel for Playground {
             return;
         };
         ui.horizontal(|ui| {
-            ui.label("Prompt");
-            let edit = ui.add(
-                egui::TextEdit::singleline(&mut self.prompt)
-                    .desired_width(ui.available_width() - 80.0)
-                    .hint_text("type a prompt and press Enter"),
-            );
+            let label = ui.label("Prompt");
+            let edit = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.prompt)
+                        .desired_width(ui.available_width() - 80.0)
+                        .hint_text("type a prompt and press Enter"),
+                )
+                .labelled_by(label.id);
             let entered = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if ui.button("Run").clicked() || entered {
                 self.start_reading(wb, &model);

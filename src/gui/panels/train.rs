@@ -167,12 +167,13 @@ impl Train {
                 .on_hover_text("d_sae = expansion × d_in");
             ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
             ui.end_row();
-            ui.label("Tokens");
+            let label = ui.label("Tokens");
             ui.add(
                 egui::DragValue::new(&mut f.tokens)
                     .range(1_000..=1_000_000_000)
                     .speed(10_000),
-            );
+            )
+            .labelled_by(label.id);
             ui.end_row();
             ui.label("Batch size");
             ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
@@ -189,9 +190,9 @@ impl Train {
             );
             ui.text_edit_singleline(&mut f.corpus);
             ui.end_row();
-            ui.label("Output folder");
+            let label = ui.label("Output folder");
             ui.horizontal(|ui| {
-                ui.text_edit_singleline(&mut f.out);
+                ui.text_edit_singleline(&mut f.out).labelled_by(label.id);
                 if ui.button("Browse…").clicked()
                     && let Some(dir) = crate::gui::pick_folder("Folder for the SAE")
                 {

@@ -1,0 +1,249 @@
+//! The workbench driven through its widgets' labels (egui_kittest, headless): every panel on
+//! the bundled world model and SAE, with real jobs running behind them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::{By, NodeT, Queryable};
+use monoscope::gui::{App, GuiOptions, Remembered};
+use monoscope::model::generate::next_token_top_k;
+use monoscope::model::{Hooks, Model};
+
+fn harness() -> Harness<'static, App> {
+    let app = App::new(GuiOptions::default(), Remembered::default());
+    Harness::builder()
+        .with_size(egui::vec2(1400.0, 1000.0))
+        .build_state(|ctx, app: &mut App| app.ui(ctx), app)
+}
+
+/// Steps frames until `done` (jobs run on their own threads meanwhile); fails after a
+/// generous time, showing the window's messages.
+fn wait_for(h: &mut Harness<'static, App>, what: &str, done: impl Fn(&Harness<App>) -> bool) {
+    let start = Instant::now();
+    loop {
+        h.step();
+        if done(h) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "timed out waiting for {what}; messages: {:?}",
+            h.state().workbench.messages()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The texts (labels and values) of the window's nodes that contain `needle`.
+fn texts_containing(h: &Harness<App>, needle: &str) -> Vec<String> {
+    let matches = |n: &egui_kittest::kittest::AccessKitNode<'_>| {
+        [n.label(), n.value()]
+            .into_iter()
+            .flatten()
+            .find(|t| t.contains(needle))
+    };
+    h.query_all(By::new().predicate(move |n| matches(n).is_some()))
+        .filter_map(|n| matches(&n.accesskit_node()))
+        .collect()
+}
+
+fn has_label(h: &Harness<App>, text: &str) -> bool {
+    !texts_containing(h, text).is_empty()
+}
+
+/// Clicks into a labelled text field, selects everything and types `text` over it.
+fn replace_text(h: &mut Harness<'static, App>, label: &str, text: &str) {
+    h.get_by_label(label).click();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.step();
+    h.get_by_label(label).type_text(text);
+    h.step();
+}
+
+fn open_panel(h: &mut Harness<'static, App>, title: &str) {
+    h.get_by_label(title).click();
+    h.step();
+    h.step();
+}
+
+fn model_loaded(h: &Harness<App>) -> bool {
+    h.state().workbench.model.is_some()
+}
+
+#[test]
+fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    let prompt = "The capital of France is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.key_press(egui::Key::Enter);
+    let model = h.state().workbench.model.clone().unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let top = next_token_top_k(&model, &ids, 1, &Hooks::new()).unwrap();
+    let expected = format!("{:?}  {:.1}%", top[0].token, 100.0 * top[0].prob);
+    wait_for(&mut h, &expected, |h| has_label(h, &expected));
+    // The prompt's tokens are shown as chips.
+    for token in model.tokenizer.tokens_display(&ids) {
+        let chip = monoscope::gui::widgets::display_token(&token);
+        assert!(
+            h.query_by_label(&chip).is_some(),
+            "no chip {chip:?} for {prompt:?}"
+        );
+    }
+}
+
+#[test]
+fn a_feature_page_shows_its_top_contexts() {
+    let mut h = harness();
+    wait_for(&mut h, "the feature store", |h| {
+        h.state().workbench.store.is_some()
+    });
+    let store = h.state().workbench.store.clone().unwrap();
+    let busiest = store
+        .features
+        .iter()
+        .max_by_key(|f| f.fire_count)
+        .unwrap()
+        .clone();
+    open_panel(&mut h, "Features");
+    replace_text(&mut h, "Search", &busiest.feature.to_string());
+    let row = format!("#{}", busiest.feature);
+    wait_for(&mut h, &row, |h| h.query_by_label(&row).is_some());
+    h.get_by_label(&row).click();
+    wait_for(&mut h, "the feature page", |h| has_label(h, "Top contexts"));
+    assert!(has_label(&h, &format!("Feature #{}", busiest.feature)));
+    // The best context's peak token is on the page, as a chip.
+    let top = &busiest.contexts[0];
+    let peak = monoscope::gui::widgets::display_token(&top.tokens[top.peak as usize]);
+    assert!(h.query_all_by_label(&peak).count() >= 1, "no chip {peak:?}");
+    assert!(has_label(&h, "Activation histogram"));
+}
+
+#[test]
+fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weights() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Edit");
+    // The form opens on Japan → " Yokohama".
+    h.get_by_label("Apply ROME edit").click();
+    wait_for(&mut h, "the edit", |h| {
+        !h.state().workbench.history.is_empty()
+    });
+    h.step();
+    // The after table: " Yokohama" is now the top answer (its first token is top-1 on the
+    // edit prompt). (The world model has never read "Yokohama", so it cannot spell the
+    // rest, and the whole word does not yet beat " Tokyo": see issue 3.)
+    let model = h.state().workbench.model.clone().unwrap();
+    let prompt = "The capital of Japan is";
+    let first = monoscope::causal::target_tokens(&model, prompt, " Yokohama").unwrap()[0];
+    let ids = model.encode_prompt(prompt).unwrap();
+    let top = next_token_top_k(&model, &ids, 1, &Hooks::new()).unwrap();
+    assert_eq!(top[0].id, first, "the window's model is the edited one");
+    assert!(
+        has_label(&h, "edit: top-1 1/1"),
+        "{:?}",
+        texts_containing(&h, "top-1")
+    );
+    assert!(!texts_containing(&h, "\" Yokohama\"").is_empty());
+    let edited_layer = h.state().workbench.history.edits()[0].layers[0];
+
+    h.get_by_label("Undo #0").click();
+    wait_for(&mut h, "the undo", |h| {
+        h.state().workbench.history.is_empty()
+    });
+    let restored = h.state().workbench.model.clone().unwrap();
+    let original = Model::load(
+        &monoscope::cli::bundled_model_dir(),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let weight = |m: &Model| {
+        m.transformer.blocks[edited_layer]
+            .mlp
+            .down_proj()
+            .weight()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert!(
+        weight(&restored) == weight(&original),
+        "undo gives back the loaded weights bit for bit"
+    );
+}
+
+#[test]
+fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sae");
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Train");
+    replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the first training steps", |h| has_label(h, "FVU:"));
+    h.get_by_label("Pause").click();
+    h.step();
+    h.get_by_label("Cancel train SAE").click();
+    wait_for(&mut h, "the cancel", |h| {
+        h.state()
+            .workbench
+            .messages()
+            .iter()
+            .any(|m| m.contains("training stopped at step"))
+    });
+    assert!(out.join("training/checkpoint").is_dir());
+    assert!(!out.join("sae_weights.safetensors").exists());
+}
+
+#[test]
+fn a_tiny_export_writes_parquet_that_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("export");
+    let mut h = harness();
+    wait_for(&mut h, "the SAE", |h| h.state().workbench.sae.is_some());
+    open_panel(&mut h, "Export");
+    replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    replace_text(&mut h, "Tokens", "3000");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Start export").click();
+    wait_for(&mut h, "the export", |h| has_label(h, "Exported"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["complete"], true);
+    let tokens = manifest["token_count"].as_u64().unwrap();
+    // The typed token budget, not the form's default of 100,000, was used.
+    assert!((3000..10_000).contains(&tokens), "{tokens} tokens");
+    let mut rows = 0;
+    for shard in manifest["shards"].as_array().unwrap() {
+        rows += parquet_rows(&out.join(shard["activations"]["path"].as_str().unwrap()));
+    }
+    assert_eq!(rows, manifest["activation_count"].as_u64().unwrap());
+    assert!(rows > 0);
+}
+
+fn parquet_rows(path: &Path) -> u64 {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    reader.metadata().file_metadata().num_rows() as u64
+}
+
+#[test]
+fn knowledge_neurons_are_found_and_suppressing_them_is_shown() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Neurons");
+    h.get_by_label("Find neurons").click();
+    wait_for(&mut h, "the neurons", |h| has_label(h, "P(target) = "));
+    assert!(has_label(&h, "Attribution, layer × neuron"));
+    assert!(has_label(&h, "value (what it writes)"));
+    h.get_by_label("Suppress (×0)").click();
+    wait_for(&mut h, "the suppression", |h| {
+        has_label(h, "P with neurons ×0")
+    });
+}
