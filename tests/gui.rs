@@ -1,5 +1,6 @@
 //! The workbench driven through its widgets' labels (egui_kittest, headless): every panel on
 //! the bundled world model and SAE, with real jobs running behind them.
+#![allow(clippy::unwrap_used)] // tests may panic on failure
 
 use std::path::Path;
 use std::time::{Duration, Instant};
