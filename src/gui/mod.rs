@@ -170,10 +170,12 @@ pub fn pick_folder(title: &str) -> Option<PathBuf> {
 }
 
 impl eframe::App for App {
-    fn update(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+    fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
         self.ui(ctx);
         if let Some(tour) = &mut self.screenshots {
-            tour.step(ctx, &mut self.current, &self.workbench);
+            let busy = self.workbench.busy() || self.panels.iter().any(|p| p.busy());
+            let cpu = frame.info().cpu_usage;
+            tour.step(ctx, &mut self.current, &mut self.workbench, busy, cpu);
         }
     }
 
@@ -208,11 +210,14 @@ pub fn run(options: GuiOptions) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }
 
-/// `--screenshots DIR`: visit each panel once everything has loaded, save a PNG of each.
+/// `--screenshots DIR`: visit each panel, start its main action (a feature page, a ROME edit,
+/// knowledge neurons), save a PNG of it once its jobs are done, and report the frame times
+/// measured while jobs ran.
 mod screenshots {
     use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
+    use super::workbench::PanelRequest;
     use super::{PanelKind, Workbench};
 
     pub struct Tour {
@@ -220,6 +225,9 @@ mod screenshots {
         next: usize,
         shown_since: Option<Instant>,
         requested: bool,
+        /// CPU time of frames drawn while a job ran, seconds, with the panel shown.
+        busy_frames: Vec<(f32, PanelKind)>,
+        writers: Vec<std::thread::JoinHandle<()>>,
     }
 
     impl Tour {
@@ -229,22 +237,56 @@ mod screenshots {
                 next: 0,
                 shown_since: None,
                 requested: false,
+                busy_frames: Vec::new(),
+                writers: Vec::new(),
             }
         }
 
-        pub fn step(&mut self, ctx: &egui::Context, current: &mut PanelKind, wb: &Workbench) {
-            ctx.request_repaint_after(Duration::from_millis(100));
+        /// One frame of the tour; `busy`: some job is running; `cpu`: the last frame's time.
+        pub fn step(
+            &mut self,
+            ctx: &egui::Context,
+            current: &mut PanelKind,
+            wb: &mut Workbench,
+            busy: bool,
+            cpu: Option<f32>,
+        ) {
+            ctx.request_repaint_after(Duration::from_millis(30));
+            if busy && let Some(cpu) = cpu {
+                self.busy_frames.push((cpu, *current));
+            }
             let Some(&kind) = PanelKind::ALL.get(self.next) else {
+                self.report();
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
                 return;
             };
-            *current = kind;
-            if wb.busy() {
-                return;
+            if *current != kind {
+                *current = kind;
+                self.shown_since = None;
             }
-            let since = *self.shown_since.get_or_insert_with(Instant::now);
-            // Let the panel start and finish its first job (the playground's forward pass).
-            if since.elapsed() < Duration::from_secs(3) {
+            if wb.busy() && self.shown_since.is_none() {
+                return; // the model, SAE and feature store first
+            }
+            if self.shown_since.is_none() {
+                self.shown_since = Some(Instant::now());
+                match kind {
+                    PanelKind::Features => {
+                        let densest = wb.store.as_ref().and_then(|s| {
+                            s.features
+                                .iter()
+                                .max_by_key(|f| f.fire_count)
+                                .map(|f| f.feature)
+                        });
+                        wb.requests.extend(densest.map(PanelRequest::Feature));
+                    }
+                    PanelKind::Edit | PanelKind::Neurons => {
+                        wb.requests.push(PanelRequest::Start(kind))
+                    }
+                    _ => {}
+                }
+            }
+            let since = self.shown_since.unwrap_or_else(Instant::now);
+            if busy || since.elapsed() < Duration::from_secs(2) {
                 return;
             }
             if !self.requested {
@@ -262,15 +304,44 @@ mod screenshots {
                 let path = self
                     .dir
                     .join(format!("{}.png", kind.title().to_lowercase()));
-                if let Err(err) = save_png(&path, &image) {
-                    eprintln!("screenshot {}: {err:#}", path.display());
-                } else {
-                    eprintln!("saved {}", path.display());
-                }
+                // Encoding takes a while: not in a frame.
+                self.writers
+                    .push(std::thread::spawn(move || match save_png(&path, &image) {
+                        Ok(()) => eprintln!("saved {}", path.display()),
+                        Err(err) => eprintln!("screenshot {}: {err:#}", path.display()),
+                    }));
                 self.next += 1;
-                self.shown_since = None;
                 self.requested = false;
             }
+        }
+
+        fn report(&mut self) {
+            for writer in self.writers.drain(..) {
+                let _ = writer.join();
+            }
+            if self.busy_frames.is_empty() {
+                return;
+            }
+            self.busy_frames.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let ms: Vec<f32> = self.busy_frames.iter().map(|f| 1000.0 * f.0).collect();
+            let slowest: Vec<String> = self
+                .busy_frames
+                .iter()
+                .rev()
+                .take(5)
+                .map(|(s, kind)| format!("{:.1} ms on {}", 1000.0 * s, kind.title()))
+                .collect();
+            let at = |q: f32| ms[((ms.len() - 1) as f32 * q).round() as usize];
+            eprintln!(
+                "frame CPU time while jobs ran: {} frames, median {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                ms.len(),
+                at(0.5),
+                at(0.95),
+                at(0.99),
+                at(1.0)
+            );
+            eprintln!("slowest: {}", slowest.join(", "));
+            self.busy_frames.clear();
         }
     }
 

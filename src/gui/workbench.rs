@@ -38,11 +38,13 @@ struct Notice {
 
 /// What a panel can ask another to show.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Request {
+pub enum PanelRequest {
     /// Steer with this SAE feature in the playground.
     Steer(u32),
     /// Open this feature's page.
     Feature(u32),
+    /// Start this panel's main action (the screenshot tour's demo).
+    Start(PanelKind),
 }
 
 pub struct Workbench {
@@ -61,7 +63,7 @@ pub struct Workbench {
     pub kb: Arc<KnowledgeBase>,
     /// Panel to switch to, set by a panel.
     pub goto: Option<PanelKind>,
-    pub requests: Vec<Request>,
+    pub requests: Vec<PanelRequest>,
     notices: Vec<Notice>,
     model_job: Option<Job<Model>>,
     sae_job: Option<Job<OpenSae>>,
@@ -411,7 +413,7 @@ impl Workbench {
                         ui.horizontal(|ui| {
                             ui.colored_label(colour, if n.error { "⚠" } else { "ℹ" });
                             ui.add(egui::Label::new(&n.text).wrap());
-                            if ui.small_button("✕").on_hover_text("Dismiss").clicked() {
+                            if ui.small_button("🗙").on_hover_text("Dismiss").clicked() {
                                 dismiss = Some(i);
                             }
                         });

@@ -17,7 +17,7 @@ use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
 use crate::gui::style::explain;
 use crate::gui::widgets::Heatmap;
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
 use crate::sae::activations::Corpus;
@@ -63,8 +63,9 @@ pub struct Edit {
     key: KeySelect,
     traces: Vec<Trace>,
     trace_job: Option<Job<Vec<Trace>>>,
-    editor: Option<Arc<Mutex<Editor>>>,
-    editor_for: u64,
+    /// The editor (its key statistics cached per layer) and the model version it was made
+    /// for; made in the first edit job, as it runs the model.
+    editor: Arc<Mutex<Option<(u64, Editor)>>>,
     edit_job: Option<Job<EditDone>>,
     last: Option<EditResult>,
     undo_job: Option<Job<Undone>>,
@@ -86,8 +87,7 @@ impl Default for Edit {
             key: KeySelect::Fixed(KeyPosition::SubjectLast),
             traces: Vec::new(),
             trace_job: None,
-            editor: None,
-            editor_for: u64::MAX,
+            editor: Arc::new(Mutex::new(None)),
             edit_job: None,
             last: None,
             undo_job: None,
@@ -114,6 +114,15 @@ impl Panel for Edit {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
+        if let Some(i) = wb
+            .requests
+            .iter()
+            .position(|r| *r == PanelRequest::Start(PanelKind::Edit))
+        {
+            wb.requests.remove(i);
+            self.start_trace(wb, &model);
+            self.start_edit(wb, &model);
+        }
         self.fact_form(ui, &model);
         ui.horizontal(|ui| {
             let tracing = self.trace_job.is_some();
@@ -325,41 +334,14 @@ impl Edit {
         ui.weak("* subject tokens; columns are layers");
     }
 
-    fn editor(&mut self, wb: &Workbench, model: &Model) -> anyhow::Result<Arc<Mutex<Editor>>> {
-        if let Some(editor) = &self.editor
-            && self.editor_for == wb.model_version
-        {
-            return Ok(editor.clone());
-        }
-        let stats = StatsSource {
-            corpus: Corpus::parse("world", "text")?,
-            tokens: STATS_TOKENS,
-            cache_dir: default_cache_dir(),
-        };
-        let editor = Arc::new(Mutex::new(Editor::new(
-            model,
-            stats,
-            1,
-            RomeSettings::default(),
-        )?));
-        self.editor = Some(editor.clone());
-        self.editor_for = wb.model_version;
-        Ok(editor)
-    }
-
     fn start_edit(&mut self, wb: &mut Workbench, model: &Arc<Model>) {
         let request = self.request();
         if let Err(m) = request.validate() {
             wb.error(format!("edit: {m}"));
             return;
         }
-        let editor = match self.editor(wb, model) {
-            Ok(e) => e,
-            Err(e) => {
-                wb.error(format!("edit: {e:#}"));
-                return;
-            }
-        };
+        let editor = self.editor.clone();
+        let version = wb.model_version;
         let model = model.clone();
         let kb = wb.kb.clone();
         let mut history = wb.history.clone();
@@ -380,9 +362,21 @@ impl Edit {
                 choice.layer,
                 choice.key.name()
             ));
-            let mut editor = editor
+            let mut slot = editor
                 .lock()
                 .map_err(|_| anyhow::anyhow!("an earlier edit failed midway"))?;
+            if slot.as_ref().is_none_or(|(v, _)| *v != version) {
+                let stats = StatsSource {
+                    corpus: Corpus::parse("world", "text")?,
+                    tokens: STATS_TOKENS,
+                    cache_dir: default_cache_dir(),
+                };
+                let editor = Editor::new(&model, stats, 1, RomeSettings::default())?;
+                *slot = Some((version, editor));
+            }
+            let Some((_, editor)) = slot.as_mut() else {
+                anyhow::bail!("no editor");
+            };
             editor.covariance(&model, choice.layer, |t| {
                 job.set_progress(t, STATS_TOKENS, "tokens")
             })?;
@@ -503,7 +497,7 @@ impl Edit {
                             ui.label(format!("{:?}", r.check.wanted));
                             ui.label(top_text(&r.before));
                             ui.label(top_text(&r.after));
-                            let mark = |ok: bool| if ok { "✔" } else { "✘" };
+                            let mark = |ok: bool| if ok { "✔ yes" } else { "no" };
                             ui.label(mark(r.after.top1_wanted));
                             ui.label(mark(r.after.wins()));
                             ui.end_row();

@@ -8,7 +8,7 @@ use super::{Panel, PanelKind};
 use crate::features::store::{FeatureStore, StoredFeature};
 use crate::gui::style::explain;
 use crate::gui::widgets::token_chips;
-use crate::gui::workbench::{Request, Workbench};
+use crate::gui::workbench::{PanelRequest, Workbench};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum SortBy {
@@ -55,7 +55,7 @@ impl Panel for Features {
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         wb.requests.retain(|r| match r {
-            Request::Feature(f) => {
+            PanelRequest::Feature(f) => {
                 self.selected = Some(*f);
                 false
             }
@@ -239,7 +239,7 @@ fn feature_page(ui: &mut egui::Ui, wb: &mut Workbench, store: &FeatureStore, f: 
             .on_hover_text("adds it to the Playground's steering sliders and colours tokens by it")
             .clicked()
         {
-            wb.requests.push(Request::Steer(f.feature));
+            wb.requests.push(PanelRequest::Steer(f.feature));
             wb.goto = Some(PanelKind::Playground);
         }
     });
@@ -306,7 +306,7 @@ fn feature_page(ui: &mut egui::Ui, wb: &mut Workbench, store: &FeatureStore, f: 
                 .on_hover_text("cosine similarity of decoder directions");
             for &(n, cos) in &f.neighbours {
                 if ui.link(format!("#{n}  cos {cos:.2}")).clicked() {
-                    wb.requests.push(Request::Feature(n));
+                    wb.requests.push(PanelRequest::Feature(n));
                 }
             }
         });

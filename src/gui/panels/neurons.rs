@@ -8,7 +8,7 @@ use super::{Panel, PanelKind, need_model, take};
 use crate::causal::target_token;
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, token_chips};
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
 use crate::neurons::{
@@ -88,6 +88,14 @@ impl Panel for Neurons {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
+        if let Some(i) = wb
+            .requests
+            .iter()
+            .position(|r| *r == PanelRequest::Start(PanelKind::Neurons))
+        {
+            wb.requests.remove(i);
+            self.start(wb, &model);
+        }
         egui::Grid::new("neuron-form")
             .num_columns(2)
             .show(ui, |ui| {

@@ -9,7 +9,7 @@ use egui_plot::{Bar, BarChart, Plot};
 use super::{Panel, PanelKind, need_model, take};
 use crate::features::steer::{Steer, SteerMode, steering_hooks};
 use crate::gui::widgets::token_chips;
-use crate::gui::workbench::{OpenSae, Request, Workbench};
+use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
@@ -129,7 +129,7 @@ impl Panel for Playground {
 impl Playground {
     fn take_requests(&mut self, wb: &mut Workbench) {
         wb.requests.retain(|r| match r {
-            Request::Steer(f) => {
+            PanelRequest::Steer(f) => {
                 if !self.steers.iter().any(|s| s.feature == *f) {
                     self.steers.push(Steer {
                         feature: *f,
@@ -273,7 +273,7 @@ impl Playground {
                 ui.label("feature");
                 ui.add(egui::DragValue::new(&mut s.feature).range(0..=d_sae - 1));
                 ui.add(egui::Slider::new(&mut s.value, -40.0..=40.0).text("value"));
-                if ui.small_button("✕").clicked() {
+                if ui.small_button("🗙").clicked() {
                     remove = Some(i);
                 }
             });
