@@ -220,6 +220,16 @@ mod screenshots {
     use super::workbench::PanelRequest;
     use super::{PanelKind, Workbench};
 
+    /// Training last: its result becomes the open SAE.
+    const TOUR: [PanelKind; 6] = [
+        PanelKind::Playground,
+        PanelKind::Features,
+        PanelKind::Neurons,
+        PanelKind::Edit,
+        PanelKind::Export,
+        PanelKind::Train,
+    ];
+
     pub struct Tour {
         dir: PathBuf,
         next: usize,
@@ -255,7 +265,7 @@ mod screenshots {
             if busy && let Some(cpu) = cpu {
                 self.busy_frames.push((cpu, *current));
             }
-            let Some(&kind) = PanelKind::ALL.get(self.next) else {
+            let Some(&kind) = TOUR.get(self.next) else {
                 self.report();
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
                 return;

@@ -121,6 +121,17 @@ impl Workbench {
         Job::spawn(name, move || ctx.request_repaint(), work)
     }
 
+    /// Removes `request` from the queue; whether it was there.
+    pub fn take_request(&mut self, request: &PanelRequest) -> bool {
+        match self.requests.iter().position(|r| r == request) {
+            Some(i) => {
+                self.requests.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn error(&mut self, text: impl Into<String>) {
         self.notices.push(Notice {
             text: text.into(),
@@ -272,12 +283,7 @@ impl Workbench {
             ));
             let corpus = Corpus::parse("world", "text")?;
             let settings = BuildSettings {
-                segment: SegmentSettings {
-                    context_size: 128.min(model.dims().context_length),
-                    prepend_bos: true,
-                    exclude_special: true,
-                    segments_per_forward: 16,
-                },
+                segment: window_segments(&model, 0),
                 tokens: STORE_TOKENS,
                 stats: Default::default(),
                 logit_tokens: 10,
@@ -315,12 +321,7 @@ impl Workbench {
             }
             job.set_message("scoring features against the world's labels");
             let mut settings =
-                crate::features::score::ScoreSettings::new(crate::sae::codes::SegmentSettings {
-                    context_size: 128.min(model.dims().context_length),
-                    prepend_bos: true,
-                    exclude_special: true,
-                    segments_per_forward: 16,
-                });
+                crate::features::score::ScoreSettings::new(window_segments(&model, 0));
             settings.docs_per_country = 1;
             settings.fact_lists = 100;
             let report = crate::features::score::score(
@@ -450,6 +451,18 @@ impl<T> JobView for Job<T> {
     }
     fn cancel(&self) {
         Job::cancel(self)
+    }
+}
+
+/// How the window cuts documents for an SAE: its context size (`sae_context`, 0: unknown →
+/// 128), capped by the model's; BOS first; special tokens left out.
+pub fn window_segments(model: &Model, sae_context: usize) -> SegmentSettings {
+    let context = if sae_context > 0 { sae_context } else { 128 };
+    SegmentSettings {
+        context_size: context.min(model.dims().context_length),
+        prepend_bos: true,
+        exclude_special: true,
+        segments_per_forward: 16,
     }
 }
 

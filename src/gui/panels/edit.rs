@@ -114,12 +114,7 @@ impl Panel for Edit {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        if let Some(i) = wb
-            .requests
-            .iter()
-            .position(|r| *r == PanelRequest::Start(PanelKind::Edit))
-        {
-            wb.requests.remove(i);
+        if wb.take_request(&PanelRequest::Start(PanelKind::Edit)) {
             self.start_trace(wb, &model);
             self.start_edit(wb, &model);
         }
@@ -162,6 +157,9 @@ impl Panel for Edit {
 impl Edit {
     fn poll(&mut self, wb: &mut Workbench) {
         if let Some(traces) = take(&mut self.trace_job, wb) {
+            if let Some(layer) = suggested_layer(&traces) {
+                self.layer = layer;
+            }
             self.traces = traces;
         }
         if let Some(done) = take(&mut self.edit_job, wb) {
@@ -332,6 +330,12 @@ impl Edit {
             }
         });
         ui.weak("* subject tokens; columns are layers");
+        if let Some(layer) = suggested_layer(&self.traces) {
+            ui.label(format!(
+                "Suggested edit layer: {layer} (restoring its MLP at the subject's last token \
+                 brings the answer back most); untick \"from the trace\" to use it as set"
+            ));
+        }
     }
 
     fn start_edit(&mut self, wb: &mut Workbench, model: &Arc<Model>) {
@@ -573,6 +577,16 @@ impl Edit {
             }
         });
     }
+}
+
+/// ROME's choice from an MLP trace: the layer whose restored MLP output at the subject's
+/// last token brings P(answer) back most.
+fn suggested_layer(traces: &[Trace]) -> Option<usize> {
+    let t = traces.iter().find(|t| t.restore == Restore::Mlp)?;
+    let last = t.subject.end.checked_sub(1)?;
+    let column = t.positions.iter().position(|&p| p == last)?;
+    (0..t.p_restored.len())
+        .max_by(|&a, &b| t.p_restored[a][column].total_cmp(&t.p_restored[b][column]))
 }
 
 /// The prompt and its greedy continuation of a few tokens.

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use super::{Panel, PanelKind, need_model, take};
 use crate::export::{Existing, ExportSettings, export};
 use crate::gui::widgets::job_row;
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{Workbench, window_segments};
 use crate::jobs::Job;
 use crate::sae::activations::Corpus;
-use crate::sae::codes::{CodingInput, SegmentSettings};
+use crate::sae::codes::CodingInput;
 use crate::table::ROW_GROUP_ROWS;
 
 /// The export form.
@@ -143,15 +143,8 @@ impl Export {
         self.job = Some(wb.spawn("export", move |job| {
             let out = PathBuf::from(form.out.trim());
             let corpus = Corpus::parse(form.corpus.trim(), "text")?;
-            let context = sae.sae.metadata.context_size;
             let settings = ExportSettings {
-                segment: SegmentSettings {
-                    context_size: if context > 0 { context } else { 128 }
-                        .min(model.dims().context_length),
-                    prepend_bos: true,
-                    exclude_special: true,
-                    segments_per_forward: 32,
-                },
+                segment: window_segments(&model, sae.sae.metadata.context_size),
                 tokens: Some(form.tokens),
                 shard_rows: 8 * ROW_GROUP_ROWS as u64,
                 row_group_rows: ROW_GROUP_ROWS,
@@ -169,9 +162,11 @@ impl Export {
             } else {
                 Existing::Refuse
             };
+            let started = std::time::Instant::now();
             let report = export(&input, &out, &settings, existing, job.cancel_flag(), |p| {
                 job.set_progress(p.tokens, form.tokens, "tokens");
-                job.set_message(format!("{} rows", p.rows));
+                let rate = p.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                job.set_message(format!("{} rows, {rate:.0} rows/s", p.rows));
             })?;
             Ok(Exported {
                 rows: report.manifest.activation_count,

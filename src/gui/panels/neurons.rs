@@ -88,12 +88,7 @@ impl Panel for Neurons {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        if let Some(i) = wb
-            .requests
-            .iter()
-            .position(|r| *r == PanelRequest::Start(PanelKind::Neurons))
-        {
-            wb.requests.remove(i);
+        if wb.take_request(&PanelRequest::Start(PanelKind::Neurons)) {
             self.start(wb, &model);
         }
         egui::Grid::new("neuron-form")

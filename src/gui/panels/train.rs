@@ -10,7 +10,7 @@ use egui_plot::{Legend, Line, Plot, PlotPoints};
 use super::{Panel, PanelKind, need_model, take};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
@@ -99,6 +99,15 @@ impl Panel for Train {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
+        if wb.take_request(&PanelRequest::Start(PanelKind::Train)) {
+            // The screenshot tour: a short run into a fresh temporary folder.
+            self.form.tokens = 16 * self.form.batch_size as u64;
+            self.form.out = std::env::temp_dir()
+                .join(format!("monoscope-tour-sae-{}", std::process::id()))
+                .display()
+                .to_string();
+            self.start(wb, &model);
+        }
         ui.add_enabled_ui(self.job.is_none(), |ui| self.form_ui(ui, &model));
         ui.horizontal(|ui| match &self.job {
             None => {
