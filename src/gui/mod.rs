@@ -270,10 +270,8 @@ mod screenshots {
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
                 return;
             };
-            if *current != kind {
-                *current = kind;
-                self.shown_since = None;
-            }
+            // (A panel may switch to another when its job ends: switch back, same stop.)
+            *current = kind;
             if wb.busy() && self.shown_since.is_none() {
                 return; // the model, SAE and feature store first
             }
@@ -289,7 +287,7 @@ mod screenshots {
                         });
                         wb.requests.extend(densest.map(PanelRequest::Feature));
                     }
-                    PanelKind::Edit | PanelKind::Neurons => {
+                    PanelKind::Edit | PanelKind::Neurons | PanelKind::Train => {
                         wb.requests.push(PanelRequest::Start(kind))
                     }
                     _ => {}
@@ -321,6 +319,7 @@ mod screenshots {
                         Err(err) => eprintln!("screenshot {}: {err:#}", path.display()),
                     }));
                 self.next += 1;
+                self.shown_since = None;
                 self.requested = false;
             }
         }
