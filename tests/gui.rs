@@ -248,3 +248,28 @@ fn knowledge_neurons_are_found_and_suppressing_them_is_shown() {
         has_label(h, "P with neurons ×0")
     });
 }
+
+#[test]
+fn a_bad_folder_is_a_message_in_the_window_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-sae");
+    let mut h = harness();
+    wait_for(&mut h, "the SAE", |h| h.state().workbench.sae.is_some());
+    // What the Open menu's "Open as SAE" does with a typed path.
+    h.state_mut().workbench.open_sae(missing.clone());
+    wait_for(&mut h, "the error", |h| {
+        h.state()
+            .workbench
+            .messages()
+            .iter()
+            .any(|m| m.contains("cfg.json") && m.contains("no-such-sae"))
+    });
+    h.step();
+    assert!(
+        has_label(&h, "no-such-sae"),
+        "the message is shown in the window"
+    );
+    // The window goes on with the model; the failed SAE is not half-open.
+    assert!(h.state().workbench.model.is_some());
+    assert!(h.state().workbench.sae.is_none());
+}

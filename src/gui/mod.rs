@@ -55,6 +55,8 @@ pub struct App {
     screenshots: Option<screenshots::Tour>,
     /// The model and SAE to open on the first frame (when the window's context exists).
     startup: Option<(PathBuf, Option<PathBuf>)>,
+    /// The path typed in the Open menu.
+    typed_path: String,
 }
 
 impl App {
@@ -79,6 +81,7 @@ impl App {
             dark: remembered.dark.unwrap_or(true),
             screenshots: options.screenshots.map(screenshots::Tour::new),
             startup: Some((model, sae)),
+            typed_path: String::new(),
         }
     }
 
@@ -135,25 +138,56 @@ impl App {
                     self.dark = !self.dark;
                     style::apply_theme(ui.ctx(), self.dark);
                 }
-                if ui
-                    .button("Open SAE…")
-                    .on_hover_text("A SAELens-format SAE folder (cfg.json, sae_weights.safetensors)")
-                    .clicked()
-                    && let Some(dir) = pick_folder("Open an SAE folder")
-                {
-                    self.workbench.open_sae(dir);
-                }
-                if ui
-                    .button("Open model…")
-                    .on_hover_text(
-                        "A local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)",
-                    )
-                    .clicked()
-                    && let Some(dir) = pick_folder("Open a model folder")
-                {
-                    self.workbench.open_model(dir, None);
-                }
+                ui.menu_button("Open…", |ui| self.open_menu(ui));
             });
+        });
+    }
+
+    /// A folder from the desktop's dialog, or typed (no dialog service, remote sessions).
+    fn open_menu(&mut self, ui: &mut egui::Ui) {
+        if ui
+            .button("Model folder…")
+            .on_hover_text(
+                "A local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)",
+            )
+            .clicked()
+        {
+            ui.close();
+            if let Some(dir) = pick_folder("Open a model folder") {
+                self.workbench.open_model(dir, None);
+            }
+        }
+        if ui
+            .button("SAE folder…")
+            .on_hover_text("A SAELens-format SAE folder (cfg.json, sae_weights.safetensors)")
+            .clicked()
+        {
+            ui.close();
+            if let Some(dir) = pick_folder("Open an SAE folder") {
+                self.workbench.open_sae(dir);
+            }
+        }
+        ui.separator();
+        let label = ui.label("or a path");
+        ui.text_edit_singleline(&mut self.typed_path)
+            .labelled_by(label.id);
+        ui.horizontal(|ui| {
+            let path = PathBuf::from(self.typed_path.trim());
+            let ok = !self.typed_path.trim().is_empty();
+            if ui
+                .add_enabled(ok, egui::Button::new("Open as model"))
+                .clicked()
+            {
+                self.workbench.open_model(path.clone(), None);
+                ui.close();
+            }
+            if ui
+                .add_enabled(ok, egui::Button::new("Open as SAE"))
+                .clicked()
+            {
+                self.workbench.open_sae(path);
+                ui.close();
+            }
         });
     }
 

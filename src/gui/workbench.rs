@@ -155,6 +155,7 @@ impl Workbench {
 
     /// Opens a model folder (and then `sae`, if given); the SAE and edits of the old model go.
     pub fn open_model(&mut self, dir: PathBuf, sae: Option<PathBuf>) {
+        self.drop_sae_jobs();
         self.model = None;
         self.sae = None;
         self.sae_dir = None;
@@ -176,6 +177,7 @@ impl Workbench {
             self.pending_sae = Some(dir);
             return;
         };
+        self.drop_sae_jobs();
         self.sae = None;
         self.store = None;
         self.labels.clear();
@@ -186,6 +188,23 @@ impl Workbench {
             crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
             Ok(OpenSae { dir, sae, hook })
         }));
+    }
+
+    /// Cancels the loading of the SAE open until now, its store and labels: their results
+    /// would belong to what is being replaced.
+    fn drop_sae_jobs(&mut self) {
+        let jobs = [
+            self.sae_job.take().map(|j| Box::new(j) as Box<dyn JobView>),
+            self.store_job
+                .take()
+                .map(|j| Box::new(j) as Box<dyn JobView>),
+            self.label_job
+                .take()
+                .map(|j| Box::new(j) as Box<dyn JobView>),
+        ];
+        for job in jobs.into_iter().flatten() {
+            job.cancel();
+        }
     }
 
     /// Replaces the model's weights (after an edit or an undo).
