@@ -120,6 +120,11 @@ fn a_feature_page_shows_its_top_contexts() {
     let peak = monoscope::gui::widgets::display_token(&top.tokens[top.peak as usize]);
     assert!(h.query_all_by_label(&peak).count() >= 1, "no chip {peak:?}");
     assert!(has_label(&h, "Activation histogram"));
+
+    // The SAE's evaluation, with CE loss recovered.
+    h.get_by_label("Evaluate SAE").click();
+    wait_for(&mut h, "the evaluation", |h| has_label(h, "CE loss recovered"));
+    assert!(has_label(&h, "FVU "));
 }
 
 #[test]

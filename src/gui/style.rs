@@ -84,6 +84,11 @@ pub mod explain {
         (N = dead-after tokens).";
     pub const LOSS: &str = "Training loss: reconstruction MSE plus the sparsity or AuxK term.";
     pub const TOKENS_PER_S: &str = "Activation rows trained on per second.";
+    pub const DENSE: &str = "Dense: the share of latents firing on more than 10% of tokens.";
+    pub const CE_RECOVERED: &str = "CE loss recovered = (CE_zero-ablated − CE_with_SAE) / \
+        (CE_zero-ablated − CE_clean): the share of the model's next-token loss kept when the \
+        hook's value is replaced by the SAE's reconstruction (100% = as good as clean).";
+    pub const DELTA_LM: &str = "ΔLM loss = CE_with_SAE − CE_clean, nats per token.";
     pub const DENSITY: &str = "Density: the fraction of tokens on which the feature fires.";
     pub const MAX_ACT: &str = "The largest activation seen over the statistics' tokens.";
     pub const ES: &str = "Efficacy (ES): the edit prompt now puts the new target above the old \

@@ -4,11 +4,16 @@
 
 use egui_plot::{Bar, BarChart, Plot};
 
-use super::{Panel, PanelKind};
+use super::{Panel, PanelKind, take};
 use crate::features::store::{FeatureStore, StoredFeature};
 use crate::gui::style::explain;
+use crate::gui::widgets::job_row;
 use crate::gui::widgets::token_chips;
+use crate::gui::workbench::window_segments;
 use crate::gui::workbench::{PanelRequest, Workbench};
+use crate::jobs::Job;
+use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
+use crate::sae::eval::{EvalReport, EvalSettings, evaluate};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum SortBy {
@@ -28,6 +33,9 @@ pub struct Features {
     /// changes.
     rows: Vec<usize>,
     rows_for: Option<(String, SortBy, bool, bool, usize, usize)>,
+    eval_job: Option<Job<EvalReport>>,
+    /// The SAE's evaluation and the SAE it was made for.
+    eval: Option<(std::path::PathBuf, EvalReport)>,
 }
 
 impl Default for Features {
@@ -40,6 +48,8 @@ impl Default for Features {
             selected: None,
             rows: Vec::new(),
             rows_for: None,
+            eval_job: None,
+            eval: None,
         }
     }
 }
@@ -50,7 +60,7 @@ impl Panel for Features {
     }
 
     fn busy(&self) -> bool {
-        false
+        self.eval_job.is_some()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
@@ -72,6 +82,12 @@ impl Panel for Features {
             }
             return;
         };
+        if let Some(report) = take(&mut self.eval_job, wb)
+            && let Some(sae) = &wb.sae
+        {
+            self.eval = Some((sae.dir.clone(), report));
+        }
+        self.eval_ui(ui, wb);
         ui.horizontal(|ui| {
             ui.label(format!(
                 "{} features of {} on {}, statistics over {} tokens of {}",
@@ -95,6 +111,68 @@ impl Panel for Features {
 }
 
 impl Features {
+    /// The SAE's quality on the world corpus: L0, FVU, dead/dense latents, CE loss recovered.
+    fn eval_ui(&mut self, ui: &mut egui::Ui, wb: &Workbench) {
+        let (Some(model), Some(sae)) = (wb.model.clone(), wb.sae.clone()) else {
+            return;
+        };
+        ui.horizontal_wrapped(|ui| {
+            match &self.eval_job {
+                Some(job) => job_row(ui, job),
+                None => {
+                    if ui
+                        .button("Evaluate SAE")
+                        .on_hover_text(
+                            "splice the SAE into the model at its hook over 64 windows of the world corpus",
+                        )
+                        .clicked()
+                    {
+                        let (model, sae) = (model.clone(), sae.clone());
+                        self.eval_job = Some(wb.spawn("evaluate SAE", move |job| {
+                            let context = window_segments(&model, sae.sae.metadata.context_size)
+                                .context_size;
+                            let settings = WindowSettings {
+                                context_size: context,
+                                prepend_bos: true,
+                                exclude_special: true,
+                                windows_per_forward: 16,
+                            };
+                            let corpus = Corpus::parse("world", "text")?;
+                            let hook = sae.hook.to_string();
+                            let mut source =
+                                ActivationSource::new(&model, corpus, &hook, settings)?;
+                            let settings = EvalSettings {
+                                windows: 64,
+                                ..Default::default()
+                            };
+                            Ok(evaluate(&mut source, &sae.sae.sae, &settings, |done, total| {
+                                job.set_progress(done as u64, total as u64, "windows")
+                            })?)
+                        }));
+                    }
+                }
+            }
+            if let Some((dir, r)) = &self.eval
+                && *dir == sae.dir
+            {
+                for (text, tip) in [
+                    (format!("L0 {:.1}", r.l0), explain::L0),
+                    (format!("FVU {:.3}", r.fvu), explain::FVU),
+                    (format!("dead {:.1}%", 100.0 * r.dead_fraction), explain::DEAD),
+                    (format!("dense {:.1}%", 100.0 * r.dense_fraction), explain::DENSE),
+                    (
+                        format!("CE loss recovered {:.1}%", 100.0 * r.ce_loss_recovered),
+                        explain::CE_RECOVERED,
+                    ),
+                    (format!("ΔLM loss {:.3}", r.delta_lm_loss), explain::DELTA_LM),
+                ] {
+                    ui.label(text).on_hover_text(tip);
+                }
+                ui.weak(format!("({} tokens)", r.tokens));
+            }
+        });
+    }
+
     fn list_ui(&mut self, ui: &mut egui::Ui, wb: &Workbench, store: &FeatureStore) {
         ui.horizontal(|ui| {
             let label = ui.label("Search");
