@@ -123,7 +123,9 @@ fn a_feature_page_shows_its_top_contexts() {
 
     // The SAE's evaluation, with CE loss recovered.
     h.get_by_label("Evaluate SAE").click();
-    wait_for(&mut h, "the evaluation", |h| has_label(h, "CE loss recovered"));
+    wait_for(&mut h, "the evaluation", |h| {
+        has_label(h, "CE loss recovered")
+    });
     assert!(has_label(&h, "FVU "));
 }
 
