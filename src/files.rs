@@ -46,3 +46,21 @@ pub fn write_atomic_with<E: From<Error>>(
     }
     result
 }
+
+/// Writes 8-bit `pixels` (rows top to bottom, `color`'s channels per pixel) as a PNG file.
+pub fn write_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    color: png::ColorType,
+    pixels: &[u8],
+) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .write_header()
+        .and_then(|mut w| w.write_image_data(pixels))
+        .map_err(|e| Error::io(path, std::io::Error::other(e)))
+}

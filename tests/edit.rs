@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::fixture_dir;
+use common::{down_proj, fixture_dir};
 use monoscope::Model;
 use monoscope::edit::covariance::key_covariance;
 use monoscope::edit::history::{AppliedEdit, EditHistory, LayerDelta};
@@ -96,18 +96,6 @@ fn key_covariance_is_the_second_moment_of_the_keys_and_is_cached() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("layer") && e.contains('2'), "{e}");
-}
-
-/// The down projection's weight of `layer`, as f32 values.
-fn down_proj(model: &Model, layer: usize) -> Vec<f32> {
-    model.transformer.blocks[layer]
-        .mlp
-        .down_proj()
-        .weight()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
 }
 
 /// Every tensor of a model folder's checkpoint (single file or shards).

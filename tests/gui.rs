@@ -2,9 +2,12 @@
 //! the bundled world model and SAE, with real jobs running behind them.
 #![allow(clippy::unwrap_used)] // tests may panic on failure
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::down_proj;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{By, NodeT, Queryable};
 use monoscope::gui::{App, GuiOptions, Remembered};
@@ -47,6 +50,15 @@ fn texts_containing(h: &Harness<App>, needle: &str) -> Vec<String> {
     h.query_all(By::new().predicate(move |n| matches(n).is_some()))
         .filter_map(|n| matches(&n.accesskit_node()))
         .collect()
+}
+
+/// Whether one of the window's messages contains every one of `parts`.
+fn has_message(h: &Harness<App>, parts: &[&str]) -> bool {
+    h.state()
+        .workbench
+        .messages()
+        .iter()
+        .any(|m| parts.iter().all(|p| m.contains(p)))
 }
 
 fn has_label(h: &Harness<App>, text: &str) -> bool {
@@ -168,18 +180,8 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         candle_core::DType::F32,
     )
     .unwrap();
-    let weight = |m: &Model| {
-        m.transformer.blocks[edited_layer]
-            .mlp
-            .down_proj()
-            .weight()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
     assert!(
-        weight(&restored) == weight(&original),
+        down_proj(&restored, edited_layer) == down_proj(&original, edited_layer),
         "undo gives back the loaded weights bit for bit"
     );
 }
@@ -198,11 +200,7 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     h.step();
     h.get_by_label("Cancel train SAE").click();
     wait_for(&mut h, "the cancel", |h| {
-        h.state()
-            .workbench
-            .messages()
-            .iter()
-            .any(|m| m.contains("training stopped at step"))
+        has_message(h, &["training stopped at step"])
     });
     assert!(out.join("training/checkpoint").is_dir());
     assert!(!out.join("sae_weights.safetensors").exists());
@@ -265,11 +263,7 @@ fn a_bad_folder_is_a_message_in_the_window_not_a_crash() {
     // What the Open menu's "Open as SAE" does with a typed path.
     h.state_mut().workbench.open_sae(missing.clone());
     wait_for(&mut h, "the error", |h| {
-        h.state()
-            .workbench
-            .messages()
-            .iter()
-            .any(|m| m.contains("cfg.json") && m.contains("no-such-sae"))
+        has_message(h, &["cfg.json", "no-such-sae"])
     });
     h.step();
     assert!(

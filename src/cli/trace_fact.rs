@@ -211,10 +211,11 @@ fn write_heatmap(t: &Trace, path: &std::path::Path) -> anyhow::Result<()> {
             }
         }
     }
-    let file = std::fs::File::create(path)?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.write_header()?.write_image_data(&pixels)?;
-    Ok(())
+    Ok(crate::files::write_png(
+        path,
+        width,
+        height,
+        png::ColorType::Rgb,
+        &pixels,
+    )?)
 }

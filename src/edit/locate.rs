@@ -52,6 +52,21 @@ fn locate_settings() -> TraceSettings {
     }
 }
 
+/// The model's own next token after `prompt`, decoded: the answer an edit replaces and a
+/// trace follows.
+pub fn current_answer(model: &Model, prompt: &str) -> Result<String> {
+    let ids = model.encode_prompt(prompt)?;
+    let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Default::default())?;
+    match top.first() {
+        Some(t) => model.tokenizer.decode(&[t.id]),
+        None => Err(crate::error::Error::InvalidArgument {
+            what: "model",
+            value: model.dir.display().to_string(),
+            message: "has an empty vocabulary".into(),
+        }),
+    }
+}
+
 /// [`choose_key`] for an edit request: the noise scale from the world's subjects, and the
 /// model's own current answer as the fact traced (that is what the edit replaces).
 pub fn locate_request(
@@ -63,12 +78,7 @@ pub fn locate_request(
 ) -> Result<KeyChoice> {
     let sigma = crate::causal::subject_embedding_std(model, &kb.subject_names())?;
     let prompt = request.text();
-    let ids = model.encode_prompt(&prompt)?;
-    let top = crate::model::generate::next_token_top_k(model, &ids, 1, &Default::default())?;
-    let current = match top.first() {
-        Some(t) => model.tokenizer.decode(&[t.id])?,
-        None => String::new(),
-    };
+    let current = current_answer(model, &prompt)?;
     let fact = Fact {
         prompt: &prompt,
         subject: &request.subject,

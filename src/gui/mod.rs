@@ -391,13 +391,9 @@ mod screenshots {
     fn save_png(path: &std::path::Path, image: &egui::ColorImage) -> anyhow::Result<()> {
         let [w, h] = image.size;
         let bytes: Vec<u8> = image.pixels.iter().flat_map(|c| c.to_array()).collect();
-        crate::files::write_atomic_with(path, |tmp| {
-            let file = std::fs::File::create(tmp)?;
-            let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-            encoder.set_color(png::ColorType::Rgba);
-            encoder.set_depth(png::BitDepth::Eight);
-            encoder.write_header()?.write_image_data(&bytes)?;
-            Ok(())
-        })
+        crate::files::write_atomic(path, |tmp| {
+            crate::files::write_png(tmp, w, h, png::ColorType::Rgba, &bytes)
+        })?;
+        Ok(())
     }
 }

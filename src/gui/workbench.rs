@@ -24,6 +24,22 @@ pub struct OpenSae {
     pub dir: PathBuf,
     pub sae: SaeDir,
     pub hook: HookPoint,
+    /// Where what the window derives from this SAE and model (feature store, labels) is
+    /// cached; named by both contents' hashes, computed once when the SAE opens.
+    pub cache_dir: PathBuf,
+}
+
+impl OpenSae {
+    /// The SAE on `model` over `corpus`, as feature statistics and exports read it.
+    pub fn coding_input<'a>(&'a self, model: &'a Model, corpus: &'a Corpus) -> CodingInput<'a> {
+        CodingInput {
+            model,
+            sae: &self.sae.sae,
+            sae_dir: &self.dir,
+            hook: self.hook,
+            corpus,
+        }
+    }
 }
 
 /// Tokens of the world corpus a feature store is built from when an SAE has none.
@@ -186,7 +202,13 @@ impl Workbench {
             job.set_message(format!("loading {}", dir.display()));
             let (sae, hook) = load_for_model(&dir, None, &model, &candle_core::Device::Cpu)?;
             crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
-            Ok(OpenSae { dir, sae, hook })
+            let cache_dir = store_cache_dir(&model.dir, &dir)?;
+            Ok(OpenSae {
+                dir,
+                sae,
+                hook,
+                cache_dir,
+            })
         }));
     }
 
@@ -290,12 +312,12 @@ impl Workbench {
                 job.set_message(format!("reading {}", local.display()));
                 return Ok(store::open(&local)?);
             }
-            let dir = store_cache_dir(&model.dir, &sae.dir)?;
+            let dir = &sae.cache_dir;
             if dir.join(store::INFO_FILE).is_file() {
                 job.set_message(format!("reading {}", dir.display()));
-                return Ok(store::open(&dir)?);
+                return Ok(store::open(dir)?);
             }
-            std::fs::create_dir_all(&dir)
+            std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
             job.set_message(format!(
                 "first look at this SAE: statistics over {STORE_TOKENS} tokens"
@@ -308,20 +330,14 @@ impl Workbench {
                 logit_tokens: 10,
                 neighbours: 10,
             };
-            let input = CodingInput {
-                model: &model,
-                sae: &sae.sae.sae,
-                sae_dir: &sae.dir,
-                hook: sae.hook,
-                corpus: &corpus,
-            };
-            let report = build(&input, &dir, &settings, true, job.cancel_flag(), |t| {
+            let input = sae.coding_input(&model, &corpus);
+            let report = build(&input, dir, &settings, true, job.cancel_flag(), |t| {
                 job.set_progress(t, STORE_TOKENS, "tokens")
             })?;
             if report.info.is_none() {
                 anyhow::bail!("cancelled");
             }
-            Ok(store::open(&dir)?)
+            Ok(store::open(dir)?)
         }));
     }
 
@@ -334,7 +350,7 @@ impl Workbench {
             return;
         }
         self.label_job = Some(self.spawn("concept labels", move |job| {
-            let path = store_cache_dir(&model.dir, &sae.dir)?.join("labels.json");
+            let path = sae.cache_dir.join("labels.json");
             if path.is_file() {
                 return Ok(crate::files::read_json(&path)?);
             }
@@ -360,6 +376,8 @@ impl Workbench {
                 })
                 .collect();
             let text = serde_json::to_vec_pretty(&labels)?;
+            std::fs::create_dir_all(&sae.cache_dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", sae.cache_dir.display()))?;
             crate::files::write_atomic(&path, |tmp| {
                 std::fs::write(tmp, &text).map_err(|e| crate::Error::io(tmp, e))
             })?;

@@ -186,6 +186,22 @@ pub fn refine(attributions: &[Vec<Vec<f32>>], settings: &NeuronSettings) -> Vec<
     kept
 }
 
+/// The attribution of every neuron averaged over the prompts, `[layer][neuron]`.
+pub fn mean_attributions(attributions: &[Vec<Vec<f32>>]) -> Vec<Vec<f32>> {
+    let Some(first) = attributions.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(l, row)| {
+            (0..row.len())
+                .map(|n| mean_attribution(attributions, l, n))
+                .collect()
+        })
+        .collect()
+}
+
 fn mean_attribution(attributions: &[Vec<Vec<f32>>], layer: usize, neuron: usize) -> f32 {
     attributions.iter().map(|a| a[layer][neuron]).sum::<f32>() / attributions.len() as f32
 }

@@ -204,3 +204,15 @@ pub fn river_corpus(
         monoscope::sae::activations::Corpus::parse(path.to_str().unwrap(), "text").unwrap();
     (corpus, docs)
 }
+
+/// The down projection's weight of `layer`, as f32 values (edits change it; undo restores it).
+pub fn down_proj(model: &monoscope::Model, layer: usize) -> Vec<f32> {
+    model.transformer.blocks[layer]
+        .mlp
+        .down_proj()
+        .weight()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}

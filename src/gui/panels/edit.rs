@@ -11,7 +11,7 @@ use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, 
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
 use crate::edit::history::{AppliedEdit, EditHistory};
-use crate::edit::locate::{KeyChoice, KeySelect, locate_request};
+use crate::edit::locate::{KeyChoice, KeySelect, current_answer, locate_request};
 use crate::edit::rome::{KeyPosition, Request, RomeSettings};
 use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
@@ -245,12 +245,7 @@ impl Edit {
         self.trace_job = Some(wb.spawn("causal trace", move |job| {
             request.validate().map_err(anyhow::Error::msg)?;
             let prompt = request.text();
-            let ids = model.encode_prompt(&prompt)?;
-            let top = crate::model::generate::next_token_top_k(&model, &ids, 1, &Hooks::new())?;
-            let answer = match top.first() {
-                Some(t) => model.tokenizer.decode(&[t.id])?,
-                None => anyhow::bail!("the model gave no next token"),
-            };
+            let answer = current_answer(&model, &prompt)?;
             let sigma = subject_embedding_std(&model, &kb.subject_names())?;
             let fact = Fact {
                 prompt: &prompt,

@@ -9,7 +9,6 @@ use crate::gui::widgets::job_row;
 use crate::gui::workbench::{Workbench, window_segments};
 use crate::jobs::Job;
 use crate::sae::activations::Corpus;
-use crate::sae::codes::CodingInput;
 use crate::table::ROW_GROUP_ROWS;
 
 /// The export form.
@@ -150,13 +149,7 @@ impl Export {
                 row_group_rows: ROW_GROUP_ROWS,
                 logit_tokens: 10,
             };
-            let input = CodingInput {
-                model: &model,
-                sae: &sae.sae.sae,
-                sae_dir: &sae.dir,
-                hook: sae.hook,
-                corpus: &corpus,
-            };
+            let input = sae.coding_input(&model, &corpus);
             let existing = if form.resume {
                 Existing::Resume
             } else {

@@ -13,7 +13,7 @@ use crate::jobs::Job;
 use crate::model::{Hooks, Model};
 use crate::neurons::{
     FactPrompt, Neuron, NeuronSettings, PARAPHRASE_PREFIXES, attribute, key_contexts,
-    probabilities, refine, scale_neurons, value_tokens,
+    mean_attributions, probabilities, refine, scale_neurons, value_tokens,
 };
 use crate::sae::activations::Corpus;
 
@@ -270,18 +270,7 @@ impl Neurons {
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;
-            let layers = attributions[0].len();
-            let mean: Vec<Vec<f32>> = (0..layers)
-                .map(|l| {
-                    let d = attributions[0][l].len();
-                    (0..d)
-                        .map(|n| {
-                            attributions.iter().map(|a| a[l][n]).sum::<f32>()
-                                / attributions.len() as f32
-                        })
-                        .collect()
-                })
-                .collect();
+            let mean = mean_attributions(&attributions);
             Ok(Study {
                 p_target: probabilities(&model, &facts, &Hooks::new())?,
                 facts,
