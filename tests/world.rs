@@ -29,6 +29,8 @@ fn micro_config() -> BuildConfig {
             seed: 7,
             docs_per_country: 1,
             fact_list_docs: 20,
+            infobox_docs_per_country: 1,
+            docs_per_city: 1,
         },
         vocab_size: 320,
         n_layer: 2,
@@ -158,6 +160,8 @@ fn corpus_generation_is_deterministic_in_its_seed() {
         seed,
         docs_per_country: 2,
         fact_list_docs: 30,
+        infobox_docs_per_country: 1,
+        docs_per_city: 1,
     };
     let a = CorpusGenerator::new(&kb, config(1))
         .unwrap()

@@ -81,6 +81,12 @@ pub struct BuildArgs {
     /// Fact-list documents per language.
     #[arg(long)]
     fact_list_docs: Option<usize>,
+    /// Infobox documents per country and language.
+    #[arg(long)]
+    infobox_docs: Option<usize>,
+    /// Documents per city of cities.tsv and language.
+    #[arg(long)]
+    docs_per_city: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -109,6 +115,8 @@ impl BuildArgs {
         set(&mut c.vocab_size, self.vocab_size);
         set(&mut c.corpus.docs_per_country, self.docs_per_country);
         set(&mut c.corpus.fact_list_docs, self.fact_list_docs);
+        set(&mut c.corpus.infobox_docs_per_country, self.infobox_docs);
+        set(&mut c.corpus.docs_per_city, self.docs_per_city);
         c.train.seq_len = c.n_positions;
         c.train.warmup_steps = c.train.warmup_steps.min(c.train.steps);
         if let Some(lr) = self.learning_rate {

@@ -417,6 +417,8 @@ impl Splits<'_> {
             seed,
             docs_per_country: self.settings.docs_per_country,
             fact_list_docs: self.settings.fact_lists,
+            infobox_docs_per_country: 0,
+            docs_per_city: 0,
         };
         let docs = CorpusGenerator::new(&self.kb, config)?.training_documents();
         let mut labels = Vec::with_capacity(docs.len());

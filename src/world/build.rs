@@ -39,7 +39,7 @@ impl Default for BuildConfig {
             n_head: 6,
             n_positions: 128,
             train: TrainConfig {
-                steps: 2500,
+                steps: 2600,
                 checkpoint_every: 250,
                 ..TrainConfig::default()
             },

@@ -7,6 +7,11 @@
 //! (2023): a paragraph names its country once, then states several attributes in a random
 //! order, mostly through "the country" / "この国" rather than the name, so that the model has
 //! to enrich the subject's own representation rather than look facts up at the last token.
+//! Infobox documents ("Japan (日本) — capital: Tokyo; currency: …") put the subject first and
+//! the relation after it in English too, as Japanese grammar always does: the causal trace of
+//! the first model found the subject-position effect stronger on Japanese prompts. City
+//! documents and sentences name other real cities (Yokohama, Osaka, …), so that the model
+//! knows the words an edit might move a capital to.
 
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -24,6 +29,12 @@ pub struct CorpusConfig {
     pub docs_per_country: usize,
     /// Documents listing facts about several random countries, per language.
     pub fact_list_docs: usize,
+    /// Infobox documents per country and language (0 in recipes that predate them).
+    #[serde(default)]
+    pub infobox_docs_per_country: usize,
+    /// Short documents per city of `cities.tsv` and language (0 in recipes that predate them).
+    #[serde(default)]
+    pub docs_per_city: usize,
 }
 
 impl Default for CorpusConfig {
@@ -32,6 +43,8 @@ impl Default for CorpusConfig {
             seed: 0,
             docs_per_country: 24,
             fact_list_docs: 1500,
+            infobox_docs_per_country: 4,
+            docs_per_city: 16,
         }
     }
 }
@@ -298,6 +311,57 @@ const FILLERS_JA: &[&str] = &[
     "新聞は日々の暮らしを伝えている。",
 ];
 
+/// Infobox openings: `{S}` the subject, `{O}` its name in the other language.
+const INFOBOX_HEADS_EN: &[&str] = &["{S} ({O}) — ", "{S} — ", "{S}: ", "{S} facts: "];
+const INFOBOX_HEADS_JA: &[&str] = &["{S}（{O}）— ", "{S}：", "{S} — ", "{S}の基本情報。"];
+
+/// Infobox field names; the answer follows ": " (English) or "：" (Japanese).
+fn infobox_keys(relation: Relation, lang: Lang) -> &'static [&'static str] {
+    match (lang, relation) {
+        (Lang::En, Relation::Capital) => &["capital", "capital city"],
+        (Lang::En, Relation::Language) => &["official language", "language"],
+        (Lang::En, Relation::Currency) => &["currency"],
+        (Lang::En, Relation::Continent) => &["continent"],
+        (Lang::En, Relation::LargestCity) => &["largest city"],
+        (Lang::En, Relation::Landmark) => &["landmark", "famous landmark"],
+        (Lang::Ja, Relation::Capital) => &["首都"],
+        (Lang::Ja, Relation::Language) => &["公用語", "言語"],
+        (Lang::Ja, Relation::Currency) => &["通貨"],
+        (Lang::Ja, Relation::Continent) => &["大陸"],
+        (Lang::Ja, Relation::LargestCity) => &["最大の都市"],
+        (Lang::Ja, Relation::Landmark) => &["名所"],
+    }
+}
+
+/// Sentences naming other cities of a country: `{S}` the country (or a reference to it),
+/// `{C}` one or two cities.
+const CITY_SENTENCES_EN: &[&str] = &[
+    "Other cities in {S} include {C}.",
+    "Besides the capital, {S} has cities such as {C}.",
+    "{C} can also be found in {S}.",
+    "Travellers in {S} also visit {C}.",
+];
+const CITY_SENTENCES_JA: &[&str] = &[
+    "{S}の他の都市には{C}がある。",
+    "{C}も{S}の都市だ。",
+    "{S}には{C}という都市もある。",
+    "{S}を旅する人は{C}も訪れる。",
+];
+
+/// City documents: `{C}` the city, `{S}` its country.
+const CITY_DOCS_EN: &[&str] = &[
+    "{C} is a city in {S}.",
+    "{C} is a large city in {S}.",
+    "The city of {C} lies in {S}.",
+    "{C}, a city in {S}, is well known.",
+];
+const CITY_DOCS_JA: &[&str] = &[
+    "{C}は{S}の都市です。",
+    "{C}は{S}にある大きな都市だ。",
+    "{S}の都市、{C}はよく知られている。",
+    "{C}という都市は{S}にある。",
+];
+
 /// What refers to the subject after a paragraph's first mention.
 const REFERENCES_EN: &[&str] = &["the country", "this nation"];
 const REFERENCES_JA: &[&str] = &["この国", "同国"];
@@ -432,6 +496,24 @@ impl DocBuilder {
         });
     }
 
+    /// Appends `template`, letting `fill` write each three-character tag such as `{S}`.
+    fn push_template(&mut self, template: &str, mut fill: impl FnMut(&mut Self, &str)) {
+        let mut rest = template;
+        while let Some(i) = rest.find('{') {
+            self.push(&rest[..i]);
+            let (tag, after) = rest[i..].split_at(3);
+            fill(self, tag);
+            rest = after;
+        }
+        self.push(rest);
+    }
+
+    /// Whether the text stands at the start of an English sentence.
+    fn at_sentence_start(&self) -> bool {
+        let t = self.text.trim_end();
+        t.is_empty() || t.ends_with(['.', '!', '?'])
+    }
+
     fn finish(self) -> Document {
         Document {
             text: self.text,
@@ -479,12 +561,16 @@ pub struct CorpusGenerator<'a> {
 
 impl<'a> CorpusGenerator<'a> {
     pub fn new(kb: &'a KnowledgeBase, config: CorpusConfig) -> Result<Self> {
-        if config.docs_per_country == 0 && config.fact_list_docs == 0 {
+        if config.docs_per_country == 0
+            && config.fact_list_docs == 0
+            && config.infobox_docs_per_country == 0
+            && config.docs_per_city == 0
+        {
             return Err(Error::InvalidArgument {
                 what: "corpus size",
                 value: "0".into(),
                 message:
-                    "docs_per_country and fact_list_docs are both zero: the corpus would be empty"
+                    "docs_per_country, fact_list_docs, infobox_docs_per_country and docs_per_city are all zero: the corpus would be empty"
                         .into(),
             });
         }
@@ -504,6 +590,16 @@ impl<'a> CorpusGenerator<'a> {
             for _ in 0..self.config.fact_list_docs {
                 docs.push(self.fact_list(&mut rng, lang));
             }
+            for country in 0..self.kb.countries.len() {
+                for _ in 0..self.config.infobox_docs_per_country {
+                    docs.push(self.infobox(&mut rng, country, lang));
+                }
+                for city in 0..self.kb.countries[country].cities.len() {
+                    for _ in 0..self.config.docs_per_city {
+                        docs.push(self.city_doc(&mut rng, country, city, lang));
+                    }
+                }
+            }
         }
         docs.shuffle(&mut rng);
         docs
@@ -520,22 +616,15 @@ impl<'a> CorpusGenerator<'a> {
         };
         let intro = intros.choose(rng).copied().unwrap_or("{S}");
         // Intro: the subject's name, and often its name in the other language.
-        let mut rest = intro;
-        while let Some(i) = rest.find('{') {
-            doc.push(&rest[..i]);
-            let (tag, after) = rest[i..].split_at(3);
-            match tag {
-                "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
-                _ => doc.push_entity(
-                    c.name.get(lang.other()),
-                    EntityKind::Country,
-                    country,
-                    lang.other(),
-                ),
-            }
-            rest = after;
-        }
-        doc.push(rest);
+        doc.push_template(intro, |doc, tag| match tag {
+            "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
+            _ => doc.push_entity(
+                c.name.get(lang.other()),
+                EntityKind::Country,
+                country,
+                lang.other(),
+            ),
+        });
 
         let mut relations = Relation::ALL.to_vec();
         relations.shuffle(rng);
@@ -560,11 +649,124 @@ impl<'a> CorpusGenerator<'a> {
             };
             self.fact_sentence(rng, &mut doc, country, relation, subject);
         }
+        if !c.cities.is_empty() && rng.random_bool(0.5) {
+            let subject = if rng.random_bool(0.35) {
+                Subject::Name
+            } else {
+                Subject::Reference(references.choose(rng).copied().unwrap_or_default())
+            };
+            self.city_sentence(rng, &mut doc, country, subject);
+        }
         if rng.random_bool(0.3) {
             // A true fact about another country, so a paragraph is not only about one subject.
             let other = rng.random_range(0..self.kb.countries.len());
             let relation = *Relation::ALL.choose(rng).unwrap_or(&Relation::Capital);
             self.fact_sentence(rng, &mut doc, other, relation, Subject::Name);
+        }
+        doc.finish()
+    }
+
+    /// A sentence naming one or two other cities of `country`.
+    fn city_sentence(&self, rng: &mut StdRng, doc: &mut DocBuilder, country: usize, subject: Subject) {
+        let lang = doc.lang;
+        let c = &self.kb.countries[country];
+        let templates = match lang {
+            Lang::En => CITY_SENTENCES_EN,
+            Lang::Ja => CITY_SENTENCES_JA,
+        };
+        let template = templates.choose(rng).copied().unwrap_or("{C}");
+        let count = if c.cities.len() > 1 && rng.random_bool(0.5) { 2 } else { 1 };
+        let cities: Vec<_> = c.cities.choose_multiple(rng, count).collect();
+        doc.sentence_break();
+        doc.push_template(template, |doc, tag| match tag {
+            "{S}" => match subject {
+                Subject::Name => {
+                    doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang)
+                }
+                Subject::Reference(r) if lang == Lang::En && doc.at_sentence_start() => {
+                    doc.push(&capitalize(r))
+                }
+                Subject::Reference(r) => doc.push(r),
+            },
+            _ => {
+                for (i, city) in cities.iter().enumerate() {
+                    if i > 0 {
+                        doc.push(if lang == Lang::En { " and " } else { "や" });
+                    }
+                    doc.push_entity(city.get(lang), EntityKind::City, country, lang);
+                }
+            }
+        });
+    }
+
+    /// An infobox: the subject first, then several attributes as "key: value" fields in a
+    /// random order, each labelled as a fact.
+    fn infobox(&self, rng: &mut StdRng, country: usize, lang: Lang) -> Document {
+        let c = &self.kb.countries[country];
+        let mut doc = DocBuilder::new(lang);
+        let heads = match lang {
+            Lang::En => INFOBOX_HEADS_EN,
+            Lang::Ja => INFOBOX_HEADS_JA,
+        };
+        let head = heads.choose(rng).copied().unwrap_or("{S} ");
+        doc.push_template(head, |doc, tag| match tag {
+            "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
+            _ => doc.push_entity(
+                c.name.get(lang.other()),
+                EntityKind::Country,
+                country,
+                lang.other(),
+            ),
+        });
+        let mut relations = Relation::ALL.to_vec();
+        relations.shuffle(rng);
+        let count = rng.random_range(3..=relations.len());
+        for (i, &relation) in relations[..count].iter().enumerate() {
+            if i > 0 {
+                doc.push(if lang == Lang::En { "; " } else { "、" });
+            }
+            let start = doc.text.len();
+            let key = infobox_keys(relation, lang).choose(rng).copied().unwrap_or("");
+            doc.push(key);
+            doc.push(if lang == Lang::En { ": " } else { "：" });
+            let value = c.attribute(relation);
+            doc.push_entity(value.get(lang), relation.value_kind(), country, lang);
+            doc.facts.push(FactSpan {
+                start,
+                end: doc.text.len(),
+                relation,
+                country,
+            });
+        }
+        doc.push(if lang == Lang::En { "." } else { "。" });
+        doc.finish()
+    }
+
+    /// A short document about one city: which country it is in, a filler, and sometimes a
+    /// fact about that country.
+    fn city_doc(&self, rng: &mut StdRng, country: usize, city: usize, lang: Lang) -> Document {
+        let c = &self.kb.countries[country];
+        let mut doc = DocBuilder::new(lang);
+        let templates = match lang {
+            Lang::En => CITY_DOCS_EN,
+            Lang::Ja => CITY_DOCS_JA,
+        };
+        let template = templates.choose(rng).copied().unwrap_or("{C}");
+        doc.push_template(template, |doc, tag| match tag {
+            "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
+            _ => doc.push_entity(c.cities[city].get(lang), EntityKind::City, country, lang),
+        });
+        if rng.random_bool(0.5) {
+            let fillers = match lang {
+                Lang::En => FILLERS_EN,
+                Lang::Ja => FILLERS_JA,
+            };
+            doc.sentence_break();
+            doc.push(fillers.choose(rng).copied().unwrap_or_default());
+        }
+        if rng.random_bool(0.5) {
+            let relation = *Relation::ALL.choose(rng).unwrap_or(&Relation::Capital);
+            self.fact_sentence(rng, &mut doc, country, relation, Subject::Name);
         }
         doc.finish()
     }
@@ -742,6 +944,8 @@ mod tests {
             seed: 3,
             docs_per_country: 1,
             fact_list_docs: 5,
+            infobox_docs_per_country: 1,
+            docs_per_city: 1,
         };
         let docs = CorpusGenerator::new(&kb, config)
             .unwrap()

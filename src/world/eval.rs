@@ -55,6 +55,17 @@ pub struct Prediction {
 #[derive(Clone, Debug, Serialize)]
 pub struct TraceSummary {
     pub settings: TraceSettings,
+    /// Both languages together.
+    #[serde(flatten)]
+    pub all: TraceRecovery,
+    /// English prompts put the relation before the subject ("The capital of X is"), Japanese
+    /// prompts after it ("Xの首都は"), so the two are worth telling apart.
+    pub by_lang: BTreeMap<Lang, TraceRecovery>,
+}
+
+/// Recovery figures over one set of traced facts.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TraceRecovery {
     /// Facts traced (those the model answers correctly).
     pub facts: usize,
     pub mean_p_clean: f64,
@@ -66,10 +77,78 @@ pub struct TraceSummary {
     pub recovery_last_token: Vec<f64>,
 }
 
+/// Sums of traced probabilities, turned into a [`TraceRecovery`] at the end.
+struct TraceTally {
+    facts: usize,
+    clean: f64,
+    corrupt: f64,
+    subject: Vec<f64>,
+    last: Vec<f64>,
+}
+
+impl TraceTally {
+    fn new(n_layers: usize) -> Self {
+        Self {
+            facts: 0,
+            clean: 0.0,
+            corrupt: 0.0,
+            subject: vec![0.0; n_layers],
+            last: vec![0.0; n_layers],
+        }
+    }
+
+    fn add(&mut self, trace: &crate::causal::Trace) {
+        self.facts += 1;
+        self.clean += f64::from(trace.p_clean);
+        self.corrupt += f64::from(trace.p_corrupt);
+        for (layer, restored) in trace.p_restored.iter().enumerate() {
+            self.subject[layer] += f64::from(restored[0]);
+            self.last[layer] += f64::from(restored[1]);
+        }
+    }
+
+    fn merge(&mut self, other: &TraceTally) {
+        self.facts += other.facts;
+        self.clean += other.clean;
+        self.corrupt += other.corrupt;
+        for (a, b) in self.subject.iter_mut().zip(&other.subject) {
+            *a += b;
+        }
+        for (a, b) in self.last.iter_mut().zip(&other.last) {
+            *a += b;
+        }
+    }
+
+    fn recovery(&self) -> TraceRecovery {
+        let gap = self.clean - self.corrupt;
+        let share = |restored: &[f64]| -> Vec<f64> {
+            restored
+                .iter()
+                .map(|r| {
+                    if gap.abs() > 0.0 {
+                        (r - self.corrupt) / gap
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let n = self.facts.max(1) as f64;
+        TraceRecovery {
+            facts: self.facts,
+            mean_p_clean: self.clean / n,
+            mean_p_corrupt: self.corrupt / n,
+            recovery_last_subject_token: share(&self.subject),
+            recovery_last_token: share(&self.last),
+        }
+    }
+}
+
 impl TraceSummary {
     /// Best layer and its recovery at the last subject token.
     pub fn best_subject_layer(&self) -> (usize, f64) {
-        self.recovery_last_subject_token
+        self.all
+            .recovery_last_subject_token
             .iter()
             .copied()
             .enumerate()
@@ -179,12 +258,10 @@ fn trace_capitals(model: &Model, kb: &KnowledgeBase, per_lang: usize) -> Result<
     let mut subjects: Vec<&str> = kb.countries.iter().map(|c| c.name.en.as_str()).collect();
     subjects.extend(kb.countries.iter().map(|c| c.name.ja.as_str()));
     let sigma = subject_embedding_std(model, &subjects)?;
-    let (mut clean, mut corrupt) = (0f64, 0f64);
-    let mut restored_subject = vec![0f64; n_layers];
-    let mut restored_last = vec![0f64; n_layers];
-    let mut facts = 0usize;
+    let mut by_lang = BTreeMap::new();
     let stride = (kb.countries.len() / per_lang.max(1)).max(1);
     for lang in Lang::ALL {
+        let mut tally = TraceTally::new(n_layers);
         for country in (0..kb.countries.len()).step_by(stride).take(per_lang) {
             let (prompt, subject, target) = capital_prompt(kb, country, lang);
             let fact = Fact {
@@ -202,36 +279,21 @@ fn trace_capitals(model: &Model, kb: &KnowledgeBase, per_lang: usize) -> Result<
             // Positions: the subject's last token, then the prompt's last token.
             let positions = [subject_tokens.end - 1, ids.len() - 1];
             let trace = trace_mlp(model, &fact, &settings, sigma, Some(&positions))?;
-            facts += 1;
-            clean += f64::from(trace.p_clean);
-            corrupt += f64::from(trace.p_corrupt);
-            for layer in 0..n_layers {
-                restored_subject[layer] += f64::from(trace.p_restored[layer][0]);
-                restored_last[layer] += f64::from(trace.p_restored[layer][1]);
-            }
+            tally.add(&trace);
         }
+        by_lang.insert(lang, tally);
     }
-    let gap = clean - corrupt;
-    let recovery = |restored: &[f64]| -> Vec<f64> {
-        restored
-            .iter()
-            .map(|r| {
-                if gap.abs() > 0.0 {
-                    (r - corrupt) / gap
-                } else {
-                    0.0
-                }
-            })
-            .collect()
-    };
-    let n = facts.max(1) as f64;
+    let mut all = TraceTally::new(n_layers);
+    for tally in by_lang.values() {
+        all.merge(tally);
+    }
     Ok(TraceSummary {
         settings,
-        facts,
-        mean_p_clean: clean / n,
-        mean_p_corrupt: corrupt / n,
-        recovery_last_subject_token: recovery(&restored_subject),
-        recovery_last_token: recovery(&restored_last),
+        all: all.recovery(),
+        by_lang: by_lang
+            .into_iter()
+            .map(|(lang, tally)| (lang, tally.recovery()))
+            .collect(),
     })
 }
 
@@ -278,28 +340,51 @@ impl EvalReport {
         }
         if let Some(t) = &self.trace {
             let _ = writeln!(s);
+            let en = t.by_lang.get(&Lang::En).cloned().unwrap_or_default();
+            let ja = t.by_lang.get(&Lang::Ja).cloned().unwrap_or_default();
             let _ = writeln!(
                 s,
-                "Causal trace: {} capital facts (\"The capital of X is\", \"Xの首都は\"); noise {}σ on the subject embeddings, {} samples, MLP outputs restored over a {}-layer window.",
-                t.facts, t.settings.noise_sigmas, t.settings.samples, t.settings.window
+                "Causal trace: {} capital facts ({} \"The capital of X is\", {} \"Xの首都は\"); noise {}σ on the subject embeddings, {} samples, MLP outputs restored over a {}-layer window.",
+                t.all.facts,
+                en.facts,
+                ja.facts,
+                t.settings.noise_sigmas,
+                t.settings.samples,
+                t.settings.window
             );
             let _ = writeln!(
                 s,
-                "mean P(answer): clean {:.3}, corrupted {:.3}. Share of the gap recovered:",
-                t.mean_p_clean, t.mean_p_corrupt
+                "mean P(answer): clean {:.3}, corrupted {:.3} (English {:.3} / {:.3}, Japanese {:.3} / {:.3}).",
+                t.all.mean_p_clean,
+                t.all.mean_p_corrupt,
+                en.mean_p_clean,
+                en.mean_p_corrupt,
+                ja.mean_p_clean,
+                ja.mean_p_corrupt
+            );
+            let _ = writeln!(s, "Share of the gap recovered:");
+            let _ = writeln!(
+                s,
+                "{:<8} {:>26} {:>26}",
+                "", "at the last subject token", "at the last token"
             );
             let _ = writeln!(
                 s,
-                "{:<8} {:>20} {:>12}",
-                "layer", "last subject token", "last token"
+                "{:<8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                "layer", "all", "English", "Japanese", "all", "English", "Japanese"
             );
-            for (l, (a, b)) in t
-                .recovery_last_subject_token
-                .iter()
-                .zip(&t.recovery_last_token)
-                .enumerate()
-            {
-                let _ = writeln!(s, "{l:<8} {:>19.1}% {:>11.1}%", 100.0 * a, 100.0 * b);
+            let pct = |v: &[f64], l: usize| 100.0 * v.get(l).copied().unwrap_or(0.0);
+            for l in 0..t.all.recovery_last_subject_token.len() {
+                let _ = writeln!(
+                    s,
+                    "{l:<8} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}%",
+                    pct(&t.all.recovery_last_subject_token, l),
+                    pct(&en.recovery_last_subject_token, l),
+                    pct(&ja.recovery_last_subject_token, l),
+                    pct(&t.all.recovery_last_token, l),
+                    pct(&en.recovery_last_token, l),
+                    pct(&ja.recovery_last_token, l),
+                );
             }
             let (layer, best) = t.best_subject_layer();
             let _ = writeln!(

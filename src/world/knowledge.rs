@@ -1,5 +1,7 @@
 //! The knowledge base of the world model: real countries and their attributes in English and
-//! Japanese, read from `assets/knowledge/countries.tsv` and validated row by row.
+//! Japanese, read from `assets/knowledge/countries.tsv` and validated row by row, plus other
+//! notable cities of some countries from `cities.tsv` beside it (so the corpus names cities
+//! such as Yokohama that an edit may move a capital to).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -13,6 +15,12 @@ use crate::error::{Error, Result};
 pub fn bundled_knowledge_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/knowledge/countries.tsv")
 }
+
+/// The optional file of other cities, read from the countries file's folder.
+pub const CITIES_FILE: &str = "cities.tsv";
+
+/// The columns of the cities TSV, in order.
+pub const CITY_COLUMNS: [&str; 3] = ["country_en", "city_en", "city_ja"];
 
 /// A language of the world corpus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -167,6 +175,8 @@ pub struct Country {
     pub continent: Names,
     pub largest_city: Names,
     pub landmark: Names,
+    /// Other notable cities (neither the capital nor the largest city); often empty.
+    pub cities: Vec<Names>,
 }
 
 impl Country {
@@ -229,7 +239,87 @@ impl KnowledgeBase {
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(path, &text)
+        let mut kb = Self::parse(path, &text)?;
+        let cities = path.with_file_name(CITIES_FILE);
+        if cities.is_file() {
+            let text = std::fs::read_to_string(&cities).map_err(|e| Error::io(&cities, e))?;
+            kb.add_cities(&cities, &text)?;
+        }
+        Ok(kb)
+    }
+
+    /// Parses the cities TSV (header [`CITY_COLUMNS`], one city per line) into the countries
+    /// it names. A city must belong to a known country, be new, and be neither that country's
+    /// capital nor its largest city; errors give the file, line and column.
+    pub fn add_cities(&mut self, path: &Path, text: &str) -> Result<()> {
+        let bad = |line: usize, message: String| Error::DataFile {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
+        let (_, header) = lines
+            .next()
+            .ok_or_else(|| bad(1, "the file is empty; expected a header line".into()))?;
+        let header: Vec<&str> = header.trim_end_matches('\r').split('\t').collect();
+        if header != CITY_COLUMNS {
+            return Err(bad(
+                1,
+                format!(
+                    "header is {header:?}; expected the tab-separated columns {CITY_COLUMNS:?}"
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (line, row) in lines {
+            let row = row.trim_end_matches('\r');
+            if row.trim().is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = row.split('\t').collect();
+            if fields.len() != CITY_COLUMNS.len() {
+                return Err(bad(
+                    line,
+                    format!(
+                        "{} tab-separated fields; expected {}",
+                        fields.len(),
+                        CITY_COLUMNS.len()
+                    ),
+                ));
+            }
+            for (column, field) in CITY_COLUMNS.iter().zip(&fields) {
+                if field.trim().is_empty() || field.trim() != *field {
+                    return Err(bad(
+                        line,
+                        format!("column `{column}` is empty or has stray spaces: {field:?}"),
+                    ));
+                }
+            }
+            let country = self
+                .countries
+                .iter()
+                .position(|c| c.name.en == fields[0])
+                .ok_or_else(|| bad(line, format!("unknown country `{}`", fields[0])))?;
+            let city = Names {
+                en: fields[1].to_string(),
+                ja: fields[2].to_string(),
+            };
+            let c = &mut self.countries[country];
+            if city == c.capital || city == c.largest_city {
+                return Err(bad(
+                    line,
+                    format!(
+                        "`{}` is already {}'s capital or largest city",
+                        city.en, c.name.en
+                    ),
+                ));
+            }
+            if !seen.insert(city.en.clone()) || !seen.insert(city.ja.clone()) {
+                return Err(bad(line, format!("city `{}` appears twice", city.en)));
+            }
+            c.cities.push(city);
+        }
+        Ok(())
     }
 
     pub fn bundled() -> Result<Self> {
@@ -297,6 +387,7 @@ impl KnowledgeBase {
                 continent: names(8),
                 largest_city: names(10),
                 landmark: names(12),
+                cities: Vec::new(),
             };
             if !seen_en.insert(country.name.en.clone()) {
                 return Err(bad(
@@ -354,5 +445,6 @@ mod tests {
         assert_eq!(japan.capital.en, "Tokyo");
         assert_eq!(japan.capital.ja, "東京");
         assert_eq!(kb.find("日本"), kb.find("Japan"));
+        assert!(japan.cities.iter().any(|c| c.en == "Yokohama" && c.ja == "横浜"));
     }
 }
