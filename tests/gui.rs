@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 use common::down_proj;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{By, NodeT, Queryable};
-use monoscope::gui::{App, GuiOptions, Remembered};
+use monoscope::gui::{App, GuiOptions, PanelKind, Remembered};
 use monoscope::model::generate::next_token_top_k;
 use monoscope::model::{Hooks, Model};
 
 fn harness() -> Harness<'static, App> {
-    let app = App::new(GuiOptions::default(), Remembered::default());
+    harness_with(App::new(GuiOptions::default(), Remembered::default()))
+}
+
+fn harness_with(app: App) -> Harness<'static, App> {
     Harness::builder()
         .with_size(egui::vec2(1400.0, 1000.0))
         .build_state(|ctx, app: &mut App| app.ui(ctx), app)
@@ -83,6 +86,48 @@ fn open_panel(h: &mut Harness<'static, App>, title: &str) {
 
 fn model_loaded(h: &Harness<App>) -> bool {
     h.state().workbench.model.is_some()
+}
+
+/// eframe's key-value storage, in memory (eframe writes the same strings to a RON file).
+#[derive(Default)]
+struct MemoryStorage(std::collections::HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+    fn flush(&mut self) {}
+}
+
+#[test]
+fn the_next_run_reopens_the_last_model_panel_and_theme() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Neurons");
+    h.get_by_label("☀ Light").click();
+    h.step();
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(h.state_mut(), &mut storage);
+    assert!(!storage.0.is_empty(), "save wrote nothing");
+
+    let remembered = Remembered::load(&storage);
+    let mut again = harness_with(App::new(GuiOptions::default(), remembered));
+    wait_for(&mut again, "the model", model_loaded);
+    assert_eq!(again.state().current, PanelKind::Neurons);
+    assert_eq!(
+        again.state().workbench.model_dir,
+        monoscope::cli::bundled_model_dir()
+    );
+    assert!(!again.ctx.style().visuals.dark_mode, "the light theme");
+    assert!(has_label(&again, "☾ Dark"));
+    // Storage from another program (or none) opens the defaults.
+    let mut foreign = MemoryStorage::default();
+    eframe::Storage::set_string(&mut foreign, "monoscope", "not RON".into());
+    let fresh = App::new(GuiOptions::default(), Remembered::load(&foreign));
+    assert_eq!(fresh.current, PanelKind::Playground);
 }
 
 #[test]

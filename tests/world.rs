@@ -174,7 +174,9 @@ fn corpus_generation_is_deterministic_in_its_seed() {
         .training_documents();
     assert_eq!(a, b);
     assert_ne!(a, c);
-    assert_eq!(a.len(), kb.countries.len() * 2 * 2 + 60);
+    let cities: usize = kb.countries.iter().map(|c| c.cities.len()).sum();
+    // Per language: 2 paragraphs and 1 infobox per country, 30 fact lists, 1 per city.
+    assert_eq!(a.len(), 2 * (kb.countries.len() * 3 + 30 + cities));
 }
 
 #[test]
@@ -266,6 +268,72 @@ fn bad_knowledge_base_rows_give_errors_naming_file_and_line() {
         err.contains("missing.tsv") && err.contains("not found"),
         "{err}"
     );
+}
+
+#[test]
+fn bad_city_rows_give_errors_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("countries.tsv");
+    let header = monoscope::world::knowledge::COLUMNS.join("\t");
+    let good = "Japan\t日本\tTokyo\t東京\tJapanese\t日本語\tJapanese yen\t日本円\tAsia\tアジア\tTokyo\t東京\tMount Fuji\t富士山";
+    std::fs::write(&path, format!("{header}\n{good}\n")).unwrap();
+    let cities = dir.path().join(monoscope::world::knowledge::CITIES_FILE);
+    let city_header = monoscope::world::knowledge::CITY_COLUMNS.join("\t");
+    let cases = [
+        (
+            "Atlantis\tPoseidonia\tポセイドニア",
+            "line 2",
+            "unknown country `Atlantis`",
+        ),
+        ("Japan\tTokyo\t東京", "line 2", "already Japan's capital"),
+        ("Japan\tYokohama", "line 2", "2 tab-separated fields"),
+        ("Japan\tYokohama\t", "line 2", "`city_ja` is empty"),
+        (
+            "Japan\tYokohama\t横浜\nJapan\tYokohama\t横浜",
+            "line 3",
+            "appears twice",
+        ),
+    ];
+    for (rows, line, message) in cases {
+        std::fs::write(&cities, format!("{city_header}\n{rows}\n")).unwrap();
+        let err = KnowledgeBase::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("cities.tsv") && err.contains(line) && err.contains(message),
+            "{err}"
+        );
+    }
+    std::fs::write(&cities, format!("{city_header}\nJapan\tYokohama\t横浜\n")).unwrap();
+    let kb = KnowledgeBase::load(&path).unwrap();
+    assert_eq!(kb.countries[0].cities[0].ja, "横浜");
+}
+
+#[test]
+fn the_corpus_names_other_cities_as_city_mentions_of_their_country() {
+    let kb = KnowledgeBase::bundled().unwrap();
+    let japan = kb.find("Japan").unwrap();
+    let config = CorpusConfig {
+        seed: 5,
+        docs_per_country: 0,
+        fact_list_docs: 0,
+        infobox_docs_per_country: 0,
+        docs_per_city: 1,
+    };
+    let docs = CorpusGenerator::new(&kb, config)
+        .unwrap()
+        .training_documents();
+    for (lang, name) in [(Lang::En, "Yokohama"), (Lang::Ja, "横浜")] {
+        let mention = docs
+            .iter()
+            .filter(|d| d.lang == lang)
+            .flat_map(|d| d.entities.iter().map(move |m| (d, m)))
+            .find(|(d, m)| &d.text[m.start..m.end] == name)
+            .unwrap_or_else(|| panic!("no mention of {name}"));
+        assert_eq!(
+            mention.1.kind,
+            monoscope::world::knowledge::EntityKind::City
+        );
+        assert_eq!(mention.1.country, japan);
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSetti
 use crate::sae::eval::{EvalSettings, evaluate};
 use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run as run_training};
 use crate::sae::saelens::{self, SaeMetadata};
-use crate::sae::train::{BDecInit, TrainArchitecture, TrainConfig};
+use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, BDecInit, TrainConfig};
 
 #[derive(Subcommand)]
 pub enum SaeCommand {
@@ -20,14 +20,6 @@ pub enum SaeCommand {
     Train(Box<TrainArgs>),
     /// L0, FVU, dead/dense latents, CE loss recovered, KL and delta LM loss of an SAE.
     Eval(Box<EvalArgs>),
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ArchArg {
-    Standard,
-    Topk,
-    Batchtopk,
-    Jumprelu,
 }
 
 /// Corpus and windowing options shared by train and eval.
@@ -112,7 +104,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     #[arg(long, value_enum, default_value = "topk")]
-    arch: ArchArg,
+    arch: ArchitectureKind,
     /// Latents per token (topk, batchtopk).
     #[arg(long, default_value_t = 32)]
     k: usize,
@@ -239,28 +231,16 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     }
     let d_in = source.d_in();
     let d_sae = args.d_sae.unwrap_or(args.expansion * d_in);
-    let aux_k = args.aux_k.unwrap_or(d_in / 2);
-    let architecture = match args.arch {
-        ArchArg::Standard => TrainArchitecture::Standard {
-            l1_coefficient: args.l1_coefficient,
-        },
-        ArchArg::Topk => TrainArchitecture::TopK {
-            k: args.k,
-            aux_k,
-            aux_coefficient: args.aux_coefficient,
-        },
-        ArchArg::Batchtopk => TrainArchitecture::BatchTopK {
-            k: args.k,
-            aux_k,
-            aux_coefficient: args.aux_coefficient,
-            threshold_lr: 0.01,
-        },
-        ArchArg::Jumprelu => TrainArchitecture::JumpRelu {
-            l0_coefficient: args.l0_coefficient,
-            bandwidth: args.bandwidth,
-            init_threshold: args.init_threshold,
-        },
-    };
+    let architecture = args.arch.with(&ArchitectureKnobs {
+        k: args.k,
+        aux_k: args.aux_k.unwrap_or(d_in / 2),
+        aux_coefficient: args.aux_coefficient,
+        l1_coefficient: args.l1_coefficient,
+        l0_coefficient: args.l0_coefficient,
+        bandwidth: args.bandwidth,
+        init_threshold: args.init_threshold,
+        ..ArchitectureKnobs::defaults(d_in)
+    });
     let mut train = TrainConfig::new(architecture, d_in, d_sae);
     train.batch_size = args.batch_size;
     train.total_steps = args.tokens.div_ceil(args.batch_size.max(1) as u64);

@@ -18,7 +18,7 @@ use crate::world::train::TrainOutcome;
 #[derive(Subcommand)]
 pub enum WorldCommand {
     /// Regenerate corpus, tokenizer and model from the knowledge base.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Accuracy on held-out-template prompts per relation and language, and a causal trace.
     Eval(EvalArgs),
 }

@@ -30,6 +30,13 @@ pub struct Remembered {
 
 const REMEMBERED_KEY: &str = "monoscope";
 
+impl Remembered {
+    /// What the last run saved into eframe's storage (nothing if it is absent or unreadable).
+    pub fn load(storage: &dyn eframe::Storage) -> Self {
+        eframe::get_value(storage, REMEMBERED_KEY).unwrap_or_default()
+    }
+}
+
 /// How the window starts.
 #[derive(Clone, Debug, Default)]
 pub struct GuiOptions {
@@ -233,9 +240,7 @@ pub fn run(options: GuiOptions) -> anyhow::Result<()> {
         native,
         Box::new(move |cc| {
             let remembered = match (&options.screenshots, cc.storage) {
-                (None, Some(storage)) => {
-                    eframe::get_value(storage, REMEMBERED_KEY).unwrap_or_default()
-                }
+                (None, Some(storage)) => Remembered::load(storage),
                 _ => Remembered::default(),
             };
             Ok(Box::new(App::new(options, remembered)))

@@ -76,6 +76,81 @@ impl TrainArchitecture {
     }
 }
 
+/// The architectures by name, for command lines and forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchitectureKind {
+    Standard,
+    #[value(name = "topk")]
+    TopK,
+    #[value(name = "batchtopk")]
+    BatchTopK,
+    #[value(name = "jumprelu")]
+    JumpRelu,
+}
+
+/// Every architecture's own knobs; [`ArchitectureKind::with`] takes those it needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArchitectureKnobs {
+    /// Latents per token (topk, batchtopk).
+    pub k: usize,
+    /// AuxK latents for dead-latent revival (topk, batchtopk).
+    pub aux_k: usize,
+    pub aux_coefficient: f32,
+    /// L1 coefficient (standard).
+    pub l1_coefficient: f32,
+    /// L0 coefficient (jumprelu).
+    pub l0_coefficient: f32,
+    /// Straight-through-estimator bandwidth (jumprelu).
+    pub bandwidth: f32,
+    pub init_threshold: f32,
+    /// Rate of the running average that becomes batchtopk's inference threshold.
+    pub threshold_lr: f32,
+}
+
+impl ArchitectureKnobs {
+    /// The defaults for inputs of width `d_in` (AuxK on d_in / 2 latents at 1/32, as in Gao
+    /// et al.; JumpReLU as in Rajamanoharan et al.).
+    pub fn defaults(d_in: usize) -> Self {
+        Self {
+            k: 32,
+            aux_k: d_in / 2,
+            aux_coefficient: 1.0 / 32.0,
+            l1_coefficient: 5.0,
+            l0_coefficient: 1.0,
+            bandwidth: 0.05,
+            init_threshold: 0.01,
+            threshold_lr: 0.01,
+        }
+    }
+}
+
+impl ArchitectureKind {
+    /// The architecture with its knobs taken from `knobs`.
+    pub fn with(self, knobs: &ArchitectureKnobs) -> TrainArchitecture {
+        match self {
+            Self::Standard => TrainArchitecture::Standard {
+                l1_coefficient: knobs.l1_coefficient,
+            },
+            Self::TopK => TrainArchitecture::TopK {
+                k: knobs.k,
+                aux_k: knobs.aux_k,
+                aux_coefficient: knobs.aux_coefficient,
+            },
+            Self::BatchTopK => TrainArchitecture::BatchTopK {
+                k: knobs.k,
+                aux_k: knobs.aux_k,
+                aux_coefficient: knobs.aux_coefficient,
+                threshold_lr: knobs.threshold_lr,
+            },
+            Self::JumpRelu => TrainArchitecture::JumpRelu {
+                l0_coefficient: knobs.l0_coefficient,
+                bandwidth: knobs.bandwidth,
+                init_threshold: knobs.init_threshold,
+            },
+        }
+    }
+}
+
 /// How `b_dec` starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -667,7 +667,13 @@ impl<'a> CorpusGenerator<'a> {
     }
 
     /// A sentence naming one or two other cities of `country`.
-    fn city_sentence(&self, rng: &mut StdRng, doc: &mut DocBuilder, country: usize, subject: Subject) {
+    fn city_sentence(
+        &self,
+        rng: &mut StdRng,
+        doc: &mut DocBuilder,
+        country: usize,
+        subject: Subject,
+    ) {
         let lang = doc.lang;
         let c = &self.kb.countries[country];
         let templates = match lang {
@@ -675,7 +681,11 @@ impl<'a> CorpusGenerator<'a> {
             Lang::Ja => CITY_SENTENCES_JA,
         };
         let template = templates.choose(rng).copied().unwrap_or("{C}");
-        let count = if c.cities.len() > 1 && rng.random_bool(0.5) { 2 } else { 1 };
+        let count = if c.cities.len() > 1 && rng.random_bool(0.5) {
+            2
+        } else {
+            1
+        };
         let cities: Vec<_> = c.cities.choose_multiple(rng, count).collect();
         doc.sentence_break();
         doc.push_template(template, |doc, tag| match tag {
@@ -726,7 +736,10 @@ impl<'a> CorpusGenerator<'a> {
                 doc.push(if lang == Lang::En { "; " } else { "、" });
             }
             let start = doc.text.len();
-            let key = infobox_keys(relation, lang).choose(rng).copied().unwrap_or("");
+            let key = infobox_keys(relation, lang)
+                .choose(rng)
+                .copied()
+                .unwrap_or("");
             doc.push(key);
             doc.push(if lang == Lang::En { ": " } else { "：" });
             let value = c.attribute(relation);

@@ -445,6 +445,11 @@ mod tests {
         assert_eq!(japan.capital.en, "Tokyo");
         assert_eq!(japan.capital.ja, "東京");
         assert_eq!(kb.find("日本"), kb.find("Japan"));
-        assert!(japan.cities.iter().any(|c| c.en == "Yokohama" && c.ja == "横浜"));
+        assert!(
+            japan
+                .cities
+                .iter()
+                .any(|c| c.en == "Yokohama" && c.ja == "横浜")
+        );
     }
 }

@@ -16,21 +16,13 @@ use crate::model::Model;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run};
 use crate::sae::saelens::SaeMetadata;
-use crate::sae::train::{TrainArchitecture, TrainConfig};
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Arch {
-    TopK,
-    BatchTopK,
-    Standard,
-    JumpRelu,
-}
+use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
 
 /// The training form.
 #[derive(Clone, Debug)]
 pub struct TrainForm {
     pub hook: String,
-    arch: Arch,
+    arch: ArchitectureKind,
     pub k: usize,
     l1: f32,
     pub expansion: usize,
@@ -45,7 +37,7 @@ impl Default for TrainForm {
     fn default() -> Self {
         Self {
             hook: "blocks.4.mlp.hook_post".into(),
-            arch: Arch::TopK,
+            arch: ArchitectureKind::TopK,
             k: 32,
             l1: 5.0,
             expansion: 8,
@@ -150,18 +142,18 @@ impl Train {
             ui.end_row();
             ui.label("Architecture");
             ui.horizontal(|ui| {
-                ui.radio_value(&mut f.arch, Arch::TopK, "TopK");
-                ui.radio_value(&mut f.arch, Arch::BatchTopK, "BatchTopK");
-                ui.radio_value(&mut f.arch, Arch::Standard, "ReLU + L1");
-                ui.radio_value(&mut f.arch, Arch::JumpRelu, "JumpReLU");
+                ui.radio_value(&mut f.arch, ArchitectureKind::TopK, "TopK");
+                ui.radio_value(&mut f.arch, ArchitectureKind::BatchTopK, "BatchTopK");
+                ui.radio_value(&mut f.arch, ArchitectureKind::Standard, "ReLU + L1");
+                ui.radio_value(&mut f.arch, ArchitectureKind::JumpRelu, "JumpReLU");
             });
             ui.end_row();
             match f.arch {
-                Arch::TopK | Arch::BatchTopK => {
+                ArchitectureKind::TopK | ArchitectureKind::BatchTopK => {
                     ui.label("k").on_hover_text("latents active per token");
                     ui.add(egui::DragValue::new(&mut f.k).range(1..=1024));
                 }
-                Arch::Standard | Arch::JumpRelu => {
+                ArchitectureKind::Standard | ArchitectureKind::JumpRelu => {
                     ui.label("sparsity coefficient")
                         .on_hover_text("L1 (ReLU) or L0 (JumpReLU) penalty weight");
                     ui.add(
@@ -235,28 +227,12 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
     };
     let mut source = ActivationSource::new(model, corpus, &f.hook, settings)?;
     let d_in = source.d_in();
-    let aux_k = d_in / 2;
-    let architecture = match f.arch {
-        Arch::TopK => TrainArchitecture::TopK {
-            k: f.k,
-            aux_k,
-            aux_coefficient: 1.0 / 32.0,
-        },
-        Arch::BatchTopK => TrainArchitecture::BatchTopK {
-            k: f.k,
-            aux_k,
-            aux_coefficient: 1.0 / 32.0,
-            threshold_lr: 0.01,
-        },
-        Arch::Standard => TrainArchitecture::Standard {
-            l1_coefficient: f.l1,
-        },
-        Arch::JumpRelu => TrainArchitecture::JumpRelu {
-            l0_coefficient: f.l1,
-            bandwidth: 0.05,
-            init_threshold: 0.01,
-        },
-    };
+    let architecture = f.arch.with(&ArchitectureKnobs {
+        k: f.k,
+        l1_coefficient: f.l1,
+        l0_coefficient: f.l1,
+        ..ArchitectureKnobs::defaults(d_in)
+    });
     let mut train = TrainConfig::new(architecture, d_in, f.expansion * d_in);
     train.batch_size = f.batch_size;
     train.total_steps = f.tokens.div_ceil(f.batch_size.max(1) as u64);
