@@ -88,6 +88,42 @@ fn model_loaded(h: &Harness<App>) -> bool {
     h.state().workbench.model.is_some()
 }
 
+#[test]
+fn the_bundled_font_draws_every_name_in_the_knowledge_base() {
+    let ctx = egui::Context::default();
+    monoscope::gui::style::install_fonts(&ctx);
+    let _ = ctx.run(egui::RawInput::default(), |_| {});
+    let kb = monoscope::world::KnowledgeBase::bundled().unwrap();
+    let mut names = Vec::new();
+    for c in &kb.countries {
+        for n in [
+            &c.name,
+            &c.capital,
+            &c.language,
+            &c.currency,
+            &c.continent,
+            &c.largest_city,
+            &c.landmark,
+        ]
+        .into_iter()
+        .chain(&c.cities)
+        {
+            names.extend([n.en.clone(), n.ja.clone()]);
+        }
+    }
+    for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
+        let font = egui::FontId::new(14.0, family);
+        let missing = ctx.fonts(|f| {
+            names
+                .iter()
+                .flat_map(|n| n.chars())
+                .filter(|&ch| !f.has_glyph(&font, ch))
+                .collect::<std::collections::BTreeSet<char>>()
+        });
+        assert!(missing.is_empty(), "no glyph for {missing:?}");
+    }
+}
+
 /// eframe's key-value storage, in memory (eframe writes the same strings to a RON file).
 #[derive(Default)]
 struct MemoryStorage(std::collections::HashMap<String, String>);
