@@ -234,8 +234,8 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
     });
     h.step();
     // The after table: " Yokohama" is now the top answer (its first token is top-1 on the
-    // edit prompt). (The world model has never read "Yokohama", so it cannot spell the
-    // rest, and the whole word does not yet beat " Tokyo": see issue 3.)
+    // edit prompt), the whole word beats " Tokyo", and the greedy continuation spells it
+    // (the world model knows Yokohama as a city of Japan).
     let model = h.state().workbench.model.clone().unwrap();
     let prompt = "The capital of Japan is";
     let first = monoscope::causal::target_tokens(&model, prompt, " Yokohama").unwrap()[0];
@@ -248,6 +248,16 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         texts_containing(&h, "top-1")
     );
     assert!(!texts_containing(&h, "\" Yokohama\"").is_empty());
+    assert!(
+        has_label(&h, "edit: top-1 1/1, beats the rival 1/1"),
+        "{:?}",
+        texts_containing(&h, "rival")
+    );
+    assert!(
+        has_label(&h, "The capital of Japan is Yokohama"),
+        "{:?}",
+        texts_containing(&h, "The capital of Japan is")
+    );
     let edited_layer = h.state().workbench.history.edits()[0].layers[0];
 
     h.get_by_label("Undo #0").click();
