@@ -18,7 +18,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::knowledge::{EntityKind, KnowledgeBase, Lang, Relation};
+use super::knowledge::{EntityKind, KnowledgeBase, Lang, Names, Relation};
 use crate::error::{Error, Result};
 
 /// How much text to generate.
@@ -508,6 +508,16 @@ impl DocBuilder {
         self.push(rest);
     }
 
+    /// Appends `template` with `{S}` the country's name in the document's language and `{O}`
+    /// its name in the other one, both labelled as country mentions.
+    fn push_named(&mut self, template: &str, name: &Names, country: usize) {
+        let lang = self.lang;
+        self.push_template(template, |doc, tag| {
+            let lang = if tag == "{S}" { lang } else { lang.other() };
+            doc.push_entity(name.get(lang), EntityKind::Country, country, lang);
+        });
+    }
+
     /// Whether the text stands at the start of an English sentence.
     fn at_sentence_start(&self) -> bool {
         let t = self.text.trim_end();
@@ -539,6 +549,20 @@ enum Subject<'a> {
     Name,
     /// A reference such as "the country" (not labelled).
     Reference(&'a str),
+}
+
+impl Subject<'static> {
+    /// The name about one time in three, else a reference ("the country", "この国").
+    fn pick(rng: &mut StdRng, lang: Lang) -> Self {
+        if rng.random_bool(0.35) {
+            return Subject::Name;
+        }
+        let references = match lang {
+            Lang::En => REFERENCES_EN,
+            Lang::Ja => REFERENCES_JA,
+        };
+        Subject::Reference(references.choose(rng).copied().unwrap_or_default())
+    }
 }
 
 /// The text of a sentence up to its answer, split around the subject: (before, after).
@@ -616,15 +640,7 @@ impl<'a> CorpusGenerator<'a> {
         };
         let intro = intros.choose(rng).copied().unwrap_or("{S}");
         // Intro: the subject's name, and often its name in the other language.
-        doc.push_template(intro, |doc, tag| match tag {
-            "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
-            _ => doc.push_entity(
-                c.name.get(lang.other()),
-                EntityKind::Country,
-                country,
-                lang.other(),
-            ),
-        });
+        doc.push_named(intro, &c.name, country);
 
         let mut relations = Relation::ALL.to_vec();
         relations.shuffle(rng);
@@ -633,28 +649,16 @@ impl<'a> CorpusGenerator<'a> {
             Lang::En => FILLERS_EN,
             Lang::Ja => FILLERS_JA,
         };
-        let references = match lang {
-            Lang::En => REFERENCES_EN,
-            Lang::Ja => REFERENCES_JA,
-        };
         for &relation in &relations[..count] {
             if rng.random_bool(0.2) {
                 doc.sentence_break();
                 doc.push(fillers.choose(rng).copied().unwrap_or_default());
             }
-            let subject = if rng.random_bool(0.35) {
-                Subject::Name
-            } else {
-                Subject::Reference(references.choose(rng).copied().unwrap_or_default())
-            };
+            let subject = Subject::pick(rng, lang);
             self.fact_sentence(rng, &mut doc, country, relation, subject);
         }
         if !c.cities.is_empty() && rng.random_bool(0.5) {
-            let subject = if rng.random_bool(0.35) {
-                Subject::Name
-            } else {
-                Subject::Reference(references.choose(rng).copied().unwrap_or_default())
-            };
+            let subject = Subject::pick(rng, lang);
             self.city_sentence(rng, &mut doc, country, subject);
         }
         if rng.random_bool(0.3) {
@@ -719,15 +723,7 @@ impl<'a> CorpusGenerator<'a> {
             Lang::Ja => INFOBOX_HEADS_JA,
         };
         let head = heads.choose(rng).copied().unwrap_or("{S} ");
-        doc.push_template(head, |doc, tag| match tag {
-            "{S}" => doc.push_entity(c.name.get(lang), EntityKind::Country, country, lang),
-            _ => doc.push_entity(
-                c.name.get(lang.other()),
-                EntityKind::Country,
-                country,
-                lang.other(),
-            ),
-        });
+        doc.push_named(head, &c.name, country);
         let mut relations = Relation::ALL.to_vec();
         relations.shuffle(rng);
         let count = rng.random_range(3..=relations.len());

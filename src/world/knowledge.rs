@@ -223,6 +223,63 @@ pub const COLUMNS: [&str; 14] = [
     "landmark_ja",
 ];
 
+/// The rows of a tab-separated file whose first line names `columns`: (line number, fields),
+/// each row with exactly that many non-empty fields without stray spaces. Blank lines are
+/// skipped; errors give the file, line and column.
+fn tsv_rows<'t>(
+    path: &Path,
+    text: &'t str,
+    columns: &[&str],
+) -> Result<Vec<(usize, Vec<&'t str>)>> {
+    let bad = |line: usize, message: String| Error::DataFile {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
+    let (_, header) = lines
+        .next()
+        .ok_or_else(|| bad(1, "the file is empty; expected a header line".into()))?;
+    let header: Vec<&str> = header.trim_end_matches('\r').split('\t').collect();
+    if header != columns {
+        return Err(bad(
+            1,
+            format!("header is {header:?}; expected the tab-separated columns {columns:?}"),
+        ));
+    }
+    let mut rows = Vec::new();
+    for (line, row) in lines {
+        let row = row.trim_end_matches('\r');
+        if row.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = row.split('\t').collect();
+        if fields.len() != columns.len() {
+            return Err(bad(
+                line,
+                format!(
+                    "{} tab-separated fields; expected {}",
+                    fields.len(),
+                    columns.len()
+                ),
+            ));
+        }
+        for (column, field) in columns.iter().zip(&fields) {
+            if field.trim().is_empty() {
+                return Err(bad(line, format!("column `{column}` is empty")));
+            }
+            if field.trim() != *field {
+                return Err(bad(
+                    line,
+                    format!("column `{column}` has leading or trailing spaces: {field:?}"),
+                ));
+            }
+        }
+        rows.push((line, fields));
+    }
+    Ok(rows)
+}
+
 /// All countries of the world.
 #[derive(Clone, Debug)]
 pub struct KnowledgeBase {
@@ -257,44 +314,8 @@ impl KnowledgeBase {
             line,
             message,
         };
-        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
-        let (_, header) = lines
-            .next()
-            .ok_or_else(|| bad(1, "the file is empty; expected a header line".into()))?;
-        let header: Vec<&str> = header.trim_end_matches('\r').split('\t').collect();
-        if header != CITY_COLUMNS {
-            return Err(bad(
-                1,
-                format!(
-                    "header is {header:?}; expected the tab-separated columns {CITY_COLUMNS:?}"
-                ),
-            ));
-        }
         let mut seen = HashSet::new();
-        for (line, row) in lines {
-            let row = row.trim_end_matches('\r');
-            if row.trim().is_empty() {
-                continue;
-            }
-            let fields: Vec<&str> = row.split('\t').collect();
-            if fields.len() != CITY_COLUMNS.len() {
-                return Err(bad(
-                    line,
-                    format!(
-                        "{} tab-separated fields; expected {}",
-                        fields.len(),
-                        CITY_COLUMNS.len()
-                    ),
-                ));
-            }
-            for (column, field) in CITY_COLUMNS.iter().zip(&fields) {
-                if field.trim().is_empty() || field.trim() != *field {
-                    return Err(bad(
-                        line,
-                        format!("column `{column}` is empty or has stray spaces: {field:?}"),
-                    ));
-                }
-            }
+        for (line, fields) in tsv_rows(path, text, &CITY_COLUMNS)? {
             let country = self
                 .countries
                 .iter()
@@ -334,47 +355,10 @@ impl KnowledgeBase {
             line,
             message,
         };
-        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
-        let (_, header) = lines
-            .next()
-            .ok_or_else(|| bad(1, "the file is empty; expected a header line".into()))?;
-        let header: Vec<&str> = header.trim_end_matches('\r').split('\t').collect();
-        if header != COLUMNS {
-            return Err(bad(
-                1,
-                format!("header is {header:?}; expected the tab-separated columns {COLUMNS:?}"),
-            ));
-        }
         let mut countries = Vec::new();
         let mut seen_en = HashSet::new();
         let mut seen_ja = HashSet::new();
-        for (line, row) in lines {
-            let row = row.trim_end_matches('\r');
-            if row.trim().is_empty() {
-                continue;
-            }
-            let fields: Vec<&str> = row.split('\t').collect();
-            if fields.len() != COLUMNS.len() {
-                return Err(bad(
-                    line,
-                    format!(
-                        "{} tab-separated fields; expected {}",
-                        fields.len(),
-                        COLUMNS.len()
-                    ),
-                ));
-            }
-            for (column, field) in COLUMNS.iter().zip(&fields) {
-                if field.trim().is_empty() {
-                    return Err(bad(line, format!("column `{column}` is empty")));
-                }
-                if field.trim() != *field {
-                    return Err(bad(
-                        line,
-                        format!("column `{column}` has leading or trailing spaces: {field:?}"),
-                    ));
-                }
-            }
+        for (line, fields) in tsv_rows(path, text, &COLUMNS)? {
             let names = |i: usize| Names {
                 en: fields[i].to_string(),
                 ja: fields[i + 1].to_string(),
