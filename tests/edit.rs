@@ -156,7 +156,7 @@ fn river_edit(
 }
 
 #[test]
-fn a_rome_edit_maps_the_averaged_key_to_the_optimised_value() {
+fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
     let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
@@ -182,8 +182,28 @@ fn a_rome_edit_maps_the_averaged_key_to_the_optimised_value() {
                     .unwrap();
             assert_eq!(edit.key_index, span.end - 1, "the subject's last token");
         }
-        // r-ROME's closed form: the edited down projection maps k̄ exactly to v* (bias
-        // included), whatever the plain prompt's key.
+        // The key the edit is solved at is the plain prompt's own key at the key token.
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture([monoscope::model::HookPoint::MlpPost(0)]),
+            )
+            .unwrap();
+        let k_plain = out
+            .cache
+            .require(monoscope::model::HookPoint::MlpPost(0))
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(edit.key_index)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in k_plain.iter().zip(&edit.key_vector) {
+            assert!((f64::from(*a) - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // ROME's closed form: the edited down projection maps the plain prompt's key exactly
+        // to v* (bias included).
         let mut history = EditHistory::new();
         history.apply(&mut model, applied).unwrap();
         let w = down_proj(&model, 0);

@@ -71,6 +71,10 @@ pub struct StatsArgs {
     /// ‖δ‖ clamp in units of ‖v₀‖.
     #[arg(long, default_value_t = RomeSettings::default().clamp_norm)]
     clamp_norm: f64,
+    /// r-ROME: solve the update at the averaged key k̄ rather than the plain prompt's key
+    /// (steadier over long runs of sequential edits, weaker on this model).
+    #[arg(long)]
+    residual_at_mean_key: bool,
 }
 
 impl StatsArgs {
@@ -85,6 +89,7 @@ impl StatsArgs {
             v_steps: self.v_steps,
             kl_factor: self.kl_factor,
             clamp_norm: self.clamp_norm,
+            residual_at_mean_key: self.residual_at_mean_key,
             ..RomeSettings::default()
         };
         Ok(Editor::new(
