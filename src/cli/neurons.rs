@@ -8,10 +8,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{FactArgs, ModelArgs, print_json};
-use crate::causal::target_token;
 use crate::model::Hooks;
 use crate::neurons::{
-    FactPrompt, Neuron, NeuronSettings, PARAPHRASE_PREFIXES, attribute, key_contexts,
+    FactPrompt, Neuron, NeuronSettings, attribute, fact_prompts, key_contexts, paraphrased,
     probabilities, refine, relative_change, scale_neurons, value_tokens,
 };
 use crate::sae::activations::Corpus;
@@ -103,23 +102,9 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
             }
             t
         }
-        None => std::iter::once(args.fact.prompt.clone())
-            .chain(
-                PARAPHRASE_PREFIXES
-                    .iter()
-                    .map(|p| format!("{p}{}", args.fact.prompt)),
-            )
-            .collect(),
+        None => paraphrased(&args.fact.prompt),
     };
-    let fill = |t: &str, subject: &str| t.replace("{}", subject);
-    let facts: Vec<FactPrompt> = templates
-        .iter()
-        .map(|t| {
-            let prompt = fill(t, &args.fact.subject);
-            let target_id = target_token(&model, &prompt, &args.fact.target)?;
-            Ok(FactPrompt { prompt, target_id })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let facts = fact_prompts(&model, &templates, &args.fact.subject, &args.fact.target)?;
 
     let settings = NeuronSettings {
         steps: args.steps,
@@ -194,7 +179,7 @@ pub fn run(args: &NeuronsArgs) -> anyhow::Result<()> {
     }
     println!(
         "knowledge neurons for {:?} → {:?}",
-        fill(&args.fact.prompt, &args.fact.subject),
+        args.fact.prompt.replace("{}", &args.fact.subject),
         args.fact.target
     );
     for (f, p) in report.prompts.iter().zip(&report.p_target) {

@@ -155,7 +155,7 @@ fn update_layers(
         let mut keys = Vec::with_capacity(requests.len());
         let mut resids = Vec::with_capacity(requests.len());
         for ((r, (prompt, prompts)), z) in requests.iter().zip(&texts).zip(zs) {
-            keys.push(mean_key(model, &r.subject, prompt, prompts, layer, key)?.0);
+            keys.push(mean_key(model, &r.subject, prompt, prompts, layer, key)?.mean);
             let (now, _) = value_at(model, prompt, &r.subject, z_point, key)?;
             let left = (layers.len() - li) as f64;
             resids.push(

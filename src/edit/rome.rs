@@ -300,8 +300,15 @@ pub(super) fn value_at(
     Ok((v, index))
 }
 
-/// k̄: the key at `layer` averaged over `prompts` (the plain `prompt` among them, each
-/// containing `subject`), and the key token's position in the plain prompt.
+/// The keys at `layer` and the `key` token: k̄ averaged over `prompts` (the plain `prompt`
+/// among them, each containing `subject`), the plain prompt's own key, and that token's
+/// position in the plain prompt.
+pub(super) struct Keys {
+    pub mean: Vec<f64>,
+    pub plain: Vec<f64>,
+    pub index: usize,
+}
+
 pub(super) fn mean_key(
     model: &Model,
     subject: &str,
@@ -309,21 +316,21 @@ pub(super) fn mean_key(
     prompts: &[String],
     layer: usize,
     key: KeyPosition,
-) -> Result<(Vec<f64>, usize)> {
+) -> Result<Keys> {
     let point = HookPoint::MlpPost(layer);
-    let (k_plain, key_index) = value_at(model, prompt, subject, point, key)?;
-    let mut k_mean = vec![0f64; k_plain.len()];
+    let (plain, index) = value_at(model, prompt, subject, point, key)?;
+    let mut mean = vec![0f64; plain.len()];
     for p in prompts {
         let k = if p == prompt {
-            k_plain.clone()
+            plain.clone()
         } else {
             value_at(model, p, subject, point, key)?.0
         };
-        for (m, v) in k_mean.iter_mut().zip(k) {
+        for (m, v) in mean.iter_mut().zip(k) {
             *m += v / prompts.len() as f64;
         }
     }
-    Ok((k_mean, key_index))
+    Ok(Keys { mean, plain, index })
 }
 
 /// Computes ROME's edit of `request` at `layer` and the `key` token (statistics `cov` of that
@@ -342,8 +349,8 @@ pub fn compute_edit(
     check_layer(model, layer)?;
     let prompt = request.text();
     let prompts = request.in_contexts(contexts);
-    let (k_mean, key_index) = mean_key(model, &request.subject, &prompt, &prompts, layer, key)?;
-    let (u, ridge) = solve_key(cov, &k_mean)?;
+    let keys = mean_key(model, &request.subject, &prompt, &prompts, layer, key)?;
+    let (u, ridge) = solve_key(cov, &keys.mean)?;
 
     let (target, nll_before, nll_after) = optimise_value(
         model,
@@ -369,16 +376,9 @@ pub fn compute_edit(
     };
     let v: Vec<f64> = target.iter().zip(&bias).map(|(t, b)| t - b).collect();
     let k_exact = if settings.residual_at_mean_key {
-        k_mean
+        keys.mean
     } else {
-        value_at(
-            model,
-            &prompt,
-            &request.subject,
-            HookPoint::MlpPost(layer),
-            key,
-        )?
-        .0
+        keys.plain
     };
     let delta = rank_one_update(&w, v.len(), &k_exact, &v, &u)?;
     Ok(RomeEdit {
@@ -390,7 +390,7 @@ pub fn compute_edit(
         value: target,
         key_vector: k_exact,
         key,
-        key_index,
+        key_index: keys.index,
     })
 }
 

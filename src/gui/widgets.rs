@@ -6,6 +6,18 @@ use egui::{Color32, RichText, Sense, Stroke, Ui, vec2};
 use super::style::{activation_colour, heat_colour};
 use super::workbench::JobView;
 
+/// A folder path typed, or picked with the desktop's dialog (titled `dialog_title`) through
+/// a "Browse…" button. Returns the text field, so a label can be linked to it.
+pub fn folder_field(ui: &mut Ui, path: &mut String, dialog_title: &str) -> egui::Response {
+    let field = ui.text_edit_singleline(path);
+    if ui.button("Browse…").clicked()
+        && let Some(dir) = super::pick_folder(dialog_title)
+    {
+        *path = dir.display().to_string();
+    }
+    field
+}
+
 /// Name, message, progress bar with rate and a Cancel button.
 pub fn job_row(ui: &mut Ui, job: &dyn JobView) {
     let p = job.progress();

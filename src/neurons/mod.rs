@@ -58,6 +58,31 @@ pub struct FactPrompt {
     pub target_id: u32,
 }
 
+/// The fact's prompts: `template` and its [`PARAPHRASE_PREFIXES`] forms, with `{}` filled by
+/// `subject`, each followed by the first token of `target`.
+pub fn fact_prompts(
+    model: &Model,
+    templates: &[String],
+    subject: &str,
+    target: &str,
+) -> Result<Vec<FactPrompt>> {
+    templates
+        .iter()
+        .map(|t| {
+            let prompt = t.replace("{}", subject);
+            let target_id = crate::causal::target_token(model, &prompt, target)?;
+            Ok(FactPrompt { prompt, target_id })
+        })
+        .collect()
+}
+
+/// `template` and its paraphrase-prefixed forms.
+pub fn paraphrased(template: &str) -> Vec<String> {
+    std::iter::once(template.to_string())
+        .chain(PARAPHRASE_PREFIXES.iter().map(|p| format!("{p}{template}")))
+        .collect()
+}
+
 /// One neuron: its layer, its index in `mlp.hook_post`, and its attribution.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Neuron {

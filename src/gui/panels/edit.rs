@@ -16,7 +16,7 @@ use crate::edit::rome::{KeyPosition, Request, RomeSettings};
 use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
 use crate::gui::style::explain;
-use crate::gui::widgets::Heatmap;
+use crate::gui::widgets::{Heatmap, folder_field};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
@@ -550,12 +550,7 @@ impl Edit {
         }
         ui.horizontal(|ui| {
             ui.label("Save to a new folder");
-            ui.text_edit_singleline(&mut self.save_to);
-            if ui.button("Browse…").clicked()
-                && let Some(dir) = crate::gui::pick_folder("Folder to save the edited model in")
-            {
-                self.save_to = dir.display().to_string();
-            }
+            folder_field(ui, &mut self.save_to, "Folder to save the edited model in");
             let can_save = !wb.history.is_empty() && !self.save_to.trim().is_empty();
             if ui
                 .add_enabled(can_save && !self.busy(), egui::Button::new("Save"))

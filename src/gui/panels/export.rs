@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{Panel, PanelKind, need_model, take};
 use crate::export::{Existing, ExportSettings, export};
-use crate::gui::widgets::job_row;
+use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{Workbench, window_segments};
 use crate::jobs::Job;
 use crate::sae::activations::Corpus;
@@ -87,12 +87,7 @@ impl Panel for Export {
                     ui.end_row();
                     let label = ui.label("Output folder");
                     ui.horizontal(|ui| {
-                        ui.text_edit_singleline(&mut f.out).labelled_by(label.id);
-                        if ui.button("Browse…").clicked()
-                            && let Some(dir) = crate::gui::pick_folder("Folder for the export")
-                        {
-                            f.out = dir.display().to_string();
-                        }
+                        folder_field(ui, &mut f.out, "Folder for the export").labelled_by(label.id);
                     });
                     ui.end_row();
                     ui.label("");

@@ -5,15 +5,14 @@
 use std::sync::Arc;
 
 use super::{Panel, PanelKind, need_model, take};
-use crate::causal::target_token;
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, token_chips};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
 use crate::neurons::{
-    FactPrompt, Neuron, NeuronSettings, PARAPHRASE_PREFIXES, attribute, key_contexts,
-    mean_attributions, probabilities, refine, scale_neurons, value_tokens,
+    FactPrompt, Neuron, NeuronSettings, attribute, fact_prompts, key_contexts, mean_attributions,
+    paraphrased, probabilities, refine, scale_neurons, value_tokens,
 };
 use crate::sae::activations::Corpus;
 
@@ -226,14 +225,7 @@ impl Neurons {
             if !template.contains("{}") {
                 anyhow::bail!("the prompt template {template:?} has no {{}} for the subject");
             }
-            let facts: Vec<FactPrompt> = std::iter::once(template.clone())
-                .chain(PARAPHRASE_PREFIXES.iter().map(|p| format!("{p}{template}")))
-                .map(|t| {
-                    let prompt = t.replace("{}", &subject);
-                    let target_id = target_token(&model, &prompt, &target)?;
-                    Ok(FactPrompt { prompt, target_id })
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let facts = fact_prompts(&model, &paraphrased(&template), &subject, &target)?;
             let settings = NeuronSettings::default();
             let mut attributions = Vec::new();
             for (i, f) in facts.iter().enumerate() {

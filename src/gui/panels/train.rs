@@ -9,7 +9,7 @@ use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 use super::{Panel, PanelKind, need_model, take};
 use crate::gui::style::explain;
-use crate::gui::widgets::job_row;
+use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
@@ -193,12 +193,7 @@ impl Train {
             ui.end_row();
             let label = ui.label("Output folder");
             ui.horizontal(|ui| {
-                ui.text_edit_singleline(&mut f.out).labelled_by(label.id);
-                if ui.button("Browse…").clicked()
-                    && let Some(dir) = crate::gui::pick_folder("Folder for the SAE")
-                {
-                    f.out = dir.display().to_string();
-                }
+                folder_field(ui, &mut f.out, "Folder for the SAE").labelled_by(label.id);
             });
             ui.end_row();
         });
