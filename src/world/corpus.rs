@@ -534,6 +534,15 @@ impl DocBuilder {
     }
 }
 
+/// Three or more of the relations, in a random order (what one document states).
+fn some_relations(rng: &mut StdRng) -> Vec<Relation> {
+    let mut relations = Relation::ALL.to_vec();
+    relations.shuffle(rng);
+    let count = rng.random_range(3..=relations.len());
+    relations.truncate(count);
+    relations
+}
+
 /// Upper-cases the first character (English sentence starts).
 fn capitalize(s: &str) -> String {
     let mut chars = s.chars();
@@ -642,14 +651,12 @@ impl<'a> CorpusGenerator<'a> {
         // Intro: the subject's name, and often its name in the other language.
         doc.push_named(intro, &c.name, country);
 
-        let mut relations = Relation::ALL.to_vec();
-        relations.shuffle(rng);
-        let count = rng.random_range(3..=relations.len());
+        let relations = some_relations(rng);
         let fillers = match lang {
             Lang::En => FILLERS_EN,
             Lang::Ja => FILLERS_JA,
         };
-        for &relation in &relations[..count] {
+        for &relation in &relations {
             if rng.random_bool(0.2) {
                 doc.sentence_break();
                 doc.push(fillers.choose(rng).copied().unwrap_or_default());
@@ -724,10 +731,8 @@ impl<'a> CorpusGenerator<'a> {
         };
         let head = heads.choose(rng).copied().unwrap_or("{S} ");
         doc.push_named(head, &c.name, country);
-        let mut relations = Relation::ALL.to_vec();
-        relations.shuffle(rng);
-        let count = rng.random_range(3..=relations.len());
-        for (i, &relation) in relations[..count].iter().enumerate() {
+        let relations = some_relations(rng);
+        for (i, &relation) in relations.iter().enumerate() {
             if i > 0 {
                 doc.push(if lang == Lang::En { "; " } else { "、" });
             }
