@@ -84,6 +84,14 @@ fn open_panel(h: &mut Harness<'static, App>, title: &str) {
     h.step();
 }
 
+/// The Playground's row for the model's most likely next token after `prompt`.
+fn top_prediction_label(h: &Harness<App>, prompt: &str) -> String {
+    let model = h.state().workbench.model.clone().unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let top = next_token_top_k(&model, &ids, 1, &Hooks::new()).unwrap();
+    format!("{:?}  {:.1}%", top[0].token, 100.0 * top[0].prob)
+}
+
 fn model_loaded(h: &Harness<App>) -> bool {
     h.state().workbench.model.is_some()
 }
@@ -173,11 +181,10 @@ fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
     let prompt = "The capital of France is";
     replace_text(&mut h, "Prompt", prompt);
     h.key_press(egui::Key::Enter);
+    let expected = top_prediction_label(&h, prompt);
+    wait_for(&mut h, &expected, |h| has_label(h, &expected));
     let model = h.state().workbench.model.clone().unwrap();
     let ids = model.encode_prompt(prompt).unwrap();
-    let top = next_token_top_k(&model, &ids, 1, &Hooks::new()).unwrap();
-    let expected = format!("{:?}  {:.1}%", top[0].token, 100.0 * top[0].prob);
-    wait_for(&mut h, &expected, |h| has_label(h, &expected));
     // The prompt's tokens are shown as chips.
     for token in model.tokenizer.tokens_display(&ids) {
         let chip = monoscope::gui::widgets::display_token(&token);
@@ -227,6 +234,18 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
     let mut h = harness();
     wait_for(&mut h, "the model", model_loaded);
     open_panel(&mut h, "Edit");
+    // The trace suggests a layer, and an edit "from the trace" (the default) writes there.
+    h.get_by_label("Trace").click();
+    wait_for(&mut h, "the trace", |h| {
+        !texts_containing(h, "Suggested edit layer: ").is_empty()
+    });
+    let suggestion = texts_containing(&h, "Suggested edit layer: ").remove(0);
+    let suggested: usize = suggestion["Suggested edit layer: ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no layer in {suggestion:?}"));
+    assert!(suggestion.contains("subject-last key"), "{suggestion}");
     // The form opens on Japan → " Yokohama".
     h.get_by_label("Apply ROME edit").click();
     wait_for(&mut h, "the edit", |h| {
@@ -259,6 +278,10 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         texts_containing(&h, "The capital of Japan is")
     );
     let edited_layer = h.state().workbench.history.edits()[0].layers[0];
+    assert_eq!(
+        edited_layer, suggested,
+        "the edit writes where the trace pointed"
+    );
 
     h.get_by_label("Undo #0").click();
     wait_for(&mut h, "the undo", |h| {
@@ -364,4 +387,48 @@ fn a_bad_folder_is_a_message_in_the_window_not_a_crash() {
     // The window goes on with the model; the failed SAE is not half-open.
     assert!(h.state().workbench.model.is_some());
     assert!(h.state().workbench.sae.is_none());
+}
+
+/// A harness that also renders: through wgpu, on Mesa's software Vulkan (lavapipe) here.
+fn rendering_harness() -> Harness<'static, App> {
+    Harness::builder()
+        .with_size(egui::vec2(1400.0, 1000.0))
+        .wgpu()
+        .build_state(
+            |ctx, app: &mut App| app.ui(ctx),
+            App::new(GuiOptions::default(), Remembered::default()),
+        )
+}
+
+#[test]
+fn every_panel_renders_like_its_snapshot() {
+    let mut h = rendering_harness();
+    wait_for(&mut h, "the model, SAE and feature store", |h| {
+        h.state().workbench.store.is_some() && !h.state().busy()
+    });
+    let prompt = "The capital of Japan is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.key_press(egui::Key::Enter);
+    let expected = top_prediction_label(&h, prompt);
+    wait_for(&mut h, &expected, |h| {
+        has_label(h, &expected) && !h.state().busy()
+    });
+    // Unfocus the prompt (no blinking cursor) and move the pointer off the window (no hover
+    // highlight, no tooltip), so that the image depends on the window's content alone.
+    h.key_press(egui::Key::Escape);
+    let mut results = egui_kittest::SnapshotResults::new();
+    // Text is rasterised on the CPU, the rest by the software driver: allow a few pixels of
+    // antialiasing to differ between driver builds (0.1% of the 1400 × 1000 window).
+    let options = egui_kittest::SnapshotOptions::new().failed_pixel_count_threshold(1400);
+    for kind in PanelKind::ALL {
+        if kind != PanelKind::Playground {
+            open_panel(&mut h, kind.title());
+        }
+        h.input_mut().events.push(egui::Event::PointerGone);
+        h.run_steps(3);
+        results.add(
+            h.try_snapshot_options(format!("panel_{}", kind.title().to_lowercase()), &options),
+        );
+    }
+    results.unwrap();
 }

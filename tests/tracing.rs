@@ -69,17 +69,21 @@ fn trace_fact_restores_and_suggests_a_layer() {
         (restored - f(&hidden["p_clean"])).abs() < 1e-4,
         "{restored}"
     );
-    // The suggestion is the strongest MLP effect at the last subject token.
-    let mlp = &traces[1];
-    let subject_end = mlp["subject"]["end"].as_u64().unwrap() as usize;
-    let effects: Vec<f64> = (0..8)
-        .map(|l| f(&mlp["p_restored"][l][subject_end - 1]))
+    // The suggestion is the strongest single-layer MLP effect at the last subject token, the
+    // layer `edit --key subject-last` edits; its per-layer recovery is reported beside it.
+    let suggestion = &report["suggestion"];
+    assert_eq!(suggestion["key"], "subject-last");
+    let recovery: Vec<f64> = suggestion["recovery"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| f(&r[0]))
         .collect();
+    assert_eq!(recovery.len(), 8, "one share per layer");
     let best = (0..8)
-        .max_by(|&a, &b| effects[a].total_cmp(&effects[b]))
+        .max_by(|&a, &b| recovery[a].total_cmp(&recovery[b]))
         .unwrap();
-    assert_eq!(report["suggested_layer"].as_u64().unwrap() as usize, best);
-
+    assert_eq!(suggestion["layer"].as_u64().unwrap() as usize, best);
     // One PNG heatmap per restoration: a cell per (token, layer) plus the subject margin.
     for kind in ["hidden", "mlp", "attn"] {
         let bytes = std::fs::read(out_dir.join(format!("{kind}.png"))).unwrap();

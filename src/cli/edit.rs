@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
-use crate::causal::{Fact, subject_embedding_std};
+use crate::causal::{Fact, TraceSettings, subject_embedding_std};
 use crate::edit::counterfact::{EvalSummary, Scores, Tally, capital_swaps, score_checks};
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
@@ -627,7 +627,14 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
                 subject: &c.request.subject,
                 target: &c.old_en,
             };
-            let choice = choose_key(&model, &fact, sigma, args.layer, args.key)?;
+            let choice = choose_key(
+                &model,
+                &fact,
+                &TraceSettings::default(),
+                sigma,
+                args.layer,
+                args.key,
+            )?;
             *keys_used
                 .entry(format!("{} L{}", choice.key.name(), choice.layer))
                 .or_insert(0) += 1;

@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use super::{FactArgs, ModelArgs, print_json, write_new_file};
 use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+use crate::edit::locate::{KeyChoice, KeySelect, choose_key};
+use crate::edit::rome::KeyPosition;
 
 use crate::world::knowledge::KnowledgeBase;
 
@@ -51,9 +53,9 @@ struct Report {
     sigma: f64,
     settings: TraceSettings,
     traces: Vec<Trace>,
-    /// The layer with the strongest MLP effect at the last subject token.
-    suggested_layer: usize,
-    suggested_reason: String,
+    /// The edit layer: the strongest single-layer MLP effect at the last subject token (as
+    /// `edit --key subject-last` chooses it), with the recovery per layer behind it.
+    suggestion: KeyChoice,
 }
 
 pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
@@ -92,32 +94,23 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("tracing {prompt:?}"))?,
         );
     }
-    let mlp = &traces[1];
-    let last_subject = mlp.subject.end - 1;
-    let effects: Vec<f32> = mlp
-        .p_restored
-        .iter()
-        .map(|row| row[last_subject] - mlp.p_corrupt)
-        .collect();
-    let suggested_layer = (0..effects.len())
-        .max_by(|&a, &b| effects[a].total_cmp(&effects[b]))
-        .unwrap_or(0);
+    // The layer `edit --key subject-last` would choose, by the same single-layer trace.
+    let suggestion = choose_key(
+        &model,
+        &fact,
+        &settings,
+        sigma,
+        None,
+        KeySelect::Fixed(KeyPosition::SubjectLast),
+    )?;
     let report = Report {
-        suggested_reason: format!(
-            "restoring the MLP outputs around layer {suggested_layer} at the last subject token {:?} brings P({:?}) from {:.3} back to {:.3} (clean {:.3}), the most of any layer",
-            mlp.tokens[last_subject],
-            args.fact.target,
-            mlp.p_corrupt,
-            mlp.p_restored[suggested_layer][last_subject],
-            mlp.p_clean
-        ),
         prompt,
         subject: args.fact.subject.clone(),
         target: args.fact.target.clone(),
         sigma,
         settings,
         traces,
-        suggested_layer,
+        suggestion,
     };
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -138,7 +131,7 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
     }
     println!(
         "suggested edit layer: {} — {}",
-        report.suggested_layer, report.suggested_reason
+        report.suggestion.layer, report.suggestion.reason
     );
     Ok(())
 }

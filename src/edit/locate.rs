@@ -44,14 +44,6 @@ pub struct KeyChoice {
     pub recovery: Vec<[f32; 2]>,
 }
 
-/// The MLP window the choice traces with: single layers, so the effect points at one layer.
-fn locate_settings() -> TraceSettings {
-    TraceSettings {
-        window: 1,
-        ..TraceSettings::default()
-    }
-}
-
 /// The model's own next token after `prompt`, decoded: the answer an edit replaces and a
 /// trace follows.
 pub fn current_answer(model: &Model, prompt: &str) -> Result<String> {
@@ -84,14 +76,26 @@ pub fn locate_request(
         subject: &request.subject,
         target: &current,
     };
-    choose_key(model, &fact, sigma, layer, select)
+    choose_key(
+        model,
+        &fact,
+        &TraceSettings::default(),
+        sigma,
+        layer,
+        select,
+    )
 }
 
 /// Chooses the layer (unless given) and the key position (unless fixed) for editing `fact`;
-/// `sigma` scales the corruption noise (see [`crate::causal::subject_embedding_std`]).
+/// `sigma` scales the corruption noise (see [`crate::causal::subject_embedding_std`]) and
+/// `noise` sets its level, samples and seed. The trace restores one layer at a time, whatever
+/// `noise.window` says, so that the effect points at one layer: the window traces shown
+/// beside it blur neighbouring layers together (at layer 0 the window is cut short, so layers
+/// 0 and 1 often tie). This is the one place the CLI, `edit eval` and the GUI choose a layer.
 pub fn choose_key(
     model: &Model,
     fact: &Fact,
+    noise: &TraceSettings,
     sigma: f64,
     layer: Option<usize>,
     select: KeySelect,
@@ -113,7 +117,10 @@ pub fn choose_key(
     let t = trace(
         model,
         fact,
-        &locate_settings(),
+        &TraceSettings {
+            window: 1,
+            ..noise.clone()
+        },
         sigma,
         Some(&positions),
         Restore::Mlp,

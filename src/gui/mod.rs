@@ -101,6 +101,11 @@ impl App {
         }
     }
 
+    /// Is any background job running, the workbench's or a panel's?
+    pub fn busy(&self) -> bool {
+        self.workbench.busy() || self.panels.iter().any(|p| p.busy())
+    }
+
     /// One frame (also what the kittest tests drive).
     pub fn ui(&mut self, ctx: &egui::Context) {
         if let Some((model, sae)) = self.startup.take() {
@@ -125,7 +130,7 @@ impl App {
             }
         });
         self.workbench.show_notices(ctx);
-        if self.workbench.busy() || self.panels.iter().any(|p| p.busy()) {
+        if self.busy() {
             // Jobs also request repaints when they report; this keeps timers moving.
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
@@ -213,8 +218,8 @@ pub fn pick_folder(title: &str) -> Option<PathBuf> {
 impl eframe::App for App {
     fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
         self.ui(ctx);
+        let busy = self.busy();
         if let Some(tour) = &mut self.screenshots {
-            let busy = self.workbench.busy() || self.panels.iter().any(|p| p.busy());
             let cpu = frame.info().cpu_usage;
             tour.step(ctx, &mut self.current, &mut self.workbench, busy, cpu);
         }

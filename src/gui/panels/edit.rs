@@ -11,7 +11,7 @@ use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, 
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
 use crate::edit::history::{AppliedEdit, EditHistory};
-use crate::edit::locate::{KeyChoice, KeySelect, current_answer, locate_request};
+use crate::edit::locate::{KeyChoice, KeySelect, choose_key, current_answer, locate_request};
 use crate::edit::rome::{KeyPosition, Request, RomeSettings};
 use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
@@ -62,7 +62,9 @@ pub struct Edit {
     layer: usize,
     key: KeySelect,
     traces: Vec<Trace>,
-    trace_job: Option<Job<Vec<Trace>>>,
+    /// The layer and key the trace suggests: what an edit with "from the trace" will use.
+    suggestion: Option<KeyChoice>,
+    trace_job: Option<Job<Traced>>,
     /// The editor (its key statistics cached per layer) and the model version it was made
     /// for; made in the first edit job, as it runs the model.
     editor: Arc<Mutex<Option<(u64, Editor)>>>,
@@ -86,6 +88,7 @@ impl Default for Edit {
             // often read facts at but where an edit rarely generalises.
             key: KeySelect::Fixed(KeyPosition::SubjectLast),
             traces: Vec::new(),
+            suggestion: None,
             trace_job: None,
             editor: Arc::new(Mutex::new(None)),
             edit_job: None,
@@ -156,11 +159,10 @@ impl Panel for Edit {
 
 impl Edit {
     fn poll(&mut self, wb: &mut Workbench) {
-        if let Some(traces) = take(&mut self.trace_job, wb) {
-            if let Some(layer) = suggested_layer(&traces) {
-                self.layer = layer;
-            }
-            self.traces = traces;
+        if let Some(traced) = take(&mut self.trace_job, wb) {
+            self.layer = traced.suggestion.layer;
+            self.traces = traced.traces;
+            self.suggestion = Some(traced.suggestion);
         }
         if let Some(done) = take(&mut self.edit_job, wb) {
             wb.info(format!(
@@ -242,6 +244,7 @@ impl Edit {
         let model = model.clone();
         let kb = wb.kb.clone();
         let request = self.request();
+        let key = self.key;
         self.trace_job = Some(wb.spawn("causal trace", move |job| {
             request.validate().map_err(anyhow::Error::msg)?;
             let prompt = request.text();
@@ -253,8 +256,9 @@ impl Edit {
                 target: &answer,
             };
             let mut traces = Vec::new();
+            let steps = Restore::ALL.len() as u64 + 1;
             for (i, restore) in Restore::ALL.into_iter().enumerate() {
-                job.set_progress(i as u64, 3, "traces");
+                job.set_progress(i as u64, steps, "traces");
                 if job.is_cancelled() {
                     anyhow::bail!("cancelled");
                 }
@@ -267,7 +271,10 @@ impl Edit {
                     restore,
                 )?);
             }
-            Ok(traces)
+            job.set_progress(steps - 1, steps, "traces");
+            let suggestion =
+                choose_key(&model, &fact, &TraceSettings::default(), sigma, None, key)?;
+            Ok(Traced { traces, suggestion })
         }));
     }
 
@@ -325,10 +332,12 @@ impl Edit {
             }
         });
         ui.weak("* subject tokens; columns are layers");
-        if let Some(layer) = suggested_layer(&self.traces) {
+        if let Some(choice) = &self.suggestion {
             ui.label(format!(
-                "Suggested edit layer: {layer} (restoring its MLP at the subject's last token \
-                 brings the answer back most); untick \"from the trace\" to use it as set"
+                "Suggested edit layer: {} ({} key): {}. An edit \"from the trace\" uses it.",
+                choice.layer,
+                choice.key.name(),
+                choice.reason
             ));
         }
     }
@@ -569,14 +578,10 @@ impl Edit {
     }
 }
 
-/// ROME's choice from an MLP trace: the layer whose restored MLP output at the subject's
-/// last token brings P(answer) back most.
-fn suggested_layer(traces: &[Trace]) -> Option<usize> {
-    let t = traces.iter().find(|t| t.restore == Restore::Mlp)?;
-    let last = t.subject.end.checked_sub(1)?;
-    let column = t.positions.iter().position(|&p| p == last)?;
-    (0..t.p_restored.len())
-        .max_by(|&a, &b| t.p_restored[a][column].total_cmp(&t.p_restored[b][column]))
+/// What the trace job hands back: the heatmaps and the layer they suggest.
+struct Traced {
+    traces: Vec<Trace>,
+    suggestion: KeyChoice,
 }
 
 /// The prompt and its greedy continuation of a few tokens.
