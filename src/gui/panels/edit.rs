@@ -62,8 +62,8 @@ pub struct Edit {
     layer: usize,
     key: KeySelect,
     traces: Vec<Trace>,
-    /// The layer and key the trace suggests: what an edit with "from the trace" will use.
-    suggestion: Option<KeyChoice>,
+    /// The layer and key the last trace suggests: what an edit "from the trace" uses.
+    suggestion: Option<Suggestion>,
     trace_job: Option<Job<Traced>>,
     /// The editor (its key statistics cached per layer) and the model version it was made
     /// for; made in the first edit job, as it runs the model.
@@ -160,7 +160,7 @@ impl Panel for Edit {
 impl Edit {
     fn poll(&mut self, wb: &mut Workbench) {
         if let Some(traced) = take(&mut self.trace_job, wb) {
-            self.layer = traced.suggestion.layer;
+            self.layer = traced.suggestion.choice.layer;
             self.traces = traced.traces;
             self.suggestion = Some(traced.suggestion);
         }
@@ -245,6 +245,7 @@ impl Edit {
         let kb = wb.kb.clone();
         let request = self.request();
         let key = self.key;
+        let model_version = wb.model_version;
         self.trace_job = Some(wb.spawn("causal trace", move |job| {
             request.validate().map_err(anyhow::Error::msg)?;
             let prompt = request.text();
@@ -272,8 +273,14 @@ impl Edit {
                 )?);
             }
             job.set_progress(steps - 1, steps, "traces");
-            let suggestion =
-                choose_key(&model, &fact, &TraceSettings::default(), sigma, None, key)?;
+            let choice = choose_key(&model, &fact, &TraceSettings::default(), sigma, None, key)?;
+            let suggestion = Suggestion {
+                prompt: request.prompt.clone(),
+                subject: request.subject.clone(),
+                key,
+                model_version,
+                choice,
+            };
             Ok(Traced { traces, suggestion })
         }));
     }
@@ -332,7 +339,7 @@ impl Edit {
             }
         });
         ui.weak("* subject tokens; columns are layers");
-        if let Some(choice) = &self.suggestion {
+        if let Some(Suggestion { choice, .. }) = &self.suggestion {
             ui.label(format!(
                 "Suggested edit layer: {} ({} key): {}. An edit \"from the trace\" uses it.",
                 choice.layer,
@@ -355,11 +362,20 @@ impl Edit {
         let mut history = wb.history.clone();
         let layer = (!self.auto_layer).then_some(self.layer);
         let key = self.key;
+        // An edit "from the trace" of the fact just traced takes the trace's choice as it is.
+        let traced = self
+            .suggestion
+            .as_ref()
+            .filter(|s| self.auto_layer && s.applies_to(&request, key, wb.model_version))
+            .map(|s| s.choice.clone());
         let target_ja = (!self.target_ja.trim().is_empty()).then(|| self.target_ja.clone());
         self.edit_job = Some(wb.spawn("ROME edit", move |job| {
             let started = Instant::now();
             job.set_message("locating the fact");
-            let choice = locate_request(&model, &kb, &request, layer, key)?;
+            let choice = match traced {
+                Some(choice) => choice,
+                None => locate_request(&model, &kb, &request, layer, key)?,
+            };
             let checks = request_checks(&kb, &request, target_ja.as_deref(), 10);
             let before = checks
                 .iter()
@@ -581,7 +597,27 @@ impl Edit {
 /// What the trace job hands back: the heatmaps and the layer they suggest.
 struct Traced {
     traces: Vec<Trace>,
-    suggestion: KeyChoice,
+    suggestion: Suggestion,
+}
+
+/// A trace's layer and key choice, and the fact, key setting and model it was made for.
+struct Suggestion {
+    prompt: String,
+    subject: String,
+    key: KeySelect,
+    model_version: u64,
+    choice: KeyChoice,
+}
+
+impl Suggestion {
+    /// Whether an edit of `request` with `key` on model `version` would choose the same
+    /// (the trace follows the model's own answer, so the new target does not matter).
+    fn applies_to(&self, request: &Request, key: KeySelect, version: u64) -> bool {
+        self.prompt == request.prompt
+            && self.subject == request.subject
+            && self.key == key
+            && self.model_version == version
+    }
 }
 
 /// The prompt and its greedy continuation of a few tokens.
