@@ -19,7 +19,7 @@ use monoscope::edit::rome::{
 };
 use monoscope::edit::save::{open_edits, save_edited};
 use monoscope::edit::verify::{CheckKind, WorldFact, answer_nll, world_checks};
-use monoscope::model::Hooks;
+use monoscope::model::{HookPoint, Hooks};
 use monoscope::sae::activations::{ActivationSource, ChunkSource, WindowSettings};
 use monoscope::world::corpus::Templates;
 use monoscope::world::knowledge::{KnowledgeBase, Lang, Relation};
@@ -447,6 +447,89 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("ascending"), "{e}");
+}
+
+#[test]
+fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
+    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    // One layer, the model's last: its residual after the edit is z itself at the key token.
+    let layer = 1usize;
+    let cov = key_covariance(&model, layer, &corpus, 600, None, |_| {}).unwrap();
+    let requests = vec![
+        Request {
+            prompt: "{} flows past the".into(),
+            subject: "the river".into(),
+            target: " hills".into(),
+        },
+        Request {
+            prompt: "{} shines over the".into(),
+            subject: "the sun".into(),
+            target: " sea".into(),
+        },
+    ];
+    // A context prefix makes the averaged key k̄ differ from the plain prompt's key.
+    let contexts = vec!["{}".to_string(), "The day was long. {}".to_string()];
+    let edit = compute_batch(
+        &mut model,
+        &requests,
+        &[layer],
+        KeyPosition::PromptLast,
+        &[&cov],
+        &contexts,
+        &RomeSettings::default(),
+        &MemitSettings {
+            covariance_weight: 1.0,
+        },
+        |_| {},
+    )
+    .unwrap();
+    let mut history = EditHistory::new();
+    history
+        .apply(
+            &mut model,
+            AppliedEdit {
+                id: 0,
+                method: "memit".into(),
+                requests: requests.clone(),
+                layers: vec![layer],
+                key: "prompt-last".into(),
+                reason: "test".into(),
+                deltas: edit.deltas,
+            },
+        )
+        .unwrap();
+    for (r, z) in requests.iter().zip(&edit.targets) {
+        let ids = model
+            .encode_prompt(&r.prompt.replace("{}", &r.subject))
+            .unwrap();
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture([HookPoint::ResidPost(layer)]),
+            )
+            .unwrap();
+        let resid: Vec<f32> = out
+            .cache
+            .get(HookPoint::ResidPost(layer))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (err, norm) = resid.iter().zip(z).fold((0f64, 0f64), |(e, n), (&a, &b)| {
+            (e + (f64::from(a) - b).powi(2), n + b * b)
+        });
+        let relative = (err / norm).sqrt();
+        assert!(
+            relative < 1e-3,
+            "{:?}: ‖resid − z‖/‖z‖ = {relative}",
+            r.subject
+        );
+    }
 }
 
 #[test]

@@ -72,7 +72,8 @@ pub struct StatsArgs {
     #[arg(long, default_value_t = RomeSettings::default().clamp_norm)]
     clamp_norm: f64,
     /// r-ROME: solve the update at the averaged key k̄ rather than the plain prompt's key
-    /// (steadier over long runs of sequential edits, weaker on this model).
+    /// (steadier over long runs of sequential edits, weaker on this model); for a MEMIT
+    /// batch, MEMIT's own update R Xᵀ instead of one exact at each plain prompt's key.
     #[arg(long)]
     residual_at_mean_key: bool,
 }

@@ -39,6 +39,8 @@ pub struct MemitEdit {
     pub deltas: Vec<LayerDelta>,
     /// Ridge added per layer (0: none).
     pub ridges: Vec<f64>,
+    /// Each request's target residual z at the last layer's key token.
+    pub targets: Vec<Vec<f64>>,
     /// Mean target NLL over the requests before and after optimising their z.
     pub nll_before: f32,
     pub nll_after: f32,
@@ -113,6 +115,7 @@ pub fn compute_batch(
         covs,
         contexts,
         memit,
+        !settings.residual_at_mean_key,
         &zs,
         &mut on_progress,
     );
@@ -123,9 +126,53 @@ pub fn compute_batch(
     Ok(MemitEdit {
         deltas,
         ridges,
+        targets: zs,
         nll_before,
         nll_after,
     })
+}
+
+/// ROME's key choice carried to a batch: the update keeps MEMIT's directions `X = A⁻¹K̄` but
+/// writes each residual exactly at its plain prompt's key. With `G = K_plainᵀ X`, the update
+/// `ΔW = R' Xᵀ` gives `ΔW k_plain,i = r_i` when `R' = R G⁻ᵀ` (for one edit and λ → ∞ this is
+/// ROME's `u = C⁻¹k̄`, `ΔW k_plain = r`). Returns the columns of `R'`.
+fn residuals_at_plain_keys(
+    directions: &[Vec<f64>],
+    plain_keys: &[Vec<f64>],
+    resids: Vec<Vec<f64>>,
+    layer: usize,
+) -> Result<Vec<Vec<f64>>> {
+    use ndarray::{Array1, Array2};
+    use ndarray_linalg::Solve;
+    let n = directions.len();
+    // G[i][j] = k_plain,i · x_j; each output row o of R' solves G y = (r_i[o])_i.
+    let g = Array2::from_shape_fn((n, n), |(i, j)| {
+        plain_keys[i]
+            .iter()
+            .zip(&directions[j])
+            .map(|(k, x)| k * x)
+            .sum::<f64>()
+    });
+    let singular = |why: String| Error::InvalidArgument {
+        what: "MEMIT keys",
+        value: format!("layer {layer}"),
+        message: format!(
+            "the edits' plain keys are degenerate ({why}); try --residual-at-mean-key"
+        ),
+    };
+    let d_out = resids.first().map_or(0, Vec::len);
+    let mut out = vec![vec![0f64; d_out]; n];
+    for o in 0..d_out {
+        let rhs = Array1::from_iter(resids.iter().map(|r| r[o]));
+        let x = g.solve(&rhs).map_err(|e| singular(e.to_string()))?;
+        if !x.iter().all(|v| v.is_finite()) {
+            return Err(singular("the solve is not finite".into()));
+        }
+        for (col, v) in out.iter_mut().zip(x) {
+            col[o] = v;
+        }
+    }
+    Ok(out)
 }
 
 /// The layer-by-layer updates (applied to `model` as they are made).
@@ -138,6 +185,7 @@ fn update_layers(
     covs: &[&KeyCovariance],
     contexts: &[String],
     memit: &MemitSettings,
+    at_plain_keys: bool,
     zs: &[Vec<f64>],
     on_progress: &mut impl FnMut(&str),
 ) -> Result<(Vec<LayerDelta>, Vec<f64>)> {
@@ -153,9 +201,12 @@ fn update_layers(
         on_progress(&format!("layer {layer} ({}/{})", li + 1, layers.len()));
         // Keys at this layer and the residuals still to write, on the model as edited so far.
         let mut keys = Vec::with_capacity(requests.len());
+        let mut plain_keys = Vec::with_capacity(requests.len());
         let mut resids = Vec::with_capacity(requests.len());
         for ((r, (prompt, prompts)), z) in requests.iter().zip(&texts).zip(zs) {
-            keys.push(mean_key(model, &r.subject, prompt, prompts, layer, key)?.mean);
+            let k = mean_key(model, &r.subject, prompt, prompts, layer, key)?;
+            keys.push(k.mean);
+            plain_keys.push(k.plain);
             let (now, _) = value_at(model, prompt, &r.subject, z_point, key)?;
             let left = (layers.len() - li) as f64;
             resids.push(
@@ -177,6 +228,9 @@ fn update_layers(
         }
         let (adj, ridge) = solve_spd(&a, &keys, layer)?;
         ridges.push(ridge);
+        if at_plain_keys {
+            resids = residuals_at_plain_keys(&adj, &plain_keys, resids, layer)?;
+        }
         // ΔW = Σ_i r_i x_iᵀ, [d_model, d_mlp].
         let d_out = resids[0].len();
         let mut delta = vec![0f64; d_out * cov.d];

@@ -131,7 +131,8 @@ pub struct RomeSettings {
     /// Solve the rank-one update at k̄ (r-ROME: W'k̄ = v*) instead of ROME's reference
     /// choice, the plain prompt's own key (u = C⁻¹k̄ still gives the direction, and
     /// W'k_plain = v*, the value v* was optimised as). On the bundled model the reference
-    /// choice reaches ES 96.7% against 73.3% (BENCHMARKS.md).
+    /// choice reaches ES 96.7% against 73.3% (BENCHMARKS.md). MEMIT follows the same
+    /// switch (`memit::residuals_at_plain_keys`).
     pub residual_at_mean_key: bool,
 }
 
