@@ -353,17 +353,23 @@ fn an_edited_model_is_saved_to_a_new_folder_in_its_checkpoint_layout() {
     }
 }
 
-#[test]
-fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
-    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let (corpus, _) = common::river_corpus(tmp.path(), 60);
-    let layers = [0usize, 1];
-    let covs: Vec<_> = layers
-        .iter()
-        .map(|&l| key_covariance(&model, l, &corpus, 600, None, |_| {}).unwrap())
-        .collect();
-    let requests = vec![
+/// Applies a prompt-last MEMIT batch's deltas to `model`.
+fn apply_memit(model: &mut Model, requests: &[Request], layers: &[usize], deltas: Vec<LayerDelta>) {
+    let edit = AppliedEdit {
+        id: 0,
+        method: "memit".into(),
+        requests: requests.to_vec(),
+        layers: layers.to_vec(),
+        key: "prompt-last".into(),
+        reason: "test".into(),
+        deltas,
+    };
+    EditHistory::new().apply(model, edit).unwrap();
+}
+
+/// Two facts the river corpus's tiny GPT-2 can be taught, for the MEMIT tests.
+fn river_and_sun_facts() -> Vec<Request> {
+    vec![
         Request {
             prompt: "{} flows past the".into(),
             subject: "the river".into(),
@@ -374,7 +380,20 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
             subject: "the sun".into(),
             target: " sea".into(),
         },
-    ];
+    ]
+}
+
+#[test]
+fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
+    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let layers = [0usize, 1];
+    let covs: Vec<_> = layers
+        .iter()
+        .map(|&l| key_covariance(&model, l, &corpus, 600, None, |_| {}).unwrap())
+        .collect();
+    let requests = river_and_sun_facts();
     let nll = |m: &Model, r: &Request| {
         answer_nll(
             m,
@@ -413,21 +432,7 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
         );
     }
     assert_eq!(edit.deltas.len(), 2);
-    let mut history = EditHistory::new();
-    history
-        .apply(
-            &mut model,
-            AppliedEdit {
-                id: 0,
-                method: "memit".into(),
-                requests: requests.clone(),
-                layers: layers.to_vec(),
-                key: "prompt-last".into(),
-                reason: "test".into(),
-                deltas: edit.deltas,
-            },
-        )
-        .unwrap();
+    apply_memit(&mut model, &requests, &layers, edit.deltas);
     for (r, b) in requests.iter().zip(&before) {
         let after = nll(&model, r);
         assert!(after < b - 0.5, "{:?}: NLL {b} → {after}", r.target);
@@ -457,18 +462,7 @@ fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
     // One layer, the model's last: its residual after the edit is z itself at the key token.
     let layer = 1usize;
     let cov = key_covariance(&model, layer, &corpus, 600, None, |_| {}).unwrap();
-    let requests = vec![
-        Request {
-            prompt: "{} flows past the".into(),
-            subject: "the river".into(),
-            target: " hills".into(),
-        },
-        Request {
-            prompt: "{} shines over the".into(),
-            subject: "the sun".into(),
-            target: " sea".into(),
-        },
-    ];
+    let requests = river_and_sun_facts();
     // A context prefix makes the averaged key k̄ differ from the plain prompt's key.
     let contexts = vec!["{}".to_string(), "The day was long. {}".to_string()];
     let edit = compute_batch(
@@ -485,21 +479,7 @@ fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
         |_| {},
     )
     .unwrap();
-    let mut history = EditHistory::new();
-    history
-        .apply(
-            &mut model,
-            AppliedEdit {
-                id: 0,
-                method: "memit".into(),
-                requests: requests.clone(),
-                layers: vec![layer],
-                key: "prompt-last".into(),
-                reason: "test".into(),
-                deltas: edit.deltas,
-            },
-        )
-        .unwrap();
+    apply_memit(&mut model, &requests, &[layer], edit.deltas);
     for (r, z) in requests.iter().zip(&edit.targets) {
         let ids = model
             .encode_prompt(&r.prompt.replace("{}", &r.subject))
