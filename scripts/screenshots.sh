@@ -4,17 +4,9 @@
 # each to docs/screenshots/, and prints the frame times measured while jobs ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# Xvfb (and xauth for xvfb-run) and Mesa's software OpenGL driver.
+bash scripts/setup.sh xvfb xauth libgl1-mesa-dri
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-need=()
-command -v xvfb-run >/dev/null 2>&1 || need+=(xvfb xauth)
-dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || need+=(libgl1-mesa-dri)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
-fi
 out="${1:-docs/screenshots}"
 mkdir -p "$out"
 cargo build --release --locked

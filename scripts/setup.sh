@@ -4,8 +4,13 @@
 # OpenBLAS with LAPACK (ndarray-linalg links the system library for ROME's solves), and a
 # Rust toolchain if cargo is missing; and the libraries the window opens with (X11/Wayland
 # client libraries, xkbcommon, OpenGL/EGL — loaded at run time, so building needs none).
+# Extra Debian packages given as arguments are installed too when missing (the test and
+# screenshot scripts name theirs: `bash scripts/setup.sh mesa-vulkan-drivers`).
 set -euo pipefail
 need=()
+for pkg in "$@"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)

@@ -5,15 +5,9 @@
 # the notebook, in a Python venv that scripts/python-env.sh makes from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 # The GUI snapshot tests render through wgpu on Mesa's software Vulkan driver (lavapipe).
-if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers libvulkan1
-fi
+bash scripts/setup.sh mesa-vulkan-drivers libvulkan1
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 MONOSCOPE_PYTHON="$(bash scripts/python-env.sh)"
 export MONOSCOPE_PYTHON
 if cargo nextest --version >/dev/null 2>&1; then

@@ -143,9 +143,10 @@ fn residuals_at_plain_keys(
     layer: usize,
 ) -> Result<Vec<Vec<f64>>> {
     use ndarray::{Array1, Array2};
-    use ndarray_linalg::Solve;
+    use ndarray_linalg::{FactorizeInto, Solve};
     let n = directions.len();
-    // G[i][j] = k_plain,i · x_j; each output row o of R' solves G y = (r_i[o])_i.
+    // G[i][j] = k_plain,i · x_j, factorised once; each output row o of R' solves
+    // G y = (r_i[o])_i.
     let g = Array2::from_shape_fn((n, n), |(i, j)| {
         plain_keys[i]
             .iter()
@@ -160,11 +161,12 @@ fn residuals_at_plain_keys(
             "the edits' plain keys are degenerate ({why}); try --residual-at-mean-key"
         ),
     };
+    let lu = g.factorize_into().map_err(|e| singular(e.to_string()))?;
     let d_out = resids.first().map_or(0, Vec::len);
     let mut out = vec![vec![0f64; d_out]; n];
     for o in 0..d_out {
         let rhs = Array1::from_iter(resids.iter().map(|r| r[o]));
-        let x = g.solve(&rhs).map_err(|e| singular(e.to_string()))?;
+        let x = lu.solve(&rhs).map_err(|e| singular(e.to_string()))?;
         if !x.iter().all(|v| v.is_finite()) {
             return Err(singular("the solve is not finite".into()));
         }
