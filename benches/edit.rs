@@ -30,6 +30,7 @@ fn bundled_dir() -> PathBuf {
 }
 
 fn bench_covariance(c: &mut Criterion) {
+    monoscope::allocator::keep_freed_buffers(); // as the binary does
     let model = Model::load(&bundled_dir(), &Device::Cpu, DType::F32).expect("bundled model");
     let corpus = Corpus::World { seed: 0 };
     let mut group = c.benchmark_group("edit");

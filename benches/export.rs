@@ -115,6 +115,7 @@ fn write_all(out: &Path, batches: &[CodedBatch], settings: &ExportSettings, name
 }
 
 fn bench_write(c: &mut Criterion) {
+    monoscope::allocator::keep_freed_buffers(); // as the binary does
     let batches = batches();
     let rows: usize = batches.iter().map(|b| b.codes.len()).sum();
     let names: Vec<String> = (0..2048).map(|i| format!("tok{i}")).collect();

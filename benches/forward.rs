@@ -63,6 +63,7 @@ fn random_gpt2_small(dir: &std::path::Path) -> Model {
 }
 
 fn forward(c: &mut Criterion) {
+    monoscope::allocator::keep_freed_buffers(); // as the binary does
     let dir = tempfile::tempdir().unwrap();
     let model = random_gpt2_small(dir.path());
     let ids = Tensor::rand(0f32, VOCAB as f32, (BATCH, SEQ), &Device::Cpu)

@@ -146,6 +146,7 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    monoscope::allocator::keep_freed_buffers(); // as the binary does
     if let Ok(path) = std::env::var("MONOSCOPE_SAE_COMPARE") {
         let steps = std::env::var("MONOSCOPE_SAE_STEPS")
             .ok()

@@ -5,6 +5,7 @@
 //! model and its labelled corpus; [`jobs`] runs long work in the background with progress and
 //! cancel; [`gui`] is the desktop workbench on top of all of it.
 
+pub mod allocator;
 pub mod causal;
 pub mod cli;
 pub mod device;

@@ -136,6 +136,7 @@ impl ModelArgs {
 }
 
 pub fn run() -> anyhow::Result<ExitCode> {
+    crate::allocator::keep_freed_buffers();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Gui(GuiArgs::default())) {
         Command::Gui(args) => crate::gui::run(crate::gui::GuiOptions {

@@ -2,9 +2,11 @@
 //! real time (profiled on the GPT-2-small forward benchmark: tanh-GELU through libm's
 //! `tanhf`/`expm1f` was ~12% of the forward pass, and GELU's backward through candle's
 //! generic ops ~15% of a training step). Each falls back to candle's op off the fast path
-//! (other devices and dtypes, strided inputs).
+//! (other devices and dtypes, strided inputs). [`causal_attention`] fuses inference-time
+//! attention: it reads the heads straight out of the QKV projection's buffer and writes the
+//! merged heads, where the composed path made seven copies and temporaries per layer.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`, computed as the
@@ -211,6 +213,211 @@ impl CustomOp1 for GeluTanhCpu {
     }
 }
 
+/// `softmax(q·kᵀ·scale + causal mask)·v` with the heads merged: `q` is `[batch, heads, seq,
+/// head_dim]`, `k` and `v` are `[batch, kv_heads, total, head_dim]` (grouped-query heads share a
+/// key/value head), any strides. Query `i` sits at absolute position `offset + i` and sees keys
+/// `j ≤ offset + i`, and with a `window` only the `window` latest of them. Returns `[batch, seq,
+/// heads·head_dim]`, or `None` off the fast path (other devices or dtypes), where the caller
+/// composes the same attention from candle ops. No backward pass: inference only.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    offset: usize,
+    window: Option<usize>,
+) -> candle_core::Result<Option<Tensor>> {
+    let on_fast_path = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(on_fast_path(q) && on_fast_path(k) && on_fast_path(v)) {
+        return Ok(None);
+    }
+    let op = CausalAttention {
+        scale,
+        offset,
+        window,
+    };
+    Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+}
+
+struct CausalAttention {
+    scale: f32,
+    offset: usize,
+    window: Option<usize>,
+}
+
+/// A `[batch, heads, rows, head_dim]` view into a CPU buffer: where its data starts and its
+/// four strides.
+struct HeadView<'a> {
+    data: &'a [f32],
+    start: usize,
+    dims: [usize; 4],
+    strides: [usize; 4],
+}
+
+impl<'a> HeadView<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("causal-attention: {what} must be f32");
+        };
+        let (Ok(dims), Ok(strides)) = (
+            <[usize; 4]>::try_from(layout.dims()),
+            <[usize; 4]>::try_from(layout.stride()),
+        ) else {
+            candle_core::bail!("causal-attention: {what} must have four dimensions");
+        };
+        Ok(Self {
+            data,
+            start: layout.start_offset(),
+            dims,
+            strides,
+        })
+    }
+
+    /// Pointer to row 0 of head `h` in batch `b`.
+    fn head(&self, b: usize, h: usize) -> *const f32 {
+        let at = self.start + b * self.strides[0] + h * self.strides[1];
+        self.data[at..].as_ptr()
+    }
+}
+
+/// An output pointer shared by the tasks, each of which writes its own head's columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements (one head's columns of the merged output each).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            HeadView::new(q, q_layout, "q")?,
+            HeadView::new(k, k_layout, "k")?,
+            HeadView::new(v, v_layout, "v")?,
+        );
+        let [batch, heads, seq, head_dim] = q.dims;
+        let [_, kv_heads, total, _] = k.dims;
+        if k.dims != v.dims
+            || k.dims[0] != batch
+            || k.dims[3] != head_dim
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || total != self.offset + seq
+        {
+            candle_core::bail!(
+                "causal-attention: q {:?}, k {:?}, v {:?} and offset {} do not fit together",
+                q.dims,
+                k.dims,
+                v.dims,
+                self.offset
+            );
+        }
+        let width = heads * head_dim;
+        let mut out = vec![0f32; batch * seq * width];
+        let shared = SharedOut(out.as_mut_ptr());
+        let tasks = batch * heads;
+        // Few tasks (generation, one prompt): each GEMM may use the pool; many: one task each.
+        let inner = if tasks < rayon::current_num_threads() {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        (0..tasks).into_par_iter().for_each_init(
+            || vec![0f32; seq * total],
+            |scores, task| {
+                let (b, h) = (task / heads, task % heads);
+                let kv = h / (heads / kv_heads);
+                let (qh, kh, vh) = (q.head(b, h), k.head(b, kv), v.head(b, kv));
+                let st = |s: usize| s as isize;
+                // SAFETY: every pointer stays inside its buffer: the views' extents come from
+                // candle's layouts, `scores` holds seq × total, and this task writes only
+                // columns h·head_dim.. of each of the seq output rows of batch b.
+                unsafe {
+                    // scores[i, j] = scale · Σ_d q[i, d] · k[j, d]
+                    gemm::gemm(
+                        seq,
+                        total,
+                        head_dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        st(total),
+                        false,
+                        qh,
+                        st(q.strides[3]),
+                        st(q.strides[2]),
+                        kh,
+                        st(k.strides[2]),
+                        st(k.strides[3]),
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        inner,
+                    );
+                }
+                for (i, row) in scores.chunks_mut(total).enumerate() {
+                    let last = self.offset + i;
+                    let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+                    softmax_in_place(&mut row[first..=last]);
+                    row[..first].fill(0.0);
+                    row[last + 1..].fill(0.0);
+                }
+                let dst = shared;
+                // SAFETY: as above.
+                unsafe {
+                    // out[b, i, h·head_dim + d] = Σ_j p[i, j] · v[j, d]
+                    gemm::gemm(
+                        seq,
+                        head_dim,
+                        total,
+                        dst.0.add(b * seq * width + h * head_dim),
+                        1,
+                        st(width),
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        st(total),
+                        vh,
+                        st(v.strides[3]),
+                        st(v.strides[2]),
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        inner,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((batch, seq, width))))
+    }
+}
+
+/// `x ← exp(x − max x) / Σ exp(x − max x)`.
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +468,111 @@ mod tests {
         let (_, slow) = value_and_grad(&|t| t.gelu(), &x, &w);
         let diff = max_abs_diff(&fast, &slow);
         assert!(diff < 1e-4, "max abs difference {diff}");
+    }
+
+    /// Attention composed from candle ops, masking by the same rule as the kernel.
+    fn composed_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+        window: Option<usize>,
+    ) -> Tensor {
+        let (b, nh, s, hd) = q.dims4().unwrap();
+        let (_, nkv, t, _) = k.dims4().unwrap();
+        let repeat = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, nkv, nh / nkv, t, hd))
+                .unwrap()
+                .reshape((b, nh, t, hd))
+                .unwrap()
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let mask: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    let q = offset + i;
+                    let visible = j <= q && window.is_none_or(|w| q - j < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, t), q.device()).unwrap();
+        let scores = (q
+            .contiguous()
+            .unwrap()
+            .matmul(&k.t().unwrap().contiguous().unwrap())
+            .unwrap()
+            * (1.0 / (hd as f64).sqrt()))
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let y = probs.matmul(&v).unwrap();
+        y.transpose(1, 2).unwrap().reshape((b, s, nh * hd)).unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_ops() {
+        let dev = candle_core::Device::Cpu;
+        // (batch, heads, kv heads, seq, offset, window): plain causal, a KV cache, grouped
+        // queries with a sliding window, one query (generation).
+        for (b, nh, nkv, s, offset, window) in [
+            (2, 4, 4, 9, 0, None),
+            (1, 4, 4, 5, 7, None),
+            (2, 6, 2, 11, 3, Some(4)),
+            (3, 2, 1, 1, 12, None),
+        ] {
+            let hd = 8;
+            let t = offset + s;
+            // q, k and v as strided views of one projection buffer, as the model makes them.
+            let qkv = Tensor::randn(0f32, 1.0, (b, s + 2 * t, nh + 2 * nkv, hd), &dev).unwrap();
+            let q = qkv
+                .narrow(1, 0, s)
+                .unwrap()
+                .narrow(2, 0, nh)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let k = qkv
+                .narrow(1, s, t)
+                .unwrap()
+                .narrow(2, nh, nkv)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let v = qkv
+                .narrow(1, s + t, t)
+                .unwrap()
+                .narrow(2, nh + nkv, nkv)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let fused = causal_attention(&q, &k, &v, scale, offset, window)
+                .unwrap()
+                .unwrap();
+            let composed = composed_attention(&q, &k, &v, offset, window);
+            assert_eq!(fused.dims(), composed.dims());
+            let diff = max_abs_diff(&fused, &composed);
+            assert!(
+                diff < 1e-5,
+                "case {:?}: max abs difference {diff}",
+                (b, nh, nkv, s, offset, window)
+            );
+        }
+    }
+
+    #[test]
+    fn fused_attention_rejects_keys_that_do_not_match_the_offset() {
+        let dev = candle_core::Device::Cpu;
+        let q = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
+        let err = causal_attention(&q, &k, &k, 1.0, 0, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not fit together"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::hooks::{HookPoint, HookRunner, LAST, upcast};
+use super::kernels;
 
 /// `x @ Wᵀ + b` over all leading dimensions at once: one `[batch·seq, in] × [in, out]` GEMM
 /// instead of candle's per-batch broadcast matmul.
@@ -87,7 +88,7 @@ impl Norm {
             };
         }
         if let (NormKind::LayerNorm, Some(b)) = (&self.kind, &self.bias)
-            && let Some(normed) = super::kernels::standardize_rows(x, self.eps)?
+            && let Some(normed) = kernels::standardize_rows(x, self.eps)?
         {
             // Training on CPU: fused standardisation with its own backward pass.
             return normed.broadcast_mul(&self.weight)?.broadcast_add(b);
@@ -134,7 +135,7 @@ impl Activation {
     fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => super::kernels::gelu_tanh(x),
+            Self::GeluTanh => kernels::gelu_tanh(x),
             Self::Silu => x.silu(),
             Self::Relu => x.relu(),
         }
@@ -222,14 +223,11 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = linear(x, &self.qkv)?;
-        let split = |start: usize, heads: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(D::Minus1, start * hd, heads * hd)?
-                .reshape((b, s, heads, hd))?
-                .transpose(1, 2)
-        };
+        // Heads as views of the projection's buffer: [b, s, heads, hd] → [b, heads, s, hd].
+        let qkv = linear(x, &self.qkv)?.reshape((b, s, nh + 2 * nkv, hd))?;
+        let split = |start: usize, heads: usize| qkv.narrow(2, start, heads)?.transpose(1, 2);
         let (mut q, mut k) = (split(0, nh)?, split(nh, nkv)?);
-        let mut v = split(nh + nkv, nkv)?.contiguous()?;
+        let mut v = split(nh + nkv, nkv)?;
         if let Some(rotary) = &self.rotary {
             q = rotary.apply(&q.contiguous()?, offset)?;
             k = rotary.apply(&k.contiguous()?, offset)?;
@@ -239,6 +237,14 @@ impl Attention {
             v = Tensor::cat(&[past_v, &v], 2)?;
         }
         *kv = Some((k.clone(), v.clone()));
+        let scale = 1.0 / (hd as f64).sqrt();
+        if !needs_grad {
+            let fused =
+                kernels::causal_attention(&q, &k, &v, scale as f32, offset, self.sliding_window)?;
+            if let Some(y) = fused {
+                return linear(&y, &self.out);
+            }
+        }
         let t = k.dim(2)?;
         if nkv != nh {
             let repeat = nh / nkv;
@@ -251,7 +257,6 @@ impl Attention {
                 .expand((b, nkv, repeat, t, hd))?
                 .reshape((b, nh, t, hd))?;
         }
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = upcast(&scores)?.broadcast_add(mask)?;
         let probs = if needs_grad {
