@@ -174,6 +174,32 @@ fn the_next_run_reopens_the_last_model_panel_and_theme() {
     assert_eq!(fresh.current, PanelKind::Playground);
 }
 
+/// The fonts' first pass (atlas built, first glyphs rasterised: the costliest frame) is drawn
+/// before the model starts loading, not while it loads.
+#[test]
+fn the_window_draws_with_its_fonts_before_it_starts_loading() {
+    let mut app = App::new(GuiOptions::default(), Remembered::default());
+    let ctx = egui::Context::default();
+    let pass = |app: &mut App| {
+        let _ = ctx.run(egui::RawInput::default(), |ctx| app.ui(ctx));
+    };
+    pass(&mut app); // installs the fonts, which take effect on the next pass
+    assert!(
+        app.starting() && !app.busy(),
+        "loading started on the first pass"
+    );
+    pass(&mut app); // the fonts' pass
+    assert!(
+        app.starting() && !app.busy(),
+        "loading started beside the fonts"
+    );
+    pass(&mut app);
+    assert!(
+        !app.starting() && app.busy(),
+        "the model did not start loading"
+    );
+}
+
 #[test]
 fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
     let mut h = harness();

@@ -60,7 +60,9 @@ pub struct App {
     pub current: PanelKind,
     dark: bool,
     screenshots: Option<screenshots::Tour>,
-    /// The model and SAE to open on the first frame (when the window's context exists).
+    /// Fonts and theme are installed on the first frame (when the window's context exists).
+    styled: bool,
+    /// The model and SAE to open once the window has drawn with its fonts (see [`App::ui`]).
     startup: Option<(PathBuf, Option<PathBuf>)>,
     /// The path typed in the Open menu.
     typed_path: String,
@@ -87,6 +89,7 @@ impl App {
             current: remembered.panel.unwrap_or(PanelKind::Playground),
             dark: remembered.dark.unwrap_or(true),
             screenshots: options.screenshots.map(screenshots::Tour::new),
+            styled: false,
             startup: Some((model, sae)),
             typed_path: String::new(),
         }
@@ -106,13 +109,29 @@ impl App {
         self.workbench.busy() || self.panels.iter().any(|p| p.busy())
     }
 
+    /// Has the window still to start opening its model?
+    pub fn starting(&self) -> bool {
+        self.startup.is_some()
+    }
+
     /// One frame (also what the kittest tests drive).
     pub fn ui(&mut self, ctx: &egui::Context) {
-        if let Some((model, sae)) = self.startup.take() {
+        if !self.styled {
             style::install_fonts(ctx);
             style::apply_theme(ctx, self.dark);
             self.workbench.ctx = ctx.clone();
-            self.workbench.open_model(model, sae);
+            self.styled = true;
+        }
+        // The fonts take effect on the next pass, which builds their atlas and rasterises the
+        // first glyphs: the costliest frame of a run. Loading starts after it, not beside it.
+        if self.startup.is_some() {
+            if ctx.cumulative_pass_nr() >= 2 {
+                if let Some((model, sae)) = self.startup.take() {
+                    self.workbench.open_model(model, sae);
+                }
+            } else {
+                ctx.request_repaint();
+            }
         }
         self.workbench.poll();
         if let Some(kind) = self.workbench.goto.take() {
@@ -219,9 +238,16 @@ impl eframe::App for App {
     fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
         self.ui(ctx);
         let busy = self.busy();
+        let starting = self.starting();
         if let Some(tour) = &mut self.screenshots {
             let cpu = frame.info().cpu_usage;
-            tour.step(ctx, &mut self.current, &mut self.workbench, busy, cpu);
+            tour.step(
+                ctx,
+                &mut self.current,
+                &mut self.workbench,
+                (busy, starting),
+                cpu,
+            );
         }
     }
 
@@ -296,13 +322,14 @@ mod screenshots {
             }
         }
 
-        /// One frame of the tour; `busy`: some job is running; `cpu`: the last frame's time.
+        /// One frame of the tour; `busy`: some job is running; `starting`: the window has yet
+        /// to start loading its model; `cpu`: the last frame's time.
         pub fn step(
             &mut self,
             ctx: &egui::Context,
             current: &mut PanelKind,
             wb: &mut Workbench,
-            busy: bool,
+            (busy, starting): (bool, bool),
             cpu: Option<f32>,
         ) {
             ctx.request_repaint_after(Duration::from_millis(30));
@@ -316,7 +343,7 @@ mod screenshots {
             };
             // (A panel may switch to another when its job ends: switch back, same stop.)
             *current = kind;
-            if wb.busy() && self.shown_since.is_none() {
+            if (starting || wb.busy()) && self.shown_since.is_none() {
                 return; // the model, SAE and feature store first
             }
             if self.shown_since.is_none() {
