@@ -31,6 +31,7 @@ fn micro_config() -> BuildConfig {
             fact_list_docs: 20,
             infobox_docs_per_country: 1,
             docs_per_city: 1,
+            ..CorpusConfig::default()
         },
         vocab_size: 320,
         n_layer: 2,
@@ -162,6 +163,7 @@ fn corpus_generation_is_deterministic_in_its_seed() {
         fact_list_docs: 30,
         infobox_docs_per_country: 1,
         docs_per_city: 1,
+        ..CorpusConfig::default()
     };
     let a = CorpusGenerator::new(&kb, config(1))
         .unwrap()
@@ -317,6 +319,7 @@ fn the_corpus_names_other_cities_as_city_mentions_of_their_country() {
         fact_list_docs: 0,
         infobox_docs_per_country: 0,
         docs_per_city: 1,
+        ..CorpusConfig::default()
     };
     let docs = CorpusGenerator::new(&kb, config)
         .unwrap()
@@ -451,5 +454,54 @@ fn assert_same_report(printed: &str, committed: &str) {
             }
             None => assert_eq!(a, b, "printed:\n{printed}"),
         }
+    }
+}
+
+#[test]
+fn the_name_and_subject_first_shares_shape_the_fact_sentences() {
+    let kb = KnowledgeBase::bundled().unwrap();
+    let paragraphs = |name_share: f64, subject_first_share: f64| {
+        let config = CorpusConfig {
+            seed: 9,
+            docs_per_country: 2,
+            fact_list_docs: 0,
+            infobox_docs_per_country: 0,
+            docs_per_city: 0,
+            name_share,
+            subject_first_share,
+        };
+        CorpusGenerator::new(&kb, config)
+            .unwrap()
+            .training_documents()
+    };
+    let english_text = |docs: &[monoscope::world::corpus::Document]| {
+        docs.iter()
+            .filter(|d| d.lang == Lang::En)
+            .map(|d| d.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Always named: no "the country" / "this nation" references are left.
+    let named = english_text(&paragraphs(1.0, 0.0));
+    assert!(!named.contains("the country") && !named.contains("this nation"));
+    assert!(english_text(&paragraphs(0.0, 0.0)).contains("the country"));
+    // Always subject first: no English capital sentence puts "capital of" before its subject.
+    let capital_of = |text: &str| text.matches("capital of ").count();
+    assert_eq!(capital_of(&english_text(&paragraphs(1.0, 1.0))), 0);
+    assert!(capital_of(&english_text(&paragraphs(1.0, 0.0))) > 0);
+    // Shares outside [0, 1] are refused, naming the share.
+    for (name_share, subject_first_share, field) in
+        [(1.5, 0.0, "name_share"), (0.5, -0.1, "subject_first_share")]
+    {
+        let config = CorpusConfig {
+            name_share,
+            subject_first_share,
+            ..CorpusConfig::default()
+        };
+        let err = CorpusGenerator::new(&kb, config).err().unwrap().to_string();
+        assert!(
+            err.contains(field) && err.contains("between 0 and 1"),
+            "{err}"
+        );
     }
 }

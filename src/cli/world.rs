@@ -87,6 +87,12 @@ pub struct BuildArgs {
     /// Documents per city of cities.tsv and language.
     #[arg(long)]
     docs_per_city: Option<usize>,
+    /// Share of paragraph fact sentences that name their subject (else "the country").
+    #[arg(long)]
+    name_share: Option<f64>,
+    /// Share of fact sentences whose phrasing opens with the subject ("Japan's capital is").
+    #[arg(long)]
+    subject_first_share: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -117,6 +123,14 @@ impl BuildArgs {
         set(&mut c.corpus.fact_list_docs, self.fact_list_docs);
         set(&mut c.corpus.infobox_docs_per_country, self.infobox_docs);
         set(&mut c.corpus.docs_per_city, self.docs_per_city);
+        for (slot, v) in [
+            (&mut c.corpus.name_share, self.name_share),
+            (&mut c.corpus.subject_first_share, self.subject_first_share),
+        ] {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
         c.train.seq_len = c.n_positions;
         c.train.warmup_steps = c.train.warmup_steps.min(c.train.steps);
         if let Some(lr) = self.learning_rate {

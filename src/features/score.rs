@@ -419,6 +419,7 @@ impl Splits<'_> {
             fact_list_docs: self.settings.fact_lists,
             infobox_docs_per_country: 0,
             docs_per_city: 0,
+            ..CorpusConfig::default()
         };
         let docs = CorpusGenerator::new(&self.kb, config)?.training_documents();
         let mut labels = Vec::with_capacity(docs.len());

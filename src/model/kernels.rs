@@ -420,6 +420,7 @@ fn softmax_in_place(x: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layers::{causal_mask, composed_attention};
     use super::*;
 
     type Op<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
@@ -470,49 +471,6 @@ mod tests {
         assert!(diff < 1e-4, "max abs difference {diff}");
     }
 
-    /// Attention composed from candle ops, masking by the same rule as the kernel.
-    fn composed_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        offset: usize,
-        window: Option<usize>,
-    ) -> Tensor {
-        let (b, nh, s, hd) = q.dims4().unwrap();
-        let (_, nkv, t, _) = k.dims4().unwrap();
-        let repeat = |x: &Tensor| {
-            x.unsqueeze(2)
-                .unwrap()
-                .expand((b, nkv, nh / nkv, t, hd))
-                .unwrap()
-                .reshape((b, nh, t, hd))
-                .unwrap()
-        };
-        let (k, v) = (repeat(k), repeat(v));
-        let mask: Vec<f32> = (0..s)
-            .flat_map(|i| {
-                (0..t).map(move |j| {
-                    let q = offset + i;
-                    let visible = j <= q && window.is_none_or(|w| q - j < w);
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (s, t), q.device()).unwrap();
-        let scores = (q
-            .contiguous()
-            .unwrap()
-            .matmul(&k.t().unwrap().contiguous().unwrap())
-            .unwrap()
-            * (1.0 / (hd as f64).sqrt()))
-        .unwrap()
-        .broadcast_add(&mask)
-        .unwrap();
-        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-        let y = probs.matmul(&v).unwrap();
-        y.transpose(1, 2).unwrap().reshape((b, s, nh * hd)).unwrap()
-    }
-
     #[test]
     fn fused_attention_matches_the_composed_ops() {
         let dev = candle_core::Device::Cpu;
@@ -553,7 +511,9 @@ mod tests {
             let fused = causal_attention(&q, &k, &v, scale, offset, window)
                 .unwrap()
                 .unwrap();
-            let composed = composed_attention(&q, &k, &v, offset, window);
+            let mask = causal_mask(s, t, offset, window, &dev).unwrap();
+            let scale64 = f64::from(scale);
+            let composed = composed_attention(&q, &k, &v, &mask, scale64, false).unwrap();
             assert_eq!(fused.dims(), composed.dims());
             let diff = max_abs_diff(&fused, &composed);
             assert!(

@@ -245,35 +245,49 @@ impl Attention {
                 return linear(&y, &self.out);
             }
         }
-        let t = k.dim(2)?;
-        if nkv != nh {
-            let repeat = nh / nkv;
-            k = k
-                .unsqueeze(2)?
-                .expand((b, nkv, repeat, t, hd))?
-                .reshape((b, nh, t, hd))?;
-            v = v
-                .unsqueeze(2)?
-                .expand((b, nkv, repeat, t, hd))?
-                .reshape((b, nh, t, hd))?;
-        }
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = upcast(&scores)?.broadcast_add(mask)?;
-        let probs = if needs_grad {
-            candle_nn::ops::softmax(&scores, LAST)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let y = probs.to_dtype(x.dtype())?.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let y = composed_attention(&q, &k, &v, mask, scale, needs_grad)?;
         linear(&y, &self.out)
     }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` with the heads merged (`[batch, seq, heads·head_dim]`),
+/// composed from candle ops: differentiable, on any device and dtype. `q` is `[batch, heads,
+/// seq, head_dim]`, `k` and `v` `[batch, kv_heads, total, head_dim]`, `mask` `[seq, total]`.
+pub(super) fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    needs_grad: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let (_, nkv, t, _) = k.dims4()?;
+    // Grouped-query heads: each key/value head serves nh / nkv query heads.
+    let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
+        if nkv == nh {
+            return Ok(x.clone());
+        }
+        x.unsqueeze(2)?
+            .expand((b, nkv, nh / nkv, t, hd))?
+            .reshape((b, nh, t, hd))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = upcast(&scores)?.broadcast_add(mask)?;
+    let probs = if needs_grad {
+        candle_nn::ops::softmax(&scores, LAST)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let y = probs.to_dtype(q.dtype())?.matmul(&v.contiguous()?)?;
+    y.transpose(1, 2)?.reshape((b, s, nh * hd))
 }
 
 /// `[seq, total]` additive mask: 0 where query `i` (absolute `offset + i`) may see key `j`,
 /// −∞ elsewhere. With a window `w`, a query sees itself and the `w − 1` keys before it.
 /// Built as f32; callers convert it once to the dtype attention scores are computed in.
-fn causal_mask(
+pub(super) fn causal_mask(
     seq: usize,
     total: usize,
     offset: usize,

@@ -35,6 +35,19 @@ pub struct CorpusConfig {
     /// Short documents per city of `cities.tsv` and language (0 in recipes that predate them).
     #[serde(default)]
     pub docs_per_city: usize,
+    /// Share of a paragraph's fact sentences that name the subject rather than refer to it
+    /// ("the country"); Allen-Zhu & Li's "fullname" augmentation is 1.
+    #[serde(default = "default_name_share")]
+    pub name_share: f64,
+    /// Share of fact sentences drawn from the phrasings that open with the subject ("Japan's
+    /// capital is", as Japanese always does); the rest draw from all phrasings. 0 (the bundled
+    /// recipe): every sentence draws from all phrasings.
+    #[serde(default)]
+    pub subject_first_share: f64,
+}
+
+fn default_name_share() -> f64 {
+    0.35
 }
 
 impl Default for CorpusConfig {
@@ -45,6 +58,8 @@ impl Default for CorpusConfig {
             fact_list_docs: 1500,
             infobox_docs_per_country: 4,
             docs_per_city: 16,
+            name_share: default_name_share(),
+            subject_first_share: 0.0,
         }
     }
 }
@@ -561,9 +576,9 @@ enum Subject<'a> {
 }
 
 impl Subject<'static> {
-    /// The name about one time in three, else a reference ("the country", "この国").
-    fn pick(rng: &mut StdRng, lang: Lang) -> Self {
-        if rng.random_bool(0.35) {
+    /// The name with probability `name_share`, else a reference ("the country", "この国").
+    fn pick(rng: &mut StdRng, lang: Lang, name_share: f64) -> Self {
+        if rng.random_bool(name_share) {
             return Subject::Name;
         }
         let references = match lang {
@@ -606,6 +621,18 @@ impl<'a> CorpusGenerator<'a> {
                     "docs_per_country, fact_list_docs, infobox_docs_per_country and docs_per_city are all zero: the corpus would be empty"
                         .into(),
             });
+        }
+        for (what, share) in [
+            ("name_share", config.name_share),
+            ("subject_first_share", config.subject_first_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(Error::InvalidArgument {
+                    what: "corpus share",
+                    value: format!("{what} = {share}"),
+                    message: "must be between 0 and 1".into(),
+                });
+            }
         }
         Ok(Self { kb, config })
     }
@@ -661,11 +688,11 @@ impl<'a> CorpusGenerator<'a> {
                 doc.sentence_break();
                 doc.push(fillers.choose(rng).copied().unwrap_or_default());
             }
-            let subject = Subject::pick(rng, lang);
+            let subject = Subject::pick(rng, lang, self.config.name_share);
             self.fact_sentence(rng, &mut doc, country, relation, subject);
         }
         if !c.cities.is_empty() && rng.random_bool(0.5) {
-            let subject = Subject::pick(rng, lang);
+            let subject = Subject::pick(rng, lang, self.config.name_share);
             self.city_sentence(rng, &mut doc, country, subject);
         }
         if rng.random_bool(0.3) {
@@ -807,7 +834,19 @@ impl<'a> CorpusGenerator<'a> {
     ) {
         let lang = doc.lang;
         let c = &self.kb.countries[country];
-        let pairs = Templates::training_pairs(relation, lang);
+        let mut pairs = Templates::training_pairs(relation, lang);
+        if self.config.subject_first_share > 0.0 && rng.random_bool(self.config.subject_first_share)
+        {
+            let phrases = phrasings(relation, lang);
+            let subject_first: Vec<_> = pairs
+                .iter()
+                .copied()
+                .filter(|&(_, p)| phrases[p].starts_with("{S}"))
+                .collect();
+            if !subject_first.is_empty() {
+                pairs = subject_first;
+            }
+        }
         let &(o, p) = pairs.choose(rng).unwrap_or(&(0, 0));
         let (opening, before, after) = prompt_parts(lang, relation, o, p);
         doc.sentence_break();
@@ -960,6 +999,7 @@ mod tests {
             fact_list_docs: 5,
             infobox_docs_per_country: 1,
             docs_per_city: 1,
+            ..CorpusConfig::default()
         };
         let docs = CorpusGenerator::new(&kb, config)
             .unwrap()
