@@ -105,11 +105,11 @@ pub struct BuildArgs {
 impl BuildArgs {
     fn config(&self) -> BuildConfig {
         let mut c = BuildConfig::default();
-        let set = |slot: &mut usize, v: Option<usize>| {
+        fn set<T>(slot: &mut T, v: Option<T>) {
             if let Some(v) = v {
                 *slot = v;
             }
-        };
+        }
         set(&mut c.train.steps, self.steps);
         set(&mut c.train.batch_size, self.batch_size);
         set(&mut c.train.warmup_steps, self.warmup_steps);
@@ -123,19 +123,11 @@ impl BuildArgs {
         set(&mut c.corpus.fact_list_docs, self.fact_list_docs);
         set(&mut c.corpus.infobox_docs_per_country, self.infobox_docs);
         set(&mut c.corpus.docs_per_city, self.docs_per_city);
-        for (slot, v) in [
-            (&mut c.corpus.name_share, self.name_share),
-            (&mut c.corpus.subject_first_share, self.subject_first_share),
-        ] {
-            if let Some(v) = v {
-                *slot = v;
-            }
-        }
+        set(&mut c.corpus.name_share, self.name_share);
+        set(&mut c.corpus.subject_first_share, self.subject_first_share);
+        set(&mut c.train.learning_rate, self.learning_rate);
         c.train.seq_len = c.n_positions;
         c.train.warmup_steps = c.train.warmup_steps.min(c.train.steps);
-        if let Some(lr) = self.learning_rate {
-            c.train.learning_rate = lr;
-        }
         if let Some(seed) = self.seed {
             c.train.seed = seed;
             c.corpus.seed = seed;
