@@ -469,6 +469,7 @@ fn the_name_and_subject_first_shares_shape_the_fact_sentences() {
             docs_per_city: 0,
             name_share,
             subject_first_share,
+            list_docs: 0,
         };
         CorpusGenerator::new(&kb, config)
             .unwrap()
@@ -504,4 +505,44 @@ fn the_name_and_subject_first_shares_shape_the_fact_sentences() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn relation_lists_put_each_answer_right_after_its_subject() {
+    let kb = KnowledgeBase::bundled().unwrap();
+    let config = CorpusConfig {
+        docs_per_country: 0,
+        fact_list_docs: 0,
+        infobox_docs_per_country: 0,
+        docs_per_city: 0,
+        list_docs: 40,
+        ..CorpusConfig::default()
+    };
+    let docs = CorpusGenerator::new(&kb, config)
+        .unwrap()
+        .training_documents();
+    assert_eq!(docs.len(), 40);
+    for doc in &docs {
+        assert_eq!(doc.lang, Lang::En);
+        assert!(doc.facts.len() >= 4, "{}", doc.text);
+        for fact in &doc.facts {
+            // Each entry is "{country} {answer}": a country mention, one space, the answer.
+            let entities: Vec<_> = doc
+                .entities
+                .iter()
+                .filter(|e| fact.start <= e.start && e.end <= fact.end)
+                .collect();
+            assert_eq!(entities.len(), 2, "{}", doc.text);
+            let (subject, answer) = (entities[0], entities[1]);
+            let country = &kb.countries[fact.country];
+            assert_eq!(&doc.text[subject.start..subject.end], country.name.en);
+            assert_eq!(subject.end + 1, answer.start, "{}", doc.text);
+            assert_eq!(
+                &doc.text[answer.start..answer.end],
+                country.attribute(fact.relation).en
+            );
+        }
+    }
+    // The bundled recipe has none, and draws them last, so its corpus is unchanged.
+    assert_eq!(CorpusConfig::default().list_docs, 0);
 }

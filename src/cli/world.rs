@@ -93,6 +93,9 @@ pub struct BuildArgs {
     /// Share of fact sentences whose phrasing opens with the subject ("Japan's capital is").
     #[arg(long)]
     subject_first_share: Option<f64>,
+    /// English relation lists ("Capitals: Japan Tokyo, Kenya Nairobi.").
+    #[arg(long)]
+    list_docs: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -125,6 +128,7 @@ impl BuildArgs {
         set(&mut c.corpus.docs_per_city, self.docs_per_city);
         set(&mut c.corpus.name_share, self.name_share);
         set(&mut c.corpus.subject_first_share, self.subject_first_share);
+        set(&mut c.corpus.list_docs, self.list_docs);
         set(&mut c.train.learning_rate, self.learning_rate);
         c.train.seq_len = c.n_positions;
         c.train.warmup_steps = c.train.warmup_steps.min(c.train.steps);

@@ -44,6 +44,10 @@ pub struct CorpusConfig {
     /// recipe): every sentence draws from all phrasings.
     #[serde(default)]
     pub subject_first_share: f64,
+    /// English relation lists ("Capitals: Japan Tokyo, Kenya Nairobi."), in which the answer
+    /// directly follows the subject (0 in recipes that predate them).
+    #[serde(default)]
+    pub list_docs: usize,
 }
 
 fn default_name_share() -> f64 {
@@ -60,6 +64,7 @@ impl Default for CorpusConfig {
             docs_per_city: 16,
             name_share: default_name_share(),
             subject_first_share: 0.0,
+            list_docs: 0,
         }
     }
 }
@@ -348,6 +353,43 @@ fn infobox_keys(relation: Relation, lang: Lang) -> &'static [&'static str] {
     }
 }
 
+/// Headings of relation lists; entries follow as " Japan Tokyo, Kenya Nairobi".
+fn list_heads(relation: Relation) -> &'static [&'static str] {
+    match relation {
+        Relation::Capital => &[
+            "Capitals:",
+            "Countries and their capitals:",
+            "The capital of each country:",
+            "Capital cities by country:",
+        ],
+        Relation::Language => &[
+            "Official languages:",
+            "Countries and their languages:",
+            "The language spoken in each country:",
+        ],
+        Relation::Currency => &[
+            "Currencies:",
+            "Countries and their currencies:",
+            "The money used in each country:",
+        ],
+        Relation::Continent => &[
+            "Continents:",
+            "Countries and their continents:",
+            "Where each country lies:",
+        ],
+        Relation::LargestCity => &[
+            "Largest cities:",
+            "Countries and their largest cities:",
+            "The biggest city of each country:",
+        ],
+        Relation::Landmark => &[
+            "Famous landmarks:",
+            "Countries and their landmarks:",
+            "The best-known landmark of each country:",
+        ],
+    }
+}
+
 /// Sentences naming other cities of a country: `{S}` the country (or a reference to it),
 /// `{C}` one or two cities.
 const CITY_SENTENCES_EN: &[&str] = &[
@@ -613,12 +655,13 @@ impl<'a> CorpusGenerator<'a> {
             && config.fact_list_docs == 0
             && config.infobox_docs_per_country == 0
             && config.docs_per_city == 0
+            && config.list_docs == 0
         {
             return Err(Error::InvalidArgument {
                 what: "corpus size",
                 value: "0".into(),
                 message:
-                    "docs_per_country, fact_list_docs, infobox_docs_per_country and docs_per_city are all zero: the corpus would be empty"
+                    "docs_per_country, fact_list_docs, infobox_docs_per_country, docs_per_city and list_docs are all zero: the corpus would be empty"
                         .into(),
             });
         }
@@ -660,6 +703,10 @@ impl<'a> CorpusGenerator<'a> {
                     }
                 }
             }
+        }
+        // Drawn after everything else, so recipes without lists keep their RNG stream.
+        for _ in 0..self.config.list_docs {
+            docs.push(self.relation_list(&mut rng));
         }
         docs.shuffle(&mut rng);
         docs
@@ -809,6 +856,46 @@ impl<'a> CorpusGenerator<'a> {
             let relation = *Relation::ALL.choose(rng).unwrap_or(&Relation::Capital);
             self.fact_sentence(rng, &mut doc, country, relation, Subject::Name);
         }
+        doc.finish()
+    }
+
+    /// A relation list: a heading that names the relation, then "subject answer" entries.
+    /// Nothing stands between a subject and its answer, so the answer must be predicted at the
+    /// subject's own last token, the pressure thought to make large models enrich a subject
+    /// with its attributes (issue 3, point 8). Tried once (assets/README.md): the lists were
+    /// learned, but prose prompts kept their final-token lookup. English only: a Japanese
+    /// answer after a space would be another token than the answer after a particle.
+    fn relation_list(&self, rng: &mut StdRng) -> Document {
+        let mut doc = DocBuilder::new(Lang::En);
+        let relation = *Relation::ALL.choose(rng).unwrap_or(&Relation::Capital);
+        doc.push(
+            list_heads(relation)
+                .choose(rng)
+                .copied()
+                .unwrap_or_default(),
+        );
+        let count = rng.random_range(4..=8).min(self.kb.countries.len());
+        let countries = rand::seq::index::sample(rng, self.kb.countries.len(), count);
+        for (i, country) in countries.iter().enumerate() {
+            if i > 0 {
+                doc.push(", ");
+            } else {
+                doc.push(" ");
+            }
+            let c = &self.kb.countries[country];
+            let start = doc.text.len();
+            doc.push_entity(&c.name.en, EntityKind::Country, country, Lang::En);
+            doc.push(" ");
+            let value = c.attribute(relation);
+            doc.push_entity(&value.en, relation.value_kind(), country, Lang::En);
+            doc.facts.push(FactSpan {
+                start,
+                end: doc.text.len(),
+                relation,
+                country,
+            });
+        }
+        doc.push(".");
         doc.finish()
     }
 
