@@ -877,11 +877,7 @@ impl<'a> CorpusGenerator<'a> {
         let count = rng.random_range(4..=8).min(self.kb.countries.len());
         let countries = rand::seq::index::sample(rng, self.kb.countries.len(), count);
         for (i, country) in countries.iter().enumerate() {
-            if i > 0 {
-                doc.push(", ");
-            } else {
-                doc.push(" ");
-            }
+            doc.push(if i > 0 { ", " } else { " " });
             let c = &self.kb.countries[country];
             let start = doc.text.len();
             doc.push_entity(&c.name.en, EntityKind::Country, country, Lang::En);
