@@ -5,7 +5,7 @@
 //!   figure is for 100k tokens: ten times one iteration (the pass streams, so time is linear
 //!   in tokens).
 //! - One ROME edit with the statistics in hand ("The capital of Japan is" → " Seoul", layer
-//!   0, subject-last key, six context templates, 20 Adam steps for v*, the Cholesky solve
+//!   0, subject-last key, the default 26 context templates, 20 Adam steps for v*, the Cholesky solve
 //!   and the rank-one update): on the bundled model, and on a GPT-2-small-shaped model
 //!   (12 layers, d_model 768, d_mlp 3072, vocabulary 50,257; random weights, since no real
 //!   GPT-2 small may be downloaded here — the time depends on the shape, not the values).
@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use monoscope::Model;
-use monoscope::edit::context_templates;
 use monoscope::edit::covariance::key_covariance;
 use monoscope::edit::rome::{KeyPosition, Request, RomeSettings, compute_edit};
+use monoscope::edit::{DEFAULT_CONTEXTS_PER_START, context_templates};
 use monoscope::sae::activations::Corpus;
 use monoscope::world::train::{Gpt2Shape, TrainConfig, Trainer};
 
@@ -96,7 +96,8 @@ fn bench_rome(c: &mut Criterion) {
             |_| {},
         )
         .expect("covariance");
-        let contexts = context_templates(model, 1, 10, 0).expect("contexts");
+        let contexts =
+            context_templates(model, DEFAULT_CONTEXTS_PER_START, 10, 0).expect("contexts");
         group.bench_function(format!("rome_edit_{name}"), |b| {
             b.iter(|| {
                 compute_edit(

@@ -114,6 +114,16 @@ pub fn locate_subject(
     prompt: &str,
     subject: &str,
 ) -> Result<(Vec<u32>, Range<usize>)> {
+    locate_subject_after(model, prompt, subject, 0)
+}
+
+/// [`locate_subject`] for the first mention of `subject` at or after byte `from`.
+pub fn locate_subject_after(
+    model: &Model,
+    prompt: &str,
+    subject: &str,
+    from: usize,
+) -> Result<(Vec<u32>, Range<usize>)> {
     let (ids, offsets) = model.tokenizer.encode_with_offsets(prompt)?;
     let tokens = || {
         model
@@ -124,7 +134,11 @@ pub fn locate_subject(
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let start = prompt.find(subject).filter(|_| !subject.is_empty());
+    let start = prompt
+        .get(from..)
+        .and_then(|rest| rest.find(subject))
+        .map(|i| i + from)
+        .filter(|_| !subject.is_empty());
     let start = start.ok_or_else(|| Error::InvalidArgument {
         what: "subject",
         value: subject.to_string(),

@@ -218,6 +218,66 @@ fn kv_cached_chunks_match_one_full_pass_and_capture_appends() {
     }
 }
 
+/// Rows of different lengths, each cached alone, merged into one padded batch and continued
+/// twice: every row's logits are those of the row run alone in one pass (learned positions,
+/// partial rotary, a sliding window; inference and differentiable passes).
+#[test]
+fn merged_rows_of_different_lengths_continue_as_if_each_ran_alone() {
+    for model_type in ["gpt2", "gpt_neox", "mistral"] {
+        let model = load(model_type, DType::F32);
+        let texts = [
+            "Hello world, a tiny model says",
+            "The capital of",
+            "One, two, three, four, five, six, seven, eight",
+        ];
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| model.encode_prompt(t).unwrap())
+            .collect();
+        let (first, second) = ([5u32, 9, 11], [7u32, 3]);
+        for hooks in [Hooks::new(), Hooks::new().differentiable()] {
+            let caches: Vec<KvCache> = rows
+                .iter()
+                .map(|ids| {
+                    let mut kv = KvCache::default();
+                    model
+                        .forward_cached(&model.ids_tensor(ids).unwrap(), &mut kv, &hooks)
+                        .unwrap();
+                    kv
+                })
+                .collect();
+            let mut merged = KvCache::merge_rows(&caches).unwrap();
+            let batch = |tail: &[u32]| {
+                let flat: Vec<u32> = rows.iter().flat_map(|_| tail.iter().copied()).collect();
+                Tensor::from_vec(flat, (rows.len(), tail.len()), &Device::Cpu).unwrap()
+            };
+            let a = model
+                .forward_cached(&batch(&first), &mut merged, &hooks)
+                .unwrap();
+            let b = model
+                .forward_cached(&batch(&second), &mut merged, &hooks)
+                .unwrap();
+            for (r, ids) in rows.iter().enumerate() {
+                let mut whole = ids.clone();
+                whole.extend(first.iter().chain(&second));
+                let alone = model
+                    .forward(&model.ids_tensor(&whole).unwrap(), &hooks)
+                    .unwrap()
+                    .logits
+                    .get(0)
+                    .unwrap();
+                let tail = alone
+                    .narrow(0, ids.len(), first.len() + second.len())
+                    .unwrap();
+                let got =
+                    Tensor::cat(&[a.logits.get(r).unwrap(), b.logits.get(r).unwrap()], 0).unwrap();
+                let err = common::max_relative_error(&got, &tail);
+                assert!(err < 1e-4, "{model_type} row {r}: {err}");
+            }
+        }
+    }
+}
+
 #[test]
 fn run_with_cache_accepts_globs_and_names_every_capture() {
     let model = load("gpt2", DType::F32);

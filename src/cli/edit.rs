@@ -59,8 +59,8 @@ pub struct StatsArgs {
     /// Cache folder for key statistics (default: ~/.cache/monoscope/stats).
     #[arg(long, value_name = "DIR")]
     stats_dir: Option<PathBuf>,
-    /// Context templates per start word the key is averaged over (ROME: 5 in all).
-    #[arg(long, default_value_t = 1)]
+    /// Context templates per start word the key and v* are averaged over (5 start words).
+    #[arg(long, default_value_t = crate::edit::DEFAULT_CONTEXTS_PER_START)]
     contexts_per_start: usize,
     /// Adam steps optimising v*.
     #[arg(long, default_value_t = RomeSettings::default().v_steps)]

@@ -209,7 +209,7 @@ fn update_layers(
             let k = mean_key(model, &r.subject, prompt, prompts, layer, key)?;
             keys.push(k.mean);
             plain_keys.push(k.plain);
-            let (now, _) = value_at(model, prompt, &r.subject, z_point, key)?;
+            let (now, _) = value_at(model, prompt, prompt, &r.subject, z_point, key)?;
             let left = (layers.len() - li) as f64;
             resids.push(
                 z.iter()

@@ -22,9 +22,9 @@ use ndarray_linalg::{FactorizeC, SolveC, UPLO};
 
 use super::check_layer;
 use super::covariance::KeyCovariance;
-use crate::causal::{locate_subject, target_tokens};
+use crate::causal::{locate_subject, locate_subject_after, target_tokens};
 use crate::error::{Error, Result};
-use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::model::{ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model};
 
 /// `u = C⁻¹ k` and the ridge `λ` (0 when none was needed).
 pub fn solve_key(cov: &KeyCovariance, k: &[f64]) -> Result<(Vec<f64>, f64)> {
@@ -280,15 +280,34 @@ pub struct RomeEdit {
     pub key_index: usize,
 }
 
-/// The value at `point` at the `key` token of `prompt`, and that token's position.
+/// Tokens of a rewriting prompt (`text`, the request's prompt with its subject, after a
+/// context) and the span of its subject: the mention inside `text`, never an earlier one in
+/// the sampled context (a context that says "Japanese" holds "Japan").
+fn locate_in_rewriting(
+    model: &Model,
+    rewriting: &str,
+    text: &str,
+    subject: &str,
+) -> Result<(Vec<u32>, std::ops::Range<usize>)> {
+    let from = if rewriting.ends_with(text) {
+        rewriting.len() - text.len()
+    } else {
+        0
+    };
+    locate_subject_after(model, rewriting, subject, from)
+}
+
+/// The value at `point` at the `key` token of `prompt` (a rewriting prompt ending with the
+/// request's `text`), and that token's position.
 pub(super) fn value_at(
     model: &Model,
     prompt: &str,
+    text: &str,
     subject: &str,
     point: HookPoint,
     key: KeyPosition,
 ) -> Result<(Vec<f64>, usize)> {
-    let (ids, span) = locate_subject(model, prompt, subject)?;
+    let (ids, span) = locate_in_rewriting(model, prompt, text, subject)?;
     let index = key.index(ids.len(), &span);
     let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
     let v = out
@@ -319,13 +338,13 @@ pub(super) fn mean_key(
     key: KeyPosition,
 ) -> Result<Keys> {
     let point = HookPoint::MlpPost(layer);
-    let (plain, index) = value_at(model, prompt, subject, point, key)?;
+    let (plain, index) = value_at(model, prompt, prompt, subject, point, key)?;
     let mut mean = vec![0f64; plain.len()];
     for p in prompts {
         let k = if p == prompt {
             plain.clone()
         } else {
-            value_at(model, p, subject, point, key)?.0
+            value_at(model, p, prompt, subject, point, key)?.0
         };
         for (m, v) in mean.iter_mut().zip(k) {
             *m += v / prompts.len() as f64;
@@ -412,27 +431,37 @@ pub(super) fn optimise_value(
     let device = &model.device;
     let d = model.dims().d_model;
     // All rewriting prompts in one batch, teacher-forced (prompt + target but its last
-    // token), right-padded: causal attention keeps the padding out of the real positions.
-    let mut rows: Vec<Vec<u32>> = Vec::new();
-    let mut key_at = Vec::new();
-    // (row, position, token) of every target token, for the NLL.
+    // token). Each row splits at its key token: the prefix before it cannot see δ (causal
+    // attention), so it runs once, off the graph, into a KV cache; only the suffix from the
+    // key on (key, rest of the prompt, target) is differentiated at every step. The
+    // suffixes are right-padded, which causal attention keeps out of the real positions.
+    let text = request.text();
+    let mut prefixes: Vec<KvCache> = Vec::new();
+    let mut suffixes: Vec<Vec<u32>> = Vec::new();
+    // (row, suffix position, token) of every target token, for the NLL.
     let mut targets: Vec<(usize, usize, u32)> = Vec::new();
     for (row, p) in prompts.iter().enumerate() {
-        let (ids, span) = locate_subject(model, p, &request.subject)?;
+        let (ids, span) = locate_in_rewriting(model, p, &text, &request.subject)?;
         let target_ids = target_tokens(model, p, &request.target)?;
+        let key_at = key.index(ids.len(), &span);
         let mut full = ids.clone();
         full.extend(&target_ids);
-        targets.extend((ids.len()..full.len()).map(|i| (row, i - 1, full[i])));
+        targets.extend((ids.len()..full.len()).map(|i| (row, i - 1 - key_at, full[i])));
         full.pop();
-        key_at.push(key.index(ids.len(), &span));
-        rows.push(full);
+        let mut kv = KvCache::default();
+        if key_at > 0 {
+            model.forward_cached(&model.ids_tensor(&full[..key_at])?, &mut kv, &Hooks::new())?;
+        }
+        prefixes.push(kv);
+        suffixes.push(full[key_at..].to_vec());
     }
-    let input = padded_batch(model, &rows)?;
+    let prefix = KvCache::merge_rows(&prefixes)?;
+    let input = padded_batch(model, &suffixes)?;
     let (n, seq) = input.dims2()?;
-    // One-hot of the key token per row: δ goes there.
+    // δ goes to each row's key token, the first of its suffix.
     let mut onehot = vec![0f32; n * seq];
-    for (row, &at) in key_at.iter().enumerate() {
-        onehot[row * seq + at] = 1.0;
+    for row in 0..n {
+        onehot[row * seq] = 1.0;
     }
     let onehot = Tensor::from_vec(onehot, (n, seq, 1), device)?;
     let index: Vec<u32> = targets
@@ -462,13 +491,16 @@ pub(super) fn optimise_value(
     let essence_orig =
         last_log_probs(&model.forward(&essence_input, &Hooks::new())?.logits)?.detach();
 
+    let forward = |hooks: &Hooks| -> Result<ForwardOutput> {
+        model.forward_cached(&input, &mut prefix.clone(), hooks)
+    };
     // v₀: the clean value at the key token of the first (plain) prompt.
-    let clean = model.forward(&input, &Hooks::new().capture([point]))?;
+    let clean = forward(&Hooks::new().capture([point]))?;
     let v0 = clean
         .cache
         .require(point)?
         .get(0)?
-        .get(key_at[0])?
+        .get(0)?
         .to_dtype(DType::F32)?;
     let v0_norm = v0.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
 
@@ -487,7 +519,7 @@ pub(super) fn optimise_value(
             let add = onehot.broadcast_mul(&delta.as_tensor().reshape((1, 1, d))?)?;
             hooks = hooks.intervene(point, Intervention::new(InterventionOp::Add(add)));
         }
-        let logits = model.forward(&input, &hooks)?.logits.to_dtype(DType::F32)?;
+        let logits = forward(&hooks)?.logits.to_dtype(DType::F32)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.flatten_all()?;
         let picked = log_probs.index_select(&index, 0)?;
         Ok((picked * &per_token)?.sum_all()?.neg()?)

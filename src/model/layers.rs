@@ -16,12 +16,22 @@ use super::hooks::{HookPoint, HookRunner, LAST, upcast};
 use super::kernels;
 
 /// `x @ Wᵀ + b` over all leading dimensions at once: one `[batch·seq, in] × [in, out]` GEMM
-/// instead of candle's per-batch broadcast matmul.
+/// instead of candle's per-batch broadcast matmul. When `x` is being differentiated and the
+/// weight is a constant (ROME's v*, knowledge neurons' gradients: anything but training),
+/// the product goes through [`ConstantWeight`] so the backward pass skips the weight's
+/// gradient.
 fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
     let rows = x.elem_count() / d_in;
-    let y = x.reshape((rows, d_in))?.matmul(&l.weight().t()?)?;
+    let x = x.reshape((rows, d_in))?;
+    let w = l.weight();
+    let y = if x.track_op() && !w.track_op() && x.device().is_cpu() {
+        let product = x.detach().matmul(&w.t()?)?;
+        x.apply_op2(&product, ConstantWeight { weight: w.clone() })?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     let y = match l.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -29,6 +39,47 @@ fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
     let mut out_dims = dims.to_vec();
     out_dims[dims.len() - 1] = y.dim(1)?;
     y.reshape(out_dims)
+}
+
+/// `x·Wᵀ` with `W` a constant, inside a pass being differentiated: the forward value is the
+/// product computed off the graph (the op's second operand, returned as is), and the backward
+/// gives `x` alone its gradient, `g·W`. candle's own matmul backward also computes the
+/// weight's gradient, a product as large as the forward one that nothing reads: a third of
+/// the backward pass's work. CPU only (the op's forward is a copy of the CPU buffer); other
+/// devices take the plain matmul.
+struct ConstantWeight {
+    /// `[out, in]`.
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp2 for ConstantWeight {
+    fn name(&self) -> &'static str {
+        "constant-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _x_layout: &candle_core::Layout,
+        product: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        // A fresh matmul output: contiguous from offset 0, so the whole buffer is the value.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("constant-weight-matmul: the product must be a fresh buffer");
+        }
+        Ok((product.clone(), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _product: &Tensor,
+        _result: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
+    }
 }
 
 /// Which normalisation a model uses.
@@ -175,11 +226,25 @@ impl Rotary {
         })
     }
 
-    /// `x`: `[batch, heads, seq, head_dim]` starting at absolute position `offset`.
-    fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
-        let (_, _, seq, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+    /// `x`: `[batch, heads, seq, head_dim]` at `positions`.
+    fn apply(&self, x: &Tensor, positions: &Positions) -> candle_core::Result<Tensor> {
+        let (b, _, seq, head_dim) = x.dims4()?;
+        let (cos, sin) = match positions {
+            Positions::From(offset) => (
+                self.cos.narrow(0, *offset, seq)?,
+                self.sin.narrow(0, *offset, seq)?,
+            ),
+            // [b, 1, seq, rot_dim]: one row of angles per batch row, broadcast over heads.
+            Positions::PerRow { ids, .. } => (
+                self.cos
+                    .index_select(ids, 0)?
+                    .reshape((b, 1, seq, self.rot_dim))?,
+                self.sin
+                    .index_select(ids, 0)?
+                    .reshape((b, 1, seq, self.rot_dim))?,
+            ),
+        };
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let x_rot = x.narrow(D::Minus1, 0, self.rot_dim)?;
         let half = self.rot_dim / 2;
         let x1 = x_rot.narrow(D::Minus1, 0, half)?;
@@ -217,7 +282,7 @@ impl Attention {
         &self,
         x: &Tensor,
         kv: &mut LayerKv,
-        offset: usize,
+        positions: &Positions,
         mask: &Tensor,
         needs_grad: bool,
     ) -> candle_core::Result<Tensor> {
@@ -229,8 +294,8 @@ impl Attention {
         let (mut q, mut k) = (split(0, nh)?, split(nh, nkv)?);
         let mut v = split(nh + nkv, nkv)?;
         if let Some(rotary) = &self.rotary {
-            q = rotary.apply(&q.contiguous()?, offset)?;
-            k = rotary.apply(&k.contiguous()?, offset)?;
+            q = rotary.apply(&q.contiguous()?, positions)?;
+            k = rotary.apply(&k.contiguous()?, positions)?;
         }
         if let Some((past_k, past_v)) = kv.as_ref() {
             k = Tensor::cat(&[past_k, &k], 2)?;
@@ -238,9 +303,10 @@ impl Attention {
         }
         *kv = Some((k.clone(), v.clone()));
         let scale = 1.0 / (hd as f64).sqrt();
-        if !needs_grad {
+        // The fused kernel masks causally from one offset; ragged rows take the mask.
+        if let (false, Positions::From(offset)) = (needs_grad, positions) {
             let fused =
-                kernels::causal_attention(&q, &k, &v, scale as f32, offset, self.sliding_window)?;
+                kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
             if let Some(y) = fused {
                 return linear(&y, &self.out);
             }
@@ -252,7 +318,8 @@ impl Attention {
 
 /// `softmax(q·kᵀ·scale + mask)·v` with the heads merged (`[batch, seq, heads·head_dim]`),
 /// composed from candle ops: differentiable, on any device and dtype. `q` is `[batch, heads,
-/// seq, head_dim]`, `k` and `v` `[batch, kv_heads, total, head_dim]`, `mask` `[seq, total]`.
+/// seq, head_dim]`, `k` and `v` `[batch, kv_heads, total, head_dim]`, `mask` `[seq, total]`
+/// (or `[batch, 1, seq, total]` for ragged rows).
 pub(super) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -304,6 +371,42 @@ pub(super) fn causal_mask(
         })
         .collect();
     Tensor::from_vec(data, (seq, total), device)
+}
+
+/// `[batch, 1, seq, total]` additive mask for ragged rows: query `i` of row `r` sits at
+/// `starts[r] + i`; cached slot `j` holds position `slots[r][j]` (`None`: padding, never
+/// visible) and the call's own tokens follow the `cached` slots.
+fn ragged_mask(
+    slots: &[Vec<Option<usize>>],
+    starts: &[usize],
+    seq: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let cached = slots.first().map_or(0, Vec::len);
+    let total = cached + seq;
+    let mut data = Vec::with_capacity(slots.len() * seq * total);
+    for (row, &start) in slots.iter().zip(starts) {
+        for i in 0..seq {
+            let q = start + i;
+            let key_positions = row.iter().copied().chain((0..seq).map(|j| Some(start + j)));
+            data.extend(key_positions.map(|k| {
+                let visible = k.is_some_and(|k| k <= q && window.is_none_or(|w| q - k < w));
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            }));
+        }
+    }
+    Tensor::from_vec(data, (slots.len(), 1, seq, total), device)
+}
+
+/// The absolute positions of a forward call's new tokens.
+#[derive(Clone, Debug)]
+enum Positions {
+    /// Every row's tokens start at the same position.
+    From(usize),
+    /// Row `r`'s tokens start at `starts[r]` (a batch merged from rows of different lengths,
+    /// [`KvCache::merge_rows`]); `ids` is every token's position, `[batch·seq]` u32.
+    PerRow { starts: Vec<usize>, ids: Tensor },
 }
 
 /// The feed-forward network.
@@ -398,14 +501,14 @@ impl Block {
         resid_pre: Tensor,
         layer: usize,
         kv: &mut LayerKv,
+        positions: &Positions,
         mask: &Tensor,
         hooks: &mut HookRunner,
     ) -> candle_core::Result<Tensor> {
         let grad = hooks.needs_grad();
-        let offset = hooks.offset;
         let resid_pre = hooks.hook(HookPoint::ResidPre(layer), resid_pre)?; // [b, s, d_model]
         let attn_in = self.ln_attn.forward(&resid_pre, grad)?;
-        let attn_out = self.attn.forward(&attn_in, kv, offset, mask, grad)?;
+        let attn_out = self.attn.forward(&attn_in, kv, positions, mask, grad)?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
             let mlp_in = self.ln_mlp.forward(&resid_pre, grad)?;
@@ -458,10 +561,14 @@ pub struct Transformer {
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
+    /// For a batch merged from rows of different lengths ([`KvCache::merge_rows`]): the
+    /// absolute position each slot of each row holds, `None` for padding. `None` when every
+    /// row's slot `j` is position `j`.
+    slots: Option<Vec<Vec<Option<usize>>>>,
 }
 
 impl KvCache {
-    /// Number of positions already processed.
+    /// Number of slots already filled (positions, plus padding in a merged batch).
     pub fn len(&self) -> usize {
         self.layers
             .first()
@@ -471,6 +578,70 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// One batch from single-row caches of different lengths, each row padded at its end and
+    /// the padding masked: a forward call continuing it puts row `r`'s tokens at the
+    /// positions that follow row `r`'s own, as if each row were run alone. How ROME's v*
+    /// runs each rewriting prompt's constant prefix once and differentiates only the rest.
+    /// Empty rows (nothing run yet) are all padding. Interventions at given positions count
+    /// from the cache's slot count, padding included.
+    pub fn merge_rows(rows: &[KvCache]) -> candle_core::Result<KvCache> {
+        let longest = rows.iter().map(KvCache::len).max().unwrap_or(0);
+        let Some(shape_row) = rows.iter().find(|r| !r.is_empty()) else {
+            return Ok(KvCache {
+                layers: Vec::new(),
+                slots: Some(vec![Vec::new(); rows.len()]),
+            });
+        };
+        let n_layers = shape_row.layers.len();
+        let mut slots = Vec::with_capacity(rows.len());
+        for row in rows {
+            let plain = row.slots.is_none() && (row.is_empty() || row.layers.len() == n_layers);
+            if !plain {
+                candle_core::bail!("merge_rows: every row must be a plain cache of every layer");
+            }
+            let len = row.len();
+            slots.push((0..longest).map(|j| (j < len).then_some(j)).collect());
+        }
+        let mut layers = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            let Some((k0, _)) = &shape_row.layers[layer] else {
+                candle_core::bail!("merge_rows: layer {layer} was never run");
+            };
+            let (_, heads, _, hd) = k0.dims4()?;
+            // `[1, heads, longest, hd]`: the row's slots, then zeros.
+            let pad = |x: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let len = x.map_or(Ok(0), |x| x.dim(2))?;
+                let zeros = Tensor::zeros((1, heads, longest - len, hd), k0.dtype(), k0.device())?;
+                match x {
+                    Some(x) if len == longest => Ok(x.clone()),
+                    Some(x) => Tensor::cat(&[x, &zeros], 2),
+                    None => Ok(zeros),
+                }
+            };
+            let mut keys = Vec::with_capacity(rows.len());
+            let mut values = Vec::with_capacity(rows.len());
+            for row in rows {
+                let kv = match row.layers.get(layer) {
+                    Some(Some((k, v))) => Some((k, v)),
+                    Some(None) => candle_core::bail!("merge_rows: layer {layer} was never run"),
+                    None => None, // an empty row
+                };
+                if let Some((k, _)) = kv
+                    && k.dim(0)? != 1
+                {
+                    candle_core::bail!("merge_rows: a row's cache holds {} rows", k.dim(0)?);
+                }
+                keys.push(pad(kv.map(|(k, _)| k))?);
+                values.push(pad(kv.map(|(_, v)| v))?);
+            }
+            layers.push(Some((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?)));
+        }
+        Ok(KvCache {
+            layers,
+            slots: Some(slots),
+        })
     }
 }
 
@@ -513,6 +684,24 @@ impl Transformer {
             kv.layers = vec![None; self.blocks.len()];
         }
         let offset = hooks.offset;
+        let positions = match &kv.slots {
+            None => Positions::From(offset),
+            Some(slots) => {
+                if slots.len() != b {
+                    candle_core::bail!("a cache of {} rows continued by {b}", slots.len());
+                }
+                let starts: Vec<usize> = slots
+                    .iter()
+                    .map(|row| row.iter().flatten().max().map_or(0, |p| p + 1))
+                    .collect();
+                let ids: Vec<u32> = starts
+                    .iter()
+                    .flat_map(|&start| (start..start + s).map(|p| p as u32))
+                    .collect();
+                let ids = Tensor::from_vec(ids, b * s, input_ids.device())?;
+                Positions::PerRow { starts, ids }
+            }
+        };
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -522,10 +711,13 @@ impl Transformer {
         }
         let mut x = hooks.hook(HookPoint::Embed, x)?; // [b, s, d_model]
         if let Some(pos) = &self.pos_embed {
-            let p = pos
-                .narrow(0, offset, s)?
-                .unsqueeze(0)?
-                .broadcast_as((b, s, d))?;
+            let p = match &positions {
+                Positions::From(offset) => pos
+                    .narrow(0, *offset, s)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, s, d))?,
+                Positions::PerRow { ids, .. } => pos.index_select(ids, 0)?.reshape((b, s, d))?,
+            };
             let p = hooks.hook(HookPoint::PosEmbed, p.contiguous()?)?; // [b, s, d_model]
             x = (x + p)?;
         }
@@ -542,13 +734,22 @@ impl Transformer {
             let mask = match masks.iter().position(|(w, _)| *w == window) {
                 Some(i) => &masks[i].1,
                 None => {
-                    let m =
-                        causal_mask(s, total, offset, window, x.device())?.to_dtype(score_dtype)?;
-                    masks.push((window, m));
+                    let m = match (&positions, &kv.slots) {
+                        (Positions::PerRow { starts, .. }, Some(slots)) => {
+                            ragged_mask(slots, starts, s, window, x.device())?
+                        }
+                        _ => causal_mask(s, total, offset, window, x.device())?,
+                    };
+                    masks.push((window, m.to_dtype(score_dtype)?));
                     &masks[masks.len() - 1].1
                 }
             };
-            x = block.forward(x, layer, layer_kv, mask, hooks)?;
+            x = block.forward(x, layer, layer_kv, &positions, mask, hooks)?;
+        }
+        if let (Positions::PerRow { starts, .. }, Some(slots)) = (&positions, &mut kv.slots) {
+            for (row, &start) in slots.iter_mut().zip(starts) {
+                row.extend((start..start + s).map(Some));
+            }
         }
         let x = self.ln_final.forward(&x, hooks.needs_grad())?;
         let x = hooks.hook(HookPoint::LnFinal, x)?; // [b, s, d_model]
@@ -596,6 +797,35 @@ mod tests {
         assert_eq!(w[3][2], 0.0);
         assert_eq!(w[3][3], 0.0);
         assert!(w[3][1].is_infinite());
+    }
+
+    #[test]
+    fn a_constant_weight_passes_the_same_values_and_input_gradients_as_a_variable_one() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let as_constant = Linear::new(w.clone(), Some(b.clone()));
+        let w_var = candle_core::Var::from_tensor(&w).unwrap();
+        let as_variable = Linear::new(w_var.as_tensor().clone(), Some(b));
+        // A loss that weighs every output differently, so a wrong gradient shows.
+        let weights = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let run = |l: &Linear| {
+            let y = linear(x.as_tensor(), l).unwrap();
+            let loss = (y.sqr().unwrap() * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone(), grads)
+        };
+        let (y_const, g_const, _) = run(&as_constant);
+        let (y_var, g_var, grads_var) = run(&as_variable);
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        };
+        assert_eq!(max_diff(&y_const, &y_var), 0.0);
+        assert!(max_diff(&g_const, &g_var) < 1e-5);
+        // Training still reaches the weight.
+        assert!(grads_var.get(w_var.as_tensor()).is_some());
     }
 
     #[test]

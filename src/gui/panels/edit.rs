@@ -395,7 +395,12 @@ impl Edit {
                     tokens: STATS_TOKENS,
                     cache_dir: default_cache_dir(),
                 };
-                let editor = Editor::new(&model, stats, 1, RomeSettings::default())?;
+                let editor = Editor::new(
+                    &model,
+                    stats,
+                    crate::edit::DEFAULT_CONTEXTS_PER_START,
+                    RomeSettings::default(),
+                )?;
                 *slot = Some((version, editor));
             }
             let Some((_, editor)) = slot.as_mut() else {
