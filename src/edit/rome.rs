@@ -574,6 +574,24 @@ fn padded_batch(model: &Model, rows: &[Vec<u32>]) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_rewriting_prompt_keys_the_subject_in_the_requests_text_not_in_its_context() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2");
+        let model = Model::load(&dir, &candle_core::Device::Cpu, DType::F32).unwrap();
+        let text = "The capital of Japan is";
+        // A sampled context that mentions a word holding the subject.
+        let rewriting = format!("People there speak Japanese. {text}");
+        let (ids, span) = locate_in_rewriting(&model, &rewriting, text, "Japan").unwrap();
+        let (plain_ids, plain_span) = locate_subject(&model, text, "Japan").unwrap();
+        // The same tokens follow the subject as in the plain prompt: it is the text's mention.
+        assert_eq!(ids[span.end..], plain_ids[plain_span.end..]);
+        assert_eq!(ids[span.clone()], plain_ids[plain_span.clone()]);
+        // A plain search stops at "Japanese".
+        let (_, first) = locate_subject(&model, &rewriting, "Japan").unwrap();
+        assert!(first.end <= span.start, "{first:?} {span:?}");
+    }
+
     fn lcg(seed: &mut u64) -> f64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
