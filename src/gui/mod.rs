@@ -236,6 +236,7 @@ pub fn pick_folder(title: &str) -> Option<PathBuf> {
 
 impl eframe::App for App {
     fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+        let thread_cpu = screenshots::thread_cpu_time();
         self.ui(ctx);
         let busy = self.busy();
         let starting = self.starting();
@@ -247,6 +248,7 @@ impl eframe::App for App {
                 &mut self.workbench,
                 (busy, starting),
                 cpu,
+                thread_cpu,
             );
         }
     }
@@ -305,8 +307,11 @@ mod screenshots {
         next: usize,
         shown_since: Option<Instant>,
         requested: bool,
-        /// CPU time of frames drawn while a job ran, seconds, with the panel shown.
-        busy_frames: Vec<(f32, PanelKind)>,
+        /// Time of frames drawn while a job ran (eframe's: wall clock from update to painted),
+        /// seconds, with the UI thread's own CPU time in it and the panel shown.
+        busy_frames: Vec<(f32, Option<f32>, PanelKind)>,
+        /// The UI thread's CPU clock at the start of the last update.
+        last_thread_cpu: Option<f64>,
         writers: Vec<std::thread::JoinHandle<()>>,
     }
 
@@ -318,12 +323,16 @@ mod screenshots {
                 shown_since: None,
                 requested: false,
                 busy_frames: Vec::new(),
+                last_thread_cpu: None,
                 writers: Vec::new(),
             }
         }
 
         /// One frame of the tour; `busy`: some job is running; `starting`: the window has yet
-        /// to start loading its model; `cpu`: the last frame's time.
+        /// to start loading its model; `cpu`: the last frame's time; `thread_cpu`: the UI
+        /// thread's CPU clock at the start of this update, so that its change since the last
+        /// one is what the last frame (update, tessellation, painting) cost the UI thread —
+        /// the frame's own work, without the time it waited for a core.
         pub fn step(
             &mut self,
             ctx: &egui::Context,
@@ -331,10 +340,15 @@ mod screenshots {
             wb: &mut Workbench,
             (busy, starting): (bool, bool),
             cpu: Option<f32>,
+            thread_cpu: Option<f64>,
         ) {
             ctx.request_repaint_after(Duration::from_millis(30));
+            let own = thread_cpu
+                .zip(self.last_thread_cpu)
+                .map(|(now, then)| (now - then) as f32);
+            self.last_thread_cpu = thread_cpu;
             if busy && let Some(cpu) = cpu {
-                self.busy_frames.push((cpu, *current));
+                self.busy_frames.push((cpu, own, *current));
             }
             let Some(&kind) = TOUR.get(self.next) else {
                 self.report();
@@ -409,7 +423,12 @@ mod screenshots {
                 .iter()
                 .rev()
                 .take(5)
-                .map(|(s, kind)| format!("{:.1} ms on {}", 1000.0 * s, kind.title()))
+                .map(|(s, own, kind)| {
+                    let own = own.map_or(String::new(), |o| {
+                        format!(" ({:.1} ms of it on the UI thread)", 1000.0 * o)
+                    });
+                    format!("{:.1} ms on {}{own}", 1000.0 * s, kind.title())
+                })
                 .collect();
             let at = |q: f32| ms[((ms.len() - 1) as f32 * q).round() as usize];
             eprintln!(
@@ -421,8 +440,34 @@ mod screenshots {
                 at(1.0)
             );
             eprintln!("slowest: {}", slowest.join(", "));
+            let mut own: Vec<f32> = self.busy_frames.iter().filter_map(|f| f.1).collect();
+            own.sort_by(f32::total_cmp);
+            if let Some(&max) = own.last() {
+                eprintln!(
+                    "frames over 16 ms: {}; the UI thread's own CPU time per frame: median {:.2} ms, max {:.2} ms",
+                    ms.iter().filter(|&&m| m > 16.0).count(),
+                    1000.0 * own[own.len() / 2],
+                    1000.0 * max
+                );
+            }
             self.busy_frames.clear();
         }
+    }
+
+    /// The calling thread's CPU time, seconds (Linux with glibc; `None` elsewhere).
+    pub fn thread_cpu_time() -> Option<f64> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec, which `t` is.
+            let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
+            ok.then(|| t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        None
     }
 
     fn save_png(path: &std::path::Path, image: &egui::ColorImage) -> anyhow::Result<()> {
