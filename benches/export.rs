@@ -64,6 +64,7 @@ fn batches() -> Vec<CodedBatch> {
             CodedBatch {
                 segments,
                 codes,
+                inputs: Vec::new(),
                 ends_document: true,
             }
         })

@@ -284,10 +284,16 @@ fn concept_scores_on_the_world_model_are_consistent() {
     let mean = scored.iter().map(|c| c.evaluation.f1).sum::<f64>() / 27.0;
     assert!((mean - report.mean_f1).abs() < 1e-12);
     for c in &report.concepts {
-        for d in [c.selection, c.evaluation] {
+        let probe = c.probe.expect("probes are fitted by default");
+        for d in [c.selection, c.evaluation, probe] {
             assert!((0.0..=1.0).contains(&d.f1) && (0.0..=1.0).contains(&d.precision));
         }
     }
+    let probe_mean = scored.iter().map(|c| c.probe.unwrap().f1).sum::<f64>() / 27.0;
+    assert!((probe_mean - report.mean_probe_f1.unwrap()).abs() < 1e-12);
+    // The dense reference reads the script of the text straight off the hook.
+    let japanese = scored.iter().find(|c| c.concept == "lang:ja").unwrap();
+    assert!(japanese.probe.unwrap().f1 > 0.9, "{:?}", japanese.probe);
     // The features chosen for "the next token is a capital/currency/…" must detect it on
     // held-out text far better than chance: the concepts cover about 1% of tokens.
     let relations: Vec<_> = scored

@@ -172,8 +172,8 @@ fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     settings.docs_per_country = args.docs_per_country;
     settings.fact_lists = args.fact_lists;
     let bar = progress_bar(0, "{elapsed_precise} {msg}")?;
-    let report = score(&model, &sae_dir.sae, hook, &settings, |split, tokens| {
-        bar.set_message(format!("{split} split: {tokens} tokens"));
+    let report = score(&model, &sae_dir.sae, hook, &settings, |phase, tokens| {
+        bar.set_message(format!("{phase}: {tokens} tokens"));
     })
     .with_context(|| {
         format!(

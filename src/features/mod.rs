@@ -1,9 +1,10 @@
 //! What SAE features mean: per-feature statistics and contexts over a corpus ([`stats`]),
 //! logit effects and decoder neighbours ([`logits`]), the on-disk feature store the GUI
 //! opens ([`store`]), steering ([`steer`]) and ground-truth scoring on the world corpus
-//! ([`score`]).
+//! ([`score`]) against dense linear probes of the same hook ([`probe`]).
 
 pub mod logits;
+pub mod probe;
 pub mod score;
 pub mod stats;
 pub mod steer;

@@ -20,6 +20,10 @@
 //! chosen with the feature on the selection split, from a grid of half-octave steps
 //! (0 included, i.e. "fires at all").
 //!
+//! The reference: a dense linear probe per concept ([`super::probe`]), fitted on a sample of
+//! the selection split's activations at the same hook and scored on the evaluation split. Its
+//! F1 is what a linear read-out of the hook reaches; a feature can only approach it.
+//!
 //! Feature splitting (a finding, not a bar): the features that fire almost only on a concept
 //! (precision ≥ 0.9 on the selection split) while covering a real part of it (recall ≥ 0.05)
 //! but not all of it (recall < 0.9). A concept with two or more of them is split; their
@@ -27,6 +31,7 @@
 
 use serde::Serialize;
 
+use super::probe::{LinearProbes, ProbeSettings, RowSample};
 use crate::error::Result;
 use crate::model::Model;
 use crate::model::hooks::HookPoint;
@@ -41,6 +46,9 @@ use crate::world::knowledge::{EntityKind, KnowledgeBase, Lang, Relation};
 const SPLIT_PRECISION: f64 = 0.9;
 const SPLIT_MIN_RECALL: f64 = 0.05;
 const SPLIT_MAX_RECALL: f64 = 0.9;
+
+/// Selection-split tokens the dense probes are fitted on (a uniform sample).
+const PROBE_ROWS: usize = 30_000;
 
 /// What a concept is about.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -152,6 +160,8 @@ pub struct ScoreSettings {
     pub fact_lists: usize,
     pub selection_seed: u64,
     pub evaluation_seed: u64,
+    /// Fit the dense reference probes (seconds of extra work; the window's labels skip it).
+    pub probes: bool,
 }
 
 impl ScoreSettings {
@@ -163,6 +173,7 @@ impl ScoreSettings {
             // Far from the seeds SAE training uses (world:SEED + epoch).
             selection_seed: 1_000_001,
             evaluation_seed: 1_000_002,
+            probes: true,
         }
     }
 }
@@ -205,6 +216,9 @@ pub struct ConceptScore {
     pub selection: Detection,
     /// The same feature on the held-out evaluation split.
     pub evaluation: Detection,
+    /// A dense linear probe of the hook on the evaluation split: the reference (when
+    /// fitted, [`ScoreSettings::probes`]).
+    pub probe: Option<Detection>,
     /// Whether it counts towards the mean (per-language concepts and `lang:ja`).
     pub scored: bool,
     /// Features that fire almost only on this concept and cover part of it.
@@ -219,6 +233,8 @@ pub struct ScoreReport {
     pub concepts: Vec<ConceptScore>,
     /// Mean over the scored concepts of the best feature's F1 on the evaluation split.
     pub mean_f1: f64,
+    /// The same mean for the dense linear probes, when fitted.
+    pub mean_probe_f1: Option<f64>,
     /// Scored concepts with two or more split features.
     pub split_concepts: usize,
     pub selection_tokens: u64,
@@ -228,8 +244,16 @@ pub struct ScoreReport {
 impl ScoreReport {
     pub fn render(&self) -> String {
         let mut s = format!(
-            "{:<24} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7}  {}\n",
-            "concept", "tokens", "feature", "above", "precision", "recall", "F1", "split into"
+            "{:<24} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>9}  {}\n",
+            "concept",
+            "tokens",
+            "feature",
+            "above",
+            "precision",
+            "recall",
+            "F1",
+            "probe F1",
+            "split into"
         );
         for (i, c) in self.concepts.iter().enumerate() {
             if !c.scored && i > 0 && self.concepts[i - 1].scored {
@@ -247,14 +271,15 @@ impl ScoreReport {
                 "-".into()
             };
             s.push_str(&format!(
-                "{:<24} {:>8} {:>8} {:>7.3} {:>9.3} {:>7.3} {:>7.3}  {split}\n",
+                "{:<24} {:>8} {:>8} {:>7.3} {:>9.3} {:>7.3} {:>7.3} {:>9}  {split}\n",
                 c.concept,
                 c.positives,
                 c.best_feature,
                 c.threshold,
                 c.evaluation.precision,
                 c.evaluation.recall,
-                c.evaluation.f1
+                c.evaluation.f1,
+                c.probe.map_or("-".into(), |p| format!("{:.3}", p.f1))
             ));
         }
         s.push_str(&format!(
@@ -264,6 +289,11 @@ impl ScoreReport {
             self.mean_f1,
             self.split_concepts
         ));
+        if let Some(mean) = self.mean_probe_f1 {
+            s.push_str(&format!(
+                "mean dense-probe F1 over the same concepts (a logistic regression of the hook's activations per concept; the reference): {mean:.3}\n"
+            ));
+        }
         s
     }
 }
@@ -341,12 +371,43 @@ pub fn score(
         kb: KnowledgeBase::bundled()?,
         concepts: Concept::all(),
     };
-    let (selection, rows) = splits.count(settings.selection_seed, true, |t| {
-        on_progress("selection", t)
-    })?;
-    let (evaluation, _) = splits.count(settings.evaluation_seed, false, |t| {
-        on_progress("evaluation", t)
-    })?;
+    let n_concepts = splits.concepts.len();
+    let rows_for_probes = if settings.probes { PROBE_ROWS } else { 0 };
+    let mut sample = RowSample::new(encoder.d_in(), rows_for_probes, settings.selection_seed);
+    let (selection, rows) = splits.count(
+        settings.selection_seed,
+        true,
+        |inputs, flags| {
+            for (row, flag) in inputs.chunks_exact(encoder.d_in()).zip(flags) {
+                sample.offer(row, flag);
+            }
+        },
+        |t| on_progress("selection split", t),
+    )?;
+    let probes = settings.probes.then(|| {
+        on_progress("fitting the dense probes after", selection.tokens);
+        LinearProbes::fit(&sample, &ProbeSettings::default())
+    });
+    drop(sample);
+    let (mut probe_hits, mut probe_fires) = (vec![0u64; n_concepts], vec![0u64; n_concepts]);
+    let (evaluation, _) = splits.count(
+        settings.evaluation_seed,
+        false,
+        |inputs, flags| {
+            let Some(probes) = &probes else {
+                return;
+            };
+            let logits = probes.logits(inputs);
+            for (row, flag) in logits.chunks_exact(probes.concepts()).zip(flags) {
+                for (c, (&logit, &on)) in row.iter().zip(flag).enumerate() {
+                    let fires = logit > probes.threshold[c];
+                    probe_fires[c] += u64::from(fires);
+                    probe_hits[c] += u64::from(fires && on);
+                }
+            }
+        },
+        |t| on_progress("evaluation split", t),
+    )?;
     let d_sae = encoder.d_sae();
     let mut scores = Vec::new();
     for (c, concept) in splits.concepts.iter().enumerate() {
@@ -367,16 +428,21 @@ pub fn score(
             threshold: threshold(level),
             selection: chosen,
             evaluation: evaluation.detection(c, best, level),
+            probe: probes
+                .as_ref()
+                .map(|_| Detection::new(probe_hits[c], probe_fires[c], evaluation.positives[c])),
             split_union_recall: union_recall(&rows, c, &split_features),
             split_features,
         });
     }
-    let scored: Vec<f64> = scores
-        .iter()
-        .filter(|s| s.scored)
-        .map(|s| s.evaluation.f1)
-        .collect();
-    let mean_f1 = scored.iter().sum::<f64>() / scored.len().max(1) as f64;
+    let mean_over_scored = |f1: fn(&ConceptScore) -> f64| {
+        let scored: Vec<f64> = scores.iter().filter(|s| s.scored).map(f1).collect();
+        scored.iter().sum::<f64>() / scored.len().max(1) as f64
+    };
+    let mean_f1 = mean_over_scored(|s| s.evaluation.f1);
+    let mean_probe_f1 = probes
+        .is_some()
+        .then(|| mean_over_scored(|s| s.probe.map_or(0.0, |p| p.f1)));
     Ok(ScoreReport {
         split_concepts: scores
             .iter()
@@ -384,6 +450,7 @@ pub fn score(
             .count(),
         concepts: scores,
         mean_f1,
+        mean_probe_f1,
         selection_tokens: selection.tokens,
         evaluation_tokens: evaluation.tokens,
     })
@@ -407,11 +474,12 @@ struct Splits<'a> {
 
 impl Splits<'_> {
     /// Generates the split with `seed`, runs the model and SAE over it, and calls `visit`
-    /// with each batch's codes and the concept flags of its tokens (`[token][concept]`).
+    /// with each batch's codes, its activations (`[token, d_in]`) and the concept flags of
+    /// its tokens (`[token][concept]`).
     fn for_each_batch(
         &self,
         seed: u64,
-        mut visit: impl FnMut(&Active, &[Vec<bool>]),
+        mut visit: impl FnMut(&Active, &[f32], &[Vec<bool>]),
     ) -> Result<()> {
         let config = CorpusConfig {
             seed,
@@ -450,22 +518,25 @@ impl Splits<'_> {
             Box::new(ids.into_iter().map(Ok)),
             0,
             None,
-        )?;
+        )?
+        .keep_inputs();
         while let Some(batch) = coder.next_batch()? {
             let flags: Vec<Vec<bool>> = batch
                 .addresses()
                 .map(|(doc, pos, _)| labels[doc as usize][pos as usize].clone())
                 .collect();
-            visit(&batch.codes, &flags);
+            visit(&batch.codes, &batch.inputs, &flags);
         }
         Ok(())
     }
 
     /// Counts for one split; with `keep_rows`, also every token's firing set and concepts.
+    /// `on_inputs` sees each batch's activations and concept flags.
     fn count(
         &self,
         seed: u64,
         keep_rows: bool,
+        mut on_inputs: impl FnMut(&[f32], &[Vec<bool>]),
         mut on_progress: impl FnMut(u64),
     ) -> Result<(Counts, Vec<TokenRow>)> {
         let d_sae = self.encoder.d_sae();
@@ -477,7 +548,8 @@ impl Splits<'_> {
             fires: vec![[0; LEVELS]; d_sae],
             both: vec![vec![[0; LEVELS]; d_sae]; n],
         };
-        self.for_each_batch(seed, |codes, flags| {
+        self.for_each_batch(seed, |codes, inputs, flags| {
+            on_inputs(inputs, flags);
             for (r, flag) in flags.iter().enumerate() {
                 counts.tokens += 1;
                 let (latents, values) = codes.row(r);

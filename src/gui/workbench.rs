@@ -356,12 +356,13 @@ impl Workbench {
                 crate::features::score::ScoreSettings::new(window_segments(&model, 0));
             settings.docs_per_country = 1;
             settings.fact_lists = 100;
+            settings.probes = false;
             let report = crate::features::score::score(
                 &model,
                 &sae.sae.sae,
                 sae.hook,
                 &settings,
-                |split, tokens| job.set_message(format!("{split} split: {tokens} tokens")),
+                |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
             )?;
             let labels: HashMap<u32, String> = report
                 .concepts

@@ -46,6 +46,9 @@ pub struct Segment {
 pub struct CodedBatch {
     pub segments: Vec<Segment>,
     pub codes: Active,
+    /// The hook's activations of every row (`[tokens, d_in]`; zeros for excluded tokens)
+    /// when the coder keeps them ([`DocumentCoder::keep_inputs`]); empty otherwise.
+    pub inputs: Vec<f32>,
     /// Whether the batch's last segment finishes its document, so that the next batch
     /// starts a new one (where an export may cut a shard).
     pub ends_document: bool,
@@ -83,6 +86,7 @@ pub struct DocumentCoder<'a> {
     pad: u32,
     special: std::collections::HashSet<u32>,
     finished: bool,
+    keep_inputs: bool,
     /// Time spent in forward passes and in SAE encoding, for throughput reports.
     pub forward_time: Duration,
     pub encode_time: Duration,
@@ -133,9 +137,17 @@ impl<'a> DocumentCoder<'a> {
             pad: model.eos_token_ids.first().copied().unwrap_or(0),
             special: model.special_tokens(),
             finished: false,
+            keep_inputs: false,
             forward_time: Duration::ZERO,
             encode_time: Duration::ZERO,
         })
+    }
+
+    /// Hands each batch's activations out beside its codes ([`CodedBatch::inputs`]), for
+    /// what reads the hook itself (dense probes).
+    pub fn keep_inputs(mut self) -> Self {
+        self.keep_inputs = true;
+        self
     }
 
     /// The id the next document will get.
@@ -158,10 +170,11 @@ impl<'a> DocumentCoder<'a> {
             .pending
             .front()
             .is_none_or(|next| next.doc_id != segments[segments.len() - 1].doc_id);
-        let codes = self.code(&segments)?;
+        let (codes, inputs) = self.code(&segments)?;
         Ok(Some(CodedBatch {
             segments,
             codes,
+            inputs,
             ends_document,
         }))
     }
@@ -197,8 +210,9 @@ impl<'a> DocumentCoder<'a> {
         Ok(())
     }
 
-    /// One forward pass over `segments` (right-padded), then the SAE on every kept token.
-    fn code(&mut self, segments: &[Segment]) -> Result<Active> {
+    /// One forward pass over `segments` (right-padded), then the SAE on every kept token;
+    /// with the activations of every token when they are kept.
+    fn code(&mut self, segments: &[Segment]) -> Result<(Active, Vec<f32>)> {
         let started = Instant::now();
         let bos = self.settings.prepend_bos.then_some(self.bos).flatten();
         let lead = usize::from(bos.is_some());
@@ -245,13 +259,21 @@ impl<'a> DocumentCoder<'a> {
         // Rows of kept tokens, and where each token's codes come from.
         let mut kept = Vec::new();
         let mut source_row = Vec::new();
+        let mut inputs = Vec::new();
         for (si, s) in segments.iter().enumerate() {
             for (i, &id) in s.token_ids.iter().enumerate() {
-                if self.settings.exclude_special && self.special.contains(&id) {
+                let row = &acts[(si * width + lead + i) * d..][..d];
+                let excluded = self.settings.exclude_special && self.special.contains(&id);
+                if self.keep_inputs {
+                    match excluded {
+                        true => inputs.resize(inputs.len() + d, 0.0),
+                        false => inputs.extend_from_slice(row),
+                    }
+                }
+                if excluded {
                     source_row.push(None);
                     continue;
                 }
-                let row = &acts[(si * width + lead + i) * d..][..d];
                 if row.iter().any(|v| !v.is_finite()) {
                     return Err(Error::NonFinite {
                         what: format!("activations at hook `{}`", self.hook),
@@ -287,7 +309,7 @@ impl<'a> DocumentCoder<'a> {
             codes.row_start.push(codes.latent.len());
         }
         self.encode_time += encoding.elapsed();
-        Ok(codes)
+        Ok((codes, inputs))
     }
 }
 
