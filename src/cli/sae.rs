@@ -156,6 +156,10 @@ pub struct TrainArgs {
     /// b_dec initialisation.
     #[arg(long, value_enum, default_value = "geometric-median")]
     b_dec_init: BDecInitArg,
+    /// Matryoshka SAE (topk, batchtopk): sizes of the nested dictionaries that must each
+    /// reconstruct alone, e.g. 128,512,2048; general features gather in the first latents.
+    #[arg(long, value_delimiter = ',')]
+    matryoshka: Vec<usize>,
     /// Train on raw activations (by default they are scaled to mean norm √d_in, and the
     /// scale is folded into the saved weights).
     #[arg(long)]
@@ -251,6 +255,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     train.grad_clip = args.grad_clip;
     train.dead_after_tokens = args.dead_after_tokens;
     train.seed = args.seed;
+    train.matryoshka = args.matryoshka.clone();
     train.b_dec_init = match args.b_dec_init {
         BDecInitArg::GeometricMedian => BDecInit::GeometricMedian,
         BDecInitArg::Mean => BDecInit::Mean,

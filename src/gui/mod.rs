@@ -464,7 +464,7 @@ mod screenshots {
             };
             // SAFETY: clock_gettime writes one timespec, which `t` is.
             let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
-            ok.then(|| t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+            ok.then_some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
         }
         #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
         None

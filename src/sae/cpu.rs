@@ -262,8 +262,44 @@ pub fn sparse_decode(active: &Active, w_dec: &[f32], bias: Option<&[f32]>, out: 
     });
 }
 
-/// `dot(g[row(p)], w_dec[latent[p]])` for every pair: the gradient reaching each activation.
-pub fn pair_dots(active: &Active, g: &[f32], w_dec: &[f32], d_in: usize) -> Vec<f32> {
+/// Nested dictionaries (Matryoshka SAEs, Bussmann et al. 2025): latent `j` belongs to group
+/// `group(j)`, the number of prefix ends at or below `j`, and an output gradient has one row
+/// per (batch row, group) — `[rows, groups, d_in]` — since a group's latents appear in every
+/// prefix reconstruction from their own on. [`Nesting::NONE`]: one group, `[rows, d_in]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Nesting<'a> {
+    /// Exclusive ends of the prefixes before the whole dictionary, ascending.
+    pub ends: &'a [usize],
+}
+
+impl Nesting<'_> {
+    pub const NONE: Nesting<'static> = Nesting { ends: &[] };
+
+    pub fn groups(&self) -> usize {
+        self.ends.len() + 1
+    }
+
+    #[inline]
+    pub fn group(&self, latent: usize) -> usize {
+        self.ends.partition_point(|&e| e <= latent)
+    }
+
+    /// Where the output-gradient row for batch row `b` and `latent` starts.
+    #[inline]
+    fn offset(&self, b: usize, latent: usize, d_in: usize) -> usize {
+        (b * self.groups() + self.group(latent)) * d_in
+    }
+}
+
+/// `dot(g[row(p), group(latent[p])], w_dec[latent[p]])` for every pair: the gradient reaching
+/// each activation.
+pub fn pair_dots(
+    active: &Active,
+    g: &[f32],
+    w_dec: &[f32],
+    d_in: usize,
+    nesting: Nesting,
+) -> Vec<f32> {
     let mut out = vec![0f32; active.len()];
     // Split the output by rows so each task owns a contiguous range.
     let mut rest = out.as_mut_slice();
@@ -274,17 +310,18 @@ pub fn pair_dots(active: &Active, g: &[f32], w_dec: &[f32], d_in: usize) -> Vec<
         rest = tail;
     }
     pieces.into_par_iter().for_each(|(b, o)| {
-        let g_row = &g[b * d_in..][..d_in];
         let (latents, _) = active.row(b);
         for (o, &j) in o.iter_mut().zip(latents) {
-            *o = dot(g_row, &w_dec[j as usize * d_in..][..d_in]);
+            let j = j as usize;
+            let g_row = &g[nesting.offset(b, j, d_in)..][..d_in];
+            *o = dot(g_row, &w_dec[j * d_in..][..d_in]);
         }
     });
     out
 }
 
 /// The per-latent gradients of one [`Active`] set, accumulated (`+=`) into the outputs:
-/// - `g_w_dec[j] += Σ value[p] · g_out[row(p)]` (decoder rows),
+/// - `g_w_dec[j] += Σ value[p] · g_out[row(p), group(j)]` (decoder rows),
 /// - `g_w_enc_t[j] += Σ g_pre[p] · x_in[row(p)]` (encoder columns, stored as rows),
 /// - `g_b_enc[j] += Σ g_pre[p]`.
 ///
@@ -294,6 +331,7 @@ pub fn accumulate_latent_grads(
     active: &Active,
     by_latent: &ByLatent,
     g_out: &[f32],
+    nesting: Nesting,
     g_pre: &[f32],
     x_in: &[f32],
     d_in: usize,
@@ -310,7 +348,11 @@ pub fn accumulate_latent_grads(
             for e in by_latent.start[j]..by_latent.start[j + 1] {
                 let p = by_latent.pair[e] as usize;
                 let b = by_latent.row[e] as usize;
-                axpy(active.value[p], &g_out[b * d_in..][..d_in], gd);
+                axpy(
+                    active.value[p],
+                    &g_out[nesting.offset(b, j, d_in)..][..d_in],
+                    gd,
+                );
                 axpy(g_pre[p], &x_in[b * d_in..][..d_in], ge);
                 *gb += g_pre[p];
             }
@@ -349,8 +391,14 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 
 /// Column sums of a row-major `[rows, cols]` matrix, in f64.
 pub fn column_sums(x: &[f32], cols: usize) -> Vec<f64> {
+    column_sums_of_rows(x, cols, 1)
+}
+
+/// Column sums of rows `0, stride, 2·stride, …` of a row-major matrix, in f64 (group 0 of
+/// a [`Nesting`]'s `[rows, groups, d_in]` gradient).
+pub fn column_sums_of_rows(x: &[f32], cols: usize, stride: usize) -> Vec<f64> {
     let mut out = vec![0f64; cols];
-    for row in x.chunks_exact(cols) {
+    for row in x.chunks_exact(cols).step_by(stride) {
         for (o, &v) in out.iter_mut().zip(row) {
             *o += f64::from(v);
         }
@@ -502,7 +550,7 @@ mod tests {
         // Gradients against their dense definitions.
         let g = values(rows * d_in, 5);
         let x = values(rows * d_in, 6);
-        let dots = pair_dots(&active, &g, &w_dec, d_in);
+        let dots = pair_dots(&active, &g, &w_dec, d_in, Nesting::NONE);
         let g_acts_dense = naive_matmul(&g, &transpose(&w_dec, d_sae, d_in), rows, d_in, d_sae);
         for b in 0..rows {
             let r = active.row_start[b]..active.row_start[b + 1];
@@ -518,6 +566,7 @@ mod tests {
             &active,
             &active.by_latent(d_sae),
             &g,
+            Nesting::NONE,
             &dots,
             &x,
             d_in,

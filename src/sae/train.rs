@@ -187,6 +187,12 @@ pub struct TrainConfig {
     pub decoder_init_norm: f32,
     pub b_dec_init: BDecInit,
     pub seed: u64,
+    /// Matryoshka prefixes (topk, batchtopk): the sizes of the nested dictionaries before
+    /// the whole one, ascending. Each prefix must reconstruct the input alone, which pulls
+    /// general features into the first latents instead of splitting them (Bussmann et al.
+    /// 2025). Empty: a plain SAE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matryoshka: Vec<usize>,
 }
 
 impl TrainConfig {
@@ -215,6 +221,7 @@ impl TrainConfig {
             decoder_init_norm,
             b_dec_init: BDecInit::GeometricMedian,
             seed: 0,
+            matryoshka: Vec::new(),
         }
     }
 
@@ -252,6 +259,37 @@ impl TrainConfig {
                 k.to_string(),
                 &format!("must be between 1 and d_sae ({})", self.d_sae),
             );
+        }
+        if !self.matryoshka.is_empty() {
+            let sizes = || {
+                self.matryoshka
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            if self.architecture.top_k().is_none() {
+                return bad(
+                    "matryoshka prefixes",
+                    sizes(),
+                    "nest a topk or batchtopk SAE",
+                );
+            }
+            let ascending = self.matryoshka.windows(2).all(|w| w[0] < w[1]);
+            let inside = self
+                .matryoshka
+                .iter()
+                .all(|&m| (1..self.d_sae).contains(&m));
+            if !(ascending && inside) {
+                return bad(
+                    "matryoshka prefixes",
+                    sizes(),
+                    &format!(
+                        "must be ascending sizes between 1 and d_sae ({}), exclusive",
+                        self.d_sae
+                    ),
+                );
+            }
         }
         if let TrainArchitecture::JumpRelu {
             bandwidth,
@@ -490,7 +528,7 @@ impl SaeTrainer {
         Ok(StepMetrics {
             step: self.step,
             tokens: self.tokens,
-            loss: pass.mse + pass.auxiliary_loss,
+            loss: pass.mse + pass.prefix_mse + pass.auxiliary_loss,
             mse: pass.mse,
             fvu: pass.fvu,
             l0: pass.l0,
@@ -588,7 +626,10 @@ impl SaeTrainer {
         };
 
         // Decode, reconstruction error, its gradient g_e = 2e/B.
-        let dense = active.len() * 16 > rows * d_sae;
+        let nesting = cpu::Nesting {
+            ends: &config.matryoshka,
+        };
+        let dense = nesting.groups() == 1 && active.len() * 16 > rows * d_sae;
         x_hat.resize(rows * d_in, 0.0);
         if dense {
             scatter_values(&active, &active.value, d_sae, pre);
@@ -613,6 +654,15 @@ impl SaeTrainer {
         let mse = sq_error / rows as f64;
         let scale = 2.0 / rows as f32;
         g_e.par_iter_mut().for_each(|g| *g *= scale);
+        // Matryoshka: what reaches each group's latents, and the prefixes' own error.
+        let (nested, prefix_sq_error) = if nesting.groups() > 1 {
+            let (g, sq) =
+                nested_output_grads(&active, nesting, &w_dec_p.value, &b_dec_p.value, x, scale);
+            (Some(g), sq)
+        } else {
+            (None, 0.0)
+        };
+        let g_out = nested.as_deref().unwrap_or(&g_e);
 
         // Gradient reaching each active latent's activation.
         let w_dec = &w_dec_p.value;
@@ -626,7 +676,7 @@ impl SaeTrainer {
             );
             gather_pairs(&active, dense_grad, d_sae)
         } else {
-            cpu::pair_dots(&active, &g_e, w_dec, d_in)
+            cpu::pair_dots(&active, g_out, w_dec, d_in, nesting)
         };
 
         // Sparsity penalties.
@@ -695,7 +745,8 @@ impl SaeTrainer {
             cpu::accumulate_latent_grads(
                 &active,
                 &active.by_latent(d_sae),
-                &g_e,
+                g_out,
+                nesting,
                 &g_pre,
                 x_in,
                 d_in,
@@ -741,11 +792,12 @@ impl SaeTrainer {
                 auxiliary_loss = f64::from(aux_scale) * cpu::sum_squares(&e_aux) / rows as f64;
                 let s = aux_scale * 2.0 / rows as f32;
                 e_aux.par_iter_mut().for_each(|v| *v *= s);
-                let g_aux = cpu::pair_dots(aux, &e_aux, &w_dec_p.value, d_in);
+                let g_aux = cpu::pair_dots(aux, &e_aux, &w_dec_p.value, d_in, cpu::Nesting::NONE);
                 cpu::accumulate_latent_grads(
                     aux,
                     &aux.by_latent(d_sae),
                     &e_aux,
+                    cpu::Nesting::NONE,
                     &g_aux,
                     x_in,
                     d_in,
@@ -756,11 +808,13 @@ impl SaeTrainer {
             }
         }
 
-        // b_dec: directly through the output, and through the encoder input x − b_dec.
-        let mut g_b_dec: Vec<f32> = cpu::column_sums(&g_e, d_in)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
+        // b_dec: directly through the output (every prefix's, when nested: group 0's
+        // gradient rows sum them), and through the encoder input x − b_dec.
+        let direct = match &nested {
+            Some(g) => cpu::column_sums_of_rows(g, d_in, nesting.groups()),
+            None => cpu::column_sums(&g_e, d_in),
+        };
+        let mut g_b_dec: Vec<f32> = direct.into_iter().map(|v| v as f32).collect();
         let mut through_encoder = vec![0f32; d_in];
         cpu::matmul(
             MatRef::new(&b_enc_p.grad, 1, d_sae),
@@ -781,6 +835,7 @@ impl SaeTrainer {
         Ok(Pass {
             rows,
             mse,
+            prefix_mse: prefix_sq_error / rows as f64,
             fvu: sq_error / total_variance.max(f64::MIN_POSITIVE),
             l0,
             auxiliary_loss,
@@ -945,6 +1000,8 @@ impl SaeTrainer {
 struct Pass {
     rows: usize,
     mse: f64,
+    /// Matryoshka: the prefixes' reconstruction error, `Σ_prefix ‖e‖² / B`.
+    prefix_mse: f64,
     fvu: f64,
     l0: f64,
     auxiliary_loss: f64,
@@ -1038,6 +1095,55 @@ fn remove_parallel_component(g: &mut [f32], w: &[f32], d: usize) {
 }
 
 /// Overwrites `out` (`[rows, d_sae]`) with one value per active pair, zeros elsewhere.
+/// Matryoshka's output gradients, `[rows, groups, d_in]`: group `h`'s latents appear in the
+/// reconstruction of every prefix `g ≥ h`, so theirs is `Σ_{g ≥ h} scale · (x̂_g − x)`, with
+/// `x̂_g` decoded from the latents of groups `0..=g`. Also returns the squared error of the
+/// prefixes short of the whole dictionary, `Σ_{g < last} ‖x̂_g − x‖²`.
+fn nested_output_grads(
+    active: &Active,
+    nesting: cpu::Nesting,
+    w_dec: &[f32],
+    b_dec: &[f32],
+    x: &[f32],
+    scale: f32,
+) -> (Vec<f32>, f64) {
+    let d_in = b_dec.len();
+    let groups = nesting.groups();
+    let mut out = vec![0f32; active.rows() * groups * d_in];
+    let prefix_sq_error = out
+        .par_chunks_mut(groups * d_in)
+        .zip(x.par_chunks(d_in))
+        .enumerate()
+        .map(|(b, (out, x))| {
+            let (latents, values) = active.row(b);
+            // Residual of each prefix: x̂_g − x.
+            let mut residual: Vec<f32> = b_dec.iter().zip(x).map(|(&c, &x)| c - x).collect();
+            let mut sq_error = 0f64;
+            for (g, slot) in out.chunks_exact_mut(d_in).enumerate() {
+                for (&j, &v) in latents.iter().zip(values) {
+                    if nesting.group(j as usize) == g {
+                        cpu::axpy(v, &w_dec[j as usize * d_in..][..d_in], &mut residual);
+                    }
+                }
+                if g + 1 < groups {
+                    sq_error += cpu::sum_squares(&residual);
+                }
+                slot.copy_from_slice(&residual);
+            }
+            // Suffix sums, scaled: slot h ← scale · Σ_{g ≥ h} residual_g.
+            let mut acc = vec![0f32; d_in];
+            for slot in out.chunks_exact_mut(d_in).rev() {
+                for (a, s) in acc.iter_mut().zip(slot.iter_mut()) {
+                    *a += scale * *s;
+                    *s = *a;
+                }
+            }
+            sq_error
+        })
+        .sum();
+    (out, prefix_sq_error)
+}
+
 fn scatter_values(active: &Active, values: &[f32], d_sae: usize, out: &mut [f32]) {
     out.par_chunks_mut(d_sae).enumerate().for_each(|(b, row)| {
         row.fill(0.0);
@@ -1185,6 +1291,23 @@ mod tests {
         let x_hat = acts.matmul(&w_dec).unwrap().broadcast_add(&b_dec).unwrap();
         let n = rows as f64;
         let mut loss = ((&x_hat - &x).unwrap().sqr().unwrap().sum_all().unwrap() / n).unwrap();
+        // Matryoshka: each prefix reconstructs on its own too.
+        for &m in &t.config.matryoshka {
+            let prefix_hat = acts
+                .narrow(1, 0, m)
+                .unwrap()
+                .matmul(&w_dec.narrow(0, 0, m).unwrap())
+                .unwrap()
+                .broadcast_add(&b_dec)
+                .unwrap();
+            let prefix = (&prefix_hat - &x)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            loss = (loss + (prefix / n).unwrap()).unwrap();
+        }
         if let Some(lambda) = l1 {
             let norms = w_dec.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
             let penalty = acts
@@ -1301,6 +1424,57 @@ mod tests {
         let x = random(rows * d_in, 7, 1.0);
         let mask = top_k_mask(&pre_activations(&t, &x), k, &vec![true; d_sae]);
         check_gradients(t, &x, &mask, None, None);
+    }
+
+    #[test]
+    fn matryoshka_gradients_match_autograd() {
+        let (d_in, d_sae, rows, k) = (12, 40, 9, 5);
+        let mut t = trainer(
+            TrainArchitecture::TopK {
+                k,
+                aux_k: 0,
+                aux_coefficient: 0.0,
+            },
+            d_in,
+            d_sae,
+        );
+        // Latent 3 is the last of the first prefix, 4 the first of the second.
+        t.config.matryoshka = vec![4, 15];
+        let x = random(rows * d_in, 7, 1.0);
+        let pre = pre_activations(&t, &x);
+        let mask = top_k_mask(&pre, k, &vec![true; d_sae]);
+        let groups: std::collections::BTreeSet<usize> = mask
+            .chunks(d_sae)
+            .flat_map(|row| (0..d_sae).filter(|&j| row[j] > 0.0))
+            .map(|j| cpu::Nesting { ends: &[4, 15] }.group(j))
+            .collect();
+        assert_eq!(groups.len(), 3, "the batch uses every group");
+        check_gradients(t, &x, &mask, None, None);
+    }
+
+    #[test]
+    fn matryoshka_prefixes_are_checked() {
+        let mut config = TrainConfig::new(
+            TrainArchitecture::TopK {
+                k: 4,
+                aux_k: 0,
+                aux_coefficient: 0.0,
+            },
+            8,
+            32,
+        );
+        for bad in [vec![16, 8], vec![0, 8], vec![8, 32]] {
+            config.matryoshka = bad.clone();
+            let e = config.validate().unwrap_err().to_string();
+            assert!(e.contains("matryoshka") && e.contains("32"), "{bad:?}: {e}");
+        }
+        config.matryoshka = vec![8, 16];
+        config.validate().unwrap();
+        config.architecture = TrainArchitecture::Standard {
+            l1_coefficient: 1.0,
+        };
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("topk"), "{e}");
     }
 
     #[test]
