@@ -236,7 +236,10 @@ pub fn pick_folder(title: &str) -> Option<PathBuf> {
 
 impl eframe::App for App {
     fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
-        let thread_cpu = screenshots::thread_cpu_time();
+        let thread_cpu = self
+            .screenshots
+            .as_ref()
+            .and_then(|_| screenshots::thread_cpu_time());
         self.ui(ctx);
         let busy = self.busy();
         let starting = self.starting();
