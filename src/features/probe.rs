@@ -84,8 +84,6 @@ impl RowSample {
 
 /// One fitted probe per concept, with each one's detection threshold on its logit.
 pub struct LinearProbes {
-    d: usize,
-    concepts: usize,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
     /// `[concepts, d]`, on standardised inputs.
@@ -119,8 +117,6 @@ impl LinearProbes {
             .collect();
         let mean: Vec<f32> = mean.iter().map(|&m| (m / rows) as f32).collect();
         let mut probes = Self {
-            d,
-            concepts,
             mean,
             inv_std,
             weight: vec![0.0; concepts * d],
@@ -183,20 +179,25 @@ impl LinearProbes {
     }
 
     pub fn concepts(&self) -> usize {
-        self.concepts
+        self.bias.len()
+    }
+
+    /// Width of the rows the probes read.
+    fn d(&self) -> usize {
+        self.mean.len()
     }
 
     /// `[rows, concepts]` logits of raw rows (`[rows, d]`).
     pub fn logits(&self, rows: &[f32]) -> Vec<f32> {
         let x = self.standardise(rows);
-        let mut out = vec![0f32; x.len() / self.d.max(1) * self.concepts];
+        let mut out = vec![0f32; x.len() / self.d().max(1) * self.concepts()];
         self.logits_of_standardised(&x, &mut out);
         out
     }
 
     fn standardise(&self, rows: &[f32]) -> Vec<f32> {
         let mut x = rows.to_vec();
-        for row in x.chunks_exact_mut(self.d) {
+        for row in x.chunks_exact_mut(self.d()) {
             for ((v, &m), &s) in row.iter_mut().zip(&self.mean).zip(&self.inv_std) {
                 *v = (*v - m) * s;
             }
@@ -205,14 +206,15 @@ impl LinearProbes {
     }
 
     fn logits_of_standardised(&self, x: &[f32], out: &mut [f32]) {
-        let n = x.len() / self.d.max(1);
+        let (d, concepts) = (self.d(), self.concepts());
+        let n = x.len() / d.max(1);
         cpu::matmul(
-            MatRef::new(x, n, self.d),
-            MatRef::new(&self.weight, self.concepts, self.d).t(),
+            MatRef::new(x, n, d),
+            MatRef::new(&self.weight, concepts, d).t(),
             out,
             false,
         );
-        for row in out.chunks_exact_mut(self.concepts) {
+        for row in out.chunks_exact_mut(concepts) {
             for (v, &b) in row.iter_mut().zip(&self.bias) {
                 *v += b;
             }

@@ -384,7 +384,8 @@ pub fn score(
         },
         |t| on_progress("selection split", t),
     )?;
-    let probes = settings.probes.then(|| {
+    // (No rows, no probes: a split of zero tokens has nothing to fit.)
+    let probes = (settings.probes && !sample.is_empty()).then(|| {
         on_progress("fitting the dense probes after", selection.tokens);
         LinearProbes::fit(&sample, &ProbeSettings::default())
     });
@@ -474,8 +475,8 @@ struct Splits<'a> {
 
 impl Splits<'_> {
     /// Generates the split with `seed`, runs the model and SAE over it, and calls `visit`
-    /// with each batch's codes, its activations (`[token, d_in]`) and the concept flags of
-    /// its tokens (`[token][concept]`).
+    /// with each batch's codes, its activations (`[token, d_in]`; empty when no probes are
+    /// fitted) and the concept flags of its tokens (`[token][concept]`).
     fn for_each_batch(
         &self,
         seed: u64,
@@ -518,8 +519,10 @@ impl Splits<'_> {
             Box::new(ids.into_iter().map(Ok)),
             0,
             None,
-        )?
-        .keep_inputs();
+        )?;
+        if self.settings.probes {
+            coder = coder.keep_inputs();
+        }
         while let Some(batch) = coder.next_batch()? {
             let flags: Vec<Vec<bool>> = batch
                 .addresses()
