@@ -409,6 +409,7 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
     // A random two-layer model's keys are dense: a small λ lets two facts through.
     let memit = MemitSettings {
         covariance_weight: 1.0,
+        ..MemitSettings::default()
     };
     // Prompt-last: a two-layer model has no later layer to carry a subject key's value to
     // the last token.
@@ -475,6 +476,7 @@ fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
         &RomeSettings::default(),
         &MemitSettings {
             covariance_weight: 1.0,
+            ..MemitSettings::default()
         },
         |_| {},
     )
@@ -510,6 +512,82 @@ fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
             r.subject
         );
     }
+}
+
+/// Layer `layer`'s MLP output at every token of `prompt`.
+fn mlp_outputs(model: &Model, prompt: &str, layer: usize) -> Vec<Vec<f32>> {
+    let ids = model.encode_prompt(prompt).unwrap();
+    let out = model
+        .forward(
+            &model.ids_tensor(&ids).unwrap(),
+            &Hooks::new().capture([HookPoint::MlpOut(layer)]),
+        )
+        .unwrap();
+    out.cache
+        .get(HookPoint::MlpOut(layer))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn a_guarded_memit_batch_leaves_the_edit_prompts_other_tokens_alone() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let layer = 0usize;
+    let cov = key_covariance(&model, layer, &corpus, 600, None, |_| {}).unwrap();
+    let requests = river_and_sun_facts();
+    let contexts = vec!["{}".to_string(), "The day was long. {}".to_string()];
+    // The largest change the batch makes to the MLP output at a token other than the
+    // subject's last, over both edit prompts, relative to the largest change at it.
+    let spill = |guard: bool| -> f64 {
+        let mut edited = model.clone();
+        let edit = compute_batch(
+            &mut edited,
+            &requests,
+            &[layer],
+            KeyPosition::SubjectLast,
+            &[&cov],
+            &contexts,
+            &RomeSettings::default(),
+            &MemitSettings {
+                covariance_weight: 1.0,
+                guard_prompt_tokens: guard,
+            },
+            |_| {},
+        )
+        .unwrap();
+        apply_memit(&mut edited, &requests, &[layer], edit.deltas);
+        let (mut other, mut at_key) = (0f64, 0f64);
+        for r in &requests {
+            let text = r.text();
+            let (ids, span) = monoscope::causal::locate_subject(&model, &text, &r.subject).unwrap();
+            let before = mlp_outputs(&model, &text, layer);
+            let after = mlp_outputs(&edited, &text, layer);
+            assert_eq!(before.len(), ids.len());
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                let change = b
+                    .iter()
+                    .zip(a)
+                    .map(|(x, y)| f64::from(x - y).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                if i == span.end - 1 {
+                    at_key = at_key.max(change);
+                } else {
+                    other = other.max(change);
+                }
+            }
+        }
+        assert!(at_key > 0.0);
+        other / at_key
+    };
+    let (guarded, unguarded) = (spill(true), spill(false));
+    assert!(guarded < 1e-3, "guarded spill {guarded}");
+    assert!(unguarded > 10.0 * guarded, "{unguarded} vs {guarded}");
 }
 
 #[test]
@@ -706,6 +784,84 @@ fn edits_stack_across_runs_and_undo_restores_the_bundled_weights_exactly() {
         assert_eq!(bits(&raw(t)), bits(&raw(&restored[name])), "{name}");
     }
     assert_eq!(open_edits(&d).unwrap().unwrap().edits.len(), 0);
+}
+
+#[test]
+fn a_second_phrasing_carries_the_edit_to_its_word_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats");
+    let edit = |also: &[&str]| {
+        let mut args = vec![
+            "edit",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Yokohama",
+            "--layer",
+            "0",
+            "--key",
+            "subject-last",
+            "--stats-tokens",
+            "3000",
+            "--stats-dir",
+            stats.to_str().unwrap(),
+            "--neighbours",
+            "2",
+            "--json",
+        ];
+        for a in also {
+            args.extend(["--also-prompt", a]);
+        }
+        let (ok, stdout, stderr) = monoscope(&args);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    // Teacher-forced NLL of the new answer, after the edit, on the held-out paraphrases that
+    // put the subject first ("Officially, Japan's capital city is"); the added phrasing is
+    // not among them.
+    let nll_after = |report: &serde_json::Value| -> Vec<f64> {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["kind"] == "paraphrase" && c["prompt"].as_str().unwrap().contains("'s capital")
+            })
+            .map(|c| c["after"]["nll_wanted"].as_f64().unwrap())
+            .collect()
+    };
+    let one = edit(&[]);
+    let two = edit(&["{}'s capital is"]);
+    assert_eq!(two["requests"].as_array().unwrap().len(), 2);
+    assert_eq!(two["requests"][1]["prompt"], "{}'s capital is");
+    let history = two["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "one edit, both phrasings");
+    assert_eq!(history[0]["requests"].as_array().unwrap().len(), 2);
+    let (a, b) = (nll_after(&one), nll_after(&two));
+    assert!(!a.is_empty());
+    assert_eq!(a.len(), b.len());
+    for (one, two) in a.iter().zip(&b) {
+        assert!(
+            two < one,
+            "NLL of \" Yokohama\": one phrasing {one}, two {two}"
+        );
+    }
+    // A phrasing without the subject's slot is refused, naming it.
+    let (ok, _, stderr) = monoscope(&[
+        "edit",
+        "--prompt",
+        "The capital of {} is",
+        "--also-prompt",
+        "Its capital is",
+        "--subject",
+        "Japan",
+        "--target",
+        " Yokohama",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("Its capital is"), "{stderr}");
 }
 
 #[test]

@@ -131,6 +131,11 @@ struct RunArgs {
     /// The new answer: " Yokohama".
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     target: Option<String>,
+    /// Another phrasing of the same fact, `{}` where the subject goes ("{}'s capital is"),
+    /// keyed on its own: ROME writes one more rank-one update for it, on the model the
+    /// earlier ones edited. Repeatable. Checks stay on --prompt.
+    #[arg(long, value_name = "PROMPT", conflicts_with = "batch")]
+    also_prompt: Vec<String>,
     /// MEMIT: many facts at once, one {"prompt", "subject", "target"} JSON object per line.
     #[arg(long, value_name = "FILE.jsonl")]
     batch: Option<PathBuf>,
@@ -256,6 +261,7 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("edit needs --prompt, --subject and --target, or --batch FILE.jsonl"),
     };
+    let phrasings = with_phrasings(&requests[0], &args.also_prompt)?;
     let kb = KnowledgeBase::bundled()?;
     let first = &requests[0];
     let choice = locate_request(&model, &kb, first, args.layer, args.key)?;
@@ -285,8 +291,15 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
 
     let start = Instant::now();
     let (method, ridge, nll_before, nll_after, applied) = if args.batch.is_none() {
-        let (edit, applied) = editor.rome(&model, first, &choice)?;
-        ("rome", edit.ridge, edit.nll_before, edit.nll_after, applied)
+        let (edits, applied) = editor.rome(&model, &phrasings, &choice)?;
+        let ridge = edits.iter().map(|e| e.ridge).fold(0.0, f64::max);
+        (
+            "rome",
+            ridge,
+            edits[0].nll_before,
+            edits[0].nll_after,
+            applied,
+        )
     } else {
         let (edit, applied) = editor.memit(&mut model, &requests, &layers, choice.key, |m| {
             eprintln!("MEMIT: {m}")
@@ -306,7 +319,11 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     }
     let report = EditReport {
         method,
-        requests,
+        requests: if args.batch.is_none() {
+            phrasings
+        } else {
+            requests
+        },
         layers,
         key: choice,
         ridge,
@@ -331,6 +348,21 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     }
     print_report(&report);
     Ok(())
+}
+
+/// `request` and the same fact in each of `also` (templates with `{}` for the subject).
+fn with_phrasings(request: &Request, also: &[String]) -> anyhow::Result<Vec<Request>> {
+    let mut phrasings = vec![request.clone()];
+    for prompt in also {
+        let r = Request {
+            prompt: prompt.clone(),
+            ..request.clone()
+        };
+        r.validate()
+            .map_err(|m| anyhow::anyhow!("--also-prompt {prompt:?}: {m}"))?;
+        phrasings.push(r);
+    }
+    Ok(phrasings)
 }
 
 #[derive(Args)]
@@ -518,6 +550,26 @@ fn print_report(r: &EditReport) {
             println!("{:>10}: {ok}/{n} top-1 as wanted", kind.name());
         }
     }
+    // A neighbour the model got wrong before the edit still counts as kept when its answer
+    // did not move (the bar: neighbours keep their answers).
+    let neighbours: Vec<_> = r
+        .checks
+        .iter()
+        .filter(|c| c.check.kind == CheckKind::Neighbour)
+        .collect();
+    if !neighbours.is_empty() {
+        let kept = neighbours
+            .iter()
+            .filter(|c| {
+                c.before.top.first().map(|t| &t.token) == c.after.top.first().map(|t| &t.token)
+            })
+            .count();
+        println!(
+            "{:>10}: {kept}/{} neighbours keep their top-1 answer from before the edit",
+            "kept",
+            neighbours.len()
+        );
+    }
     if r.history.len() > 1 {
         println!("\n{} edits in the model now:", r.history.len());
         for e in &r.history {
@@ -550,6 +602,10 @@ struct EvalArgs {
     /// Key token: subject-last (ROME proper), prompt-last, or auto.
     #[arg(long, default_value = "auto")]
     key: KeySelect,
+    /// Another phrasing of every edited fact, `{}` for the country ("{}'s capital is"),
+    /// keyed on its own (one more ROME update per phrasing). Repeatable; ROME only.
+    #[arg(long, value_name = "PROMPT", conflicts_with = "batch")]
+    also_prompt: Vec<String>,
     /// MEMIT: edit this many facts at once (0: one ROME edit at a time).
     #[arg(long, default_value_t = 0)]
     batch: usize,
@@ -639,7 +695,8 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             *keys_used
                 .entry(format!("{} L{}", choice.key.name(), choice.layer))
                 .or_insert(0) += 1;
-            let (_, applied) = editor.rome(&model, &requests[0], &choice)?;
+            let phrasings = with_phrasings(&requests[0], &args.also_prompt)?;
+            let (_, applied) = editor.rome(&model, &phrasings, &choice)?;
             edit_seconds += start.elapsed().as_secs_f64();
             history.apply(&mut model, applied)?;
         } else {

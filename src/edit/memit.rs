@@ -15,20 +15,27 @@ use super::history::LayerDelta;
 use super::rome::{
     KeyPosition, Request, RomeSettings, mean_key, optimise_value, solve_spd, value_at,
 };
+use crate::causal::locate_subject;
 use crate::error::{Error, Result};
-use crate::model::{HookPoint, Model};
+use crate::model::{HookPoint, Hooks, Model};
 
 /// MEMIT's knobs beyond ROME's v* settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemitSettings {
     /// λ, the weight of the preserved key statistics against the new keys.
     pub covariance_weight: f64,
+    /// Hold the keys of the edit prompts' other tokens ("The", " capital", " of", " is")
+    /// where they are: the update must map them to no change. λC keeps keys in general;
+    /// these are the ones every fact of a batch shares, where fifty residuals would
+    /// otherwise add up.
+    pub guard_prompt_tokens: bool,
 }
 
 impl Default for MemitSettings {
     fn default() -> Self {
         Self {
             covariance_weight: 15_000.0,
+            guard_prompt_tokens: true,
         }
     }
 }
@@ -177,6 +184,43 @@ fn residuals_at_plain_keys(
     Ok(out)
 }
 
+/// The keys at `layer` of every token of `text` but the `key` token of its first
+/// `prompt_len` bytes (the prompt, holding `subject`; the rest is its answer).
+fn other_token_keys(
+    model: &Model,
+    text: &str,
+    subject: &str,
+    layer: usize,
+    key: KeyPosition,
+    prompt_len: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let (ids, span) = locate_subject(model, text, subject)?;
+    let prompt_tokens = model.encode_prompt(&text[..prompt_len])?.len();
+    let skip = key.index(prompt_tokens, &span);
+    let point = HookPoint::MlpPost(layer);
+    let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture([point]))?;
+    let rows = out
+        .cache
+        .require(point)?
+        .get(0)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec2::<f64>()?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, _)| i != skip)
+        .map(|(_, k)| k)
+        .collect())
+}
+
+/// Whether two keys are the same up to float noise (a shared prefix computed in two
+/// sequences), so a batch holds each once and its solve stays non-singular.
+fn same_key(a: &[f64], b: &[f64]) -> bool {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f64 = a.iter().map(|x| x * x).sum();
+    diff <= 1e-8 * norm.max(f64::MIN_POSITIVE)
+}
+
 /// The layer-by-layer updates (applied to `model` as they are made).
 #[allow(clippy::too_many_arguments)]
 fn update_layers(
@@ -218,7 +262,26 @@ fn update_layers(
                     .collect::<Vec<f64>>(),
             );
         }
-        // A = λC + K Kᵀ; X = A⁻¹ K (one column per request).
+        if memit.guard_prompt_tokens {
+            let mut guards: Vec<Vec<f64>> = Vec::new();
+            for (r, (prompt, _)) in requests.iter().zip(&texts) {
+                // The target's own tokens too: they follow the prompt when it is scored.
+                let answered = format!("{prompt}{}", r.target);
+                for g in other_token_keys(model, &answered, &r.subject, layer, key, prompt.len())? {
+                    let taken = |k: &Vec<f64>| same_key(k, &g);
+                    if !guards.iter().any(taken) && !plain_keys.iter().any(taken) {
+                        guards.push(g);
+                    }
+                }
+            }
+            let d_out = resids[0].len();
+            for g in guards {
+                keys.push(g.clone());
+                plain_keys.push(g);
+                resids.push(vec![0.0; d_out]);
+            }
+        }
+        // A = λC + K Kᵀ; X = A⁻¹ K (one column per key).
         let mut a = cov.matrix()?;
         a *= memit.covariance_weight;
         for k in &keys {

@@ -168,7 +168,7 @@ impl KeyPosition {
     }
 
     /// The position in `ids` (a prompt whose subject spans `subject`).
-    fn index(self, ids_len: usize, subject: &std::ops::Range<usize>) -> usize {
+    pub(super) fn index(self, ids_len: usize, subject: &std::ops::Range<usize>) -> usize {
         match self {
             KeyPosition::SubjectLast => subject.end - 1,
             KeyPosition::PromptLast => ids_len - 1,

@@ -413,7 +413,7 @@ impl Edit {
                 anyhow::bail!("cancelled");
             }
             job.set_message("optimising v* and applying the edit");
-            let (_, applied) = editor.rome(&model, &request, &choice)?;
+            let (_, applied) = editor.rome(&model, std::slice::from_ref(&request), &choice)?;
             let mut edited = (*model).clone();
             history.apply(&mut edited, applied)?;
             let after = checks
