@@ -142,8 +142,9 @@ struct RunArgs {
     /// MEMIT's layers, comma-separated (default: the chosen layer and the two before it).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
-    /// MEMIT's λ: the weight of the preserved key statistics (MEMIT used 15,000 for GPT-J;
-    /// on the small bundled model that erases every edit, 100 lets them through).
+    /// MEMIT's λ: the weight of the preserved key statistics, with --residual-at-mean-key
+    /// (MEMIT used 15,000 for GPT-J; on the small bundled model that erases every edit, 100
+    /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
     /// The new answer in Japanese, for the Japanese check (default: the knowledge base's
@@ -612,8 +613,9 @@ struct EvalArgs {
     /// MEMIT's layers, comma-separated (default: the --layer and the two before it).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
-    /// MEMIT's λ: the weight of the preserved key statistics (MEMIT used 15,000 for GPT-J;
-    /// on the small bundled model that erases every edit, 100 lets them through).
+    /// MEMIT's λ: the weight of the preserved key statistics, with --residual-at-mean-key
+    /// (MEMIT used 15,000 for GPT-J; on the small bundled model that erases every edit, 100
+    /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
     /// Neighbourhood prompts per edit.
