@@ -272,7 +272,9 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no layer in {suggestion:?}"));
     assert!(suggestion.contains("subject-last key"), "{suggestion}");
-    // The form opens on Japan → " Yokohama".
+    // The form opens on Japan → " Yokohama"; a second phrasing in the other word order
+    // carries the edit to the paraphrases that put the subject first.
+    replace_text(&mut h, "Also as (optional)", "{}'s capital is");
     h.get_by_label("Apply ROME edit").click();
     wait_for(&mut h, "the edit", |h| {
         !h.state().workbench.history.is_empty()
@@ -303,6 +305,17 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         "{:?}",
         texts_containing(&h, "The capital of Japan is")
     );
+    // 27 of the 28 held-out paraphrases with both phrasings (22 with the prompt alone).
+    let paraphrases = texts_containing(&h, "paraphrase: top-1 ");
+    let moved: usize = paraphrases
+        .first()
+        .and_then(|t| t["paraphrase: top-1 ".len()..].split('/').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no paraphrase count in {paraphrases:?}"));
+    assert!(moved >= 25, "{paraphrases:?}");
+    let requests = &h.state().workbench.history.edits()[0].requests;
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].prompt, "{}'s capital is");
     let edited_layer = h.state().workbench.history.edits()[0].layers[0];
     assert_eq!(
         edited_layer, suggested,

@@ -133,7 +133,8 @@ struct RunArgs {
     target: Option<String>,
     /// Another phrasing of the same fact, `{}` where the subject goes ("{}'s capital is"),
     /// keyed on its own: ROME writes one more rank-one update for it, on the model the
-    /// earlier ones edited. Repeatable. Checks stay on --prompt.
+    /// earlier ones edited, then the prompt's again so that it holds exactly. Repeatable.
+    /// Checks stay on --prompt.
     #[arg(long, value_name = "PROMPT", conflicts_with = "batch")]
     also_prompt: Vec<String>,
     /// MEMIT: many facts at once, one {"prompt", "subject", "target"} JSON object per line.
@@ -294,13 +295,9 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     let (method, ridge, nll_before, nll_after, applied) = if args.batch.is_none() {
         let (edits, applied) = editor.rome(&model, &phrasings, &choice)?;
         let ridge = edits.iter().map(|e| e.ridge).fold(0.0, f64::max);
-        (
-            "rome",
-            ridge,
-            edits[0].nll_before,
-            edits[0].nll_after,
-            applied,
-        )
+        // The edit prompt's last update: what the prompt now holds.
+        let last = edits.last().context("ROME made no update")?;
+        ("rome", ridge, last.nll_before, last.nll_after, applied)
     } else {
         let (edit, applied) = editor.memit(&mut model, &requests, &layers, choice.key, |m| {
             eprintln!("MEMIT: {m}")
@@ -604,7 +601,8 @@ struct EvalArgs {
     #[arg(long, default_value = "auto")]
     key: KeySelect,
     /// Another phrasing of every edited fact, `{}` for the country ("{}'s capital is"),
-    /// keyed on its own (one more ROME update per phrasing). Repeatable; ROME only.
+    /// keyed on its own (one more ROME update per phrasing, then the edit prompt's again).
+    /// Repeatable; ROME only.
     #[arg(long, value_name = "PROMPT", conflicts_with = "batch")]
     also_prompt: Vec<String>,
     /// MEMIT: edit this many facts at once (0: one ROME edit at a time).

@@ -76,13 +76,14 @@ impl Editor {
 
     /// ROME's edit of one fact where `choice` says. `phrasings` are the fact's requests (the
     /// same subject and target), the first being the edit prompt; each further phrasing gets
-    /// its own rank-one update at its own key, computed on the model with the others in
-    /// place (ROME applied once per phrasing; the edit prompt's comes last, so it holds
-    /// exactly, as in a one-phrasing edit). One phrasing is ROME proper. More help
+    /// its own rank-one update at its own key, computed on the model with the earlier ones in
+    /// place. The edit prompt is written first and, after the others, once more, so that it
+    /// holds exactly as in a one-phrasing edit (written only last, its answer's later tokens
+    /// suffered: "Yokohama" came out "Yhilippines"). One phrasing is ROME proper. More help
     /// where the subject's key depends on the word order around it: on the bundled model an
     /// edit through "The capital of {} is" alone moves 22 of 28 held-out paraphrases, and
     /// with "{}'s capital is" added 27 (BENCHMARKS.md). The history gets one edit whose
-    /// change is the sum of the updates.
+    /// change is the sum of the updates; the returned edits are in the order computed.
     pub fn rome(
         &mut self,
         model: &Model,
@@ -119,8 +120,12 @@ impl Editor {
             .weight()
             .clone();
         let mut total: Vec<f32> = Vec::new();
-        let mut edits = Vec::with_capacity(phrasings.len());
-        for (i, request) in phrasings.iter().rev().enumerate() {
+        let mut order: Vec<&Request> = phrasings.iter().collect();
+        if phrasings.len() > 1 {
+            order.push(first);
+        }
+        let mut edits = Vec::with_capacity(order.len());
+        for (i, request) in order.iter().enumerate() {
             let edit = compute_edit(
                 &edited,
                 request,
@@ -137,7 +142,7 @@ impl Editor {
                     *t += d;
                 }
             }
-            if i + 1 < phrasings.len() {
+            if i + 1 < order.len() {
                 let update = Tensor::from_slice(&total, original.dims(), original.device())?
                     .to_dtype(original.dtype())?;
                 edited.transformer.blocks[choice.layer]
@@ -146,7 +151,6 @@ impl Editor {
             }
             edits.push(edit);
         }
-        edits.reverse();
         let applied = AppliedEdit {
             id: 0,
             method: "rome".into(),

@@ -55,6 +55,8 @@ struct Undone {
 
 pub struct Edit {
     prompt: String,
+    /// Another phrasing of the same fact ("{}'s capital is"); empty: the prompt alone.
+    also_prompt: String,
     subject: String,
     target: String,
     target_ja: String,
@@ -79,6 +81,7 @@ impl Default for Edit {
     fn default() -> Self {
         Self {
             prompt: "The capital of {} is".into(),
+            also_prompt: String::new(),
             subject: "Japan".into(),
             target: " Yokohama".into(),
             target_ja: "横浜".into(),
@@ -198,6 +201,15 @@ impl Edit {
             ui.label("Prompt template")
                 .on_hover_text("{} marks where the subject goes");
             ui.text_edit_singleline(&mut self.prompt);
+            ui.end_row();
+            let label = ui.label("Also as (optional)");
+            ui.text_edit_singleline(&mut self.also_prompt)
+                .labelled_by(label.id)
+                .on_hover_text(
+                    "the same fact in another word order, {} for the subject \
+                     (\"{}'s capital is\"): one more ROME update at its own key, which \
+                     carries the edit to paraphrases in that order",
+                );
             ui.end_row();
             let label = ui.label("Subject");
             ui.text_edit_singleline(&mut self.subject)
@@ -369,6 +381,18 @@ impl Edit {
             .filter(|s| self.auto_layer && s.applies_to(&request, key, wb.model_version))
             .map(|s| s.choice.clone());
         let target_ja = (!self.target_ja.trim().is_empty()).then(|| self.target_ja.clone());
+        let mut phrasings = vec![request.clone()];
+        if !self.also_prompt.trim().is_empty() {
+            let also = Request {
+                prompt: self.also_prompt.clone(),
+                ..request.clone()
+            };
+            if let Err(m) = also.validate() {
+                wb.error(format!("edit, second phrasing: {m}"));
+                return;
+            }
+            phrasings.push(also);
+        }
         self.edit_job = Some(wb.spawn("ROME edit", move |job| {
             let started = Instant::now();
             job.set_message("locating the fact");
@@ -413,7 +437,7 @@ impl Edit {
                 anyhow::bail!("cancelled");
             }
             job.set_message("optimising v* and applying the edit");
-            let (_, applied) = editor.rome(&model, std::slice::from_ref(&request), &choice)?;
+            let (_, applied) = editor.rome(&model, &phrasings, &choice)?;
             let mut edited = (*model).clone();
             history.apply(&mut edited, applied)?;
             let after = checks
