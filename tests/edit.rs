@@ -645,6 +645,7 @@ fn a_world_fact_is_checked_on_held_out_paraphrases_neighbours_and_japanese() {
         " Seoul",
         Some("ソウル"),
         12,
+        &[],
     );
     let of = |k: CheckKind| checks.iter().filter(|c| c.kind == k).collect::<Vec<_>>();
     assert_eq!(of(CheckKind::Edit).len(), 1);
@@ -669,11 +670,33 @@ fn a_world_fact_is_checked_on_held_out_paraphrases_neighbours_and_japanese() {
     assert_eq!(ja[0].rival.as_deref(), Some("東京"));
     let neighbours = of(CheckKind::Neighbour);
     assert_eq!(neighbours.len(), 12);
-    for n in neighbours {
+    for n in &neighbours {
         assert!(!n.prompt.contains("Japan"));
         assert!(n.wanted != " Seoul" && n.wanted != " Tokyo");
         assert_eq!(n.rival.as_deref(), Some(" Seoul"));
     }
+    // A country edited in the same batch is no neighbour: another takes its place.
+    let first = &neighbours[0].prompt;
+    let batch_mate = kb
+        .countries
+        .iter()
+        .position(|c| first == &format!("The capital of {} is", c.name.en))
+        .unwrap();
+    let without = world_checks(
+        &kb,
+        fact,
+        "The capital of Japan is",
+        " Seoul",
+        Some("ソウル"),
+        12,
+        &[batch_mate],
+    );
+    let others: Vec<_> = without
+        .iter()
+        .filter(|c| c.kind == CheckKind::Neighbour)
+        .collect();
+    assert_eq!(others.len(), 12);
+    assert!(others.iter().all(|c| &c.prompt != first), "{first}");
 }
 
 /// Runs the binary; returns (success, stdout, stderr).

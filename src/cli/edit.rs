@@ -148,6 +148,10 @@ struct RunArgs {
     /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
+    /// MEMIT: let the update move the keys of the edit prompts' other tokens and answers
+    /// (by default they join the solve with a zero residual).
+    #[arg(long)]
+    no_token_guard: bool,
     /// The new answer in Japanese, for the Japanese check (default: the knowledge base's
     /// Japanese name of the target, when it has one).
     #[arg(long)]
@@ -281,10 +285,11 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     );
     let mut editor = args.stats.editor(&model)?;
     editor.memit.covariance_weight = args.covariance_weight;
+    editor.memit.guard_prompt_tokens = !args.no_token_guard;
     prepare_stats(&mut editor, &model, &layers)?;
     let mut checks = Vec::new();
     for r in &requests {
-        checks.extend(build_checks(args, &kb, r)?);
+        checks.extend(build_checks(args, &kb, r, &requests)?);
     }
     let before = checks
         .iter()
@@ -443,8 +448,15 @@ fn build_checks(
     args: &RunArgs,
     kb: &KnowledgeBase,
     request: &Request,
+    batch: &[Request],
 ) -> anyhow::Result<Vec<Check>> {
-    let mut checks = request_checks(kb, request, args.target_ja.as_deref(), args.neighbours);
+    let mut checks = request_checks(
+        kb,
+        request,
+        args.target_ja.as_deref(),
+        args.neighbours,
+        batch,
+    );
     if let Some(path) = &args.paraphrases {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading paraphrases {}", path.display()))?;
@@ -616,6 +628,10 @@ struct EvalArgs {
     /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
+    /// MEMIT: let the update move the keys of the edit prompts' other tokens and answers
+    /// (by default they join the solve with a zero residual).
+    #[arg(long)]
+    no_token_guard: bool,
     /// Neighbourhood prompts per edit.
     #[arg(long, default_value_t = 10)]
     neighbours: usize,
@@ -644,6 +660,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let cases = capital_swaps(&kb, args.edits, args.seed)?;
     let mut editor = args.stats.editor(&model)?;
     editor.memit.covariance_weight = args.covariance_weight;
+    editor.memit.guard_prompt_tokens = !args.no_token_guard;
     let sigma = subject_embedding_std(&model, &kb.subject_names())?;
     install_ctrl_c("stopping after this edit");
     let bar = progress_bar(
@@ -665,9 +682,11 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         if CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
+        // A batch's own countries are no neighbours of its facts.
+        let edited: Vec<usize> = group.iter().map(|c| c.country).collect();
         let checks: Vec<_> = group
             .iter()
-            .map(|c| c.checks(&kb, args.neighbours))
+            .map(|c| c.checks(&kb, args.neighbours, &edited))
             .collect();
         let before = group
             .iter()

@@ -70,8 +70,9 @@ pub fn capital_swaps(kb: &KnowledgeBase, n: usize, seed: u64) -> Result<Vec<Coun
 }
 
 impl Counterfact {
-    /// The checks of this edit: edit prompt, held-out paraphrases, Japanese, `neighbours`.
-    pub fn checks(&self, kb: &KnowledgeBase, neighbours: usize) -> Vec<Check> {
+    /// The checks of this edit: edit prompt, held-out paraphrases, Japanese, `neighbours`
+    /// (none of them a country in `edited`, the countries edited in the same batch).
+    pub fn checks(&self, kb: &KnowledgeBase, neighbours: usize, edited: &[usize]) -> Vec<Check> {
         let fact = WorldFact {
             country: self.country,
             relation: Relation::Capital,
@@ -83,6 +84,7 @@ impl Counterfact {
             &self.request.target,
             Some(&self.new_ja),
             neighbours,
+            edited,
         )
     }
 }

@@ -99,7 +99,8 @@ pub fn japanese_name(kb: &KnowledgeBase, english: &str) -> Option<String> {
 
 /// The checks of an edit of `fact` to `new_en` (and `new_ja` in Japanese, when known):
 /// the edit prompt, the held-out paraphrases, `neighbours` other countries (evenly spread,
-/// skipping those whose answer is the new target) and the Japanese form.
+/// skipping those whose answer is the new target and the countries in `edited`, whose
+/// facts the same batch changes on purpose) and the Japanese form.
 pub fn world_checks(
     kb: &KnowledgeBase,
     fact: WorldFact,
@@ -107,6 +108,7 @@ pub fn world_checks(
     new_en: &str,
     new_ja: Option<&str>,
     neighbours: usize,
+    edited: &[usize],
 ) -> Vec<Check> {
     let country = &kb.countries[fact.country];
     let old_en = fact.answer(kb, Lang::En);
@@ -147,7 +149,7 @@ pub fn world_checks(
             relation: fact.relation,
         };
         let answer = other.answer(kb, Lang::En);
-        if answer == new_en || answer == old_en {
+        if answer == new_en || answer == old_en || edited.contains(&i) {
             continue;
         }
         checks.push(Check {
@@ -169,7 +171,14 @@ pub fn request_checks(
     request: &super::rome::Request,
     target_ja: Option<&str>,
     neighbours: usize,
+    batch: &[super::rome::Request],
 ) -> Vec<Check> {
+    // Countries the same batch edits are no neighbours: their answers move on purpose.
+    let edited: Vec<usize> = batch
+        .iter()
+        .filter_map(|r| WorldFact::find(kb, &r.prompt, &r.subject))
+        .map(|f| f.country)
+        .collect();
     let prompt = request.text();
     let target_ja = target_ja
         .map(str::to_string)
@@ -182,6 +191,7 @@ pub fn request_checks(
             &request.target,
             target_ja.as_deref(),
             neighbours,
+            &edited,
         ),
         None => vec![Check {
             kind: CheckKind::Edit,

@@ -400,7 +400,7 @@ impl Edit {
                 Some(choice) => choice,
                 None => locate_request(&model, &kb, &request, layer, key)?,
             };
-            let checks = request_checks(&kb, &request, target_ja.as_deref(), 10);
+            let checks = request_checks(&kb, &request, target_ja.as_deref(), 10, &[]);
             let before = checks
                 .iter()
                 .map(|c| measure(&model, c, 3, &Hooks::new()))
