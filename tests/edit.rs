@@ -556,6 +556,8 @@ fn a_guarded_memit_batch_leaves_the_edit_prompts_other_tokens_alone() {
             &MemitSettings {
                 covariance_weight: 1.0,
                 guard_prompt_tokens: guard,
+                // Every distinct key, so every other token is held exactly.
+                guard_novelty: 1e-3,
             },
             |_| {},
         )

@@ -29,6 +29,9 @@ pub struct MemitSettings {
     /// these are the ones every fact of a batch shares, where fifty residuals would
     /// otherwise add up.
     pub guard_prompt_tokens: bool,
+    /// A guard key joins only when this share of its norm lies outside the keys already
+    /// held (0: every distinct key).
+    pub guard_novelty: f64,
 }
 
 impl Default for MemitSettings {
@@ -36,6 +39,7 @@ impl Default for MemitSettings {
         Self {
             covariance_weight: 15_000.0,
             guard_prompt_tokens: true,
+            guard_novelty: 0.2,
         }
     }
 }
@@ -213,12 +217,42 @@ fn other_token_keys(
         .collect())
 }
 
-/// Whether two keys are the same up to float noise (a shared prefix computed in two
-/// sequences), so a batch holds each once and its solve stays non-singular.
-fn same_key(a: &[f64], b: &[f64]) -> bool {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let norm: f64 = a.iter().map(|x| x * x).sum();
-    diff <= 1e-8 * norm.max(f64::MIN_POSITIVE)
+/// An orthonormal basis of the keys taken so far (Gram–Schmidt).
+#[derive(Default)]
+struct Span {
+    basis: Vec<Vec<f64>>,
+}
+
+impl Span {
+    /// The part of `k` outside the span.
+    fn residual(&self, k: &[f64]) -> Vec<f64> {
+        let mut r = k.to_vec();
+        for b in &self.basis {
+            let dot: f64 = r.iter().zip(b).map(|(x, y)| x * y).sum();
+            for (x, y) in r.iter_mut().zip(b) {
+                *x -= dot * y;
+            }
+        }
+        r
+    }
+
+    /// ‖k outside the span‖ / ‖k‖: 0 for a key already held (a shared prefix computed in
+    /// two sequences), 1 for one orthogonal to all.
+    fn novelty(&self, k: &[f64]) -> f64 {
+        let norm = k.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            return 0.0;
+        }
+        self.residual(k).iter().map(|x| x * x).sum::<f64>().sqrt() / norm
+    }
+
+    fn add(&mut self, k: &[f64]) {
+        let r = self.residual(k);
+        let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            self.basis.push(r.into_iter().map(|x| x / norm).collect());
+        }
+    }
 }
 
 /// The layer-by-layer updates (applied to `model` as they are made).
@@ -263,13 +297,20 @@ fn update_layers(
             );
         }
         if memit.guard_prompt_tokens {
+            // A guard nearly in the span of the keys already held adds little and makes the
+            // solve ill-conditioned (fifty " is" keys after fifty subjects are nearly
+            // alike), which amplifies the update on keys just outside that span.
+            let mut span = Span::default();
+            for k in &plain_keys {
+                span.add(k);
+            }
             let mut guards: Vec<Vec<f64>> = Vec::new();
             for (r, (prompt, _)) in requests.iter().zip(&texts) {
                 // The target's own tokens too: they follow the prompt when it is scored.
                 let answered = format!("{prompt}{}", r.target);
                 for g in other_token_keys(model, &answered, &r.subject, layer, key, prompt.len())? {
-                    let taken = |k: &Vec<f64>| same_key(k, &g);
-                    if !guards.iter().any(taken) && !plain_keys.iter().any(taken) {
+                    if span.novelty(&g) > memit.guard_novelty {
+                        span.add(&g);
                         guards.push(g);
                     }
                 }
@@ -317,4 +358,25 @@ fn update_layers(
         deltas.push(LayerDelta { layer, delta });
     }
     Ok((deltas, ridges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Span;
+
+    #[test]
+    fn a_key_in_the_span_is_not_new_and_an_orthogonal_one_is() {
+        let mut span = Span::default();
+        span.add(&[1.0, 0.0, 0.0]);
+        span.add(&[1.0, 1.0, 0.0]);
+        assert!(span.novelty(&[3.0, -2.0, 0.0]) < 1e-12);
+        assert!((span.novelty(&[0.0, 0.0, 5.0]) - 1.0).abs() < 1e-12);
+        // Half its norm's square outside: novelty 1/√2.
+        let n = span.novelty(&[0.0, 1.0, 1.0]);
+        assert!((n - 0.5f64.sqrt()).abs() < 1e-12, "{n}");
+        assert_eq!(span.novelty(&[0.0, 0.0, 0.0]), 0.0);
+        // A key already held adds no direction.
+        span.add(&[2.0, 2.0, 0.0]);
+        assert_eq!(span.basis.len(), 2);
+    }
 }
