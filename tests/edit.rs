@@ -714,6 +714,36 @@ fn monoscope(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `edit` of "The capital of {subject} is" on the bundled model: ROME proper at layer 0, key
+/// statistics over 3,000 tokens cached in `stats`, JSON out.
+fn capital_edit_args<'a>(
+    subject: &'a str,
+    target: &'a str,
+    stats: &'a str,
+    neighbours: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "edit",
+        "--prompt",
+        "The capital of {} is",
+        "--subject",
+        subject,
+        "--target",
+        target,
+        "--layer",
+        "0",
+        "--key",
+        "subject-last",
+        "--stats-tokens",
+        "3000",
+        "--stats-dir",
+        stats,
+        "--neighbours",
+        neighbours,
+        "--json",
+    ]
+}
+
 #[test]
 fn edits_stack_across_runs_and_undo_restores_the_bundled_weights_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -726,28 +756,8 @@ fn edits_stack_across_runs_and_undo_restores_the_bundled_weights_exactly() {
     );
     let edit =
         |model: Option<&std::path::Path>, subject: &str, target: &str, out: &std::path::Path| {
-            let mut args = vec![
-                "edit",
-                "--prompt",
-                "The capital of {} is",
-                "--subject",
-                subject,
-                "--target",
-                target,
-                "--layer",
-                "0",
-                "--key",
-                "subject-last",
-                "--stats-tokens",
-                "3000",
-                "--stats-dir",
-                stats.to_str().unwrap(),
-                "--neighbours",
-                "5",
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ];
+            let mut args = capital_edit_args(subject, target, stats.to_str().unwrap(), "5");
+            args.extend(["--out", out.to_str().unwrap()]);
             if let Some(m) = model {
                 args.extend(["--model", m.to_str().unwrap()]);
             }
@@ -816,26 +826,7 @@ fn a_second_phrasing_carries_the_edit_to_its_word_order() {
     let tmp = tempfile::tempdir().unwrap();
     let stats = tmp.path().join("stats");
     let edit = |also: &[&str]| {
-        let mut args = vec![
-            "edit",
-            "--prompt",
-            "The capital of {} is",
-            "--subject",
-            "Japan",
-            "--target",
-            " Yokohama",
-            "--layer",
-            "0",
-            "--key",
-            "subject-last",
-            "--stats-tokens",
-            "3000",
-            "--stats-dir",
-            stats.to_str().unwrap(),
-            "--neighbours",
-            "2",
-            "--json",
-        ];
+        let mut args = capital_edit_args("Japan", " Yokohama", stats.to_str().unwrap(), "2");
         for a in also {
             args.extend(["--also-prompt", a]);
         }
