@@ -12,7 +12,9 @@ use candle_core::{DType, Device};
 use common::{down_proj, fixture_dir};
 use monoscope::Model;
 use monoscope::edit::covariance::key_covariance;
+use monoscope::edit::editor::{Editor, StatsSource};
 use monoscope::edit::history::{AppliedEdit, EditHistory, LayerDelta};
+use monoscope::edit::locate::KeyChoice;
 use monoscope::edit::memit::{MemitSettings, compute_batch};
 use monoscope::edit::rome::{
     KeyPosition, Request, RomeEdit, RomeSettings, compute_edit, read_batch,
@@ -228,6 +230,84 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
         assert_ne!(bits(&w), bits(&original));
         history.undo_all(&mut model).unwrap();
         assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
+    }
+}
+
+#[test]
+fn a_rome_edit_of_two_phrasings_sums_their_updates_and_holds_the_edit_prompt_exactly() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let stats = StatsSource {
+        corpus,
+        tokens: 600,
+        cache_dir: None,
+    };
+    let mut editor = Editor::new(&model, stats, 1, RomeSettings::default()).unwrap();
+    // Short contexts: the fixture's window is 64 tokens.
+    editor.contexts = vec!["{}".to_string(), "Note: {}".to_string()];
+    let choice = KeyChoice {
+        layer: 0,
+        key: KeyPosition::SubjectLast,
+        reason: "test".into(),
+        recovery: Vec::new(),
+    };
+    let prompt = Request {
+        prompt: "{} flows past the".into(),
+        subject: "the river".into(),
+        target: " hills".into(),
+    };
+    let other = Request {
+        prompt: "and {} runs by the".into(),
+        ..prompt.clone()
+    };
+    // Phrasings of one fact share its subject and target.
+    let stray = Request {
+        target: " sea".into(),
+        ..other.clone()
+    };
+    let e = editor
+        .rome(&model, &[prompt.clone(), stray], &choice)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("share its subject"), "{e}");
+
+    let (edits, applied) = editor
+        .rome(&model, &[prompt.clone(), other.clone()], &choice)
+        .unwrap();
+    // The edit prompt, the other phrasing, the edit prompt again.
+    assert_eq!(edits.len(), 3);
+    assert_eq!(applied.requests.len(), 2);
+    assert_eq!(applied.deltas.len(), 1);
+    let mut sum = vec![0f32; edits[0].delta.len()];
+    for e in &edits {
+        for (s, d) in sum.iter_mut().zip(&e.delta) {
+            *s += d;
+        }
+    }
+    assert_eq!(bits(&applied.deltas[0].delta), bits(&sum));
+    // After all three, the edit prompt's key maps exactly to the last update's v*.
+    let mut edited = model.clone();
+    EditHistory::new().apply(&mut edited, applied).unwrap();
+    let last = edits.last().unwrap();
+    let w = down_proj(&edited, 0);
+    let bias = edited.transformer.blocks[0]
+        .mlp
+        .down_proj()
+        .bias()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let d_in = last.key_vector.len();
+    let scale = last.value.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (o, want) in last.value.iter().enumerate() {
+        let got: f64 = w[o * d_in..(o + 1) * d_in]
+            .iter()
+            .zip(&last.key_vector)
+            .map(|(a, b)| f64::from(*a) * b)
+            .sum::<f64>()
+            + f64::from(bias[o]);
+        assert!((got - want).abs() < 1e-4 * scale, "{got} vs {want}");
     }
 }
 
@@ -677,28 +757,41 @@ fn a_world_fact_is_checked_on_held_out_paraphrases_neighbours_and_japanese() {
         assert!(n.wanted != " Seoul" && n.wanted != " Tokyo");
         assert_eq!(n.rival.as_deref(), Some(" Seoul"));
     }
-    // A country edited in the same batch is no neighbour: another takes its place.
+    // A fact edited in the same batch is no neighbour (another country takes its place);
+    // the same country's other relations do not count.
     let first = &neighbours[0].prompt;
-    let batch_mate = kb
+    let country = kb
         .countries
         .iter()
         .position(|c| first == &format!("The capital of {} is", c.name.en))
         .unwrap();
-    let without = world_checks(
-        &kb,
-        fact,
-        "The capital of Japan is",
-        " Seoul",
-        Some("ソウル"),
-        12,
-        &[batch_mate],
-    );
-    let others: Vec<_> = without
-        .iter()
+    let neighbours_with = |edited: &[WorldFact]| -> Vec<String> {
+        world_checks(
+            &kb,
+            fact,
+            "The capital of Japan is",
+            " Seoul",
+            Some("ソウル"),
+            12,
+            edited,
+        )
+        .into_iter()
         .filter(|c| c.kind == CheckKind::Neighbour)
-        .collect();
-    assert_eq!(others.len(), 12);
-    assert!(others.iter().all(|c| &c.prompt != first), "{first}");
+        .map(|c| c.prompt)
+        .collect()
+    };
+    let capital = WorldFact {
+        country,
+        relation: Relation::Capital,
+    };
+    let without = neighbours_with(&[capital]);
+    assert_eq!(without.len(), 12);
+    assert!(without.iter().all(|p| p != first), "{first}");
+    let currency = WorldFact {
+        country,
+        relation: Relation::Currency,
+    };
+    assert!(neighbours_with(&[currency]).contains(first));
 }
 
 /// Runs the binary; returns (success, stdout, stderr).

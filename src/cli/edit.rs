@@ -148,8 +148,8 @@ struct RunArgs {
     /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
-    /// MEMIT: let the update move the keys of the edit prompts' other tokens and answers
-    /// (by default they join the solve with a zero residual).
+    /// MEMIT: let the update change the MLP output at the edit prompts' other tokens and
+    /// answers (by default their keys join the solve with a zero residual).
     #[arg(long)]
     no_token_guard: bool,
     /// The new answer in Japanese, for the Japanese check (default: the knowledge base's
@@ -300,9 +300,12 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     let (method, ridge, nll_before, nll_after, applied) = if args.batch.is_none() {
         let (edits, applied) = editor.rome(&model, &phrasings, &choice)?;
         let ridge = edits.iter().map(|e| e.ridge).fold(0.0, f64::max);
-        // The edit prompt's last update: what the prompt now holds.
-        let last = edits.last().context("ROME made no update")?;
-        ("rome", ridge, last.nll_before, last.nll_after, applied)
+        // From the clean model's NLL to what the edit prompt's last update reached.
+        let (first, last) = (
+            edits.first().context("ROME made no update")?,
+            edits.last().context("ROME made no update")?,
+        );
+        ("rome", ridge, first.nll_before, last.nll_after, applied)
     } else {
         let (edit, applied) = editor.memit(&mut model, &requests, &layers, choice.key, |m| {
             eprintln!("MEMIT: {m}")
@@ -484,7 +487,11 @@ fn build_checks(
 }
 
 fn print_report(r: &EditReport) {
-    for q in &r.requests {
+    for (i, q) in r.requests.iter().enumerate() {
+        if r.method == "rome" && i > 0 {
+            println!("  also phrased as {:?}", q.prompt);
+            continue;
+        }
         println!(
             "{} edit of {:?} with subject {:?} → {:?}",
             r.method.to_uppercase(),
@@ -628,8 +635,8 @@ struct EvalArgs {
     /// lets them through). The default exact write at each plain key does not depend on it.
     #[arg(long, default_value_t = 100.0)]
     covariance_weight: f64,
-    /// MEMIT: let the update move the keys of the edit prompts' other tokens and answers
-    /// (by default they join the solve with a zero residual).
+    /// MEMIT: let the update change the MLP output at the edit prompts' other tokens and
+    /// answers (by default their keys join the solve with a zero residual).
     #[arg(long)]
     no_token_guard: bool,
     /// Neighbourhood prompts per edit.
@@ -667,6 +674,8 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         cases.len() as u64,
         "counterfactual edits {bar:30} {pos}/{len} {msg} ({eta})",
     )?;
+    // A bad --also-prompt fails here, before any statistics are computed.
+    with_phrasings(&cases[0].request, &args.also_prompt)?;
     let mut tally = Tally::default();
     let mut keys_used = std::collections::BTreeMap::new();
     let mut edit_seconds = 0.0;
@@ -683,7 +692,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             break;
         }
         // A batch's own countries are no neighbours of its facts.
-        let edited: Vec<usize> = group.iter().map(|c| c.country).collect();
+        let edited: Vec<_> = group.iter().map(|c| c.fact()).collect();
         let checks: Vec<_> = group
             .iter()
             .map(|c| c.checks(&kb, args.neighbours, &edited))

@@ -70,13 +70,23 @@ pub fn capital_swaps(kb: &KnowledgeBase, n: usize, seed: u64) -> Result<Vec<Coun
 }
 
 impl Counterfact {
-    /// The checks of this edit: edit prompt, held-out paraphrases, Japanese, `neighbours`
-    /// (none of them a country in `edited`, the countries edited in the same batch).
-    pub fn checks(&self, kb: &KnowledgeBase, neighbours: usize, edited: &[usize]) -> Vec<Check> {
-        let fact = WorldFact {
+    /// The world fact this counterfactual rewrites.
+    pub fn fact(&self) -> WorldFact {
+        WorldFact {
             country: self.country,
             relation: Relation::Capital,
-        };
+        }
+    }
+
+    /// The checks of this edit: edit prompt, held-out paraphrases, Japanese, `neighbours`
+    /// (none of them a fact in `edited`, the facts edited in the same batch).
+    pub fn checks(
+        &self,
+        kb: &KnowledgeBase,
+        neighbours: usize,
+        edited: &[WorldFact],
+    ) -> Vec<Check> {
+        let fact = self.fact();
         world_checks(
             kb,
             fact,

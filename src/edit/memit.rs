@@ -24,13 +24,16 @@ use crate::model::{HookPoint, Hooks, Model};
 pub struct MemitSettings {
     /// λ, the weight of the preserved key statistics against the new keys.
     pub covariance_weight: f64,
-    /// Hold the keys of the edit prompts' other tokens ("The", " capital", " of", " is")
-    /// where they are: the update must map them to no change. λC keeps keys in general;
-    /// these are the ones every fact of a batch shares, where fifty residuals would
-    /// otherwise add up.
+    /// Hold the MLP output at the edit prompts' other tokens ("The", " capital", " of",
+    /// " is") and their answers' tokens: their keys join the solve with a zero residual,
+    /// exactly kept with the default write at plain keys and pulled toward no change with
+    /// `residual_at_mean_key`. λC keeps keys in general; these are the ones every fact of
+    /// a batch shares, where fifty residuals would otherwise add up.
     pub guard_prompt_tokens: bool,
     /// A guard key joins only when this share of its norm lies outside the keys already
-    /// held (0: every distinct key).
+    /// held, in (0, 1). Keys of one prefix computed in two sequences differ by float noise,
+    /// and a guard matching a fact's own key would make the solve singular, so it must stay
+    /// well above that noise (1e-3 takes every distinct key).
     pub guard_novelty: f64,
 }
 
@@ -87,6 +90,13 @@ pub fn compute_batch(
     }
     for &l in layers {
         super::check_layer(model, l)?;
+    }
+    if !(1e-6..1.0).contains(&memit.guard_novelty) {
+        return Err(Error::InvalidArgument {
+            what: "guard novelty",
+            value: memit.guard_novelty.to_string(),
+            message: "must lie in [1e-6, 1): a share of a key's norm".into(),
+        });
     }
     if layers.windows(2).any(|w| w[0] >= w[1]) {
         return Err(Error::InvalidArgument {
@@ -325,13 +335,8 @@ fn update_layers(
         // A = λC + K Kᵀ; X = A⁻¹ K (one column per key).
         let mut a = cov.matrix()?;
         a *= memit.covariance_weight;
-        for k in &keys {
-            for i in 0..cov.d {
-                for j in 0..cov.d {
-                    a[[i, j]] += k[i] * k[j];
-                }
-            }
-        }
+        let stacked = ndarray::Array2::from_shape_fn((keys.len(), cov.d), |(r, c)| keys[r][c]);
+        a += &stacked.t().dot(&stacked);
         let (adj, ridge) = solve_spd(&a, &keys, layer)?;
         ridges.push(ridge);
         if at_plain_keys {

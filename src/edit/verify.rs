@@ -99,8 +99,8 @@ pub fn japanese_name(kb: &KnowledgeBase, english: &str) -> Option<String> {
 
 /// The checks of an edit of `fact` to `new_en` (and `new_ja` in Japanese, when known):
 /// the edit prompt, the held-out paraphrases, `neighbours` other countries (evenly spread,
-/// skipping those whose answer is the new target and the countries in `edited`, whose
-/// facts the same batch changes on purpose) and the Japanese form.
+/// skipping those whose answer is the new target and those whose fact of this relation is
+/// in `edited`: the same batch changes it on purpose) and the Japanese form.
 pub fn world_checks(
     kb: &KnowledgeBase,
     fact: WorldFact,
@@ -108,7 +108,7 @@ pub fn world_checks(
     new_en: &str,
     new_ja: Option<&str>,
     neighbours: usize,
-    edited: &[usize],
+    edited: &[WorldFact],
 ) -> Vec<Check> {
     let country = &kb.countries[fact.country];
     let old_en = fact.answer(kb, Lang::En);
@@ -149,7 +149,10 @@ pub fn world_checks(
             relation: fact.relation,
         };
         let answer = other.answer(kb, Lang::En);
-        if answer == new_en || answer == old_en || edited.contains(&i) {
+        let in_batch = edited
+            .iter()
+            .any(|e| e.country == i && e.relation == fact.relation);
+        if answer == new_en || answer == old_en || in_batch {
             continue;
         }
         checks.push(Check {
@@ -174,10 +177,9 @@ pub fn request_checks(
     batch: &[super::rome::Request],
 ) -> Vec<Check> {
     // Countries the same batch edits are no neighbours: their answers move on purpose.
-    let edited: Vec<usize> = batch
+    let edited: Vec<WorldFact> = batch
         .iter()
         .filter_map(|r| WorldFact::find(kb, &r.prompt, &r.subject))
-        .map(|f| f.country)
         .collect();
     let prompt = request.text();
     let target_ja = target_ja
