@@ -208,26 +208,8 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
         // to v* (bias included).
         let mut history = EditHistory::new();
         history.apply(&mut model, applied).unwrap();
-        let w = down_proj(&model, 0);
-        let bias = model.transformer.blocks[0]
-            .mlp
-            .down_proj()
-            .bias()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let d_in = edit.key_vector.len();
-        let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
-        for (o, want) in edit.value.iter().enumerate() {
-            let got: f64 = w[o * d_in..(o + 1) * d_in]
-                .iter()
-                .zip(&edit.key_vector)
-                .map(|(a, b)| f64::from(*a) * b)
-                .sum::<f64>()
-                + f64::from(bias[o]);
-            assert!((got - want).abs() < 1e-4 * scale, "{got} vs {want}");
-        }
-        assert_ne!(bits(&w), bits(&original));
+        assert_maps_key_to_value(&model, &edit);
+        assert_ne!(bits(&down_proj(&model, 0)), bits(&original));
         history.undo_all(&mut model).unwrap();
         assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
     }
@@ -289,21 +271,26 @@ fn a_rome_edit_of_two_phrasings_sums_their_updates_and_holds_the_edit_prompt_exa
     // After all three, the edit prompt's key maps exactly to the last update's v*.
     let mut edited = model.clone();
     EditHistory::new().apply(&mut edited, applied).unwrap();
-    let last = edits.last().unwrap();
-    let w = down_proj(&edited, 0);
-    let bias = edited.transformer.blocks[0]
+    assert_maps_key_to_value(&edited, edits.last().unwrap());
+}
+
+/// ROME's closed form: `model`'s layer-0 down projection maps `edit`'s key exactly to its
+/// v* (bias included).
+fn assert_maps_key_to_value(model: &Model, edit: &RomeEdit) {
+    let w = down_proj(model, 0);
+    let bias = model.transformer.blocks[0]
         .mlp
         .down_proj()
         .bias()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let d_in = last.key_vector.len();
-    let scale = last.value.iter().fold(0f64, |m, v| m.max(v.abs()));
-    for (o, want) in last.value.iter().enumerate() {
+    let d_in = edit.key_vector.len();
+    let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (o, want) in edit.value.iter().enumerate() {
         let got: f64 = w[o * d_in..(o + 1) * d_in]
             .iter()
-            .zip(&last.key_vector)
+            .zip(&edit.key_vector)
             .map(|(a, b)| f64::from(*a) * b)
             .sum::<f64>()
             + f64::from(bias[o]);
