@@ -267,7 +267,7 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("edit needs --prompt, --subject and --target, or --batch FILE.jsonl"),
     };
-    let phrasings = with_phrasings(&requests[0], &args.also_prompt)?;
+    let phrasings = requests[0].with_phrasings(&args.also_prompt)?;
     let kb = KnowledgeBase::bundled()?;
     let first = &requests[0];
     let choice = locate_request(&model, &kb, first, args.layer, args.key)?;
@@ -354,21 +354,6 @@ fn run_edit(args: &RunArgs) -> anyhow::Result<()> {
     }
     print_report(&report);
     Ok(())
-}
-
-/// `request` and the same fact in each of `also` (templates with `{}` for the subject).
-fn with_phrasings(request: &Request, also: &[String]) -> anyhow::Result<Vec<Request>> {
-    let mut phrasings = vec![request.clone()];
-    for prompt in also {
-        let r = Request {
-            prompt: prompt.clone(),
-            ..request.clone()
-        };
-        r.validate()
-            .map_err(|m| anyhow::anyhow!("--also-prompt {prompt:?}: {m}"))?;
-        phrasings.push(r);
-    }
-    Ok(phrasings)
 }
 
 #[derive(Args)]
@@ -675,7 +660,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         "counterfactual edits {bar:30} {pos}/{len} {msg} ({eta})",
     )?;
     // A bad --also-prompt fails here, before any statistics are computed.
-    with_phrasings(&cases[0].request, &args.also_prompt)?;
+    cases[0].request.with_phrasings(&args.also_prompt)?;
     let mut tally = Tally::default();
     let mut keys_used = std::collections::BTreeMap::new();
     let mut edit_seconds = 0.0;
@@ -723,7 +708,7 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             *keys_used
                 .entry(format!("{} L{}", choice.key.name(), choice.layer))
                 .or_insert(0) += 1;
-            let phrasings = with_phrasings(&requests[0], &args.also_prompt)?;
+            let phrasings = requests[0].with_phrasings(&args.also_prompt)?;
             let (_, applied) = editor.rome(&model, &phrasings, &choice)?;
             edit_seconds += start.elapsed().as_secs_f64();
             history.apply(&mut model, applied)?;

@@ -119,7 +119,7 @@ impl Editor {
             .down_proj()
             .weight()
             .clone();
-        let mut total: Vec<f32> = Vec::new();
+        let mut total = vec![0f32; original.elem_count()];
         let mut order: Vec<&Request> = phrasings.iter().collect();
         if phrasings.len() > 1 {
             order.push(first);
@@ -135,12 +135,8 @@ impl Editor {
                 &self.contexts,
                 &self.settings,
             )?;
-            if total.is_empty() {
-                total = edit.delta.clone();
-            } else {
-                for (t, d) in total.iter_mut().zip(&edit.delta) {
-                    *t += d;
-                }
+            for (t, d) in total.iter_mut().zip(&edit.delta) {
+                *t += d;
             }
             if i + 1 < order.len() {
                 let update = Tensor::from_slice(&total, original.dims(), original.device())?

@@ -197,6 +197,26 @@ impl Request {
         contexts.iter().map(|c| c.replace("{}", &text)).collect()
     }
 
+    /// This request and the same fact in each of `also` (prompt templates with `{}` for the
+    /// subject), for [`super::editor::Editor::rome`]; a template that is not a valid
+    /// request is an error naming it.
+    pub fn with_phrasings(&self, also: &[String]) -> Result<Vec<Request>> {
+        let mut phrasings = vec![self.clone()];
+        for prompt in also {
+            let r = Request {
+                prompt: prompt.clone(),
+                ..self.clone()
+            };
+            r.validate().map_err(|message| Error::InvalidArgument {
+                what: "phrasing",
+                value: prompt.clone(),
+                message,
+            })?;
+            phrasings.push(r);
+        }
+        Ok(phrasings)
+    }
+
     /// [`Request::validate`] as a library error.
     pub fn check(&self) -> Result<()> {
         self.validate().map_err(|message| Error::InvalidArgument {

@@ -381,18 +381,17 @@ impl Edit {
             .filter(|s| self.auto_layer && s.applies_to(&request, key, wb.model_version))
             .map(|s| s.choice.clone());
         let target_ja = (!self.target_ja.trim().is_empty()).then(|| self.target_ja.clone());
-        let mut phrasings = vec![request.clone()];
-        if !self.also_prompt.trim().is_empty() {
-            let also = Request {
-                prompt: self.also_prompt.clone(),
-                ..request.clone()
-            };
-            if let Err(m) = also.validate() {
-                wb.error(format!("edit, second phrasing: {m}"));
+        let also: Vec<String> = (!self.also_prompt.trim().is_empty())
+            .then(|| self.also_prompt.clone())
+            .into_iter()
+            .collect();
+        let phrasings = match request.with_phrasings(&also) {
+            Ok(p) => p,
+            Err(e) => {
+                wb.error(format!("edit: {e}"));
                 return;
             }
-            phrasings.push(also);
-        }
+        };
         self.edit_job = Some(wb.spawn("ROME edit", move |job| {
             let started = Instant::now();
             job.set_message("locating the fact");
