@@ -12,6 +12,7 @@ pub mod eval;
 pub mod run;
 pub mod saelens;
 pub mod sparse;
+pub mod tensor_train;
 pub mod train;
 
 use candle_core::{D, DType, Tensor};

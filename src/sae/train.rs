@@ -71,7 +71,7 @@ impl TrainArchitecture {
     }
 
     /// Unit-norm decoder rows (TopK family); the others let the penalty see the norms.
-    fn constrains_decoder(&self) -> bool {
+    pub(crate) fn constrains_decoder(&self) -> bool {
         self.top_k().is_some()
     }
 }
@@ -323,7 +323,7 @@ impl TrainConfig {
         self.lr * warm * decay
     }
 
-    fn penalty_scale(&self, step: u64) -> f32 {
+    pub(crate) fn penalty_scale(&self, step: u64) -> f32 {
         if self.penalty_warmup_steps == 0 {
             1.0
         } else {
