@@ -15,7 +15,7 @@ use common::{fixture_dir, max_abs_diff};
 use monoscope::Model;
 use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use monoscope::sae::eval::{EvalSettings, evaluate};
-use monoscope::sae::run::{RunOutcome, RunSettings, run};
+use monoscope::sae::run::{RunControl, RunOutcome, RunSettings, StepEngine, run};
 use monoscope::sae::saelens::{self, SaeMetadata};
 use monoscope::sae::train::{TrainArchitecture, TrainConfig};
 
@@ -99,6 +99,79 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join(saelens::WEIGHTS_FILE), &Device::Cpu).unwrap()
 }
 
+/// The tensor engine (what trains on a CUDA device), run on the CPU: it trains the SAE the
+/// hand-written kernels train, and a cancelled run resumes to the same weights bit for bit.
+#[test]
+fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let never = AtomicBool::new(false);
+    let tensors = || RunControl::new(&never).on(StepEngine::Tensors(Device::Cpu));
+    let (kernels_dir, tensors_dir) = (tmp.path().join("kernels"), tmp.path().join("tensors"));
+    let mut src = source(&model, &text);
+    let s = settings(src.d_in(), 24);
+    let meta = metadata(&src);
+    run(
+        &mut src,
+        &s,
+        &meta,
+        &kernels_dir,
+        RunControl::new(&never),
+        |_| {},
+    )
+    .unwrap();
+    let mut src = source(&model, &text);
+    let mut aux_ran = false;
+    run(&mut src, &s, &meta, &tensors_dir, tensors(), |m| {
+        aux_ran |= m.auxiliary_loss > 0.0;
+    })
+    .unwrap();
+    assert!(aux_ran, "no latent went dead, so AuxK was not exercised");
+    let (a, b) = (weights(&kernels_dir), weights(&tensors_dir));
+    for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
+        let scale = a[key]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_abs_diff(&a[key], &b[key]) / scale;
+        assert!(err < 1e-3, "{key}: the engines differ by {err} (relative)");
+    }
+
+    let resumed = tmp.path().join("resumed");
+    let cancel = AtomicBool::new(false);
+    let mut src = source(&model, &text);
+    let control = RunControl::new(&cancel).on(StepEngine::Tensors(Device::Cpu));
+    let outcome = run(&mut src, &s, &meta, &resumed, control, |m| {
+        if m.step == 9 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
+    let mut src = source(&model, &text);
+    run(
+        &mut src,
+        &s,
+        &meta,
+        &resumed,
+        tensors().resuming(true),
+        |_| {},
+    )
+    .unwrap();
+    let c = weights(&resumed);
+    for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
+        assert_eq!(
+            max_abs_diff(&b[key], &c[key]),
+            0.0,
+            "{key} differs after resume"
+        );
+    }
+}
+
 #[test]
 fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -110,7 +183,15 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     let mut src = source(&model, &text);
     let s = settings(src.d_in(), 24);
     let meta = metadata(&src);
-    let outcome = run(&mut src, &s, &meta, &straight, false, &never, |_| {}).unwrap();
+    let outcome = run(
+        &mut src,
+        &s,
+        &meta,
+        &straight,
+        RunControl::new(&never),
+        |_| {},
+    )
+    .unwrap();
     let RunOutcome::Finished(last) = outcome else {
         panic!("not finished")
     };
@@ -120,21 +201,44 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     let resumed = tmp.path().join("resumed");
     let cancel = AtomicBool::new(false);
     let mut src = source(&model, &text);
-    let outcome = run(&mut src, &s, &meta, &resumed, false, &cancel, |m| {
-        if m.step == 9 {
-            cancel.store(true, Ordering::Relaxed);
-        }
-    })
+    let outcome = run(
+        &mut src,
+        &s,
+        &meta,
+        &resumed,
+        RunControl::new(&cancel),
+        |m| {
+            if m.step == 9 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        },
+    )
     .unwrap();
     assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
     assert!(resumed.join("training/checkpoint/state.json").is_file());
     assert!(!resumed.join(saelens::CONFIG_FILE).exists());
     // Without --resume the folder is refused.
     let mut src = source(&model, &text);
-    let err = run(&mut src, &s, &meta, &resumed, false, &never, |_| {}).unwrap_err();
+    let err = run(
+        &mut src,
+        &s,
+        &meta,
+        &resumed,
+        RunControl::new(&never),
+        |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("checkpoint"), "{err}");
     let mut src = source(&model, &text);
-    run(&mut src, &s, &meta, &resumed, true, &never, |_| {}).unwrap();
+    run(
+        &mut src,
+        &s,
+        &meta,
+        &resumed,
+        RunControl::new(&never).resuming(true),
+        |_| {},
+    )
+    .unwrap();
 
     let (a, b) = (weights(&straight), weights(&resumed));
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
@@ -314,8 +418,7 @@ fn bad_input_gives_errors_that_name_the_culprit() {
         &s,
         &meta,
         &tmp.path().join("k"),
-        false,
-        &never,
+        RunControl::new(&never),
         |_| {},
     ));
     assert!(
@@ -331,8 +434,7 @@ fn bad_input_gives_errors_that_name_the_culprit() {
         &s,
         &meta,
         &tmp.path().join("w"),
-        false,
-        &never,
+        RunControl::new(&never),
         |_| {},
     ));
     assert!(e.contains(HOOK) && e.contains(&d_in.to_string()), "{e}");
@@ -342,7 +444,7 @@ fn bad_input_gives_errors_that_name_the_culprit() {
     let s = settings(d_in, 6);
     let cancel = AtomicBool::new(false);
     let mut src = source(&model, &text);
-    run(&mut src, &s, &meta, &out, false, &cancel, |m| {
+    run(&mut src, &s, &meta, &out, RunControl::new(&cancel), |m| {
         if m.step == 2 {
             cancel.store(true, Ordering::Relaxed)
         }
@@ -352,7 +454,14 @@ fn bad_input_gives_errors_that_name_the_culprit() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let mut src = source(&model, &text);
-    let e = error_of(run(&mut src, &s, &meta, &out, true, &never, |_| {}));
+    let e = error_of(run(
+        &mut src,
+        &s,
+        &meta,
+        &out,
+        RunControl::new(&never).resuming(true),
+        |_| {},
+    ));
     assert!(e.contains("trainer.safetensors"), "{e}");
 }
 

@@ -10,7 +10,9 @@ use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::device::parse_dtype;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::eval::{EvalSettings, evaluate};
-use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run as run_training};
+use crate::sae::run::{
+    RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run as run_training,
+};
 use crate::sae::saelens::{self, SaeMetadata};
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, BDecInit, TrainConfig};
 
@@ -283,12 +285,14 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         total,
         "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
     )?;
+    let engine = StepEngine::for_device(&model.device);
     eprintln!(
-        "training a {} SAE ({d_in} → {d_sae}) on {} over {} for {} tokens",
+        "training a {} SAE ({d_in} → {d_sae}) on {} over {} for {} tokens, with {}",
         settings.train.architecture.name(),
         metadata.hook_name,
         metadata.dataset_path,
-        args.tokens
+        args.tokens,
+        engine.describe()
     );
     let started = Instant::now();
     let mut first_tokens = None;
@@ -297,8 +301,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         &settings,
         &metadata,
         &args.out,
-        args.resume,
-        &CANCEL,
+        RunControl::new(&CANCEL).resuming(args.resume).on(engine),
         |m| {
             let t0 = *first_tokens.get_or_insert(m.tokens);
             let rate = (m.tokens - t0) as f64 / started.elapsed().as_secs_f64().max(1e-9);

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::activations::{ChunkSource, MixingBuffer};
 use super::saelens::{self, SaeDir, SaeMetadata};
+use super::tensor_train::TensorTrainer;
 use super::train::{SaeTrainer, StepMetrics, TrainConfig, TrainerCounters};
 use crate::error::{Error, Result};
 use crate::files::{read_json, write_atomic};
@@ -83,6 +84,104 @@ pub enum RunOutcome {
     },
 }
 
+/// Where a run's training steps are computed.
+#[derive(Clone, Debug)]
+pub enum StepEngine {
+    /// The hand-written kernels of [`SaeTrainer`]: every architecture, fastest on the CPU.
+    Cpu,
+    /// Candle tensors on a device ([`TensorTrainer`]: topk and standard), for CUDA.
+    Tensors(Device),
+}
+
+impl StepEngine {
+    /// The hand-written kernels on the CPU, tensors on any other device.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Cpu
+        } else {
+            Self::Tensors(device.clone())
+        }
+    }
+
+    /// For progress lines: `the CPU kernels` or `tensors on cuda:0`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Cpu => "the CPU kernels".into(),
+            Self::Tensors(device) => format!("tensors on {}", crate::device::device_name(device)),
+        }
+    }
+}
+
+/// How to run, besides what to train: fresh or resumed, on which engine, and the flag that
+/// stops it (after a checkpoint).
+#[derive(Clone, Debug)]
+pub struct RunControl<'a> {
+    /// Continue the checkpoint in the output folder.
+    pub resume: bool,
+    pub engine: StepEngine,
+    pub cancel: &'a AtomicBool,
+}
+
+impl<'a> RunControl<'a> {
+    /// A fresh run on the CPU kernels.
+    pub fn new(cancel: &'a AtomicBool) -> Self {
+        Self {
+            resume: false,
+            engine: StepEngine::Cpu,
+            cancel,
+        }
+    }
+
+    pub fn resuming(self, resume: bool) -> Self {
+        Self { resume, ..self }
+    }
+
+    pub fn on(self, engine: StepEngine) -> Self {
+        Self { engine, ..self }
+    }
+}
+
+/// The trainer of a run, on its engine.
+enum Trainer {
+    Cpu(Box<SaeTrainer>),
+    Tensors(Box<TensorTrainer>),
+}
+
+impl Trainer {
+    fn new(host: SaeTrainer, engine: &StepEngine) -> Result<Self> {
+        Ok(match engine {
+            StepEngine::Cpu => Self::Cpu(Box::new(host)),
+            StepEngine::Tensors(device) => {
+                Self::Tensors(Box::new(TensorTrainer::from_host(&host, device)?))
+            }
+        })
+    }
+
+    fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
+        match self {
+            Self::Cpu(t) => t.step(x),
+            Self::Tensors(t) => t.step(x),
+        }
+    }
+
+    /// Steps taken and rows trained on.
+    fn progress(&self) -> (u64, u64) {
+        match self {
+            Self::Cpu(t) => (t.step, t.tokens),
+            Self::Tensors(t) => (t.step, t.tokens),
+        }
+    }
+
+    /// Calls `f` with the state as a host trainer (copied off the device for the tensor
+    /// engine): checkpoints and the saved SAE are written from it.
+    fn with_host<R>(&self, f: impl FnOnce(&SaeTrainer) -> Result<R>) -> Result<R> {
+        match self {
+            Self::Cpu(t) => f(t),
+            Self::Tensors(t) => f(&t.to_host()?),
+        }
+    }
+}
+
 /// Paths inside an output folder.
 pub struct RunPaths {
     pub out: PathBuf,
@@ -104,18 +203,22 @@ const STATE_JSON: &str = "state.json";
 const TRAINER_FILE: &str = "trainer.safetensors";
 const BUFFER_FILE: &str = "buffer.safetensors";
 
-/// Trains an SAE into `out`. With `resume`, continues from `out/training/checkpoint` (the
-/// settings must match, except that `total_steps` may grow); without it, refuses a folder
-/// that already holds an SAE or a checkpoint.
+/// Trains an SAE into `out`. With `control.resume`, continues from
+/// `out/training/checkpoint` (the settings must match, except that `total_steps` may grow);
+/// without it, refuses a folder that already holds an SAE or a checkpoint.
 pub fn run(
     source: &mut dyn ChunkSource,
     settings: &RunSettings,
     metadata: &SaeMetadata,
     out: &Path,
-    resume: bool,
-    cancel: &AtomicBool,
+    control: RunControl,
     mut on_step: impl FnMut(&StepMetrics),
 ) -> Result<RunOutcome> {
+    let RunControl {
+        resume,
+        engine,
+        cancel,
+    } = control;
     let paths = RunPaths {
         out: out.to_path_buf(),
     };
@@ -128,7 +231,7 @@ pub fn run(
         });
     }
     let mut buffer = MixingBuffer::new(d_in, settings.buffer_rows, settings.train.seed);
-    let (mut trainer, input_scale) = if resume {
+    let (host, input_scale) = if resume {
         restore(&paths, settings, metadata, source, &mut buffer)?
     } else {
         refuse_existing(&paths)?;
@@ -148,6 +251,7 @@ pub fn run(
         let first = scaled(buffer.unread(), settings.train.batch_size * d_in, scale);
         (SaeTrainer::new(settings.train.clone(), &first)?, scale)
     };
+    let mut trainer = Trainer::new(host, &engine)?;
 
     let checkpoint = Checkpoint {
         paths: &paths,
@@ -161,11 +265,13 @@ pub fn run(
         .map_err(|e| Error::io(paths.metrics(), e))?;
     let batch = settings.train.batch_size;
     let mut last = StepMetrics::default();
-    let mut next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
-    while trainer.step < settings.train.total_steps {
+    let mut next_checkpoint = next_multiple(trainer.progress().1, settings.checkpoint_every_tokens);
+    while trainer.progress().0 < settings.train.total_steps {
         if cancel.load(Ordering::Relaxed) {
-            checkpoint.save(&trainer, &buffer, source)?;
-            return Ok(RunOutcome::Cancelled { step: trainer.step });
+            trainer.with_host(|t| checkpoint.save(t, &buffer, source))?;
+            return Ok(RunOutcome::Cancelled {
+                step: trainer.progress().0,
+            });
         }
         let rows = buffer.next_batch(source, batch)?;
         let metrics = if input_scale == 1.0 {
@@ -183,7 +289,7 @@ pub fn run(
                 ),
             });
         }
-        let is_last = trainer.step == settings.train.total_steps;
+        let is_last = metrics.step == settings.train.total_steps;
         if settings.log_every_steps > 0 && (metrics.step % settings.log_every_steps == 0 || is_last)
         {
             let line = serde_json::to_string(&metrics).map_err(|source| Error::Json {
@@ -194,16 +300,22 @@ pub fn run(
         }
         on_step(&metrics);
         last = metrics;
-        if settings.checkpoint_every_tokens > 0 && trainer.tokens >= next_checkpoint && !is_last {
-            checkpoint.save(&trainer, &buffer, source)?;
-            next_checkpoint = next_multiple(trainer.tokens, settings.checkpoint_every_tokens);
+        if settings.checkpoint_every_tokens > 0 && last.tokens >= next_checkpoint && !is_last {
+            trainer.with_host(|t| checkpoint.save(t, &buffer, source))?;
+            next_checkpoint = next_multiple(last.tokens, settings.checkpoint_every_tokens);
         }
     }
-    checkpoint.save(&trainer, &buffer, source)?;
-    let sae = trainer
-        .to_sae(input_scale, &Device::Cpu)?
-        .to_dtype(settings.save_dtype.into())?;
-    let sparsity = Tensor::from_vec(trainer.log_sparsity(), settings.train.d_sae, &Device::Cpu)?;
+    let (sae, sparsity) = trainer.with_host(|trainer| {
+        checkpoint.save(trainer, &buffer, source)?;
+        let sae = trainer
+            .to_sae(input_scale, &Device::Cpu)?
+            .to_dtype(settings.save_dtype.into())?;
+        let sparsity = trainer.log_sparsity();
+        Ok((
+            sae,
+            Tensor::from_vec(sparsity, settings.train.d_sae, &Device::Cpu)?,
+        ))
+    })?;
     saelens::save(
         out,
         &SaeDir {

@@ -14,7 +14,7 @@ use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
-use crate::sae::run::{RunOutcome, RunSettings, SaveDtype, run};
+use crate::sae::run::{RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run};
 use crate::sae::saelens::SaeMetadata;
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
 
@@ -261,8 +261,7 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         &settings,
         &metadata,
         &out,
-        false,
-        job.cancel_flag(),
+        RunControl::new(job.cancel_flag()).on(StepEngine::for_device(&model.device)),
         |m| {
             job.wait_while_paused();
             job.set_progress(m.step, total, "steps");
