@@ -4,18 +4,24 @@
 # ReLU-L1 SAE of the same size), the same number of steps. Prints tokens/s and FVU for each and
 # the ratios. Usage (needs torch, numpy, safetensors):
 #   pip install torch numpy safetensors && bash benches/compare_sae.sh [STEPS]
+# On a CUDA GPU both sides run there (monoscope built with --features cuda, its tensor engine):
+#   DEVICE=cuda bash benches/compare_sae.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-200}"
 data="${SAE_BENCH_DATA:-target/sae-bench/synthetic.safetensors}"
 mkdir -p "$(dirname "$data")"
 [ -f "$data" ] || python3 benches/reference/sae_synthetic.py --out "$data" >&2
-cargo build --release --bench sae >&2
+device="${DEVICE:-cpu}"
+features=()
+[ "$device" = cpu ] || features=(--features cuda)
+cargo build --release --bench sae "${features[@]}" >&2
 bin=$(ls -t target/release/deps/sae-* | grep -v '\.d$' | head -1)
-rust=$(MONOSCOPE_SAE_COMPARE="$data" MONOSCOPE_SAE_STEPS="$steps" "$bin")
+rust=$(MONOSCOPE_SAE_COMPARE="$data" MONOSCOPE_SAE_STEPS="$steps" MONOSCOPE_SAE_DEVICE="$device" "$bin")
 torch=""
 for v in topk_dense topk_sparse relu_l1; do
-  torch+=$(python3 benches/reference/sae_torch.py --data "$data" --variant "$v" --steps "$steps")$'\n'
+  torch+=$(python3 benches/reference/sae_torch.py --data "$data" --variant "$v" --steps "$steps" \
+    --device "$device")$'\n'
 done
 python3 - "$rust" "$torch" <<'PY'
 import json, sys

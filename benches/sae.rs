@@ -5,12 +5,16 @@
 //! (the synthetic data of `benches/reference/sae_synthetic.py`) it instead trains with the exact
 //! recipe of `benches/reference/sae_torch.py` for `MONOSCOPE_SAE_STEPS` steps (default 200) and
 //! prints one JSON line per variant: tokens/s over the steps after the first 3, FVU and L0 on
-//! the file's `eval` rows.
+//! the file's `eval` rows. `MONOSCOPE_SAE_DEVICE=cuda` (a `--features cuda` build) runs those
+//! steps on the GPU with the tensor engine; `MONOSCOPE_SAE_ENGINE=tensors` picks the tensor
+//! engine on the CPU too (`kernels`, the hand-written CPU kernels, is the CPU's default).
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group};
+use monoscope::device::DeviceChoice;
+use monoscope::sae::run::{StepEngine, Trainer};
 use monoscope::sae::train::{BDecInit, SaeTrainer, TrainArchitecture, TrainConfig};
 
 const D_IN: usize = 512;
@@ -73,7 +77,7 @@ fn bench_steps(c: &mut Criterion) {
 criterion_group!(benches, bench_steps);
 
 /// Trains every variant on the reference data and prints a JSON line for each.
-fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
+fn compare(path: &str, steps: usize, engine: &StepEngine) -> anyhow::Result<()> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
     let rows = |key: &str| -> anyhow::Result<Vec<f32>> {
         let t = tensors
@@ -91,7 +95,8 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
     );
     let threads = rayon::current_num_threads();
     for (name, arch) in variants() {
-        let mut trainer = SaeTrainer::new(config(arch, steps), &train[..BATCH * D_IN])?;
+        let host = SaeTrainer::new(config(arch, steps), &train[..BATCH * D_IN])?;
+        let mut trainer = Trainer::new(host, engine)?;
         let mut timed_from = Instant::now();
         let mut last_loss = 0.0;
         for s in 0..steps {
@@ -104,7 +109,7 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
                 .loss;
         }
         let elapsed = timed_from.elapsed().as_secs_f64();
-        let sae = trainer.to_sae(1.0, &Device::Cpu)?;
+        let sae = trainer.with_host(|t| t.to_sae(1.0, &Device::Cpu))?;
         let x = Tensor::from_slice(&eval, (eval.len() / D_IN, D_IN), &Device::Cpu)?;
         let mut sq_err = 0f64;
         let mut active = 0f64;
@@ -139,6 +144,7 @@ fn compare(path: &str, steps: usize) -> anyhow::Result<()> {
                 "l0": active / n,
                 "final_loss": last_loss,
                 "threads": threads,
+                "engine": engine.describe(),
             })
         );
     }
@@ -152,7 +158,18 @@ fn main() -> anyhow::Result<()> {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(200);
-        return compare(&path, steps.max(WARMUP_STEPS + 1));
+        let device: DeviceChoice = std::env::var("MONOSCOPE_SAE_DEVICE")
+            .unwrap_or_else(|_| "cpu".into())
+            .parse()?;
+        let device = device.open()?;
+        let engine = match std::env::var("MONOSCOPE_SAE_ENGINE").as_deref() {
+            Err(_) => StepEngine::for_device(&device),
+            Ok("tensors") => StepEngine::Tensors(device),
+            Ok("kernels") if device.is_cpu() => StepEngine::Cpu,
+            Ok("kernels") => anyhow::bail!("MONOSCOPE_SAE_ENGINE=kernels runs on the CPU only"),
+            Ok(other) => anyhow::bail!("MONOSCOPE_SAE_ENGINE={other}: expected kernels or tensors"),
+        };
+        return compare(&path, steps.max(WARMUP_STEPS + 1), &engine);
     }
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""PyTorch reference SAE trainer for the Rust training speed/quality comparison (CPU, float32).
+"""PyTorch reference SAE trainer for the Rust training speed/quality comparison (float32; CPU,
+or a CUDA GPU with --device cuda).
 
 Usage: sae_torch.py --data FILE --variant {topk_dense,topk_sparse,relu_l1} --steps N
                     [--warmup 3] [--lr 4e-4] [--k 32] [--d-sae 8192] [--batch 4096] [--l1 L] [--seed 0]
+                    [--device cpu|cuda]
 Prints ONE JSON line: variant, steps, batch, tokens_per_second, fvu, l0, final_loss, torch, threads.
 
 Recipe (the Rust side implements exactly this):
@@ -26,7 +28,8 @@ Recipe (the Rust side implements exactly this):
 - Eval after training, no grad, on all of `eval` in chunks of 4096:
   FVU = sum ||x - x_hat||^2 / sum ||x - x_bar||^2 (pooled; x_bar = eval-set mean vector);
   L0 = mean number of nonzero acts per token.
-- Timing: time.perf_counter over steps warmup..steps-1 (the first `warmup` steps are untimed);
+- Timing: time.perf_counter over steps warmup..steps-1 (the first `warmup` steps are untimed;
+  on CUDA the device is synchronised before each clock reading);
   tokens_per_second = (steps - warmup) * batch / elapsed. final_loss = loss of the last step.
 - Default l1 = 20.0. On the synthetic data (200 steps, lr 4e-4) relu_l1 reaches eval L0 ~114,
   FVU ~0.93. L0 is limited by the lr, not by l1: on the training batch at step 200, l1 = 5 / 20 / 100
@@ -70,12 +73,15 @@ def main():
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--l1", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     data = load_file(args.data)
     train, evalx = data["train"].float().contiguous(), data["eval"].float().contiguous()
     n_train, d_model = train.shape
@@ -89,6 +95,8 @@ def main():
         "W_dec": w_dec.clone(),
         "b_dec": train[: args.batch].mean(0).clone(),
     }
+    p = {name: t.to(dev) for name, t in p.items()}
+    train, evalx = train.to(dev), evalx.to(dev)
     for t in p.values():
         t.requires_grad_(True)
     opt = torch.optim.Adam(list(p.values()), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -98,6 +106,7 @@ def main():
     start = None
     for step in range(args.steps):
         if step == args.warmup:
+            sync()
             start = time.perf_counter()
         lo = (step * args.batch) % n_train
         x = train[lo: lo + args.batch]
@@ -118,6 +127,7 @@ def main():
             with torch.no_grad():
                 p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True)
         loss_val = loss.item()
+    sync()
     elapsed = time.perf_counter() - start
     tps = (args.steps - args.warmup) * args.batch / elapsed
 
@@ -133,7 +143,7 @@ def main():
     print(json.dumps({
         "variant": args.variant, "steps": args.steps, "batch": args.batch,
         "tokens_per_second": tps, "fvu": sse / sst, "l0": nnz / evalx.shape[0],
-        "final_loss": loss_val, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "final_loss": loss_val, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev),
     }))
 
 

@@ -141,14 +141,15 @@ impl<'a> RunControl<'a> {
     }
 }
 
-/// The trainer of a run, on its engine.
-enum Trainer {
+/// A trainer on its engine: what [`run`] steps, and benchmarks too.
+pub enum Trainer {
     Cpu(Box<SaeTrainer>),
     Tensors(Box<TensorTrainer>),
 }
 
 impl Trainer {
-    fn new(host: SaeTrainer, engine: &StepEngine) -> Result<Self> {
+    /// Puts `host` (fresh or restored) on `engine`.
+    pub fn new(host: SaeTrainer, engine: &StepEngine) -> Result<Self> {
         Ok(match engine {
             StepEngine::Cpu => Self::Cpu(Box::new(host)),
             StepEngine::Tensors(device) => {
@@ -157,7 +158,7 @@ impl Trainer {
         })
     }
 
-    fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
+    pub fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
         match self {
             Self::Cpu(t) => t.step(x),
             Self::Tensors(t) => t.step(x),
@@ -165,7 +166,7 @@ impl Trainer {
     }
 
     /// Steps taken and rows trained on.
-    fn progress(&self) -> (u64, u64) {
+    pub fn progress(&self) -> (u64, u64) {
         match self {
             Self::Cpu(t) => (t.step, t.tokens),
             Self::Tensors(t) => (t.step, t.tokens),
@@ -174,7 +175,7 @@ impl Trainer {
 
     /// Calls `f` with the state as a host trainer (copied off the device for the tensor
     /// engine): checkpoints and the saved SAE are written from it.
-    fn with_host<R>(&self, f: impl FnOnce(&SaeTrainer) -> Result<R>) -> Result<R> {
+    pub fn with_host<R>(&self, f: impl FnOnce(&SaeTrainer) -> Result<R>) -> Result<R> {
         match self {
             Self::Cpu(t) => f(t),
             Self::Tensors(t) => f(&t.to_host()?),
