@@ -196,7 +196,9 @@ impl TensorTrainer {
 
         let dead = self.dead();
         let n_dead = dead.iter().filter(|&&d| d).count();
-        // Decoded latents (without b_dec) and how often each latent fired.
+        // Decoded latents (without b_dec) and how often each latent fired; ReLU's
+        // activations are kept for the L1 term.
+        let mut relu_acts = None;
         let (decoded, fired) = match self.config.architecture {
             TrainArchitecture::TopK { k, .. } => {
                 let latents = top_k_indices(&pre.detach(), k, SORT_WIDTH)?;
@@ -205,8 +207,11 @@ impl TensorTrainer {
                 (sparse_decode(w_dec, &latents, &acts)?, fired)
             }
             TrainArchitecture::Standard { .. } => {
+                let acts = pre.relu()?;
                 let fired = pre.gt(0f32)?.to_dtype(DType::F32)?.sum(0)?;
-                (pre.relu()?.matmul(w_dec)?, fired)
+                let decoded = acts.matmul(w_dec)?;
+                relu_acts = Some(acts);
+                (decoded, fired)
             }
             _ => return Err(unsupported(&self.config, &self.device)),
         };
@@ -214,23 +219,25 @@ impl TensorTrainer {
         let sq_error = e.sqr()?.sum_all()?;
         let mut loss = (&sq_error / rows as f64)?;
 
-        let auxiliary = match self.config.architecture {
-            TrainArchitecture::Standard { l1_coefficient } => {
+        let auxiliary = match (&self.config.architecture, relu_acts) {
+            (&TrainArchitecture::Standard { l1_coefficient }, Some(acts)) => {
                 // λ · Σ_b Σ_j f_j(x_b)·‖W_dec[j]‖ / B.
                 let lambda = l1_coefficient * self.config.penalty_scale(self.step) / rows as f32;
                 let norms = w_dec.sqr()?.sum(1)?.sqrt()?;
-                let acts = pre.relu()?;
                 Some(
                     (acts.sum(0)? * norms)?
                         .sum_all()?
                         .affine(f64::from(lambda), 0.0)?,
                 )
             }
-            TrainArchitecture::TopK {
-                aux_k,
-                aux_coefficient,
-                ..
-            } if n_dead > 0 && aux_k > 0 && aux_coefficient > 0.0 => {
+            (
+                &TrainArchitecture::TopK {
+                    aux_k,
+                    aux_coefficient,
+                    ..
+                },
+                _,
+            ) if n_dead > 0 && aux_k > 0 && aux_coefficient > 0.0 => {
                 // AuxK: the dead latents' largest pre-activations explain the residual
                 // x − x̂ (held fixed), decoded without b_dec.
                 let mask: Vec<f32> = dead
