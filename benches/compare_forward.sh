@@ -2,12 +2,19 @@
 # Runs the monoscope forward benchmark and the PyTorch reference on this machine, one after
 # the other, and prints tokens/s for each and their ratio (monoscope / PyTorch).
 #   pip install torch transformers && bash benches/compare_forward.sh
+# On a CUDA GPU, both there (monoscope built with --features cuda):
+#   DEVICE=cuda bash benches/compare_forward.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo bench --bench forward -- --noplot >&2
-est=target/criterion/forward/gpt2_small_cpu_b8x128_capture_mlp_post/new/estimates.json
+device="${DEVICE:-cpu}"
+features=()
+[ "$device" = cpu ] || features=(--features cuda)
+MONOSCOPE_FORWARD_DEVICE="$device" cargo bench --bench forward "${features[@]}" -- --noplot >&2
+tag=$([ "$device" = cpu ] && echo cpu || echo "${device/:/}")
+[ "$tag" = cuda ] && tag=cuda0
+est=target/criterion/forward/gpt2_small_${tag}_b8x128_capture_mlp_post/new/estimates.json
 rust_tps=$(python3 -c "import json;e=json.load(open('$est'));print(1024/(e['mean']['point_estimate']/1e9))")
-torch_json=$(python3 benches/reference/forward_torch.py)
+torch_json=$(python3 benches/reference/forward_torch.py --device "$device")
 torch_tps=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['tokens_per_second'])" "$torch_json")
 python3 - "$rust_tps" "$torch_tps" "$torch_json" <<'PY'
 import sys, json

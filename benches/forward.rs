@@ -1,5 +1,6 @@
 //! Forward-pass throughput of a GPT-2-small-shaped model (12 layers, d_model 768, random
-//! weights made here) on batch 8 × 128 tokens, capturing `blocks.6.mlp.hook_post`, on CPU.
+//! weights made here) on batch 8 × 128 tokens, capturing `blocks.6.mlp.hook_post`, on CPU
+//! (or on `MONOSCOPE_FORWARD_DEVICE=cuda` in a `--features cuda` build).
 //! benches/compare_forward.sh runs this beside the PyTorch reference and prints the ratio.
 //!
 //!     cargo bench --bench forward
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use monoscope::device::{DeviceChoice, device_name};
 use monoscope::model::{HookPoint, Hooks, Model};
 
 const LAYERS: usize = 12;
@@ -21,7 +23,7 @@ const SEQ: usize = 128;
 
 /// Writes a randomly initialised GPT-2-small in Hugging Face format and loads it through the
 /// normal loading path (config.json + model.safetensors + tokenizer.json).
-fn random_gpt2_small(dir: &std::path::Path) -> Model {
+fn random_gpt2_small(dir: &std::path::Path, device: &Device) -> Model {
     let dev = Device::Cpu;
     let randn = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
     let ones = |n: usize| Tensor::ones(n, DType::F32, &dev).unwrap();
@@ -59,25 +61,38 @@ fn random_gpt2_small(dir: &std::path::Path) -> Model {
         "/tests/fixtures/models/gpt2/tokenizer.json"
     );
     std::fs::copy(tokenizer, dir.join("tokenizer.json")).unwrap();
-    Model::load(dir, &dev, DType::F32).unwrap()
+    Model::load(dir, device, DType::F32).unwrap()
 }
 
 fn forward(c: &mut Criterion) {
     monoscope::allocator::keep_freed_buffers(); // as the binary does
+    let device: DeviceChoice = std::env::var("MONOSCOPE_FORWARD_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .unwrap();
+    let device = device.open().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let model = random_gpt2_small(dir.path());
+    let model = random_gpt2_small(dir.path(), &device);
     let ids = Tensor::rand(0f32, VOCAB as f32, (BATCH, SEQ), &Device::Cpu)
         .unwrap()
         .to_dtype(DType::U32)
+        .unwrap()
+        .to_device(&device)
         .unwrap();
     let hooks = Hooks::new().capture([HookPoint::MlpPost(6)]);
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
-    group.bench_function("gpt2_small_cpu_b8x128_capture_mlp_post", |b| {
+    // `cpu` or `cuda0`: the GPU's kernels run asynchronously, so each pass waits for them.
+    let name = format!(
+        "gpt2_small_{}_b8x128_capture_mlp_post",
+        device_name(&device).replace(':', "")
+    );
+    group.bench_function(name, |b| {
         b.iter(|| {
             let out = model.forward(&ids, &hooks).unwrap();
             assert_eq!(out.cache.len(), 1);
+            device.synchronize().unwrap();
             out
         })
     });

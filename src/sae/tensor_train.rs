@@ -263,14 +263,17 @@ impl TensorTrainer {
             loss = (loss + a)?;
         }
         let grads = loss.backward()?;
+        // Detached: a gradient computed from the variables records how, and Adam's moments
+        // built from it would otherwise chain every past step's graph.
         let mut g: Vec<Tensor> = self
             .params
             .iter()
             .map(|p| match grads.get(p.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+                Some(g) => Ok(g.detach()),
                 None => p.as_tensor().zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
+        let w_dec = &w_dec.detach();
         let constrains = self.config.architecture.constrains_decoder();
         if constrains {
             // Keep steps tangent to the unit-norm rows: g[j] −= (g[j]·w[j] / ‖w[j]‖²) w[j].
@@ -304,7 +307,7 @@ impl TensorTrainer {
             let v = ((&self.adam_v[i] * f64::from(b2))? + (g.sqr()? * f64::from(1.0 - b2))?)?;
             let denom = ((v.sqrt()? / f64::from(c2_sqrt))? + f64::from(self.config.eps))?;
             let update = (m.affine(f64::from(lr / c1), 0.0)? / denom)?;
-            let mut value = (self.params[i].as_tensor() - update)?;
+            let mut value = (self.params[i].as_tensor().detach() - update)?;
             if i == W_DEC && constrains {
                 let norms = value.sqr()?.sum_keepdim(1)?.sqrt()?;
                 value = value.broadcast_div(&norms.maximum(f32::MIN_POSITIVE)?)?;

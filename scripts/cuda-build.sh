@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds monoscope with `--features cuda` on a machine without a CUDA toolkit or GPU, and packs
+# what a GPU machine without Rust needs to run the GPU checks (scripts/gpu-check.sh) into
+# .gpu/ (git-ignored; small enough to copy over: the device tool's `carry`).
+#
+# The toolkit comes from PyPI (NVIDIA's CUDA 13.0 wheels: nvcc, headers, cuBLAS, cuRAND,
+# NVRTC) into ~/.cache/monoscope/cuda13; the driver library is linked against a stub made here
+# (libcuda.so.1 exports only names; the GPU machine's driver provides the real one). PTX is
+# built for compute capability $CUDA_COMPUTE_CAP (default 90: H100/H200).
+#   bash scripts/cuda-build.sh            # build, then pack .gpu/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="${MONOSCOPE_CUDA_ROOT:-$HOME/.cache/monoscope/cuda13}"
+cuda="$root/nvidia/cu13"
+if [ ! -x "$cuda/bin/nvcc" ]; then
+  mkdir -p "$root/wheels"
+  for pkg in nvidia-cuda-nvcc nvidia-cuda-crt nvidia-cuda-cccl nvidia-cuda-runtime \
+    nvidia-cuda-nvrtc nvidia-cublas nvidia-nvvm; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+      --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 \
+      -d "$root/wheels" "$pkg==13.0.*"
+  done
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_27_x86_64 -d "$root/wheels" "nvidia-curand==10.4.0.*"
+  for w in "$root"/wheels/*.whl; do (cd "$root" && python3 -m zipfile -e "$w" .); done
+  chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/*
+  ln -sfn lib "$cuda/lib64"
+  for f in "$cuda"/lib/lib{cublas,cublasLt,cudart,curand,nvrtc}.so.*; do
+    case "$f" in *alt*|*builtins*) continue ;; esac
+    ln -sf "$(basename "$f")" "${f%%.so.*}.so"
+  done
+  # The driver API names cudarc links against, as empty functions in a libcuda.so.1 stub.
+  mkdir -p "$cuda/lib/stubs"
+  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -type d -name 'cudarc-*' \
+    2>/dev/null | sort -V | tail -1)
+  if [ -z "$cudarc" ]; then
+    cargo fetch --locked
+    cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -name 'cudarc-*' |
+      sort -V | tail -1)
+  fi
+  grep -ohE "fn cu[A-Za-z0-9_]+" "$cudarc"/src/driver/sys/mod.rs | sort -u |
+    sed 's/fn \(.*\)/void \1(void) {}/' >"$root/cuda_stub.c"
+  cc -shared -fPIC -o "$cuda/lib/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 "$root/cuda_stub.c"
+fi
+export CUDA_ROOT="$cuda" PATH="$cuda/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+export LIBRARY_PATH="$cuda/lib:$cuda/lib/stubs"
+cargo build --release --locked --features cuda --bin monoscope --test oracle --bench sae \
+  --bench forward
+
+# Pack: stripped, compressed binaries and the system libraries they need beyond glibc.
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
+newest() { ls -t "$@" | grep -v '\.d$' | head -1; }
+for pair in "monoscope:target/release/monoscope" \
+  "oracle:$(newest target/release/deps/oracle-*)" \
+  "sae_bench:$(newest target/release/deps/sae-*)" \
+  "forward_bench:$(newest target/release/deps/forward-*)"; do
+  strip -o ".gpu/bin/${pair%%:*}" "${pair#*:}"
+done
+for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
+  cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" .gpu/lib/
+done
+xz -T0 -6 .gpu/bin/* .gpu/lib/*
+pwd >.gpu/built_at # the test binaries find their fixtures below the path they were built at
+du -sh .gpu
