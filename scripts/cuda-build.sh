@@ -31,13 +31,9 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
   done
   # The driver API names cudarc links against, as empty functions in a libcuda.so.1 stub.
   mkdir -p "$cuda/lib/stubs"
-  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -type d -name 'cudarc-*' \
-    2>/dev/null | sort -V | tail -1)
-  if [ -z "$cudarc" ]; then
-    cargo fetch --locked
-    cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -name 'cudarc-*' |
-      sort -V | tail -1)
-  fi
+  cargo fetch --locked
+  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -name 'cudarc-*' |
+    sort -V | tail -1)
   grep -ohE "fn cu[A-Za-z0-9_]+" "$cudarc"/src/driver/sys/mod.rs | sort -u |
     sed 's/fn \(.*\)/void \1(void) {}/' >"$root/cuda_stub.c"
   cc -shared -fPIC -o "$cuda/lib/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 "$root/cuda_stub.c"
