@@ -3,13 +3,14 @@
 # the other, and prints tokens/s for each and their ratio (monoscope / PyTorch).
 #   pip install torch transformers && bash benches/compare_forward.sh
 # On a CUDA GPU, both there (monoscope built with --features cuda):
-#   DEVICE=cuda bash benches/compare_forward.sh
+#   DEVICE=cuda bash benches/compare_forward.sh             (DEVICE: cpu, cuda or cuda:N)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 device="${DEVICE:-cpu}"
 features=()
 [ "$device" = cpu ] || features=(--features cuda)
-MONOSCOPE_FORWARD_DEVICE="$device" cargo bench --bench forward "${features[@]}" -- --noplot >&2
+MONOSCOPE_FORWARD_DEVICE="$device" cargo bench --bench forward ${features[@]+"${features[@]}"} \
+  -- --noplot >&2
 tag=$([ "$device" = cpu ] && echo cpu || echo "${device/:/}")
 [ "$tag" = cuda ] && tag=cuda0
 est=target/criterion/forward/gpt2_small_${tag}_b8x128_capture_mlp_post/new/estimates.json

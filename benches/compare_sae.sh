@@ -5,7 +5,7 @@
 # the ratios. Usage (needs torch, numpy, safetensors):
 #   pip install torch numpy safetensors && bash benches/compare_sae.sh [STEPS]
 # On a CUDA GPU both sides run there (monoscope built with --features cuda, its tensor engine):
-#   DEVICE=cuda bash benches/compare_sae.sh [STEPS]
+#   DEVICE=cuda bash benches/compare_sae.sh [STEPS]        (DEVICE: cpu, cuda or cuda:N)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${1:-200}"
@@ -15,8 +15,8 @@ mkdir -p "$(dirname "$data")"
 device="${DEVICE:-cpu}"
 features=()
 [ "$device" = cpu ] || features=(--features cuda)
-cargo build --release --bench sae "${features[@]}" >&2
-bin=$(ls -t target/release/deps/sae-* | grep -v '\.d$' | head -1)
+bin=$(cargo build --release --bench sae ${features[@]+"${features[@]}"} \
+  --message-format=json-render-diagnostics | python3 scripts/executables.py bench:sae)
 rust=$(MONOSCOPE_SAE_COMPARE="$data" MONOSCOPE_SAE_STEPS="$steps" MONOSCOPE_SAE_DEVICE="$device" "$bin")
 torch=""
 for v in topk_dense topk_sparse relu_l1; do

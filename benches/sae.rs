@@ -163,7 +163,8 @@ fn main() -> anyhow::Result<()> {
             .parse()?;
         let device = device.open()?;
         let engine = match std::env::var("MONOSCOPE_SAE_ENGINE").as_deref() {
-            Err(_) => StepEngine::for_device(&device),
+            Err(_) if device.is_cpu() => StepEngine::Cpu,
+            Err(_) => StepEngine::Tensors(device),
             Ok("tensors") => StepEngine::Tensors(device),
             Ok("kernels") if device.is_cpu() => StepEngine::Cpu,
             Ok("kernels") => anyhow::bail!("MONOSCOPE_SAE_ENGINE=kernels runs on the CPU only"),

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${MONOSCOPE_CUDA_ROOT:-$HOME/.cache/monoscope/cuda13}"
 cuda="$root/nvidia/cu13"
-if [ ! -x "$cuda/bin/nvcc" ]; then
+if [ ! -f "$root/ready" ]; then
   mkdir -p "$root/wheels"
   for pkg in nvidia-cuda-nvcc nvidia-cuda-crt nvidia-cuda-cccl nvidia-cuda-runtime \
     nvidia-cuda-nvrtc nvidia-cublas nvidia-nvvm; do
@@ -32,26 +32,25 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
   # The driver API names cudarc links against, as empty functions in a libcuda.so.1 stub.
   mkdir -p "$cuda/lib/stubs"
   cargo fetch --locked
-  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -name 'cudarc-*' |
-    sort -V | tail -1)
+  version=$(awk '/^name = "cudarc"$/ {getline; gsub(/[^0-9.]/, ""); print}' Cargo.lock)
+  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d \
+    -name "cudarc-$version" | head -1)
   grep -ohE "fn cu[A-Za-z0-9_]+" "$cudarc"/src/driver/sys/mod.rs | sort -u |
     sed 's/fn \(.*\)/void \1(void) {}/' >"$root/cuda_stub.c"
   cc -shared -fPIC -o "$cuda/lib/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 "$root/cuda_stub.c"
+  touch "$root/ready"
 fi
 export CUDA_ROOT="$cuda" PATH="$cuda/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$cuda/lib:$cuda/lib/stubs"
-cargo build --release --locked --features cuda --bin monoscope --test oracle --bench sae \
-  --bench forward
+mapfile -t built < <(cargo build --release --locked --features cuda --bin monoscope \
+  --test oracle --bench sae --bench forward --message-format=json-render-diagnostics |
+  python3 scripts/executables.py bin:monoscope test:oracle bench:sae bench:forward)
+[ ${#built[@]} -eq 4 ] || { echo "the build gave no executables" >&2; exit 1; }
 
 # Pack: stripped, compressed binaries and the system libraries they need beyond glibc.
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
-newest() { ls -t "$@" | grep -v '\.d$' | head -1; }
-for pair in "monoscope:target/release/monoscope" \
-  "oracle:$(newest target/release/deps/oracle-*)" \
-  "sae_bench:$(newest target/release/deps/sae-*)" \
-  "forward_bench:$(newest target/release/deps/forward-*)"; do
-  strip -o ".gpu/bin/${pair%%:*}" "${pair#*:}"
-done
+names=(monoscope oracle sae_bench forward_bench)
+for i in 0 1 2 3; do strip -o ".gpu/bin/${names[$i]}" "${built[$i]}"; done
 for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
   cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" .gpu/lib/
 done

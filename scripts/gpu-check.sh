@@ -14,6 +14,7 @@ steps="${1:-200}"
 out="${OUT:-.gpu/out}"
 work=/tmp/monoscope-gpu
 mkdir -p "$out" "$work/bin" "$work/lib"
+: >"$out/summary.txt"
 unpack() { # xz, or Python's lzma where the machine has no xz
   if command -v xz >/dev/null; then xz -dc "$1"; else python3 -c \
     "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)" "$1"; fi
@@ -26,13 +27,19 @@ chmod +x "$work"/bin/*
 # The test binaries read fixtures below the folder they were built in.
 built_at=$(cat .gpu/built_at)
 [ -e "$built_at" ] || { mkdir -p "$(dirname "$built_at")" && ln -s "$PWD" "$built_at"; }
-# cuBLAS, cuRAND, NVRTC and the CUDA runtime (13.x): the toolkit's, or PyTorch's wheels'.
+# cuBLAS, cuRAND, NVRTC and the CUDA runtime of CUDA 13 (the build's): the toolkit's, or
+# those of the Python packages' NVIDIA wheels. The driver must be 580 or newer.
 libs=$work/lib
-for name in libcublas.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
-  found=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu \
-    "$(python3 -c 'import site; print(site.getsitepackages()[0])')/nvidia" \
-    -name "$name" 2>/dev/null | head -1)
-  [ -n "$found" ] && libs="$libs:$(dirname "$found")" || echo "not found: $name" >&2
+mapfile -t places < <(python3 -c 'import site
+for p in site.getsitepackages() + [site.getusersitepackages()]: print(p + "/nvidia")')
+for name in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+  found=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu "${places[@]}" -name "$name" \
+    2>/dev/null | head -1)
+  if [ -z "$found" ]; then
+    echo "no $name on this machine: the build needs CUDA 13's libraries" | tee -a "$out/summary.txt"
+    exit 1
+  fi
+  libs="$libs:$(dirname "$found")"
 done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 nvidia-smi -L | tee "$out/gpu.txt"
@@ -61,6 +68,7 @@ python3 benches/reference/sae_ratios.py "$rust" "$torch" | tee -a "$out/summary.
 echo "== 4. the binary on the bundled model, on cuda" | tee -a "$out/summary.txt"
 "$work/bin/monoscope" generate --device cuda --prompt "The capital of Japan is" \
   --max-new-tokens 4 2>&1 | tee -a "$out/summary.txt"
+rm -rf /tmp/sae-gpu
 "$work/bin/monoscope" sae train --device cuda --hook blocks.4.mlp.hook_post \
   --out /tmp/sae-gpu --tokens 200000 --batch-size 1024 --lr 1e-3 --log-every 20 \
   >"$out/sae_train.log" 2>&1

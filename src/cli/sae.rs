@@ -285,7 +285,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         total,
         "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
     )?;
-    let engine = StepEngine::for_device(&model.device);
+    let engine = StepEngine::for_run(&model.device, &settings.train);
     eprintln!(
         "training a {} SAE ({d_in} → {d_sae}) on {} over {} for {} tokens, with {}",
         settings.train.architecture.name(),

@@ -94,9 +94,11 @@ pub enum StepEngine {
 }
 
 impl StepEngine {
-    /// The hand-written kernels on the CPU, tensors on any other device.
-    pub fn for_device(device: &Device) -> Self {
-        if device.is_cpu() {
+    /// The engine for training `config` beside a model on `device`: tensors on a GPU where
+    /// they train this architecture; otherwise the CPU kernels (the activations come to the
+    /// host).
+    pub fn for_run(device: &Device, config: &TrainConfig) -> Self {
+        if device.is_cpu() || TensorTrainer::supports(config, device).is_err() {
             Self::Cpu
         } else {
             Self::Tensors(device.clone())

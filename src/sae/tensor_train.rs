@@ -25,8 +25,8 @@ const W_DEC: usize = 1;
 const B_ENC: usize = 2;
 const B_DEC: usize = 3;
 
-/// Widest row candle's CUDA arg-sort takes comfortably (it holds a padded row in shared
-/// memory); wider rows are ranked in blocks of this width first.
+/// Rows wider than this are ranked in blocks first: candle's CUDA arg-sort holds a row,
+/// padded to a power of two, in 48 KB of shared memory, so it takes at most 8,192 columns.
 const SORT_WIDTH: usize = 4096;
 
 /// Training state on a device: parameters as autograd variables, Adam moments, and the
@@ -200,6 +200,8 @@ impl TensorTrainer {
         // activations are kept for the L1 term.
         let mut relu_acts = None;
         let (decoded, fired) = match self.config.architecture {
+            // (ReLU's gradient at exactly 0 is 1 in candle and 0 in the CPU kernels: a tie of
+            // measure zero.)
             TrainArchitecture::TopK { k, .. } => {
                 let latents = top_k_indices(&pre.detach(), k, SORT_WIDTH)?;
                 let acts = pre.gather(&latents, 1)?.relu()?;
@@ -248,14 +250,18 @@ impl TensorTrainer {
                 let masked = pre.broadcast_add(&mask)?;
                 let latents = top_k_indices(&masked.detach(), aux_k.min(n_dead), SORT_WIDTH)?;
                 let acts = masked.gather(&latents, 1)?.relu()?;
-                let e_aux = (sparse_decode(w_dec, &latents, &acts)? + e.detach())?;
-                let scale = (n_dead as f32 / aux_k as f32).min(1.0) * aux_coefficient;
-                Some(
-                    e_aux
-                        .sqr()?
-                        .sum_all()?
-                        .affine(f64::from(scale) / rows as f64, 0.0)?,
-                )
+                if acts.max_all()?.to_scalar::<f32>()? > 0.0 {
+                    let e_aux = (sparse_decode(w_dec, &latents, &acts)? + e.detach())?;
+                    let scale = (n_dead as f32 / aux_k as f32).min(1.0) * aux_coefficient;
+                    Some(
+                        e_aux
+                            .sqr()?
+                            .sum_all()?
+                            .affine(f64::from(scale) / rows as f64, 0.0)?,
+                    )
+                } else {
+                    None // no dead latent would fire: no term, as the CPU trainer has it
+                }
             }
             _ => None,
         };
@@ -376,13 +382,14 @@ fn unsupported(config: &TrainConfig, device: &Device) -> Error {
 }
 
 /// Indices (`u32`, `[rows, k]`, largest first) of the `k` largest values of each row of
-/// `scores` (`[rows, n]`). Rows wider than `width` are ranked in blocks of `width` first, and
-/// the blocks' top `k` then ranked together (in blocks again if still wider).
+/// `scores` (`[rows, n]`). Rows wider than `width` (or than `2k` rounded up to a power of two,
+/// whichever is more) are ranked in blocks of that width first, and the blocks' top `k` then
+/// ranked together, in blocks again while still wider: each round halves the row at least.
 pub fn top_k_indices(scores: &Tensor, k: usize, width: usize) -> Result<Tensor> {
     let (rows, n) = scores.dims2()?;
+    let width = width.max((2 * k).next_power_of_two());
     let blocks = n.div_ceil(width);
-    // Blocks help only while their candidates are fewer than the row (the recursion shrinks).
-    if n <= width || k >= width || blocks * k >= n {
+    if n <= width {
         return Ok(scores
             .arg_sort_last_dim(false)?
             .narrow(1, 0, k)?
@@ -424,14 +431,14 @@ fn sparse_decode(w_dec: &Tensor, latents: &Tensor, acts: &Tensor) -> Result<Tens
         .sum(1)?)
 }
 
-/// How many times each latent fired in the batch (`f32`, `[d_sae]`).
+/// How many times each latent fired in the batch (`f32`, `[d_sae]`): scattered per row, then
+/// summed over rows (an `index_add` into `[d_sae]` would run as one CUDA thread over all pairs).
 fn latent_counts(latents: &Tensor, fired: &Tensor, d_sae: usize) -> Result<Tensor> {
-    let zeros = Tensor::zeros(d_sae, DType::F32, latents.device())?;
-    Ok(zeros.index_add(
-        &latents.flatten_all()?,
-        &fired.flatten_all()?.to_dtype(DType::F32)?,
-        0,
-    )?)
+    let rows = latents.dim(0)?;
+    let zeros = Tensor::zeros((rows, d_sae), DType::F32, latents.device())?;
+    Ok(zeros
+        .scatter_add(latents, &fired.to_dtype(DType::F32)?, 1)?
+        .sum(0)?)
 }
 
 #[cfg(test)]
@@ -570,16 +577,18 @@ mod tests {
 
     #[test]
     fn blocked_top_k_picks_what_a_full_sort_picks() {
-        let (rows, n, k) = (5, 37, 6);
+        let (rows, n) = (5, 37);
         let scores = Tensor::from_vec(random(rows * n, 3), (rows, n), &Device::Cpu).unwrap();
-        let full = top_k_indices(&scores, k, n).unwrap();
-        for width in [4, 5, 8, 16] {
-            let blocked = top_k_indices(&scores, k, width).unwrap();
-            assert_eq!(
-                full.to_vec2::<u32>().unwrap(),
-                blocked.to_vec2::<u32>().unwrap(),
-                "width {width}"
-            );
+        for k in [1, 2, 6] {
+            let full = top_k_indices(&scores, k, n).unwrap();
+            for width in [2, 4, 5, 8, 16] {
+                let blocked = top_k_indices(&scores, k, width).unwrap();
+                assert_eq!(
+                    full.to_vec2::<u32>().unwrap(),
+                    blocked.to_vec2::<u32>().unwrap(),
+                    "k {k}, width {width}"
+                );
+            }
         }
     }
 

@@ -261,7 +261,7 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         &settings,
         &metadata,
         &out,
-        RunControl::new(job.cancel_flag()).on(StepEngine::for_device(&model.device)),
+        RunControl::new(job.cancel_flag()).on(StepEngine::for_run(&model.device, &settings.train)),
         |m| {
             job.wait_while_paused();
             job.set_progress(m.step, total, "steps");
