@@ -13,26 +13,20 @@ cd "$(dirname "$0")/.."
 steps="${1:-200}"
 out="${OUT:-.gpu/out}"
 work=/tmp/monoscope-gpu
-mkdir -p "$out" "$work/bin" "$work/lib"
+mkdir -p "$out" "$work"
 : >"$out/summary.txt"
-unpack() { # xz, or Python's lzma where the machine has no xz
-  if command -v xz >/dev/null; then xz -dc "$1"; else python3 -c \
-    "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)" "$1"; fi
-}
-for f in .gpu/bin/*.xz .gpu/lib/*.xz; do
-  dir=$work/$(basename "$(dirname "$f")")
-  unpack "$f" >"$dir/$(basename "${f%.xz}")"
-done
+python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+  .gpu/monoscope-gpu.tar.xz "$work"
 chmod +x "$work"/bin/*
 # The test binaries read fixtures below the folder they were built in.
 built_at=$(cat .gpu/built_at)
 [ -e "$built_at" ] || { mkdir -p "$(dirname "$built_at")" && ln -s "$PWD" "$built_at"; }
-# cuBLAS, cuRAND, NVRTC and the CUDA runtime of CUDA 13 (the build's): the toolkit's, or
+# cuBLAS, cuRAND and the CUDA runtime of CUDA 13 (the build's): the toolkit's, or
 # those of the Python packages' NVIDIA wheels. The driver must be 580 or newer.
 libs=$work/lib
 mapfile -t places < <(python3 -c 'import site
 for p in site.getsitepackages() + [site.getusersitepackages()]: print(p + "/nvidia")')
-for name in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+for name in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
   found=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu "${places[@]}" -name "$name" \
     2>/dev/null | head -1)
   if [ -z "$found" ]; then
