@@ -99,6 +99,34 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join(saelens::WEIGHTS_FILE), &Device::Cpu).unwrap()
 }
 
+/// Trains into `out` on `engine`, cancelled after step 9 (a checkpoint is written); calls
+/// `between` with the checkpointed folder, then resumes in a fresh source to the end.
+fn cancel_at_9_then_resume(
+    model: &Model,
+    text: &Path,
+    s: &RunSettings,
+    out: &Path,
+    engine: StepEngine,
+    between: impl FnOnce(),
+) {
+    let cancel = AtomicBool::new(false);
+    let mut src = source(model, text);
+    let meta = metadata(&src);
+    let control = RunControl::new(&cancel).on(engine.clone());
+    let outcome = run(&mut src, s, &meta, out, control, |m| {
+        if m.step == 9 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
+    between();
+    let mut src = source(model, text);
+    let never = AtomicBool::new(false);
+    let control = RunControl::new(&never).on(engine).resuming(true);
+    run(&mut src, s, &meta, out, control, |_| {}).unwrap();
+}
+
 /// The tensor engine (what trains on a CUDA device), run on the CPU: it trains the SAE the
 /// hand-written kernels train, and a cancelled run resumes to the same weights bit for bit.
 #[test]
@@ -107,7 +135,6 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
     let text = corpus(tmp.path());
     let model = model();
     let never = AtomicBool::new(false);
-    let tensors = || RunControl::new(&never).on(StepEngine::Tensors(Device::Cpu));
     let (kernels_dir, tensors_dir) = (tmp.path().join("kernels"), tmp.path().join("tensors"));
     let mut src = source(&model, &text);
     let s = settings(src.d_in(), 24);
@@ -123,7 +150,8 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
     .unwrap();
     let mut src = source(&model, &text);
     let mut aux_ran = false;
-    run(&mut src, &s, &meta, &tensors_dir, tensors(), |m| {
+    let tensors = RunControl::new(&never).on(StepEngine::Tensors(Device::Cpu));
+    run(&mut src, &s, &meta, &tensors_dir, tensors, |m| {
         aux_ran |= m.auxiliary_loss > 0.0;
     })
     .unwrap();
@@ -142,26 +170,8 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
     }
 
     let resumed = tmp.path().join("resumed");
-    let cancel = AtomicBool::new(false);
-    let mut src = source(&model, &text);
-    let control = RunControl::new(&cancel).on(StepEngine::Tensors(Device::Cpu));
-    let outcome = run(&mut src, &s, &meta, &resumed, control, |m| {
-        if m.step == 9 {
-            cancel.store(true, Ordering::Relaxed);
-        }
-    })
-    .unwrap();
-    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
-    let mut src = source(&model, &text);
-    run(
-        &mut src,
-        &s,
-        &meta,
-        &resumed,
-        tensors().resuming(true),
-        |_| {},
-    )
-    .unwrap();
+    let engine = StepEngine::Tensors(Device::Cpu);
+    cancel_at_9_then_resume(&model, &text, &s, &resumed, engine, || {});
     let c = weights(&resumed);
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
         assert_eq!(
@@ -197,48 +207,23 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     };
     assert_eq!(last.step, 24);
 
-    // Cancel after step 9 (a checkpoint is written), then resume in a fresh source.
     let resumed = tmp.path().join("resumed");
-    let cancel = AtomicBool::new(false);
-    let mut src = source(&model, &text);
-    let outcome = run(
-        &mut src,
-        &s,
-        &meta,
-        &resumed,
-        RunControl::new(&cancel),
-        |m| {
-            if m.step == 9 {
-                cancel.store(true, Ordering::Relaxed);
-            }
-        },
-    )
-    .unwrap();
-    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
-    assert!(resumed.join("training/checkpoint/state.json").is_file());
-    assert!(!resumed.join(saelens::CONFIG_FILE).exists());
-    // Without --resume the folder is refused.
-    let mut src = source(&model, &text);
-    let err = run(
-        &mut src,
-        &s,
-        &meta,
-        &resumed,
-        RunControl::new(&never),
-        |_| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("checkpoint"), "{err}");
-    let mut src = source(&model, &text);
-    run(
-        &mut src,
-        &s,
-        &meta,
-        &resumed,
-        RunControl::new(&never).resuming(true),
-        |_| {},
-    )
-    .unwrap();
+    cancel_at_9_then_resume(&model, &text, &s, &resumed, StepEngine::Cpu, || {
+        assert!(resumed.join("training/checkpoint/state.json").is_file());
+        assert!(!resumed.join(saelens::CONFIG_FILE).exists());
+        // Without --resume the folder is refused.
+        let mut src = source(&model, &text);
+        let err = run(
+            &mut src,
+            &s,
+            &meta,
+            &resumed,
+            RunControl::new(&never),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("checkpoint"), "{err}");
+    });
 
     let (a, b) = (weights(&straight), weights(&resumed));
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {

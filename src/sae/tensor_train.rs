@@ -14,7 +14,9 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 
-use super::train::{SaeTrainer, StepMetrics, TrainArchitecture, TrainConfig, TrainerCounters};
+use super::train::{
+    SaeTrainer, StepMetrics, TrainArchitecture, TrainConfig, TrainerCounters, batch_rows,
+};
 use crate::error::{Error, Result};
 
 /// Names of the trained tensors in [`SaeTrainer::state_tensors`], in `TensorTrainer::params`
@@ -174,14 +176,7 @@ impl TensorTrainer {
     /// [`SaeTrainer::step`].
     pub fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
         let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
-        if x.is_empty() || x.len() % d_in != 0 {
-            return Err(Error::InvalidArgument {
-                what: "SAE training batch",
-                value: format!("{} values", x.len()),
-                message: format!("not a whole number of rows of width d_in = {d_in}"),
-            });
-        }
-        let rows = x.len() / d_in;
+        let rows = batch_rows(x, d_in)?;
         let x = Tensor::from_slice(x, (rows, d_in), &self.device)?;
         let (w_enc_t, w_dec) = (
             self.params[W_ENC_T].as_tensor(),
@@ -502,31 +497,22 @@ mod tests {
             let x = batch(step);
             let a = host.step(&x).unwrap();
             let b = device.step(&x).unwrap();
-            let close = |u: f64, v: f64| (u - v).abs() <= 1e-4 * u.abs().max(1.0);
-            assert!(
-                close(a.loss, b.loss),
-                "step {step}: loss {} vs {}",
-                a.loss,
-                b.loss
-            );
-            assert!(
-                close(a.fvu, b.fvu),
-                "step {step}: fvu {} vs {}",
-                a.fvu,
-                b.fvu
-            );
-            assert!(
-                close(a.auxiliary_loss, b.auxiliary_loss),
-                "step {step}: auxiliary {} vs {}",
-                a.auxiliary_loss,
-                b.auxiliary_loss
-            );
+            for (what, u, v) in [
+                ("loss", a.loss, b.loss),
+                ("fvu", a.fvu, b.fvu),
+                ("auxiliary loss", a.auxiliary_loss, b.auxiliary_loss),
+                ("grad norm", a.grad_norm, b.grad_norm),
+            ] {
+                assert!(
+                    (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                    "step {step}: {what} {u} vs {v}"
+                );
+            }
             assert_eq!(
                 (a.l0, a.dead_fraction),
                 (b.l0, b.dead_fraction),
                 "step {step}"
             );
-            assert!(close(a.grad_norm, b.grad_norm), "step {step}");
             saw_aux |= a.auxiliary_loss > 0.0;
         }
         assert!(saw_aux, "the auxiliary term never ran");

@@ -542,14 +542,7 @@ impl SaeTrainer {
     /// Forward pass and gradients (into each parameter's `grad`) for the batch `x`.
     fn backward(&mut self, x: &[f32]) -> Result<Pass> {
         let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
-        if x.is_empty() || x.len() % d_in != 0 {
-            return Err(Error::InvalidArgument {
-                what: "SAE training batch",
-                value: format!("{} values", x.len()),
-                message: format!("not a whole number of rows of width d_in = {d_in}"),
-            });
-        }
-        let rows = x.len() / d_in;
+        let rows = batch_rows(x, d_in)?;
         let step = self.step;
         let penalty_scale = self.config.penalty_scale(step);
         let arch = self.config.architecture.clone();
@@ -994,6 +987,18 @@ impl SaeTrainer {
         trainer.batch_threshold = counters.batch_threshold;
         Ok(trainer)
     }
+}
+
+/// The rows of a training batch `x` of width `d_in`; an error unless it has a whole number.
+pub(crate) fn batch_rows(x: &[f32], d_in: usize) -> Result<usize> {
+    if x.is_empty() || x.len() % d_in != 0 {
+        return Err(Error::InvalidArgument {
+            what: "SAE training batch",
+            value: format!("{} values", x.len()),
+            message: format!("not a whole number of rows of width d_in = {d_in}"),
+        });
+    }
+    Ok(x.len() / d_in)
 }
 
 /// What [`SaeTrainer::backward`] leaves for the update.
