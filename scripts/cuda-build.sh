@@ -42,18 +42,18 @@ if [ ! -f "$root/ready" ]; then
 fi
 export CUDA_ROOT="$cuda" PATH="$cuda/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$cuda/lib:$cuda/lib/stubs"
+names=(monoscope oracle sae_tests sae_bench forward_bench)
 mapfile -t built < <(cargo build --release --locked --features cuda --bin monoscope \
-  --test oracle --bench sae --bench forward --message-format=json-render-diagnostics |
-  python3 scripts/executables.py bin:monoscope test:oracle bench:sae bench:forward)
-[ ${#built[@]} -eq 4 ] || { echo "the build gave no executables" >&2; exit 1; }
+  --test oracle --test sae --bench sae --bench forward --message-format=json-render-diagnostics |
+  python3 scripts/executables.py bin:monoscope test:oracle test:sae bench:sae bench:forward)
+[ ${#built[@]} -eq ${#names[@]} ] || { echo "the build gave no executables" >&2; exit 1; }
 
 # Pack: the stripped binaries and the system libraries they need beyond glibc, in one xz
-# archive whose window spans them all (each binary holds the same CUDA kernels: 250 MB packs
+# archive whose window spans them all (each binary holds the same CUDA kernels: ~300 MB packs
 # into ~20 MB).
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
-names=(monoscope oracle sae_bench forward_bench)
-for i in 0 1 2 3; do strip -o "$stage/bin/${names[$i]}" "${built[$i]}"; done
+for i in "${!names[@]}"; do strip -o "$stage/bin/${names[$i]}" "${built[$i]}"; done
 for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
   cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" "$stage/lib/"
 done

@@ -2,7 +2,8 @@
 # The GPU checks, on a CUDA machine that has PyTorch and transformers but no Rust: run from the
 # repository root with .gpu/ beside it (made by `bash scripts/cuda-build.sh` on a build
 # machine). In one go, for issue 2 (point 12) and issue 4 (points 3 and 9):
-#   1. the oracle tests, on the CPU and on CUDA (every architecture against transformers);
+#   1. the oracle tests, on the CPU and on CUDA (every architecture against transformers), and
+#      the SAE tensor engine on CUDA against the CPU kernels;
 #   2. the forward pass (GPT-2-small shape, batch 8 × 128) against PyTorch on the same GPU;
 #   3. SAE training (topk and relu-l1, d_in 512 → 8192, batch 4096) against PyTorch there;
 #   4. the binary on the bundled model: `generate` and a short `sae train` on CUDA.
@@ -38,8 +39,10 @@ done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 nvidia-smi -L | tee "$out/gpu.txt"
 
-echo "== 1. oracle tests" | tee -a "$out/summary.txt"
+echo "== 1. oracle tests; the SAE tensor engine on cuda against the CPU kernels" |
+  tee -a "$out/summary.txt"
 "$work/bin/oracle" --test-threads 1 2>&1 | tee "$out/oracle.log" | tail -3 | tee -a "$out/summary.txt"
+"$work/bin/sae_tests" on_cuda 2>&1 | tee "$out/sae_tests.log" | tail -3 | tee -a "$out/summary.txt"
 
 echo "== 2. forward pass, GPT-2-small shape, batch 8 x 128, on cuda" | tee -a "$out/summary.txt"
 MONOSCOPE_FORWARD_DEVICE=cuda "$work/bin/forward_bench" --bench --noplot 2>&1 |

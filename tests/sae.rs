@@ -127,16 +127,12 @@ fn cancel_at_9_then_resume(
     run(&mut src, s, &meta, out, control, |_| {}).unwrap();
 }
 
-/// The tensor engine (what trains on a CUDA device), run on the CPU: it trains the SAE the
-/// hand-written kernels train, and a cancelled run resumes to the same weights bit for bit.
-#[test]
-fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let text = corpus(tmp.path());
-    let model = model();
+/// Trains the test SAE with the CPU kernels and with the tensor engine on `device`, checks
+/// that they reach the same weights, and returns the tensor engine's output folder.
+fn engines_train_the_same_sae(model: &Model, text: &Path, dir: &Path, device: Device) -> PathBuf {
     let never = AtomicBool::new(false);
-    let (kernels_dir, tensors_dir) = (tmp.path().join("kernels"), tmp.path().join("tensors"));
-    let mut src = source(&model, &text);
+    let (kernels_dir, tensors_dir) = (dir.join("kernels"), dir.join("tensors"));
+    let mut src = source(model, text);
     let s = settings(src.d_in(), 24);
     let meta = metadata(&src);
     run(
@@ -148,9 +144,9 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
         |_| {},
     )
     .unwrap();
-    let mut src = source(&model, &text);
+    let mut src = source(model, text);
     let mut aux_ran = false;
-    let tensors = RunControl::new(&never).on(StepEngine::Tensors(Device::Cpu));
+    let tensors = RunControl::new(&never).on(StepEngine::Tensors(device));
     run(&mut src, &s, &meta, &tensors_dir, tensors, |m| {
         aux_ran |= m.auxiliary_loss > 0.0;
     })
@@ -168,7 +164,19 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
         let err = max_abs_diff(&a[key], &b[key]) / scale;
         assert!(err < 1e-3, "{key}: the engines differ by {err} (relative)");
     }
+    tensors_dir
+}
 
+/// The tensor engine (what trains on a CUDA device), run on the CPU: it trains the SAE the
+/// hand-written kernels train, and a cancelled run resumes to the same weights bit for bit.
+#[test]
+fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let tensors_dir = engines_train_the_same_sae(&model, &text, tmp.path(), Device::Cpu);
+    let b = weights(&tensors_dir);
+    let s = settings(source(&model, &text).d_in(), 24);
     let resumed = tmp.path().join("resumed");
     let engine = StepEngine::Tensors(Device::Cpu);
     cancel_at_9_then_resume(&model, &text, &s, &resumed, engine, || {});
@@ -180,6 +188,20 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
             "{key} differs after resume"
         );
     }
+}
+
+/// The same on a CUDA GPU (a `--features cuda` build on a machine with one; skipped
+/// otherwise): the SAE's steps run there, the model stays on the CPU.
+#[test]
+fn the_tensor_engine_on_cuda_trains_the_same_sae() {
+    if !candle_core::utils::cuda_is_available() {
+        eprintln!("no CUDA in this build: skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let device = Device::new_cuda(0).unwrap();
+    engines_train_the_same_sae(&model(), &text, tmp.path(), device);
 }
 
 #[test]
