@@ -283,11 +283,13 @@ impl TensorTrainer {
                 .broadcast_div(&w_dec.sqr()?.sum_keepdim(1)?.maximum(f32::MIN_POSITIVE)?)?;
             g[W_DEC] = (&g[W_DEC] - along.broadcast_mul(w_dec)?)?;
         }
-        let mut grad_sq = 0f64;
-        for t in &g {
-            grad_sq += f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?);
-        }
-        let grad_norm = grad_sq.sqrt();
+        // One read-back for the norm (each one waits for the GPU).
+        let squares = g
+            .iter()
+            .map(|t| t.sqr()?.sum_all()?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let grad_sq: Vec<f32> = Tensor::cat(&squares, 0)?.to_vec1()?;
+        let grad_norm = grad_sq.iter().map(|&v| f64::from(v)).sum::<f64>().sqrt();
         if let Some(clip) = self.config.grad_clip
             && grad_norm > f64::from(clip)
         {
