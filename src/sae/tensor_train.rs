@@ -299,7 +299,8 @@ impl TensorTrainer {
             }
         }
 
-        // Adam, as `cpu::AdamStep`.
+        // Adam, as `cpu::AdamStep` (candle-nn's AdamW keeps its moments private; checkpoints
+        // need them, in the CPU trainer's layout).
         let lr = self.config.lr_at(self.step);
         let t = (self.step + 1) as i32;
         let (b1, b2) = (self.config.beta1, self.config.beta2);
