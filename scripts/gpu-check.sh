@@ -7,7 +7,8 @@
 #   2. the forward pass (GPT-2-small shape, batch 8 × 128) against PyTorch on the same GPU;
 #   3. SAE training (topk and relu-l1, d_in 512 → 8192, batch 4096) against PyTorch there;
 #   4. the binary on the bundled model: `generate` and a short `sae train` on CUDA.
-# Logs go to $OUT (or .gpu/out); the summary is printed last.
+# Logs go to $OUT (or .gpu/out), six files (the device tool brings back eight at most); the
+# summary is printed last.
 #   bash scripts/gpu-check.sh [SAE_STEPS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ out="${OUT:-.gpu/out}"
 work=/tmp/monoscope-gpu
 mkdir -p "$out" "$work"
 : >"$out/summary.txt"
+: >"$out/other.log"
 python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
   .gpu/monoscope-gpu.tar.xz "$work"
 chmod +x "$work"/bin/*
@@ -37,12 +39,12 @@ for name in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; d
   libs="$libs:$(dirname "$found")"
 done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
-nvidia-smi -L | tee "$out/gpu.txt"
+nvidia-smi -L 2>&1 | tee -a "$out/summary.txt"
 
 echo "== 1. oracle tests; the SAE tensor engine on cuda against the CPU kernels" |
   tee -a "$out/summary.txt"
-"$work/bin/oracle" --test-threads 1 2>&1 | tee "$out/oracle.log" | tail -3 | tee -a "$out/summary.txt"
-"$work/bin/sae_tests" on_cuda 2>&1 | tee "$out/sae_tests.log" | tail -3 | tee -a "$out/summary.txt"
+"$work/bin/oracle" --test-threads 1 2>&1 | tee "$out/tests.log" | tail -3 | tee -a "$out/summary.txt"
+"$work/bin/sae_tests" on_cuda 2>&1 | tee -a "$out/tests.log" | tail -3 | tee -a "$out/summary.txt"
 
 echo "== 2. forward pass, GPT-2-small shape, batch 8 x 128, on cuda" | tee -a "$out/summary.txt"
 MONOSCOPE_FORWARD_DEVICE=cuda "$work/bin/forward_bench" --bench --noplot 2>&1 |
@@ -51,9 +53,9 @@ python3 benches/reference/forward_torch.py --device cuda 2>&1 | tee -a "$out/sum
 
 echo "== 3. SAE training, $steps steps, on cuda" | tee -a "$out/summary.txt"
 data=/tmp/sae-synthetic.safetensors
-[ -f "$data" ] || python3 benches/reference/sae_synthetic.py --out "$data" >"$out/synthetic.log" 2>&1
+[ -f "$data" ] || python3 benches/reference/sae_synthetic.py --out "$data" >>"$out/other.log" 2>&1
 rust=$(MONOSCOPE_SAE_COMPARE="$data" MONOSCOPE_SAE_STEPS="$steps" MONOSCOPE_SAE_DEVICE=cuda \
-  "$work/bin/sae_bench" 2>"$out/sae_bench.err")
+  "$work/bin/sae_bench" 2>>"$out/other.log")
 torch=""
 for v in topk_dense topk_sparse relu_l1; do
   torch+=$(python3 benches/reference/sae_torch.py --data "$data" --variant "$v" --steps "$steps" \
