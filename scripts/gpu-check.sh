@@ -24,14 +24,14 @@ chmod +x "$work"/bin/*
 # The test binaries read fixtures below the folder they were built in.
 built_at=$(cat .gpu/built_at)
 [ -e "$built_at" ] || { mkdir -p "$(dirname "$built_at")" && ln -s "$PWD" "$built_at"; }
-# cuBLAS, cuRAND and the CUDA runtime of CUDA 13 (the build's): the toolkit's, or
-# those of the Python packages' NVIDIA wheels. The driver must be 580 or newer.
+# The driver's libcuda, and cuBLAS, cuRAND and the CUDA runtime of CUDA 13 (the build's): the
+# toolkit's, or those of the Python packages' NVIDIA wheels. The driver must be 580 or newer.
 libs=$work/lib
 mapfile -t places < <(python3 -c 'import site
 for p in site.getsitepackages() + [site.getusersitepackages()]: print(p + "/nvidia")')
-for name in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
-  found=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu "${places[@]}" -name "$name" \
-    2>/dev/null | head -1)
+for name in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+  found=$(find /usr/local/nvidia/ /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /usr/lib64 \
+    "${places[@]}" -name "$name" -not -path '*/stubs/*' 2>/dev/null | head -1)
   if [ -z "$found" ]; then
     echo "no $name on this machine: the build needs CUDA 13's libraries" | tee -a "$out/summary.txt"
     exit 1
