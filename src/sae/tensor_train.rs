@@ -15,7 +15,8 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor, Var};
 
 use super::train::{
-    SaeTrainer, StepMetrics, TrainArchitecture, TrainConfig, TrainerCounters, batch_rows,
+    FiringCounters, SaeTrainer, StepMetrics, TrainArchitecture, TrainConfig, TrainerCounters,
+    batch_rows,
 };
 use crate::error::{Error, Result};
 
@@ -44,9 +45,7 @@ pub struct TensorTrainer {
     log_threshold: Tensor,
     pub step: u64,
     pub tokens: u64,
-    tokens_since_fired: Vec<u64>,
-    fire_counts: Vec<u64>,
-    fire_tokens: u64,
+    firing: FiringCounters,
     batch_threshold: f32,
 }
 
@@ -92,16 +91,6 @@ impl TensorTrainer {
             adam_v.push(load(format!("{name}.adam_v"), i)?);
         }
         let counters = host.state_counters();
-        let counts = |key: &str| -> Result<Vec<u64>> {
-            let t = state.get(key).ok_or_else(|| Error::MissingTensor {
-                dir: "the trainer's state".into(),
-                key: key.into(),
-            })?;
-            Ok(t.to_vec1::<i64>()?
-                .into_iter()
-                .map(|c| c.max(0) as u64)
-                .collect())
-        };
         let log_threshold = state.get("log_threshold").cloned().unwrap_or(Tensor::zeros(
             0,
             DType::F32,
@@ -114,9 +103,7 @@ impl TensorTrainer {
             log_threshold,
             step: counters.step,
             tokens: counters.tokens,
-            tokens_since_fired: counts("tokens_since_fired")?,
-            fire_counts: counts("fire_counts")?,
-            fire_tokens: counters.fire_tokens,
+            firing: host.firing.clone(),
             batch_threshold: counters.batch_threshold,
             device: device.clone(),
             config,
@@ -144,18 +131,12 @@ impl TensorTrainer {
             };
             state.insert(format!("log_threshold{suffix}"), t);
         }
-        for (name, counts) in [
-            ("fire_counts", &self.fire_counts),
-            ("tokens_since_fired", &self.tokens_since_fired),
-        ] {
-            let values: Vec<i64> = counts.iter().map(|&c| c as i64).collect();
-            state.insert(name.into(), Tensor::from_vec(values, counts.len(), &cpu)?);
-        }
+        self.firing.insert_tensors(&mut state)?;
         let counters = TrainerCounters {
             step: self.step,
             tokens: self.tokens,
             batch_threshold: self.batch_threshold,
-            fire_tokens: self.fire_tokens,
+            fire_tokens: self.firing.fire_tokens,
         };
         SaeTrainer::from_state(
             self.config.clone(),
@@ -163,13 +144,6 @@ impl TensorTrainer {
             &state,
             Path::new("the device trainer's state"),
         )
-    }
-
-    fn dead(&self) -> Vec<bool> {
-        self.tokens_since_fired
-            .iter()
-            .map(|&t| t >= self.config.dead_after_tokens)
-            .collect()
     }
 
     /// One optimisation step on `x` (`[rows, d_in]`, finite values): the same update as
@@ -189,7 +163,7 @@ impl TensorTrainer {
         let x_in = x.broadcast_sub(b_dec)?;
         let pre = x_in.matmul(&w_enc_t.t()?)?.broadcast_add(b_enc)?;
 
-        let dead = self.dead();
+        let dead = self.firing.dead_mask(self.config.dead_after_tokens);
         let n_dead = dead.iter().filter(|&&d| d).count();
         // Decoded latents (without b_dec) and how often each latent fired; ReLU's
         // activations are kept for the L1 term.
@@ -323,15 +297,11 @@ impl TensorTrainer {
 
         // Counters, on the host.
         let fired: Vec<f32> = fired.to_vec1()?;
-        for (since, &f) in self.tokens_since_fired.iter_mut().zip(&fired) {
-            *since = if f > 0.0 { 0 } else { *since + rows as u64 };
-        }
-        if self.step >= self.config.total_steps / 2 {
-            for (c, &f) in self.fire_counts.iter_mut().zip(&fired) {
-                *c += f as u64;
-            }
-            self.fire_tokens += rows as u64;
-        }
+        self.firing.record(
+            fired.iter().map(|&f| f as u64),
+            rows as u64,
+            self.step >= self.config.total_steps / 2,
+        );
         let total_variance = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
         let sq_error = f64::from(sq_error.to_scalar::<f32>()?);
         let auxiliary_loss = match auxiliary {
@@ -340,11 +310,6 @@ impl TensorTrainer {
         };
         self.step += 1;
         self.tokens += rows as u64;
-        let dead_now = self
-            .tokens_since_fired
-            .iter()
-            .filter(|&&t| t >= self.config.dead_after_tokens)
-            .count();
         let mse = sq_error / rows as f64;
         Ok(StepMetrics {
             step: self.step,
@@ -354,7 +319,7 @@ impl TensorTrainer {
             fvu: sq_error / f64::from(total_variance.to_scalar::<f32>()?).max(f64::MIN_POSITIVE),
             l0: fired.iter().map(|&f| f64::from(f)).sum::<f64>() / rows as f64,
             auxiliary_loss,
-            dead_fraction: dead_now as f64 / d_sae as f64,
+            dead_fraction: self.firing.dead_fraction(self.config.dead_after_tokens),
             lr,
             grad_norm,
         })

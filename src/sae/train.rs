@@ -392,14 +392,10 @@ pub struct SaeTrainer {
     pub step: u64,
     /// Rows trained on.
     pub tokens: u64,
-    /// Tokens since each latent last fired.
-    tokens_since_fired: Vec<u64>,
+    /// When each latent last fired, and how often in the second half.
+    pub(crate) firing: FiringCounters,
     /// Running BatchTopK threshold (smallest kept activation, averaged).
     batch_threshold: f32,
-    /// Firings per latent over the second half of training, for `sparsity.safetensors`.
-    fire_counts: Vec<u64>,
-    /// Rows those counts cover.
-    fire_tokens: u64,
     x_in: Vec<f32>,
     pre: Vec<f32>,
     x_hat: Vec<f32>,
@@ -440,10 +436,8 @@ impl SaeTrainer {
             ],
             step: 0,
             tokens: 0,
-            tokens_since_fired: vec![0; d_sae],
+            firing: FiringCounters::new(d_sae),
             batch_threshold: 0.0,
-            fire_counts: vec![0; d_sae],
-            fire_tokens: 0,
             x_in: Vec::new(),
             pre: Vec::new(),
             x_hat: Vec::new(),
@@ -453,16 +447,12 @@ impl SaeTrainer {
     }
 
     fn dead_mask(&self) -> Vec<bool> {
-        self.tokens_since_fired
-            .iter()
-            .map(|&t| t >= self.config.dead_after_tokens)
-            .collect()
+        self.firing.dead_mask(self.config.dead_after_tokens)
     }
 
     /// Fraction of latents dead right now.
     pub fn dead_fraction(&self) -> f64 {
-        let dead = self.dead_mask().iter().filter(|&&d| d).count();
-        dead as f64 / self.config.d_sae as f64
+        self.firing.dead_fraction(self.config.dead_after_tokens)
     }
 
     /// One optimisation step on `x` (`[rows, d_in]`, finite values).
@@ -504,15 +494,11 @@ impl SaeTrainer {
             normalize_rows(&mut self.params[W_DEC].value, d_in);
         }
 
-        for (t, &f) in self.tokens_since_fired.iter_mut().zip(&pass.fire_counts) {
-            *t = if f > 0 { 0 } else { *t + rows as u64 };
-        }
-        if self.step >= self.config.total_steps / 2 {
-            for (c, &f) in self.fire_counts.iter_mut().zip(&pass.fire_counts) {
-                *c += u64::from(f);
-            }
-            self.fire_tokens += rows as u64;
-        }
+        self.firing.record(
+            pass.fire_counts.iter().map(|&f| u64::from(f)),
+            rows as u64,
+            self.step >= self.config.total_steps / 2,
+        );
         if let TrainArchitecture::BatchTopK { threshold_lr, .. } = *arch
             && let Some(min) = pass.smallest_activation
         {
@@ -896,14 +882,7 @@ impl SaeTrainer {
                 );
             }
         }
-        // safetensors has no u64: counters go as i64.
-        for (name, counts) in [
-            ("fire_counts", &self.fire_counts),
-            ("tokens_since_fired", &self.tokens_since_fired),
-        ] {
-            let values: Vec<i64> = counts.iter().map(|&t| t as i64).collect();
-            out.insert(name.into(), Tensor::from_vec(values, counts.len(), &dev)?);
-        }
+        self.firing.insert_tensors(&mut out)?;
         Ok(out)
     }
 
@@ -913,15 +892,16 @@ impl SaeTrainer {
             step: self.step,
             tokens: self.tokens,
             batch_threshold: self.batch_threshold,
-            fire_tokens: self.fire_tokens,
+            fire_tokens: self.firing.fire_tokens,
         }
     }
 
     /// log10 of each latent's firing frequency over the second half of training (SAELens'
     /// `sparsity`; −10 for latents that never fired).
     pub fn log_sparsity(&self) -> Vec<f32> {
-        let n = self.fire_tokens.max(1) as f64;
-        self.fire_counts
+        let n = self.firing.fire_tokens.max(1) as f64;
+        self.firing
+            .fire_counts
             .iter()
             .map(|&c| (c as f64 / n + 1e-10).log10() as f32)
             .collect()
@@ -979,9 +959,11 @@ impl SaeTrainer {
                 .map(|t| t.max(0) as u64)
                 .collect())
         };
-        trainer.tokens_since_fired = counts("tokens_since_fired")?;
-        trainer.fire_counts = counts("fire_counts")?;
-        trainer.fire_tokens = counters.fire_tokens;
+        trainer.firing = FiringCounters {
+            tokens_since_fired: counts("tokens_since_fired")?,
+            fire_counts: counts("fire_counts")?,
+            fire_tokens: counters.fire_tokens,
+        };
         trainer.step = counters.step;
         trainer.tokens = counters.tokens;
         trainer.batch_threshold = counters.batch_threshold;
@@ -1012,6 +994,81 @@ struct Pass {
     auxiliary_loss: f64,
     fire_counts: Vec<u32>,
     smallest_activation: Option<f32>,
+}
+
+/// Per-latent firing records, kept alike by both training engines: what AuxK and the dead
+/// fraction read, and the second half's counts for `sparsity.safetensors`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct FiringCounters {
+    /// Tokens since each latent last fired.
+    pub(crate) tokens_since_fired: Vec<u64>,
+    /// Firings per latent over the second half of training.
+    pub(crate) fire_counts: Vec<u64>,
+    /// Rows those counts cover.
+    pub(crate) fire_tokens: u64,
+}
+
+impl FiringCounters {
+    fn new(d_sae: usize) -> Self {
+        Self {
+            tokens_since_fired: vec![0; d_sae],
+            fire_counts: vec![0; d_sae],
+            fire_tokens: 0,
+        }
+    }
+
+    /// Which latents have been silent for `dead_after` tokens.
+    pub(crate) fn dead_mask(&self, dead_after: u64) -> Vec<bool> {
+        self.tokens_since_fired
+            .iter()
+            .map(|&t| t >= dead_after)
+            .collect()
+    }
+
+    pub(crate) fn dead_fraction(&self, dead_after: u64) -> f64 {
+        let dead = self.tokens_since_fired.iter().filter(|&&t| t >= dead_after);
+        dead.count() as f64 / self.tokens_since_fired.len().max(1) as f64
+    }
+
+    /// Records a step of `rows` rows in which latent `j` fired `fired[j]` times; the counts
+    /// for the sparsity file only in the second half of training.
+    pub(crate) fn record(
+        &mut self,
+        fired: impl IntoIterator<Item = u64>,
+        rows: u64,
+        second_half: bool,
+    ) {
+        for ((since, count), f) in self
+            .tokens_since_fired
+            .iter_mut()
+            .zip(self.fire_counts.iter_mut())
+            .zip(fired)
+        {
+            *since = if f > 0 { 0 } else { *since + rows };
+            if second_half {
+                *count += f;
+            }
+        }
+        if second_half {
+            self.fire_tokens += rows;
+        }
+    }
+
+    /// Adds `fire_counts` and `tokens_since_fired` to a checkpoint's tensors (as i64:
+    /// safetensors has no u64).
+    pub(crate) fn insert_tensors(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        for (name, counts) in [
+            ("fire_counts", &self.fire_counts),
+            ("tokens_since_fired", &self.tokens_since_fired),
+        ] {
+            let values: Vec<i64> = counts.iter().map(|&t| t as i64).collect();
+            out.insert(
+                name.into(),
+                Tensor::from_vec(values, counts.len(), &Device::Cpu)?,
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Scalar training counters saved with a checkpoint.
@@ -1496,7 +1553,7 @@ mod tests {
         );
         // Every third latent has been silent for longer than the dead window.
         let dead: Vec<bool> = (0..d_sae).map(|j| j % 3 == 0).collect();
-        for (t_since, &d) in t.tokens_since_fired.iter_mut().zip(&dead) {
+        for (t_since, &d) in t.firing.tokens_since_fired.iter_mut().zip(&dead) {
             *t_since = if d { t.config.dead_after_tokens } else { 0 };
         }
         let x = random(rows * d_in, 8, 1.0);
