@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Makes the Python environment for the export checker and notebooks: a venv at
 # ${MONOSCOPE_PYENV:-~/.cache/monoscope/pyenv} with pyarrow, pandas, duckdb, nbclient, nbformat,
-# ipykernel and matplotlib. Reuses the venv as it is when it already imports all of them (no
-# network); otherwise installs what is missing (python3 and python3-venv with apt-get on
+# ipykernel, matplotlib and safetensors (for notebooks/read_a_trace.ipynb). Reuses the venv as
+# it is when it already imports all of them (no network); otherwise installs what is missing (python3 and python3-venv with apt-get on
 # Debian/Ubuntu, the packages from PyPI). Registers nothing outside the venv.
 # Prints one line on stdout, the absolute path of the venv's python; progress goes to stderr.
 #
 #   py=$(bash scripts/python-env.sh) && "$py" tests/python/check_export.py export
 set -euo pipefail
 env_dir="${MONOSCOPE_PYENV:-$HOME/.cache/monoscope/pyenv}"
-packages=(pyarrow pandas duckdb nbclient nbformat ipykernel matplotlib)
+packages=(pyarrow pandas duckdb nbclient nbformat ipykernel matplotlib safetensors)
 imports="import $(IFS=,; echo "${packages[*]}")"
 py="$env_dir/bin/python"
 

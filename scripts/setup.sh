@@ -7,6 +7,7 @@
 # Extra Debian packages given as arguments are installed too when missing (the test and
 # screenshot scripts name theirs: `bash scripts/setup.sh mesa-vulkan-drivers`).
 set -euo pipefail
+CALLER_PATH="$PATH"
 need=()
 for pkg in "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -25,11 +26,30 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  if [ -x "$HOME/.cargo/bin/cargo" ]; then
-    echo "cargo is in ~/.cargo/bin: add it to PATH (source ~/.cargo/env)" >&2
+# Rust: the locked dependencies need rustc 1.89 or newer (Debian 12 and Ubuntu 24.04 ship
+# older ones), and CI's fmt and clippy checks need those two components.
+MIN_RUST=1.89
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+rust_ok() {
+  local v
+  v=$(rustc --version 2>/dev/null | awk '{print $2}') || return 1
+  [ -n "$v" ] && [ "$(printf '%s\n%s\n' "$MIN_RUST" "$v" | sort -V | head -1)" = "$MIN_RUST" ]
+}
+if ! rust_ok; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "updating Rust with rustup (rustc >= $MIN_RUST needed)" >&2
+    rustup toolchain install stable --profile minimal -c rustfmt,clippy
+    rustup default stable
   else
-    echo "installing Rust with rustup" >&2
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    echo "installing Rust with rustup (rustc >= $MIN_RUST needed)" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+      sh -s -- -y --profile minimal -c rustfmt,clippy
   fi
+  . "$HOME/.cargo/env"
+fi
+if command -v rustup >/dev/null 2>&1 && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+if [[ ":$CALLER_PATH:" != *":$HOME/.cargo/bin:"* && -x "$HOME/.cargo/bin/cargo" ]]; then
+  echo "note: cargo is in ~/.cargo/bin; a new shell (or '. ~/.cargo/env') puts it on PATH" >&2
 fi

@@ -77,13 +77,16 @@ impl Restore {
         }
     }
 
-    /// The layers restored together when tracing `layer`.
+    /// The layers restored together when tracing `layer`: a window centred on it, cut short
+    /// at the first and last layers (ROME's `trace_with_repatch` window:
+    /// `max(0, L − ⌊w/2⌋) .. min(n, L + ⌈w/2⌉)`), never less than the layer itself.
     fn layers(self, layer: usize, window: usize, n_layers: usize) -> Range<usize> {
         match self {
             Restore::Hidden => layer..layer + 1,
             _ => {
                 let lo = layer.saturating_sub(window / 2);
-                lo..(lo + window.max(1)).min(n_layers)
+                let hi = (layer + window.div_ceil(2)).min(n_layers).max(layer + 1);
+                lo..hi
             }
         }
     }
@@ -185,7 +188,8 @@ pub fn target_tokens(model: &Model, prompt: &str, target: &str) -> Result<Vec<u3
 }
 
 /// σ of the token embeddings of these subjects (all their tokens, all channels), the unit of
-/// the corruption noise.
+/// the corruption noise: measured where the noise is added, at `hook_embed` (after Gemma's
+/// √d_model scale).
 pub fn subject_embedding_std(model: &Model, subjects: &[impl AsRef<str>]) -> Result<f64> {
     let mut ids = Vec::new();
     for s in subjects {
@@ -210,7 +214,8 @@ pub fn subject_embedding_std(model: &Model, subjects: &[impl AsRef<str>]) -> Res
         .sqr()?
         .mean_all()?
         .to_scalar::<f64>()?;
-    Ok(var.sqrt())
+    let scale = model.transformer.embed_scale.unwrap_or(1.0);
+    Ok(var.sqrt() * scale.abs())
 }
 
 /// Probability of `target` at the last position of each sequence of `logits`
@@ -264,6 +269,13 @@ pub fn trace(
     let p_clean = mean_target_prob(&clean.logits, target_id)?;
 
     // Noise on the subject's embeddings only, one draw per sample, fixed by the seed.
+    if !(settings.noise_sigmas >= 0.0 && settings.noise_sigmas.is_finite()) {
+        return Err(Error::InvalidArgument {
+            what: "noise",
+            value: settings.noise_sigmas.to_string(),
+            message: "must be a number of σ ≥ 0".into(),
+        });
+    }
     let n = settings.samples.max(1);
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let scale = settings.noise_sigmas * sigma;
@@ -314,4 +326,26 @@ pub fn trace(
         positions,
         p_restored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Restore;
+
+    #[test]
+    fn the_restored_window_is_centred_and_cut_short_at_the_edges() {
+        let window = |layer, w| Restore::Mlp.layers(layer, w, 8);
+        // ROME's range(max(0, L − w//2), min(n, L − (−w//2))).
+        assert_eq!(window(0, 3), 0..2);
+        assert_eq!(window(1, 3), 0..3);
+        assert_eq!(window(4, 3), 3..6);
+        assert_eq!(window(7, 3), 6..8);
+        assert_eq!(window(0, 10), 0..5);
+        assert_eq!(window(5, 10), 0..8);
+        assert_eq!(window(4, 4), 2..6);
+        // At least the traced layer, whatever the window.
+        assert_eq!(window(3, 1), 3..4);
+        assert_eq!(window(3, 0), 3..4);
+        assert_eq!(Restore::Hidden.layers(3, 10, 8), 3..4);
+    }
 }

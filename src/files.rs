@@ -16,6 +16,19 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Refuses an empty output path: it would name the current folder, and writing results there
+/// replaces whatever files of the same names it holds.
+pub fn require_output_path(what: &'static str, path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument {
+            what,
+            value: String::new(),
+            message: "is empty; name the folder or file to write".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Writes through a temporary file in the same folder, then renames into place.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     write_atomic_with(path, write)

@@ -146,7 +146,8 @@ pub fn content_hash(dir: &Path, names: &[&str]) -> Result<String> {
     let mut files: Vec<PathBuf> = Vec::new();
     for name in names {
         if name.contains('*') {
-            let pattern = dir.join(name);
+            // The folder's own name may hold glob syntax ("gpt2 [ft]"): escape it.
+            let pattern = Path::new(&glob::Pattern::escape(&dir.to_string_lossy())).join(name);
             let matches = glob::glob(&pattern.to_string_lossy())
                 .map_err(|e| Error::io(dir, std::io::Error::other(e.to_string())))?;
             files.extend(matches.filter_map(std::result::Result::ok));

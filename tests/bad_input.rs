@@ -267,3 +267,133 @@ fn trace_never_overwrites_an_existing_file() {
         "no temporary file left behind"
     );
 }
+
+#[test]
+fn a_zero_size_in_the_config_is_named_not_a_panic() {
+    for (model_type, key) in [
+        ("gpt2", "n_head"),
+        ("gpt2", "n_layer"),
+        ("gpt_neox", "num_attention_heads"),
+        ("llama", "num_attention_heads"),
+        ("gemma", "num_hidden_layers"),
+    ] {
+        let dir = scratch_copy(model_type);
+        let path = dir.path().join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json[key] = 0.into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        let msg = load_err(dir.path());
+        assert!(
+            msg.contains(key) && msg.contains("config.json") && msg.contains("at least 1"),
+            "{model_type}: {msg}"
+        );
+    }
+}
+
+/// An empty `--out` (an unset shell variable) would name the current folder and replace the
+/// files there: every command that writes refuses it, naming the flag, and writes nothing.
+#[test]
+fn an_empty_output_path_is_refused_by_every_command_that_writes() {
+    let cwd = tempfile::tempdir().unwrap();
+    let gpt2 = fixture_dir("gpt2");
+    let gpt2 = gpt2.to_str().unwrap();
+    let cases: &[&[&str]] = &[
+        &["world", "build", "--out", ""],
+        &[
+            "trace",
+            "--model",
+            gpt2,
+            "--prompt",
+            "hi",
+            "--hooks",
+            "hook_embed",
+            "--out",
+            "",
+        ],
+        &["export", "--sae", "assets/sae/world-l4-topk", "--out", ""],
+        &[
+            "features",
+            "build",
+            "--sae",
+            "assets/sae/world-l4-topk",
+            "--out",
+            "",
+        ],
+        &[
+            "sae",
+            "train",
+            "--hook",
+            "blocks.4.mlp.hook_post",
+            "--out",
+            "",
+        ],
+        &[
+            "trace-fact",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Tokyo",
+            "--out",
+            "",
+        ],
+        &[
+            "edit",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Japan",
+            "--target",
+            " Seoul",
+            "--out",
+            "",
+        ],
+    ];
+    for args in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+            .args(*args)
+            .current_dir(cwd.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--out") && stderr.contains("empty"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+/// An SAE file holding inf (a diverged f16 save) is refused when it loads, naming the
+/// tensor, instead of hanging the statistics that would read its codes.
+#[test]
+fn an_sae_with_infinite_weights_is_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sae/world-l4-topk");
+    for name in ["cfg.json", "sae_weights.safetensors"] {
+        std::fs::copy(src.join(name), tmp.path().join(name)).unwrap();
+    }
+    let path = tmp.path().join("sae_weights.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let b_enc = tensors["b_enc"].to_dtype(DType::F32).unwrap();
+    let mut values = b_enc.to_vec1::<f32>().unwrap();
+    values[7] = f32::INFINITY;
+    let b_enc = Tensor::new(values, &Device::Cpu)
+        .unwrap()
+        .to_dtype(tensors["b_enc"].dtype());
+    tensors.insert("b_enc".into(), b_enc.unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = match monoscope::sae::saelens::load(tmp.path(), &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("an SAE with inf in b_enc should not load"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("b_enc") && err.contains("inf"), "{err}");
+}

@@ -625,6 +625,7 @@ fn a_guarded_memit_batch_leaves_the_edit_prompts_other_tokens_alone() {
                 guard_prompt_tokens: guard,
                 // Every distinct key, so every other token is held exactly.
                 guard_novelty: 1e-3,
+                ..MemitSettings::default()
             },
             |_| {},
         )

@@ -121,3 +121,41 @@ fn a_subject_missing_from_the_prompt_is_named_with_the_prompts_tokens() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The corruption noise's unit σ is the spread of the subject's embeddings where the noise is
+/// added, at `hook_embed` (after Gemma's √d_model scale), on every architecture.
+#[test]
+fn the_noise_unit_is_the_spread_of_hook_embed_on_every_architecture() {
+    use monoscope::model::{HookPoint, Hooks, Model};
+    let mut dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.push("tests/fixtures/models");
+    for model_type in ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"] {
+        let model = Model::load(
+            &dir.join(model_type),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F64,
+        )
+        .unwrap();
+        let subjects = ["Japan", "日本"];
+        let sigma = monoscope::causal::subject_embedding_std(&model, &subjects).unwrap();
+        let mut values = Vec::new();
+        for s in subjects {
+            let ids = model.tokenizer.encode(s).unwrap();
+            let out = model
+                .forward(
+                    &model.ids_tensor(&ids).unwrap(),
+                    &Hooks::new().capture([HookPoint::Embed]),
+                )
+                .unwrap();
+            let embed = out.cache.require(HookPoint::Embed).unwrap();
+            values.extend(embed.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+        }
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+        let expected = var.sqrt();
+        assert!(
+            (sigma - expected).abs() <= 1e-9 * expected,
+            "{model_type}: σ {sigma} against hook_embed's {expected}"
+        );
+    }
+}

@@ -68,9 +68,10 @@ pub struct StatsArgs {
     /// Weight of the KL term on "{subject} is a".
     #[arg(long, default_value_t = RomeSettings::default().kl_factor)]
     kl_factor: f64,
-    /// ‖δ‖ clamp in units of ‖v₀‖.
-    #[arg(long, default_value_t = RomeSettings::default().clamp_norm)]
-    clamp_norm: f64,
+    /// ‖δ‖ clamp in units of ‖v₀‖ (default: the references' values, 4 for ROME's MLP value,
+    /// 0.75 for a MEMIT batch's residual target).
+    #[arg(long)]
+    clamp_norm: Option<f64>,
     /// r-ROME: solve the update at the averaged key k̄ rather than the plain prompt's key
     /// (steadier over long runs of sequential edits, weaker on this model); for a MEMIT
     /// batch, MEMIT's own update R Xᵀ instead of one exact at each plain prompt's key.
@@ -86,19 +87,24 @@ impl StatsArgs {
             tokens: self.stats_tokens,
             cache_dir: self.stats_dir.clone().or_else(default_cache_dir),
         };
+        if let Some(clamp) = self.clamp_norm
+            && !(clamp > 0.0 && clamp.is_finite())
+        {
+            anyhow::bail!("--clamp-norm {clamp}: must be a positive number");
+        }
+        let defaults = RomeSettings::default();
         let settings = RomeSettings {
             v_steps: self.v_steps,
             kl_factor: self.kl_factor,
-            clamp_norm: self.clamp_norm,
+            clamp_norm: self.clamp_norm.unwrap_or(defaults.clamp_norm),
             residual_at_mean_key: self.residual_at_mean_key,
-            ..RomeSettings::default()
+            ..defaults
         };
-        Ok(Editor::new(
-            model,
-            stats,
-            self.contexts_per_start,
-            settings,
-        )?)
+        let mut editor = Editor::new(model, stats, self.contexts_per_start, settings)?;
+        if let Some(clamp) = self.clamp_norm {
+            editor.memit.clamp_norm = clamp;
+        }
+        Ok(editor)
     }
 }
 
@@ -141,16 +147,16 @@ struct RunArgs {
     #[arg(long, value_name = "FILE.jsonl")]
     batch: Option<PathBuf>,
     /// MEMIT's layers, comma-separated (default: the chosen layer and the two before it).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, requires = "batch", value_delimiter = ',')]
     layers: Vec<usize>,
     /// MEMIT's λ: the weight of the preserved key statistics, with --residual-at-mean-key
     /// (MEMIT used 15,000 for GPT-J; on the small bundled model that erases every edit, 100
     /// lets them through). The default exact write at each plain key does not depend on it.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, requires = "batch", default_value_t = 100.0)]
     covariance_weight: f64,
     /// MEMIT: let the update change the MLP output at the edit prompts' other tokens and
     /// answers (by default their keys join the solve with a zero residual).
-    #[arg(long)]
+    #[arg(long, requires = "batch")]
     no_token_guard: bool,
     /// The new answer in Japanese, for the Japanese check (default: the knowledge base's
     /// Japanese name of the target, when it has one).
@@ -172,7 +178,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 10)]
     neighbours: usize,
     /// Save the edited model here (a new folder, never the model's own).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::output_path, value_name = "DIR")]
     out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
@@ -404,7 +410,7 @@ struct UndoArgs {
     #[arg(long)]
     id: usize,
     /// The new folder (the source model with the remaining edits; never in place).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::output_path, value_name = "DIR")]
     out: PathBuf,
 }
 

@@ -20,7 +20,7 @@ pub struct ExportArgs {
     #[command(flatten)]
     corpus: CorpusArgs,
     /// The export folder (created; must be empty unless --resume or --overwrite).
-    #[arg(long)]
+    #[arg(long, value_parser = super::output_path)]
     out: PathBuf,
     /// Stop after this many tokens (default: one pass over the corpus).
     #[arg(long)]

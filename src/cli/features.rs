@@ -52,7 +52,7 @@ pub struct BuildArgs {
     #[arg(long, default_value_t = 500_000)]
     tokens: u64,
     /// The feature store folder (created).
-    #[arg(long)]
+    #[arg(long, value_parser = super::output_path)]
     out: PathBuf,
     /// Replace a feature store already in --out.
     #[arg(long)]

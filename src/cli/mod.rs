@@ -182,6 +182,15 @@ pub fn write_new_file(
     crate::files::write_atomic_with(path, write)
 }
 
+/// Clap's parser for `--out` paths: an empty one (an unset shell variable) would mean the
+/// current folder.
+pub fn output_path(value: &str) -> Result<std::path::PathBuf, String> {
+    if value.is_empty() {
+        return Err("is empty; name the folder or file to write".into());
+    }
+    Ok(value.into())
+}
+
 /// Prints a value as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

@@ -103,7 +103,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     corpus: CorpusArgs,
     /// Output folder for the SAE (cfg.json, sae_weights.safetensors, training/).
-    #[arg(long)]
+    #[arg(long, value_parser = super::output_path)]
     out: PathBuf,
     #[arg(long, value_enum, default_value = "topk")]
     arch: ArchitectureKind,
@@ -236,7 +236,13 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         source = source.with_cache(dir, parse_dtype(&args.cache_dtype)?)?;
     }
     let d_in = source.d_in();
-    let d_sae = args.d_sae.unwrap_or(args.expansion * d_in);
+    let d_sae = match args.d_sae {
+        Some(d_sae) => d_sae,
+        None => args
+            .expansion
+            .checked_mul(d_in)
+            .with_context(|| format!("--expansion {} × d_in {d_in} overflows", args.expansion))?,
+    };
     let architecture = args.arch.with(&ArchitectureKnobs {
         k: args.k,
         aux_k: args.aux_k.unwrap_or(d_in / 2),
@@ -265,7 +271,9 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     };
     train.validate()?;
     let settings = RunSettings {
-        buffer_rows: args.buffer_rows.unwrap_or(16 * args.batch_size),
+        buffer_rows: args
+            .buffer_rows
+            .unwrap_or(args.batch_size.saturating_mul(16)),
         normalize: !args.no_normalize,
         checkpoint_every_tokens: args.checkpoint_every,
         log_every_steps: args.log_every,

@@ -19,7 +19,7 @@ pub struct TraceArgs {
     #[arg(long, value_name = "GLOB")]
     hooks: String,
     /// Output safetensors file: `input_ids`, `logits`, and one tensor per hook (f32).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = super::output_path, value_name = "FILE")]
     out: PathBuf,
     /// Replace OUT if it exists.
     #[arg(long)]

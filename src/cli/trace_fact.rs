@@ -37,7 +37,7 @@ pub struct TraceFactArgs {
     subjects: Option<PathBuf>,
     /// Write `trace.json` and one heatmap per restoration (`hidden.png`, `mlp.png`,
     /// `attn.png`) into this folder (files are never replaced unless --force).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::output_path, value_name = "DIR")]
     out: Option<PathBuf>,
     #[arg(long)]
     force: bool,
@@ -114,6 +114,23 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
     };
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // All three files are checked before any is written, so a refusal leaves no mix of
+        // old and new.
+        let names = std::iter::once("trace.json".to_string()).chain(
+            report
+                .traces
+                .iter()
+                .map(|t| format!("{}.png", t.restore.name())),
+        );
+        for name in names {
+            let path = dir.join(name);
+            if path.exists() && !args.force {
+                anyhow::bail!(
+                    "{} already exists (pass --force to replace it)",
+                    path.display()
+                );
+            }
+        }
         let json = serde_json::to_string_pretty(&report)?;
         write_new_file(&dir.join("trace.json"), args.force, |tmp| {
             Ok(std::fs::write(tmp, json)?)

@@ -1,13 +1,12 @@
 //! `monoscope world build|eval`: rebuild the bundled world model, measure what it knows.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{ModelArgs, print_json};
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json};
 use crate::device::DeviceChoice;
 use crate::world::KnowledgeBase;
 use crate::world::build::{BuildConfig, BuildEvent, build};
@@ -41,7 +40,7 @@ pub struct EvalArgs {
 #[derive(Args)]
 pub struct BuildArgs {
     /// Output folder (becomes a model folder usable with --model).
-    #[arg(long, default_value = "world-build")]
+    #[arg(long, value_parser = super::output_path, default_value = "world-build")]
     out: PathBuf,
     /// Knowledge base TSV (default: the bundled assets/knowledge/countries.tsv).
     #[arg(long)]
@@ -196,14 +195,14 @@ fn run_build(args: &BuildArgs) -> anyhow::Result<()> {
         )?
         .progress_chars("=> "),
     );
-    let cancel = AtomicBool::new(false);
+    install_ctrl_c("stopping after this step and writing a checkpoint");
     let outcome = build(
         &knowledge,
         &args.out,
         &config,
         args.resume,
         &device,
-        &cancel,
+        &CANCEL,
         |event| match event {
             BuildEvent::Stage(message) => {
                 if bar.is_hidden() {

@@ -90,8 +90,8 @@ pub fn locate_request(
 /// `sigma` scales the corruption noise (see [`crate::causal::subject_embedding_std`]) and
 /// `noise` sets its level, samples and seed. The trace restores one layer at a time, whatever
 /// `noise.window` says, so that the effect points at one layer: the window traces shown
-/// beside it blur neighbouring layers together (at layer 0 the window is cut short, so layers
-/// 0 and 1 often tie). This is the one place the CLI, `edit eval` and the GUI choose a layer.
+/// beside it blur neighbouring layers together (and are cut short at the first and last
+/// layers). This is the one place the CLI, `edit eval` and the GUI choose a layer.
 pub fn choose_key(
     model: &Model,
     fact: &Fact,

@@ -35,6 +35,9 @@ pub struct MemitSettings {
     /// and a guard matching a fact's own key would make the solve singular, so it must stay
     /// well above that noise (1e-3 takes every distinct key).
     pub guard_novelty: f64,
+    /// ‖δ‖ of the residual target z, in units of the last layer's residual norm: MEMIT's
+    /// `clamp_norm_factor` 0.75 (ROME's 4 bounds an MLP output; z is the whole residual).
+    pub clamp_norm: f64,
 }
 
 impl Default for MemitSettings {
@@ -43,6 +46,7 @@ impl Default for MemitSettings {
             covariance_weight: 15_000.0,
             guard_prompt_tokens: true,
             guard_novelty: 0.2,
+            clamp_norm: 0.75,
         }
     }
 }
@@ -107,6 +111,10 @@ pub fn compute_batch(
     }
     let z_layer = layers[layers.len() - 1];
     let z_point = HookPoint::ResidPost(z_layer);
+    let z_settings = RomeSettings {
+        clamp_norm: memit.clamp_norm,
+        ..settings.clone()
+    };
     // Target residuals z at the last layer.
     let mut zs = Vec::with_capacity(requests.len());
     let (mut nll_before, mut nll_after) = (0f32, 0f32);
@@ -118,8 +126,14 @@ pub fn compute_batch(
             r.subject
         ));
         r.check()?;
-        let (z, before, after) =
-            optimise_value(model, r, &r.in_contexts(contexts), z_point, key, settings)?;
+        let (z, before, after) = optimise_value(
+            model,
+            r,
+            &r.in_contexts(contexts),
+            z_point,
+            key,
+            &z_settings,
+        )?;
         zs.push(z);
         nll_before += before / requests.len() as f32;
         nll_after += after / requests.len() as f32;

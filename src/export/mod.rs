@@ -385,6 +385,7 @@ fn is_temporary_shard(name: &str) -> bool {
 
 /// Makes `out` ready: a fresh folder with an empty manifest, or the manifest to resume.
 fn prepare_folder(out: &Path, fresh: Manifest, existing: Existing) -> Result<Manifest> {
+    crate::files::require_output_path("the export folder", out)?;
     let entries: Vec<String> = match std::fs::read_dir(out) {
         Ok(rd) => rd
             .filter_map(std::result::Result::ok)

@@ -144,6 +144,7 @@ pub fn build(
 
 /// Creates `out`, or checks it may be written into.
 fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
+    crate::files::require_output_path("the feature store folder", out)?;
     let known = [store::INFO_FILE, store::FEATURES_FILE, store::CONTEXTS_FILE];
     match std::fs::read_dir(out) {
         Ok(entries) => {

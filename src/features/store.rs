@@ -339,7 +339,8 @@ pub fn open(dir: &Path) -> Result<FeatureStore> {
     }
     let info: StoreInfo = read_json(&info_path)?;
     let path = dir.join(FEATURES_FILE);
-    let mut features = Vec::with_capacity(info.d_sae);
+    // Capped: `d_sae` comes from a file, and the table's rows are what count.
+    let mut features = Vec::with_capacity(info.d_sae.min(1 << 20));
     for batch in read_table(&path)? {
         let c = Columns {
             batch: &batch,

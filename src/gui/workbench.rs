@@ -27,6 +27,9 @@ pub struct OpenSae {
     /// Where what the window derives from this SAE and model (feature store, labels) is
     /// cached; named by both contents' hashes, computed once when the SAE opens.
     pub cache_dir: PathBuf,
+    /// The SAE's and the model's content hashes, which a store's `features.json` names.
+    pub sae_hash: String,
+    pub model_hash: String,
 }
 
 impl OpenSae {
@@ -199,12 +202,15 @@ impl Workbench {
             job.set_message(format!("loading {}", dir.display()));
             let (sae, hook) = load_for_model(&dir, None, &model, &candle_core::Device::Cpu)?;
             crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
-            let cache_dir = store_cache_dir(&model.dir, &dir)?;
+            let model_hash = crate::table::model_hash(&model.dir)?;
+            let sae_hash = crate::table::sae_hash(&dir)?;
             Ok(OpenSae {
+                cache_dir: store_cache_dir(&sae_hash, &model_hash),
                 dir,
                 sae,
                 hook,
-                cache_dir,
+                sae_hash,
+                model_hash,
             })
         }));
     }
@@ -305,9 +311,20 @@ impl Workbench {
         };
         self.store_job = Some(self.spawn("feature statistics", move |job| {
             let local = sae.dir.join("features");
-            if local.join(store::INFO_FILE).is_file() {
-                job.set_message(format!("reading {}", local.display()));
-                return Ok(store::open(&local)?);
+            let info_file = local.join(store::INFO_FILE);
+            let mut stale = None;
+            if info_file.is_file() {
+                // A store made before the SAE was trained further (or for another model)
+                // would describe other features.
+                let info: store::StoreInfo = crate::files::read_json(&info_file)?;
+                if info.sae_hash == sae.sae_hash && info.model_hash == sae.model_hash {
+                    job.set_message(format!("reading {}", local.display()));
+                    return Ok(store::open(&local)?);
+                }
+                stale = Some(format!(
+                    "{} was made for another SAE or model; ",
+                    local.display()
+                ));
             }
             let dir = &sae.cache_dir;
             if dir.join(store::INFO_FILE).is_file() {
@@ -317,7 +334,8 @@ impl Workbench {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
             job.set_message(format!(
-                "first look at this SAE: statistics over {STORE_TOKENS} tokens"
+                "{}first look at this SAE: statistics over {STORE_TOKENS} tokens",
+                stale.unwrap_or_default()
             ));
             let corpus = Corpus::parse("world", "text")?;
             let settings = BuildSettings {
@@ -513,17 +531,13 @@ fn drop_off_ui_thread<T: Send + 'static>(value: T) {
 }
 
 /// Where the feature store of an SAE without one is kept.
-fn store_cache_dir(model_dir: &Path, sae_dir: &Path) -> anyhow::Result<PathBuf> {
+fn store_cache_dir(sae_hash: &str, model_hash: &str) -> PathBuf {
     let base = crate::edit::covariance::default_cache_dir()
         .and_then(|stats| stats.parent().map(Path::to_path_buf))
         .unwrap_or_else(std::env::temp_dir);
-    let model = crate::table::model_hash(model_dir)?;
-    let sae = crate::table::sae_hash(sae_dir)?;
-    Ok(base.join("features").join(format!(
-        "{}-{}",
-        &sae[..16.min(sae.len())],
-        &model[..16.min(model.len())]
-    )))
+    let short = |hash: &str| hash.chars().take(16).collect::<String>();
+    base.join("features")
+        .join(format!("{}-{}", short(sae_hash), short(model_hash)))
 }
 
 /// The last two components of a path, for labels.

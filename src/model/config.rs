@@ -57,6 +57,14 @@ impl ConfigFile {
         Error::config(&self.path, key, message)
     }
 
+    /// Sizes that shapes are divided by or built from: each must be at least 1.
+    pub fn require_positive(&self, sizes: &[(&str, usize)]) -> Result<()> {
+        match sizes.iter().find(|(_, value)| *value == 0) {
+            Some((key, _)) => Err(self.error(key, "is 0; must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
     /// Parses a transformers activation name found under `key`.
     pub fn activation(&self, key: &str, name: &str) -> Result<Activation> {
         Activation::from_hf_name(name).ok_or_else(|| {

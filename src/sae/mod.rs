@@ -80,6 +80,11 @@ impl Sae {
     /// Checks shapes against each other; errors name the tensor.
     pub fn validate(&self, source: &std::path::Path) -> Result<()> {
         let (d_in, d_sae) = (self.d_in(), self.d_sae());
+        for (key, size) in [("d_in", d_in), ("d_sae", d_sae)] {
+            if size == 0 {
+                return Err(Error::config(source, key, "is 0; must be at least 1"));
+            }
+        }
         let check = |key: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
             if t.dims() != expected {
                 return Err(Error::TensorShape {
@@ -95,6 +100,31 @@ impl Sae {
         check("W_dec", &self.w_dec, &[d_sae, d_in])?;
         if let Some(t) = &self.threshold {
             check("threshold", t, &[d_sae])?;
+        }
+        // A diverged or corrupt save (inf or NaN) would poison every code computed from it.
+        let tensors = [
+            ("W_enc", Some(&self.w_enc)),
+            ("W_dec", Some(&self.w_dec)),
+            ("b_enc", Some(&self.b_enc)),
+            ("b_dec", Some(&self.b_dec)),
+            ("threshold", self.threshold.as_ref()),
+        ];
+        for (key, t) in tensors {
+            let Some(t) = t else { continue };
+            // 0·x is 0 for every finite x and NaN for inf or NaN, so the sum is finite
+            // exactly when every entry is.
+            let sum = t
+                .affine(0.0, 0.0)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if !sum.is_finite() {
+                return Err(Error::config(
+                    source,
+                    key,
+                    "holds inf or NaN values (a diverged or corrupt save)",
+                ));
+            }
         }
         if let Architecture::TopK { k } | Architecture::BatchTopK { k } = self.architecture
             && (k == 0 || k > d_sae)

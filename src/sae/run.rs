@@ -345,6 +345,7 @@ fn scaled(rows: &[f32], len: usize, scale: f32) -> Vec<f32> {
 }
 
 fn refuse_existing(paths: &RunPaths) -> Result<()> {
+    crate::files::require_output_path("SAE output folder", &paths.out)?;
     let taken = |what: &str| {
         Err(Error::InvalidArgument {
             what: "SAE output folder",
@@ -352,8 +353,14 @@ fn refuse_existing(paths: &RunPaths) -> Result<()> {
             message: format!("{what}; pass --resume to continue it or choose another folder"),
         })
     };
-    if paths.out.join(saelens::CONFIG_FILE).exists() {
-        return taken("already holds a trained SAE");
+    for name in [
+        saelens::CONFIG_FILE,
+        saelens::WEIGHTS_FILE,
+        saelens::SPARSITY_FILE,
+    ] {
+        if paths.out.join(name).exists() {
+            return taken(&format!("already holds an SAE's {name}"));
+        }
     }
     if paths.checkpoint().exists() {
         return taken("holds a training checkpoint");
@@ -498,6 +505,17 @@ fn restore(
             key: "rows".into(),
             expected: vec![0, settings.train.d_in],
             actual: rows.dims().to_vec(),
+        });
+    }
+    if state.buffer_used > rows.dim(0)? {
+        return Err(Error::InvalidArgument {
+            what: "checkpoint buffer_used",
+            value: state.buffer_used.to_string(),
+            message: format!(
+                "{} holds only {} rows (a corrupt checkpoint)",
+                buffer_file.display(),
+                rows.dim(0)?
+            ),
         });
     }
     buffer.restore(

@@ -8,7 +8,10 @@
 //! - `jumprelu`: `+ λ · Σ_b ‖f(x_b)‖₀ / B`, through the straight-through estimator of
 //!   Rajamanoharan et al. (rectangle kernel of width `bandwidth`) for the thresholds;
 //! - `topk` / `batchtopk`: `+ α · min(1, dead/aux_k) · Σ‖ê − (x − x̂)‖² / B`, AuxK: `ê` decodes
-//!   the `aux_k` largest pre-activations among dead latents (OpenAI's AuxK, as in sparsify).
+//!   the `aux_k` largest pre-activations among dead latents. This is sparsify's weighting
+//!   (its two terms share one normaliser, the batch's variance); OpenAI's `train.py` divides
+//!   the AuxK term by the residual's own variance instead and has no `min(1, dead/aux_k)`,
+//!   so it weighs AuxK up by 1/FVU relative to this.
 //!   Decoder rows are kept at unit norm and the gradient's component along each row removed.
 
 use std::collections::HashMap;
@@ -302,6 +305,34 @@ impl TrainConfig {
                 "jumprelu bandwidth/threshold",
                 format!("{bandwidth}/{init_threshold}"),
                 "must be positive",
+            );
+        }
+        // A negative weight would reward what the term penalises (a negative clip flips the
+        // gradient: ascent).
+        let (what, weight) = match self.architecture {
+            TrainArchitecture::Standard { l1_coefficient, .. } => {
+                ("l1 coefficient", l1_coefficient)
+            }
+            TrainArchitecture::TopK {
+                aux_coefficient, ..
+            }
+            | TrainArchitecture::BatchTopK {
+                aux_coefficient, ..
+            } => ("aux coefficient", aux_coefficient),
+            TrainArchitecture::JumpRelu { l0_coefficient, .. } => {
+                ("l0 coefficient", l0_coefficient)
+            }
+        };
+        if !(weight >= 0.0 && weight.is_finite()) {
+            return bad(what, weight.to_string(), "must be a number ≥ 0");
+        }
+        if let Some(clip) = self.grad_clip
+            && !(clip > 0.0 && clip.is_finite())
+        {
+            return bad(
+                "gradient clip",
+                clip.to_string(),
+                "must be a positive number",
             );
         }
         Ok(())

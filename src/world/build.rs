@@ -68,6 +68,15 @@ pub fn build(
     cancel: &AtomicBool,
     mut on_event: impl FnMut(BuildEvent),
 ) -> Result<TrainOutcome> {
+    crate::files::require_output_path("the world build folder", out)?;
+    // The model's shape and training settings are checked before anything is written.
+    config.train.validate(&Gpt2Shape {
+        vocab_size: config.vocab_size,
+        n_positions: config.n_positions,
+        n_embd: config.n_embd,
+        n_layer: config.n_layer,
+        n_head: config.n_head,
+    })?;
     let kb = KnowledgeBase::load(knowledge)?;
     let corpus_dir = out.join(CORPUS_DIR);
     std::fs::create_dir_all(&corpus_dir).map_err(|e| Error::io(&corpus_dir, e))?;

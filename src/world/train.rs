@@ -150,7 +150,7 @@ impl TrainConfig {
         floor + 0.5 * (self.learning_rate - floor) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
-    fn validate(&self, shape: &Gpt2Shape) -> Result<()> {
+    pub(crate) fn validate(&self, shape: &Gpt2Shape) -> Result<()> {
         let bad = |what: &'static str, value: String, message: &str| Error::InvalidArgument {
             what,
             value,
@@ -175,6 +175,15 @@ impl TrainConfig {
                 self.learning_rate.to_string(),
                 "must be a positive number",
             ));
+        }
+        for (what, value) in [
+            ("n_layer", shape.n_layer),
+            ("n_embd", shape.n_embd),
+            ("n_head", shape.n_head),
+        ] {
+            if value == 0 {
+                return Err(bad(what, "0".into(), "must be at least 1"));
+            }
         }
         if shape.n_embd % shape.n_head != 0 {
             return Err(bad(

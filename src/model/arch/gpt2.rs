@@ -47,6 +47,11 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     }
     // `reorder_and_upcast_attn` only moves transformers' f32 upcast; attention here always
     // computes its softmax in f32, so the key is read by neither.
+    config.require_positive(&[
+        ("n_layer", c.n_layer),
+        ("n_embd", c.n_embd),
+        ("n_head", c.n_head),
+    ])?;
     if c.n_embd % c.n_head != 0 {
         return Err(config.error(
             "n_head",

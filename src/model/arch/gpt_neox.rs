@@ -68,6 +68,11 @@ fn deinterleave_qkv(fused: Linear, heads: usize, head_dim: usize) -> Result<Line
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let c: NeoxConfig = config.parse()?;
     let (d, nh) = (c.hidden_size, c.num_attention_heads);
+    config.require_positive(&[
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("hidden_size", d),
+        ("num_attention_heads", nh),
+    ])?;
     if d % nh != 0 {
         return Err(config.error(
             "num_attention_heads",

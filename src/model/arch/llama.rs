@@ -78,6 +78,11 @@ pub(super) fn load_family(
     family: &Family,
 ) -> Result<Transformer> {
     let (d, nh) = (c.hidden_size, c.num_attention_heads);
+    config.require_positive(&[
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("hidden_size", d),
+        ("num_attention_heads", nh),
+    ])?;
     let nkv = c.num_key_value_heads.unwrap_or(nh);
     if nkv == 0 || nh % nkv != 0 {
         return Err(config.error(
