@@ -90,7 +90,7 @@ fn compare(path: &str, steps: usize, engine: &StepEngine) -> anyhow::Result<()> 
     let eval = rows("eval")?;
     let train_rows = train.len() / D_IN;
     anyhow::ensure!(
-        train_rows % BATCH == 0,
+        train_rows.is_multiple_of(BATCH),
         "{path}: train rows not a multiple of {BATCH}"
     );
     let threads = rayon::current_num_threads();

@@ -122,18 +122,18 @@ pub fn rope_theta(
     legacy: Option<f64>,
     default: f64,
 ) -> Result<f64> {
-    if let Some(kind) = params.and_then(|p| p.rope_type.as_deref()) {
-        if kind != "default" {
-            return Err(config.error(
-                "rope_parameters.rope_type",
-                format!("rope scaling `{kind}` is not supported (only `default`)"),
-            ));
-        }
+    if let Some(kind) = params.and_then(|p| p.rope_type.as_deref())
+        && kind != "default"
+    {
+        return Err(config.error(
+            "rope_parameters.rope_type",
+            format!("rope scaling `{kind}` is not supported (only `default`)"),
+        ));
     }
-    if let Some(scaling) = config.json.get("rope_scaling") {
-        if !scaling.is_null() {
-            return Err(config.error("rope_scaling", "rope scaling is not supported"));
-        }
+    if let Some(scaling) = config.json.get("rope_scaling")
+        && !scaling.is_null()
+    {
+        return Err(config.error("rope_scaling", "rope scaling is not supported"));
     }
     Ok(params
         .and_then(|p| p.rope_theta)

@@ -114,10 +114,10 @@ impl Tokenizer {
             return piece;
         }
         // SentencePiece style: `▁` is a space, `<0xNN>` a raw byte.
-        if let Some(hex) = piece.strip_prefix("<0x").and_then(|s| s.strip_suffix('>')) {
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                return display_bytes(&[b]);
-            }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|s| s.strip_suffix('>'))
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            return display_bytes(&[b]);
         }
         piece.replace('▁', " ")
     }

@@ -331,7 +331,7 @@ pub struct RowsSource {
 
 impl RowsSource {
     pub fn new(rows: Vec<f32>, d_in: usize, chunk_rows: usize) -> Result<Self> {
-        if d_in == 0 || rows.is_empty() || rows.len() % d_in != 0 || chunk_rows == 0 {
+        if d_in == 0 || rows.is_empty() || !rows.len().is_multiple_of(d_in) || chunk_rows == 0 {
             return Err(Error::InvalidArgument {
                 what: "rows source",
                 value: format!("{} values, width {d_in}", rows.len()),

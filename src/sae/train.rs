@@ -1004,7 +1004,7 @@ impl SaeTrainer {
 
 /// The rows of a training batch `x` of width `d_in`; an error unless it has a whole number.
 pub(crate) fn batch_rows(x: &[f32], d_in: usize) -> Result<usize> {
-    if x.is_empty() || x.len() % d_in != 0 {
+    if x.is_empty() || !x.len().is_multiple_of(d_in) {
         return Err(Error::InvalidArgument {
             what: "SAE training batch",
             value: format!("{} values", x.len()),

@@ -449,7 +449,7 @@ impl Templates {
     /// pair in five, never with the empty opening, so every opening and every phrasing is
     /// still seen in training with other partners.
     pub fn is_held_out(relation: Relation, opening: usize, phrasing: usize) -> bool {
-        opening != 0 && (opening * 7 + phrasing * 3 + relation as usize) % 5 == 0
+        opening != 0 && (opening * 7 + phrasing * 3 + relation as usize).is_multiple_of(5)
     }
 
     fn training_pairs(relation: Relation, lang: Lang) -> Vec<(usize, usize)> {

@@ -185,7 +185,7 @@ impl TrainConfig {
                 return Err(bad(what, "0".into(), "must be at least 1"));
             }
         }
-        if shape.n_embd % shape.n_head != 0 {
+        if !shape.n_embd.is_multiple_of(shape.n_head) {
             return Err(bad(
                 "n_head",
                 shape.n_head.to_string(),
@@ -482,7 +482,7 @@ impl Trainer {
             let every = self.config.checkpoint_every;
             if let Some(dir) = checkpoint_dir
                 && every > 0
-                && self.step % every == 0
+                && self.step.is_multiple_of(every)
                 && self.step < self.config.steps
             {
                 self.save_checkpoint(dir)?;

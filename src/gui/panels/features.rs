@@ -395,13 +395,13 @@ fn feature_page(ui: &mut egui::Ui, wb: &mut Workbench, store: &FeatureStore, f: 
     let max = f.max_activation.max(1e-6);
     let mut shown_interval = None;
     for c in &f.contexts {
-        if let Some((low, high)) = c.interval {
-            if shown_interval != Some((low, high)) {
-                ui.add_space(4.0);
-                ui.strong(format!("Activations in [{low:.2}, {high:.2})"))
-                    .on_hover_text("random samples from this quantile bin of the activations");
-                shown_interval = Some((low, high));
-            }
+        if let Some((low, high)) = c.interval
+            && shown_interval != Some((low, high))
+        {
+            ui.add_space(4.0);
+            ui.strong(format!("Activations in [{low:.2}, {high:.2})"))
+                .on_hover_text("random samples from this quantile bin of the activations");
+            shown_interval = Some((low, high));
         }
         ui.horizontal(|ui| {
             ui.label(egui::RichText::new(format!("{:.2}", c.activation)).monospace());

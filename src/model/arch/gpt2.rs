@@ -52,7 +52,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ("n_embd", c.n_embd),
         ("n_head", c.n_head),
     ])?;
-    if c.n_embd % c.n_head != 0 {
+    if !c.n_embd.is_multiple_of(c.n_head) {
         return Err(config.error(
             "n_head",
             format!(
