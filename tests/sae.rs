@@ -319,6 +319,22 @@ fn the_activation_cache_replays_what_the_model_computed() {
     .unwrap();
     let err = other.with_cache(&cache, DType::F32).err().unwrap();
     assert!(err.to_string().contains("another model, hook"), "{err}");
+    // The cache is keyed by contents: the same model under another path reads it back...
+    let copy = common::scratch_copy("gpt2");
+    let moved = Model::load(copy.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut elsewhere = source(&moved, &text)
+        .with_cache(&cache, DType::F32)
+        .unwrap();
+    assert_eq!(&elsewhere.next_chunk().unwrap(), &computed[0]);
+    // ...and a corpus edited in place is not mistaken for the old one.
+    let mut lines = std::fs::read_to_string(&text).unwrap();
+    lines.push_str("One more document, written after the cache was made.\n");
+    std::fs::write(&text, lines).unwrap();
+    let err = source(&model, &text)
+        .with_cache(&cache, DType::F32)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("corpus"), "{err}");
 }
 
 #[test]

@@ -50,15 +50,26 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("monoscope").join("stats"))
 }
 
-/// What identifies a covariance: the cache file's name within `dir`.
+/// What identifies a covariance: the cache file's name within `dir`. A file corpus adds a
+/// digest of its size and modification time ([`Corpus::fingerprint`]), so an edited file
+/// gets new statistics.
 pub fn cache_path(
     dir: &Path,
     model_hash: &str,
     layer: usize,
     corpus: &Corpus,
     tokens: u64,
-) -> PathBuf {
+) -> Result<PathBuf> {
+    use sha2::Digest;
     let model = model_hash.trim_start_matches("sha256:");
+    let fingerprint = corpus.fingerprint()?;
+    let version = if fingerprint == corpus.describe() {
+        String::new()
+    } else {
+        let digest = sha2::Sha256::digest(fingerprint.as_bytes());
+        let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("-{hex}")
+    };
     let corpus: String = corpus
         .describe()
         .chars()
@@ -72,10 +83,10 @@ pub fn cache_path(
         .into_iter()
         .rev()
         .collect();
-    dir.join(format!(
-        "cov-{}-L{layer}-{tail}-{tokens}.safetensors",
+    Ok(dir.join(format!(
+        "cov-{}-L{layer}-{tail}{version}-{tokens}.safetensors",
         &model[..model.len().min(16)]
-    ))
+    )))
 }
 
 /// The key covariance of `layer` over `tokens` tokens of `corpus`, from the cache in
@@ -103,7 +114,7 @@ pub fn key_covariance(
             layer,
             corpus,
             tokens,
-        )),
+        )?),
         None => None,
     };
     if let Some(path) = path.as_ref().filter(|p| p.is_file()) {

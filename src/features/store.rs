@@ -269,9 +269,15 @@ pub fn write(
     )
     .map_err(|e| parquet_error(dir, e))?;
 
+    // `features.json` marks a complete store: it goes first and comes back last, so a write
+    // that fails midway (replacing an old store) leaves no old/new mix that opens.
+    let info_path = dir.join(INFO_FILE);
+    match std::fs::remove_file(&info_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&info_path, e)),
+        _ => {}
+    }
     write_table(&dir.join(FEATURES_FILE), features_schema(), &[features])?;
     write_table(&dir.join(CONTEXTS_FILE), contexts_schema(), &[contexts])?;
-    let info_path = dir.join(INFO_FILE);
     let json = serde_json::to_string_pretty(info).map_err(|source| Error::Json {
         path: info_path.clone(),
         source,

@@ -90,6 +90,24 @@ impl Corpus {
         }
     }
 
+    /// What identifies this corpus's content for caches: the description, and for a file
+    /// also its size and modification time, so that a file edited in place is not read back
+    /// from a cache made of its old text.
+    pub fn fingerprint(&self) -> Result<String> {
+        let path = match self {
+            Corpus::Text(p) => p,
+            Corpus::Jsonl { path, .. } | Corpus::Parquet { path, .. } => path,
+            Corpus::World { .. } => return Ok(self.describe()),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(format!("{}@{}-{modified}", self.describe(), meta.len()))
+    }
+
     /// The documents of one pass over the corpus, streamed (files are never read whole).
     /// Lines that are not valid UTF-8 are skipped and counted ([`Documents::skipped_counter`]).
     pub fn documents(&self, epoch: u64) -> Result<Documents> {
@@ -470,11 +488,13 @@ impl<'m> ActivationSource<'m> {
 
     /// Keeps every chunk in (and reads chunks back from) a sharded cache in `dir`.
     pub fn with_cache(mut self, dir: &Path, dtype: DType) -> Result<Self> {
+        // Contents, not paths: a model rebuilt or a corpus edited in place must not be read
+        // back from the old activations, and the same model under another path may be.
         let manifest = CacheManifest {
-            format: 1,
-            model: self.model.dir.display().to_string(),
+            format: 2,
+            model: crate::table::model_hash(&self.model.dir)?,
             hook: self.hook.to_string(),
-            corpus: self.corpus.describe(),
+            corpus: self.corpus.fingerprint()?,
             window: self.settings.clone(),
             d_in: self.d_in,
             dtype: format!("{dtype:?}").to_lowercase(),
@@ -624,6 +644,7 @@ impl ChunkSource for ActivationSource<'_> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CacheManifest {
     pub format: u32,
+    /// The model folder's content hash.
     pub model: String,
     pub hook: String,
     pub corpus: String,
