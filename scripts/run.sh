@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo_env="${CARGO_HOME:-$HOME/.cargo}/env"
+[ -f "$cargo_env" ] && . "$cargo_env"
 exec cargo run --release --locked -- "$@"

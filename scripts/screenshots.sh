@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Xvfb (and xauth for xvfb-run) and Mesa's software OpenGL driver.
 bash scripts/setup.sh xvfb xauth libgl1-mesa-dri
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo_env="${CARGO_HOME:-$HOME/.cargo}/env"
+[ -f "$cargo_env" ] && . "$cargo_env"
 out="${1:-docs/screenshots}"
 mkdir -p "$out"
 cargo build --release --locked

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building monoscope needs on a fresh Debian/Ubuntu machine, skipping what is
 # already there: a C toolchain and pkg-config (tokenizers' oniguruma is built from source),
-# OpenBLAS with LAPACK (ndarray-linalg links the system library for ROME's solves), and a
-# Rust toolchain if cargo is missing; and the libraries the window opens with (X11/Wayland
+# OpenBLAS with LAPACK (ndarray-linalg links the system library for ROME's solves), and Rust
+# (rustup, with rustfmt and clippy) when rustc is missing or older than the locked
+# dependencies need; and the libraries the window opens with (X11/Wayland
 # client libraries, xkbcommon, OpenGL/EGL — loaded at run time, so building needs none).
 # Extra Debian packages given as arguments are installed too when missing (the test and
 # screenshot scripts name theirs: `bash scripts/setup.sh mesa-vulkan-drivers`).
@@ -29,7 +30,8 @@ fi
 # Rust: the locked dependencies need rustc 1.89 or newer (Debian 12 and Ubuntu 24.04 ship
 # older ones), and CI's fmt and clippy checks need those two components.
 MIN_RUST=1.89
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo_env="${CARGO_HOME:-$HOME/.cargo}/env"
+[ -f "$cargo_env" ] && . "$cargo_env"
 rust_ok() {
   local v
   v=$(rustc --version 2>/dev/null | awk '{print $2}') || return 1
@@ -37,6 +39,7 @@ rust_ok() {
 }
 if ! rust_ok; then
   if command -v rustup >/dev/null 2>&1; then
+    # Makes stable the default toolchain: the one in use is too old to build monoscope.
     echo "updating Rust with rustup (rustc >= $MIN_RUST needed)" >&2
     rustup toolchain install stable --profile minimal -c rustfmt,clippy
     rustup default stable
@@ -45,10 +48,18 @@ if ! rust_ok; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
       sh -s -- -y --profile minimal -c rustfmt,clippy
   fi
-  . "$HOME/.cargo/env"
+  [ -f "$cargo_env" ] && . "$cargo_env"
+  if ! rust_ok; then
+    echo "rustc >= $MIN_RUST is installed but an older one comes first on PATH ($(command -v rustc))" >&2
+    exit 1
+  fi
 fi
-if command -v rustup >/dev/null 2>&1 && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
-  rustup component add rustfmt clippy
+if ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  if command -v rustup >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+  else
+    echo "note: cargo fmt or cargo clippy is missing (CI's checks need both)" >&2
+  fi
 fi
 if [[ ":$CALLER_PATH:" != *":$HOME/.cargo/bin:"* && -x "$HOME/.cargo/bin/cargo" ]]; then
   echo "note: cargo is in ~/.cargo/bin; a new shell (or '. ~/.cargo/env') puts it on PATH" >&2

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The GUI snapshot tests render through wgpu on Mesa's software Vulkan driver (lavapipe).
 bash scripts/setup.sh mesa-vulkan-drivers libvulkan1
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo_env="${CARGO_HOME:-$HOME/.cargo}/env"
+[ -f "$cargo_env" ] && . "$cargo_env"
 MONOSCOPE_PYTHON="$(bash scripts/python-env.sh)"
 export MONOSCOPE_PYTHON
 if cargo nextest --version >/dev/null 2>&1; then

@@ -78,7 +78,7 @@ impl Restore {
     }
 
     /// The layers restored together when tracing `layer`: a window centred on it, cut short
-    /// at the first and last layers (ROME's `trace_with_repatch` window:
+    /// at the first and last layers (ROME's `trace_important_window` window:
     /// `max(0, L − ⌊w/2⌋) .. min(n, L + ⌈w/2⌉)`), never less than the layer itself.
     fn layers(self, layer: usize, window: usize, n_layers: usize) -> Range<usize> {
         match self {

@@ -291,8 +291,10 @@ fn a_zero_size_in_the_config_is_named_not_a_panic() {
     }
 }
 
-/// An empty `--out` (an unset shell variable) would name the current folder and replace the
-/// files there: every command that writes refuses it, naming the flag, and writes nothing.
+/// An empty output path (an unset shell variable) would name the current folder and replace
+/// the files there: every output flag refuses it, naming the flag, and nothing is written.
+/// (The library functions behind them refuse it too, for the window: see
+/// `the_library_refuses_an_empty_output_folder`.)
 #[test]
 fn an_empty_output_path_is_refused_by_every_command_that_writes() {
     let cwd = tempfile::tempdir().unwrap();
@@ -351,16 +353,54 @@ fn an_empty_output_path_is_refused_by_every_command_that_writes() {
             "",
         ],
     ];
-    for args in cases {
+    let more: &[(&[&str], &str)] = &[
+        (
+            &[
+                "sae",
+                "train",
+                "--hook",
+                "blocks.4.mlp.hook_post",
+                "--out",
+                "x",
+                "--cache",
+                "",
+            ],
+            "--cache",
+        ),
+        (
+            &[
+                "edit",
+                "--prompt",
+                "The capital of {} is",
+                "--subject",
+                "Japan",
+                "--target",
+                " Seoul",
+                "--stats-dir",
+                "",
+            ],
+            "--stats-dir",
+        ),
+        (
+            &["edit", "undo", "--model", "x", "--id", "1", "--out", ""],
+            "--out",
+        ),
+        (&["gui", "--screenshots", ""], "--screenshots"),
+    ];
+    let cases = cases
+        .iter()
+        .map(|a| (*a, "--out"))
+        .chain(more.iter().copied());
+    for (args, flag) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-            .args(*args)
+            .args(args)
             .current_dir(cwd.path())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
-            stderr.contains("--out") && stderr.contains("empty"),
+            stderr.contains(flag) && stderr.contains("empty"),
             "{args:?}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
@@ -396,4 +436,21 @@ fn an_sae_with_infinite_weights_is_refused_naming_the_tensor() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("b_enc") && err.contains("inf"), "{err}");
+}
+
+/// The same refusal one level down, where the window's forms call in.
+#[test]
+fn the_library_refuses_an_empty_output_folder() {
+    let err = monoscope::world::build::build(
+        std::path::Path::new("assets/knowledge/countries.tsv"),
+        std::path::Path::new(""),
+        &monoscope::world::build::BuildConfig::default(),
+        false,
+        &Device::Cpu,
+        &std::sync::atomic::AtomicBool::new(false),
+        |_| {},
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("empty"), "{err}");
 }

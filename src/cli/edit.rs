@@ -57,7 +57,7 @@ pub struct StatsArgs {
     #[arg(long, default_value_t = 100_000)]
     stats_tokens: u64,
     /// Cache folder for key statistics (default: ~/.cache/monoscope/stats).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_parser = super::output_path, value_name = "DIR")]
     stats_dir: Option<PathBuf>,
     /// Context templates per start word the key and v* are averaged over (5 start words).
     #[arg(long, default_value_t = crate::edit::DEFAULT_CONTEXTS_PER_START)]

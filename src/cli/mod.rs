@@ -76,7 +76,7 @@ struct GuiArgs {
     #[arg(long, value_name = "DIR")]
     sae: Option<PathBuf>,
     /// Save a PNG of every panel into DIR and quit (for docs/screenshots).
-    #[arg(long, value_name = "DIR", hide = true)]
+    #[arg(long, value_parser = output_path, value_name = "DIR", hide = true)]
     screenshots: Option<PathBuf>,
 }
 

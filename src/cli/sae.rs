@@ -170,7 +170,7 @@ pub struct TrainArgs {
     #[arg(long)]
     buffer_rows: Option<usize>,
     /// Keep activations in (and reuse them from) this folder.
-    #[arg(long)]
+    #[arg(long, value_parser = super::output_path)]
     cache: Option<PathBuf>,
     /// Storage dtype of the activation cache: f32 | f16 | bf16.
     #[arg(long, default_value = "f16")]

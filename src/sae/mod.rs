@@ -122,7 +122,8 @@ impl Sae {
                 return Err(Error::config(
                     source,
                     key,
-                    "holds inf or NaN values (a diverged or corrupt save)",
+                    "holds inf or NaN values (a diverged or corrupt save, or values too \
+                     large for the run dtype)",
                 ));
             }
         }
