@@ -89,3 +89,21 @@ fn token_display_strings_are_readable_including_japanese() {
         "{shown_ja}"
     );
 }
+
+/// A loaded model's content hash is the folder's (`table::model_hash`), computed once: a
+/// copy elsewhere has the same one, and a clone keeps it.
+#[test]
+fn the_content_hash_names_the_folder_contents_not_the_path() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let hash = model.content_hash().unwrap();
+    assert_eq!(
+        hash,
+        monoscope::table::model_hash(&fixture_dir("gpt2")).unwrap()
+    );
+    assert_eq!(model.clone().content_hash().unwrap(), hash);
+    let copy = scratch_copy("gpt2");
+    let moved = Model::load(copy.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(moved.content_hash().unwrap(), hash);
+    let other = Model::load(&fixture_dir("llama"), &Device::Cpu, DType::F32).unwrap();
+    assert_ne!(other.content_hash().unwrap(), hash);
+}

@@ -234,7 +234,7 @@ fn load_with_history(args: &ModelArgs) -> anyhow::Result<(Model, EditHistory)> {
             model.dir.join(EDIT_LOG).display()
         )
     })?;
-    let hash = crate::table::model_hash(&model.dir)?;
+    let hash = model.content_hash()?;
     if hash != log.source_hash {
         anyhow::bail!(
             "{}: the source model has changed since the edits were made (hash {hash}, the log says {})",

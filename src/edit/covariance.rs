@@ -16,7 +16,6 @@ use crate::model::Model;
 use crate::model::hooks::HookPoint;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::cpu::{MatRef, matmul};
-use crate::table::model_hash;
 
 /// `E[k kᵀ]` at one layer, `[d_mlp, d_mlp]` row-major, and the keys it averages.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,7 +109,7 @@ pub fn key_covariance(
     let path = match cache_dir {
         Some(dir) => Some(cache_path(
             dir,
-            &model_hash(&model.dir)?,
+            &model.content_hash()?,
             layer,
             corpus,
             tokens,

@@ -18,7 +18,6 @@ use serde::Serialize;
 use super::history::{AppliedEdit, EditHistory};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::table::model_hash;
 
 /// The edit log written beside the weights.
 pub const EDIT_LOG: &str = "edits.json";
@@ -154,7 +153,7 @@ fn write_folder(model: &Model, history: &EditHistory, dir: &Path) -> Result<()> 
     let log = EditLog {
         monoscope: env!("CARGO_PKG_VERSION").to_string(),
         source_model: std::path::absolute(&model.dir).map_err(|e| Error::io(&model.dir, e))?,
-        source_hash: model_hash(&model.dir)?,
+        source_hash: model.content_hash()?,
         edits: history.edits().to_vec(),
     };
     let mut deltas = HashMap::new();

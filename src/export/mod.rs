@@ -29,7 +29,7 @@ use crate::sae::codes::{
     CodedBatch, CodingInput, DocumentCoder, SegmentSettings, check_sae_fits, tokenised,
 };
 use crate::sae::sparse::SparseEncoder;
-use crate::table::{model_hash, parquet_error, sae_hash};
+use crate::table::{parquet_error, sae_hash};
 use writer::{ShardWriter, write_features};
 
 pub const MANIFEST: &str = "manifest.json";
@@ -201,7 +201,7 @@ pub fn export(
         complete: false,
         model: ModelRef {
             dir: input.model.dir.display().to_string(),
-            content_hash: model_hash(&input.model.dir)?,
+            content_hash: input.model.content_hash()?,
         },
         hook: input.hook.to_string(),
         sae: SaeRef {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::sae::codes::{CodingInput, DocumentCoder, SegmentSettings, check_sae_fits, tokenised};
 use crate::sae::sparse::SparseEncoder;
-use crate::table::{model_hash, sae_hash};
+use crate::table::sae_hash;
 use stats::{FeatureStats, StatsSettings};
 use store::StoreInfo;
 
@@ -111,7 +111,7 @@ pub fn build(
     let info = StoreInfo {
         schema_version: 1,
         model_dir: input.model.dir.display().to_string(),
-        model_hash: model_hash(&input.model.dir)?,
+        model_hash: input.model.content_hash()?,
         sae_dir: input.sae_dir.display().to_string(),
         sae_hash: sae_hash(input.sae_dir)?,
         hook: input.hook.to_string(),

@@ -202,7 +202,7 @@ impl Workbench {
             job.set_message(format!("loading {}", dir.display()));
             let (sae, hook) = load_for_model(&dir, None, &model, &candle_core::Device::Cpu)?;
             crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
-            let model_hash = crate::table::model_hash(&model.dir)?;
+            let model_hash = model.content_hash()?;
             let sae_hash = crate::table::sae_hash(&dir)?;
             Ok(OpenSae {
                 cache_dir: store_cache_dir(&sae_hash, &model_hash),

@@ -37,6 +37,9 @@ pub struct Model {
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     hook_points: Vec<HookPoint>,
+    /// The folder's content hash, computed on first use: hashing a large model's weights
+    /// takes seconds, and caches, exports and edit logs each ask for it.
+    content_hash: std::sync::OnceLock<String>,
 }
 
 /// What a forward pass returns.
@@ -96,7 +99,18 @@ impl Model {
             device: device.clone(),
             dtype,
             hook_points,
+            content_hash: std::sync::OnceLock::new(),
         })
+    }
+
+    /// What identifies the model folder's content ([`crate::table::model_hash`]), computed
+    /// once per loaded model. In-memory edits do not change it: it names the folder.
+    pub fn content_hash(&self) -> Result<String> {
+        if let Some(hash) = self.content_hash.get() {
+            return Ok(hash.clone());
+        }
+        let hash = crate::table::model_hash(&self.dir)?;
+        Ok(self.content_hash.get_or_init(|| hash).clone())
     }
 
     pub fn dims(&self) -> &Dims {

@@ -492,7 +492,7 @@ impl<'m> ActivationSource<'m> {
         // back from the old activations, and the same model under another path may be.
         let manifest = CacheManifest {
             format: 2,
-            model: crate::table::model_hash(&self.model.dir)?,
+            model: self.model.content_hash()?,
             hook: self.hook.to_string(),
             corpus: self.corpus.fingerprint()?,
             window: self.settings.clone(),
