@@ -16,6 +16,9 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Why an empty output path is refused (shared with the CLI's flag parser).
+pub const EMPTY_OUTPUT_PATH: &str = "is empty; name the folder or file to write";
+
 /// Refuses an empty output path: it would name the current folder, and writing results there
 /// replaces whatever files of the same names it holds.
 pub fn require_output_path(what: &'static str, path: &Path) -> Result<()> {
@@ -23,7 +26,7 @@ pub fn require_output_path(what: &'static str, path: &Path) -> Result<()> {
         return Err(Error::InvalidArgument {
             what,
             value: String::new(),
-            message: "is empty; name the folder or file to write".into(),
+            message: EMPTY_OUTPUT_PATH.into(),
         });
     }
     Ok(())

@@ -300,60 +300,36 @@ fn an_empty_output_path_is_refused_by_every_command_that_writes() {
     let cwd = tempfile::tempdir().unwrap();
     let gpt2 = fixture_dir("gpt2");
     let gpt2 = gpt2.to_str().unwrap();
-    let cases: &[&[&str]] = &[
-        &["world", "build", "--out", ""],
-        &[
-            "trace",
-            "--model",
-            gpt2,
-            "--prompt",
-            "hi",
-            "--hooks",
-            "hook_embed",
-            "--out",
-            "",
-        ],
-        &["export", "--sae", "assets/sae/world-l4-topk", "--out", ""],
-        &[
-            "features",
-            "build",
-            "--sae",
-            "assets/sae/world-l4-topk",
-            "--out",
-            "",
-        ],
-        &[
-            "sae",
-            "train",
-            "--hook",
-            "blocks.4.mlp.hook_post",
-            "--out",
-            "",
-        ],
-        &[
-            "trace-fact",
-            "--prompt",
-            "The capital of {} is",
-            "--subject",
-            "Japan",
-            "--target",
-            " Tokyo",
-            "--out",
-            "",
-        ],
-        &[
-            "edit",
-            "--prompt",
-            "The capital of {} is",
-            "--subject",
-            "Japan",
-            "--target",
-            " Seoul",
-            "--out",
-            "",
-        ],
+    let sae = "assets/sae/world-l4-topk";
+    let fact = [
+        "--prompt",
+        "The capital of {} is",
+        "--subject",
+        "Japan",
+        "--target",
     ];
-    let more: &[(&[&str], &str)] = &[
+    let trace = [
+        "trace",
+        "--model",
+        gpt2,
+        "--prompt",
+        "hi",
+        "--hooks",
+        "hook_embed",
+    ];
+    // Each command, then the output flag it is given an empty value for.
+    let commands: &[(&[&str], &str)] = &[
+        (&["world", "build"], "--out"),
+        (&trace, "--out"),
+        (&["export", "--sae", sae], "--out"),
+        (&["features", "build", "--sae", sae], "--out"),
+        (
+            &["sae", "train", "--hook", "blocks.4.mlp.hook_post"],
+            "--out",
+        ),
+        (&[&["trace-fact"], &fact[..], &[" Tokyo"]].concat(), "--out"),
+        (&[&["edit"], &fact[..], &[" Seoul"]].concat(), "--out"),
+        (&["edit", "undo", "--model", "x", "--id", "1"], "--out"),
         (
             &[
                 "sae",
@@ -362,38 +338,18 @@ fn an_empty_output_path_is_refused_by_every_command_that_writes() {
                 "blocks.4.mlp.hook_post",
                 "--out",
                 "x",
-                "--cache",
-                "",
             ],
             "--cache",
         ),
-        (
-            &[
-                "edit",
-                "--prompt",
-                "The capital of {} is",
-                "--subject",
-                "Japan",
-                "--target",
-                " Seoul",
-                "--stats-dir",
-                "",
-            ],
-            "--stats-dir",
-        ),
-        (
-            &["edit", "undo", "--model", "x", "--id", "1", "--out", ""],
-            "--out",
-        ),
-        (&["gui", "--screenshots", ""], "--screenshots"),
+        (&[&["edit"], &fact[..], &[" Seoul"]].concat(), "--stats-dir"),
+        (&["gui"], "--screenshots"),
     ];
-    let cases = cases
+    let cases = commands
         .iter()
-        .map(|a| (*a, "--out"))
-        .chain(more.iter().copied());
+        .map(|(command, flag)| ([*command, &[*flag, ""]].concat(), *flag));
     for (args, flag) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-            .args(args)
+            .args(&args)
             .current_dir(cwd.path())
             .output()
             .unwrap();

@@ -165,12 +165,7 @@ pub fn write_new_file(
     overwrite: bool,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    if path.exists() && !overwrite {
-        anyhow::bail!(
-            "{} already exists (pass --force to replace it)",
-            path.display()
-        );
-    }
+    refuse_existing(path, overwrite)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -182,11 +177,22 @@ pub fn write_new_file(
     crate::files::write_atomic_with(path, write)
 }
 
+/// Refuses `path` when it exists, unless `overwrite` (--force).
+pub fn refuse_existing(path: &Path, overwrite: bool) -> anyhow::Result<()> {
+    if path.exists() && !overwrite {
+        anyhow::bail!(
+            "{} already exists (pass --force to replace it)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Clap's parser for `--out` paths: an empty one (an unset shell variable) would mean the
 /// current folder.
 pub fn output_path(value: &str) -> Result<std::path::PathBuf, String> {
     if value.is_empty() {
-        return Err("is empty; name the folder or file to write".into());
+        return Err(crate::files::EMPTY_OUTPUT_PATH.into());
     }
     Ok(value.into())
 }

@@ -123,13 +123,7 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
                 .map(|t| format!("{}.png", t.restore.name())),
         );
         for name in names {
-            let path = dir.join(name);
-            if path.exists() && !args.force {
-                anyhow::bail!(
-                    "{} already exists (pass --force to replace it)",
-                    path.display()
-                );
-            }
+            super::refuse_existing(&dir.join(name), args.force)?;
         }
         let json = serde_json::to_string_pretty(&report)?;
         write_new_file(&dir.join("trace.json"), args.force, |tmp| {
