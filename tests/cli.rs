@@ -53,7 +53,7 @@ fn info_lists_every_hook_and_the_parameter_count() {
 
 #[test]
 fn generate_json_gives_the_transformers_greedy_continuation() {
-    let (reference, _) = reference("gemma");
+    let (reference, tensors) = reference("gemma");
     let p = &reference.prompts[1];
     let dir = fixture_dir("gemma");
     let n = p.greedy_ids.len().to_string();
@@ -85,6 +85,24 @@ fn generate_json_gives_the_transformers_greedy_continuation() {
         );
         let probs: Vec<f64> = top.iter().map(|t| t["prob"].as_f64().unwrap()).collect();
         assert!(probs.windows(2).all(|w| w[0] >= w[1]) && probs.iter().sum::<f64>() <= 1.0 + 1e-6);
+    }
+    // The first step's top 4 are transformers' next-token distribution at the prompt's end.
+    let logits = &tensors["p1.logits"];
+    let last = logits.dim(0).unwrap() - 1;
+    let probs = candle_nn::ops::softmax_last_dim(&logits.get(last).unwrap())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    for (t, &want) in steps[0]["top"].as_array().unwrap().iter().zip(&order) {
+        assert_eq!(t["id"].as_u64().unwrap() as usize, want);
+        let p = t["prob"].as_f64().unwrap();
+        assert!(
+            (p - f64::from(probs[want])).abs() < 1e-4,
+            "{p} vs {}",
+            probs[want]
+        );
     }
 }
 

@@ -1016,3 +1016,68 @@ fn bad_edit_requests_get_clear_errors() {
     let e = run(&["--batch", batch.to_str().unwrap()]);
     assert!(e.contains("batch.jsonl") && e.contains("line 1"), "{e}");
 }
+
+/// `edit eval` end to end on the bundled model: before the edits the model gives every old
+/// capital (efficacy 0, neighbours kept), after ROME it gives the new ones; every share is a
+/// share, and the reported score is the harmonic mean of the reported parts.
+#[test]
+fn edit_eval_scores_counterfactual_edits_before_and_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats");
+    let (ok, out, err) = monoscope(&[
+        "edit",
+        "eval",
+        "--edits",
+        "2",
+        "--layer",
+        "0",
+        "--key",
+        "subject-last",
+        "--neighbours",
+        "4",
+        "--stats-tokens",
+        "3000",
+        "--stats-dir",
+        stats.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["method"], "rome");
+    assert_eq!(report["edits"], 2);
+    let get = |when: &str, what: &str| report[when][what].as_f64().unwrap();
+    for when in ["before", "after"] {
+        for what in [
+            "efficacy",
+            "paraphrase",
+            "neighbourhood",
+            "japanese",
+            "efficacy_top1",
+            "paraphrase_top1",
+            "neighbourhood_top1",
+            "japanese_top1",
+        ] {
+            let v = get(when, what);
+            assert!((0.0..=1.0).contains(&v), "{when}.{what} = {v}");
+        }
+        assert!(get(when, "generation_entropy") > 0.0);
+    }
+    assert_eq!(
+        get("before", "efficacy"),
+        0.0,
+        "the model knew the new capitals"
+    );
+    assert_eq!(get("before", "neighbourhood"), 1.0);
+    assert!(get("after", "efficacy") > 0.0, "{out}");
+    let parts = ["efficacy", "paraphrase", "neighbourhood"].map(|p| get("after", p));
+    let harmonic = if parts.contains(&0.0) {
+        0.0
+    } else {
+        3.0 / parts.iter().map(|p| 1.0 / p).sum::<f64>()
+    };
+    assert!(
+        (report["score"].as_f64().unwrap() - harmonic).abs() < 1e-12,
+        "{out}"
+    );
+    assert_eq!(report["keys_used"]["subject-last L0"], 2, "{out}");
+}

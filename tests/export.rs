@@ -17,7 +17,7 @@ use arrow::datatypes::{Float32Type, UInt32Type, UInt64Type};
 use candle_core::{DType, Device};
 use common::{Rows, direct_codes, fixture_dir, random_sae};
 use monoscope::Model;
-use monoscope::export::{Existing, ExportSettings, Manifest, export};
+use monoscope::export::{ACTIVATIONS_DIR, Existing, ExportSettings, MANIFEST, Manifest, export};
 use monoscope::model::HookPoint;
 use monoscope::sae::activations::Corpus;
 use monoscope::sae::codes::CodingInput;
@@ -309,6 +309,96 @@ fn an_interrupted_export_resumes_to_the_same_rows() {
     assert_eq!(m.activation_count, rows_b.len() as u64);
 }
 
+/// `--resume` continues only what it can trust: an orphan shard (renamed just before an
+/// interruption, never listed) is removed and rewritten; a listed shard that lost rows, a
+/// manifest from another SAE, or a folder without a manifest are refused, naming the file.
+#[test]
+fn resume_refuses_what_it_cannot_trust_and_drops_unlisted_shards() {
+    let model = model();
+    let f = fixture();
+    let never = AtomicBool::new(false);
+    let interrupted = |name: &str| {
+        let out = f.dir.join(name);
+        let cancel = AtomicBool::new(false);
+        let first = run_export(
+            &model,
+            &f,
+            &out,
+            &settings(200),
+            Existing::Refuse,
+            &cancel,
+            Some(6),
+        )
+        .unwrap();
+        assert!(first.cancelled && !first.manifest.shards.is_empty());
+        (out, first.manifest)
+    };
+    let resume = |out: &Path| {
+        run_export(
+            &model,
+            &f,
+            out,
+            &settings(200),
+            Existing::Resume,
+            &never,
+            None,
+        )
+    };
+
+    // An unlisted shard is dropped, and the export still matches an uninterrupted one.
+    let (out, manifest) = interrupted("orphan");
+    let listed = out.join(&manifest.shards[0].activations.path);
+    let orphan = out.join(ACTIVATIONS_DIR).join("part-99999.parquet");
+    std::fs::copy(&listed, &orphan).unwrap();
+    let whole = f.dir.join("whole");
+    run_export(
+        &model,
+        &f,
+        &whole,
+        &settings(200),
+        Existing::Refuse,
+        &never,
+        None,
+    )
+    .unwrap();
+    resume(&out).unwrap();
+    assert!(!orphan.exists(), "the unlisted shard was kept");
+    assert_eq!(read_back(&out).1, read_back(&whole).1);
+
+    // A listed shard with fewer rows than the manifest says.
+    let (out, manifest) = interrupted("short");
+    let shard = out.join(&manifest.shards[0].tokens.path);
+    let other = out.join(&manifest.shards[manifest.shards.len() - 1].tokens.path);
+    let mut wrong = manifest.clone();
+    wrong.shards[0].tokens.rows += 1;
+    std::fs::write(
+        out.join(MANIFEST),
+        serde_json::to_string_pretty(&wrong).unwrap(),
+    )
+    .unwrap();
+    let e = resume(&out).unwrap_err().to_string();
+    assert!(e.contains(&shard.display().to_string()), "{e}");
+    assert!(e.contains("rows"), "{e}");
+    assert!(other.exists(), "a refused resume deleted a shard");
+
+    // A manifest from another SAE.
+    let (out, manifest) = interrupted("other-sae");
+    let mut wrong = manifest.clone();
+    wrong.sae.content_hash = "0".repeat(64);
+    std::fs::write(
+        out.join(MANIFEST),
+        serde_json::to_string_pretty(&wrong).unwrap(),
+    )
+    .unwrap();
+    let e = resume(&out).unwrap_err().to_string();
+    assert!(e.contains(MANIFEST) && e.contains("same model, SAE"), "{e}");
+
+    // No manifest at all.
+    std::fs::remove_file(out.join(MANIFEST)).unwrap();
+    let e = resume(&out).unwrap_err().to_string();
+    assert!(e.contains("nothing to resume"), "{e}");
+}
+
 #[test]
 fn overwrite_replaces_an_export_but_never_other_files() {
     let model = model();
@@ -497,6 +587,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// makes (it sets MONOSCOPE_PYTHON; CI always does). Elsewhere this part is skipped, loudly.
 fn python_readers(export: &Path) {
     let Ok(python) = std::env::var("MONOSCOPE_PYTHON") else {
+        // In CI a missing environment is a broken set-up, not a reason to pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but MONOSCOPE_PYTHON is not: run the tests through scripts/test.sh"
+        );
         eprintln!("MONOSCOPE_PYTHON is not set: skipping the pyarrow/DuckDB/notebook checks");
         return;
     };

@@ -95,6 +95,7 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
     assert_eq!(store.info.tokens, tokens.len() as u64);
     assert_eq!(store.features.len(), 48);
     let mut checked_contexts = 0;
+    let mut interval_contexts = 0;
     for feature in &store.features {
         let f = feature.feature;
         let mut values: Vec<f32> = rows
@@ -112,10 +113,18 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
         assert!((feature.max_activation - values[0]).abs() < 1e-4);
         let mean = values.iter().sum::<f32>() / values.len() as f32;
         assert!((feature.mean_activation - mean).abs() < 1e-4 * (1.0 + mean));
-        // The histogram's last non-empty bin holds the maximum.
+        // The histogram's last non-empty bin holds the maximum, and every bin counts the
+        // activations on its part of the grid.
         let last = feature.histogram.iter().rposition(|&c| c > 0).unwrap();
         let w = feature.histogram_bin_width;
         assert!((last as f32 * w..(last + 1) as f32 * w).contains(&feature.max_activation));
+        let bins = feature.histogram.len();
+        let range = w * bins as f32;
+        let mut counts = vec![0u64; bins];
+        for v in &values {
+            counts[((v / range * bins as f32) as usize).min(bins - 1)] += 1;
+        }
+        assert_eq!(feature.histogram, counts, "feature {f}");
 
         let top: Vec<f32> = feature
             .contexts
@@ -131,6 +140,7 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
         for c in &feature.contexts {
             if let Some((low, high)) = c.interval {
                 assert!(low <= c.activation && c.activation < high, "{c:?}");
+                interval_contexts += 1;
             }
             let peak = c.peak as usize;
             assert!((c.token_activations[peak] - c.activation).abs() < 1e-6);
@@ -149,6 +159,10 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
         checked_contexts > 100,
         "{checked_contexts} contexts checked"
     );
+    assert!(
+        interval_contexts > 0,
+        "no quantile-interval examples were checked"
+    );
 
     // Neighbours: brute-force cosines of decoder rows.
     let w = sae.w_dec.to_vec2::<f32>().unwrap();
@@ -164,6 +178,7 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
             .collect();
         all.sort_by(|a, b| b.1.total_cmp(&a.1));
         let got = &store.features[f].neighbours;
+        assert_eq!(got.len(), 3, "feature {f}: the store keeps 3 neighbours");
         for ((g, c), (eg, ec)) in got.iter().zip(&all) {
             assert_eq!(*g as usize, *eg);
             assert!((c - ec).abs() < 1e-5);
@@ -279,9 +294,20 @@ fn concept_scores_on_the_world_model_are_consistent() {
     settings.fact_lists = 60;
     let hook: HookPoint = "blocks.4.mlp.hook_post".parse().unwrap();
     let report = score(&model, &sae.sae, hook, &settings, |_, _| {}).unwrap();
+    use monoscope::world::knowledge::{EntityKind, Lang, Relation};
     let scored: Vec<_> = report.concepts.iter().filter(|c| c.scored).collect();
-    assert_eq!(scored.len(), 27);
-    let mean = scored.iter().map(|c| c.evaluation.f1).sum::<f64>() / 27.0;
+    // Every entity kind and relation in each language, plus "Japanese text".
+    let per_language = EntityKind::ALL.len() + Relation::ALL.len();
+    assert_eq!(scored.len(), per_language * Lang::ALL.len() + 1);
+    for kind in EntityKind::ALL {
+        let name = serde_json::to_value(kind).unwrap();
+        let name = format!("entity:{}:en", name.as_str().unwrap());
+        assert!(
+            scored.iter().any(|c| c.concept == name),
+            "{name} not scored"
+        );
+    }
+    let mean = scored.iter().map(|c| c.evaluation.f1).sum::<f64>() / scored.len() as f64;
     assert!((mean - report.mean_f1).abs() < 1e-12);
     for c in &report.concepts {
         let probe = c.probe.expect("probes are fitted by default");
@@ -289,7 +315,7 @@ fn concept_scores_on_the_world_model_are_consistent() {
             assert!((0.0..=1.0).contains(&d.f1) && (0.0..=1.0).contains(&d.precision));
         }
     }
-    let probe_mean = scored.iter().map(|c| c.probe.unwrap().f1).sum::<f64>() / 27.0;
+    let probe_mean = scored.iter().map(|c| c.probe.unwrap().f1).sum::<f64>() / scored.len() as f64;
     assert!((probe_mean - report.mean_probe_f1.unwrap()).abs() < 1e-12);
     // The dense reference reads the script of the text straight off the hook.
     let japanese = scored.iter().find(|c| c.concept == "lang:ja").unwrap();
@@ -300,7 +326,9 @@ fn concept_scores_on_the_world_model_are_consistent() {
         .iter()
         .filter(|c| c.concept.starts_with("relation:"))
         .collect();
-    let relation_f1 = relations.iter().map(|c| c.evaluation.f1).sum::<f64>() / 12.0;
+    assert_eq!(relations.len(), Relation::ALL.len() * Lang::ALL.len());
+    let relation_f1 =
+        relations.iter().map(|c| c.evaluation.f1).sum::<f64>() / relations.len() as f64;
     assert!(relation_f1 > 0.4, "{relation_f1}");
 }
 
@@ -323,4 +351,78 @@ fn features_build_refuses_zero_tokens() {
     assert!(!out.status.success());
     assert!(stderr.contains("--tokens"), "{stderr}");
     assert!(!std::path::Path::new("/tmp/monoscope-never-written").exists());
+}
+
+/// Logit effects on LayerNorm (GPT-2), RMSNorm (Llama) and Gemma's (1 + w) RMSNorm models,
+/// for a residual hook, an MLP hook and the final norm's output, against the model's own
+/// modules: the direction through the layer's down projection (its forward, less the bias),
+/// then the final norm's forward (less its value at zero, i.e. the bias), then the
+/// unembedding. The norm's forward divides by the direction's own scale, which the direct
+/// path holds constant, so the brute-force logits are a positive multiple of the reported
+/// ones: the same top and bottom tokens, in proportion.
+#[test]
+fn logit_effects_follow_the_models_own_modules_on_every_norm() {
+    use candle_nn::Module;
+    use monoscope::features::logits::logit_effects;
+    for model_type in ["gpt2", "llama", "gemma"] {
+        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F32).unwrap();
+        let t = &model.transformer;
+        let names = model.token_names();
+        let dims = model.dims();
+        for hook in [
+            "blocks.0.hook_resid_post",
+            "blocks.1.mlp.hook_post",
+            "ln_final.hook_normalized",
+        ] {
+            let point: HookPoint = hook.parse().unwrap();
+            let d_in = if hook.contains("mlp") {
+                dims.d_mlp
+            } else {
+                dims.d_model
+            };
+            let w_dec = Tensor::randn(0f32, 1.0, (6, d_in), &Device::Cpu).unwrap();
+            let n = 4;
+            let effects = logit_effects(&model, point, &w_dec, n, &names)
+                .unwrap()
+                .unwrap();
+            assert_eq!(effects.len(), 6);
+            let mut resid = w_dec.clone();
+            if let HookPoint::MlpPost(l) = point {
+                let down = t.blocks[l].mlp.down_proj();
+                let zero = down.forward(&resid.zeros_like().unwrap()).unwrap();
+                resid = (down.forward(&resid).unwrap() - zero).unwrap();
+            }
+            if point != HookPoint::LnFinal {
+                let zero = resid.zeros_like().unwrap();
+                let at_zero = t.ln_final.forward(&zero, false).unwrap();
+                resid = (t.ln_final.forward(&resid, false).unwrap() - at_zero).unwrap();
+            }
+            let logits = resid
+                .matmul(&t.unembed.t().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (row, (got, want)) in effects.iter().zip(&logits).enumerate() {
+                let mut order: Vec<usize> = (0..want.len()).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                let top: Vec<u32> = got.top.iter().map(|e| e.token_id).collect();
+                let bottom: Vec<u32> = got.bottom.iter().map(|e| e.token_id).collect();
+                let want_top: Vec<u32> = order[..n].iter().map(|&i| i as u32).collect();
+                let want_bottom: Vec<u32> = order.iter().rev().take(n).map(|&i| i as u32).collect();
+                assert_eq!(top, want_top, "{model_type} {hook} row {row}");
+                assert_eq!(bottom, want_bottom, "{model_type} {hook} row {row}");
+                let ratio = want[top[0] as usize] / got.top[0].logit;
+                assert!(ratio > 0.0, "{model_type} {hook}");
+                for e in got.top.iter().chain(&got.bottom) {
+                    let expected = want[e.token_id as usize] / ratio;
+                    assert!(
+                        (e.logit - expected).abs() <= 1e-4 * got.top[0].logit.abs(),
+                        "{model_type} {hook} row {row}: {} vs {expected}",
+                        e.logit
+                    );
+                    assert_eq!(e.token, names[e.token_id as usize]);
+                }
+            }
+        }
+    }
 }

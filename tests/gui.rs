@@ -405,6 +405,43 @@ fn knowledge_neurons_are_found_and_suppressing_them_is_shown() {
     wait_for(&mut h, "the suppression", |h| {
         has_label(h, "P with neurons ×0")
     });
+    // The table shows what the library computes with the listed neurons zeroed.
+    use monoscope::neurons::{Neuron, fact_prompts, paraphrased, probabilities, scale_neurons};
+    let neurons: Vec<Neuron> = texts_containing(&h, "attribution ")
+        .iter()
+        .filter_map(|t| {
+            let (l, rest) = t.strip_prefix('L')?.split_once(" N")?;
+            let (n, _) = rest.split_once(' ')?;
+            Some(Neuron {
+                layer: l.parse().ok()?,
+                neuron: n.parse().ok()?,
+                attribution: 0.0,
+                shared_by: 0.0,
+            })
+        })
+        .collect();
+    assert!(!neurons.is_empty(), "no neuron listed");
+    let model = h.state().workbench.model.clone().unwrap();
+    let facts = fact_prompts(
+        &model,
+        &paraphrased("The capital of {} is"),
+        "Japan",
+        " Tokyo",
+    )
+    .unwrap();
+    let after = probabilities(&model, &facts, &scale_neurons(&neurons, 0.0)).unwrap();
+    // A label's text is both its node's label and its value.
+    let mut shown: Vec<String> = texts_containing(&h, "%)");
+    shown.dedup();
+    assert_eq!(shown.len(), facts.len(), "{shown:?}");
+    for (text, p) in shown.iter().zip(&after) {
+        assert!(text.starts_with(&format!("{p:.3} (")), "{text} vs {p:.3}");
+    }
+    let before = probabilities(&model, &facts, &monoscope::model::Hooks::new()).unwrap();
+    assert!(
+        before.iter().zip(&after).any(|(b, a)| (b - a).abs() > 1e-3),
+        "zeroing the neurons changed nothing: {before:?} {after:?}"
+    );
 }
 
 #[test]

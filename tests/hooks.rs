@@ -37,7 +37,8 @@ fn gradient_matches_finite_differences(model_type: &str) {
         .ids_tensor(&model.encode_prompt("The capital of Japan is").unwrap())
         .unwrap();
     let seq = ids.dim(1).unwrap();
-    let (target_pos, target_tok) = (seq - 1, 17usize);
+    // The logit of the second-to-last position, so that a later position exists.
+    let (target_pos, target_tok) = (seq - 2, 17usize);
     let hooks = Hooks::new()
         .grad(HookPoint::MlpPost(0))
         .grad(HookPoint::MlpPost(1));
@@ -57,8 +58,9 @@ fn gradient_matches_finite_differences(model_type: &str) {
     let d_mlp = model.dims().d_mlp;
     assert_eq!(grad.dims(), &[1, seq, d_mlp]);
     let grad = grad.get(0).unwrap().to_vec2::<f64>().unwrap();
-    // Later positions cannot affect an earlier logit.
     assert!(grad[target_pos].iter().any(|g| g.abs() > 1e-6));
+    // A later position cannot affect an earlier logit.
+    assert!(grad[seq - 1].iter().all(|&g| g == 0.0), "{model_type}");
     let eps = 1e-4;
     let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
     for (pos, channel) in [
@@ -67,6 +69,7 @@ fn gradient_matches_finite_differences(model_type: &str) {
         (target_pos, 0),
         (target_pos, d_mlp - 1),
         (2, 7),
+        (seq - 1, 5),
     ] {
         let bump = |delta: f64| {
             let mut v = vec![0f64; d_mlp];
@@ -313,5 +316,69 @@ fn stop_at_layer_returns_the_residual_entering_that_block() {
         let expected = full.cache.get(point).unwrap();
         assert_eq!(stopped.logits.dims(), expected.dims(), "{model_type}");
         assert_eq!(max_abs_diff(&stopped.logits, expected), 0.0, "{model_type}");
+    }
+}
+
+/// Every hook on every architecture holds what the residual algebra says it must: the stream
+/// entering block 0 is the embedding (plus positions), each block adds its attention and MLP
+/// outputs (`hook_resid_mid` between them, or both at once with GPT-NeoX's parallel residual),
+/// block L+1 starts from block L's output, and the logits are `ln_final.hook_normalized`
+/// through the unembedding. With the oracle tests' `hook_mlp_out` and `hook_resid_post`
+/// against transformers, this pins `hook_attn_out`, `hook_resid_pre` and `hook_resid_mid` too.
+#[test]
+fn every_hook_holds_what_the_residual_algebra_gives() {
+    for &model_type in common::MODEL_TYPES {
+        let model = load(model_type, DType::F64);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is 東京").unwrap())
+            .unwrap();
+        let out = model.run_with_cache(&ids, &["*"]).unwrap();
+        let cache = &out.cache;
+        let names = cache.names();
+        let hook = |name: &str| {
+            cache
+                .get_by_name(name)
+                .unwrap_or_else(|e| panic!("{model_type}: no {name} among {names:?}: {e}"))
+                .clone()
+        };
+        let close = |what: &str, a: &Tensor, b: &Tensor| {
+            let err = max_abs_diff(a, b);
+            assert!(err < 1e-9, "{model_type}: {what} off by {err}");
+        };
+        let mut stream = hook("hook_embed");
+        if let Ok(pos) = cache.get_by_name("hook_pos_embed") {
+            stream = (stream + pos).unwrap();
+        }
+        let layers = model.dims().n_layers;
+        assert!(
+            layers >= 2,
+            "{model_type}: the check needs a block after the first"
+        );
+        for l in 0..layers {
+            let pre = hook(&format!("blocks.{l}.hook_resid_pre"));
+            close(&format!("blocks.{l}.hook_resid_pre"), &pre, &stream);
+            let attn = hook(&format!("blocks.{l}.hook_attn_out"));
+            let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
+            let mid = (&pre + &attn).unwrap();
+            match cache.get_by_name(&format!("blocks.{l}.hook_resid_mid")) {
+                Ok(got) => close(&format!("blocks.{l}.hook_resid_mid"), got, &mid),
+                Err(_) => assert_eq!(model_type, "gpt_neox", "only a parallel residual skips it"),
+            }
+            stream = hook(&format!("blocks.{l}.hook_resid_post"));
+            close(
+                &format!("blocks.{l}.hook_resid_post"),
+                &stream,
+                &(mid + mlp).unwrap(),
+            );
+            let post = hook(&format!("blocks.{l}.mlp.hook_post"));
+            assert_eq!(post.dims()[2], model.dims().d_mlp, "{model_type}");
+            let pre_act = hook(&format!("blocks.{l}.mlp.hook_pre"));
+            assert_eq!(pre_act.dims(), post.dims(), "{model_type}");
+        }
+        let normalized = hook("ln_final.hook_normalized");
+        let logits = normalized
+            .broadcast_matmul(&model.transformer.unembed.t().unwrap())
+            .unwrap();
+        close("logits from ln_final.hook_normalized", &logits, &out.logits);
     }
 }

@@ -74,20 +74,58 @@ fn token_display_strings_are_readable_including_japanese() {
         shown.iter().all(|s| !s.contains('Ġ')),
         "byte-level markers leak: {shown:?}"
     );
-    // Where every piece holds whole characters the pieces spell the text; otherwise the
-    // dangling UTF-8 bytes show as \xNN.
-    let joined = shown.concat();
-    assert!(joined == text || joined.contains("\\x"), "{shown:?}");
+    // The pieces spell the text: whole characters as themselves, the bytes of a character
+    // split across pieces as \xNN.
+    assert_eq!(shown_bytes(&shown), text.as_bytes(), "{shown:?}");
     assert!(
         shown.iter().any(|s| s.starts_with(' ')),
         "spaces are shown as spaces: {shown:?}"
     );
-    let ja = tok.encode("日本の首都は東京です。").unwrap();
-    let shown_ja = tok.tokens_display(&ja).concat();
-    assert!(
-        shown_ja.contains('の') || shown_ja.contains("\\x"),
-        "{shown_ja}"
-    );
+    for (model, text) in [
+        (&model, "日本の首都は東京です。"),
+        (&bundled_model(), "日本の首都は東京です。"),
+    ] {
+        let tok = &model.tokenizer;
+        let shown = tok.tokens_display(&tok.encode(text).unwrap());
+        assert_eq!(shown_bytes(&shown), text.as_bytes(), "{shown:?}");
+        // Valid UTF-8 pieces are shown as text, never escaped.
+        for (piece, id) in shown.iter().zip(tok.encode(text).unwrap()) {
+            if let Ok(s) = std::str::from_utf8(&shown_bytes(std::slice::from_ref(piece))) {
+                assert_eq!(piece, s, "token {id}");
+            }
+        }
+    }
+    // The bundled tokenizer keeps common Japanese characters whole.
+    let bundled = bundled_model();
+    let shown = bundled
+        .tokenizer
+        .tokens_display(&bundled.tokenizer.encode("日本の首都は東京です。").unwrap())
+        .concat();
+    assert!(shown.contains('の'), "{shown}");
+}
+
+/// The bytes a display string stands for: `\xNN` is one byte, anything else its UTF-8.
+fn shown_bytes(pieces: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for piece in pieces {
+        let mut rest = piece.as_str();
+        while let Some(c) = rest.chars().next() {
+            if let Some(hex) = rest.strip_prefix("\\x") {
+                out.push(u8::from_str_radix(&hex[..2], 16).unwrap());
+                rest = &hex[2..];
+            } else {
+                let mut buf = [0u8; 4];
+                out.extend(c.encode_utf8(&mut buf).as_bytes());
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
+fn bundled_model() -> Model {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world");
+    Model::load(&dir, &Device::Cpu, DType::F32).unwrap()
 }
 
 /// A loaded model's content hash is the folder's (`table::model_hash`), computed once: a

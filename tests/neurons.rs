@@ -105,6 +105,8 @@ fn key_contexts_are_the_neurons_strongest_activations() {
         shared_by: 1.0,
     });
     let contexts = key_contexts(&model, &neurons, &corpus, 1_000_000, 3).unwrap();
+    assert_eq!(contexts.len(), neurons.len());
+    let mut fired = 0;
     for (n, found) in neurons.iter().zip(&contexts) {
         // Brute force: every positive activation of the neuron over the documents.
         let point = HookPoint::MlpPost(n.layer);
@@ -127,10 +129,12 @@ fn key_contexts_are_the_neurons_strongest_activations() {
             );
         }
         all.sort_by(|a, b| b.total_cmp(a));
+        fired += usize::from(!all.is_empty());
         let got: Vec<f32> = found.iter().map(|c| c.activation).collect();
         assert_eq!(got.len(), all.len().min(3), "{n:?}");
         for (g, w) in got.iter().zip(&all) {
             assert!((g - w).abs() < 1e-5, "{n:?}: {g} vs {w}");
         }
     }
+    assert!(fired > 0, "no neuron fired: the comparison checked nothing");
 }

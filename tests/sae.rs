@@ -354,11 +354,21 @@ fn special_tokens_are_left_out_of_the_activations() {
     )
     .unwrap();
     let d = with.d_in();
-    let kept = with.next_chunk().unwrap().len() / d;
-    let all = without.next_chunk().unwrap().len() / d;
+    let kept = with.next_chunk().unwrap();
+    let all = without.next_chunk().unwrap();
     // Every window starts with BOS and documents end with EOS: at least one row per window.
-    assert_eq!(all, 4 * 16);
-    assert!(kept <= all - 4, "{kept} of {all}");
+    assert_eq!(all.len() / d, 4 * 16);
+    assert!(kept.len() / d <= all.len() / d - 4);
+    // The kept rows are exactly the rows of the tokens that are not special, in order.
+    let ids = source(&model, &text).next_windows(4).unwrap();
+    assert_eq!(ids.len(), 4 * 16);
+    let expected: Vec<f32> = ids
+        .iter()
+        .zip(all.chunks(d))
+        .filter(|(id, _)| !with.is_excluded(**id))
+        .flat_map(|(_, row)| row.iter().copied())
+        .collect();
+    assert_eq!(kept, expected);
 }
 
 fn error_of(result: Result<impl Sized, monoscope::Error>) -> String {
@@ -629,4 +639,70 @@ fn parquet_text_columns_feed_the_same_windows_as_text() {
         e.contains("corpus.parquet") && e.contains("`text`") && e.contains("body"),
         "{e}"
     );
+}
+
+/// An SAE whose reconstruction is exact (`relu(x) − relu(−x) = x`) and one that reconstructs
+/// nothing pin `sae eval`'s formulas at both ends: FVU 0 / 1-ish, CE loss recovered and KL
+/// score 1 / 0, delta LM loss 0 / CE_zero − CE_clean.
+#[test]
+fn the_eval_metrics_are_exact_for_a_perfect_and_an_empty_reconstruction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let d = model.dims().d_mlp;
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+    let w_enc = Tensor::cat(&[&eye, &eye.neg().unwrap()], 1).unwrap();
+    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
+    let exact = monoscope::sae::Sae {
+        architecture: monoscope::sae::Architecture::Standard,
+        w_enc,
+        w_dec: w_dec.clone(),
+        b_enc: Tensor::zeros(2 * d, DType::F32, &Device::Cpu).unwrap(),
+        b_dec: Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: true,
+    };
+    let empty = monoscope::sae::Sae {
+        w_dec: w_dec.zeros_like().unwrap(),
+        ..exact.clone()
+    };
+    let settings = EvalSettings {
+        windows: 8,
+        dense_threshold: 0.5,
+    };
+    let eval = |sae: &monoscope::sae::Sae| {
+        evaluate(&mut source(&model, &text), sae, &settings, |_, _| {}).unwrap()
+    };
+
+    let perfect = eval(&exact);
+    assert!(perfect.fvu < 1e-10, "FVU {}", perfect.fvu);
+    // The ratios need zeroing the hook to change the loss (on this random model it lowers it).
+    assert!(
+        (perfect.ce_zero - perfect.ce_clean).abs() > 0.01,
+        "zeroing the hook should change the loss: {perfect:?}"
+    );
+    assert!(
+        (perfect.ce_loss_recovered - 1.0).abs() < 1e-4,
+        "{perfect:?}"
+    );
+    assert!((perfect.kl_score - 1.0).abs() < 1e-4, "{perfect:?}");
+    assert!(perfect.delta_lm_loss.abs() < 1e-4, "{perfect:?}");
+    // Every active post-GELU value turns on one of its two latents.
+    assert!(
+        perfect.l0 > 0.0 && perfect.l0 <= d as f64,
+        "L0 {}",
+        perfect.l0
+    );
+
+    let nothing = eval(&empty);
+    assert!(nothing.ce_loss_recovered.abs() < 1e-4, "{nothing:?}");
+    assert!(nothing.kl_score.abs() < 1e-4, "{nothing:?}");
+    assert!(
+        (nothing.delta_lm_loss - (nothing.ce_zero - nothing.ce_clean)).abs() < 1e-6,
+        "{nothing:?}"
+    );
+    // x̂ = 0: FVU = Σ‖x‖² / Σ‖x − x̄‖² ≥ 1, and the same activations and clean model.
+    assert!(nothing.fvu >= 1.0, "FVU {}", nothing.fvu);
+    assert_eq!(nothing.ce_clean, perfect.ce_clean);
+    assert_eq!(nothing.tokens, perfect.tokens);
 }

@@ -308,5 +308,11 @@ mod tests {
             ..Scores::default()
         };
         assert!((s.score() - 0.75).abs() < 1e-12);
+        // An edit that fails any part scores 0, not a harmonic mean blown up by 1/0.
+        let failed = Scores {
+            paraphrase: 0.0,
+            ..s.clone()
+        };
+        assert_eq!(failed.score(), 0.0);
     }
 }

@@ -1669,28 +1669,60 @@ mod tests {
     }
 
     #[test]
-    fn jumprelu_weight_gradients_match_autograd_and_thresholds_move() {
+    fn jumprelu_gradients_match_autograd_and_the_papers_threshold_estimator() {
         let (d_in, d_sae, rows) = (12, 40, 9);
         let arch = TrainArchitecture::JumpRelu {
             l0_coefficient: 0.1,
             bandwidth: 0.5,
             init_threshold: 0.3,
         };
-        let t = trainer(arch, d_in, d_sae);
+        let mut t = trainer(arch, d_in, d_sae);
+        t.config.penalty_warmup_steps = 0;
         let x = random(rows * d_in, 12, 1.0);
-        let mask: Vec<f32> = pre_activations(&t, &x)
+        let pre = pre_activations(&t, &x);
+        let mask: Vec<f32> = pre
             .iter()
             .flatten()
             .map(|&v| f32::from(u8::from(v > 0.3)))
             .collect();
         let reference = autograd(&t, &x, &mask, None, None);
-        let mut t = t;
         t.backward(&x).unwrap();
         for (i, r) in reference.iter().enumerate() {
             assert_close(t.params[i].name, &t.params[i].grad, r);
         }
-        // With a wide bandwidth some pre-activations sit near a threshold.
-        assert!(t.params[LOG_THRESHOLD].grad.iter().any(|&g| g != 0.0));
+        // The threshold's straight-through gradient (Rajamanoharan et al. 2024, rectangle
+        // kernel of width ε): per pre-activation z within ε/2 of θ,
+        // ∂L/∂θ = −(θ·∂L/∂a + λ)/ε, chained to log θ; ∂L/∂a from the reconstruction
+        // loss Σ‖x̂ − x‖²/rows, λ = L0 coefficient / rows.
+        let (theta, eps, lambda) = (0.3f32, 0.5f32, 0.1 / rows as f32);
+        let w_dec = &t.params[W_DEC].value;
+        let mut want = vec![0f32; d_sae];
+        let mut near = 0;
+        for (b, z) in pre.iter().enumerate() {
+            let mut x_hat = t.params[B_DEC].value.clone();
+            for (j, &v) in z.iter().enumerate() {
+                if v > theta {
+                    cpu::axpy(v, &w_dec[j * d_in..][..d_in], &mut x_hat);
+                }
+            }
+            let g_e: Vec<f32> = x_hat
+                .iter()
+                .zip(&x[b * d_in..][..d_in])
+                .map(|(h, x)| 2.0 * (h - x) / rows as f32)
+                .collect();
+            for (j, &v) in z.iter().enumerate() {
+                if (v - theta).abs() < eps / 2.0 {
+                    let g_act = cpu::dot(&g_e, &w_dec[j * d_in..][..d_in]);
+                    want[j] += -(theta * g_act + lambda) / eps * theta;
+                    near += 1;
+                }
+            }
+        }
+        assert!(
+            near > 0,
+            "no pre-activation near a threshold: nothing checked"
+        );
+        assert_close("log_threshold", &t.params[LOG_THRESHOLD].grad, &want);
     }
 
     /// Sparse ground truth: each row mixes a few of `n_true` directions.
