@@ -1,7 +1,8 @@
 //! monoscope: a workbench for looking inside decoder language models.
 //!
 //! Data flows one way: [`model`] (load, hooked forward passes, generation) → [`sae`]
-//! (activations, training, codes) → [`features`] and [`export`]; [`world`] is the bundled
+//! (activations, training, codes) → [`features`] and [`export`]; [`lens`], [`causal`],
+//! [`neurons`] and [`edit`] read and change the model itself; [`world`] is the bundled
 //! model and its labelled corpus; [`jobs`] runs long work in the background with progress and
 //! cancel; [`gui`] is the desktop workbench on top of all of it.
 
@@ -16,6 +17,7 @@ pub mod features;
 pub mod files;
 pub mod gui;
 pub mod jobs;
+pub mod lens;
 pub mod model;
 pub mod neurons;
 pub mod sae;

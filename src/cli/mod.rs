@@ -5,6 +5,7 @@ mod export;
 mod features;
 mod generate;
 mod info;
+mod lens;
 mod neurons;
 mod sae;
 mod trace;
@@ -44,6 +45,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a prompt and save the values at chosen hooks to a safetensors file.
     Trace(trace::TraceArgs),
+    /// Logit lens (what each layer's residual stream predicts) and direct logit attribution
+    /// (what each attention and MLP output writes to one token's logit) for a prompt.
+    Lens(Box<lens::LensArgs>),
     /// The bundled world model: rebuild it, evaluate what it knows.
     #[command(subcommand)]
     World(world::WorldCommand),
@@ -147,6 +151,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Trace(args) => trace::run(&args),
+        Command::Lens(args) => lens::run(&args),
         Command::World(command) => world::run(&command),
         Command::Sae(command) => sae::run(&command),
         Command::Features(command) => features::run(&command),

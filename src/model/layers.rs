@@ -128,6 +128,30 @@ impl Norm {
         matches!(self.kind, NormKind::LayerNorm)
     }
 
+    /// The norm's linear part applied to `part` at the scale `whole` gets: centred (LayerNorm),
+    /// divided by `whole`'s `sqrt(var + eps)` (or RMS), times the gain, no bias. Over the
+    /// parts of a sum `whole`, these add up to `forward(whole)` minus the bias, which is how
+    /// direct logit attribution splits a logit among the components that wrote the stream.
+    /// `part` broadcasts against `whole`'s scale (`[…, d]` and `[…, 1]`); half-precision
+    /// inputs come back in f32.
+    pub fn at_scale_of(&self, part: &Tensor, whole: &Tensor) -> candle_core::Result<Tensor> {
+        let centre = |x: Tensor| -> candle_core::Result<Tensor> {
+            match self.kind {
+                NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?),
+                NormKind::RmsNorm => Ok(x),
+            }
+        };
+        let whole = centre(upcast(whole)?)?;
+        let scale = (whole.sqr()?.mean_keepdim(LAST)? + self.eps)?.sqrt()?;
+        let part = centre(upcast(part)?)?.broadcast_div(&scale)?;
+        part.broadcast_mul(&upcast(&self.weight)?.to_dtype(part.dtype())?)
+    }
+
+    /// The additive bias (LayerNorm), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
         // candle's fused kernels have no backward pass and no f64 version.
         if !needs_grad && x.dtype() != DType::F64 {

@@ -1,0 +1,228 @@
+//! The logit lens and direct logit attribution: what the residual stream would predict if
+//! the model stopped after each block, and how much each component's output writes to one
+//! token's logit (TransformerLens's `accumulated_resid` and `decompose_resid` with
+//! `apply_ln_to_stack`).
+//!
+//! - **Logit lens** (nostalgebraist 2020): the stream entering block 0 and leaving each block,
+//!   at one position, through the final norm and the unembedding. After the last block this
+//!   is the model's own prediction.
+//! - **Direct logit attribution**: the stream at the last block is the sum of the embeddings
+//!   and every block's attention and MLP outputs, so its logit for a token splits into one
+//!   term per component, with the final norm linearised at the scale of the whole stream
+//!   ([`crate::model::layers::Norm::at_scale_of`]) plus the norm's bias term. The terms add up
+//!   to the logit exactly. With a `versus` token the direction is the logit difference of the
+//!   two (the usual read-out of circuits work). It is the direct path only: what a component
+//!   writes that later blocks read and transform is credited to those later blocks.
+
+use candle_core::{DType, IndexOp, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::{HookPoint, Hooks, Model};
+
+/// One token of a prediction.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Predicted {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+}
+
+/// The prediction read off the stream at one depth.
+#[derive(Clone, Debug, Serialize)]
+pub struct LensRow {
+    /// The hook the stream was read at (`blocks.0.hook_resid_pre`, then each block's
+    /// `hook_resid_post`).
+    pub hook: String,
+    pub top: Vec<Predicted>,
+    /// Probability and rank (0: the most likely) of the target token at this depth.
+    pub target_prob: f32,
+    pub target_rank: usize,
+}
+
+/// One component's direct contribution to the logit (difference).
+#[derive(Clone, Debug, Serialize)]
+pub struct Contribution {
+    /// The hook whose output this is (`hook_embed`, `blocks.L.hook_attn_out`, …), or
+    /// `ln_final bias`.
+    pub component: String,
+    pub logit: f32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LensReport {
+    pub tokens: Vec<String>,
+    /// The position read (index into `tokens`).
+    pub position: usize,
+    pub target: Predicted,
+    pub versus: Option<Predicted>,
+    pub lens: Vec<LensRow>,
+    pub attribution: Vec<Contribution>,
+    /// The model's logit of the target (minus the versus token's), which the attribution
+    /// sums to.
+    pub logit: f32,
+}
+
+/// What to read.
+#[derive(Clone, Debug)]
+pub struct LensRequest {
+    /// Token ids of the prompt (as [`Model::encode_prompt`] gives them).
+    pub ids: Vec<u32>,
+    /// Position to read (default: the last).
+    pub position: Option<usize>,
+    /// Token whose logit is attributed (default: the model's top prediction there).
+    pub target: Option<u32>,
+    /// Attribute the logit difference target − versus instead.
+    pub versus: Option<u32>,
+    /// Tokens listed per lens row.
+    pub top_k: usize,
+}
+
+/// Runs the prompt once and reads the lens and the attribution at the requested position.
+pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
+    let ids = &request.ids;
+    let last = ids.len().checked_sub(1).ok_or(Error::EmptyPrompt)?;
+    let position = request.position.unwrap_or(last);
+    if position > last {
+        return Err(Error::InvalidArgument {
+            what: "position",
+            value: position.to_string(),
+            message: format!("the prompt has {} tokens, positions 0 to {last}", ids.len()),
+        });
+    }
+    let vocab = model.dims().vocab_size;
+    for id in [request.target, request.versus].into_iter().flatten() {
+        if id as usize >= vocab {
+            return Err(Error::InvalidArgument {
+                what: "token id",
+                value: id.to_string(),
+                message: format!("the vocabulary has {vocab} tokens"),
+            });
+        }
+    }
+    let n_layers = model.dims().n_layers;
+    let mut stream_points = vec![HookPoint::ResidPre(0)];
+    stream_points.extend((0..n_layers).map(HookPoint::ResidPost));
+    let mut components = vec![HookPoint::Embed];
+    if model.hook_points().contains(&HookPoint::PosEmbed) {
+        components.push(HookPoint::PosEmbed);
+    }
+    for l in 0..n_layers {
+        components.extend([HookPoint::AttnOut(l), HookPoint::MlpOut(l)]);
+    }
+    let capture = stream_points
+        .iter()
+        .chain(&components)
+        .chain([&HookPoint::LnFinal])
+        .copied();
+    let out = model.forward(&model.ids_tensor(ids)?, &Hooks::new().capture(capture))?;
+    // Everything below is read at one position, `[1, d]`: in the run dtype where the model's
+    // own modules apply, else in f32 (f64 models stay f64).
+    let at_raw = |point: HookPoint| -> Result<Tensor> {
+        Ok(out.cache.require(point)?.i((0, position))?.unsqueeze(0)?)
+    };
+    let at = |point: HookPoint| -> Result<Tensor> {
+        let v = at_raw(point)?;
+        Ok(match v.dtype() {
+            DType::F16 | DType::BF16 => v.to_dtype(DType::F32)?,
+            _ => v,
+        })
+    };
+    let t = &model.transformer;
+    let norm = &t.ln_final;
+    let logits_of = |normed: &Tensor| -> Result<Vec<f32>> {
+        let w = t.unembed.to_dtype(normed.dtype())?;
+        Ok(normed
+            .matmul(&w.t()?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?)
+    };
+    let final_logits = logits_of(&at_raw(HookPoint::LnFinal)?)?;
+    let name = |id: u32| model.tokenizer.token_display(id);
+    let target_id = request
+        .target
+        .unwrap_or_else(|| argmax(&final_logits) as u32);
+    let probs_final = softmax(&final_logits);
+    let predicted = |id: u32, probs: &[f32]| Predicted {
+        id,
+        token: name(id),
+        prob: probs[id as usize],
+    };
+
+    let mut rows = Vec::with_capacity(stream_points.len());
+    for &point in &stream_points {
+        let logits = logits_of(&norm.forward(&at_raw(point)?, false)?)?;
+        let probs = softmax(&logits);
+        let target_prob = probs[target_id as usize];
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        rows.push(LensRow {
+            hook: point.to_string(),
+            top: order
+                .iter()
+                .take(request.top_k)
+                .map(|&i| predicted(i as u32, &probs))
+                .collect(),
+            target_prob,
+            target_rank: order
+                .iter()
+                .take_while(|&&i| probs[i] > target_prob)
+                .count(),
+        });
+    }
+
+    // The read-out direction: the target's unembedding row (minus the versus token's).
+    let row = |id: u32| t.unembed.i(id as usize);
+    let direction = match request.versus {
+        Some(v) => (row(target_id)? - row(v)?)?,
+        None => row(target_id)?,
+    };
+    let whole = at(HookPoint::ResidPost(n_layers - 1))?;
+    let direction = direction.to_dtype(whole.dtype())?;
+    let read = |x: &Tensor| -> Result<f32> {
+        Ok(x.squeeze(0)?
+            .mul(&direction)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar()?)
+    };
+    let mut attribution = Vec::with_capacity(components.len() + 1);
+    for &point in &components {
+        attribution.push(Contribution {
+            component: point.to_string(),
+            logit: read(&norm.at_scale_of(&at(point)?, &whole)?)?,
+        });
+    }
+    if let Some(b) = norm.bias() {
+        let b = b.to_dtype(whole.dtype())?.unsqueeze(0)?;
+        attribution.push(Contribution {
+            component: "ln_final bias".into(),
+            logit: read(&b)?,
+        });
+    }
+    let logit =
+        final_logits[target_id as usize] - request.versus.map_or(0.0, |v| final_logits[v as usize]);
+    Ok(LensReport {
+        tokens: model.tokenizer.tokens_display(ids),
+        position,
+        target: predicted(target_id, &probs_final),
+        versus: request.versus.map(|v| predicted(v, &probs_final)),
+        lens: rows,
+        attribution,
+        logit,
+    })
+}
+
+fn argmax(values: &[f32]) -> usize {
+    (0..values.len())
+        .max_by(|&a, &b| values[a].total_cmp(&values[b]))
+        .unwrap_or(0)
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
