@@ -127,6 +127,39 @@ fn run_export(
     })
 }
 
+/// The whole export of the fixture into `out` (200-row shards), never interrupted.
+fn export_whole(model: &Model, f: &Fixture, out: &Path) -> monoscope::export::ExportReport {
+    let never = AtomicBool::new(false);
+    run_export(
+        model,
+        f,
+        out,
+        &settings(200),
+        Existing::Refuse,
+        &never,
+        None,
+    )
+    .unwrap()
+}
+
+/// The same export cancelled after six batches, with some shards complete.
+fn export_interrupted(model: &Model, f: &Fixture, out: &Path) -> monoscope::export::ExportReport {
+    let cancel = AtomicBool::new(false);
+    let first = run_export(
+        model,
+        f,
+        out,
+        &settings(200),
+        Existing::Refuse,
+        &cancel,
+        Some(6),
+    )
+    .unwrap();
+    assert!(first.cancelled && !first.manifest.complete);
+    assert!(!first.manifest.shards.is_empty(), "some shards completed");
+    first
+}
+
 /// Every activation row of an export, read back with arrow-rs, and its token table.
 fn read_back(out: &Path) -> (Manifest, Rows, BTreeMap<(u64, u32), u32>) {
     let manifest: Manifest =
@@ -246,31 +279,10 @@ fn an_interrupted_export_resumes_to_the_same_rows() {
     let f = fixture();
     let whole = f.dir.join("whole");
     let never = AtomicBool::new(false);
-    run_export(
-        &model,
-        &f,
-        &whole,
-        &settings(200),
-        Existing::Refuse,
-        &never,
-        None,
-    )
-    .unwrap();
+    export_whole(&model, &f, &whole);
 
     let out = f.dir.join("resumed");
-    let cancel = AtomicBool::new(false);
-    let first = run_export(
-        &model,
-        &f,
-        &out,
-        &settings(200),
-        Existing::Refuse,
-        &cancel,
-        Some(6),
-    )
-    .unwrap();
-    assert!(first.cancelled && !first.manifest.complete);
-    assert!(!first.manifest.shards.is_empty(), "some shards completed");
+    export_interrupted(&model, &f, &out);
     let leftovers: Vec<_> = walk(&out)
         .into_iter()
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
@@ -319,19 +331,8 @@ fn resume_refuses_what_it_cannot_trust_and_drops_unlisted_shards() {
     let never = AtomicBool::new(false);
     let interrupted = |name: &str| {
         let out = f.dir.join(name);
-        let cancel = AtomicBool::new(false);
-        let first = run_export(
-            &model,
-            &f,
-            &out,
-            &settings(200),
-            Existing::Refuse,
-            &cancel,
-            Some(6),
-        )
-        .unwrap();
-        assert!(first.cancelled && !first.manifest.shards.is_empty());
-        (out, first.manifest)
+        let manifest = export_interrupted(&model, &f, &out).manifest;
+        (out, manifest)
     };
     let resume = |out: &Path| {
         run_export(
@@ -351,16 +352,7 @@ fn resume_refuses_what_it_cannot_trust_and_drops_unlisted_shards() {
     let orphan = out.join(ACTIVATIONS_DIR).join("part-99999.parquet");
     std::fs::copy(&listed, &orphan).unwrap();
     let whole = f.dir.join("whole");
-    run_export(
-        &model,
-        &f,
-        &whole,
-        &settings(200),
-        Existing::Refuse,
-        &never,
-        None,
-    )
-    .unwrap();
+    export_whole(&model, &f, &whole);
     resume(&out).unwrap();
     assert!(!orphan.exists(), "the unlisted shard was kept");
     assert_eq!(read_back(&out).1, read_back(&whole).1);
