@@ -18,15 +18,8 @@ use candle_core::{DType, IndexOp, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::model::generate::{TokenProb, softmax, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
-
-/// One token of a prediction.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Predicted {
-    pub id: u32,
-    pub token: String,
-    pub prob: f32,
-}
 
 /// The prediction read off the stream at one depth.
 #[derive(Clone, Debug, Serialize)]
@@ -34,7 +27,7 @@ pub struct LensRow {
     /// The hook the stream was read at (`blocks.0.hook_resid_pre`, then each block's
     /// `hook_resid_post`).
     pub hook: String,
-    pub top: Vec<Predicted>,
+    pub top: Vec<TokenProb>,
     /// Probability and rank (0: the most likely) of the target token at this depth.
     pub target_prob: f32,
     pub target_rank: usize,
@@ -54,8 +47,8 @@ pub struct LensReport {
     pub tokens: Vec<String>,
     /// The position read (index into `tokens`).
     pub position: usize,
-    pub target: Predicted,
-    pub versus: Option<Predicted>,
+    pub target: TokenProb,
+    pub versus: Option<TokenProb>,
     pub lens: Vec<LensRow>,
     pub attribution: Vec<Contribution>,
     /// The model's logit of the target (minus the versus token's), which the attribution
@@ -139,36 +132,27 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
             .to_vec1()?)
     };
     let final_logits = logits_of(&at_raw(HookPoint::LnFinal)?)?;
-    let name = |id: u32| model.tokenizer.token_display(id);
-    let target_id = request
-        .target
-        .unwrap_or_else(|| argmax(&final_logits) as u32);
-    let probs_final = softmax(&final_logits);
-    let predicted = |id: u32, probs: &[f32]| Predicted {
+    let target_id = match request.target {
+        Some(id) => id,
+        None => top_tokens(model, &final_logits, 1)[0].id,
+    };
+    let probs_final = softmax(&final_logits, 1.0);
+    let predicted = |id: u32, probs: &[f32]| TokenProb {
         id,
-        token: name(id),
+        token: model.tokenizer.token_display(id),
         prob: probs[id as usize],
     };
 
     let mut rows = Vec::with_capacity(stream_points.len());
     for &point in &stream_points {
         let logits = logits_of(&norm.forward(&at_raw(point)?, false)?)?;
-        let probs = softmax(&logits);
+        let probs = softmax(&logits, 1.0);
         let target_prob = probs[target_id as usize];
-        let mut order: Vec<usize> = (0..probs.len()).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         rows.push(LensRow {
             hook: point.to_string(),
-            top: order
-                .iter()
-                .take(request.top_k)
-                .map(|&i| predicted(i as u32, &probs))
-                .collect(),
+            top: top_tokens(model, &logits, request.top_k),
             target_prob,
-            target_rank: order
-                .iter()
-                .take_while(|&&i| probs[i] > target_prob)
-                .count(),
+            target_rank: probs.iter().filter(|&&p| p > target_prob).count(),
         });
     }
 
@@ -212,17 +196,4 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         attribution,
         logit,
     })
-}
-
-fn argmax(values: &[f32]) -> usize {
-    (0..values.len())
-        .max_by(|&a, &b| values[a].total_cmp(&values[b]))
-        .unwrap_or(0)
-}
-
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.into_iter().map(|e| e / sum).collect()
 }

@@ -208,7 +208,8 @@ fn token_probs(model: &Model, probs: &[f32], k: usize) -> Vec<TokenProb> {
         .collect()
 }
 
-fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {
+/// The distribution of `logits` at `temperature`.
+pub(crate) fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {
     let t = temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|&l| ((l - max) / t).exp()).collect();
