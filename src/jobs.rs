@@ -114,6 +114,9 @@ pub struct Job<T> {
     handle: JobHandle,
     started: Instant,
     finished: Option<Duration>,
+    /// Set by the job's thread when it ends: a finished job whose result nobody has taken yet
+    /// (its panel is not shown) is no longer running.
+    ended: Arc<AtomicBool>,
     receiver: Receiver<Result<T, String>>,
 }
 
@@ -129,6 +132,8 @@ impl<T: Send + 'static> Job<T> {
         let handle = JobHandle::new(Arc::new(notify));
         let (sender, receiver) = channel();
         let job_handle = handle.clone();
+        let ended = Arc::new(AtomicBool::new(false));
+        let thread_ended = ended.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("job: {name}"))
             .spawn(move || {
@@ -137,6 +142,7 @@ impl<T: Send + 'static> Job<T> {
                     Ok(Err(err)) => Err(format!("{err:#}")),
                     Err(panic) => Err(format!("internal error: {}", panic_message(&panic))),
                 };
+                thread_ended.store(true, Ordering::Release);
                 // The watcher may have gone (window closed): nothing to tell then.
                 let _ = sender.send(result);
                 (job_handle.notify)();
@@ -149,6 +155,7 @@ impl<T: Send + 'static> Job<T> {
                 handle,
                 started: Instant::now(),
                 finished: None,
+                ended: Arc::new(AtomicBool::new(true)),
                 receiver: failed,
             };
         }
@@ -157,6 +164,7 @@ impl<T: Send + 'static> Job<T> {
             handle,
             started: Instant::now(),
             finished: None,
+            ended,
             receiver,
         }
     }
@@ -185,6 +193,11 @@ impl<T: Send + 'static> Job<T> {
 }
 
 impl<T> Job<T> {
+    /// Whether the work is still going (false once it ended, taken or not).
+    pub fn is_running(&self) -> bool {
+        !self.ended.load(Ordering::Acquire)
+    }
+
     pub fn progress(&self) -> Progress {
         self.handle.lock().clone()
     }

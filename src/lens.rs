@@ -17,8 +17,9 @@
 use candle_core::{DType, IndexOp, Tensor};
 use serde::Serialize;
 
+use crate::causal::target_token;
 use crate::error::{Error, Result};
-use crate::model::generate::{TokenProb, softmax, top_tokens};
+use crate::model::generate::{TokenProb, softmax, token_probs, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
 
 /// The prediction read off the stream at one depth.
@@ -54,6 +55,18 @@ pub struct LensReport {
     /// The model's logit of the target (minus the versus token's), which the attribution
     /// sums to.
     pub logit: f32,
+    /// With [`LensRequest::grid`]: the lens at every position, `grid[depth][position]`,
+    /// depths as in `lens` (nostalgebraist's picture: how early each next token appears).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grid: Option<Vec<Vec<LensCell>>>,
+}
+
+/// The lens at one depth and position.
+#[derive(Clone, Debug, Serialize)]
+pub struct LensCell {
+    pub top: Vec<TokenProb>,
+    /// Probability of the prompt's own next token (none at the last position).
+    pub next_prob: Option<f32>,
 }
 
 /// What to read.
@@ -67,8 +80,35 @@ pub struct LensRequest {
     pub target: Option<u32>,
     /// Attribute the logit difference target − versus instead.
     pub versus: Option<u32>,
-    /// Tokens listed per lens row.
+    /// Tokens listed per lens row (and grid cell).
     pub top_k: usize,
+    /// Also read the lens at every position ([`LensReport::grid`]).
+    pub grid: bool,
+}
+
+/// The first token of `continuation` (a target or versus token, " Tokyo") as it would follow
+/// the prompt's token at `position` (`None`: the last), so that a continuation typed for an
+/// earlier position tokenises as it would there.
+pub fn continuation_token(
+    model: &Model,
+    prompt: &str,
+    ids: &[u32],
+    position: Option<usize>,
+    continuation: &str,
+) -> Result<u32> {
+    let context = match position {
+        Some(p) if p + 1 < ids.len() => {
+            let start = model.start_token();
+            let through: Vec<u32> = ids[..=p]
+                .iter()
+                .copied()
+                .filter(|&id| Some(id) != start)
+                .collect();
+            model.tokenizer.decode(&through)?
+        }
+        _ => prompt.to_string(),
+    };
+    target_token(model, &context, continuation)
 }
 
 /// Runs the prompt once and reads the lens and the attribution at the requested position.
@@ -144,16 +184,21 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     };
 
     let mut rows = Vec::with_capacity(stream_points.len());
+    let mut grid = Vec::new();
     for &point in &stream_points {
         let logits = logits_of(&norm.forward(&at_raw(point)?, false)?)?;
         let probs = softmax(&logits, 1.0);
         let target_prob = probs[target_id as usize];
         rows.push(LensRow {
             hook: point.to_string(),
-            top: top_tokens(model, &logits, request.top_k),
+            top: token_probs(model, &probs, request.top_k),
             target_prob,
             target_rank: probs.iter().filter(|&&p| p > target_prob).count(),
         });
+        if request.grid {
+            let every = norm.forward(out.cache.require(point)?, false)?;
+            grid.push(lens_cells(model, ids, &every, request.top_k)?);
+        }
     }
 
     // The read-out direction: the target's unembedding row (minus the versus token's).
@@ -195,5 +240,24 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         lens: rows,
         attribution,
         logit,
+        grid: request.grid.then_some(grid),
     })
+}
+
+/// The lens at every position of `[1, seq, d]` normalised stream.
+fn lens_cells(model: &Model, ids: &[u32], normed: &Tensor, top_k: usize) -> Result<Vec<LensCell>> {
+    let normed = normed.squeeze(0)?;
+    let w = model.transformer.unembed.to_dtype(normed.dtype())?;
+    let logits: Vec<Vec<f32>> = normed.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(logits
+        .iter()
+        .enumerate()
+        .map(|(p, logits)| {
+            let probs = softmax(logits, 1.0);
+            LensCell {
+                top: token_probs(model, &probs, top_k),
+                next_prob: ids.get(p + 1).map(|&next| probs[next as usize]),
+            }
+        })
+        .collect())
 }

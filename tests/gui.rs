@@ -222,6 +222,78 @@ fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
 }
 
 #[test]
+fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
+    use monoscope::lens::{LensReport, LensRequest, continuation_token, lens};
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Lens");
+    let prompt = "The capital of France is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.key_press(egui::Key::Enter);
+    let model = h.state().workbench.model.clone().unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    // What the library says, in the words the panel shows it.
+    let expect = |position: Option<usize>, target: Option<&str>, versus: Option<&str>| {
+        let token = |t: Option<&str>| {
+            t.map(|t| continuation_token(&model, prompt, &ids, position, t).unwrap())
+        };
+        lens(
+            &model,
+            &LensRequest {
+                ids: ids.clone(),
+                position,
+                target: token(target),
+                versus: token(versus),
+                top_k: 1,
+                grid: false,
+            },
+        )
+        .unwrap()
+    };
+    let shown = |r: &LensReport| {
+        let what = match &r.versus {
+            Some(v) => format!("logit({:?}) − logit({:?})", r.target.token, v.token),
+            None => format!("logit({:?})", r.target.token),
+        };
+        format!(
+            "{what} = {:.3}, the sum of {} terms",
+            r.logit,
+            r.attribution.len()
+        )
+    };
+    let wait_for_report = |h: &mut Harness<'static, App>, r: &LensReport| {
+        let label = shown(r);
+        wait_for(h, &label, |h| has_label(h, &label) && !h.state().busy());
+    };
+
+    let own = expect(None, None, None);
+    wait_for_report(&mut h, &own);
+    let prediction = format!(
+        "the model gives {:?} {:.1}%",
+        own.target.token,
+        100.0 * own.target.prob
+    );
+    assert!(has_label(&h, &prediction), "{prediction}");
+    // The prompt's tokens head the grid's columns.
+    for token in model.tokenizer.tokens_display(&ids) {
+        let head = monoscope::gui::widgets::display_token(&token);
+        assert!(h.query_by_label(&head).is_some(), "no column {head:?}");
+    }
+
+    // A typed target against another: the logit difference.
+    replace_text(&mut h, "Target", " Paris");
+    replace_text(&mut h, "versus", " Tokyo");
+    h.key_press(egui::Key::Enter);
+    wait_for_report(&mut h, &expect(None, Some(" Paris"), Some(" Tokyo")));
+
+    // Clicking a column head reads the same target there.
+    h.get_by_label(&monoscope::gui::widgets::display_token(" capital"))
+        .click();
+    wait_for_report(&mut h, &expect(Some(1), Some(" Paris"), Some(" Tokyo")));
+    assert!(has_label(&h, "At token 1 (\" capital\")"));
+}
+
+#[test]
 fn a_feature_page_shows_its_top_contexts() {
     let mut h = harness();
     wait_for(&mut h, "the feature store", |h| {
@@ -500,6 +572,8 @@ fn every_panel_renders_like_its_snapshot() {
         if kind != PanelKind::Playground {
             open_panel(&mut h, kind.title());
         }
+        // A panel that reads on opening (the lens) finishes first.
+        wait_for(&mut h, kind.title(), |h| !h.state().busy());
         h.input_mut().events.push(egui::Event::PointerGone);
         h.run_steps(3);
         results.add(

@@ -41,6 +41,7 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                         target: Some(target),
                         versus: with_versus,
                         top_k: 3,
+                        grid: false,
                     },
                 )
                 .unwrap();
@@ -98,6 +99,7 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
             target: None,
             versus: None,
             top_k: 1,
+            grid: false,
         },
     )
     .unwrap();
@@ -119,6 +121,7 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
             target: None,
             versus: None,
             top_k: 1,
+            grid: false,
         }
     };
     let e = lens(&model, &past).unwrap_err().to_string();
@@ -137,6 +140,70 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
     .unwrap_err()
     .to_string();
     assert!(e.contains(&u32::MAX.to_string()), "{e}");
+}
+
+#[test]
+fn the_grid_reads_the_lens_at_every_position_and_agrees_with_the_report() {
+    for &model_type in MODEL_TYPES {
+        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
+        let ids = model.encode_prompt("The capital of Japan is 東京").unwrap();
+        let logits = model
+            .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
+            .unwrap()
+            .logits;
+        let position = 2;
+        let report = lens(
+            &model,
+            &LensRequest {
+                ids: ids.clone(),
+                position: Some(position),
+                target: None,
+                versus: None,
+                top_k: 4,
+                grid: true,
+            },
+        )
+        .unwrap();
+        let grid = report.grid.as_ref().unwrap();
+        assert_eq!(
+            grid.len(),
+            report.lens.len(),
+            "{model_type}: one row per depth"
+        );
+        for (depth, row) in grid.iter().enumerate() {
+            assert_eq!(row.len(), ids.len(), "{model_type}: one cell per position");
+            // The report's column is the grid's, read by the single-position path.
+            let ids_of = |top: &[monoscope::model::generate::TokenProb]| -> Vec<u32> {
+                top.iter().map(|t| t.id).collect()
+            };
+            assert_eq!(
+                ids_of(&row[position].top),
+                ids_of(&report.lens[depth].top),
+                "{model_type} depth {depth}"
+            );
+            for (a, b) in row[position].top.iter().zip(&report.lens[depth].top) {
+                assert!((a.prob - b.prob).abs() < 1e-5, "{model_type} depth {depth}");
+            }
+            assert!(row.last().unwrap().next_prob.is_none());
+        }
+        // The deepest row is the model's own distribution at every position, and the
+        // probability of the prompt's real next token is read from it.
+        for (p, cell) in grid.last().unwrap().iter().enumerate() {
+            let probs = softmax(&logits.i((0, p)).unwrap().to_vec1::<f64>().unwrap());
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            let top: Vec<u32> = cell.top.iter().map(|t| t.id).collect();
+            let want: Vec<u32> = order[..4].iter().map(|&i| i as u32).collect();
+            assert_eq!(top, want, "{model_type} at {p}");
+            if let Some(&next) = ids.get(p + 1) {
+                let got = f64::from(cell.next_prob.unwrap());
+                assert!(
+                    (got - probs[next as usize]).abs() < 1e-6,
+                    "{model_type} at {p}"
+                );
+            }
+        }
+    }
 }
 
 fn monoscope(args: &[&str]) -> std::process::Output {
@@ -176,6 +243,40 @@ fn the_lens_command_reads_a_fact_and_refuses_bad_positions() {
     assert!(
         text.contains("logit lens") && text.contains("blocks.7.hook_mlp_out"),
         "{text}"
+    );
+    assert!(!text.contains("every position"), "the grid only when asked");
+
+    // --grid: one line per depth with a column per token, and `grid` in the JSON.
+    let grid = monoscope(&["lens", "--prompt", "The capital of Japan is", "--grid"]);
+    assert!(grid.status.success());
+    let grid = String::from_utf8_lossy(&grid.stdout);
+    let table: Vec<&str> = grid
+        .lines()
+        .skip_while(|l| !l.contains("every position"))
+        .collect();
+    assert!(
+        table[1].contains("\" Japan\"") && table[1].contains("\" is\""),
+        "{grid}"
+    );
+    assert_eq!(
+        table.len(),
+        2 + 9,
+        "header, tokens, embeddings and 8 blocks: {grid}"
+    );
+    let json = monoscope(&[
+        "lens",
+        "--prompt",
+        "The capital of Japan is",
+        "--grid",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let cells = &json["grid"];
+    assert_eq!(cells.as_array().unwrap().len(), 9);
+    assert_eq!(cells[8].as_array().unwrap().len(), 5, "{cells}");
+    assert_eq!(
+        cells[8][4]["top"][0]["id"], json["target"]["id"],
+        "the model's prediction, last cell"
     );
 
     let bad = monoscope(&[

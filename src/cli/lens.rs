@@ -3,8 +3,7 @@
 use clap::Args;
 
 use super::{ModelArgs, print_json};
-use crate::causal::target_token;
-use crate::lens::{LensReport, LensRequest, lens};
+use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
 
 #[derive(Args)]
 pub struct LensArgs {
@@ -26,6 +25,10 @@ pub struct LensArgs {
     /// Tokens listed per layer of the lens.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
+    /// Also read the lens at every position: each depth's top token for every prefix of the
+    /// prompt (in JSON: `grid[depth][position]`).
+    #[arg(long)]
+    grid: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -34,23 +37,9 @@ pub struct LensArgs {
 pub fn run(args: &LensArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let ids = model.encode_prompt(&args.prompt)?;
-    // A continuation is tokenised after the text up to the position read.
-    let last = ids.len() - 1;
-    let context = match args.position {
-        Some(p) if p < last => {
-            let start = model.start_token();
-            let upto: Vec<u32> = ids[..=p]
-                .iter()
-                .copied()
-                .filter(|&id| Some(id) != start)
-                .collect();
-            model.tokenizer.decode(&upto)?
-        }
-        _ => args.prompt.clone(),
-    };
     let token = |text: &Option<String>| {
         text.as_deref()
-            .map(|t| target_token(&model, &context, t))
+            .map(|t| continuation_token(&model, &args.prompt, &ids, args.position, t))
             .transpose()
     };
     let report = lens(
@@ -61,12 +50,16 @@ pub fn run(args: &LensArgs) -> anyhow::Result<()> {
             ids,
             position: args.position,
             top_k: args.top_k,
+            grid: args.grid,
         },
     )?;
     if args.json {
         return print_json(&report);
     }
     print_report(&report);
+    if let Some(grid) = &report.grid {
+        print_grid(&report, grid);
+    }
     if let Some(t) = args.target.as_deref().filter(|t| *t != report.target.token) {
         let also = if args.versus.is_some() {
             "; --versus likewise"
@@ -117,5 +110,36 @@ fn print_report(r: &LensReport) {
         let bar = "█".repeat((20.0 * c.logit.abs() / largest).round() as usize);
         let sign = if c.logit < 0.0 { '−' } else { '+' };
         println!("{:<26} {:>+9.4}  {sign}{bar}", c.component, c.logit);
+    }
+}
+
+/// One line per depth, one column per position: the top token and its probability.
+fn print_grid(r: &LensReport, grid: &[Vec<LensCell>]) {
+    let cell = |c: &LensCell| {
+        c.top
+            .first()
+            .map_or(String::new(), |t| format!("{:?} {:.2}", t.token, t.prob))
+    };
+    let widths: Vec<usize> = (0..r.tokens.len())
+        .map(|p| {
+            let shown = grid.iter().map(|row| cell(&row[p]).chars().count());
+            shown
+                .chain([format!("{:?}", r.tokens[p]).chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    println!("\nlogit lens at every position: the top next token read at each depth");
+    let mut line = format!("{:<26}", "after token");
+    for (token, w) in r.tokens.iter().zip(&widths) {
+        line += &format!("  {:<w$}", format!("{token:?}"));
+    }
+    println!("{}", line.trim_end());
+    for (row, lens_row) in grid.iter().zip(&r.lens) {
+        let mut line = format!("{:<26}", lens_row.hook);
+        for (c, w) in row.iter().zip(&widths) {
+            line += &format!("  {:<w$}", cell(c));
+        }
+        println!("{}", line.trim_end());
     }
 }

@@ -296,8 +296,9 @@ mod screenshots {
     use super::{PanelKind, Workbench};
 
     /// Training last: its result becomes the open SAE.
-    const TOUR: [PanelKind; 6] = [
+    const TOUR: [PanelKind; 7] = [
         PanelKind::Playground,
+        PanelKind::Lens,
         PanelKind::Features,
         PanelKind::Neurons,
         PanelKind::Edit,

@@ -99,6 +99,15 @@ pub mod explain {
     pub const ATTRIBUTION: &str = "Integrated gradients (Dai et al. 2022): the neuron's \
         activation times the mean gradient of P(target) as the activation is scaled from 0 \
         to its value.";
+    pub const LOGIT_LENS: &str = "Logit lens (nostalgebraist 2020): the residual stream after \
+        each block, at each token, put through the final norm and the unembedding, as if the \
+        model stopped there. Each cell shows the most likely next token read at that depth.";
+    pub const DLA: &str = "Direct logit attribution: the last stream is the sum of the \
+        embeddings and every attention and MLP output, so the logit splits into one term per \
+        component (the final norm linearised at the whole stream's scale, plus its bias). \
+        Direct path only: what later blocks make of a component's output counts for them.";
+    pub const DLA_TARGET: &str = "The continuation whose first token's logit is attributed \
+        (\" Tokyo\", with its leading space); empty: the model's own prediction.";
     pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \
         corrupted with noise; restoring one state from the clean run brings P(answer) back by \
         this much.";

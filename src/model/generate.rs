@@ -197,7 +197,7 @@ pub fn top_tokens(model: &Model, logits: &[f32], k: usize) -> Vec<TokenProb> {
 }
 
 /// The `k` most likely tokens of a distribution, with their display strings.
-fn token_probs(model: &Model, probs: &[f32], k: usize) -> Vec<TokenProb> {
+pub(crate) fn token_probs(model: &Model, probs: &[f32], k: usize) -> Vec<TokenProb> {
     top_k(probs, k)
         .into_iter()
         .map(|(id, prob)| TokenProb {

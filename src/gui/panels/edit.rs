@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::{Panel, PanelKind, need_model, take};
+use super::{Panel, PanelKind, need_model, running, take};
 use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
@@ -109,10 +109,10 @@ impl Panel for Edit {
     }
 
     fn busy(&self) -> bool {
-        self.trace_job.is_some()
-            || self.edit_job.is_some()
-            || self.undo_job.is_some()
-            || self.save_job.is_some()
+        running(&self.trace_job)
+            || running(&self.edit_job)
+            || running(&self.undo_job)
+            || running(&self.save_job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

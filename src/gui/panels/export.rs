@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::{Panel, PanelKind, need_model, take};
+use super::{Panel, PanelKind, need_model, running, take};
 use crate::export::{Existing, ExportSettings, export};
 use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{Workbench, window_segments};
@@ -53,7 +53,7 @@ impl Panel for Export {
     }
 
     fn busy(&self) -> bool {
-        self.job.is_some()
+        running(&self.job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

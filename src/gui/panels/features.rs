@@ -4,7 +4,7 @@
 
 use egui_plot::{Bar, BarChart, Plot};
 
-use super::{Panel, PanelKind, take};
+use super::{Panel, PanelKind, running, take};
 use crate::features::store::{FeatureStore, StoredFeature};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
@@ -60,7 +60,7 @@ impl Panel for Features {
     }
 
     fn busy(&self) -> bool {
-        self.eval_job.is_some()
+        running(&self.eval_job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

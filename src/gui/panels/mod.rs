@@ -4,6 +4,7 @@
 mod edit;
 mod export;
 mod features;
+mod lens;
 mod neurons;
 mod playground;
 mod train;
@@ -15,6 +16,7 @@ use super::Workbench;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PanelKind {
     Playground,
+    Lens,
     Train,
     Features,
     Neurons,
@@ -23,8 +25,9 @@ pub enum PanelKind {
 }
 
 impl PanelKind {
-    pub const ALL: [PanelKind; 6] = [
+    pub const ALL: [PanelKind; 7] = [
         PanelKind::Playground,
+        PanelKind::Lens,
         PanelKind::Train,
         PanelKind::Features,
         PanelKind::Neurons,
@@ -35,6 +38,7 @@ impl PanelKind {
     pub fn title(self) -> &'static str {
         match self {
             PanelKind::Playground => "Playground",
+            PanelKind::Lens => "Lens",
             PanelKind::Train => "Train",
             PanelKind::Features => "Features",
             PanelKind::Neurons => "Neurons",
@@ -47,6 +51,9 @@ impl PanelKind {
         match self {
             PanelKind::Playground => {
                 "Run a prompt: tokens, next-token probabilities, feature colouring, steering"
+            }
+            PanelKind::Lens => {
+                "Logit lens at every position and direct logit attribution of a token"
             }
             PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
             PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
@@ -61,13 +68,14 @@ impl PanelKind {
 pub trait Panel {
     fn kind(&self) -> PanelKind;
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench);
-    /// Has a job running (the window keeps repainting while one does).
+    /// Has a job running (the window keeps repainting while one does; see [`running`]).
     fn busy(&self) -> bool;
 }
 
 pub fn all() -> Vec<Box<dyn Panel>> {
     vec![
         Box::<playground::Playground>::default(),
+        Box::<lens::Lens>::default(),
         Box::<train::Train>::default(),
         Box::<features::Features>::default(),
         Box::<neurons::Neurons>::default(),
@@ -85,6 +93,12 @@ fn need_model(ui: &mut egui::Ui, wb: &Workbench) -> Option<std::sync::Arc<crate:
         });
     }
     wb.model.clone()
+}
+
+/// Whether a panel's job slot holds a job still at work. A finished job waits in its slot
+/// until the panel is drawn again and takes the result, but it no longer counts as busy.
+fn running<T>(slot: &Option<crate::jobs::Job<T>>) -> bool {
+    slot.as_ref().is_some_and(crate::jobs::Job::is_running)
 }
 
 /// Polls a panel's job slot: the result once it is done (errors go to the messages).

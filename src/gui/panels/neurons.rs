@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Panel, PanelKind, need_model, take};
+use super::{Panel, PanelKind, need_model, running, take};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, token_chips};
 use crate::gui::workbench::{PanelRequest, Workbench};
@@ -73,7 +73,7 @@ impl Panel for Neurons {
     }
 
     fn busy(&self) -> bool {
-        self.job.is_some() || self.scale_job.is_some()
+        running(&self.job) || running(&self.scale_job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{D, IndexOp};
 use egui_plot::{Bar, BarChart, Plot};
 
-use super::{Panel, PanelKind, need_model, take};
+use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::steer::{Steer, SteerMode, steering_hooks};
 use crate::gui::widgets::token_chips;
 use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
@@ -77,7 +77,7 @@ impl Panel for Playground {
     }
 
     fn busy(&self) -> bool {
-        self.read_job.is_some() || self.generate_job.is_some()
+        running(&self.read_job) || running(&self.generate_job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

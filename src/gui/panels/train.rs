@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
-use super::{Panel, PanelKind, need_model, take};
+use super::{Panel, PanelKind, need_model, running, take};
 use crate::gui::style::explain;
 use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
@@ -69,7 +69,7 @@ impl Panel for Train {
     }
 
     fn busy(&self) -> bool {
-        self.job.is_some()
+        running(&self.job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {

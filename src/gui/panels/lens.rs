@@ -1,0 +1,471 @@
+//! Lens: the logit lens at every position (what the stream would predict if the model stopped
+//! after each block) and the direct logit attribution of one token's logit to the embeddings
+//! and each block's attention and MLP output (TransformerLens's `accumulated_resid` and
+//! `decompose_resid`).
+
+use std::sync::Arc;
+
+use egui::{Color32, Sense, Stroke, vec2};
+use egui_plot::{AxisHints, Bar, BarChart, Line, Plot, PlotPoints, uniform_grid_spacer};
+
+use super::{Panel, PanelKind, need_model, running, take};
+use crate::gui::style::{explain, heat_colour};
+use crate::gui::widgets::display_token;
+use crate::gui::workbench::Workbench;
+use crate::jobs::Job;
+use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
+use crate::model::Model;
+
+/// Tokens listed when a grid cell is hovered.
+const TOP_K: usize = 5;
+/// Width of the grid's row labels.
+const LABEL_WIDTH: f32 = 96.0;
+
+/// What the lens is asked; a reading answers one.
+#[derive(Clone, Debug, PartialEq)]
+struct Query {
+    prompt: String,
+    target: String,
+    versus: String,
+    /// `None`: the last token.
+    position: Option<usize>,
+    model_version: u64,
+}
+
+/// What colours a grid cell.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Shade {
+    /// The probability of the cell's own top token.
+    Top,
+    /// The probability of the token that really comes next in the prompt.
+    Next,
+}
+
+pub struct Lens {
+    prompt: String,
+    target: String,
+    versus: String,
+    shade: Shade,
+    /// The latest query asked for; it runs once the previous job is done.
+    asked: Option<Query>,
+    /// The latest query a job was started for (an error is not retried until asked again).
+    started: Option<Query>,
+    reading: Option<(Query, LensReport)>,
+    job: Option<Job<(Query, LensReport)>>,
+}
+
+impl Default for Lens {
+    fn default() -> Self {
+        Self {
+            prompt: "The capital of Japan is".into(),
+            target: String::new(),
+            versus: String::new(),
+            shade: Shade::Top,
+            asked: None,
+            started: None,
+            reading: None,
+            job: None,
+        }
+    }
+}
+
+impl Panel for Lens {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Lens
+    }
+
+    fn busy(&self) -> bool {
+        running(&self.job)
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        if let Some(r) = take(&mut self.job, wb) {
+            self.reading = Some(r);
+        }
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        let run = self.form(ui);
+        if run || self.asked.is_none() {
+            self.asked = Some(self.query(None, wb.model_version));
+        }
+        if run {
+            self.started = None; // asked again: run even what failed before
+        }
+        // An edit or undo re-reads the same question on the new weights.
+        if let Some(q) = &mut self.asked {
+            q.model_version = wb.model_version;
+        }
+        if self.job.is_none() && self.asked != self.started {
+            self.start(wb, &model);
+        }
+        if let Some(job) = &self.job {
+            ui.horizontal(|ui| crate::gui::widgets::job_row(ui, job));
+        }
+        let Some((query, report)) = &self.reading else {
+            return;
+        };
+        ui.separator();
+        let mut picked = None;
+        if let Some(grid) = &report.grid {
+            ui.horizontal(|ui| {
+                ui.strong("Logit lens").on_hover_text(explain::LOGIT_LENS);
+                ui.label("colour:");
+                ui.radio_value(&mut self.shade, Shade::Top, "P(top token)")
+                    .on_hover_text("the probability of the token written in the cell");
+                ui.radio_value(&mut self.shade, Shade::Next, "P(actual next token)")
+                    .on_hover_text("how early the stream predicts the prompt's own next token");
+            });
+            ui.weak("rows: the stream after each block; columns: the prompt's tokens (click one to attribute there)");
+            picked = lens_grid(ui, report, grid, self.shade);
+        }
+        ui.add_space(6.0);
+        show_attribution(ui, report);
+        if query.model_version != wb.model_version {
+            ui.weak("(computed before the model's last change; reading again)");
+        }
+        if let (Some(p), Some(asked)) = (picked, &mut self.asked) {
+            asked.position = Some(p);
+        }
+    }
+}
+
+impl Lens {
+    /// The prompt, target and versus fields; whether the user asked to run.
+    fn form(&mut self, ui: &mut egui::Ui) -> bool {
+        let mut run = false;
+        ui.horizontal(|ui| {
+            let label = ui.label("Prompt");
+            let edit = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.prompt)
+                        .desired_width(ui.available_width() - 80.0)
+                        .hint_text("type a prompt and press Enter"),
+                )
+                .labelled_by(label.id);
+            let entered = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            run |= ui.button("Run lens").clicked() || entered;
+        });
+        ui.horizontal(|ui| {
+            let label = ui.label("Target").on_hover_text(explain::DLA_TARGET);
+            let target = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.target)
+                        .desired_width(140.0)
+                        .hint_text("the model's prediction"),
+                )
+                .labelled_by(label.id);
+            let label = ui
+                .label("versus")
+                .on_hover_text("attribute logit(target) − logit(versus) instead");
+            let versus = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.versus)
+                        .desired_width(140.0)
+                        .hint_text("nothing"),
+                )
+                .labelled_by(label.id);
+            let entered = (target.lost_focus() || versus.lost_focus())
+                && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            run |= entered;
+        });
+        run
+    }
+
+    fn query(&self, position: Option<usize>, model_version: u64) -> Query {
+        Query {
+            prompt: self.prompt.clone(),
+            target: self.target.clone(),
+            versus: self.versus.clone(),
+            position,
+            model_version,
+        }
+    }
+
+    fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let Some(query) = self.asked.clone() else {
+            return;
+        };
+        self.started = Some(query.clone());
+        let model = model.clone();
+        self.job = Some(wb.spawn("logit lens", move |_| {
+            let report = read(&model, &query)?;
+            Ok((query, report))
+        }));
+    }
+}
+
+fn read(model: &Model, q: &Query) -> anyhow::Result<LensReport> {
+    let ids = model.encode_prompt(&q.prompt)?;
+    // A column picked for another prompt may be past this one's end.
+    let position = q.position.filter(|&p| p < ids.len());
+    let token = |text: &str| -> anyhow::Result<Option<u32>> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(continuation_token(
+            model, &q.prompt, &ids, position, text,
+        )?))
+    };
+    let (target, versus) = (token(&q.target)?, token(&q.versus)?);
+    Ok(lens(
+        model,
+        &LensRequest {
+            ids,
+            position,
+            target,
+            versus,
+            top_k: TOP_K,
+            grid: true,
+        },
+    )?)
+}
+
+/// A depth's name in the grid: the embeddings, then "after block L".
+fn depth_label(depth: usize) -> String {
+    match depth {
+        0 => "embeddings".into(),
+        d => format!("after block {}", d - 1),
+    }
+}
+
+/// Depth × position, each cell the top token there coloured by a probability. Column heads
+/// are buttons; returns the position clicked (a head or a cell).
+fn lens_grid(
+    ui: &mut egui::Ui,
+    report: &LensReport,
+    grid: &[Vec<LensCell>],
+    shade: Shade,
+) -> Option<usize> {
+    let positions = report.tokens.len();
+    let cell = vec2(
+        ((ui.available_width() - LABEL_WIDTH) / positions.max(1) as f32).clamp(48.0, 110.0),
+        22.0,
+    );
+    let mut picked = None;
+    egui::ScrollArea::horizontal()
+        .id_salt("lens-grid")
+        .show(ui, |ui| {
+            ui.spacing_mut().item_spacing = vec2(0.0, 2.0);
+            ui.horizontal(|ui| {
+                ui.add_space(LABEL_WIDTH);
+                for (p, token) in report.tokens.iter().enumerate() {
+                    let head = egui::Button::selectable(p == report.position, display_token(token));
+                    if ui
+                        .add_sized(cell, head)
+                        .on_hover_text(format!("token {p}: {token:?}; attribute the logit here"))
+                        .clicked()
+                    {
+                        picked = Some(p);
+                    }
+                }
+            });
+            let size = vec2(
+                LABEL_WIDTH + cell.x * positions as f32,
+                cell.y * grid.len() as f32,
+            );
+            let (rect, response) = ui.allocate_exact_size(size, Sense::click());
+            let painter = ui.painter_at(rect);
+            let font = egui::FontId::monospace(11.0);
+            let text = ui.visuals().text_color();
+            let at = |depth: usize, p: usize| {
+                egui::Rect::from_min_size(
+                    rect.min + vec2(LABEL_WIDTH + p as f32 * cell.x, depth as f32 * cell.y),
+                    cell,
+                )
+            };
+            for (depth, row) in grid.iter().enumerate() {
+                painter.text(
+                    egui::pos2(rect.left() + LABEL_WIDTH - 6.0, at(depth, 0).center().y),
+                    egui::Align2::RIGHT_CENTER,
+                    depth_label(depth),
+                    egui::FontId::proportional(11.0),
+                    text,
+                );
+                for (p, c) in row.iter().enumerate() {
+                    let value = match shade {
+                        Shade::Top => c.top.first().map(|t| t.prob),
+                        Shade::Next => c.next_prob,
+                    };
+                    let r = at(depth, p).shrink(0.5);
+                    let fill = value.map_or(ui.visuals().faint_bg_color, heat_colour);
+                    painter.rect_filled(r, 2.0, fill);
+                    let ink = if value.is_some_and(|v| v > 0.6) {
+                        Color32::BLACK
+                    } else {
+                        Color32::WHITE
+                    };
+                    let top = c.top.first().map(|t| display_token(&t.token));
+                    painter.with_clip_rect(r).text(
+                        r.left_center() + vec2(4.0, 0.0),
+                        egui::Align2::LEFT_CENTER,
+                        top.unwrap_or_default(),
+                        font.clone(),
+                        ink,
+                    );
+                }
+            }
+            let selected = egui::Rect::from_min_size(
+                at(0, report.position).min,
+                vec2(cell.x, cell.y * grid.len() as f32),
+            );
+            painter.rect_stroke(
+                selected,
+                2.0,
+                Stroke::new(2.0, ui.visuals().selection.stroke.color),
+                egui::StrokeKind::Inside,
+            );
+            let hovered = response.hover_pos().and_then(|pos| {
+                let x = pos.x - rect.left() - LABEL_WIDTH;
+                let (p, depth) = (
+                    (x / cell.x).floor(),
+                    ((pos.y - rect.top()) / cell.y).floor(),
+                );
+                (x >= 0.0 && (p as usize) < positions && (depth as usize) < grid.len())
+                    .then_some((depth as usize, p as usize))
+            });
+            if let Some((depth, p)) = hovered {
+                if response.clicked() {
+                    picked = Some(p);
+                }
+                let c = &grid[depth][p];
+                let mut lines = vec![format!(
+                    "{} at token {p} ({:?})",
+                    depth_label(depth),
+                    report.tokens[p]
+                )];
+                lines.extend(
+                    c.top
+                        .iter()
+                        .map(|t| format!("{:?}  {:.1}%", t.token, 100.0 * t.prob)),
+                );
+                if let (Some(prob), Some(next)) = (c.next_prob, report.tokens.get(p + 1)) {
+                    lines.push(format!("P(actual next {next:?}) = {:.1}%", 100.0 * prob));
+                }
+                response.on_hover_text(lines.join("\n"));
+            }
+        });
+    picked
+}
+
+/// The target's probability by depth beside the attribution's bar chart.
+fn show_attribution(ui: &mut egui::Ui, r: &LensReport) {
+    let what = match &r.versus {
+        Some(v) => format!("logit({:?}) − logit({:?})", r.target.token, v.token),
+        None => format!("logit({:?})", r.target.token),
+    };
+    ui.label(format!(
+        "At token {} ({:?}): the model gives {:?} {:.1}%",
+        r.position,
+        r.tokens[r.position],
+        r.target.token,
+        100.0 * r.target.prob
+    ));
+    ui.strong(format!(
+        "Direct logit attribution: {what} = {:.3}, the sum of {} terms",
+        r.logit,
+        r.attribution.len()
+    ))
+    .on_hover_text(explain::DLA);
+    ui.columns(2, |columns| {
+        let ui = &mut columns[0];
+        ui.label(format!("P({:?}) read at each depth", r.target.token));
+        let points: PlotPoints = r
+            .lens
+            .iter()
+            .enumerate()
+            .map(|(d, row)| [d as f64, row.target_prob as f64])
+            .collect();
+        let depths = r.lens.len();
+        Plot::new("lens-target")
+            .height(200.0)
+            .allow_scroll(false)
+            .allow_zoom(false)
+            .allow_drag(false)
+            .include_y(0.0)
+            .include_y(1.0)
+            .y_axis_label("probability")
+            .x_grid_spacer(uniform_grid_spacer(|_| [1.0, 5.0, 10.0]))
+            .x_axis_formatter(move |mark, _| {
+                let d = mark.value.round();
+                if (mark.value - d).abs() < 1e-6 && d >= 0.0 && (d as usize) < depths {
+                    match d as usize {
+                        0 => "emb".into(),
+                        d => format!("{}", d - 1),
+                    }
+                } else {
+                    String::new()
+                }
+            })
+            .show(ui, |plot| plot.line(Line::new("P(target)", points)));
+
+        let ui = &mut columns[1];
+        ui.label("each component's direct share");
+        let names: Vec<String> = r
+            .attribution
+            .iter()
+            .map(|c| short_component(&c.component))
+            .collect();
+        let bars: Vec<Bar> = r
+            .attribution
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let colour = if c.logit >= 0.0 {
+                    Color32::from_rgb(230, 130, 20)
+                } else {
+                    Color32::from_rgb(60, 130, 255)
+                };
+                Bar::new(i as f64, c.logit as f64)
+                    .name(format!("{} {:+.3}", c.component, c.logit))
+                    .fill(colour)
+                    .width(0.7)
+            })
+            .collect();
+        Plot::new("lens-attribution")
+            .height(200.0)
+            .allow_scroll(false)
+            .allow_zoom(false)
+            .allow_drag(false)
+            .y_axis_label("logit")
+            .x_grid_spacer(uniform_grid_spacer(|_| [1.0, 5.0, 10.0]))
+            // One label per bar: short names, closer together than the default allows.
+            .custom_x_axes(vec![
+                AxisHints::new_x()
+                    .label_spacing(20.0..=24.0)
+                    .formatter(move |mark, _| {
+                        let i = mark.value.round();
+                        if (mark.value - i).abs() < 1e-6 && i >= 0.0 {
+                            names.get(i as usize).cloned().unwrap_or_default()
+                        } else {
+                            String::new()
+                        }
+                    }),
+            ])
+            .show(ui, |plot| {
+                plot.bar_chart(BarChart::new("direct logit", bars))
+            });
+    });
+}
+
+/// `blocks.3.hook_attn_out` → `A3`, `blocks.3.hook_mlp_out` → `M3`: bar labels.
+fn short_component(component: &str) -> String {
+    let block = |suffix: &str| {
+        component
+            .strip_prefix("blocks.")?
+            .strip_suffix(suffix)
+            .map(str::to_string)
+    };
+    if let Some(l) = block(".hook_attn_out") {
+        format!("A{l}")
+    } else if let Some(l) = block(".hook_mlp_out") {
+        format!("M{l}")
+    } else {
+        match component {
+            "hook_embed" => "emb".into(),
+            "hook_pos_embed" => "pos".into(),
+            "ln_final bias" => "bias".into(),
+            other => other.into(),
+        }
+    }
+}
