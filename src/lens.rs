@@ -164,12 +164,7 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     let t = &model.transformer;
     let norm = &t.ln_final;
     let logits_of = |normed: &Tensor| -> Result<Vec<f32>> {
-        let w = t.unembed.to_dtype(normed.dtype())?;
-        Ok(normed
-            .matmul(&w.t()?)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?)
+        Ok(unembed(model, normed)?.squeeze(0)?.to_vec1()?)
     };
     let final_logits = logits_of(&at_raw(HookPoint::LnFinal)?)?;
     let target_id = match request.target {
@@ -244,11 +239,15 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     })
 }
 
-/// The lens at every position of `[1, seq, d]` normalised stream.
-fn lens_cells(model: &Model, ids: &[u32], normed: &Tensor, top_k: usize) -> Result<Vec<LensCell>> {
-    let normed = normed.squeeze(0)?;
+/// `[n, d]` normalised stream → logits `[n, vocab]` in f32.
+fn unembed(model: &Model, normed: &Tensor) -> Result<Tensor> {
     let w = model.transformer.unembed.to_dtype(normed.dtype())?;
-    let logits: Vec<Vec<f32>> = normed.matmul(&w.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(normed.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+}
+
+/// The lens at every position of a `[1, seq, d]` normalised stream.
+fn lens_cells(model: &Model, ids: &[u32], normed: &Tensor, top_k: usize) -> Result<Vec<LensCell>> {
+    let logits: Vec<Vec<f32>> = unembed(model, &normed.squeeze(0)?)?.to_vec2()?;
     Ok(logits
         .iter()
         .enumerate()

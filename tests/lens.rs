@@ -19,15 +19,21 @@ fn softmax(logits: &[f64]) -> Vec<f64> {
     exp.into_iter().map(|e| e / sum).collect()
 }
 
+/// A fixture model in f64, the ids of a bilingual prompt and the model's logits on it.
+fn fixture_run(model_type: &str) -> (Model, Vec<u32>, candle_core::Tensor) {
+    let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
+    let ids = model.encode_prompt("The capital of Japan is 東京").unwrap();
+    let logits = model
+        .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
+        .unwrap()
+        .logits;
+    (model, ids, logits)
+}
+
 #[test]
 fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction() {
     for &model_type in MODEL_TYPES {
-        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
-        let ids = model.encode_prompt("The capital of Japan is 東京").unwrap();
-        let logits = model
-            .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
-            .unwrap()
-            .logits;
+        let (model, ids, logits) = fixture_run(model_type);
         for position in [ids.len() - 1, 2] {
             let row: Vec<f64> = logits.i((0, position)).unwrap().to_vec1().unwrap();
             let probs = softmax(&row);
@@ -145,12 +151,7 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
 #[test]
 fn the_grid_reads_the_lens_at_every_position_and_agrees_with_the_report() {
     for &model_type in MODEL_TYPES {
-        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
-        let ids = model.encode_prompt("The capital of Japan is 東京").unwrap();
-        let logits = model
-            .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
-            .unwrap()
-            .logits;
+        let (model, ids, logits) = fixture_run(model_type);
         let position = 2;
         let report = lens(
             &model,

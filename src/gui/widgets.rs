@@ -18,6 +18,48 @@ pub fn folder_field(ui: &mut Ui, path: &mut String, dialog_title: &str) -> egui:
     field
 }
 
+/// A text field with its label (linked, so tests and screen readers find it by name), the
+/// label's hover text and a hint shown while empty.
+pub fn labelled_field(
+    ui: &mut Ui,
+    label: &str,
+    about: &str,
+    text: &mut String,
+    hint: &str,
+    width: f32,
+) -> egui::Response {
+    let label = ui.label(label).on_hover_text(about);
+    ui.add(
+        egui::TextEdit::singleline(text)
+            .desired_width(width)
+            .hint_text(hint),
+    )
+    .labelled_by(label.id)
+}
+
+/// Whether Enter was pressed in `field` (a single-line field loses focus on Enter).
+pub fn entered(ui: &Ui, field: &egui::Response) -> bool {
+    field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter))
+}
+
+/// A "Prompt" field across the panel with a run button; whether the prompt should run (the
+/// button clicked or Enter pressed in the field).
+pub fn prompt_row(ui: &mut Ui, prompt: &mut String, button: &str) -> bool {
+    ui.horizontal(|ui| {
+        let label = ui.label("Prompt");
+        let field = ui
+            .add(
+                egui::TextEdit::singleline(prompt)
+                    .desired_width(ui.available_width() - 80.0)
+                    .hint_text("type a prompt and press Enter"),
+            )
+            .labelled_by(label.id);
+        let entered = entered(ui, &field);
+        ui.button(button).clicked() || entered
+    })
+    .inner
+}
+
 /// Name, message, progress bar with rate and a Cancel button.
 pub fn job_row(ui: &mut Ui, job: &dyn JobView) {
     let p = job.progress();

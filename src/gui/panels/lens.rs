@@ -10,7 +10,7 @@ use egui_plot::{AxisHints, Bar, BarChart, Line, Plot, PlotPoints, uniform_grid_s
 
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::gui::style::{explain, heat_colour};
-use crate::gui::widgets::display_token;
+use crate::gui::widgets::{display_token, entered, labelled_field, prompt_row};
 use crate::gui::workbench::Workbench;
 use crate::jobs::Job;
 use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
@@ -133,41 +133,25 @@ impl Panel for Lens {
 impl Lens {
     /// The prompt, target and versus fields; whether the user asked to run.
     fn form(&mut self, ui: &mut egui::Ui) -> bool {
-        let mut run = false;
+        let mut run = prompt_row(ui, &mut self.prompt, "Run lens");
         ui.horizontal(|ui| {
-            let label = ui.label("Prompt");
-            let edit = ui
-                .add(
-                    egui::TextEdit::singleline(&mut self.prompt)
-                        .desired_width(ui.available_width() - 80.0)
-                        .hint_text("type a prompt and press Enter"),
-                )
-                .labelled_by(label.id);
-            let entered = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-            run |= ui.button("Run lens").clicked() || entered;
-        });
-        ui.horizontal(|ui| {
-            let label = ui.label("Target").on_hover_text(explain::DLA_TARGET);
-            let target = ui
-                .add(
-                    egui::TextEdit::singleline(&mut self.target)
-                        .desired_width(140.0)
-                        .hint_text("the model's prediction"),
-                )
-                .labelled_by(label.id);
-            let label = ui
-                .label("versus")
-                .on_hover_text("attribute logit(target) − logit(versus) instead");
-            let versus = ui
-                .add(
-                    egui::TextEdit::singleline(&mut self.versus)
-                        .desired_width(140.0)
-                        .hint_text("nothing"),
-                )
-                .labelled_by(label.id);
-            let entered = (target.lost_focus() || versus.lost_focus())
-                && ui.input(|i| i.key_pressed(egui::Key::Enter));
-            run |= entered;
+            let target = labelled_field(
+                ui,
+                "Target",
+                explain::DLA_TARGET,
+                &mut self.target,
+                "the model's prediction",
+                140.0,
+            );
+            let versus = labelled_field(
+                ui,
+                "versus",
+                "attribute logit(target) − logit(versus) instead",
+                &mut self.versus,
+                "nothing",
+                140.0,
+            );
+            run |= entered(ui, &target) || entered(ui, &versus);
         });
         run
     }

@@ -8,7 +8,7 @@ use egui_plot::{Bar, BarChart, Plot};
 
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::steer::{Steer, SteerMode, steering_hooks};
-use crate::gui::widgets::token_chips;
+use crate::gui::widgets::{prompt_row, token_chips};
 use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
@@ -91,20 +91,9 @@ impl Panel for Playground {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        ui.horizontal(|ui| {
-            let label = ui.label("Prompt");
-            let edit = ui
-                .add(
-                    egui::TextEdit::singleline(&mut self.prompt)
-                        .desired_width(ui.available_width() - 80.0)
-                        .hint_text("type a prompt and press Enter"),
-                )
-                .labelled_by(label.id);
-            let entered = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-            if ui.button("Run").clicked() || entered {
-                self.start_reading(wb, &model);
-            }
-        });
+        if prompt_row(ui, &mut self.prompt, "Run") {
+            self.start_reading(wb, &model);
+        }
         self.colour_picker(ui, wb, &model);
         let stale = match &self.reading {
             Some(r) => {
