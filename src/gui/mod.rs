@@ -263,6 +263,16 @@ impl eframe::App for App {
 
 /// Opens the window and runs until it is closed.
 pub fn run(options: GuiOptions) -> anyhow::Result<()> {
+    if let Some(dir) = &options.screenshots {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the screenshot folder {}: {e}", dir.display())
+        })?;
+    }
+    // The compute threads (rayon's, which candle's matrix products use too) yield to the
+    // window as the jobs that start them do. Only the first build of the pool counts.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| crate::jobs::lower_thread_priority())
+        .build_global();
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("monoscope")
@@ -316,6 +326,11 @@ mod screenshots {
         busy_frames: Vec<(f32, Option<f32>, PanelKind)>,
         /// The UI thread's CPU clock at the start of the last update.
         last_thread_cpu: Option<f64>,
+        /// Wall-clock gaps between consecutive frames while a job ran, seconds: a window
+        /// that stalls shows here even when each frame is quick.
+        busy_gaps: Vec<f32>,
+        /// When the last frame drawn while a job ran started.
+        last_busy_frame: Option<Instant>,
         writers: Vec<std::thread::JoinHandle<()>>,
     }
 
@@ -328,6 +343,8 @@ mod screenshots {
                 requested: false,
                 busy_frames: Vec::new(),
                 last_thread_cpu: None,
+                busy_gaps: Vec::new(),
+                last_busy_frame: None,
                 writers: Vec::new(),
             }
         }
@@ -346,7 +363,7 @@ mod screenshots {
             cpu: Option<f32>,
             thread_cpu: Option<f64>,
         ) {
-            ctx.request_repaint_after(Duration::from_millis(30));
+            ctx.request_repaint_after(super::widgets::BUSY_FRAME);
             let own = thread_cpu
                 .zip(self.last_thread_cpu)
                 .map(|(now, then)| (now - then) as f32);
@@ -354,6 +371,11 @@ mod screenshots {
             if busy && let Some(cpu) = cpu {
                 self.busy_frames.push((cpu, own, *current));
             }
+            let now = Instant::now();
+            if busy && let Some(then) = self.last_busy_frame {
+                self.busy_gaps.push((now - then).as_secs_f32());
+            }
+            self.last_busy_frame = busy.then_some(now);
             let Some(&kind) = TOUR.get(self.next) else {
                 self.report();
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
@@ -451,6 +473,14 @@ mod screenshots {
                     "frames over 16 ms: {}; the UI thread's own CPU time per frame: median {:.2} ms, max {:.2} ms",
                     ms.iter().filter(|&&m| m > 16.0).count(),
                     1000.0 * own[own.len() / 2],
+                    1000.0 * max
+                );
+            }
+            self.busy_gaps.sort_by(f32::total_cmp);
+            if let Some(&max) = self.busy_gaps.last() {
+                eprintln!(
+                    "time between frames while jobs ran: median {:.1} ms, max {:.1} ms",
+                    1000.0 * self.busy_gaps[self.busy_gaps.len() / 2],
                     1000.0 * max
                 );
             }

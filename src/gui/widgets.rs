@@ -60,10 +60,39 @@ pub fn prompt_row(ui: &mut Ui, prompt: &mut String, button: &str) -> bool {
     .inner
 }
 
+/// How often the window redraws while work goes on (a spinner turns, a job reports): about 30
+/// frames a second. egui starts a delayed repaint early by its predicted frame time (1/60 s
+/// without a known refresh rate), so 50 ms here is ~33 ms between frames. egui's own spinner
+/// asks for a new frame every frame, which on a display without vsync (Xvfb, remote desktops)
+/// draws as fast as the cores allow and leaves the running job less of them.
+pub const BUSY_FRAME: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A turning arc that says "working", redrawn at ~30 frames a second.
+pub fn spinner(ui: &mut Ui) -> egui::Response {
+    let size = ui.style().spacing.interact_size.y;
+    let (rect, response) = ui.allocate_exact_size(vec2(size, size), Sense::hover());
+    response.widget_info(|| egui::WidgetInfo::new(egui::WidgetType::ProgressIndicator));
+    if ui.is_rect_visible(rect) {
+        ui.ctx().request_repaint_after(BUSY_FRAME);
+        let radius = rect.height() / 2.0 - 2.0;
+        let start = ui.input(|i| i.time) * std::f64::consts::TAU;
+        let points: Vec<egui::Pos2> = (0..=24)
+            .map(|i| {
+                let angle = start + 1.5 * std::f64::consts::PI * f64::from(i) / 24.0;
+                let (sin, cos) = angle.sin_cos();
+                rect.center() + radius * vec2(cos as f32, sin as f32)
+            })
+            .collect();
+        let stroke = Stroke::new(3.0, ui.visuals().strong_text_color());
+        ui.painter().add(egui::Shape::line(points, stroke));
+    }
+    response
+}
+
 /// Name, message, progress bar with rate and a Cancel button.
 pub fn job_row(ui: &mut Ui, job: &dyn JobView) {
     let p = job.progress();
-    ui.spinner();
+    spinner(ui);
     let mut text = job.name().to_string();
     if !p.message.is_empty() {
         text = format!("{text}: {}", p.message);

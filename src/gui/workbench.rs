@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::edit::history::EditHistory;
 use crate::features::store::{self, FeatureStore};
 use crate::features::{BuildSettings, build};
-use crate::jobs::{Job, JobHandle};
+use crate::jobs::{Job, JobHandle, lower_thread_priority};
 use crate::model::{HookPoint, Model};
 use crate::sae::activations::Corpus;
 use crate::sae::codes::{CodingInput, SegmentSettings};
@@ -17,7 +17,7 @@ use crate::sae::saelens::{SaeDir, load_for_model};
 use crate::world::knowledge::KnowledgeBase;
 
 use super::PanelKind;
-use super::widgets::job_row;
+use super::widgets::{BUSY_FRAME, job_row};
 
 /// An SAE opened for the current model.
 pub struct OpenSae {
@@ -130,14 +130,22 @@ impl Workbench {
         wb
     }
 
-    /// Starts `work` in the background; its reports repaint the window.
+    /// Starts `work` in the background, below the window's priority; its reports repaint the
+    /// window within a busy frame.
     pub fn spawn<T: Send + 'static>(
         &self,
         name: impl Into<String>,
         work: impl FnOnce(&JobHandle) -> anyhow::Result<T> + Send + 'static,
     ) -> Job<T> {
         let ctx = self.ctx.clone();
-        Job::spawn(name, move || ctx.request_repaint(), work)
+        Job::spawn(
+            name,
+            move || ctx.request_repaint_after(BUSY_FRAME),
+            move |handle| {
+                lower_thread_priority();
+                work(handle)
+            },
+        )
     }
 
     /// Removes `request` from the queue; whether it was there.

@@ -16,7 +16,7 @@ use crate::edit::rome::{KeyPosition, Request, RomeSettings};
 use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
 use crate::gui::style::explain;
-use crate::gui::widgets::{Heatmap, folder_field};
+use crate::gui::widgets::{Heatmap, folder_field, spinner};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
@@ -135,7 +135,7 @@ impl Panel for Edit {
                 self.start_trace(wb, &model);
             }
             if tracing {
-                ui.spinner();
+                spinner(ui);
                 ui.label("tracing…");
             }
             let editing = self.edit_job.is_some();

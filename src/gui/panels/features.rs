@@ -7,8 +7,8 @@ use egui_plot::{Bar, BarChart, Plot};
 use super::{Panel, PanelKind, running, take};
 use crate::features::store::{FeatureStore, StoredFeature};
 use crate::gui::style::explain;
-use crate::gui::widgets::job_row;
 use crate::gui::widgets::token_chips;
+use crate::gui::widgets::{job_row, spinner};
 use crate::gui::workbench::window_segments;
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
@@ -76,7 +76,7 @@ impl Panel for Features {
                 ui.label("No SAE is open. Open one (top right), or train one in Train.");
             } else {
                 ui.horizontal(|ui| {
-                    ui.spinner();
+                    spinner(ui);
                     ui.label("Reading the SAE and its feature statistics (progress below)…");
                 });
             }

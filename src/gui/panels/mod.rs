@@ -12,6 +12,7 @@ mod train;
 use serde::{Deserialize, Serialize};
 
 use super::Workbench;
+use super::widgets::spinner;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PanelKind {
@@ -88,7 +89,7 @@ pub fn all() -> Vec<Box<dyn Panel>> {
 fn need_model(ui: &mut egui::Ui, wb: &Workbench) -> Option<std::sync::Arc<crate::Model>> {
     if wb.model.is_none() {
         ui.horizontal(|ui| {
-            ui.spinner();
+            spinner(ui);
             ui.label("Loading the model…");
         });
     }

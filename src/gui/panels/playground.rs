@@ -8,7 +8,7 @@ use egui_plot::{Bar, BarChart, Plot};
 
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::steer::{Steer, SteerMode, steering_hooks};
-use crate::gui::widgets::{prompt_row, token_chips};
+use crate::gui::widgets::{prompt_row, spinner, token_chips};
 use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
@@ -108,7 +108,7 @@ impl Panel for Playground {
         if let Some(r) = &self.reading {
             self.show_reading(ui, r);
         } else if self.read_job.is_some() {
-            ui.spinner();
+            spinner(ui);
         }
         ui.separator();
         self.steering_ui(ui, wb, &model);
@@ -286,7 +286,7 @@ impl Playground {
             }));
         }
         if running {
-            ui.spinner();
+            spinner(ui);
         }
         if let Some(c) = &self.continuations {
             egui::Grid::new("continuations")
