@@ -372,13 +372,14 @@ fn logit_effects_follow_the_models_own_modules_on_every_norm() {
         for hook in [
             "blocks.0.hook_resid_post",
             "blocks.1.mlp.hook_post",
+            "blocks.1.attn.hook_z",
             "ln_final.hook_normalized",
         ] {
             let point: HookPoint = hook.parse().unwrap();
-            let d_in = if hook.contains("mlp") {
-                dims.d_mlp
-            } else {
-                dims.d_model
+            let d_in = match point {
+                HookPoint::MlpPost(_) => dims.d_mlp,
+                HookPoint::AttnZ(_) => dims.n_heads * dims.head_dim,
+                _ => dims.d_model,
             };
             let w_dec = Tensor::randn(0f32, 1.0, (6, d_in), &Device::Cpu).unwrap();
             let n = 4;
@@ -391,6 +392,11 @@ fn logit_effects_follow_the_models_own_modules_on_every_norm() {
                 let down = t.blocks[l].mlp.down_proj();
                 let zero = down.forward(&resid.zeros_like().unwrap()).unwrap();
                 resid = (down.forward(&resid).unwrap() - zero).unwrap();
+            }
+            if let HookPoint::AttnZ(l) = point {
+                let out = &t.blocks[l].attn.out;
+                let zero = out.forward(&resid.zeros_like().unwrap()).unwrap();
+                resid = (out.forward(&resid).unwrap() - zero).unwrap();
             }
             if point != HookPoint::LnFinal {
                 let zero = resid.zeros_like().unwrap();

@@ -142,6 +142,54 @@ fn zero_ablating_mlp_post_leaves_only_the_down_projection_bias() {
     assert!(common::max_relative_error(mlp_out, &expected.contiguous().unwrap()) < 1e-6);
 }
 
+/// Per-head ablation, the attention counterpart of zeroing neurons: zeroing one head's
+/// columns of `attn.hook_z` removes exactly that head's term from `hook_attn_out`, and the
+/// change reaches the logits.
+#[test]
+fn zeroing_one_head_at_hook_z_removes_exactly_its_term_from_attn_out() {
+    for model_type in ["gpt2", "llama"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is 東京").unwrap())
+            .unwrap();
+        let (z_point, out_point) = (HookPoint::AttnZ(1), HookPoint::AttnOut(1));
+        let clean = model
+            .forward(&ids, &Hooks::new().capture([z_point, out_point]))
+            .unwrap();
+        let hd = model.dims().head_dim;
+        let head = 1;
+        let columns: Vec<usize> = (head * hd..(head + 1) * hd).collect();
+        let ablate = Intervention::new(InterventionOp::Zero).at_channels(columns);
+        let ablated = model
+            .forward(
+                &ids,
+                &Hooks::new().intervene(z_point, ablate).capture([out_point]),
+            )
+            .unwrap();
+        let z_head = clean
+            .cache
+            .get(z_point)
+            .unwrap()
+            .narrow(2, head * hd, hd)
+            .unwrap();
+        let w_head = model.transformer.blocks[1]
+            .attn
+            .out
+            .weight()
+            .narrow(1, head * hd, hd)
+            .unwrap();
+        let head_term = z_head.broadcast_matmul(&w_head.t().unwrap()).unwrap();
+        let expected = (clean.cache.get(out_point).unwrap() - head_term).unwrap();
+        let got = ablated.cache.get(out_point).unwrap();
+        let err = common::max_relative_error(got, &expected);
+        assert!(err < 1e-5, "{model_type}: attn_out off by {err}");
+        assert!(
+            max_abs_diff(&clean.logits, &ablated.logits) > 1e-4,
+            "{model_type}: the ablation did not reach the logits"
+        );
+    }
+}
+
 #[test]
 fn an_intervention_at_one_position_changes_only_that_position_and_later() {
     let model = load("llama", DType::F32);
@@ -358,6 +406,16 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             let pre = hook(&format!("blocks.{l}.hook_resid_pre"));
             close(&format!("blocks.{l}.hook_resid_pre"), &pre, &stream);
             let attn = hook(&format!("blocks.{l}.hook_attn_out"));
+            // attn.hook_z is the output projection's input: attn_out = z·W_Oᵀ + b_O.
+            let z = hook(&format!("blocks.{l}.attn.hook_z"));
+            let dims = model.dims();
+            assert_eq!(z.dims()[2], dims.n_heads * dims.head_dim, "{model_type}");
+            let out_proj = &model.transformer.blocks[l].attn.out;
+            let mut projected = z.broadcast_matmul(&out_proj.weight().t().unwrap()).unwrap();
+            if let Some(b) = out_proj.bias() {
+                projected = projected.broadcast_add(b).unwrap();
+            }
+            close(&format!("blocks.{l}.attn.hook_z"), &projected, &attn);
             let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
             let mid = (&pre + &attn).unwrap();
             match cache.get_by_name(&format!("blocks.{l}.hook_resid_mid")) {

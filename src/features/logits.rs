@@ -72,8 +72,19 @@ pub fn logit_effects(
             let w = to_vec(t.blocks[layer].mlp.down_proj().weight())?;
             (Some(w), true)
         }
+        HookPoint::AttnZ(layer) => {
+            // The output projection, `[d_model, n_heads·d_head]`, as for `mlp.hook_post`.
+            let w = to_vec(t.blocks[layer].attn.out.weight())?;
+            (Some(w), true)
+        }
         HookPoint::LnFinal => (None, false),
-        _ => (None, true),
+        HookPoint::Embed
+        | HookPoint::PosEmbed
+        | HookPoint::ResidPre(_)
+        | HookPoint::AttnOut(_)
+        | HookPoint::ResidMid(_)
+        | HookPoint::MlpOut(_)
+        | HookPoint::ResidPost(_) => (None, true),
     };
     let gain = to_vec(t.ln_final.weight())?;
     let centers = t.ln_final.centers();

@@ -17,7 +17,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use crate::error::{Error, Result};
 
 /// A named place in the forward pass. Tensors at every point are `[batch, seq, d]`, where `d` is
-/// `d_model`, or `d_mlp` for the two `mlp.*` points.
+/// `d_model`, `d_mlp` for the two `mlp.*` points, or `n_heads·d_head` for `attn.hook_z`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
     /// `hook_embed`: token embeddings (scaled, for Gemma) — `[batch, seq, d_model]`.
@@ -26,6 +26,11 @@ pub enum HookPoint {
     PosEmbed,
     /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
     ResidPre(usize),
+    /// `blocks.L.attn.hook_z`: every head's attention-weighted values, the input of the output
+    /// projection, heads side by side (head `h` in columns `h·d_head..(h+1)·d_head`: the layout
+    /// of SAELens's attention SAEs) — `[.., n_heads·d_head]`. The attention counterpart of
+    /// `mlp.hook_post`: per-head ablation and patching act here.
+    AttnZ(usize),
     /// `blocks.L.hook_attn_out`: the attention output, after the output projection.
     AttnOut(usize),
     /// `blocks.L.hook_resid_mid`: resid_pre + attn_out (absent in parallel-residual blocks).
@@ -48,6 +53,7 @@ impl HookPoint {
     pub fn layer(&self) -> Option<usize> {
         match *self {
             Self::ResidPre(l)
+            | Self::AttnZ(l)
             | Self::AttnOut(l)
             | Self::ResidMid(l)
             | Self::MlpPre(l)
@@ -65,6 +71,7 @@ impl fmt::Display for HookPoint {
             Self::Embed => write!(f, "hook_embed"),
             Self::PosEmbed => write!(f, "hook_pos_embed"),
             Self::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            Self::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
@@ -82,12 +89,14 @@ impl FromStr for HookPoint {
     /// Parses a TransformerLens hook name. Whether the layer exists in a given model is checked
     /// by [`HookRunner`] users against the model's hook list.
     fn from_str(s: &str) -> Result<Self> {
-        let unknown = || Error::UnknownHook {
+        let unknown = || {
+            Error::UnknownHook {
             name: s.to_string(),
-            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, hook_attn_out, \
-                    hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
+            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_z, \
+                    hook_attn_out, hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
                     ln_final.hook_normalized"
                 .to_string(),
+        }
         };
         match s {
             "hook_embed" => return Ok(Self::Embed),
@@ -100,6 +109,7 @@ impl FromStr for HookPoint {
         let layer: usize = layer.parse().map_err(|_| unknown())?;
         Ok(match name {
             "hook_resid_pre" => Self::ResidPre(layer),
+            "attn.hook_z" => Self::AttnZ(layer),
             "hook_attn_out" => Self::AttnOut(layer),
             "hook_resid_mid" => Self::ResidMid(layer),
             "mlp.hook_pre" => Self::MlpPre(layer),

@@ -305,11 +305,13 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
+        layer: usize,
         kv: &mut LayerKv,
         positions: &Positions,
         mask: &Tensor,
-        needs_grad: bool,
+        hooks: &mut HookRunner,
     ) -> candle_core::Result<Tensor> {
+        let needs_grad = hooks.needs_grad();
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads as views of the projection's buffer: [b, s, heads, hd] → [b, heads, s, hd].
@@ -331,12 +333,14 @@ impl Attention {
         if let (false, Positions::From(offset)) = (needs_grad, positions) {
             let fused =
                 kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
-            if let Some(y) = fused {
-                return linear(&y, &self.out);
+            if let Some(z) = fused {
+                let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
+                return linear(&z, &self.out);
             }
         }
-        let y = composed_attention(&q, &k, &v, mask, scale, needs_grad)?;
-        linear(&y, &self.out)
+        let z = composed_attention(&q, &k, &v, mask, scale, needs_grad)?;
+        let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
+        linear(&z, &self.out)
     }
 }
 
@@ -532,7 +536,9 @@ impl Block {
         let grad = hooks.needs_grad();
         let resid_pre = hooks.hook(HookPoint::ResidPre(layer), resid_pre)?; // [b, s, d_model]
         let attn_in = self.ln_attn.forward(&resid_pre, grad)?;
-        let attn_out = self.attn.forward(&attn_in, kv, positions, mask, grad)?;
+        let attn_out = self
+            .attn
+            .forward(&attn_in, layer, kv, positions, mask, hooks)?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
             let mlp_in = self.ln_mlp.forward(&resid_pre, grad)?;
@@ -677,7 +683,11 @@ impl Transformer {
             points.push(HookPoint::PosEmbed);
         }
         for (l, block) in self.blocks.iter().enumerate() {
-            points.extend([HookPoint::ResidPre(l), HookPoint::AttnOut(l)]);
+            points.extend([
+                HookPoint::ResidPre(l),
+                HookPoint::AttnZ(l),
+                HookPoint::AttnOut(l),
+            ]);
             if !block.parallel_residual {
                 points.push(HookPoint::ResidMid(l));
             }
