@@ -13,6 +13,9 @@
 //!   to the logit exactly. With a `versus` token the direction is the logit difference of the
 //!   two (the usual read-out of circuits work). It is the direct path only: what a component
 //!   writes that later blocks read and transform is credited to those later blocks.
+//! - **Per head** (TransformerLens's `stack_head_results`): each attention output is split
+//!   further into one term per head, read from `attn.hook_z` through the head's slice of the
+//!   output projection, plus the projection's bias.
 
 use candle_core::{DType, IndexOp, Tensor};
 use serde::Serialize;
@@ -55,6 +58,11 @@ pub struct LensReport {
     /// The model's logit of the target (minus the versus token's), which the attribution
     /// sums to.
     pub logit: f32,
+    /// `heads[l][h]`: head h of block l's direct contribution. With `attention_bias[l]` (the
+    /// output projection's bias; 0 where it has none) a layer's heads add up to its
+    /// `blocks.l.hook_attn_out` term in `attribution`.
+    pub heads: Vec<Vec<f32>>,
+    pub attention_bias: Vec<f32>,
     /// With [`LensRequest::grid`]: the lens at every position, `grid[depth][position]`,
     /// depths as in `lens` (nostalgebraist's picture: how early each next token appears).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,9 +151,11 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     for l in 0..n_layers {
         components.extend([HookPoint::AttnOut(l), HookPoint::MlpOut(l)]);
     }
+    let head_inputs: Vec<HookPoint> = (0..n_layers).map(HookPoint::AttnZ).collect();
     let capture = stream_points
         .iter()
         .chain(&components)
+        .chain(&head_inputs)
         .chain([&HookPoint::LnFinal])
         .copied();
     let out = model.forward(&model.ids_tensor(ids)?, &Hooks::new().capture(capture))?;
@@ -225,6 +235,28 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
             logit: read(&b)?,
         });
     }
+    let head_dim = model.dims().head_dim;
+    let mut heads = Vec::with_capacity(n_layers);
+    let mut attention_bias = Vec::with_capacity(n_layers);
+    for (l, &point) in head_inputs.iter().enumerate() {
+        let z = at(point)?; // [1, n_heads·head_dim]
+        let out = &t.blocks[l].attn.out;
+        let w = out.weight().to_dtype(z.dtype())?; // [d_model, n_heads·head_dim]
+        let layer: Vec<f32> = (0..model.dims().n_heads)
+            .map(|h| -> Result<f32> {
+                let cols = h * head_dim;
+                let written = z
+                    .narrow(1, cols, head_dim)?
+                    .matmul(&w.narrow(1, cols, head_dim)?.t()?)?;
+                read(&norm.at_scale_of(&written, &whole)?)
+            })
+            .collect::<Result<_>>()?;
+        heads.push(layer);
+        attention_bias.push(match out.bias() {
+            Some(b) => read(&norm.at_scale_of(&b.to_dtype(z.dtype())?.unsqueeze(0)?, &whole)?)?,
+            None => 0.0,
+        });
+    }
     let logit =
         final_logits[target_id as usize] - request.versus.map_or(0.0, |v| final_logits[v as usize]);
     Ok(LensReport {
@@ -235,6 +267,8 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         lens: rows,
         attribution,
         logit,
+        heads,
+        attention_bias,
         grid: request.grid.then_some(grid),
     })
 }

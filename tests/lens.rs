@@ -59,6 +59,30 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                     "{model_type} at {position}: terms add to {sum}, the logit is {want}"
                 );
                 assert!((f64::from(report.logit) - want).abs() < tolerance);
+                // Each block's heads (and the output projection's bias) add up to its
+                // attention term; they differ from head to head.
+                let dims = model.dims();
+                assert_eq!(report.heads.len(), dims.n_layers, "{model_type}");
+                for (l, heads) in report.heads.iter().enumerate() {
+                    assert_eq!(heads.len(), dims.n_heads, "{model_type}");
+                    let attn = report
+                        .attribution
+                        .iter()
+                        .find(|c| c.component == format!("blocks.{l}.hook_attn_out"))
+                        .unwrap()
+                        .logit;
+                    let split: f32 = heads.iter().sum::<f32>() + report.attention_bias[l];
+                    assert!(
+                        (split - attn).abs() < 1e-5 * (1.0 + attn.abs()),
+                        "{model_type} block {l}: heads add to {split}, attn_out gives {attn}"
+                    );
+                    let has_bias = model.transformer.blocks[l].attn.out.bias().is_some();
+                    assert_eq!(report.attention_bias[l] != 0.0, has_bias, "{model_type}");
+                    assert!(
+                        heads.iter().any(|&h| (h - heads[0]).abs() > 1e-6),
+                        "{model_type} block {l}: {heads:?}"
+                    );
+                }
                 // Embeddings (and positions), two outputs per block, and the bias if any.
                 let blocks = model.dims().n_layers;
                 let components = report
@@ -246,6 +270,13 @@ fn the_lens_command_reads_a_fact_and_refuses_bad_positions() {
         "{text}"
     );
     assert!(!text.contains("every position"), "the grid only when asked");
+    let heads: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("attention heads"))
+        .skip(1)
+        .take_while(|l| l.starts_with("head "))
+        .collect();
+    assert_eq!(heads.len(), 8, "{text}");
 
     // --grid: one line per depth with a column per token, and `grid` in the JSON.
     let grid = monoscope(&["lens", "--prompt", "The capital of Japan is", "--grid"]);

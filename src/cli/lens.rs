@@ -111,7 +111,29 @@ fn print_report(r: &LensReport) {
         let sign = if c.logit < 0.0 { '−' } else { '+' };
         println!("{:<26} {:>+9.4}  {sign}{bar}", c.component, c.logit);
     }
+    print_heads(r);
 }
+
+/// The heads whose direct effect is largest, by size: where a circuit's attention lives.
+fn print_heads(r: &LensReport) {
+    let mut heads: Vec<(usize, usize, f32)> = r
+        .heads
+        .iter()
+        .enumerate()
+        .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &v)| (l, h, v)))
+        .collect();
+    heads.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
+    println!(
+        "
+attention heads with the largest direct effect (L.H; all of them in --json)"
+    );
+    for (l, h, v) in heads.iter().take(HEADS_SHOWN) {
+        println!("{:<26} {v:>+9.4}", format!("head {l}.{h}"));
+    }
+}
+
+/// Heads listed by the text output.
+const HEADS_SHOWN: usize = 8;
 
 /// One line per depth, one column per position: the top token and its probability.
 fn print_grid(r: &LensReport, grid: &[Vec<LensCell>]) {
