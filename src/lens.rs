@@ -69,6 +69,20 @@ pub struct LensReport {
     pub grid: Option<Vec<Vec<LensCell>>>,
 }
 
+impl LensReport {
+    /// Every head as `(layer, head, direct logit)`, the largest effect (either sign) first.
+    pub fn heads_by_effect(&self) -> Vec<(usize, usize, f32)> {
+        let mut heads: Vec<(usize, usize, f32)> = self
+            .heads
+            .iter()
+            .enumerate()
+            .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &v)| (l, h, v)))
+            .collect();
+        heads.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
+        heads
+    }
+}
+
 /// The lens at one depth and position.
 #[derive(Clone, Debug, Serialize)]
 pub struct LensCell {

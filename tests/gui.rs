@@ -274,6 +274,15 @@ fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
         100.0 * own.target.prob
     );
     assert!(has_label(&h, &prediction), "{prediction}");
+    // The per-head grid names the heads with the largest direct effect.
+    let strongest: Vec<String> = own
+        .heads_by_effect()
+        .iter()
+        .take(3)
+        .map(|(l, h, v)| format!("head {l}.{h} {v:+.3}"))
+        .collect();
+    let strongest = format!("largest: {}", strongest.join(", "));
+    assert!(has_label(&h, &strongest), "{strongest}");
     // The prompt's tokens head the grid's columns.
     for token in model.tokenizer.tokens_display(&ids) {
         let head = monoscope::gui::widgets::display_token(&token);

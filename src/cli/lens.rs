@@ -116,13 +116,7 @@ fn print_report(r: &LensReport) {
 
 /// The heads whose direct effect is largest, by size: where a circuit's attention lives.
 fn print_heads(r: &LensReport) {
-    let mut heads: Vec<(usize, usize, f32)> = r
-        .heads
-        .iter()
-        .enumerate()
-        .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &v)| (l, h, v)))
-        .collect();
-    heads.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
+    let heads = r.heads_by_effect();
     println!(
         "
 attention heads with the largest direct effect (L.H; all of them in --json)"

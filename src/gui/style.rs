@@ -106,6 +106,10 @@ pub mod explain {
         embeddings and every attention and MLP output, so the logit splits into one term per \
         component (the final norm linearised at the whole stream's scale, plus its bias). \
         Direct path only: what later blocks make of a component's output counts for them.";
+    pub const DLA_HEADS: &str = "Each attention output split per head: the head's slice of \
+        attn.hook_z through its slice of the output projection, read like the terms above. \
+        A head that moves the logit directly (a name mover) shows here; one that acts through \
+        later blocks does not.";
     pub const DLA_TARGET: &str = "The continuation whose first token's logit is attributed \
         (\" Tokyo\", with its leading space); empty: the model's own prediction.";
     pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \

@@ -121,6 +121,8 @@ impl Panel for Lens {
         }
         ui.add_space(6.0);
         show_attribution(ui, report);
+        ui.add_space(6.0);
+        head_grid(ui, report);
         if query.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; reading again)");
         }
@@ -396,9 +398,9 @@ fn show_attribution(ui: &mut egui::Ui, r: &LensReport) {
             .enumerate()
             .map(|(i, c)| {
                 let colour = if c.logit >= 0.0 {
-                    Color32::from_rgb(230, 130, 20)
+                    PUSHES_UP
                 } else {
-                    Color32::from_rgb(60, 130, 255)
+                    PUSHES_DOWN
                 };
                 Bar::new(i as f64, c.logit as f64)
                     .name(format!("{} {:+.3}", c.component, c.logit))
@@ -430,6 +432,102 @@ fn show_attribution(ui: &mut egui::Ui, r: &LensReport) {
                 plot.bar_chart(BarChart::new("direct logit", bars))
             });
     });
+}
+
+/// Positive and negative direct logit, as the attribution chart colours them.
+const PUSHES_UP: Color32 = Color32::from_rgb(230, 130, 20);
+const PUSHES_DOWN: Color32 = Color32::from_rgb(60, 130, 255);
+
+/// The attention terms split per head: one row per block, one cell per head, shaded by the
+/// head's direct logit (orange up, blue down) with the value written in.
+fn head_grid(ui: &mut egui::Ui, r: &LensReport) {
+    let heads = r.heads.first().map_or(0, Vec::len);
+    if heads == 0 {
+        return;
+    }
+    ui.strong("Direct logit per attention head")
+        .on_hover_text(explain::DLA_HEADS);
+    ui.weak(
+        "rows: blocks; columns: heads (each block's heads and its output bias add up to its A bar)",
+    );
+    let largest = r
+        .heads
+        .iter()
+        .flatten()
+        .map(|v| v.abs())
+        .fold(f32::MIN_POSITIVE, f32::max);
+    let cell = vec2(52.0, 20.0);
+    let size = vec2(
+        LABEL_WIDTH + cell.x * heads as f32,
+        cell.y * (r.heads.len() + 1) as f32,
+    );
+    let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
+    let painter = ui.painter_at(rect);
+    let font = egui::FontId::proportional(11.0);
+    let text = ui.visuals().text_color();
+    let background = ui.visuals().extreme_bg_color;
+    let at = |row: usize, col: usize| {
+        egui::Rect::from_min_size(
+            rect.min + vec2(LABEL_WIDTH + col as f32 * cell.x, row as f32 * cell.y),
+            cell,
+        )
+    };
+    for h in 0..heads {
+        painter.text(
+            at(0, h).center(),
+            egui::Align2::CENTER_CENTER,
+            format!("H{h}"),
+            font.clone(),
+            text,
+        );
+    }
+    for (l, row) in r.heads.iter().enumerate() {
+        let label = rect.min + vec2(LABEL_WIDTH - 6.0, (l + 1) as f32 * cell.y + cell.y / 2.0);
+        painter.text(
+            label,
+            egui::Align2::RIGHT_CENTER,
+            format!("block {l}"),
+            font.clone(),
+            text,
+        );
+        for (h, &v) in row.iter().enumerate() {
+            let full = if v >= 0.0 { PUSHES_UP } else { PUSHES_DOWN };
+            let strength = (v.abs() / largest).min(1.0);
+            let c = at(l + 1, h).shrink(1.0);
+            painter.rect_filled(c, 2.0, background.lerp_to_gamma(full, strength));
+            // Dark figures on the strong colours, the theme's text on the faint ones.
+            let ink = if strength > 0.5 { Color32::BLACK } else { text };
+            painter.text(
+                c.center(),
+                egui::Align2::CENTER_CENTER,
+                format!("{v:+.2}"),
+                font.clone(),
+                ink,
+            );
+        }
+    }
+    ui.label(strongest_heads(r));
+    if let Some(pos) = response.hover_pos() {
+        let col = ((pos.x - rect.left() - LABEL_WIDTH) / cell.x).floor();
+        let row = ((pos.y - rect.top()) / cell.y).floor() as usize;
+        if col >= 0.0 && row >= 1 {
+            let (l, h) = (row - 1, col as usize);
+            if let Some(v) = r.heads.get(l).and_then(|row| row.get(h)) {
+                response.on_hover_text(format!("head {l}.{h}: direct logit {v:+.4}"));
+            }
+        }
+    }
+}
+
+/// "largest: head 3.0 +1.202, …": the three heads with the largest direct effect.
+fn strongest_heads(r: &LensReport) -> String {
+    let named: Vec<String> = r
+        .heads_by_effect()
+        .iter()
+        .take(3)
+        .map(|(l, h, v)| format!("head {l}.{h} {v:+.3}"))
+        .collect();
+    format!("largest: {}", named.join(", "))
 }
 
 /// `blocks.3.hook_attn_out` → `A3`, `blocks.3.hook_mlp_out` → `M3`: bar labels.
