@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::model::{ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// The noise and restoration settings (ROME's defaults, window scaled to small models).
 #[derive(Clone, Debug, Serialize)]
@@ -248,6 +248,87 @@ pub fn trace_mlp(
     trace(model, fact, settings, sigma, positions, Restore::Mlp)
 }
 
+/// A fact's clean run and its corrupted batch: the subject's embeddings plus Gaussian noise,
+/// one draw per sample, fixed by the seed. What every trace restores into.
+pub struct Corruption {
+    pub ids: Vec<u32>,
+    /// Token positions of the subject.
+    pub subject: Range<usize>,
+    pub target_id: u32,
+    /// The clean run, with the hooks asked for captured.
+    pub clean: ForwardOutput,
+    pub p_clean: f32,
+    /// The prompt repeated once per noise sample.
+    pub batch_ids: Tensor,
+    /// The noise, as an intervention at `hook_embed`; restorations are added to it.
+    pub hooks: Hooks,
+    pub p_corrupt: f32,
+}
+
+impl Corruption {
+    /// Runs `fact` clean (capturing `points`) and corrupted.
+    pub fn new(
+        model: &Model,
+        fact: &Fact,
+        settings: &TraceSettings,
+        sigma: f64,
+        points: &[HookPoint],
+    ) -> Result<Self> {
+        let (ids, subject) = locate_subject(model, fact.prompt, fact.subject)?;
+        let target_id = target_token(model, fact.prompt, fact.target)?;
+        let (seq, d) = (ids.len(), model.dims().d_model);
+        let clean_ids = model.ids_tensor(&ids)?;
+        let clean = model.forward(&clean_ids, &Hooks::new().capture(points.iter().copied()))?;
+        let p_clean = mean_target_prob(&clean.logits, target_id)?;
+        if !(settings.noise_sigmas >= 0.0 && settings.noise_sigmas.is_finite()) {
+            return Err(Error::InvalidArgument {
+                what: "noise",
+                value: settings.noise_sigmas.to_string(),
+                message: "must be a number of σ ≥ 0".into(),
+            });
+        }
+        let n = settings.samples.max(1);
+        let mut rng = StdRng::seed_from_u64(settings.seed);
+        let scale = settings.noise_sigmas * sigma;
+        let mut noise = vec![0f32; n * seq * d];
+        for b in 0..n {
+            for t in subject.clone() {
+                for c in 0..d {
+                    noise[(b * seq + t) * d + c] =
+                        (crate::world::train::normal(&mut rng) * scale) as f32;
+                }
+            }
+        }
+        let noise = Tensor::from_vec(noise, (n, seq, d), &model.device)?.to_dtype(model.dtype)?;
+        let batch_ids = clean_ids.repeat((n, 1))?;
+        let hooks = Hooks::new().intervene(
+            HookPoint::Embed,
+            Intervention::new(InterventionOp::Add(noise)),
+        );
+        let p_corrupt = mean_target_prob(&model.forward(&batch_ids, &hooks)?.logits, target_id)?;
+        Ok(Self {
+            ids,
+            subject,
+            target_id,
+            clean,
+            p_clean,
+            batch_ids,
+            hooks,
+            p_corrupt,
+        })
+    }
+
+    /// P(target) in the corrupted runs with the interventions `restore` adds to the noise,
+    /// averaged over the samples.
+    pub fn restored(&self, model: &Model, restore: impl FnOnce(Hooks) -> Hooks) -> Result<f32> {
+        let hooks = restore(self.hooks.clone());
+        mean_target_prob(
+            &model.forward(&self.batch_ids, &hooks)?.logits,
+            self.target_id,
+        )
+    }
+}
+
 /// Traces `fact`, restoring `restore` at every layer and each of `positions` (all when
 /// `None`).
 pub fn trace(
@@ -258,72 +339,86 @@ pub fn trace(
     positions: Option<&[usize]>,
     restore: Restore,
 ) -> Result<Trace> {
-    let (ids, subject) = locate_subject(model, fact.prompt, fact.subject)?;
-    let target_id = target_token(model, fact.prompt, fact.target)?;
     let n_layers = model.dims().n_layers;
-    let (seq, d) = (ids.len(), model.dims().d_model);
     let points: Vec<HookPoint> = (0..n_layers).map(|l| restore.point(l)).collect();
-
-    let clean_ids = model.ids_tensor(&ids)?;
-    let clean = model.forward(&clean_ids, &Hooks::new().capture(points.iter().copied()))?;
-    let p_clean = mean_target_prob(&clean.logits, target_id)?;
-
-    // Noise on the subject's embeddings only, one draw per sample, fixed by the seed.
-    if !(settings.noise_sigmas >= 0.0 && settings.noise_sigmas.is_finite()) {
-        return Err(Error::InvalidArgument {
-            what: "noise",
-            value: settings.noise_sigmas.to_string(),
-            message: "must be a number of σ ≥ 0".into(),
-        });
-    }
-    let n = settings.samples.max(1);
-    let mut rng = StdRng::seed_from_u64(settings.seed);
-    let scale = settings.noise_sigmas * sigma;
-    let mut noise = vec![0f32; n * seq * d];
-    for b in 0..n {
-        for t in subject.clone() {
-            for c in 0..d {
-                noise[(b * seq + t) * d + c] =
-                    (crate::world::train::normal(&mut rng) * scale) as f32;
-            }
-        }
-    }
-    let noise = Tensor::from_vec(noise, (n, seq, d), &model.device)?.to_dtype(model.dtype)?;
-    let batch_ids = clean_ids.repeat((n, 1))?;
-    let corrupt = Hooks::new().intervene(
-        HookPoint::Embed,
-        Intervention::new(InterventionOp::Add(noise)),
-    );
-    let p_corrupt = mean_target_prob(&model.forward(&batch_ids, &corrupt)?.logits, target_id)?;
-
+    let run = Corruption::new(model, fact, settings, sigma, &points)?;
+    let seq = run.ids.len();
     let positions: Vec<usize> = positions.map_or_else(|| (0..seq).collect(), <[usize]>::to_vec);
     let mut p_restored = vec![Vec::with_capacity(positions.len()); n_layers];
     for (layer, row) in p_restored.iter_mut().enumerate() {
         let restored = restore.layers(layer, settings.window, n_layers);
         for &t in &positions {
-            let mut hooks = corrupt.clone();
+            let mut clean = Vec::with_capacity(restored.len());
             for &point in &points[restored.clone()] {
-                let value = clean.cache.require(point)?;
-                hooks = hooks.intervene(
-                    point,
-                    Intervention::new(InterventionOp::Replace(value.clone()))
-                        .at_positions(vec![t as i64]),
-                );
+                clean.push((point, run.clean.cache.require(point)?.clone()));
             }
-            row.push(mean_target_prob(
-                &model.forward(&batch_ids, &hooks)?.logits,
-                target_id,
-            )?);
+            row.push(run.restored(model, |hooks| {
+                clean.into_iter().fold(hooks, |hooks, (point, value)| {
+                    hooks.intervene(
+                        point,
+                        Intervention::new(InterventionOp::Replace(value))
+                            .at_positions(vec![t as i64]),
+                    )
+                })
+            })?);
         }
     }
     Ok(Trace {
         restore,
-        tokens: model.tokenizer.tokens_display(&ids),
-        subject,
-        target_id,
-        p_clean,
-        p_corrupt,
+        tokens: model.tokenizer.tokens_display(&run.ids),
+        subject: run.subject,
+        target_id: run.target_id,
+        p_clean: run.p_clean,
+        p_corrupt: run.p_corrupt,
         positions,
+        p_restored,
+    })
+}
+
+/// Per-head causal tracing: P(target) with one attention head's output restored.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadTrace {
+    pub tokens: Vec<String>,
+    pub subject: Range<usize>,
+    pub target_id: u32,
+    pub p_clean: f32,
+    pub p_corrupt: f32,
+    /// `p_restored[layer][head]`: the head's clean `attn.hook_z` columns restored at every
+    /// position of the corrupted runs.
+    pub p_restored: Vec<Vec<f32>>,
+}
+
+/// Traces `fact` one attention head at a time (activation patching per head, as
+/// TransformerLens's `get_act_patch_attn_head_out_all_pos`, with ROME's noise as the
+/// corruption): which heads carry what the corrupted subject took away.
+pub fn trace_heads(
+    model: &Model,
+    fact: &Fact,
+    settings: &TraceSettings,
+    sigma: f64,
+) -> Result<HeadTrace> {
+    let dims = model.dims();
+    let points: Vec<HookPoint> = (0..dims.n_layers).map(HookPoint::AttnZ).collect();
+    let run = Corruption::new(model, fact, settings, sigma, &points)?;
+    let mut p_restored = Vec::with_capacity(dims.n_layers);
+    for &point in &points {
+        let clean = run.clean.cache.require(point)?;
+        let mut row = Vec::with_capacity(dims.n_heads);
+        for head in 0..dims.n_heads {
+            let columns: Vec<usize> = (head * dims.head_dim..(head + 1) * dims.head_dim).collect();
+            let restore = Intervention::new(InterventionOp::Replace(clean.clone()));
+            row.push(run.restored(model, |hooks| {
+                hooks.intervene(point, restore.at_channels(columns))
+            })?);
+        }
+        p_restored.push(row);
+    }
+    Ok(HeadTrace {
+        tokens: model.tokenizer.tokens_display(&run.ids),
+        subject: run.subject,
+        target_id: run.target_id,
+        p_clean: run.p_clean,
+        p_corrupt: run.p_corrupt,
         p_restored,
     })
 }

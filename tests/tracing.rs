@@ -100,6 +100,34 @@ fn trace_fact_restores_and_suggests_a_layer() {
 }
 
 #[test]
+fn trace_fact_heads_adds_a_layer_by_head_table() {
+    let out = trace_japan(&["--samples", "2", "--heads", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["heads"]["p_restored"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "one row per layer");
+    assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 6));
+    assert_eq!(report["heads"]["p_clean"], report["traces"][0]["p_clean"]);
+
+    let text = trace_japan(&["--samples", "2", "--heads"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("restoring each head"))
+        .take_while(|l| !l.starts_with("suggested"))
+        .collect();
+    assert_eq!(table.len(), 2 + 8, "title, head names, 8 layers: {text}");
+    assert!(table[1].trim_start().starts_with("H0") && table[9].contains("layer 7"));
+    let plain = trace_japan(&["--samples", "2", "--json"]);
+    let plain: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert!(plain.get("heads").is_none(), "heads only when asked");
+}
+
+#[test]
 fn a_subject_missing_from_the_prompt_is_named_with_the_prompts_tokens() {
     let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args([
@@ -156,6 +184,103 @@ fn the_noise_unit_is_the_spread_of_hook_embed_on_every_architecture() {
         assert!(
             (sigma - expected).abs() <= 1e-9 * expected,
             "{model_type}: σ {sigma} against hook_embed's {expected}"
+        );
+    }
+}
+
+/// Per-head tracing on the bundled model: each cell is the corrupted run with exactly that
+/// head's `attn.hook_z` columns put back (checked against a replacement built here from the
+/// corrupted run's own values), the clean and corrupted probabilities are the layer trace's,
+/// and without noise every restoration gives the clean probability.
+#[test]
+fn tracing_one_head_restores_exactly_its_columns() {
+    use candle_core::{D, Tensor};
+    use monoscope::causal::{Corruption, Fact, Restore, TraceSettings, trace, trace_heads};
+    use monoscope::model::{HookPoint, Intervention, InterventionOp, Model};
+    let mut dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.push("assets/world");
+    let model = Model::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let fact = Fact {
+        prompt: "The capital of Japan is",
+        subject: "Japan",
+        target: " Tokyo",
+    };
+    let settings = TraceSettings {
+        samples: 3,
+        ..TraceSettings::default()
+    };
+    let sigma = monoscope::causal::subject_embedding_std(&model, &["Japan", "France"]).unwrap();
+    let heads = trace_heads(&model, &fact, &settings, sigma).unwrap();
+    let dims = model.dims();
+    assert_eq!(heads.p_restored.len(), dims.n_layers);
+    assert!(heads.p_restored.iter().all(|row| row.len() == dims.n_heads));
+    let layers = trace(&model, &fact, &settings, sigma, Some(&[0]), Restore::Hidden).unwrap();
+    assert_eq!(
+        (heads.p_clean, heads.p_corrupt),
+        (layers.p_clean, layers.p_corrupt)
+    );
+    assert!(
+        heads.p_corrupt < heads.p_clean,
+        "the noise must cost something"
+    );
+
+    // One cell rebuilt by hand: the corrupted z with the head's columns taken from the clean run.
+    let (layer, head, hd) = (3, 1, dims.head_dim);
+    let point = HookPoint::AttnZ(layer);
+    let run = Corruption::new(&model, &fact, &settings, sigma, &[point]).unwrap();
+    let corrupt = model
+        .forward(&run.batch_ids, &run.hooks.clone().capture([point]))
+        .unwrap();
+    let corrupt = corrupt.cache.require(point).unwrap();
+    let clean = run
+        .clean
+        .cache
+        .require(point)
+        .unwrap()
+        .broadcast_as(corrupt.shape())
+        .unwrap();
+    let width = dims.n_heads * hd;
+    let patched = Tensor::cat(
+        &[
+            corrupt.narrow(D::Minus1, 0, head * hd).unwrap(),
+            clean.narrow(D::Minus1, head * hd, hd).unwrap(),
+            corrupt
+                .narrow(D::Minus1, (head + 1) * hd, width - (head + 1) * hd)
+                .unwrap(),
+        ],
+        D::Minus1,
+    )
+    .unwrap();
+    let by_hand = run
+        .restored(&model, |hooks| {
+            hooks.intervene(point, Intervention::new(InterventionOp::Replace(patched)))
+        })
+        .unwrap();
+    let cell = heads.p_restored[layer][head];
+    assert!(
+        (by_hand - cell).abs() < 1e-6,
+        "head {layer}.{head}: {cell} against {by_hand} rebuilt by hand"
+    );
+    let spread = heads
+        .p_restored
+        .iter()
+        .flatten()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    assert!(
+        spread.1 - spread.0 > 1e-4,
+        "every head the same: {spread:?}"
+    );
+
+    let silent = TraceSettings {
+        noise_sigmas: 0.0,
+        ..settings
+    };
+    let still = trace_heads(&model, &fact, &silent, sigma).unwrap();
+    for p in still.p_restored.iter().flatten() {
+        assert!(
+            (p - still.p_clean).abs() < 1e-5,
+            "{p} against {}",
+            still.p_clean
         );
     }
 }

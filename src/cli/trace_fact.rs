@@ -8,7 +8,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{FactArgs, ModelArgs, print_json, write_new_file};
-use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+use crate::causal::{
+    Fact, HeadTrace, Restore, Trace, TraceSettings, subject_embedding_std, trace, trace_heads,
+};
 use crate::edit::locate::{KeyChoice, KeySelect, choose_key};
 use crate::edit::rome::KeyPosition;
 
@@ -41,6 +43,10 @@ pub struct TraceFactArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     force: bool,
+    /// Also trace each attention head: its `attn.hook_z` columns restored at every position
+    /// (a layer × head table; `heads` in the JSON).
+    #[arg(long)]
+    heads: bool,
     #[arg(long)]
     json: bool,
 }
@@ -53,6 +59,8 @@ struct Report {
     sigma: f64,
     settings: TraceSettings,
     traces: Vec<Trace>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heads: Option<HeadTrace>,
     /// The edit layer: the strongest single-layer MLP effect at the last subject token (as
     /// `edit --key subject-last` chooses it), with the recovery per layer behind it.
     suggestion: KeyChoice,
@@ -94,6 +102,15 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("tracing {prompt:?}"))?,
         );
     }
+    let heads = if args.heads {
+        eprintln!("tracing: restoring each attention head at every token");
+        Some(
+            trace_heads(&model, &fact, &settings, sigma)
+                .with_context(|| format!("tracing {prompt:?} per head"))?,
+        )
+    } else {
+        None
+    };
     // The layer `edit --key subject-last` would choose, by the same single-layer trace.
     let suggestion = choose_key(
         &model,
@@ -110,6 +127,7 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
         sigma,
         settings,
         traces,
+        heads,
         suggestion,
     };
     if let Some(dir) = &args.out {
@@ -139,6 +157,9 @@ pub fn run(args: &TraceFactArgs) -> anyhow::Result<()> {
     }
     for t in &report.traces {
         print!("{}", render(t));
+    }
+    if let Some(h) = &report.heads {
+        print!("{}", render_heads(h));
     }
     println!(
         "suggested edit layer: {} — {}",
@@ -173,6 +194,35 @@ fn render(t: &Trace) -> String {
             let shade = SHADES[((x * 4.0).round() as usize).min(4)];
             s.push(shade);
             s.push(shade);
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The per-head trace as a table: one row per layer, one column per head, each cell the
+/// share of the clean probability that restoring the head brings back.
+fn render_heads(t: &HeadTrace) -> String {
+    let span = t.p_clean - t.p_corrupt;
+    let mut s = format!(
+        "\nrestoring each head (share of P recovered: (P restored − {:.3}) / ({:.3} − {:.3}))\n",
+        t.p_corrupt, t.p_clean, t.p_corrupt
+    );
+    let heads = t.p_restored.first().map_or(0, Vec::len);
+    s.push_str(&format!("{:>8}", ""));
+    for h in 0..heads {
+        s.push_str(&format!("{:>7}", format!("H{h}")));
+    }
+    s.push('\n');
+    for (l, row) in t.p_restored.iter().enumerate() {
+        s.push_str(&format!("{:>8}", format!("layer {l}")));
+        for &p in row {
+            let share = if span.abs() > 1e-9 {
+                (p - t.p_corrupt) / span
+            } else {
+                0.0
+            };
+            s.push_str(&format!("{share:>7.2}"));
         }
         s.push('\n');
     }
