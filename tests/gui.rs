@@ -353,6 +353,8 @@ fn editing_japan_to_yokohama_shows_in_the_after_table_and_undo_restores_the_weig
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no layer in {suggestion:?}"));
     assert!(suggestion.contains("subject-last key"), "{suggestion}");
+    // Beside the three layer traces, the same corruption restored one head at a time.
+    assert!(has_label(&h, "one attention head (all tokens)"));
     // The form opens on Japan → " Yokohama"; a second phrasing in the other word order
     // carries the edit to the paraphrases that put the subject first.
     replace_text(&mut h, "Also as (optional)", "{}'s capital is");

@@ -110,6 +110,10 @@ pub mod explain {
         attn.hook_z through its slice of the output projection, read like the terms above. \
         A head that moves the logit directly (a name mover) shows here; one that acts through \
         later blocks does not.";
+    pub const HEAD_RECOVERY: &str = "The same corrupted runs with one attention head's \
+        output (its attn.hook_z columns) restored from the clean run at every token: which \
+        heads carry what the corrupted subject took away. Coloured on P(clean)'s scale, so a \
+        head that brings little back stays dark.";
     pub const DLA_TARGET: &str = "The continuation whose first token's logit is attributed \
         (\" Tokyo\", with its leading space); empty: the model's own prediction.";
     pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \

@@ -177,16 +177,20 @@ pub struct Heatmap<'a> {
     pub cell: egui::Vec2,
     /// What a value is, for the hover text.
     pub what: &'a str,
+    /// The value drawn brightest (`None`: the largest one), so that maps of the same quantity
+    /// can share a scale.
+    pub max: Option<f32>,
 }
 
 impl Heatmap<'_> {
     pub fn show(&self, ui: &mut Ui) -> Option<(usize, usize)> {
-        let max = self
-            .values
-            .iter()
-            .copied()
-            .filter(|v| v.is_finite())
-            .fold(0.0f32, f32::max);
+        let max = self.max.unwrap_or_else(|| {
+            self.values
+                .iter()
+                .copied()
+                .filter(|v| v.is_finite())
+                .fold(0.0f32, f32::max)
+        });
         let label_w = 120.0;
         let size = vec2(
             label_w + self.cell.x * self.cols as f32,

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Panel, PanelKind, need_model, running, take};
-use crate::causal::{Fact, Restore, Trace, TraceSettings, subject_embedding_std, trace};
+use crate::causal::{
+    Fact, HeadTrace, Restore, Trace, TraceSettings, subject_embedding_std, trace, trace_heads,
+};
 use crate::edit::covariance::default_cache_dir;
 use crate::edit::editor::{Editor, StatsSource};
 use crate::edit::history::{AppliedEdit, EditHistory};
@@ -64,6 +66,8 @@ pub struct Edit {
     layer: usize,
     key: KeySelect,
     traces: Vec<Trace>,
+    /// The same corruption restored one attention head at a time.
+    head_trace: Option<HeadTrace>,
     /// The layer and key the last trace suggests: what an edit "from the trace" uses.
     suggestion: Option<Suggestion>,
     trace_job: Option<Job<Traced>>,
@@ -91,6 +95,7 @@ impl Default for Edit {
             // often read facts at but where an edit rarely generalises.
             key: KeySelect::Fixed(KeyPosition::SubjectLast),
             traces: Vec::new(),
+            head_trace: None,
             suggestion: None,
             trace_job: None,
             editor: Arc::new(Mutex::new(None)),
@@ -165,6 +170,7 @@ impl Edit {
         if let Some(traced) = take(&mut self.trace_job, wb) {
             self.layer = traced.suggestion.choice.layer;
             self.traces = traced.traces;
+            self.head_trace = Some(traced.heads);
             self.suggestion = Some(traced.suggestion);
         }
         if let Some(done) = take(&mut self.edit_job, wb) {
@@ -269,7 +275,7 @@ impl Edit {
                 target: &answer,
             };
             let mut traces = Vec::new();
-            let steps = Restore::ALL.len() as u64 + 1;
+            let steps = Restore::ALL.len() as u64 + 2;
             for (i, restore) in Restore::ALL.into_iter().enumerate() {
                 job.set_progress(i as u64, steps, "traces");
                 if job.is_cancelled() {
@@ -284,6 +290,8 @@ impl Edit {
                     restore,
                 )?);
             }
+            job.set_progress(steps - 2, steps, "traces");
+            let heads = trace_heads(&model, &fact, &TraceSettings::default(), sigma)?;
             job.set_progress(steps - 1, steps, "traces");
             let choice = choose_key(&model, &fact, &TraceSettings::default(), sigma, None, key)?;
             let suggestion = Suggestion {
@@ -293,7 +301,11 @@ impl Edit {
                 model_version,
                 choice,
             };
-            Ok(Traced { traces, suggestion })
+            Ok(Traced {
+                traces,
+                heads,
+                suggestion,
+            })
         }));
     }
 
@@ -345,9 +357,13 @@ impl Edit {
                         col_labels: &col_labels,
                         cell: egui::vec2(18.0, 16.0),
                         what: "P(answer)",
+                        max: None,
                     }
                     .show(ui);
                 });
+            }
+            if let Some(t) = &self.head_trace {
+                ui.vertical(|ui| head_heatmap(ui, t));
             }
         });
         ui.weak("* subject tokens; columns are layers");
@@ -625,6 +641,7 @@ impl Edit {
 /// What the trace job hands back: the heatmaps and the layer they suggest.
 struct Traced {
     traces: Vec<Trace>,
+    heads: HeadTrace,
     suggestion: Suggestion,
 }
 
@@ -649,6 +666,35 @@ impl Suggestion {
 }
 
 /// The prompt and its greedy continuation of a few tokens.
+/// The per-head trace: one row per head, one column per layer, P(answer) with that head's
+/// output restored at every token.
+fn head_heatmap(ui: &mut egui::Ui, t: &HeadTrace) {
+    ui.strong("one attention head (all tokens)")
+        .on_hover_text(explain::HEAD_RECOVERY);
+    let layers = t.p_restored.len();
+    let heads = t.p_restored.first().map_or(0, Vec::len);
+    let mut values = vec![0f32; heads * layers];
+    for (l, row) in t.p_restored.iter().enumerate() {
+        for (h, &p) in row.iter().enumerate() {
+            values[h * layers + l] = p;
+        }
+    }
+    let row_labels: Vec<String> = (0..heads).map(|h| format!("head {h}")).collect();
+    let col_labels: Vec<String> = (0..layers).map(|l| l.to_string()).collect();
+    Heatmap {
+        values: &values,
+        rows: heads,
+        cols: layers,
+        row_labels: &row_labels,
+        col_labels: &col_labels,
+        cell: egui::vec2(18.0, 16.0),
+        what: "P(answer)",
+        // On the clean probability's scale: a head that brings back little stays dark.
+        max: Some(t.p_clean),
+    }
+    .show(ui);
+}
+
 fn greedy(model: &Model, prompt: &str) -> anyhow::Result<String> {
     let ids = model.encode_prompt(prompt)?;
     let options = crate::model::generate::GenerateOptions {

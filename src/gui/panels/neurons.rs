@@ -148,6 +148,7 @@ impl Panel for Neurons {
             col_labels: &col_labels,
             cell: egui::vec2(cell_w, 18.0),
             what: "max attribution",
+            max: None,
         }
         .show(ui);
 
