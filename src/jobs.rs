@@ -43,7 +43,13 @@ pub struct JobHandle {
     pause: Arc<AtomicBool>,
     progress: Arc<Mutex<Progress>>,
     notify: Arc<dyn Fn() + Send + Sync>,
+    /// When the watcher was last woken by a report.
+    last_notified: Arc<Mutex<Option<Instant>>>,
 }
+
+/// A job wakes its watcher at most this often while it reports (a window then redraws ~20
+/// times a second for it, not once per training step), and always once when it ends.
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
 impl JobHandle {
     fn new(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
@@ -52,6 +58,7 @@ impl JobHandle {
             pause: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(Mutex::new(Progress::default())),
             notify,
+            last_notified: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -74,10 +81,17 @@ impl JobHandle {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the progress and wakes the watcher.
+    /// Changes the progress and wakes the watcher, unless it was woken less than
+    /// [`REPORT_INTERVAL`] ago.
     pub fn update(&self, change: impl FnOnce(&mut Progress)) {
         change(&mut self.lock());
-        (self.notify)();
+        let now = Instant::now();
+        let mut last = self.last_notified.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|then| now - then >= REPORT_INTERVAL) {
+            *last = Some(now);
+            drop(last);
+            (self.notify)();
+        }
     }
 
     pub fn set_message(&self, message: impl Into<String>) {
@@ -275,6 +289,40 @@ mod tests {
         .unwrap();
         assert_eq!(in_thread, (before + 10).min(19));
         assert_eq!(nice(), before);
+    }
+
+    /// A job that reports a thousand times in a blink wakes its watcher for the first report
+    /// and once at its end, not a thousand times.
+    #[test]
+    fn reports_wake_the_watcher_at_most_every_interval_and_always_at_the_end() {
+        use std::sync::atomic::AtomicUsize;
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let counter = wakes.clone();
+        let reports = 1000;
+        let mut job: Job<()> = Job::spawn(
+            "chatty",
+            move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+            move |h| {
+                for i in 0..reports {
+                    h.set_progress(i + 1, reports, "steps");
+                }
+                Ok(())
+            },
+        );
+        while job.poll().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The end's wake comes right after the result is sent.
+        std::thread::sleep(Duration::from_millis(50));
+        let wakes = wakes.load(Ordering::SeqCst);
+        assert!(wakes >= 2, "the first report and the end: {wakes}");
+        assert!(
+            wakes < reports as usize,
+            "{wakes} wakes for {reports} reports"
+        );
+        assert_eq!(job.progress().done, reports);
     }
 
     #[test]

@@ -60,8 +60,8 @@ pub fn prompt_row(ui: &mut Ui, prompt: &mut String, button: &str) -> bool {
     .inner
 }
 
-/// How often the window redraws while work goes on (a spinner turns, a job reports): about 30
-/// frames a second. egui starts a delayed repaint early by its predicted frame time (1/60 s
+/// How often a spinner redraws the window while work goes on: about 30 frames a second (job
+/// reports add at most 20, `jobs::REPORT_INTERVAL`). egui starts a delayed repaint early by its predicted frame time (1/60 s
 /// without a known refresh rate), so 50 ms here is ~33 ms between frames. egui's own spinner
 /// asks for a new frame every frame, which on a display without vsync (Xvfb, remote desktops)
 /// draws as fast as the cores allow and leaves the running job less of them.

@@ -17,7 +17,7 @@ use crate::sae::saelens::{SaeDir, load_for_model};
 use crate::world::knowledge::KnowledgeBase;
 
 use super::PanelKind;
-use super::widgets::{BUSY_FRAME, job_row};
+use super::widgets::job_row;
 
 /// An SAE opened for the current model.
 pub struct OpenSae {
@@ -130,8 +130,10 @@ impl Workbench {
         wb
     }
 
-    /// Starts `work` in the background, below the window's priority; its reports repaint the
-    /// window within a busy frame.
+    /// Starts `work` in the background, below the window's priority. Its reports (at most
+    /// every [`crate::jobs::REPORT_INTERVAL`]) and its end repaint the window at once: an
+    /// immediate request always reaches eframe's event loop, so a redraw the loop lost is
+    /// made good by the next report instead of leaving the window asleep.
     pub fn spawn<T: Send + 'static>(
         &self,
         name: impl Into<String>,
@@ -140,7 +142,7 @@ impl Workbench {
         let ctx = self.ctx.clone();
         Job::spawn(
             name,
-            move || ctx.request_repaint_after(BUSY_FRAME),
+            move || ctx.request_repaint(),
             move |handle| {
                 lower_thread_priority();
                 work(handle)

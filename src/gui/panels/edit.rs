@@ -291,6 +291,9 @@ impl Edit {
                 )?);
             }
             job.set_progress(steps - 2, steps, "traces");
+            if job.is_cancelled() {
+                anyhow::bail!("cancelled");
+            }
             let heads = trace_heads(&model, &fact, &TraceSettings::default(), sigma)?;
             job.set_progress(steps - 1, steps, "traces");
             let choice = choose_key(&model, &fact, &TraceSettings::default(), sigma, None, key)?;
@@ -328,14 +331,6 @@ impl Edit {
                         Restore::Attn => "attention output (window)",
                     });
                     // Rows are token positions, columns layers (as in the ROME paper).
-                    let layers = t.p_restored.len();
-                    let rows = t.positions.len();
-                    let mut values = vec![0f32; rows * layers];
-                    for (l, row) in t.p_restored.iter().enumerate() {
-                        for (i, &p) in row.iter().enumerate() {
-                            values[i * layers + l] = p;
-                        }
-                    }
                     let row_labels: Vec<String> = t
                         .positions
                         .iter()
@@ -348,18 +343,7 @@ impl Edit {
                             }
                         })
                         .collect();
-                    let col_labels: Vec<String> = (0..layers).map(|l| l.to_string()).collect();
-                    Heatmap {
-                        values: &values,
-                        rows,
-                        cols: layers,
-                        row_labels: &row_labels,
-                        col_labels: &col_labels,
-                        cell: egui::vec2(18.0, 16.0),
-                        what: "P(answer)",
-                        max: None,
-                    }
-                    .show(ui);
+                    layers_as_columns(ui, &t.p_restored, &row_labels, None);
                 });
             }
             if let Some(t) = &self.head_trace {
@@ -665,36 +649,47 @@ impl Suggestion {
     }
 }
 
-/// The prompt and its greedy continuation of a few tokens.
 /// The per-head trace: one row per head, one column per layer, P(answer) with that head's
 /// output restored at every token.
 fn head_heatmap(ui: &mut egui::Ui, t: &HeadTrace) {
     ui.strong("one attention head (all tokens)")
         .on_hover_text(explain::HEAD_RECOVERY);
-    let layers = t.p_restored.len();
     let heads = t.p_restored.first().map_or(0, Vec::len);
-    let mut values = vec![0f32; heads * layers];
-    for (l, row) in t.p_restored.iter().enumerate() {
-        for (h, &p) in row.iter().enumerate() {
-            values[h * layers + l] = p;
+    let row_labels: Vec<String> = (0..heads).map(|h| format!("head {h}")).collect();
+    // On the clean probability's scale: a head that brings back little stays dark.
+    layers_as_columns(ui, &t.p_restored, &row_labels, Some(t.p_clean));
+}
+
+/// A trace's `p_restored[layer][row]` as a heatmap with one column per layer.
+fn layers_as_columns(
+    ui: &mut egui::Ui,
+    p_restored: &[Vec<f32>],
+    row_labels: &[String],
+    max: Option<f32>,
+) {
+    let layers = p_restored.len();
+    let rows = row_labels.len();
+    let mut values = vec![0f32; rows * layers];
+    for (l, row) in p_restored.iter().enumerate() {
+        for (i, &p) in row.iter().enumerate().take(rows) {
+            values[i * layers + l] = p;
         }
     }
-    let row_labels: Vec<String> = (0..heads).map(|h| format!("head {h}")).collect();
     let col_labels: Vec<String> = (0..layers).map(|l| l.to_string()).collect();
     Heatmap {
         values: &values,
-        rows: heads,
+        rows,
         cols: layers,
-        row_labels: &row_labels,
+        row_labels,
         col_labels: &col_labels,
         cell: egui::vec2(18.0, 16.0),
         what: "P(answer)",
-        // On the clean probability's scale: a head that brings back little stays dark.
-        max: Some(t.p_clean),
+        max,
     }
     .show(ui);
 }
 
+/// The prompt and its greedy continuation of a few tokens.
 fn greedy(model: &Model, prompt: &str) -> anyhow::Result<String> {
     let ids = model.encode_prompt(prompt)?;
     let options = crate::model::generate::GenerateOptions {
