@@ -1,12 +1,13 @@
 //! monoscope: a workbench for looking inside decoder language models.
 //!
 //! Data flows one way: [`model`] (load, hooked forward passes, generation) → [`sae`]
-//! (activations, training, codes) → [`features`] and [`export`]; [`lens`], [`causal`],
+//! (activations, training, codes) → [`features`] and [`export`]; [`lens`], [`attention`], [`causal`],
 //! [`neurons`] and [`edit`] read and change the model itself; [`world`] is the bundled
 //! model and its labelled corpus; [`jobs`] runs long work in the background with progress and
 //! cancel; [`gui`] is the desktop workbench on top of all of it.
 
 pub mod allocator;
+pub mod attention;
 pub mod causal;
 pub mod cli;
 pub mod device;

@@ -303,6 +303,63 @@ fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
 }
 
 #[test]
+fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
+    use monoscope::attention::{Detector, Patterns, patterns, repeated_random_tokens};
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Attention");
+    let model = h.state().workbench.model.clone().unwrap();
+    // What the library says, in the words the panel shows it.
+    let scores_line = |p: &Patterns, l: usize, head: usize| {
+        let parts: Vec<String> = p
+            .detect()
+            .iter()
+            .filter(|d| d.queries > 0)
+            .map(|d| format!("{} {:.2}", d.detector.name(), d.scores[l][head]))
+            .collect();
+        parts.join(" · ")
+    };
+    let ranked = |p: &Patterns, d: Detector| {
+        p.detect()
+            .into_iter()
+            .find(|s| s.detector == d)
+            .unwrap()
+            .ranked()
+    };
+    let wait_for_head = |h: &mut Harness<'static, App>, p: &Patterns, l: usize, head: usize| {
+        let title = format!("Attention pattern of head {l}.{head}");
+        let line = scores_line(p, l, head);
+        wait_for(h, &title, |h| {
+            has_label(h, &title) && has_label(h, &line) && !h.state().busy()
+        });
+    };
+
+    // A prompt: the strongest previous-token head is shown first, and offered as a button.
+    let prompt = "Tokyo is the capital of Japan. Tokyo is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.key_press(egui::Key::Enter);
+    let on_prompt = patterns(&model, &model.encode_prompt(prompt).unwrap()).unwrap();
+    let (l, head, score) = ranked(&on_prompt, Detector::PreviousToken)[0];
+    wait_for_head(&mut h, &on_prompt, l, head);
+    assert!(has_label(&h, &format!("head {l}.{head} {score:.2}")));
+
+    // The induction probe, ranked by the induction detector; picking the second head by its
+    // button shows that head's pattern.
+    h.get_by_label("the induction probe (20 random tokens, repeated)")
+        .click();
+    let probe = patterns(&model, &repeated_random_tokens(&model, 20, 0).unwrap()).unwrap();
+    let (l, head, _) = ranked(&probe, Detector::PreviousToken)[0];
+    wait_for_head(&mut h, &probe, l, head);
+    h.get_by_label("induction").click();
+    let induction = ranked(&probe, Detector::Induction);
+    let (l, head, _) = induction[0];
+    wait_for_head(&mut h, &probe, l, head);
+    let (l, head, score) = induction[1];
+    h.get_by_label(&format!("head {l}.{head} {score:.2}")).click();
+    wait_for_head(&mut h, &probe, l, head);
+}
+
+#[test]
 fn a_feature_page_shows_its_top_contexts() {
     let mut h = harness();
     wait_for(&mut h, "the feature store", |h| {

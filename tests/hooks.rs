@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{fixture_dir, max_abs_diff};
 use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model};
 
@@ -241,8 +241,8 @@ fn kv_cached_chunks_match_one_full_pass_and_capture_appends() {
         let ids = model
             .encode_prompt("Hello world, a tiny model says hello to you.")
             .unwrap();
-        let point = HookPoint::ResidPost(1);
-        let hooks = Hooks::new().capture([point]);
+        let points = [HookPoint::ResidPost(1), HookPoint::AttnPattern(1)];
+        let hooks = Hooks::new().capture(points);
         let full = model
             .forward(&model.ids_tensor(&ids).unwrap(), &hooks)
             .unwrap();
@@ -260,12 +260,69 @@ fn kv_cached_chunks_match_one_full_pass_and_capture_appends() {
             common::max_relative_error(&joined, &full.logits) < 1e-5,
             "{model_type}"
         );
-        let resid = Tensor::cat(
-            &[a.cache.get(point).unwrap(), b.cache.get(point).unwrap()],
-            1,
-        )
-        .unwrap();
-        assert!(common::max_relative_error(&resid, full.cache.get(point).unwrap()) < 1e-5);
+        // The second call's pattern rows see all keys; extending pads the first call's rows.
+        assert_eq!(b.cache.get(points[1]).unwrap().dim(3).unwrap(), ids.len());
+        let mut cache = a.cache;
+        cache.extend(b.cache).unwrap();
+        for point in points {
+            let (got, want) = (cache.get(point).unwrap(), full.cache.get(point).unwrap());
+            assert_eq!(got.dims(), want.dims(), "{model_type} {point}");
+            let err = common::max_relative_error(got, want);
+            assert!(err < 1e-5, "{model_type} {point}: relative error {err}");
+        }
+    }
+}
+
+/// An intervention at `attn.hook_pattern` selects heads and query rows: zeroing one head's
+/// last row zeroes exactly that head's slice of `attn.hook_z` there, and reaches the logits;
+/// patching the pattern with itself leaves the fused fast path's logits.
+#[test]
+fn interventions_on_the_pattern_act_on_chosen_heads_and_queries() {
+    for model_type in ["gpt2", "llama"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is 東京").unwrap())
+            .unwrap();
+        let (pattern, z) = (HookPoint::AttnPattern(0), HookPoint::AttnZ(0));
+        let fast = model.forward(&ids, &Hooks::new()).unwrap();
+        let clean = model
+            .forward(&ids, &Hooks::new().capture([pattern, z]))
+            .unwrap();
+        let itself = Intervention::new(InterventionOp::Replace(
+            clean.cache.get(pattern).unwrap().clone(),
+        ));
+        let patched = model
+            .forward(&ids, &Hooks::new().intervene(pattern, itself))
+            .unwrap();
+        let err = common::max_relative_error(&patched.logits, &fast.logits);
+        assert!(err < 1e-5, "{model_type}: unfused pattern path off by {err}");
+
+        let (head, hd) = (1, model.dims().head_dim);
+        let blind = Intervention::new(InterventionOp::Zero)
+            .at_channels(vec![head])
+            .at_positions(vec![-1]);
+        let ablated = model
+            .forward(&ids, &Hooks::new().intervene(pattern, blind).capture([z]))
+            .unwrap();
+        let (before, after) = (
+            clean.cache.get(z).unwrap().get(0).unwrap(),
+            ablated.cache.get(z).unwrap().get(0).unwrap(),
+        );
+        let last = before.dim(0).unwrap() - 1;
+        let changed = (before - &after).unwrap().abs().unwrap();
+        let slice = |t: &Tensor, pos: usize, start: usize, len: usize| {
+            t.get(pos).unwrap().narrow(0, start, len).unwrap()
+        };
+        let zeroed = slice(&after, last, head * hd, hd);
+        assert_eq!(zeroed.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let untouched_rows = changed.narrow(0, 0, last).unwrap();
+        assert_eq!(untouched_rows.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let other_heads = slice(&changed, last, 0, head * hd);
+        assert_eq!(other_heads.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert!(
+            max_abs_diff(&clean.logits, &ablated.logits) > 1e-4,
+            "{model_type}: the ablation did not reach the logits"
+        );
     }
 }
 
@@ -416,6 +473,8 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
                 projected = projected.broadcast_add(b).unwrap();
             }
             close(&format!("blocks.{l}.attn.hook_z"), &projected, &attn);
+            let pattern = hook(&format!("blocks.{l}.attn.hook_pattern"));
+            pattern_weights_the_values(model_type, &model, l, &pre, &pattern, &z);
             let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
             let mid = (&pre + &attn).unwrap();
             match cache.get_by_name(&format!("blocks.{l}.hook_resid_mid")) {
@@ -438,5 +497,47 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             .broadcast_matmul(&model.transformer.unembed.t().unwrap())
             .unwrap();
         close("logits from ln_final.hook_normalized", &logits, &out.logits);
+    }
+}
+
+/// A pattern's rows are probabilities over the keys at or before the query, and each head's
+/// slice of `attn.hook_z` is its pattern times its value head (grouped heads share one), with
+/// the values recomputed from the block's input through its norm and fused projection.
+fn pattern_weights_the_values(
+    model_type: &str,
+    model: &Model,
+    layer: usize,
+    resid_pre: &Tensor,
+    pattern: &Tensor,
+    z: &Tensor,
+) {
+    let block = &model.transformer.blocks[layer];
+    let (nh, nkv, hd) = (block.attn.n_heads, block.attn.n_kv_heads, block.attn.head_dim);
+    let seq = resid_pre.dim(1).unwrap();
+    assert_eq!(pattern.dims(), &[1, nh, seq, seq], "{model_type}");
+    let rows = pattern.get(0).unwrap().to_vec3::<f64>().unwrap();
+    for (h, head) in rows.iter().enumerate() {
+        for (q, row) in head.iter().enumerate() {
+            let sum: f64 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-9, "{model_type} {layer}.{h} row {q} sums to {sum}");
+            assert!(
+                row[q + 1..].iter().all(|&p| p == 0.0),
+                "{model_type} {layer}.{h}: query {q} attends to a later key"
+            );
+        }
+    }
+    let x = block.ln_attn.forward(resid_pre, true).unwrap();
+    let mut qkv = x.broadcast_matmul(&block.attn.qkv.weight().t().unwrap()).unwrap();
+    if let Some(b) = block.attn.qkv.bias() {
+        qkv = qkv.broadcast_add(b).unwrap();
+    }
+    let qkv = qkv.reshape((seq, nh + 2 * nkv, hd)).unwrap();
+    for h in 0..nh {
+        let kv_head = h / (nh / nkv);
+        let v = qkv.i((.., nh + nkv + kv_head, ..)).unwrap();
+        let expected = pattern.i((0, h)).unwrap().matmul(&v).unwrap();
+        let got = z.i((0, .., h * hd..(h + 1) * hd)).unwrap();
+        let err = max_abs_diff(&expected, &got);
+        assert!(err < 1e-9, "{model_type} head {layer}.{h}: z off by {err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Every architecture against Hugging Face transformers: token ids, logits, per-layer
-//! `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`, and greedy continuations, on the tiny
-//! models that tests/fixtures/make_fixtures.py built (f32, max relative error ≤ 1e-4).
+//! `mlp.hook_post`, `hook_mlp_out`, `hook_resid_post`, `attn.hook_pattern`, and greedy
+//! continuations, on the tiny models that tests/fixtures/make_fixtures.py built (f32, max
+//! relative error ≤ 1e-4).
 
 #![allow(clippy::unwrap_used)] // tests and benches may panic on failure
 
@@ -56,6 +57,24 @@ fn check_against_transformers(model_type: &str, device: &Device) {
         worst = worst.max(err);
         for point in &points {
             let got = out.cache.get(*point).unwrap().get(0).unwrap();
+            let err = max_relative_error(&got, &tensors[&format!("p{i}.{point}")]);
+            assert!(
+                err <= TOLERANCE,
+                "{model_type} p{i} {point}: max relative error {err}"
+            );
+            worst = worst.max(err);
+        }
+        // The attention patterns, in a pass of their own: asking for them runs attention
+        // unfused, and the logits above are checked on the fast path.
+        let pattern_points: Vec<HookPoint> = layers.clone().map(HookPoint::AttnPattern).collect();
+        let with_patterns = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture(pattern_points.clone()),
+            )
+            .unwrap();
+        for point in &pattern_points {
+            let got = with_patterns.cache.get(*point).unwrap().get(0).unwrap();
             let err = max_relative_error(&got, &tensors[&format!("p{i}.{point}")]);
             assert!(
                 err <= TOLERANCE,

@@ -4,6 +4,7 @@ mod edit;
 mod export;
 mod features;
 mod generate;
+mod heads;
 mod info;
 mod lens;
 mod neurons;
@@ -48,6 +49,9 @@ enum Command {
     /// Logit lens (what each layer's residual stream predicts) and direct logit attribution
     /// (what each attention and MLP output writes to one token's logit) for a prompt.
     Lens(Box<lens::LensArgs>),
+    /// Attention heads scored by the standard detectors: previous-token, first-token (sink),
+    /// duplicate-token and induction, on repeated random tokens or a prompt.
+    Heads(Box<heads::HeadsArgs>),
     /// The bundled world model: rebuild it, evaluate what it knows.
     #[command(subcommand)]
     World(world::WorldCommand),
@@ -152,6 +156,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Generate(args) => generate::run(&args),
         Command::Trace(args) => trace::run(&args),
         Command::Lens(args) => lens::run(&args),
+        Command::Heads(args) => heads::run(&args),
         Command::World(command) => world::run(&command),
         Command::Sae(command) => sae::run(&command),
         Command::Features(command) => features::run(&command),

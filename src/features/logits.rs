@@ -66,7 +66,9 @@ pub fn logit_effects(
     let w_dec = to_vec(w_dec)?;
     // Map into the residual stream: `[d_in, d_model]` (None = identity).
     let (to_resid, through_norm) = match hook {
-        HookPoint::MlpPre(_) => return Ok(None),
+        // Not a direction in any space the model writes from (the pattern is not even one
+        // vector per token: SAEs cannot be trained there).
+        HookPoint::MlpPre(_) | HookPoint::AttnPattern(_) => return Ok(None),
         HookPoint::MlpPost(layer) => {
             // Linear weight is `[d_model, d_mlp]`: the map is its transpose.
             let w = to_vec(t.blocks[layer].mlp.down_proj().weight())?;

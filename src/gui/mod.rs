@@ -306,9 +306,10 @@ mod screenshots {
     use super::{PanelKind, Workbench};
 
     /// Training last: its result becomes the open SAE.
-    const TOUR: [PanelKind; 7] = [
+    const TOUR: [PanelKind; 8] = [
         PanelKind::Playground,
         PanelKind::Lens,
+        PanelKind::Attention,
         PanelKind::Features,
         PanelKind::Neurons,
         PanelKind::Edit,

@@ -110,6 +110,16 @@ pub mod explain {
         attn.hook_z through its slice of the output projection, read like the terms above. \
         A head that moves the logit directly (a name mover) shows here; one that acts through \
         later blocks does not.";
+    pub const HEAD_DETECTORS: &str = "A detector names, for each query, the keys a head \
+        with one known job would attend to: the previous token; the first token (a sink where \
+        idle heads park); earlier copies of the current token (duplicate-token heads); the \
+        token right after an earlier copy (induction heads). A head's score is its mean \
+        attention on those keys over the queries the detector counts, from 0 to 1.";
+    pub const INDUCTION_PROBE: &str = "A start token, 20 random tokens, then the same 20 \
+        again: in the second copy nothing but \"what followed this token last time\" predicts \
+        the next token, so a head that attends there is an induction head.";
+    pub const ATTENTION_PATTERN: &str = "attn.hook_pattern: row q is how query token q \
+        splits its attention over the keys at or before it (each row sums to 1).";
     pub const HEAD_RECOVERY: &str = "The same corrupted runs with one attention head's \
         output (its attn.hook_z columns) restored from the clean run at every token: which \
         heads carry what the corrupted subject took away. Coloured on P(clean)'s scale, so a \

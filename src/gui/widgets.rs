@@ -167,7 +167,8 @@ pub fn display_token(token: &str) -> String {
 }
 
 /// A heatmap of `rows × cols` values (row-major), scaled to the largest value; row and column
-/// labels; returns the hovered cell. Values ≤ 0 draw as the colour map's bottom.
+/// labels; a hovered cell shows its value; returns a clicked cell. Values ≤ 0 draw as the
+/// colour map's bottom.
 pub struct Heatmap<'a> {
     pub values: &'a [f32],
     pub rows: usize,
@@ -196,7 +197,7 @@ impl Heatmap<'_> {
             label_w + self.cell.x * self.cols as f32,
             self.cell.y * self.rows as f32 + 18.0,
         );
-        let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
+        let (rect, response) = ui.allocate_exact_size(size, Sense::click());
         let painter = ui.painter_at(rect);
         let font = egui::FontId::proportional(11.0);
         let text = ui.visuals().text_color();
@@ -245,7 +246,8 @@ impl Heatmap<'_> {
         let v = self.values.get(r * self.cols + c).copied().unwrap_or(0.0);
         let row = self.row_labels.get(r).cloned().unwrap_or_default();
         let col = self.col_labels.get(c).cloned().unwrap_or_default();
+        let clicked = response.clicked();
         response.on_hover_text(format!("{row:?} × {col}: {} {v:.4}", self.what));
-        Some((r, c))
+        clicked.then_some((r, c))
     }
 }

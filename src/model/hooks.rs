@@ -17,7 +17,8 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use crate::error::{Error, Result};
 
 /// A named place in the forward pass. Tensors at every point are `[batch, seq, d]`, where `d` is
-/// `d_model`, `d_mlp` for the two `mlp.*` points, or `n_heads·d_head` for `attn.hook_z`.
+/// `d_model`, `d_mlp` for the two `mlp.*` points, or `n_heads·d_head` for `attn.hook_z` — except
+/// `attn.hook_pattern`, which is `[batch, n_heads, query, key]` as in TransformerLens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
     /// `hook_embed`: token embeddings (scaled, for Gemma) — `[batch, seq, d_model]`.
@@ -31,6 +32,12 @@ pub enum HookPoint {
     /// of SAELens's attention SAEs) — `[.., n_heads·d_head]`. The attention counterpart of
     /// `mlp.hook_post`: per-head ablation and patching act here.
     AttnZ(usize),
+    /// `blocks.L.attn.hook_pattern`: every head's attention probabilities, `[batch, n_heads,
+    /// query, key]` (f32 whatever the run dtype; each row sums to 1, zero on masked keys). The
+    /// only point that is not one vector per token: interventions select query positions and
+    /// heads (as channels), SAEs and exports cannot read it ([`HookPoint::per_token`]). Asking
+    /// for it runs that layer's attention unfused.
+    AttnPattern(usize),
     /// `blocks.L.hook_attn_out`: the attention output, after the output projection.
     AttnOut(usize),
     /// `blocks.L.hook_resid_mid`: resid_pre + attn_out (absent in parallel-residual blocks).
@@ -54,6 +61,7 @@ impl HookPoint {
         match *self {
             Self::ResidPre(l)
             | Self::AttnZ(l)
+            | Self::AttnPattern(l)
             | Self::AttnOut(l)
             | Self::ResidMid(l)
             | Self::MlpPre(l)
@@ -62,6 +70,12 @@ impl HookPoint {
             | Self::ResidPost(l) => Some(l),
             Self::Embed | Self::PosEmbed | Self::LnFinal => None,
         }
+    }
+
+    /// Whether the value is one vector per token (`[batch, seq, d]`): what SAEs, feature
+    /// statistics and exports read. Only `attn.hook_pattern` is not.
+    pub fn per_token(&self) -> bool {
+        !matches!(self, Self::AttnPattern(_))
     }
 }
 
@@ -72,6 +86,7 @@ impl fmt::Display for HookPoint {
             Self::PosEmbed => write!(f, "hook_pos_embed"),
             Self::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
             Self::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
+            Self::AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
@@ -92,8 +107,8 @@ impl FromStr for HookPoint {
         let unknown = || {
             Error::UnknownHook {
             name: s.to_string(),
-            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_z, \
-                    hook_attn_out, hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
+            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_pattern, \
+                    attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
                     ln_final.hook_normalized"
                 .to_string(),
         }
@@ -110,6 +125,7 @@ impl FromStr for HookPoint {
         Ok(match name {
             "hook_resid_pre" => Self::ResidPre(layer),
             "attn.hook_z" => Self::AttnZ(layer),
+            "attn.hook_pattern" => Self::AttnPattern(layer),
             "hook_attn_out" => Self::AttnOut(layer),
             "hook_resid_mid" => Self::ResidMid(layer),
             "mlp.hook_pre" => Self::MlpPre(layer),
@@ -208,9 +224,9 @@ impl fmt::Debug for InterventionOp {
 pub struct Intervention {
     pub op: InterventionOp,
     /// Sequence positions to touch (absolute; negative counts from the end of the current
-    /// forward call's sequence). `None` = all.
+    /// forward call's sequence; query positions for `attn.hook_pattern`). `None` = all.
     pub positions: Option<Vec<i64>>,
-    /// Channels (last-dimension indices) to touch. `None` = all.
+    /// Channels (last-dimension indices; heads for `attn.hook_pattern`) to touch. `None` = all.
     pub channels: Option<Vec<usize>>,
 }
 
@@ -233,7 +249,8 @@ impl Intervention {
         self
     }
 
-    /// Applies the operation to `x` (`[batch, seq, d]`, starting at absolute position `offset`).
+    /// Applies the operation to `x` (`[batch, seq, d]`, or a pattern's `[batch, heads, seq,
+    /// key]`, starting at absolute position `offset`).
     fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let full = match &self.op {
             InterventionOp::Replace(v) => v.to_dtype(x.dtype())?.broadcast_as(x.shape())?,
@@ -245,21 +262,20 @@ impl Intervention {
         if self.positions.is_none() && self.channels.is_none() {
             return Ok(full);
         }
-        let (_, seq, d) = x.dims3()?;
-        let mask = self.mask(seq, d, offset, x.device())?.to_dtype(x.dtype())?;
+        let mask = self.mask(x.dims(), offset, x.device())?.to_dtype(x.dtype())?;
         // x·(1−m) + new·m keeps the graph differentiable in both terms.
         let keep = mask.affine(-1.0, 1.0)?;
         x.broadcast_mul(&keep)?.add(&full.broadcast_mul(&mask)?)
     }
 
-    /// `[1, seq, d]` 0/1 mask of the selected entries.
-    fn mask(
-        &self,
-        seq: usize,
-        d: usize,
-        offset: usize,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
+    /// 0/1 mask of the selected entries, broadcastable to a value of shape `dims`: `[1, seq,
+    /// d]` for per-token values, `[1, heads, seq, 1]` for a pattern (channels are heads).
+    fn mask(&self, dims: &[usize], offset: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let (seq, width, pattern) = match *dims {
+            [_, seq, d] => (seq, d, false),
+            [_, heads, seq, _] => (seq, heads, true),
+            _ => candle_core::bail!("an intervention needs a 3- or 4-dimensional value, got {dims:?}"),
+        };
         let mut pos_sel = vec![self.positions.is_none(); seq];
         if let Some(positions) = &self.positions {
             for &p in positions {
@@ -273,20 +289,30 @@ impl Intervention {
                 }
             }
         }
-        let mut ch_sel = vec![self.channels.is_none(); d];
+        let mut ch_sel = vec![self.channels.is_none(); width];
         if let Some(channels) = &self.channels {
+            let what = if pattern { "head" } else { "channel" };
             for &c in channels {
-                if c >= d {
-                    candle_core::bail!("intervention channel {c} is out of range for width {d}");
+                if c >= width {
+                    candle_core::bail!("intervention {what} {c} is out of range for width {width}");
                 }
                 ch_sel[c] = true;
             }
         }
-        let data: Vec<f32> = pos_sel
-            .iter()
-            .flat_map(|&p| ch_sel.iter().map(move |&c| f32::from(u8::from(p && c))))
-            .collect();
-        Tensor::from_vec(data, (1, seq, d), device)
+        let selected = |p: bool, c: bool| f32::from(u8::from(p && c));
+        if pattern {
+            let data: Vec<f32> = ch_sel
+                .iter()
+                .flat_map(|&c| pos_sel.iter().map(move |&p| selected(p, c)))
+                .collect();
+            Tensor::from_vec(data, (1, width, seq, 1), device)
+        } else {
+            let data: Vec<f32> = pos_sel
+                .iter()
+                .flat_map(|&p| ch_sel.iter().map(move |&c| selected(p, c)))
+                .collect();
+            Tensor::from_vec(data, (1, seq, width), device)
+        }
     }
 }
 
@@ -361,8 +387,8 @@ impl Hooks {
     }
 }
 
-/// Captured hook values by point, each `[batch, seq, d]`. Across KV-cached calls (generation)
-/// new positions are appended along `seq`.
+/// Captured hook values by point, each `[batch, seq, d]` (patterns `[batch, heads, seq, key]`).
+/// Across KV-cached calls (generation) new positions are appended along `seq`.
 #[derive(Clone, Debug, Default)]
 pub struct ActivationCache {
     values: BTreeMap<HookPoint, Tensor>,
@@ -411,8 +437,23 @@ impl ActivationCache {
         self.values
     }
 
+    /// Appends what a later KV-cached call captured (generating step by step), so the cache
+    /// reads as one pass over the whole sequence.
+    pub fn extend(&mut self, later: ActivationCache) -> Result<()> {
+        for (point, value) in later.values {
+            self.append(point, value)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a later call's positions. A pattern grows along its query axis; the earlier
+    /// rows get zero attention on the new keys, which they could not see.
     fn append(&mut self, point: HookPoint, value: Tensor) -> candle_core::Result<()> {
         let merged = match self.values.remove(&point) {
+            Some(old) if old.rank() == 4 => {
+                let new_keys = value.dim(3)? - old.dim(3)?;
+                Tensor::cat(&[&old.pad_with_zeros(3, 0, new_keys)?, &value], 2)?
+            }
             Some(old) => Tensor::cat(&[&old, &value], 1)?,
             None => value,
         };
@@ -444,6 +485,14 @@ impl<'a> HookRunner<'a> {
     /// backward pass are then avoided).
     pub fn needs_grad(&self) -> bool {
         self.hooks.needs_grad()
+    }
+
+    /// Whether anything is asked of `point`: a value that exists only for it (the attention
+    /// pattern, which the fused kernel never forms) is computed only then.
+    pub fn touches(&self, point: HookPoint) -> bool {
+        self.hooks.capture.contains(&point)
+            || self.hooks.grad.contains(&point)
+            || self.hooks.interventions.contains_key(&point)
     }
 
     /// See [`Hooks::stop_at_layer`].
@@ -497,6 +546,8 @@ mod tests {
             HookPoint::Embed,
             HookPoint::PosEmbed,
             HookPoint::ResidPre(3),
+            HookPoint::AttnZ(4),
+            HookPoint::AttnPattern(5),
             HookPoint::AttnOut(0),
             HookPoint::ResidMid(11),
             HookPoint::MlpPre(2),
@@ -544,5 +595,25 @@ mod tests {
         let y = add.apply(&x, 4).unwrap().to_vec3::<f32>().unwrap();
         assert_eq!(y[0][1], vec![2.0, 3.0, 4.0, 5.0]);
         assert_eq!(y[0][0], vec![1.0; 4]);
+    }
+
+    #[test]
+    fn pattern_interventions_select_heads_and_query_rows() {
+        // [batch 1, heads 2, query 3, key 3]
+        let x = Tensor::ones((1, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let zero = Intervention::new(InterventionOp::Zero)
+            .at_positions(vec![-1])
+            .at_channels(vec![1]);
+        let y = zero.apply(&x, 0).unwrap().get(0).unwrap();
+        let y = y.to_vec3::<f32>().unwrap();
+        assert_eq!(y[0], vec![vec![1.0; 3]; 3], "head 0 untouched");
+        assert_eq!(y[1][0], vec![1.0; 3]);
+        assert_eq!(y[1][1], vec![1.0; 3]);
+        assert_eq!(y[1][2], vec![0.0; 3], "head 1's last query row zeroed");
+        let err = Intervention::new(InterventionOp::Zero)
+            .at_channels(vec![2])
+            .apply(&x, 0)
+            .unwrap_err();
+        assert!(err.to_string().contains("head 2"), "{err}");
     }
 }

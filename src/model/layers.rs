@@ -329,8 +329,12 @@ impl Attention {
         }
         *kv = Some((k.clone(), v.clone()));
         let scale = 1.0 / (hd as f64).sqrt();
-        // The fused kernel masks causally from one offset; ragged rows take the mask.
-        if let (false, Positions::From(offset)) = (needs_grad, positions) {
+        let pattern_point = HookPoint::AttnPattern(layer);
+        // The fused kernel masks causally from one offset (ragged rows take the mask) and never
+        // forms the pattern.
+        if let (false, false, Positions::From(offset)) =
+            (needs_grad, hooks.touches(pattern_point), positions)
+        {
             let fused =
                 kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
             if let Some(z) = fused {
@@ -338,7 +342,9 @@ impl Attention {
                 return linear(&z, &self.out);
             }
         }
-        let z = composed_attention(&q, &k, &v, mask, scale, needs_grad)?;
+        let pattern = attention_pattern(&q, &k, mask, scale, needs_grad)?;
+        let pattern = hooks.hook(pattern_point, pattern)?; // [b, heads, s, t]
+        let z = weighted_values(&pattern, &v, q.dtype())?;
         let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
         linear(&z, &self.out)
     }
@@ -347,7 +353,9 @@ impl Attention {
 /// `softmax(q·kᵀ·scale + mask)·v` with the heads merged (`[batch, seq, heads·head_dim]`),
 /// composed from candle ops: differentiable, on any device and dtype. `q` is `[batch, heads,
 /// seq, head_dim]`, `k` and `v` `[batch, kv_heads, total, head_dim]`, `mask` `[seq, total]`
-/// (or `[batch, 1, seq, total]` for ragged rows).
+/// (or `[batch, 1, seq, total]` for ragged rows). The reference the fused kernel is tested
+/// against.
+#[cfg(test)]
 pub(super) fn composed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -356,26 +364,47 @@ pub(super) fn composed_attention(
     scale: f64,
     needs_grad: bool,
 ) -> candle_core::Result<Tensor> {
-    let (b, nh, s, hd) = q.dims4()?;
-    let (_, nkv, t, _) = k.dims4()?;
-    // Grouped-query heads: each key/value head serves nh / nkv query heads.
-    let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
-        if nkv == nh {
-            return Ok(x.clone());
-        }
-        x.unsqueeze(2)?
-            .expand((b, nkv, nh / nkv, t, hd))?
-            .reshape((b, nh, t, hd))
-    };
-    let (k, v) = (repeat(k)?, repeat(v)?);
+    let pattern = attention_pattern(q, k, mask, scale, needs_grad)?;
+    weighted_values(&pattern, v, q.dtype())
+}
+
+/// Grouped-query heads: each of `x`'s kv heads (`[batch, kv_heads, total, head_dim]`) serves
+/// `heads / kv_heads` query heads; returns `[batch, heads, total, head_dim]`.
+fn repeat_kv(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, nkv, t, hd) = x.dims4()?;
+    if nkv == heads {
+        return Ok(x.clone());
+    }
+    x.unsqueeze(2)?
+        .expand((b, nkv, heads / nkv, t, hd))?
+        .reshape((b, heads, t, hd))
+}
+
+/// `softmax(q·kᵀ·scale + mask)`: the attention pattern `[batch, heads, seq, total]`, in f32
+/// (or f64) whatever the run dtype.
+fn attention_pattern(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    needs_grad: bool,
+) -> candle_core::Result<Tensor> {
+    let k = repeat_kv(k, q.dim(1)?)?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = upcast(&scores)?.broadcast_add(mask)?;
-    let probs = if needs_grad {
-        candle_nn::ops::softmax(&scores, LAST)?
+    if needs_grad {
+        candle_nn::ops::softmax(&scores, LAST)
     } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let y = probs.to_dtype(q.dtype())?.matmul(&v.contiguous()?)?;
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+}
+
+/// `pattern·v` with the heads merged: `[batch, seq, heads·head_dim]` in `dtype`.
+fn weighted_values(pattern: &Tensor, v: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let (b, nh, s, _) = pattern.dims4()?;
+    let v = repeat_kv(v, nh)?;
+    let hd = v.dim(3)?;
+    let y = pattern.to_dtype(dtype)?.matmul(&v.contiguous()?)?;
     y.transpose(1, 2)?.reshape((b, s, nh * hd))
 }
 
@@ -685,6 +714,7 @@ impl Transformer {
         for (l, block) in self.blocks.iter().enumerate() {
             points.extend([
                 HookPoint::ResidPre(l),
+                HookPoint::AttnPattern(l),
                 HookPoint::AttnZ(l),
                 HookPoint::AttnOut(l),
             ]);

@@ -141,8 +141,18 @@ impl Model {
     }
 
     /// Width of the value at `point`, measured with a one-token forward pass; errors name the
-    /// point and list this model's hooks.
+    /// point and list this model's hooks. A point that is not one vector per token (the
+    /// attention pattern) has no width: SAEs and exports cannot read it.
     pub fn hook_width(&self, point: HookPoint) -> Result<usize> {
+        if !point.per_token() {
+            return Err(Error::InvalidArgument {
+                what: "hook",
+                value: point.to_string(),
+                message: "is [batch, heads, query, key], not one vector per token; SAEs, \
+                          features and exports read per-token hooks such as attn.hook_z"
+                    .into(),
+            });
+        }
         let probe = self.forward(
             &self.ids_tensor(&[self.start_token().unwrap_or(0)])?,
             &Hooks::new().capture([point]),

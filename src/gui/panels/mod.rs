@@ -1,6 +1,7 @@
 //! One file per panel. Adding a panel: write the file, add its [`PanelKind`] and its line in
 //! [`all`].
 
+mod attention;
 mod edit;
 mod export;
 mod features;
@@ -18,6 +19,7 @@ use super::widgets::spinner;
 pub enum PanelKind {
     Playground,
     Lens,
+    Attention,
     Train,
     Features,
     Neurons,
@@ -26,9 +28,10 @@ pub enum PanelKind {
 }
 
 impl PanelKind {
-    pub const ALL: [PanelKind; 7] = [
+    pub const ALL: [PanelKind; 8] = [
         PanelKind::Playground,
         PanelKind::Lens,
+        PanelKind::Attention,
         PanelKind::Train,
         PanelKind::Features,
         PanelKind::Neurons,
@@ -40,6 +43,7 @@ impl PanelKind {
         match self {
             PanelKind::Playground => "Playground",
             PanelKind::Lens => "Lens",
+            PanelKind::Attention => "Attention",
             PanelKind::Train => "Train",
             PanelKind::Features => "Features",
             PanelKind::Neurons => "Neurons",
@@ -55,6 +59,9 @@ impl PanelKind {
             }
             PanelKind::Lens => {
                 "Logit lens at every position and direct logit attribution of a token"
+            }
+            PanelKind::Attention => {
+                "Attention patterns, and heads found by detectors (previous-token, induction, …)"
             }
             PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
             PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
@@ -77,6 +84,7 @@ pub fn all() -> Vec<Box<dyn Panel>> {
     vec![
         Box::<playground::Playground>::default(),
         Box::<lens::Lens>::default(),
+        Box::<attention::Attention>::default(),
         Box::<train::Train>::default(),
         Box::<features::Features>::default(),
         Box::<neurons::Neurons>::default(),

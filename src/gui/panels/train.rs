@@ -134,7 +134,7 @@ impl Train {
                 .selected_text(&f.hook)
                 .height(400.0)
                 .show_ui(ui, |ui| {
-                    for h in model.hook_points() {
+                    for h in model.hook_points().iter().filter(|h| h.per_token()) {
                         let name = h.to_string();
                         ui.selectable_value(&mut f.hook, name.clone(), name);
                     }

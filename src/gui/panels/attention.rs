@@ -1,0 +1,244 @@
+//! Attention: every head scored by the standard detectors (previous-token, first-token,
+//! duplicate-token, induction) on a prompt or on the induction probe, and one head's pattern
+//! as a query × key heatmap (CircuitsVis's attention view).
+
+use std::sync::Arc;
+
+use egui::vec2;
+
+use super::{Panel, PanelKind, need_model, running, take};
+use crate::attention::{Detector, DetectorScores, Patterns, patterns, repeated_random_tokens};
+use crate::gui::style::explain;
+use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
+use crate::gui::workbench::Workbench;
+use crate::jobs::Job;
+use crate::model::Model;
+
+/// Length of the random run the induction probe repeats.
+const PROBE_LENGTH: usize = 20;
+/// Heads offered as buttons under the detector grid.
+const STRONGEST: usize = 3;
+
+/// Which tokens the heads are read on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sequence {
+    Prompt,
+    /// A start token and `PROBE_LENGTH` random tokens, twice.
+    InductionProbe,
+}
+
+/// What a reading answers.
+#[derive(Clone, Debug, PartialEq)]
+struct Query {
+    prompt: String,
+    sequence: Sequence,
+    model_version: u64,
+}
+
+struct Reading {
+    query: Query,
+    patterns: Patterns,
+    detectors: Vec<DetectorScores>,
+}
+
+pub struct Attention {
+    prompt: String,
+    sequence: Sequence,
+    detector: Detector,
+    /// The head whose pattern is shown (`None`: the chosen detector's strongest).
+    head: Option<(usize, usize)>,
+    asked: Option<Query>,
+    started: Option<Query>,
+    reading: Option<Reading>,
+    job: Option<Job<Reading>>,
+}
+
+impl Default for Attention {
+    fn default() -> Self {
+        Self {
+            prompt: "The capital of Japan is Tokyo. The capital of Japan is".into(),
+            sequence: Sequence::Prompt,
+            detector: Detector::PreviousToken,
+            head: None,
+            asked: None,
+            started: None,
+            reading: None,
+            job: None,
+        }
+    }
+}
+
+impl Panel for Attention {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Attention
+    }
+
+    fn busy(&self) -> bool {
+        running(&self.job)
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        if let Some(r) = take(&mut self.job, wb) {
+            self.reading = Some(r);
+        }
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        let mut run = prompt_row(ui, &mut self.prompt, "Show");
+        ui.horizontal(|ui| {
+            ui.label("Read the heads on");
+            run |= ui
+                .radio_value(&mut self.sequence, Sequence::Prompt, "the prompt")
+                .clicked();
+            run |= ui
+                .radio_value(
+                    &mut self.sequence,
+                    Sequence::InductionProbe,
+                    format!("the induction probe ({PROBE_LENGTH} random tokens, repeated)"),
+                )
+                .on_hover_text(explain::INDUCTION_PROBE)
+                .clicked();
+            // Here rather than on a row of its own, so that nothing below moves while a
+            // reading runs.
+            if let Some(job) = &self.job {
+                ui.separator();
+                job_row(ui, job);
+            }
+        });
+        let asked = Query {
+            prompt: self.prompt.clone(),
+            sequence: self.sequence,
+            model_version: wb.model_version,
+        };
+        if run || self.asked.is_none() {
+            self.asked = Some(asked.clone());
+            self.started = None; // asked again: run even what failed before
+        }
+        // An edit or undo reads the same question on the new weights.
+        if let Some(q) = &mut self.asked {
+            q.model_version = wb.model_version;
+        }
+        if self.job.is_none() && self.asked != self.started {
+            self.start(wb, &model);
+        }
+        let Some(reading) = &self.reading else {
+            return;
+        };
+        ui.separator();
+        ui.horizontal(|ui| {
+            ui.strong("Heads by detector").on_hover_text(explain::HEAD_DETECTORS);
+            for d in Detector::ALL {
+                ui.radio_value(&mut self.detector, d, d.name());
+            }
+        });
+        let Some(scores) = reading.detectors.iter().find(|s| s.detector == self.detector) else {
+            return;
+        };
+        if let Some(picked) = detector_grid(ui, scores) {
+            self.head = Some(picked);
+        }
+        ui.horizontal(|ui| {
+            ui.label("strongest:");
+            for (l, h, s) in scores.ranked().into_iter().take(STRONGEST) {
+                if ui.button(format!("head {l}.{h} {s:.2}")).clicked() {
+                    self.head = Some((l, h));
+                }
+            }
+        });
+        ui.add_space(6.0);
+        let (layer, head) = self
+            .head
+            .filter(|&(l, h)| l < reading.patterns.n_layers && h < reading.patterns.n_heads)
+            .or_else(|| scores.ranked().first().map(|&(l, h, _)| (l, h)))
+            .unwrap_or((0, 0));
+        pattern_view(ui, reading, layer, head);
+        if reading.query.model_version != wb.model_version {
+            ui.weak("(computed before the model's last change; reading again)");
+        }
+    }
+}
+
+impl Attention {
+    fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let Some(query) = self.asked.clone() else {
+            return;
+        };
+        self.started = Some(query.clone());
+        let model = model.clone();
+        self.job = Some(wb.spawn("attention patterns", move |_| {
+            let ids = match query.sequence {
+                Sequence::Prompt => model.encode_prompt(&query.prompt)?,
+                Sequence::InductionProbe => repeated_random_tokens(&model, PROBE_LENGTH, 0)?,
+            };
+            let patterns = patterns(&model, &ids)?;
+            let detectors = patterns.detect();
+            Ok(Reading {
+                query,
+                patterns,
+                detectors,
+            })
+        }));
+    }
+}
+
+/// Blocks × heads coloured by the detector's score; returns a clicked head.
+fn detector_grid(ui: &mut egui::Ui, scores: &DetectorScores) -> Option<(usize, usize)> {
+    if scores.queries == 0 {
+        ui.weak(format!(
+            "no query on this sequence for the {} detector (try the induction probe)",
+            scores.detector.name()
+        ));
+        return None;
+    }
+    ui.weak(format!(
+        "rows: blocks; columns: heads; each cell the head's mean attention on the detector's \
+         keys over {} queries (click a head to see its pattern)",
+        scores.queries
+    ));
+    let heads = scores.scores.first().map_or(0, Vec::len);
+    let values: Vec<f32> = scores.scores.iter().flatten().copied().collect();
+    let rows: Vec<String> = (0..scores.scores.len())
+        .map(|l| format!("block {l}"))
+        .collect();
+    let cols: Vec<String> = (0..heads).map(|h| format!("H{h}")).collect();
+    Heatmap {
+        values: &values,
+        rows: rows.len(),
+        cols: heads,
+        row_labels: &rows,
+        col_labels: &cols,
+        cell: vec2(40.0, 18.0),
+        what: scores.detector.name(),
+        max: Some(1.0),
+    }
+    .show(ui)
+}
+
+/// One head's pattern: queries down, keys across, with its detector scores.
+fn pattern_view(ui: &mut egui::Ui, reading: &Reading, layer: usize, head: usize) {
+    let scores: Vec<String> = reading
+        .detectors
+        .iter()
+        .filter(|d| d.queries > 0)
+        .map(|d| format!("{} {:.2}", d.detector.name(), d.scores[layer][head]))
+        .collect();
+    ui.strong(format!("Attention pattern of head {layer}.{head}"))
+        .on_hover_text(explain::ATTENTION_PATTERN);
+    ui.label(scores.join(" · "));
+    let p = &reading.patterns;
+    let tokens: Vec<String> = p.tokens.iter().map(|t| display_token(t)).collect();
+    let seq = p.seq() as f32;
+    let side = ((ui.available_width() - 140.0) / seq).clamp(6.0, 28.0);
+    let what = format!("attention of head {layer}.{head}");
+    Heatmap {
+        values: p.head(layer, head),
+        rows: p.seq(),
+        cols: p.seq(),
+        row_labels: &tokens,
+        col_labels: &tokens,
+        cell: vec2(side, side.min(18.0)),
+        what: &what,
+        max: Some(1.0),
+    }
+    .show(ui);
+}
