@@ -66,7 +66,9 @@ impl Patterns {
                         let pattern = self.head(layer, head);
                         let total: f32 = targets
                             .iter()
-                            .map(|(q, keys)| keys.iter().map(|&k| pattern[q * seq + k]).sum::<f32>())
+                            .map(|(q, keys)| {
+                                keys.iter().map(|&k| pattern[q * seq + k]).sum::<f32>()
+                            })
                             .sum();
                         if targets.is_empty() {
                             0.0
@@ -126,10 +128,7 @@ impl Detector {
             Detector::FirstToken if q >= 1 => vec![0],
             Detector::DuplicateToken => earlier_copies().collect(),
             // The token after a copy right before `q` is `q` itself: not a look back.
-            Detector::Induction => earlier_copies()
-                .map(|j| j + 1)
-                .filter(|&k| k < q)
-                .collect(),
+            Detector::Induction => earlier_copies().map(|j| j + 1).filter(|&k| k < q).collect(),
             _ => Vec::new(),
         }
     }
@@ -175,7 +174,10 @@ pub fn patterns(model: &Model, ids: &[u32]) -> Result<Patterns> {
         });
     }
     let points: Vec<HookPoint> = (0..n_layers).map(HookPoint::AttnPattern).collect();
-    let out = model.forward(&model.ids_tensor(ids)?, &Hooks::new().capture(points.clone()))?;
+    let out = model.forward(
+        &model.ids_tensor(ids)?,
+        &Hooks::new().capture(points.clone()),
+    )?;
     let mut all = Vec::with_capacity(values);
     for point in points {
         let pattern = out.cache.require(point)?.get(0)?.to_dtype(DType::F32)?;

@@ -355,7 +355,8 @@ fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
     let (l, head, _) = induction[0];
     wait_for_head(&mut h, &probe, l, head);
     let (l, head, score) = induction[1];
-    h.get_by_label(&format!("head {l}.{head} {score:.2}")).click();
+    h.get_by_label(&format!("head {l}.{head} {score:.2}"))
+        .click();
     wait_for_head(&mut h, &probe, l, head);
 }
 

@@ -295,7 +295,10 @@ fn interventions_on_the_pattern_act_on_chosen_heads_and_queries() {
             .forward(&ids, &Hooks::new().intervene(pattern, itself))
             .unwrap();
         let err = common::max_relative_error(&patched.logits, &fast.logits);
-        assert!(err < 1e-5, "{model_type}: unfused pattern path off by {err}");
+        assert!(
+            err < 1e-5,
+            "{model_type}: unfused pattern path off by {err}"
+        );
 
         let (head, hd) = (1, model.dims().head_dim);
         let blind = Intervention::new(InterventionOp::Zero)
@@ -314,11 +317,30 @@ fn interventions_on_the_pattern_act_on_chosen_heads_and_queries() {
             t.get(pos).unwrap().narrow(0, start, len).unwrap()
         };
         let zeroed = slice(&after, last, head * hd, hd);
-        assert_eq!(zeroed.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            zeroed
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let untouched_rows = changed.narrow(0, 0, last).unwrap();
-        assert_eq!(untouched_rows.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            untouched_rows
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let other_heads = slice(&changed, last, 0, head * hd);
-        assert_eq!(other_heads.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            other_heads.max_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
         assert!(
             max_abs_diff(&clean.logits, &ablated.logits) > 1e-4,
             "{model_type}: the ablation did not reach the logits"
@@ -512,14 +534,21 @@ fn pattern_weights_the_values(
     z: &Tensor,
 ) {
     let block = &model.transformer.blocks[layer];
-    let (nh, nkv, hd) = (block.attn.n_heads, block.attn.n_kv_heads, block.attn.head_dim);
+    let (nh, nkv, hd) = (
+        block.attn.n_heads,
+        block.attn.n_kv_heads,
+        block.attn.head_dim,
+    );
     let seq = resid_pre.dim(1).unwrap();
     assert_eq!(pattern.dims(), &[1, nh, seq, seq], "{model_type}");
     let rows = pattern.get(0).unwrap().to_vec3::<f64>().unwrap();
     for (h, head) in rows.iter().enumerate() {
         for (q, row) in head.iter().enumerate() {
             let sum: f64 = row.iter().sum();
-            assert!((sum - 1.0).abs() < 1e-9, "{model_type} {layer}.{h} row {q} sums to {sum}");
+            assert!(
+                (sum - 1.0).abs() < 1e-9,
+                "{model_type} {layer}.{h} row {q} sums to {sum}"
+            );
             assert!(
                 row[q + 1..].iter().all(|&p| p == 0.0),
                 "{model_type} {layer}.{h}: query {q} attends to a later key"
@@ -527,7 +556,9 @@ fn pattern_weights_the_values(
         }
     }
     let x = block.ln_attn.forward(resid_pre, true).unwrap();
-    let mut qkv = x.broadcast_matmul(&block.attn.qkv.weight().t().unwrap()).unwrap();
+    let mut qkv = x
+        .broadcast_matmul(&block.attn.qkv.weight().t().unwrap())
+        .unwrap();
     if let Some(b) = block.attn.qkv.bias() {
         qkv = qkv.broadcast_add(b).unwrap();
     }

@@ -167,7 +167,7 @@ pub fn display_token(token: &str) -> String {
 }
 
 /// A heatmap of `rows × cols` values (row-major), scaled to the largest value; row and column
-/// labels; a hovered cell shows its value; returns a clicked cell. Values ≤ 0 draw as the
+/// labels drawn as given (tokens through [`display_token`] first); a hovered cell shows its value; returns a clicked cell. Values ≤ 0 draw as the
 /// colour map's bottom.
 pub struct Heatmap<'a> {
     pub values: &'a [f32],
@@ -207,7 +207,7 @@ impl Heatmap<'_> {
                 painter.text(
                     egui::pos2(rect.left() + label_w - 4.0, y + self.cell.y / 2.0),
                     egui::Align2::RIGHT_CENTER,
-                    display_token(label),
+                    label,
                     font.clone(),
                     text,
                 );

@@ -262,7 +262,9 @@ impl Intervention {
         if self.positions.is_none() && self.channels.is_none() {
             return Ok(full);
         }
-        let mask = self.mask(x.dims(), offset, x.device())?.to_dtype(x.dtype())?;
+        let mask = self
+            .mask(x.dims(), offset, x.device())?
+            .to_dtype(x.dtype())?;
         // x·(1−m) + new·m keeps the graph differentiable in both terms.
         let keep = mask.affine(-1.0, 1.0)?;
         x.broadcast_mul(&keep)?.add(&full.broadcast_mul(&mask)?)
@@ -274,7 +276,9 @@ impl Intervention {
         let (seq, width, pattern) = match *dims {
             [_, seq, d] => (seq, d, false),
             [_, heads, seq, _] => (seq, heads, true),
-            _ => candle_core::bail!("an intervention needs a 3- or 4-dimensional value, got {dims:?}"),
+            _ => candle_core::bail!(
+                "an intervention needs a 3- or 4-dimensional value, got {dims:?}"
+            ),
         };
         let mut pos_sel = vec![self.positions.is_none(); seq];
         if let Some(positions) = &self.positions {

@@ -126,12 +126,17 @@ impl Panel for Attention {
         };
         ui.separator();
         ui.horizontal(|ui| {
-            ui.strong("Heads by detector").on_hover_text(explain::HEAD_DETECTORS);
+            ui.strong("Heads by detector")
+                .on_hover_text(explain::HEAD_DETECTORS);
             for d in Detector::ALL {
                 ui.radio_value(&mut self.detector, d, d.name());
             }
         });
-        let Some(scores) = reading.detectors.iter().find(|s| s.detector == self.detector) else {
+        let Some(scores) = reading
+            .detectors
+            .iter()
+            .find(|s| s.detector == self.detector)
+        else {
             return;
         };
         if let Some(picked) = detector_grid(ui, scores) {

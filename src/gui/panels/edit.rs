@@ -18,7 +18,7 @@ use crate::edit::rome::{KeyPosition, Request, RomeSettings};
 use crate::edit::save::save_edited;
 use crate::edit::verify::{Check, Outcome, measure, request_checks};
 use crate::gui::style::explain;
-use crate::gui::widgets::{Heatmap, folder_field, spinner};
+use crate::gui::widgets::{Heatmap, display_token, folder_field, spinner};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::{Hooks, Model};
@@ -335,7 +335,7 @@ impl Edit {
                         .positions
                         .iter()
                         .map(|&p| {
-                            let token = t.tokens.get(p).cloned().unwrap_or_default();
+                            let token = display_token(t.tokens.get(p).map_or("", String::as_str));
                             if t.subject.contains(&p) {
                                 format!("{token}*")
                             } else {
