@@ -274,15 +274,16 @@ fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
         100.0 * own.target.prob
     );
     assert!(has_label(&h, &prediction), "{prediction}");
-    // The per-head grid names the heads with the largest direct effect.
+    // The per-head grid names the heads with the largest direct effect, as links.
     let strongest: Vec<String> = own
         .heads_by_effect()
         .iter()
         .take(3)
         .map(|(l, h, v)| format!("head {l}.{h} {v:+.3}"))
         .collect();
-    let strongest = format!("largest: {}", strongest.join(", "));
-    assert!(has_label(&h, &strongest), "{strongest}");
+    for link in &strongest {
+        assert!(h.query_by_label(link).is_some(), "no link {link:?}");
+    }
     // The prompt's tokens head the grid's columns.
     for token in model.tokenizer.tokens_display(&ids) {
         let head = monoscope::gui::widgets::display_token(&token);
@@ -300,6 +301,18 @@ fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
         .click();
     wait_for_report(&mut h, &expect(Some(1), Some(" Paris"), Some(" Tokyo")));
     assert!(has_label(&h, "At token 1 (\" capital\")"));
+
+    // The strongest head's link opens its attention pattern on the same prompt.
+    let (l, head, v) = expect(Some(1), Some(" Paris"), Some(" Tokyo")).heads_by_effect()[0];
+    h.get_by_label(&format!("head {l}.{head} {v:+.3}")).click();
+    let title = format!("Attention pattern of head {l}.{head}");
+    let p = monoscope::attention::patterns(&model, &ids).unwrap();
+    let shown = p.detect()[0].scores[l][head];
+    let line = format!("previous-token {shown:.2}");
+    wait_for(&mut h, &title, |h| {
+        has_label(h, &title) && has_label(h, &line) && !h.state().busy()
+    });
+    assert_eq!(h.state().current, PanelKind::Attention);
 }
 
 #[test]

@@ -64,6 +64,12 @@ pub enum PanelRequest {
     Feature(u32),
     /// Start this panel's main action (the screenshot tour's demo).
     Start(PanelKind),
+    /// Show head `layer.head`'s attention pattern on `prompt`.
+    Pattern {
+        prompt: String,
+        layer: usize,
+        head: usize,
+    },
 }
 
 pub struct Workbench {

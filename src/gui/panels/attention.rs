@@ -10,7 +10,7 @@ use super::{Panel, PanelKind, need_model, running, take};
 use crate::attention::{Detector, DetectorScores, Patterns, patterns, repeated_random_tokens};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
 
@@ -84,7 +84,23 @@ impl Panel for Attention {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        let mut run = prompt_row(ui, &mut self.prompt, "Show");
+        // A head picked in the Lens: its pattern on the Lens's prompt.
+        let mut run = false;
+        wb.requests.retain(|r| match r {
+            PanelRequest::Pattern {
+                prompt,
+                layer,
+                head,
+            } => {
+                self.prompt = prompt.clone();
+                self.sequence = Sequence::Prompt;
+                self.head = Some((*layer, *head));
+                run = true;
+                false
+            }
+            _ => true,
+        });
+        run |= prompt_row(ui, &mut self.prompt, "Show");
         ui.horizontal(|ui| {
             ui.label("Read the heads on");
             run |= ui

@@ -11,7 +11,7 @@ use egui_plot::{AxisHints, Bar, BarChart, Line, Plot, PlotPoints, uniform_grid_s
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::gui::style::{explain, heat_colour};
 use crate::gui::widgets::{display_token, entered, labelled_field, prompt_row};
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
 use crate::model::Model;
@@ -122,7 +122,14 @@ impl Panel for Lens {
         ui.add_space(6.0);
         show_attribution(ui, report);
         ui.add_space(6.0);
-        head_grid(ui, report);
+        if let Some((layer, head)) = head_grid(ui, report) {
+            wb.requests.push(PanelRequest::Pattern {
+                prompt: query.prompt.clone(),
+                layer,
+                head,
+            });
+            wb.goto = Some(PanelKind::Attention);
+        }
         if query.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; reading again)");
         }
@@ -439,11 +446,13 @@ const PUSHES_UP: Color32 = Color32::from_rgb(230, 130, 20);
 const PUSHES_DOWN: Color32 = Color32::from_rgb(60, 130, 255);
 
 /// The attention terms split per head: one row per block, one cell per head, shaded by the
-/// head's direct logit (orange up, blue down) with the value written in.
-fn head_grid(ui: &mut egui::Ui, r: &LensReport) {
+/// head's direct logit (orange up, blue down) with the value written in, and the three
+/// largest as links. Returns a head clicked (in the grid or as a link), whose attention
+/// pattern the caller shows.
+fn head_grid(ui: &mut egui::Ui, r: &LensReport) -> Option<(usize, usize)> {
     let heads = r.heads.first().map_or(0, Vec::len);
     if heads == 0 {
-        return;
+        return None;
     }
     ui.strong("Direct logit per attention head")
         .on_hover_text(explain::DLA_HEADS);
@@ -461,7 +470,7 @@ fn head_grid(ui: &mut egui::Ui, r: &LensReport) {
         LABEL_WIDTH + cell.x * heads as f32,
         cell.y * (r.heads.len() + 1) as f32,
     );
-    let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
+    let (rect, response) = ui.allocate_exact_size(size, Sense::click());
     let painter = ui.painter_at(rect);
     let font = egui::FontId::proportional(11.0);
     let text = ui.visuals().text_color();
@@ -506,28 +515,36 @@ fn head_grid(ui: &mut egui::Ui, r: &LensReport) {
             );
         }
     }
-    ui.label(strongest_heads(r));
+    let mut picked = None;
+    ui.horizontal(|ui| {
+        ui.label("largest:");
+        for (l, h, v) in r.heads_by_effect().into_iter().take(3) {
+            if ui
+                .link(format!("head {l}.{h} {v:+.3}"))
+                .on_hover_text("see its attention pattern on this prompt")
+                .clicked()
+            {
+                picked = Some((l, h));
+            }
+        }
+    });
     if let Some(pos) = response.hover_pos() {
         let col = ((pos.x - rect.left() - LABEL_WIDTH) / cell.x).floor();
         let row = ((pos.y - rect.top()) / cell.y).floor() as usize;
         if col >= 0.0 && row >= 1 {
             let (l, h) = (row - 1, col as usize);
             if let Some(v) = r.heads.get(l).and_then(|row| row.get(h)) {
-                response.on_hover_text(format!("head {l}.{h}: direct logit {v:+.4}"));
+                let clicked = response.clicked();
+                response.on_hover_text(format!(
+                    "head {l}.{h}: direct logit {v:+.4} (click: its attention pattern)"
+                ));
+                if clicked {
+                    picked = Some((l, h));
+                }
             }
         }
     }
-}
-
-/// "largest: head 3.0 +1.202, …": the three heads with the largest direct effect.
-fn strongest_heads(r: &LensReport) -> String {
-    let named: Vec<String> = r
-        .heads_by_effect()
-        .iter()
-        .take(3)
-        .map(|(l, h, v)| format!("head {l}.{h} {v:+.3}"))
-        .collect();
-    format!("largest: {}", named.join(", "))
+    picked
 }
 
 /// `blocks.3.hook_attn_out` → `A3`, `blocks.3.hook_mlp_out` → `M3`: bar labels.
