@@ -410,3 +410,27 @@ fn the_library_refuses_an_empty_output_folder() {
     .unwrap();
     assert!(err.to_string().contains("empty"), "{err}");
 }
+
+/// The attention pattern is a hook, but not one vector per token: training an SAE on it is
+/// refused, naming the hook and saying why, before anything is written.
+#[test]
+fn an_sae_on_the_attention_pattern_is_refused_naming_the_hook() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("sae");
+    let gpt2 = fixture_dir("gpt2");
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["sae", "train", "--model", gpt2.to_str().unwrap()])
+        .args(["--hook", "blocks.1.attn.hook_pattern", "--tokens", "64"])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("blocks.1.attn.hook_pattern") && stderr.contains("per token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out_dir.exists(), "nothing written");
+}

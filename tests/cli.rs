@@ -120,7 +120,7 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
         "--prompt",
         &p.prompt,
         "--hooks",
-        "blocks.*.mlp.hook_post, hook_embed",
+        "blocks.*.mlp.hook_post, hook_embed, blocks.1.attn.hook_pattern",
         "--out",
         out.to_str().unwrap(),
         "--json",
@@ -132,6 +132,7 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
         keys,
         [
             "blocks.0.mlp.hook_post",
+            "blocks.1.attn.hook_pattern",
             "blocks.1.mlp.hook_post",
             "hook_embed",
             "input_ids",
@@ -150,4 +151,9 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
     assert!(max_relative_error(&logits, &tensors["p0.logits"]) < 1e-4);
     let post = traced["blocks.1.mlp.hook_post"].get(0).unwrap();
     assert!(max_relative_error(&post, &tensors["p0.blocks.1.mlp.hook_post"]) < 1e-4);
+    // The pattern keeps TransformerLens's shape: [batch, heads, query, key].
+    let pattern = &traced["blocks.1.attn.hook_pattern"];
+    assert_eq!(pattern.dims(), &[1, 4, ids.len(), ids.len()]);
+    let pattern = pattern.get(0).unwrap();
+    assert!(max_relative_error(&pattern, &tensors["p0.blocks.1.attn.hook_pattern"]) < 1e-4);
 }
