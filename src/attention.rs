@@ -3,6 +3,9 @@
 //! sink), look back at earlier copies of the current token (duplicate-token heads), or look at
 //! the token that followed an earlier copy (induction heads, Olsson et al. 2022).
 //!
+//! Where a head looks is not whether it matters: [`ablate_heads`] zeroes each head's output in
+//! turn (its `attn.hook_z` columns) and measures the change in next-token loss.
+//!
 //! A detector's score for a head is the attention mass it puts on the keys the detector names,
 //! averaged over the queries where the detector names any (TransformerLens's `detect_head`
 //! with its `mul` measure, per query). The standard probe for induction is a run of random
@@ -10,14 +13,16 @@
 //! copies "what came next last time" can attend to the right key.
 
 use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::DType;
+use candle_core::{D, DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{HookPoint, Hooks, Model};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// Every head's pattern held at once is `layers · heads · seq²` floats; past this many the
 /// caller should ask for fewer tokens (1 GiB of f32).
@@ -223,6 +228,100 @@ pub fn repeated_random_tokens(model: &Model, len: usize, seed: u64) -> Result<Ve
     ids.extend(&half);
     ids.extend(&half);
     Ok(ids)
+}
+
+/// What zeroing each head does to the next-token loss on one sequence.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadAblation {
+    /// Positions whose prediction of the following token is scored.
+    pub scored: Range<usize>,
+    /// Mean loss (nats per token) over the scored positions with every head in place.
+    pub clean_loss: f32,
+    /// `delta[layer][head]`: the mean loss with that head's output zeroed, minus `clean_loss`
+    /// (positive: the head was helping).
+    pub delta: Vec<Vec<f32>>,
+}
+
+impl HeadAblation {
+    /// Every head as `(layer, head, Δloss)`, the most helpful first.
+    pub fn ranked(&self) -> Vec<(usize, usize, f32)> {
+        let mut heads: Vec<(usize, usize, f32)> = self
+            .delta
+            .iter()
+            .enumerate()
+            .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &d)| (l, h, d)))
+            .collect();
+        heads.sort_by(|a, b| b.2.total_cmp(&a.2));
+        heads
+    }
+}
+
+/// Zero-ablates each head in turn — its `attn.hook_z` columns, at every position — and scores
+/// the mean loss of predicting `ids[p + 1]` from each position `p` in `scored`. One forward
+/// pass per head; `None` when `cancel` is set between two.
+pub fn ablate_heads(
+    model: &Model,
+    ids: &[u32],
+    scored: Range<usize>,
+    cancel: &AtomicBool,
+) -> Result<Option<HeadAblation>> {
+    let clean_loss = next_token_loss(model, ids, scored.clone(), &Hooks::new())?;
+    let dims = model.dims();
+    let mut delta = vec![vec![0f32; dims.n_heads]; dims.n_layers];
+    for (layer, row) in delta.iter_mut().enumerate() {
+        for (head, d) in row.iter_mut().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let columns: Vec<usize> = (head * dims.head_dim..(head + 1) * dims.head_dim).collect();
+            let zero = Intervention::new(InterventionOp::Zero).at_channels(columns);
+            let hooks = Hooks::new().intervene(HookPoint::AttnZ(layer), zero);
+            *d = next_token_loss(model, ids, scored.clone(), &hooks)? - clean_loss;
+        }
+    }
+    Ok(Some(HeadAblation {
+        scored,
+        clean_loss,
+        delta,
+    }))
+}
+
+/// The mean loss (nats per token) of predicting `ids[p + 1]` from each position `p` in
+/// `scored`, in one forward pass with `hooks`.
+pub fn next_token_loss(
+    model: &Model,
+    ids: &[u32],
+    scored: Range<usize>,
+    hooks: &Hooks,
+) -> Result<f32> {
+    if scored.is_empty() || scored.end >= ids.len() {
+        return Err(Error::InvalidArgument {
+            what: "scored positions",
+            value: format!("{scored:?}"),
+            message: format!(
+                "must be a non-empty range of positions followed by a token (the sequence has {})",
+                ids.len()
+            ),
+        });
+    }
+    let logits = model
+        .forward(&model.ids_tensor(ids)?, hooks)?
+        .logits
+        .get(0)?;
+    let logits = logits
+        .narrow(0, scored.start, scored.len())?
+        .to_dtype(DType::F32)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = Tensor::new(&ids[scored.start + 1..scored.end + 1], &model.device)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(-picked.mean_all()?.to_scalar::<f32>()?)
+}
+
+/// For a probe of `total` tokens ending in two copies of `len`: the positions whose next token
+/// lies in the first copy, then in the second (where an induction head can predict it).
+pub fn probe_copies(total: usize, len: usize) -> [Range<usize>; 2] {
+    let second = total - len;
+    [second - len..second - 1, second..total - 1]
 }
 
 #[cfg(test)]

@@ -355,6 +355,17 @@ fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
     let (l, head, score) = ranked(&on_prompt, Detector::PreviousToken)[0];
     wait_for_head(&mut h, &on_prompt, l, head);
     assert!(has_label(&h, &format!("head {l}.{head} {score:.2}")));
+    // What zeroing the head does to the loss over the prompt.
+    let ids = model.encode_prompt(prompt).unwrap();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let ablation = monoscope::attention::ablate_heads(&model, &ids, 0..ids.len() - 1, &never)
+        .unwrap()
+        .unwrap();
+    let zeroed = format!(
+        "zeroing this head changes the next-token loss over the prompt (clean {:.3} nats per token) by {:+.3}",
+        ablation.clean_loss, ablation.delta[l][head]
+    );
+    assert!(has_label(&h, &zeroed), "{zeroed}");
 
     // The induction probe, ranked by the induction detector; picking the second head by its
     // button shows that head's pattern.

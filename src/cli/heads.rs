@@ -1,11 +1,17 @@
 //! `monoscope heads`: every attention head scored by the standard detectors (previous-token,
 //! first-token, duplicate-token, induction) on a prompt or on repeated random tokens.
 
+use std::sync::atomic::AtomicBool;
+
 use clap::Args;
 use serde::Serialize;
 
 use super::{ModelArgs, print_json};
-use crate::attention::{DetectorScores, patterns, repeated_random_tokens};
+use crate::attention::{
+    DetectorScores, HeadAblation, ablate_heads, next_token_loss, patterns, probe_copies,
+    repeated_random_tokens,
+};
+use crate::model::Hooks;
 
 #[derive(Args)]
 pub struct HeadsArgs {
@@ -24,6 +30,10 @@ pub struct HeadsArgs {
     /// Heads listed per detector.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Also zero each head in turn and measure the next-token loss (one forward pass per
+    /// head): over the probe's second copy, or over the whole prompt.
+    #[arg(long)]
+    ablate: bool,
     /// Print JSON (every head's score for every detector) instead of text.
     #[arg(long)]
     json: bool,
@@ -33,6 +43,12 @@ pub struct HeadsArgs {
 struct HeadsReport {
     tokens: Vec<String>,
     detectors: Vec<DetectorScores>,
+    /// The probe's clean loss over its first and second copy (an induction signature when the
+    /// second is far lower).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probe_losses: Option<[f32; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ablation: Option<HeadAblation>,
 }
 
 pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
@@ -49,11 +65,36 @@ pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
     };
     let patterns = patterns(&model, &ids)?;
     let detectors = patterns.detect();
+    // Where the loss is scored: the probe's second copy, or every prediction in the prompt.
+    let copies = args
+        .prompt
+        .is_none()
+        .then(|| probe_copies(ids.len(), args.repeat));
+    let probe_losses = match &copies {
+        Some([first, second]) => Some([
+            next_token_loss(&model, &ids, first.clone(), &Hooks::new())?,
+            next_token_loss(&model, &ids, second.clone(), &Hooks::new())?,
+        ]),
+        None => None,
+    };
+    let ablation = if args.ablate {
+        let scored = copies.map_or(0..ids.len() - 1, |[_, second]| second);
+        anyhow::ensure!(
+            !scored.is_empty(),
+            "--ablate needs a prompt of two tokens or more"
+        );
+        ablate_heads(&model, &ids, scored, &AtomicBool::new(false))?
+    } else {
+        None
+    };
+    let report = HeadsReport {
+        tokens: patterns.tokens.clone(),
+        detectors,
+        probe_losses,
+        ablation,
+    };
     if args.json {
-        return print_json(&HeadsReport {
-            tokens: patterns.tokens,
-            detectors,
-        });
+        return print_json(&report);
     }
     println!(
         "{} layers × {} heads of {} on {} tokens: {what}",
@@ -62,9 +103,15 @@ pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
         model.dir.display(),
         patterns.seq()
     );
+    if let Some([first, second]) = report.probe_losses {
+        println!(
+            "next-token loss: first copy {first:.3}, second copy {second:.3} nats per token \
+             (a model that copies from context does far better on the second)"
+        );
+    }
     println!("mean attention on the detector's keys, over the queries it counts; head L.H");
     println!("{:<16} {:>7}  strongest heads", "detector", "queries");
-    for d in &detectors {
+    for d in &report.detectors {
         let heads: Vec<String> = d
             .ranked()
             .iter()
@@ -77,6 +124,21 @@ pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
             heads.join(", ")
         };
         println!("{:<16} {:>7}  {heads}", d.detector.name(), d.queries);
+    }
+    if let Some(a) = &report.ablation {
+        let heads: Vec<String> = a
+            .ranked()
+            .iter()
+            .take(args.top)
+            .map(|(l, h, d)| format!("{l}.{h} {d:+.3}"))
+            .collect();
+        println!(
+            "zeroing one head: loss {:.3} nats per token over positions {}..{}; the heads it rises most without: {}",
+            a.clean_loss,
+            a.scored.start,
+            a.scored.end,
+            heads.join(", ")
+        );
     }
     Ok(())
 }

@@ -118,6 +118,10 @@ pub mod explain {
     pub const INDUCTION_PROBE: &str = "A start token, 20 random tokens, then the same 20 \
         again: in the second copy nothing but \"what followed this token last time\" predicts \
         the next token, so a head that attends there is an induction head.";
+    pub const HEAD_ABLATION: &str = "The head's attn.hook_z columns set to zero at every \
+        token, and the model's mean next-token loss measured again: how much the model leans on \
+        this head here (positive: it was helping). Where a head looks is not whether it \
+        matters.";
     pub const ATTENTION_PATTERN: &str = "attn.hook_pattern: row q is how query token q \
         splits its attention over the keys at or before it (each row sums to 1).";
     pub const HEAD_RECOVERY: &str = "The same corrupted runs with one attention head's \

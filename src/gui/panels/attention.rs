@@ -7,12 +7,15 @@ use std::sync::Arc;
 use egui::vec2;
 
 use super::{Panel, PanelKind, need_model, running, take};
-use crate::attention::{Detector, DetectorScores, Patterns, patterns, repeated_random_tokens};
+use crate::attention::{
+    Detector, DetectorScores, HeadAblation, Patterns, ablate_heads, next_token_loss, patterns,
+    probe_copies, repeated_random_tokens,
+};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
-use crate::model::Model;
+use crate::model::{Hooks, Model};
 
 /// Length of the random run the induction probe repeats.
 const PROBE_LENGTH: usize = 20;
@@ -39,6 +42,10 @@ struct Reading {
     query: Query,
     patterns: Patterns,
     detectors: Vec<DetectorScores>,
+    /// The probe's clean loss on its first and second copy.
+    probe_losses: Option<[f32; 2]>,
+    /// Each head zeroed in turn: over the prompt, or the probe's second copy.
+    ablation: HeadAblation,
 }
 
 pub struct Attention {
@@ -186,17 +193,31 @@ impl Attention {
         };
         self.started = Some(query.clone());
         let model = model.clone();
-        self.job = Some(wb.spawn("attention patterns", move |_| {
+        self.job = Some(wb.spawn("attention patterns", move |job| {
             let ids = match query.sequence {
                 Sequence::Prompt => model.encode_prompt(&query.prompt)?,
                 Sequence::InductionProbe => repeated_random_tokens(&model, PROBE_LENGTH, 0)?,
             };
+            anyhow::ensure!(ids.len() >= 2, "the prompt needs two tokens or more");
             let patterns = patterns(&model, &ids)?;
             let detectors = patterns.detect();
+            let (probe_losses, scored) = match query.sequence {
+                Sequence::Prompt => (None, 0..ids.len() - 1),
+                Sequence::InductionProbe => {
+                    let [first, second] = probe_copies(ids.len(), PROBE_LENGTH);
+                    let loss = |r| next_token_loss(&model, &ids, r, &Hooks::new());
+                    (Some([loss(first)?, loss(second.clone())?]), second)
+                }
+            };
+            job.set_message("zeroing each head");
+            let ablation = ablate_heads(&model, &ids, scored, job.cancel_flag())?
+                .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
             Ok(Reading {
                 query,
                 patterns,
                 detectors,
+                probe_losses,
+                ablation,
             })
         }));
     }
@@ -246,6 +267,19 @@ fn pattern_view(ui: &mut egui::Ui, reading: &Reading, layer: usize, head: usize)
     ui.strong(format!("Attention pattern of head {layer}.{head}"))
         .on_hover_text(explain::ATTENTION_PATTERN);
     ui.label(scores.join(" · "));
+    let a = &reading.ablation;
+    let over = match reading.probe_losses {
+        Some([first, second]) => format!(
+            "the second copy (clean {:.3} nats per token; the first copy {first:.3})",
+            second
+        ),
+        None => format!("the prompt (clean {:.3} nats per token)", a.clean_loss),
+    };
+    ui.label(format!(
+        "zeroing this head changes the next-token loss over {over} by {:+.3}",
+        a.delta[layer][head]
+    ))
+    .on_hover_text(explain::HEAD_ABLATION);
     let p = &reading.patterns;
     let tokens: Vec<String> = p.tokens.iter().map(|t| display_token(t)).collect();
     let seq = p.seq() as f32;
