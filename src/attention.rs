@@ -152,15 +152,20 @@ pub struct DetectorScores {
 impl DetectorScores {
     /// Every head as `(layer, head, score)`, the highest first.
     pub fn ranked(&self) -> Vec<(usize, usize, f32)> {
-        let mut heads: Vec<(usize, usize, f32)> = self
-            .scores
-            .iter()
-            .enumerate()
-            .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &s)| (l, h, s)))
-            .collect();
-        heads.sort_by(|a, b| b.2.total_cmp(&a.2));
-        heads
+        rank_heads(&self.scores, |s| s)
     }
+}
+
+/// Every head of a `[layer][head]` grid as `(layer, head, value)`, ordered by `key(value)`,
+/// largest first.
+pub fn rank_heads(grid: &[Vec<f32>], key: impl Fn(f32) -> f32) -> Vec<(usize, usize, f32)> {
+    let mut heads: Vec<(usize, usize, f32)> = grid
+        .iter()
+        .enumerate()
+        .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &v)| (l, h, v)))
+        .collect();
+    heads.sort_by(|a, b| key(b.2).total_cmp(&key(a.2)));
+    heads
 }
 
 /// Runs `ids` (`[seq]`) once and keeps every layer's pattern.
@@ -245,14 +250,7 @@ pub struct HeadAblation {
 impl HeadAblation {
     /// Every head as `(layer, head, Δloss)`, the most helpful first.
     pub fn ranked(&self) -> Vec<(usize, usize, f32)> {
-        let mut heads: Vec<(usize, usize, f32)> = self
-            .delta
-            .iter()
-            .enumerate()
-            .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &d)| (l, h, d)))
-            .collect();
-        heads.sort_by(|a, b| b.2.total_cmp(&a.2));
-        heads
+        rank_heads(&self.delta, |d| d)
     }
 }
 

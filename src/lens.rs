@@ -72,14 +72,7 @@ pub struct LensReport {
 impl LensReport {
     /// Every head as `(layer, head, direct logit)`, the largest effect (either sign) first.
     pub fn heads_by_effect(&self) -> Vec<(usize, usize, f32)> {
-        let mut heads: Vec<(usize, usize, f32)> = self
-            .heads
-            .iter()
-            .enumerate()
-            .flat_map(|(l, row)| row.iter().enumerate().map(move |(h, &v)| (l, h, v)))
-            .collect();
-        heads.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
-        heads
+        crate::attention::rank_heads(&self.heads, f32::abs)
     }
 }
 
