@@ -7,7 +7,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{MODEL_TYPES, fixture_dir, max_relative_error, reference};
 use monoscope::model::generate::{GenerateOptions, generate};
 use monoscope::model::{HookPoint, Hooks, Model};
@@ -34,6 +34,7 @@ fn check_against_transformers(model_type: &str, device: &Device) {
             ]
         })
         .collect();
+    let pattern_points: Vec<HookPoint> = layers.clone().map(HookPoint::AttnPattern).collect();
     for (i, p) in reference.prompts.iter().enumerate() {
         let ids = model.encode_prompt(&p.prompt).unwrap();
         assert_eq!(
@@ -41,46 +42,31 @@ fn check_against_transformers(model_type: &str, device: &Device) {
             "{model_type}: token ids of {:?}",
             p.prompt
         );
-        let out = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture(points.clone()),
-            )
-            .unwrap();
         let mut worst = 0f32;
-        let logits = out.logits.get(0).unwrap();
-        let err = max_relative_error(&logits, &tensors[&format!("p{i}.logits")]);
-        assert!(
-            err <= TOLERANCE,
-            "{model_type} p{i} logits: max relative error {err}"
-        );
-        worst = worst.max(err);
-        for point in &points {
-            let got = out.cache.get(*point).unwrap().get(0).unwrap();
-            let err = max_relative_error(&got, &tensors[&format!("p{i}.{point}")]);
+        let mut check = |key: String, got: &Tensor| {
+            let err = max_relative_error(got, &tensors[&key]);
             assert!(
                 err <= TOLERANCE,
-                "{model_type} p{i} {point}: max relative error {err}"
+                "{model_type} {key}: max relative error {err}"
             );
             worst = worst.max(err);
-        }
-        // The attention patterns, in a pass of their own: asking for them runs attention
-        // unfused, and the logits above are checked on the fast path.
-        let pattern_points: Vec<HookPoint> = layers.clone().map(HookPoint::AttnPattern).collect();
-        let with_patterns = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture(pattern_points.clone()),
-            )
-            .unwrap();
-        for point in &pattern_points {
-            let got = with_patterns.cache.get(*point).unwrap().get(0).unwrap();
-            let err = max_relative_error(&got, &tensors[&format!("p{i}.{point}")]);
-            assert!(
-                err <= TOLERANCE,
-                "{model_type} p{i} {point}: max relative error {err}"
-            );
-            worst = worst.max(err);
+        };
+        // Two passes: the hooks beside the fast path's logits, then the attention patterns,
+        // whose capture runs attention unfused.
+        for (pass, captured) in [&points, &pattern_points].into_iter().enumerate() {
+            let out = model
+                .forward(
+                    &model.ids_tensor(&ids).unwrap(),
+                    &Hooks::new().capture(captured.iter().copied()),
+                )
+                .unwrap();
+            if pass == 0 {
+                check(format!("p{i}.logits"), &out.logits.get(0).unwrap());
+            }
+            for point in captured {
+                let got = out.cache.get(*point).unwrap().get(0).unwrap();
+                check(format!("p{i}.{point}"), &got);
+            }
         }
         let options = GenerateOptions {
             max_new_tokens: p.greedy_ids.len(),

@@ -2,11 +2,9 @@
 //! duplicate-token, induction) on a prompt or on the induction probe, and one head's pattern
 //! as a query × key heatmap (CircuitsVis's attention view).
 
-use std::sync::Arc;
-
 use egui::vec2;
 
-use super::{Panel, PanelKind, need_model, running, take};
+use super::{Panel, PanelKind, Reader, need_model};
 use crate::attention::{
     Detector, DetectorScores, HeadAblation, Patterns, ablate_heads, next_token_loss, patterns,
     probe_copies, repeated_random_tokens,
@@ -14,7 +12,7 @@ use crate::attention::{
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
-use crate::jobs::Job;
+use crate::jobs::JobHandle;
 use crate::model::{Hooks, Model};
 
 /// Length of the random run the induction probe repeats.
@@ -35,11 +33,9 @@ enum Sequence {
 struct Query {
     prompt: String,
     sequence: Sequence,
-    model_version: u64,
 }
 
 struct Reading {
-    query: Query,
     patterns: Patterns,
     detectors: Vec<DetectorScores>,
     /// The probe's clean loss on its first and second copy.
@@ -54,10 +50,7 @@ pub struct Attention {
     detector: Detector,
     /// The head whose pattern is shown (`None`: the chosen detector's strongest).
     head: Option<(usize, usize)>,
-    asked: Option<Query>,
-    started: Option<Query>,
-    reading: Option<Reading>,
-    job: Option<Job<Reading>>,
+    reader: Reader<Query, Reading>,
 }
 
 impl Default for Attention {
@@ -67,10 +60,7 @@ impl Default for Attention {
             sequence: Sequence::Prompt,
             detector: Detector::PreviousToken,
             head: None,
-            asked: None,
-            started: None,
-            reading: None,
-            job: None,
+            reader: Reader::default(),
         }
     }
 }
@@ -81,13 +71,11 @@ impl Panel for Attention {
     }
 
     fn busy(&self) -> bool {
-        running(&self.job)
+        self.reader.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
-        if let Some(r) = take(&mut self.job, wb) {
-            self.reading = Some(r);
-        }
+        self.reader.poll(wb);
         let Some(model) = need_model(ui, wb) else {
             return;
         };
@@ -123,30 +111,25 @@ impl Panel for Attention {
                 .clicked();
             // Here rather than on a row of its own, so that nothing below moves while a
             // reading runs.
-            if let Some(job) = &self.job {
+            if let Some(job) = self.reader.job() {
                 ui.separator();
                 job_row(ui, job);
             }
         });
-        let asked = Query {
-            prompt: self.prompt.clone(),
-            sequence: self.sequence,
-            model_version: wb.model_version,
-        };
-        if run || self.asked.is_none() {
-            self.asked = Some(asked.clone());
-            self.started = None; // asked again: run even what failed before
+        if run || self.reader.asked_mut().is_none() {
+            self.reader.ask(Query {
+                prompt: self.prompt.clone(),
+                sequence: self.sequence,
+            });
         }
-        // An edit or undo reads the same question on the new weights.
-        if let Some(q) = &mut self.asked {
-            q.model_version = wb.model_version;
-        }
-        if self.job.is_none() && self.asked != self.started {
-            self.start(wb, &model);
-        }
-        let Some(reading) = &self.reading else {
+        self.reader
+            .run_due(wb, "attention patterns", move |query, job| {
+                read(&model, query, job)
+            });
+        let Some(answer) = self.reader.answer() else {
             return;
         };
+        let reading = &answer.value;
         ui.separator();
         ui.horizontal(|ui| {
             ui.strong("Heads by detector")
@@ -180,47 +163,38 @@ impl Panel for Attention {
             .or_else(|| scores.ranked().first().map(|&(l, h, _)| (l, h)))
             .unwrap_or((0, 0));
         pattern_view(ui, reading, layer, head);
-        if reading.query.model_version != wb.model_version {
+        if answer.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; reading again)");
         }
     }
 }
 
-impl Attention {
-    fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
-        let Some(query) = self.asked.clone() else {
-            return;
-        };
-        self.started = Some(query.clone());
-        let model = model.clone();
-        self.job = Some(wb.spawn("attention patterns", move |job| {
-            let ids = match query.sequence {
-                Sequence::Prompt => model.encode_prompt(&query.prompt)?,
-                Sequence::InductionProbe => repeated_random_tokens(&model, PROBE_LENGTH, 0)?,
-            };
-            anyhow::ensure!(ids.len() >= 2, "the prompt needs two tokens or more");
-            let patterns = patterns(&model, &ids)?;
-            let detectors = patterns.detect();
-            let (probe_losses, scored) = match query.sequence {
-                Sequence::Prompt => (None, 0..ids.len() - 1),
-                Sequence::InductionProbe => {
-                    let [first, second] = probe_copies(ids.len(), PROBE_LENGTH);
-                    let loss = |r| next_token_loss(&model, &ids, r, &Hooks::new());
-                    (Some([loss(first)?, loss(second.clone())?]), second)
-                }
-            };
-            job.set_message("zeroing each head");
-            let ablation = ablate_heads(&model, &ids, scored, job.cancel_flag())?
-                .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
-            Ok(Reading {
-                query,
-                patterns,
-                detectors,
-                probe_losses,
-                ablation,
-            })
-        }));
-    }
+/// Patterns, detector scores and head ablation for one query.
+fn read(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Reading> {
+    let ids = match query.sequence {
+        Sequence::Prompt => model.encode_prompt(&query.prompt)?,
+        Sequence::InductionProbe => repeated_random_tokens(model, PROBE_LENGTH, 0)?,
+    };
+    anyhow::ensure!(ids.len() >= 2, "the prompt needs two tokens or more");
+    let patterns = patterns(model, &ids)?;
+    let detectors = patterns.detect();
+    let (probe_losses, scored) = match query.sequence {
+        Sequence::Prompt => (None, 0..ids.len() - 1),
+        Sequence::InductionProbe => {
+            let [first, second] = probe_copies(ids.len(), PROBE_LENGTH);
+            let loss = |r| next_token_loss(model, &ids, r, &Hooks::new());
+            (Some([loss(first)?, loss(second.clone())?]), second)
+        }
+    };
+    job.set_message("zeroing each head");
+    let ablation = ablate_heads(model, &ids, scored, job.cancel_flag())?
+        .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+    Ok(Reading {
+        patterns,
+        detectors,
+        probe_losses,
+        ablation,
+    })
 }
 
 /// Blocks × heads coloured by the detector's score; returns a clicked head.

@@ -3,16 +3,13 @@
 //! and each block's attention and MLP output (TransformerLens's `accumulated_resid` and
 //! `decompose_resid`).
 
-use std::sync::Arc;
-
 use egui::{Color32, Sense, Stroke, vec2};
 use egui_plot::{AxisHints, Bar, BarChart, Line, Plot, PlotPoints, uniform_grid_spacer};
 
-use super::{Panel, PanelKind, need_model, running, take};
+use super::{Panel, PanelKind, Reader, need_model};
 use crate::gui::style::{explain, heat_colour};
 use crate::gui::widgets::{display_token, entered, labelled_field, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
-use crate::jobs::Job;
 use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
 use crate::model::Model;
 
@@ -29,7 +26,6 @@ struct Query {
     versus: String,
     /// `None`: the last token.
     position: Option<usize>,
-    model_version: u64,
 }
 
 /// What colours a grid cell.
@@ -46,12 +42,7 @@ pub struct Lens {
     target: String,
     versus: String,
     shade: Shade,
-    /// The latest query asked for; it runs once the previous job is done.
-    asked: Option<Query>,
-    /// The latest query a job was started for (an error is not retried until asked again).
-    started: Option<Query>,
-    reading: Option<(Query, LensReport)>,
-    job: Option<Job<(Query, LensReport)>>,
+    reader: Reader<Query, LensReport>,
 }
 
 impl Default for Lens {
@@ -61,10 +52,7 @@ impl Default for Lens {
             target: String::new(),
             versus: String::new(),
             shade: Shade::Top,
-            asked: None,
-            started: None,
-            reading: None,
-            job: None,
+            reader: Reader::default(),
         }
     }
 }
@@ -75,36 +63,26 @@ impl Panel for Lens {
     }
 
     fn busy(&self) -> bool {
-        running(&self.job)
+        self.reader.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
-        if let Some(r) = take(&mut self.job, wb) {
-            self.reading = Some(r);
-        }
+        self.reader.poll(wb);
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        let run = self.form(ui);
-        if run || self.asked.is_none() {
-            self.asked = Some(self.query(None, wb.model_version));
+        if self.form(ui) || self.reader.asked_mut().is_none() {
+            self.reader.ask(self.query());
         }
-        if run {
-            self.started = None; // asked again: run even what failed before
-        }
-        // An edit or undo re-reads the same question on the new weights.
-        if let Some(q) = &mut self.asked {
-            q.model_version = wb.model_version;
-        }
-        if self.job.is_none() && self.asked != self.started {
-            self.start(wb, &model);
-        }
-        if let Some(job) = &self.job {
+        self.reader
+            .run_due(wb, "logit lens", move |query, _| read(&model, query));
+        if let Some(job) = self.reader.job() {
             ui.horizontal(|ui| crate::gui::widgets::job_row(ui, job));
         }
-        let Some((query, report)) = &self.reading else {
+        let Some(answer) = self.reader.answer() else {
             return;
         };
+        let (query, report) = (&answer.question, &answer.value);
         ui.separator();
         let mut picked = None;
         if let Some(grid) = &report.grid {
@@ -130,10 +108,10 @@ impl Panel for Lens {
             });
             wb.goto = Some(PanelKind::Attention);
         }
-        if query.model_version != wb.model_version {
+        if answer.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; reading again)");
         }
-        if let (Some(p), Some(asked)) = (picked, &mut self.asked) {
+        if let (Some(p), Some(asked)) = (picked, self.reader.asked_mut()) {
             asked.position = Some(p);
         }
     }
@@ -165,26 +143,14 @@ impl Lens {
         run
     }
 
-    fn query(&self, position: Option<usize>, model_version: u64) -> Query {
+    /// The form's question, read at the last token.
+    fn query(&self) -> Query {
         Query {
             prompt: self.prompt.clone(),
             target: self.target.clone(),
             versus: self.versus.clone(),
-            position,
-            model_version,
+            position: None,
         }
-    }
-
-    fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
-        let Some(query) = self.asked.clone() else {
-            return;
-        };
-        self.started = Some(query.clone());
-        let model = model.clone();
-        self.job = Some(wb.spawn("logit lens", move |_| {
-            let report = read(&model, &query)?;
-            Ok((query, report))
-        }));
     }
 }
 

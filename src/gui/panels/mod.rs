@@ -125,3 +125,90 @@ fn take<T: Send + 'static>(
         }
     }
 }
+
+/// An answer a [`Reader`] got: the question, the model version it was computed on, the value.
+pub(super) struct Answer<Q, R> {
+    pub question: Q,
+    pub model_version: u64,
+    pub value: R,
+}
+
+/// A panel's question answered by a background job (the Lens's reading, the Attention panel's
+/// patterns): the latest question asked runs once the previous job is done, a question that
+/// failed is not retried until it is asked again, and an edit or undo of the model runs the
+/// same question again on the new weights.
+pub(super) struct Reader<Q, R> {
+    asked: Option<Q>,
+    /// The latest question a job was started for, and on which model version.
+    started: Option<(Q, u64)>,
+    answer: Option<Answer<Q, R>>,
+    job: Option<crate::jobs::Job<Answer<Q, R>>>,
+}
+
+impl<Q, R> Default for Reader<Q, R> {
+    fn default() -> Self {
+        Self {
+            asked: None,
+            started: None,
+            answer: None,
+            job: None,
+        }
+    }
+}
+
+impl<Q: Clone + PartialEq + Send + 'static, R: Send + 'static> Reader<Q, R> {
+    pub fn busy(&self) -> bool {
+        running(&self.job)
+    }
+
+    pub fn job(&self) -> Option<&crate::jobs::Job<Answer<Q, R>>> {
+        self.job.as_ref()
+    }
+
+    pub fn answer(&self) -> Option<&Answer<Q, R>> {
+        self.answer.as_ref()
+    }
+
+    /// Keeps a finished job's answer (its error goes to the window's messages).
+    pub fn poll(&mut self, wb: &mut Workbench) {
+        if let Some(answer) = take(&mut self.job, wb) {
+            self.answer = Some(answer);
+        }
+    }
+
+    /// Asks `question`, even if it is the one that last ran (and failed).
+    pub fn ask(&mut self, question: Q) {
+        self.asked = Some(question);
+        self.started = None;
+    }
+
+    pub fn asked_mut(&mut self) -> Option<&mut Q> {
+        self.asked.as_mut()
+    }
+
+    /// Starts `work` on the question asked unless a job runs or it already ran on this model.
+    pub fn run_due(
+        &mut self,
+        wb: &Workbench,
+        name: &str,
+        work: impl FnOnce(&Q, &crate::jobs::JobHandle) -> anyhow::Result<R> + Send + 'static,
+    ) {
+        let Some(question) = self.asked.clone() else {
+            return;
+        };
+        let due = (question, wb.model_version);
+        if self.job.is_some() || self.started.as_ref() == Some(&due) {
+            return;
+        }
+        self.started = Some(due.clone());
+        let (question, model_version) = due;
+        self.job = Some(wb.spawn(name, move |job| {
+            let value = work(&question, job)?;
+            Ok(Answer {
+                question,
+                model_version,
+                value,
+            })
+        }));
+    }
+}
