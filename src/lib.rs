@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod lens;
 pub mod model;
 pub mod neurons;
+pub mod patching;
 pub mod sae;
 pub mod table;
 pub mod world;

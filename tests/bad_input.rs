@@ -231,6 +231,44 @@ fn the_binary_exits_non_zero_with_a_message_and_no_panic() {
             ],
             "top-p",
         ),
+        (
+            &[
+                "patch",
+                "--model",
+                gpt2,
+                "--clean",
+                "a b c",
+                "--corrupted",
+                "a b c d e f",
+            ],
+            "same number of tokens",
+        ),
+        (
+            &[
+                "patch",
+                "--model",
+                gpt2,
+                "--clean",
+                "hi",
+                "--corrupted",
+                "hi",
+            ],
+            "is the clean prompt",
+        ),
+        (
+            &[
+                "patch",
+                "--model",
+                gpt2,
+                "--clean",
+                "hi",
+                "--corrupted",
+                "ho",
+                "--sites",
+                "resid_pre,mlp_in",
+            ],
+            "mlp_in",
+        ),
     ];
     for (args, needle) in cases {
         let out = monoscope(args);

@@ -8,6 +8,7 @@ mod heads;
 mod info;
 mod lens;
 mod neurons;
+mod patch;
 mod sae;
 mod trace;
 mod trace_fact;
@@ -66,6 +67,9 @@ enum Command {
     /// Knowledge neurons of a fact (integrated gradients, refined across paraphrases), with
     /// suppress/amplify checks.
     Neurons(Box<neurons::NeuronsArgs>),
+    /// Activation patching between a clean and a corrupted prompt: which layers, positions
+    /// and heads carry the difference in the answer; attribution patching beside it.
+    Patch(Box<patch::PatchArgs>),
     /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
     /// brings the answer back after the subject is corrupted; suggests the edit layer.
     TraceFact(Box<trace_fact::TraceFactArgs>),
@@ -162,6 +166,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Features(command) => features::run(&command),
         Command::Export(args) => export::run(&args),
         Command::Neurons(args) => neurons::run(&args),
+        Command::Patch(args) => patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
         Command::Edit(args) => edit::run(&args),
     }?;

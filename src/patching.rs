@@ -1,0 +1,548 @@
+//! Activation patching with a clean and a corrupted prompt (Vig et al. 2020; Wang et al. 2022,
+//! "Interpretability in the Wild"; TransformerLens's `patching` module), and attribution
+//! patching, its first-order estimate (Nanda 2023; Syed et al. 2023).
+//!
+//! The two prompts have the same number of tokens and differ in a few ("The capital of Japan
+//! is" / "The capital of France is"). The metric is the logit difference between the clean
+//! answer and the corrupted one (" Tokyo" − " Paris") at the last position. One activation at
+//! a time — a layer's residual stream, attention or MLP output at one position, or one head's
+//! output at every position — is copied from one run into the other:
+//!
+//! - **denoising** copies the clean value into the corrupted run: which activations are
+//!   *enough* to bring the clean answer back;
+//! - **noising** copies the corrupted value into the clean run: which ones the clean answer
+//!   *needs*.
+//!
+//! Every figure is the patched run's logit difference on the scale where the corrupted run
+//! scores 0 and the clean run 1, in both directions (denoising looks for values near 1, noising
+//! for values near 0). Unlike causal tracing ([`crate::causal`]), nothing here is noise: the
+//! corruption is a real counterfactual prompt, so the answer can move to a specific wrong token.
+//!
+//! Attribution patching linearises the metric around the run patched into: for each site,
+//! (source − base) · ∂metric/∂site, from one forward and backward pass instead of one forward
+//! pass per cell. It is exact for a linear metric and can be far off where attention saturates;
+//! the report carries both grids so they can be compared.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{D, DType, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::generate::next_token_top_k;
+use crate::model::{ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
+
+/// Patched runs per forward pass (one batch row each).
+const BATCH: usize = 32;
+
+/// What is patched, one grid per site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Site {
+    /// `blocks.L.hook_resid_pre` at one position: layer × position.
+    ResidPre,
+    /// `blocks.L.hook_attn_out` at one position: layer × position.
+    AttnOut,
+    /// `blocks.L.hook_mlp_out` at one position: layer × position.
+    MlpOut,
+    /// One head's `blocks.L.attn.hook_z` columns at every position: layer × head.
+    Heads,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::Heads];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ResidPre => "resid_pre",
+            Self::AttnOut => "attn_out",
+            Self::MlpOut => "mlp_out",
+            Self::Heads => "heads",
+        }
+    }
+
+    /// The hook patched at `layer`.
+    pub fn hook(self, layer: usize) -> HookPoint {
+        match self {
+            Self::ResidPre => HookPoint::ResidPre(layer),
+            Self::AttnOut => HookPoint::AttnOut(layer),
+            Self::MlpOut => HookPoint::MlpOut(layer),
+            Self::Heads => HookPoint::AttnZ(layer),
+        }
+    }
+
+    /// Whether the grid's columns are heads rather than positions.
+    pub fn per_head(self) -> bool {
+        self == Self::Heads
+    }
+}
+
+impl std::str::FromStr for Site {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|site| site.name() == s)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: "patching site",
+                value: s.to_string(),
+                message: "expected resid_pre, attn_out, mlp_out or heads".into(),
+            })
+    }
+}
+
+/// Which run is patched into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Clean values into the corrupted run (what suffices).
+    #[default]
+    Denoise,
+    /// Corrupted values into the clean run (what is needed).
+    Noise,
+}
+
+/// What to patch.
+#[derive(Clone, Debug)]
+pub struct PatchRequest {
+    /// Token ids of the clean and corrupted prompts ([`Model::encode_prompt`]), same length.
+    pub clean: Vec<u32>,
+    pub corrupted: Vec<u32>,
+    /// The clean answer and the corrupted one; the metric is logit(answer) − logit(wrong).
+    pub answer: u32,
+    pub wrong: u32,
+    pub sites: Vec<Site>,
+    pub direction: Direction,
+    /// Also estimate every grid by attribution patching.
+    pub attribution: bool,
+}
+
+/// One site's grid.
+#[derive(Clone, Debug, Serialize)]
+pub struct PatchGrid {
+    pub site: Site,
+    /// `patched[layer][column]`: the normalised logit difference with that one cell patched;
+    /// columns are positions, or heads for [`Site::Heads`].
+    pub patched: Vec<Vec<f32>>,
+    /// The same cells estimated by attribution patching, on the same scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Vec<Vec<f32>>>,
+}
+
+impl PatchGrid {
+    /// Every cell as `(layer, column, value)`, the furthest from the unpatched run first.
+    pub fn ranked(&self, direction: Direction) -> Vec<(usize, usize, f32)> {
+        let unpatched = direction.unpatched();
+        crate::attention::rank_heads(&self.patched, |v| (v - unpatched).abs())
+    }
+}
+
+impl PatchGrid {
+    /// Pearson correlation of the attribution estimate with the patched grid over every
+    /// cell: how far the one-pass estimate can stand in for patching here. `None` without an
+    /// estimate or where either grid is constant.
+    pub fn agreement(&self) -> Option<f64> {
+        let estimate = self.attribution.as_ref()?;
+        let xs: Vec<f64> = self
+            .patched
+            .iter()
+            .flatten()
+            .map(|&v| f64::from(v))
+            .collect();
+        let ys: Vec<f64> = estimate.iter().flatten().map(|&v| f64::from(v)).collect();
+        let n = xs.len() as f64;
+        let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+        let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+        for (x, y) in xs.iter().zip(&ys) {
+            sxy += (x - mx) * (y - my);
+            sxx += (x - mx).powi(2);
+            syy += (y - my).powi(2);
+        }
+        (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+    }
+}
+
+impl Direction {
+    /// The normalised metric of the run patched into, before any patch.
+    pub fn unpatched(self) -> f32 {
+        match self {
+            Self::Denoise => 0.0,
+            Self::Noise => 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PatchReport {
+    pub clean_tokens: Vec<String>,
+    pub corrupted_tokens: Vec<String>,
+    /// Positions where the prompts differ.
+    pub differing: Vec<usize>,
+    pub answer: String,
+    pub wrong: String,
+    /// logit(answer) − logit(wrong) at the last position of each run: the 1 and the 0 of the
+    /// grids' scale.
+    pub clean_logit_diff: f32,
+    pub corrupted_logit_diff: f32,
+    pub direction: Direction,
+    pub grids: Vec<PatchGrid>,
+}
+
+impl PatchReport {
+    pub fn grid(&self, site: Site) -> Option<&PatchGrid> {
+        self.grids.iter().find(|g| g.site == site)
+    }
+
+    /// Column labels for a position grid: the clean token, and "clean→corrupted" where the
+    /// prompts differ.
+    pub fn position_labels(&self) -> Vec<String> {
+        self.clean_tokens
+            .iter()
+            .zip(&self.corrupted_tokens)
+            .map(|(c, k)| {
+                if c == k {
+                    c.clone()
+                } else {
+                    format!("{c}→{k}")
+                }
+            })
+            .collect()
+    }
+}
+
+/// The usual answers when none are given: what the model predicts after the clean prompt,
+/// against what it predicts after the corrupted one.
+pub fn predicted_answers(model: &Model, clean: &[u32], corrupted: &[u32]) -> Result<(u32, u32)> {
+    check_prompts(model, clean, corrupted)?;
+    let top = |ids: &[u32]| -> Result<u32> {
+        let best = next_token_top_k(model, ids, 1, &Hooks::new())?;
+        best.first().map(|t| t.id).ok_or(Error::EmptyPrompt)
+    };
+    let (answer, wrong) = (top(clean)?, top(corrupted)?);
+    if answer == wrong {
+        return Err(Error::InvalidArgument {
+            what: "corrupted prompt",
+            value: model.tokenizer.decode(corrupted)?,
+            message: format!(
+                "the model predicts {} after both prompts: name the two answers to compare",
+                model.tokenizer.token_display(answer)
+            ),
+        });
+    }
+    Ok((answer, wrong))
+}
+
+/// The forward passes a request costs (for progress): one per patched cell, in batches.
+pub fn passes(model: &Model, request: &PatchRequest) -> usize {
+    let dims = model.dims();
+    request
+        .sites
+        .iter()
+        .map(|&site| {
+            let columns = if site.per_head() {
+                dims.n_heads
+            } else {
+                request.clean.len()
+            };
+            dims.n_layers * columns.div_ceil(BATCH)
+        })
+        .sum()
+}
+
+/// Runs the request, calling `progress(done, total)` after every forward pass; `None` when
+/// `cancel` was set.
+pub fn patch(
+    model: &Model,
+    request: &PatchRequest,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Option<PatchReport>> {
+    validate(model, request)?;
+    let dims = model.dims();
+    let hooks_of = |sites: &[Site]| -> Vec<HookPoint> {
+        sites
+            .iter()
+            .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
+            .collect()
+    };
+    let points = hooks_of(&request.sites);
+    let run = |ids: &[u32]| {
+        model.forward(
+            &model.ids_tensor(ids)?,
+            &Hooks::new().capture(points.iter().copied()),
+        )
+    };
+    let clean = run(&request.clean)?;
+    let corrupted = run(&request.corrupted)?;
+    let metric = Metric {
+        answer: request.answer,
+        wrong: request.wrong,
+        clean: logit_diffs(&clean.logits, request.answer, request.wrong)?[0],
+        corrupted: logit_diffs(&corrupted.logits, request.answer, request.wrong)?[0],
+    };
+    // NaN logits fall here too.
+    if (metric.clean - metric.corrupted).abs().partial_cmp(&1e-6)
+        != Some(std::cmp::Ordering::Greater)
+    {
+        return Err(Error::InvalidArgument {
+            what: "prompt pair",
+            value: format!(
+                "logit difference {} clean, {} corrupted",
+                metric.clean, metric.corrupted
+            ),
+            message: "the clean and corrupted runs score the same, so there is nothing to \
+                      restore: choose prompts or answers the model tells apart"
+                .into(),
+        });
+    }
+    let (base_ids, base, source) = match request.direction {
+        Direction::Denoise => (&request.corrupted, &corrupted, &clean),
+        Direction::Noise => (&request.clean, &clean, &corrupted),
+    };
+    let total = passes(model, request);
+    let mut done = 0;
+    let mut grids = Vec::with_capacity(request.sites.len());
+    for &site in &request.sites {
+        let mut patched = Vec::with_capacity(dims.n_layers);
+        for layer in 0..dims.n_layers {
+            let point = site.hook(layer);
+            let value = source.cache.require(point)?;
+            let columns = if site.per_head() {
+                dims.n_heads
+            } else {
+                base_ids.len()
+            };
+            let mut row = Vec::with_capacity(columns);
+            for start in (0..columns).step_by(BATCH) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let cells = start..(start + BATCH).min(columns);
+                let mask = cell_mask(model, site, base_ids.len(), cells.clone())?;
+                let hooks = Hooks::new().intervene(point, splice(value.clone(), mask));
+                let ids = model.ids_tensor(base_ids)?.repeat((cells.len(), 1))?;
+                let logits = model.forward(&ids, &hooks)?.logits;
+                row.extend(
+                    logit_diffs(&logits, metric.answer, metric.wrong)?
+                        .into_iter()
+                        .map(|m| metric.normalise(m)),
+                );
+                done += 1;
+                progress(done, total);
+            }
+            patched.push(row);
+        }
+        grids.push(PatchGrid {
+            site,
+            patched,
+            attribution: None,
+        });
+    }
+    if request.attribution {
+        let estimates = attribute(model, request, base_ids, base, source, &metric)?;
+        for (grid, estimate) in grids.iter_mut().zip(estimates) {
+            grid.attribution = Some(estimate);
+        }
+    }
+    Ok(Some(PatchReport {
+        clean_tokens: model.tokenizer.tokens_display(&request.clean),
+        corrupted_tokens: model.tokenizer.tokens_display(&request.corrupted),
+        differing: (0..request.clean.len())
+            .filter(|&p| request.clean[p] != request.corrupted[p])
+            .collect(),
+        answer: model.tokenizer.token_display(request.answer),
+        wrong: model.tokenizer.token_display(request.wrong),
+        clean_logit_diff: metric.clean,
+        corrupted_logit_diff: metric.corrupted,
+        direction: request.direction,
+        grids,
+    }))
+}
+
+/// The attribution-patching estimate of every site's grid: one backward pass through the run
+/// patched into, with a gradient leaf at every patched hook.
+fn attribute(
+    model: &Model,
+    request: &PatchRequest,
+    base_ids: &[u32],
+    base: &ForwardOutput,
+    source: &ForwardOutput,
+    metric: &Metric,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let dims = model.dims();
+    let mut hooks = Hooks::new();
+    for &site in &request.sites {
+        for layer in 0..dims.n_layers {
+            hooks = hooks.grad(site.hook(layer));
+        }
+    }
+    let run = model.forward(&model.ids_tensor(base_ids)?, &hooks)?;
+    let logit_diff = logit_diff_tensor(&run.logits, metric.answer, metric.wrong)?.sum_all()?;
+    let grads = logit_diff.backward()?;
+    let scale = (metric.clean - metric.corrupted) as f64;
+    let offset = request.direction.unpatched() as f64;
+    let mut out = Vec::with_capacity(request.sites.len());
+    for &site in &request.sites {
+        let mut grid = Vec::with_capacity(dims.n_layers);
+        for layer in 0..dims.n_layers {
+            let point = site.hook(layer);
+            let leaf = run.grad_leaf(point).ok_or_else(|| Error::UnknownHook {
+                name: point.to_string(),
+                valid: String::new(),
+            })?;
+            // A hook the metric does not reach (none in a decoder) has a zero gradient.
+            let delta = (source.cache.require(point)? - base.cache.require(point)?)?
+                .get(0)?
+                .to_dtype(DType::F32)?; // [seq, d]
+            let effect = match grads.get(leaf) {
+                Some(g) => (g.get(0)?.to_dtype(DType::F32)? * delta)?,
+                None => delta.zeros_like()?,
+            };
+            let cells = if site.per_head() {
+                // [seq, heads·d_head] → per head, summed over positions.
+                effect
+                    .sum(0)?
+                    .reshape((dims.n_heads, dims.head_dim))?
+                    .sum(1)?
+            } else {
+                effect.sum(1)?
+            };
+            let cells = cells.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            grid.push(
+                cells
+                    .into_iter()
+                    .map(|e| (offset + e / scale) as f32)
+                    .collect(),
+            );
+        }
+        out.push(grid);
+    }
+    Ok(out)
+}
+
+/// The metric's two anchors.
+struct Metric {
+    answer: u32,
+    wrong: u32,
+    clean: f32,
+    corrupted: f32,
+}
+
+impl Metric {
+    fn normalise(&self, logit_diff: f32) -> f32 {
+        (logit_diff - self.corrupted) / (self.clean - self.corrupted)
+    }
+}
+
+fn validate(model: &Model, request: &PatchRequest) -> Result<()> {
+    check_prompts(model, &request.clean, &request.corrupted)?;
+    if request.answer == request.wrong {
+        return Err(Error::InvalidArgument {
+            what: "wrong answer",
+            value: model.tokenizer.token_display(request.wrong),
+            message: "is the answer: the metric is the logit difference of two tokens".into(),
+        });
+    }
+    for (what, id) in [("answer", request.answer), ("wrong answer", request.wrong)] {
+        if id as usize >= model.dims().vocab_size {
+            return Err(Error::InvalidArgument {
+                what,
+                value: id.to_string(),
+                message: format!("is not a token id (vocabulary {})", model.dims().vocab_size),
+            });
+        }
+    }
+    if request.sites.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "patching sites",
+            value: String::new(),
+            message: "name at least one of resid_pre, attn_out, mlp_out, heads".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a prompt pair patching cannot use: empty, of different token counts, or the same.
+pub fn check_prompts(model: &Model, clean: &[u32], corrupted: &[u32]) -> Result<()> {
+    if clean.is_empty() || corrupted.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    if clean.len() != corrupted.len() {
+        return Err(Error::InvalidArgument {
+            what: "corrupted prompt",
+            value: format!(
+                "{} tokens against the clean prompt's {}",
+                corrupted.len(),
+                clean.len()
+            ),
+            message: "patching copies activations position by position, so both prompts must \
+                      have the same number of tokens (swap in names of the same token length)"
+                .into(),
+        });
+    }
+    if clean == corrupted {
+        return Err(Error::InvalidArgument {
+            what: "corrupted prompt",
+            value: model.tokenizer.decode(corrupted)?,
+            message: "is the clean prompt: change the tokens whose effect should be traced".into(),
+        });
+    }
+    Ok(())
+}
+
+/// 0/1 mask selecting one cell per batch row: row `i` patches position (or head)
+/// `cells.start + i`. `[rows, seq, 1]` for positions, `[rows, 1, heads·d_head]` for heads.
+fn cell_mask(
+    model: &Model,
+    site: Site,
+    seq: usize,
+    cells: std::ops::Range<usize>,
+) -> Result<Tensor> {
+    let rows = cells.len();
+    let mask = if site.per_head() {
+        let (heads, head_dim) = (model.dims().n_heads, model.dims().head_dim);
+        let width = heads * head_dim;
+        let mut data = vec![0f32; rows * width];
+        for (row, head) in cells.enumerate() {
+            data[row * width + head * head_dim..row * width + (head + 1) * head_dim].fill(1.0);
+        }
+        Tensor::from_vec(data, (rows, 1, width), &model.device)?
+    } else {
+        let mut data = vec![0f32; rows * seq];
+        for (row, position) in cells.enumerate() {
+            data[row * seq + position] = 1.0;
+        }
+        Tensor::from_vec(data, (rows, seq, 1), &model.device)?
+    };
+    Ok(mask)
+}
+
+/// An intervention that replaces the masked entries of each batch row with `source`
+/// (`[1, seq, d]`, broadcast over the rows).
+fn splice(source: Tensor, mask: Tensor) -> Intervention {
+    Intervention::new(InterventionOp::Func(Arc::new(
+        move |x: &Tensor, _offset| {
+            let mask = mask.to_dtype(x.dtype())?;
+            let keep = mask.affine(-1.0, 1.0)?;
+            x.broadcast_mul(&keep)?
+                .add(&source.to_dtype(x.dtype())?.broadcast_mul(&mask)?)
+        },
+    )))
+}
+
+/// logit(answer) − logit(wrong) at the last position of every batch row, `[batch]`.
+fn logit_diff_tensor(logits: &Tensor, answer: u32, wrong: u32) -> Result<Tensor> {
+    let last = logits.dim(1)? - 1;
+    let last = logits.narrow(1, last, 1)?.squeeze(1)?;
+    let a = last.narrow(D::Minus1, answer as usize, 1)?;
+    let w = last.narrow(D::Minus1, wrong as usize, 1)?;
+    Ok((a - w)?.squeeze(1)?)
+}
+
+fn logit_diffs(logits: &Tensor, answer: u32, wrong: u32) -> Result<Vec<f32>> {
+    Ok(logit_diff_tensor(logits, answer, wrong)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
+}

@@ -1,0 +1,301 @@
+//! Activation and attribution patching on every architecture's fixture model (f64): patched
+//! cells that cannot matter score exactly 0, patching the only changed token in the first
+//! layer restores the clean run, every batched cell equals the same patch made alone through
+//! the hook mechanism, and attribution patching is the metric's derivative along the patch.
+//! `monoscope patch` on the bundled world model traces Japan → France to the subject token.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{MODEL_TYPES, fixture_dir};
+use monoscope::Model;
+use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp};
+use monoscope::patching::{Direction, PatchReport, PatchRequest, Site, patch};
+
+const ANSWER: u32 = 17;
+const WRONG: u32 = 40;
+
+/// A fixture model in f64, a prompt of `len` tokens (the bilingual sentence repeated) and the
+/// same prompt with the token at `changed` replaced.
+fn pair(model_type: &str, len: usize, changed: usize) -> (Model, Vec<u32>, Vec<u32>) {
+    let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
+    let sentence = model
+        .encode_prompt("The capital of Japan is 東京, of France Paris. ")
+        .unwrap();
+    let clean: Vec<u32> = sentence.iter().copied().cycle().take(len).collect();
+    let mut corrupted = clean.clone();
+    corrupted[changed] = (clean[changed] + 7) % 200 + 20;
+    assert_ne!(corrupted[changed], clean[changed]);
+    (model, clean, corrupted)
+}
+
+fn run(model: &Model, clean: &[u32], corrupted: &[u32], direction: Direction) -> PatchReport {
+    let request = PatchRequest {
+        clean: clean.to_vec(),
+        corrupted: corrupted.to_vec(),
+        answer: ANSWER,
+        wrong: WRONG,
+        sites: Site::ALL.to_vec(),
+        direction,
+        attribution: true,
+    };
+    let mut calls = 0;
+    let report = patch(
+        model,
+        &request,
+        &AtomicBool::new(false),
+        &mut |done, total| {
+            calls += 1;
+            assert_eq!(done, calls);
+            assert!(done <= total);
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(calls, monoscope::patching::passes(model, &request));
+    report
+}
+
+/// logit(ANSWER) − logit(WRONG) at the last position of `ids` with `hooks`.
+fn logit_diff(model: &Model, ids: &[u32], hooks: &Hooks) -> f64 {
+    let logits = model
+        .forward(&model.ids_tensor(ids).unwrap(), hooks)
+        .unwrap()
+        .logits;
+    let last = logits.i((0, ids.len() - 1)).unwrap();
+    let at = |t: u32| {
+        last.i(t as usize)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    at(ANSWER) - at(WRONG)
+}
+
+/// The value of `point` on a run of `ids`.
+fn capture(model: &Model, ids: &[u32], point: HookPoint) -> Tensor {
+    let out = model
+        .forward(
+            &model.ids_tensor(ids).unwrap(),
+            &Hooks::new().capture([point]),
+        )
+        .unwrap();
+    out.cache.require(point).unwrap().clone()
+}
+
+/// The intervention patching one cell: `site`'s position or head `column`.
+fn cell(model: &Model, site: Site, column: usize, value: Tensor) -> Intervention {
+    let replace = Intervention::new(InterventionOp::Replace(value));
+    if site.per_head() {
+        let d_head = model.dims().head_dim;
+        replace.at_channels((column * d_head..(column + 1) * d_head).collect::<Vec<_>>())
+    } else {
+        replace.at_positions(vec![column as i64])
+    }
+}
+
+#[test]
+fn patching_restores_exactly_what_the_changed_token_carries_on_every_architecture() {
+    for &model_type in MODEL_TYPES {
+        let changed = 3;
+        let (model, clean, corrupted) = pair(model_type, 9, changed);
+        let n_layers = model.dims().n_layers;
+        let report = run(&model, &clean, &corrupted, Direction::Denoise);
+        assert_eq!(report.differing, vec![changed]);
+        let m_clean = logit_diff(&model, &clean, &Hooks::new());
+        assert!((report.clean_logit_diff as f64 - m_clean).abs() < 1e-5 * m_clean.abs().max(1.0));
+        for grid in &report.grids {
+            let estimate = grid.attribution.as_ref().unwrap();
+            assert_eq!(grid.patched.len(), n_layers, "{model_type}");
+            for (layer, (row, est)) in grid.patched.iter().zip(estimate).enumerate() {
+                if grid.site.per_head() {
+                    assert_eq!(row.len(), model.dims().n_heads);
+                    continue;
+                }
+                assert_eq!(row.len(), clean.len());
+                // Before the changed token both runs are the same: nothing to restore.
+                for p in 0..changed {
+                    assert!(
+                        row[p].abs() < 1e-9,
+                        "{model_type} {:?} {layer}.{p}",
+                        grid.site
+                    );
+                    assert!(
+                        est[p].abs() < 1e-9,
+                        "{model_type} {:?} {layer}.{p}",
+                        grid.site
+                    );
+                }
+            }
+        }
+        // The changed token's clean embedding, entering block 0, is the whole clean run; the
+        // other tokens entering block 0 are the same in both runs.
+        let resid = report.grid(Site::ResidPre).unwrap();
+        for (p, &v) in resid.patched[0].iter().enumerate() {
+            if p != changed {
+                assert!(v.abs() < 1e-9, "{model_type} position {p}: {v}");
+            }
+        }
+        assert!(
+            (resid.patched[0][changed] - 1.0).abs() < 1e-5,
+            "{model_type}: {}",
+            resid.patched[0][changed]
+        );
+        // Noising mirrors it: the corrupted token alone makes the corrupted run.
+        let noised = run(&model, &clean, &corrupted, Direction::Noise);
+        let resid = noised.grid(Site::ResidPre).unwrap();
+        assert!(resid.patched[0][changed].abs() < 1e-5, "{model_type}");
+        assert!((resid.patched[0][0] - 1.0).abs() < 1e-9, "{model_type}");
+    }
+}
+
+/// Each batch row patches its own cell: every cell the report gives equals the same patch
+/// made alone with a `Replace` intervention at that hook. The 40-token prompt splits the
+/// positions over two batches.
+#[test]
+fn every_batched_cell_equals_the_same_patch_made_alone() {
+    for (model_type, len) in [("llama", 40), ("gpt2", 9), ("gemma", 9)] {
+        let (model, clean, corrupted) = pair(model_type, len, 2);
+        let report = run(&model, &clean, &corrupted, Direction::Denoise);
+        let (m_clean, m_corrupt) = (
+            logit_diff(&model, &clean, &Hooks::new()),
+            logit_diff(&model, &corrupted, &Hooks::new()),
+        );
+        let last_layer = model.dims().n_layers - 1;
+        for (site, layer, column) in [
+            (Site::ResidPre, 1, len - 1),
+            (Site::AttnOut, last_layer, len - 1),
+            (Site::MlpOut, 0, 2),
+            (Site::MlpOut, 1, 35.min(len - 1)),
+            (Site::Heads, last_layer, 1),
+            (Site::Heads, 0, model.dims().n_heads - 1),
+        ] {
+            let point = site.hook(layer);
+            let hooks = Hooks::new().intervene(
+                point,
+                cell(&model, site, column, capture(&model, &clean, point)),
+            );
+            let alone =
+                (logit_diff(&model, &corrupted, &hooks) - m_corrupt) / (m_clean - m_corrupt);
+            let batched = report.grid(site).unwrap().patched[layer][column] as f64;
+            assert!(
+                (alone - batched).abs() < 1e-5,
+                "{model_type} {site:?} {layer}.{column}: alone {alone}, batched {batched}"
+            );
+        }
+    }
+}
+
+/// Attribution patching's cell is the derivative of the normalised metric along the patch
+/// (base + ε·(source − base) at that cell), checked by central differences in both
+/// directions.
+#[test]
+fn attribution_patching_is_the_derivative_along_the_patch() {
+    for &model_type in MODEL_TYPES {
+        let (model, clean, corrupted) = pair(model_type, 9, 4);
+        for direction in [Direction::Denoise, Direction::Noise] {
+            let report = run(&model, &clean, &corrupted, direction);
+            let (base, source) = match direction {
+                Direction::Denoise => (&corrupted, &clean),
+                Direction::Noise => (&clean, &corrupted),
+            };
+            let span = (report.clean_logit_diff - report.corrupted_logit_diff) as f64;
+            for (site, layer, column) in [
+                (Site::ResidPre, 1, 4),
+                (Site::ResidPre, 1, 8),
+                (Site::MlpOut, 0, 4),
+                (Site::AttnOut, 1, 8),
+                (Site::Heads, 1, 0),
+            ] {
+                let point = site.hook(layer);
+                let (b, s) = (capture(&model, base, point), capture(&model, source, point));
+                let delta = (&s - &b).unwrap();
+                let at = |eps: f64| {
+                    let value = (&b + delta.affine(eps, 0.0).unwrap()).unwrap();
+                    let hooks = Hooks::new().intervene(point, cell(&model, site, column, value));
+                    logit_diff(&model, base, &hooks)
+                };
+                let eps = 1e-4;
+                let slope = (at(eps) - at(-eps)) / (2.0 * eps) / span;
+                let estimate = report.grid(site).unwrap().attribution.as_ref().unwrap()[layer]
+                    [column] as f64
+                    - direction.unpatched() as f64;
+                assert!(
+                    (slope - estimate).abs() < 1e-4 * slope.abs().max(1e-2),
+                    "{model_type} {direction:?} {site:?} {layer}.{column}: slope {slope}, estimate {estimate}"
+                );
+            }
+        }
+    }
+}
+
+/// The README's example: the clean answer defaults to the model's prediction, the subject is
+/// the only changed token, and its clean embedding restores the answer.
+#[test]
+fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
+    let args = [
+        "patch",
+        "--clean",
+        "The capital of Japan is",
+        "--corrupted",
+        "The capital of France is",
+        "--attribution",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args.iter().chain(&["--json"]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let subject = report["differing"].as_array().unwrap();
+    assert_eq!(subject.len(), 1);
+    let subject = subject[0].as_u64().unwrap() as usize;
+    assert!(
+        report["clean_tokens"][subject]
+            .as_str()
+            .unwrap()
+            .contains("Japan")
+    );
+    assert!(
+        report["corrupted_tokens"][subject]
+            .as_str()
+            .unwrap()
+            .contains("France")
+    );
+    assert_ne!(report["answer"], report["wrong"]);
+    let clean = report["clean_logit_diff"].as_f64().unwrap();
+    let corrupted = report["corrupted_logit_diff"].as_f64().unwrap();
+    assert!(clean > 0.0 && corrupted < 0.0, "{clean} {corrupted}");
+    let grids = report["grids"].as_array().unwrap();
+    let sites: Vec<&str> = grids.iter().map(|g| g["site"].as_str().unwrap()).collect();
+    assert_eq!(sites, ["resid_pre", "attn_out", "mlp_out", "heads"]);
+    let resid = &grids[0]["patched"];
+    assert!((resid[0][subject].as_f64().unwrap() - 1.0).abs() < 1e-4);
+    assert!(grids.iter().all(|g| g["attribution"].is_array()));
+
+    let text = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    for needle in [
+        "resid_pre (patched)",
+        "heads (attribution patching",
+        "moved most by",
+        "correlation",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
