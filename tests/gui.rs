@@ -385,6 +385,100 @@ fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
 }
 
 #[test]
+fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head() {
+    use monoscope::gui::widgets::display_token;
+    use monoscope::patching::{Direction, PatchRequest, Site, patch, predicted_answers};
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Patching");
+    let model = h.state().workbench.model.clone().unwrap();
+    // What the library gives for the panel's default pair, in the words the panel shows.
+    let report = |clean: &str, corrupted: &str, direction| {
+        let clean = model.encode_prompt(clean).unwrap();
+        let corrupted = model.encode_prompt(corrupted).unwrap();
+        let (answer, wrong) = predicted_answers(&model, &clean, &corrupted).unwrap();
+        let request = PatchRequest {
+            clean,
+            corrupted,
+            answer,
+            wrong,
+            sites: Site::ALL.to_vec(),
+            direction,
+            attribution: true,
+        };
+        let never = std::sync::atomic::AtomicBool::new(false);
+        patch(&model, &request, &never, &mut |_, _| {})
+            .unwrap()
+            .unwrap()
+    };
+    let headline = |r: &monoscope::patching::PatchReport| {
+        format!(
+            "logit({}) − logit({}): clean {:.3}, corrupted {:.3}",
+            display_token(&r.answer),
+            display_token(&r.wrong),
+            r.clean_logit_diff,
+            r.corrupted_logit_diff
+        )
+    };
+    let expected = report(
+        "The capital of Japan is",
+        "The capital of France is",
+        Direction::Denoise,
+    );
+    let line = headline(&expected);
+    wait_for(&mut h, &line, |h| has_label(h, &line) && !h.state().busy());
+    // The residual stream's strongest cell is named beneath its grid, and the estimate's
+    // agreement beside it.
+    let resid = expected.grid(Site::ResidPre).unwrap();
+    let (layer, position, v) = resid.ranked(Direction::Denoise)[0];
+    let strongest = format!(
+        "block {layer} at {} {v:.2}",
+        display_token(&expected.clean_tokens[position])
+    );
+    assert!(has_label(&h, &strongest), "{strongest}");
+    let agreement = format!(
+        "correlation with patching {:.3}",
+        resid.agreement().unwrap()
+    );
+    assert!(has_label(&h, &agreement), "{agreement}");
+
+    // Noising, on another pair: the form runs again.
+    replace_text(&mut h, "Corrupted prompt", "The capital of Italy is");
+    h.get_by_label("corrupted values into the clean run")
+        .click();
+    let noised = report(
+        "The capital of Japan is",
+        "The capital of Italy is",
+        Direction::Noise,
+    );
+    let line = headline(&noised);
+    wait_for(&mut h, &line, |h| has_label(h, &line) && !h.state().busy());
+
+    // The head grid's strongest head opens its attention pattern on the clean prompt.
+    h.get_by_label("heads").click();
+    h.step();
+    let (l, head, v) = noised.grid(Site::Heads).unwrap().ranked(Direction::Noise)[0];
+    h.get_by_label(&format!("head {l}.{head} {v:.2}")).click();
+    let title = format!("Attention pattern of head {l}.{head}");
+    wait_for(&mut h, &title, |h| {
+        has_label(h, &title) && !h.state().busy()
+    });
+    assert_eq!(h.state().current, PanelKind::Attention);
+
+    // A pair of different lengths is refused with a message, not a crash.
+    open_panel(&mut h, "Patching");
+    replace_text(
+        &mut h,
+        "Corrupted prompt",
+        "The capital city of the United Kingdom is",
+    );
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the refusal", |h| {
+        has_message(h, &["activation patching", "same number of tokens"])
+    });
+}
+
+#[test]
 fn a_feature_page_shows_its_top_contexts() {
     let mut h = harness();
     wait_for(&mut h, "the feature store", |h| {

@@ -306,10 +306,11 @@ mod screenshots {
     use super::{PanelKind, Workbench};
 
     /// Training last: its result becomes the open SAE.
-    const TOUR: [PanelKind; 8] = [
+    const TOUR: [PanelKind; 9] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
+        PanelKind::Patching,
         PanelKind::Features,
         PanelKind::Neurons,
         PanelKind::Edit,

@@ -130,7 +130,35 @@ pub mod explain {
         head that brings little back stays dark.";
     pub const DLA_TARGET: &str = "The continuation whose first token's logit is attributed \
         (\" Tokyo\", with its leading space); empty: the model's own prediction.";
+    pub const DENOISING: &str = "Denoising: one activation of the clean run copied into \
+        the corrupted run. A cell near 1 is enough on its own to bring the clean answer back.";
+    pub const NOISING: &str = "Noising: one activation of the corrupted run copied into the \
+        clean run. A cell near 0 is one the clean answer cannot do without.";
+    pub const PATCHING_SCALE: &str = "The metric is logit(answer) − logit(wrong answer) at the \
+        last token, rescaled so that the corrupted run scores 0 and the clean run 1: \
+        (patched − corrupted) / (clean − corrupted). Values below 0 draw as 0.";
+    pub const ATTRIBUTION_PATCHING: &str = "Attribution patching (Nanda 2023): every cell \
+        estimated at once as (source − base) · ∂metric/∂activation, from one backward pass \
+        through the run patched into. Exact for a linear metric; it underestimates cells where \
+        the logit difference saturates.";
     pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \
         corrupted with noise; restoring one state from the clean run brings P(answer) back by \
         this much.";
+
+    /// What one patching site's cells are.
+    pub fn patching_site(site: crate::patching::Site) -> &'static str {
+        use crate::patching::Site;
+        match site {
+            Site::ResidPre => {
+                "blocks.L.hook_resid_pre: the residual stream entering block L \
+                at one token (everything the earlier blocks wrote there)"
+            }
+            Site::AttnOut => "blocks.L.hook_attn_out: block L's attention output at one token",
+            Site::MlpOut => "blocks.L.hook_mlp_out: block L's MLP output at one token",
+            Site::Heads => {
+                "blocks.L.attn.hook_z: one head's output at every token; click a \
+                head to see its attention pattern"
+            }
+        }
+    }
 }

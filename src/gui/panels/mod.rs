@@ -7,6 +7,7 @@ mod export;
 mod features;
 mod lens;
 mod neurons;
+mod patching;
 mod playground;
 mod train;
 
@@ -20,6 +21,7 @@ pub enum PanelKind {
     Playground,
     Lens,
     Attention,
+    Patching,
     Train,
     Features,
     Neurons,
@@ -28,10 +30,11 @@ pub enum PanelKind {
 }
 
 impl PanelKind {
-    pub const ALL: [PanelKind; 8] = [
+    pub const ALL: [PanelKind; 9] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
+        PanelKind::Patching,
         PanelKind::Train,
         PanelKind::Features,
         PanelKind::Neurons,
@@ -44,6 +47,7 @@ impl PanelKind {
             PanelKind::Playground => "Playground",
             PanelKind::Lens => "Lens",
             PanelKind::Attention => "Attention",
+            PanelKind::Patching => "Patching",
             PanelKind::Train => "Train",
             PanelKind::Features => "Features",
             PanelKind::Neurons => "Neurons",
@@ -62,6 +66,9 @@ impl PanelKind {
             }
             PanelKind::Attention => {
                 "Attention patterns, and heads found by detectors (previous-token, induction, …)"
+            }
+            PanelKind::Patching => {
+                "Activation patching: which blocks, tokens and heads carry a clean prompt's answer"
             }
             PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
             PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
@@ -85,6 +92,7 @@ pub fn all() -> Vec<Box<dyn Panel>> {
         Box::<playground::Playground>::default(),
         Box::<lens::Lens>::default(),
         Box::<attention::Attention>::default(),
+        Box::<patching::Patching>::default(),
         Box::<train::Train>::default(),
         Box::<features::Features>::default(),
         Box::<neurons::Neurons>::default(),

@@ -1,0 +1,317 @@
+//! Patching: activation patching between a clean and a corrupted prompt, one site at a time
+//! (residual stream, attention and MLP outputs per block × position; each head), with
+//! attribution patching's estimate beside it.
+
+use egui::vec2;
+
+use super::{Panel, PanelKind, Reader, need_model};
+use crate::causal::target_token;
+use crate::gui::style::explain;
+use crate::gui::widgets::{Heatmap, display_token, job_row};
+use crate::gui::workbench::{PanelRequest, Workbench};
+use crate::jobs::JobHandle;
+use crate::model::Model;
+use crate::patching::{
+    Direction, PatchGrid, PatchReport, PatchRequest, Site, passes, patch, predicted_answers,
+};
+
+/// Cells offered as buttons under the grid.
+const STRONGEST: usize = 3;
+
+/// What a run answers: the form as it was when asked.
+#[derive(Clone, Debug, PartialEq)]
+struct Query {
+    clean: String,
+    corrupted: String,
+    /// Empty: the model's prediction after the prompt.
+    answer: String,
+    wrong: String,
+    direction: Direction,
+}
+
+pub struct Patching {
+    form: Query,
+    site: Site,
+    reader: Reader<Query, PatchReport>,
+}
+
+impl Default for Patching {
+    fn default() -> Self {
+        Self {
+            form: Query {
+                clean: "The capital of Japan is".into(),
+                corrupted: "The capital of France is".into(),
+                answer: String::new(),
+                wrong: String::new(),
+                direction: Direction::Denoise,
+            },
+            site: Site::ResidPre,
+            reader: Reader::default(),
+        }
+    }
+}
+
+impl Panel for Patching {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Patching
+    }
+
+    fn busy(&self) -> bool {
+        self.reader.busy()
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        self.reader.poll(wb);
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        let mut run = self.form_ui(ui);
+        ui.horizontal(|ui| {
+            ui.label("Patch");
+            run |= ui
+                .radio_value(
+                    &mut self.form.direction,
+                    Direction::Denoise,
+                    "clean values into the corrupted run",
+                )
+                .on_hover_text(explain::DENOISING)
+                .clicked();
+            run |= ui
+                .radio_value(
+                    &mut self.form.direction,
+                    Direction::Noise,
+                    "corrupted values into the clean run",
+                )
+                .on_hover_text(explain::NOISING)
+                .clicked();
+            run |= ui.button("Patch").clicked();
+            if let Some(job) = self.reader.job() {
+                ui.separator();
+                job_row(ui, job);
+            }
+        });
+        if run || self.reader.asked_mut().is_none() {
+            self.reader.ask(self.form.clone());
+        }
+        self.reader
+            .run_due(wb, "activation patching", move |query, job| {
+                run_patch(&model, query, job)
+            });
+        let Some(answer) = self.reader.answer() else {
+            return;
+        };
+        let report = &answer.value;
+        ui.separator();
+        ui.label(format!(
+            "logit({}) − logit({}): clean {:.3}, corrupted {:.3}. Each cell: the patched run's \
+             logit difference, 0 = the corrupted run, 1 = the clean run.",
+            display_token(&report.answer),
+            display_token(&report.wrong),
+            report.clean_logit_diff,
+            report.corrupted_logit_diff
+        ))
+        .on_hover_text(explain::PATCHING_SCALE);
+        ui.horizontal(|ui| {
+            ui.label("Site");
+            for site in Site::ALL {
+                ui.radio_value(&mut self.site, site, site.name())
+                    .on_hover_text(explain::patching_site(site));
+            }
+        });
+        let Some(grid) = report.grid(self.site) else {
+            return;
+        };
+        ui.weak(match grid.site.per_head() {
+            true => "rows: blocks; columns: heads (click a head to see its attention pattern)",
+            false => "rows: tokens (a changed one as clean→corrupted); columns: blocks",
+        });
+        let mut picked = None;
+        ui.horizontal_top(|ui| {
+            ui.vertical(|ui| {
+                ui.strong("activation patching");
+                picked = grid_view(ui, report, grid, &grid.patched);
+            });
+            if let Some(estimate) = &grid.attribution {
+                ui.add_space(12.0);
+                ui.vertical(|ui| {
+                    ui.strong("attribution patching's estimate")
+                        .on_hover_text(explain::ATTRIBUTION_PATCHING);
+                    grid_view(ui, report, grid, estimate);
+                    if let Some(r) = grid.agreement() {
+                        ui.label(format!("correlation with patching {r:.3}"));
+                    }
+                });
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("moved most by:");
+            for (layer, column, v) in grid.ranked(report.direction).into_iter().take(STRONGEST) {
+                let text = match grid.site.per_head() {
+                    true => format!("head {layer}.{column} {v:.2}"),
+                    false => format!(
+                        "block {layer} at {} {v:.2}",
+                        display_token(&report.clean_tokens[column])
+                    ),
+                };
+                if !grid.site.per_head() {
+                    ui.label(text);
+                } else if ui
+                    .button(text)
+                    .on_hover_text("show its attention pattern")
+                    .clicked()
+                {
+                    picked = Some((layer, column));
+                }
+            }
+        });
+        if let (Some((layer, head)), true) = (picked, grid.site.per_head()) {
+            wb.requests.push(PanelRequest::Pattern {
+                prompt: answer.question.clean.clone(),
+                layer,
+                head,
+            });
+            wb.goto = Some(PanelKind::Attention);
+        }
+        if answer.model_version != wb.model_version {
+            ui.weak("(computed before the model's last change; patching again)");
+        }
+    }
+}
+
+impl Patching {
+    /// The prompts and answers; true when Enter was pressed in one of them.
+    fn form_ui(&mut self, ui: &mut egui::Ui) -> bool {
+        let mut entered = false;
+        let mut field =
+            |ui: &mut egui::Ui, label: &str, text: &mut String, hint: &str, width: f32| {
+                let label = ui.label(label);
+                // Sized explicitly: a text field in a grid cell shrinks to the cell's width.
+                let response = ui
+                    .add_sized(
+                        [width, ui.spacing().interact_size.y],
+                        egui::TextEdit::singleline(text).hint_text(hint),
+                    )
+                    .labelled_by(label.id);
+                entered |= crate::gui::widgets::entered(ui, &response);
+            };
+        // Measured outside the grid, whose cells start narrow.
+        let width = (ui.available_width() - 360.0).max(200.0);
+        egui::Grid::new("patching form")
+            .num_columns(4)
+            .spacing(vec2(8.0, 4.0))
+            .show(ui, |ui| {
+                field(
+                    ui,
+                    "Clean prompt",
+                    &mut self.form.clean,
+                    "The capital of Japan is",
+                    width,
+                );
+                field(ui, "Answer", &mut self.form.answer, "its prediction", 90.0);
+                ui.end_row();
+                field(
+                    ui,
+                    "Corrupted prompt",
+                    &mut self.form.corrupted,
+                    "the same number of tokens, a few changed",
+                    width,
+                );
+                field(
+                    ui,
+                    "Wrong answer",
+                    &mut self.form.wrong,
+                    "its prediction",
+                    90.0,
+                );
+                ui.end_row();
+            });
+        entered
+    }
+}
+
+/// Every site patched and estimated for one query.
+fn run_patch(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<PatchReport> {
+    let clean = model.encode_prompt(&query.clean)?;
+    let corrupted = model.encode_prompt(&query.corrupted)?;
+    let token = |prompt: &str, text: &str| -> anyhow::Result<Option<u32>> {
+        Ok(match text.is_empty() {
+            true => None,
+            false => Some(target_token(model, prompt, text)?),
+        })
+    };
+    let (answer, wrong) = match (
+        token(&query.clean, &query.answer)?,
+        token(&query.corrupted, &query.wrong)?,
+    ) {
+        (Some(a), Some(w)) => (a, w),
+        (a, w) => {
+            let (predicted_answer, predicted_wrong) = predicted_answers(model, &clean, &corrupted)?;
+            (a.unwrap_or(predicted_answer), w.unwrap_or(predicted_wrong))
+        }
+    };
+    let request = PatchRequest {
+        clean,
+        corrupted,
+        answer,
+        wrong,
+        sites: Site::ALL.to_vec(),
+        direction: query.direction,
+        attribution: true,
+    };
+    let total = passes(model, &request) as u64;
+    let report = patch(model, &request, job.cancel_flag(), &mut |done, _| {
+        job.set_progress(done as u64, total, "passes")
+    })?;
+    report.ok_or_else(|| anyhow::anyhow!("cancelled"))
+}
+
+/// One grid: block × position grids drawn with tokens down and blocks across (the prompt
+/// reads down, as in causal tracing), the head grid with blocks down and heads across. Returns
+/// a clicked head.
+fn grid_view(
+    ui: &mut egui::Ui,
+    report: &PatchReport,
+    grid: &PatchGrid,
+    values: &[Vec<f32>],
+) -> Option<(usize, usize)> {
+    let layers = values.len();
+    let columns = values.first().map_or(0, Vec::len);
+    let what = format!("{} patched", grid.site.name());
+    if grid.site.per_head() {
+        let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        let rows: Vec<String> = (0..layers).map(|l| format!("block {l}")).collect();
+        let cols: Vec<String> = (0..columns).map(|h| format!("H{h}")).collect();
+        return Heatmap {
+            values: &flat,
+            rows: layers,
+            cols: columns,
+            row_labels: &rows,
+            col_labels: &cols,
+            cell: vec2(34.0, 18.0),
+            what: &what,
+            max: Some(1.0),
+        }
+        .show(ui);
+    }
+    let transposed: Vec<f32> = (0..columns)
+        .flat_map(|p| values.iter().map(move |row| row[p]))
+        .collect();
+    let rows: Vec<String> = report
+        .position_labels()
+        .iter()
+        .map(|t| display_token(t))
+        .collect();
+    let cols: Vec<String> = (0..layers).map(|l| format!("{l}")).collect();
+    Heatmap {
+        values: &transposed,
+        rows: columns,
+        cols: layers,
+        row_labels: &rows,
+        col_labels: &cols,
+        cell: vec2(26.0, 18.0),
+        what: &what,
+        max: Some(1.0),
+    }
+    .show(ui);
+    None
+}
