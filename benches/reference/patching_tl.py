@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""TransformerLens reference for benches/patching.rs: the bundled world model (a local
+Hugging Face GPT-2 folder) booted with TransformerBridge (TransformerLens 4; raw HF weights,
+eager attention), "The capital of Japan is" against "The capital of France is", the
+normalised logit difference of " Tokyo" and " Paris" (first tokens), and TransformerLens's
+get_act_patch_resid_pre / _attn_out / _mlp_out / _attn_head_out_all_pos, timed together
+(best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
+
+import argparse
+import importlib.metadata
+import json
+import time
+
+import torch
+import transformer_lens.patching as patching
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerFast
+
+SITES = {
+    "resid_pre": patching.get_act_patch_resid_pre,
+    "attn_out": patching.get_act_patch_attn_out,
+    "mlp_out": patching.get_act_patch_mlp_out,
+    "heads": patching.get_act_patch_attn_head_out_all_pos,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="assets/world")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
+    model = TransformerBridge.boot_transformers(args.model, tokenizer=tok, device="cpu")
+    clean = torch.tensor([tok.encode("The capital of Japan is")])
+    corrupted = torch.tensor([tok.encode("The capital of France is")])
+    answer, wrong = tok.encode(" Tokyo")[0], tok.encode(" Paris")[0]
+
+    def logit_diff(logits):
+        return logits[0, -1, answer] - logits[0, -1, wrong]
+
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        clean_ld = logit_diff(clean_logits).item()
+        corrupted_ld = logit_diff(model(corrupted)).item()
+
+    def metric(logits):
+        return (logit_diff(logits) - corrupted_ld) / (clean_ld - corrupted_ld)
+
+    def run_all():
+        return {name: f(model, corrupted, clean_cache, metric) for name, f in SITES.items()}
+
+    run_all()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        grids = run_all()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({
+        "transformer_lens": importlib.metadata.version("transformer_lens"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clean_logit_diff": clean_ld,
+        "corrupted_logit_diff": corrupted_ld,
+        "seconds": min(times),
+        "grids": {name: g.tolist() for name, g in grids.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
