@@ -119,6 +119,16 @@ pub struct PatchRequest {
     pub attribution: bool,
 }
 
+impl PatchRequest {
+    /// The tokens of the run patched into.
+    pub fn base_ids(&self) -> &[u32] {
+        match self.direction {
+            Direction::Denoise => &self.corrupted,
+            Direction::Noise => &self.clean,
+        }
+    }
+}
+
 /// One site's grid.
 #[derive(Clone, Debug, Serialize)]
 pub struct PatchGrid {
@@ -260,47 +270,23 @@ pub fn patch(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<PatchReport>> {
     validate(model, request)?;
-    let dims = model.dims();
-    let hooks_of = |sites: &[Site]| -> Vec<HookPoint> {
-        sites
-            .iter()
-            .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
-            .collect()
-    };
-    let points = hooks_of(&request.sites);
-    let run = |ids: &[u32]| {
-        model.forward(
-            &model.ids_tensor(ids)?,
-            &Hooks::new().capture(points.iter().copied()),
-        )
-    };
-    let clean = run(&request.clean)?;
-    let corrupted = run(&request.corrupted)?;
-    let metric = Metric {
-        answer: request.answer,
-        wrong: request.wrong,
-        clean: logit_diffs(&clean.logits, request.answer, request.wrong)?[0],
-        corrupted: logit_diffs(&corrupted.logits, request.answer, request.wrong)?[0],
-    };
-    // NaN logits fall here too.
-    if (metric.clean - metric.corrupted).abs().partial_cmp(&1e-6)
-        != Some(std::cmp::Ordering::Greater)
-    {
+    if request.sites.is_empty() {
         return Err(Error::InvalidArgument {
-            what: "prompt pair",
-            value: format!(
-                "logit difference {} clean, {} corrupted",
-                metric.clean, metric.corrupted
-            ),
-            message: "the clean and corrupted runs score the same, so there is nothing to \
-                      restore: choose prompts or answers the model tells apart"
-                .into(),
+            what: "patching sites",
+            value: String::new(),
+            message: "name at least one of resid_pre, attn_out, mlp_out, heads".into(),
         });
     }
-    let (base_ids, base, source) = match request.direction {
-        Direction::Denoise => (&request.corrupted, &corrupted, &clean),
-        Direction::Noise => (&request.clean, &clean, &corrupted),
-    };
+    let dims = model.dims();
+    let points: Vec<HookPoint> = request
+        .sites
+        .iter()
+        .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
+        .collect();
+    let runs = PairedRuns::new(model, request, &points)?;
+    let metric = &runs.metric;
+    let (base, source) = runs.base_and_source(request.direction);
+    let base_ids = request.base_ids();
     let total = passes(model, request);
     let mut done = 0;
     let mut grids = Vec::with_capacity(request.sites.len());
@@ -324,11 +310,7 @@ pub fn patch(
                 let hooks = Hooks::new().intervene(point, splice(value.clone(), mask));
                 let ids = model.ids_tensor(base_ids)?.repeat((cells.len(), 1))?;
                 let logits = model.forward(&ids, &hooks)?.logits;
-                row.extend(
-                    logit_diffs(&logits, metric.answer, metric.wrong)?
-                        .into_iter()
-                        .map(|m| metric.normalise(m)),
-                );
+                row.extend(metric.normalised(&logits)?);
                 done += 1;
                 progress(done, total);
             }
@@ -341,7 +323,7 @@ pub fn patch(
         });
     }
     if request.attribution {
-        let estimates = attribute(model, request, base_ids, base, source, &metric)?;
+        let estimates = attribute(model, request, base_ids, base, source, metric)?;
         for (grid, estimate) in grids.iter_mut().zip(estimates) {
             grid.attribution = Some(estimate);
         }
@@ -372,15 +354,12 @@ fn attribute(
     metric: &Metric,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let dims = model.dims();
-    let mut hooks = Hooks::new();
-    for &site in &request.sites {
-        for layer in 0..dims.n_layers {
-            hooks = hooks.grad(site.hook(layer));
-        }
-    }
-    let run = model.forward(&model.ids_tensor(base_ids)?, &hooks)?;
-    let logit_diff = logit_diff_tensor(&run.logits, metric.answer, metric.wrong)?.sum_all()?;
-    let grads = logit_diff.backward()?;
+    let points: Vec<HookPoint> = request
+        .sites
+        .iter()
+        .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
+        .collect();
+    let mut grads = metric_gradients(model, base_ids, metric, &points)?.into_iter();
     let scale = (metric.clean - metric.corrupted) as f64;
     let offset = request.direction.unpatched() as f64;
     let mut out = Vec::with_capacity(request.sites.len());
@@ -388,18 +367,14 @@ fn attribute(
         let mut grid = Vec::with_capacity(dims.n_layers);
         for layer in 0..dims.n_layers {
             let point = site.hook(layer);
-            let leaf = run.grad_leaf(point).ok_or_else(|| Error::UnknownHook {
+            let grad = grads.next().ok_or_else(|| Error::UnknownHook {
                 name: point.to_string(),
                 valid: String::new(),
             })?;
-            // A hook the metric does not reach (none in a decoder) has a zero gradient.
             let delta = (source.cache.require(point)? - base.cache.require(point)?)?
                 .get(0)?
                 .to_dtype(DType::F32)?; // [seq, d]
-            let effect = match grads.get(leaf) {
-                Some(g) => (g.get(0)?.to_dtype(DType::F32)? * delta)?,
-                None => delta.zeros_like()?,
-            };
+            let effect = (grad.to_dtype(DType::F32)? * delta)?;
             let cells = if site.per_head() {
                 // [seq, heads·d_head] → per head, summed over positions.
                 effect
@@ -423,17 +398,109 @@ fn attribute(
 }
 
 /// The metric's two anchors.
-struct Metric {
-    answer: u32,
-    wrong: u32,
-    clean: f32,
-    corrupted: f32,
+pub(crate) struct Metric {
+    pub answer: u32,
+    pub wrong: u32,
+    pub clean: f32,
+    pub corrupted: f32,
 }
 
 impl Metric {
-    fn normalise(&self, logit_diff: f32) -> f32 {
+    pub fn normalise(&self, logit_diff: f32) -> f32 {
         (logit_diff - self.corrupted) / (self.clean - self.corrupted)
     }
+
+    /// The normalised metric of each batch row of `logits`.
+    pub fn normalised(&self, logits: &Tensor) -> Result<Vec<f32>> {
+        Ok(logit_diffs(logits, self.answer, self.wrong)?
+            .into_iter()
+            .map(|m| self.normalise(m))
+            .collect())
+    }
+}
+
+/// A request's clean and corrupted runs with `points` captured, and the metric they anchor.
+pub(crate) struct PairedRuns {
+    pub clean: ForwardOutput,
+    pub corrupted: ForwardOutput,
+    pub metric: Metric,
+}
+
+impl PairedRuns {
+    /// Validates the request's pair and answers; refuses a pair the metric cannot tell apart.
+    pub fn new(model: &Model, request: &PatchRequest, points: &[HookPoint]) -> Result<Self> {
+        validate(model, request)?;
+        let run = |ids: &[u32]| {
+            model.forward(
+                &model.ids_tensor(ids)?,
+                &Hooks::new().capture(points.iter().copied()),
+            )
+        };
+        let clean = run(&request.clean)?;
+        let corrupted = run(&request.corrupted)?;
+        let metric = Metric {
+            answer: request.answer,
+            wrong: request.wrong,
+            clean: logit_diffs(&clean.logits, request.answer, request.wrong)?[0],
+            corrupted: logit_diffs(&corrupted.logits, request.answer, request.wrong)?[0],
+        };
+        // NaN logits fall here too.
+        if (metric.clean - metric.corrupted).abs().partial_cmp(&1e-6)
+            != Some(std::cmp::Ordering::Greater)
+        {
+            return Err(Error::InvalidArgument {
+                what: "prompt pair",
+                value: format!(
+                    "logit difference {} clean, {} corrupted",
+                    metric.clean, metric.corrupted
+                ),
+                message: "the clean and corrupted runs score the same, so there is nothing to \
+                          restore: choose prompts or answers the model tells apart"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            clean,
+            corrupted,
+            metric,
+        })
+    }
+
+    /// The run patched into and the run patched from, in `direction`.
+    pub fn base_and_source(&self, direction: Direction) -> (&ForwardOutput, &ForwardOutput) {
+        match direction {
+            Direction::Denoise => (&self.corrupted, &self.clean),
+            Direction::Noise => (&self.clean, &self.corrupted),
+        }
+    }
+}
+
+/// ∂(logit difference)/∂value at each of `points`, on the run of `ids`: `[seq, d]` per
+/// point, in the run dtype; zeros where the metric does not reach (no hook in a decoder).
+pub(crate) fn metric_gradients(
+    model: &Model,
+    ids: &[u32],
+    metric: &Metric,
+    points: &[HookPoint],
+) -> Result<Vec<Tensor>> {
+    let hooks = points.iter().fold(Hooks::new(), |h, &p| h.grad(p));
+    let run = model.forward(&model.ids_tensor(ids)?, &hooks)?;
+    let grads = logit_diff_tensor(&run.logits, metric.answer, metric.wrong)?
+        .sum_all()?
+        .backward()?;
+    points
+        .iter()
+        .map(|&point| {
+            let leaf = run.grad_leaf(point).ok_or_else(|| Error::UnknownHook {
+                name: point.to_string(),
+                valid: String::new(),
+            })?;
+            Ok(match grads.get(leaf) {
+                Some(g) => g.get(0)?,
+                None => leaf.get(0)?.zeros_like()?,
+            })
+        })
+        .collect()
 }
 
 fn validate(model: &Model, request: &PatchRequest) -> Result<()> {
@@ -453,13 +520,6 @@ fn validate(model: &Model, request: &PatchRequest) -> Result<()> {
                 message: format!("is not a token id (vocabulary {})", model.dims().vocab_size),
             });
         }
-    }
-    if request.sites.is_empty() {
-        return Err(Error::InvalidArgument {
-            what: "patching sites",
-            value: String::new(),
-            message: "name at least one of resid_pre, attn_out, mlp_out, heads".into(),
-        });
     }
     Ok(())
 }

@@ -269,6 +269,20 @@ fn the_binary_exits_non_zero_with_a_message_and_no_panic() {
             ],
             "mlp_in",
         ),
+        (
+            &[
+                "patch",
+                "--model",
+                gpt2,
+                "--clean",
+                "hi",
+                "--corrupted",
+                "ho",
+                "--sae",
+                "assets/sae/world-l4-topk",
+            ],
+            "blocks.4.mlp.hook_post",
+        ),
     ];
     for (args, needle) in cases {
         let out = monoscope(args);

@@ -442,6 +442,46 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
     );
     assert!(has_label(&h, &agreement), "{agreement}");
 
+    // The open SAE's features between the two runs; the strongest one's button opens its page.
+    wait_for(&mut h, "the SAE", |h| h.state().workbench.sae.is_some());
+    let open = h.state().workbench.sae.clone().unwrap();
+    let clean = model.encode_prompt("The capital of Japan is").unwrap();
+    let corrupted = model.encode_prompt("The capital of France is").unwrap();
+    let (answer, wrong) = predicted_answers(&model, &clean, &corrupted).unwrap();
+    let request = PatchRequest {
+        clean,
+        corrupted,
+        answer,
+        wrong,
+        sites: vec![],
+        direction: Direction::Denoise,
+        attribution: false,
+    };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let found = monoscope::features::patching::patch_features(
+        &model,
+        &open.sae.sae,
+        open.hook,
+        &request,
+        8,
+        &never,
+    )
+    .unwrap()
+    .unwrap();
+    let summary = format!(
+        "every feature's change patched at once: {:.2}; the hook's whole value: {:.2}",
+        found.all_features, found.whole_hook
+    );
+    wait_for(&mut h, &summary, |h| {
+        has_label(h, &summary) && !h.state().busy()
+    });
+    let strongest = found.features[0].feature;
+    h.get_by_label(&format!("#{strongest}")).click();
+    let page = format!("Feature #{strongest}");
+    wait_for(&mut h, &page, |h| has_label(h, &page));
+    assert_eq!(h.state().current, PanelKind::Features);
+    open_panel(&mut h, "Patching");
+
     // Noising, on another pair: the form runs again.
     replace_text(&mut h, "Corrupted prompt", "The capital of Italy is");
     h.get_by_label("corrupted values into the clean run")

@@ -283,6 +283,31 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
     let resid = &grids[0]["patched"];
     assert!((resid[0][subject].as_f64().unwrap() - 1.0).abs() < 1e-4);
     assert!(grids.iter().all(|g| g["attribution"].is_array()));
+    assert!(report.get("features").is_none());
+
+    // With the bundled SAE: its features, strongest estimate first.
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args.iter().chain(&[
+            "--json",
+            "--sae",
+            "assets/sae/world-l4-topk",
+            "--top-features",
+            "4",
+        ]))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with_sae: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let features = &with_sae["features"];
+    assert_eq!(features["hook"], "blocks.4.mlp.hook_post");
+    assert_eq!(features["features"].as_array().unwrap().len(), 4);
+    assert!(features["whole_hook"].is_number() && features["all_features"].is_number());
+    assert_eq!(with_sae["grids"], report["grids"]);
 
     let text = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args(args)
@@ -297,5 +322,117 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
         "correlation",
     ] {
         assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
+
+/// The bundled SAE's features between "Japan" and "France" on the world model (f64): each
+/// listed feature's patched score is that feature's change added alone at its token through
+/// the hook mechanism, its estimate is the derivative along that change, the list is ordered
+/// by the estimate, and the hook's whole value patched is a plain `Replace`.
+#[test]
+fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
+    use monoscope::causal::target_token;
+    use monoscope::features::patching::patch_features;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F64).unwrap();
+    let (sae, hook) = monoscope::sae::saelens::load_for_model(
+        &dir.join("assets/sae/world-l4-topk"),
+        None,
+        &model,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w_dec = sae.sae.w_dec.to_dtype(DType::F64).unwrap();
+    let (clean, corrupted) = ("The capital of Japan is", "The capital of France is");
+    for direction in [Direction::Denoise, Direction::Noise] {
+        let request = PatchRequest {
+            clean: model.encode_prompt(clean).unwrap(),
+            corrupted: model.encode_prompt(corrupted).unwrap(),
+            answer: target_token(&model, clean, " Tokyo").unwrap(),
+            wrong: target_token(&model, corrupted, " Paris").unwrap(),
+            sites: vec![],
+            direction,
+            attribution: false,
+        };
+        let report = patch_features(&model, &sae.sae, hook, &request, 6, &AtomicBool::new(false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.features.len(), 6);
+        assert!(report.changed >= 6);
+        let base = request.base_ids().to_vec();
+        let metric = |hooks: &Hooks| {
+            let ld = |ids: &[u32]| {
+                let logits = model
+                    .forward(&model.ids_tensor(ids).unwrap(), hooks)
+                    .unwrap()
+                    .logits;
+                let last = logits.i((0, ids.len() - 1)).unwrap();
+                let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
+                at(request.answer) - at(request.wrong)
+            };
+            ld(&base)
+        };
+        let anchor = |ids: &[u32]| {
+            let logits = model
+                .forward(&model.ids_tensor(ids).unwrap(), &Hooks::new())
+                .unwrap()
+                .logits;
+            let last = logits.i((0, ids.len() - 1)).unwrap();
+            let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
+            at(request.answer) - at(request.wrong)
+        };
+        let (m_clean, m_corrupt) = (anchor(&request.clean), anchor(&request.corrupted));
+        let normalise = |m: f64| (m - m_corrupt) / (m_clean - m_corrupt);
+        let unpatched = direction.unpatched() as f64;
+        let mut last_strength = f64::INFINITY;
+        for e in &report.features {
+            let change = match direction {
+                Direction::Denoise => e.clean - e.corrupted,
+                Direction::Noise => e.corrupted - e.clean,
+            } as f64;
+            assert_ne!(change, 0.0);
+            let direction_vec = w_dec.i(e.feature as usize).unwrap();
+            let with = |scale: f64| {
+                let shift = direction_vec.affine(change * scale, 0.0).unwrap();
+                Hooks::new().intervene(
+                    hook,
+                    Intervention::new(InterventionOp::Add(shift))
+                        .at_positions(vec![e.position as i64]),
+                )
+            };
+            let alone = normalise(metric(&with(1.0)));
+            assert!(
+                (alone - e.patched as f64).abs() < 1e-5,
+                "{direction:?} feature {} at {}: alone {alone}, reported {}",
+                e.feature,
+                e.position,
+                e.patched
+            );
+            let eps = 1e-4;
+            let slope =
+                (metric(&with(eps)) - metric(&with(-eps))) / (2.0 * eps) / (m_clean - m_corrupt);
+            let estimate = e.estimate as f64 - unpatched;
+            assert!(
+                (slope - estimate).abs() < 1e-4 * slope.abs().max(1e-3),
+                "{direction:?} feature {}: slope {slope}, estimate {estimate}",
+                e.feature
+            );
+            assert!(estimate.abs() <= last_strength + 1e-9);
+            last_strength = estimate.abs();
+        }
+        // The hook's whole value from the other run.
+        let source = match direction {
+            Direction::Denoise => &request.clean,
+            Direction::Noise => &request.corrupted,
+        };
+        let value = capture(&model, source, hook);
+        let whole = normalise(metric(
+            &Hooks::new().intervene(hook, Intervention::new(InterventionOp::Replace(value))),
+        ));
+        assert!(
+            (whole - report.whole_hook as f64).abs() < 1e-5,
+            "{whole} {}",
+            report.whole_hook
+        );
     }
 }

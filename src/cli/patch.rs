@@ -3,9 +3,11 @@
 //! patching's estimate beside it.
 
 use clap::Args;
+use serde::Serialize;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::causal::target_token;
+use crate::features::patching::{FeaturePatchReport, patch_features};
 use crate::patching::{Direction, PatchGrid, PatchReport, PatchRequest, Site, patch};
 
 #[derive(Args)]
@@ -40,6 +42,13 @@ pub struct PatchArgs {
     /// well it agrees.
     #[arg(long)]
     attribution: bool,
+    /// Also find the features of this SAE (at its hook) whose change between the runs moves
+    /// the answer most: estimated for every feature at every token, the strongest patched.
+    #[arg(long, value_name = "DIR")]
+    sae: Option<std::path::PathBuf>,
+    /// SAE features patched and listed.
+    #[arg(long, default_value_t = 10, requires = "sae")]
+    top_features: usize,
     /// Print JSON (every grid) instead of text.
     #[arg(long)]
     json: bool,
@@ -92,11 +101,59 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     })?
     .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
     bar.finish_and_clear();
+    let features = match &args.sae {
+        Some(dir) => {
+            let (sae, hook) = super::sae::load_sae(dir, None, &model, &model.device)?;
+            let found =
+                patch_features(&model, &sae.sae, hook, &request, args.top_features, &CANCEL)?
+                    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+            Some(found)
+        }
+        None => None,
+    };
     if args.json {
-        return print_json(&report);
+        return print_json(&Output { report, features });
     }
     print_report(&report);
+    if let Some(f) = &features {
+        print_features(f);
+    }
     Ok(())
+}
+
+#[derive(Serialize)]
+struct Output {
+    #[serde(flatten)]
+    report: PatchReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    features: Option<FeaturePatchReport>,
+}
+
+fn print_features(f: &FeaturePatchReport) {
+    println!(
+        "
+SAE features at {} ({} token × feature activations differ between the runs)",
+        f.hook, f.changed
+    );
+    println!(
+        "  every feature's change patched at once: {:.2}; the hook's whole value: {:.2} (the \
+         rest is the SAE's error term)",
+        f.all_features, f.whole_hook
+    );
+    println!(
+        "  {:>8}  {:<18} {:>8} {:>10} {:>9} {:>8}",
+        "feature", "token", "clean", "corrupted", "estimate", "patched"
+    );
+    for e in &f.features {
+        let token: String = format!("{:?}", f.tokens[e.position])
+            .chars()
+            .take(18)
+            .collect();
+        println!(
+            "  {:>8}  {token:<18} {:>8.3} {:>10.3} {:>9.3} {:>8.3}",
+            e.feature, e.clean, e.corrupted, e.estimate, e.patched
+        );
+    }
 }
 
 fn print_report(r: &PatchReport) {

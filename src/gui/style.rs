@@ -141,6 +141,10 @@ pub mod explain {
         estimated at once as (source − base) · ∂metric/∂activation, from one backward pass \
         through the run patched into. Exact for a linear metric; it underestimates cells where \
         the logit difference saturates.";
+    pub const FEATURE_PATCHING: &str = "Activation patching in the SAE's basis: one \
+        feature's change between the runs (its decoder direction times the change in its \
+        activation) added at one token, everything else as it was. Every feature at every \
+        token is estimated by attribution patching; the strongest are patched for real.";
     pub const RECOVERY: &str = "Causal tracing (Meng et al. 2022): the subject's embeddings are \
         corrupted with noise; restoring one state from the clean run brings P(answer) back by \
         this much.";

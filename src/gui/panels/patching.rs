@@ -6,9 +6,10 @@ use egui::vec2;
 
 use super::{Panel, PanelKind, Reader, need_model};
 use crate::causal::target_token;
+use crate::features::patching::{FeaturePatchReport, patch_features};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row};
-use crate::gui::workbench::{PanelRequest, Workbench};
+use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::JobHandle;
 use crate::model::Model;
 use crate::patching::{
@@ -27,12 +28,20 @@ struct Query {
     answer: String,
     wrong: String,
     direction: Direction,
+    /// The open SAE, whose features are patched too.
+    sae: Option<std::path::PathBuf>,
+}
+
+/// A run's answer.
+struct Reading {
+    report: PatchReport,
+    features: Option<FeaturePatchReport>,
 }
 
 pub struct Patching {
     form: Query,
     site: Site,
-    reader: Reader<Query, PatchReport>,
+    reader: Reader<Query, Reading>,
 }
 
 impl Default for Patching {
@@ -44,6 +53,7 @@ impl Default for Patching {
                 answer: String::new(),
                 wrong: String::new(),
                 direction: Direction::Denoise,
+                sae: None,
             },
             site: Site::ResidPre,
             reader: Reader::default(),
@@ -90,17 +100,24 @@ impl Panel for Patching {
                 job_row(ui, job);
             }
         });
-        if run || self.reader.asked_mut().is_none() {
+        // A newly opened SAE is patched too.
+        self.form.sae = wb.sae.as_ref().map(|s| s.dir.clone());
+        let sae_changed = self
+            .reader
+            .asked_mut()
+            .is_some_and(|asked| asked.sae != self.form.sae);
+        if run || sae_changed || self.reader.asked_mut().is_none() {
             self.reader.ask(self.form.clone());
         }
+        let sae = wb.sae.clone();
         self.reader
             .run_due(wb, "activation patching", move |query, job| {
-                run_patch(&model, query, job)
+                run_patch(&model, sae.as_deref(), query, job)
             });
         let Some(answer) = self.reader.answer() else {
             return;
         };
-        let report = &answer.value;
+        let report = &answer.value.report;
         ui.separator();
         ui.label(format!(
             "logit({}) − logit({}): clean {:.3}, corrupted {:.3}. Each cell: the patched run's \
@@ -172,10 +189,65 @@ impl Panel for Patching {
             });
             wb.goto = Some(PanelKind::Attention);
         }
+        if let Some(features) = &answer.value.features {
+            ui.add_space(6.0);
+            if let Some(feature) = feature_table(ui, features, wb) {
+                wb.requests.push(PanelRequest::Feature(feature));
+                wb.goto = Some(PanelKind::Features);
+            }
+        }
         if answer.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; patching again)");
         }
     }
+}
+
+/// SAE features listed under the grids.
+const FEATURES_SHOWN: usize = 8;
+
+/// The SAE features whose change moves the answer most; returns a clicked feature.
+fn feature_table(ui: &mut egui::Ui, f: &FeaturePatchReport, wb: &Workbench) -> Option<u32> {
+    ui.strong(format!("SAE features at {}", f.hook))
+        .on_hover_text(explain::FEATURE_PATCHING);
+    ui.label(format!(
+        "every feature's change patched at once: {:.2}; the hook's whole value: {:.2} \
+         (the rest is the SAE's error term); {} token × feature activations differ",
+        f.all_features, f.whole_hook, f.changed
+    ));
+    let mut clicked = None;
+    egui::Grid::new("patched features")
+        .striped(true)
+        .num_columns(7)
+        .show(ui, |ui| {
+            for title in [
+                "feature",
+                "concept",
+                "token",
+                "clean",
+                "corrupted",
+                "estimate",
+                "patched",
+            ] {
+                ui.strong(title);
+            }
+            ui.end_row();
+            for e in f.features.iter().take(FEATURES_SHOWN) {
+                if ui
+                    .button(format!("#{}", e.feature))
+                    .on_hover_text("open its page")
+                    .clicked()
+                {
+                    clicked = Some(e.feature);
+                }
+                ui.label(wb.labels.get(&e.feature).map_or("", String::as_str));
+                ui.label(display_token(&f.tokens[e.position]));
+                for v in [e.clean, e.corrupted, e.estimate, e.patched] {
+                    ui.label(format!("{v:.3}"));
+                }
+                ui.end_row();
+            }
+        });
+    clicked
 }
 
 impl Patching {
@@ -229,8 +301,13 @@ impl Patching {
     }
 }
 
-/// Every site patched and estimated for one query.
-fn run_patch(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<PatchReport> {
+/// Every site patched and estimated for one query, and the open SAE's features.
+fn run_patch(
+    model: &Model,
+    sae: Option<&OpenSae>,
+    query: &Query,
+    job: &JobHandle,
+) -> anyhow::Result<Reading> {
     let clean = model.encode_prompt(&query.clean)?;
     let corrupted = model.encode_prompt(&query.corrupted)?;
     let token = |prompt: &str, text: &str| -> anyhow::Result<Option<u32>> {
@@ -259,10 +336,27 @@ fn run_patch(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Pa
         attribution: true,
     };
     let total = passes(model, &request) as u64;
+    let cancelled = || anyhow::anyhow!("cancelled");
     let report = patch(model, &request, job.cancel_flag(), &mut |done, _| {
         job.set_progress(done as u64, total, "passes")
-    })?;
-    report.ok_or_else(|| anyhow::anyhow!("cancelled"))
+    })?
+    .ok_or_else(cancelled)?;
+    let features = match sae {
+        Some(open) => {
+            job.set_message("SAE features");
+            let found = patch_features(
+                model,
+                &open.sae.sae,
+                open.hook,
+                &request,
+                FEATURES_SHOWN,
+                job.cancel_flag(),
+            )?;
+            Some(found.ok_or_else(cancelled)?)
+        }
+        None => None,
+    };
+    Ok(Reading { report, features })
 }
 
 /// One grid: block × position grids drawn with tokens down and blocks across (the prompt
