@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{D, DType, Tensor};
 use serde::Serialize;
 
+use crate::causal::target_token;
 use crate::error::{Error, Result};
 use crate::model::generate::next_token_top_k;
 use crate::model::{ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
@@ -120,6 +121,14 @@ pub struct PatchRequest {
 }
 
 impl PatchRequest {
+    /// Every hook the request's sites patch, site by site, layer by layer.
+    fn hook_points(&self, n_layers: usize) -> Vec<HookPoint> {
+        self.sites
+            .iter()
+            .flat_map(|&site| (0..n_layers).map(move |l| site.hook(l)))
+            .collect()
+    }
+
     /// The tokens of the run patched into.
     pub fn base_ids(&self) -> &[u32] {
         match self.direction {
@@ -226,22 +235,68 @@ impl PatchReport {
 /// against what it predicts after the corrupted one.
 pub fn predicted_answers(model: &Model, clean: &[u32], corrupted: &[u32]) -> Result<(u32, u32)> {
     check_prompts(model, clean, corrupted)?;
-    let top = |ids: &[u32]| -> Result<u32> {
-        let best = next_token_top_k(model, ids, 1, &Hooks::new())?;
-        best.first().map(|t| t.id).ok_or(Error::EmptyPrompt)
-    };
-    let (answer, wrong) = (top(clean)?, top(corrupted)?);
-    if answer == wrong {
-        return Err(Error::InvalidArgument {
-            what: "corrupted prompt",
-            value: model.tokenizer.decode(corrupted)?,
-            message: format!(
-                "the model predicts {} after both prompts: name the two answers to compare",
-                model.tokenizer.token_display(answer)
-            ),
-        });
-    }
+    let (answer, wrong) = (prediction(model, clean)?, prediction(model, corrupted)?);
+    refuse_same_prediction(model, corrupted, answer, wrong)?;
     Ok((answer, wrong))
+}
+
+fn prediction(model: &Model, ids: &[u32]) -> Result<u32> {
+    let best = next_token_top_k(model, ids, 1, &Hooks::new())?;
+    best.first().map(|t| t.id).ok_or(Error::EmptyPrompt)
+}
+
+fn refuse_same_prediction(model: &Model, corrupted: &[u32], answer: u32, wrong: u32) -> Result<()> {
+    if answer != wrong {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        what: "corrupted prompt",
+        value: model.tokenizer.decode(corrupted)?,
+        message: format!(
+            "the model predicts {} after both prompts: name the two answers to compare",
+            model.tokenizer.token_display(answer)
+        ),
+    })
+}
+
+/// A clean and corrupted pair as typed: the prompts and, optionally, the answers' text.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptPair<'a> {
+    pub clean: &'a str,
+    pub corrupted: &'a str,
+    /// The clean answer (" Tokyo"); `None`: the model's prediction after the clean prompt.
+    pub answer: Option<&'a str>,
+    /// The corrupted answer (" Paris"); `None`: the prediction after the corrupted prompt.
+    pub wrong: Option<&'a str>,
+}
+
+impl PatchRequest {
+    /// Patches every site of `pair` in `direction` (no attribution): the prompts tokenised,
+    /// each answer the first token of its continuation after its prompt, or the model's own
+    /// prediction where none is given.
+    pub fn from_prompts(model: &Model, pair: &PromptPair, direction: Direction) -> Result<Self> {
+        let clean = model.encode_prompt(pair.clean)?;
+        let corrupted = model.encode_prompt(pair.corrupted)?;
+        check_prompts(model, &clean, &corrupted)?;
+        let answer_of = |prompt: &str, ids: &[u32], text: Option<&str>| match text {
+            Some(text) => target_token(model, prompt, text),
+            None => prediction(model, ids),
+        };
+        let answer = answer_of(pair.clean, &clean, pair.answer)?;
+        let wrong = answer_of(pair.corrupted, &corrupted, pair.wrong)?;
+        if pair.answer.is_none() || pair.wrong.is_none() {
+            refuse_same_prediction(model, &corrupted, answer, wrong)?;
+        }
+        Ok(Self {
+            clean,
+            corrupted,
+            answer,
+            wrong,
+            sites: Site::ALL.to_vec(),
+            direction,
+            attribution: false,
+        })
+    }
 }
 
 /// The forward passes a request costs (for progress): one per patched cell, in batches.
@@ -278,11 +333,7 @@ pub fn patch(
         });
     }
     let dims = model.dims();
-    let points: Vec<HookPoint> = request
-        .sites
-        .iter()
-        .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
-        .collect();
+    let points = request.hook_points(dims.n_layers);
     let runs = PairedRuns::new(model, request, &points)?;
     let metric = &runs.metric;
     let (base, source) = runs.base_and_source(request.direction);
@@ -354,11 +405,7 @@ fn attribute(
     metric: &Metric,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let dims = model.dims();
-    let points: Vec<HookPoint> = request
-        .sites
-        .iter()
-        .flat_map(|&site| (0..dims.n_layers).map(move |l| site.hook(l)))
-        .collect();
+    let points = request.hook_points(dims.n_layers);
     let mut grads = metric_gradients(model, base_ids, metric, &points)?.into_iter();
     let scale = (metric.clean - metric.corrupted) as f64;
     let offset = request.direction.unpatched() as f64;

@@ -4,24 +4,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use candle_core::{DType, Device};
-use common::{MODEL_TYPES, fixture_dir, max_relative_error, reference};
+use common::{MODEL_TYPES, fixture_dir, max_relative_error, monoscope_json, reference};
 use monoscope::model::Model;
-
-fn monoscope_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn info_lists_every_hook_and_the_parameter_count() {

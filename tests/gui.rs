@@ -387,26 +387,27 @@ fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
 #[test]
 fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head() {
     use monoscope::gui::widgets::display_token;
-    use monoscope::patching::{Direction, PatchRequest, Site, patch, predicted_answers};
+    use monoscope::patching::{Direction, PatchRequest, PromptPair, Site, patch};
     let mut h = harness();
     wait_for(&mut h, "the model", model_loaded);
     open_panel(&mut h, "Patching");
     let model = h.state().workbench.model.clone().unwrap();
     // What the library gives for the panel's default pair, in the words the panel shows.
-    let report = |clean: &str, corrupted: &str, direction| {
-        let clean = model.encode_prompt(clean).unwrap();
-        let corrupted = model.encode_prompt(corrupted).unwrap();
-        let (answer, wrong) = predicted_answers(&model, &clean, &corrupted).unwrap();
-        let request = PatchRequest {
+    let request = |clean, corrupted, direction| {
+        let pair = PromptPair {
             clean,
             corrupted,
-            answer,
-            wrong,
-            sites: Site::ALL.to_vec(),
-            direction,
-            attribution: true,
+            answer: None,
+            wrong: None,
         };
-        let never = std::sync::atomic::AtomicBool::new(false);
+        PatchRequest::from_prompts(&model, &pair, direction).unwrap()
+    };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let report = |clean, corrupted, direction| {
+        let request = PatchRequest {
+            attribution: true,
+            ..request(clean, corrupted, direction)
+        };
         patch(&model, &request, &never, &mut |_, _| {})
             .unwrap()
             .unwrap()
@@ -445,19 +446,11 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
     // The open SAE's features between the two runs; the strongest one's button opens its page.
     wait_for(&mut h, "the SAE", |h| h.state().workbench.sae.is_some());
     let open = h.state().workbench.sae.clone().unwrap();
-    let clean = model.encode_prompt("The capital of Japan is").unwrap();
-    let corrupted = model.encode_prompt("The capital of France is").unwrap();
-    let (answer, wrong) = predicted_answers(&model, &clean, &corrupted).unwrap();
-    let request = PatchRequest {
-        clean,
-        corrupted,
-        answer,
-        wrong,
-        sites: vec![],
-        direction: Direction::Denoise,
-        attribution: false,
-    };
-    let never = std::sync::atomic::AtomicBool::new(false);
+    let request = request(
+        "The capital of Japan is",
+        "The capital of France is",
+        Direction::Denoise,
+    );
     let found = monoscope::features::patching::patch_features(
         &model,
         &open.sae.sae,

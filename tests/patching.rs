@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{MODEL_TYPES, fixture_dir};
+use common::{MODEL_TYPES, fixture_dir, monoscope_json};
 use monoscope::Model;
 use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp};
 use monoscope::patching::{Direction, PatchReport, PatchRequest, Site, patch};
@@ -63,6 +63,11 @@ fn run(model: &Model, clean: &[u32], corrupted: &[u32], direction: Direction) ->
 
 /// logit(ANSWER) − logit(WRONG) at the last position of `ids` with `hooks`.
 fn logit_diff(model: &Model, ids: &[u32], hooks: &Hooks) -> f64 {
+    logit_diff_between(model, ids, hooks, ANSWER, WRONG)
+}
+
+/// logit(answer) − logit(wrong) at the last position of `ids` with `hooks`.
+fn logit_diff_between(model: &Model, ids: &[u32], hooks: &Hooks, answer: u32, wrong: u32) -> f64 {
     let logits = model
         .forward(&model.ids_tensor(ids).unwrap(), hooks)
         .unwrap()
@@ -76,7 +81,7 @@ fn logit_diff(model: &Model, ids: &[u32], hooks: &Hooks) -> f64 {
             .to_scalar::<f64>()
             .unwrap()
     };
-    at(ANSWER) - at(WRONG)
+    at(answer) - at(wrong)
 }
 
 /// The value of `point` on a run of `ids`.
@@ -248,16 +253,16 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
         "The capital of France is",
         "--attribution",
     ];
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(args.iter().chain(&["--json"]))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = |extra: &[&str]| {
+        let all: Vec<&str> = args
+            .iter()
+            .chain(&["--json"])
+            .chain(extra)
+            .copied()
+            .collect();
+        monoscope_json(&all)
+    };
+    let report = json(&[]);
     let subject = report["differing"].as_array().unwrap();
     assert_eq!(subject.len(), 1);
     let subject = subject[0].as_u64().unwrap() as usize;
@@ -286,23 +291,7 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
     assert!(report.get("features").is_none());
 
     // With the bundled SAE: its features, strongest estimate first.
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(args.iter().chain(&[
-            "--json",
-            "--sae",
-            "assets/sae/world-l4-topk",
-            "--top-features",
-            "4",
-        ]))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let with_sae: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let with_sae = json(&["--sae", "assets/sae/world-l4-topk", "--top-features", "4"]);
     let features = &with_sae["features"];
     assert_eq!(features["hook"], "blocks.4.mlp.hook_post");
     assert_eq!(features["features"].as_array().unwrap().len(), 4);
@@ -331,8 +320,8 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
 /// by the estimate, and the hook's whole value patched is a plain `Replace`.
 #[test]
 fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
-    use monoscope::causal::target_token;
     use monoscope::features::patching::patch_features;
+    use monoscope::patching::PromptPair;
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F64).unwrap();
     let (sae, hook) = monoscope::sae::saelens::load_for_model(
@@ -345,43 +334,27 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
     let w_dec = sae.sae.w_dec.to_dtype(DType::F64).unwrap();
     let (clean, corrupted) = ("The capital of Japan is", "The capital of France is");
     for direction in [Direction::Denoise, Direction::Noise] {
-        let request = PatchRequest {
-            clean: model.encode_prompt(clean).unwrap(),
-            corrupted: model.encode_prompt(corrupted).unwrap(),
-            answer: target_token(&model, clean, " Tokyo").unwrap(),
-            wrong: target_token(&model, corrupted, " Paris").unwrap(),
-            sites: vec![],
-            direction,
-            attribution: false,
+        let pair = PromptPair {
+            clean,
+            corrupted,
+            answer: Some(" Tokyo"),
+            wrong: Some(" Paris"),
         };
+        let request = PatchRequest::from_prompts(&model, &pair, direction).unwrap();
         let report = patch_features(&model, &sae.sae, hook, &request, 6, &AtomicBool::new(false))
             .unwrap()
             .unwrap();
         assert_eq!(report.features.len(), 6);
         assert!(report.changed >= 6);
         let base = request.base_ids().to_vec();
-        let metric = |hooks: &Hooks| {
-            let ld = |ids: &[u32]| {
-                let logits = model
-                    .forward(&model.ids_tensor(ids).unwrap(), hooks)
-                    .unwrap()
-                    .logits;
-                let last = logits.i((0, ids.len() - 1)).unwrap();
-                let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
-                at(request.answer) - at(request.wrong)
-            };
-            ld(&base)
+        let ld = |ids: &[u32], hooks: &Hooks| {
+            logit_diff_between(&model, ids, hooks, request.answer, request.wrong)
         };
-        let anchor = |ids: &[u32]| {
-            let logits = model
-                .forward(&model.ids_tensor(ids).unwrap(), &Hooks::new())
-                .unwrap()
-                .logits;
-            let last = logits.i((0, ids.len() - 1)).unwrap();
-            let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
-            at(request.answer) - at(request.wrong)
-        };
-        let (m_clean, m_corrupt) = (anchor(&request.clean), anchor(&request.corrupted));
+        let metric = |hooks: &Hooks| ld(&base, hooks);
+        let (m_clean, m_corrupt) = (
+            ld(&request.clean, &Hooks::new()),
+            ld(&request.corrupted, &Hooks::new()),
+        );
         let normalise = |m: f64| (m - m_corrupt) / (m_clean - m_corrupt);
         let unpatched = direction.unpatched() as f64;
         let mut last_strength = f64::INFINITY;

@@ -6,9 +6,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
-use crate::causal::target_token;
 use crate::features::patching::{FeaturePatchReport, patch_features};
-use crate::patching::{Direction, PatchGrid, PatchReport, PatchRequest, Site, patch};
+use crate::patching::{Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, patch};
 
 #[derive(Args)]
 pub struct PatchArgs {
@@ -56,40 +55,21 @@ pub struct PatchArgs {
 
 pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let clean = model.encode_prompt(&args.clean)?;
-    let corrupted = model.encode_prompt(&args.corrupted)?;
-    let (answer, wrong) = match (&args.answer, &args.wrong) {
-        (Some(a), Some(w)) => (
-            target_token(&model, &args.clean, a)?,
-            target_token(&model, &args.corrupted, w)?,
-        ),
-        (a, w) => {
-            let (predicted_answer, predicted_wrong) =
-                crate::patching::predicted_answers(&model, &clean, &corrupted)?;
-            (
-                a.as_deref()
-                    .map(|a| target_token(&model, &args.clean, a))
-                    .transpose()?
-                    .unwrap_or(predicted_answer),
-                w.as_deref()
-                    .map(|w| target_token(&model, &args.corrupted, w))
-                    .transpose()?
-                    .unwrap_or(predicted_wrong),
-            )
-        }
+    let pair = PromptPair {
+        clean: &args.clean,
+        corrupted: &args.corrupted,
+        answer: args.answer.as_deref(),
+        wrong: args.wrong.as_deref(),
+    };
+    let direction = if args.noising {
+        Direction::Noise
+    } else {
+        Direction::Denoise
     };
     let request = PatchRequest {
-        clean,
-        corrupted,
-        answer,
-        wrong,
         sites: args.sites.clone(),
-        direction: if args.noising {
-            Direction::Noise
-        } else {
-            Direction::Denoise
-        },
         attribution: args.attribution,
+        ..PatchRequest::from_prompts(&model, &pair, direction)?
     };
     install_ctrl_c("stopping after this forward pass");
     let bar = progress_bar(

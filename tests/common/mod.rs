@@ -8,6 +8,20 @@ use candle_core::{DType, Tensor};
 /// Every supported architecture has a tiny oracle model under tests/fixtures/models.
 pub const MODEL_TYPES: &[&str] = &["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"];
 
+/// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.
+pub fn monoscope_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 pub fn fixture_dir(model_type: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")

@@ -5,7 +5,6 @@
 use egui::vec2;
 
 use super::{Panel, PanelKind, Reader, need_model};
-use crate::causal::target_token;
 use crate::features::patching::{FeaturePatchReport, patch_features};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row};
@@ -13,7 +12,7 @@ use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::JobHandle;
 use crate::model::Model;
 use crate::patching::{
-    Direction, PatchGrid, PatchReport, PatchRequest, Site, passes, patch, predicted_answers,
+    Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, passes, patch,
 };
 
 /// Cells offered as buttons under the grid.
@@ -308,32 +307,15 @@ fn run_patch(
     query: &Query,
     job: &JobHandle,
 ) -> anyhow::Result<Reading> {
-    let clean = model.encode_prompt(&query.clean)?;
-    let corrupted = model.encode_prompt(&query.corrupted)?;
-    let token = |prompt: &str, text: &str| -> anyhow::Result<Option<u32>> {
-        Ok(match text.is_empty() {
-            true => None,
-            false => Some(target_token(model, prompt, text)?),
-        })
-    };
-    let (answer, wrong) = match (
-        token(&query.clean, &query.answer)?,
-        token(&query.corrupted, &query.wrong)?,
-    ) {
-        (Some(a), Some(w)) => (a, w),
-        (a, w) => {
-            let (predicted_answer, predicted_wrong) = predicted_answers(model, &clean, &corrupted)?;
-            (a.unwrap_or(predicted_answer), w.unwrap_or(predicted_wrong))
-        }
+    let pair = PromptPair {
+        clean: &query.clean,
+        corrupted: &query.corrupted,
+        answer: Some(query.answer.as_str()).filter(|t| !t.is_empty()),
+        wrong: Some(query.wrong.as_str()).filter(|t| !t.is_empty()),
     };
     let request = PatchRequest {
-        clean,
-        corrupted,
-        answer,
-        wrong,
-        sites: Site::ALL.to_vec(),
-        direction: query.direction,
         attribution: true,
+        ..PatchRequest::from_prompts(model, &pair, query.direction)?
     };
     let total = passes(model, &request) as u64;
     let cancelled = || anyhow::anyhow!("cancelled");
