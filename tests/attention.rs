@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, IndexOp};
-use common::fixture_dir;
+use common::{fixture_dir, monoscope_json};
 use monoscope::attention::{
     Detector, ablate_heads, next_token_loss, patterns, probe_copies, repeated_random_tokens,
 };
@@ -126,17 +125,17 @@ fn the_induction_probe_repeats_distinct_ordinary_tokens() {
 #[test]
 fn the_heads_command_reports_every_detector_and_ablation_as_json() {
     let dir = fixture_dir("mistral");
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(["heads", "--model", dir.to_str().unwrap()])
-        .args(["--repeat", "12", "--seed", "3", "--ablate", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = monoscope_json(&[
+        "heads",
+        "--model",
+        dir.to_str().unwrap(),
+        "--repeat",
+        "12",
+        "--seed",
+        "3",
+        "--ablate",
+        "--json",
+    ]);
     let model = load("mistral");
     let ids = repeated_random_tokens(&model, 12, 3).unwrap();
     let p = patterns(&model, &ids).unwrap();
