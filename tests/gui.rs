@@ -219,6 +219,55 @@ fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
             "no chip {chip:?} for {prompt:?}"
         );
     }
+
+    // What the open SAE finds on each token, as the library reads it.
+    wait_for(&mut h, "the SAE", |h| h.state().workbench.sae.is_some());
+    let open = h.state().workbench.sae.clone().unwrap();
+    let out = model
+        .forward(
+            &model.ids_tensor(&ids).unwrap(),
+            &Hooks::new().capture([open.hook]),
+        )
+        .unwrap();
+    let x = out.cache.require(open.hook).unwrap().get(0).unwrap();
+    let active = open.sae.sae.strongest_latents(&x, 8).unwrap();
+    let header = |i: usize| {
+        format!(
+            "SAE features active at token {i} ({})",
+            monoscope::gui::widgets::display_token(&model.tokenizer.token_display(ids[i]))
+        )
+    };
+    // The last token's features are listed first; clicking another token lists its own.
+    let last = ids.len() - 1;
+    wait_for(&mut h, &header(last), |h| has_label(h, &header(last)));
+    let subject = ids.len() - 2;
+    h.get_by_label(&monoscope::gui::widgets::display_token(
+        &model.tokenizer.token_display(ids[subject]),
+    ))
+    .click();
+    wait_for(&mut h, &header(subject), |h| has_label(h, &header(subject)));
+    let (strongest, activation) = active[subject][0];
+    assert!(has_label(&h, &format!("{activation:.3}")));
+    // Its "colour" button colours the prompt by it: the scale tops out at its largest value.
+    let row = active[subject].len();
+    assert_eq!(h.query_all_by_label("colour").count(), row);
+    h.query_all_by_label("colour").next().unwrap().click();
+    let top = open
+        .sae
+        .sae
+        .encode(&x)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .map(|row| row[strongest as usize])
+        .fold(0.0f32, f32::max);
+    let scale = format!("colour scale: 0 … {top:.3}");
+    wait_for(&mut h, &scale, |h| has_label(h, &scale));
+    // Its number opens its page.
+    h.get_by_label(&format!("#{strongest}")).click();
+    let page = format!("Feature #{strongest}");
+    wait_for(&mut h, &page, |h| has_label(h, &page));
 }
 
 #[test]

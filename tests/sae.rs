@@ -706,3 +706,32 @@ fn the_eval_metrics_are_exact_for_a_perfect_and_an_empty_reconstruction() {
     assert_eq!(nothing.ce_clean, perfect.ce_clean);
     assert_eq!(nothing.tokens, perfect.tokens);
 }
+
+/// `strongest_latents` lists, per row, the latents `encode` turns on, strongest first, `k` at
+/// most, and none weaker than a latent it leaves out.
+#[test]
+fn the_strongest_latents_are_the_encodings_largest_entries() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/sae/world-l4-topk");
+    let sae = saelens::load(&dir, &Device::Cpu, DType::F32).unwrap().sae;
+    let x = Tensor::randn(0f32, 1.0, (5, sae.d_in()), &Device::Cpu).unwrap();
+    let dense = sae.encode(&x).unwrap().to_vec2::<f32>().unwrap();
+    for k in [1, 8, 100] {
+        let listed = sae.strongest_latents(&x, k).unwrap();
+        assert_eq!(listed.len(), 5);
+        for (row, list) in dense.iter().zip(&listed) {
+            let on = row.iter().filter(|&&a| a > 0.0).count();
+            assert_eq!(list.len(), on.min(k));
+            assert!(list.windows(2).all(|w| w[0].1 >= w[1].1));
+            for &(latent, activation) in list {
+                assert_eq!(row[latent as usize], activation);
+            }
+            let weakest = list.last().map_or(0.0, |l| l.1);
+            let left_out = row
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !list.iter().any(|l| l.0 as usize == *i))
+                .fold(0.0f32, |m, (_, &a)| m.max(a));
+            assert!(left_out <= weakest, "k {k}: {left_out} > {weakest}");
+        }
+    }
+}

@@ -172,6 +172,27 @@ impl Sae {
         })
     }
 
+    /// The `k` most active latents of each row of `x` (`[rows, d_in]`), strongest first, as
+    /// `(latent, activation)`; latents that are off are never listed. What fires on a token
+    /// (Neuronpedia's search by text).
+    pub fn strongest_latents(&self, x: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let acts = self.encode(x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(acts
+            .into_iter()
+            .map(|row| {
+                let mut on: Vec<(u32, f32)> = row
+                    .into_iter()
+                    .enumerate()
+                    .filter(|&(_, a)| a > 0.0)
+                    .map(|(i, a)| (i as u32, a))
+                    .collect();
+                on.sort_by(|a, b| b.1.total_cmp(&a.1));
+                on.truncate(k);
+                on
+            })
+            .collect())
+    }
+
     /// Reconstruction `[.., d_in]` of latent activations `[.., d_sae]`.
     pub fn decode(&self, acts: &Tensor) -> Result<Tensor> {
         Ok(acts

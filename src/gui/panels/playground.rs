@@ -8,7 +8,7 @@ use egui_plot::{Bar, BarChart, Plot};
 
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::steer::{Steer, SteerMode, steering_hooks};
-use crate::gui::widgets::{prompt_row, spinner, token_chips};
+use crate::gui::widgets::{display_token, prompt_row, spinner, token_chips};
 use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
@@ -27,6 +27,10 @@ struct Reading {
     tokens: Vec<String>,
     top: Vec<TokenProb>,
     values: Option<Vec<f32>>,
+    /// With an SAE open: each token's most active features, strongest first.
+    active: Option<Vec<Vec<(u32, f32)>>>,
+    /// The SAE open when it was read.
+    sae_dir: Option<std::path::PathBuf>,
     prompt: String,
     colour: ColourBy,
     version: u64,
@@ -45,6 +49,8 @@ pub struct Playground {
     neuron_index: usize,
     reading: Option<Reading>,
     read_job: Option<Job<Reading>>,
+    /// The token whose active features are listed (`None`: the last).
+    picked_token: Option<usize>,
     steers: Vec<Steer>,
     steer_mode: SteerMode,
     max_new_tokens: usize,
@@ -62,6 +68,7 @@ impl Default for Playground {
             neuron_index: 0,
             reading: None,
             read_job: None,
+            picked_token: None,
             steers: Vec::new(),
             steer_mode: SteerMode::Add,
             max_new_tokens: 12,
@@ -97,7 +104,10 @@ impl Panel for Playground {
         self.colour_picker(ui, wb, &model);
         let stale = match &self.reading {
             Some(r) => {
-                r.version != wb.model_version || r.colour != self.colour || r.prompt != self.prompt
+                r.version != wb.model_version
+                    || r.colour != self.colour
+                    || r.prompt != self.prompt
+                    || r.sae_dir.as_ref() != wb.sae.as_ref().map(|s| &s.dir)
             }
             None => true,
         };
@@ -106,7 +116,18 @@ impl Panel for Playground {
         }
         ui.separator();
         if let Some(r) = &self.reading {
-            self.show_reading(ui, r);
+            match self.show_reading(ui, r, wb) {
+                Some(Pick::Token(i)) => self.picked_token = Some(i),
+                Some(Pick::Colour(f)) => {
+                    self.colour = ColourBy::Feature(f);
+                    self.feature_input = f;
+                }
+                Some(Pick::Page(f)) => {
+                    wb.requests.push(PanelRequest::Feature(f));
+                    wb.goto = Some(PanelKind::Features);
+                }
+                None => {}
+            }
         } else if self.read_job.is_some() {
             spinner(ui);
         }
@@ -192,14 +213,23 @@ impl Playground {
         }));
     }
 
-    fn show_reading(&self, ui: &mut egui::Ui, r: &Reading) {
+    fn show_reading(&self, ui: &mut egui::Ui, r: &Reading, wb: &Workbench) -> Option<Pick> {
         let max = r.values.as_ref().map_or(0.0, |v| {
             v.iter().copied().fold(0.0f32, |a, b| a.max(b.abs()))
         });
         ui.label(format!("{} tokens", r.tokens.len()));
-        token_chips(ui, &r.tokens, r.values.as_deref(), max, None);
+        let picked = self
+            .picked_token
+            .filter(|&i| i < r.tokens.len())
+            .unwrap_or(r.tokens.len().saturating_sub(1));
+        let highlight = r.active.is_some().then_some(picked);
+        let mut pick =
+            token_chips(ui, &r.tokens, r.values.as_deref(), max, highlight).map(Pick::Token);
         if r.values.is_some() {
             ui.weak(format!("colour scale: 0 … {max:.3}"));
+        }
+        if let Some(active) = r.active.as_ref().and_then(|a| a.get(picked)) {
+            pick = pick.or(active_features(ui, &r.tokens[picked], picked, active, wb));
         }
         ui.add_space(6.0);
         ui.strong("Next token");
@@ -234,6 +264,7 @@ impl Playground {
         for t in r.top.iter().take(3) {
             ui.label(format!("{:?}  {:.1}%", t.token, 100.0 * t.prob));
         }
+        pick
     }
 
     fn steering_ui(&mut self, ui: &mut egui::Ui, wb: &Workbench, model: &Arc<Model>) {
@@ -306,6 +337,65 @@ impl Playground {
     }
 }
 
+/// What a click in the reading asks for.
+enum Pick {
+    /// List this token's active features.
+    Token(usize),
+    /// Colour the tokens by this feature.
+    Colour(u32),
+    /// Open this feature's page.
+    Page(u32),
+}
+
+/// Features listed per token.
+const ACTIVE_SHOWN: usize = 8;
+
+/// The picked token's most active SAE features: a button to open each one's page, its
+/// concept label, its activation, and a button to colour the prompt by it.
+fn active_features(
+    ui: &mut egui::Ui,
+    token: &str,
+    position: usize,
+    active: &[(u32, f32)],
+    wb: &Workbench,
+) -> Option<Pick> {
+    ui.add_space(4.0);
+    ui.strong(format!(
+        "SAE features active at token {position} ({}) — click a token to choose another",
+        display_token(token)
+    ));
+    if active.is_empty() {
+        ui.weak("no feature fires here");
+        return None;
+    }
+    let mut pick = None;
+    egui::Grid::new("active features")
+        .striped(true)
+        .num_columns(4)
+        .show(ui, |ui| {
+            for &(feature, activation) in active {
+                if ui
+                    .button(format!("#{feature}"))
+                    .on_hover_text("open its page")
+                    .clicked()
+                {
+                    pick = Some(Pick::Page(feature));
+                }
+                ui.label(wb.labels.get(&feature).map_or("", String::as_str));
+                ui.label(format!("{activation:.3}"));
+                if ui
+                    .small_button("colour")
+                    .on_hover_text("colour the prompt's tokens by this feature")
+                    .clicked()
+                {
+                    pick = Some(Pick::Colour(feature));
+                }
+                ui.end_row();
+            }
+        });
+    pick
+}
+
 fn read_prompt(
     model: &Model,
     sae: Option<&OpenSae>,
@@ -319,8 +409,15 @@ fn read_prompt(
         ColourBy::Feature(_) => sae.map(|s| s.hook),
         ColourBy::Neuron { layer, .. } => Some(HookPoint::MlpPost(layer)),
     };
-    let hooks = Hooks::new().capture(point);
+    let hooks = Hooks::new().capture(point).capture(sae.map(|s| s.hook));
     let out = model.forward(&model.ids_tensor(&ids)?, &hooks)?;
+    let active = match sae {
+        Some(open) => {
+            let x = out.cache.require(open.hook)?.i(0)?;
+            Some(open.sae.sae.strongest_latents(&x, ACTIVE_SHOWN)?)
+        }
+        None => None,
+    };
     let last: Vec<f32> = out
         .logits
         .i((0, ids.len() - 1))?
@@ -357,6 +454,8 @@ fn read_prompt(
         tokens: model.tokenizer.tokens_display(&ids),
         top: top_tokens(model, &last, 10),
         values,
+        active,
+        sae_dir: sae.map(|s| s.dir.clone()),
         prompt: prompt.to_string(),
         colour,
         version,
