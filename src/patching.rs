@@ -207,6 +207,9 @@ pub struct PatchReport {
     pub corrupted_logit_diff: f32,
     pub direction: Direction,
     pub grids: Vec<PatchGrid>,
+    /// Prompt pairs averaged into this report ([`average`]; 1 for one pair). Tokens, labels
+    /// and answers are then the first pair's.
+    pub pairs: usize,
 }
 
 impl PatchReport {
@@ -391,7 +394,108 @@ pub fn patch(
         corrupted_logit_diff: metric.corrupted,
         direction: request.direction,
         grids,
+        pairs: 1,
     }))
+}
+
+/// Several prompt pairs' reports (same token count, sites and direction) as one, the way
+/// circuit studies patch a dataset rather than one prompt: each cell's logit difference
+/// (recovered from its normalised score and its pair's anchors) is averaged over the pairs,
+/// then normalised with the averaged clean and corrupted logit differences.
+pub fn average(reports: &[PatchReport]) -> Result<PatchReport> {
+    let first = reports.first().ok_or_else(|| Error::InvalidArgument {
+        what: "prompt pairs",
+        value: "none".into(),
+        message: "name at least one pair".into(),
+    })?;
+    let shape = |r: &PatchReport| {
+        let sites: Vec<Site> = r.grids.iter().map(|g| g.site).collect();
+        (r.clean_tokens.len(), sites, r.direction)
+    };
+    if let Some((i, _)) = reports
+        .iter()
+        .enumerate()
+        .find(|(_, r)| shape(r) != shape(first))
+    {
+        return Err(Error::InvalidArgument {
+            what: "prompt pair",
+            value: format!("{} (pair {})", reports[i].clean_tokens.concat(), i + 1),
+            message: format!(
+                "has {} tokens where the first pair has {}: averaged pairs need the same \
+                 token count, sites and direction",
+                reports[i].clean_tokens.len(),
+                first.clean_tokens.len()
+            ),
+        });
+    }
+    let n = reports.len() as f64;
+    let mean = |f: &dyn Fn(&PatchReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
+    let clean = mean(&|r| f64::from(r.clean_logit_diff));
+    let corrupted = mean(&|r| f64::from(r.corrupted_logit_diff));
+    // One cell of every report, as the averaged normalised score.
+    let cell = |value: &dyn Fn(&PatchReport) -> f32| -> f32 {
+        let raw = mean(&|r| {
+            let span = f64::from(r.clean_logit_diff) - f64::from(r.corrupted_logit_diff);
+            f64::from(r.corrupted_logit_diff) + f64::from(value(r)) * span
+        });
+        ((raw - corrupted) / (clean - corrupted)) as f32
+    };
+    let grids = first
+        .grids
+        .iter()
+        .enumerate()
+        .map(|(g, grid)| {
+            let averaged = |estimate: bool| -> Option<Vec<Vec<f32>>> {
+                if reports
+                    .iter()
+                    .any(|r| grid_values(r, g, estimate).is_none())
+                {
+                    return None;
+                }
+                let rows = grid_values(first, g, estimate)?;
+                Some(
+                    rows.iter()
+                        .enumerate()
+                        .map(|(l, row)| {
+                            (0..row.len())
+                                .map(|c| {
+                                    cell(&|r| grid_values(r, g, estimate).map_or(0.0, |v| v[l][c]))
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                )
+            };
+            PatchGrid {
+                site: grid.site,
+                patched: averaged(false).unwrap_or_default(),
+                attribution: averaged(true),
+            }
+        })
+        .collect();
+    let mut differing: Vec<usize> = reports.iter().flat_map(|r| r.differing.clone()).collect();
+    differing.sort_unstable();
+    differing.dedup();
+    Ok(PatchReport {
+        clean_tokens: first.clean_tokens.clone(),
+        corrupted_tokens: first.corrupted_tokens.clone(),
+        differing,
+        answer: first.answer.clone(),
+        wrong: first.wrong.clone(),
+        clean_logit_diff: clean as f32,
+        corrupted_logit_diff: corrupted as f32,
+        direction: first.direction,
+        grids,
+        pairs: reports.iter().map(|r| r.pairs).sum(),
+    })
+}
+
+/// Report `r`'s grid `g`: the patched cells, or the attribution estimate.
+fn grid_values(r: &PatchReport, g: usize, estimate: bool) -> Option<&Vec<Vec<f32>>> {
+    match estimate {
+        true => r.grids[g].attribution.as_ref(),
+        false => Some(&r.grids[g].patched),
+    }
 }
 
 /// The attribution-patching estimate of every site's grid: one backward pass through the run
@@ -652,4 +756,58 @@ fn logit_diffs(logits: &Tensor, answer: u32, wrong: u32) -> Result<Vec<f32>> {
     Ok(logit_diff_tensor(logits, answer, wrong)?
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(tokens: usize, clean: f32, corrupted: f32, cells: [f32; 2]) -> PatchReport {
+        PatchReport {
+            clean_tokens: vec!["a".into(); tokens],
+            corrupted_tokens: vec!["b".into(); tokens],
+            differing: vec![tokens - 1],
+            answer: "x".into(),
+            wrong: "y".into(),
+            clean_logit_diff: clean,
+            corrupted_logit_diff: corrupted,
+            direction: Direction::Denoise,
+            grids: vec![PatchGrid {
+                site: Site::ResidPre,
+                patched: vec![cells.to_vec()],
+                attribution: Some(vec![cells.to_vec()]),
+            }],
+            pairs: 1,
+        }
+    }
+
+    /// Cells are averaged as logit differences, then normalised with the averaged anchors:
+    /// a pair with a wide span weighs more than its normalised score alone would.
+    #[test]
+    fn averaging_pairs_averages_logit_differences_then_normalises() {
+        // Pair 1: corrupted 0, clean 10, cells 0.5 and 1.0 → logit differences 5 and 10.
+        // Pair 2: corrupted −2, clean 2, cells 0.0 and 1.0 → logit differences −2 and 2.
+        let reports = [
+            report(2, 10.0, 0.0, [0.5, 1.0]),
+            report(2, 2.0, -2.0, [0.0, 1.0]),
+        ];
+        let averaged = average(&reports).unwrap();
+        // Anchors: clean 6, corrupted −1; cells: (5 − 2)/2 = 1.5 → 2.5/7, (10 + 2)/2 = 6 → 1.
+        assert_eq!(averaged.pairs, 2);
+        assert!((averaged.clean_logit_diff - 6.0).abs() < 1e-6);
+        assert!((averaged.corrupted_logit_diff + 1.0).abs() < 1e-6);
+        let grid = &averaged.grids[0];
+        assert!((grid.patched[0][0] - 2.5 / 7.0).abs() < 1e-6);
+        assert!((grid.patched[0][1] - 1.0).abs() < 1e-6);
+        assert_eq!(grid.attribution.as_ref().unwrap(), &grid.patched);
+        // One pair averages to itself.
+        let alone = average(&reports[..1]).unwrap();
+        assert_eq!(alone.grids[0].patched, reports[0].grids[0].patched);
+        // Pairs of different lengths cannot share position grids.
+        let err = average(&[report(2, 1.0, 0.0, [0.0; 2]), report(3, 1.0, 0.0, [0.0; 2])])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pair 2") && err.contains("3 tokens"), "{err}");
+        assert!(average(&[]).is_err());
+    }
 }

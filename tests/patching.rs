@@ -409,3 +409,41 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
         );
     }
 }
+
+/// `--pairs`: every line patched and the pairs averaged; a pair of another token count is
+/// refused naming its line.
+#[test]
+fn the_patch_command_averages_the_pairs_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "# clean, corrupted\nThe capital of Japan is\tThe capital of France is\n\n\
+         The capital of Italy is\tThe capital of Spain is\t Rome\t Madrid\n",
+    )
+    .unwrap();
+    let path = pairs.to_str().unwrap();
+    let report = monoscope_json(&["patch", "--pairs", path, "--sites", "resid_pre", "--json"]);
+    assert_eq!(report["pairs"], 2);
+    // Each pair's changed token entering block 0 restores its own clean run, so the average
+    // is the averaged clean run.
+    let subject = report["differing"][0].as_u64().unwrap() as usize;
+    let cell = report["grids"][0]["patched"][0][subject].as_f64().unwrap();
+    assert!((cell - 1.0).abs() < 1e-4, "{cell}");
+
+    std::fs::write(
+        &pairs,
+        "The capital of Japan is\tThe capital of France is\nThe capital of Egypt is\tThe capital of Kenya is\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["patch", "--pairs", path])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("pairs.tsv line 2") && stderr.contains("same number of tokens"),
+        "{stderr}"
+    );
+}

@@ -2,29 +2,38 @@
 //! and position (residual stream, attention and MLP outputs) and per head, with attribution
 //! patching's estimate beside it.
 
+use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::features::patching::{FeaturePatchReport, patch_features};
-use crate::patching::{Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, patch};
+use crate::patching::{
+    Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, average, passes, patch,
+};
 
 #[derive(Args)]
 pub struct PatchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt whose answer is traced: "The capital of Japan is".
-    #[arg(long)]
-    clean: String,
+    #[arg(long, required_unless_present = "pairs")]
+    clean: Option<String>,
     /// The same prompt with a few tokens changed, same token count: "The capital of France is".
-    #[arg(long)]
-    corrupted: String,
+    #[arg(long, required_unless_present = "pairs")]
+    corrupted: Option<String>,
     /// The clean answer (" Tokyo"); default: the model's prediction after --clean.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pairs")]
     answer: Option<String>,
     /// The corrupted answer (" Paris"); default: the model's prediction after --corrupted.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pairs")]
     wrong: Option<String>,
+    /// Patch every pair of this file and average them (each cell's logit difference averaged,
+    /// then normalised with the averaged anchors). One pair per line, tab-separated: clean,
+    /// corrupted, and optionally the answer and the wrong answer; every pair with the same
+    /// token count. Blank lines and lines starting with `#` are skipped.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["clean", "corrupted", "sae"])]
+    pairs: Option<std::path::PathBuf>,
     /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position) and
     /// heads (each head at every position).
     #[arg(
@@ -55,37 +64,63 @@ pub struct PatchArgs {
 
 pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let pair = PromptPair {
-        clean: &args.clean,
-        corrupted: &args.corrupted,
-        answer: args.answer.as_deref(),
-        wrong: args.wrong.as_deref(),
-    };
     let direction = if args.noising {
         Direction::Noise
     } else {
         Direction::Denoise
     };
-    let request = PatchRequest {
-        sites: args.sites.clone(),
-        attribution: args.attribution,
-        ..PatchRequest::from_prompts(&model, &pair, direction)?
+    let typed: Vec<(String, [Option<String>; 4])> = match &args.pairs {
+        Some(path) => read_pairs(path)?,
+        None => vec![(
+            "the command line".into(),
+            [
+                args.clean.clone(),
+                args.corrupted.clone(),
+                args.answer.clone(),
+                args.wrong.clone(),
+            ],
+        )],
     };
+    let mut requests = Vec::with_capacity(typed.len());
+    for (place, [clean, corrupted, answer, wrong]) in &typed {
+        let pair = PromptPair {
+            clean: clean.as_deref().unwrap_or_default(),
+            corrupted: corrupted.as_deref().unwrap_or_default(),
+            answer: answer.as_deref(),
+            wrong: wrong.as_deref(),
+        };
+        let request = PatchRequest::from_prompts(&model, &pair, direction)
+            .with_context(|| format!("the prompt pair of {place}"))?;
+        requests.push(PatchRequest {
+            sites: args.sites.clone(),
+            attribution: args.attribution,
+            ..request
+        });
+    }
     install_ctrl_c("stopping after this forward pass");
-    let bar = progress_bar(
-        crate::patching::passes(&model, &request) as u64,
-        "patching {bar:30} {pos}/{len} forward passes",
-    )?;
-    let report = patch(&model, &request, &CANCEL, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?
-    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+    let total: usize = requests.iter().map(|r| passes(&model, r)).sum();
+    let bar = progress_bar(total as u64, "patching {bar:30} {pos}/{len} forward passes")?;
+    let mut reports = Vec::with_capacity(requests.len());
+    for ((place, _), request) in typed.iter().zip(&requests) {
+        let before = bar.position();
+        let report = patch(&model, request, &CANCEL, &mut |done, _| {
+            bar.set_position(before + done as u64)
+        })
+        .with_context(|| format!("the prompt pair of {place}"))?
+        .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+        reports.push(report);
+    }
     bar.finish_and_clear();
+    let report = match reports.len() {
+        1 => reports.remove(0),
+        _ => average(&reports)?,
+    };
+    let request = &requests[0];
     let features = match &args.sae {
         Some(dir) => {
             let (sae, hook) = super::sae::load_sae(dir, None, &model, &model.device)?;
             let found =
-                patch_features(&model, &sae.sae, hook, &request, args.top_features, &CANCEL)?
+                patch_features(&model, &sae.sae, hook, request, args.top_features, &CANCEL)?
                     .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
             Some(found)
         }
@@ -99,6 +134,29 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
         print_features(f);
     }
     Ok(())
+}
+
+/// The pairs of a `--pairs` file, each with where it was read (for errors).
+fn read_pairs(path: &std::path::Path) -> anyhow::Result<Vec<(String, [Option<String>; 4])>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompt pairs from {}", path.display()))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let place = format!("{} line {}", path.display(), i + 1);
+        let fields: Vec<&str> = line.split('\t').collect();
+        anyhow::ensure!(
+            matches!(fields.len(), 2 | 4),
+            "{place}: expected clean<TAB>corrupted[<TAB>answer<TAB>wrong], found {} fields",
+            fields.len()
+        );
+        let field = |k: usize| fields.get(k).map(|f| f.to_string());
+        pairs.push((place, [field(0), field(1), field(2), field(3)]));
+    }
+    anyhow::ensure!(!pairs.is_empty(), "{} holds no prompt pair", path.display());
+    Ok(pairs)
 }
 
 #[derive(Serialize)]
@@ -141,6 +199,13 @@ fn print_report(r: &PatchReport) {
         Direction::Denoise => ("clean", "corrupted"),
         Direction::Noise => ("corrupted", "clean"),
     };
+    if r.pairs > 1 {
+        println!(
+            "averaged over {} prompt pairs (tokens and answers shown are the first pair's; the \
+             logit differences are the pairs' means)",
+            r.pairs
+        );
+    }
     println!(
         "logit({:?}) − logit({:?}): clean {:.3}, corrupted {:.3}",
         r.answer, r.wrong, r.clean_logit_diff, r.corrupted_logit_diff
