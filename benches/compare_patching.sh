@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Activation patching on the bundled world model, monoscope beside TransformerLens on this
-# machine: the time for the four grids (criterion's mean for monoscope, the best of five runs
+# machine: the time for the five grids (criterion's mean for monoscope, the best of five runs
 # for TransformerLens), their ratio, and the largest difference between the grids.
 #   pip install transformer_lens && bash benches/compare_patching.sh
 set -euo pipefail
@@ -10,12 +10,13 @@ est=target/criterion/patching/world_japan_france_all_sites/new/estimates.json
 rust_s=$(python3 -c "import json;print(json.load(open('$est'))['mean']['point_estimate']/1e9)")
 cargo build --release --locked >&2
 ours=$(./target/release/monoscope patch --clean "The capital of Japan is" \
-  --corrupted "The capital of France is" --answer " Tokyo" --wrong " Paris" --json)
+  --corrupted "The capital of France is" --answer " Tokyo" --wrong " Paris" \
+  --sites resid_pre,attn_out,mlp_out,heads,patterns --json)
 theirs=$(python3 benches/reference/patching_tl.py 2>/dev/null)
 python3 - "$rust_s" "$ours" "$theirs" <<'PY'
 import json, sys
 rust_s, ours, theirs = float(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-print(f"monoscope         {rust_s * 1e3:8.1f} ms for the four grids")
+print(f"monoscope         {rust_s * 1e3:8.1f} ms for the five grids")
 print(f"TransformerLens   {theirs['seconds'] * 1e3:8.1f} ms  (transformer_lens {theirs['transformer_lens']}, "
       f"torch {theirs['torch']}, {theirs['threads']} threads)")
 print(f"speed-up          {theirs['seconds'] / rust_s:8.2f}x  (TransformerLens time / monoscope time)")

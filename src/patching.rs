@@ -49,10 +49,19 @@ pub enum Site {
     MlpOut,
     /// One head's `blocks.L.attn.hook_z` columns at every position: layer × head.
     Heads,
+    /// One head's attention pattern (`blocks.L.attn.hook_pattern`) at every query: layer ×
+    /// head. Where the head looks, its values and output projection as they were.
+    Patterns,
 }
 
 impl Site {
-    pub const ALL: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::Heads];
+    pub const ALL: [Site; 5] = [
+        Site::ResidPre,
+        Site::AttnOut,
+        Site::MlpOut,
+        Site::Heads,
+        Site::Patterns,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -60,6 +69,7 @@ impl Site {
             Self::AttnOut => "attn_out",
             Self::MlpOut => "mlp_out",
             Self::Heads => "heads",
+            Self::Patterns => "patterns",
         }
     }
 
@@ -70,12 +80,13 @@ impl Site {
             Self::AttnOut => HookPoint::AttnOut(layer),
             Self::MlpOut => HookPoint::MlpOut(layer),
             Self::Heads => HookPoint::AttnZ(layer),
+            Self::Patterns => HookPoint::AttnPattern(layer),
         }
     }
 
     /// Whether the grid's columns are heads rather than positions.
     pub fn per_head(self) -> bool {
-        self == Self::Heads
+        matches!(self, Self::Heads | Self::Patterns)
     }
 }
 
@@ -89,7 +100,7 @@ impl std::str::FromStr for Site {
             .ok_or_else(|| Error::InvalidArgument {
                 what: "patching site",
                 value: s.to_string(),
-                message: "expected resid_pre, attn_out, mlp_out or heads".into(),
+                message: "expected resid_pre, attn_out, mlp_out, heads or patterns".into(),
             })
     }
 }
@@ -332,7 +343,7 @@ pub fn patch(
         return Err(Error::InvalidArgument {
             what: "patching sites",
             value: String::new(),
-            message: "name at least one of resid_pre, attn_out, mlp_out, heads".into(),
+            message: "name at least one of resid_pre, attn_out, mlp_out, heads, patterns".into(),
         });
     }
     let dims = model.dims();
@@ -524,9 +535,11 @@ fn attribute(
             })?;
             let delta = (source.cache.require(point)? - base.cache.require(point)?)?
                 .get(0)?
-                .to_dtype(DType::F32)?; // [seq, d]
+                .to_dtype(DType::F32)?; // [seq, d], or [heads, query, key] for patterns
             let effect = (grad.to_dtype(DType::F32)? * delta)?;
-            let cells = if site.per_head() {
+            let cells = if site == Site::Patterns {
+                effect.flatten_from(1)?.sum(1)?
+            } else if site.per_head() {
                 // [seq, heads·d_head] → per head, summed over positions.
                 effect
                     .sum(0)?
@@ -704,7 +717,8 @@ pub fn check_prompts(model: &Model, clean: &[u32], corrupted: &[u32]) -> Result<
 }
 
 /// 0/1 mask selecting one cell per batch row: row `i` patches position (or head)
-/// `cells.start + i`. `[rows, seq, 1]` for positions, `[rows, 1, heads·d_head]` for heads.
+/// `cells.start + i`. `[rows, seq, 1]` for positions, `[rows, 1, heads·d_head]` for heads,
+/// `[rows, heads, 1, 1]` for patterns.
 fn cell_mask(
     model: &Model,
     site: Site,
@@ -712,7 +726,14 @@ fn cell_mask(
     cells: std::ops::Range<usize>,
 ) -> Result<Tensor> {
     let rows = cells.len();
-    let mask = if site.per_head() {
+    let heads = model.dims().n_heads;
+    let mask = if site == Site::Patterns {
+        let mut data = vec![0f32; rows * heads];
+        for (row, head) in cells.enumerate() {
+            data[row * heads + head] = 1.0;
+        }
+        Tensor::from_vec(data, (rows, heads, 1, 1), &model.device)?
+    } else if site.per_head() {
         let (heads, head_dim) = (model.dims().n_heads, model.dims().head_dim);
         let width = heads * head_dim;
         let mut data = vec![0f32; rows * width];
@@ -731,7 +752,7 @@ fn cell_mask(
 }
 
 /// An intervention that replaces the masked entries of each batch row with `source`
-/// (`[1, seq, d]`, broadcast over the rows).
+/// (`[1, seq, d]` or a pattern's `[1, heads, query, key]`, broadcast over the rows).
 fn splice(source: Tensor, mask: Tensor) -> Intervention {
     Intervention::new(InterventionOp::Func(Arc::new(
         move |x: &Tensor, _offset| {

@@ -98,7 +98,10 @@ fn capture(model: &Model, ids: &[u32], point: HookPoint) -> Tensor {
 /// The intervention patching one cell: `site`'s position or head `column`.
 fn cell(model: &Model, site: Site, column: usize, value: Tensor) -> Intervention {
     let replace = Intervention::new(InterventionOp::Replace(value));
-    if site.per_head() {
+    if site == Site::Patterns {
+        // A pattern's channels are its heads.
+        replace.at_channels(vec![column])
+    } else if site.per_head() {
         let d_head = model.dims().head_dim;
         replace.at_channels((column * d_head..(column + 1) * d_head).collect::<Vec<_>>())
     } else {
@@ -181,6 +184,8 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             (Site::MlpOut, 1, 35.min(len - 1)),
             (Site::Heads, last_layer, 1),
             (Site::Heads, 0, model.dims().n_heads - 1),
+            (Site::Patterns, last_layer, 1),
+            (Site::Patterns, 0, model.dims().n_heads - 1),
         ] {
             let point = site.hook(layer);
             let hooks = Hooks::new().intervene(
@@ -218,6 +223,7 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 (Site::MlpOut, 0, 4),
                 (Site::AttnOut, 1, 8),
                 (Site::Heads, 1, 0),
+                (Site::Patterns, 1, 1),
             ] {
                 let point = site.hook(layer);
                 let (b, s) = (capture(&model, base, point), capture(&model, source, point));

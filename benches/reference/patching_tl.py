@@ -3,7 +3,8 @@
 Hugging Face GPT-2 folder) booted with TransformerBridge (TransformerLens 4; raw HF weights,
 eager attention), "The capital of Japan is" against "The capital of France is", the
 normalised logit difference of " Tokyo" and " Paris" (first tokens), and TransformerLens's
-get_act_patch_resid_pre / _attn_out / _mlp_out / _attn_head_out_all_pos, timed together
+get_act_patch_resid_pre / _attn_out / _mlp_out / _attn_head_out_all_pos /
+_attn_head_pattern_all_pos, timed together
 (best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
 
 import argparse
@@ -21,6 +22,7 @@ SITES = {
     "attn_out": patching.get_act_patch_attn_out,
     "mlp_out": patching.get_act_patch_mlp_out,
     "heads": patching.get_act_patch_attn_head_out_all_pos,
+    "patterns": patching.get_act_patch_attn_head_pattern_all_pos,
 }
 
 

@@ -34,8 +34,9 @@ pub struct PatchArgs {
     /// token count. Blank lines and lines starting with `#` are skipped.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["clean", "corrupted", "sae"])]
     pairs: Option<std::path::PathBuf>,
-    /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position) and
-    /// heads (each head at every position).
+    /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position),
+    /// heads (each head's output at every position) and patterns (each head's attention
+    /// pattern at every query).
     #[arg(
         long,
         value_delimiter = ',',

@@ -163,6 +163,10 @@ pub mod explain {
                 "blocks.L.attn.hook_z: one head's output at every token; click a \
                 head to see its attention pattern"
             }
+            Site::Patterns => {
+                "blocks.L.attn.hook_pattern: where one head looks, at every query; its \
+                values as they were. Click a head to see its attention pattern"
+            }
         }
     }
 }
