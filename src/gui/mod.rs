@@ -333,6 +333,9 @@ mod screenshots {
         busy_gaps: Vec<f32>,
         /// When the last frame drawn while a job ran started.
         last_busy_frame: Option<Instant>,
+        /// The panel the last frame drew: `cpu` and the thread clock measure the last frame,
+        /// which may have drawn another panel than this one (a job that ends switches).
+        last_drawn: Option<PanelKind>,
         writers: Vec<std::thread::JoinHandle<()>>,
     }
 
@@ -347,6 +350,7 @@ mod screenshots {
                 last_thread_cpu: None,
                 busy_gaps: Vec::new(),
                 last_busy_frame: None,
+                last_drawn: None,
                 writers: Vec::new(),
             }
         }
@@ -370,8 +374,10 @@ mod screenshots {
                 .zip(self.last_thread_cpu)
                 .map(|(now, then)| (now - then) as f32);
             self.last_thread_cpu = thread_cpu;
-            if busy && let Some(cpu) = cpu {
-                self.busy_frames.push((cpu, own, *current));
+            // `current` is what this update drew; the figures are the last frame's.
+            let drawn = self.last_drawn.replace(*current);
+            if busy && let (Some(cpu), Some(drawn)) = (cpu, drawn) {
+                self.busy_frames.push((cpu, own, drawn));
             }
             let now = Instant::now();
             if busy && let Some(then) = self.last_busy_frame {
