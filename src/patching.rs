@@ -88,6 +88,11 @@ impl Site {
     pub fn per_head(self) -> bool {
         matches!(self, Self::Heads | Self::Patterns)
     }
+
+    /// The grid's columns on a prompt of `seq` tokens: heads, or positions.
+    fn columns(self, n_heads: usize, seq: usize) -> usize {
+        if self.per_head() { n_heads } else { seq }
+    }
 }
 
 impl std::str::FromStr for Site {
@@ -320,11 +325,7 @@ pub fn passes(model: &Model, request: &PatchRequest) -> usize {
         .sites
         .iter()
         .map(|&site| {
-            let columns = if site.per_head() {
-                dims.n_heads
-            } else {
-                request.clean.len()
-            };
+            let columns = site.columns(dims.n_heads, request.clean.len());
             dims.n_layers * columns.div_ceil(BATCH)
         })
         .sum()
@@ -360,11 +361,7 @@ pub fn patch(
         for layer in 0..dims.n_layers {
             let point = site.hook(layer);
             let value = source.cache.require(point)?;
-            let columns = if site.per_head() {
-                dims.n_heads
-            } else {
-                base_ids.len()
-            };
+            let columns = site.columns(dims.n_heads, base_ids.len());
             let mut row = Vec::with_capacity(columns);
             for start in (0..columns).step_by(BATCH) {
                 if cancel.load(Ordering::Relaxed) {

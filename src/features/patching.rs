@@ -89,13 +89,9 @@ pub fn patch_features(
     let x_source = source.cache.require(hook)?.get(0)?.to_dtype(work)?;
     let f_base = sae.encode(&x_base)?; // [seq, d_sae]
     let f_source = sae.encode(&x_source)?;
-    let f_clean = match request.direction {
-        Direction::Denoise => &f_source,
-        Direction::Noise => &f_base,
-    };
-    let f_corrupted = match request.direction {
-        Direction::Denoise => &f_base,
-        Direction::Noise => &f_source,
+    let (f_clean, f_corrupted) = match request.direction {
+        Direction::Denoise => (&f_source, &f_base),
+        Direction::Noise => (&f_base, &f_source),
     };
     let delta_f = (&f_source - &f_base)?;
     let grad = metric_gradients(model, base_ids, metric, &[hook])?
@@ -106,7 +102,8 @@ pub fn patch_features(
     let estimates = (&delta_f * &along)?
         .to_dtype(DType::F32)?
         .to_vec2::<f32>()?;
-    let changes = delta_f.ne(0.0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Each feature's change at each token, read once: which changed, and by how much.
+    let changes = delta_f.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let span = metric.clean - metric.corrupted;
     let unpatched = request.direction.unpatched();
     let mut ranked: Vec<(usize, usize, f32)> = estimates
@@ -128,10 +125,7 @@ pub fn patch_features(
         }
         let rows = chunk.len();
         let ids: Vec<u32> = chunk.iter().map(|&(_, i, _)| i as u32).collect();
-        let amounts: Vec<f32> = chunk
-            .iter()
-            .map(|&(p, i, _)| delta_f.i((p, i))?.to_dtype(DType::F32)?.to_scalar::<f32>())
-            .collect::<candle_core::Result<_>>()?;
+        let amounts: Vec<f32> = chunk.iter().map(|&(p, i, _)| changes[p][i]).collect();
         let mut at = vec![0f32; rows * seq];
         for (r, &(p, _, _)) in chunk.iter().enumerate() {
             at[r * seq + p] = 1.0;
