@@ -5,8 +5,9 @@
 //! The two prompts have the same number of tokens and differ in a few ("The capital of Japan
 //! is" / "The capital of France is"). The metric is the logit difference between the clean
 //! answer and the corrupted one (" Tokyo" − " Paris") at the last position. One activation at
-//! a time — a layer's residual stream, attention or MLP output at one position, or one head's
-//! output at every position — is copied from one run into the other:
+//! a time — a layer's residual stream, attention or MLP output at one position, one head's
+//! output or attention pattern at every position or at one — is copied from one run into the
+//! other:
 //!
 //! - **denoising** copies the clean value into the corrupted run: which activations are
 //!   *enough* to bring the clean answer back;
@@ -52,15 +53,35 @@ pub enum Site {
     /// One head's attention pattern (`blocks.L.attn.hook_pattern`) at every query: layer ×
     /// head. Where the head looks, its values and output projection as they were.
     Patterns,
+    /// One head's `blocks.L.attn.hook_z` columns at one position: layer × (head, position),
+    /// TransformerLens's `attn_head_out_by_pos`. Which token a head's output matters at.
+    HeadsByPos,
+    /// One head's attention pattern at one query position: layer × (head, query),
+    /// TransformerLens's `attn_head_pattern_by_pos`. From which token where a head looks
+    /// matters.
+    PatternsByPos,
+}
+
+/// What a grid's columns are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One per position of the prompt.
+    Positions,
+    /// One per head.
+    Heads,
+    /// One per head and position, head-major: column `head · seq + position`.
+    HeadsByPosition,
 }
 
 impl Site {
-    pub const ALL: [Site; 5] = [
+    pub const ALL: [Site; 7] = [
         Site::ResidPre,
         Site::AttnOut,
         Site::MlpOut,
         Site::Heads,
         Site::Patterns,
+        Site::HeadsByPos,
+        Site::PatternsByPos,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +91,8 @@ impl Site {
             Self::MlpOut => "mlp_out",
             Self::Heads => "heads",
             Self::Patterns => "patterns",
+            Self::HeadsByPos => "heads_by_pos",
+            Self::PatternsByPos => "patterns_by_pos",
         }
     }
 
@@ -79,19 +102,42 @@ impl Site {
             Self::ResidPre => HookPoint::ResidPre(layer),
             Self::AttnOut => HookPoint::AttnOut(layer),
             Self::MlpOut => HookPoint::MlpOut(layer),
-            Self::Heads => HookPoint::AttnZ(layer),
-            Self::Patterns => HookPoint::AttnPattern(layer),
+            Self::Heads | Self::HeadsByPos => HookPoint::AttnZ(layer),
+            Self::Patterns | Self::PatternsByPos => HookPoint::AttnPattern(layer),
         }
     }
 
-    /// Whether the grid's columns are heads rather than positions.
-    pub fn per_head(self) -> bool {
-        matches!(self, Self::Heads | Self::Patterns)
+    /// What the grid's columns are.
+    pub fn layout(self) -> Layout {
+        match self {
+            Self::ResidPre | Self::AttnOut | Self::MlpOut => Layout::Positions,
+            Self::Heads | Self::Patterns => Layout::Heads,
+            Self::HeadsByPos | Self::PatternsByPos => Layout::HeadsByPosition,
+        }
     }
 
-    /// The grid's columns on a prompt of `seq` tokens: heads, or positions.
+    /// Column `column` of the grid on a prompt of `seq` tokens as (head, position); `None`
+    /// where the cell spans every head or every position.
+    pub fn cell(self, column: usize, seq: usize) -> (Option<usize>, Option<usize>) {
+        match self.layout() {
+            Layout::Positions => (None, Some(column)),
+            Layout::Heads => (Some(column), None),
+            Layout::HeadsByPosition => (Some(column / seq), Some(column % seq)),
+        }
+    }
+
+    /// Whether the site patches an attention pattern rather than an activation.
+    fn patches_pattern(self) -> bool {
+        matches!(self, Self::Patterns | Self::PatternsByPos)
+    }
+
+    /// The grid's columns on a prompt of `seq` tokens.
     fn columns(self, n_heads: usize, seq: usize) -> usize {
-        if self.per_head() { n_heads } else { seq }
+        match self.layout() {
+            Layout::Positions => seq,
+            Layout::Heads => n_heads,
+            Layout::HeadsByPosition => n_heads * seq,
+        }
     }
 }
 
@@ -105,7 +151,9 @@ impl std::str::FromStr for Site {
             .ok_or_else(|| Error::InvalidArgument {
                 what: "patching site",
                 value: s.to_string(),
-                message: "expected resid_pre, attn_out, mlp_out, heads or patterns".into(),
+                message: "expected resid_pre, attn_out, mlp_out, heads, patterns, heads_by_pos or \
+                          patterns_by_pos"
+                    .into(),
             })
     }
 }
@@ -159,7 +207,7 @@ impl PatchRequest {
 pub struct PatchGrid {
     pub site: Site,
     /// `patched[layer][column]`: the normalised logit difference with that one cell patched;
-    /// columns are positions, or heads for [`Site::Heads`].
+    /// columns as [`Site::layout`] says.
     pub patched: Vec<Vec<f32>>,
     /// The same cells estimated by attribution patching, on the same scale.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -344,7 +392,9 @@ pub fn patch(
         return Err(Error::InvalidArgument {
             what: "patching sites",
             value: String::new(),
-            message: "name at least one of resid_pre, attn_out, mlp_out, heads, patterns".into(),
+            message: "name at least one of resid_pre, attn_out, mlp_out, heads, patterns, \
+                          heads_by_pos, patterns_by_pos"
+                .into(),
         });
     }
     let dims = model.dims();
@@ -534,16 +584,23 @@ fn attribute(
                 .get(0)?
                 .to_dtype(DType::F32)?; // [seq, d], or [heads, query, key] for patterns
             let effect = (grad.to_dtype(DType::F32)? * delta)?;
-            let cells = if site == Site::Patterns {
-                effect.flatten_from(1)?.sum(1)?
-            } else if site.per_head() {
-                // [seq, heads·d_head] → per head, summed over positions.
-                effect
+            let seq = base_ids.len();
+            let cells = match (site.patches_pattern(), site.layout()) {
+                // [heads, query, key] → per head, or per head and query.
+                (true, Layout::Heads) => effect.flatten_from(1)?.sum(1)?,
+                (true, _) => effect.sum(2)?.flatten_all()?,
+                // [seq, heads·d_head] → per head, summed over positions or not.
+                (false, Layout::Heads) => effect
                     .sum(0)?
                     .reshape((dims.n_heads, dims.head_dim))?
-                    .sum(1)?
-            } else {
-                effect.sum(1)?
+                    .sum(1)?,
+                (false, Layout::HeadsByPosition) => effect
+                    .reshape((seq, dims.n_heads, dims.head_dim))?
+                    .sum(2)?
+                    .t()?
+                    .contiguous()?
+                    .flatten_all()?,
+                (false, Layout::Positions) => effect.sum(1)?,
             };
             let cells = cells.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             grid.push(
@@ -713,9 +770,10 @@ pub fn check_prompts(model: &Model, clean: &[u32], corrupted: &[u32]) -> Result<
     Ok(())
 }
 
-/// 0/1 mask selecting one cell per batch row: row `i` patches position (or head)
-/// `cells.start + i`. `[rows, seq, 1]` for positions, `[rows, 1, heads·d_head]` for heads,
-/// `[rows, heads, 1, 1]` for patterns.
+/// 0/1 mask selecting one cell per batch row: row `i` patches column `cells.start + i` of
+/// the site's [`Layout`]. For activations `[rows, seq, heads·d_head]` (a whole head's
+/// `d_head` channels per cell), for patterns `[rows, heads, seq, 1]` (a query's whole row of
+/// keys per cell); dimensions a layout does not select are 1 and broadcast.
 fn cell_mask(
     model: &Model,
     site: Site,
@@ -723,29 +781,41 @@ fn cell_mask(
     cells: std::ops::Range<usize>,
 ) -> Result<Tensor> {
     let rows = cells.len();
-    let heads = model.dims().n_heads;
-    let mask = if site == Site::Patterns {
-        let mut data = vec![0f32; rows * heads];
-        for (row, head) in cells.enumerate() {
-            data[row * heads + head] = 1.0;
-        }
-        Tensor::from_vec(data, (rows, heads, 1, 1), &model.device)?
-    } else if site.per_head() {
-        let (heads, head_dim) = (model.dims().n_heads, model.dims().head_dim);
-        let width = heads * head_dim;
-        let mut data = vec![0f32; rows * width];
-        for (row, head) in cells.enumerate() {
-            data[row * width + head * head_dim..row * width + (head + 1) * head_dim].fill(1.0);
-        }
-        Tensor::from_vec(data, (rows, 1, width), &model.device)?
+    let (heads, head_dim) = (model.dims().n_heads, model.dims().head_dim);
+    let (selects_head, selects_position) = site.cell(0, seq);
+    let (head_span, position_span) = (
+        if selects_head.is_some() { heads } else { 1 },
+        if selects_position.is_some() { seq } else { 1 },
+    );
+    let (outer, inner) = if site.patches_pattern() {
+        (head_span, position_span)
     } else {
-        let mut data = vec![0f32; rows * seq];
-        for (row, position) in cells.enumerate() {
-            data[row * seq + position] = 1.0;
-        }
-        Tensor::from_vec(data, (rows, seq, 1), &model.device)?
+        (position_span, head_span)
     };
-    Ok(mask)
+    let mut data = vec![0f32; rows * outer * inner];
+    for (row, c) in cells.enumerate() {
+        let (head, position) = site.cell(c, seq);
+        let (head, position) = (head.unwrap_or(0), position.unwrap_or(0));
+        let (o, i) = if site.patches_pattern() {
+            (head, position)
+        } else {
+            (position, head)
+        };
+        data[(row * outer + o) * inner + i] = 1.0;
+    }
+    let mask = Tensor::from_vec(data, (rows, outer, inner), &model.device)?;
+    Ok(if site.patches_pattern() {
+        mask.unsqueeze(3)?
+    } else if head_span > 1 {
+        // A head is its d_head channels.
+        mask.unsqueeze(3)?.repeat((1, 1, 1, head_dim))?.reshape((
+            rows,
+            position_span,
+            heads * head_dim,
+        ))?
+    } else {
+        mask
+    })
 }
 
 /// An intervention that replaces the masked entries of each batch row with `source`

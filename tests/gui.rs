@@ -547,6 +547,28 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
     });
     assert_eq!(h.state().current, PanelKind::Attention);
 
+    // Each head at each token: the strongest cell names its head and token, and opens the
+    // head's pattern too.
+    open_panel(&mut h, "Patching");
+    h.get_by_label("heads_by_pos").click();
+    h.step();
+    let (l, column, v) = noised
+        .grid(Site::HeadsByPos)
+        .unwrap()
+        .ranked(Direction::Noise)[0];
+    let (head, position) = Site::HeadsByPos.cell(column, noised.clean_tokens.len());
+    let (head, position) = (head.unwrap(), position.unwrap());
+    let button = format!(
+        "head {l}.{head} at {} {v:.2}",
+        display_token(&noised.clean_tokens[position])
+    );
+    h.get_by_label(&button).click();
+    let title = format!("Attention pattern of head {l}.{head}");
+    wait_for(&mut h, &title, |h| {
+        has_label(h, &title) && !h.state().busy()
+    });
+    assert_eq!(h.state().current, PanelKind::Attention);
+
     // A pair of different lengths is refused with a message, not a crash.
     open_panel(&mut h, "Patching");
     replace_text(

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{MODEL_TYPES, fixture_dir, monoscope_json};
 use monoscope::Model;
 use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp};
-use monoscope::patching::{Direction, PatchReport, PatchRequest, Site, patch};
+use monoscope::patching::{Direction, Layout, PatchReport, PatchRequest, Site, patch};
 
 const ANSWER: u32 = 17;
 const WRONG: u32 = 40;
@@ -95,17 +95,25 @@ fn capture(model: &Model, ids: &[u32], point: HookPoint) -> Tensor {
     out.cache.require(point).unwrap().clone()
 }
 
-/// The intervention patching one cell: `site`'s position or head `column`.
-fn cell(model: &Model, site: Site, column: usize, value: Tensor) -> Intervention {
+/// The intervention patching one cell of `site`'s grid on a prompt of `seq` tokens: its
+/// position, its head, or both.
+fn cell(model: &Model, site: Site, column: usize, seq: usize, value: Tensor) -> Intervention {
     let replace = Intervention::new(InterventionOp::Replace(value));
-    if site == Site::Patterns {
+    let (head, position) = site.cell(column, seq);
+    let replace = match position {
+        Some(p) => replace.at_positions(vec![p as i64]),
+        None => replace,
+    };
+    match head {
         // A pattern's channels are its heads.
-        replace.at_channels(vec![column])
-    } else if site.per_head() {
-        let d_head = model.dims().head_dim;
-        replace.at_channels((column * d_head..(column + 1) * d_head).collect::<Vec<_>>())
-    } else {
-        replace.at_positions(vec![column as i64])
+        Some(h) if matches!(site.hook(0), HookPoint::AttnPattern(_)) => {
+            replace.at_channels(vec![h])
+        }
+        Some(h) => {
+            let d_head = model.dims().head_dim;
+            replace.at_channels((h * d_head..(h + 1) * d_head).collect::<Vec<_>>())
+        }
+        None => replace,
     }
 }
 
@@ -122,24 +130,25 @@ fn patching_restores_exactly_what_the_changed_token_carries_on_every_architectur
         for grid in &report.grids {
             let estimate = grid.attribution.as_ref().unwrap();
             assert_eq!(grid.patched.len(), n_layers, "{model_type}");
+            let heads = model.dims().n_heads;
             for (layer, (row, est)) in grid.patched.iter().zip(estimate).enumerate() {
-                if grid.site.per_head() {
-                    assert_eq!(row.len(), model.dims().n_heads);
-                    continue;
-                }
-                assert_eq!(row.len(), clean.len());
+                let columns = match grid.site.layout() {
+                    Layout::Positions => clean.len(),
+                    Layout::Heads => heads,
+                    Layout::HeadsByPosition => heads * clean.len(),
+                };
+                assert_eq!(row.len(), columns, "{model_type} {:?}", grid.site);
+                assert_eq!(est.len(), columns, "{model_type} {:?}", grid.site);
                 // Before the changed token both runs are the same: nothing to restore.
-                for p in 0..changed {
-                    assert!(
-                        row[p].abs() < 1e-9,
-                        "{model_type} {:?} {layer}.{p}",
-                        grid.site
-                    );
-                    assert!(
-                        est[p].abs() < 1e-9,
-                        "{model_type} {:?} {layer}.{p}",
-                        grid.site
-                    );
+                for c in 0..columns {
+                    let Some(p) = grid.site.cell(c, clean.len()).1 else {
+                        continue;
+                    };
+                    if p < changed {
+                        let site = grid.site;
+                        assert!(row[c].abs() < 1e-9, "{model_type} {site:?} {layer}.{c}");
+                        assert!(est[c].abs() < 1e-9, "{model_type} {site:?} {layer}.{c}");
+                    }
                 }
             }
         }
@@ -177,24 +186,35 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             logit_diff(&model, &corrupted, &Hooks::new()),
         );
         let last_layer = model.dims().n_layers - 1;
+        let heads = model.dims().n_heads;
         for (site, layer, column) in [
             (Site::ResidPre, 1, len - 1),
             (Site::AttnOut, last_layer, len - 1),
             (Site::MlpOut, 0, 2),
             (Site::MlpOut, 1, 35.min(len - 1)),
             (Site::Heads, last_layer, 1),
-            (Site::Heads, 0, model.dims().n_heads - 1),
+            (Site::Heads, 0, heads - 1),
             (Site::Patterns, last_layer, 1),
-            (Site::Patterns, 0, model.dims().n_heads - 1),
+            (Site::Patterns, 0, heads - 1),
+            // Head 1 at the last token; the last head at the changed token and after it, in
+            // the first block (so that later blocks carry it to the last token; later batches).
+            (Site::HeadsByPos, last_layer, 2 * len - 1),
+            (Site::HeadsByPos, 0, (heads - 1) * len + 2),
+            (Site::PatternsByPos, last_layer, 2 * len - 1),
+            (Site::PatternsByPos, 0, (heads - 1) * len + 3),
         ] {
             let point = site.hook(layer);
             let hooks = Hooks::new().intervene(
                 point,
-                cell(&model, site, column, capture(&model, &clean, point)),
+                cell(&model, site, column, len, capture(&model, &clean, point)),
             );
             let alone =
                 (logit_diff(&model, &corrupted, &hooks) - m_corrupt) / (m_clean - m_corrupt);
             let batched = report.grid(site).unwrap().patched[layer][column] as f64;
+            if site.layout() == Layout::HeadsByPosition {
+                // Chosen where the cell matters, so that a mislaid cell cannot pass.
+                assert!(alone.abs() > 1e-6, "{model_type} {site:?} {layer}.{column}");
+            }
             assert!(
                 (alone - batched).abs() < 1e-5,
                 "{model_type} {site:?} {layer}.{column}: alone {alone}, batched {batched}"
@@ -224,13 +244,18 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 (Site::AttnOut, 1, 8),
                 (Site::Heads, 1, 0),
                 (Site::Patterns, 1, 1),
+                // (head, position) as head · 9 + position: cells that reach the last token.
+                (Site::HeadsByPos, 0, 9 + 6),
+                (Site::HeadsByPos, 1, 2 * 9 + 8),
+                (Site::PatternsByPos, 0, 9 + 5),
+                (Site::PatternsByPos, 1, 2 * 9 + 8),
             ] {
                 let point = site.hook(layer);
                 let (b, s) = (capture(&model, base, point), capture(&model, source, point));
                 let delta = (&s - &b).unwrap();
                 let at = |eps: f64| {
                     let value = (&b + delta.affine(eps, 0.0).unwrap()).unwrap();
-                    let hooks = Hooks::new().intervene(point, cell(&model, site, column, value));
+                    let hooks = Hooks::new().intervene(point, cell(&model, site, column, 9, value));
                     logit_diff(&model, base, &hooks)
                 };
                 let eps = 1e-4;
@@ -238,6 +263,9 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 let estimate = report.grid(site).unwrap().attribution.as_ref().unwrap()[layer]
                     [column] as f64
                     - direction.unpatched() as f64;
+                if site.layout() == Layout::HeadsByPosition {
+                    assert!(slope.abs() > 1e-6, "{model_type} {site:?} {layer}.{column}");
+                }
                 assert!(
                     (slope - estimate).abs() < 1e-4 * slope.abs().max(1e-2),
                     "{model_type} {direction:?} {site:?} {layer}.{column}: slope {slope}, estimate {estimate}"
@@ -315,6 +343,62 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
         "heads (attribution patching",
         "moved most by",
         "correlation",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
+
+/// `--sites heads_by_pos,patterns_by_pos`: each layer's row holds every head at every token
+/// (head-major), nothing before the subject restores anything, something after it does, and
+/// the text names the strongest heads with their tokens.
+#[test]
+fn the_patch_command_patches_each_head_at_each_token() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F32).unwrap();
+    let dims = model.dims();
+    let args = [
+        "patch",
+        "--clean",
+        "The capital of Japan is",
+        "--corrupted",
+        "The capital of France is",
+        "--sites",
+        "heads_by_pos,patterns_by_pos",
+    ];
+    let all: Vec<&str> = args.iter().chain(&["--json"]).copied().collect();
+    let report = monoscope_json(&all);
+    let seq = report["clean_tokens"].as_array().unwrap().len();
+    let subject = report["differing"][0].as_u64().unwrap() as usize;
+    let grids = report["grids"].as_array().unwrap();
+    let sites: Vec<&str> = grids.iter().map(|g| g["site"].as_str().unwrap()).collect();
+    assert_eq!(sites, ["heads_by_pos", "patterns_by_pos"]);
+    for grid in grids {
+        let rows = grid["patched"].as_array().unwrap();
+        assert_eq!(rows.len(), dims.n_layers);
+        let mut strongest = 0f64;
+        for row in rows {
+            let row = row.as_array().unwrap();
+            assert_eq!(row.len(), dims.n_heads * seq);
+            for (c, v) in row.iter().enumerate() {
+                let v = v.as_f64().unwrap();
+                if c % seq < subject {
+                    assert!(v.abs() < 1e-6, "{} column {c}: {v}", grid["site"]);
+                }
+                strongest = strongest.max(v.abs());
+            }
+        }
+        assert!(strongest > 0.05, "{}: {strongest}", grid["site"]);
+    }
+    let text = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    for needle in [
+        "heads_by_pos (patched)",
+        "patterns_by_pos (patched)",
+        "at \"",
     ] {
         assert!(text.contains(needle), "{needle}: {text}");
     }

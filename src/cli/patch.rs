@@ -1,6 +1,6 @@
 //! `monoscope patch`: activation patching between a clean and a corrupted prompt, per layer
-//! and position (residual stream, attention and MLP outputs) and per head, with attribution
-//! patching's estimate beside it.
+//! and position (residual stream, attention and MLP outputs) and per head (at every position
+//! or at each), with attribution patching's estimate beside it.
 
 use anyhow::Context;
 use clap::Args;
@@ -9,7 +9,8 @@ use serde::Serialize;
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::features::patching::{FeaturePatchReport, patch_features};
 use crate::patching::{
-    Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, average, passes, patch,
+    Direction, Layout, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, average, passes,
+    patch,
 };
 
 #[derive(Args)]
@@ -35,8 +36,9 @@ pub struct PatchArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["clean", "corrupted", "sae"])]
     pairs: Option<std::path::PathBuf>,
     /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position),
-    /// heads (each head's output at every position) and patterns (each head's attention
-    /// pattern at every query).
+    /// heads (each head's output at every position), patterns (each head's attention
+    /// pattern at every query), heads_by_pos and patterns_by_pos (the same at one position:
+    /// layer × head × position).
     #[arg(
         long,
         value_delimiter = ',',
@@ -222,9 +224,10 @@ fn print_report(r: &PatchReport) {
             .ranked(r.direction)
             .iter()
             .take(3)
-            .map(|&(l, c, v)| match grid.site.per_head() {
-                true => format!("head {l}.{c} {v:.2}"),
-                false => format!("layer {l} at {:?} {v:.2}", positions[c]),
+            .map(|&(l, c, v)| match grid.site.cell(c, positions.len()) {
+                (Some(h), Some(p)) => format!("head {l}.{h} at {:?} {v:.2}", positions[p]),
+                (Some(h), None) => format!("head {l}.{h} {v:.2}"),
+                (None, p) => format!("layer {l} at {:?} {v:.2}", positions[p.unwrap_or(0)]),
             })
             .collect();
         println!("  moved most by: {}", strongest.join(", "));
@@ -247,7 +250,8 @@ fn print_report(r: &PatchReport) {
 }
 
 /// Position grids print one row per token and one column per layer (the prompt reads down
-/// the page); the head grid one row per layer and one column per head.
+/// the page); the head grid one row per layer and one column per head; head × position
+/// grids one row per head and one column per token.
 fn print_grid(
     r: &PatchReport,
     grid: &PatchGrid,
@@ -257,7 +261,25 @@ fn print_grid(
 ) {
     let layers = values.len();
     println!("\n{} ({what})", grid.site.name());
-    if grid.site.per_head() {
+    if grid.site.layout() == Layout::HeadsByPosition {
+        let seq = positions.len().max(1);
+        let header: String = positions
+            .iter()
+            .map(|t| {
+                let t: String = t.chars().take(7).collect();
+                format!("{:>10}", format!("{t:?}"))
+            })
+            .collect();
+        println!("{:>8}{header}", "");
+        for (l, row) in values.iter().enumerate() {
+            for (h, cells) in row.chunks(seq).enumerate() {
+                let cells: String = cells.iter().map(|v| format!("{v:>10.2}")).collect();
+                println!("{:>8}{cells}", format!("{l}.{h}"));
+            }
+        }
+        return;
+    }
+    if grid.site.layout() == Layout::Heads {
         let heads = values.first().map_or(0, Vec::len);
         let header: String = (0..heads)
             .map(|h| format!("{:>7}", format!("H{h}")))

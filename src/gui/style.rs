@@ -167,6 +167,14 @@ pub mod explain {
                 "blocks.L.attn.hook_pattern: where one head looks, at every query; its \
                 values as they were. Click a head to see its attention pattern"
             }
+            Site::HeadsByPos => {
+                "blocks.L.attn.hook_z: one head's output at one token; click a row to \
+                see the head's attention pattern"
+            }
+            Site::PatternsByPos => {
+                "blocks.L.attn.hook_pattern: where one head looks from one query token; \
+                click a row to see the head's attention pattern"
+            }
         }
     }
 }

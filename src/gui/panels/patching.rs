@@ -1,6 +1,6 @@
 //! Patching: activation patching between a clean and a corrupted prompt, one site at a time
-//! (residual stream, attention and MLP outputs per block × position; each head), with
-//! attribution patching's estimate beside it.
+//! (residual stream, attention and MLP outputs per block × position; each head's output and
+//! pattern, at every position or at each), with attribution patching's estimate beside it.
 
 use egui::vec2;
 
@@ -12,7 +12,7 @@ use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::JobHandle;
 use crate::model::Model;
 use crate::patching::{
-    Direction, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, passes, patch,
+    Direction, Layout, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, passes, patch,
 };
 
 /// Cells offered as buttons under the grid.
@@ -137,9 +137,15 @@ impl Panel for Patching {
         let Some(grid) = report.grid(self.site) else {
             return;
         };
-        ui.weak(match grid.site.per_head() {
-            true => "rows: blocks; columns: heads (click a head to see its attention pattern)",
-            false => "rows: tokens (a changed one as clean→corrupted); columns: blocks",
+        ui.weak(match grid.site.layout() {
+            Layout::Heads => {
+                "rows: blocks; columns: heads (click a head to see its attention pattern)"
+            }
+            Layout::HeadsByPosition => {
+                "rows: heads (block.head); columns: tokens (click a head to see its attention \
+                 pattern)"
+            }
+            Layout::Positions => "rows: tokens (a changed one as clean→corrupted); columns: blocks",
         });
         let mut picked = None;
         ui.horizontal_top(|ui| {
@@ -161,26 +167,31 @@ impl Panel for Patching {
         });
         ui.horizontal(|ui| {
             ui.label("moved most by:");
+            let seq = report.clean_tokens.len();
             for (layer, column, v) in grid.ranked(report.direction).into_iter().take(STRONGEST) {
-                let text = match grid.site.per_head() {
-                    true => format!("head {layer}.{column} {v:.2}"),
-                    false => format!(
-                        "block {layer} at {} {v:.2}",
-                        display_token(&report.clean_tokens[column])
-                    ),
-                };
-                if !grid.site.per_head() {
-                    ui.label(text);
-                } else if ui
-                    .button(text)
-                    .on_hover_text("show its attention pattern")
-                    .clicked()
-                {
-                    picked = Some((layer, column));
+                let at = |p: usize| display_token(&report.clean_tokens[p]);
+                match grid.site.cell(column, seq) {
+                    (Some(head), position) => {
+                        let text = match position {
+                            Some(p) => format!("head {layer}.{head} at {} {v:.2}", at(p)),
+                            None => format!("head {layer}.{head} {v:.2}"),
+                        };
+                        if ui
+                            .button(text)
+                            .on_hover_text("show its attention pattern")
+                            .clicked()
+                        {
+                            picked = Some((layer, head));
+                        }
+                    }
+                    (None, position) => {
+                        let p = position.unwrap_or_default();
+                        ui.label(format!("block {layer} at {} {v:.2}", at(p)));
+                    }
                 }
             }
         });
-        if let (Some((layer, head)), true) = (picked, grid.site.per_head()) {
+        if let Some((layer, head)) = picked {
             wb.requests.push(PanelRequest::Pattern {
                 prompt: answer.question.clean.clone(),
                 layer,
@@ -342,8 +353,9 @@ fn run_patch(
 }
 
 /// One grid: block × position grids drawn with tokens down and blocks across (the prompt
-/// reads down, as in causal tracing), the head grid with blocks down and heads across. Returns
-/// a clicked head.
+/// reads down, as in causal tracing), the head grid with blocks down and heads across, the
+/// head × position grids with heads down and tokens across. Returns a clicked head as
+/// (block, head).
 fn grid_view(
     ui: &mut egui::Ui,
     report: &PatchReport,
@@ -353,7 +365,33 @@ fn grid_view(
     let layers = values.len();
     let columns = values.first().map_or(0, Vec::len);
     let what = format!("{} patched", grid.site.name());
-    if grid.site.per_head() {
+    let tokens: Vec<String> = report
+        .position_labels()
+        .iter()
+        .map(|t| display_token(t))
+        .collect();
+    if grid.site.layout() == Layout::HeadsByPosition {
+        // Row-major over (block, head), a row's cells the positions: as stored.
+        let seq = tokens.len().max(1);
+        let heads = columns / seq;
+        let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        let rows: Vec<String> = (0..layers * heads)
+            .map(|r| format!("{}.{}", r / heads, r % heads))
+            .collect();
+        let clicked = Heatmap {
+            values: &flat,
+            rows: layers * heads,
+            cols: seq,
+            row_labels: &rows,
+            col_labels: &tokens,
+            cell: vec2(40.0, 11.0),
+            what: &what,
+            max: Some(1.0),
+        }
+        .show(ui);
+        return clicked.map(|(r, _)| (r / heads, r % heads));
+    }
+    if grid.site.layout() == Layout::Heads {
         let flat: Vec<f32> = values.iter().flatten().copied().collect();
         let rows: Vec<String> = (0..layers).map(|l| format!("block {l}")).collect();
         let cols: Vec<String> = (0..columns).map(|h| format!("H{h}")).collect();
@@ -372,17 +410,12 @@ fn grid_view(
     let transposed: Vec<f32> = (0..columns)
         .flat_map(|p| values.iter().map(move |row| row[p]))
         .collect();
-    let rows: Vec<String> = report
-        .position_labels()
-        .iter()
-        .map(|t| display_token(t))
-        .collect();
     let cols: Vec<String> = (0..layers).map(|l| format!("{l}")).collect();
     Heatmap {
         values: &transposed,
         rows: columns,
         cols: layers,
-        row_labels: &rows,
+        row_labels: &tokens,
         col_labels: &cols,
         cell: vec2(26.0, 18.0),
         what: &what,
