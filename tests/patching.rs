@@ -332,18 +332,30 @@ fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
     assert!(features["whole_hook"].is_number() && features["all_features"].is_number());
     assert_eq!(with_sae["grids"], report["grids"]);
 
-    let text = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+    assert_text_holds(
+        &args,
+        &[
+            "resid_pre (patched)",
+            "heads (attribution patching",
+            "moved most by",
+            "correlation",
+        ],
+    );
+}
+
+/// `monoscope ARGS` succeeds and its text holds every needle.
+fn assert_text_holds(args: &[&str], needles: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args(args)
         .output()
         .unwrap();
-    assert!(text.status.success());
-    let text = String::from_utf8(text.stdout).unwrap();
-    for needle in [
-        "resid_pre (patched)",
-        "heads (attribution patching",
-        "moved most by",
-        "correlation",
-    ] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in needles {
         assert!(text.contains(needle), "{needle}: {text}");
     }
 }
@@ -389,19 +401,14 @@ fn the_patch_command_patches_each_head_at_each_token() {
         }
         assert!(strongest > 0.05, "{}: {strongest}", grid["site"]);
     }
-    let text = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(text.status.success());
-    let text = String::from_utf8(text.stdout).unwrap();
-    for needle in [
-        "heads_by_pos (patched)",
-        "patterns_by_pos (patched)",
-        "at \"",
-    ] {
-        assert!(text.contains(needle), "{needle}: {text}");
-    }
+    assert_text_holds(
+        &args,
+        &[
+            "heads_by_pos (patched)",
+            "patterns_by_pos (patched)",
+            "at \"",
+        ],
+    );
 }
 
 /// The bundled SAE's features between "Japan" and "France" on the world model (f64): each
