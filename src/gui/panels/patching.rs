@@ -384,7 +384,7 @@ fn grid_view(
             cols: seq,
             row_labels: &rows,
             col_labels: &tokens,
-            cell: vec2(40.0, 11.0),
+            cell: vec2(64.0, 11.0),
             what: &what,
             max: Some(1.0),
         }
