@@ -75,6 +75,56 @@ pub fn heat_colour(t: f32) -> Color32 {
     Color32::from_rgb(253, 231, 37)
 }
 
+/// The colour map of signed heatmaps, `t` in [−1, 1]: blue below 0, the background's tone at
+/// 0, red above (a diverging map like ColorBrewer's RdBu, which TransformerLens's patching
+/// plots use; on the dark theme its middle is dark, so that near-zero cells recede as they do
+/// on the light one), so that a cell that moves a metric the wrong way shows as clearly as
+/// one that moves it the right way.
+pub fn diverging_colour(t: f32, dark: bool) -> Color32 {
+    let (below, middle, above) = if dark {
+        ([67, 147, 235], [40, 40, 40], [235, 80, 60])
+    } else {
+        ([33, 102, 172], [247, 247, 247], [178, 24, 43])
+    };
+    let t = if t.is_finite() {
+        t.clamp(-1.0, 1.0)
+    } else {
+        0.0
+    };
+    let end = if t < 0.0 { below } else { above };
+    let f = t.abs();
+    let mix = |c: usize| (middle[c] as f32 + f * (end[c] as f32 - middle[c] as f32)).round() as u8;
+    Color32::from_rgb(mix(0), mix(1), mix(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_diverging_map_is_neutral_at_its_centre_and_saturates_at_its_ends() {
+        for dark in [false, true] {
+            let middle = diverging_colour(0.0, dark);
+            assert_eq!(diverging_colour(f32::NAN, dark), middle);
+            assert_eq!(diverging_colour(7.0, dark), diverging_colour(1.0, dark));
+            assert_eq!(diverging_colour(-7.0, dark), diverging_colour(-1.0, dark));
+            let (red, blue) = (diverging_colour(1.0, dark), diverging_colour(-1.0, dark));
+            assert!(red.r() > red.b() && blue.b() > blue.r(), "{dark}");
+            // Halfway out, halfway between the middle and the end.
+            let half = diverging_colour(0.5, dark);
+            for (h, (m, e)) in half.to_array()[..3]
+                .iter()
+                .zip(middle.to_array()[..3].iter().zip(&red.to_array()[..3]))
+            {
+                let expected = (*m as f32 + *e as f32) / 2.0;
+                assert!((*h as f32 - expected).abs() <= 0.5, "{dark}: {half:?}");
+            }
+        }
+        // The middle recedes into either theme's background.
+        assert!(diverging_colour(0.0, true).r() < 64 && diverging_colour(0.0, false).r() > 230);
+    }
+}
+
 /// Tooltips: what each metric means, with the formula the code uses.
 pub mod explain {
     pub const L0: &str = "L0: the mean number of latents active per token.";

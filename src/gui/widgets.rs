@@ -3,7 +3,7 @@
 
 use egui::{Color32, RichText, Sense, Stroke, Ui, vec2};
 
-use super::style::{activation_colour, heat_colour};
+use super::style::{activation_colour, diverging_colour, heat_colour};
 use super::workbench::JobView;
 
 /// A folder path typed, or picked with the desktop's dialog (titled `dialog_title`) through
@@ -168,7 +168,7 @@ pub fn display_token(token: &str) -> String {
 
 /// A heatmap of `rows × cols` values (row-major), scaled to the largest value; row and column
 /// labels drawn as given (tokens through [`display_token`] first); a hovered cell shows its value; returns a clicked cell. Values ≤ 0 draw as the
-/// colour map's bottom.
+/// colour map's bottom, unless the map is signed (`centre`).
 pub struct Heatmap<'a> {
     pub values: &'a [f32],
     pub rows: usize,
@@ -181,6 +181,10 @@ pub struct Heatmap<'a> {
     /// The value drawn brightest (`None`: the largest one), so that maps of the same quantity
     /// can share a scale.
     pub max: Option<f32>,
+    /// A signed map instead: values drawn by their distance from this one, red above and
+    /// blue below ([`diverging_colour`]), saturating `max` away (`None`: the largest
+    /// distance).
+    pub centre: Option<f32>,
 }
 
 impl Heatmap<'_> {
@@ -190,6 +194,7 @@ impl Heatmap<'_> {
                 .iter()
                 .copied()
                 .filter(|v| v.is_finite())
+                .map(|v| self.centre.map_or(v, |c| (v - c).abs()))
                 .fold(0.0f32, f32::max)
         });
         let label_w = 120.0;
@@ -201,6 +206,7 @@ impl Heatmap<'_> {
         let painter = ui.painter_at(rect);
         let font = egui::FontId::proportional(11.0);
         let text = ui.visuals().text_color();
+        let dark = ui.visuals().dark_mode;
         for r in 0..self.rows {
             let y = rect.top() + r as f32 * self.cell.y;
             if let Some(label) = self.row_labels.get(r) {
@@ -214,12 +220,20 @@ impl Heatmap<'_> {
             }
             for c in 0..self.cols {
                 let v = self.values.get(r * self.cols + c).copied().unwrap_or(0.0);
-                let t = if max > 0.0 { v / max } else { 0.0 };
+                let t = match (max > 0.0, self.centre) {
+                    (false, _) => 0.0,
+                    (true, None) => v / max,
+                    (true, Some(centre)) => (v - centre) / max,
+                };
+                let colour = match self.centre {
+                    None => heat_colour(t),
+                    Some(_) => diverging_colour(t, dark),
+                };
                 let cell = egui::Rect::from_min_size(
                     egui::pos2(rect.left() + label_w + c as f32 * self.cell.x, y),
                     self.cell,
                 );
-                painter.rect_filled(cell, 0.0, heat_colour(t));
+                painter.rect_filled(cell, 0.0, colour);
             }
         }
         let bottom = rect.top() + self.rows as f32 * self.cell.y;

@@ -226,6 +226,7 @@ fn detector_grid(ui: &mut egui::Ui, scores: &DetectorScores) -> Option<(usize, u
         cell: vec2(40.0, 18.0),
         what: scores.detector.name(),
         max: Some(1.0),
+        centre: None,
     }
     .show(ui)
 }
@@ -268,6 +269,7 @@ fn pattern_view(ui: &mut egui::Ui, reading: &Reading, layer: usize, head: usize)
         cell: vec2(side, side.min(18.0)),
         what: &what,
         max: Some(1.0),
+        centre: None,
     }
     .show(ui);
 }

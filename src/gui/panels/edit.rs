@@ -685,6 +685,7 @@ fn layers_as_columns(
         cell: egui::vec2(18.0, 16.0),
         what: "P(answer)",
         max,
+        centre: None,
     }
     .show(ui);
 }

@@ -149,6 +149,7 @@ impl Panel for Neurons {
             cell: egui::vec2(cell_w, 18.0),
             what: "max attribution",
             max: None,
+            centre: None,
         }
         .show(ui);
 

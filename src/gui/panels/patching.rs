@@ -137,6 +137,12 @@ impl Panel for Patching {
         let Some(grid) = report.grid(self.site) else {
             return;
         };
+        ui.weak(format!(
+            "red: above the unpatched run ({}), blue: below it; the colours saturate {:.2} \
+             away, this site's largest effect",
+            report.direction.unpatched(),
+            colour_scale(report, grid)
+        ));
         ui.weak(match grid.site.layout() {
             Layout::Heads => {
                 "rows: blocks; columns: heads (click a head to see its attention pattern)"
@@ -352,6 +358,20 @@ fn run_patch(
     Ok(Reading { report, features })
 }
 
+/// How far from the unpatched run a site's colours saturate: its largest effect, patched or
+/// estimated, so that both grids of a site share one scale and small effects still show.
+fn colour_scale(report: &PatchReport, grid: &PatchGrid) -> f32 {
+    let unpatched = report.direction.unpatched();
+    std::iter::once(&grid.patched)
+        .chain(&grid.attribution)
+        .flatten()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .map(|v| (v - unpatched).abs())
+        .fold(0.0f32, f32::max)
+        .max(1e-6)
+}
+
 /// One grid: block × position grids drawn with tokens down and blocks across (the prompt
 /// reads down, as in causal tracing), the head grid with blocks down and heads across, the
 /// head × position grids with heads down and tokens across. Returns a clicked head as
@@ -365,6 +385,7 @@ fn grid_view(
     let layers = values.len();
     let columns = values.first().map_or(0, Vec::len);
     let what = format!("{} patched", grid.site.name());
+    let scale = colour_scale(report, grid);
     let tokens: Vec<String> = report
         .position_labels()
         .iter()
@@ -386,7 +407,8 @@ fn grid_view(
             col_labels: &tokens,
             cell: vec2(64.0, 11.0),
             what: &what,
-            max: Some(1.0),
+            max: Some(scale),
+            centre: Some(report.direction.unpatched()),
         }
         .show(ui);
         return clicked.map(|(r, _)| (r / heads, r % heads));
@@ -403,7 +425,8 @@ fn grid_view(
             col_labels: &cols,
             cell: vec2(34.0, 18.0),
             what: &what,
-            max: Some(1.0),
+            max: Some(scale),
+            centre: Some(report.direction.unpatched()),
         }
         .show(ui);
     }
@@ -419,7 +442,8 @@ fn grid_view(
         col_labels: &cols,
         cell: vec2(26.0, 18.0),
         what: &what,
-        max: Some(1.0),
+        max: Some(scale),
+        centre: Some(report.direction.unpatched()),
     }
     .show(ui);
     None
