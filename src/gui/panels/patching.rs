@@ -137,11 +137,11 @@ impl Panel for Patching {
         let Some(grid) = report.grid(self.site) else {
             return;
         };
+        let scale = colour_scale(report, grid);
         ui.weak(format!(
-            "red: above the unpatched run ({}), blue: below it; the colours saturate {:.2} \
+            "red: above the unpatched run ({}), blue: below it; the colours saturate {scale:.2} \
              away, this site's largest effect",
             report.direction.unpatched(),
-            colour_scale(report, grid)
         ));
         ui.weak(match grid.site.layout() {
             Layout::Heads => {
@@ -157,14 +157,14 @@ impl Panel for Patching {
         ui.horizontal_top(|ui| {
             ui.vertical(|ui| {
                 ui.strong("activation patching");
-                picked = grid_view(ui, report, grid, &grid.patched);
+                picked = grid_view(ui, report, grid, &grid.patched, scale);
             });
             if let Some(estimate) = &grid.attribution {
                 ui.add_space(12.0);
                 ui.vertical(|ui| {
                     ui.strong("attribution patching's estimate")
                         .on_hover_text(explain::ATTRIBUTION_PATCHING);
-                    grid_view(ui, report, grid, estimate);
+                    grid_view(ui, report, grid, estimate, scale);
                     if let Some(r) = grid.agreement() {
                         ui.label(format!("correlation with patching {r:.3}"));
                     }
@@ -374,18 +374,18 @@ fn colour_scale(report: &PatchReport, grid: &PatchGrid) -> f32 {
 
 /// One grid: block × position grids drawn with tokens down and blocks across (the prompt
 /// reads down, as in causal tracing), the head grid with blocks down and heads across, the
-/// head × position grids with heads down and tokens across. Returns a clicked head as
-/// (block, head).
+/// head × position grids with heads down and tokens across; colours saturate `scale` from
+/// the unpatched run. Returns a clicked head as (block, head).
 fn grid_view(
     ui: &mut egui::Ui,
     report: &PatchReport,
     grid: &PatchGrid,
     values: &[Vec<f32>],
+    scale: f32,
 ) -> Option<(usize, usize)> {
     let layers = values.len();
     let columns = values.first().map_or(0, Vec::len);
     let what = format!("{} patched", grid.site.name());
-    let scale = colour_scale(report, grid);
     let tokens: Vec<String> = report
         .position_labels()
         .iter()
