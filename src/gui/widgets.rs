@@ -261,7 +261,7 @@ impl Heatmap<'_> {
         let row = self.row_labels.get(r).cloned().unwrap_or_default();
         let col = self.col_labels.get(c).cloned().unwrap_or_default();
         let clicked = response.clicked();
-        response.on_hover_text(format!("{row:?} × {col}: {} {v:.4}", self.what));
+        response.on_hover_text(format!("{row} × {col}: {} {v:.4}", self.what));
         clicked.then_some((r, c))
     }
 }
