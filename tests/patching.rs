@@ -275,18 +275,20 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
     }
 }
 
+/// `monoscope patch` on the README's pair.
+const JAPAN_FRANCE: [&str; 5] = [
+    "patch",
+    "--clean",
+    "The capital of Japan is",
+    "--corrupted",
+    "The capital of France is",
+];
+
 /// The README's example: the clean answer defaults to the model's prediction, the subject is
 /// the only changed token, and its clean embedding restores the answer.
 #[test]
 fn the_patch_command_traces_the_capital_to_the_subject_on_the_world_model() {
-    let args = [
-        "patch",
-        "--clean",
-        "The capital of Japan is",
-        "--corrupted",
-        "The capital of France is",
-        "--attribution",
-    ];
+    let args: Vec<&str> = JAPAN_FRANCE.into_iter().chain(["--attribution"]).collect();
     let json = |extra: &[&str]| {
         let all: Vec<&str> = args
             .iter()
@@ -368,15 +370,10 @@ fn the_patch_command_patches_each_head_at_each_token() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F32).unwrap();
     let dims = model.dims();
-    let args = [
-        "patch",
-        "--clean",
-        "The capital of Japan is",
-        "--corrupted",
-        "The capital of France is",
-        "--sites",
-        "heads_by_pos,patterns_by_pos",
-    ];
+    let args: Vec<&str> = JAPAN_FRANCE
+        .into_iter()
+        .chain(["--sites", "heads_by_pos,patterns_by_pos"])
+        .collect();
     let all: Vec<&str> = args.iter().chain(&["--json"]).copied().collect();
     let report = monoscope_json(&all);
     let seq = report["clean_tokens"].as_array().unwrap().len();
