@@ -6,8 +6,8 @@
 //! is" / "The capital of France is"). The metric is the logit difference between the clean
 //! answer and the corrupted one (" Tokyo" − " Paris") at the last position. One activation at
 //! a time — a layer's residual stream, attention or MLP output at one position, one head's
-//! output or attention pattern at every position or at one — is copied from one run into the
-//! other:
+//! output, query, key, value or attention pattern at every position, a head's output or pattern
+//! at one position — is copied from one run into the other:
 //!
 //! - **denoising** copies the clean value into the corrupted run: which activations are
 //!   *enough* to bring the clean answer back;
@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::causal::target_token;
 use crate::error::{Error, Result};
 use crate::model::generate::next_token_top_k;
-use crate::model::{ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::model::{Dims, ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// Patched runs per forward pass (one batch row each).
 const BATCH: usize = 32;
@@ -50,6 +50,16 @@ pub enum Site {
     MlpOut,
     /// One head's `blocks.L.attn.hook_z` columns at every position: layer × head.
     Heads,
+    /// One head's query (`blocks.L.attn.hook_q`) at every position: layer × head,
+    /// TransformerLens's `attn_head_q_all_pos`. Whether what a head looks for matters.
+    Queries,
+    /// One key head's keys (`blocks.L.attn.hook_k`) at every position: layer × key head (fewer
+    /// than the heads under grouped-query attention, each read by a group of heads). Whether
+    /// what the tokens offer to be found by matters.
+    Keys,
+    /// One key head's values (`blocks.L.attn.hook_v`) at every position: layer × key head.
+    /// Whether what the tokens pass on when attended to matters.
+    Values,
     /// One head's attention pattern (`blocks.L.attn.hook_pattern`) at every query: layer ×
     /// head. Where the head looks, its values and output projection as they were.
     Patterns,
@@ -74,11 +84,14 @@ pub enum Layout {
 }
 
 impl Site {
-    pub const ALL: [Site; 7] = [
+    pub const ALL: [Site; 10] = [
         Site::ResidPre,
         Site::AttnOut,
         Site::MlpOut,
         Site::Heads,
+        Site::Queries,
+        Site::Keys,
+        Site::Values,
         Site::Patterns,
         Site::HeadsByPos,
         Site::PatternsByPos,
@@ -90,6 +103,9 @@ impl Site {
             Self::AttnOut => "attn_out",
             Self::MlpOut => "mlp_out",
             Self::Heads => "heads",
+            Self::Queries => "queries",
+            Self::Keys => "keys",
+            Self::Values => "values",
             Self::Patterns => "patterns",
             Self::HeadsByPos => "heads_by_pos",
             Self::PatternsByPos => "patterns_by_pos",
@@ -103,6 +119,9 @@ impl Site {
             Self::AttnOut => HookPoint::AttnOut(layer),
             Self::MlpOut => HookPoint::MlpOut(layer),
             Self::Heads | Self::HeadsByPos => HookPoint::AttnZ(layer),
+            Self::Queries => HookPoint::AttnQ(layer),
+            Self::Keys => HookPoint::AttnK(layer),
+            Self::Values => HookPoint::AttnV(layer),
             Self::Patterns | Self::PatternsByPos => HookPoint::AttnPattern(layer),
         }
     }
@@ -111,7 +130,9 @@ impl Site {
     pub fn layout(self) -> Layout {
         match self {
             Self::ResidPre | Self::AttnOut | Self::MlpOut => Layout::Positions,
-            Self::Heads | Self::Patterns => Layout::Heads,
+            Self::Heads | Self::Queries | Self::Keys | Self::Values | Self::Patterns => {
+                Layout::Heads
+            }
             Self::HeadsByPos | Self::PatternsByPos => Layout::HeadsByPosition,
         }
     }
@@ -126,17 +147,37 @@ impl Site {
         }
     }
 
+    /// Whether a head column is a key head (keys and values), which under grouped-query
+    /// attention serves several query heads.
+    pub fn patches_key_heads(self) -> bool {
+        matches!(self, Self::Keys | Self::Values)
+    }
+
+    /// How many heads the site's hook holds: key heads for keys and values, else query heads.
+    pub fn heads(self, dims: &Dims) -> usize {
+        if self.patches_key_heads() {
+            dims.n_kv_heads
+        } else {
+            dims.n_heads
+        }
+    }
+
+    /// The names of every site, for messages.
+    fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+
     /// Whether the site patches an attention pattern rather than an activation.
     fn patches_pattern(self) -> bool {
         matches!(self, Self::Patterns | Self::PatternsByPos)
     }
 
     /// The grid's columns on a prompt of `seq` tokens.
-    fn columns(self, n_heads: usize, seq: usize) -> usize {
+    fn columns(self, dims: &Dims, seq: usize) -> usize {
         match self.layout() {
             Layout::Positions => seq,
-            Layout::Heads => n_heads,
-            Layout::HeadsByPosition => n_heads * seq,
+            Layout::Heads => self.heads(dims),
+            Layout::HeadsByPosition => self.heads(dims) * seq,
         }
     }
 }
@@ -151,9 +192,7 @@ impl std::str::FromStr for Site {
             .ok_or_else(|| Error::InvalidArgument {
                 what: "patching site",
                 value: s.to_string(),
-                message: "expected resid_pre, attn_out, mlp_out, heads, patterns, heads_by_pos or \
-                          patterns_by_pos"
-                    .into(),
+                message: format!("expected one of {}", Self::names()),
             })
     }
 }
@@ -373,7 +412,7 @@ pub fn passes(model: &Model, request: &PatchRequest) -> usize {
         .sites
         .iter()
         .map(|&site| {
-            let columns = site.columns(dims.n_heads, request.clean.len());
+            let columns = site.columns(dims, request.clean.len());
             dims.n_layers * columns.div_ceil(BATCH)
         })
         .sum()
@@ -392,9 +431,7 @@ pub fn patch(
         return Err(Error::InvalidArgument {
             what: "patching sites",
             value: String::new(),
-            message: "name at least one of resid_pre, attn_out, mlp_out, heads, patterns, \
-                          heads_by_pos, patterns_by_pos"
-                .into(),
+            message: format!("name at least one of {}", Site::names()),
         });
     }
     let dims = model.dims();
@@ -411,7 +448,7 @@ pub fn patch(
         for layer in 0..dims.n_layers {
             let point = site.hook(layer);
             let value = source.cache.require(point)?;
-            let columns = site.columns(dims.n_heads, base_ids.len());
+            let columns = site.columns(dims, base_ids.len());
             let mut row = Vec::with_capacity(columns);
             for start in (0..columns).step_by(BATCH) {
                 if cancel.load(Ordering::Relaxed) {
@@ -592,10 +629,10 @@ fn attribute(
                 // [seq, heads·d_head] → per head, summed over positions or not.
                 (false, Layout::Heads) => effect
                     .sum(0)?
-                    .reshape((dims.n_heads, dims.head_dim))?
+                    .reshape((site.heads(dims), dims.head_dim))?
                     .sum(1)?,
                 (false, Layout::HeadsByPosition) => effect
-                    .reshape((seq, dims.n_heads, dims.head_dim))?
+                    .reshape((seq, site.heads(dims), dims.head_dim))?
                     .sum(2)?
                     .t()?
                     .contiguous()?
@@ -781,7 +818,7 @@ fn cell_mask(
     cells: std::ops::Range<usize>,
 ) -> Result<Tensor> {
     let rows = cells.len();
-    let (heads, head_dim) = (model.dims().n_heads, model.dims().head_dim);
+    let (heads, head_dim) = (site.heads(model.dims()), model.dims().head_dim);
     let (selects_head, selects_position) = site.cell(0, seq);
     let (head_span, position_span) = (
         if selects_head.is_some() { heads } else { 1 },

@@ -569,6 +569,20 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
     });
     assert_eq!(h.state().current, PanelKind::Attention);
 
+    // Each key head's values: the strongest opens the pattern of the head that reads them
+    // (the world model has a key head per head).
+    open_panel(&mut h, "Patching");
+    h.get_by_label("values").click();
+    h.step();
+    let (l, head, v) = noised.grid(Site::Values).unwrap().ranked(Direction::Noise)[0];
+    h.get_by_label(&format!("key head {l}.{head} {v:.2}"))
+        .click();
+    let title = format!("Attention pattern of head {l}.{head}");
+    wait_for(&mut h, &title, |h| {
+        has_label(h, &title) && !h.state().busy()
+    });
+    assert_eq!(h.state().current, PanelKind::Attention);
+
     // A pair of different lengths is refused with a message, not a crash.
     open_panel(&mut h, "Patching");
     replace_text(

@@ -28,10 +28,10 @@ fn logit_at(model: &Model, ids: &Tensor, hooks: &Hooks, pos: usize, token: usize
         .unwrap()
 }
 
-/// d(logit)/d(`blocks.L.mlp.hook_post`) from backprop against central differences, in f64,
-/// with gradient leaves at two layers at once (the earlier one must still see the path
-/// through the later MLP).
-fn gradient_matches_finite_differences(model_type: &str) {
+/// d(logit)/d(hook) from backprop against central differences, in f64, with gradient leaves at
+/// the hook in two layers at once (the earlier one must still see the path through the later
+/// block).
+fn gradient_matches_finite_differences(model_type: &str, point: fn(usize) -> HookPoint) {
     let model = load(model_type, DType::F64);
     let ids = model
         .ids_tensor(&model.encode_prompt("The capital of Japan is").unwrap())
@@ -39,9 +39,7 @@ fn gradient_matches_finite_differences(model_type: &str) {
     let seq = ids.dim(1).unwrap();
     // The logit of the second-to-last position, so that a later position exists.
     let (target_pos, target_tok) = (seq - 2, 17usize);
-    let hooks = Hooks::new()
-        .grad(HookPoint::MlpPost(0))
-        .grad(HookPoint::MlpPost(1));
+    let hooks = Hooks::new().grad(point(0)).grad(point(1));
     let out = model.forward(&ids, &hooks).unwrap();
     let logit = out
         .logits
@@ -52,11 +50,9 @@ fn gradient_matches_finite_differences(model_type: &str) {
         .get(target_tok)
         .unwrap();
     let grads = logit.backward().unwrap();
-    let grad = grads
-        .get(out.grad_leaf(HookPoint::MlpPost(0)).unwrap())
-        .unwrap();
-    let d_mlp = model.dims().d_mlp;
-    assert_eq!(grad.dims(), &[1, seq, d_mlp]);
+    let grad = grads.get(out.grad_leaf(point(0)).unwrap()).unwrap();
+    let width = model.hook_width(point(0)).unwrap();
+    assert_eq!(grad.dims(), &[1, seq, width]);
     let grad = grad.get(0).unwrap().to_vec2::<f64>().unwrap();
     assert!(grad[target_pos].iter().any(|g| g.abs() > 1e-6));
     // A later position cannot affect an earlier logit.
@@ -65,21 +61,21 @@ fn gradient_matches_finite_differences(model_type: &str) {
     let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
     for (pos, channel) in [
         (0, 3),
-        (1, d_mlp / 2),
+        (1, width / 2),
         (target_pos, 0),
-        (target_pos, d_mlp - 1),
+        (target_pos, width - 1),
         (2, 7),
         (seq - 1, 5),
     ] {
         let bump = |delta: f64| {
-            let mut v = vec![0f64; d_mlp];
+            let mut v = vec![0f64; width];
             v[channel] = delta;
             let add = Intervention::new(InterventionOp::Add(Tensor::new(v, &Device::Cpu).unwrap()))
                 .at_positions(vec![pos as i64]);
             logit_at(
                 &model,
                 &ids,
-                &Hooks::new().intervene(HookPoint::MlpPost(0), add),
+                &Hooks::new().intervene(point(0), add),
                 target_pos,
                 target_tok,
             )
@@ -88,19 +84,29 @@ fn gradient_matches_finite_differences(model_type: &str) {
         let analytic = grad[pos][channel];
         assert!(
             (numeric - analytic).abs() <= 1e-6 * scale.max(1.0),
-            "{model_type} pos {pos} channel {channel}: backprop {analytic} vs finite difference {numeric}"
+            "{model_type} {} pos {pos} channel {channel}: backprop {analytic} vs finite difference {numeric}",
+            point(0)
         );
     }
 }
 
 #[test]
 fn mlp_post_gradient_matches_finite_differences_gpt2() {
-    gradient_matches_finite_differences("gpt2");
+    gradient_matches_finite_differences("gpt2", HookPoint::MlpPost);
 }
 
 #[test]
 fn mlp_post_gradient_matches_finite_differences_llama() {
-    gradient_matches_finite_differences("llama");
+    gradient_matches_finite_differences("llama", HookPoint::MlpPost);
+}
+
+/// The attention's inner hooks are differentiable too: values in GPT-2, rotated keys in Llama
+/// (whose gradient must flow back through the rotation into the earlier layer's leaf).
+#[test]
+fn attention_input_gradients_match_finite_differences() {
+    gradient_matches_finite_differences("gpt2", HookPoint::AttnV);
+    gradient_matches_finite_differences("llama", HookPoint::AttnRotK);
+    gradient_matches_finite_differences("qwen2", HookPoint::AttnQ);
 }
 
 #[test]
@@ -348,6 +354,112 @@ fn interventions_on_the_pattern_act_on_chosen_heads_and_queries() {
     }
 }
 
+/// Interventions at the attention's inputs act on heads: a zeroed query attends uniformly to
+/// every key it may see (rotated or not), and a zeroed value head empties exactly the heads
+/// that read it (two query heads per key head in the Llama fixture) on the fused fast path.
+#[test]
+fn zeroing_a_query_or_value_head_acts_on_exactly_the_heads_that_use_it() {
+    for model_type in ["gpt2", "llama", "gpt_neox"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is 東京").unwrap())
+            .unwrap();
+        let seq = ids.dim(1).unwrap();
+        let attn = &model.transformer.blocks[1].attn;
+        let (nh, nkv, hd) = (attn.n_heads, attn.n_kv_heads, attn.head_dim);
+        let (pattern, z) = (HookPoint::AttnPattern(1), HookPoint::AttnZ(1));
+        let clean = model
+            .forward(&ids, &Hooks::new().capture([z, pattern]))
+            .unwrap();
+
+        let blind =
+            Intervention::new(InterventionOp::Zero).at_channels((hd..2 * hd).collect::<Vec<_>>());
+        let out = model
+            .forward(
+                &ids,
+                &Hooks::new()
+                    .intervene(HookPoint::AttnQ(1), blind)
+                    .capture([pattern]),
+            )
+            .unwrap();
+        let rows = out
+            .cache
+            .get(pattern)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (query, row) in rows[1].iter().enumerate() {
+            for (key, &p) in row.iter().enumerate() {
+                let expected = if key <= query {
+                    1.0 / (query + 1) as f32
+                } else {
+                    0.0
+                };
+                assert!(
+                    (p - expected).abs() < 1e-6,
+                    "{model_type} query {query} key {key}: {p}"
+                );
+            }
+        }
+        let before = clean.cache.get(pattern).unwrap().get(0).unwrap();
+        let before = before.to_vec3::<f32>().unwrap();
+        assert_ne!(
+            rows[1], before[1],
+            "{model_type}: head 1 was uniform before"
+        );
+        assert_eq!(
+            rows[0], before[0],
+            "{model_type}: head 0's query was not touched"
+        );
+
+        let kv_head = nkv - 1;
+        let silent = Intervention::new(InterventionOp::Zero)
+            .at_channels((kv_head * hd..(kv_head + 1) * hd).collect::<Vec<_>>());
+        let out = model
+            .forward(
+                &ids,
+                &Hooks::new()
+                    .intervene(HookPoint::AttnV(1), silent)
+                    .capture([z]),
+            )
+            .unwrap();
+        let (before, after) = (clean.cache.get(z).unwrap(), out.cache.get(z).unwrap());
+        for h in 0..nh {
+            let head = |t: &Tensor| {
+                t.narrow(2, h * hd, hd)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+            };
+            let (was, now) = (
+                head(before).to_scalar::<f32>().unwrap(),
+                head(after).to_scalar::<f32>().unwrap(),
+            );
+            if h / (nh / nkv) == kv_head {
+                assert!(
+                    was > 1e-3 && now == 0.0,
+                    "{model_type} head {h}: {was} → {now}"
+                );
+            } else {
+                let diff = max_abs_diff(
+                    &before.narrow(2, h * hd, hd).unwrap(),
+                    &after.narrow(2, h * hd, hd).unwrap(),
+                );
+                // The run is fused, the clean one unfused: equal up to rounding.
+                assert!(
+                    diff < 1e-5,
+                    "{model_type} head {h} reads another value head: {diff}"
+                );
+            }
+        }
+        assert_eq!(after.dims(), &[1, seq, nh * hd]);
+    }
+}
+
 /// Rows of different lengths, each cached alone, merged into one padded batch and continued
 /// twice: every row's logits are those of the row run alone in one pass (learned positions,
 /// partial rotary, a sliding window; inference and differentiable passes).
@@ -496,7 +608,7 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             }
             close(&format!("blocks.{l}.attn.hook_z"), &projected, &attn);
             let pattern = hook(&format!("blocks.{l}.attn.hook_pattern"));
-            pattern_weights_the_values(model_type, &model, l, &pre, &pattern, &z);
+            pattern_weights_the_values(model_type, &model, l, &pre, &pattern, &z, cache);
             let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
             let mid = (&pre + &attn).unwrap();
             match cache.get_by_name(&format!("blocks.{l}.hook_resid_mid")) {
@@ -524,7 +636,10 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
 
 /// A pattern's rows are probabilities over the keys at or before the query, and each head's
 /// slice of `attn.hook_z` is its pattern times its value head (grouped heads share one), with
-/// the values recomputed from the block's input through its norm and fused projection.
+/// the values recomputed from the block's input through its norm and fused projection. The
+/// `attn.hook_q`, `hook_k` and `hook_v` captures hold that projection's slices, and the pattern
+/// is the softmax of the (rotated, where the model is rotary) queries against the keys.
+#[allow(clippy::too_many_arguments)]
 fn pattern_weights_the_values(
     model_type: &str,
     model: &Model,
@@ -532,6 +647,7 @@ fn pattern_weights_the_values(
     resid_pre: &Tensor,
     pattern: &Tensor,
     z: &Tensor,
+    cache: &monoscope::model::ActivationCache,
 ) {
     let block = &model.transformer.blocks[layer];
     let (nh, nkv, hd) = (
@@ -563,6 +679,94 @@ fn pattern_weights_the_values(
         qkv = qkv.broadcast_add(b).unwrap();
     }
     let qkv = qkv.reshape((seq, nh + 2 * nkv, hd)).unwrap();
+    let hook = |name: &str| {
+        let name = format!("blocks.{layer}.attn.{name}");
+        let value = cache.get_by_name(&name).unwrap().get(0).unwrap();
+        value
+            .reshape((seq, value.dim(1).unwrap() / hd, hd))
+            .unwrap()
+    };
+    for (name, start, heads) in [
+        ("hook_q", 0, nh),
+        ("hook_k", nh, nkv),
+        ("hook_v", nh + nkv, nkv),
+    ] {
+        let err = max_abs_diff(&hook(name), &qkv.narrow(1, start, heads).unwrap());
+        assert!(
+            err < 1e-9,
+            "{model_type} blocks.{layer}.attn.{name} off by {err}"
+        );
+    }
+    let (q, k) = match &block.attn.rotary {
+        None => {
+            assert!(
+                cache
+                    .get_by_name(&format!("blocks.{layer}.attn.hook_rot_q"))
+                    .is_err()
+            );
+            (hook("hook_q"), hook("hook_k"))
+        }
+        Some(_) => {
+            // A rotation: position 0 is unrotated, and every head vector keeps its length.
+            for (plain_name, rotated_name) in [("hook_q", "hook_rot_q"), ("hook_k", "hook_rot_k")] {
+                let (plain, rotated) = (hook(plain_name), hook(rotated_name));
+                let what = format!("{model_type} blocks.{layer}.attn.{rotated_name}");
+                let err = max_abs_diff(&plain.get(0).unwrap(), &rotated.get(0).unwrap());
+                assert!(err < 1e-9, "{what}: position 0 was rotated by {err}");
+                // The rotary tables are f32 (as in transformers) whatever the run dtype.
+                let norms = |t: &Tensor| t.sqr().unwrap().sum(2).unwrap();
+                let err = common::max_relative_error(&norms(&rotated), &norms(&plain));
+                assert!(
+                    err < 1e-6,
+                    "{what}: rotation changed a norm by {err} (relative)"
+                );
+                let moved = max_abs_diff(&plain, &rotated);
+                assert!(moved > 1e-3, "{what}: the same as {plain_name}");
+            }
+            (hook("hook_rot_q"), hook("hook_rot_k"))
+        }
+    };
+    let window = block.attn.sliding_window.unwrap_or(usize::MAX);
+    for h in 0..nh {
+        let kv_head = h / (nh / nkv);
+        let scores = q
+            .i((.., h, ..))
+            .unwrap()
+            .matmul(&k.i((.., kv_head, ..)).unwrap().t().unwrap())
+            .unwrap()
+            .affine(1.0 / (hd as f64).sqrt(), 0.0)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for (query, row) in scores.iter().enumerate() {
+            let visible = |key: usize| key <= query && query - key < window;
+            let max = (0..seq)
+                .filter(|&j| visible(j))
+                .map(|j| row[j])
+                .fold(f64::MIN, f64::max);
+            let total: f64 = (0..seq)
+                .filter(|&j| visible(j))
+                .map(|j| (row[j] - max).exp())
+                .sum();
+            for (key, &score) in row.iter().enumerate() {
+                let expected = if visible(key) {
+                    (score - max).exp() / total
+                } else {
+                    0.0
+                };
+                let got = pattern
+                    .i((0, h, query, key))
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    (got - expected).abs() < 1e-9,
+                    "{model_type} head {layer}.{h}, query {query} key {key}: pattern {got}, \
+                     softmax of the hooked queries and keys {expected}"
+                );
+            }
+        }
+    }
     for h in 0..nh {
         let kv_head = h / (nh / nkv);
         let v = qkv.i((.., nh + nkv + kv_head, ..)).unwrap();

@@ -130,7 +130,7 @@ fn patching_restores_exactly_what_the_changed_token_carries_on_every_architectur
         for grid in &report.grids {
             let estimate = grid.attribution.as_ref().unwrap();
             assert_eq!(grid.patched.len(), n_layers, "{model_type}");
-            let heads = model.dims().n_heads;
+            let heads = grid.site.heads(model.dims());
             for (layer, (row, est)) in grid.patched.iter().zip(estimate).enumerate() {
                 let columns = match grid.site.layout() {
                     Layout::Positions => clean.len(),
@@ -186,7 +186,7 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             logit_diff(&model, &corrupted, &Hooks::new()),
         );
         let last_layer = model.dims().n_layers - 1;
-        let heads = model.dims().n_heads;
+        let (heads, key_heads) = (model.dims().n_heads, model.dims().n_kv_heads);
         for (site, layer, column) in [
             (Site::ResidPre, 1, len - 1),
             (Site::AttnOut, last_layer, len - 1),
@@ -196,6 +196,12 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             (Site::Heads, 0, heads - 1),
             (Site::Patterns, last_layer, 1),
             (Site::Patterns, 0, heads - 1),
+            (Site::Queries, last_layer, 1),
+            (Site::Queries, 0, heads - 1),
+            (Site::Keys, last_layer, key_heads - 1),
+            (Site::Keys, 1, 0),
+            (Site::Values, 0, key_heads - 1),
+            (Site::Values, last_layer, 0),
             // Head 1 at the last token; the last head at the changed token and after it, in
             // the first block (so that later blocks carry it to the last token; later batches).
             (Site::HeadsByPos, last_layer, 2 * len - 1),
@@ -211,7 +217,9 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             let alone =
                 (logit_diff(&model, &corrupted, &hooks) - m_corrupt) / (m_clean - m_corrupt);
             let batched = report.grid(site).unwrap().patched[layer][column] as f64;
-            if site.layout() == Layout::HeadsByPosition {
+            if site.layout() == Layout::HeadsByPosition
+                || matches!(site, Site::Queries | Site::Keys | Site::Values)
+            {
                 // Chosen where the cell matters, so that a mislaid cell cannot pass.
                 assert!(alone.abs() > 1e-6, "{model_type} {site:?} {layer}.{column}");
             }
@@ -230,6 +238,7 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
 fn attribution_patching_is_the_derivative_along_the_patch() {
     for &model_type in MODEL_TYPES {
         let (model, clean, corrupted) = pair(model_type, 9, 4);
+        let key_heads = model.dims().n_kv_heads;
         for direction in [Direction::Denoise, Direction::Noise] {
             let report = run(&model, &clean, &corrupted, direction);
             let (base, source) = match direction {
@@ -244,6 +253,9 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 (Site::AttnOut, 1, 8),
                 (Site::Heads, 1, 0),
                 (Site::Patterns, 1, 1),
+                (Site::Queries, 1, 2),
+                (Site::Keys, 1, key_heads - 1),
+                (Site::Values, 0, key_heads - 1),
                 // (head, position) as head · 9 + position: cells that reach the last token.
                 (Site::HeadsByPos, 0, 9 + 6),
                 (Site::HeadsByPos, 1, 2 * 9 + 8),
@@ -263,7 +275,9 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 let estimate = report.grid(site).unwrap().attribution.as_ref().unwrap()[layer]
                     [column] as f64
                     - direction.unpatched() as f64;
-                if site.layout() == Layout::HeadsByPosition {
+                if site.layout() == Layout::HeadsByPosition
+                    || matches!(site, Site::Queries | Site::Keys | Site::Values)
+                {
                     assert!(slope.abs() > 1e-6, "{model_type} {site:?} {layer}.{column}");
                 }
                 assert!(

@@ -4,7 +4,7 @@ Hugging Face GPT-2 folder) booted with TransformerBridge (TransformerLens 4; raw
 eager attention), "The capital of Japan is" against "The capital of France is", the
 normalised logit difference of " Tokyo" and " Paris" (first tokens), and TransformerLens's
 get_act_patch_resid_pre / _attn_out / _mlp_out / _attn_head_out_all_pos /
-_attn_head_pattern_all_pos / _attn_head_out_by_pos / _attn_head_pattern_by_pos, timed
+_attn_head_q_all_pos / _k_all_pos / _v_all_pos / _attn_head_pattern_all_pos / _attn_head_out_by_pos / _attn_head_pattern_by_pos, timed
 together; the by-position grids flattened per layer, head-major, as monoscope reports them
 (best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
 
@@ -23,6 +23,9 @@ SITES = {
     "attn_out": patching.get_act_patch_attn_out,
     "mlp_out": patching.get_act_patch_mlp_out,
     "heads": patching.get_act_patch_attn_head_out_all_pos,
+    "queries": patching.get_act_patch_attn_head_q_all_pos,
+    "keys": patching.get_act_patch_attn_head_k_all_pos,
+    "values": patching.get_act_patch_attn_head_v_all_pos,
     "patterns": patching.get_act_patch_attn_head_pattern_all_pos,
     # [layer, pos, head] → [layer, head·pos]
     "heads_by_pos": lambda *a: patching.get_act_patch_attn_head_out_by_pos(*a)

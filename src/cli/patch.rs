@@ -36,8 +36,9 @@ pub struct PatchArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["clean", "corrupted", "sae"])]
     pairs: Option<std::path::PathBuf>,
     /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position),
-    /// heads (each head's output at every position), patterns (each head's attention
-    /// pattern at every query), heads_by_pos and patterns_by_pos (the same at one position:
+    /// heads (each head's output at every position), queries, keys, values (each head's
+    /// query, each key head's keys or values, at every position), patterns (each head's
+    /// attention pattern at every query), heads_by_pos and patterns_by_pos (the same at one position:
     /// layer × head × position).
     #[arg(
         long,
@@ -220,13 +221,18 @@ fn print_report(r: &PatchReport) {
     let positions = r.position_labels();
     for grid in &r.grids {
         print_grid(r, grid, &grid.patched, &positions, "patched");
+        let head = if grid.site.patches_key_heads() {
+            "key head"
+        } else {
+            "head"
+        };
         let strongest: Vec<String> = grid
             .ranked(r.direction)
             .iter()
             .take(3)
             .map(|&(l, c, v)| match grid.site.cell(c, positions.len()) {
-                (Some(h), Some(p)) => format!("head {l}.{h} at {:?} {v:.2}", positions[p]),
-                (Some(h), None) => format!("head {l}.{h} {v:.2}"),
+                (Some(h), Some(p)) => format!("{head} {l}.{h} at {:?} {v:.2}", positions[p]),
+                (Some(h), None) => format!("{head} {l}.{h} {v:.2}"),
                 (None, p) => format!("layer {l} at {:?} {v:.2}", positions[p.unwrap_or(0)]),
             })
             .collect();
@@ -281,8 +287,13 @@ fn print_grid(
     }
     if grid.site.layout() == Layout::Heads {
         let heads = values.first().map_or(0, Vec::len);
+        let prefix = if grid.site.patches_key_heads() {
+            "K"
+        } else {
+            "H"
+        };
         let header: String = (0..heads)
-            .map(|h| format!("{:>7}", format!("H{h}")))
+            .map(|h| format!("{:>7}", format!("{prefix}{h}")))
             .collect();
         println!("{:>8}{header}", "");
         for (l, row) in values.iter().enumerate() {

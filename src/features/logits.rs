@@ -52,7 +52,8 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// The direct-path logit effects of each row of `w_dec` (`[d_sae, d_in]`) written at `hook`:
 /// the `n` most promoted and `n` most suppressed tokens, named from `names`
 /// ([`Model::token_names`]). `None` for hooks without a linear path to the logits
-/// (`mlp.hook_pre`).
+/// (`mlp.hook_pre`, and the queries, keys and values, which reach the logits only through
+/// attention).
 pub fn logit_effects(
     model: &Model,
     hook: HookPoint,
@@ -68,7 +69,13 @@ pub fn logit_effects(
     let (to_resid, through_norm) = match hook {
         // Not a direction in any space the model writes from (the pattern is not even one
         // vector per token: SAEs cannot be trained there).
-        HookPoint::MlpPre(_) | HookPoint::AttnPattern(_) => return Ok(None),
+        HookPoint::MlpPre(_)
+        | HookPoint::AttnPattern(_)
+        | HookPoint::AttnQ(_)
+        | HookPoint::AttnK(_)
+        | HookPoint::AttnV(_)
+        | HookPoint::AttnRotQ(_)
+        | HookPoint::AttnRotK(_) => return Ok(None),
         HookPoint::MlpPost(layer) => {
             // Linear weight is `[d_model, d_mlp]`: the map is its transpose.
             let w = to_vec(t.blocks[layer].mlp.down_proj().weight())?;

@@ -213,6 +213,20 @@ pub mod explain {
                 "blocks.L.attn.hook_z: one head's output at every token; click a \
                 head to see its attention pattern"
             }
+            Site::Queries => {
+                "blocks.L.attn.hook_q: what one head looks for, at every token; where it \
+                looks moves with it. Click a head to see its attention pattern"
+            }
+            Site::Keys => {
+                "blocks.L.attn.hook_k: what the tokens offer to one key head's queries, at every \
+                token (with grouped-query attention a key head serves several heads). Click one \
+                to see the first of its heads' patterns"
+            }
+            Site::Values => {
+                "blocks.L.attn.hook_v: what the tokens pass on through one key head when \
+                attended to, at every token; where the heads look stays. Click one to see the \
+                first of its heads' patterns"
+            }
             Site::Patterns => {
                 "blocks.L.attn.hook_pattern: where one head looks, at every query; its \
                 values as they were. Click a head to see its attention pattern"

@@ -17,8 +17,11 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use crate::error::{Error, Result};
 
 /// A named place in the forward pass. Tensors at every point are `[batch, seq, d]`, where `d` is
-/// `d_model`, `d_mlp` for the two `mlp.*` points, or `n_heads·d_head` for `attn.hook_z` — except
-/// `attn.hook_pattern`, which is `[batch, n_heads, query, key]` as in TransformerLens.
+/// `d_model`, `d_mlp` for the two `mlp.*` points, `n_heads·d_head` for `attn.hook_z`,
+/// `attn.hook_q` and `attn.hook_rot_q`, or `n_kv_heads·d_head` for the keys and values — except
+/// `attn.hook_pattern`, which is `[batch, n_heads, query, key]` as in TransformerLens. Heads are
+/// side by side in the last dimension (TransformerLens keeps them as a separate axis,
+/// `[batch, pos, head, d_head]`; reshape to compare).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
     /// `hook_embed`: token embeddings (scaled, for Gemma) — `[batch, seq, d_model]`.
@@ -27,6 +30,20 @@ pub enum HookPoint {
     PosEmbed,
     /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
     ResidPre(usize),
+    /// `blocks.L.attn.hook_q`: every head's query, before rotary — `[.., n_heads·d_head]`.
+    /// Query-side patching and QK-circuit work act here (and at `hook_rot_q`).
+    AttnQ(usize),
+    /// `blocks.L.attn.hook_k`: every key head's key at the current positions, before rotary
+    /// (with a KV cache, earlier positions were hooked when they were computed) —
+    /// `[.., n_kv_heads·d_head]`.
+    AttnK(usize),
+    /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
+    AttnV(usize),
+    /// `blocks.L.attn.hook_rot_q`: queries after the rotary embedding (rotary models only): what
+    /// the attention scores are actually computed from.
+    AttnRotQ(usize),
+    /// `blocks.L.attn.hook_rot_k`: keys after the rotary embedding (rotary models only).
+    AttnRotK(usize),
     /// `blocks.L.attn.hook_z`: every head's attention-weighted values, the input of the output
     /// projection, heads side by side (head `h` in columns `h·d_head..(h+1)·d_head`: the layout
     /// of SAELens's attention SAEs) — `[.., n_heads·d_head]`. The attention counterpart of
@@ -60,6 +77,11 @@ impl HookPoint {
     pub fn layer(&self) -> Option<usize> {
         match *self {
             Self::ResidPre(l)
+            | Self::AttnQ(l)
+            | Self::AttnK(l)
+            | Self::AttnV(l)
+            | Self::AttnRotQ(l)
+            | Self::AttnRotK(l)
             | Self::AttnZ(l)
             | Self::AttnPattern(l)
             | Self::AttnOut(l)
@@ -85,6 +107,11 @@ impl fmt::Display for HookPoint {
             Self::Embed => write!(f, "hook_embed"),
             Self::PosEmbed => write!(f, "hook_pos_embed"),
             Self::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            Self::AttnQ(l) => write!(f, "blocks.{l}.attn.hook_q"),
+            Self::AttnK(l) => write!(f, "blocks.{l}.attn.hook_k"),
+            Self::AttnV(l) => write!(f, "blocks.{l}.attn.hook_v"),
+            Self::AttnRotQ(l) => write!(f, "blocks.{l}.attn.hook_rot_q"),
+            Self::AttnRotK(l) => write!(f, "blocks.{l}.attn.hook_rot_k"),
             Self::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
             Self::AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
@@ -107,7 +134,8 @@ impl FromStr for HookPoint {
         let unknown = || {
             Error::UnknownHook {
             name: s.to_string(),
-            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_pattern, \
+            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_q, \
+                    attn.hook_k, attn.hook_v, attn.hook_rot_q, attn.hook_rot_k, attn.hook_pattern, \
                     attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
                     ln_final.hook_normalized"
                 .to_string(),
@@ -124,6 +152,11 @@ impl FromStr for HookPoint {
         let layer: usize = layer.parse().map_err(|_| unknown())?;
         Ok(match name {
             "hook_resid_pre" => Self::ResidPre(layer),
+            "attn.hook_q" => Self::AttnQ(layer),
+            "attn.hook_k" => Self::AttnK(layer),
+            "attn.hook_v" => Self::AttnV(layer),
+            "attn.hook_rot_q" => Self::AttnRotQ(layer),
+            "attn.hook_rot_k" => Self::AttnRotK(layer),
             "attn.hook_z" => Self::AttnZ(layer),
             "attn.hook_pattern" => Self::AttnPattern(layer),
             "hook_attn_out" => Self::AttnOut(layer),
@@ -550,6 +583,11 @@ mod tests {
             HookPoint::Embed,
             HookPoint::PosEmbed,
             HookPoint::ResidPre(3),
+            HookPoint::AttnQ(1),
+            HookPoint::AttnK(2),
+            HookPoint::AttnV(3),
+            HookPoint::AttnRotQ(6),
+            HookPoint::AttnRotK(8),
             HookPoint::AttnZ(4),
             HookPoint::AttnPattern(5),
             HookPoint::AttnOut(0),

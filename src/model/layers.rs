@@ -316,12 +316,21 @@ impl Attention {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads as views of the projection's buffer: [b, s, heads, hd] → [b, heads, s, hd].
         let qkv = linear(x, &self.qkv)?.reshape((b, s, nh + 2 * nkv, hd))?;
-        let split = |start: usize, heads: usize| qkv.narrow(2, start, heads)?.transpose(1, 2);
-        let (mut q, mut k) = (split(0, nh)?, split(nh, nkv)?);
-        let mut v = split(nh + nkv, nkv)?;
+        let mut split = |point: fn(usize) -> HookPoint, start: usize, heads: usize| {
+            hook_heads(
+                hooks,
+                point(layer),
+                qkv.narrow(2, start, heads)?.transpose(1, 2)?,
+            )
+        };
+        let mut q = split(HookPoint::AttnQ, 0, nh)?;
+        let mut k = split(HookPoint::AttnK, nh, nkv)?;
+        let mut v = split(HookPoint::AttnV, nh + nkv, nkv)?;
         if let Some(rotary) = &self.rotary {
             q = rotary.apply(&q.contiguous()?, positions)?;
             k = rotary.apply(&k.contiguous()?, positions)?;
+            q = hook_heads(hooks, HookPoint::AttnRotQ(layer), q)?;
+            k = hook_heads(hooks, HookPoint::AttnRotK(layer), k)?;
         }
         if let Some((past_k, past_v)) = kv.as_ref() {
             k = Tensor::cat(&[past_k, &k], 2)?;
@@ -348,6 +357,21 @@ impl Attention {
         let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
         linear(&z, &self.out)
     }
+}
+
+/// The hook at a per-head point (`attn.hook_q`, `hook_k`, `hook_v`, `hook_rot_q`, `hook_rot_k`):
+/// `x` is `[batch, heads, seq, head_dim]`, the hook sees `[batch, seq, heads·head_dim]` like every
+/// per-token point. Untouched points pass `x` through without the copy the merge costs.
+fn hook_heads(hooks: &mut HookRunner, point: HookPoint, x: Tensor) -> candle_core::Result<Tensor> {
+    if !hooks.touches(point) {
+        return Ok(x);
+    }
+    let (b, heads, s, hd) = x.dims4()?;
+    let merged = x.transpose(1, 2)?.reshape((b, s, heads * hd))?;
+    hooks
+        .hook(point, merged)?
+        .reshape((b, s, heads, hd))?
+        .transpose(1, 2)
 }
 
 /// `softmax(q·kᵀ·scale + mask)·v` with the heads merged (`[batch, seq, heads·head_dim]`),
@@ -714,6 +738,14 @@ impl Transformer {
         for (l, block) in self.blocks.iter().enumerate() {
             points.extend([
                 HookPoint::ResidPre(l),
+                HookPoint::AttnQ(l),
+                HookPoint::AttnK(l),
+                HookPoint::AttnV(l),
+            ]);
+            if block.attn.rotary.is_some() {
+                points.extend([HookPoint::AttnRotQ(l), HookPoint::AttnRotK(l)]);
+            }
+            points.extend([
                 HookPoint::AttnPattern(l),
                 HookPoint::AttnZ(l),
                 HookPoint::AttnOut(l),

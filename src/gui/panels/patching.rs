@@ -74,6 +74,7 @@ impl Panel for Patching {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
+        let dims = model.dims().clone();
         let mut run = self.form_ui(ui);
         ui.horizontal(|ui| {
             ui.label("Patch");
@@ -127,7 +128,7 @@ impl Panel for Patching {
             report.corrupted_logit_diff
         ))
         .on_hover_text(explain::PATCHING_SCALE);
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.label("Site");
             for site in Site::ALL {
                 ui.radio_value(&mut self.site, site, site.name())
@@ -144,6 +145,10 @@ impl Panel for Patching {
             report.direction.unpatched(),
         ));
         ui.weak(match grid.site.layout() {
+            Layout::Heads if grid.site.patches_key_heads() => {
+                "rows: blocks; columns: key heads (click one to see the first of its heads' \
+                 attention patterns)"
+            }
             Layout::Heads => {
                 "rows: blocks; columns: heads (click a head to see its attention pattern)"
             }
@@ -176,11 +181,16 @@ impl Panel for Patching {
             let seq = report.clean_tokens.len();
             for (layer, column, v) in grid.ranked(report.direction).into_iter().take(STRONGEST) {
                 let at = |p: usize| display_token(&report.clean_tokens[p]);
+                let kind = if grid.site.patches_key_heads() {
+                    "key head"
+                } else {
+                    "head"
+                };
                 match grid.site.cell(column, seq) {
                     (Some(head), position) => {
                         let text = match position {
-                            Some(p) => format!("head {layer}.{head} at {} {v:.2}", at(p)),
-                            None => format!("head {layer}.{head} {v:.2}"),
+                            Some(p) => format!("{kind} {layer}.{head} at {} {v:.2}", at(p)),
+                            None => format!("{kind} {layer}.{head} {v:.2}"),
                         };
                         if ui
                             .button(text)
@@ -198,6 +208,8 @@ impl Panel for Patching {
             }
         });
         if let Some((layer, head)) = picked {
+            // A key head's pattern is that of the first query head reading it.
+            let head = head * (dims.n_heads / grid.site.heads(&dims)).max(1);
             wb.requests.push(PanelRequest::Pattern {
                 prompt: answer.question.clean.clone(),
                 layer,
@@ -416,7 +428,12 @@ fn grid_view(
     if grid.site.layout() == Layout::Heads {
         let flat: Vec<f32> = values.iter().flatten().copied().collect();
         let rows: Vec<String> = (0..layers).map(|l| format!("block {l}")).collect();
-        let cols: Vec<String> = (0..columns).map(|h| format!("H{h}")).collect();
+        let prefix = if grid.site.patches_key_heads() {
+            "K"
+        } else {
+            "H"
+        };
+        let cols: Vec<String> = (0..columns).map(|h| format!("{prefix}{h}")).collect();
         return Heatmap {
             values: &flat,
             rows: layers,
