@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Activation patching on the bundled world model, monoscope beside TransformerLens on this
-# machine: the time for the ten grids (criterion's mean for monoscope, the best of five runs
+# machine: the time for the thirteen grids (criterion's mean for monoscope, the best of five runs
 # for TransformerLens), their ratio, and the largest difference between the grids.
 #   pip install transformer_lens && bash benches/compare_patching.sh
 set -euo pipefail
@@ -11,12 +11,12 @@ rust_s=$(python3 -c "import json;print(json.load(open('$est'))['mean']['point_es
 cargo build --release --locked >&2
 ours=$(./target/release/monoscope patch --clean "The capital of Japan is" \
   --corrupted "The capital of France is" --answer " Tokyo" --wrong " Paris" \
-  --sites resid_pre,attn_out,mlp_out,heads,queries,keys,values,patterns,heads_by_pos,patterns_by_pos --json)
+  --sites resid_pre,attn_out,mlp_out,heads,queries,keys,values,patterns,heads_by_pos,queries_by_pos,keys_by_pos,values_by_pos,patterns_by_pos --json)
 theirs=$(python3 benches/reference/patching_tl.py 2>/dev/null)
 python3 - "$rust_s" "$ours" "$theirs" <<'PY'
 import json, sys
 rust_s, ours, theirs = float(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-print(f"monoscope         {rust_s * 1e3:8.1f} ms for the ten grids")
+print(f"monoscope         {rust_s * 1e3:8.1f} ms for the thirteen grids")
 print(f"TransformerLens   {theirs['seconds'] * 1e3:8.1f} ms  (transformer_lens {theirs['transformer_lens']}, "
       f"torch {theirs['torch']}, {theirs['threads']} threads)")
 print(f"speed-up          {theirs['seconds'] / rust_s:8.2f}x  (TransformerLens time / monoscope time)")

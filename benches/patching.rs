@@ -1,8 +1,8 @@
 //! Activation patching speed on the bundled world model: "The capital of Japan is" against
 //! "The capital of France is", every site (residual stream, attention and MLP outputs per
-//! layer × position, each head's output and each head's pattern at every position:
-//! 8 × 5 × 3 + 8 × 6 × 2 = 216 patched runs), as TransformerLens's five `get_act_patch_*`
-//! calls compute them. `bash benches/compare_patching.sh`
+//! layer × position; each head's output, query, key, value and pattern at every position and
+//! at each position: 8 × 5 × 3 + 8 × 6 × 5 + 8 × 30 × 5 = 1,560 patched runs), as
+//! TransformerLens's thirteen `get_act_patch_*` calls compute them. `bash benches/compare_patching.sh`
 //! runs this beside TransformerLens and prints the ratio and the largest difference.
 //!
 //! `cargo bench --bench patching`

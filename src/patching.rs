@@ -70,6 +70,15 @@ pub enum Site {
     /// TransformerLens's `attn_head_pattern_by_pos`. From which token where a head looks
     /// matters.
     PatternsByPos,
+    /// One head's query at one position: layer × (head, position), TransformerLens's
+    /// `attn_head_q_by_pos`.
+    QueriesByPos,
+    /// One key head's key at one position: layer × (key head, position),
+    /// `attn_head_k_by_pos`. Which token's key matters.
+    KeysByPos,
+    /// One key head's value at one position: layer × (key head, position),
+    /// `attn_head_v_by_pos`. Which token's value matters.
+    ValuesByPos,
 }
 
 /// What a grid's columns are.
@@ -84,7 +93,7 @@ pub enum Layout {
 }
 
 impl Site {
-    pub const ALL: [Site; 10] = [
+    pub const ALL: [Site; 13] = [
         Site::ResidPre,
         Site::AttnOut,
         Site::MlpOut,
@@ -94,6 +103,9 @@ impl Site {
         Site::Values,
         Site::Patterns,
         Site::HeadsByPos,
+        Site::QueriesByPos,
+        Site::KeysByPos,
+        Site::ValuesByPos,
         Site::PatternsByPos,
     ];
 
@@ -109,6 +121,9 @@ impl Site {
             Self::Patterns => "patterns",
             Self::HeadsByPos => "heads_by_pos",
             Self::PatternsByPos => "patterns_by_pos",
+            Self::QueriesByPos => "queries_by_pos",
+            Self::KeysByPos => "keys_by_pos",
+            Self::ValuesByPos => "values_by_pos",
         }
     }
 
@@ -119,9 +134,9 @@ impl Site {
             Self::AttnOut => HookPoint::AttnOut(layer),
             Self::MlpOut => HookPoint::MlpOut(layer),
             Self::Heads | Self::HeadsByPos => HookPoint::AttnZ(layer),
-            Self::Queries => HookPoint::AttnQ(layer),
-            Self::Keys => HookPoint::AttnK(layer),
-            Self::Values => HookPoint::AttnV(layer),
+            Self::Queries | Self::QueriesByPos => HookPoint::AttnQ(layer),
+            Self::Keys | Self::KeysByPos => HookPoint::AttnK(layer),
+            Self::Values | Self::ValuesByPos => HookPoint::AttnV(layer),
             Self::Patterns | Self::PatternsByPos => HookPoint::AttnPattern(layer),
         }
     }
@@ -133,7 +148,11 @@ impl Site {
             Self::Heads | Self::Queries | Self::Keys | Self::Values | Self::Patterns => {
                 Layout::Heads
             }
-            Self::HeadsByPos | Self::PatternsByPos => Layout::HeadsByPosition,
+            Self::HeadsByPos
+            | Self::PatternsByPos
+            | Self::QueriesByPos
+            | Self::KeysByPos
+            | Self::ValuesByPos => Layout::HeadsByPosition,
         }
     }
 
@@ -150,7 +169,10 @@ impl Site {
     /// Whether a head column is a key head (keys and values), which under grouped-query
     /// attention serves several query heads.
     pub fn patches_key_heads(self) -> bool {
-        matches!(self, Self::Keys | Self::Values)
+        matches!(
+            self,
+            Self::Keys | Self::Values | Self::KeysByPos | Self::ValuesByPos
+        )
     }
 
     /// How many heads the site's hook holds: key heads for keys and values, else query heads.

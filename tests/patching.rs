@@ -208,6 +208,10 @@ fn every_batched_cell_equals_the_same_patch_made_alone() {
             (Site::HeadsByPos, 0, (heads - 1) * len + 2),
             (Site::PatternsByPos, last_layer, 2 * len - 1),
             (Site::PatternsByPos, 0, (heads - 1) * len + 3),
+            (Site::QueriesByPos, last_layer, 2 * len - 1),
+            (Site::KeysByPos, 0, (key_heads - 1) * len + 2),
+            (Site::ValuesByPos, 0, (key_heads - 1) * len + 2),
+            (Site::ValuesByPos, last_layer, len - 1),
         ] {
             let point = site.hook(layer);
             let hooks = Hooks::new().intervene(
@@ -261,6 +265,9 @@ fn attribution_patching_is_the_derivative_along_the_patch() {
                 (Site::HeadsByPos, 1, 2 * 9 + 8),
                 (Site::PatternsByPos, 0, 9 + 5),
                 (Site::PatternsByPos, 1, 2 * 9 + 8),
+                (Site::QueriesByPos, 1, 2 * 9 + 8),
+                (Site::KeysByPos, 0, (key_heads - 1) * 9 + 4),
+                (Site::ValuesByPos, 1, 8),
             ] {
                 let point = site.hook(layer);
                 let (b, s) = (capture(&model, base, point), capture(&model, source, point));

@@ -4,7 +4,8 @@ Hugging Face GPT-2 folder) booted with TransformerBridge (TransformerLens 4; raw
 eager attention), "The capital of Japan is" against "The capital of France is", the
 normalised logit difference of " Tokyo" and " Paris" (first tokens), and TransformerLens's
 get_act_patch_resid_pre / _attn_out / _mlp_out / _attn_head_out_all_pos /
-_attn_head_q_all_pos / _k_all_pos / _v_all_pos / _attn_head_pattern_all_pos / _attn_head_out_by_pos / _attn_head_pattern_by_pos, timed
+_attn_head_q_all_pos / _k_all_pos / _v_all_pos / _attn_head_pattern_all_pos /
+_attn_head_out_by_pos / _q_by_pos / _k_by_pos / _v_by_pos / _attn_head_pattern_by_pos, timed
 together; the by-position grids flattened per layer, head-major, as monoscope reports them
 (best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
 
@@ -29,6 +30,15 @@ SITES = {
     "patterns": patching.get_act_patch_attn_head_pattern_all_pos,
     # [layer, pos, head] → [layer, head·pos]
     "heads_by_pos": lambda *a: patching.get_act_patch_attn_head_out_by_pos(*a)
+    .transpose(1, 2)
+    .flatten(1),
+    "queries_by_pos": lambda *a: patching.get_act_patch_attn_head_q_by_pos(*a)
+    .transpose(1, 2)
+    .flatten(1),
+    "keys_by_pos": lambda *a: patching.get_act_patch_attn_head_k_by_pos(*a)
+    .transpose(1, 2)
+    .flatten(1),
+    "values_by_pos": lambda *a: patching.get_act_patch_attn_head_v_by_pos(*a)
     .transpose(1, 2)
     .flatten(1),
     # [layer, head, dest_pos] → [layer, head·pos]

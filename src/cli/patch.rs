@@ -38,8 +38,8 @@ pub struct PatchArgs {
     /// What to patch, comma-separated: resid_pre, attn_out, mlp_out (layer × position),
     /// heads (each head's output at every position), queries, keys, values (each head's
     /// query, each key head's keys or values, at every position), patterns (each head's
-    /// attention pattern at every query), heads_by_pos and patterns_by_pos (the same at one position:
-    /// layer × head × position).
+    /// attention pattern at every query), and heads_by_pos, queries_by_pos, keys_by_pos,
+    /// values_by_pos and patterns_by_pos (the same at one position: layer × head × position).
     #[arg(
         long,
         value_delimiter = ',',
@@ -280,7 +280,12 @@ fn print_grid(
         for (l, row) in values.iter().enumerate() {
             for (h, cells) in row.chunks(seq).enumerate() {
                 let cells: String = cells.iter().map(|v| format!("{v:>10.2}")).collect();
-                println!("{:>8}{cells}", format!("{l}.{h}"));
+                let prefix = if grid.site.patches_key_heads() {
+                    "K"
+                } else {
+                    ""
+                };
+                println!("{:>8}{cells}", format!("{l}.{prefix}{h}"));
             }
         }
         return;

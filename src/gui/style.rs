@@ -235,6 +235,18 @@ pub mod explain {
                 "blocks.L.attn.hook_z: one head's output at one token; click a row to \
                 see the head's attention pattern"
             }
+            Site::QueriesByPos => {
+                "blocks.L.attn.hook_q: what one head looks for from one token; click a row \
+                to see the head's attention pattern"
+            }
+            Site::KeysByPos => {
+                "blocks.L.attn.hook_k: what one token offers to one key head's queries; click \
+                a row to see the first of its heads' patterns"
+            }
+            Site::ValuesByPos => {
+                "blocks.L.attn.hook_v: what one token passes on through one key head; click a \
+                row to see the first of its heads' patterns"
+            }
             Site::PatternsByPos => {
                 "blocks.L.attn.hook_pattern: where one head looks from one query token; \
                 click a row to see the head's attention pattern"

@@ -152,6 +152,10 @@ impl Panel for Patching {
             Layout::Heads => {
                 "rows: blocks; columns: heads (click a head to see its attention pattern)"
             }
+            Layout::HeadsByPosition if grid.site.patches_key_heads() => {
+                "rows: key heads (block.K head); columns: tokens (click one to see the first of \
+                 its heads' attention patterns)"
+            }
             Layout::HeadsByPosition => {
                 "rows: heads (block.head); columns: tokens (click a head to see its attention \
                  pattern)"
@@ -408,8 +412,13 @@ fn grid_view(
         let seq = tokens.len().max(1);
         let heads = columns / seq;
         let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        let prefix = if grid.site.patches_key_heads() {
+            "K"
+        } else {
+            ""
+        };
         let rows: Vec<String> = (0..layers * heads)
-            .map(|r| format!("{}.{}", r / heads, r % heads))
+            .map(|r| format!("{}.{prefix}{}", r / heads, r % heads))
             .collect();
         let clicked = Heatmap {
             values: &flat,
