@@ -22,6 +22,7 @@ pub mod lens;
 pub mod model;
 pub mod neurons;
 pub mod patching;
+pub mod path_patching;
 pub mod sae;
 pub mod table;
 pub mod world;

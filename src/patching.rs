@@ -36,7 +36,7 @@ use crate::model::generate::next_token_top_k;
 use crate::model::{Dims, ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// Patched runs per forward pass (one batch row each).
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// What is patched, one grid per site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -879,7 +879,7 @@ fn cell_mask(
 
 /// An intervention that replaces the masked entries of each batch row with `source`
 /// (`[1, seq, d]` or a pattern's `[1, heads, query, key]`, broadcast over the rows).
-fn splice(source: Tensor, mask: Tensor) -> Intervention {
+pub(crate) fn splice(source: Tensor, mask: Tensor) -> Intervention {
     Intervention::new(InterventionOp::Func(Arc::new(
         move |x: &Tensor, _offset| {
             let mask = mask.to_dtype(x.dtype())?;

@@ -9,6 +9,7 @@ mod info;
 mod lens;
 mod neurons;
 mod patch;
+mod path_patch;
 mod sae;
 mod trace;
 mod trace_fact;
@@ -70,6 +71,9 @@ enum Command {
     /// Activation patching between a clean and a corrupted prompt: which layers, positions
     /// and heads carry the difference in the answer; attribution patching beside it.
     Patch(Box<patch::PatchArgs>),
+    /// Path patching: each head's effect on the answer along one path only — straight to the
+    /// logits, or into chosen later heads' queries, keys or values — every other head frozen.
+    PathPatch(Box<path_patch::PathPatchArgs>),
     /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
     /// brings the answer back after the subject is corrupted; suggests the edit layer.
     TraceFact(Box<trace_fact::TraceFactArgs>),
@@ -167,6 +171,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(&args),
         Command::Neurons(args) => neurons::run(&args),
         Command::Patch(args) => patch::run(&args),
+        Command::PathPatch(args) => path_patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
         Command::Edit(args) => edit::run(&args),
     }?;

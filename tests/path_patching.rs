@@ -1,0 +1,269 @@
+//! Path patching on the fixture models (f64): from the last layer, the path to the logits is
+//! the head's whole effect, so it equals activation patching; every batched sender equals the
+//! same two runs made alone through the hook mechanism; receivers are checked. On the bundled
+//! world model, `monoscope path-patch` agrees with `monoscope patch` where it must.
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, IndexOp};
+use common::{MODEL_TYPES, fixture_dir, monoscope_json};
+use monoscope::Model;
+use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp};
+use monoscope::patching::{Direction, PatchRequest, Site, patch};
+use monoscope::path_patching::{HeadInput, PathReport, PathRequest, Receiver, path_patch};
+
+const ANSWER: u32 = 17;
+const WRONG: u32 = 40;
+
+/// A fixture model in f64 and a 9-token prompt pair differing at position 3.
+fn pair(model_type: &str, direction: Direction) -> (Model, PatchRequest) {
+    let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
+    let sentence = model
+        .encode_prompt("The capital of Japan is 東京, of France Paris. ")
+        .unwrap();
+    let clean: Vec<u32> = sentence.iter().copied().cycle().take(9).collect();
+    let mut corrupted = clean.clone();
+    corrupted[3] = (clean[3] + 7) % 200 + 20;
+    let request = PatchRequest {
+        clean,
+        corrupted,
+        answer: ANSWER,
+        wrong: WRONG,
+        sites: vec![Site::Heads],
+        direction,
+        attribution: false,
+    };
+    (model, request)
+}
+
+fn run(model: &Model, pair: &PatchRequest, receivers: &[Receiver]) -> PathReport {
+    let request = PathRequest {
+        pair: pair.clone(),
+        receivers: receivers.to_vec(),
+    };
+    let mut calls = 0;
+    let report = path_patch(
+        model,
+        &request,
+        &AtomicBool::new(false),
+        &mut |done, total| {
+            calls += 1;
+            assert_eq!(done, calls);
+            assert!(done <= total);
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(calls, request.passes(model));
+    report
+}
+
+/// logit(ANSWER) − logit(WRONG) at the last position of `ids` with `hooks`, and the capture.
+fn run_alone(
+    model: &Model,
+    ids: &[u32],
+    hooks: &Hooks,
+) -> (f64, monoscope::model::ActivationCache) {
+    let out = model
+        .forward(&model.ids_tensor(ids).unwrap(), hooks)
+        .unwrap();
+    let last = out.logits.i((0, ids.len() - 1)).unwrap();
+    let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
+    (at(ANSWER) - at(WRONG), out.cache)
+}
+
+/// The channels of head `head` in a hook whose heads are `d_head` wide.
+fn head_channels(model: &Model, head: usize) -> Vec<usize> {
+    let d = model.dims().head_dim;
+    (head * d..(head + 1) * d).collect()
+}
+
+#[test]
+fn the_path_from_the_last_layer_to_the_logits_is_the_heads_whole_effect() {
+    for &model_type in MODEL_TYPES {
+        for direction in [Direction::Denoise, Direction::Noise] {
+            let (model, request) = pair(model_type, direction);
+            let paths = run(&model, &request, &[Receiver::Logits]);
+            let patched = patch(&model, &request, &AtomicBool::new(false), &mut |_, _| {})
+                .unwrap()
+                .unwrap();
+            let heads = &patched.grid(Site::Heads).unwrap().patched;
+            let last = model.dims().n_layers - 1;
+            assert_eq!(paths.senders.len(), last + 1, "{model_type}");
+            for (h, (&path, &whole)) in paths.senders[last].iter().zip(&heads[last]).enumerate() {
+                assert!(
+                    (path - whole).abs() < 1e-5,
+                    "{model_type} {direction:?} head {last}.{h}: path {path}, patching {whole}"
+                );
+            }
+            // Earlier heads also act through later heads, which the path leaves out.
+            let differs = paths.senders[0]
+                .iter()
+                .zip(&heads[0])
+                .any(|(a, b)| (a - b).abs() > 1e-4);
+            assert!(
+                differs,
+                "{model_type} {direction:?}: layer 0's paths are its whole effect"
+            );
+            assert_eq!(paths.receivers, ["logits"]);
+        }
+    }
+}
+
+/// Each batch row is its own sender: the report's cell equals the two runs made alone — every
+/// head's output replaced by the base run's (the sender's by the source run's), the
+/// receivers' inputs read there and patched into a fresh base run — with interventions that
+/// select channels rather than the batched masks.
+#[test]
+fn every_batched_sender_equals_the_same_two_runs_made_alone() {
+    for (model_type, direction) in [
+        ("llama", Direction::Denoise),
+        ("gpt2", Direction::Noise),
+        ("gemma", Direction::Denoise),
+    ] {
+        let (model, request) = pair(model_type, direction);
+        let dims = model.dims().clone();
+        let receivers = [
+            Receiver::Head {
+                layer: 1,
+                head: dims.n_heads - 1,
+                input: HeadInput::Key,
+            },
+            Receiver::Head {
+                layer: 1,
+                head: 0,
+                input: HeadInput::Query,
+            },
+            Receiver::Head {
+                layer: 1,
+                head: 1,
+                input: HeadInput::Value,
+            },
+        ];
+        let report = run(&model, &request, &receivers);
+        assert_eq!(report.senders.len(), 1, "senders before block 1 only");
+        let (base, source) = match direction {
+            Direction::Denoise => (&request.corrupted, &request.clean),
+            Direction::Noise => (&request.clean, &request.corrupted),
+        };
+        let outputs: Vec<HookPoint> = (0..dims.n_layers).map(HookPoint::AttnZ).collect();
+        let (_, base_cache) = run_alone(&model, base, &Hooks::new().capture(outputs.clone()));
+        let (_, source_cache) = run_alone(&model, source, &Hooks::new().capture(outputs.clone()));
+        let (clean_ld, _) = run_alone(&model, &request.clean, &Hooks::new());
+        let (corrupted_ld, _) = run_alone(&model, &request.corrupted, &Hooks::new());
+        let group = dims.n_heads / dims.n_kv_heads;
+        let inputs = [
+            (
+                HookPoint::AttnK(1),
+                head_channels(&model, (dims.n_heads - 1) / group),
+            ),
+            (HookPoint::AttnQ(1), head_channels(&model, 0)),
+            (HookPoint::AttnV(1), head_channels(&model, 1 / group)),
+        ];
+        let mut moved = 0;
+        for sender in 0..dims.n_heads {
+            let mut frozen = Hooks::new().capture(inputs.iter().map(|(p, _)| *p));
+            for point in &outputs {
+                let replace = |cache: &monoscope::model::ActivationCache| {
+                    Intervention::new(InterventionOp::Replace(cache.get(*point).unwrap().clone()))
+                };
+                frozen = frozen.intervene(*point, replace(&base_cache));
+                if *point == HookPoint::AttnZ(0) {
+                    frozen = frozen.intervene(
+                        *point,
+                        replace(&source_cache).at_channels(head_channels(&model, sender)),
+                    );
+                }
+            }
+            let (_, sent) = run_alone(&model, base, &frozen);
+            let mut received = Hooks::new();
+            for (point, channels) in &inputs {
+                let value = sent.get(*point).unwrap().clone();
+                received = received.intervene(
+                    *point,
+                    Intervention::new(InterventionOp::Replace(value)).at_channels(channels.clone()),
+                );
+            }
+            let (ld, _) = run_alone(&model, base, &received);
+            let alone = (ld - corrupted_ld) / (clean_ld - corrupted_ld);
+            let batched = f64::from(report.senders[0][sender]);
+            assert!(
+                (alone - batched).abs() < 1e-5,
+                "{model_type} sender 0.{sender}: alone {alone}, batched {batched}"
+            );
+            if (alone - f64::from(direction.unpatched())).abs() > 1e-6 {
+                moved += 1;
+            }
+        }
+        assert!(
+            moved > 0,
+            "{model_type}: no sender moved the answer, so nothing was checked"
+        );
+    }
+}
+
+#[test]
+fn receivers_the_model_lacks_are_refused_by_name() {
+    let (model, request) = pair("gpt2", Direction::Denoise);
+    let refuse = |receivers: &[Receiver], needle: &str| {
+        let request = PathRequest {
+            pair: request.clone(),
+            receivers: receivers.to_vec(),
+        };
+        let err = path_patch(&model, &request, &AtomicBool::new(false), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    };
+    let head = |layer, head| Receiver::Head {
+        layer,
+        head,
+        input: HeadInput::Query,
+    };
+    refuse(&[], "LAYER.HEAD");
+    refuse(&[head(2, 0)], "`2.0:q`");
+    refuse(&[head(1, 4)], "2 layers × 4 heads");
+    refuse(&[head(0, 1)], "before block 0");
+    refuse(&[Receiver::Logits, head(1, 0)], "stands alone");
+}
+
+/// The README's pair on the world model: the last layer's paths to the logits are what
+/// `monoscope patch --sites heads` gives there; head receivers get a row per earlier block.
+#[test]
+fn the_path_patch_command_agrees_with_patch_on_the_last_layer() {
+    let pair = [
+        "--clean",
+        "The capital of Japan is",
+        "--corrupted",
+        "The capital of France is",
+        "--json",
+    ];
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        extra.iter().chain(&pair).copied().collect()
+    };
+    let paths = monoscope_json(&args(&["path-patch"]));
+    let patched = monoscope_json(&args(&["patch", "--sites", "heads"]));
+    let senders = paths["senders"].as_array().unwrap();
+    let heads = patched["grids"][0]["patched"].as_array().unwrap();
+    assert_eq!(senders.len(), heads.len());
+    let last = senders.len() - 1;
+    for (path, whole) in senders[last]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(heads[last].as_array().unwrap())
+    {
+        let (path, whole) = (path.as_f64().unwrap(), whole.as_f64().unwrap());
+        assert!((path - whole).abs() < 1e-4, "path {path}, patching {whole}");
+    }
+    let to_head = monoscope_json(&args(&["path-patch", "--receivers", "4.0:q,4.0:k,4.0:v"]));
+    assert_eq!(to_head["senders"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        to_head["receivers"],
+        serde_json::json!(["4.0:q", "4.0:k", "4.0:v"])
+    );
+}
