@@ -13,6 +13,7 @@ use egui_kittest::kittest::{By, NodeT, Queryable};
 use monoscope::gui::{App, GuiOptions, PanelKind, Remembered};
 use monoscope::model::generate::next_token_top_k;
 use monoscope::model::{Hooks, Model};
+use monoscope::path_patching::{PathRequest, Receiver, path_patch};
 
 fn harness() -> Harness<'static, App> {
     harness_with(App::new(GuiOptions::default(), Remembered::default()))
@@ -582,6 +583,48 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
         has_label(h, &title) && !h.state().busy()
     });
     assert_eq!(h.state().current, PanelKind::Attention);
+
+    // Path patching on the same pair: each head's direct path to the logits by default; the
+    // strongest sender opens its pattern; heads' inputs as typed; a bad receiver is a message.
+    open_panel(&mut h, "Patching");
+    let paths = |receivers: Vec<Receiver>| {
+        let pair = PromptPair {
+            clean: "The capital of Japan is",
+            corrupted: "The capital of Italy is",
+            answer: None,
+            wrong: None,
+        };
+        let request = PathRequest {
+            pair: PatchRequest::from_prompts(&model, &pair, Direction::Noise).unwrap(),
+            receivers,
+        };
+        path_patch(&model, &request, &never, &mut |_, _| {})
+            .unwrap()
+            .unwrap()
+    };
+    wait_for(&mut h, "the paths to the logits", |h| {
+        has_label(h, "paths to logits") && !h.state().busy()
+    });
+    let (l, head, v) = paths(vec![Receiver::Logits]).ranked()[0];
+    h.get_by_label(&format!("sender {l}.{head} {v:.2}")).click();
+    let title = format!("Attention pattern of head {l}.{head}");
+    wait_for(&mut h, &title, |h| {
+        has_label(h, &title) && !h.state().busy()
+    });
+    open_panel(&mut h, "Patching");
+    replace_text(&mut h, "Receivers", "4.0:v, 4.1:q");
+    h.key_press(egui::Key::Enter);
+    let receivers = vec!["4.0:v".parse().unwrap(), "4.1:q".parse().unwrap()];
+    let (l, head, v) = paths(receivers).ranked()[0];
+    let button = format!("sender {l}.{head} {v:.2}");
+    wait_for(&mut h, "the paths to two heads", |h| {
+        has_label(h, "paths to 4.0:v, 4.1:q") && has_label(h, &button) && !h.state().busy()
+    });
+    replace_text(&mut h, "Receivers", "9.0:q");
+    h.get_by_label("Trace paths").click();
+    wait_for(&mut h, "the refused receiver", |h| {
+        has_message(h, &["path patching", "9.0:q", "8 layers"])
+    });
 
     // A pair of different lengths is refused with a message, not a crash.
     open_panel(&mut h, "Patching");

@@ -186,7 +186,13 @@ pub mod explain {
         clean run. A cell near 0 is one the clean answer cannot do without.";
     pub const PATCHING_SCALE: &str = "The metric is logit(answer) − logit(wrong answer) at the \
         last token, rescaled so that the corrupted run scores 0 and the clean run 1: \
-        (patched − corrupted) / (clean − corrupted). Values below 0 draw as 0.";
+        (patched − corrupted) / (clean − corrupted). Red cells lie above the unpatched run, \
+        blue ones below it.";
+    pub const PATH_PATCHING: &str = "Path patching (Wang et al. 2022): each head's output is \
+        patched alone while every other head keeps its output from the run patched into, so \
+        its effect reaches only the receivers: the logits (its direct effect, and through later \
+        MLPs), or the query (q), key (k) or value (v) input of later heads, written \
+        LAYER.HEAD:q, comma-separated.";
     pub const ATTRIBUTION_PATCHING: &str = "Attribution patching (Nanda 2023): every cell \
         estimated at once as (source − base) · ∂metric/∂activation, from one backward pass \
         through the run patched into. Exact for a linear metric; it underestimates cells where \

@@ -14,6 +14,7 @@ use crate::model::Model;
 use crate::patching::{
     Direction, Layout, PatchGrid, PatchReport, PatchRequest, PromptPair, Site, passes, patch,
 };
+use crate::path_patching::{PathReport, PathRequest, Receiver, path_patch};
 
 /// Cells offered as buttons under the grid.
 const STRONGEST: usize = 3;
@@ -37,10 +38,20 @@ struct Reading {
     features: Option<FeaturePatchReport>,
 }
 
+/// A path-patching run: the pair as the form had it, and the receivers as typed.
+#[derive(Clone, Debug, PartialEq)]
+struct PathQuery {
+    pair: Query,
+    receivers: String,
+}
+
 pub struct Patching {
     form: Query,
     site: Site,
     reader: Reader<Query, Reading>,
+    /// Receivers of path patching, as typed (`logits`, `4.0:q,4.0:k`).
+    receivers: String,
+    paths: Reader<PathQuery, PathReport>,
 }
 
 impl Default for Patching {
@@ -56,6 +67,8 @@ impl Default for Patching {
             },
             site: Site::ResidPre,
             reader: Reader::default(),
+            receivers: "logits".into(),
+            paths: Reader::default(),
         }
     }
 }
@@ -66,11 +79,12 @@ impl Panel for Patching {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy()
+        self.reader.busy() || self.paths.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         self.reader.poll(wb);
+        self.paths.poll(wb);
         let Some(model) = need_model(ui, wb) else {
             return;
         };
@@ -109,6 +123,13 @@ impl Panel for Patching {
         if run || sae_changed || self.reader.asked_mut().is_none() {
             self.reader.ask(self.form.clone());
         }
+        if run || self.paths.asked_mut().is_none() {
+            ask_paths(&mut self.paths, &self.form, &self.receivers);
+        }
+        let path_model = model.clone();
+        self.paths.run_due(wb, "path patching", move |query, job| {
+            run_paths(&path_model, query, job)
+        });
         let sae = wb.sae.clone();
         self.reader
             .run_due(wb, "activation patching", move |query, job| {
@@ -221,6 +242,16 @@ impl Panel for Patching {
             });
             wb.goto = Some(PanelKind::Attention);
         }
+        ui.separator();
+        if let Some((layer, head)) = paths_ui(ui, &mut self.receivers, &mut self.paths, &self.form)
+        {
+            wb.requests.push(PanelRequest::Pattern {
+                prompt: answer.question.clean.clone(),
+                layer,
+                head,
+            });
+            wb.goto = Some(PanelKind::Attention);
+        }
         if let Some(features) = &answer.value.features {
             ui.add_space(6.0);
             if let Some(feature) = feature_table(ui, features, wb) {
@@ -280,6 +311,92 @@ fn feature_table(ui: &mut egui::Ui, f: &FeaturePatchReport, wb: &Workbench) -> O
             }
         });
     clicked
+}
+
+/// Asks path patching for the pair in `form` and the receivers as typed.
+fn ask_paths(paths: &mut Reader<PathQuery, PathReport>, form: &Query, receivers: &str) {
+    paths.ask(PathQuery {
+        pair: Query {
+            sae: None,
+            ..form.clone()
+        },
+        receivers: receivers.to_string(),
+    });
+}
+
+/// Path patching: the receivers' field and the senders' grid for the pair in `form`; returns
+/// a clicked head.
+fn paths_ui(
+    ui: &mut egui::Ui,
+    receivers: &mut String,
+    paths: &mut Reader<PathQuery, PathReport>,
+    form: &Query,
+) -> Option<(usize, usize)> {
+    let mut ask = false;
+    ui.horizontal(|ui| {
+        ui.strong("Path patching")
+            .on_hover_text(explain::PATH_PATCHING);
+        let label = ui.label("Receivers");
+        let response = ui
+            .add_sized(
+                [220.0, ui.spacing().interact_size.y],
+                egui::TextEdit::singleline(receivers).hint_text("logits, or 4.0:q,4.0:k,4.0:v"),
+            )
+            .labelled_by(label.id)
+            .on_hover_text(explain::PATH_PATCHING);
+        ask |= crate::gui::widgets::entered(ui, &response);
+        ask |= ui.button("Trace paths").clicked();
+        if let Some(job) = paths.job() {
+            job_row(ui, job);
+        }
+    });
+    if ask {
+        ask_paths(paths, form, receivers);
+    }
+    let report = &paths.answer()?.value;
+    let unpatched = report.direction.unpatched();
+    let scale = report
+        .senders
+        .iter()
+        .flatten()
+        .filter(|v| v.is_finite())
+        .map(|v| (v - unpatched).abs())
+        .fold(1e-6f32, f32::max);
+    ui.weak(format!(
+        "paths to {}: rows: sender blocks; columns: heads (click one to see its attention \
+         pattern); the colours saturate {scale:.2} from the unpatched run",
+        report.receivers.join(", ")
+    ));
+    let layers = report.senders.len();
+    let heads = report.senders.first().map_or(0, Vec::len);
+    let flat: Vec<f32> = report.senders.iter().flatten().copied().collect();
+    let rows: Vec<String> = (0..layers).map(|l| format!("block {l}")).collect();
+    let cols: Vec<String> = (0..heads).map(|h| format!("H{h}")).collect();
+    let mut picked = Heatmap {
+        values: &flat,
+        rows: layers,
+        cols: heads,
+        row_labels: &rows,
+        col_labels: &cols,
+        cell: vec2(34.0, 18.0),
+        what: "sender patched",
+        max: Some(scale),
+        centre: Some(unpatched),
+    }
+    .show(ui);
+    ui.horizontal(|ui| {
+        ui.label("sent most by:");
+        for (layer, head, v) in report.ranked().into_iter().take(STRONGEST) {
+            if ui
+                .button(format!("sender {layer}.{head} {v:.2}"))
+                .on_hover_text("show its attention pattern")
+                .clicked()
+            {
+                picked = Some((layer, head));
+            }
+        }
+    });
+    picked
 }
 
 impl Patching {
@@ -372,6 +489,30 @@ fn run_patch(
         None => None,
     };
     Ok(Reading { report, features })
+}
+
+/// Path patching for one query; a receiver list that does not parse is the job's error.
+fn run_paths(model: &Model, query: &PathQuery, job: &JobHandle) -> anyhow::Result<PathReport> {
+    let receivers = query
+        .receivers
+        .split(',')
+        .map(|r| r.trim().parse::<Receiver>())
+        .collect::<crate::Result<Vec<_>>>()?;
+    let pair = PromptPair {
+        clean: &query.pair.clean,
+        corrupted: &query.pair.corrupted,
+        answer: Some(query.pair.answer.as_str()).filter(|t| !t.is_empty()),
+        wrong: Some(query.pair.wrong.as_str()).filter(|t| !t.is_empty()),
+    };
+    let request = PathRequest {
+        pair: PatchRequest::from_prompts(model, &pair, query.pair.direction)?,
+        receivers,
+    };
+    let total = request.passes(model) as u64;
+    path_patch(model, &request, job.cancel_flag(), &mut |done, _| {
+        job.set_progress(done as u64, total, "passes")
+    })?
+    .ok_or_else(|| anyhow::anyhow!("cancelled"))
 }
 
 /// How far from the unpatched run a site's colours saturate: its largest effect, patched or
