@@ -10,6 +10,7 @@ pub mod allocator;
 pub mod attention;
 pub mod causal;
 pub mod cli;
+pub mod composition;
 pub mod device;
 pub mod edit;
 pub mod error;

@@ -11,6 +11,7 @@ use crate::attention::{
     DetectorScores, HeadAblation, ablate_heads, next_token_loss, patterns, probe_copies,
     repeated_random_tokens,
 };
+use crate::composition::{Composition, CompositionScores, composition_scores};
 use crate::model::Hooks;
 
 #[derive(Args)]
@@ -34,6 +35,10 @@ pub struct HeadsArgs {
     /// head): over the probe's second copy, or over the whole prompt.
     #[arg(long)]
     ablate: bool,
+    /// Also score every pair of heads for Q-, K- and V-composition from the weights (Elhage et
+    /// al. 2021), and list the strongest pairs.
+    #[arg(long)]
+    composition: bool,
     /// Print JSON (every head's score for every detector) instead of text.
     #[arg(long)]
     json: bool,
@@ -49,6 +54,8 @@ struct HeadsReport {
     probe_losses: Option<[f32; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ablation: Option<HeadAblation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    composition: Option<Vec<CompositionScores>>,
 }
 
 pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
@@ -87,11 +94,18 @@ pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let composition = if args.composition {
+        let all = Composition::ALL.map(|mode| composition_scores(&model, mode));
+        Some(all.into_iter().collect::<crate::Result<Vec<_>>>()?)
+    } else {
+        None
+    };
     let report = HeadsReport {
         tokens: patterns.tokens.clone(),
         detectors,
         probe_losses,
         ablation,
+        composition,
     };
     if args.json {
         return print_json(&report);
@@ -139,6 +153,25 @@ pub fn run(args: &HeadsArgs) -> anyhow::Result<()> {
             a.scored.end,
             heads.join(", ")
         );
+    }
+    if let Some(all) = &report.composition {
+        let baseline = all.first().map_or(0.0, |c| c.baseline);
+        println!(
+            "composition from the weights, writer → reader (a reader at random to the writer \
+             scores about {baseline:.3}):"
+        );
+        for c in all {
+            let pairs: Vec<String> = c
+                .ranked()
+                .iter()
+                .take(args.top)
+                .map(|p| {
+                    let ((wl, wh), (rl, rh)) = (p.writer, p.reader);
+                    format!("{wl}.{wh} → {rl}.{rh} {:.2}", p.score)
+                })
+                .collect();
+            println!("  {}-composition: {}", c.mode, pairs.join(", "));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""TransformerLens reference for monoscope's composition scores: the bundled world model (a
+local Hugging Face GPT-2 folder) booted with TransformerBridge and put in compatibility mode
+(TransformerLens 4's HookedTransformer numerics: fold_ln, center_writing_weights), then
+all_composition_scores("Q" / "K" / "V"), timed together (best of --repeats runs after one
+warm-up). Prints the three [layer, head, layer, head] tensors and seconds as JSON."""
+
+import argparse
+import importlib.metadata
+import json
+import time
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerFast
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="assets/world")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
+    model = TransformerBridge.boot_transformers(args.model, tokenizer=tok, device="cpu")
+    model.enable_compatibility_mode(disable_warnings=True)
+
+    def run_all():
+        with torch.no_grad():
+            return {mode: model.all_composition_scores(mode) for mode in "QKV"}
+
+    run_all()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        scores = run_all()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({
+        "transformer_lens": importlib.metadata.version("transformer_lens"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": min(times),
+        "scores": {mode: s.tolist() for mode, s in scores.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()

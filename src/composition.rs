@@ -1,0 +1,262 @@
+//! Composition scores between attention heads, from the weights alone (Elhage et al. 2021, "A
+//! Mathematical Framework for Transformer Circuits"; TransformerLens's
+//! `all_composition_scores`): how much of what an earlier head writes a later head reads into
+//! its queries (Q-composition), its keys (K-composition; previous-token heads feeding induction
+//! heads) or its values (V-composition).
+//!
+//! With row vectors, a head writes through its OV matrix `W_V·W_O` and compares through its QK
+//! matrix `W_Q·W_Kᵀ` (both `d_model × d_model`). The score of writer A and reader B is
+//! `‖A·B‖_F / (‖A‖_F·‖B‖_F)`, where A is the writer's OV matrix and B the reader's QK matrix
+//! (Q), its transpose (K) or its OV matrix (V). As TransformerLens's default loading does
+//! (`fold_ln`, `center_writing_weights`), the reader's norm gain is folded into its W_Q, W_K and
+//! W_V, and where the norm is a LayerNorm the reading weights are centred over the residual
+//! dimension and the writing weights W_O too: the norm removes the mean, so a head can neither
+//! write nor read along it. Biases play no part.
+//!
+//! The `d_model × d_model` products are never formed: each squared norm is a sum over
+//! `d_head × d_head` matrices (‖V·M·Rᵀ‖² = Σ M ⊙ (VᵀV·M·RᵀR) with M = W_O·L).
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use ndarray::{Array2, ArrayView2, Axis, s};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// Which input of the later head reads the earlier head's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Composition {
+    /// The writer's output moves the reader's queries.
+    Q,
+    /// The writer's output moves the reader's keys.
+    K,
+    /// The writer's output is what the reader moves.
+    V,
+}
+
+impl Composition {
+    pub const ALL: [Composition; 3] = [Self::Q, Self::K, Self::V];
+}
+
+impl fmt::Display for Composition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Q => "q",
+            Self::K => "k",
+            Self::V => "v",
+        })
+    }
+}
+
+impl FromStr for Composition {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q" => Ok(Self::Q),
+            "k" => Ok(Self::K),
+            "v" => Ok(Self::V),
+            _ => Err(Error::InvalidArgument {
+                what: "composition",
+                value: s.to_string(),
+                message: "expected q, k or v".into(),
+            }),
+        }
+    }
+}
+
+/// Every head pair's score for one kind of composition.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompositionScores {
+    pub mode: Composition,
+    /// `scores[writer layer][writer head][reader layer][reader head]`, as TransformerLens
+    /// shapes them; 0 unless the writer's layer comes before the reader's.
+    pub scores: Vec<Vec<Vec<Vec<f32>>>>,
+    /// 1/√d_model: the expected score of a reader whose directions are random with respect to
+    /// the writer's (E‖A·B‖² = ‖A‖²‖B‖²/d for a rotation-invariant B). Scores well above it
+    /// mark heads that compose.
+    pub baseline: f32,
+}
+
+/// One writer → reader pair's score; heads as (layer, head).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadPair {
+    pub writer: (usize, usize),
+    pub reader: (usize, usize),
+    pub score: f32,
+}
+
+impl CompositionScores {
+    /// Every pair with a score (the writer's layer before the reader's), the highest first.
+    pub fn ranked(&self) -> Vec<HeadPair> {
+        let mut out = Vec::new();
+        for (wl, heads) in self.scores.iter().enumerate() {
+            for (wh, readers) in heads.iter().enumerate() {
+                for (rl, row) in readers.iter().enumerate().skip(wl + 1) {
+                    out.extend(row.iter().enumerate().map(|(rh, &score)| HeadPair {
+                        writer: (wl, wh),
+                        reader: (rl, rh),
+                        score,
+                    }));
+                }
+            }
+        }
+        out.sort_by(|a, b| b.score.total_cmp(&a.score));
+        out
+    }
+}
+
+/// A reader's matrix as `L·Rᵀ`, kept as what every score with it needs.
+struct ReaderFactors {
+    l: Array2<f64>,
+    /// `RᵀR`.
+    rr: Array2<f64>,
+    /// `‖L·Rᵀ‖²`.
+    norm2: f64,
+}
+
+/// One layer's heads as the matrices the scores read, `[d_model, d_head]` each (W_O as
+/// `[d_head, d_model]`), with the norm folded in and the centring applied.
+struct LayerHeads {
+    q: Vec<Array2<f64>>,
+    /// Each query head's key (under grouped-query attention its key head's).
+    k: Vec<Array2<f64>>,
+    v: Vec<Array2<f64>>,
+    o: Vec<Array2<f64>>,
+}
+
+fn to_array(t: &Tensor) -> Result<Array2<f64>> {
+    let (rows, cols) = t.dims2()?;
+    let data = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    Array2::from_shape_vec((rows, cols), data).map_err(|e| Error::InvalidArgument {
+        what: "weight shape",
+        value: format!("{rows}×{cols}"),
+        message: e.to_string(),
+    })
+}
+
+fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
+    let block = &model.transformer.blocks[layer];
+    let attn = &block.attn;
+    let (nh, nkv, hd) = (attn.n_heads, attn.n_kv_heads, attn.head_dim);
+    let centred = block.ln_attn.centers();
+    // [out, in] → per head [d_model, d_head]: gain folded into the input rows, then centred.
+    let qkv = to_array(attn.qkv.weight())?;
+    let gain = to_array(&block.ln_attn.weight().unsqueeze(1)?)?; // [d_model, 1]
+    let reading = |row: usize| {
+        let mut w = qkv.slice(s![row * hd..(row + 1) * hd, ..]).t().to_owned() * &gain;
+        if centred {
+            w -= &w.mean_axis(Axis(0)).expect("d_model > 0");
+        }
+        w
+    };
+    let group = (nh / nkv).max(1);
+    let out = to_array(attn.out.weight())?; // [d_model, n_heads·d_head]
+    Ok(LayerHeads {
+        q: (0..nh).map(reading).collect(),
+        k: (0..nh).map(|h| reading(nh + h / group)).collect(),
+        v: (0..nh).map(|h| reading(nh + nkv + h / group)).collect(),
+        o: (0..nh)
+            .map(|h| {
+                let mut w = out.slice(s![.., h * hd..(h + 1) * hd]).t().to_owned();
+                if centred {
+                    // Centre each written vector over the residual dimension.
+                    let mean = w
+                        .mean_axis(Axis(1))
+                        .expect("d_model > 0")
+                        .insert_axis(Axis(1));
+                    w -= &mean;
+                }
+                w
+            })
+            .collect(),
+    })
+}
+
+/// `Σ a ⊙ b`.
+fn dot_all(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+    (a * b).sum()
+}
+
+fn gram(a: ArrayView2<f64>) -> Array2<f64> {
+    a.t().dot(&a)
+}
+
+/// Every head pair's composition score of kind `mode`.
+pub fn composition_scores(model: &Model, mode: Composition) -> Result<CompositionScores> {
+    let dims = model.dims();
+    let (n_layers, n_heads) = (dims.n_layers, dims.n_heads);
+    let layers: Vec<LayerHeads> = (0..n_layers)
+        .map(|l| layer_heads(model, l))
+        .collect::<Result<_>>()?;
+    // A reader's matrix as L·Rᵀ: QK = W_Q·W_Kᵀ, its transpose W_K·W_Qᵀ, OV = W_V·(W_Oᵀ)ᵀ.
+    let factors = |heads: &LayerHeads, h: usize| -> (Array2<f64>, Array2<f64>) {
+        match mode {
+            Composition::Q => (heads.q[h].clone(), heads.k[h].clone()),
+            Composition::K => (heads.k[h].clone(), heads.q[h].clone()),
+            Composition::V => (heads.v[h].clone(), heads.o[h].t().to_owned()),
+        }
+    };
+    let readers: Vec<Vec<ReaderFactors>> = layers
+        .iter()
+        .map(|heads| {
+            (0..n_heads)
+                .map(|h| {
+                    let (l, r) = factors(heads, h);
+                    let rr = gram(r.view());
+                    let norm2 = dot_all(&gram(l.view()), &rr);
+                    ReaderFactors { l, rr, norm2 }
+                })
+                .collect()
+        })
+        .collect();
+    let writers: Vec<(usize, usize)> = (0..n_layers)
+        .flat_map(|l| (0..n_heads).map(move |h| (l, h)))
+        .collect();
+    let rows: Vec<Vec<Vec<f32>>> = writers
+        .par_iter()
+        .map(|&(wl, wh)| {
+            let (v, o) = (&layers[wl].v[wh], &layers[wl].o[wh]);
+            let vv = gram(v.view());
+            let ov_norm2 = dot_all(&vv, &o.dot(&o.t()));
+            (0..n_layers)
+                .map(|rl| {
+                    if rl <= wl {
+                        return vec![0.0; n_heads];
+                    }
+                    readers[rl]
+                        .iter()
+                        .map(|reader| {
+                            let m = o.dot(&reader.l);
+                            let product = dot_all(&m, &vv.dot(&m).dot(&reader.rr));
+                            let denominator = ov_norm2 * reader.norm2;
+                            if denominator > 0.0 {
+                                (product.max(0.0) / denominator).sqrt() as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let mut scores = Vec::with_capacity(n_layers);
+    let mut rows = rows.into_iter();
+    for _ in 0..n_layers {
+        scores.push(rows.by_ref().take(n_heads).collect());
+    }
+    Ok(CompositionScores {
+        mode,
+        scores,
+        baseline: 1.0 / (dims.d_model as f32).sqrt(),
+    })
+}
