@@ -6,13 +6,13 @@ all_composition_scores("Q" / "K" / "V"), timed together (best of --repeats runs 
 warm-up). Prints the three [layer, head, layer, head] tensors and seconds as JSON."""
 
 import argparse
-import importlib.metadata
 import json
-import time
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerFast
+
+from tl_run import best_of, versions
 
 
 def main():
@@ -28,17 +28,10 @@ def main():
         with torch.no_grad():
             return {mode: model.all_composition_scores(mode) for mode in "QKV"}
 
-    run_all()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        scores = run_all()
-        times.append(time.perf_counter() - start)
+    seconds, scores = best_of(run_all, args.repeats)
     print(json.dumps({
-        "transformer_lens": importlib.metadata.version("transformer_lens"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "seconds": min(times),
+        **versions(),
+        "seconds": seconds,
         "scores": {mode: s.tolist() for mode, s in scores.items()},
     }))
 

@@ -10,14 +10,14 @@ together; the by-position grids flattened per layer, head-major, as monoscope re
 (best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
 
 import argparse
-import importlib.metadata
 import json
-import time
 
 import torch
 import transformer_lens.patching as patching
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerFast
+
+from tl_run import best_of, versions
 
 SITES = {
     "resid_pre": patching.get_act_patch_resid_pre,
@@ -71,19 +71,12 @@ def main():
     def run_all():
         return {name: f(model, corrupted, clean_cache, metric) for name, f in SITES.items()}
 
-    run_all()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        grids = run_all()
-        times.append(time.perf_counter() - start)
+    seconds, grids = best_of(run_all, args.repeats)
     print(json.dumps({
-        "transformer_lens": importlib.metadata.version("transformer_lens"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **versions(),
         "clean_logit_diff": clean_ld,
         "corrupted_logit_diff": corrupted_ld,
-        "seconds": min(times),
+        "seconds": seconds,
         "grids": {name: g.tolist() for name, g in grids.items()},
     }))
 
