@@ -432,6 +432,37 @@ fn the_attention_panel_shows_the_heads_the_detectors_rank_and_their_patterns() {
     h.get_by_label(&format!("head {l}.{head} {score:.2}"))
         .click();
     wait_for_head(&mut h, &probe, l, head);
+
+    // The shown head's composition partners, K by default then Q: a partner's button shows
+    // that head's pattern.
+    use monoscope::composition::{Composition, composition_scores};
+    for mode in [Composition::K, Composition::Q] {
+        h.get_by_label(&format!("{mode}-composition")).click();
+        let ranked = composition_scores(&model, mode).unwrap().ranked();
+        let shown = (l, head);
+        let pair = ranked
+            .iter()
+            .find(|p| p.reader == shown)
+            .or_else(|| ranked.iter().find(|p| p.writer == shown))
+            .unwrap();
+        let (pl, ph) = if pair.reader == shown {
+            pair.writer
+        } else {
+            pair.reader
+        };
+        let button = format!("{pl}.{ph} {:.2}", pair.score);
+        wait_for(&mut h, &button, |h| {
+            has_label(h, &button) && !h.state().busy()
+        });
+        h.get_by_label(&button).click();
+        wait_for_head(&mut h, &probe, pl, ph);
+        let title = format!("Composition of head {pl}.{ph}");
+        wait_for(&mut h, &title, |h| has_label(h, &title));
+        // Back to the head the partners were read for.
+        h.get_by_label(&format!("head {l}.{head} {score:.2}"))
+            .click();
+        wait_for_head(&mut h, &probe, l, head);
+    }
 }
 
 #[test]

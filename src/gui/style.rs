@@ -160,6 +160,11 @@ pub mod explain {
         attn.hook_z through its slice of the output projection, read like the terms above. \
         A head that moves the logit directly (a name mover) shows here; one that acts through \
         later blocks does not.";
+    pub const COMPOSITION: &str = "Composition scores from the weights alone (Elhage et \
+        al. 2021): how much of what an earlier head writes (its OV matrix) a later head reads \
+        into its queries (Q), its keys (K: previous-token heads feeding induction heads) or its \
+        values (V), as ‖OV·M‖ / (‖OV‖·‖M‖) with the norms folded in as TransformerLens does. \
+        A reader at random to its writer scores about 1/√d_model.";
     pub const HEAD_DETECTORS: &str = "A detector names, for each query, the keys a head \
         with one known job would attend to: the previous token; the first token (a sink where \
         idle heads park); earlier copies of the current token (duplicate-token heads); the \

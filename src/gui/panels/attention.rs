@@ -1,6 +1,7 @@
 //! Attention: every head scored by the standard detectors (previous-token, first-token,
 //! duplicate-token, induction) on a prompt or on the induction probe, and one head's pattern
-//! as a query × key heatmap (CircuitsVis's attention view).
+//! as a query × key heatmap (CircuitsVis's attention view), with the heads it composes with
+//! (Q-, K- and V-composition scores from the weights).
 
 use egui::vec2;
 
@@ -9,6 +10,7 @@ use crate::attention::{
     Detector, DetectorScores, HeadAblation, Patterns, ablate_heads, next_token_loss, patterns,
     probe_copies, repeated_random_tokens,
 };
+use crate::composition::{Composition, CompositionScores, composition_scores};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
@@ -51,6 +53,10 @@ pub struct Attention {
     /// The head whose pattern is shown (`None`: the chosen detector's strongest).
     head: Option<(usize, usize)>,
     reader: Reader<Query, Reading>,
+    /// Which composition the shown head's writers and readers are ranked by.
+    composition: Composition,
+    /// Every head pair's Q-, K- and V-composition, once per model version.
+    scores: Reader<(), Vec<CompositionScores>>,
 }
 
 impl Default for Attention {
@@ -61,6 +67,8 @@ impl Default for Attention {
             detector: Detector::PreviousToken,
             head: None,
             reader: Reader::default(),
+            composition: Composition::K,
+            scores: Reader::default(),
         }
     }
 }
@@ -71,11 +79,12 @@ impl Panel for Attention {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy()
+        self.reader.busy() || self.scores.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         self.reader.poll(wb);
+        self.scores.poll(wb);
         let Some(model) = need_model(ui, wb) else {
             return;
         };
@@ -122,6 +131,16 @@ impl Panel for Attention {
                 sequence: self.sequence,
             });
         }
+        if self.scores.asked_mut().is_none() {
+            self.scores.ask(());
+        }
+        let weights = model.clone();
+        self.scores.run_due(wb, "composition scores", move |_, _| {
+            Composition::ALL
+                .into_iter()
+                .map(|mode| Ok(composition_scores(&weights, mode)?))
+                .collect()
+        });
         self.reader
             .run_due(wb, "attention patterns", move |query, job| {
                 read(&model, query, job)
@@ -156,17 +175,118 @@ impl Panel for Attention {
                 }
             }
         });
-        ui.add_space(6.0);
         let (layer, head) = self
             .head
             .filter(|&(l, h)| l < reading.patterns.n_layers && h < reading.patterns.n_heads)
             .or_else(|| scores.ranked().first().map(|&(l, h, _)| (l, h)))
             .unwrap_or((0, 0));
+        // Above the pattern, whose heatmap grows with the sequence.
+        if let Some(picked) = composition_ui(ui, &mut self.composition, &self.scores, layer, head) {
+            self.head = Some(picked);
+        }
+        ui.add_space(6.0);
         pattern_view(ui, reading, layer, head);
         if answer.model_version != wb.model_version {
             ui.weak("(computed before the model's last change; reading again)");
         }
     }
+}
+
+/// Pairs offered as buttons on each side of the shown head.
+const PARTNERS: usize = 4;
+
+/// The shown head's strongest writers and readers by the chosen composition, and the earlier
+/// heads' scores into it as a blocks × heads grid; returns a picked head.
+fn composition_ui(
+    ui: &mut egui::Ui,
+    mode: &mut Composition,
+    scores: &Reader<(), Vec<CompositionScores>>,
+    layer: usize,
+    head: usize,
+) -> Option<(usize, usize)> {
+    ui.add_space(6.0);
+    ui.horizontal(|ui| {
+        ui.strong(format!("Composition of head {layer}.{head}"))
+            .on_hover_text(explain::COMPOSITION);
+        for m in Composition::ALL {
+            ui.radio_value(mode, m, format!("{m}-composition"));
+        }
+        if let Some(job) = scores.job() {
+            job_row(ui, job);
+        }
+    });
+    let all = &scores.answer()?.value;
+    let scores = all.iter().find(|c| c.mode == *mode)?;
+    let ranked = scores.ranked();
+    let mut picked = None;
+    let mut partners = |ui: &mut egui::Ui, what: &str, heads: Vec<((usize, usize), f32)>| {
+        ui.horizontal(|ui| {
+            ui.label(what);
+            if heads.is_empty() {
+                ui.weak("none");
+            }
+            for ((l, h), score) in heads.into_iter().take(PARTNERS) {
+                if ui
+                    .button(format!("{l}.{h} {score:.2}"))
+                    .on_hover_text("show its pattern")
+                    .clicked()
+                {
+                    picked = Some((l, h));
+                }
+            }
+        });
+    };
+    let shown = (layer, head);
+    partners(
+        ui,
+        "reads most from:",
+        ranked
+            .iter()
+            .filter(|p| p.reader == shown)
+            .map(|p| (p.writer, p.score))
+            .collect(),
+    );
+    partners(
+        ui,
+        "read most by:",
+        ranked
+            .iter()
+            .filter(|p| p.writer == shown)
+            .map(|p| (p.reader, p.score))
+            .collect(),
+    );
+    if layer > 0 {
+        ui.weak(format!(
+            "rows: earlier blocks; columns: heads; each cell how much of that head's output \
+             head {layer}.{head} reads ({}); a reader at random to its writer scores about \
+             {:.3} (click a head to see its pattern)",
+            mode, scores.baseline
+        ));
+        let heads = scores.scores.first().map_or(0, Vec::len);
+        let values: Vec<f32> = (0..layer)
+            .flat_map(|wl| (0..heads).map(move |wh| scores.scores[wl][wh][layer][head]))
+            .collect();
+        let rows: Vec<String> = (0..layer).map(|l| format!("block {l}")).collect();
+        let cols: Vec<String> = (0..heads).map(|h| format!("H{h}")).collect();
+        let what = format!("{mode}-composition into {layer}.{head}");
+        let max = values.iter().copied().fold(scores.baseline, f32::max);
+        if let Some(clicked) = (Heatmap {
+            values: &values,
+            rows: layer,
+            cols: heads,
+            row_labels: &rows,
+            col_labels: &cols,
+            cell: vec2(40.0, 18.0),
+            what: &what,
+            max: Some(max),
+            centre: None,
+        })
+        .show(ui)
+        {
+            picked = Some(clicked);
+        }
+    }
+    picked
 }
 
 /// Patterns, detector scores and head ablation for one query.
