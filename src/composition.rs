@@ -11,13 +11,19 @@
 //! (`fold_ln`, `center_writing_weights`), the reader's norm gain is folded into its W_Q, W_K and
 //! W_V, and where the norm is a LayerNorm the reading weights are centred over the residual
 //! dimension and the writing weights W_O too: the norm removes the mean, so a head can neither
-//! write nor read along it. Biases play no part.
+//! write nor read along it. Biases play no part, and neither does rotary: QK is `W_Q·W_Kᵀ`
+//! before the rotation, as in TransformerLens.
+//!
+//! Every layer's attention weights are held in f64 while the scores are computed: fine for
+//! models of a few hundred million parameters; the window asks only for the open head's
+//! partners ([`head_composition`]).
 //!
 //! The `d_model × d_model` products are never formed: each squared norm is a sum over
 //! `d_head × d_head` matrices (‖V·M·Rᵀ‖² = Σ M ⊙ (VᵀV·M·RᵀR) with M = W_O·L).
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::{Array2, ArrayView2, Axis, s};
@@ -76,9 +82,9 @@ pub struct CompositionScores {
     /// `scores[writer layer][writer head][reader layer][reader head]`, as TransformerLens
     /// shapes them; 0 unless the writer's layer comes before the reader's.
     pub scores: Vec<Vec<Vec<Vec<f32>>>>,
-    /// 1/√d_model: the expected score of a reader whose directions are random with respect to
-    /// the writer's (E‖A·B‖² = ‖A‖²‖B‖²/d for a rotation-invariant B). Scores well above it
-    /// mark heads that compose.
+    /// 1/√d_model: the root-mean-square score of a reader whose directions are random with
+    /// respect to the writer's (E‖A·B‖² = ‖A‖²‖B‖²/d for a rotation-invariant B; 1/√(d − 1)
+    /// after a LayerNorm's centring). Scores well above it mark heads that compose.
     pub baseline: f32,
 }
 
@@ -154,7 +160,8 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
     let reading = |row: usize| {
         let mut w = qkv.slice(s![row * hd..(row + 1) * hd, ..]).t().to_owned() * &gain;
         if centred {
-            w -= &w.mean_axis(Axis(0)).expect("d_model > 0");
+            let mean = w.sum_axis(Axis(0)) / w.nrows() as f64;
+            w -= &mean;
         }
         w
     };
@@ -169,10 +176,7 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
                 let mut w = out.slice(s![.., h * hd..(h + 1) * hd]).t().to_owned();
                 if centred {
                     // Centre each written vector over the residual dimension.
-                    let mean = w
-                        .mean_axis(Axis(1))
-                        .expect("d_model > 0")
-                        .insert_axis(Axis(1));
+                    let mean = (w.sum_axis(Axis(1)) / w.ncols() as f64).insert_axis(Axis(1));
                     w -= &mean;
                 }
                 w
@@ -190,6 +194,55 @@ fn gram(a: ArrayView2<f64>) -> Array2<f64> {
     a.t().dot(&a)
 }
 
+impl ReaderFactors {
+    /// Head `h` of `heads` as a reader: QK = W_Q·W_Kᵀ for Q, its transpose W_K·W_Qᵀ for K,
+    /// OV = W_V·(W_Oᵀ)ᵀ for V.
+    fn new(heads: &LayerHeads, h: usize, mode: Composition) -> Self {
+        let (l, r) = match mode {
+            Composition::Q => (heads.q[h].clone(), heads.k[h].clone()),
+            Composition::K => (heads.k[h].clone(), heads.q[h].clone()),
+            Composition::V => (heads.v[h].clone(), heads.o[h].t().to_owned()),
+        };
+        let rr = gram(r.view());
+        let norm2 = dot_all(&gram(l.view()), &rr);
+        Self { l, rr, norm2 }
+    }
+}
+
+/// A writer's OV matrix `V·O`, kept as what every score with it needs.
+struct WriterFactors<'a> {
+    /// `VᵀV`.
+    vv: Array2<f64>,
+    o: &'a Array2<f64>,
+    /// `‖V·O‖²`.
+    norm2: f64,
+}
+
+impl<'a> WriterFactors<'a> {
+    fn new(heads: &'a LayerHeads, h: usize) -> Self {
+        let (v, o) = (&heads.v[h], &heads.o[h]);
+        let vv = gram(v.view());
+        let norm2 = dot_all(&vv, &o.dot(&o.t()));
+        Self { vv, o, norm2 }
+    }
+
+    /// `‖OV·L·Rᵀ‖ / (‖OV‖·‖L·Rᵀ‖)`, through `M = O·L` (`d_head × d_head`).
+    fn score(&self, reader: &ReaderFactors) -> f32 {
+        let m = self.o.dot(&reader.l);
+        let product = dot_all(&m, &self.vv.dot(&m).dot(&reader.rr));
+        let denominator = self.norm2 * reader.norm2;
+        if denominator > 0.0 {
+            (product.max(0.0) / denominator).sqrt() as f32
+        } else {
+            0.0
+        }
+    }
+}
+
+fn baseline(model: &Model) -> f32 {
+    1.0 / (model.dims().d_model as f32).sqrt()
+}
+
 /// Every head pair's composition score of kind `mode`.
 pub fn composition_scores(model: &Model, mode: Composition) -> Result<CompositionScores> {
     let dims = model.dims();
@@ -197,24 +250,11 @@ pub fn composition_scores(model: &Model, mode: Composition) -> Result<Compositio
     let layers: Vec<LayerHeads> = (0..n_layers)
         .map(|l| layer_heads(model, l))
         .collect::<Result<_>>()?;
-    // A reader's matrix as L·Rᵀ: QK = W_Q·W_Kᵀ, its transpose W_K·W_Qᵀ, OV = W_V·(W_Oᵀ)ᵀ.
-    let factors = |heads: &LayerHeads, h: usize| -> (Array2<f64>, Array2<f64>) {
-        match mode {
-            Composition::Q => (heads.q[h].clone(), heads.k[h].clone()),
-            Composition::K => (heads.k[h].clone(), heads.q[h].clone()),
-            Composition::V => (heads.v[h].clone(), heads.o[h].t().to_owned()),
-        }
-    };
     let readers: Vec<Vec<ReaderFactors>> = layers
         .iter()
         .map(|heads| {
             (0..n_heads)
-                .map(|h| {
-                    let (l, r) = factors(heads, h);
-                    let rr = gram(r.view());
-                    let norm2 = dot_all(&gram(l.view()), &rr);
-                    ReaderFactors { l, rr, norm2 }
-                })
+                .map(|h| ReaderFactors::new(heads, h, mode))
                 .collect()
         })
         .collect();
@@ -224,27 +264,11 @@ pub fn composition_scores(model: &Model, mode: Composition) -> Result<Compositio
     let rows: Vec<Vec<Vec<f32>>> = writers
         .par_iter()
         .map(|&(wl, wh)| {
-            let (v, o) = (&layers[wl].v[wh], &layers[wl].o[wh]);
-            let vv = gram(v.view());
-            let ov_norm2 = dot_all(&vv, &o.dot(&o.t()));
+            let writer = WriterFactors::new(&layers[wl], wh);
             (0..n_layers)
-                .map(|rl| {
-                    if rl <= wl {
-                        return vec![0.0; n_heads];
-                    }
-                    readers[rl]
-                        .iter()
-                        .map(|reader| {
-                            let m = o.dot(&reader.l);
-                            let product = dot_all(&m, &vv.dot(&m).dot(&reader.rr));
-                            let denominator = ov_norm2 * reader.norm2;
-                            if denominator > 0.0 {
-                                (product.max(0.0) / denominator).sqrt() as f32
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect()
+                .map(|rl| match rl > wl {
+                    true => readers[rl].iter().map(|r| writer.score(r)).collect(),
+                    false => vec![0.0; n_heads],
                 })
                 .collect()
         })
@@ -257,6 +281,94 @@ pub fn composition_scores(model: &Model, mode: Composition) -> Result<Compositio
     Ok(CompositionScores {
         mode,
         scores,
-        baseline: 1.0 / (dims.d_model as f32).sqrt(),
+        baseline: baseline(model),
     })
+}
+
+/// One head's partners for one kind of composition: the earlier heads it reads from and the
+/// later heads that read it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadPartners {
+    pub mode: Composition,
+    pub head: (usize, usize),
+    /// `writers[layer][head]`: each earlier head's score into this one; 0 from its own layer on.
+    pub writers: Vec<Vec<f32>>,
+    /// `readers[layer][head]`: this head's score into each later head; 0 up to its own layer.
+    pub readers: Vec<Vec<f32>>,
+    /// As [`CompositionScores::baseline`].
+    pub baseline: f32,
+}
+
+impl HeadPartners {
+    /// The earlier heads it reads most from, as ((layer, head), score), the highest first.
+    pub fn strongest_writers(&self) -> Vec<((usize, usize), f32)> {
+        strongest(&self.writers, 0..self.head.0)
+    }
+
+    /// The later heads that read it most.
+    pub fn strongest_readers(&self) -> Vec<((usize, usize), f32)> {
+        strongest(&self.readers, self.head.0 + 1..self.readers.len())
+    }
+}
+
+fn strongest(grid: &[Vec<f32>], layers: std::ops::Range<usize>) -> Vec<((usize, usize), f32)> {
+    let mut out: Vec<((usize, usize), f32)> = layers
+        .flat_map(|l| grid[l].iter().enumerate().map(move |(h, &v)| ((l, h), v)))
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+/// Head (`layer`, `head`)'s partners for Q-, K- and V-composition: the window's view, one
+/// other layer's weights in memory at a time. `None` when `cancel` was set (checked per layer).
+pub fn head_composition(
+    model: &Model,
+    layer: usize,
+    head: usize,
+    cancel: &AtomicBool,
+) -> Result<Option<Vec<HeadPartners>>> {
+    let dims = model.dims();
+    if layer >= dims.n_layers || head >= dims.n_heads {
+        return Err(Error::InvalidArgument {
+            what: "head",
+            value: format!("{layer}.{head}"),
+            message: format!(
+                "is not a head of this model ({} layers × {} heads)",
+                dims.n_layers, dims.n_heads
+            ),
+        });
+    }
+    let own = layer_heads(model, layer)?;
+    let as_writer = WriterFactors::new(&own, head);
+    let as_readers: Vec<ReaderFactors> = Composition::ALL
+        .into_iter()
+        .map(|mode| ReaderFactors::new(&own, head, mode))
+        .collect();
+    let zeros = vec![vec![0f32; dims.n_heads]; dims.n_layers];
+    let mut partners: Vec<HeadPartners> = Composition::ALL
+        .into_iter()
+        .map(|mode| HeadPartners {
+            mode,
+            head: (layer, head),
+            writers: zeros.clone(),
+            readers: zeros.clone(),
+            baseline: baseline(model),
+        })
+        .collect();
+    for other in (0..dims.n_layers).filter(|&l| l != layer) {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let heads = layer_heads(model, other)?;
+        for (p, as_reader) in partners.iter_mut().zip(&as_readers) {
+            for h in 0..dims.n_heads {
+                if other < layer {
+                    p.writers[other][h] = WriterFactors::new(&heads, h).score(as_reader);
+                } else {
+                    p.readers[other][h] = as_writer.score(&ReaderFactors::new(&heads, h, p.mode));
+                }
+            }
+        }
+    }
+    Ok(Some(partners))
 }

@@ -220,8 +220,11 @@ pub fn path_patch(
         for (layer, point) in outputs.iter().enumerate() {
             let (b, s) = (base.cache.require(*point)?, source.cache.require(*point)?);
             let frozen = match sender_mask(model, batch, layer)? {
+                // b·(1 − m) + s·m: exactly the source's value on the sender, in any dtype.
                 Some(mask) => {
-                    b.broadcast_add(&(s - b)?.broadcast_mul(&mask.to_dtype(b.dtype())?)?)?
+                    let mask = mask.to_dtype(b.dtype())?;
+                    let keep = mask.affine(-1.0, 1.0)?;
+                    b.broadcast_mul(&keep)?.add(&s.broadcast_mul(&mask)?)?
                 }
                 None => b.clone(),
             };

@@ -71,7 +71,7 @@ fn frobenius(t: &Tensor) -> f64 {
 
 #[test]
 fn every_score_is_the_ratio_of_the_dense_matrices_norms() {
-    for model_type in ["gpt2", "llama", "gpt_neox"] {
+    for model_type in ["gpt2", "llama", "gpt_neox", "gemma"] {
         let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
         let dims = model.dims().clone();
         for mode in Composition::ALL {
@@ -142,5 +142,52 @@ fn the_heads_command_lists_composition_on_the_world_model() {
         assert_eq!(cell(3, 3), 0.0);
         assert_eq!(cell(5, 2), 0.0);
         assert!(cell(2, 5) > 0.0 && cell(2, 5) < 1.0);
+    }
+}
+
+/// The window's per-head view holds the same scores as the full grid, its partner lists are
+/// sorted, and a head the model lacks is refused.
+#[test]
+fn one_heads_partners_are_its_row_and_column_of_the_full_grid() {
+    use monoscope::composition::head_composition;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    for model_type in ["gpt2", "llama", "gemma"] {
+        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F64).unwrap();
+        let dims = model.dims().clone();
+        for (layer, head) in [(0, 1), (dims.n_layers - 1, dims.n_heads - 1)] {
+            let partners = head_composition(&model, layer, head, &never)
+                .unwrap()
+                .unwrap();
+            for p in &partners {
+                let full = composition_scores(&model, p.mode).unwrap();
+                for l in 0..dims.n_layers {
+                    for h in 0..dims.n_heads {
+                        let (into, from) = (
+                            full.scores[l][h][layer][head],
+                            full.scores[layer][head][l][h],
+                        );
+                        assert!(
+                            (p.writers[l][h] - into).abs() < 1e-6,
+                            "{model_type} {}",
+                            p.mode
+                        );
+                        assert!(
+                            (p.readers[l][h] - from).abs() < 1e-6,
+                            "{model_type} {}",
+                            p.mode
+                        );
+                    }
+                }
+                let writers = p.strongest_writers();
+                assert_eq!(writers.len(), layer * dims.n_heads);
+                assert!(writers.windows(2).all(|w| w[0].1 >= w[1].1));
+                let readers = p.strongest_readers();
+                assert_eq!(readers.len(), (dims.n_layers - 1 - layer) * dims.n_heads);
+            }
+        }
+        let err = head_composition(&model, dims.n_layers, 0, &never)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a head"), "{err}");
     }
 }

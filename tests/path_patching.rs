@@ -62,9 +62,10 @@ fn run(model: &Model, pair: &PatchRequest, receivers: &[Receiver]) -> PathReport
     report
 }
 
-/// logit(ANSWER) − logit(WRONG) at the last position of `ids` with `hooks`, and the capture.
+/// The request's logit difference at the last position of `ids` with `hooks`, and the capture.
 fn run_alone(
     model: &Model,
+    request: &PatchRequest,
     ids: &[u32],
     hooks: &Hooks,
 ) -> (f64, monoscope::model::ActivationCache) {
@@ -72,8 +73,15 @@ fn run_alone(
         .forward(&model.ids_tensor(ids).unwrap(), hooks)
         .unwrap();
     let last = out.logits.i((0, ids.len() - 1)).unwrap();
-    let at = |t: u32| last.i(t as usize).unwrap().to_scalar::<f64>().unwrap();
-    (at(ANSWER) - at(WRONG), out.cache)
+    let at = |t: u32| {
+        last.i(t as usize)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (at(request.answer) - at(request.wrong), out.cache)
 }
 
 /// The channels of head `head` in a hook whose heads are `d_head` wide.
@@ -118,53 +126,57 @@ fn the_path_from_the_last_layer_to_the_logits_is_the_heads_whole_effect() {
 /// head's output replaced by the base run's (the sender's by the source run's), the
 /// receivers' inputs read there and patched into a fresh base run — with interventions that
 /// select channels rather than the batched masks.
-#[test]
-fn every_batched_sender_equals_the_same_two_runs_made_alone() {
-    for (model_type, direction) in [
-        ("llama", Direction::Denoise),
-        ("gpt2", Direction::Noise),
-        ("gemma", Direction::Denoise),
-    ] {
-        let (model, request) = pair(model_type, direction);
-        let dims = model.dims().clone();
-        let receivers = [
-            Receiver::Head {
-                layer: 1,
-                head: dims.n_heads - 1,
-                input: HeadInput::Key,
+fn every_sender_equals_the_two_runs_made_alone(
+    model: &Model,
+    request: &PatchRequest,
+    receivers: &[Receiver],
+    tolerance: f64,
+) {
+    let what = model.dir.display().to_string();
+    let report = run(model, request, receivers);
+    let dims = model.dims().clone();
+    let last = receivers
+        .iter()
+        .map(|r| match r {
+            Receiver::Head { layer, .. } => *layer,
+            Receiver::Logits => dims.n_layers,
+        })
+        .max()
+        .unwrap();
+    assert_eq!(
+        report.senders.len(),
+        last,
+        "{what}: senders before the last receiver"
+    );
+    let (base, source) = match request.direction {
+        Direction::Denoise => (&request.corrupted, &request.clean),
+        Direction::Noise => (&request.clean, &request.corrupted),
+    };
+    let outputs: Vec<HookPoint> = (0..dims.n_layers).map(HookPoint::AttnZ).collect();
+    let (_, base_cache) = run_alone(model, request, base, &Hooks::new().capture(outputs.clone()));
+    let (_, source_cache) = run_alone(
+        model,
+        request,
+        source,
+        &Hooks::new().capture(outputs.clone()),
+    );
+    let (clean_ld, _) = run_alone(model, request, &request.clean, &Hooks::new());
+    let (corrupted_ld, _) = run_alone(model, request, &request.corrupted, &Hooks::new());
+    let group = dims.n_heads / dims.n_kv_heads;
+    let inputs: Vec<(HookPoint, Vec<usize>)> = receivers
+        .iter()
+        .filter(|r| **r != Receiver::Logits)
+        .map(|r| match *r {
+            Receiver::Head { layer, head, input } => match input {
+                HeadInput::Query => (HookPoint::AttnQ(layer), head_channels(model, head)),
+                HeadInput::Key => (HookPoint::AttnK(layer), head_channels(model, head / group)),
+                HeadInput::Value => (HookPoint::AttnV(layer), head_channels(model, head / group)),
             },
-            Receiver::Head {
-                layer: 1,
-                head: 0,
-                input: HeadInput::Query,
-            },
-            Receiver::Head {
-                layer: 1,
-                head: 1,
-                input: HeadInput::Value,
-            },
-        ];
-        let report = run(&model, &request, &receivers);
-        assert_eq!(report.senders.len(), 1, "senders before block 1 only");
-        let (base, source) = match direction {
-            Direction::Denoise => (&request.corrupted, &request.clean),
-            Direction::Noise => (&request.clean, &request.corrupted),
-        };
-        let outputs: Vec<HookPoint> = (0..dims.n_layers).map(HookPoint::AttnZ).collect();
-        let (_, base_cache) = run_alone(&model, base, &Hooks::new().capture(outputs.clone()));
-        let (_, source_cache) = run_alone(&model, source, &Hooks::new().capture(outputs.clone()));
-        let (clean_ld, _) = run_alone(&model, &request.clean, &Hooks::new());
-        let (corrupted_ld, _) = run_alone(&model, &request.corrupted, &Hooks::new());
-        let group = dims.n_heads / dims.n_kv_heads;
-        let inputs = [
-            (
-                HookPoint::AttnK(1),
-                head_channels(&model, (dims.n_heads - 1) / group),
-            ),
-            (HookPoint::AttnQ(1), head_channels(&model, 0)),
-            (HookPoint::AttnV(1), head_channels(&model, 1 / group)),
-        ];
-        let mut moved = 0;
+            Receiver::Logits => unreachable!("head receivers only"),
+        })
+        .collect();
+    let mut moved = 0;
+    for sender_layer in 0..last {
         for sender in 0..dims.n_heads {
             let mut frozen = Hooks::new().capture(inputs.iter().map(|(p, _)| *p));
             for point in &outputs {
@@ -172,14 +184,14 @@ fn every_batched_sender_equals_the_same_two_runs_made_alone() {
                     Intervention::new(InterventionOp::Replace(cache.get(*point).unwrap().clone()))
                 };
                 frozen = frozen.intervene(*point, replace(&base_cache));
-                if *point == HookPoint::AttnZ(0) {
+                if *point == HookPoint::AttnZ(sender_layer) {
                     frozen = frozen.intervene(
                         *point,
-                        replace(&source_cache).at_channels(head_channels(&model, sender)),
+                        replace(&source_cache).at_channels(head_channels(model, sender)),
                     );
                 }
             }
-            let (_, sent) = run_alone(&model, base, &frozen);
+            let (sent_ld, sent) = run_alone(model, request, base, &frozen);
             let mut received = Hooks::new();
             for (point, channels) in &inputs {
                 let value = sent.get(*point).unwrap().clone();
@@ -188,22 +200,66 @@ fn every_batched_sender_equals_the_same_two_runs_made_alone() {
                     Intervention::new(InterventionOp::Replace(value)).at_channels(channels.clone()),
                 );
             }
-            let (ld, _) = run_alone(&model, base, &received);
+            let ld = match inputs.is_empty() {
+                true => sent_ld,
+                false => run_alone(model, request, base, &received).0,
+            };
             let alone = (ld - corrupted_ld) / (clean_ld - corrupted_ld);
-            let batched = f64::from(report.senders[0][sender]);
+            let batched = f64::from(report.senders[sender_layer][sender]);
             assert!(
-                (alone - batched).abs() < 1e-5,
-                "{model_type} sender 0.{sender}: alone {alone}, batched {batched}"
+                (alone - batched).abs() < tolerance,
+                "{what} sender {sender_layer}.{sender}: alone {alone}, batched {batched}"
             );
-            if (alone - f64::from(direction.unpatched())).abs() > 1e-6 {
+            if (alone - f64::from(request.direction.unpatched())).abs() > 1e-3 {
                 moved += 1;
             }
         }
-        assert!(
-            moved > 0,
-            "{model_type}: no sender moved the answer, so nothing was checked"
-        );
     }
+    assert!(
+        moved > 0,
+        "{what}: no sender moved the answer, so nothing was checked"
+    );
+}
+
+#[test]
+fn every_batched_sender_equals_the_same_two_runs_made_alone() {
+    for (model_type, direction) in [
+        ("llama", Direction::Denoise),
+        ("gpt2", Direction::Noise),
+        ("gemma", Direction::Denoise),
+    ] {
+        let (model, request) = pair(model_type, direction);
+        let heads = model.dims().n_heads;
+        let receivers = [
+            format!("1.{}:k", heads - 1).parse().unwrap(),
+            "1.0:q".parse().unwrap(),
+            "1.1:v".parse().unwrap(),
+        ];
+        every_sender_equals_the_two_runs_made_alone(&model, &request, &receivers, 1e-5);
+    }
+}
+
+/// On the 8-layer world model, heads between sender and receiver are frozen too: receivers in
+/// block 4 (senders in blocks 0–3), and the logits (48 senders: two batches, the first with
+/// no sender in blocks 6 and 7), on the README's pair.
+#[test]
+fn frozen_heads_between_sender_and_receiver_on_the_world_model() {
+    let model = Model::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let pair = monoscope::patching::PromptPair {
+        clean: "The capital of Japan is",
+        corrupted: "The capital of France is",
+        answer: None,
+        wrong: None,
+    };
+    let request = PatchRequest::from_prompts(&model, &pair, Direction::Denoise).unwrap();
+    let receivers = ["4.0:q".parse().unwrap(), "4.0:v".parse().unwrap()];
+    every_sender_equals_the_two_runs_made_alone(&model, &request, &receivers, 1e-4);
+    every_sender_equals_the_two_runs_made_alone(&model, &request, &[Receiver::Logits], 1e-4);
 }
 
 #[test]

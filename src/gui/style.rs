@@ -197,7 +197,9 @@ pub mod explain {
         patched alone while every other head keeps its output from the run patched into, so \
         its effect reaches only the receivers: the logits (its direct effect, and through later \
         MLPs), or the query (q), key (k) or value (v) input of later heads, written \
-        LAYER.HEAD:q, comma-separated.";
+        LAYER.HEAD:q, comma-separated (MLPs between sender and receiver are recomputed, so \
+        paths through them count; under grouped-query attention a k or v receiver is its key \
+        head, which its whole group reads).";
     pub const ATTRIBUTION_PATCHING: &str = "Attribution patching (Nanda 2023): every cell \
         estimated at once as (source − base) · ∂metric/∂activation, from one backward pass \
         through the run patched into. Exact for a linear metric; it underestimates cells where \

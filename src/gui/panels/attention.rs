@@ -10,7 +10,7 @@ use crate::attention::{
     Detector, DetectorScores, HeadAblation, Patterns, ablate_heads, next_token_loss, patterns,
     probe_copies, repeated_random_tokens,
 };
-use crate::composition::{Composition, CompositionScores, composition_scores};
+use crate::composition::{Composition, HeadPartners, head_composition};
 use crate::gui::style::explain;
 use crate::gui::widgets::{Heatmap, display_token, job_row, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
@@ -55,8 +55,8 @@ pub struct Attention {
     reader: Reader<Query, Reading>,
     /// Which composition the shown head's writers and readers are ranked by.
     composition: Composition,
-    /// Every head pair's Q-, K- and V-composition, once per model version.
-    scores: Reader<(), Vec<CompositionScores>>,
+    /// The shown head's Q-, K- and V-composition partners.
+    partners: Reader<(usize, usize), Vec<HeadPartners>>,
 }
 
 impl Default for Attention {
@@ -68,7 +68,7 @@ impl Default for Attention {
             head: None,
             reader: Reader::default(),
             composition: Composition::K,
-            scores: Reader::default(),
+            partners: Reader::default(),
         }
     }
 }
@@ -79,12 +79,12 @@ impl Panel for Attention {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy() || self.scores.busy()
+        self.reader.busy() || self.partners.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         self.reader.poll(wb);
-        self.scores.poll(wb);
+        self.partners.poll(wb);
         let Some(model) = need_model(ui, wb) else {
             return;
         };
@@ -131,16 +131,7 @@ impl Panel for Attention {
                 sequence: self.sequence,
             });
         }
-        if self.scores.asked_mut().is_none() {
-            self.scores.ask(());
-        }
         let weights = model.clone();
-        self.scores.run_due(wb, "composition scores", move |_, _| {
-            Composition::ALL
-                .into_iter()
-                .map(|mode| Ok(composition_scores(&weights, mode)?))
-                .collect()
-        });
         self.reader
             .run_due(wb, "attention patterns", move |query, job| {
                 read(&model, query, job)
@@ -181,7 +172,16 @@ impl Panel for Attention {
             .or_else(|| scores.ranked().first().map(|&(l, h, _)| (l, h)))
             .unwrap_or((0, 0));
         // Above the pattern, whose heatmap grows with the sequence.
-        if let Some(picked) = composition_ui(ui, &mut self.composition, &self.scores, layer, head) {
+        if self.partners.asked_mut().copied() != Some((layer, head)) {
+            self.partners.ask((layer, head));
+        }
+        self.partners
+            .run_due(wb, "composition scores", move |&(layer, head), job| {
+                head_composition(&weights, layer, head, job.cancel_flag())?
+                    .ok_or_else(|| anyhow::anyhow!("cancelled"))
+            });
+        if let Some(picked) = composition_ui(ui, &mut self.composition, &self.partners, layer, head)
+        {
             self.head = Some(picked);
         }
         ui.add_space(6.0);
@@ -200,7 +200,7 @@ const PARTNERS: usize = 4;
 fn composition_ui(
     ui: &mut egui::Ui,
     mode: &mut Composition,
-    scores: &Reader<(), Vec<CompositionScores>>,
+    partners: &Reader<(usize, usize), Vec<HeadPartners>>,
     layer: usize,
     head: usize,
 ) -> Option<(usize, usize)> {
@@ -211,15 +211,17 @@ fn composition_ui(
         for m in Composition::ALL {
             ui.radio_value(mode, m, format!("{m}-composition"));
         }
-        if let Some(job) = scores.job() {
+        if let Some(job) = partners.job() {
             job_row(ui, job);
         }
     });
-    let all = &scores.answer()?.value;
-    let scores = all.iter().find(|c| c.mode == *mode)?;
-    let ranked = scores.ranked();
+    let answer = partners.answer()?;
+    if answer.question != (layer, head) {
+        return None;
+    }
+    let scores = answer.value.iter().find(|p| p.mode == *mode)?;
     let mut picked = None;
-    let mut partners = |ui: &mut egui::Ui, what: &str, heads: Vec<((usize, usize), f32)>| {
+    let mut buttons = |ui: &mut egui::Ui, what: &str, heads: Vec<((usize, usize), f32)>| {
         ui.horizontal(|ui| {
             ui.label(what);
             if heads.is_empty() {
@@ -236,36 +238,17 @@ fn composition_ui(
             }
         });
     };
-    let shown = (layer, head);
-    partners(
-        ui,
-        "reads most from:",
-        ranked
-            .iter()
-            .filter(|p| p.reader == shown)
-            .map(|p| (p.writer, p.score))
-            .collect(),
-    );
-    partners(
-        ui,
-        "read most by:",
-        ranked
-            .iter()
-            .filter(|p| p.writer == shown)
-            .map(|p| (p.reader, p.score))
-            .collect(),
-    );
+    buttons(ui, "reads most from:", scores.strongest_writers());
+    buttons(ui, "read most by:", scores.strongest_readers());
     if layer > 0 {
         ui.weak(format!(
             "rows: earlier blocks; columns: heads; each cell how much of that head's output \
-             head {layer}.{head} reads ({}); a reader at random to its writer scores about \
+             head {layer}.{head} reads ({mode}); a reader at random to its writer scores about \
              {:.3} (click a head to see its pattern)",
-            mode, scores.baseline
+            scores.baseline
         ));
-        let heads = scores.scores.first().map_or(0, Vec::len);
-        let values: Vec<f32> = (0..layer)
-            .flat_map(|wl| (0..heads).map(move |wh| scores.scores[wl][wh][layer][head]))
-            .collect();
+        let heads = scores.writers.first().map_or(0, Vec::len);
+        let values: Vec<f32> = scores.writers[..layer].iter().flatten().copied().collect();
         let rows: Vec<String> = (0..layer).map(|l| format!("block {l}")).collect();
         let cols: Vec<String> = (0..heads).map(|h| format!("H{h}")).collect();
         let what = format!("{mode}-composition into {layer}.{head}");
