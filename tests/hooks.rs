@@ -247,7 +247,14 @@ fn kv_cached_chunks_match_one_full_pass_and_capture_appends() {
         let ids = model
             .encode_prompt("Hello world, a tiny model says hello to you.")
             .unwrap();
-        let points = [HookPoint::ResidPost(1), HookPoint::AttnPattern(1)];
+        // Keys and rotated keys are hooked at the new positions only, and append like the rest.
+        let points = [
+            HookPoint::ResidPost(1),
+            HookPoint::AttnPattern(1),
+            HookPoint::AttnK(1),
+            HookPoint::AttnRotK(1),
+            HookPoint::AttnQ(0),
+        ];
         let hooks = Hooks::new().capture(points);
         let full = model
             .forward(&model.ids_tensor(&ids).unwrap(), &hooks)
