@@ -5,30 +5,22 @@ local Hugging Face GPT-2 folder) booted with TransformerBridge and put in compat
 all_composition_scores("Q" / "K" / "V"), timed together (best of --repeats runs after one
 warm-up). Prints the three [layer, head, layer, head] tensors and seconds as JSON."""
 
-import argparse
 import json
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import PreTrainedTokenizerFast
 
-from tl_run import best_of, versions
+from tl_run import best_of, boot, versions
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="assets/world")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    tok = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
-    model = TransformerBridge.boot_transformers(args.model, tokenizer=tok, device="cpu")
+    model, _, repeats = boot()
     model.enable_compatibility_mode(disable_warnings=True)
 
     def run_all():
         with torch.no_grad():
             return {mode: model.all_composition_scores(mode) for mode in "QKV"}
 
-    seconds, scores = best_of(run_all, args.repeats)
+    seconds, scores = best_of(run_all, repeats)
     print(json.dumps({
         **versions(),
         "seconds": seconds,

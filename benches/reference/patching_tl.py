@@ -9,15 +9,12 @@ _attn_head_out_by_pos / _q_by_pos / _k_by_pos / _v_by_pos / _attn_head_pattern_b
 together; the by-position grids flattened per layer, head-major, as monoscope reports them
 (best of --repeats runs, after one warm-up). Prints the grids and seconds as JSON."""
 
-import argparse
 import json
 
 import torch
 import transformer_lens.patching as patching
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import PreTrainedTokenizerFast
 
-from tl_run import best_of, versions
+from tl_run import best_of, boot, versions
 
 SITES = {
     "resid_pre": patching.get_act_patch_resid_pre,
@@ -47,12 +44,7 @@ SITES = {
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="assets/world")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    tok = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
-    model = TransformerBridge.boot_transformers(args.model, tokenizer=tok, device="cpu")
+    model, tok, repeats = boot()
     clean = torch.tensor([tok.encode("The capital of Japan is")])
     corrupted = torch.tensor([tok.encode("The capital of France is")])
     answer, wrong = tok.encode(" Tokyo")[0], tok.encode(" Paris")[0]
@@ -71,7 +63,7 @@ def main():
     def run_all():
         return {name: f(model, corrupted, clean_cache, metric) for name, f in SITES.items()}
 
-    seconds, grids = best_of(run_all, args.repeats)
+    seconds, grids = best_of(run_all, repeats)
     print(json.dumps({
         **versions(),
         "clean_logit_diff": clean_ld,

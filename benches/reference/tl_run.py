@@ -1,10 +1,25 @@
-"""What the TransformerLens reference scripts share: the timing (one warm-up, then the best
-of several runs) and the versions they print beside their figures."""
+"""What the TransformerLens reference scripts share: the command line and the model (the
+bundled world model's Hugging Face folder booted with TransformerBridge), the timing (one
+warm-up, then the best of several runs) and the versions they print beside their figures."""
 
+import argparse
 import importlib.metadata
 import time
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerFast
+
+
+def boot():
+    """Parses --model and --repeats; returns (the booted model, its tokenizer, repeats)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="assets/world")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
+    model = TransformerBridge.boot_transformers(args.model, tokenizer=tok, device="cpu")
+    return model, tok, args.repeats
 
 
 def best_of(run, repeats):
