@@ -180,8 +180,13 @@ impl Panel for Attention {
                 head_composition(&weights, layer, head, job.cancel_flag())?
                     .ok_or_else(|| anyhow::anyhow!("cancelled"))
             });
-        if let Some(picked) = composition_ui(ui, &mut self.composition, &self.partners, layer, head)
-        {
+        if let Some(picked) = composition_ui(
+            ui,
+            &mut self.composition,
+            &self.partners,
+            (layer, head),
+            wb.model_version,
+        ) {
             self.head = Some(picked);
         }
         ui.add_space(6.0);
@@ -201,8 +206,8 @@ fn composition_ui(
     ui: &mut egui::Ui,
     mode: &mut Composition,
     partners: &Reader<(usize, usize), Vec<HeadPartners>>,
-    layer: usize,
-    head: usize,
+    (layer, head): (usize, usize),
+    model_version: u64,
 ) -> Option<(usize, usize)> {
     ui.add_space(6.0);
     ui.horizontal(|ui| {
@@ -218,6 +223,9 @@ fn composition_ui(
     let answer = partners.answer()?;
     if answer.question != (layer, head) {
         return None;
+    }
+    if answer.model_version != model_version {
+        ui.weak("(computed before the model's last change; computing again)");
     }
     let scores = answer.value.iter().find(|p| p.mode == *mode)?;
     let mut picked = None;

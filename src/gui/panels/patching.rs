@@ -243,8 +243,13 @@ impl Panel for Patching {
             wb.goto = Some(PanelKind::Attention);
         }
         ui.separator();
-        if let Some((layer, head)) = paths_ui(ui, &mut self.receivers, &mut self.paths, &self.form)
-        {
+        if let Some((layer, head)) = paths_ui(
+            ui,
+            &mut self.receivers,
+            &mut self.paths,
+            &self.form,
+            wb.model_version,
+        ) {
             wb.requests.push(PanelRequest::Pattern {
                 prompt: answer.question.clean.clone(),
                 layer,
@@ -331,6 +336,7 @@ fn paths_ui(
     receivers: &mut String,
     paths: &mut Reader<PathQuery, PathReport>,
     form: &Query,
+    model_version: u64,
 ) -> Option<(usize, usize)> {
     let mut ask = false;
     ui.horizontal(|ui| {
@@ -353,7 +359,11 @@ fn paths_ui(
     if ask {
         ask_paths(paths, form, receivers);
     }
-    let report = &paths.answer()?.value;
+    let answer = paths.answer()?;
+    if answer.model_version != model_version {
+        ui.weak("(computed before the model's last change; tracing again)");
+    }
+    let report = &answer.value;
     let unpatched = report.direction.unpatched();
     let scale = report
         .senders
@@ -496,6 +506,7 @@ fn run_paths(model: &Model, query: &PathQuery, job: &JobHandle) -> anyhow::Resul
     let receivers = query
         .receivers
         .split(',')
+        .filter(|r| !r.trim().is_empty())
         .map(|r| r.trim().parse::<Receiver>())
         .collect::<crate::Result<Vec<_>>>()?;
     let pair = PromptPair {
