@@ -219,16 +219,12 @@ pub fn path_patch(
         let mut hooks = Hooks::new().capture(inputs.iter().map(|(point, _)| *point));
         for (layer, point) in outputs.iter().enumerate() {
             let (b, s) = (base.cache.require(*point)?, source.cache.require(*point)?);
-            let frozen = match sender_mask(model, batch, layer)? {
-                // b·(1 − m) + s·m: exactly the source's value on the sender, in any dtype.
-                Some(mask) => {
-                    let mask = mask.to_dtype(b.dtype())?;
-                    let keep = mask.affine(-1.0, 1.0)?;
-                    b.broadcast_mul(&keep)?.add(&s.broadcast_mul(&mask)?)?
-                }
-                None => b.clone(),
-            };
-            hooks = hooks.intervene(*point, Intervention::new(InterventionOp::Replace(frozen)));
+            let freeze = Intervention::new(InterventionOp::Replace(b.clone()));
+            hooks = hooks.intervene(*point, freeze);
+            if let Some(mask) = sender_mask(model, batch, layer)? {
+                // Interventions at a point run in order: the sender's columns after the freeze.
+                hooks = hooks.intervene(*point, splice(s.clone(), mask));
+            }
         }
         let sent = model.forward(&ids, &hooks)?;
         done += 1;

@@ -365,13 +365,7 @@ fn paths_ui(
     }
     let report = &answer.value;
     let unpatched = report.direction.unpatched();
-    let scale = report
-        .senders
-        .iter()
-        .flatten()
-        .filter(|v| v.is_finite())
-        .map(|v| (v - unpatched).abs())
-        .fold(1e-6f32, f32::max);
+    let scale = largest_effect(report.senders.iter().flatten(), unpatched);
     ui.weak(format!(
         "paths to {}: rows: sender blocks; columns: heads (click one to see its attention \
          pattern); the colours saturate {scale:.2} from the unpatched run",
@@ -529,11 +523,19 @@ fn run_paths(model: &Model, query: &PathQuery, job: &JobHandle) -> anyhow::Resul
 /// How far from the unpatched run a site's colours saturate: its largest effect, patched or
 /// estimated, so that both grids of a site share one scale and small effects still show.
 fn colour_scale(report: &PatchReport, grid: &PatchGrid) -> f32 {
-    let unpatched = report.direction.unpatched();
-    std::iter::once(&grid.patched)
-        .chain(&grid.attribution)
-        .flatten()
-        .flatten()
+    largest_effect(
+        std::iter::once(&grid.patched)
+            .chain(&grid.attribution)
+            .flatten()
+            .flatten(),
+        report.direction.unpatched(),
+    )
+}
+
+/// The largest finite distance of `values` from the unpatched run's score (at least 1e-6, so
+/// that a flat grid still has a scale).
+fn largest_effect<'a>(values: impl Iterator<Item = &'a f32>, unpatched: f32) -> f32 {
+    values
         .filter(|v| v.is_finite())
         .map(|v| (v - unpatched).abs())
         .fold(0.0f32, f32::max)
