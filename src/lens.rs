@@ -183,7 +183,7 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     let logits_of = |normed: &Tensor| -> Result<Vec<f32>> {
         Ok(unembed(model, normed)?.squeeze(0)?.to_vec1()?)
     };
-    let final_logits = logits_of(&at_raw(HookPoint::LnFinal)?)?;
+    let final_logits = logits_of(&norm.affine(&at_raw(HookPoint::LnFinal)?)?)?;
     let target_id = match request.target {
         Some(id) => id,
         None => top_tokens(model, &final_logits, 1)[0].id,

@@ -398,11 +398,16 @@ fn logit_effects_follow_the_models_own_modules_on_every_norm() {
                 let zero = out.forward(&resid.zeros_like().unwrap()).unwrap();
                 resid = (out.forward(&resid).unwrap() - zero).unwrap();
             }
-            if point != HookPoint::LnFinal {
-                let zero = resid.zeros_like().unwrap();
+            // The final norm at its own scale for a residual direction; for a direction in
+            // `ln_final.hook_normalized` (already normalised), only its gain and bias.
+            let zero = resid.zeros_like().unwrap();
+            resid = if point == HookPoint::LnFinal {
+                let at_zero = t.ln_final.affine(&zero).unwrap();
+                (t.ln_final.affine(&resid).unwrap() - at_zero).unwrap()
+            } else {
                 let at_zero = t.ln_final.forward(&zero, false).unwrap();
-                resid = (t.ln_final.forward(&resid, false).unwrap() - at_zero).unwrap();
-            }
+                (t.ln_final.forward(&resid, false).unwrap() - at_zero).unwrap()
+            };
             let logits = resid
                 .matmul(&t.unembed.t().unwrap())
                 .unwrap()

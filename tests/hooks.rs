@@ -7,6 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{fixture_dir, max_abs_diff};
+use monoscope::model::layers::{Mlp, Norm};
 use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model};
 
 fn load(model_type: &str, dtype: DType) -> Model {
@@ -57,7 +58,7 @@ fn gradient_matches_finite_differences(model_type: &str, point: fn(usize) -> Hoo
     assert!(grad[target_pos].iter().any(|g| g.abs() > 1e-6));
     // A later position cannot affect an earlier logit.
     assert!(grad[seq - 1].iter().all(|&g| g == 0.0), "{model_type}");
-    let eps = 1e-4;
+    let eps = 1e-5;
     let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
     for (pos, channel) in [
         (0, 3),
@@ -67,6 +68,7 @@ fn gradient_matches_finite_differences(model_type: &str, point: fn(usize) -> Hoo
         (2, 7),
         (seq - 1, 5),
     ] {
+        let channel = channel % width; // a norm's hook_scale is one wide
         let bump = |delta: f64| {
             let mut v = vec![0f64; width];
             v[channel] = delta;
@@ -109,6 +111,72 @@ fn attention_input_gradients_match_finite_differences() {
     gradient_matches_finite_differences("qwen2", HookPoint::AttnQ);
 }
 
+/// A norm's divisor is differentiable too: freezing it is a choice, not a side effect.
+#[test]
+fn norm_scale_gradients_match_finite_differences() {
+    gradient_matches_finite_differences("gpt2", HookPoint::Ln1Scale);
+    gradient_matches_finite_differences("gemma", HookPoint::Ln2Scale);
+}
+
+/// d(logit)/d(`attn.hook_attn_scores`) against central differences on visible entries, and
+/// exactly zero on the entries the mask hides (whatever is added there stays hidden).
+#[test]
+fn attention_score_gradients_match_finite_differences_and_vanish_where_masked() {
+    for model_type in ["gpt2", "mistral"] {
+        let model = load(model_type, DType::F64);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is 東京").unwrap())
+            .unwrap();
+        let seq = ids.dim(1).unwrap();
+        let point = HookPoint::AttnScores(0);
+        let (target_pos, target_tok) = (seq - 1, 17usize);
+        let out = model.forward(&ids, &Hooks::new().grad(point)).unwrap();
+        let logit = out.logits.i((0, target_pos, target_tok)).unwrap();
+        let grads = logit.backward().unwrap();
+        let grad = grads.get(out.grad_leaf(point).unwrap()).unwrap();
+        let heads = model.dims().n_heads;
+        assert_eq!(grad.dims(), &[1, heads, seq, seq]);
+        let grad = grad.get(0).unwrap().to_vec3::<f64>().unwrap();
+        let window = model.transformer.blocks[0]
+            .attn
+            .sliding_window
+            .unwrap_or(usize::MAX);
+        let scale = grad
+            .iter()
+            .flatten()
+            .flatten()
+            .fold(0f64, |m, g| m.max(g.abs()));
+        assert!(scale > 1e-6, "{model_type}: no gradient reached the scores");
+        for (h, query, key) in [
+            (0, seq - 1, seq - 1),
+            (1, seq - 1, seq - 3),
+            (2, 4, 1),
+            (0, 2, 3),
+        ] {
+            let visible = key <= query && query - key < window;
+            let bump = |delta: f64| {
+                let mut v = vec![0f64; heads * seq * seq];
+                v[(h * seq + query) * seq + key] = delta;
+                let add = Tensor::from_vec(v, (1, heads, seq, seq), &Device::Cpu).unwrap();
+                let hooks =
+                    Hooks::new().intervene(point, Intervention::new(InterventionOp::Add(add)));
+                logit_at(&model, &ids, &hooks, target_pos, target_tok)
+            };
+            let eps = 1e-4;
+            let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
+            let analytic = grad[h][query][key];
+            assert!(
+                (numeric - analytic).abs() <= 1e-6 * scale.max(1.0),
+                "{model_type} head {h} query {query} key {key}: backprop {analytic} vs finite \
+                 difference {numeric}"
+            );
+            if !visible {
+                assert_eq!(analytic, 0.0, "{model_type}: a hidden key has a gradient");
+            }
+        }
+    }
+}
+
 #[test]
 fn gradient_run_gives_the_same_logits_as_the_fast_path() {
     let model = load("gemma", DType::F32);
@@ -146,6 +214,42 @@ fn zero_ablating_mlp_post_leaves_only_the_down_projection_bias() {
         .broadcast_as(mlp_out.shape())
         .unwrap();
     assert!(common::max_relative_error(mlp_out, &expected.contiguous().unwrap()) < 1e-6);
+}
+
+/// Zeroing a gated MLP's up projection (`mlp.hook_pre_linear`) zeroes its `mlp.hook_post`:
+/// the hook is the factor the MLP multiplies by, not a copy.
+#[test]
+fn zeroing_the_up_projection_empties_a_gated_mlp() {
+    for model_type in ["llama", "gemma"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is").unwrap())
+            .unwrap();
+        let (up, post) = (HookPoint::MlpPreLinear(1), HookPoint::MlpPost(1));
+        let out = model
+            .forward(
+                &ids,
+                &Hooks::new()
+                    .intervene(
+                        up,
+                        Intervention::new(InterventionOp::Zero).at_positions(vec![-1]),
+                    )
+                    .capture([post]),
+            )
+            .unwrap();
+        let post = out.cache.get(post).unwrap().get(0).unwrap();
+        let seq = post.dim(0).unwrap();
+        let largest = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(largest(post.get(seq - 1).unwrap()), 0.0, "{model_type}");
+        assert!(largest(post.get(seq - 2).unwrap()) > 0.0, "{model_type}");
+    }
 }
 
 /// Per-head ablation, the attention counterpart of zeroing neurons: zeroing one head's
@@ -361,6 +465,176 @@ fn interventions_on_the_pattern_act_on_chosen_heads_and_queries() {
     }
 }
 
+/// Interventions at `attn.hook_attn_scores` select heads and query rows, and the mask comes back
+/// after them: zeroing one head's last row gives it uniform attention over the keys it may see
+/// (the window included, in Mistral), leaving every other row and head as it was; a large bonus
+/// on key 0 draws every query that may see it there and none that may not; replacing the scores
+/// with themselves reproduces the fused fast path.
+#[test]
+fn interventions_on_the_scores_act_on_chosen_heads_and_keep_the_mask() {
+    for model_type in ["gpt2", "llama", "mistral"] {
+        let model = load(model_type, DType::F32);
+        let ids = model
+            .ids_tensor(
+                &model
+                    .encode_prompt("The capital of Japan is 東京です")
+                    .unwrap(),
+            )
+            .unwrap();
+        let seq = ids.dim(1).unwrap();
+        let (scores, pattern) = (HookPoint::AttnScores(1), HookPoint::AttnPattern(1));
+        let window = model.transformer.blocks[1]
+            .attn
+            .sliding_window
+            .unwrap_or(usize::MAX);
+        assert!(
+            model_type != "mistral" || seq > window,
+            "the prompt must outrun the window"
+        );
+        let visible = |query: usize, key: usize| key <= query && query - key < window;
+        let fast = model.forward(&ids, &Hooks::new()).unwrap();
+        let clean = model
+            .forward(&ids, &Hooks::new().capture([scores, pattern]))
+            .unwrap();
+        let itself = Intervention::new(InterventionOp::Replace(
+            clean.cache.get(scores).unwrap().clone(),
+        ));
+        let replayed = model
+            .forward(&ids, &Hooks::new().intervene(scores, itself))
+            .unwrap();
+        let err = common::max_relative_error(&replayed.logits, &fast.logits);
+        assert!(err < 1e-5, "{model_type}: unfused scores path off by {err}");
+
+        let head = 1;
+        let flat = Intervention::new(InterventionOp::Zero)
+            .at_channels(vec![head])
+            .at_positions(vec![-1]);
+        let ablated = model
+            .forward(
+                &ids,
+                &Hooks::new().intervene(scores, flat).capture([pattern]),
+            )
+            .unwrap();
+        let before = clean
+            .cache
+            .get(pattern)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let after = ablated
+            .cache
+            .get(pattern)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let last = seq - 1;
+        let seen = (0..seq).filter(|&k| visible(last, k)).count() as f32;
+        for (h, (rows_before, rows_after)) in before.iter().zip(&after).enumerate() {
+            for (q, (row_before, row_after)) in rows_before.iter().zip(rows_after).enumerate() {
+                if (h, q) != (head, last) {
+                    assert_eq!(
+                        row_before, row_after,
+                        "{model_type}: head {h} query {q} moved"
+                    );
+                    continue;
+                }
+                for (k, &p) in row_after.iter().enumerate() {
+                    let want = if visible(q, k) { 1.0 / seen } else { 0.0 };
+                    assert!(
+                        (p - want).abs() < 1e-6,
+                        "{model_type}: key {k} gets {p}, not {want}"
+                    );
+                }
+            }
+        }
+        assert!(
+            max_abs_diff(&clean.logits, &ablated.logits) > 1e-5,
+            "{model_type}: the flattened head did not reach the logits"
+        );
+
+        let mut bonus = vec![0f32; seq];
+        bonus[0] = 1e4;
+        let bonus = Intervention::new(InterventionOp::Add(
+            Tensor::new(bonus, &Device::Cpu).unwrap(),
+        ));
+        let drawn = model
+            .forward(
+                &ids,
+                &Hooks::new().intervene(scores, bonus).capture([pattern]),
+            )
+            .unwrap();
+        let drawn = drawn
+            .cache
+            .get(pattern)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for (h, rows) in drawn.iter().enumerate() {
+            for (q, row) in rows.iter().enumerate() {
+                assert!(
+                    row.iter().all(|p| p.is_finite()),
+                    "{model_type}: NaN in head {h}"
+                );
+                let want = if visible(q, 0) { 1.0 } else { 0.0 };
+                assert!(
+                    (row[0] - want).abs() < 1e-5,
+                    "{model_type} head {h} query {q}: key 0 gets {}, not {want}",
+                    row[0]
+                );
+            }
+        }
+    }
+}
+
+/// Freezing a norm's scale — replacing `hook_scale` with its value from the run itself — makes
+/// the norm affine in its input: a change δ added before the final norm then moves the logits
+/// exactly half as far as 2δ does, which the live norm does not.
+#[test]
+fn a_frozen_norm_scale_makes_the_logits_linear_in_the_stream() {
+    for model_type in ["gpt2", "llama"] {
+        let model = load(model_type, DType::F64);
+        let ids = model
+            .ids_tensor(&model.encode_prompt("The capital of Japan is").unwrap())
+            .unwrap();
+        let last = model.dims().n_layers - 1;
+        let scale_point = HookPoint::LnFinalScale;
+        let clean = model
+            .forward(&ids, &Hooks::new().capture([scale_point]))
+            .unwrap();
+        let frozen = clean.cache.get(scale_point).unwrap().clone();
+        let delta = Tensor::randn(0f64, 3.0, model.dims().d_model, &Device::Cpu).unwrap();
+        let moved = |times: f64, freeze: bool| {
+            let add = Intervention::new(InterventionOp::Add((&delta * times).unwrap()));
+            let mut hooks = Hooks::new().intervene(HookPoint::ResidPost(last), add);
+            if freeze {
+                hooks = hooks.intervene(
+                    scale_point,
+                    Intervention::new(InterventionOp::Replace(frozen.clone())),
+                );
+            }
+            (model.forward(&ids, &hooks).unwrap().logits - &clean.logits).unwrap()
+        };
+        let (once, twice) = (moved(1.0, true), moved(2.0, true));
+        let err = max_abs_diff(&(&once * 2.0).unwrap(), &twice);
+        assert!(
+            err < 1e-9,
+            "{model_type}: frozen norm not linear, off by {err}"
+        );
+        let (once, twice) = (moved(1.0, false), moved(2.0, false));
+        let err = max_abs_diff(&(&once * 2.0).unwrap(), &twice);
+        assert!(
+            err > 1e-3,
+            "{model_type}: the live norm looked linear ({err})"
+        );
+    }
+}
+
 /// Interventions at the attention's inputs act on heads: a zeroed query attends uniformly to
 /// every key it may see (rotated or not), and a zeroed value head empties exactly the heads
 /// that read it (two query heads per key head in the Llama fixture) on the fused fast path.
@@ -568,8 +842,9 @@ fn stop_at_layer_returns_the_residual_entering_that_block() {
 /// Every hook on every architecture holds what the residual algebra says it must: the stream
 /// entering block 0 is the embedding (plus positions), each block adds its attention and MLP
 /// outputs (`hook_resid_mid` between them, or both at once with GPT-NeoX's parallel residual),
-/// block L+1 starts from block L's output, and the logits are `ln_final.hook_normalized`
-/// through the unembedding. With the oracle tests' `hook_mlp_out` and `hook_resid_post`
+/// block L+1 starts from block L's output, each norm's `hook_normalized` times its
+/// `hook_scale` is its (centred) input, and the logits are `ln_final.hook_normalized` through the
+/// final gain and bias and the unembedding. With the oracle tests' `hook_mlp_out` and `hook_resid_post`
 /// against transformers, this pins `hook_attn_out`, `hook_resid_pre` and `hook_resid_mid` too.
 #[test]
 fn every_hook_holds_what_the_residual_algebra_gives() {
@@ -600,9 +875,41 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             layers >= 2,
             "{model_type}: the check needs a block after the first"
         );
+        let norm_divides = |what: &str, norm: &Norm, input: &Tensor| {
+            let (scale, normalized) = (
+                hook(&format!("{what}.hook_scale")),
+                hook(&format!("{what}.hook_normalized")),
+            );
+            assert_eq!(
+                scale.dims(),
+                &[1, ids.dim(1).unwrap(), 1],
+                "{model_type} {what}"
+            );
+            let centred = if norm.centers() {
+                input
+                    .broadcast_sub(&input.mean_keepdim(2).unwrap())
+                    .unwrap()
+            } else {
+                input.clone()
+            };
+            let rescaled = normalized.broadcast_mul(&scale).unwrap();
+            close(
+                &format!("{what}.hook_normalized × hook_scale"),
+                &rescaled,
+                &centred,
+            );
+            let output = norm.forward(input, false).unwrap();
+            close(
+                &format!("{what} gain and bias on hook_normalized"),
+                &norm.affine(&normalized).unwrap(),
+                &output,
+            );
+        };
         for l in 0..layers {
             let pre = hook(&format!("blocks.{l}.hook_resid_pre"));
             close(&format!("blocks.{l}.hook_resid_pre"), &pre, &stream);
+            let block = &model.transformer.blocks[l];
+            norm_divides(&format!("blocks.{l}.ln1"), &block.ln_attn, &pre);
             let attn = hook(&format!("blocks.{l}.hook_attn_out"));
             // attn.hook_z is the output projection's input: attn_out = z·W_Oᵀ + b_O.
             let z = hook(&format!("blocks.{l}.attn.hook_z"));
@@ -619,8 +926,14 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
             let mid = (&pre + &attn).unwrap();
             match cache.get_by_name(&format!("blocks.{l}.hook_resid_mid")) {
-                Ok(got) => close(&format!("blocks.{l}.hook_resid_mid"), got, &mid),
-                Err(_) => assert_eq!(model_type, "gpt_neox", "only a parallel residual skips it"),
+                Ok(got) => {
+                    close(&format!("blocks.{l}.hook_resid_mid"), got, &mid);
+                    norm_divides(&format!("blocks.{l}.ln2"), &block.ln_mlp, &mid);
+                }
+                Err(_) => {
+                    assert_eq!(model_type, "gpt_neox", "only a parallel residual skips it");
+                    norm_divides(&format!("blocks.{l}.ln2"), &block.ln_mlp, &pre);
+                }
             }
             stream = hook(&format!("blocks.{l}.hook_resid_post"));
             close(
@@ -630,11 +943,29 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             );
             let post = hook(&format!("blocks.{l}.mlp.hook_post"));
             assert_eq!(post.dims()[2], model.dims().d_mlp, "{model_type}");
+            // A gated MLP's up projection, read from the MLP norm's hooked output.
+            let pre_linear = format!("blocks.{l}.mlp.hook_pre_linear");
+            if let Mlp::Gated { up, .. } = &block.mlp {
+                let normalized = hook(&format!("blocks.{l}.ln2.hook_normalized"));
+                let x = block.ln_mlp.affine(&normalized).unwrap();
+                let mut want = x.broadcast_matmul(&up.weight().t().unwrap()).unwrap();
+                if let Some(b) = up.bias() {
+                    want = want.broadcast_add(b).unwrap();
+                }
+                close(&pre_linear, &hook(&pre_linear), &want);
+            } else {
+                assert!(cache.get_by_name(&pre_linear).is_err(), "{model_type}");
+            }
             let pre_act = hook(&format!("blocks.{l}.mlp.hook_pre"));
             assert_eq!(pre_act.dims(), post.dims(), "{model_type}");
         }
+        norm_divides("ln_final", &model.transformer.ln_final, &stream);
         let normalized = hook("ln_final.hook_normalized");
-        let logits = normalized
+        let logits = model
+            .transformer
+            .ln_final
+            .affine(&normalized)
+            .unwrap()
             .broadcast_matmul(&model.transformer.unembed.t().unwrap())
             .unwrap();
         close("logits from ln_final.hook_normalized", &logits, &out.logits);
@@ -644,8 +975,9 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
 /// A pattern's rows are probabilities over the keys at or before the query, and each head's
 /// slice of `attn.hook_z` is its pattern times its value head (grouped heads share one), with
 /// the values recomputed from the block's input through its norm and fused projection. The
-/// `attn.hook_q`, `hook_k` and `hook_v` captures hold that projection's slices, and the pattern
-/// is the softmax of the (rotated, where the model is rotary) queries against the keys.
+/// `attn.hook_q`, `hook_k` and `hook_v` captures hold that projection's slices, the scores are
+/// the scaled products of the (rotated, where the model is rotary) queries and keys, −∞ where
+/// the mask hides a key, and the pattern is their softmax.
 #[allow(clippy::too_many_arguments)]
 fn pattern_weights_the_values(
     model_type: &str,
@@ -734,7 +1066,15 @@ fn pattern_weights_the_values(
         }
     };
     let window = block.attn.sliding_window.unwrap_or(usize::MAX);
-    for h in 0..nh {
+    let hooked_scores = cache
+        .get_by_name(&format!("blocks.{layer}.attn.hook_attn_scores"))
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec3::<f64>()
+        .unwrap();
+    assert_eq!(hooked_scores.len(), nh, "{model_type}");
+    for (h, hooked_head) in hooked_scores.iter().enumerate() {
         let kv_head = h / (nh / nkv);
         let scores = q
             .i((.., h, ..))
@@ -756,6 +1096,16 @@ fn pattern_weights_the_values(
                 .map(|j| (row[j] - max).exp())
                 .sum();
             for (key, &score) in row.iter().enumerate() {
+                let hooked = hooked_head[query][key];
+                let what = format!("{model_type} head {layer}.{h}, query {query} key {key}");
+                if visible(key) {
+                    assert!(
+                        (hooked - score).abs() < 1e-9,
+                        "{what}: score {hooked}, not {score}"
+                    );
+                } else {
+                    assert_eq!(hooked, f64::NEG_INFINITY, "{what}: a hidden key's score");
+                }
                 let expected = if visible(key) {
                     (score - max).exp() / total
                 } else {

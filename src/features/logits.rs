@@ -9,9 +9,11 @@
 //!   `hook_mlp_out`): the decoder row is already a residual direction;
 //! - `mlp.hook_post`: the row goes through that layer's down projection (without its bias),
 //!   which is exactly how the MLP writes it into the residual stream;
-//! - `ln_final.hook_normalized`: the row is already normalised; only the unembedding applies;
-//! - `mlp.hook_pre`: no linear path to the residual stream exists (the nonlinearity sits in
-//!   between), so no logit effects are reported.
+//! - `ln_final.hook_normalized`: the row is already normalised (centred and scaled); only the
+//!   final norm's gain and the unembedding apply;
+//! - `mlp.hook_pre` and `mlp.hook_pre_linear`, the attention's queries, keys, values, scores and pattern, and the block
+//!   norms' outputs and scales: no linear path to the residual stream exists (a nonlinearity,
+//!   or the attention itself, sits in between), so no logit effects are reported.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -66,10 +68,18 @@ pub fn logit_effects(
     let d_model = t.dims.d_model;
     let w_dec = to_vec(w_dec)?;
     // Map into the residual stream: `[d_in, d_model]` (None = identity).
-    let (to_resid, through_norm) = match hook {
+    // `centre`: whether the row still needs the final norm's centring (it always takes the gain).
+    let (to_resid, centre) = match hook {
         // Not a direction in any space the model writes from (the pattern is not even one
         // vector per token: SAEs cannot be trained there).
         HookPoint::MlpPre(_)
+        | HookPoint::MlpPreLinear(_)
+        | HookPoint::Ln1Scale(_)
+        | HookPoint::Ln1Normalized(_)
+        | HookPoint::Ln2Scale(_)
+        | HookPoint::Ln2Normalized(_)
+        | HookPoint::LnFinalScale
+        | HookPoint::AttnScores(_)
         | HookPoint::AttnPattern(_)
         | HookPoint::AttnQ(_)
         | HookPoint::AttnK(_)
@@ -117,14 +127,12 @@ pub fn logit_effects(
             }
             None => dirs.to_vec(),
         };
-        if through_norm {
-            for r in resid.chunks_exact_mut(d_model) {
-                if centers {
-                    let mean = r.iter().sum::<f32>() / d_model as f32;
-                    r.iter_mut().for_each(|v| *v -= mean);
-                }
-                r.iter_mut().zip(&gain).for_each(|(v, g)| *v *= g);
+        for r in resid.chunks_exact_mut(d_model) {
+            if centre && centers {
+                let mean = r.iter().sum::<f32>() / d_model as f32;
+                r.iter_mut().for_each(|v| *v -= mean);
             }
+            r.iter_mut().zip(&gain).for_each(|(v, g)| *v *= g);
         }
         let mut logits = vec![0f32; rows * vocab];
         matmul(

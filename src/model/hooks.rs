@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 
 /// A named place in the forward pass. Tensors at every point are `[batch, seq, d]`, where `d` is
 /// `d_model`, `d_mlp` for the two `mlp.*` points, `n_heads·d_head` for `attn.hook_z`,
-/// `attn.hook_q` and `attn.hook_rot_q`, or `n_kv_heads·d_head` for the keys and values — except
-/// `attn.hook_pattern`, which is `[batch, n_heads, query, key]` as in TransformerLens. Heads are
+/// `attn.hook_q` and `attn.hook_rot_q`, `n_kv_heads·d_head` for the keys and values, or 1 for a
+/// norm's `hook_scale` — except `attn.hook_attn_scores` and `attn.hook_pattern`, which are
+/// `[batch, n_heads, query, key]` as in TransformerLens. Heads are
 /// side by side in the last dimension (TransformerLens keeps them as a separate axis,
 /// `[batch, pos, head, d_head]`; reshape to compare).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,6 +31,16 @@ pub enum HookPoint {
     PosEmbed,
     /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
     ResidPre(usize),
+    /// `blocks.L.ln1.hook_scale`: the attention norm's divisor per token, `sqrt(var + eps)`
+    /// (LayerNorm) or the RMS (RMSNorm) — `[.., 1]`. Replacing it with another run's value
+    /// freezes the norm, which makes the block's input linear in the residual stream (direct
+    /// logit attribution and attribution patching assume exactly this). Asking for it runs
+    /// the norm unfused.
+    Ln1Scale(usize),
+    /// `blocks.L.ln1.hook_normalized`: the attention norm's input centred (LayerNorm) and
+    /// divided by `hook_scale`, before the gain and bias — TransformerLens's convention (its
+    /// default checkpoints fold the gain into the next weights, so this is what they hook).
+    Ln1Normalized(usize),
     /// `blocks.L.attn.hook_q`: every head's query, before rotary — `[.., n_heads·d_head]`.
     /// Query-side patching and QK-circuit work act here (and at `hook_rot_q`).
     AttnQ(usize),
@@ -44,6 +55,13 @@ pub enum HookPoint {
     AttnRotQ(usize),
     /// `blocks.L.attn.hook_rot_k`: keys after the rotary embedding (rotary models only).
     AttnRotK(usize),
+    /// `blocks.L.attn.hook_attn_scores`: every head's scaled, masked scores `q·kᵀ/√d_head`
+    /// before the softmax, `[batch, n_heads, query, key]` in f32 (masked keys hold −∞, as in
+    /// TransformerLens). Interventions select query positions and heads like the pattern's;
+    /// the mask is applied again after them, so no intervention lets a query see a later (or
+    /// out-of-window) key — zeroing a head's scores gives it uniform attention over what it may
+    /// see. Asking for it runs that layer's attention unfused.
+    AttnScores(usize),
     /// `blocks.L.attn.hook_z`: every head's attention-weighted values, the input of the output
     /// projection, heads side by side (head `h` in columns `h·d_head..(h+1)·d_head`: the layout
     /// of SAELens's attention SAEs) — `[.., n_heads·d_head]`. The attention counterpart of
@@ -59,8 +77,15 @@ pub enum HookPoint {
     AttnOut(usize),
     /// `blocks.L.hook_resid_mid`: resid_pre + attn_out (absent in parallel-residual blocks).
     ResidMid(usize),
+    /// `blocks.L.ln2.hook_scale`: the MLP norm's divisor per token (see `ln1.hook_scale`).
+    Ln2Scale(usize),
+    /// `blocks.L.ln2.hook_normalized`: the MLP norm's normalised input, before its gain and bias.
+    Ln2Normalized(usize),
     /// `blocks.L.mlp.hook_pre`: FFN pre-activation (for gated MLPs, the gate's) — `[.., d_mlp]`.
     MlpPre(usize),
+    /// `blocks.L.mlp.hook_pre_linear`: a gated MLP's up projection, the factor that
+    /// multiplies act(gate) (gated MLPs only) — `[.., d_mlp]`.
+    MlpPreLinear(usize),
     /// `blocks.L.mlp.hook_post`: FFN value after the nonlinearity (gated: act(gate)·up), the input
     /// of the down projection: ROME's key space and the space of knowledge neurons — `[.., d_mlp]`.
     MlpPost(usize),
@@ -68,7 +93,10 @@ pub enum HookPoint {
     MlpOut(usize),
     /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
     ResidPost(usize),
-    /// `ln_final.hook_normalized`: the final norm's output, the input of the unembedding.
+    /// `ln_final.hook_scale`: the final norm's divisor per token (see `ln1.hook_scale`).
+    LnFinalScale,
+    /// `ln_final.hook_normalized`: the final norm's normalised input, before its gain and bias
+    /// (which, with the unembedding, make the logits).
     LnFinal,
 }
 
@@ -77,6 +105,11 @@ impl HookPoint {
     pub fn layer(&self) -> Option<usize> {
         match *self {
             Self::ResidPre(l)
+            | Self::Ln1Scale(l)
+            | Self::Ln1Normalized(l)
+            | Self::AttnScores(l)
+            | Self::Ln2Scale(l)
+            | Self::Ln2Normalized(l)
             | Self::AttnQ(l)
             | Self::AttnK(l)
             | Self::AttnV(l)
@@ -87,17 +120,19 @@ impl HookPoint {
             | Self::AttnOut(l)
             | Self::ResidMid(l)
             | Self::MlpPre(l)
+            | Self::MlpPreLinear(l)
             | Self::MlpPost(l)
             | Self::MlpOut(l)
             | Self::ResidPost(l) => Some(l),
-            Self::Embed | Self::PosEmbed | Self::LnFinal => None,
+            Self::Embed | Self::PosEmbed | Self::LnFinalScale | Self::LnFinal => None,
         }
     }
 
     /// Whether the value is one vector per token (`[batch, seq, d]`): what SAEs, feature
-    /// statistics and exports read. Only `attn.hook_pattern` is not.
+    /// statistics and exports read. Only `attn.hook_attn_scores` and `attn.hook_pattern` are
+    /// not.
     pub fn per_token(&self) -> bool {
-        !matches!(self, Self::AttnPattern(_))
+        !matches!(self, Self::AttnScores(_) | Self::AttnPattern(_))
     }
 }
 
@@ -107,6 +142,11 @@ impl fmt::Display for HookPoint {
             Self::Embed => write!(f, "hook_embed"),
             Self::PosEmbed => write!(f, "hook_pos_embed"),
             Self::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            Self::Ln1Scale(l) => write!(f, "blocks.{l}.ln1.hook_scale"),
+            Self::Ln1Normalized(l) => write!(f, "blocks.{l}.ln1.hook_normalized"),
+            Self::AttnScores(l) => write!(f, "blocks.{l}.attn.hook_attn_scores"),
+            Self::Ln2Scale(l) => write!(f, "blocks.{l}.ln2.hook_scale"),
+            Self::Ln2Normalized(l) => write!(f, "blocks.{l}.ln2.hook_normalized"),
             Self::AttnQ(l) => write!(f, "blocks.{l}.attn.hook_q"),
             Self::AttnK(l) => write!(f, "blocks.{l}.attn.hook_k"),
             Self::AttnV(l) => write!(f, "blocks.{l}.attn.hook_v"),
@@ -117,9 +157,11 @@ impl fmt::Display for HookPoint {
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
+            Self::MlpPreLinear(l) => write!(f, "blocks.{l}.mlp.hook_pre_linear"),
             Self::MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
             Self::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             Self::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
+            Self::LnFinalScale => write!(f, "ln_final.hook_scale"),
             Self::LnFinal => write!(f, "ln_final.hook_normalized"),
         }
     }
@@ -131,19 +173,21 @@ impl FromStr for HookPoint {
     /// Parses a TransformerLens hook name. Whether the layer exists in a given model is checked
     /// by [`HookRunner`] users against the model's hook list.
     fn from_str(s: &str) -> Result<Self> {
-        let unknown = || {
-            Error::UnknownHook {
+        let unknown = || Error::UnknownHook {
             name: s.to_string(),
-            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, attn.hook_q, \
-                    attn.hook_k, attn.hook_v, attn.hook_rot_q, attn.hook_rot_k, attn.hook_pattern, \
-                    attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, \
-                    ln_final.hook_normalized"
+            valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, ln1.hook_scale, \
+                    ln1.hook_normalized, attn.hook_q, attn.hook_k, attn.hook_v, attn.hook_rot_q, \
+                    attn.hook_rot_k, attn.hook_attn_scores, attn.hook_pattern, attn.hook_z, \
+                    hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
+                    mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, hook_mlp_out, \
+                    hook_resid_post}, \
+                    ln_final.hook_scale, ln_final.hook_normalized"
                 .to_string(),
-        }
         };
         match s {
             "hook_embed" => return Ok(Self::Embed),
             "hook_pos_embed" => return Ok(Self::PosEmbed),
+            "ln_final.hook_scale" => return Ok(Self::LnFinalScale),
             "ln_final.hook_normalized" => return Ok(Self::LnFinal),
             _ => {}
         }
@@ -152,6 +196,11 @@ impl FromStr for HookPoint {
         let layer: usize = layer.parse().map_err(|_| unknown())?;
         Ok(match name {
             "hook_resid_pre" => Self::ResidPre(layer),
+            "ln1.hook_scale" => Self::Ln1Scale(layer),
+            "ln1.hook_normalized" => Self::Ln1Normalized(layer),
+            "attn.hook_attn_scores" => Self::AttnScores(layer),
+            "ln2.hook_scale" => Self::Ln2Scale(layer),
+            "ln2.hook_normalized" => Self::Ln2Normalized(layer),
             "attn.hook_q" => Self::AttnQ(layer),
             "attn.hook_k" => Self::AttnK(layer),
             "attn.hook_v" => Self::AttnV(layer),
@@ -162,6 +211,7 @@ impl FromStr for HookPoint {
             "hook_attn_out" => Self::AttnOut(layer),
             "hook_resid_mid" => Self::ResidMid(layer),
             "mlp.hook_pre" => Self::MlpPre(layer),
+            "mlp.hook_pre_linear" => Self::MlpPreLinear(layer),
             "mlp.hook_post" => Self::MlpPost(layer),
             "hook_mlp_out" => Self::MlpOut(layer),
             "hook_resid_post" => Self::ResidPost(layer),
@@ -257,9 +307,10 @@ impl fmt::Debug for InterventionOp {
 pub struct Intervention {
     pub op: InterventionOp,
     /// Sequence positions to touch (absolute; negative counts from the end of the current
-    /// forward call's sequence; query positions for `attn.hook_pattern`). `None` = all.
+    /// forward call's sequence; query positions for the scores and the pattern). `None` = all.
     pub positions: Option<Vec<i64>>,
-    /// Channels (last-dimension indices; heads for `attn.hook_pattern`) to touch. `None` = all.
+    /// Channels (last-dimension indices; heads for `attn.hook_attn_scores` and
+    /// `attn.hook_pattern`) to touch. `None` = all.
     pub channels: Option<Vec<usize>>,
 }
 
@@ -295,16 +346,16 @@ impl Intervention {
         if self.positions.is_none() && self.channels.is_none() {
             return Ok(full);
         }
-        let mask = self
-            .mask(x.dims(), offset, x.device())?
-            .to_dtype(x.dtype())?;
-        // x·(1−m) + new·m keeps the graph differentiable in both terms.
-        let keep = mask.affine(-1.0, 1.0)?;
-        x.broadcast_mul(&keep)?.add(&full.broadcast_mul(&mask)?)
+        // A select rather than x·(1−m) + new·m: attention scores hold −∞, and −∞·0 is NaN.
+        // Both branches stay differentiable.
+        self.mask(x.dims(), offset, x.device())?
+            .broadcast_as(x.shape())?
+            .where_cond(&full, x)
     }
 
-    /// 0/1 mask of the selected entries, broadcastable to a value of shape `dims`: `[1, seq,
-    /// d]` for per-token values, `[1, heads, seq, 1]` for a pattern (channels are heads).
+    /// 0/1 (u8) mask of the selected entries, broadcastable to a value of shape `dims`: `[1,
+    /// seq, d]` for per-token values, `[1, heads, seq, 1]` for scores and patterns (channels
+    /// are heads).
     fn mask(&self, dims: &[usize], offset: usize, device: &Device) -> candle_core::Result<Tensor> {
         let (seq, width, pattern) = match *dims {
             [_, seq, d] => (seq, d, false),
@@ -336,15 +387,15 @@ impl Intervention {
                 ch_sel[c] = true;
             }
         }
-        let selected = |p: bool, c: bool| f32::from(u8::from(p && c));
+        let selected = |p: bool, c: bool| u8::from(p && c);
         if pattern {
-            let data: Vec<f32> = ch_sel
+            let data: Vec<u8> = ch_sel
                 .iter()
                 .flat_map(|&c| pos_sel.iter().map(move |&p| selected(p, c)))
                 .collect();
             Tensor::from_vec(data, (1, width, seq, 1), device)
         } else {
-            let data: Vec<f32> = pos_sel
+            let data: Vec<u8> = pos_sel
                 .iter()
                 .flat_map(|&p| ch_sel.iter().map(move |&c| selected(p, c)))
                 .collect();
@@ -583,6 +634,12 @@ mod tests {
             HookPoint::Embed,
             HookPoint::PosEmbed,
             HookPoint::ResidPre(3),
+            HookPoint::Ln1Scale(2),
+            HookPoint::Ln1Normalized(2),
+            HookPoint::AttnScores(4),
+            HookPoint::Ln2Scale(3),
+            HookPoint::Ln2Normalized(3),
+            HookPoint::LnFinalScale,
             HookPoint::AttnQ(1),
             HookPoint::AttnK(2),
             HookPoint::AttnV(3),
@@ -593,6 +650,7 @@ mod tests {
             HookPoint::AttnOut(0),
             HookPoint::ResidMid(11),
             HookPoint::MlpPre(2),
+            HookPoint::MlpPreLinear(2),
             HookPoint::MlpPost(2),
             HookPoint::MlpOut(7),
             HookPoint::ResidPost(1),

@@ -168,18 +168,59 @@ impl Norm {
             // Training on CPU: fused standardisation with its own backward pass.
             return normed.broadcast_mul(&self.weight)?.broadcast_add(b);
         }
-        let dtype = x.dtype();
+        self.composed(x, None)
+    }
+
+    /// [`Norm::forward`] with its two hook points, as TransformerLens has them: `scale` (the
+    /// divisor per token, `[.., 1]`) and `normalized` (the input divided by it, before the gain
+    /// and bias). The norm runs unfused only when one of them is hooked.
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        hooks: &mut HookRunner,
+        scale: HookPoint,
+        normalized: HookPoint,
+    ) -> candle_core::Result<Tensor> {
+        if hooks.touches(scale) || hooks.touches(normalized) {
+            self.composed(x, Some((hooks, scale, normalized)))
+        } else {
+            self.forward(x, hooks.needs_grad())
+        }
+    }
+
+    /// The gain and bias, applied to a normalised value (what `hook_normalized` holds): the
+    /// norm's output in the gain's dtype.
+    pub fn affine(&self, normalized: &Tensor) -> candle_core::Result<Tensor> {
+        let y = normalized
+            .to_dtype(self.weight.dtype())?
+            .broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The norm from candle ops (differentiable, any dtype; statistics in f32 or f64), through
+    /// the scale and normalized hook points when `hooks` are given.
+    fn composed(
+        &self,
+        x: &Tensor,
+        mut hooks: Option<(&mut HookRunner, HookPoint, HookPoint)>,
+    ) -> candle_core::Result<Tensor> {
         let x = upcast(x)?;
         let x = match self.kind {
             NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?)?,
             NormKind::RmsNorm => x,
         };
-        let normed = x.broadcast_div(&(x.sqr()?.mean_keepdim(LAST)? + self.eps)?.sqrt()?)?;
-        let y = normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let mut divisor = (x.sqr()?.mean_keepdim(LAST)? + self.eps)?.sqrt()?;
+        if let Some((runner, scale, _)) = hooks.as_mut() {
+            divisor = runner.hook(*scale, divisor)?;
         }
+        let mut normed = x.broadcast_div(&divisor)?;
+        if let Some((runner, _, normalized)) = hooks.as_mut() {
+            normed = runner.hook(*normalized, normed)?;
+        }
+        self.affine(&normed)
     }
 }
 
@@ -338,12 +379,12 @@ impl Attention {
         }
         *kv = Some((k.clone(), v.clone()));
         let scale = 1.0 / (hd as f64).sqrt();
+        let scores_point = HookPoint::AttnScores(layer);
         let pattern_point = HookPoint::AttnPattern(layer);
         // The fused kernel masks causally from one offset (ragged rows take the mask) and never
-        // forms the pattern.
-        if let (false, false, Positions::From(offset)) =
-            (needs_grad, hooks.touches(pattern_point), positions)
-        {
+        // forms the scores or the pattern.
+        let formed = hooks.touches(scores_point) || hooks.touches(pattern_point);
+        if let (false, false, Positions::From(offset)) = (needs_grad, formed, positions) {
             let fused =
                 kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
             if let Some(z) = fused {
@@ -351,7 +392,12 @@ impl Attention {
                 return linear(&z, &self.out);
             }
         }
-        let pattern = attention_pattern(&q, &k, mask, scale, needs_grad)?;
+        let mut scores = attention_scores(&q, &k, mask, scale)?;
+        if hooks.touches(scores_point) {
+            // The mask again after the interventions: none may unmask a key.
+            scores = hooks.hook(scores_point, scores)?.broadcast_add(mask)?; // [b, heads, s, t]
+        }
+        let pattern = softmax(&scores, needs_grad)?;
         let pattern = hooks.hook(pattern_point, pattern)?; // [b, heads, s, t]
         let z = weighted_values(&pattern, &v, q.dtype())?;
         let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
@@ -388,7 +434,7 @@ pub(super) fn composed_attention(
     scale: f64,
     needs_grad: bool,
 ) -> candle_core::Result<Tensor> {
-    let pattern = attention_pattern(q, k, mask, scale, needs_grad)?;
+    let pattern = softmax(&attention_scores(q, k, mask, scale)?, needs_grad)?;
     weighted_values(&pattern, v, q.dtype())
 }
 
@@ -404,22 +450,25 @@ fn repeat_kv(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((b, heads, t, hd))
 }
 
-/// `softmax(q·kᵀ·scale + mask)`: the attention pattern `[batch, heads, seq, total]`, in f32
-/// (or f64) whatever the run dtype.
-fn attention_pattern(
+/// `q·kᵀ·scale + mask`: the attention scores `[batch, heads, seq, total]`, in f32 (or f64)
+/// whatever the run dtype, −∞ where the mask hides a key.
+fn attention_scores(
     q: &Tensor,
     k: &Tensor,
     mask: &Tensor,
     scale: f64,
-    needs_grad: bool,
 ) -> candle_core::Result<Tensor> {
     let k = repeat_kv(k, q.dim(1)?)?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = upcast(&scores)?.broadcast_add(mask)?;
+    upcast(&scores)?.broadcast_add(mask)
+}
+
+/// The attention pattern from the scores: a softmax over keys.
+fn softmax(scores: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
     if needs_grad {
-        candle_nn::ops::softmax(&scores, LAST)
+        candle_nn::ops::softmax(scores, LAST)
     } else {
-        candle_nn::ops::softmax_last_dim(&scores)
+        candle_nn::ops::softmax_last_dim(scores)
     }
 }
 
@@ -528,7 +577,8 @@ impl Mlp {
                 act,
             } => {
                 let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, gate)?)?; // [b, s, d_mlp]
-                let post = (act.forward(&pre)? * linear(x, up)?)?;
+                let up = hooks.hook(HookPoint::MlpPreLinear(layer), linear(x, up)?)?; // [b, s, d_mlp]
+                let post = (act.forward(&pre)? * up)?;
                 let post = hooks.hook(HookPoint::MlpPost(layer), post)?; // [b, s, d_mlp]
                 linear(&post, down)
             }
@@ -586,21 +636,31 @@ impl Block {
         mask: &Tensor,
         hooks: &mut HookRunner,
     ) -> candle_core::Result<Tensor> {
-        let grad = hooks.needs_grad();
         let resid_pre = hooks.hook(HookPoint::ResidPre(layer), resid_pre)?; // [b, s, d_model]
-        let attn_in = self.ln_attn.forward(&resid_pre, grad)?;
+        let (ln2_scale, ln2_normalized) =
+            (HookPoint::Ln2Scale(layer), HookPoint::Ln2Normalized(layer));
+        let attn_in = self.ln_attn.forward_hooked(
+            &resid_pre,
+            hooks,
+            HookPoint::Ln1Scale(layer),
+            HookPoint::Ln1Normalized(layer),
+        )?;
         let attn_out = self
             .attn
             .forward(&attn_in, layer, kv, positions, mask, hooks)?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
-            let mlp_in = self.ln_mlp.forward(&resid_pre, grad)?;
+            let mlp_in =
+                self.ln_mlp
+                    .forward_hooked(&resid_pre, hooks, ln2_scale, ln2_normalized)?;
             let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
             let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
             ((resid_pre + attn_out)? + mlp_out)?
         } else {
             let resid_mid = hooks.hook(HookPoint::ResidMid(layer), (resid_pre + attn_out)?)?; // [b, s, d_model]
-            let mlp_in = self.ln_mlp.forward(&resid_mid, grad)?;
+            let mlp_in =
+                self.ln_mlp
+                    .forward_hooked(&resid_mid, hooks, ln2_scale, ln2_normalized)?;
             let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
             let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
             (resid_mid + mlp_out)?
@@ -738,6 +798,8 @@ impl Transformer {
         for (l, block) in self.blocks.iter().enumerate() {
             points.extend([
                 HookPoint::ResidPre(l),
+                HookPoint::Ln1Scale(l),
+                HookPoint::Ln1Normalized(l),
                 HookPoint::AttnQ(l),
                 HookPoint::AttnK(l),
                 HookPoint::AttnV(l),
@@ -746,6 +808,7 @@ impl Transformer {
                 points.extend([HookPoint::AttnRotQ(l), HookPoint::AttnRotK(l)]);
             }
             points.extend([
+                HookPoint::AttnScores(l),
                 HookPoint::AttnPattern(l),
                 HookPoint::AttnZ(l),
                 HookPoint::AttnOut(l),
@@ -754,13 +817,20 @@ impl Transformer {
                 points.push(HookPoint::ResidMid(l));
             }
             points.extend([
+                HookPoint::Ln2Scale(l),
+                HookPoint::Ln2Normalized(l),
                 HookPoint::MlpPre(l),
+            ]);
+            if matches!(block.mlp, Mlp::Gated { .. }) {
+                points.push(HookPoint::MlpPreLinear(l));
+            }
+            points.extend([
                 HookPoint::MlpPost(l),
                 HookPoint::MlpOut(l),
                 HookPoint::ResidPost(l),
             ]);
         }
-        points.push(HookPoint::LnFinal);
+        points.extend([HookPoint::LnFinalScale, HookPoint::LnFinal]);
         points
     }
 
@@ -847,8 +917,9 @@ impl Transformer {
                 row.extend((start..start + s).map(Some));
             }
         }
-        let x = self.ln_final.forward(&x, hooks.needs_grad())?;
-        let x = hooks.hook(HookPoint::LnFinal, x)?; // [b, s, d_model]
+        let x =
+            self.ln_final
+                .forward_hooked(&x, hooks, HookPoint::LnFinalScale, HookPoint::LnFinal)?; // [b, s, d_model]
         linear(&x, &Linear::new(self.unembed.clone(), None))
     }
 
