@@ -9,6 +9,7 @@ use crate::features::steer::{SteerMode, parse_steers, steering_hooks};
 use crate::model::Hooks;
 use crate::model::generate::{GenerateOptions, Sampling, generate};
 use crate::sae::codes::check_sae_fits;
+use crate::steering::SteeringVectors;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -49,6 +50,17 @@ pub struct GenerateArgs {
     /// the feature's decoder direction.
     #[arg(long, value_enum, default_value = "clamp")]
     steer_mode: SteerModeArg,
+    /// Add a steering vector file (`monoscope vector`) at its hooks, on every position.
+    #[arg(long, value_name = "FILE")]
+    vector: Option<std::path::PathBuf>,
+    /// How many times the vector is added (negative: steer away).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        requires = "vector",
+        allow_negative_numbers = true
+    )]
+    coefficient: f64,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -99,6 +111,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         _ => (Hooks::new(), None),
     };
+    let (hooks, vector) = match &args.vector {
+        Some(path) => {
+            let vectors = SteeringVectors::load(path, &model)?;
+            let hooks = vectors.add_to(hooks, args.coefficient, &model.device)?;
+            let info = serde_json::json!({
+                "file": path.display().to_string(),
+                "hooks": vectors.vectors.iter().map(|v| v.hook.to_string()).collect::<Vec<_>>(),
+                "coefficient": args.coefficient,
+            });
+            (hooks, Some(info))
+        }
+        None => (hooks, None),
+    };
     let generation = generate(&model, &ids, &options, &hooks)?;
     if args.json {
         return print_json(&serde_json::json!({
@@ -106,11 +131,15 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "prompt": args.prompt,
             "prompt_tokens": model.tokenizer.tokens_display(&ids),
             "steering": steering,
+            "vector": vector,
             "generation": generation,
         }));
     }
     if let Some(info) = &steering {
         eprintln!("steering: {info}");
+    }
+    if let Some(info) = &vector {
+        eprintln!("steering vector: {info}");
     }
     println!("{}{}", args.prompt, generation.text);
     if args.top_k_probs > 0 {

@@ -13,6 +13,7 @@ mod path_patch;
 mod sae;
 mod trace;
 mod trace_fact;
+mod vector;
 mod world;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,10 @@ enum Command {
     /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
     /// brings the answer back after the subject is corrupted; suggests the edit layer.
     TraceFact(Box<trace_fact::TraceFactArgs>),
+    /// A steering vector from contrasting prompts (activation addition): the mean activation
+    /// of prompts that show a behaviour minus that of prompts that do not, at chosen hooks;
+    /// `generate --vector` adds it while the model runs.
+    Vector(Box<vector::VectorArgs>),
     /// Edit a fact (ROME; MEMIT-style batches with --batch), check it on paraphrases,
     /// neighbours and Japanese, save the edited model; `edit eval` scores many edits.
     Edit(Box<edit::EditArgs>),
@@ -173,6 +178,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Patch(args) => patch::run(&args),
         Command::PathPatch(args) => path_patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
+        Command::Vector(args) => vector::run(&args),
         Command::Edit(args) => edit::run(&args),
     }?;
     Ok(ExitCode::SUCCESS)
