@@ -11,9 +11,10 @@ use common::down_proj;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{By, NodeT, Queryable};
 use monoscope::gui::{App, GuiOptions, PanelKind, Remembered};
-use monoscope::model::generate::next_token_top_k;
-use monoscope::model::{Hooks, Model};
+use monoscope::model::generate::{GenerateOptions, generate, next_token_top_k};
+use monoscope::model::{HookPoint, Hooks, Model};
 use monoscope::path_patching::{PathRequest, Receiver, path_patch};
+use monoscope::steering::{Readout, SteeringVectors};
 
 fn harness() -> Harness<'static, App> {
     harness_with(App::new(GuiOptions::default(), Remembered::default()))
@@ -269,6 +270,50 @@ fn the_playground_shows_the_models_prediction_for_a_typed_prompt() {
     h.get_by_label(&format!("#{strongest}")).click();
     let page = format!("Feature #{strongest}");
     wait_for(&mut h, &page, |h| has_label(h, &page));
+}
+
+/// A steering vector typed into the Playground — one Japanese and one English sentence —
+/// steers its continuation exactly as the library's vector at the middle block does.
+#[test]
+fn a_steering_vector_from_typed_prompts_steers_the_playgrounds_continuation() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    let prompt = "The capital of Germany is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.get_by_label("steer with a vector").click();
+    h.step();
+    let (positive, negative) = ("日本の首都は東京です。", "The capital of Japan is Tokyo.");
+    replace_text(&mut h, "positive prompts, one per line", positive);
+    replace_text(&mut h, "negative prompts, one per line", negative);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Generate")
+        .click();
+    let note = "vector at blocks.3.hook_resid_post";
+    wait_for(&mut h, note, |h| has_label(h, note));
+
+    let model = h.state().workbench.model.clone().unwrap();
+    let vectors = SteeringVectors::from_contrast(
+        &model,
+        &[HookPoint::ResidPost(3)],
+        &[positive.to_string()],
+        &[negative.to_string()],
+        Readout::Mean,
+    )
+    .unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let hooks = vectors.add_to(Hooks::new(), 2.0, &model.device).unwrap();
+    let steered = generate(&model, &ids, &options, &hooks).unwrap().text;
+    let plain = generate(&model, &ids, &options, &Hooks::new())
+        .unwrap()
+        .text;
+    assert_ne!(steered, plain, "the vector should change the continuation");
+    for text in [plain, steered] {
+        let row = format!("{prompt}⟨{text}⟩");
+        assert!(has_label(&h, &row), "no row {row:?}");
+    }
 }
 
 #[test]

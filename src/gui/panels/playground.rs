@@ -1,5 +1,6 @@
 //! Playground: a prompt's tokens (coloured by a feature or neuron), the next-token
-//! distribution, and generation with and without feature steering.
+//! distribution, and generation with and without steering — by SAE features, by a vector from
+//! contrasting prompts, or both.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
+use crate::steering::{Readout, SteeringVectors};
 
 /// What colours the token chips.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,6 +41,36 @@ struct Reading {
 struct Continuations {
     plain: String,
     steered: Option<String>,
+    /// The steering vector used, described (hook, norms).
+    vector: Option<String>,
+}
+
+/// A steering vector made from two lists of prompts when Generate is pressed.
+#[derive(Clone)]
+struct VectorForm {
+    on: bool,
+    /// One prompt per line.
+    positive: String,
+    negative: String,
+    /// Empty: the middle block's `hook_resid_post`.
+    hook: String,
+    coefficient: f64,
+}
+
+impl Default for VectorForm {
+    fn default() -> Self {
+        Self {
+            on: false,
+            positive:
+                "日本の首都は東京です。\nフランスの首都はパリです。\nイタリアの通貨はユーロです。"
+                    .into(),
+            negative: "The capital of Japan is Tokyo.\nThe capital of France is Paris.\n\
+                       The currency of Italy is the euro."
+                .into(),
+            hook: String::new(),
+            coefficient: 2.0,
+        }
+    }
 }
 
 pub struct Playground {
@@ -54,6 +86,7 @@ pub struct Playground {
     steers: Vec<Steer>,
     steer_mode: SteerMode,
     max_new_tokens: usize,
+    vector: VectorForm,
     continuations: Option<Continuations>,
     generate_job: Option<Job<Continuations>>,
 }
@@ -72,6 +105,7 @@ impl Default for Playground {
             steers: Vec::new(),
             steer_mode: SteerMode::Add,
             max_new_tokens: 12,
+            vector: VectorForm::default(),
             continuations: None,
             generate_job: None,
         }
@@ -301,6 +335,7 @@ impl Playground {
         if let Some(i) = remove {
             self.steers.remove(i);
         }
+        vector_form(ui, &mut self.vector, model);
         let running = self.generate_job.is_some();
         if ui
             .add_enabled(!running, egui::Button::new("Generate"))
@@ -312,8 +347,10 @@ impl Playground {
             let steers = self.steers.clone();
             let mode = self.steer_mode;
             let n = self.max_new_tokens;
+            let vector = self.vector.clone();
             self.generate_job = Some(wb.spawn("generate", move |_| {
-                continue_prompt(&model, sae.as_deref(), &prompt, &steers, mode, n)
+                let sae_steering = sae.as_deref().map(|s| (s, steers.as_slice(), mode));
+                continue_prompt(&model, sae_steering, &vector, &prompt, n)
             }));
         }
         if running {
@@ -330,6 +367,11 @@ impl Playground {
                     if let Some(steered) = &c.steered {
                         ui.label("steered");
                         ui.label(format!("{}⟨{}⟩", self.prompt, steered));
+                        ui.end_row();
+                    }
+                    if let Some(vector) = &c.vector {
+                        ui.label("");
+                        ui.weak(vector);
                         ui.end_row();
                     }
                 });
@@ -462,12 +504,54 @@ fn read_prompt(
     })
 }
 
+/// The hook a steering vector is read and added at when the form names none: the residual
+/// stream after the middle block.
+fn default_vector_hook(model: &Model) -> String {
+    HookPoint::ResidPost(model.dims().n_layers.saturating_sub(1) / 2).to_string()
+}
+
+/// The steering-vector controls: on/off, hook, coefficient, and the two prompt lists.
+fn vector_form(ui: &mut egui::Ui, form: &mut VectorForm, model: &Model) {
+    ui.horizontal(|ui| {
+        ui.checkbox(&mut form.on, "steer with a vector")
+            .on_hover_text(
+                "activation addition: the mean activation of the positive prompts minus that of \
+             the negative ones, added × coefficient at the hook on every token",
+            );
+        let label = ui.label("vector hook");
+        ui.add(
+            egui::TextEdit::singleline(&mut form.hook)
+                .desired_width(220.0)
+                .hint_text(default_vector_hook(model)),
+        )
+        .labelled_by(label.id);
+        ui.add(egui::Slider::new(&mut form.coefficient, -10.0..=10.0).text("coefficient"));
+    });
+    if !form.on {
+        return;
+    }
+    ui.columns(2, |columns| {
+        for (ui, (name, prompts)) in columns.iter_mut().zip([
+            ("positive prompts, one per line", &mut form.positive),
+            ("negative prompts, one per line", &mut form.negative),
+        ]) {
+            let label = ui.label(name);
+            ui.add(
+                egui::TextEdit::multiline(prompts)
+                    .desired_rows(3)
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(label.id);
+        }
+    });
+}
+
+/// The plain continuation, and the steered one when SAE features or a vector steer.
 fn continue_prompt(
     model: &Model,
-    sae: Option<&OpenSae>,
+    sae_steering: Option<(&OpenSae, &[Steer], SteerMode)>,
+    vector: &VectorForm,
     prompt: &str,
-    steers: &[Steer],
-    mode: SteerMode,
     max_new_tokens: usize,
 ) -> anyhow::Result<Continuations> {
     let ids = model.encode_prompt(prompt)?;
@@ -476,12 +560,54 @@ fn continue_prompt(
         ..Default::default()
     };
     let plain = generate(model, &ids, &options, &Hooks::new())?.text;
-    let steered = match sae {
-        Some(s) if !steers.is_empty() => {
-            let hooks = steering_hooks(&s.sae.sae, s.hook, steers, mode, &model.device)?;
-            Some(generate(model, &ids, &options, &hooks)?.text)
-        }
+    let mut hooks = match sae_steering {
+        Some((s, steers, mode)) if !steers.is_empty() => Some(steering_hooks(
+            &s.sae.sae,
+            s.hook,
+            steers,
+            mode,
+            &model.device,
+        )?),
         _ => None,
     };
-    Ok(Continuations { plain, steered })
+    let mut described = None;
+    if vector.on {
+        let hook = match vector.hook.trim() {
+            "" => default_vector_hook(model),
+            named => named.to_string(),
+        };
+        let lines = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let vectors = SteeringVectors::from_contrast(
+            model,
+            &model.resolve_hooks(&[&hook])?,
+            &lines(&vector.positive),
+            &lines(&vector.negative),
+            Readout::Mean,
+        )?;
+        let v = &vectors.vectors[0];
+        let norm = v.vector.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        described = Some(format!(
+            "vector at {}: norm {norm:.2} (the activations it came from: {:.2}), × {:.2}",
+            v.hook,
+            v.activation_norm.unwrap_or_default(),
+            vector.coefficient
+        ));
+        hooks =
+            Some(vectors.add_to(hooks.unwrap_or_default(), vector.coefficient, &model.device)?);
+    }
+    let steered = match hooks {
+        Some(hooks) => Some(generate(model, &ids, &options, &hooks)?.text),
+        None => None,
+    };
+    Ok(Continuations {
+        plain,
+        steered,
+        vector: described,
+    })
 }
