@@ -545,17 +545,14 @@ pub fn average(reports: &[PatchReport]) -> Result<PatchReport> {
             ),
         });
     }
-    let n = reports.len() as f64;
-    let mean = |f: &dyn Fn(&PatchReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
-    let clean = mean(&|r| f64::from(r.clean_logit_diff));
-    let corrupted = mean(&|r| f64::from(r.corrupted_logit_diff));
+    let anchors: Vec<(f32, f32)> = reports
+        .iter()
+        .map(|r| (r.clean_logit_diff, r.corrupted_logit_diff))
+        .collect();
+    let pair_average = PairAverage::new(&anchors);
     // One cell of every report, as the averaged normalised score.
     let cell = |value: &dyn Fn(&PatchReport) -> f32| -> f32 {
-        let raw = mean(&|r| {
-            let span = f64::from(r.clean_logit_diff) - f64::from(r.corrupted_logit_diff);
-            f64::from(r.corrupted_logit_diff) + f64::from(value(r)) * span
-        });
-        ((raw - corrupted) / (clean - corrupted)) as f32
+        pair_average.cell(reports.iter().map(value))
     };
     let grids = first
         .grids
@@ -599,12 +596,60 @@ pub fn average(reports: &[PatchReport]) -> Result<PatchReport> {
         differing,
         answer: first.answer.clone(),
         wrong: first.wrong.clone(),
-        clean_logit_diff: clean as f32,
-        corrupted_logit_diff: corrupted as f32,
+        clean_logit_diff: pair_average.clean(),
+        corrupted_logit_diff: pair_average.corrupted(),
         direction: first.direction,
         grids,
         pairs: reports.iter().map(|r| r.pairs).sum(),
     })
+}
+
+/// Averages a cell's normalised scores over prompt pairs the way circuit studies average a
+/// dataset: each score back to its pair's logit difference, the mean taken, then normalised
+/// with the mean clean and corrupted logit differences (a mean of the ratios would weigh up
+/// pairs whose clean and corrupted runs differ little).
+pub(crate) struct PairAverage {
+    /// Each pair's (clean, corrupted) logit difference.
+    anchors: Vec<(f64, f64)>,
+    clean: f64,
+    corrupted: f64,
+}
+
+impl PairAverage {
+    pub(crate) fn new(anchors: &[(f32, f32)]) -> Self {
+        let anchors: Vec<(f64, f64)> = anchors
+            .iter()
+            .map(|&(c, k)| (f64::from(c), f64::from(k)))
+            .collect();
+        let n = anchors.len().max(1) as f64;
+        Self {
+            clean: anchors.iter().map(|a| a.0).sum::<f64>() / n,
+            corrupted: anchors.iter().map(|a| a.1).sum::<f64>() / n,
+            anchors,
+        }
+    }
+
+    /// The mean clean logit difference.
+    pub(crate) fn clean(&self) -> f32 {
+        self.clean as f32
+    }
+
+    /// The mean corrupted logit difference.
+    pub(crate) fn corrupted(&self) -> f32 {
+        self.corrupted as f32
+    }
+
+    /// One cell: `scores` holds each pair's normalised score, in the anchors' order.
+    pub(crate) fn cell(&self, scores: impl Iterator<Item = f32>) -> f32 {
+        let raw = self
+            .anchors
+            .iter()
+            .zip(scores)
+            .map(|(&(clean, corrupted), score)| corrupted + f64::from(score) * (clean - corrupted))
+            .sum::<f64>()
+            / self.anchors.len().max(1) as f64;
+        ((raw - self.corrupted) / (self.clean - self.corrupted)) as f32
+    }
 }
 
 /// Report `r`'s grid `g`: the patched cells, or the attribution estimate.

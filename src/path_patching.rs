@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
-use crate::patching::{BATCH, Direction, PairedRuns, PatchRequest, splice};
+use crate::patching::{BATCH, Direction, PairAverage, PairedRuns, PatchRequest, splice};
 
 /// Which input of a receiving head the sender's effect is let into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -176,6 +176,9 @@ pub struct PathReport {
     /// `senders[layer][head]`: the normalised logit difference with that head's effect let
     /// through the path alone, for the layers that can reach the receivers.
     pub senders: Vec<Vec<f32>>,
+    /// Prompt pairs averaged into this report ([`average`]; 1 for one pair). Tokens and
+    /// answers are the first pair's.
+    pub pairs: usize,
 }
 
 impl PathReport {
@@ -263,7 +266,55 @@ pub fn path_patch(
             .chunks(dims.n_heads.max(1))
             .map(<[f32]>::to_vec)
             .collect(),
+        pairs: 1,
     }))
+}
+
+/// Several prompt pairs' reports (same receivers and direction) as one, as path-patching
+/// studies average a dataset: each sender's logit difference averaged over the pairs, then
+/// normalised with the averaged anchors. Cells are per head, not per position, so the pairs
+/// may differ in length.
+pub fn average(reports: &[PathReport]) -> Result<PathReport> {
+    let first = reports.first().ok_or_else(|| Error::InvalidArgument {
+        what: "prompt pairs",
+        value: "none".into(),
+        message: "name at least one pair".into(),
+    })?;
+    let shape = |r: &PathReport| (r.receivers.clone(), r.direction, r.senders.len());
+    if let Some((i, r)) = reports
+        .iter()
+        .enumerate()
+        .find(|(_, r)| shape(r) != shape(first))
+    {
+        return Err(Error::InvalidArgument {
+            what: "prompt pair",
+            value: format!("{} (pair {})", r.clean_tokens.concat(), i + 1),
+            message: "was patched to other receivers or in the other direction than the first"
+                .into(),
+        });
+    }
+    let anchors: Vec<(f32, f32)> = reports
+        .iter()
+        .map(|r| (r.clean_logit_diff, r.corrupted_logit_diff))
+        .collect();
+    let pair_average = PairAverage::new(&anchors);
+    let senders = first
+        .senders
+        .iter()
+        .enumerate()
+        .map(|(l, row)| {
+            (0..row.len())
+                .map(|h| pair_average.cell(reports.iter().map(|r| r.senders[l][h])))
+                .collect()
+        })
+        .collect();
+    Ok(PathReport {
+        clean_logit_diff: pair_average.clean(),
+        corrupted_logit_diff: pair_average.corrupted(),
+        senders,
+        pairs: reports.iter().map(|r| r.pairs).sum(),
+        ..first.clone()
+    })
 }
 
 /// `[rows, 1, n_heads·d_head]` 0/1: row `i` selects its sender's columns if the sender is in

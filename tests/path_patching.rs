@@ -323,3 +323,70 @@ fn the_path_patch_command_agrees_with_patch_on_the_last_layer() {
         serde_json::json!(["4.0:q", "4.0:k", "4.0:v"])
     );
 }
+
+/// `path-patch --pairs` averages a dataset the way `patch --pairs` does: each sender's logit
+/// difference, recovered from every pair's own report, averaged, then normalised with the
+/// averaged anchors — here two pairs of different lengths on the world model.
+#[test]
+fn path_patching_pairs_averages_each_senders_logit_difference() {
+    let pairs = [
+        ("The capital of Japan is", "The capital of France is"),
+        (
+            "The largest city of Japan is",
+            "The largest city of France is",
+        ),
+    ];
+    let single = |(clean, corrupted): (&str, &str)| {
+        monoscope_json(&[
+            "path-patch",
+            "--clean",
+            clean,
+            "--corrupted",
+            corrupted,
+            "--json",
+        ])
+    };
+    let reports: Vec<serde_json::Value> = pairs.iter().map(|&p| single(p)).collect();
+    let lengths: Vec<usize> = reports
+        .iter()
+        .map(|r| r["clean_tokens"].as_array().unwrap().len())
+        .collect();
+    assert_ne!(lengths[0], lengths[1], "the pairs should differ in length");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("pairs.tsv");
+    let lines: Vec<String> = pairs.iter().map(|(c, k)| format!("{c}\t{k}")).collect();
+    std::fs::write(&file, format!("# clean\tcorrupted\n{}\n", lines.join("\n"))).unwrap();
+    let averaged = monoscope_json(&["path-patch", "--pairs", file.to_str().unwrap(), "--json"]);
+    assert_eq!(averaged["pairs"], 2);
+    let number = |v: &serde_json::Value| v.as_f64().unwrap();
+    let anchors: Vec<(f64, f64)> = reports
+        .iter()
+        .map(|r| {
+            (
+                number(&r["clean_logit_diff"]),
+                number(&r["corrupted_logit_diff"]),
+            )
+        })
+        .collect();
+    let clean = (anchors[0].0 + anchors[1].0) / 2.0;
+    let corrupted = (anchors[0].1 + anchors[1].1) / 2.0;
+    assert!((number(&averaged["clean_logit_diff"]) - clean).abs() < 1e-4);
+    let rows = averaged["senders"].as_array().unwrap();
+    assert_eq!(rows.len(), reports[0]["senders"].as_array().unwrap().len());
+    for (l, row) in rows.iter().enumerate() {
+        for (h, cell) in row.as_array().unwrap().iter().enumerate() {
+            let raw: f64 = reports
+                .iter()
+                .zip(&anchors)
+                .map(|(r, &(c, k))| k + number(&r["senders"][l][h]) * (c - k))
+                .sum::<f64>()
+                / 2.0;
+            let want = (raw - corrupted) / (clean - corrupted);
+            assert!(
+                (number(cell) - want).abs() < 1e-4,
+                "head {l}.{h}: {} against {want}",
+                number(cell)
+            );
+        }
+    }
+}

@@ -141,7 +141,9 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
 }
 
 /// The pairs of a `--pairs` file, each with where it was read (for errors).
-fn read_pairs(path: &std::path::Path) -> anyhow::Result<Vec<(String, [Option<String>; 4])>> {
+pub(super) fn read_pairs(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<(String, [Option<String>; 4])>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading prompt pairs from {}", path.display()))?;
     let mut pairs = Vec::new();

@@ -6,24 +6,30 @@ use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::patching::{Direction, PatchRequest, PromptPair};
-use crate::path_patching::{PathReport, PathRequest, Receiver, path_patch};
+use crate::path_patching::{PathReport, PathRequest, Receiver, average, path_patch};
 
 #[derive(Args)]
 pub struct PathPatchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt whose answer is traced: "The capital of Japan is".
-    #[arg(long)]
-    clean: String,
+    #[arg(long, required_unless_present = "pairs")]
+    clean: Option<String>,
     /// The same prompt with a few tokens changed, same token count: "The capital of France is".
-    #[arg(long)]
-    corrupted: String,
+    #[arg(long, required_unless_present = "pairs")]
+    corrupted: Option<String>,
     /// The clean answer (" Tokyo"); default: the model's prediction after --clean.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pairs")]
     answer: Option<String>,
     /// The corrupted answer (" Paris"); default: the model's prediction after --corrupted.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pairs")]
     wrong: Option<String>,
+    /// Path-patch every pair of this file and average them (each sender's logit difference
+    /// averaged, then normalised with the averaged anchors). One pair per line, tab-separated:
+    /// clean, corrupted, and optionally the answer and the wrong answer; a pair's two prompts
+    /// have the same token count, pairs may differ. Blank lines and `#` lines are skipped.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["clean", "corrupted"])]
+    pairs: Option<std::path::PathBuf>,
     /// Where the paths end, comma-separated: `logits`, or heads' inputs as LAYER.HEAD:q|k|v
     /// (`4.0:q,4.0:k`: head 0 of block 4, its query and key).
     #[arg(long, value_delimiter = ',', default_value = "logits")]
@@ -44,27 +50,53 @@ pub fn run(args: &PathPatchArgs) -> anyhow::Result<()> {
     } else {
         Direction::Denoise
     };
-    let pair = PromptPair {
-        clean: &args.clean,
-        corrupted: &args.corrupted,
-        answer: args.answer.as_deref(),
-        wrong: args.wrong.as_deref(),
+    let typed: Vec<(String, [Option<String>; 4])> = match &args.pairs {
+        Some(path) => super::patch::read_pairs(path)?,
+        None => vec![(
+            "the command line".into(),
+            [
+                args.clean.clone(),
+                args.corrupted.clone(),
+                args.answer.clone(),
+                args.wrong.clone(),
+            ],
+        )],
     };
-    let request = PathRequest {
-        pair: PatchRequest::from_prompts(&model, &pair, direction)
-            .context("the prompt pair of the command line")?,
-        receivers: args.receivers.clone(),
-    };
+    let mut requests = Vec::with_capacity(typed.len());
+    for (place, [clean, corrupted, answer, wrong]) in &typed {
+        let pair = PromptPair {
+            clean: clean.as_deref().unwrap_or_default(),
+            corrupted: corrupted.as_deref().unwrap_or_default(),
+            answer: answer.as_deref(),
+            wrong: wrong.as_deref(),
+        };
+        requests.push(PathRequest {
+            pair: PatchRequest::from_prompts(&model, &pair, direction)
+                .with_context(|| format!("the prompt pair of {place}"))?,
+            receivers: args.receivers.clone(),
+        });
+    }
     install_ctrl_c("stopping after this forward pass");
+    let total: usize = requests.iter().map(|r| r.passes(&model)).sum();
     let bar = progress_bar(
-        request.passes(&model) as u64,
+        total as u64,
         "path patching {bar:30} {pos}/{len} forward passes",
     )?;
-    let report = path_patch(&model, &request, &CANCEL, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?
-    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+    let mut reports = Vec::with_capacity(requests.len());
+    for ((place, _), request) in typed.iter().zip(&requests) {
+        let before = bar.position();
+        let report = path_patch(&model, request, &CANCEL, &mut |done, _| {
+            bar.set_position(before + done as u64)
+        })
+        .with_context(|| format!("the prompt pair of {place}"))?
+        .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+        reports.push(report);
+    }
     bar.finish_and_clear();
+    let report = match reports.len() {
+        1 => reports.remove(0),
+        _ => average(&reports)?,
+    };
     if args.json {
         return print_json(&report);
     }
@@ -77,6 +109,13 @@ fn print_report(r: &PathReport) {
         Direction::Denoise => ("clean", "corrupted"),
         Direction::Noise => ("corrupted", "clean"),
     };
+    if r.pairs > 1 {
+        println!(
+            "averaged over {} prompt pairs (the answers shown are the first pair's; the logit \
+             differences are the pairs' means)",
+            r.pairs
+        );
+    }
     println!(
         "logit({}) − logit({}): clean {:.3}, corrupted {:.3}",
         r.answer, r.wrong, r.clean_logit_diff, r.corrupted_logit_diff
