@@ -25,6 +25,7 @@ pub mod neurons;
 pub mod patching;
 pub mod path_patching;
 pub mod sae;
+pub mod saliency;
 pub mod steering;
 pub mod table;
 pub mod world;

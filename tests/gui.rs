@@ -14,7 +14,9 @@ use monoscope::gui::{App, GuiOptions, PanelKind, Remembered};
 use monoscope::model::generate::{GenerateOptions, generate, next_token_top_k};
 use monoscope::model::{HookPoint, Hooks, Model};
 use monoscope::path_patching::{PathRequest, Receiver, path_patch};
+use monoscope::saliency::{SaliencyRequest, saliency};
 use monoscope::steering::{Readout, SteeringVectors};
+use std::sync::atomic::AtomicBool;
 
 fn harness() -> Harness<'static, App> {
     harness_with(App::new(GuiOptions::default(), Remembered::default()))
@@ -314,6 +316,38 @@ fn a_steering_vector_from_typed_prompts_steers_the_playgrounds_continuation() {
         let row = format!("{prompt}⟨{text}⟩");
         assert!(has_label(&h, &row), "no row {row:?}");
     }
+}
+
+/// "Colour tokens by saliency" colours the prompt by each token's integrated gradient towards
+/// the top prediction: the scale tops out where the library's report does.
+#[test]
+fn saliency_colours_the_prompt_as_the_library_attributes_it() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    let prompt = "The capital of Japan is";
+    replace_text(&mut h, "Prompt", prompt);
+    h.key_press(egui::Key::Enter);
+    h.get_by_label("saliency").click();
+    let model = h.state().workbench.model.clone().unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let top = next_token_top_k(&model, &ids, 1, &Hooks::new()).unwrap();
+    let request = SaliencyRequest {
+        position: ids.len() - 1,
+        target: top[0].id,
+        wrong: None,
+        steps: 16,
+        baseline: SaliencyRequest::default_baseline(&model),
+        ids,
+    };
+    let report = saliency(&model, &request, &AtomicBool::new(false), &mut |_, _| {})
+        .unwrap()
+        .unwrap();
+    let max = report
+        .tokens
+        .iter()
+        .fold(0f32, |m, t| m.max(t.integrated_gradients.abs()));
+    let scale = format!("colour scale: 0 … {max:.3}");
+    wait_for(&mut h, &scale, |h| has_label(h, &scale));
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod neurons;
 mod patch;
 mod path_patch;
 mod sae;
+mod saliency;
 mod trace;
 mod trace_fact;
 mod vector;
@@ -78,6 +79,9 @@ enum Command {
     /// Causal tracing of a fact: where restoring the hidden state, MLP or attention output
     /// brings the answer back after the subject is corrupted; suggests the edit layer.
     TraceFact(Box<trace_fact::TraceFactArgs>),
+    /// Which prompt tokens a prediction rests on: gradient × input and integrated gradients
+    /// at the token embeddings, per token.
+    Saliency(Box<saliency::SaliencyArgs>),
     /// A steering vector from contrasting prompts (activation addition): the mean activation
     /// of prompts that show a behaviour minus that of prompts that do not, at chosen hooks;
     /// `generate --vector` adds it while the model runs.
@@ -178,6 +182,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Patch(args) => patch::run(&args),
         Command::PathPatch(args) => path_patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
+        Command::Saliency(args) => saliency::run(&args),
         Command::Vector(args) => vector::run(&args),
         Command::Edit(args) => edit::run(&args),
     }?;

@@ -14,6 +14,7 @@ use crate::gui::workbench::{OpenSae, PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::generate::{GenerateOptions, TokenProb, generate, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
+use crate::saliency::{SaliencyRequest, saliency};
 use crate::steering::{Readout, SteeringVectors};
 
 /// What colours the token chips.
@@ -21,8 +22,16 @@ use crate::steering::{Readout, SteeringVectors};
 enum ColourBy {
     Nothing,
     Feature(u32),
-    Neuron { layer: usize, index: usize },
+    Neuron {
+        layer: usize,
+        index: usize,
+    },
+    /// Each token's integrated gradient towards the most likely next token.
+    Saliency,
 }
+
+/// Integrated-gradients steps for the saliency colouring.
+const SALIENCY_STEPS: usize = 16;
 
 /// One forward pass over the prompt.
 struct Reading {
@@ -226,6 +235,12 @@ impl Playground {
             if l.changed() || n.changed() {
                 self.colour = self.neuron();
             }
+            ui.radio_value(&mut self.colour, ColourBy::Saliency, "saliency")
+                .on_hover_text(
+                    "integrated gradients of the most likely next token's logit at each token's \
+                     embedding, from the start token's (monoscope saliency): orange pushes \
+                     towards it, blue away",
+                );
         });
     }
 
@@ -447,7 +462,7 @@ fn read_prompt(
 ) -> anyhow::Result<Reading> {
     let ids = model.encode_prompt(prompt)?;
     let point = match colour {
-        ColourBy::Nothing => None,
+        ColourBy::Nothing | ColourBy::Saliency => None,
         ColourBy::Feature(_) => sae.map(|s| s.hook),
         ColourBy::Neuron { layer, .. } => Some(HookPoint::MlpPost(layer)),
     };
@@ -481,6 +496,25 @@ fn read_prompt(
                     .flatten_all()?
                     .to_vec1()?,
             )
+        }
+        (ColourBy::Saliency, _) => {
+            let top = top_tokens(model, &last, 1);
+            let request = SaliencyRequest {
+                position: ids.len() - 1,
+                ids: ids.clone(),
+                target: top.first().map_or(0, |t| t.id),
+                wrong: None,
+                steps: SALIENCY_STEPS,
+                baseline: SaliencyRequest::default_baseline(model),
+            };
+            let never = std::sync::atomic::AtomicBool::new(false);
+            saliency(model, &request, &never, &mut |_, _| {})?.map(|report| {
+                report
+                    .tokens
+                    .iter()
+                    .map(|t| t.integrated_gradients)
+                    .collect()
+            })
         }
         (ColourBy::Neuron { index, .. }, Some(p)) => {
             let x = out
