@@ -5,7 +5,8 @@
 //!
 //! - **Logit lens** (nostalgebraist 2020): the stream entering block 0 and leaving each block,
 //!   at one position, through the final norm and the unembedding. After the last block this
-//!   is the model's own prediction.
+//!   is the model's own prediction. With a [`TunedLens`] each depth's stream is translated
+//!   first (Belrose et al. 2023; [`crate::tuned_lens`]).
 //! - **Direct logit attribution**: the stream at the last block is the sum of the embeddings
 //!   and every block's attention and MLP outputs, so its logit for a token splits into one
 //!   term per component, with the final norm linearised at the scale of the whole stream
@@ -24,6 +25,7 @@ use crate::causal::target_token;
 use crate::error::{Error, Result};
 use crate::model::generate::{TokenProb, softmax, token_probs, top_tokens};
 use crate::model::{HookPoint, Hooks, Model};
+use crate::tuned_lens::TunedLens;
 
 /// The prediction read off the stream at one depth.
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +69,8 @@ pub struct LensReport {
     /// depths as in `lens` (nostalgebraist's picture: how early each next token appears).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grid: Option<Vec<Vec<LensCell>>>,
+    /// Whether the rows (and grid) were read through a tuned lens.
+    pub tuned: bool,
 }
 
 impl LensReport {
@@ -99,6 +103,8 @@ pub struct LensRequest {
     pub top_k: usize,
     /// Also read the lens at every position ([`LensReport::grid`]).
     pub grid: bool,
+    /// Translate each depth's stream with this tuned lens before reading it.
+    pub tuned: Option<std::sync::Arc<TunedLens>>,
 }
 
 /// The first token of `continuation` (a target or versus token, " Tokyo") as it would follow
@@ -195,10 +201,18 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         prob: probs[id as usize],
     };
 
+    // The tuned lens's translation of the stream at a depth (the identity without one, and at
+    // the last block, whose read-out is the model's own).
+    let translate = |point: HookPoint, x: Tensor| -> Result<Tensor> {
+        match request.tuned.as_ref().and_then(|l| l.translator(point)) {
+            Some(translator) => translator.apply(&x),
+            None => Ok(x),
+        }
+    };
     let mut rows = Vec::with_capacity(stream_points.len());
     let mut grid = Vec::new();
     for &point in &stream_points {
-        let logits = logits_of(&norm.forward(&at_raw(point)?, false)?)?;
+        let logits = logits_of(&norm.forward(&translate(point, at_raw(point)?)?, false)?)?;
         let probs = softmax(&logits, 1.0);
         let target_prob = probs[target_id as usize];
         rows.push(LensRow {
@@ -208,7 +222,8 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
             target_rank: probs.iter().filter(|&&p| p > target_prob).count(),
         });
         if request.grid {
-            let every = norm.forward(out.cache.require(point)?, false)?;
+            let every =
+                norm.forward(&translate(point, out.cache.require(point)?.clone())?, false)?;
             grid.push(lens_cells(model, ids, &every, request.top_k)?);
         }
     }
@@ -277,6 +292,7 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         heads,
         attention_bias,
         grid: request.grid.then_some(grid),
+        tuned: request.tuned.is_some(),
     })
 }
 

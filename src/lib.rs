@@ -28,6 +28,7 @@ pub mod sae;
 pub mod saliency;
 pub mod steering;
 pub mod table;
+pub mod tuned_lens;
 pub mod world;
 
 pub use error::{Error, Result};

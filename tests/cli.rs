@@ -142,3 +142,21 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
     let pattern = pattern.get(0).unwrap();
     assert!(max_relative_error(&pattern, &tensors["p0.blocks.1.attn.hook_pattern"]) < 1e-4);
 }
+
+/// Output into a pipe whose reader has gone (`monoscope info | head -1`) ends the command
+/// quietly, as for any Unix tool — no panic from `println!` on the closed pipe.
+#[test]
+fn a_closed_output_pipe_ends_the_command_without_a_panic() {
+    let dir = fixture_dir("gpt2");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["info", "--model", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes before the first line is written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.status.success());
+}

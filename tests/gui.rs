@@ -375,6 +375,7 @@ fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
                 versus: token(versus),
                 top_k: 1,
                 grid: false,
+                tuned: None,
             },
         )
         .unwrap()

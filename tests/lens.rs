@@ -48,6 +48,7 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                         versus: with_versus,
                         top_k: 3,
                         grid: false,
+                        tuned: None,
                     },
                 )
                 .unwrap();
@@ -130,6 +131,7 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
             versus: None,
             top_k: 1,
             grid: false,
+            tuned: None,
         },
     )
     .unwrap();
@@ -152,6 +154,7 @@ fn without_a_target_the_models_prediction_is_attributed_and_half_precision_runs(
             versus: None,
             top_k: 1,
             grid: false,
+            tuned: None,
         }
     };
     let e = lens(&model, &past).unwrap_err().to_string();
@@ -186,6 +189,7 @@ fn the_grid_reads_the_lens_at_every_position_and_agrees_with_the_report() {
                 versus: None,
                 top_k: 4,
                 grid: true,
+                tuned: None,
             },
         )
         .unwrap();

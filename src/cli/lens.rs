@@ -4,6 +4,7 @@ use clap::Args;
 
 use super::{ModelArgs, print_json};
 use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
+use crate::tuned_lens::TunedLens;
 
 #[derive(Args)]
 pub struct LensArgs {
@@ -29,6 +30,10 @@ pub struct LensArgs {
     /// prompt (in JSON: `grid[depth][position]`).
     #[arg(long)]
     grid: bool,
+    /// Read the stream through this tuned lens (`monoscope tuned-lens train`) instead of the
+    /// plain logit lens.
+    #[arg(long, value_name = "FILE")]
+    tuned: Option<std::path::PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -51,6 +56,10 @@ pub fn run(args: &LensArgs) -> anyhow::Result<()> {
             position: args.position,
             top_k: args.top_k,
             grid: args.grid,
+            tuned: match &args.tuned {
+                Some(path) => Some(std::sync::Arc::new(TunedLens::load(path, &model)?)),
+                None => None,
+            },
         },
     )?;
     if args.json {
@@ -79,7 +88,13 @@ fn print_report(r: &LensReport) {
         r.tokens.concat()
     );
     let target = format!("P({:?})", r.target.token);
-    println!("\nlogit lens: the stream through the final norm and the unembedding");
+    if r.tuned {
+        println!(
+            "\ntuned lens: each depth's stream translated, then the final norm and the unembedding"
+        );
+    } else {
+        println!("\nlogit lens: the stream through the final norm and the unembedding");
+    }
     println!("{:<26} {:>10} {:>5}  top tokens", "read at", target, "rank");
     for row in &r.lens {
         let top: Vec<String> = row

@@ -14,6 +14,7 @@ mod sae;
 mod saliency;
 mod trace;
 mod trace_fact;
+mod tuned_lens;
 mod vector;
 mod world;
 
@@ -53,6 +54,10 @@ enum Command {
     /// Logit lens (what each layer's residual stream predicts) and direct logit attribution
     /// (what each attention and MLP output writes to one token's logit) for a prompt.
     Lens(Box<lens::LensArgs>),
+    /// The tuned lens: train one translator per depth on a corpus, compare it with the logit
+    /// lens; `lens --tuned FILE` reads through it.
+    #[command(subcommand)]
+    TunedLens(tuned_lens::TunedLensCommand),
     /// Attention heads scored by the standard detectors: previous-token, first-token (sink),
     /// duplicate-token and induction, on repeated random tokens or a prompt.
     Heads(Box<heads::HeadsArgs>),
@@ -163,7 +168,11 @@ impl ModelArgs {
 pub fn run() -> anyhow::Result<ExitCode> {
     crate::allocator::keep_freed_buffers();
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Gui(GuiArgs::default())) {
+    let command = cli.command.unwrap_or(Command::Gui(GuiArgs::default()));
+    if !matches!(command, Command::Gui(_)) {
+        quit_quietly_on_closed_pipe();
+    }
+    match command {
         Command::Gui(args) => crate::gui::run(crate::gui::GuiOptions {
             model: args.model,
             sae: args.sae,
@@ -183,6 +192,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::PathPatch(args) => path_patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
         Command::Saliency(args) => saliency::run(&args),
+        Command::TunedLens(command) => tuned_lens::run(&command),
         Command::Vector(args) => vector::run(&args),
         Command::Edit(args) => edit::run(&args),
     }?;
@@ -229,6 +239,19 @@ pub fn output_path(value: &str) -> Result<std::path::PathBuf, String> {
 }
 
 /// Prints a value as pretty JSON on stdout.
+/// Output piped into a reader that stops early (`monoscope lens … | head`) ends the process
+/// quietly, as it does every Unix tool, instead of panicking in `println!` on the closed pipe
+/// (Rust ignores SIGPIPE by default). Files are written under temporary names and renamed when
+/// complete, so stopping mid-command never leaves half a file. Not for the window, whose
+/// display connection is a socket.
+fn quit_quietly_on_closed_pipe() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: restores the default disposition of one signal; no handler is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())

@@ -176,6 +176,7 @@ fn read(model: &Model, q: &Query) -> anyhow::Result<LensReport> {
             versus,
             top_k: TOP_K,
             grid: true,
+            tuned: None,
         },
     )?)
 }
