@@ -350,6 +350,49 @@ fn saliency_colours_the_prompt_as_the_library_attributes_it() {
     wait_for(&mut h, &scale, |h| has_label(h, &scale));
 }
 
+/// The Lens panel reads through a tuned lens loaded from a file (its heading says so, and
+/// unticking goes back to the logit lens), and trains one as a background job that shows its
+/// progress and cancels, keeping the loaded lens.
+#[test]
+fn the_lens_panel_loads_a_tuned_lens_and_trains_one_in_the_background() {
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Lens");
+    wait_for(&mut h, "the logit lens", |h| has_label(h, "Logit lens"));
+    let model = h.state().workbench.model.clone().unwrap();
+    let mut tuned = monoscope::tuned_lens::TunedLens::identity(&model).unwrap();
+    let d = model.dims().d_model;
+    for t in &mut tuned.translators {
+        t.bias = candle_core::Tensor::randn(0f32, 1.0, d, &candle_core::Device::Cpu).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lens.safetensors");
+    tuned.save(&file).unwrap();
+    replace_text(&mut h, "or a lens file", file.to_str().unwrap());
+    h.get_by_label("Load lens").click();
+    wait_for(&mut h, "the tuned lens", |h| {
+        has_label(h, "Tuned lens") && !h.state().busy()
+    });
+    h.get_by_label("tuned lens").click();
+    wait_for(&mut h, "the logit lens again", |h| {
+        has_label(h, "Logit lens") && !has_label(h, "Tuned lens")
+    });
+    h.get_by_label("tuned lens").click();
+    wait_for(&mut h, "the tuned lens again", |h| {
+        has_label(h, "Tuned lens")
+    });
+
+    h.get_by_label("Train tuned lens").click();
+    wait_for(&mut h, "training progress", |h| {
+        !texts_containing(h, "steps ·").is_empty()
+    });
+    h.get_by_label("Cancel tuned lens").click();
+    wait_for(&mut h, "the job to stop", |h| {
+        h.query_by_label("Cancel tuned lens").is_none()
+    });
+    assert!(has_label(&h, "Tuned lens"), "the loaded lens should stay");
+}
+
 #[test]
 fn the_lens_attributes_a_typed_target_and_moves_to_a_picked_token() {
     use monoscope::lens::{LensReport, LensRequest, continuation_token, lens};

@@ -149,6 +149,10 @@ pub mod explain {
     pub const ATTRIBUTION: &str = "Integrated gradients (Dai et al. 2022): the neuron's \
         activation times the mean gradient of P(target) as the activation is scaled from 0 \
         to its value.";
+    pub const TUNED_LENS: &str = "Tuned lens (Belrose et al. 2023): each depth's stream goes \
+        through a learned affine translator before the final norm and the unembedding, trained so \
+        that its prediction matches the model's (KL); the logit lens is the untrained one. Early \
+        layers speak another basis than the unembedding, which the translators learn.";
     pub const LOGIT_LENS: &str = "Logit lens (nostalgebraist 2020): the residual stream after \
         each block, at each token, put through the final norm and the unembedding, as if the \
         model stopped there. Each cell shows the most likely next token read at that depth.";

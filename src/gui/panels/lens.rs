@@ -1,17 +1,23 @@
 //! Lens: the logit lens at every position (what the stream would predict if the model stopped
 //! after each block) and the direct logit attribution of one token's logit to the embeddings
 //! and each block's attention and MLP output (TransformerLens's `accumulated_resid` and
-//! `decompose_resid`).
+//! `decompose_resid`). A tuned lens, trained here as a background job or loaded from a file,
+//! can stand in for the logit lens.
+
+use std::sync::Arc;
 
 use egui::{Color32, Sense, Stroke, vec2};
 use egui_plot::{AxisHints, Bar, BarChart, Line, Plot, PlotPoints, uniform_grid_spacer};
 
-use super::{Panel, PanelKind, Reader, need_model};
+use super::{Panel, PanelKind, Reader, need_model, running, take};
 use crate::gui::style::{explain, heat_colour};
 use crate::gui::widgets::{display_token, entered, labelled_field, prompt_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
+use crate::jobs::Job;
 use crate::lens::{LensCell, LensReport, LensRequest, continuation_token, lens};
 use crate::model::Model;
+use crate::sae::activations::Corpus;
+use crate::tuned_lens::{TrainSettings, TunedLens, train};
 
 /// Tokens listed when a grid cell is hovered.
 const TOP_K: usize = 5;
@@ -26,6 +32,8 @@ struct Query {
     versus: String,
     /// `None`: the last token.
     position: Option<usize>,
+    /// Which tuned lens reads the stream (its number), `None`: the logit lens.
+    tuned: Option<u64>,
 }
 
 /// What colours a grid cell.
@@ -43,6 +51,31 @@ pub struct Lens {
     versus: String,
     shade: Shade,
     reader: Reader<Query, LensReport>,
+    tuned: TunedForm,
+}
+
+/// The tuned lens: one trained here or loaded, and whether the lens reads through it.
+struct TunedForm {
+    /// With the number it was made under (a new one re-reads).
+    lens: Option<(u64, Arc<TunedLens>)>,
+    made: u64,
+    on: bool,
+    tokens: u64,
+    file: String,
+    job: Option<Job<TunedLens>>,
+}
+
+impl Default for TunedForm {
+    fn default() -> Self {
+        Self {
+            lens: None,
+            made: 0,
+            on: false,
+            tokens: 50_000,
+            file: String::new(),
+            job: None,
+        }
+    }
 }
 
 impl Default for Lens {
@@ -53,6 +86,7 @@ impl Default for Lens {
             versus: String::new(),
             shade: Shade::Top,
             reader: Reader::default(),
+            tuned: TunedForm::default(),
         }
     }
 }
@@ -63,19 +97,34 @@ impl Panel for Lens {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy()
+        self.reader.busy() || running(&self.tuned.job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         self.reader.poll(wb);
+        if let Some(trained) = take(&mut self.tuned.job, wb) {
+            self.tuned.adopt(trained);
+        }
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        if self.form(ui) || self.reader.asked_mut().is_none() {
+        let asked = self.form(ui);
+        tuned_form(ui, &mut self.tuned, wb, &model);
+        if asked || self.reader.asked_mut().is_none() {
             self.reader.ask(self.query());
         }
-        self.reader
-            .run_due(wb, "logit lens", move |query, _| read(&model, query));
+        // Switching lenses re-reads the same question.
+        let reading = self.tuned.reading_number();
+        if let Some(asked) = self.reader.asked_mut() {
+            asked.tuned = reading;
+        }
+        let translators = self.tuned.reading().cloned();
+        self.reader.run_due(wb, "logit lens", move |query, _| {
+            read(&model, query, translators)
+        });
+        if let Some(job) = &self.tuned.job {
+            ui.horizontal(|ui| crate::gui::widgets::job_row(ui, job));
+        }
         if let Some(job) = self.reader.job() {
             ui.horizontal(|ui| crate::gui::widgets::job_row(ui, job));
         }
@@ -87,7 +136,10 @@ impl Panel for Lens {
         let mut picked = None;
         if let Some(grid) = &report.grid {
             ui.horizontal(|ui| {
-                ui.strong("Logit lens").on_hover_text(explain::LOGIT_LENS);
+                match report.tuned {
+                    true => ui.strong("Tuned lens").on_hover_text(explain::TUNED_LENS),
+                    false => ui.strong("Logit lens").on_hover_text(explain::LOGIT_LENS),
+                };
                 ui.label("colour:");
                 ui.radio_value(&mut self.shade, Shade::Top, "P(top token)")
                     .on_hover_text("the probability of the token written in the cell");
@@ -150,11 +202,81 @@ impl Lens {
             target: self.target.clone(),
             versus: self.versus.clone(),
             position: None,
+            tuned: self.tuned.reading_number(),
         }
     }
 }
 
-fn read(model: &Model, q: &Query) -> anyhow::Result<LensReport> {
+impl TunedForm {
+    /// The lens the rows are read through, if it is on.
+    fn reading(&self) -> Option<&Arc<TunedLens>> {
+        self.lens.as_ref().filter(|_| self.on).map(|(_, lens)| lens)
+    }
+
+    /// The number of the lens the rows are read through, if it is on.
+    fn reading_number(&self) -> Option<u64> {
+        self.lens.as_ref().filter(|_| self.on).map(|(n, _)| *n)
+    }
+
+    /// A new lens, read through at once.
+    fn adopt(&mut self, lens: TunedLens) {
+        self.made += 1;
+        self.lens = Some((self.made, Arc::new(lens)));
+        self.on = true;
+    }
+}
+
+/// Train (a background job on the world corpus) or load a tuned lens, and switch the rows to
+/// it.
+fn tuned_form(ui: &mut egui::Ui, form: &mut TunedForm, wb: &mut Workbench, model: &Arc<Model>) {
+    ui.horizontal(|ui| {
+        ui.add_enabled(
+            form.lens.is_some(),
+            egui::Checkbox::new(&mut form.on, "tuned lens"),
+        )
+        .on_hover_text(explain::TUNED_LENS)
+        .on_disabled_hover_text("train or load one first");
+        let training = form.job.is_some();
+        if ui
+            .add_enabled(!training, egui::Button::new("Train tuned lens"))
+            .on_hover_text("one translator per depth, on the world corpus; the model stays frozen")
+            .clicked()
+        {
+            let model = model.clone();
+            let tokens = form.tokens;
+            form.job = Some(wb.spawn("tuned lens", move |job| {
+                let settings = TrainSettings::new(Corpus::World { seed: 0 }, tokens);
+                train(&model, &settings, job.cancel_flag(), &mut |r| {
+                    job.set_progress(r.step, r.steps, "steps");
+                    job.set_message(format!("KL {:.3}", r.kl));
+                })?
+                .ok_or_else(|| anyhow::anyhow!("cancelled"))
+            }));
+        }
+        ui.add(
+            egui::DragValue::new(&mut form.tokens)
+                .range(512..=10_000_000)
+                .speed(1000),
+        );
+        ui.label("tokens");
+        let label = ui.label("or a lens file");
+        let field = ui
+            .add(
+                egui::TextEdit::singleline(&mut form.file)
+                    .desired_width(220.0)
+                    .hint_text("monoscope tuned-lens train --out …"),
+            )
+            .labelled_by(label.id);
+        if ui.button("Load lens").clicked() || entered(ui, &field) {
+            match TunedLens::load(std::path::Path::new(form.file.trim()), model) {
+                Ok(lens) => form.adopt(lens),
+                Err(e) => wb.error(format!("tuned lens: {e}")),
+            }
+        }
+    });
+}
+
+fn read(model: &Model, q: &Query, tuned: Option<Arc<TunedLens>>) -> anyhow::Result<LensReport> {
     let ids = model.encode_prompt(&q.prompt)?;
     // A column picked for another prompt may be past this one's end.
     let position = q.position.filter(|&p| p < ids.len());
@@ -176,7 +298,7 @@ fn read(model: &Model, q: &Query) -> anyhow::Result<LensReport> {
             versus,
             top_k: TOP_K,
             grid: true,
-            tuned: None,
+            tuned,
         },
     )?)
 }
