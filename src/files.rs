@@ -32,6 +32,18 @@ pub fn require_output_path(what: &'static str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `tensors` to `path` as safetensors, in place (wrap it in [`write_atomic`] to give
+/// a final name only to a complete file); errors name the file.
+pub fn write_safetensors(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Writes through a temporary file in the same folder, then renames into place.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     write_atomic_with(path, write)

@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{write_atomic, write_safetensors};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 
 /// Which positions of a prompt its activation is read from.
@@ -120,10 +120,7 @@ impl SteeringVectors {
             .iter()
             .map(|v| (v.hook.to_string(), v.vector.clone()))
             .collect();
-        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        write_safetensors(&tensors, path)
     }
 
     /// Reads a vector file for `model`: every tensor must be named by one of the model's

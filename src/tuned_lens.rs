@@ -24,7 +24,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{write_atomic, write_safetensors};
 use crate::model::{HookPoint, Hooks, Model};
 use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
 
@@ -97,10 +97,7 @@ impl TunedLens {
             tensors.insert(format!("{}.weight", t.hook), t.weight.to_dtype(DType::F32)?);
             tensors.insert(format!("{}.bias", t.hook), t.bias.to_dtype(DType::F32)?);
         }
-        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        write_safetensors(&tensors, path)
     }
 
     /// Reads a lens file for `model`: a weight and a bias for every depth, of the model's

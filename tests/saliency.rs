@@ -33,6 +33,21 @@ fn run(model: &Model, request: &SaliencyRequest) -> SaliencyReport {
     report
 }
 
+/// logit(17) − logit(40) at `position` (what [`request`] attributes), with `hooks`.
+fn logit_difference(model: &Model, ids: &Tensor, hooks: &Hooks, position: usize) -> f64 {
+    let logits = model
+        .forward(ids, hooks)
+        .unwrap()
+        .logits
+        .i((0, position))
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    logits[17] - logits[40]
+}
+
 fn request(model: &Model, prompt: &str, steps: usize) -> SaliencyRequest {
     let ids = model.encode_prompt(prompt).unwrap();
     SaliencyRequest {
@@ -81,17 +96,8 @@ fn integrated_gradients_are_complete() {
         );
         let mut r = request(&model, "The capital of Japan is 東京", 1);
         r.baseline = fine.baseline;
-        let logit_diff = |hooks: &Hooks| -> f32 {
-            let logits = model
-                .forward(&model.ids_tensor(&r.ids).unwrap(), hooks)
-                .unwrap()
-                .logits
-                .i((0, r.position))
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            (logits[17] - logits[40]) as f32
-        };
+        let ids = model.ids_tensor(&r.ids).unwrap();
+        let logit_diff = |hooks: &Hooks| logit_difference(&model, &ids, hooks, r.position) as f32;
         assert!((fine.value - logit_diff(&Hooks::new())).abs() < 1e-5);
         let start = match r.baseline {
             Baseline::Zero => Intervention::new(InterventionOp::Zero),
@@ -141,15 +147,8 @@ fn gradient_times_input_is_the_derivative_along_each_token() {
             let along = |eps: f64| -> f64 {
                 let bump: Tensor = (embed.i(t).unwrap() * eps).unwrap();
                 let add = Intervention::new(InterventionOp::Add(bump)).at_positions(vec![t as i64]);
-                let logits = model
-                    .forward(&ids, &Hooks::new().intervene(HookPoint::Embed, add))
-                    .unwrap()
-                    .logits
-                    .i((0, r.position))
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                logits[17] - logits[40]
+                let hooks = Hooks::new().intervene(HookPoint::Embed, add);
+                logit_difference(&model, &ids, &hooks, r.position)
             };
             let eps = 1e-5;
             let numeric = (along(eps) - along(-eps)) / (2.0 * eps);

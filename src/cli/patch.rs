@@ -73,34 +73,21 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     } else {
         Direction::Denoise
     };
-    let typed: Vec<(String, [Option<String>; 4])> = match &args.pairs {
-        Some(path) => read_pairs(path)?,
-        None => vec![(
-            "the command line".into(),
-            [
-                args.clean.clone(),
-                args.corrupted.clone(),
-                args.answer.clone(),
-                args.wrong.clone(),
-            ],
-        )],
-    };
-    let mut requests = Vec::with_capacity(typed.len());
-    for (place, [clean, corrupted, answer, wrong]) in &typed {
-        let pair = PromptPair {
-            clean: clean.as_deref().unwrap_or_default(),
-            corrupted: corrupted.as_deref().unwrap_or_default(),
-            answer: answer.as_deref(),
-            wrong: wrong.as_deref(),
-        };
-        let request = PatchRequest::from_prompts(&model, &pair, direction)
-            .with_context(|| format!("the prompt pair of {place}"))?;
-        requests.push(PatchRequest {
+    let line = [
+        args.clean.clone(),
+        args.corrupted.clone(),
+        args.answer.clone(),
+        args.wrong.clone(),
+    ];
+    let typed = pair_requests(&model, args.pairs.as_deref(), line, direction)?;
+    let requests: Vec<PatchRequest> = typed
+        .iter()
+        .map(|(_, request)| PatchRequest {
             sites: args.sites.clone(),
             attribution: args.attribution,
-            ..request
-        });
-    }
+            ..request.clone()
+        })
+        .collect();
     install_ctrl_c("stopping after this forward pass");
     let total: usize = requests.iter().map(|r| passes(&model, r)).sum();
     let bar = progress_bar(total as u64, "patching {bar:30} {pos}/{len} forward passes")?;
@@ -140,10 +127,37 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The prompt pairs a command patches — each line of `--pairs FILE`, or the one pair of the
+/// command line (`line`: clean, corrupted, answer, wrong) — as requests with where each came
+/// from, for errors and progress.
+pub(super) fn pair_requests(
+    model: &crate::model::Model,
+    pairs: Option<&std::path::Path>,
+    line: [Option<String>; 4],
+    direction: Direction,
+) -> anyhow::Result<Vec<(String, PatchRequest)>> {
+    let typed = match pairs {
+        Some(path) => read_pairs(path)?,
+        None => vec![("the command line".to_string(), line)],
+    };
+    typed
+        .into_iter()
+        .map(|(place, [clean, corrupted, answer, wrong])| {
+            let pair = PromptPair {
+                clean: clean.as_deref().unwrap_or_default(),
+                corrupted: corrupted.as_deref().unwrap_or_default(),
+                answer: answer.as_deref(),
+                wrong: wrong.as_deref(),
+            };
+            let request = PatchRequest::from_prompts(model, &pair, direction)
+                .with_context(|| format!("the prompt pair of {place}"))?;
+            Ok((place, request))
+        })
+        .collect()
+}
+
 /// The pairs of a `--pairs` file, each with where it was read (for errors).
-pub(super) fn read_pairs(
-    path: &std::path::Path,
-) -> anyhow::Result<Vec<(String, [Option<String>; 4])>> {
+fn read_pairs(path: &std::path::Path) -> anyhow::Result<Vec<(String, [Option<String>; 4])>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading prompt pairs from {}", path.display()))?;
     let mut pairs = Vec::new();

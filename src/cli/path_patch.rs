@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
-use crate::patching::{Direction, PatchRequest, PromptPair};
+use crate::patching::Direction;
 use crate::path_patching::{PathReport, PathRequest, Receiver, average, path_patch};
 
 #[derive(Args)]
@@ -50,32 +50,20 @@ pub fn run(args: &PathPatchArgs) -> anyhow::Result<()> {
     } else {
         Direction::Denoise
     };
-    let typed: Vec<(String, [Option<String>; 4])> = match &args.pairs {
-        Some(path) => super::patch::read_pairs(path)?,
-        None => vec![(
-            "the command line".into(),
-            [
-                args.clean.clone(),
-                args.corrupted.clone(),
-                args.answer.clone(),
-                args.wrong.clone(),
-            ],
-        )],
-    };
-    let mut requests = Vec::with_capacity(typed.len());
-    for (place, [clean, corrupted, answer, wrong]) in &typed {
-        let pair = PromptPair {
-            clean: clean.as_deref().unwrap_or_default(),
-            corrupted: corrupted.as_deref().unwrap_or_default(),
-            answer: answer.as_deref(),
-            wrong: wrong.as_deref(),
-        };
-        requests.push(PathRequest {
-            pair: PatchRequest::from_prompts(&model, &pair, direction)
-                .with_context(|| format!("the prompt pair of {place}"))?,
+    let line = [
+        args.clean.clone(),
+        args.corrupted.clone(),
+        args.answer.clone(),
+        args.wrong.clone(),
+    ];
+    let typed = super::patch::pair_requests(&model, args.pairs.as_deref(), line, direction)?;
+    let requests: Vec<PathRequest> = typed
+        .iter()
+        .map(|(_, pair)| PathRequest {
+            pair: pair.clone(),
             receivers: args.receivers.clone(),
-        });
-    }
+        })
+        .collect();
     install_ctrl_c("stopping after this forward pass");
     let total: usize = requests.iter().map(|r| r.passes(&model)).sum();
     let bar = progress_bar(

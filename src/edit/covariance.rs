@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{write_atomic, write_safetensors};
 use crate::model::Model;
 use crate::model::hooks::HookPoint;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
@@ -164,19 +164,11 @@ fn save(path: &Path, cov: &KeyCovariance) -> Result<()> {
     }
     let tensor = Tensor::from_vec(cov.values.clone(), (cov.d, cov.d), &Device::Cpu)?;
     let samples = Tensor::new(&[cov.samples as f64], &Device::Cpu)?;
-    write_atomic(path, |tmp| {
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([
-                ("covariance".to_string(), tensor),
-                ("samples".to_string(), samples),
-            ]),
-            tmp,
-        )
-        .map_err(|e| Error::Safetensors {
-            path: tmp.to_path_buf(),
-            message: e.to_string(),
-        })
-    })
+    let tensors = std::collections::HashMap::from([
+        ("covariance".to_string(), tensor),
+        ("samples".to_string(), samples),
+    ]);
+    write_atomic(path, |tmp| write_safetensors(&tensors, tmp))
 }
 
 fn load(path: &Path, layer: usize) -> Result<KeyCovariance> {

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::history::{AppliedEdit, EditHistory};
 use crate::error::{Error, Result};
+use crate::files::write_safetensors;
 use crate::model::Model;
 
 /// The edit log written beside the weights.
@@ -167,10 +168,7 @@ fn write_folder(model: &Model, history: &EditHistory, dir: &Path) -> Result<()> 
         }
     }
     let deltas_path = dir.join(EDIT_DELTAS);
-    candle_core::safetensors::save(&deltas, &deltas_path).map_err(|e| Error::Safetensors {
-        path: deltas_path.clone(),
-        message: e.to_string(),
-    })?;
+    write_safetensors(&deltas, &deltas_path)?;
     let path = dir.join(EDIT_LOG);
     let json = serde_json::to_string_pretty(&log).map_err(|e| Error::InvalidArgument {
         what: "edit log",
@@ -203,8 +201,5 @@ fn rewrite_safetensors(from: &Path, to: &Path, edited: &mut HashMap<String, Tens
             *tensor = new.to_dtype(tensor.dtype())?;
         }
     }
-    candle_core::safetensors::save(&tensors, to).map_err(|e| Error::Safetensors {
-        path: to.to_path_buf(),
-        message: e.to_string(),
-    })
+    write_safetensors(&tensors, to)
 }
