@@ -187,5 +187,8 @@ pub fn model_hash(dir: &Path) -> Result<String> {
 
 /// What identifies an SAE folder's content.
 pub fn sae_hash(dir: &Path) -> Result<String> {
-    content_hash(dir, &["cfg.json", "sae_weights.safetensors"])
+    content_hash(
+        dir,
+        &["cfg.json", "sae_weights.safetensors", "sae.safetensors"],
+    )
 }

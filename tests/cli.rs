@@ -143,6 +143,108 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
     assert!(max_relative_error(&pattern, &tensors["p0.blocks.1.attn.hook_pattern"]) < 1e-4);
 }
 
+/// `trace --sae` runs SAEs at their hooks (SAELens's `run_with_cache_with_saes`): each SAE's
+/// input is the hook's value, its activations are the SAE's encoding of it, and
+/// reconstruction + error give the input back; with `--splice` the reconstructions replace
+/// the hooks' values for the rest of the pass.
+#[test]
+fn trace_runs_saes_at_their_hooks_and_splices_them_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_dir("gpt_neox");
+    let sparsify = fixture_dir("gpt_neox").join("../../sparsify/gpt_neox");
+    let (attn_sae, resid_sae) = (
+        sparsify.join("layers.0.attention"),
+        sparsify.join("layers.1"),
+    );
+    let trace = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let args = [
+            &[
+                "trace",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "The capital of Japan is Tokyo.",
+                "--hooks",
+                "blocks.1.hook_resid_post",
+                "--sae",
+                resid_sae.to_str().unwrap(),
+                "--sae",
+                attn_sae.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        monoscope_json(&args);
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()
+    };
+    let plain = trace("plain.safetensors", &[]);
+    let spliced = trace("spliced.safetensors", &["--splice"]);
+    let get = |t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str| {
+        t.get(key)
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .clone()
+    };
+    let diff = common::max_abs_diff;
+
+    let resid = "blocks.1.hook_resid_post";
+    for (dir, hook) in [(&resid_sae, resid), (&attn_sae, "blocks.0.hook_attn_out")] {
+        let sae = monoscope::sae::load(dir, &Device::Cpu, DType::F32)
+            .unwrap()
+            .sae;
+        let input = get(&plain, &format!("{hook}.hook_sae_input"));
+        let acts = get(&plain, &format!("{hook}.hook_sae_acts_post"));
+        let recons = get(&plain, &format!("{hook}.hook_sae_recons"));
+        let error = get(&plain, &format!("{hook}.hook_sae_error"));
+        assert!(diff(&acts, &sae.encode(&input).unwrap()) < 1e-6, "{hook}");
+        assert!(diff(&(recons + error).unwrap(), &input) < 1e-5, "{hook}");
+    }
+    // Without --splice the SAE reads the hook and changes nothing.
+    let resid_in = get(&plain, &format!("{resid}.hook_sae_input"));
+    assert_eq!(diff(&resid_in, &get(&plain, resid)), 0.0);
+    // With it, layer 0's SAE sees what it saw before (nothing upstream changed), layer 1's
+    // sees the spliced model's residual stream, and the captured hook holds its reconstruction.
+    let attn_in = "blocks.0.hook_attn_out.hook_sae_input";
+    assert_eq!(diff(&get(&plain, attn_in), &get(&spliced, attn_in)), 0.0);
+    let spliced_in = get(&spliced, &format!("{resid}.hook_sae_input"));
+    assert!(diff(&spliced_in, &resid_in) > 1e-3);
+    let spliced_recons = get(&spliced, &format!("{resid}.hook_sae_recons"));
+    assert!(diff(&get(&spliced, resid), &spliced_recons) < 1e-5);
+    assert!(diff(&get(&spliced, "logits"), &get(&plain, "logits")) > 1e-3);
+
+    // --sae-hook once per --sae or not at all; one SAE per hook.
+    let bad = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+            .args([
+                "trace",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "Tokyo",
+            ])
+            .args([
+                "--out",
+                tmp.path().join("bad.safetensors").to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let resid_dir = resid_sae.to_str().unwrap();
+    let err = bad(&["--sae", resid_dir, "--sae", resid_dir, "--sae-hook", resid]);
+    assert!(err.contains("--sae-hook"), "{err}");
+    let err = bad(&["--sae", resid_dir, "--sae", resid_dir]);
+    assert!(
+        err.contains(resid) && err.contains("one SAE per hook"),
+        "{err}"
+    );
+}
+
 /// Output into a pipe whose reader has gone (`monoscope info | head -1`) ends the command
 /// quietly, as for any Unix tool — no panic from `println!` on the closed pipe.
 #[test]

@@ -439,7 +439,7 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
     use monoscope::patching::PromptPair;
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F64).unwrap();
-    let (sae, hook) = monoscope::sae::saelens::load_for_model(
+    let (sae, hook) = monoscope::sae::load_for_model(
         &dir.join("assets/sae/world-l4-topk"),
         None,
         &model,

@@ -408,7 +408,8 @@ pub struct SaeArgs {
     /// The SAE folder (SAELens format).
     #[arg(long = "sae", value_name = "DIR")]
     pub dir: PathBuf,
-    /// Hook the SAE reads (default: the SAE's metadata.hook_name).
+    /// Hook the SAE reads (default: the one its folder names: SAELens metadata.hook_name, or a
+    /// sparsify folder's hookpoint name).
     #[arg(long)]
     pub hook: Option<String>,
 }
@@ -425,13 +426,13 @@ impl SaeArgs {
 }
 
 /// Loads an SAE (in f32) and resolves the hook it reads: `hook`, or else the SAE's
-/// `metadata.hook_name`, which must exist in `model`.
+/// hook its folder names, which must exist in `model`.
 pub fn load_sae(
     dir: &Path,
     hook: Option<&str>,
     model: &crate::model::Model,
     device: &candle_core::Device,
 ) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
-    saelens::load_for_model(dir, hook, model, device)
+    crate::sae::load_for_model(dir, hook, model, device)
         .with_context(|| format!("loading SAE {}", dir.display()))
 }

@@ -1,13 +1,18 @@
-//! `monoscope trace`: capture hook values for one prompt into a safetensors file.
+//! `monoscope trace`: capture hook values for one prompt into a safetensors file, with SAEs
+//! run at their hooks (SAELens's `run_with_cache_with_saes`): each SAE's input, latent
+//! activations, reconstruction and error, optionally with the reconstructions spliced in.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
 
 use super::{ModelArgs, print_json, write_new_file};
-use crate::model::Hooks;
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::sae::Sae;
 
 #[derive(Args)]
 pub struct TraceArgs {
@@ -16,8 +21,21 @@ pub struct TraceArgs {
     #[arg(long)]
     prompt: String,
     /// Hook names or globs, comma-separated (e.g. 'blocks.*.mlp.hook_post,hook_embed').
-    #[arg(long, value_name = "GLOB")]
-    hooks: String,
+    #[arg(long, value_name = "GLOB", required_unless_present = "saes")]
+    hooks: Option<String>,
+    /// An SAE folder to run at its hook (repeatable). Adds, under SAELens's names,
+    /// `HOOK.hook_sae_input`, `HOOK.hook_sae_acts_post` [1, seq, d_sae], `HOOK.hook_sae_recons`
+    /// and `HOOK.hook_sae_error` (input − reconstruction).
+    #[arg(long = "sae", value_name = "DIR")]
+    saes: Vec<PathBuf>,
+    /// The hook each --sae reads, once per --sae in the same order (default: the hook each
+    /// folder names).
+    #[arg(long = "sae-hook", value_name = "HOOK", requires = "saes")]
+    sae_hooks: Vec<String>,
+    /// Splice each SAE's reconstruction into the forward pass in place of its hook's value
+    /// (no error term), so later hooks, later SAEs and the logits are the spliced model's.
+    #[arg(long, requires = "saes")]
+    splice: bool,
     /// Output safetensors file: `input_ids`, `logits`, and one tensor per hook (f32).
     #[arg(long, value_parser = super::output_path, value_name = "FILE")]
     out: PathBuf,
@@ -33,13 +51,24 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let patterns: Vec<&str> = args
         .hooks
+        .as_deref()
+        .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    let points = model.resolve_hooks(&patterns)?;
+    let points = if patterns.is_empty() {
+        Vec::new()
+    } else {
+        model.resolve_hooks(&patterns)?
+    };
+    let saes = load_saes(&model, &args.saes, &args.sae_hooks)?;
     let ids = model.encode_prompt(&args.prompt)?;
-    let out = model.forward(&model.ids_tensor(&ids)?, &Hooks::new().capture(points))?;
+    let mut hooks = Hooks::new().capture(points);
+    for spliced in &saes {
+        hooks = hooks.intervene(spliced.hook, spliced.intervention(args.splice));
+    }
+    let out = model.forward(&model.ids_tensor(&ids)?, &hooks)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let ids_i64: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
     tensors.insert(
@@ -60,6 +89,11 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
                 .to_device(&candle_core::Device::Cpu)?,
         );
     }
+    for spliced in &saes {
+        for (name, value) in spliced.outputs()? {
+            tensors.insert(format!("{}.{name}", spliced.hook), value);
+        }
+    }
     write_new_file(&args.out, args.force, |tmp| {
         candle_core::safetensors::save(&tensors, tmp)?;
         Ok(())
@@ -73,6 +107,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         return print_json(&serde_json::json!({
             "out": args.out.display().to_string(),
             "tokens": model.tokenizer.tokens_display(&ids),
+            "spliced": args.splice,
             "tensors": summary.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         }));
     }
@@ -86,4 +121,85 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         println!("  {name:<32} {shape:?}");
     }
     Ok(())
+}
+
+/// An SAE run at its hook during the traced forward pass.
+struct TracedSae {
+    sae: Sae,
+    hook: HookPoint,
+    /// The hook's value as it reached the SAE (after any earlier splice), set by the pass.
+    input: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl TracedSae {
+    /// Records the hook's value, and passes it on or replaces it with the reconstruction.
+    fn intervention(&self, splice: bool) -> Intervention {
+        let (sae, input) = (self.sae.clone(), Arc::clone(&self.input));
+        let f = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+            if let Ok(mut slot) = input.lock() {
+                *slot = Some(x.clone());
+            }
+            if !splice {
+                return Ok(x.clone());
+            }
+            let recons = sae
+                .encode(&x.to_dtype(DType::F32)?)
+                .and_then(|acts| sae.decode(&acts))
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            recons.to_dtype(x.dtype())
+        };
+        Intervention::new(InterventionOp::Func(Arc::new(f)))
+    }
+
+    /// The SAE's tensors for the recorded input, moved to the CPU (f32), under SAELens's names.
+    fn outputs(&self) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
+        let input = self
+            .input
+            .lock()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .with_context(|| format!("the forward pass never reached {}", self.hook))?;
+        let input = input.to_dtype(DType::F32)?;
+        let acts = self.sae.encode(&input)?;
+        let recons = self.sae.decode(&acts)?;
+        let error = (&input - &recons)?;
+        let cpu = |t: Tensor| t.to_device(&candle_core::Device::Cpu);
+        Ok(vec![
+            ("hook_sae_input", cpu(input)?),
+            ("hook_sae_acts_post", cpu(acts)?),
+            ("hook_sae_recons", cpu(recons)?),
+            ("hook_sae_error", cpu(error)?),
+        ])
+    }
+}
+
+/// Loads each SAE (f32, on the model's device) at its hook (`hooks`: none, or one per SAE); two SAEs may not
+/// share a hook.
+fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Result<Vec<TracedSae>> {
+    if !hooks.is_empty() && hooks.len() != dirs.len() {
+        anyhow::bail!(
+            "--sae-hook was given {} times for {} --sae folders: give it once per --sae, in \
+             the same order, or not at all",
+            hooks.len(),
+            dirs.len()
+        );
+    }
+    let mut saes: Vec<TracedSae> = Vec::with_capacity(dirs.len());
+    for (i, dir) in dirs.iter().enumerate() {
+        let hook = hooks.get(i).map(String::as_str);
+        let (sae_dir, point) = super::sae::load_sae(dir, hook, model, &model.device)?;
+        if let Some(other) = saes.iter().position(|s| s.hook == point) {
+            anyhow::bail!(
+                "{} and {} both read {point}: trace one SAE per hook",
+                dirs[other].display(),
+                dir.display()
+            );
+        }
+        saes.push(TracedSae {
+            sae: sae_dir.sae,
+            hook: point,
+            input: Arc::default(),
+        });
+    }
+    Ok(saes)
 }

@@ -190,7 +190,10 @@ impl App {
         }
         if ui
             .button("SAE folder…")
-            .on_hover_text("A SAELens-format SAE folder (cfg.json, sae_weights.safetensors)")
+            .on_hover_text(
+                "An SAE folder: SAELens format (cfg.json, sae_weights.safetensors) or one \
+                 hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors)",
+            )
             .clicked()
         {
             ui.close();

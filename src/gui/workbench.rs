@@ -13,7 +13,8 @@ use crate::jobs::{Job, JobHandle, lower_thread_priority};
 use crate::model::{HookPoint, Model};
 use crate::sae::activations::Corpus;
 use crate::sae::codes::{CodingInput, SegmentSettings};
-use crate::sae::saelens::{SaeDir, load_for_model};
+use crate::sae::load_for_model;
+use crate::sae::saelens::SaeDir;
 use crate::world::knowledge::KnowledgeBase;
 
 use super::PanelKind;

@@ -1,5 +1,6 @@
 //! Sparse autoencoders: the inference-time model (encode / decode for every architecture) and
-//! its on-disk SAELens format ([`saelens`]).
+//! the folders it is read from: the SAELens format monoscope writes ([`saelens`]) and EleutherAI
+//! sparsify's ([`sparsify`]), told apart by their weight files ([`load`]).
 //!
 //! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
@@ -12,12 +13,95 @@ pub mod eval;
 pub mod run;
 pub mod saelens;
 pub mod sparse;
+pub mod sparsify;
 pub mod tensor_train;
 pub mod train;
 
-use candle_core::{D, DType, Tensor};
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::{HookPoint, Model};
+use saelens::SaeDir;
+
+/// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
+/// (`sae.safetensors`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
+/// hookpoint) is refused with the names to choose from.
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
+    if sparsify::is_sparsify_dir(dir) {
+        return sparsify::load(dir, device, dtype);
+    }
+    if !dir.join(saelens::CONFIG_FILE).is_file() {
+        let mut inner: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(std::result::Result::ok)
+            .filter(|e| e.path().join(saelens::CONFIG_FILE).is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !inner.is_empty() {
+            inner.sort();
+            return Err(Error::InvalidArgument {
+                what: "SAE folder",
+                value: dir.display().to_string(),
+                message: format!(
+                    "holds {} SAE folders, not one SAE: pass one of them ({})",
+                    inner.len(),
+                    inner.join(", ")
+                ),
+            });
+        }
+    }
+    saelens::load(dir, device, dtype)
+}
+
+/// Loads an SAE (in f32) for `model`, at `hook` or else the hook its folder names (SAELens's
+/// `metadata.hook_name`, sparsify's folder name); the hook must be one hook point of the model.
+pub fn load_for_model(
+    dir: &Path,
+    hook: Option<&str>,
+    model: &Model,
+    device: &Device,
+) -> Result<(SaeDir, HookPoint)> {
+    let sae_dir = load(dir, device, DType::F32)?;
+    let name = match hook {
+        Some(h) => h.to_string(),
+        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
+        None if sparsify::is_sparsify_dir(dir) => {
+            let folder = dir.file_name().unwrap_or_default().to_string_lossy();
+            return Err(Error::InvalidArgument {
+                what: "sparsify SAE folder",
+                value: dir.display().to_string(),
+                message: format!(
+                    "its name `{folder}` is the hookpoint it was trained on, and monoscope \
+                     knows no hook for it (it knows {}); pass the hook it reads",
+                    sparsify::KNOWN_HOOKPOINTS
+                ),
+            });
+        }
+        None => {
+            return Err(Error::config(
+                dir.join(saelens::CONFIG_FILE),
+                "metadata.hook_name",
+                "the SAE names no hook; pass the hook it reads",
+            ));
+        }
+    };
+    let points = model.resolve_hooks(&[&name])?;
+    match points[..] {
+        [point] => Ok((sae_dir, point)),
+        _ => Err(Error::InvalidArgument {
+            what: "SAE hook",
+            value: name,
+            message: format!(
+                "names {} hook points of {}; an SAE reads one",
+                points.len(),
+                model.dir.display()
+            ),
+        }),
+    }
+}
 
 /// How latent activations are computed from pre-activations.
 #[derive(Clone, Debug, PartialEq)]

@@ -76,7 +76,7 @@ fn as_count(v: &Value) -> Option<usize> {
 }
 
 /// An optional count: `None` when missing or null, an error when set to anything else.
-fn optional_count(path: &Path, cfg: &Value, keys: &[&str]) -> Result<Option<usize>> {
+pub(super) fn optional_count(path: &Path, cfg: &Value, keys: &[&str]) -> Result<Option<usize>> {
     match lookup_any(cfg, keys) {
         None => Ok(None),
         Some((v, key)) => as_count(v)
@@ -85,7 +85,7 @@ fn optional_count(path: &Path, cfg: &Value, keys: &[&str]) -> Result<Option<usiz
     }
 }
 
-fn usize_key(path: &Path, cfg: &Value, key: &str) -> Result<usize> {
+pub(super) fn usize_key(path: &Path, cfg: &Value, key: &str) -> Result<usize> {
     optional_count(path, cfg, &[key])?
         .ok_or_else(|| config_error(path, key, "missing or not a non-negative integer"))
 }
@@ -97,7 +97,7 @@ fn string_key(cfg: &Value, keys: &[&str]) -> String {
         .to_string()
 }
 
-fn optional_bool(path: &Path, cfg: &Value, key: &str) -> Result<Option<bool>> {
+pub(super) fn optional_bool(path: &Path, cfg: &Value, key: &str) -> Result<Option<bool>> {
     match lookup(cfg, key) {
         None => Ok(None),
         Some(v) => v
@@ -219,41 +219,6 @@ fn fold_decoder_norm(sae: &mut Sae, path: &Path) -> Result<()> {
         .to_dtype(dtype)?;
     sae.b_enc = (sae.b_enc.to_dtype(DType::F64)? * norms.squeeze(1)?)?.to_dtype(dtype)?;
     Ok(())
-}
-
-/// Loads an SAE (in f32) for `model`, at `hook` or else the hook its metadata names; the hook
-/// must be one hook point of the model.
-pub fn load_for_model(
-    dir: &Path,
-    hook: Option<&str>,
-    model: &crate::model::Model,
-    device: &Device,
-) -> Result<(SaeDir, crate::model::HookPoint)> {
-    let sae_dir = load(dir, device, DType::F32)?;
-    let name = match hook {
-        Some(h) => h.to_string(),
-        None if !sae_dir.metadata.hook_name.is_empty() => sae_dir.metadata.hook_name.clone(),
-        None => {
-            return Err(config_error(
-                &dir.join(CONFIG_FILE),
-                "metadata.hook_name",
-                "the SAE names no hook; pass the hook it reads",
-            ));
-        }
-    };
-    let points = model.resolve_hooks(&[&name])?;
-    match points[..] {
-        [point] => Ok((sae_dir, point)),
-        _ => Err(Error::InvalidArgument {
-            what: "SAE hook",
-            value: name,
-            message: format!(
-                "names {} hook points of {}; an SAE reads one",
-                points.len(),
-                model.dir.display()
-            ),
-        }),
-    }
 }
 
 /// Loads an SAE directory onto `device` in `dtype`.

@@ -1,0 +1,197 @@
+//! SAE folders written by EleutherAI's sparsify (`scripts/sparsify_fixtures.py`) load in
+//! monoscope at the hook their folder names, and give sparsify's own encodings and
+//! reconstructions; the hook's activations are the ones sparsify's trainer captured from the
+//! same module in transformers. Sparse coders that are not one hook's SAE are refused by name.
+
+#![allow(clippy::unwrap_used)] // tests and benches may panic on failure
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_dir, max_relative_error, monoscope_json};
+use monoscope::model::{Hooks, Model};
+use monoscope::sae;
+
+/// (fixture model, hookpoint folder, the hook its module writes).
+const CASES: [(&str, &str, &str); 8] = [
+    ("gpt_neox", "layers.1", "blocks.1.hook_resid_post"),
+    ("gpt_neox", "layers.0.attention", "blocks.0.hook_attn_out"),
+    ("gpt_neox", "layers.1.mlp.act", "blocks.1.mlp.hook_post"),
+    ("gpt2", "h.0.mlp", "blocks.0.hook_mlp_out"),
+    ("gpt2", "h.1.attn", "blocks.1.hook_attn_out"),
+    ("llama", "layers.0", "blocks.0.hook_resid_post"),
+    ("llama", "layers.1.self_attn", "blocks.1.hook_attn_out"),
+    ("llama", "layers.1.mlp", "blocks.1.hook_mlp_out"),
+];
+
+fn sparsify_dir(model: &str, hookpoint: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sparsify")
+        .join(model)
+        .join(hookpoint)
+}
+
+/// `input_ids`, `x`, `feature_acts` and `reconstruction` as transformers and sparsify made them.
+fn io(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn sparsify_folders_load_at_their_hookpoints_and_match_sparsify() {
+    for (model_type, hookpoint, hook) in CASES {
+        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F32).unwrap();
+        let dir = sparsify_dir(model_type, hookpoint);
+        let (sae_dir, point) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
+        assert_eq!(point.to_string(), hook, "{model_type} {hookpoint}");
+        let io = io(&dir);
+        let ids: Vec<u32> = io["input_ids"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &Hooks::new().capture([point]),
+            )
+            .unwrap();
+        let captured = out.cache.get(point).unwrap().get(0).unwrap();
+        let err = max_relative_error(&captured, &io["x"]);
+        assert!(
+            err <= 1e-4,
+            "{model_type} {hookpoint} → {hook}: activations off by {err}"
+        );
+        // The SAE on sparsify's own input, so no near-tie in the top-k can flip.
+        let acts = sae_dir.sae.encode(&io["x"]).unwrap();
+        let err = max_relative_error(&acts, &io["feature_acts"]);
+        assert!(
+            err <= 1e-5,
+            "{model_type} {hookpoint}: feature activations off by {err}"
+        );
+        let recon = sae_dir.sae.decode(&acts).unwrap();
+        let err = max_relative_error(&recon, &io["reconstruction"]);
+        assert!(
+            err <= 1e-5,
+            "{model_type} {hookpoint}: reconstruction off by {err}"
+        );
+        // Every fixture's SAE is top-k: each token keeps at most k latents, and some keep k.
+        let sae::Architecture::TopK { k } = sae_dir.sae.architecture else {
+            panic!("{hookpoint}: {:?}", sae_dir.sae.architecture);
+        };
+        let on = acts
+            .gt(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum(1)
+            .unwrap();
+        assert_eq!(on.max(0).unwrap().to_scalar::<f32>().unwrap() as usize, k);
+    }
+}
+
+/// A copy of one fixture folder under `root/name`, with its cfg.json changed by `edit`.
+fn edited_copy(root: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let from = sparsify_dir("gpt_neox", "layers.1");
+    let to = root.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for file in ["cfg.json", "sae.safetensors"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+    let cfg_path = to.join("cfg.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    to
+}
+
+#[test]
+fn sparse_coders_that_are_not_one_hooks_sae_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, serde_json::Value); 4] = [
+        ("transcode", true.into()),
+        ("skip_connection", true.into()),
+        ("activation", "groupmax".into()),
+        ("k", 0.into()),
+    ];
+    for (key, value) in cases {
+        let dir = edited_copy(tmp.path(), &format!("{key}/layers.1"), |cfg| {
+            cfg[key] = value.clone();
+        });
+        let err = sae::load(&dir, &Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(
+            err.contains("cfg.json") || err.contains("sae.safetensors"),
+            "{key}: {err}"
+        );
+    }
+    // `num_latents` 0 means `d_in · expansion_factor`: a factor that disagrees with the
+    // weights names the tensor whose shape is wrong.
+    let dir = edited_copy(tmp.path(), "expansion/layers.1", |cfg| {
+        cfg["num_latents"] = 0.into();
+        cfg["expansion_factor"] = 2.into();
+    });
+    let err = sae::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("encoder.weight"), "{err}");
+}
+
+#[test]
+fn a_run_folder_names_its_hookpoints_and_an_unknown_hookpoint_asks_for_a_hook() {
+    let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sparsify/gpt_neox");
+    let err = sae::load(&run, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    for hookpoint in ["layers.0.attention", "layers.1", "layers.1.mlp.act"] {
+        assert!(err.contains(hookpoint), "{err}");
+    }
+
+    let model = Model::load(&fixture_dir("gpt_neox"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_copy(tmp.path(), "layers.1.post_attention_layernorm", |_| {});
+    let err = sae::load_for_model(&dir, None, &model, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers.1.post_attention_layernorm"), "{err}");
+    assert!(err.contains("hook"), "{err}");
+    let (_, point) =
+        sae::load_for_model(&dir, Some("blocks.1.hook_resid_post"), &model, &Device::Cpu).unwrap();
+    assert_eq!(point.to_string(), "blocks.1.hook_resid_post");
+}
+
+#[test]
+fn sae_eval_runs_on_a_sparsify_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &text,
+        "The capital of Japan is Tokyo.\nThe capital of France is Paris.\n日本の首都は東京です。\n",
+    )
+    .unwrap();
+    let sae = sparsify_dir("gpt_neox", "layers.1");
+    let report = monoscope_json(&[
+        "sae",
+        "eval",
+        "--sae",
+        sae.to_str().unwrap(),
+        "--model",
+        fixture_dir("gpt_neox").to_str().unwrap(),
+        "--corpus",
+        text.to_str().unwrap(),
+        "--context-size",
+        "8",
+        "--windows",
+        "4",
+        "--json",
+    ]);
+    let l0 = report["l0"].as_f64().unwrap();
+    assert!(l0 > 0.0 && l0 <= 8.0, "{report}");
+    assert!(report["fvu"].as_f64().unwrap().is_finite(), "{report}");
+}
