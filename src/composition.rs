@@ -12,7 +12,9 @@
 //! W_V, and where the norm is a LayerNorm the reading weights are centred over the residual
 //! dimension and the writing weights W_O too: the norm removes the mean, so a head can neither
 //! write nor read along it. Biases play no part, and neither does rotary: QK is `W_Q·W_Kᵀ`
-//! before the rotation, as in TransformerLens.
+//! before the rotation, as in TransformerLens. Per-head query and key norms (Qwen3) count by
+//! their gains, folded into W_Q and W_K; their division by each head's RMS, a per-token scalar
+//! like the residual norm's, is left out.
 //!
 //! Every layer's attention weights are held in f64 while the scores are computed: fine for
 //! models of a few hundred million parameters; the window asks only for the open head's
@@ -167,9 +169,23 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
     };
     let group = (nh / nkv).max(1);
     let out = to_array(attn.out.weight())?; // [d_model, n_heads·d_head]
+    // Per-head norm gains scale each head's columns: [1, d_head].
+    let (q_gain, k_gain) = match &attn.qk_norm {
+        Some((q, k)) => (
+            Some(to_array(&q.weight().unsqueeze(0)?)?),
+            Some(to_array(&k.weight().unsqueeze(0)?)?),
+        ),
+        None => (None, None),
+    };
+    let with_gain = |w: Array2<f64>, gain: &Option<Array2<f64>>| match gain {
+        Some(g) => w * g,
+        None => w,
+    };
     Ok(LayerHeads {
-        q: (0..nh).map(reading).collect(),
-        k: (0..nh).map(|h| reading(nh + h / group)).collect(),
+        q: (0..nh).map(|h| with_gain(reading(h), &q_gain)).collect(),
+        k: (0..nh)
+            .map(|h| with_gain(reading(nh + h / group), &k_gain))
+            .collect(),
         v: (0..nh).map(|h| reading(nh + nkv + h / group)).collect(),
         o: (0..nh)
             .map(|h| {

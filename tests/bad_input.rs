@@ -92,6 +92,34 @@ fn missing_config_key_error_names_the_key() {
 }
 
 #[test]
+fn unsupported_or_incomplete_rope_scaling_is_named() {
+    let cases = [
+        (
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "yarn",
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+            "rope_scaling.low_freq_factor",
+        ),
+        (
+            serde_json::json!({"type": "linear", "factor": 0.0}),
+            "rope_scaling.factor",
+        ),
+    ];
+    for (scaling, named) in cases {
+        let dir = scratch_copy("llama");
+        let path = dir.path().join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["rope_scaling"] = scaling;
+        std::fs::write(&path, json.to_string()).unwrap();
+        let msg = load_err(dir.path());
+        assert!(msg.contains(named) && msg.contains("config.json"), "{msg}");
+    }
+}
+
+#[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");
     rewrite_weights(dir.path(), |t| {

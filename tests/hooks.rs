@@ -8,7 +8,9 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{fixture_dir, max_abs_diff};
 use monoscope::model::layers::{Mlp, Norm};
-use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model};
+use monoscope::model::{
+    ForwardOutput, HookPoint, Hooks, Intervention, InterventionOp, KvCache, Model,
+};
 
 fn load(model_type: &str, dtype: DType) -> Model {
     Model::load(&fixture_dir(model_type), &Device::Cpu, dtype).unwrap()
@@ -103,12 +105,15 @@ fn mlp_post_gradient_matches_finite_differences_llama() {
 }
 
 /// The attention's inner hooks are differentiable too: values in GPT-2, rotated keys in Llama
-/// (whose gradient must flow back through the rotation into the earlier layer's leaf).
+/// (whose gradient must flow back through the rotation into the earlier layer's leaf), and
+/// Qwen3's normalised queries and keys.
 #[test]
 fn attention_input_gradients_match_finite_differences() {
     gradient_matches_finite_differences("gpt2", HookPoint::AttnV);
     gradient_matches_finite_differences("llama", HookPoint::AttnRotK);
     gradient_matches_finite_differences("qwen2", HookPoint::AttnQ);
+    gradient_matches_finite_differences("qwen3", HookPoint::AttnK);
+    gradient_matches_finite_differences("qwen3", HookPoint::ResidPre);
 }
 
 /// A norm's divisor is differentiable too: freezing it is a choice, not a side effect.
@@ -239,16 +244,15 @@ fn zeroing_the_up_projection_empties_a_gated_mlp() {
             .unwrap();
         let post = out.cache.get(post).unwrap().get(0).unwrap();
         let seq = post.dim(0).unwrap();
-        let largest = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert_eq!(largest(post.get(seq - 1).unwrap()), 0.0, "{model_type}");
-        assert!(largest(post.get(seq - 2).unwrap()) > 0.0, "{model_type}");
+        assert_eq!(
+            common::max_abs(&post.get(seq - 1).unwrap()),
+            0.0,
+            "{model_type}"
+        );
+        assert!(
+            common::max_abs(&post.get(seq - 2).unwrap()) > 0.0,
+            "{model_type}"
+        );
     }
 }
 
@@ -515,22 +519,11 @@ fn interventions_on_the_scores_act_on_chosen_heads_and_keep_the_mask() {
                 &Hooks::new().intervene(scores, flat).capture([pattern]),
             )
             .unwrap();
-        let before = clean
-            .cache
-            .get(pattern)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
-        let after = ablated
-            .cache
-            .get(pattern)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
+        let rows = |out: &ForwardOutput| {
+            let captured = out.cache.get(pattern).unwrap().get(0).unwrap();
+            captured.to_vec3::<f32>().unwrap()
+        };
+        let (before, after) = (rows(&clean), rows(&ablated));
         let last = seq - 1;
         let seen = (0..seq).filter(|&k| visible(last, k)).count() as f32;
         for (h, (rows_before, rows_after)) in before.iter().zip(&after).enumerate() {
@@ -567,14 +560,7 @@ fn interventions_on_the_scores_act_on_chosen_heads_and_keep_the_mask() {
                 &Hooks::new().intervene(scores, bonus).capture([pattern]),
             )
             .unwrap();
-        let drawn = drawn
-            .cache
-            .get(pattern)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
+        let drawn = rows(&drawn);
         for (h, rows) in drawn.iter().enumerate() {
             for (q, row) in rows.iter().enumerate() {
                 assert!(
@@ -1025,12 +1011,21 @@ fn pattern_weights_the_values(
             .reshape((seq, value.dim(1).unwrap() / hd, hd))
             .unwrap()
     };
-    for (name, start, heads) in [
-        ("hook_q", 0, nh),
-        ("hook_k", nh, nkv),
-        ("hook_v", nh + nkv, nkv),
+    // Qwen3 normalises each query and key head before anything reads it.
+    let (q_norm, k_norm) = match &block.attn.qk_norm {
+        Some((q, k)) => (Some(q), Some(k)),
+        None => (None, None),
+    };
+    for (name, start, heads, norm) in [
+        ("hook_q", 0, nh, q_norm),
+        ("hook_k", nh, nkv, k_norm),
+        ("hook_v", nh + nkv, nkv, None),
     ] {
-        let err = max_abs_diff(&hook(name), &qkv.narrow(1, start, heads).unwrap());
+        let mut want = qkv.narrow(1, start, heads).unwrap();
+        if let Some(norm) = norm {
+            want = norm.forward(&want.contiguous().unwrap(), true).unwrap();
+        }
+        let err = max_abs_diff(&hook(name), &want);
         assert!(
             err < 1e-9,
             "{model_type} blocks.{layer}.attn.{name} off by {err}"

@@ -145,3 +145,51 @@ fn the_content_hash_names_the_folder_contents_not_the_path() {
     let other = Model::load(&fixture_dir("llama"), &Device::Cpu, DType::F32).unwrap();
     assert_ne!(other.content_hash().unwrap(), hash);
 }
+
+/// Llama 3.1 configs written before transformers v5 spell the scaling as a top-level
+/// `rope_scaling` object (even older ones say `type` for `rope_type`): the same model.
+#[test]
+fn legacy_rope_scaling_spellings_load_the_same_model() {
+    let rewrite = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = scratch_copy("llama3");
+        let path = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        logits_error(&model, "llama3")
+    };
+    let legacy = |key: &'static str| {
+        move |cfg: &mut serde_json::Value| {
+            let mut scaling = cfg
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_parameters")
+                .unwrap();
+            let theta = scaling
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_theta")
+                .unwrap();
+            let kind = scaling
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_type")
+                .unwrap();
+            scaling[key] = kind;
+            cfg["rope_theta"] = theta;
+            cfg["rope_scaling"] = scaling;
+        }
+    };
+    for key in ["rope_type", "type"] {
+        let err = rewrite(&legacy(key));
+        assert!(err <= 1e-4, "rope_scaling.{key}: logits off by {err}");
+    }
+    // The fixture is one where the scaling matters.
+    let err = rewrite(&|cfg| cfg["rope_parameters"]["rope_type"] = "default".into());
+    assert!(
+        err > 1e-2,
+        "without the scaling the logits moved only {err}"
+    );
+}

@@ -99,6 +99,12 @@ fn llama_sharded_matches_transformers() {
     check_against_transformers("llama", &Device::Cpu);
 }
 
+/// Llama 3.1's rope scaling, its rotary wavelengths in all three of the scaling's bands.
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_against_transformers("llama3", &Device::Cpu);
+}
+
 #[test]
 fn mistral_sliding_window_matches_transformers() {
     check_against_transformers("mistral", &Device::Cpu);
@@ -107,6 +113,12 @@ fn mistral_sliding_window_matches_transformers() {
 #[test]
 fn qwen2_matches_transformers() {
     check_against_transformers("qwen2", &Device::Cpu);
+}
+
+/// Per-head query and key RMSNorms before the rotary embedding.
+#[test]
+fn qwen3_matches_transformers() {
+    check_against_transformers("qwen3", &Device::Cpu);
 }
 
 #[test]

@@ -106,37 +106,142 @@ fn field_of(serde_message: &str) -> String {
         .to_string()
 }
 
-/// transformers v5's `rope_parameters` object (older files spell these at the top level).
+/// transformers v5's `rope_parameters` object (older files spell these at the top level, and
+/// the scaling under `rope_scaling`).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct RopeParameters {
     pub rope_theta: Option<f64>,
     pub rope_type: Option<String>,
+    /// Pre-v4.45 spelling of `rope_type` inside `rope_scaling`.
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
     pub partial_rotary_factor: Option<f64>,
+    pub factor: Option<f64>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+/// How a model stretches its rotary frequencies to reach a longer context than it was first
+/// trained on (transformers' `ROPE_INIT_FUNCTIONS`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's: wavelengths longer than `original / low_freq_factor` divided by `factor`,
+    /// shorter than `original / high_freq_factor` kept, a linear blend in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The scaled inverse frequency (radians per position) of one rotary pair.
+    pub fn apply(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::None => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen > original / low_freq_factor {
+                    inv_freq / factor
+                } else if wavelen < original / high_freq_factor {
+                    inv_freq
+                } else {
+                    let smooth = (original / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
+/// The rotary settings of a config: its base and its scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
 }
 
 /// Resolves the rotary base from `rope_parameters.rope_theta`, or the legacy top-level key, or
-/// the architecture's default; rejects rope scaling types this engine does not implement.
-pub fn rope_theta(
+/// the architecture's default, and the scaling from `rope_parameters` or the legacy
+/// `rope_scaling`; rejects scaling types this engine does not implement.
+pub fn rope(
     config: &ConfigFile,
     params: Option<&RopeParameters>,
-    legacy: Option<f64>,
+    legacy_theta: Option<f64>,
     default: f64,
-) -> Result<f64> {
-    if let Some(kind) = params.and_then(|p| p.rope_type.as_deref())
-        && kind != "default"
-    {
-        return Err(config.error(
-            "rope_parameters.rope_type",
-            format!("rope scaling `{kind}` is not supported (only `default`)"),
-        ));
-    }
-    if let Some(scaling) = config.json.get("rope_scaling")
-        && !scaling.is_null()
-    {
-        return Err(config.error("rope_scaling", "rope scaling is not supported"));
-    }
-    Ok(params
+) -> Result<Rope> {
+    let legacy_scaling: Option<RopeParameters> = match config.json.get("rope_scaling") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value(v.clone())
+                .map_err(|e| config.error("rope_scaling", e.to_string()))?,
+        ),
+    };
+    let (scaling_params, section) = match (params, &legacy_scaling) {
+        (_, Some(legacy)) => (Some(legacy), "rope_scaling"),
+        (Some(p), None) => (Some(p), "rope_parameters"),
+        (None, None) => (None, "rope_parameters"),
+    };
+    let kind = scaling_params
+        .and_then(|p| p.rope_type.as_deref().or(p.legacy_type.as_deref()))
+        .unwrap_or("default");
+    let key = |name: &str| format!("{section}.{name}");
+    let positive = |name: &str, value: Option<f64>| -> Result<f64> {
+        match value {
+            Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+            Some(v) => Err(config.error(&key(name), format!("{v} must be a positive number"))),
+            None => Err(config.error(&key(name), format!("missing (rope type `{kind}` needs it)"))),
+        }
+    };
+    let scaling = match (kind, scaling_params) {
+        ("default", _) | (_, None) => RopeScaling::None,
+        ("linear", Some(p)) => RopeScaling::Linear {
+            factor: positive("factor", p.factor)?,
+        },
+        ("llama3", Some(p)) => {
+            let scaling = RopeScaling::Llama3 {
+                factor: positive("factor", p.factor)?,
+                low_freq_factor: positive("low_freq_factor", p.low_freq_factor)?,
+                high_freq_factor: positive("high_freq_factor", p.high_freq_factor)?,
+                original_max_position_embeddings: positive(
+                    "original_max_position_embeddings",
+                    p.original_max_position_embeddings,
+                )?,
+            };
+            if let (Some(low), Some(high)) = (p.low_freq_factor, p.high_freq_factor)
+                && high <= low
+            {
+                return Err(config.error(
+                    &key("high_freq_factor"),
+                    format!("{high} must exceed low_freq_factor ({low})"),
+                ));
+            }
+            scaling
+        }
+        (other, Some(_)) => {
+            return Err(config.error(
+                &key("rope_type"),
+                format!("rope scaling `{other}` is not supported (default, linear, llama3)"),
+            ));
+        }
+    };
+    let theta = params
         .and_then(|p| p.rope_theta)
-        .or(legacy)
-        .unwrap_or(default))
+        .or(legacy_theta)
+        .unwrap_or(default);
+    Ok(Rope { theta, scaling })
 }

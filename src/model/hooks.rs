@@ -41,12 +41,13 @@ pub enum HookPoint {
     /// divided by `hook_scale`, before the gain and bias — TransformerLens's convention (its
     /// default checkpoints fold the gain into the next weights, so this is what they hook).
     Ln1Normalized(usize),
-    /// `blocks.L.attn.hook_q`: every head's query, before rotary — `[.., n_heads·d_head]`.
+    /// `blocks.L.attn.hook_q`: every head's query, before rotary (after the per-head norm of
+    /// models that have one, Qwen3) — `[.., n_heads·d_head]`.
     /// Query-side patching and QK-circuit work act here (and at `hook_rot_q`).
     AttnQ(usize),
     /// `blocks.L.attn.hook_k`: every key head's key at the current positions, before rotary
-    /// (with a KV cache, earlier positions were hooked when they were computed) —
-    /// `[.., n_kv_heads·d_head]`.
+    /// and after Qwen3's per-head norm (with a KV cache, earlier positions were hooked when
+    /// they were computed) — `[.., n_kv_heads·d_head]`.
     AttnK(usize),
     /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
     AttnV(usize),

@@ -271,12 +271,15 @@ pub struct Rotary {
 impl Rotary {
     pub fn new(
         rot_dim: usize,
-        theta: f64,
+        rope: &super::config::Rope,
         max_positions: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let inv_freq: Vec<f32> = (0..rot_dim / 2)
-            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot_dim as f64)) as f32)
+            .map(|i| {
+                let inv_freq = 1.0 / rope.theta.powf(2.0 * i as f64 / rot_dim as f64);
+                rope.scaling.apply(inv_freq) as f32
+            })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
         let positions = Tensor::arange(0u32, max_positions as u32, device)?
@@ -337,6 +340,8 @@ pub struct Attention {
     pub rotary: Option<Rotary>,
     /// Keys more than this many positions back are masked (Mistral).
     pub sliding_window: Option<usize>,
+    /// RMSNorms over each query and key head before the rotary embedding (Qwen3).
+    pub qk_norm: Option<(Norm, Norm)>,
 }
 
 /// Keys and values of one layer for all positions seen so far: `[batch, n_kv_heads, t, head_dim]`.
@@ -357,16 +362,22 @@ impl Attention {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads as views of the projection's buffer: [b, s, heads, hd] → [b, heads, s, hd].
         let qkv = linear(x, &self.qkv)?.reshape((b, s, nh + 2 * nkv, hd))?;
-        let mut split = |point: fn(usize) -> HookPoint, start: usize, heads: usize| {
-            hook_heads(
-                hooks,
-                point(layer),
-                qkv.narrow(2, start, heads)?.transpose(1, 2)?,
-            )
+        let mut split =
+            |point: fn(usize) -> HookPoint, start: usize, heads: usize, norm: Option<&Norm>| {
+                let part = qkv.narrow(2, start, heads)?;
+                let part = match norm {
+                    Some(norm) => norm.forward(&part.contiguous()?, needs_grad)?,
+                    None => part,
+                };
+                hook_heads(hooks, point(layer), part.transpose(1, 2)?)
+            };
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
         };
-        let mut q = split(HookPoint::AttnQ, 0, nh)?;
-        let mut k = split(HookPoint::AttnK, nh, nkv)?;
-        let mut v = split(HookPoint::AttnV, nh + nkv, nkv)?;
+        let mut q = split(HookPoint::AttnQ, 0, nh, q_norm)?;
+        let mut k = split(HookPoint::AttnK, nh, nkv, k_norm)?;
+        let mut v = split(HookPoint::AttnV, nh + nkv, nkv, None)?;
         if let Some(rotary) = &self.rotary {
             q = rotary.apply(&q.contiguous()?, positions)?;
             k = rotary.apply(&k.contiguous()?, positions)?;
@@ -935,6 +946,9 @@ impl Transformer {
         for b in &self.blocks {
             n += norm(&b.ln_attn) + norm(&b.ln_mlp);
             n += linear(&b.attn.qkv) + linear(&b.attn.out);
+            if let Some((q, k)) = &b.attn.qk_norm {
+                n += norm(q) + norm(k);
+            }
             n += match &b.mlp {
                 Mlp::Plain { fc, proj, .. } => linear(fc) + linear(proj),
                 Mlp::Gated { gate, up, down, .. } => linear(gate) + linear(up) + linear(down),
@@ -947,6 +961,37 @@ impl Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Linear rope scaling is position interpolation: position 2p with factor 2 is position p.
+    #[test]
+    fn linear_rope_scaling_interpolates_positions() {
+        use super::super::config::{Rope, RopeScaling};
+        let rotary = |scaling| {
+            let rope = Rope {
+                theta: 500.0,
+                scaling,
+            };
+            Rotary::new(16, &rope, 32, &Device::Cpu).unwrap()
+        };
+        let plain = rotary(RopeScaling::None);
+        let halved = rotary(RopeScaling::Linear { factor: 2.0 });
+        let even: Vec<u32> = (0..16).map(|p| 2 * p).collect();
+        let even = Tensor::new(even.as_slice(), &Device::Cpu).unwrap();
+        let scaled = halved.cos.index_select(&even, 0).unwrap();
+        let diff = (scaled - plain.cos.narrow(0, 0, 16).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        assert!(
+            halved.cos.get(1).unwrap().to_vec1::<f32>().unwrap()
+                != plain.cos.get(1).unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
 
     #[test]
     fn causal_mask_respects_offset_and_window() {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor};
 
 /// Every supported architecture has a tiny oracle model under tests/fixtures/models.
-pub const MODEL_TYPES: &[&str] = &["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma"];
+pub const MODEL_TYPES: &[&str] = &[
+    "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma",
+];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.
 pub fn monoscope_json(args: &[&str]) -> serde_json::Value {
@@ -48,7 +50,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap() as f32
 }
 
-fn max_abs(t: &Tensor) -> f32 {
+/// max |t| over all elements, as f32.
+pub fn max_abs(t: &Tensor) -> f32 {
     let t = t.to_dtype(DType::F32).unwrap();
     t.abs()
         .unwrap()

@@ -14,6 +14,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         o_bias: c.attention_bias,
         gemma: true,
         sliding_window: None,
+        qk_norm: false,
     };
     load_family(config, &c, w, &family)
 }

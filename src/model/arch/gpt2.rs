@@ -91,6 +91,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     head_dim: d / c.n_head,
                     rotary: None,
                     sliding_window: None,
+                    qk_norm: None,
                 },
                 ln_mlp: layer_norm(&format!("h.{l}.ln_2"))?,
                 mlp: Mlp::Plain {

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::Linear;
 use serde::Deserialize;
 
-use super::super::config::{ConfigFile, RopeParameters, rope_theta};
+use super::super::config::{ConfigFile, RopeParameters, rope};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
 use super::linear;
@@ -82,13 +82,13 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let hd = d / nh;
     let act = config.activation("hidden_act", &c.hidden_act)?;
     let params = c.rope_parameters.as_ref();
-    let theta = rope_theta(config, params, c.rotary_emb_base, 10000.0)?;
+    let rope = rope(config, params, c.rotary_emb_base, 10000.0)?;
     let fraction = params
         .and_then(|p| p.partial_rotary_factor)
         .or(c.rotary_pct)
         .unwrap_or(1.0);
     let rot_dim = (hd as f64 * fraction) as usize;
-    let rotary = Rotary::new(rot_dim, theta, c.max_position_embeddings, w.device())?;
+    let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;
     let layer_norm = |name: &str| -> Result<Norm> {
         Ok(Norm::layer_norm(
             w.get(&format!("{name}.weight"), &[d])?,
@@ -116,6 +116,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     head_dim: hd,
                     rotary: (rot_dim > 0).then(|| rotary.clone()),
                     sliding_window: None,
+                    qk_norm: None,
                 },
                 ln_mlp: layer_norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp::Plain {

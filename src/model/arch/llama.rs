@@ -4,7 +4,7 @@
 use candle_core::DType;
 use serde::Deserialize;
 
-use super::super::config::{ConfigFile, RopeParameters, rope_theta};
+use super::super::config::{ConfigFile, RopeParameters, rope};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
 use super::{fuse_qkv, linear};
@@ -49,6 +49,8 @@ pub(super) struct Family {
     pub gemma: bool,
     /// Mask keys further back than `sliding_window` (Mistral).
     pub sliding_window: Option<usize>,
+    /// RMSNorm each query and key head (`q_norm`, `k_norm`) before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -63,6 +65,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
             o_bias: bias,
             gemma: false,
             sliding_window: None,
+            qk_norm: false,
         },
     )
 }
@@ -102,8 +105,8 @@ pub(super) fn load_family(
         return Err(config.error("mlp_bias", "not supported for gemma"));
     }
     let mlp_bias = c.mlp_bias.unwrap_or(false);
-    let theta = rope_theta(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?;
-    let rotary = Rotary::new(hd, theta, c.max_position_embeddings, w.device())?;
+    let rope = rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?;
+    let rotary = Rotary::new(hd, &rope, c.max_position_embeddings, w.device())?;
     let rms = |key: String| -> Result<Norm> {
         let weight = w.get(&key, &[d])?;
         let weight = if family.gemma {
@@ -135,6 +138,20 @@ pub(super) fn load_family(
                     head_dim: hd,
                     rotary: Some(rotary.clone()),
                     sliding_window: family.sliding_window,
+                    qk_norm: if family.qk_norm {
+                        Some((
+                            Norm::rms_norm(
+                                w.get(&format!("{a}.q_norm.weight"), &[hd])?,
+                                c.rms_norm_eps,
+                            ),
+                            Norm::rms_norm(
+                                w.get(&format!("{a}.k_norm.weight"), &[hd])?,
+                                c.rms_norm_eps,
+                            ),
+                        ))
+                    } else {
+                        None
+                    },
                 },
                 ln_mlp: rms(format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp::Gated {

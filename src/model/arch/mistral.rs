@@ -13,6 +13,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         o_bias: c.attention_bias,
         gemma: false,
         sliding_window: c.sliding_window,
+        qk_norm: false,
     };
     load_family(config, &c, w, &family)
 }

@@ -8,6 +8,7 @@ mod gpt_neox;
 mod llama;
 mod mistral;
 mod qwen2;
+mod qwen3;
 
 use candle_nn::Linear;
 
@@ -26,6 +27,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("llama", llama::load),
     ("mistral", mistral::load),
     ("qwen2", qwen2::load),
+    ("qwen3", qwen3::load),
     ("gemma", gemma::load),
 ];
 

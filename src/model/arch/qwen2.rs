@@ -19,6 +19,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         o_bias: Some(false),
         gemma: false,
         sliding_window: None,
+        qk_norm: false,
     };
     load_family(config, &c, w, &family)
 }
