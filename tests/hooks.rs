@@ -112,7 +112,7 @@ fn attention_input_gradients_match_finite_differences() {
     gradient_matches_finite_differences("gpt2", HookPoint::AttnV);
     gradient_matches_finite_differences("llama", HookPoint::AttnRotK);
     gradient_matches_finite_differences("qwen2", HookPoint::AttnQ);
-    gradient_matches_finite_differences("qwen3", HookPoint::AttnK);
+    gradient_matches_finite_differences("qwen3", HookPoint::AttnKNormed);
     gradient_matches_finite_differences("qwen3", HookPoint::ResidPre);
 }
 
@@ -1011,26 +1011,36 @@ fn pattern_weights_the_values(
             .reshape((seq, value.dim(1).unwrap() / hd, hd))
             .unwrap()
     };
-    // Qwen3 normalises each query and key head before anything reads it.
-    let (q_norm, k_norm) = match &block.attn.qk_norm {
-        Some((q, k)) => (Some(q), Some(k)),
-        None => (None, None),
-    };
-    for (name, start, heads, norm) in [
-        ("hook_q", 0, nh, q_norm),
-        ("hook_k", nh, nkv, k_norm),
-        ("hook_v", nh + nkv, nkv, None),
+    for (name, start, heads) in [
+        ("hook_q", 0, nh),
+        ("hook_k", nh, nkv),
+        ("hook_v", nh + nkv, nkv),
     ] {
-        let mut want = qkv.narrow(1, start, heads).unwrap();
-        if let Some(norm) = norm {
-            want = norm.forward(&want.contiguous().unwrap(), true).unwrap();
-        }
-        let err = max_abs_diff(&hook(name), &want);
+        let err = max_abs_diff(&hook(name), &qkv.narrow(1, start, heads).unwrap());
         assert!(
             err < 1e-9,
             "{model_type} blocks.{layer}.attn.{name} off by {err}"
         );
     }
+    // Qwen3 normalises each query and key head before the rotary embedding reads it.
+    let normed = |name: &str, norm: &monoscope::model::layers::Norm| {
+        let want = norm.forward(&hook(name), true).unwrap();
+        let got = hook(&format!("{name}_normed"));
+        let err = max_abs_diff(&got, &want);
+        assert!(
+            err < 1e-9,
+            "{model_type} blocks.{layer}.attn.{name}_normed off by {err}"
+        );
+        got
+    };
+    let (q_in, k_in) = match &block.attn.qk_norm {
+        Some((q_norm, k_norm)) => (normed("hook_q", q_norm), normed("hook_k", k_norm)),
+        None => {
+            let name = format!("blocks.{layer}.attn.hook_q_normed");
+            assert!(cache.get_by_name(&name).is_err(), "{model_type}");
+            (hook("hook_q"), hook("hook_k"))
+        }
+    };
     let (q, k) = match &block.attn.rotary {
         None => {
             assert!(
@@ -1038,12 +1048,12 @@ fn pattern_weights_the_values(
                     .get_by_name(&format!("blocks.{layer}.attn.hook_rot_q"))
                     .is_err()
             );
-            (hook("hook_q"), hook("hook_k"))
+            (q_in, k_in)
         }
         Some(_) => {
             // A rotation: position 0 is unrotated, and every head vector keeps its length.
-            for (plain_name, rotated_name) in [("hook_q", "hook_rot_q"), ("hook_k", "hook_rot_k")] {
-                let (plain, rotated) = (hook(plain_name), hook(rotated_name));
+            for (plain, rotated_name) in [(&q_in, "hook_rot_q"), (&k_in, "hook_rot_k")] {
+                let (plain, rotated) = (plain.clone(), hook(rotated_name));
                 let what = format!("{model_type} blocks.{layer}.attn.{rotated_name}");
                 let err = max_abs_diff(&plain.get(0).unwrap(), &rotated.get(0).unwrap());
                 assert!(err < 1e-9, "{what}: position 0 was rotated by {err}");
@@ -1055,7 +1065,7 @@ fn pattern_weights_the_values(
                     "{what}: rotation changed a norm by {err} (relative)"
                 );
                 let moved = max_abs_diff(&plain, &rotated);
-                assert!(moved > 1e-3, "{what}: the same as {plain_name}");
+                assert!(moved > 1e-3, "{what}: the same as before the rotation");
             }
             (hook("hook_rot_q"), hook("hook_rot_k"))
         }

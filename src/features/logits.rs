@@ -84,6 +84,8 @@ pub fn logit_effects(
         | HookPoint::AttnQ(_)
         | HookPoint::AttnK(_)
         | HookPoint::AttnV(_)
+        | HookPoint::AttnQNormed(_)
+        | HookPoint::AttnKNormed(_)
         | HookPoint::AttnRotQ(_)
         | HookPoint::AttnRotK(_) => return Ok(None),
         HookPoint::MlpPost(layer) => {

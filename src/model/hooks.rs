@@ -41,16 +41,21 @@ pub enum HookPoint {
     /// divided by `hook_scale`, before the gain and bias — TransformerLens's convention (its
     /// default checkpoints fold the gain into the next weights, so this is what they hook).
     Ln1Normalized(usize),
-    /// `blocks.L.attn.hook_q`: every head's query, before rotary (after the per-head norm of
-    /// models that have one, Qwen3) — `[.., n_heads·d_head]`.
+    /// `blocks.L.attn.hook_q`: every head's query as projected, before rotary (and before the
+    /// per-head norm of models that have one) — `[.., n_heads·d_head]`.
     /// Query-side patching and QK-circuit work act here (and at `hook_rot_q`).
     AttnQ(usize),
-    /// `blocks.L.attn.hook_k`: every key head's key at the current positions, before rotary
-    /// and after Qwen3's per-head norm (with a KV cache, earlier positions were hooked when
-    /// they were computed) — `[.., n_kv_heads·d_head]`.
+    /// `blocks.L.attn.hook_k`: every key head's key at the current positions as projected,
+    /// before rotary and any per-head norm (with a KV cache, earlier positions were hooked
+    /// when they were computed) — `[.., n_kv_heads·d_head]`.
     AttnK(usize),
     /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
     AttnV(usize),
+    /// `blocks.L.attn.hook_q_normed`: queries after the per-head RMSNorm (Qwen3 only), before
+    /// rotary — TransformerLens's name.
+    AttnQNormed(usize),
+    /// `blocks.L.attn.hook_k_normed`: keys after the per-head RMSNorm (Qwen3 only).
+    AttnKNormed(usize),
     /// `blocks.L.attn.hook_rot_q`: queries after the rotary embedding (rotary models only): what
     /// the attention scores are actually computed from.
     AttnRotQ(usize),
@@ -114,6 +119,8 @@ impl HookPoint {
             | Self::AttnQ(l)
             | Self::AttnK(l)
             | Self::AttnV(l)
+            | Self::AttnQNormed(l)
+            | Self::AttnKNormed(l)
             | Self::AttnRotQ(l)
             | Self::AttnRotK(l)
             | Self::AttnZ(l)
@@ -151,6 +158,8 @@ impl fmt::Display for HookPoint {
             Self::AttnQ(l) => write!(f, "blocks.{l}.attn.hook_q"),
             Self::AttnK(l) => write!(f, "blocks.{l}.attn.hook_k"),
             Self::AttnV(l) => write!(f, "blocks.{l}.attn.hook_v"),
+            Self::AttnQNormed(l) => write!(f, "blocks.{l}.attn.hook_q_normed"),
+            Self::AttnKNormed(l) => write!(f, "blocks.{l}.attn.hook_k_normed"),
             Self::AttnRotQ(l) => write!(f, "blocks.{l}.attn.hook_rot_q"),
             Self::AttnRotK(l) => write!(f, "blocks.{l}.attn.hook_rot_k"),
             Self::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
@@ -174,16 +183,19 @@ impl FromStr for HookPoint {
     /// Parses a TransformerLens hook name. Whether the layer exists in a given model is checked
     /// by [`HookRunner`] users against the model's hook list.
     fn from_str(s: &str) -> Result<Self> {
-        let unknown = || Error::UnknownHook {
+        let unknown = || {
+            Error::UnknownHook {
             name: s.to_string(),
             valid: "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, ln1.hook_scale, \
-                    ln1.hook_normalized, attn.hook_q, attn.hook_k, attn.hook_v, attn.hook_rot_q, \
+                    ln1.hook_normalized, attn.hook_q, attn.hook_k, attn.hook_v, attn.hook_q_normed, \
+                    attn.hook_k_normed, attn.hook_rot_q, \
                     attn.hook_rot_k, attn.hook_attn_scores, attn.hook_pattern, attn.hook_z, \
                     hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
                     mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, hook_mlp_out, \
                     hook_resid_post}, \
                     ln_final.hook_scale, ln_final.hook_normalized"
                 .to_string(),
+        }
         };
         match s {
             "hook_embed" => return Ok(Self::Embed),
@@ -205,6 +217,8 @@ impl FromStr for HookPoint {
             "attn.hook_q" => Self::AttnQ(layer),
             "attn.hook_k" => Self::AttnK(layer),
             "attn.hook_v" => Self::AttnV(layer),
+            "attn.hook_q_normed" => Self::AttnQNormed(layer),
+            "attn.hook_k_normed" => Self::AttnKNormed(layer),
             "attn.hook_rot_q" => Self::AttnRotQ(layer),
             "attn.hook_rot_k" => Self::AttnRotK(layer),
             "attn.hook_z" => Self::AttnZ(layer),

@@ -362,22 +362,23 @@ impl Attention {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads as views of the projection's buffer: [b, s, heads, hd] → [b, heads, s, hd].
         let qkv = linear(x, &self.qkv)?.reshape((b, s, nh + 2 * nkv, hd))?;
-        let mut split =
-            |point: fn(usize) -> HookPoint, start: usize, heads: usize, norm: Option<&Norm>| {
-                let part = qkv.narrow(2, start, heads)?;
-                let part = match norm {
-                    Some(norm) => norm.forward(&part.contiguous()?, needs_grad)?,
-                    None => part,
-                };
-                hook_heads(hooks, point(layer), part.transpose(1, 2)?)
-            };
-        let (q_norm, k_norm) = match &self.qk_norm {
-            Some((q, k)) => (Some(q), Some(k)),
-            None => (None, None),
+        let mut split = |point: fn(usize) -> HookPoint, start: usize, heads: usize| {
+            hook_heads(
+                hooks,
+                point(layer),
+                qkv.narrow(2, start, heads)?.transpose(1, 2)?,
+            )
         };
-        let mut q = split(HookPoint::AttnQ, 0, nh, q_norm)?;
-        let mut k = split(HookPoint::AttnK, nh, nkv, k_norm)?;
-        let mut v = split(HookPoint::AttnV, nh + nkv, nkv, None)?;
+        let mut q = split(HookPoint::AttnQ, 0, nh)?;
+        let mut k = split(HookPoint::AttnK, nh, nkv)?;
+        let mut v = split(HookPoint::AttnV, nh + nkv, nkv)?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            // Over head_dim, the last axis of `[b, heads, s, hd]`.
+            q = q_norm.forward(&q.contiguous()?, needs_grad)?;
+            k = k_norm.forward(&k.contiguous()?, needs_grad)?;
+            q = hook_heads(hooks, HookPoint::AttnQNormed(layer), q)?;
+            k = hook_heads(hooks, HookPoint::AttnKNormed(layer), k)?;
+        }
         if let Some(rotary) = &self.rotary {
             q = rotary.apply(&q.contiguous()?, positions)?;
             k = rotary.apply(&k.contiguous()?, positions)?;
@@ -815,6 +816,9 @@ impl Transformer {
                 HookPoint::AttnK(l),
                 HookPoint::AttnV(l),
             ]);
+            if block.attn.qk_norm.is_some() {
+                points.extend([HookPoint::AttnQNormed(l), HookPoint::AttnKNormed(l)]);
+            }
             if block.attn.rotary.is_some() {
                 points.extend([HookPoint::AttnRotQ(l), HookPoint::AttnRotK(l)]);
             }
