@@ -243,6 +243,10 @@ fn trace_runs_saes_at_their_hooks_and_splices_them_in() {
         err.contains(resid) && err.contains("one SAE per hook"),
         "{err}"
     );
+    // An SAE read at a hook of another width is refused, naming its d_in.
+    let mlp_sae = sparsify.join("layers.1.mlp.act");
+    let err = bad(&["--sae", mlp_sae.to_str().unwrap(), "--sae-hook", resid]);
+    assert!(err.contains("d_in") && err.contains(resid), "{err}");
 }
 
 /// Output into a pipe whose reader has gone (`monoscope info | head -1`) ends the command

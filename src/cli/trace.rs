@@ -188,6 +188,7 @@ fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Resul
     for (i, dir) in dirs.iter().enumerate() {
         let hook = hooks.get(i).map(String::as_str);
         let (sae_dir, point) = super::sae::load_sae(dir, hook, model, &model.device)?;
+        crate::sae::codes::check_sae_fits(model, point, &sae_dir.sae, dir)?;
         if let Some(other) = saes.iter().position(|s| s.hook == point) {
             anyhow::bail!(
                 "{} and {} both read {point}: trace one SAE per hook",
