@@ -36,6 +36,47 @@ fn info_lists_every_hook_and_the_parameter_count() {
     }
 }
 
+/// `info` reports the rotary settings it read from the config: base, scaling and rotating
+/// channels, in both config spellings (GPT-NeoX's partial rotary too); none for GPT-2.
+#[test]
+fn info_reports_the_rotary_settings_of_the_config() {
+    let info = |model_type: &str| {
+        let dir = fixture_dir(model_type);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let info = monoscope_json(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+        (config, info)
+    };
+    let (_, gpt2) = info("gpt2");
+    assert!(gpt2["rotary"].is_null(), "{}", gpt2["rotary"]);
+
+    let (config, llama3) = info("llama3");
+    let (want, got) = (&config["rope_parameters"], &llama3["rotary"]);
+    assert_eq!(got["theta"].as_f64(), want["rope_theta"].as_f64());
+    assert_eq!(got["scaling"]["type"], want["rope_type"]);
+    for key in [
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ] {
+        assert_eq!(got["scaling"][key].as_f64(), want[key].as_f64(), "{key}");
+    }
+    assert_eq!(got["rot_dim"], llama3["dims"]["head_dim"]);
+
+    let (config, neox) = info("gpt_neox");
+    let got = &neox["rotary"];
+    assert_eq!(got["scaling"]["type"], "none");
+    let fraction = config["rope_parameters"]["partial_rotary_factor"]
+        .as_f64()
+        .or(config["rotary_pct"].as_f64())
+        .unwrap();
+    let head_dim = neox["dims"]["head_dim"].as_f64().unwrap();
+    assert_eq!(got["rot_dim"].as_f64(), Some(head_dim * fraction));
+    assert!(fraction < 1.0);
+}
+
 #[test]
 fn generate_json_gives_the_transformers_greedy_continuation() {
     let (reference, tensors) = reference("gemma");

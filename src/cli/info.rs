@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{ModelArgs, print_json};
 use crate::device::device_name;
+use crate::model::config::Rope;
 use crate::model::{Dims, Model};
 
 #[derive(Args)]
@@ -23,9 +24,18 @@ pub struct ModelInfo {
     pub parameters: usize,
     pub dims: Dims,
     pub tied_embeddings: bool,
+    /// Rotary models: base, scaling and rotating channels per head.
+    pub rotary: Option<RotaryInfo>,
     pub dtype: String,
     pub device: String,
     pub hooks: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct RotaryInfo {
+    #[serde(flatten)]
+    pub rope: Rope,
+    pub rot_dim: usize,
 }
 
 impl ModelInfo {
@@ -36,6 +46,15 @@ impl ModelInfo {
             parameters: model.transformer.parameter_count(),
             dims: model.dims().clone(),
             tied_embeddings: model.transformer.tied_embeddings,
+            rotary: model
+                .transformer
+                .blocks
+                .first()
+                .and_then(|b| b.attn.rotary.as_ref())
+                .map(|r| RotaryInfo {
+                    rope: r.rope().clone(),
+                    rot_dim: r.rot_dim(),
+                }),
             dtype: format!("{:?}", model.dtype).to_lowercase(),
             device: device_name(&model.device),
             hooks: model.hook_points().iter().map(|h| h.to_string()).collect(),
@@ -63,6 +82,12 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     println!("vocab        {}", d.vocab_size);
     println!("context      {}", d.context_length);
     println!("tied embed   {}", info.tied_embeddings);
+    if let Some(r) = &info.rotary {
+        println!(
+            "rotary       theta {}, {} of {} head dims, {}",
+            r.rope.theta, r.rot_dim, d.head_dim, r.rope.scaling
+        );
+    }
     println!("run on       {} {}", info.device, info.dtype);
     println!("hooks ({}):", info.hooks.len());
     for h in &info.hooks {

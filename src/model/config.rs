@@ -124,7 +124,8 @@ pub struct RopeParameters {
 
 /// How a model stretches its rotary frequencies to reach a longer context than it was first
 /// trained on (transformers' `ROPE_INIT_FUNCTIONS`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum RopeScaling {
     None,
     /// Every frequency divided by `factor` (positions interpolated).
@@ -168,8 +169,27 @@ impl RopeScaling {
     }
 }
 
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RopeScaling::None => write!(f, "no scaling"),
+            RopeScaling::Linear { factor } => write!(f, "linear scaling (factor {factor})"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => write!(
+                f,
+                "llama3 scaling (factor {factor}, low {low_freq_factor}, high \
+                 {high_freq_factor}, original context {original_max_position_embeddings})"
+            ),
+        }
+    }
+}
+
 /// The rotary settings of a config: its base and its scaling.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Rope {
     pub theta: f64,
     pub scaling: RopeScaling,

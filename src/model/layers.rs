@@ -266,6 +266,7 @@ pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
     rot_dim: usize,
+    rope: super::config::Rope,
 }
 
 impl Rotary {
@@ -291,7 +292,18 @@ impl Rotary {
             cos: emb.cos()?,
             sin: emb.sin()?,
             rot_dim,
+            rope: rope.clone(),
         })
+    }
+
+    /// The base and scaling the tables were built from.
+    pub fn rope(&self) -> &super::config::Rope {
+        &self.rope
+    }
+
+    /// How many channels of each head rotate (fewer than `head_dim` under partial rotary).
+    pub fn rot_dim(&self) -> usize {
+        self.rot_dim
     }
 
     /// `x`: `[batch, heads, seq, head_dim]` at `positions`.
