@@ -80,33 +80,28 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
         args.wrong.clone(),
     ];
     let typed = pair_requests(&model, args.pairs.as_deref(), line, direction)?;
-    let requests: Vec<PatchRequest> = typed
-        .iter()
-        .map(|(_, request)| PatchRequest {
-            sites: args.sites.clone(),
-            attribution: args.attribution,
-            ..request.clone()
+    let requests: Vec<(String, PatchRequest)> = typed
+        .into_iter()
+        .map(|(place, request)| {
+            let request = PatchRequest {
+                sites: args.sites.clone(),
+                attribution: args.attribution,
+                ..request
+            };
+            (place, request)
         })
         .collect();
-    install_ctrl_c("stopping after this forward pass");
-    let total: usize = requests.iter().map(|r| passes(&model, r)).sum();
-    let bar = progress_bar(total as u64, "patching {bar:30} {pos}/{len} forward passes")?;
-    let mut reports = Vec::with_capacity(requests.len());
-    for ((place, _), request) in typed.iter().zip(&requests) {
-        let before = bar.position();
-        let report = patch(&model, request, &CANCEL, &mut |done, _| {
-            bar.set_position(before + done as u64)
-        })
-        .with_context(|| format!("the prompt pair of {place}"))?
-        .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
-        reports.push(report);
-    }
-    bar.finish_and_clear();
+    let mut reports = run_pairs(
+        &requests,
+        "patching",
+        |r| passes(&model, r),
+        |r, progress| patch(&model, r, &CANCEL, progress),
+    )?;
     let report = match reports.len() {
         1 => reports.remove(0),
         _ => average(&reports)?,
     };
-    let request = &requests[0];
+    let request = &requests[0].1;
     let features = match &args.sae {
         Some(dir) => {
             let (sae, hook) = super::sae::load_sae(dir, None, &model, &model.device)?;
@@ -154,6 +149,32 @@ pub(super) fn pair_requests(
             Ok((place, request))
         })
         .collect()
+}
+
+/// Runs `run` on each pair's request in turn under one progress bar (`passes`: a request's
+/// forward passes), Ctrl-C stopping after the current pass; errors name the pair.
+pub(super) fn run_pairs<R, T>(
+    requests: &[(String, R)],
+    what: &str,
+    passes: impl Fn(&R) -> usize,
+    mut run: impl FnMut(&R, &mut dyn FnMut(usize, usize)) -> crate::error::Result<Option<T>>,
+) -> anyhow::Result<Vec<T>> {
+    install_ctrl_c("stopping after this forward pass");
+    let total: usize = requests.iter().map(|(_, r)| passes(r)).sum();
+    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} forward passes");
+    let bar = progress_bar(total as u64, &template)?;
+    let mut reports = Vec::with_capacity(requests.len());
+    for (place, request) in requests {
+        let before = bar.position();
+        let report = run(request, &mut |done, _| {
+            bar.set_position(before + done as u64)
+        })
+        .with_context(|| format!("the prompt pair of {place}"))?
+        .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+        reports.push(report);
+    }
+    bar.finish_and_clear();
+    Ok(reports)
 }
 
 /// The pairs of a `--pairs` file, each with where it was read (for errors).

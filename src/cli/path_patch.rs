@@ -1,10 +1,9 @@
 //! `monoscope path-patch`: each head's effect on the answer along one path only — to the
 //! logits, or into chosen later heads' queries, keys or values.
 
-use anyhow::Context;
 use clap::Args;
 
-use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
+use super::{CANCEL, ModelArgs, print_json};
 use crate::patching::Direction;
 use crate::path_patching::{PathReport, PathRequest, Receiver, average, path_patch};
 
@@ -57,30 +56,22 @@ pub fn run(args: &PathPatchArgs) -> anyhow::Result<()> {
         args.wrong.clone(),
     ];
     let typed = super::patch::pair_requests(&model, args.pairs.as_deref(), line, direction)?;
-    let requests: Vec<PathRequest> = typed
-        .iter()
-        .map(|(_, pair)| PathRequest {
-            pair: pair.clone(),
-            receivers: args.receivers.clone(),
+    let requests: Vec<(String, PathRequest)> = typed
+        .into_iter()
+        .map(|(place, pair)| {
+            let request = PathRequest {
+                pair,
+                receivers: args.receivers.clone(),
+            };
+            (place, request)
         })
         .collect();
-    install_ctrl_c("stopping after this forward pass");
-    let total: usize = requests.iter().map(|r| r.passes(&model)).sum();
-    let bar = progress_bar(
-        total as u64,
-        "path patching {bar:30} {pos}/{len} forward passes",
+    let mut reports = super::patch::run_pairs(
+        &requests,
+        "path patching",
+        |r| r.passes(&model),
+        |r, progress| path_patch(&model, r, &CANCEL, progress),
     )?;
-    let mut reports = Vec::with_capacity(requests.len());
-    for ((place, _), request) in typed.iter().zip(&requests) {
-        let before = bar.position();
-        let report = path_patch(&model, request, &CANCEL, &mut |done, _| {
-            bar.set_position(before + done as u64)
-        })
-        .with_context(|| format!("the prompt pair of {place}"))?
-        .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
-        reports.push(report);
-    }
-    bar.finish_and_clear();
     let report = match reports.len() {
         1 => reports.remove(0),
         _ => average(&reports)?,
