@@ -14,7 +14,8 @@
 //! write nor read along it. Biases play no part, and neither does rotary: QK is `W_Q·W_Kᵀ`
 //! before the rotation, as in TransformerLens. Per-head query and key norms (Qwen3) count by
 //! their gains, folded into W_Q and W_K; their division by each head's RMS, a per-token scalar
-//! like the residual norm's, is left out.
+//! like the residual norm's, is left out. So is the norm after attention of Gemma 2, whose gain
+//! is folded into W_O.
 //!
 //! Every layer's attention weights are held in f64 while the scores are computed: fine for
 //! models of a few hundred million parameters; the window asks only for the open head's
@@ -169,6 +170,11 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
     };
     let group = (nh / nkv).max(1);
     let out = to_array(attn.out.weight())?; // [d_model, n_heads·d_head]
+    // The gain of a norm after attention (Gemma 2) scales what every head writes: [1, d_model].
+    let post_gain = match &block.post_norms {
+        Some((after_attn, _)) => Some(to_array(&after_attn.weight().unsqueeze(0)?)?),
+        None => None,
+    };
     // Per-head norm gains scale each head's columns: [1, d_head].
     let (q_gain, k_gain) = match &attn.qk_norm {
         Some((q, k)) => (
@@ -189,7 +195,10 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
         v: (0..nh).map(|h| reading(nh + nkv + h / group)).collect(),
         o: (0..nh)
             .map(|h| {
-                let mut w = out.slice(s![.., h * hd..(h + 1) * hd]).t().to_owned();
+                let mut w = with_gain(
+                    out.slice(s![.., h * hd..(h + 1) * hd]).t().to_owned(),
+                    &post_gain,
+                );
                 if centred {
                     // Centre each written vector over the residual dimension.
                     let mean = (w.sum_axis(Axis(1)) / w.ncols() as f64).insert_axis(Axis(1));

@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::causal::target_token;
 use crate::error::{Error, Result};
 use crate::model::generate::{TokenProb, softmax, token_probs, top_tokens};
+use crate::model::layers::soft_cap;
 use crate::model::{HookPoint, Hooks, Model};
 use crate::tuned_lens::TunedLens;
 
@@ -58,11 +59,13 @@ pub struct LensReport {
     pub lens: Vec<LensRow>,
     pub attribution: Vec<Contribution>,
     /// The model's logit of the target (minus the versus token's), which the attribution
-    /// sums to.
+    /// sums to; before the soft-cap of models that cap their logits (Gemma 2), since the
+    /// attribution is linear and the cap is not.
     pub logit: f32,
     /// `heads[l][h]`: head h of block l's direct contribution. With `attention_bias[l]` (the
     /// output projection's bias; 0 where it has none) a layer's heads add up to its
-    /// `blocks.l.hook_attn_out` term in `attribution`.
+    /// `blocks.l.hook_attn_out` term in `attribution` (through a norm after attention, as in
+    /// Gemma 2, at the scale the whole output gets there).
     pub heads: Vec<Vec<f32>>,
     pub attention_bias: Vec<f32>,
     /// With [`LensRequest::grid`]: the lens at every position, `grid[depth][position]`,
@@ -165,10 +168,16 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         components.extend([HookPoint::AttnOut(l), HookPoint::MlpOut(l)]);
     }
     let head_inputs: Vec<HookPoint> = (0..n_layers).map(HookPoint::AttnZ).collect();
+    // What the heads write before a norm after attention (Gemma 2), whose scale they share.
+    let before_post_norm: Vec<HookPoint> = (0..n_layers)
+        .filter(|&l| model.transformer.blocks[l].post_norms.is_some())
+        .map(HookPoint::Ln1PostIn)
+        .collect();
     let capture = stream_points
         .iter()
         .chain(&components)
         .chain(&head_inputs)
+        .chain(&before_post_norm)
         .chain([&HookPoint::LnFinal])
         .copied();
     let out = model.forward(&model.ids_tensor(ids)?, &Hooks::new().capture(capture))?;
@@ -189,7 +198,8 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     let logits_of = |normed: &Tensor| -> Result<Vec<f32>> {
         Ok(unembed(model, normed)?.squeeze(0)?.to_vec1()?)
     };
-    let final_logits = logits_of(&norm.affine(&at_raw(HookPoint::LnFinal)?)?)?;
+    let final_normed = norm.affine(&at_raw(HookPoint::LnFinal)?)?;
+    let final_logits = logits_of(&final_normed)?;
     let target_id = match request.target {
         Some(id) => id,
         None => top_tokens(model, &final_logits, 1)[0].id,
@@ -262,7 +272,16 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     let mut attention_bias = Vec::with_capacity(n_layers);
     for (l, &point) in head_inputs.iter().enumerate() {
         let z = at(point)?; // [1, n_heads·head_dim]
-        let out = &t.blocks[l].attn.out;
+        let block = &t.blocks[l];
+        let through_post_norm = |written: Tensor| -> Result<Tensor> {
+            Ok(match &block.post_norms {
+                Some((after_attn, _)) => {
+                    after_attn.at_scale_of(&written, &at(HookPoint::Ln1PostIn(l))?)?
+                }
+                None => written,
+            })
+        };
+        let out = &block.attn.out;
         let w = out.weight().to_dtype(z.dtype())?; // [d_model, n_heads·head_dim]
         let layer: Vec<f32> = (0..model.dims().n_heads)
             .map(|h| -> Result<f32> {
@@ -270,17 +289,20 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
                 let written = z
                     .narrow(1, cols, head_dim)?
                     .matmul(&w.narrow(1, cols, head_dim)?.t()?)?;
-                read(&norm.at_scale_of(&written, &whole)?)
+                read(&norm.at_scale_of(&through_post_norm(written)?, &whole)?)
             })
             .collect::<Result<_>>()?;
         heads.push(layer);
         attention_bias.push(match out.bias() {
-            Some(b) => read(&norm.at_scale_of(&b.to_dtype(z.dtype())?.unsqueeze(0)?, &whole)?)?,
+            Some(b) => read(&norm.at_scale_of(
+                &through_post_norm(b.to_dtype(z.dtype())?.unsqueeze(0)?)?,
+                &whole,
+            )?)?,
             None => 0.0,
         });
     }
-    let logit =
-        final_logits[target_id as usize] - request.versus.map_or(0.0, |v| final_logits[v as usize]);
+    let uncapped: Vec<f32> = raw_logits(model, &final_normed)?.squeeze(0)?.to_vec1()?;
+    let logit = uncapped[target_id as usize] - request.versus.map_or(0.0, |v| uncapped[v as usize]);
     Ok(LensReport {
         tokens: model.tokenizer.tokens_display(ids),
         position,
@@ -296,8 +318,17 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     })
 }
 
-/// `[n, d]` normalised stream → logits `[n, vocab]` in f32.
+/// `[n, d]` normalised stream → logits `[n, vocab]` in f32, soft-capped as the model's are.
 fn unembed(model: &Model, normed: &Tensor) -> Result<Tensor> {
+    let logits = raw_logits(model, normed)?;
+    Ok(match model.transformer.logit_softcap {
+        Some(cap) => soft_cap(&logits, cap)?,
+        None => logits,
+    })
+}
+
+/// The logits before any soft-cap, in f32.
+fn raw_logits(model: &Model, normed: &Tensor) -> Result<Tensor> {
     let w = model.transformer.unembed.to_dtype(normed.dtype())?;
     Ok(normed.matmul(&w.t()?)?.to_dtype(DType::F32)?)
 }

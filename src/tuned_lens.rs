@@ -253,15 +253,18 @@ fn kl(target: &Tensor, read: &Tensor, keep: &Tensor) -> Result<Tensor> {
 }
 
 /// The lens's log-probabilities for a (translated) stream `[tokens, d]`: the final norm and
-/// the unembedding, in f32.
+/// the unembedding (and the model's logit soft-cap), in f32.
 fn read_out(model: &Model, translated: &Tensor) -> Result<Tensor> {
     let t = &model.transformer;
     let normed = t
         .ln_final
         .forward(&translated.to_dtype(model.dtype)?, true)?;
-    let logits = normed
+    let mut logits = normed
         .to_dtype(DType::F32)?
         .matmul(&t.unembed.to_dtype(DType::F32)?.t()?)?;
+    if let Some(cap) = t.logit_softcap {
+        logits = crate::model::layers::soft_cap(&logits, cap)?;
+    }
     Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
 }
 

@@ -126,6 +126,17 @@ fn river_edit(
     target: &str,
     key: KeyPosition,
 ) -> (RomeEdit, AppliedEdit) {
+    river_edit_at(model, 0, cov, target, key)
+}
+
+/// [`river_edit`] at `layer` (`cov` that layer's key statistics).
+fn river_edit_at(
+    model: &Model,
+    layer: usize,
+    cov: &monoscope::edit::covariance::KeyCovariance,
+    target: &str,
+    key: KeyPosition,
+) -> (RomeEdit, AppliedEdit) {
     let request = Request {
         prompt: "{} flows past the".into(),
         subject: "the river".into(),
@@ -135,7 +146,7 @@ fn river_edit(
     let edit = compute_edit(
         model,
         &request,
-        0,
+        layer,
         key,
         cov,
         &contexts,
@@ -146,11 +157,11 @@ fn river_edit(
         id: 0,
         method: "rome".into(),
         requests: vec![request],
-        layers: vec![0],
+        layers: vec![layer],
         key: key.name().into(),
         reason: "test".into(),
         deltas: vec![LayerDelta {
-            layer: 0,
+            layer,
             delta: edit.delta.clone(),
         }],
     };
@@ -213,6 +224,77 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
         history.undo_all(&mut model).unwrap();
         assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
     }
+}
+
+/// Gemma 2 normalises each MLP output before it joins the residual stream, so ROME seeks v*
+/// where the down projection writes (`ln2_post.hook_in`): the edited weights produce it
+/// exactly there, the edit makes the target likelier, and MEMIT, whose spreading of a
+/// residual change over layers assumes no such norm, refuses the model.
+#[test]
+fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
+    let mut model = Model::load(&fixture_dir("gemma2"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
+    let layer = 1;
+    let cov = key_covariance(&model, layer, &corpus, 600, None, |_| {}).unwrap();
+    let (edit, applied) = river_edit_at(&model, layer, &cov, " hills", KeyPosition::PromptLast);
+    assert!(
+        edit.nll_after < edit.nll_before - 0.1,
+        "{} → {}",
+        edit.nll_before,
+        edit.nll_after
+    );
+    let prompt = "the river flows past the";
+    let nll = |m: &Model| answer_nll(m, prompt, " hills", &Hooks::new()).unwrap();
+    let before = nll(&model);
+    EditHistory::new().apply(&mut model, applied).unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let point = HookPoint::Ln2PostIn(layer);
+    let out = model
+        .forward(
+            &model.ids_tensor(&ids).unwrap(),
+            &Hooks::new().capture([point]),
+        )
+        .unwrap();
+    let written = out
+        .cache
+        .require(point)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(edit.key_index)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (got, want) in written.iter().zip(&edit.value) {
+        assert!(
+            (f64::from(*got) - want).abs() < 1e-4 * scale,
+            "{got} vs {want}"
+        );
+    }
+    let after = nll(&model);
+    assert!(after < before - 0.1, "NLL of the target {before} → {after}");
+
+    let request = Request {
+        prompt: "{} flows past the".into(),
+        subject: "the river".into(),
+        target: " hills".into(),
+    };
+    let e = compute_batch(
+        &mut model,
+        &[request],
+        &[layer],
+        KeyPosition::PromptLast,
+        &[&cov],
+        &["{}".to_string()],
+        &RomeSettings::default(),
+        &MemitSettings::default(),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ROME instead") && e.contains("layer"), "{e}");
 }
 
 #[test]

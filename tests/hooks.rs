@@ -116,6 +116,15 @@ fn attention_input_gradients_match_finite_differences() {
     gradient_matches_finite_differences("qwen3", HookPoint::ResidPre);
 }
 
+/// Through Gemma 2's soft-capped scores and logits and its norms after attention and the MLP.
+#[test]
+fn gemma2_gradients_match_finite_differences() {
+    gradient_matches_finite_differences("gemma2", HookPoint::MlpPost);
+    gradient_matches_finite_differences("gemma2", HookPoint::AttnRotK);
+    gradient_matches_finite_differences("gemma2", HookPoint::Ln2PostIn);
+    gradient_matches_finite_differences("gemma2", HookPoint::Ln1PostScale);
+}
+
 /// A norm's divisor is differentiable too: freezing it is a choice, not a side effect.
 #[test]
 fn norm_scale_gradients_match_finite_differences() {
@@ -906,7 +915,27 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             if let Some(b) = out_proj.bias() {
                 projected = projected.broadcast_add(b).unwrap();
             }
-            close(&format!("blocks.{l}.attn.hook_z"), &projected, &attn);
+            // Gemma 2 normalises the projection before it joins the stream.
+            let written = |what: &str, norm: Option<&Norm>, out: &Tensor| match norm {
+                Some(norm) => {
+                    let raw = hook(&format!("blocks.{l}.{what}_post.hook_in"));
+                    norm_divides(&format!("blocks.{l}.{what}_post"), norm, &raw);
+                    close(
+                        &format!("blocks.{l}.{what}_post on its hook_in"),
+                        &norm.forward(&raw, false).unwrap(),
+                        out,
+                    );
+                    raw
+                }
+                None => {
+                    let name = format!("blocks.{l}.{what}_post.hook_in");
+                    assert!(cache.get_by_name(&name).is_err(), "{model_type}: {name}");
+                    out.clone()
+                }
+            };
+            let post_norms = block.post_norms.as_ref();
+            let raw_attn = written("ln1", post_norms.map(|(a, _)| a), &attn);
+            close(&format!("blocks.{l}.attn.hook_z"), &projected, &raw_attn);
             let pattern = hook(&format!("blocks.{l}.attn.hook_pattern"));
             pattern_weights_the_values(model_type, &model, l, &pre, &pattern, &z, cache);
             let mlp = hook(&format!("blocks.{l}.hook_mlp_out"));
@@ -925,7 +954,7 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             close(
                 &format!("blocks.{l}.hook_resid_post"),
                 &stream,
-                &(mid + mlp).unwrap(),
+                &(mid + &mlp).unwrap(),
             );
             let post = hook(&format!("blocks.{l}.mlp.hook_post"));
             assert_eq!(post.dims()[2], model.dims().d_mlp, "{model_type}");
@@ -944,6 +973,14 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             }
             let pre_act = hook(&format!("blocks.{l}.mlp.hook_pre"));
             assert_eq!(pre_act.dims(), post.dims(), "{model_type}");
+            // mlp.hook_post is the down projection's input.
+            let down = block.mlp.down_proj();
+            let mut projected = post.broadcast_matmul(&down.weight().t().unwrap()).unwrap();
+            if let Some(b) = down.bias() {
+                projected = projected.broadcast_add(b).unwrap();
+            }
+            let raw_mlp = written("ln2", post_norms.map(|(_, m)| m), &mlp);
+            close(&format!("blocks.{l}.mlp.hook_post"), &projected, &raw_mlp);
         }
         norm_divides("ln_final", &model.transformer.ln_final, &stream);
         let normalized = hook("ln_final.hook_normalized");
@@ -954,6 +991,10 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             .unwrap()
             .broadcast_matmul(&model.transformer.unembed.t().unwrap())
             .unwrap();
+        let logits = match model.transformer.logit_softcap {
+            Some(cap) => ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap(),
+            None => logits,
+        };
         close("logits from ln_final.hook_normalized", &logits, &out.logits);
     }
 }
@@ -1086,10 +1127,15 @@ fn pattern_weights_the_values(
             .unwrap()
             .matmul(&k.i((.., kv_head, ..)).unwrap().t().unwrap())
             .unwrap()
-            .affine(1.0 / (hd as f64).sqrt(), 0.0)
-            .unwrap()
-            .to_vec2::<f64>()
+            .affine(block.attn.scale, 0.0)
             .unwrap();
+        // Gemma 2 bends the scores into (−cap, cap), TransformerLens's `attn_scores_soft_cap`.
+        let scores = match block.attn.softcap {
+            Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
+            None => scores,
+        }
+        .to_vec2::<f64>()
+        .unwrap();
         for (query, row) in scores.iter().enumerate() {
             let visible = |key: usize| key <= query && query - key < window;
             let max = (0..seq)

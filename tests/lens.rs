@@ -52,7 +52,15 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                     },
                 )
                 .unwrap();
-                let want = row[target as usize] - with_versus.map_or(0.0, |v| row[v as usize]);
+                // The attribution is linear, so it splits the logits before Gemma 2's cap.
+                let uncapped = |id: u32| {
+                    let logit = row[id as usize];
+                    match model.transformer.logit_softcap {
+                        Some(cap) => cap * (logit / cap).atanh(),
+                        None => logit,
+                    }
+                };
+                let want = uncapped(target) - with_versus.map_or(0.0, uncapped);
                 let sum: f64 = report.attribution.iter().map(|c| f64::from(c.logit)).sum();
                 let tolerance = 1e-5 * (1.0 + want.abs());
                 assert!(

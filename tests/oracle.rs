@@ -126,6 +126,13 @@ fn gemma_matches_transformers() {
     check_against_transformers("gemma", &Device::Cpu);
 }
 
+/// Sandwich norms, soft-capped scores and logits, `query_pre_attn_scalar`, and a sliding
+/// window on the first layer only.
+#[test]
+fn gemma2_matches_transformers() {
+    check_against_transformers("gemma2", &Device::Cpu);
+}
+
 /// Runs the same checks on a CUDA GPU when the build has one (`--features cuda`).
 #[test]
 fn all_architectures_match_transformers_on_cuda() {

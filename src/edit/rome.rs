@@ -400,14 +400,14 @@ pub fn compute_edit(
     let keys = mean_key(model, &request.subject, &prompt, &prompts, layer, key)?;
     let (u, ridge) = solve_key(cov, &keys.mean)?;
 
-    let (target, nll_before, nll_after) = optimise_value(
-        model,
-        request,
-        &prompts,
-        HookPoint::MlpOut(layer),
-        key,
-        settings,
-    )?;
+    // What the down projection writes: the MLP output, or, where a norm follows the MLP
+    // (Gemma 2), that norm's input, so v* is a value the weights can produce.
+    let written = match model.transformer.blocks[layer].post_norms {
+        Some(_) => HookPoint::Ln2PostIn(layer),
+        None => HookPoint::MlpOut(layer),
+    };
+    let (target, nll_before, nll_after) =
+        optimise_value(model, request, &prompts, written, key, settings)?;
     let down = model.transformer.blocks[layer].mlp.down_proj();
     let w = down
         .weight()
@@ -442,8 +442,8 @@ pub fn compute_edit(
     })
 }
 
-/// v*: the value at `point` (ROME: the edit layer's MLP output; MEMIT: the last edit
-/// layer's residual stream) at the key token that makes the target likely, found by
+/// v*: the value at `point` (ROME: what the edit layer's down projection writes; MEMIT: the
+/// last edit layer's residual stream) at the key token that makes the target likely, found by
 /// optimising an offset δ added there (NLL of the target over the rewriting prompts + KL on
 /// "{subject} is a" + weight decay, Adam, norm clamp). Returns v* = v₀ + δ and the NLL before
 /// and after.

@@ -11,8 +11,13 @@
 //!   which is exactly how the MLP writes it into the residual stream;
 //! - `ln_final.hook_normalized`: the row is already normalised (centred and scaled); only the
 //!   final norm's gain and the unembedding apply;
-//! - `mlp.hook_pre` and `mlp.hook_pre_linear`, the attention's queries, keys, values, scores and pattern, and the block
-//!   norms' outputs and scales: no linear path to the residual stream exists (a nonlinearity,
+//! - Gemma 2's norms after attention and after the MLP are held at constant scale the same
+//!   way: `mlp.hook_post` and `attn.hook_z` go through the projection and then that norm's gain,
+//!   `ln1_post`/`ln2_post`'s `hook_in` and `hook_normalized` through the gain alone;
+//! - the logit soft-cap of Gemma 2 is left out: it is monotonic, so the top and bottom tokens
+//!   are the same, and the effects are in the uncapped logits' units;
+//! - `mlp.hook_pre` and `mlp.hook_pre_linear`, the attention's queries, keys, values, scores
+//!   and pattern, the pre-norms' outputs and every norm's scale: no linear path to the residual stream exists (a nonlinearity,
 //!   or the attention itself, sits in between), so no logit effects are reported.
 
 use candle_core::{DType, Device, Tensor};
@@ -24,7 +29,7 @@ use crate::model::hooks::HookPoint;
 use crate::sae::cpu::{MatRef, matmul};
 
 /// How logit effects are computed, in one line (recorded in `features.json`).
-pub const METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post) → final norm with its scale held constant (centre, gain) → unembedding";
+pub const METHOD: &str = "direct path: decoder row → residual stream (through the layer's down projection for mlp.hook_post, and the gain of any norm after it) → final norm with its scale held constant (centre, gain) → unembedding";
 
 /// Features per block in the batched products (bounds memory to `BLOCK × max(vocab, d_sae)`).
 const BLOCK: usize = 512;
@@ -70,6 +75,10 @@ pub fn logit_effects(
     // Map into the residual stream: `[d_in, d_model]` (None = identity).
     // `centre`: whether the row still needs the final norm's centring (it always takes the gain).
     let (to_resid, centre) = match hook {
+        HookPoint::Ln1PostIn(_)
+        | HookPoint::Ln1PostNormalized(_)
+        | HookPoint::Ln2PostIn(_)
+        | HookPoint::Ln2PostNormalized(_) => (None, true),
         // Not a direction in any space the model writes from (the pattern is not even one
         // vector per token: SAEs cannot be trained there).
         HookPoint::MlpPre(_)
@@ -78,6 +87,8 @@ pub fn logit_effects(
         | HookPoint::Ln1Normalized(_)
         | HookPoint::Ln2Scale(_)
         | HookPoint::Ln2Normalized(_)
+        | HookPoint::Ln1PostScale(_)
+        | HookPoint::Ln2PostScale(_)
         | HookPoint::LnFinalScale
         | HookPoint::AttnScores(_)
         | HookPoint::AttnPattern(_)
@@ -107,6 +118,22 @@ pub fn logit_effects(
         | HookPoint::MlpOut(_)
         | HookPoint::ResidPost(_) => (None, true),
     };
+    // The gain of the norm after attention or the MLP (Gemma 2), for what is written before it.
+    let post_gain = match hook {
+        HookPoint::AttnZ(l) | HookPoint::Ln1PostIn(l) | HookPoint::Ln1PostNormalized(l) => t.blocks
+            [l]
+            .post_norms
+            .as_ref()
+            .map(|(after_attn, _)| after_attn),
+        HookPoint::MlpPost(l) | HookPoint::Ln2PostIn(l) | HookPoint::Ln2PostNormalized(l) => t
+            .blocks[l]
+            .post_norms
+            .as_ref()
+            .map(|(_, after_mlp)| after_mlp),
+        _ => None,
+    }
+    .map(|norm| to_vec(norm.weight()))
+    .transpose()?;
     let gain = to_vec(t.ln_final.weight())?;
     let centers = t.ln_final.centers();
     let unembed = to_vec(&t.unembed)?; // [vocab, d_model]
@@ -130,6 +157,9 @@ pub fn logit_effects(
             None => dirs.to_vec(),
         };
         for r in resid.chunks_exact_mut(d_model) {
+            if let Some(post) = &post_gain {
+                r.iter_mut().zip(post).for_each(|(v, g)| *v *= g);
+            }
             if centre && centers {
                 let mean = r.iter().sum::<f32>() / d_model as f32;
                 r.iter_mut().for_each(|v| *v -= mean);

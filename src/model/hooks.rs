@@ -79,7 +79,16 @@ pub enum HookPoint {
     /// heads (as channels), SAEs and exports cannot read it ([`HookPoint::per_token`]). Asking
     /// for it runs that layer's attention unfused.
     AttnPattern(usize),
-    /// `blocks.L.hook_attn_out`: the attention output, after the output projection.
+    /// `blocks.L.ln1_post.hook_in`: the attention output as projected, before the norm after
+    /// attention (Gemma 2 and 3 only; elsewhere that is `hook_attn_out`).
+    Ln1PostIn(usize),
+    /// `blocks.L.ln1_post.hook_scale`: the post-attention norm's divisor per token (Gemma 2/3).
+    Ln1PostScale(usize),
+    /// `blocks.L.ln1_post.hook_normalized`: the post-attention norm's normalised input, before
+    /// its gain (Gemma 2/3).
+    Ln1PostNormalized(usize),
+    /// `blocks.L.hook_attn_out`: the attention output, after the output projection (and, in
+    /// Gemma 2/3, after the norm that follows it): what is added to the residual stream.
     AttnOut(usize),
     /// `blocks.L.hook_resid_mid`: resid_pre + attn_out (absent in parallel-residual blocks).
     ResidMid(usize),
@@ -95,7 +104,16 @@ pub enum HookPoint {
     /// `blocks.L.mlp.hook_post`: FFN value after the nonlinearity (gated: act(gate)·up), the input
     /// of the down projection: ROME's key space and the space of knowledge neurons — `[.., d_mlp]`.
     MlpPost(usize),
-    /// `blocks.L.hook_mlp_out`: the FFN output, after the down projection.
+    /// `blocks.L.ln2_post.hook_in`: what the down projection writes, before the norm after the
+    /// MLP (Gemma 2 and 3 only; elsewhere that is `hook_mlp_out`): ROME's value space there.
+    Ln2PostIn(usize),
+    /// `blocks.L.ln2_post.hook_scale`: the post-MLP norm's divisor per token (Gemma 2/3).
+    Ln2PostScale(usize),
+    /// `blocks.L.ln2_post.hook_normalized`: the post-MLP norm's normalised input, before its
+    /// gain (Gemma 2/3).
+    Ln2PostNormalized(usize),
+    /// `blocks.L.hook_mlp_out`: the FFN output, after the down projection (and, in Gemma 2/3,
+    /// after the norm that follows it): what is added to the residual stream.
     MlpOut(usize),
     /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
     ResidPost(usize),
@@ -125,11 +143,17 @@ impl HookPoint {
             | Self::AttnRotK(l)
             | Self::AttnZ(l)
             | Self::AttnPattern(l)
+            | Self::Ln1PostIn(l)
+            | Self::Ln1PostScale(l)
+            | Self::Ln1PostNormalized(l)
             | Self::AttnOut(l)
             | Self::ResidMid(l)
             | Self::MlpPre(l)
             | Self::MlpPreLinear(l)
             | Self::MlpPost(l)
+            | Self::Ln2PostIn(l)
+            | Self::Ln2PostScale(l)
+            | Self::Ln2PostNormalized(l)
             | Self::MlpOut(l)
             | Self::ResidPost(l) => Some(l),
             Self::Embed | Self::PosEmbed | Self::LnFinalScale | Self::LnFinal => None,
@@ -164,11 +188,17 @@ impl fmt::Display for HookPoint {
             Self::AttnRotK(l) => write!(f, "blocks.{l}.attn.hook_rot_k"),
             Self::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
             Self::AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
+            Self::Ln1PostIn(l) => write!(f, "blocks.{l}.ln1_post.hook_in"),
+            Self::Ln1PostScale(l) => write!(f, "blocks.{l}.ln1_post.hook_scale"),
+            Self::Ln1PostNormalized(l) => write!(f, "blocks.{l}.ln1_post.hook_normalized"),
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
             Self::MlpPreLinear(l) => write!(f, "blocks.{l}.mlp.hook_pre_linear"),
             Self::MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
+            Self::Ln2PostIn(l) => write!(f, "blocks.{l}.ln2_post.hook_in"),
+            Self::Ln2PostScale(l) => write!(f, "blocks.{l}.ln2_post.hook_scale"),
+            Self::Ln2PostNormalized(l) => write!(f, "blocks.{l}.ln2_post.hook_normalized"),
             Self::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             Self::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
             Self::LnFinalScale => write!(f, "ln_final.hook_scale"),
@@ -190,8 +220,10 @@ impl FromStr for HookPoint {
                     ln1.hook_normalized, attn.hook_q, attn.hook_k, attn.hook_v, attn.hook_q_normed, \
                     attn.hook_k_normed, attn.hook_rot_q, \
                     attn.hook_rot_k, attn.hook_attn_scores, attn.hook_pattern, attn.hook_z, \
+                    ln1_post.hook_in, ln1_post.hook_scale, ln1_post.hook_normalized, \
                     hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
-                    mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, hook_mlp_out, \
+                    mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, ln2_post.hook_in, \
+                    ln2_post.hook_scale, ln2_post.hook_normalized, hook_mlp_out, \
                     hook_resid_post}, \
                     ln_final.hook_scale, ln_final.hook_normalized"
                 .to_string(),
@@ -223,11 +255,17 @@ impl FromStr for HookPoint {
             "attn.hook_rot_k" => Self::AttnRotK(layer),
             "attn.hook_z" => Self::AttnZ(layer),
             "attn.hook_pattern" => Self::AttnPattern(layer),
+            "ln1_post.hook_in" => Self::Ln1PostIn(layer),
+            "ln1_post.hook_scale" => Self::Ln1PostScale(layer),
+            "ln1_post.hook_normalized" => Self::Ln1PostNormalized(layer),
             "hook_attn_out" => Self::AttnOut(layer),
             "hook_resid_mid" => Self::ResidMid(layer),
             "mlp.hook_pre" => Self::MlpPre(layer),
             "mlp.hook_pre_linear" => Self::MlpPreLinear(layer),
             "mlp.hook_post" => Self::MlpPost(layer),
+            "ln2_post.hook_in" => Self::Ln2PostIn(layer),
+            "ln2_post.hook_scale" => Self::Ln2PostScale(layer),
+            "ln2_post.hook_normalized" => Self::Ln2PostNormalized(layer),
             "hook_mlp_out" => Self::MlpOut(layer),
             "hook_resid_post" => Self::ResidPost(layer),
             _ => return Err(unknown()),

@@ -352,8 +352,12 @@ pub struct Attention {
     pub rotary: Option<Rotary>,
     /// Keys more than this many positions back are masked (Mistral).
     pub sliding_window: Option<usize>,
-    /// RMSNorms over each query and key head before the rotary embedding (Qwen3).
+    /// RMSNorms over each query and key head before the rotary embedding (Qwen3, Gemma 3).
     pub qk_norm: Option<(Norm, Norm)>,
+    /// Multiplier on `q·kᵀ`: `1/√d_head`, or Gemma 2/3's `1/√query_pre_attn_scalar`.
+    pub scale: f64,
+    /// Gemma 2's `cap · tanh(scores / cap)` on the scaled scores, before the mask.
+    pub softcap: Option<f64>,
 }
 
 /// Keys and values of one layer for all positions seen so far: `[batch, n_kv_heads, t, head_dim]`.
@@ -402,12 +406,13 @@ impl Attention {
             v = Tensor::cat(&[past_v, &v], 2)?;
         }
         *kv = Some((k.clone(), v.clone()));
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.scale;
         let scores_point = HookPoint::AttnScores(layer);
         let pattern_point = HookPoint::AttnPattern(layer);
         // The fused kernel masks causally from one offset (ragged rows take the mask) and never
         // forms the scores or the pattern.
-        let formed = hooks.touches(scores_point) || hooks.touches(pattern_point);
+        let formed =
+            hooks.touches(scores_point) || hooks.touches(pattern_point) || self.softcap.is_some();
         if let (false, false, Positions::From(offset)) = (needs_grad, formed, positions) {
             let fused =
                 kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
@@ -416,7 +421,7 @@ impl Attention {
                 return linear(&z, &self.out);
             }
         }
-        let mut scores = attention_scores(&q, &k, mask, scale)?;
+        let mut scores = attention_scores(&q, &k, mask, scale, self.softcap)?;
         if hooks.touches(scores_point) {
             // The mask again after the interventions: none may unmask a key.
             scores = hooks.hook(scores_point, scores)?.broadcast_add(mask)?; // [b, heads, s, t]
@@ -458,7 +463,7 @@ pub(super) fn composed_attention(
     scale: f64,
     needs_grad: bool,
 ) -> candle_core::Result<Tensor> {
-    let pattern = softmax(&attention_scores(q, k, mask, scale)?, needs_grad)?;
+    let pattern = softmax(&attention_scores(q, k, mask, scale, None)?, needs_grad)?;
     weighted_values(&pattern, v, q.dtype())
 }
 
@@ -474,17 +479,28 @@ fn repeat_kv(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((b, heads, t, hd))
 }
 
-/// `q·kᵀ·scale + mask`: the attention scores `[batch, heads, seq, total]`, in f32 (or f64)
-/// whatever the run dtype, −∞ where the mask hides a key.
+/// `q·kᵀ·scale + mask` (soft-capped before the mask with a `softcap`): the attention scores
+/// `[batch, heads, seq, total]`, in f32 (or f64) whatever the run dtype, −∞ where the mask
+/// hides a key.
 fn attention_scores(
     q: &Tensor,
     k: &Tensor,
     mask: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
     let k = repeat_kv(k, q.dim(1)?)?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    upcast(&scores)?.broadcast_add(mask)
+    let mut scores = upcast(&scores)?;
+    if let Some(cap) = softcap {
+        scores = soft_cap(&scores, cap)?;
+    }
+    scores.broadcast_add(mask)
+}
+
+/// `cap · tanh(x / cap)`: Gemma 2's bound on attention scores and logits.
+pub fn soft_cap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// The attention pattern from the scores: a softmax over keys.
@@ -640,6 +656,9 @@ pub struct Block {
     pub down_proj_source: WeightSource,
     /// GPT-NeoX's `x + attn(ln1(x)) + mlp(ln2(x))` (no `hook_resid_mid`).
     pub parallel_residual: bool,
+    /// Gemma 2/3's norms on the attention and MLP outputs before they join the residual
+    /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub post_norms: Option<(Norm, Norm)>,
 }
 
 /// A weight's key in the checkpoint and its layout there.
@@ -672,6 +691,18 @@ impl Block {
         let attn_out = self
             .attn
             .forward(&attn_in, layer, kv, positions, mask, hooks)?;
+        let attn_out = match &self.post_norms {
+            Some((after_attn, _)) => {
+                let raw = hooks.hook(HookPoint::Ln1PostIn(layer), attn_out)?; // [b, s, d_model]
+                after_attn.forward_hooked(
+                    &raw,
+                    hooks,
+                    HookPoint::Ln1PostScale(layer),
+                    HookPoint::Ln1PostNormalized(layer),
+                )?
+            }
+            None => attn_out,
+        };
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
             let mlp_in =
@@ -686,6 +717,18 @@ impl Block {
                 self.ln_mlp
                     .forward_hooked(&resid_mid, hooks, ln2_scale, ln2_normalized)?;
             let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
+            let mlp_out = match &self.post_norms {
+                Some((_, after_mlp)) => {
+                    let raw = hooks.hook(HookPoint::Ln2PostIn(layer), mlp_out)?; // [b, s, d_model]
+                    after_mlp.forward_hooked(
+                        &raw,
+                        hooks,
+                        HookPoint::Ln2PostScale(layer),
+                        HookPoint::Ln2PostNormalized(layer),
+                    )?
+                }
+                None => mlp_out,
+            };
             let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
             (resid_mid + mlp_out)?
         };
@@ -721,6 +764,8 @@ pub struct Transformer {
     /// `[vocab, d_model]`; the same tensor as `embed` when embeddings are tied.
     pub unembed: Tensor,
     pub tied_embeddings: bool,
+    /// Gemma 2's `cap · tanh(logits / cap)` on the output logits.
+    pub logit_softcap: Option<f64>,
     pub dims: Dims,
 }
 
@@ -838,8 +883,15 @@ impl Transformer {
                 HookPoint::AttnScores(l),
                 HookPoint::AttnPattern(l),
                 HookPoint::AttnZ(l),
-                HookPoint::AttnOut(l),
             ]);
+            if block.post_norms.is_some() {
+                points.extend([
+                    HookPoint::Ln1PostIn(l),
+                    HookPoint::Ln1PostScale(l),
+                    HookPoint::Ln1PostNormalized(l),
+                ]);
+            }
+            points.push(HookPoint::AttnOut(l));
             if !block.parallel_residual {
                 points.push(HookPoint::ResidMid(l));
             }
@@ -851,11 +903,15 @@ impl Transformer {
             if matches!(block.mlp, Mlp::Gated { .. }) {
                 points.push(HookPoint::MlpPreLinear(l));
             }
-            points.extend([
-                HookPoint::MlpPost(l),
-                HookPoint::MlpOut(l),
-                HookPoint::ResidPost(l),
-            ]);
+            points.push(HookPoint::MlpPost(l));
+            if block.post_norms.is_some() {
+                points.extend([
+                    HookPoint::Ln2PostIn(l),
+                    HookPoint::Ln2PostScale(l),
+                    HookPoint::Ln2PostNormalized(l),
+                ]);
+            }
+            points.extend([HookPoint::MlpOut(l), HookPoint::ResidPost(l)]);
         }
         points.extend([HookPoint::LnFinalScale, HookPoint::LnFinal]);
         points
@@ -947,7 +1003,17 @@ impl Transformer {
         let x =
             self.ln_final
                 .forward_hooked(&x, hooks, HookPoint::LnFinalScale, HookPoint::LnFinal)?; // [b, s, d_model]
-        linear(&x, &Linear::new(self.unembed.clone(), None))
+        self.logits(&x)
+    }
+
+    /// The logits of final-norm outputs `[.., d_model]`: the unembedding, soft-capped where the
+    /// model caps them (Gemma 2). Lenses read intermediate streams through this too.
+    pub fn logits(&self, normed: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = linear(normed, &Linear::new(self.unembed.clone(), None))?;
+        match self.logit_softcap {
+            Some(cap) => soft_cap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// Total parameter count (tied embeddings counted once).
@@ -961,6 +1027,9 @@ impl Transformer {
         }
         for b in &self.blocks {
             n += norm(&b.ln_attn) + norm(&b.ln_mlp);
+            if let Some((a, m)) = &b.post_norms {
+                n += norm(a) + norm(m);
+            }
             n += linear(&b.attn.qkv) + linear(&b.attn.out);
             if let Some((q, k)) = &b.attn.qk_norm {
                 n += norm(q) + norm(k);

@@ -13,8 +13,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         qkv_bias: c.attention_bias,
         o_bias: c.attention_bias,
         gemma: true,
-        sliding_window: None,
-        qk_norm: false,
+        ..Family::default()
     };
     load_family(config, &c, w, &family)
 }

@@ -92,6 +92,8 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     rotary: None,
                     sliding_window: None,
                     qk_norm: None,
+                    scale: 1.0 / ((d / c.n_head) as f64).sqrt(),
+                    softcap: None,
                 },
                 ln_mlp: layer_norm(&format!("h.{l}.ln_2"))?,
                 mlp: Mlp::Plain {
@@ -104,6 +106,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     transposed: true,
                 },
                 parallel_residual: false,
+                post_norms: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -120,6 +123,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ln_final: layer_norm("ln_f")?,
         unembed,
         tied_embeddings: tied,
+        logit_softcap: None,
         dims: Dims {
             n_layers: c.n_layer,
             d_model: d,

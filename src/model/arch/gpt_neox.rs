@@ -117,6 +117,8 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     rotary: (rot_dim > 0).then(|| rotary.clone()),
                     sliding_window: None,
                     qk_norm: None,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                    softcap: None,
                 },
                 ln_mlp: layer_norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp::Plain {
@@ -141,6 +143,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     transposed: false,
                 },
                 parallel_residual: c.use_parallel_residual,
+                post_norms: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -157,6 +160,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ln_final: layer_norm("gpt_neox.final_layer_norm")?,
         unembed,
         tied_embeddings: tied,
+        logit_softcap: None,
         dims: Dims {
             n_layers: c.num_hidden_layers,
             d_model: d,

@@ -16,7 +16,7 @@ pub(super) struct LlamaLikeConfig {
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
-    num_hidden_layers: usize,
+    pub(super) num_hidden_layers: usize,
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
@@ -39,7 +39,8 @@ fn default_eps() -> f64 {
     1e-6
 }
 
-/// How a family member departs from Llama.
+/// How a family member departs from Llama (`Family::default()` is Llama).
+#[derive(Default)]
 pub(super) struct Family {
     /// Biases on q, k, v (Qwen2: always; Llama: `attention_bias`).
     pub qkv_bias: Option<bool>,
@@ -47,10 +48,21 @@ pub(super) struct Family {
     pub o_bias: Option<bool>,
     /// Gemma: RMSNorm weight used as `1 + w`, embeddings scaled by √d_model, GeGLU default.
     pub gemma: bool,
-    /// Mask keys further back than `sliding_window` (Mistral).
+    /// Mask keys further back than `sliding_window` (Mistral; Gemma 2 on some layers).
     pub sliding_window: Option<usize>,
+    /// Which layers the window applies to (`None`: all of them).
+    pub sliding_layers: Option<Vec<bool>>,
     /// RMSNorm each query and key head (`q_norm`, `k_norm`) before the rotary embedding (Qwen3).
     pub qk_norm: bool,
+    /// Gemma 2's sandwich norms: `pre_feedforward_layernorm` before the MLP, and
+    /// `post_attention_layernorm` / `post_feedforward_layernorm` on the two outputs.
+    pub post_norms: bool,
+    /// Scores scaled by `1/√query_pre_attn_scalar` rather than `1/√head_dim` (Gemma 2).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `cap · tanh(x / cap)` on attention scores (Gemma 2's `attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// The same on the output logits (`final_logit_softcapping`).
+    pub logit_softcap: Option<f64>,
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -63,9 +75,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         &Family {
             qkv_bias: bias,
             o_bias: bias,
-            gemma: false,
-            sliding_window: None,
-            qk_norm: false,
+            ..Family::default()
         },
     )
 }
@@ -117,6 +127,23 @@ pub(super) fn load_family(
         };
         Ok(Norm::rms_norm(weight, c.rms_norm_eps))
     };
+    if let Some(layers) = &family.sliding_layers
+        && layers.len() != c.num_hidden_layers
+    {
+        return Err(config.error(
+            "layer_types",
+            format!(
+                "lists {} layers, num_hidden_layers is {}",
+                layers.len(),
+                c.num_hidden_layers
+            ),
+        ));
+    }
+    let window = |l: usize| {
+        let sliding = family.sliding_layers.as_ref().is_none_or(|s| s[l]);
+        family.sliding_window.filter(|_| sliding)
+    };
+    let scale = 1.0 / family.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
     let (qkv_bias, o_bias) = (
         family.qkv_bias.unwrap_or(false),
         family.o_bias.unwrap_or(false),
@@ -137,7 +164,7 @@ pub(super) fn load_family(
                     n_kv_heads: nkv,
                     head_dim: hd,
                     rotary: Some(rotary.clone()),
-                    sliding_window: family.sliding_window,
+                    sliding_window: window(l),
                     qk_norm: if family.qk_norm {
                         Some((
                             Norm::rms_norm(
@@ -152,8 +179,14 @@ pub(super) fn load_family(
                     } else {
                         None
                     },
+                    scale,
+                    softcap: family.attn_softcap,
                 },
-                ln_mlp: rms(format!("{p}.post_attention_layernorm.weight"))?,
+                ln_mlp: if family.post_norms {
+                    rms(format!("{p}.pre_feedforward_layernorm.weight"))?
+                } else {
+                    rms(format!("{p}.post_attention_layernorm.weight"))?
+                },
                 mlp: Mlp::Gated {
                     gate: linear(
                         w,
@@ -183,6 +216,14 @@ pub(super) fn load_family(
                     transposed: false,
                 },
                 parallel_residual: false,
+                post_norms: if family.post_norms {
+                    Some((
+                        rms(format!("{p}.post_attention_layernorm.weight"))?,
+                        rms(format!("{p}.post_feedforward_layernorm.weight"))?,
+                    ))
+                } else {
+                    None
+                },
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -209,6 +250,7 @@ pub(super) fn load_family(
         ln_final: rms("model.norm.weight".to_string())?,
         unembed,
         tied_embeddings: tied,
+        logit_softcap: family.logit_softcap,
         dims: Dims {
             n_layers: c.num_hidden_layers,
             d_model: d,

@@ -11,9 +11,8 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let family = Family {
         qkv_bias: c.attention_bias,
         o_bias: c.attention_bias,
-        gemma: false,
         sliding_window: c.sliding_window,
-        qk_norm: false,
+        ..Family::default()
     };
     load_family(config, &c, w, &family)
 }

@@ -3,6 +3,7 @@
 //! [`ARCHITECTURES`].
 
 mod gemma;
+mod gemma2;
 mod gpt2;
 mod gpt_neox;
 mod llama;
@@ -29,6 +30,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("qwen2", qwen2::load),
     ("qwen3", qwen3::load),
     ("gemma", gemma::load),
+    ("gemma2", gemma2::load),
 ];
 
 pub fn loader(model_type: &str) -> Option<LoadFn> {
@@ -65,4 +67,22 @@ fn fuse_qkv(q: Linear, k: Linear, v: Linear) -> Result<Linear> {
         _ => None,
     };
     Ok(Linear::new(weight, bias))
+}
+
+/// Which layers slide, from transformers' `layer_types` (`sliding_attention` /
+/// `full_attention`, one per layer).
+fn sliding_layers(config: &ConfigFile, types: &[String]) -> Result<Vec<bool>> {
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => Err(config.error(
+                "layer_types",
+                format!(
+                    "unknown layer type `{other}` (supported: sliding_attention, full_attention)"
+                ),
+            )),
+        })
+        .collect()
 }

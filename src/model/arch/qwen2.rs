@@ -17,9 +17,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let family = Family {
         qkv_bias: Some(true),
         o_bias: Some(false),
-        gemma: false,
-        sliding_window: None,
-        qk_norm: false,
+        ..Family::default()
     };
     load_family(config, &c, w, &family)
 }

@@ -18,9 +18,8 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let family = Family {
         qkv_bias: c.attention_bias,
         o_bias: c.attention_bias,
-        gemma: false,
-        sliding_window: None,
         qk_norm: true,
+        ..Family::default()
     };
     load_family(config, &c, w, &family)
 }
