@@ -119,6 +119,45 @@ fn unsupported_or_incomplete_rope_scaling_is_named() {
     }
 }
 
+/// Gemma 2's own keys: an unknown layer type, a layer list of the wrong length, a cap or
+/// scalar that is not positive, an empty window.
+#[test]
+fn bad_gemma2_attention_settings_are_named() {
+    let cases = [
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "chunked_attention"]),
+            "chunked_attention",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention"]),
+            "num_hidden_layers is 2",
+        ),
+        ("attn_logit_softcapping", serde_json::json!(0.0), "positive"),
+        (
+            "final_logit_softcapping",
+            serde_json::json!(-1.0),
+            "positive",
+        ),
+        ("query_pre_attn_scalar", serde_json::json!(0), "positive"),
+        ("sliding_window", serde_json::json!(0), "at least 1"),
+    ];
+    for (key, value, named) in cases {
+        let dir = scratch_copy("gemma2");
+        let path = dir.path().join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json[key] = value;
+        std::fs::write(&path, json.to_string()).unwrap();
+        let msg = load_err(dir.path());
+        assert!(
+            msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
+            "{key}: {msg}"
+        );
+    }
+}
+
 #[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");

@@ -39,7 +39,7 @@ fn info_lists_every_hook_and_the_parameter_count() {
 /// `info` reports the rotary settings it read from the config: base, scaling and rotating
 /// channels, in both config spellings (GPT-NeoX's partial rotary too); none for GPT-2.
 #[test]
-fn info_reports_the_rotary_settings_of_the_config() {
+fn info_reports_the_rotary_and_attention_settings_of_the_config() {
     let info = |model_type: &str| {
         let dir = fixture_dir(model_type);
         let config: serde_json::Value =
@@ -75,6 +75,46 @@ fn info_reports_the_rotary_settings_of_the_config() {
     let head_dim = neox["dims"]["head_dim"].as_f64().unwrap();
     assert_eq!(got["rot_dim"].as_f64(), Some(head_dim * fraction));
     assert!(fraction < 1.0);
+
+    // Gemma 2: the window on the layers `layer_types` names, the score scale and both caps.
+    let (config, gemma2) = info("gemma2");
+    let attention = &gemma2["attention"];
+    let window = config["sliding_window"].as_u64().unwrap();
+    let windows: Vec<Option<u64>> = config["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t == "sliding_attention").then_some(window))
+        .collect();
+    let got: Vec<Option<u64>> = attention["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_u64())
+        .collect();
+    assert_eq!(got, windows);
+    assert!(windows.contains(&None) && windows.contains(&Some(window)));
+    let scalar = config["query_pre_attn_scalar"].as_f64().unwrap();
+    let scale = attention["scale"].as_f64().unwrap();
+    assert!((scale - 1.0 / scalar.sqrt()).abs() < 1e-12, "{scale}");
+    assert_eq!(
+        attention["score_softcap"].as_f64(),
+        config["attn_logit_softcapping"].as_f64()
+    );
+    assert_eq!(
+        gemma2["logit_softcap"].as_f64(),
+        config["final_logit_softcapping"].as_f64()
+    );
+    let (_, mistral) = info("mistral");
+    assert!(mistral["logit_softcap"].is_null());
+    assert!(mistral["attention"]["score_softcap"].is_null());
+    assert!(
+        mistral["attention"]["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w.as_u64().is_some())
+    );
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
     /// Rotary models: base, scaling and rotating channels per head.
     pub rotary: Option<RotaryInfo>,
+    pub attention: AttentionInfo,
+    /// Gemma 2's `cap · tanh(logits / cap)` on the output logits.
+    pub logit_softcap: Option<f64>,
     pub dtype: String,
     pub device: String,
     pub hooks: Vec<String>,
@@ -36,6 +39,17 @@ pub struct RotaryInfo {
     #[serde(flatten)]
     pub rope: Rope,
     pub rot_dim: usize,
+}
+
+/// How attention scores are formed, where architectures differ.
+#[derive(Serialize)]
+pub struct AttentionInfo {
+    /// The multiplier on `q·kᵀ` (`1/√head_dim`, or Gemma 2's `1/√query_pre_attn_scalar`).
+    pub scale: f64,
+    /// Gemma 2's `cap · tanh(scores / cap)`.
+    pub score_softcap: Option<f64>,
+    /// Each layer's sliding window (`null`: every earlier key is visible).
+    pub windows: Vec<Option<usize>>,
 }
 
 impl ModelInfo {
@@ -55,6 +69,15 @@ impl ModelInfo {
                     rope: r.rope().clone(),
                     rot_dim: r.rot_dim(),
                 }),
+            attention: {
+                let blocks = &model.transformer.blocks;
+                AttentionInfo {
+                    scale: blocks.first().map_or(1.0, |b| b.attn.scale),
+                    score_softcap: blocks.first().and_then(|b| b.attn.softcap),
+                    windows: blocks.iter().map(|b| b.attn.sliding_window).collect(),
+                }
+            },
+            logit_softcap: model.transformer.logit_softcap,
             dtype: format!("{:?}", model.dtype).to_lowercase(),
             device: device_name(&model.device),
             hooks: model.hook_points().iter().map(|h| h.to_string()).collect(),
@@ -87,6 +110,20 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
             "rotary       theta {}, {} of {} head dims, {}",
             r.rope.theta, r.rot_dim, d.head_dim, r.rope.scaling
         );
+    }
+    let a = &info.attention;
+    match a.score_softcap {
+        Some(cap) => println!("attention    scale {:.6}, scores capped at {cap}", a.scale),
+        None => println!("attention    scale {:.6}", a.scale),
+    }
+    let sliding: Vec<String> = (a.windows.iter().enumerate())
+        .filter_map(|(l, w)| w.map(|w| format!("{l}: {w}")))
+        .collect();
+    if !sliding.is_empty() {
+        println!("windows      {} (layer: keys seen)", sliding.join(", "));
+    }
+    if let Some(cap) = info.logit_softcap {
+        println!("logits       capped at {cap}");
     }
     println!("run on       {} {}", info.device, info.dtype);
     println!("hooks ({}):", info.hooks.len());

@@ -139,6 +139,9 @@ pub(super) fn load_family(
             ),
         ));
     }
+    if family.sliding_window == Some(0) {
+        return Err(config.error("sliding_window", "is 0; must be at least 1"));
+    }
     let window = |l: usize| {
         let sliding = family.sliding_layers.as_ref().is_none_or(|s| s[l]);
         family.sliding_window.filter(|_| sliding)
