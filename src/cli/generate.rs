@@ -40,8 +40,8 @@ pub struct GenerateArgs {
     /// An SAE folder whose features --steer names.
     #[arg(long, requires = "steer")]
     sae: Option<std::path::PathBuf>,
-    /// Hook the SAE reads (default: the one its folder names: SAELens metadata.hook_name, or a
-    /// sparsify folder's hookpoint name).
+    /// Hook the SAE reads (default: the one its folder names: SAELens metadata.hook_name, a
+    /// sparsify folder's hookpoint name, or a Gemma Scope path's site and layer).
     #[arg(long, requires = "sae")]
     hook: Option<String>,
     /// Steer with SAE features: FEATURE=VALUE[,FEATURE=VALUE…] (needs --sae).

@@ -405,11 +405,11 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 /// An SAE folder and the hook it reads, as every SAE command takes them.
 #[derive(Args, Clone, Debug)]
 pub struct SaeArgs {
-    /// The SAE folder (SAELens format).
+    /// The SAE folder (SAELens, sparsify or Gemma Scope format).
     #[arg(long = "sae", value_name = "DIR")]
     pub dir: PathBuf,
-    /// Hook the SAE reads (default: the one its folder names: SAELens metadata.hook_name, or a
-    /// sparsify folder's hookpoint name).
+    /// Hook the SAE reads (default: the one its folder names: SAELens metadata.hook_name, a
+    /// sparsify folder's hookpoint name, or a Gemma Scope path's site and layer).
     #[arg(long)]
     pub hook: Option<String>,
 }

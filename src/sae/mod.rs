@@ -1,6 +1,7 @@
 //! Sparse autoencoders: the inference-time model (encode / decode for every architecture) and
-//! the folders it is read from: the SAELens format monoscope writes ([`saelens`]) and EleutherAI
-//! sparsify's ([`sparsify`]), told apart by their weight files ([`load`]).
+//! the folders it is read from: the SAELens format monoscope writes ([`saelens`]), EleutherAI
+//! sparsify's ([`sparsify`]) and Gemma Scope's `params.npz` ([`gemma_scope`]), told apart by
+//! their weight files ([`load`]).
 //!
 //! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
@@ -10,6 +11,7 @@ pub mod activations;
 pub mod codes;
 pub mod cpu;
 pub mod eval;
+pub mod gemma_scope;
 pub mod run;
 pub mod saelens;
 pub mod sparse;
@@ -26,11 +28,14 @@ use crate::model::{HookPoint, Model};
 use saelens::SaeDir;
 
 /// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
-/// (`sae.safetensors`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
+/// (`sae.safetensors`), Gemma Scope's (`params.npz`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
 /// hookpoint) is refused with the names to choose from.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     if sparsify::is_sparsify_dir(dir) {
         return sparsify::load(dir, device, dtype);
+    }
+    if gemma_scope::is_gemma_scope_dir(dir) {
+        return gemma_scope::load(dir, device, dtype);
     }
     if !dir.join(saelens::CONFIG_FILE).is_file() {
         let mut inner: Vec<String> = std::fs::read_dir(dir)
@@ -57,7 +62,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
 }
 
 /// Loads an SAE (in f32) for `model`, at `hook` or else the hook its folder names (SAELens's
-/// `metadata.hook_name`, sparsify's folder name); the hook must be one hook point of the model.
+/// `metadata.hook_name`, sparsify's folder name, Gemma Scope's path); the hook must be one hook
+/// point of the model.
 pub fn load_for_model(
     dir: &Path,
     hook: Option<&str>,
@@ -77,6 +83,17 @@ pub fn load_for_model(
                     "its name `{folder}` is the hookpoint it was trained on, and monoscope \
                      knows no hook for it (it knows {}); pass the hook it reads",
                     sparsify::KNOWN_HOOKPOINTS
+                ),
+            });
+        }
+        None if gemma_scope::is_gemma_scope_dir(dir) => {
+            return Err(Error::InvalidArgument {
+                what: "Gemma Scope SAE folder",
+                value: dir.display().to_string(),
+                message: format!(
+                    "its path does not say where it reads (monoscope reads {}); pass the hook \
+                     it reads",
+                    gemma_scope::KNOWN_PATHS
                 ),
             });
         }
