@@ -158,6 +158,46 @@ fn bad_gemma2_attention_settings_are_named() {
     }
 }
 
+/// Gemma 3's own keys: an embedding model's bidirectional attention, an empty window
+/// pattern, a rotary scaling of one layer type that is not supported.
+#[test]
+fn bad_gemma3_settings_are_named() {
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "use_bidirectional_attention",
+            &|cfg| cfg["use_bidirectional_attention"] = true.into(),
+            "causal",
+        ),
+        (
+            "sliding_window_pattern",
+            &|cfg| {
+                cfg.as_object_mut().unwrap().remove("layer_types");
+                cfg["sliding_window_pattern"] = 0.into();
+            },
+            "at least 1",
+        ),
+        (
+            "rope_parameters.sliding_attention.rope_type",
+            &|cfg| cfg["rope_parameters"]["sliding_attention"]["rope_type"] = "yarn".into(),
+            "yarn",
+        ),
+    ];
+    for (key, edit, named) in cases {
+        let dir = scratch_copy("gemma3_text");
+        let path = dir.path().join("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let msg = load_err(dir.path());
+        assert!(
+            msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
+            "{key}: {msg}"
+        );
+    }
+}
+
 #[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");

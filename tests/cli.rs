@@ -105,6 +105,28 @@ fn info_reports_the_rotary_and_attention_settings_of_the_config() {
         gemma2["logit_softcap"].as_f64(),
         config["final_logit_softcapping"].as_f64()
     );
+    // Gemma 3: the global layers' base and scaling, and the sliding layers' own base.
+    let (config, gemma3) = info("gemma3_text");
+    let ropes = &config["rope_parameters"];
+    let (global, sliding) = (&gemma3["rotary"], &gemma3["sliding_rotary"]);
+    assert_eq!(
+        global["theta"].as_f64(),
+        ropes["full_attention"]["rope_theta"].as_f64()
+    );
+    assert_eq!(
+        global["scaling"]["type"],
+        ropes["full_attention"]["rope_type"]
+    );
+    assert_eq!(
+        global["scaling"]["factor"].as_f64(),
+        ropes["full_attention"]["factor"].as_f64()
+    );
+    assert_eq!(
+        sliding["theta"].as_f64(),
+        ropes["sliding_attention"]["rope_theta"].as_f64()
+    );
+    assert_eq!(sliding["scaling"]["type"], "none");
+    assert!(gemma2["sliding_rotary"].is_null());
     let (_, mistral) = info("mistral");
     assert!(mistral["logit_softcap"].is_null());
     assert!(mistral["attention"]["score_softcap"].is_null());

@@ -193,3 +193,59 @@ fn legacy_rope_scaling_spellings_load_the_same_model() {
         "without the scaling the logits moved only {err}"
     );
 }
+
+/// Gemma 3 configs on the Hub predate transformers v5's per-layer-type `rope_parameters`:
+/// `rope_theta` and `rope_scaling` for the global layers, `rope_local_base_freq` for the
+/// sliding ones, and `sliding_window_pattern` instead of `layer_types`. Both spellings are the
+/// same model, and each setting matters on the fixture.
+#[test]
+fn gemma3_configs_of_either_spelling_load_the_same_model() {
+    let rewrite = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let dir = scratch_copy("gemma3_text");
+        let path = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(cfg.as_object_mut().unwrap());
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        logits_error(&model, "gemma3_text")
+    };
+    let legacy = |cfg: &mut serde_json::Map<String, serde_json::Value>| {
+        let ropes = cfg.remove("rope_parameters").unwrap();
+        let (global, local) = (&ropes["full_attention"], &ropes["sliding_attention"]);
+        cfg.insert("rope_theta".into(), global["rope_theta"].clone());
+        cfg.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": global["rope_type"], "factor": global["factor"]}),
+        );
+        cfg.insert("rope_local_base_freq".into(), local["rope_theta"].clone());
+        let pattern = cfg.remove("sliding_window_pattern").unwrap();
+        cfg.remove("_sliding_window_pattern");
+        cfg.remove("layer_types");
+        cfg.insert("sliding_window_pattern".into(), pattern);
+    };
+    let err = rewrite(&legacy);
+    assert!(err <= 1e-4, "the legacy spelling: logits off by {err}");
+    // Each setting matters: the local base, the global scaling, the window pattern.
+    type Edit<'a> = &'a dyn Fn(&mut serde_json::Map<String, serde_json::Value>);
+    let local_base: Edit = &|cfg| {
+        legacy(cfg);
+        cfg.insert("rope_local_base_freq".into(), 10000.0.into());
+    };
+    let global_scaling: Edit = &|cfg| {
+        legacy(cfg);
+        cfg.remove("rope_scaling");
+    };
+    let window_pattern: Edit = &|cfg| {
+        legacy(cfg);
+        cfg.insert("sliding_window_pattern".into(), 6.into());
+    };
+    for (what, edit) in [
+        ("local base", local_base),
+        ("global scaling", global_scaling),
+        ("window pattern", window_pattern),
+    ] {
+        let err = rewrite(edit);
+        assert!(err > 1e-2, "{what}: the logits moved only {err}");
+    }
+}

@@ -133,6 +133,12 @@ fn gemma2_matches_transformers() {
     check_against_transformers("gemma2", &Device::Cpu);
 }
 
+/// Per-head (1+w) query and key norms, and a rotary base (and scaling) per layer type.
+#[test]
+fn gemma3_text_matches_transformers() {
+    check_against_transformers("gemma3_text", &Device::Cpu);
+}
+
 /// Runs the same checks on a CUDA GPU when the build has one (`--features cuda`).
 #[test]
 fn all_architectures_match_transformers_on_cuda() {

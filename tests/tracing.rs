@@ -158,7 +158,15 @@ fn the_noise_unit_is_the_spread_of_hook_embed_on_every_architecture() {
     let mut dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     dir.push("tests/fixtures/models");
     for model_type in [
-        "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+        "gpt2",
+        "gpt_neox",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
     ] {
         let model = Model::load(
             &dir.join(model_type),

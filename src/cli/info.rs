@@ -24,8 +24,11 @@ pub struct ModelInfo {
     pub parameters: usize,
     pub dims: Dims,
     pub tied_embeddings: bool,
-    /// Rotary models: base, scaling and rotating channels per head.
+    /// Rotary models: base, scaling and rotating channels per head (of the full-attention
+    /// layers where layers differ).
     pub rotary: Option<RotaryInfo>,
+    /// The sliding layers' rotary settings where they differ (Gemma 3's local base).
+    pub sliding_rotary: Option<RotaryInfo>,
     pub attention: AttentionInfo,
     /// Gemma 2's `cap · tanh(logits / cap)` on the output logits.
     pub logit_softcap: Option<f64>,
@@ -60,15 +63,9 @@ impl ModelInfo {
             parameters: model.transformer.parameter_count(),
             dims: model.dims().clone(),
             tied_embeddings: model.transformer.tied_embeddings,
-            rotary: model
-                .transformer
-                .blocks
-                .first()
-                .and_then(|b| b.attn.rotary.as_ref())
-                .map(|r| RotaryInfo {
-                    rope: r.rope().clone(),
-                    rot_dim: r.rot_dim(),
-                }),
+            rotary: rotary_of(model, false).or_else(|| rotary_of(model, true)),
+            sliding_rotary: rotary_of(model, true)
+                .filter(|r| rotary_of(model, false).is_some_and(|g| g.rope != r.rope)),
             attention: {
                 let blocks = &model.transformer.blocks;
                 AttentionInfo {
@@ -83,6 +80,20 @@ impl ModelInfo {
             hooks: model.hook_points().iter().map(|h| h.to_string()).collect(),
         }
     }
+}
+
+/// The rotary settings of the first sliding (or full-attention) layer.
+fn rotary_of(model: &Model, sliding: bool) -> Option<RotaryInfo> {
+    model
+        .transformer
+        .blocks
+        .iter()
+        .find(|b| b.attn.sliding_window.is_some() == sliding)
+        .and_then(|b| b.attn.rotary.as_ref())
+        .map(|r| RotaryInfo {
+            rope: r.rope().clone(),
+            rot_dim: r.rot_dim(),
+        })
 }
 
 pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
@@ -110,6 +121,9 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
             "rotary       theta {}, {} of {} head dims, {}",
             r.rope.theta, r.rot_dim, d.head_dim, r.rope.scaling
         );
+    }
+    if let Some(r) = &info.sliding_rotary {
+        println!("  sliding    theta {}, {}", r.rope.theta, r.rope.scaling);
     }
     let a = &info.attention;
     match a.score_softcap {

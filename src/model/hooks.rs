@@ -51,10 +51,10 @@ pub enum HookPoint {
     AttnK(usize),
     /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
     AttnV(usize),
-    /// `blocks.L.attn.hook_q_normed`: queries after the per-head RMSNorm (Qwen3 only), before
+    /// `blocks.L.attn.hook_q_normed`: queries after the per-head RMSNorm (Qwen3, Gemma 3), before
     /// rotary — TransformerLens's name.
     AttnQNormed(usize),
-    /// `blocks.L.attn.hook_k_normed`: keys after the per-head RMSNorm (Qwen3 only).
+    /// `blocks.L.attn.hook_k_normed`: keys after the per-head RMSNorm (Qwen3, Gemma 3).
     AttnKNormed(usize),
     /// `blocks.L.attn.hook_rot_q`: queries after the rotary embedding (rotary models only): what
     /// the attention scores are actually computed from.

@@ -7,7 +7,15 @@ use candle_core::{DType, Tensor};
 
 /// Every supported architecture has a tiny oracle model under tests/fixtures/models.
 pub const MODEL_TYPES: &[&str] = &[
-    "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
 ];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::super::config::ConfigFile;
 use super::super::layers::Transformer;
 use super::super::weights::Weights;
-use super::llama::{Family, load_family, parse};
+use super::llama::{Family, LlamaLikeConfig, load_family, parse};
 use crate::error::Result;
 
 /// The keys Gemma 2 adds to the Llama family's, with transformers' defaults: a config saved
@@ -26,10 +26,10 @@ struct Gemma2Keys {
     attn_logit_softcapping: Option<f64>,
 }
 
-fn default_query_pre_attn_scalar() -> f64 {
+pub(super) fn default_query_pre_attn_scalar() -> f64 {
     256.0
 }
-fn default_sliding_window() -> Option<usize> {
+pub(super) fn default_sliding_window() -> Option<usize> {
     Some(4096)
 }
 fn default_final_logit_softcapping() -> Option<f64> {
@@ -37,6 +37,44 @@ fn default_final_logit_softcapping() -> Option<f64> {
 }
 fn default_attn_logit_softcapping() -> Option<f64> {
     Some(50.0)
+}
+
+/// What Gemma 2 and 3 share beyond Gemma: the sandwich norms, the score scale, the caps and
+/// the per-layer windows, checked.
+pub(super) struct Sandwich {
+    pub query_pre_attn_scalar: f64,
+    pub sliding_window: Option<usize>,
+    pub sliding_layers: Vec<bool>,
+    pub attn_softcap: Option<f64>,
+    pub logit_softcap: Option<f64>,
+}
+
+impl Sandwich {
+    pub(super) fn family(self, config: &ConfigFile, c: &LlamaLikeConfig) -> Result<Family> {
+        if self.query_pre_attn_scalar <= 0.0 {
+            return Err(config.error("query_pre_attn_scalar", "must be positive"));
+        }
+        for (key, cap) in [
+            ("final_logit_softcapping", self.logit_softcap),
+            ("attn_logit_softcapping", self.attn_softcap),
+        ] {
+            if cap.is_some_and(|cap| cap <= 0.0) {
+                return Err(config.error(key, "must be positive (or null for no capping)"));
+            }
+        }
+        Ok(Family {
+            qkv_bias: c.attention_bias,
+            o_bias: c.attention_bias,
+            gemma: true,
+            sliding_window: self.sliding_window,
+            sliding_layers: Some(self.sliding_layers),
+            post_norms: true,
+            query_pre_attn_scalar: Some(self.query_pre_attn_scalar),
+            attn_softcap: self.attn_softcap,
+            logit_softcap: self.logit_softcap,
+            ..Family::default()
+        })
+    }
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -47,28 +85,13 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         // transformers: `sliding_attention` on even layers, `full_attention` on odd ones.
         None => (0..c.num_hidden_layers).map(|l| l % 2 == 0).collect(),
     };
-    if keys.query_pre_attn_scalar <= 0.0 {
-        return Err(config.error("query_pre_attn_scalar", "must be positive"));
-    }
-    for (key, cap) in [
-        ("final_logit_softcapping", keys.final_logit_softcapping),
-        ("attn_logit_softcapping", keys.attn_logit_softcapping),
-    ] {
-        if cap.is_some_and(|cap| cap <= 0.0) {
-            return Err(config.error(key, "must be positive (or null for no capping)"));
-        }
-    }
-    let family = Family {
-        qkv_bias: c.attention_bias,
-        o_bias: c.attention_bias,
-        gemma: true,
+    let family = Sandwich {
+        query_pre_attn_scalar: keys.query_pre_attn_scalar,
         sliding_window: keys.sliding_window,
-        sliding_layers: Some(sliding_layers),
-        post_norms: true,
-        query_pre_attn_scalar: Some(keys.query_pre_attn_scalar),
+        sliding_layers,
         attn_softcap: keys.attn_logit_softcapping,
         logit_softcap: keys.final_logit_softcapping,
-        ..Family::default()
-    };
+    }
+    .family(config, &c)?;
     load_family(config, &c, w, &family)
 }

@@ -4,7 +4,7 @@
 use candle_core::DType;
 use serde::Deserialize;
 
-use super::super::config::{ConfigFile, RopeParameters, rope};
+use super::super::config::{ConfigFile, Rope, RopeParameters, rope};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
 use super::{fuse_qkv, linear};
@@ -23,7 +23,7 @@ pub(super) struct LlamaLikeConfig {
     max_position_embeddings: usize,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    rope_theta: Option<f64>,
+    pub(super) rope_theta: Option<f64>,
     rope_parameters: Option<RopeParameters>,
     hidden_act: Option<String>,
     /// Gemma's spelling, which takes precedence there.
@@ -63,6 +63,11 @@ pub(super) struct Family {
     pub attn_softcap: Option<f64>,
     /// The same on the output logits (`final_logit_softcapping`).
     pub logit_softcap: Option<f64>,
+    /// Rotary settings read by the family member itself (Gemma 3: per layer type), in place
+    /// of the Llama reading of `rope_parameters` / `rope_theta`.
+    pub rope: Option<Rope>,
+    /// The rotary settings of the sliding layers, where they differ (Gemma 3's local base).
+    pub sliding_rope: Option<Rope>,
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -115,10 +120,17 @@ pub(super) fn load_family(
         return Err(config.error("mlp_bias", "not supported for gemma"));
     }
     let mlp_bias = c.mlp_bias.unwrap_or(false);
-    let rope = rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?;
+    let rope = match &family.rope {
+        Some(rope) => rope.clone(),
+        None => rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?,
+    };
     let rotary = Rotary::new(hd, &rope, c.max_position_embeddings, w.device())?;
-    let rms = |key: String| -> Result<Norm> {
-        let weight = w.get(&key, &[d])?;
+    let sliding_rotary = match &family.sliding_rope {
+        Some(rope) => Rotary::new(hd, rope, c.max_position_embeddings, w.device())?,
+        None => rotary.clone(),
+    };
+    let rms_of = |key: String, dim: usize| -> Result<Norm> {
+        let weight = w.get(&key, &[dim])?;
         let weight = if family.gemma {
             // Gemma's RMSNorm multiplies by (1 + w), computed in f32 as transformers does.
             (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?
@@ -127,6 +139,7 @@ pub(super) fn load_family(
         };
         Ok(Norm::rms_norm(weight, c.rms_norm_eps))
     };
+    let rms = |key: String| rms_of(key, d);
     if let Some(layers) = &family.sliding_layers
         && layers.len() != c.num_hidden_layers
     {
@@ -166,18 +179,16 @@ pub(super) fn load_family(
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
-                    rotary: Some(rotary.clone()),
+                    rotary: Some(if window(l).is_some() {
+                        sliding_rotary.clone()
+                    } else {
+                        rotary.clone()
+                    }),
                     sliding_window: window(l),
                     qk_norm: if family.qk_norm {
                         Some((
-                            Norm::rms_norm(
-                                w.get(&format!("{a}.q_norm.weight"), &[hd])?,
-                                c.rms_norm_eps,
-                            ),
-                            Norm::rms_norm(
-                                w.get(&format!("{a}.k_norm.weight"), &[hd])?,
-                                c.rms_norm_eps,
-                            ),
+                            rms_of(format!("{a}.q_norm.weight"), hd)?,
+                            rms_of(format!("{a}.k_norm.weight"), hd)?,
                         ))
                     } else {
                         None

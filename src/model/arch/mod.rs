@@ -4,6 +4,7 @@
 
 mod gemma;
 mod gemma2;
+mod gemma3;
 mod gpt2;
 mod gpt_neox;
 mod llama;
@@ -31,6 +32,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("qwen3", qwen3::load),
     ("gemma", gemma::load),
     ("gemma2", gemma2::load),
+    ("gemma3_text", gemma3::load),
 ];
 
 pub fn loader(model_type: &str) -> Option<LoadFn> {
