@@ -19,6 +19,17 @@ fn load_err(dir: &std::path::Path) -> String {
     }
 }
 
+/// The load error of a scratch copy of a fixture with its config.json changed by `edit`.
+fn load_err_after(model_type: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let dir = scratch_copy(model_type);
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&path, json.to_string()).unwrap();
+    load_err(dir.path())
+}
+
 fn rewrite_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -108,13 +119,7 @@ fn unsupported_or_incomplete_rope_scaling_is_named() {
         ),
     ];
     for (scaling, named) in cases {
-        let dir = scratch_copy("llama");
-        let path = dir.path().join("config.json");
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        json["rope_scaling"] = scaling;
-        std::fs::write(&path, json.to_string()).unwrap();
-        let msg = load_err(dir.path());
+        let msg = load_err_after("llama", |json| json["rope_scaling"] = scaling);
         assert!(msg.contains(named) && msg.contains("config.json"), "{msg}");
     }
 }
@@ -144,13 +149,7 @@ fn bad_gemma2_attention_settings_are_named() {
         ("sliding_window", serde_json::json!(0), "at least 1"),
     ];
     for (key, value, named) in cases {
-        let dir = scratch_copy("gemma2");
-        let path = dir.path().join("config.json");
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        json[key] = value;
-        std::fs::write(&path, json.to_string()).unwrap();
-        let msg = load_err(dir.path());
+        let msg = load_err_after("gemma2", |json| json[key] = value);
         assert!(
             msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
             "{key}: {msg}"
@@ -184,13 +183,7 @@ fn bad_gemma3_settings_are_named() {
         ),
     ];
     for (key, edit, named) in cases {
-        let dir = scratch_copy("gemma3_text");
-        let path = dir.path().join("config.json");
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        edit(&mut json);
-        std::fs::write(&path, json.to_string()).unwrap();
-        let msg = load_err(dir.path());
+        let msg = load_err_after("gemma3_text", edit);
         assert!(
             msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
             "{key}: {msg}"

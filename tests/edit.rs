@@ -120,6 +120,18 @@ fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
+/// The value at `point` at token `index` of a run on `ids`.
+fn value_at(model: &Model, ids: &[u32], point: HookPoint, index: usize) -> Vec<f32> {
+    let out = model
+        .forward(
+            &model.ids_tensor(ids).unwrap(),
+            &Hooks::new().capture([point]),
+        )
+        .unwrap();
+    let at = out.cache.require(point).unwrap().get(0).unwrap();
+    at.get(index).unwrap().to_vec1::<f32>().unwrap()
+}
+
 fn river_edit(
     model: &Model,
     cov: &monoscope::edit::covariance::KeyCovariance,
@@ -196,22 +208,7 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
             assert_eq!(edit.key_index, span.end - 1, "the subject's last token");
         }
         // The key the edit is solved at is the plain prompt's own key at the key token.
-        let out = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture([monoscope::model::HookPoint::MlpPost(0)]),
-            )
-            .unwrap();
-        let k_plain = out
-            .cache
-            .require(monoscope::model::HookPoint::MlpPost(0))
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(edit.key_index)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let k_plain = value_at(&model, &ids, HookPoint::MlpPost(0), edit.key_index);
         for (a, b) in k_plain.iter().zip(&edit.key_vector) {
             assert!((f64::from(*a) - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -249,23 +246,7 @@ fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
     let before = nll(&model);
     EditHistory::new().apply(&mut model, applied).unwrap();
     let ids = model.encode_prompt(prompt).unwrap();
-    let point = HookPoint::Ln2PostIn(layer);
-    let out = model
-        .forward(
-            &model.ids_tensor(&ids).unwrap(),
-            &Hooks::new().capture([point]),
-        )
-        .unwrap();
-    let written = out
-        .cache
-        .require(point)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(edit.key_index)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let written = value_at(&model, &ids, HookPoint::Ln2PostIn(layer), edit.key_index);
     let scale = edit.value.iter().fold(0f64, |m, v| m.max(v.abs()));
     for (got, want) in written.iter().zip(&edit.value) {
         assert!(

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_dir, max_relative_error, monoscope_json};
-use monoscope::model::{Hooks, Model};
+use common::{fixture_dir, monoscope_json};
+use monoscope::model::Model;
 use monoscope::sae;
 
 /// (site folder, layer, average_l0 folder, the hook the site is).
@@ -47,28 +47,7 @@ fn gemma_scope_folders_load_at_their_sites_and_match_the_reference_jumprelu() {
         let sae = &sae_dir.sae;
         assert_eq!(sae.architecture, sae::Architecture::JumpRelu, "{site}");
         assert!(!sae.apply_b_dec_to_input, "{site}");
-        let io = io(&dir);
-        let ids: Vec<u32> = io["input_ids"]
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        let out = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture([point]),
-            )
-            .unwrap();
-        let captured = out.cache.get(point).unwrap().get(0).unwrap();
-        let err = max_relative_error(&captured, &io["x"]);
-        assert!(err <= 1e-4, "{site} → {hook}: activations off by {err}");
-        let acts = sae.encode(&io["x"]).unwrap();
-        let err = max_relative_error(&acts, &io["feature_acts"]);
-        assert!(err <= 1e-5, "{site}: feature activations off by {err}");
-        let recon = sae.decode(&acts).unwrap();
-        let err = max_relative_error(&recon, &io["reconstruction"]);
-        assert!(err <= 1e-5, "{site}: reconstruction off by {err}");
+        let acts = common::check_sae_against_reference(&model, sae, point, &io(&dir), site);
         // Some latents fire and most do not (thresholds at the 85th percentile).
         let fired = acts.gt(0f32).unwrap().to_dtype(DType::F32).unwrap();
         let share = fired.mean_all().unwrap().to_scalar::<f32>().unwrap();

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_dir, max_relative_error, monoscope_json};
-use monoscope::model::{Hooks, Model};
+use common::{fixture_dir, monoscope_json};
+use monoscope::model::Model;
 use monoscope::sae;
 
 /// (fixture model, hookpoint folder, the hook its module writes).
@@ -46,38 +46,9 @@ fn sparsify_folders_load_at_their_hookpoints_and_match_sparsify() {
         let dir = sparsify_dir(model_type, hookpoint);
         let (sae_dir, point) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
         assert_eq!(point.to_string(), hook, "{model_type} {hookpoint}");
-        let io = io(&dir);
-        let ids: Vec<u32> = io["input_ids"]
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        let out = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &Hooks::new().capture([point]),
-            )
-            .unwrap();
-        let captured = out.cache.get(point).unwrap().get(0).unwrap();
-        let err = max_relative_error(&captured, &io["x"]);
-        assert!(
-            err <= 1e-4,
-            "{model_type} {hookpoint} → {hook}: activations off by {err}"
-        );
-        // The SAE on sparsify's own input, so no near-tie in the top-k can flip.
-        let acts = sae_dir.sae.encode(&io["x"]).unwrap();
-        let err = max_relative_error(&acts, &io["feature_acts"]);
-        assert!(
-            err <= 1e-5,
-            "{model_type} {hookpoint}: feature activations off by {err}"
-        );
-        let recon = sae_dir.sae.decode(&acts).unwrap();
-        let err = max_relative_error(&recon, &io["reconstruction"]);
-        assert!(
-            err <= 1e-5,
-            "{model_type} {hookpoint}: reconstruction off by {err}"
-        );
+        let what = format!("{model_type} {hookpoint}");
+        let acts =
+            common::check_sae_against_reference(&model, &sae_dir.sae, point, &io(&dir), &what);
         // Every fixture's SAE is top-k: each token keeps at most k latents, and some keep k.
         let sae::Architecture::TopK { k } = sae_dir.sae.architecture else {
             panic!("{hookpoint}: {:?}", sae_dir.sae.architecture);

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic on failure
 
+mod common;
+
 use std::process::Command;
 
 /// `monoscope trace-fact` on "The capital of Japan is" → " Tokyo", plus `extra` options.
@@ -155,21 +157,9 @@ fn a_subject_missing_from_the_prompt_is_named_with_the_prompts_tokens() {
 #[test]
 fn the_noise_unit_is_the_spread_of_hook_embed_on_every_architecture() {
     use monoscope::model::{HookPoint, Hooks, Model};
-    let mut dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    dir.push("tests/fixtures/models");
-    for model_type in [
-        "gpt2",
-        "gpt_neox",
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-    ] {
+    for &model_type in common::MODEL_TYPES {
         let model = Model::load(
-            &dir.join(model_type),
+            &common::fixture_dir(model_type),
             &candle_core::Device::Cpu,
             candle_core::DType::F64,
         )

@@ -191,8 +191,9 @@ impl App {
         if ui
             .button("SAE folder…")
             .on_hover_text(
-                "An SAE folder: SAELens format (cfg.json, sae_weights.safetensors) or one \
-                 hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors)",
+                "An SAE folder: SAELens format (cfg.json, sae_weights.safetensors), one \
+                 hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors), or a \
+                 Gemma Scope SAE (params.npz under gemma-scope-…/layer_L/…)",
             )
             .clicked()
         {

@@ -216,7 +216,8 @@ impl CustomOp1 for GeluTanhCpu {
 /// `softmax(q·kᵀ·scale + causal mask)·v` with the heads merged: `q` is `[batch, heads, seq,
 /// head_dim]`, `k` and `v` are `[batch, kv_heads, total, head_dim]` (grouped-query heads share a
 /// key/value head), any strides. Query `i` sits at absolute position `offset + i` and sees keys
-/// `j ≤ offset + i`, and with a `window` only the `window` latest of them. Returns `[batch, seq,
+/// `j ≤ offset + i`, and with a `window` only the `window` latest of them; with a `softcap`, the
+/// scaled scores are bent to `cap · tanh(score / cap)` first (Gemma 2). Returns `[batch, seq,
 /// heads·head_dim]`, or `None` off the fast path (other devices or dtypes), where the caller
 /// composes the same attention from candle ops. No backward pass: inference only.
 pub fn causal_attention(
@@ -226,6 +227,7 @@ pub fn causal_attention(
     scale: f32,
     offset: usize,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> candle_core::Result<Option<Tensor>> {
     let on_fast_path = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !(on_fast_path(q) && on_fast_path(k) && on_fast_path(v)) {
@@ -235,6 +237,7 @@ pub fn causal_attention(
         scale,
         offset,
         window,
+        softcap,
     };
     Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
 }
@@ -243,6 +246,7 @@ struct CausalAttention {
     scale: f32,
     offset: usize,
     window: Option<usize>,
+    softcap: Option<f32>,
 }
 
 /// A `[batch, heads, rows, head_dim]` view into a CPU buffer: where its data starts and its
@@ -370,6 +374,11 @@ impl CustomOp3 for CausalAttention {
                 for (i, row) in scores.chunks_mut(total).enumerate() {
                     let last = self.offset + i;
                     let first = self.window.map_or(0, |w| (last + 1).saturating_sub(w));
+                    if let Some(cap) = self.softcap {
+                        row[first..=last]
+                            .iter_mut()
+                            .for_each(|s| *s = cap * (*s / cap).tanh());
+                    }
                     softmax_in_place(&mut row[first..=last]);
                     row[..first].fill(0.0);
                     row[last + 1..].fill(0.0);
@@ -474,13 +483,15 @@ mod tests {
     #[test]
     fn fused_attention_matches_the_composed_ops() {
         let dev = candle_core::Device::Cpu;
-        // (batch, heads, kv heads, seq, offset, window): plain causal, a KV cache, grouped
-        // queries with a sliding window, one query (generation).
-        for (b, nh, nkv, s, offset, window) in [
-            (2, 4, 4, 9, 0, None),
-            (1, 4, 4, 5, 7, None),
-            (2, 6, 2, 11, 3, Some(4)),
-            (3, 2, 1, 1, 12, None),
+        // (batch, heads, kv heads, seq, offset, window, softcap): plain causal, a KV cache,
+        // grouped queries with a sliding window, one query (generation), Gemma 2's capped
+        // scores (a cap of 1 bends scores of unit spread hard).
+        for (b, nh, nkv, s, offset, window, softcap) in [
+            (2, 4, 4, 9, 0, None, None),
+            (1, 4, 4, 5, 7, None, None),
+            (2, 6, 2, 11, 3, Some(4), None),
+            (3, 2, 1, 1, 12, None, None),
+            (2, 4, 2, 9, 2, Some(5), Some(1.0f32)),
         ] {
             let hd = 8;
             let t = offset + s;
@@ -508,18 +519,19 @@ mod tests {
                 .transpose(1, 2)
                 .unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            let fused = causal_attention(&q, &k, &v, scale, offset, window)
+            let fused = causal_attention(&q, &k, &v, scale, offset, window, softcap)
                 .unwrap()
                 .unwrap();
             let mask = causal_mask(s, t, offset, window, &dev).unwrap();
             let scale64 = f64::from(scale);
-            let composed = composed_attention(&q, &k, &v, &mask, scale64, false).unwrap();
+            let cap64 = softcap.map(f64::from);
+            let composed = composed_attention(&q, &k, &v, &mask, scale64, cap64).unwrap();
             assert_eq!(fused.dims(), composed.dims());
             let diff = max_abs_diff(&fused, &composed);
             assert!(
                 diff < 1e-5,
                 "case {:?}: max abs difference {diff}",
-                (b, nh, nkv, s, offset, window)
+                (b, nh, nkv, s, offset, window, softcap)
             );
         }
     }
@@ -529,7 +541,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let q = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
-        let err = causal_attention(&q, &k, &k, 1.0, 0, None)
+        let err = causal_attention(&q, &k, &k, 1.0, 0, None, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not fit together"), "{err}");

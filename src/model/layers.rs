@@ -411,11 +411,17 @@ impl Attention {
         let pattern_point = HookPoint::AttnPattern(layer);
         // The fused kernel masks causally from one offset (ragged rows take the mask) and never
         // forms the scores or the pattern.
-        let formed =
-            hooks.touches(scores_point) || hooks.touches(pattern_point) || self.softcap.is_some();
+        let formed = hooks.touches(scores_point) || hooks.touches(pattern_point);
         if let (false, false, Positions::From(offset)) = (needs_grad, formed, positions) {
-            let fused =
-                kernels::causal_attention(&q, &k, &v, scale as f32, *offset, self.sliding_window)?;
+            let fused = kernels::causal_attention(
+                &q,
+                &k,
+                &v,
+                scale as f32,
+                *offset,
+                self.sliding_window,
+                self.softcap.map(|cap| cap as f32),
+            )?;
             if let Some(z) = fused {
                 let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
                 return linear(&z, &self.out);
@@ -449,8 +455,9 @@ fn hook_heads(hooks: &mut HookRunner, point: HookPoint, x: Tensor) -> candle_cor
         .transpose(1, 2)
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v` with the heads merged (`[batch, seq, heads·head_dim]`),
-/// composed from candle ops: differentiable, on any device and dtype. `q` is `[batch, heads,
+/// `softmax(q·kᵀ·scale + mask)·v` (scores soft-capped with a `softcap`) with the heads merged
+/// (`[batch, seq, heads·head_dim]`),
+/// composed from candle ops, on any device and dtype. `q` is `[batch, heads,
 /// seq, head_dim]`, `k` and `v` `[batch, kv_heads, total, head_dim]`, `mask` `[seq, total]`
 /// (or `[batch, 1, seq, total]` for ragged rows). The reference the fused kernel is tested
 /// against.
@@ -461,9 +468,9 @@ pub(super) fn composed_attention(
     v: &Tensor,
     mask: &Tensor,
     scale: f64,
-    needs_grad: bool,
+    softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
-    let pattern = softmax(&attention_scores(q, k, mask, scale, None)?, needs_grad)?;
+    let pattern = softmax(&attention_scores(q, k, mask, scale, softcap)?, false)?;
     weighted_values(&pattern, v, q.dtype())
 }
 
@@ -691,18 +698,16 @@ impl Block {
         let attn_out = self
             .attn
             .forward(&attn_in, layer, kv, positions, mask, hooks)?;
-        let attn_out = match &self.post_norms {
-            Some((after_attn, _)) => {
-                let raw = hooks.hook(HookPoint::Ln1PostIn(layer), attn_out)?; // [b, s, d_model]
-                after_attn.forward_hooked(
-                    &raw,
-                    hooks,
-                    HookPoint::Ln1PostScale(layer),
-                    HookPoint::Ln1PostNormalized(layer),
-                )?
-            }
-            None => attn_out,
-        };
+        let attn_out = post_norm(
+            self.post_norms.as_ref().map(|(after_attn, _)| after_attn),
+            attn_out,
+            hooks,
+            [
+                HookPoint::Ln1PostIn(layer),
+                HookPoint::Ln1PostScale(layer),
+                HookPoint::Ln1PostNormalized(layer),
+            ],
+        )?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
             let mlp_in =
@@ -717,22 +722,37 @@ impl Block {
                 self.ln_mlp
                     .forward_hooked(&resid_mid, hooks, ln2_scale, ln2_normalized)?;
             let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
-            let mlp_out = match &self.post_norms {
-                Some((_, after_mlp)) => {
-                    let raw = hooks.hook(HookPoint::Ln2PostIn(layer), mlp_out)?; // [b, s, d_model]
-                    after_mlp.forward_hooked(
-                        &raw,
-                        hooks,
-                        HookPoint::Ln2PostScale(layer),
-                        HookPoint::Ln2PostNormalized(layer),
-                    )?
-                }
-                None => mlp_out,
-            };
+            let mlp_out = post_norm(
+                self.post_norms.as_ref().map(|(_, after_mlp)| after_mlp),
+                mlp_out,
+                hooks,
+                [
+                    HookPoint::Ln2PostIn(layer),
+                    HookPoint::Ln2PostScale(layer),
+                    HookPoint::Ln2PostNormalized(layer),
+                ],
+            )?;
             let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
             (resid_mid + mlp_out)?
         };
         hooks.hook(HookPoint::ResidPost(layer), resid_post) // [b, s, d_model]
+    }
+}
+
+/// A sublayer's output through the norm after it, if the block has one (Gemma 2/3), with the
+/// norm's three hook points `[input, scale, normalized]`; without one, the output as it is.
+fn post_norm(
+    norm: Option<&Norm>,
+    out: Tensor,
+    hooks: &mut HookRunner,
+    [input, scale, normalized]: [HookPoint; 3],
+) -> candle_core::Result<Tensor> {
+    match norm {
+        Some(norm) => {
+            let raw = hooks.hook(input, out)?; // [b, s, d_model]
+            norm.forward_hooked(&raw, hooks, scale, normalized)
+        }
+        None => Ok(out),
     }
 }
 

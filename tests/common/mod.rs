@@ -241,3 +241,39 @@ pub fn down_proj(model: &monoscope::Model, layer: usize) -> Vec<f32> {
         .to_vec1::<f32>()
         .unwrap()
 }
+
+/// Checks an SAE against the `io.safetensors` a fixture script wrote beside it (`input_ids`,
+/// `x`, `feature_acts`, `reconstruction`): the model's activations at `point` on the ids
+/// against `x` (relative 1e-4), and the SAE's encoding and reconstruction of `x` against the
+/// reference's (1e-5). Returns the encoding.
+pub fn check_sae_against_reference(
+    model: &monoscope::Model,
+    sae: &monoscope::sae::Sae,
+    point: monoscope::model::HookPoint,
+    io: &std::collections::HashMap<String, Tensor>,
+    what: &str,
+) -> Tensor {
+    let ids: Vec<u32> = io["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let out = model
+        .forward(
+            &model.ids_tensor(&ids).unwrap(),
+            &monoscope::model::Hooks::new().capture([point]),
+        )
+        .unwrap();
+    let captured = out.cache.get(point).unwrap().get(0).unwrap();
+    let err = max_relative_error(&captured, &io["x"]);
+    assert!(err <= 1e-4, "{what} → {point}: activations off by {err}");
+    // The SAE on the reference's own input, so no near-tie at a threshold or in a top-k flips.
+    let acts = sae.encode(&io["x"]).unwrap();
+    let err = max_relative_error(&acts, &io["feature_acts"]);
+    assert!(err <= 1e-5, "{what}: feature activations off by {err}");
+    let recon = sae.decode(&acts).unwrap();
+    let err = max_relative_error(&recon, &io["reconstruction"]);
+    assert!(err <= 1e-5, "{what}: reconstruction off by {err}");
+    acts
+}

@@ -4,6 +4,7 @@
 //! the layers `layer_types` marks (by default every other one, starting with the first).
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::super::config::ConfigFile;
 use super::super::layers::Transformer;
@@ -11,87 +12,74 @@ use super::super::weights::Weights;
 use super::llama::{Family, LlamaLikeConfig, load_family, parse};
 use crate::error::Result;
 
-/// The keys Gemma 2 adds to the Llama family's, with transformers' defaults: a config saved
-/// by `save_pretrained` leaves out values equal to them, and an explicit `null` turns a cap off.
+/// The keys Gemma 2 and 3 add to the Llama family's, with transformers' defaults (a config
+/// saved by `save_pretrained` leaves out values equal to them).
 #[derive(Deserialize)]
-struct Gemma2Keys {
+struct SandwichKeys {
     #[serde(default = "default_query_pre_attn_scalar")]
     query_pre_attn_scalar: f64,
     #[serde(default = "default_sliding_window")]
     sliding_window: Option<usize>,
     layer_types: Option<Vec<String>>,
-    #[serde(default = "default_final_logit_softcapping")]
-    final_logit_softcapping: Option<f64>,
-    #[serde(default = "default_attn_logit_softcapping")]
-    attn_logit_softcapping: Option<f64>,
 }
 
-pub(super) fn default_query_pre_attn_scalar() -> f64 {
+fn default_query_pre_attn_scalar() -> f64 {
     256.0
 }
-pub(super) fn default_sliding_window() -> Option<usize> {
+fn default_sliding_window() -> Option<usize> {
     Some(4096)
 }
-fn default_final_logit_softcapping() -> Option<f64> {
-    Some(30.0)
-}
-fn default_attn_logit_softcapping() -> Option<f64> {
-    Some(50.0)
-}
 
-/// What Gemma 2 and 3 share beyond Gemma: the sandwich norms, the score scale, the caps and
-/// the per-layer windows, checked.
-pub(super) struct Sandwich {
-    pub query_pre_attn_scalar: f64,
-    pub sliding_window: Option<usize>,
-    pub sliding_layers: Vec<bool>,
-    pub attn_softcap: Option<f64>,
-    pub logit_softcap: Option<f64>,
-}
-
-impl Sandwich {
-    pub(super) fn family(self, config: &ConfigFile, c: &LlamaLikeConfig) -> Result<Family> {
-        if self.query_pre_attn_scalar <= 0.0 {
-            return Err(config.error("query_pre_attn_scalar", "must be positive"));
-        }
-        for (key, cap) in [
-            ("final_logit_softcapping", self.logit_softcap),
-            ("attn_logit_softcapping", self.attn_softcap),
-        ] {
-            if cap.is_some_and(|cap| cap <= 0.0) {
-                return Err(config.error(key, "must be positive (or null for no capping)"));
-            }
-        }
-        Ok(Family {
-            qkv_bias: c.attention_bias,
-            o_bias: c.attention_bias,
-            gemma: true,
-            sliding_window: self.sliding_window,
-            sliding_layers: Some(self.sliding_layers),
-            post_norms: true,
-            query_pre_attn_scalar: Some(self.query_pre_attn_scalar),
-            attn_softcap: self.attn_softcap,
-            logit_softcap: self.logit_softcap,
-            ..Family::default()
-        })
+/// A soft-cap setting: `default` when the key is absent, none when it is `null`.
+fn cap(config: &ConfigFile, key: &str, default: Option<f64>) -> Result<Option<f64>> {
+    match config.json.get(key) {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(cap) if cap > 0.0 => Ok(Some(cap)),
+            _ => Err(config.error(
+                key,
+                format!("{v} must be positive (or null for no capping)"),
+            )),
+        },
     }
+}
+
+/// What Gemma 2 and 3 share beyond Gemma, read from the config: the sandwich norms, the score
+/// scale, the caps (absent: `default_caps`, attention then logits) and which layers slide
+/// (`layer_types`, else `default_sliding`).
+pub(super) fn sandwich_family(
+    config: &ConfigFile,
+    c: &LlamaLikeConfig,
+    default_caps: [Option<f64>; 2],
+    default_sliding: impl Fn(usize) -> bool,
+) -> Result<Family> {
+    let keys: SandwichKeys = config.parse()?;
+    if keys.query_pre_attn_scalar <= 0.0 {
+        return Err(config.error("query_pre_attn_scalar", "must be positive"));
+    }
+    let sliding_layers = match &keys.layer_types {
+        Some(types) => super::sliding_layers(config, types)?,
+        None => (0..c.num_hidden_layers).map(default_sliding).collect(),
+    };
+    Ok(Family {
+        qkv_bias: c.attention_bias,
+        o_bias: c.attention_bias,
+        gemma: true,
+        sliding_window: keys.sliding_window,
+        sliding_layers: Some(sliding_layers),
+        post_norms: true,
+        query_pre_attn_scalar: Some(keys.query_pre_attn_scalar),
+        attn_softcap: cap(config, "attn_logit_softcapping", default_caps[0])?,
+        logit_softcap: cap(config, "final_logit_softcapping", default_caps[1])?,
+        ..Family::default()
+    })
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let c = parse(config)?;
-    let keys: Gemma2Keys = config.parse()?;
-    let sliding_layers = match &keys.layer_types {
-        Some(types) => super::sliding_layers(config, types)?,
-        // transformers: `sliding_attention` on even layers, `full_attention` on odd ones.
-        None => (0..c.num_hidden_layers).map(|l| l % 2 == 0).collect(),
-    };
-    let family = Sandwich {
-        query_pre_attn_scalar: keys.query_pre_attn_scalar,
-        sliding_window: keys.sliding_window,
-        sliding_layers,
-        attn_softcap: keys.attn_logit_softcapping,
-        logit_softcap: keys.final_logit_softcapping,
-    }
-    .family(config, &c)?;
+    // transformers: `sliding_attention` on even layers, `full_attention` on odd ones; scores
+    // capped at 50 and logits at 30 unless the config says otherwise.
+    let family = sandwich_family(config, &c, [Some(50.0), Some(30.0)], |l| l % 2 == 0)?;
     load_family(config, &c, w, &family)
 }

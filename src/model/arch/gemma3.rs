@@ -12,20 +12,13 @@ use serde_json::Value;
 use super::super::config::{ConfigFile, Rope, RopeParameters, RopeScaling, rope};
 use super::super::layers::Transformer;
 use super::super::weights::Weights;
-use super::gemma2::{Sandwich, default_query_pre_attn_scalar, default_sliding_window};
+use super::gemma2::sandwich_family;
 use super::llama::{load_family, parse};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
 struct Gemma3Keys {
-    #[serde(default = "default_query_pre_attn_scalar")]
-    query_pre_attn_scalar: f64,
-    #[serde(default = "default_sliding_window")]
-    sliding_window: Option<usize>,
-    layer_types: Option<Vec<String>>,
     sliding_window_pattern: Option<usize>,
-    final_logit_softcapping: Option<f64>,
-    attn_logit_softcapping: Option<f64>,
     use_bidirectional_attention: Option<bool>,
     rope_local_base_freq: Option<f64>,
 }
@@ -42,27 +35,13 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
             "is true (an embedding model); monoscope runs causal decoders",
         ));
     }
-    let sliding_layers = match (&keys.layer_types, keys.sliding_window_pattern) {
-        (Some(types), _) => super::sliding_layers(config, types)?,
-        (None, Some(0)) => {
-            return Err(config.error("sliding_window_pattern", "is 0; must be at least 1"));
-        }
-        (None, pattern) => {
-            let pattern = pattern.unwrap_or(6);
-            (0..c.num_hidden_layers)
-                .map(|l| (l + 1) % pattern != 0)
-                .collect()
-        }
-    };
-    let (global, local) = ropes(config, c.rope_theta, keys.rope_local_base_freq)?;
-    let mut family = Sandwich {
-        query_pre_attn_scalar: keys.query_pre_attn_scalar,
-        sliding_window: keys.sliding_window,
-        sliding_layers,
-        attn_softcap: keys.attn_logit_softcapping,
-        logit_softcap: keys.final_logit_softcapping,
+    // Without `layer_types`: every layer but each `sliding_window_pattern`-th slides.
+    let pattern = keys.sliding_window_pattern.unwrap_or(6);
+    if pattern == 0 {
+        return Err(config.error("sliding_window_pattern", "is 0; must be at least 1"));
     }
-    .family(config, &c)?;
+    let (global, local) = ropes(config, c.rope_theta, keys.rope_local_base_freq)?;
+    let mut family = sandwich_family(config, &c, [None, None], |l| (l + 1) % pattern != 0)?;
     family.qk_norm = true;
     family.rope = Some(global);
     family.sliding_rope = Some(local);
