@@ -13,8 +13,9 @@
 //! dimension and the writing weights W_O too: the norm removes the mean, so a head can neither
 //! write nor read along it. Biases play no part, and neither does rotary: QK is `W_Q·W_Kᵀ`
 //! before the rotation, as in TransformerLens. Per-head query and key norms (Qwen3) count by
-//! their gains, folded into W_Q and W_K; their division by each head's RMS, a per-token scalar
-//! like the residual norm's, is left out. So is the norm after attention of Gemma 2, whose gain
+//! their gains, folded into W_Q and W_K (OLMo 2's norms over all heads at once: each head's
+//! slice of the gain); their division by the RMS, a per-token scalar like the residual norm's,
+//! is left out. So is the norm after attention of Gemma 2, whose gain
 //! is folded into W_O.
 //!
 //! Every layer's attention weights are held in f64 while the scores are computed: fine for
@@ -170,27 +171,46 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
     };
     let group = (nh / nkv).max(1);
     let out = to_array(attn.out.weight())?; // [d_model, n_heads·d_head]
-    // The gain of a norm after attention (Gemma 2) scales what every head writes: [1, d_model].
+    // The gain of a norm after attention (Gemma 2, OLMo 2) scales what every head writes:
+    // [1, d_model].
     let post_gain = match &block.post_norms {
         Some((after_attn, _)) => Some(to_array(&after_attn.weight().unsqueeze(0)?)?),
         None => None,
     };
-    // Per-head norm gains scale each head's columns: [1, d_head].
-    let (q_gain, k_gain) = match &attn.qk_norm {
-        Some((q, k)) => (
-            Some(to_array(&q.weight().unsqueeze(0)?)?),
-            Some(to_array(&k.weight().unsqueeze(0)?)?),
-        ),
-        None => (None, None),
+    // Query and key norm gains scale each head's columns: [1, d_head] for head `h` (the same
+    // for every head, or that head's slice where one norm spans them all, as in OLMo 2).
+    let head_gain = |norm: &crate::model::layers::Norm, h: usize| -> Result<Array2<f64>> {
+        let w = norm.weight();
+        let w = if attn.qk_norm_over_heads {
+            w.narrow(0, h * hd, hd)?
+        } else {
+            w.clone()
+        };
+        to_array(&w.unsqueeze(0)?)
     };
+    let gains = |pick: fn(
+        &(crate::model::layers::Norm, crate::model::layers::Norm),
+    ) -> &crate::model::layers::Norm,
+                 heads: usize|
+     -> Result<Vec<Option<Array2<f64>>>> {
+        (0..heads)
+            .map(|h| {
+                attn.qk_norm
+                    .as_ref()
+                    .map(|n| head_gain(pick(n), h))
+                    .transpose()
+            })
+            .collect()
+    };
+    let (q_gain, k_gain) = (gains(|n| &n.0, nh)?, gains(|n| &n.1, nkv)?);
     let with_gain = |w: Array2<f64>, gain: &Option<Array2<f64>>| match gain {
         Some(g) => w * g,
         None => w,
     };
     Ok(LayerHeads {
-        q: (0..nh).map(|h| with_gain(reading(h), &q_gain)).collect(),
+        q: (0..nh).map(|h| with_gain(reading(h), &q_gain[h])).collect(),
         k: (0..nh)
-            .map(|h| with_gain(reading(nh + h / group), &k_gain))
+            .map(|h| with_gain(reading(nh + h / group), &k_gain[h / group]))
             .collect(),
         v: (0..nh).map(|h| reading(nh + nkv + h / group)).collect(),
         o: (0..nh)

@@ -168,7 +168,7 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
         components.extend([HookPoint::AttnOut(l), HookPoint::MlpOut(l)]);
     }
     let head_inputs: Vec<HookPoint> = (0..n_layers).map(HookPoint::AttnZ).collect();
-    // What the heads write before a norm after attention (Gemma 2), whose scale they share.
+    // What the heads write before a norm after attention (Gemma 2, OLMo 2), whose scale they share.
     let before_post_norm: Vec<HookPoint> = (0..n_layers)
         .filter(|&l| model.transformer.blocks[l].post_norms.is_some())
         .map(HookPoint::Ln1PostIn)

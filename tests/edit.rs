@@ -223,13 +223,19 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
     }
 }
 
-/// Gemma 2 normalises each MLP output before it joins the residual stream, so ROME seeks v*
-/// where the down projection writes (`ln2_post.hook_in`): the edited weights produce it
-/// exactly there, the edit makes the target likelier, and MEMIT, whose spreading of a
+/// Gemma 2 and OLMo 2 normalise each MLP output before it joins the residual stream, so ROME
+/// seeks v* where the down projection writes (`ln2_post.hook_in`): the edited weights produce
+/// it exactly there, the edit makes the target likelier, and MEMIT, whose spreading of a
 /// residual change over layers assumes no such norm, refuses the model.
 #[test]
-fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
-    let mut model = Model::load(&fixture_dir("gemma2"), &Device::Cpu, DType::F32).unwrap();
+fn a_rome_edit_after_a_post_mlp_norm_writes_its_value_where_the_down_projection_writes() {
+    for model_type in ["gemma2", "olmo2"] {
+        rome_edit_before_the_post_mlp_norm(model_type);
+    }
+}
+
+fn rome_edit_before_the_post_mlp_norm(model_type: &str) {
+    let mut model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
     let layer = 1;
@@ -237,7 +243,7 @@ fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
     let (edit, applied) = river_edit_at(&model, layer, &cov, " hills", KeyPosition::PromptLast);
     assert!(
         edit.nll_after < edit.nll_before - 0.1,
-        "{} → {}",
+        "{model_type}: {} → {}",
         edit.nll_before,
         edit.nll_after
     );
@@ -251,11 +257,14 @@ fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
     for (got, want) in written.iter().zip(&edit.value) {
         assert!(
             (f64::from(*got) - want).abs() < 1e-4 * scale,
-            "{got} vs {want}"
+            "{model_type}: {got} vs {want}"
         );
     }
     let after = nll(&model);
-    assert!(after < before - 0.1, "NLL of the target {before} → {after}");
+    assert!(
+        after < before - 0.1,
+        "{model_type}: NLL of the target {before} → {after}"
+    );
 
     let request = Request {
         prompt: "{} flows past the".into(),
@@ -275,7 +284,10 @@ fn a_rome_edit_of_gemma2_writes_its_value_where_the_down_projection_writes() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("ROME instead") && e.contains("layer"), "{e}");
+    assert!(
+        e.contains("ROME instead") && e.contains("layer"),
+        "{model_type}: {e}"
+    );
 }
 
 #[test]

@@ -116,6 +116,13 @@ fn attention_input_gradients_match_finite_differences() {
     gradient_matches_finite_differences("qwen3", HookPoint::ResidPre);
 }
 
+/// Through OLMo 2's norms over all query heads at once and its blocks without input norms.
+#[test]
+fn olmo2_gradients_match_finite_differences() {
+    gradient_matches_finite_differences("olmo2", HookPoint::AttnQ);
+    gradient_matches_finite_differences("olmo2", HookPoint::ResidMid);
+}
+
 /// Through Gemma 2's soft-capped scores and logits and its norms after attention and the MLP.
 #[test]
 fn gemma2_gradients_match_finite_differences() {
@@ -871,6 +878,12 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             "{model_type}: the check needs a block after the first"
         );
         let norm_divides = |what: &str, norm: &Norm, input: &Tensor| {
+            if norm.is_identity() {
+                // OLMo 2's blocks have no input norms, and so no hooks for them.
+                let name = format!("{what}.hook_scale");
+                assert!(cache.get_by_name(&name).is_err(), "{model_type}: {name}");
+                return;
+            }
             let (scale, normalized) = (
                 hook(&format!("{what}.hook_scale")),
                 hook(&format!("{what}.hook_normalized")),
@@ -961,8 +974,12 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             // A gated MLP's up projection, read from the MLP norm's hooked output.
             let pre_linear = format!("blocks.{l}.mlp.hook_pre_linear");
             if let Mlp::Gated { up, .. } = &block.mlp {
-                let normalized = hook(&format!("blocks.{l}.ln2.hook_normalized"));
-                let x = block.ln_mlp.affine(&normalized).unwrap();
+                let x = if block.ln_mlp.is_identity() {
+                    hook(&format!("blocks.{l}.hook_resid_mid"))
+                } else {
+                    let normalized = hook(&format!("blocks.{l}.ln2.hook_normalized"));
+                    block.ln_mlp.affine(&normalized).unwrap()
+                };
                 let mut want = x.broadcast_matmul(&up.weight().t().unwrap()).unwrap();
                 if let Some(b) = up.bias() {
                     want = want.broadcast_add(b).unwrap();
@@ -1063,9 +1080,20 @@ fn pattern_weights_the_values(
             "{model_type} blocks.{layer}.attn.{name} off by {err}"
         );
     }
-    // Qwen3 normalises each query and key head before the rotary embedding reads it.
+    // Qwen3 and Gemma 3 normalise each query and key head (OLMo 2 all heads at once) before
+    // the rotary embedding reads them.
     let normed = |name: &str, norm: &monoscope::model::layers::Norm| {
-        let want = norm.forward(&hook(name), true).unwrap();
+        let heads = hook(name); // [seq, heads, hd]
+        let want = if block.attn.qk_norm_over_heads {
+            // OLMo 2: one norm over every head's projection at once.
+            let (s, h, d) = heads.dims3().unwrap();
+            norm.forward(&heads.reshape((s, h * d)).unwrap(), true)
+                .unwrap()
+                .reshape((s, h, d))
+                .unwrap()
+        } else {
+            norm.forward(&heads, true).unwrap()
+        };
         let got = hook(&format!("{name}_normed"));
         let err = max_abs_diff(&got, &want);
         assert!(

@@ -139,6 +139,12 @@ fn gemma3_text_matches_transformers() {
     check_against_transformers("gemma3_text", &Device::Cpu);
 }
 
+/// No input norms, norms after each sublayer, and query and key norms over all heads at once.
+#[test]
+fn olmo2_matches_transformers() {
+    check_against_transformers("olmo2", &Device::Cpu);
+}
+
 /// Runs the same checks on a CUDA GPU when the build has one (`--features cuda`).
 #[test]
 fn all_architectures_match_transformers_on_cuda() {

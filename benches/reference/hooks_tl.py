@@ -4,8 +4,8 @@ folder booted with TransformerBridge) on the `input_ids` of a `monoscope trace` 
 run_with_cache, and compares every hook monoscope saved with TransformerLens's value under the
 same name. TransformerLens keeps heads on their own axis (`[batch, pos, head, d_head]`);
 monoscope puts them side by side, so TransformerLens's value is reshaped before comparing
-(`attn.hook_q_normed` / `hook_k_normed` come as `[batch, head, pos, d_head]` and are
-transposed first).
+(`attn.hook_q_normed` / `hook_k_normed` of per-head norms come as `[batch, head, pos, d_head]`
+and are transposed first).
 Prints JSON: for each hook, the largest absolute difference divided by the largest absolute
 value (attention scores of keys that both sides hide are left out; the sides must hide the
 same ones);
@@ -59,9 +59,10 @@ def main():
             missing_in_theirs.append(name)
             continue
         theirs = cache[name]
-        if name.endswith(("hook_q_normed", "hook_k_normed")):
-            # The bridge hooks Qwen3's normed queries and keys after transformers' transpose:
-            # [batch, head, pos, d_head].
+        if name.endswith(("hook_q_normed", "hook_k_normed")) and theirs.dim() == 4:
+            # The bridge hooks Qwen3's and Gemma 3's per-head normed queries and keys after
+            # transformers' transpose: [batch, head, pos, d_head] (OLMo 2 normalises the whole
+            # projection before the heads are split: [batch, pos, heads·d_head] as ours).
             theirs = theirs.transpose(1, 2)
         theirs = theirs.reshape(value.shape)
         report[name] = relative_difference(value, theirs)

@@ -96,13 +96,14 @@ pub fn compute_batch(
         super::check_layer(model, l)?;
         if model.transformer.blocks[l].post_norms.is_some() {
             // MEMIT shares the residual change out among the layers' MLP outputs as sums; a
-            // norm between the down projection and the stream (Gemma 2) makes that nonlinear.
+            // norm between the down projection and the stream (Gemma 2, OLMo 2) makes that
+            // nonlinear.
             return Err(Error::InvalidArgument {
                 what: "MEMIT layer",
                 value: l.to_string(),
                 message: "this model normalises each MLP's output before the residual stream \
-                          (Gemma 2), which MEMIT's spreading of the change over layers does not \
-                          model; edit one layer with ROME instead"
+                          (Gemma 2, OLMo 2), which MEMIT's spreading of the change over layers \
+                          does not model; edit one layer with ROME instead"
                     .into(),
             });
         }

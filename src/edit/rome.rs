@@ -401,7 +401,7 @@ pub fn compute_edit(
     let (u, ridge) = solve_key(cov, &keys.mean)?;
 
     // What the down projection writes: the MLP output, or, where a norm follows the MLP
-    // (Gemma 2), that norm's input, so v* is a value the weights can produce.
+    // (Gemma 2, OLMo 2), that norm's input, so v* is a value the weights can produce.
     let written = match model.transformer.blocks[layer].post_norms {
         Some(_) => HookPoint::Ln2PostIn(layer),
         None => HookPoint::MlpOut(layer),

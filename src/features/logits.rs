@@ -11,14 +11,15 @@
 //!   which is exactly how the MLP writes it into the residual stream;
 //! - `ln_final.hook_normalized`: the row is already normalised (centred and scaled); only the
 //!   final norm's gain and the unembedding apply;
-//! - Gemma 2's norms after attention and after the MLP are held at constant scale the same
-//!   way: `mlp.hook_post` and `attn.hook_z` go through the projection and then that norm's gain,
-//!   `ln1_post`/`ln2_post`'s `hook_in` and `hook_normalized` through the gain alone;
+//! - the norms after attention and after the MLP (Gemma 2, OLMo 2) are held at constant scale
+//!   the same way: `mlp.hook_post` and `attn.hook_z` go through the projection and then that
+//!   norm's gain, `ln1_post`/`ln2_post`'s `hook_in` and `hook_normalized` through the gain alone;
 //! - the logit soft-cap of Gemma 2 is left out: it is monotonic, so the top and bottom tokens
 //!   are the same, and the effects are in the uncapped logits' units;
 //! - `mlp.hook_pre` and `mlp.hook_pre_linear`, the attention's queries, keys, values, scores
-//!   and pattern, the pre-norms' outputs and every norm's scale: no linear path to the residual stream exists (a nonlinearity,
-//!   or the attention itself, sits in between), so no logit effects are reported.
+//!   and pattern, the pre-norms' outputs and every norm's scale: no linear path to the
+//!   residual stream exists (a nonlinearity, or the attention itself, sits in between), so no
+//!   logit effects are reported.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -118,7 +119,8 @@ pub fn logit_effects(
         | HookPoint::MlpOut(_)
         | HookPoint::ResidPost(_) => (None, true),
     };
-    // The gain of the norm after attention or the MLP (Gemma 2), for what is written before it.
+    // The gain of the norm after attention or the MLP (Gemma 2, OLMo 2), for what is written
+    // before it.
     let post_gain = match hook {
         HookPoint::AttnZ(l) | HookPoint::Ln1PostIn(l) | HookPoint::Ln1PostNormalized(l) => t.blocks
             [l]

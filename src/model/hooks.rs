@@ -35,7 +35,7 @@ pub enum HookPoint {
     /// (LayerNorm) or the RMS (RMSNorm) — `[.., 1]`. Replacing it with another run's value
     /// freezes the norm, which makes the block's input linear in the residual stream (direct
     /// logit attribution and attribution patching assume exactly this). Asking for it runs
-    /// the norm unfused.
+    /// the norm unfused. Absent where blocks have no input norm (OLMo 2).
     Ln1Scale(usize),
     /// `blocks.L.ln1.hook_normalized`: the attention norm's input centred (LayerNorm) and
     /// divided by `hook_scale`, before the gain and bias — TransformerLens's convention (its
@@ -51,10 +51,11 @@ pub enum HookPoint {
     AttnK(usize),
     /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
     AttnV(usize),
-    /// `blocks.L.attn.hook_q_normed`: queries after the per-head RMSNorm (Qwen3, Gemma 3), before
+    /// `blocks.L.attn.hook_q_normed`: queries after their RMSNorm (Qwen3, Gemma 3: per head;
+    /// OLMo 2: over all heads at once), before
     /// rotary — TransformerLens's name.
     AttnQNormed(usize),
-    /// `blocks.L.attn.hook_k_normed`: keys after the per-head RMSNorm (Qwen3, Gemma 3).
+    /// `blocks.L.attn.hook_k_normed`: keys after their RMSNorm (Qwen3, Gemma 3, OLMo 2).
     AttnKNormed(usize),
     /// `blocks.L.attn.hook_rot_q`: queries after the rotary embedding (rotary models only): what
     /// the attention scores are actually computed from.
@@ -80,7 +81,7 @@ pub enum HookPoint {
     /// for it runs that layer's attention unfused.
     AttnPattern(usize),
     /// `blocks.L.ln1_post.hook_in`: the attention output as projected, before the norm after
-    /// attention (Gemma 2 and 3 only; elsewhere that is `hook_attn_out`).
+    /// attention (Gemma 2 and 3, OLMo 2; elsewhere that is `hook_attn_out`).
     Ln1PostIn(usize),
     /// `blocks.L.ln1_post.hook_scale`: the post-attention norm's divisor per token (Gemma 2/3).
     Ln1PostScale(usize),
@@ -105,7 +106,7 @@ pub enum HookPoint {
     /// of the down projection: ROME's key space and the space of knowledge neurons — `[.., d_mlp]`.
     MlpPost(usize),
     /// `blocks.L.ln2_post.hook_in`: what the down projection writes, before the norm after the
-    /// MLP (Gemma 2 and 3 only; elsewhere that is `hook_mlp_out`): ROME's value space there.
+    /// MLP (Gemma 2 and 3, OLMo 2; elsewhere that is `hook_mlp_out`): ROME's value space there.
     Ln2PostIn(usize),
     /// `blocks.L.ln2_post.hook_scale`: the post-MLP norm's divisor per token (Gemma 2/3).
     Ln2PostScale(usize),

@@ -89,6 +89,9 @@ pub enum NormKind {
     LayerNorm,
     /// `x / sqrt(mean(x²) + eps) · w` (Llama, Mistral, Qwen2; Gemma with `w` stored as 1 + w).
     RmsNorm,
+    /// No norm at all: OLMo 2 normalises only each sublayer's output, not its input. Its
+    /// gain is ones, so code that folds gains need not tell it apart.
+    Identity,
 }
 
 #[derive(Clone, Debug)]
@@ -118,6 +121,29 @@ impl Norm {
         }
     }
 
+    /// The identity over `[.., d]` (in `dtype` on `device`), where a block has no input norm.
+    pub fn identity(d: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: Tensor::ones(d, dtype, device)?,
+            bias: None,
+            eps: 0.0,
+            kind: NormKind::Identity,
+        })
+    }
+
+    /// Whether this is no norm at all ([`Norm::identity`]): it has no hook points.
+    pub fn is_identity(&self) -> bool {
+        self.kind == NormKind::Identity
+    }
+
+    /// Learned parameters (an identity has none).
+    pub fn parameter_count(&self) -> usize {
+        match self.kind {
+            NormKind::Identity => 0,
+            _ => self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count()),
+        }
+    }
+
     /// The elementwise gain (Gemma's stored `1 + w` included).
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -135,10 +161,13 @@ impl Norm {
     /// `part` broadcasts against `whole`'s scale (`[…, d]` and `[…, 1]`); half-precision
     /// inputs come back in f32.
     pub fn at_scale_of(&self, part: &Tensor, whole: &Tensor) -> candle_core::Result<Tensor> {
+        if self.is_identity() {
+            return upcast(part);
+        }
         let centre = |x: Tensor| -> candle_core::Result<Tensor> {
             match self.kind {
                 NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?),
-                NormKind::RmsNorm => Ok(x),
+                NormKind::RmsNorm | NormKind::Identity => Ok(x),
             }
         };
         let whole = centre(upcast(whole)?)?;
@@ -153,6 +182,9 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
+        if self.is_identity() {
+            return Ok(x.clone());
+        }
         // candle's fused kernels have no backward pass and no f64 version.
         if !needs_grad && x.dtype() != DType::F64 {
             return match (&self.kind, &self.bias) {
@@ -181,7 +213,7 @@ impl Norm {
         scale: HookPoint,
         normalized: HookPoint,
     ) -> candle_core::Result<Tensor> {
-        if hooks.touches(scale) || hooks.touches(normalized) {
+        if !self.is_identity() && (hooks.touches(scale) || hooks.touches(normalized)) {
             self.composed(x, Some((hooks, scale, normalized)))
         } else {
             self.forward(x, hooks.needs_grad())
@@ -210,7 +242,7 @@ impl Norm {
         let x = upcast(x)?;
         let x = match self.kind {
             NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(LAST)?)?,
-            NormKind::RmsNorm => x,
+            NormKind::RmsNorm | NormKind::Identity => x,
         };
         let mut divisor = (x.sqr()?.mean_keepdim(LAST)? + self.eps)?.sqrt()?;
         if let Some((runner, scale, _)) = hooks.as_mut() {
@@ -354,6 +386,9 @@ pub struct Attention {
     pub sliding_window: Option<usize>,
     /// RMSNorms over each query and key head before the rotary embedding (Qwen3, Gemma 3).
     pub qk_norm: Option<(Norm, Norm)>,
+    /// Whether those norms each span all heads' projection at once rather than one head
+    /// (OLMo 2's `q_norm` over `n_heads·d_head`).
+    pub qk_norm_over_heads: bool,
     /// Multiplier on `q·kᵀ`: `1/√d_head`, or Gemma 2/3's `1/√query_pre_attn_scalar`.
     pub scale: f64,
     /// Gemma 2's `cap · tanh(scores / cap)` on the scaled scores, before the mask.
@@ -389,9 +424,14 @@ impl Attention {
         let mut k = split(HookPoint::AttnK, nh, nkv)?;
         let mut v = split(HookPoint::AttnV, nh + nkv, nkv)?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
-            // Over head_dim, the last axis of `[b, heads, s, hd]`.
-            q = q_norm.forward(&q.contiguous()?, needs_grad)?;
-            k = k_norm.forward(&k.contiguous()?, needs_grad)?;
+            if self.qk_norm_over_heads {
+                q = norm_over_heads(q_norm, &q, needs_grad)?;
+                k = norm_over_heads(k_norm, &k, needs_grad)?;
+            } else {
+                // Over head_dim, the last axis of `[b, heads, s, hd]`.
+                q = q_norm.forward(&q.contiguous()?, needs_grad)?;
+                k = k_norm.forward(&k.contiguous()?, needs_grad)?;
+            }
             q = hook_heads(hooks, HookPoint::AttnQNormed(layer), q)?;
             k = hook_heads(hooks, HookPoint::AttnKNormed(layer), k)?;
         }
@@ -438,6 +478,16 @@ impl Attention {
         let z = hooks.hook(HookPoint::AttnZ(layer), z)?; // [b, s, heads·hd]
         linear(&z, &self.out)
     }
+}
+
+/// `norm` over every head of `x` (`[batch, heads, seq, head_dim]`) at once: the heads merged
+/// side by side, normalised, and split again.
+fn norm_over_heads(norm: &Norm, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
+    let (b, heads, s, hd) = x.dims4()?;
+    let merged = x.transpose(1, 2)?.reshape((b, s, heads * hd))?;
+    norm.forward(&merged, needs_grad)?
+        .reshape((b, s, heads, hd))?
+        .transpose(1, 2)
 }
 
 /// The hook at a per-head point (`attn.hook_q`, `hook_k`, `hook_v`, `hook_rot_q`, `hook_rot_k`):
@@ -885,10 +935,11 @@ impl Transformer {
             points.push(HookPoint::PosEmbed);
         }
         for (l, block) in self.blocks.iter().enumerate() {
+            points.push(HookPoint::ResidPre(l));
+            if !block.ln_attn.is_identity() {
+                points.extend([HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l)]);
+            }
             points.extend([
-                HookPoint::ResidPre(l),
-                HookPoint::Ln1Scale(l),
-                HookPoint::Ln1Normalized(l),
                 HookPoint::AttnQ(l),
                 HookPoint::AttnK(l),
                 HookPoint::AttnV(l),
@@ -915,11 +966,10 @@ impl Transformer {
             if !block.parallel_residual {
                 points.push(HookPoint::ResidMid(l));
             }
-            points.extend([
-                HookPoint::Ln2Scale(l),
-                HookPoint::Ln2Normalized(l),
-                HookPoint::MlpPre(l),
-            ]);
+            if !block.ln_mlp.is_identity() {
+                points.extend([HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l)]);
+            }
+            points.push(HookPoint::MlpPre(l));
             if matches!(block.mlp, Mlp::Gated { .. }) {
                 points.push(HookPoint::MlpPreLinear(l));
             }
@@ -1039,7 +1089,7 @@ impl Transformer {
     /// Total parameter count (tied embeddings counted once).
     pub fn parameter_count(&self) -> usize {
         let linear = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
-        let norm = |n: &Norm| n.weight.elem_count() + n.bias.as_ref().map_or(0, |b| b.elem_count());
+        let norm = Norm::parameter_count;
         let mut n = self.embed.elem_count() + norm(&self.ln_final);
         n += self.pos_embed.as_ref().map_or(0, |p| p.elem_count());
         if !self.tied_embeddings {

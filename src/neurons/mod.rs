@@ -94,7 +94,7 @@ pub struct Neuron {
     pub shared_by: f32,
 }
 
-/// Where a norm follows the MLP (Gemma 2) its output does not depend on the activations'
+/// Where a norm follows the MLP (Gemma 2, OLMo 2) its output does not depend on the activations'
 /// scale once α·‖W_down·a‖ clears the norm's ε, so nearly all of the change along the path
 /// happens near α ≈ 10⁻³; there [`attribute`] places its points at α = u⁴ (u uniform), a
 /// quarter of them below α = 0.004.

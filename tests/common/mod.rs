@@ -16,6 +16,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "olmo2",
 ];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.

@@ -92,6 +92,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     rotary: None,
                     sliding_window: None,
                     qk_norm: None,
+                    qk_norm_over_heads: false,
                     scale: 1.0 / ((d / c.n_head) as f64).sqrt(),
                     softcap: None,
                 },

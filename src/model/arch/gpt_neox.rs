@@ -117,6 +117,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     rotary: (rot_dim > 0).then(|| rotary.clone()),
                     sliding_window: None,
                     qk_norm: None,
+                    qk_norm_over_heads: false,
                     scale: 1.0 / (hd as f64).sqrt(),
                     softcap: None,
                 },

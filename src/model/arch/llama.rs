@@ -54,6 +54,10 @@ pub(super) struct Family {
     pub sliding_layers: Option<Vec<bool>>,
     /// RMSNorm each query and key head (`q_norm`, `k_norm`) before the rotary embedding (Qwen3).
     pub qk_norm: bool,
+    /// Those norms span all heads' projection at once (OLMo 2: `[n_heads·d_head]` weights).
+    pub qk_norm_over_heads: bool,
+    /// No norm on the sublayers' inputs (OLMo 2: only the `post_norms`).
+    pub no_input_norms: bool,
     /// Gemma 2's sandwich norms: `pre_feedforward_layernorm` before the MLP, and
     /// `post_attention_layernorm` / `post_feedforward_layernorm` on the two outputs.
     pub post_norms: bool,
@@ -172,7 +176,11 @@ pub(super) fn load_family(
             let k = linear(w, &format!("{a}.k_proj"), nkv * hd, d, qkv_bias)?;
             let v = linear(w, &format!("{a}.v_proj"), nkv * hd, d, qkv_bias)?;
             Ok(Block {
-                ln_attn: rms(format!("{p}.input_layernorm.weight"))?,
+                ln_attn: if family.no_input_norms {
+                    Norm::identity(d, w.dtype(), w.device())?
+                } else {
+                    rms(format!("{p}.input_layernorm.weight"))?
+                },
                 attn: Attention {
                     qkv: fuse_qkv(q, k, v)?,
                     out: linear(w, &format!("{a}.o_proj"), d, nh * hd, o_bias)?,
@@ -186,17 +194,26 @@ pub(super) fn load_family(
                     }),
                     sliding_window: window(l),
                     qk_norm: if family.qk_norm {
+                        // Per head, or over every head's projection at once.
+                        let (q_width, k_width) = if family.qk_norm_over_heads {
+                            (nh * hd, nkv * hd)
+                        } else {
+                            (hd, hd)
+                        };
                         Some((
-                            rms_of(format!("{a}.q_norm.weight"), hd)?,
-                            rms_of(format!("{a}.k_norm.weight"), hd)?,
+                            rms_of(format!("{a}.q_norm.weight"), q_width)?,
+                            rms_of(format!("{a}.k_norm.weight"), k_width)?,
                         ))
                     } else {
                         None
                     },
+                    qk_norm_over_heads: family.qk_norm_over_heads,
                     scale,
                     softcap: family.attn_softcap,
                 },
-                ln_mlp: if family.post_norms {
+                ln_mlp: if family.no_input_norms {
+                    Norm::identity(d, w.dtype(), w.device())?
+                } else if family.post_norms {
                     rms(format!("{p}.pre_feedforward_layernorm.weight"))?
                 } else {
                     rms(format!("{p}.post_attention_layernorm.weight"))?

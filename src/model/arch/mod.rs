@@ -9,6 +9,7 @@ mod gpt2;
 mod gpt_neox;
 mod llama;
 mod mistral;
+mod olmo2;
 mod qwen2;
 mod qwen3;
 
@@ -33,6 +34,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gemma", gemma::load),
     ("gemma2", gemma2::load),
     ("gemma3_text", gemma3::load),
+    ("olmo2", olmo2::load),
 ];
 
 pub fn loader(model_type: &str) -> Option<LoadFn> {
