@@ -249,3 +249,47 @@ fn gemma3_configs_of_either_spelling_load_the_same_model() {
         assert!(err > 1e-2, "{what}: the logits moved only {err}");
     }
 }
+
+/// OLMo 3's older config spelling, `rope_theta` for every layer and `rope_scaling` for the
+/// full-attention ones, is the model that the per-layer-type `rope_parameters` with that one
+/// base describe; and the fixture's two bases matter.
+#[test]
+fn olmo3_legacy_rope_keys_give_the_per_layer_type_settings() {
+    let logits_with = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let dir = scratch_copy("olmo3");
+        let path = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(cfg.as_object_mut().unwrap());
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let (reference, _) = reference("olmo3");
+        let ids = &reference.prompts[2].input_ids;
+        model
+            .forward(&model.ids_tensor(ids).unwrap(), &Hooks::new())
+            .unwrap()
+            .logits
+    };
+    let one_base = |cfg: &mut serde_json::Map<String, serde_json::Value>| {
+        let ropes = cfg.get_mut("rope_parameters").unwrap();
+        let full_theta = ropes["full_attention"]["rope_theta"].clone();
+        ropes["sliding_attention"]["rope_theta"] = full_theta;
+    };
+    let legacy = |cfg: &mut serde_json::Map<String, serde_json::Value>| {
+        let ropes = cfg.remove("rope_parameters").unwrap();
+        let full = &ropes["full_attention"];
+        cfg.insert("rope_theta".into(), full["rope_theta"].clone());
+        cfg.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": full["rope_type"], "factor": full["factor"]}),
+        );
+    };
+    let per_type = logits_with(&one_base);
+    let err = common::max_relative_error(&logits_with(&legacy), &per_type);
+    assert!(err <= 1e-6, "legacy keys: logits off by {err}");
+    let moved = common::max_relative_error(&logits_with(&|_| {}), &per_type);
+    assert!(
+        moved > 1e-2,
+        "the sliding layers' own base moved the logits only {moved}"
+    );
+}

@@ -145,6 +145,12 @@ fn olmo2_matches_transformers() {
     check_against_transformers("olmo2", &Device::Cpu);
 }
 
+/// OLMo 2 with sliding windows on three of four layers and a rotary base per layer type.
+#[test]
+fn olmo3_matches_transformers() {
+    check_against_transformers("olmo3", &Device::Cpu);
+}
+
 /// Runs the same checks on a CUDA GPU when the build has one (`--features cuda`).
 #[test]
 fn all_architectures_match_transformers_on_cuda() {

@@ -17,6 +17,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "olmo2",
+    "olmo3",
 ];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.

@@ -24,7 +24,7 @@ pub(super) struct LlamaLikeConfig {
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     pub(super) rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
+    pub(super) rope_parameters: Option<RopeParameters>,
     hidden_act: Option<String>,
     /// Gemma's spelling, which takes precedence there.
     hidden_activation: Option<String>,

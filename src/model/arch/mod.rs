@@ -10,15 +10,18 @@ mod gpt_neox;
 mod llama;
 mod mistral;
 mod olmo2;
+mod olmo3;
 mod qwen2;
 mod qwen3;
 
 use candle_nn::Linear;
 
-use super::config::ConfigFile;
+use serde_json::Value;
+
+use super::config::{ConfigFile, Rope, RopeParameters, rope};
 use super::layers::Transformer;
 use super::weights::Weights;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Builds a [`Transformer`] from a config and its weights.
 pub type LoadFn = fn(&ConfigFile, &Weights) -> Result<Transformer>;
@@ -35,6 +38,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gemma2", gemma2::load),
     ("gemma3_text", gemma3::load),
     ("olmo2", olmo2::load),
+    ("olmo3", olmo3::load),
 ];
 
 pub fn loader(model_type: &str) -> Option<LoadFn> {
@@ -89,4 +93,55 @@ fn sliding_layers(config: &ConfigFile, types: &[String]) -> Result<Vec<bool>> {
             )),
         })
         .collect()
+}
+
+/// The rotary settings of the full-attention and the sliding layers (Gemma 3, OLMo 3):
+/// transformers v5's `rope_parameters.{full_attention, sliding_attention}` (each defaulting to
+/// `defaults`), or in older files one setting for the full-attention layers (`rope_parameters`
+/// or `rope_theta` + `rope_scaling`, as Llama reads them) and `legacy_sliding` for the others.
+fn layer_type_ropes(
+    config: &ConfigFile,
+    c: &llama::LlamaLikeConfig,
+    defaults: [f64; 2],
+    legacy_sliding: Rope,
+) -> Result<(Rope, Rope)> {
+    let per_type = config
+        .json
+        .get("rope_parameters")
+        .and_then(Value::as_object)
+        .filter(|p| p.contains_key("full_attention") || p.contains_key("sliding_attention"));
+    let Some(per_type) = per_type else {
+        let full = rope(
+            config,
+            c.rope_parameters.as_ref(),
+            c.rope_theta,
+            defaults[0],
+        )?;
+        return Ok((full, legacy_sliding));
+    };
+    let of_type = |layer_type: &str, default: f64| -> Result<Rope> {
+        let section = format!("rope_parameters.{layer_type}");
+        let params: RopeParameters = match per_type.get(layer_type) {
+            None | Some(Value::Null) => RopeParameters::default(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| config.error(&section, e.to_string()))?,
+        };
+        // Read as if it were the only `rope_parameters`; errors then name its section.
+        let scoped = ConfigFile::from_json(
+            config.path.clone(),
+            serde_json::json!({ "rope_parameters": per_type.get(layer_type) }),
+        );
+        rope(&scoped, Some(&params), None, default).map_err(|e| match e {
+            Error::Config { path, key, message } => Error::Config {
+                path,
+                key: key.replacen("rope_parameters", &section, 1),
+                message,
+            },
+            other => other,
+        })
+    };
+    Ok((
+        of_type("full_attention", defaults[0])?,
+        of_type("sliding_attention", defaults[1])?,
+    ))
 }
