@@ -194,22 +194,27 @@ fn legacy_rope_scaling_spellings_load_the_same_model() {
     );
 }
 
+/// A change to a config's top-level keys.
+type ConfigEdit<'a> = &'a dyn Fn(&mut serde_json::Map<String, serde_json::Value>);
+
+/// A fixture loaded (f32) from a scratch copy whose config.json `edit` changed.
+fn load_edited(model_type: &str, edit: ConfigEdit) -> Model {
+    let dir = scratch_copy(model_type);
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap()
+}
+
 /// Gemma 3 configs on the Hub predate transformers v5's per-layer-type `rope_parameters`:
 /// `rope_theta` and `rope_scaling` for the global layers, `rope_local_base_freq` for the
 /// sliding ones, and `sliding_window_pattern` instead of `layer_types`. Both spellings are the
 /// same model, and each setting matters on the fixture.
 #[test]
 fn gemma3_configs_of_either_spelling_load_the_same_model() {
-    let rewrite = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
-        let dir = scratch_copy("gemma3_text");
-        let path = dir.path().join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        edit(cfg.as_object_mut().unwrap());
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-        logits_error(&model, "gemma3_text")
-    };
+    let rewrite = |edit: ConfigEdit| logits_error(&load_edited("gemma3_text", edit), "gemma3_text");
     let legacy = |cfg: &mut serde_json::Map<String, serde_json::Value>| {
         let ropes = cfg.remove("rope_parameters").unwrap();
         let (global, local) = (&ropes["full_attention"], &ropes["sliding_attention"]);
@@ -227,16 +232,15 @@ fn gemma3_configs_of_either_spelling_load_the_same_model() {
     let err = rewrite(&legacy);
     assert!(err <= 1e-4, "the legacy spelling: logits off by {err}");
     // Each setting matters: the local base, the global scaling, the window pattern.
-    type Edit<'a> = &'a dyn Fn(&mut serde_json::Map<String, serde_json::Value>);
-    let local_base: Edit = &|cfg| {
+    let local_base: ConfigEdit = &|cfg| {
         legacy(cfg);
         cfg.insert("rope_local_base_freq".into(), 10000.0.into());
     };
-    let global_scaling: Edit = &|cfg| {
+    let global_scaling: ConfigEdit = &|cfg| {
         legacy(cfg);
         cfg.remove("rope_scaling");
     };
-    let window_pattern: Edit = &|cfg| {
+    let window_pattern: ConfigEdit = &|cfg| {
         legacy(cfg);
         cfg.insert("sliding_window_pattern".into(), 6.into());
     };
@@ -255,14 +259,8 @@ fn gemma3_configs_of_either_spelling_load_the_same_model() {
 /// base describe; and the fixture's two bases matter.
 #[test]
 fn olmo3_legacy_rope_keys_give_the_per_layer_type_settings() {
-    let logits_with = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
-        let dir = scratch_copy("olmo3");
-        let path = dir.path().join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        edit(cfg.as_object_mut().unwrap());
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let logits_with = |edit: ConfigEdit| {
+        let model = load_edited("olmo3", edit);
         let (reference, _) = reference("olmo3");
         let ids = &reference.prompts[2].input_ids;
         model

@@ -6,12 +6,17 @@
 use super::super::config::ConfigFile;
 use super::super::layers::Transformer;
 use super::super::weights::Weights;
-use super::llama::{Family, load_family, parse};
+use super::llama::{Family, LlamaLikeConfig, load_family, parse};
 use crate::error::Result;
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let c = parse(config)?;
-    let family = Family {
+    load_family(config, &c, w, &family(&c))
+}
+
+/// How OLMo 2 departs from Llama (OLMo 3 starts from it).
+pub(super) fn family(c: &LlamaLikeConfig) -> Family {
+    Family {
         qkv_bias: c.attention_bias,
         o_bias: c.attention_bias,
         qk_norm: true,
@@ -19,6 +24,5 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         no_input_norms: true,
         post_norms: true,
         ..Family::default()
-    };
-    load_family(config, &c, w, &family)
+    }
 }

@@ -38,17 +38,11 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let (full, sliding) =
         super::layer_type_ropes(config, &c, [DEFAULT_THETA, DEFAULT_THETA], sliding)?;
     let family = Family {
-        qkv_bias: c.attention_bias,
-        o_bias: c.attention_bias,
-        qk_norm: true,
-        qk_norm_over_heads: true,
-        no_input_norms: true,
-        post_norms: true,
         sliding_window: keys.sliding_window,
         sliding_layers: Some(sliding_layers),
         rope: Some(full),
         sliding_rope: Some(sliding),
-        ..Family::default()
+        ..super::olmo2::family(&c)
     };
     load_family(config, &c, w, &family)
 }
