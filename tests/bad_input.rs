@@ -106,8 +106,8 @@ fn missing_config_key_error_names_the_key() {
 fn unsupported_or_incomplete_rope_scaling_is_named() {
     let cases = [
         (
-            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
-            "yarn",
+            serde_json::json!({"rope_type": "longrope", "factor": 4.0}),
+            "longrope",
         ),
         (
             serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
@@ -178,8 +178,8 @@ fn bad_gemma3_settings_are_named() {
         ),
         (
             "rope_parameters.sliding_attention.rope_type",
-            &|cfg| cfg["rope_parameters"]["sliding_attention"]["rope_type"] = "yarn".into(),
-            "yarn",
+            &|cfg| cfg["rope_parameters"]["sliding_attention"]["rope_type"] = "dynamic".into(),
+            "dynamic",
         ),
     ];
     for (key, edit, named) in cases {

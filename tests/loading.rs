@@ -291,3 +291,16 @@ fn olmo3_legacy_rope_keys_give_the_per_layer_type_settings() {
         "the sliding layers' own base moved the logits only {moved}"
     );
 }
+
+/// Both parts of YaRN matter on its fixture: the frequency ramp (without it, the logits of
+/// plain rotary) and the attention factor on cos and sin.
+#[test]
+fn yarn_frequencies_and_attention_factor_each_matter() {
+    let err = |edit: ConfigEdit| logits_error(&load_edited("llama_yarn", edit), "llama_yarn");
+    assert!(err(&|_| {}) <= 1e-4);
+    let plain = err(&|cfg| cfg["rope_parameters"]["rope_type"] = "default".into());
+    let unscaled = err(&|cfg| cfg["rope_parameters"]["attention_factor"] = 1.0.into());
+    for (what, moved) in [("the ramp", plain), ("the attention factor", unscaled)] {
+        assert!(moved > 1e-2, "without {what} the logits moved only {moved}");
+    }
+}

@@ -105,6 +105,12 @@ fn llama3_rope_scaling_matches_transformers() {
     check_against_transformers("llama3", &Device::Cpu);
 }
 
+/// YaRN: a ramp between kept and divided frequencies, and cos and sin scaled.
+#[test]
+fn llama_yarn_rope_scaling_matches_transformers() {
+    check_against_transformers("llama_yarn", &Device::Cpu);
+}
+
 #[test]
 fn mistral_sliding_window_matches_transformers() {
     check_against_transformers("mistral", &Device::Cpu);

@@ -120,6 +120,13 @@ pub struct RopeParameters {
     pub low_freq_factor: Option<f64>,
     pub high_freq_factor: Option<f64>,
     pub original_max_position_embeddings: Option<f64>,
+    /// YaRN's multiplier on cos and sin (else derived from `factor`, `mscale`, `mscale_all_dim`).
+    pub attention_factor: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub truncate: Option<bool>,
 }
 
 /// How a model stretches its rotary frequencies to reach a longer context than it was first
@@ -140,13 +147,72 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (Peng et al. 2023): frequencies that turn fewer than `beta_slow` times over the
+    /// original context divided by `factor`, more than `beta_fast` times kept, a linear ramp
+    /// over the channels in between; cos and sin multiplied by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        /// Round the ramp's ends to whole channels (transformers' default).
+        truncate: bool,
+    },
 }
 
 impl RopeScaling {
-    /// The scaled inverse frequency (radians per position) of one rotary pair.
-    pub fn apply(&self, inv_freq: f64) -> f64 {
+    /// The inverse frequencies (radians per position) of the `rot_dim / 2` rotary pairs for
+    /// base `theta`, scaled.
+    pub fn inv_freqs(&self, theta: f64, rot_dim: usize) -> Vec<f64> {
+        let plain = (0..rot_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / rot_dim as f64));
+        let RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } = *self
+        else {
+            return plain.map(|f| self.apply(f)).collect();
+        };
+        // The channel at which a frequency turns `rotations` times over the original context.
+        let dim = rot_dim as f64;
+        let channel = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (channel(beta_fast), channel(beta_slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+        let high = if low == high { high + 0.001 } else { high };
+        plain
+            .enumerate()
+            .map(|(i, f)| {
+                // 1 keeps the frequency (extrapolation), 0 divides it by `factor`.
+                let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                f / factor * (1.0 - keep) + f * keep
+            })
+            .collect()
+    }
+
+    /// The multiplier on the rotary cos and sin tables (YaRN's attention factor; else 1).
+    pub fn attention_factor(&self) -> f64 {
         match *self {
-            RopeScaling::None => inv_freq,
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The scaled inverse frequency of one rotary pair, for the scalings that scale each
+    /// pair on its own (all but YaRN, whose ramp depends on the pair's channel).
+    fn apply(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::None | RopeScaling::Yarn { .. } => inv_freq,
             RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
                 factor,
@@ -183,6 +249,19 @@ impl std::fmt::Display for RopeScaling {
                 f,
                 "llama3 scaling (factor {factor}, low {low_freq_factor}, high \
                  {high_freq_factor}, original context {original_max_position_embeddings})"
+            ),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => write!(
+                f,
+                "yarn scaling (factor {factor}, original context \
+                 {original_max_position_embeddings}, beta {beta_fast}/{beta_slow}, attention \
+                 factor {attention_factor:.4})"
             ),
         }
     }
@@ -252,10 +331,47 @@ pub fn rope(
             }
             scaling
         }
+        ("yarn", Some(p)) => {
+            let factor = positive("factor", p.factor)?;
+            // transformers: the pretrained context, else the config's own.
+            let original = positive(
+                "original_max_position_embeddings",
+                p.original_max_position_embeddings.or_else(|| {
+                    config
+                        .json
+                        .get("max_position_embeddings")
+                        .and_then(|v| v.as_f64())
+                }),
+            )?;
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match (p.attention_factor, p.mscale, p.mscale_all_dim) {
+                (Some(a), _, _) => positive("attention_factor", Some(a))?,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            // `or` in transformers: a 0 means the default too.
+            let beta = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: beta(p.beta_fast, 32.0),
+                beta_slow: beta(p.beta_slow, 1.0),
+                attention_factor,
+                truncate: p.truncate.unwrap_or(true),
+            }
+        }
         (other, Some(_)) => {
             return Err(config.error(
                 &key("rope_type"),
-                format!("rope scaling `{other}` is not supported (default, linear, llama3)"),
+                format!("rope scaling `{other}` is not supported (default, linear, llama3, yarn)"),
             ));
         }
     };

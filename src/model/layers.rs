@@ -308,11 +308,8 @@ impl Rotary {
         max_positions: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let inv_freq: Vec<f32> = (0..rot_dim / 2)
-            .map(|i| {
-                let inv_freq = 1.0 / rope.theta.powf(2.0 * i as f64 / rot_dim as f64);
-                rope.scaling.apply(inv_freq) as f32
-            })
+        let inv_freq: Vec<f32> = (rope.scaling.inv_freqs(rope.theta, rot_dim).into_iter())
+            .map(|f| f as f32)
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
         let positions = Tensor::arange(0u32, max_positions as u32, device)?
@@ -320,9 +317,11 @@ impl Rotary {
             .reshape((max_positions, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+        // YaRN scales the tables (in f32, as transformers does); 1 for every other scaling.
+        let attention = rope.scaling.attention_factor();
         Ok(Self {
-            cos: emb.cos()?,
-            sin: emb.sin()?,
+            cos: (emb.cos()? * attention)?,
+            sin: (emb.sin()? * attention)?,
             rot_dim,
             rope: rope.clone(),
         })
