@@ -151,6 +151,12 @@ fn olmo2_matches_transformers() {
     check_against_transformers("olmo2", &Device::Cpu);
 }
 
+/// Fused qkv and gate-up projections, partial rotary, a window on every layer.
+#[test]
+fn phi3_matches_transformers() {
+    check_against_transformers("phi3", &Device::Cpu);
+}
+
 /// OLMo 2 with sliding windows on three of four layers and a rotary base per layer type.
 #[test]
 fn olmo3_matches_transformers() {

@@ -18,6 +18,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma3_text",
     "olmo2",
     "olmo3",
+    "phi3",
 ];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.

@@ -33,6 +33,8 @@ pub(super) struct LlamaLikeConfig {
     mlp_bias: Option<bool>,
     pub(super) sliding_window: Option<usize>,
     pub(super) use_sliding_window: Option<bool>,
+    /// Older spelling of `rope_parameters.partial_rotary_factor` (Phi-3).
+    partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -58,6 +60,8 @@ pub(super) struct Family {
     pub qk_norm_over_heads: bool,
     /// No norm on the sublayers' inputs (OLMo 2: only the `post_norms`).
     pub no_input_norms: bool,
+    /// q, k and v in one `qkv_proj`, gate and up in one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
     /// Gemma 2's sandwich norms: `pre_feedforward_layernorm` before the MLP, and
     /// `post_attention_layernorm` / `post_feedforward_layernorm` on the two outputs.
     pub post_norms: bool,
@@ -128,9 +132,21 @@ pub(super) fn load_family(
         Some(rope) => rope.clone(),
         None => rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?,
     };
-    let rotary = Rotary::new(hd, &rope, c.max_position_embeddings, w.device())?;
+    // Partial rotary (Phi-3 variants): the first channels of each head rotate.
+    let fraction = (c.rope_parameters.as_ref())
+        .and_then(|p| p.partial_rotary_factor)
+        .or(c.partial_rotary_factor)
+        .unwrap_or(1.0);
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(config.error(
+            "partial_rotary_factor",
+            format!("{fraction} is not in (0, 1]"),
+        ));
+    }
+    let rot_dim = (hd as f64 * fraction) as usize;
+    let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;
     let sliding_rotary = match &family.sliding_rope {
-        Some(rope) => Rotary::new(hd, rope, c.max_position_embeddings, w.device())?,
+        Some(rope) => Rotary::new(rot_dim, rope, c.max_position_embeddings, w.device())?,
         None => rotary.clone(),
     };
     let rms_of = |key: String, dim: usize| -> Result<Norm> {
@@ -172,9 +188,58 @@ pub(super) fn load_family(
         .map(|l| -> Result<Block> {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
-            let q = linear(w, &format!("{a}.q_proj"), nh * hd, d, qkv_bias)?;
-            let k = linear(w, &format!("{a}.k_proj"), nkv * hd, d, qkv_bias)?;
-            let v = linear(w, &format!("{a}.v_proj"), nkv * hd, d, qkv_bias)?;
+            let qkv = if family.fused_projections {
+                linear(
+                    w,
+                    &format!("{a}.qkv_proj"),
+                    (nh + 2 * nkv) * hd,
+                    d,
+                    qkv_bias,
+                )?
+            } else {
+                let q = linear(w, &format!("{a}.q_proj"), nh * hd, d, qkv_bias)?;
+                let k = linear(w, &format!("{a}.k_proj"), nkv * hd, d, qkv_bias)?;
+                let v = linear(w, &format!("{a}.v_proj"), nkv * hd, d, qkv_bias)?;
+                fuse_qkv(q, k, v)?
+            };
+            let (gate, up) = if family.fused_projections {
+                // `gate_up_proj`: the gate's rows, then the up projection's.
+                let both = linear(
+                    w,
+                    &format!("{p}.mlp.gate_up_proj"),
+                    2 * c.intermediate_size,
+                    d,
+                    mlp_bias,
+                )?;
+                let half = |i: usize| -> Result<candle_nn::Linear> {
+                    let rows = |t: &candle_core::Tensor| {
+                        t.narrow(0, i * c.intermediate_size, c.intermediate_size)?
+                            .contiguous()
+                    };
+                    Ok(candle_nn::Linear::new(
+                        rows(both.weight())?,
+                        both.bias().map(rows).transpose()?,
+                    ))
+                };
+                (half(0)?, half(1)?)
+            } else {
+                (
+                    linear(
+                        w,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        d,
+                        mlp_bias,
+                    )?,
+                    linear(
+                        w,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        d,
+                        mlp_bias,
+                    )?,
+                )
+            };
             Ok(Block {
                 ln_attn: if family.no_input_norms {
                     Norm::identity(d, w.dtype(), w.device())?
@@ -182,7 +247,7 @@ pub(super) fn load_family(
                     rms(format!("{p}.input_layernorm.weight"))?
                 },
                 attn: Attention {
-                    qkv: fuse_qkv(q, k, v)?,
+                    qkv,
                     out: linear(w, &format!("{a}.o_proj"), d, nh * hd, o_bias)?,
                     n_heads: nh,
                     n_kv_heads: nkv,
@@ -219,20 +284,8 @@ pub(super) fn load_family(
                     rms(format!("{p}.post_attention_layernorm.weight"))?
                 },
                 mlp: Mlp::Gated {
-                    gate: linear(
-                        w,
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        d,
-                        mlp_bias,
-                    )?,
-                    up: linear(
-                        w,
-                        &format!("{p}.mlp.up_proj"),
-                        c.intermediate_size,
-                        d,
-                        mlp_bias,
-                    )?,
+                    gate,
+                    up,
                     down: linear(
                         w,
                         &format!("{p}.mlp.down_proj"),

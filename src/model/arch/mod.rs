@@ -11,6 +11,7 @@ mod llama;
 mod mistral;
 mod olmo2;
 mod olmo3;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -39,6 +40,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gemma3_text", gemma3::load),
     ("olmo2", olmo2::load),
     ("olmo3", olmo3::load),
+    ("phi3", phi3::load),
 ];
 
 pub fn loader(model_type: &str) -> Option<LoadFn> {
