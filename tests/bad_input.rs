@@ -191,6 +191,23 @@ fn bad_gemma3_settings_are_named() {
     }
 }
 
+/// Phi-3's own settings: a partial rotary fraction outside (0, 1], and the 128k models'
+/// `longrope` scaling, which is not implemented.
+#[test]
+fn bad_phi3_settings_are_named() {
+    let cases: [(&str, serde_json::Value, &str); 2] = [
+        ("partial_rotary_factor", 1.5.into(), "1.5"),
+        ("rope_type", "longrope".into(), "longrope"),
+    ];
+    for (key, value, named) in cases {
+        let msg = load_err_after("phi3", |json| json["rope_parameters"][key] = value);
+        assert!(
+            msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
+            "{key}: {msg}"
+        );
+    }
+}
+
 #[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");
