@@ -36,6 +36,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::layers::Norm;
 
 /// Which input of the later head reads the earlier head's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -179,30 +180,22 @@ fn layer_heads(model: &Model, layer: usize) -> Result<LayerHeads> {
     };
     // Query and key norm gains scale each head's columns: [1, d_head] for head `h` (the same
     // for every head, or that head's slice where one norm spans them all, as in OLMo 2).
-    let head_gain = |norm: &crate::model::layers::Norm, h: usize| -> Result<Array2<f64>> {
+    let head_gain = |norm: &Norm, h: usize| -> Result<Option<Array2<f64>>> {
         let w = norm.weight();
         let w = if attn.qk_norm_over_heads {
             w.narrow(0, h * hd, hd)?
         } else {
             w.clone()
         };
-        to_array(&w.unsqueeze(0)?)
+        Ok(Some(to_array(&w.unsqueeze(0)?)?))
     };
-    let gains = |pick: fn(
-        &(crate::model::layers::Norm, crate::model::layers::Norm),
-    ) -> &crate::model::layers::Norm,
-                 heads: usize|
-     -> Result<Vec<Option<Array2<f64>>>> {
-        (0..heads)
-            .map(|h| {
-                attn.qk_norm
-                    .as_ref()
-                    .map(|n| head_gain(pick(n), h))
-                    .transpose()
-            })
-            .collect()
+    let (q_gain, k_gain): (Vec<_>, Vec<_>) = match &attn.qk_norm {
+        Some((q, k)) => (
+            (0..nh).map(|h| head_gain(q, h)).collect::<Result<_>>()?,
+            (0..nkv).map(|h| head_gain(k, h)).collect::<Result<_>>()?,
+        ),
+        None => (vec![None; nh], vec![None; nkv]),
     };
-    let (q_gain, k_gain) = (gains(|n| &n.0, nh)?, gains(|n| &n.1, nkv)?);
     let with_gain = |w: Array2<f64>, gain: &Option<Array2<f64>>| match gain {
         Some(g) => w * g,
         None => w,

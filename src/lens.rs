@@ -273,11 +273,14 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
     for (l, &point) in head_inputs.iter().enumerate() {
         let z = at(point)?; // [1, n_heads·head_dim]
         let block = &t.blocks[l];
+        // A norm after attention (Gemma 2, OLMo 2) and the whole output it normalises.
+        let post_norm = match &block.post_norms {
+            Some((after_attn, _)) => Some((after_attn, at(HookPoint::Ln1PostIn(l))?)),
+            None => None,
+        };
         let through_post_norm = |written: Tensor| -> Result<Tensor> {
-            Ok(match &block.post_norms {
-                Some((after_attn, _)) => {
-                    after_attn.at_scale_of(&written, &at(HookPoint::Ln1PostIn(l))?)?
-                }
+            Ok(match &post_norm {
+                Some((norm, whole_out)) => norm.at_scale_of(&written, whole_out)?,
                 None => written,
             })
         };
