@@ -106,8 +106,12 @@ fn missing_config_key_error_names_the_key() {
 fn unsupported_or_incomplete_rope_scaling_is_named() {
     let cases = [
         (
-            serde_json::json!({"rope_type": "longrope", "factor": 4.0}),
-            "longrope",
+            serde_json::json!({"rope_type": "dynamic", "factor": 4.0}),
+            "dynamic",
+        ),
+        (
+            serde_json::json!({"rope_type": "longrope", "short_factor": [1.0, 1.0]}),
+            "rope_scaling.long_factor",
         ),
         (
             serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
@@ -191,16 +195,25 @@ fn bad_gemma3_settings_are_named() {
     }
 }
 
-/// Phi-3's own settings: a partial rotary fraction outside (0, 1], and the 128k models'
-/// `longrope` scaling, which is not implemented.
+/// Phi-3's own settings: a partial rotary fraction outside (0, 1]; LongRoPE factor lists
+/// whose length does not match the rotary pairs (4 here: head_dim 16, half of it rotating) or
+/// that hold a factor that is not positive, and an original context that is not a length.
 #[test]
 fn bad_phi3_settings_are_named() {
-    let cases: [(&str, serde_json::Value, &str); 2] = [
-        ("partial_rotary_factor", 1.5.into(), "1.5"),
-        ("rope_type", "longrope".into(), "longrope"),
+    let cases: [(&str, &str, serde_json::Value, &str); 4] = [
+        ("phi3", "partial_rotary_factor", 1.5.into(), "1.5"),
+        ("phi3_longrope", "short_factor", serde_json::json!([1.0, 1.0, 1.0]), "3 values"),
+        ("phi3_longrope", "long_factor", serde_json::json!([1.0, 2.0, 0.0, 4.0]), "0 must"),
+        ("phi3_longrope", "original_max_position_embeddings", 0.5.into(), "0.5"),
     ];
-    for (key, value, named) in cases {
-        let msg = load_err_after("phi3", |json| json["rope_parameters"][key] = value);
+    for (fixture, key, value, named) in cases {
+        let msg = load_err_after(fixture, |json| {
+            if key == "original_max_position_embeddings" {
+                json[key] = value;
+            } else {
+                json["rope_parameters"][key] = value;
+            }
+        });
         assert!(
             msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
             "{key}: {msg}"

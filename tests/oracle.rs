@@ -157,6 +157,53 @@ fn phi3_matches_transformers() {
     check_against_transformers("phi3", &Device::Cpu);
 }
 
+/// LongRoPE: short-context factors for the 5-token prompts, long ones for the longer prompts,
+/// and the greedy continuations cross from one to the other.
+#[test]
+fn phi3_longrope_matches_transformers() {
+    check_against_transformers("phi3_longrope", &Device::Cpu);
+}
+
+/// Every step of a cached generation that crosses LongRoPE's switch (8 positions here) sees
+/// what a fresh pass over the whole sequence sees: the crossing step re-reads the sequence
+/// rather than reuse keys rotated by the short-context frequencies.
+#[test]
+fn longrope_generation_matches_fresh_passes_across_the_switch() {
+    let model = Model::load(&fixture_dir("phi3_longrope"), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.transformer.rope_switch_length(), Some(8));
+    let prompt = model.encode_prompt("The capital of Japan is").unwrap();
+    assert!(prompt.len() < 8);
+    let options = GenerateOptions {
+        max_new_tokens: 12 - prompt.len(),
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let generation = generate(&model, &prompt, &options, &Hooks::new()).unwrap();
+    let mut ids = prompt.clone();
+    for step in &generation.steps {
+        let logits = model
+            .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
+            .unwrap()
+            .logits
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let fresh = monoscope::model::generate::top_tokens(&model, &logits, 1);
+        assert_eq!(fresh[0].id, step.id, "greedy step at length {}", ids.len());
+        assert!(
+            (fresh[0].prob - step.prob).abs() < 1e-5,
+            "length {}: fresh {} cached {}",
+            ids.len(),
+            fresh[0].prob,
+            step.prob
+        );
+        ids.push(step.id);
+    }
+}
+
 /// OLMo 2 with sliding windows on three of four layers and a rotary base per layer type.
 #[test]
 fn olmo3_matches_transformers() {

@@ -127,6 +127,9 @@ pub struct RopeParameters {
     pub beta_fast: Option<f64>,
     pub beta_slow: Option<f64>,
     pub truncate: Option<bool>,
+    /// LongRoPE's per-pair divisors of the frequencies, within and beyond the original context.
+    pub short_factor: Option<Vec<f64>>,
+    pub long_factor: Option<Vec<f64>>,
 }
 
 /// How a model stretches its rotary frequencies to reach a longer context than it was first
@@ -159,13 +162,29 @@ pub enum RopeScaling {
         /// Round the ramp's ends to whole channels (transformers' default).
         truncate: bool,
     },
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): each rotary pair's frequency divided by its
+    /// own factor, from `short_factor` while a forward pass ends within the original context
+    /// and from `long_factor` once it reaches past it; cos and sin multiplied by
+    /// `attention_factor` in both.
+    #[serde(rename = "longrope")]
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 impl RopeScaling {
     /// The inverse frequencies (radians per position) of the `rot_dim / 2` rotary pairs for
     /// base `theta`, scaled.
+    /// For LongRoPE these are the long-context frequencies; [`Self::short_context`] gives the
+    /// others.
     pub fn inv_freqs(&self, theta: f64, rot_dim: usize) -> Vec<f64> {
         let plain = (0..rot_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / rot_dim as f64));
+        if let RopeScaling::LongRope { long_factor, .. } = self {
+            return plain.zip(long_factor).map(|(f, d)| f / d).collect();
+        }
         let RopeScaling::Yarn {
             factor,
             original_max_position_embeddings: original,
@@ -198,21 +217,86 @@ impl RopeScaling {
             .collect()
     }
 
-    /// The multiplier on the rotary cos and sin tables (YaRN's attention factor; else 1).
+    /// LongRoPE's frequencies for passes that end within the original context, and that
+    /// context's length; `None` for every other scaling, whose frequencies do not depend on
+    /// the length.
+    pub fn short_context(&self, theta: f64, rot_dim: usize) -> Option<(usize, Vec<f64>)> {
+        let RopeScaling::LongRope {
+            short_factor,
+            original_max_position_embeddings,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let short = RopeScaling::LongRope {
+            short_factor: short_factor.clone(),
+            long_factor: short_factor.clone(),
+            original_max_position_embeddings: *original_max_position_embeddings,
+            attention_factor: 1.0,
+        };
+        Some((
+            *original_max_position_embeddings,
+            short.inv_freqs(theta, rot_dim),
+        ))
+    }
+
+    /// The multiplier on the rotary cos and sin tables (YaRN's and LongRoPE's attention
+    /// factor; else 1).
     pub fn attention_factor(&self) -> f64 {
         match *self {
             RopeScaling::Yarn {
+                attention_factor, ..
+            }
+            | RopeScaling::LongRope {
                 attention_factor, ..
             } => attention_factor,
             _ => 1.0,
         }
     }
 
+    /// Checks what depends on the rotary width (known only once the architecture has worked
+    /// it out from `head_dim` and `partial_rotary_factor`): LongRoPE's one factor per pair.
+    pub fn check_rotary_width(&self, config: &ConfigFile, rot_dim: usize) -> Result<()> {
+        let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let section = if config.json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+            "rope_scaling"
+        } else {
+            "rope_parameters"
+        };
+        for (name, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+            let key = format!("{section}.{name}");
+            if factors.len() != rot_dim / 2 {
+                return Err(config.error(
+                    &key,
+                    format!(
+                        "{} values, but {rot_dim} rotary channels need {} (one per pair)",
+                        factors.len(),
+                        rot_dim / 2
+                    ),
+                ));
+            }
+            if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(config.error(&key, format!("{bad} must be a positive number")));
+            }
+        }
+        Ok(())
+    }
+
     /// The scaled inverse frequency of one rotary pair, for the scalings that scale each
     /// pair on its own (all but YaRN, whose ramp depends on the pair's channel).
     fn apply(&self, inv_freq: f64) -> f64 {
         match *self {
-            RopeScaling::None | RopeScaling::Yarn { .. } => inv_freq,
+            RopeScaling::None | RopeScaling::Yarn { .. } | RopeScaling::LongRope { .. } => {
+                inv_freq
+            }
             RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
                 factor,
@@ -263,8 +347,77 @@ impl std::fmt::Display for RopeScaling {
                  {original_max_position_embeddings}, beta {beta_fast}/{beta_slow}, attention \
                  factor {attention_factor:.4})"
             ),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let range = |f: &[f64]| {
+                    let (lo, hi) = f.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                        (l.min(v), h.max(v))
+                    });
+                    format!("{lo:.3}–{hi:.3}")
+                };
+                write!(
+                    f,
+                    "longrope scaling (original context {original_max_position_embeddings}, \
+                     short factors {}, long factors {}, attention factor {attention_factor:.4})",
+                    range(short_factor),
+                    range(long_factor)
+                )
+            }
         }
     }
+}
+
+/// LongRoPE's settings as transformers resolves them: the original context from the
+/// top-level `original_max_position_embeddings` (Phi-3's config always has one, 4096 by
+/// default), else the scaling's own key, else `max_position_embeddings`; the attention factor
+/// given, else `√(1 + ln s / ln original)` for the stretch `s` (`factor`, else
+/// `max_position_embeddings / original`).
+fn long_rope(
+    config: &ConfigFile,
+    p: &RopeParameters,
+    key: &dyn Fn(&str) -> String,
+) -> Result<RopeScaling> {
+    let number = |name: &str| config.json.get(name).and_then(|v| v.as_f64());
+    let phi3 = config.json.get("model_type").and_then(|v| v.as_str()) == Some("phi3");
+    let (original, original_key) = match number("original_max_position_embeddings") {
+        Some(v) => (Some(v), "original_max_position_embeddings".to_string()),
+        None if phi3 => (Some(4096.0), "original_max_position_embeddings".to_string()),
+        None => (
+            p.original_max_position_embeddings
+                .or_else(|| number("max_position_embeddings")),
+            key("original_max_position_embeddings"),
+        ),
+    };
+    let original = match original {
+        Some(v) if v.is_finite() && v >= 2.0 && v.fract() == 0.0 => v,
+        Some(v) => return Err(config.error(&original_key, format!("{v} is not a whole number of positions (at least 2)"))),
+        None => return Err(config.error(&original_key, "missing (rope type `longrope` needs it)")),
+    };
+    let factor = (p.factor)
+        .or_else(|| number("max_position_embeddings").map(|max| max / original))
+        .unwrap_or(1.0);
+    let attention_factor = match p.attention_factor {
+        Some(a) if a.is_finite() && a > 0.0 => a,
+        Some(a) => {
+            return Err(config.error(&key("attention_factor"), format!("{a} must be a positive number")));
+        }
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / original.ln()).sqrt(),
+    };
+    let factors = |name: &str, v: &Option<Vec<f64>>| match v {
+        Some(v) => Ok(v.clone()),
+        None => Err(config.error(&key(name), "missing (rope type `longrope` needs it)")),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: factors("short_factor", &p.short_factor)?,
+        long_factor: factors("long_factor", &p.long_factor)?,
+        original_max_position_embeddings: original as usize,
+        attention_factor,
+    })
 }
 
 /// The rotary settings of a config: its base and its scaling.
@@ -298,6 +451,11 @@ pub fn rope(
     let kind = scaling_params
         .and_then(|p| p.rope_type.as_deref().or(p.legacy_type.as_deref()))
         .unwrap_or("default");
+    // Phi-3's early 128k configs named LongRoPE `yarn` (transformers renames it for phi3 only).
+    let kind = match (kind, config.json.get("model_type").and_then(|v| v.as_str())) {
+        ("yarn", Some("phi3")) => "longrope",
+        _ => kind,
+    };
     let key = |name: &str| format!("{section}.{name}");
     let positive = |name: &str, value: Option<f64>| -> Result<f64> {
         match value {
@@ -368,10 +526,14 @@ pub fn rope(
                 truncate: p.truncate.unwrap_or(true),
             }
         }
+        ("longrope" | "su", Some(p)) => long_rope(config, p, &key)?,
         (other, Some(_)) => {
             return Err(config.error(
                 &key("rope_type"),
-                format!("rope scaling `{other}` is not supported (default, linear, llama3, yarn)"),
+                format!(
+                    "rope scaling `{other}` is not supported (default, linear, llama3, yarn, \
+                     longrope)"
+                ),
             ));
         }
     };

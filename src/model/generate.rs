@@ -142,10 +142,24 @@ pub fn generate(
     let mut steps = Vec::new();
     let mut next_input = prompt_ids.to_vec();
     let mut stop_reason = StopReason::MaxTokens;
+    let switch = model.transformer.rope_switch_length();
     for _ in 0..options.max_new_tokens {
         if kv.len() + next_input.len() > context {
             stop_reason = StopReason::ContextFull;
             break;
+        }
+        // LongRoPE: the pass that first reaches past the original context re-reads the whole
+        // sequence, its cached keys having been rotated by the short-context frequencies (as
+        // transformers' Phi-3 does).
+        if let Some(switch) = switch
+            && !kv.is_empty()
+            && kv.len() <= switch
+            && kv.len() + next_input.len() > switch
+        {
+            next_input = (prompt_ids.iter().copied())
+                .chain(steps.iter().map(|s: &Step| s.id))
+                .collect();
+            kv = KvCache::default();
         }
         let out = model.forward_cached(&model.ids_tensor(&next_input)?, &mut kv, hooks)?;
         let last = out.logits.get(0)?.get(next_input.len() - 1)?;

@@ -297,6 +297,8 @@ pub struct Rotary {
     /// `[max_positions, rot_dim]`, f32.
     cos: Tensor,
     sin: Tensor,
+    /// LongRoPE's tables for passes that end within the original context, and its length.
+    short: Option<(usize, Tensor, Tensor)>,
     rot_dim: usize,
     rope: super::config::Rope,
 }
@@ -308,23 +310,39 @@ impl Rotary {
         max_positions: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let inv_freq: Vec<f32> = (rope.scaling.inv_freqs(rope.theta, rot_dim).into_iter())
-            .map(|f| f as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
-        let positions = Tensor::arange(0u32, max_positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let freqs = positions.matmul(&inv_freq)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        // YaRN scales the tables (in f32, as transformers does); 1 for every other scaling.
+        // YaRN and LongRoPE scale the tables (in f32, as transformers does); 1 for the others.
         let attention = rope.scaling.attention_factor();
+        let tables = |inv_freq: Vec<f64>, positions: usize| -> candle_core::Result<_> {
+            let inv_freq: Vec<f32> = inv_freq.into_iter().map(|f| f as f32).collect();
+            let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
+            let positions = Tensor::arange(0u32, positions as u32, device)?
+                .to_dtype(DType::F32)?
+                .reshape((positions, 1))?;
+            let freqs = positions.matmul(&inv_freq)?;
+            let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+            Ok(((emb.cos()? * attention)?, (emb.sin()? * attention)?))
+        };
+        let (cos, sin) = tables(rope.scaling.inv_freqs(rope.theta, rot_dim), max_positions)?;
+        let short = match rope.scaling.short_context(rope.theta, rot_dim) {
+            Some((length, inv_freq)) => {
+                let (cos, sin) = tables(inv_freq, length.min(max_positions))?;
+                Some((length, cos, sin))
+            }
+            None => None,
+        };
         Ok(Self {
-            cos: (emb.cos()? * attention)?,
-            sin: (emb.sin()? * attention)?,
+            cos,
+            sin,
+            short,
             rot_dim,
             rope: rope.clone(),
         })
+    }
+
+    /// The sequence length past which a pass switches to LongRoPE's long-context frequencies
+    /// (keys cached by a shorter pass are then stale); `None` for every other scaling.
+    pub fn switch_length(&self) -> Option<usize> {
+        self.short.as_ref().map(|(length, ..)| *length)
     }
 
     /// The base and scaling the tables were built from.
@@ -340,17 +358,26 @@ impl Rotary {
     /// `x`: `[batch, heads, seq, head_dim]` at `positions`.
     fn apply(&self, x: &Tensor, positions: &Positions) -> candle_core::Result<Tensor> {
         let (b, _, seq, head_dim) = x.dims4()?;
+        // transformers picks LongRoPE's table by the pass's last position, for all its tokens.
+        let end = match positions {
+            Positions::From(offset) => offset + seq,
+            Positions::PerRow { starts, .. } => starts.iter().max().map_or(0, |s| s + seq),
+        };
+        let (table_cos, table_sin) = match &self.short {
+            Some((length, cos, sin)) if end <= *length => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
         let (cos, sin) = match positions {
             Positions::From(offset) => (
-                self.cos.narrow(0, *offset, seq)?,
-                self.sin.narrow(0, *offset, seq)?,
+                table_cos.narrow(0, *offset, seq)?,
+                table_sin.narrow(0, *offset, seq)?,
             ),
             // [b, 1, seq, rot_dim]: one row of angles per batch row, broadcast over heads.
             Positions::PerRow { ids, .. } => (
-                self.cos
+                table_cos
                     .index_select(ids, 0)?
                     .reshape((b, 1, seq, self.rot_dim))?,
-                self.sin
+                table_sin
                     .index_select(ids, 0)?
                     .reshape((b, 1, seq, self.rot_dim))?,
             ),
@@ -927,6 +954,14 @@ impl KvCache {
 }
 
 impl Transformer {
+    /// The sequence length past which LongRoPE switches every layer to its long-context
+    /// frequencies, so that keys cached at or below it no longer match a fresh pass.
+    pub fn rope_switch_length(&self) -> Option<usize> {
+        (self.blocks.iter())
+            .filter_map(|b| b.attn.rotary.as_ref()?.switch_length())
+            .min()
+    }
+
     /// The hook points this model has, in forward order.
     pub fn hook_points(&self) -> Vec<HookPoint> {
         let mut points = vec![HookPoint::Embed];

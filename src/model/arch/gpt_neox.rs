@@ -88,6 +88,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         .or(c.rotary_pct)
         .unwrap_or(1.0);
     let rot_dim = (hd as f64 * fraction) as usize;
+    rope.scaling.check_rotary_width(config, rot_dim)?;
     let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;
     let layer_norm = |name: &str| -> Result<Norm> {
         Ok(Norm::layer_norm(

@@ -144,9 +144,13 @@ pub(super) fn load_family(
         ));
     }
     let rot_dim = (hd as f64 * fraction) as usize;
+    rope.scaling.check_rotary_width(config, rot_dim)?;
     let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;
     let sliding_rotary = match &family.sliding_rope {
-        Some(rope) => Rotary::new(rot_dim, rope, c.max_position_embeddings, w.device())?,
+        Some(rope) => {
+            rope.scaling.check_rotary_width(config, rot_dim)?;
+            Rotary::new(rot_dim, rope, c.max_position_embeddings, w.device())?
+        }
         None => rotary.clone(),
     };
     let rms_of = |key: String, dim: usize| -> Result<Norm> {

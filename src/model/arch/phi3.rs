@@ -1,7 +1,8 @@
 //! Phi-3 and Phi-4-mini (`model_type: phi3`): Llama with q, k and v in one `qkv_proj` and the
 //! MLP's gate and up projections in one `gate_up_proj`, a sliding window on every layer where
 //! the config sets one, and partial rotary where `partial_rotary_factor` says so. The
-//! 128k-context `longrope` scaling is refused by name.
+//! 128k-context models' `longrope` scaling (also spelt `su`, or `yarn` in early Phi-3 configs)
+//! is in `config::RopeScaling::LongRope`.
 
 use super::super::config::ConfigFile;
 use super::super::layers::Transformer;
