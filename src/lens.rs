@@ -44,7 +44,7 @@ pub struct LensRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct Contribution {
     /// The hook whose output this is (`hook_embed`, `blocks.L.hook_attn_out`, …), or
-    /// `ln_final bias`.
+    /// `ln_final bias`, or `unembed bias` (GPT-J).
     pub component: String,
     pub logit: f32,
 }
@@ -267,6 +267,14 @@ pub fn lens(model: &Model, request: &LensRequest) -> Result<LensReport> {
             logit: read(&b)?,
         });
     }
+    if let Some(b) = &t.unembed_bias {
+        let at =
+            |id: u32| -> Result<f32> { Ok(b.i(id as usize)?.to_dtype(DType::F32)?.to_scalar()?) };
+        attribution.push(Contribution {
+            component: "unembed bias".into(),
+            logit: at(target_id)? - request.versus.map_or(Ok(0.0), at)?,
+        });
+    }
     let head_dim = model.dims().head_dim;
     let mut heads = Vec::with_capacity(n_layers);
     let mut attention_bias = Vec::with_capacity(n_layers);
@@ -332,8 +340,7 @@ fn unembed(model: &Model, normed: &Tensor) -> Result<Tensor> {
 
 /// The logits before any soft-cap, in f32.
 fn raw_logits(model: &Model, normed: &Tensor) -> Result<Tensor> {
-    let w = model.transformer.unembed.to_dtype(normed.dtype())?;
-    Ok(normed.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+    Ok(model.transformer.raw_logits(normed)?.to_dtype(DType::F32)?)
 }
 
 /// The lens at every position of a `[1, seq, d]` normalised stream.

@@ -262,6 +262,9 @@ fn read_out(model: &Model, translated: &Tensor) -> Result<Tensor> {
     let mut logits = normed
         .to_dtype(DType::F32)?
         .matmul(&t.unembed.to_dtype(DType::F32)?.t()?)?;
+    if let Some(b) = &t.unembed_bias {
+        logits = logits.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
     if let Some(cap) = t.logit_softcap {
         logits = crate::model::layers::soft_cap(&logits, cap)?;
     }

@@ -202,9 +202,24 @@ fn bad_gemma3_settings_are_named() {
 fn bad_phi3_settings_are_named() {
     let cases: [(&str, &str, serde_json::Value, &str); 4] = [
         ("phi3", "partial_rotary_factor", 1.5.into(), "1.5"),
-        ("phi3_longrope", "short_factor", serde_json::json!([1.0, 1.0, 1.0]), "3 values"),
-        ("phi3_longrope", "long_factor", serde_json::json!([1.0, 2.0, 0.0, 4.0]), "0 must"),
-        ("phi3_longrope", "original_max_position_embeddings", 0.5.into(), "0.5"),
+        (
+            "phi3_longrope",
+            "short_factor",
+            serde_json::json!([1.0, 1.0, 1.0]),
+            "3 values",
+        ),
+        (
+            "phi3_longrope",
+            "long_factor",
+            serde_json::json!([1.0, 2.0, 0.0, 4.0]),
+            "0 must",
+        ),
+        (
+            "phi3_longrope",
+            "original_max_position_embeddings",
+            0.5.into(),
+            "0.5",
+        ),
     ];
     for (fixture, key, value, named) in cases {
         let msg = load_err_after(fixture, |json| {

@@ -31,7 +31,7 @@ fn info_lists_every_hook_and_the_parameter_count() {
         );
         assert_eq!(
             hooks.contains(&"blocks.0.hook_resid_mid"),
-            *model_type != "gpt_neox"
+            !["gpt_neox", "gptj"].contains(model_type)
         );
     }
 }
@@ -75,6 +75,28 @@ fn info_reports_the_rotary_and_attention_settings_of_the_config() {
     let head_dim = neox["dims"]["head_dim"].as_f64().unwrap();
     assert_eq!(got["rot_dim"].as_f64(), Some(head_dim * fraction));
     assert!(fraction < 1.0);
+    assert_eq!(got["interleaved"], false);
+
+    // GPT-J: `rotary_dim` channels, in adjacent pairs.
+    let (config, gptj) = info("gptj");
+    assert_eq!(gptj["rotary"]["rot_dim"], config["rotary_dim"]);
+    assert_eq!(gptj["rotary"]["interleaved"], true);
+
+    // LongRoPE: both factor lists, the original context from the top-level key, and the
+    // attention factor √(1 + ln s / ln original) for the stretch s = 64 / 8.
+    let (config, longrope) = info("phi3_longrope");
+    let (want, got) = (&config["rope_parameters"], &longrope["rotary"]["scaling"]);
+    assert_eq!(got["type"], "longrope");
+    assert_eq!(got["short_factor"], want["short_factor"]);
+    assert_eq!(got["long_factor"], want["long_factor"]);
+    let original = config["original_max_position_embeddings"].as_f64().unwrap();
+    assert_eq!(
+        got["original_max_position_embeddings"].as_f64(),
+        Some(original)
+    );
+    let stretch = config["max_position_embeddings"].as_f64().unwrap() / original;
+    let factor = got["attention_factor"].as_f64().unwrap();
+    assert!((factor - (1.0 + stretch.ln() / original.ln()).sqrt()).abs() < 1e-12);
 
     // Gemma 2: the window on the layers `layer_types` names, the score scale and both caps.
     let (config, gemma2) = info("gemma2");

@@ -959,7 +959,10 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
                     norm_divides(&format!("blocks.{l}.ln2"), &block.ln_mlp, &mid);
                 }
                 Err(_) => {
-                    assert_eq!(model_type, "gpt_neox", "only a parallel residual skips it");
+                    assert!(
+                        ["gpt_neox", "gptj"].contains(&model_type),
+                        "{model_type}: only a parallel residual skips it"
+                    );
                     norm_divides(&format!("blocks.{l}.ln2"), &block.ln_mlp, &pre);
                 }
             }
@@ -973,13 +976,35 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             assert_eq!(post.dims()[2], model.dims().d_mlp, "{model_type}");
             // A gated MLP's up projection, read from the MLP norm's hooked output.
             let pre_linear = format!("blocks.{l}.mlp.hook_pre_linear");
+            // The MLP's input: its norm's hooked output; the attention norm's where the two
+            // share one (GPT-J); the stream itself where the block has no input norm (OLMo 2).
+            let mlp_in = if block.shared_input_norm {
+                let normalized = hook(&format!("blocks.{l}.ln1.hook_normalized"));
+                block.ln_attn.affine(&normalized).unwrap()
+            } else if block.ln_mlp.is_identity() {
+                hook(&format!("blocks.{l}.hook_resid_mid"))
+            } else {
+                let normalized = hook(&format!("blocks.{l}.ln2.hook_normalized"));
+                block.ln_mlp.affine(&normalized).unwrap()
+            };
+            let pre_act = hook(&format!("blocks.{l}.mlp.hook_pre"));
+            let (first, first_hook) = match &block.mlp {
+                Mlp::Gated { gate, .. } => (gate, "gate"),
+                Mlp::Plain { fc, .. } => (fc, "fc"),
+            };
+            let mut want = mlp_in
+                .broadcast_matmul(&first.weight().t().unwrap())
+                .unwrap();
+            if let Some(b) = first.bias() {
+                want = want.broadcast_add(b).unwrap();
+            }
+            close(
+                &format!("blocks.{l}.mlp.hook_pre ({first_hook})"),
+                &pre_act,
+                &want,
+            );
             if let Mlp::Gated { up, .. } = &block.mlp {
-                let x = if block.ln_mlp.is_identity() {
-                    hook(&format!("blocks.{l}.hook_resid_mid"))
-                } else {
-                    let normalized = hook(&format!("blocks.{l}.ln2.hook_normalized"));
-                    block.ln_mlp.affine(&normalized).unwrap()
-                };
+                let x = &mlp_in;
                 let mut want = x.broadcast_matmul(&up.weight().t().unwrap()).unwrap();
                 if let Some(b) = up.bias() {
                     want = want.broadcast_add(b).unwrap();
@@ -988,7 +1013,6 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             } else {
                 assert!(cache.get_by_name(&pre_linear).is_err(), "{model_type}");
             }
-            let pre_act = hook(&format!("blocks.{l}.mlp.hook_pre"));
             assert_eq!(pre_act.dims(), post.dims(), "{model_type}");
             // mlp.hook_post is the down projection's input.
             let down = block.mlp.down_proj();
@@ -1008,6 +1032,10 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
             .unwrap()
             .broadcast_matmul(&model.transformer.unembed.t().unwrap())
             .unwrap();
+        let logits = match &model.transformer.unembed_bias {
+            Some(b) => logits.broadcast_add(b).unwrap(),
+            None => logits,
+        };
         let logits = match model.transformer.logit_softcap {
             Some(cap) => ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap(),
             None => logits,

@@ -97,7 +97,7 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                 let components = report
                     .attribution
                     .iter()
-                    .filter(|c| c.component != "ln_final bias")
+                    .filter(|c| !c.component.ends_with(" bias"))
                     .count();
                 let embeddings = if model_type == "gpt2" { 2 } else { 1 };
                 assert_eq!(components, embeddings + 2 * blocks, "{model_type}");

@@ -94,6 +94,13 @@ fn gpt_neox_matches_transformers() {
     check_against_transformers("gpt_neox", &Device::Cpu);
 }
 
+/// One norm feeding attention and the MLP in parallel, interleaved partial rotary, and an
+/// `lm_head` bias.
+#[test]
+fn gptj_matches_transformers() {
+    check_against_transformers("gptj", &Device::Cpu);
+}
+
 #[test]
 fn llama_sharded_matches_transformers() {
     check_against_transformers("llama", &Device::Cpu);

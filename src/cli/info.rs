@@ -42,6 +42,8 @@ pub struct RotaryInfo {
     #[serde(flatten)]
     pub rope: Rope,
     pub rot_dim: usize,
+    /// GPT-J's adjacent channel pairs rather than GPT-NeoX/Llama's halves.
+    pub interleaved: bool,
 }
 
 /// How attention scores are formed, where architectures differ.
@@ -93,6 +95,7 @@ fn rotary_of(model: &Model, sliding: bool) -> Option<RotaryInfo> {
         .map(|r| RotaryInfo {
             rope: r.rope().clone(),
             rot_dim: r.rot_dim(),
+            interleaved: r.is_interleaved(),
         })
 }
 
@@ -118,8 +121,16 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     println!("tied embed   {}", info.tied_embeddings);
     if let Some(r) = &info.rotary {
         println!(
-            "rotary       theta {}, {} of {} head dims, {}",
-            r.rope.theta, r.rot_dim, d.head_dim, r.rope.scaling
+            "rotary       theta {}, {} of {} head dims{}, {}",
+            r.rope.theta,
+            r.rot_dim,
+            d.head_dim,
+            if r.interleaved {
+                " (pairs interleaved)"
+            } else {
+                ""
+            },
+            r.rope.scaling
         );
     }
     if let Some(r) = &info.sliding_rotary {

@@ -266,7 +266,11 @@ impl RopeScaling {
         else {
             return Ok(());
         };
-        let section = if config.json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+        let section = if config
+            .json
+            .get("rope_scaling")
+            .is_some_and(|v| !v.is_null())
+        {
             "rope_scaling"
         } else {
             "rope_parameters"
@@ -294,9 +298,7 @@ impl RopeScaling {
     /// pair on its own (all but YaRN, whose ramp depends on the pair's channel).
     fn apply(&self, inv_freq: f64) -> f64 {
         match *self {
-            RopeScaling::None | RopeScaling::Yarn { .. } | RopeScaling::LongRope { .. } => {
-                inv_freq
-            }
+            RopeScaling::None | RopeScaling::Yarn { .. } | RopeScaling::LongRope { .. } => inv_freq,
             RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
                 factor,
@@ -354,9 +356,11 @@ impl std::fmt::Display for RopeScaling {
                 attention_factor,
             } => {
                 let range = |f: &[f64]| {
-                    let (lo, hi) = f.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
-                        (l.min(v), h.max(v))
-                    });
+                    let (lo, hi) = f
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                            (l.min(v), h.max(v))
+                        });
                     format!("{lo:.3}–{hi:.3}")
                 };
                 write!(
@@ -394,7 +398,12 @@ fn long_rope(
     };
     let original = match original {
         Some(v) if v.is_finite() && v >= 2.0 && v.fract() == 0.0 => v,
-        Some(v) => return Err(config.error(&original_key, format!("{v} is not a whole number of positions (at least 2)"))),
+        Some(v) => {
+            return Err(config.error(
+                &original_key,
+                format!("{v} is not a whole number of positions (at least 2)"),
+            ));
+        }
         None => return Err(config.error(&original_key, "missing (rope type `longrope` needs it)")),
     };
     let factor = (p.factor)
@@ -403,7 +412,10 @@ fn long_rope(
     let attention_factor = match p.attention_factor {
         Some(a) if a.is_finite() && a > 0.0 => a,
         Some(a) => {
-            return Err(config.error(&key("attention_factor"), format!("{a} must be a positive number")));
+            return Err(config.error(
+                &key("attention_factor"),
+                format!("{a} must be a positive number"),
+            ));
         }
         None if factor <= 1.0 => 1.0,
         None => (1.0 + factor.ln() / original.ln()).sqrt(),

@@ -290,8 +290,10 @@ impl Activation {
     }
 }
 
-/// Rotary position embedding in the `rotate_half` layout of GPT-NeoX and Llama, applied to the
-/// first `rot_dim` channels of each head (all of them unless the model uses partial rotary).
+/// Rotary position embedding, applied to the first `rot_dim` channels of each head (all of them
+/// unless the model uses partial rotary): in GPT-NeoX and Llama's `rotate_half` layout, which
+/// pairs channel `i` with `i + rot_dim/2`, or GPT-J's interleaved one, which pairs `2i` with
+/// `2i + 1`.
 #[derive(Clone, Debug)]
 pub struct Rotary {
     /// `[max_positions, rot_dim]`, f32.
@@ -300,6 +302,8 @@ pub struct Rotary {
     /// LongRoPE's tables for passes that end within the original context, and its length.
     short: Option<(usize, Tensor, Tensor)>,
     rot_dim: usize,
+    /// GPT-J's adjacent pairs rather than halves.
+    interleaved: bool,
     rope: super::config::Rope,
 }
 
@@ -310,6 +314,26 @@ impl Rotary {
         max_positions: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        Self::with_layout(rot_dim, rope, max_positions, device, false)
+    }
+
+    /// GPT-J's layout: each channel pair is two neighbours.
+    pub fn interleaved(
+        rot_dim: usize,
+        rope: &super::config::Rope,
+        max_positions: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Self::with_layout(rot_dim, rope, max_positions, device, true)
+    }
+
+    fn with_layout(
+        rot_dim: usize,
+        rope: &super::config::Rope,
+        max_positions: usize,
+        device: &Device,
+        interleaved: bool,
+    ) -> candle_core::Result<Self> {
         // YaRN and LongRoPE scale the tables (in f32, as transformers does); 1 for the others.
         let attention = rope.scaling.attention_factor();
         let tables = |inv_freq: Vec<f64>, positions: usize| -> candle_core::Result<_> {
@@ -319,7 +343,12 @@ impl Rotary {
                 .to_dtype(DType::F32)?
                 .reshape((positions, 1))?;
             let freqs = positions.matmul(&inv_freq)?;
-            let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+            // Each pair's angle on both its channels: [f0 f1 … f0 f1 …] or [f0 f0 f1 f1 …].
+            let emb = if interleaved {
+                Tensor::stack(&[&freqs, &freqs], 2)?.reshape((positions.dim(0)?, rot_dim))?
+            } else {
+                Tensor::cat(&[&freqs, &freqs], 1)?
+            };
             Ok(((emb.cos()? * attention)?, (emb.sin()? * attention)?))
         };
         let (cos, sin) = tables(rope.scaling.inv_freqs(rope.theta, rot_dim), max_positions)?;
@@ -335,6 +364,7 @@ impl Rotary {
             sin,
             short,
             rot_dim,
+            interleaved,
             rope: rope.clone(),
         })
     }
@@ -348,6 +378,11 @@ impl Rotary {
     /// The base and scaling the tables were built from.
     pub fn rope(&self) -> &super::config::Rope {
         &self.rope
+    }
+
+    /// Whether channel pairs are neighbours (GPT-J) rather than halves apart.
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
     }
 
     /// How many channels of each head rotate (fewer than `head_dim` under partial rotary).
@@ -385,9 +420,16 @@ impl Rotary {
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let x_rot = x.narrow(D::Minus1, 0, self.rot_dim)?;
         let half = self.rot_dim / 2;
-        let x1 = x_rot.narrow(D::Minus1, 0, half)?;
-        let x2 = x_rot.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let rotated = if self.interleaved {
+            // (x₀, x₁, x₂, x₃, …) → (−x₁, x₀, −x₃, x₂, …)
+            let pairs = x_rot.reshape((b, x.dim(1)?, seq, half, 2))?;
+            let (even, odd) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
+            Tensor::cat(&[&odd.neg()?, &even], 4)?.reshape((b, x.dim(1)?, seq, self.rot_dim))?
+        } else {
+            let x1 = x_rot.narrow(D::Minus1, 0, half)?;
+            let x2 = x_rot.narrow(D::Minus1, half, half)?;
+            Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?
+        };
         let out = (x_rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
         if self.rot_dim == head_dim {
             Ok(out)
@@ -739,6 +781,9 @@ pub struct Block {
     pub down_proj_source: WeightSource,
     /// GPT-NeoX's `x + attn(ln1(x)) + mlp(ln2(x))` (no `hook_resid_mid`).
     pub parallel_residual: bool,
+    /// GPT-J's parallel block with one norm: the MLP reads the attention's normalised input
+    /// (`ln_mlp` is then the identity, and there are no `ln2` hooks).
+    pub shared_input_norm: bool,
     /// Gemma 2/3's norms on the attention and MLP outputs before they join the residual
     /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`).
     pub post_norms: Option<(Norm, Norm)>,
@@ -786,9 +831,12 @@ impl Block {
         )?;
         let attn_out = hooks.hook(HookPoint::AttnOut(layer), attn_out)?; // [b, s, d_model]
         let resid_post = if self.parallel_residual {
-            let mlp_in =
+            let mlp_in = if self.shared_input_norm {
+                attn_in
+            } else {
                 self.ln_mlp
-                    .forward_hooked(&resid_pre, hooks, ln2_scale, ln2_normalized)?;
+                    .forward_hooked(&resid_pre, hooks, ln2_scale, ln2_normalized)?
+            };
             let mlp_out = self.mlp.forward(&mlp_in, layer, hooks)?;
             let mlp_out = hooks.hook(HookPoint::MlpOut(layer), mlp_out)?; // [b, s, d_model]
             ((resid_pre + attn_out)? + mlp_out)?
@@ -859,6 +907,8 @@ pub struct Transformer {
     pub ln_final: Norm,
     /// `[vocab, d_model]`; the same tensor as `embed` when embeddings are tied.
     pub unembed: Tensor,
+    /// `[vocab]`: GPT-J's `lm_head` bias.
+    pub unembed_bias: Option<Tensor>,
     pub tied_embeddings: bool,
     /// Gemma 2's `cap · tanh(logits / cap)` on the output logits.
     pub logit_softcap: Option<f64>,
@@ -1113,11 +1163,22 @@ impl Transformer {
     /// The logits of final-norm outputs `[.., d_model]`: the unembedding, soft-capped where the
     /// model caps them (Gemma 2). Lenses read intermediate streams through this too.
     pub fn logits(&self, normed: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = linear(normed, &Linear::new(self.unembed.clone(), None))?;
+        let logits = self.raw_logits(normed)?;
         match self.logit_softcap {
             Some(cap) => soft_cap(&logits, cap),
             None => Ok(logits),
         }
+    }
+
+    /// The logits before any soft-cap: the unembedding and its bias, in `normed`'s dtype.
+    pub fn raw_logits(&self, normed: &Tensor) -> candle_core::Result<Tensor> {
+        let bias = (self.unembed_bias.as_ref())
+            .map(|b| b.to_dtype(normed.dtype()))
+            .transpose()?;
+        linear(
+            normed,
+            &Linear::new(self.unembed.to_dtype(normed.dtype())?, bias),
+        )
     }
 
     /// Total parameter count (tied embeddings counted once).
@@ -1129,6 +1190,7 @@ impl Transformer {
         if !self.tied_embeddings {
             n += self.unembed.elem_count();
         }
+        n += self.unembed_bias.as_ref().map_or(0, Tensor::elem_count);
         for b in &self.blocks {
             n += norm(&b.ln_attn) + norm(&b.ln_mlp);
             if let Some((a, m)) = &b.post_norms {

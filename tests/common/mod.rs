@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 pub const MODEL_TYPES: &[&str] = &[
     "gpt2",
     "gpt_neox",
+    "gptj",
     "llama",
     "mistral",
     "qwen2",

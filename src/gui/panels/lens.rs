@@ -653,6 +653,7 @@ fn short_component(component: &str) -> String {
             "hook_embed" => "emb".into(),
             "hook_pos_embed" => "pos".into(),
             "ln_final bias" => "bias".into(),
+            "unembed bias" => "U bias".into(),
             other => other.into(),
         }
     }

@@ -107,6 +107,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     transposed: true,
                 },
                 parallel_residual: false,
+                shared_input_norm: false,
                 post_norms: None,
             })
         })
@@ -124,6 +125,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ln_final: layer_norm("ln_f")?,
         unembed,
         tied_embeddings: tied,
+        unembed_bias: None,
         logit_softcap: None,
         dims: Dims {
             n_layers: c.n_layer,

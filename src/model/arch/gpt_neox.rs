@@ -145,6 +145,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     transposed: false,
                 },
                 parallel_residual: c.use_parallel_residual,
+                shared_input_norm: false,
                 post_norms: None,
             })
         })
@@ -162,6 +163,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ln_final: layer_norm("gpt_neox.final_layer_norm")?,
         unembed,
         tied_embeddings: tied,
+        unembed_bias: None,
         logit_softcap: None,
         dims: Dims {
             n_layers: c.num_hidden_layers,

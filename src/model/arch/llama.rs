@@ -304,6 +304,7 @@ pub(super) fn load_family(
                     transposed: false,
                 },
                 parallel_residual: false,
+                shared_input_norm: false,
                 post_norms: if family.post_norms {
                     Some((
                         rms(format!("{p}.post_attention_layernorm.weight"))?,
@@ -338,6 +339,7 @@ pub(super) fn load_family(
         ln_final: rms("model.norm.weight".to_string())?,
         unembed,
         tied_embeddings: tied,
+        unembed_bias: None,
         logit_softcap: family.logit_softcap,
         dims: Dims {
             n_layers: c.num_hidden_layers,

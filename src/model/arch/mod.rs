@@ -7,6 +7,7 @@ mod gemma2;
 mod gemma3;
 mod gpt2;
 mod gpt_neox;
+mod gptj;
 mod llama;
 mod mistral;
 mod olmo2;
@@ -31,6 +32,7 @@ pub type LoadFn = fn(&ConfigFile, &Weights) -> Result<Transformer>;
 pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gpt2", gpt2::load),
     ("gpt_neox", gpt_neox::load),
+    ("gptj", gptj::load),
     ("llama", llama::load),
     ("mistral", mistral::load),
     ("qwen2", qwen2::load),
