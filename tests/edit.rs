@@ -180,9 +180,17 @@ fn river_edit_at(
     (edit, applied)
 }
 
+/// On GPT-2 and on GPT-J (the ROME paper's model: attention and the MLP read one norm side
+/// by side).
 #[test]
 fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
-    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    for arch in ["gpt2", "gptj"] {
+        rome_edit_maps_key_to_value(arch);
+    }
+}
+
+fn rome_edit_maps_key_to_value(arch: &str) {
+    let mut model = Model::load(&fixture_dir(arch), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
     // Layer 0: its MLP output at the subject reaches the last token through layer 1's
@@ -195,7 +203,7 @@ fn a_rome_edit_maps_the_prompts_key_to_the_optimised_value() {
         // v* makes the target more likely than the clean MLP output did.
         assert!(
             edit.nll_after < edit.nll_before - 0.1,
-            "{key:?}: {} → {}",
+            "{arch} {key:?}: {} → {}",
             edit.nll_before,
             edit.nll_after
         );
@@ -408,8 +416,9 @@ fn undoing_any_edit_gives_the_weights_back_bit_for_bit() {
 
 #[test]
 fn an_edited_model_is_saved_to_a_new_folder_in_its_checkpoint_layout() {
-    // GPT-2 stores the down projection as Conv1D [in, out]; Llama as Linear [out, in].
-    for arch in ["gpt2", "llama"] {
+    // GPT-2 stores the down projection as Conv1D [in, out]; Llama and GPT-J as Linear
+    // [out, in], under their own names.
+    for arch in ["gpt2", "llama", "gptj"] {
         let source = fixture_dir(arch);
         let source_hash = monoscope::table::model_hash(&source).unwrap();
         let mut model = Model::load(&source, &Device::Cpu, DType::F32).unwrap();
