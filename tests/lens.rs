@@ -99,7 +99,11 @@ fn the_attribution_adds_up_to_the_logit_and_the_last_lens_row_is_the_prediction(
                     .iter()
                     .filter(|c| !c.component.ends_with(" bias"))
                     .count();
-                let embeddings = if model_type == "gpt2" { 2 } else { 1 };
+                let embeddings = if model.transformer.pos_embed.is_some() {
+                    2
+                } else {
+                    1
+                };
                 assert_eq!(components, embeddings + 2 * blocks, "{model_type}");
                 // One lens row per depth; the deepest is the model's own distribution.
                 assert_eq!(report.lens.len(), blocks + 1);

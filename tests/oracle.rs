@@ -94,6 +94,12 @@ fn gpt_neox_matches_transformers() {
     check_against_transformers("gpt_neox", &Device::Cpu);
 }
 
+/// Unscaled attention scores and a local (windowed) layer after a global one.
+#[test]
+fn gpt_neo_matches_transformers() {
+    check_against_transformers("gpt_neo", &Device::Cpu);
+}
+
 /// One norm feeding attention and the MLP in parallel, interleaved partial rotary, and an
 /// `lm_head` bias.
 #[test]

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 /// Every supported architecture has a tiny oracle model under tests/fixtures/models.
 pub const MODEL_TYPES: &[&str] = &[
     "gpt2",
+    "gpt_neo",
     "gpt_neox",
     "gptj",
     "llama",

@@ -6,6 +6,7 @@ mod gemma;
 mod gemma2;
 mod gemma3;
 mod gpt2;
+mod gpt_neo;
 mod gpt_neox;
 mod gptj;
 mod llama;
@@ -31,6 +32,7 @@ pub type LoadFn = fn(&ConfigFile, &Weights) -> Result<Transformer>;
 /// Supported `model_type` values and their loaders.
 pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gpt2", gpt2::load),
+    ("gpt_neo", gpt_neo::load),
     ("gpt_neox", gpt_neox::load),
     ("gptj", gptj::load),
     ("llama", llama::load),
