@@ -236,6 +236,25 @@ fn bad_phi3_settings_are_named() {
     }
 }
 
+/// GPT-Neo's layer kinds that do not cover the layers or name an unknown kind, and GPT-J's
+/// rotary width that is odd or wider than a head.
+#[test]
+fn bad_gpt_neo_and_gptj_settings_are_named() {
+    let cases: [(&str, &str, serde_json::Value, &str); 4] = [
+        ("gpt_neo", "attention_types", serde_json::json!([[["global"], 3]]), "3 layers"),
+        ("gpt_neo", "attention_types", serde_json::json!([[["global", "block"], 1]]), "block"),
+        ("gptj", "rotary_dim", 7.into(), "7"),
+        ("gptj", "rotary_dim", 32.into(), "head dimension (16)"),
+    ];
+    for (fixture, key, value, named) in cases {
+        let msg = load_err_after(fixture, |json| json[key] = value);
+        assert!(
+            msg.contains(key) && msg.contains(named) && msg.contains("config.json"),
+            "{fixture} {key}: {msg}"
+        );
+    }
+}
+
 #[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");
