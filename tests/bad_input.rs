@@ -241,8 +241,18 @@ fn bad_phi3_settings_are_named() {
 #[test]
 fn bad_gpt_neo_and_gptj_settings_are_named() {
     let cases: [(&str, &str, serde_json::Value, &str); 4] = [
-        ("gpt_neo", "attention_types", serde_json::json!([[["global"], 3]]), "3 layers"),
-        ("gpt_neo", "attention_types", serde_json::json!([[["global", "block"], 1]]), "block"),
+        (
+            "gpt_neo",
+            "attention_types",
+            serde_json::json!([[["global"], 3]]),
+            "3 layers",
+        ),
+        (
+            "gpt_neo",
+            "attention_types",
+            serde_json::json!([[["global", "block"], 1]]),
+            "block",
+        ),
         ("gptj", "rotary_dim", 7.into(), "7"),
         ("gptj", "rotary_dim", 32.into(), "head dimension (16)"),
     ];

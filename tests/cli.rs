@@ -31,7 +31,7 @@ fn info_lists_every_hook_and_the_parameter_count() {
         );
         assert_eq!(
             hooks.contains(&"blocks.0.hook_resid_mid"),
-            !["gpt_neox", "gptj"].contains(model_type)
+            !model.transformer.blocks[0].parallel_residual
         );
     }
 }

@@ -960,7 +960,7 @@ fn every_hook_holds_what_the_residual_algebra_gives() {
                 }
                 Err(_) => {
                     assert!(
-                        ["gpt_neox", "gptj"].contains(&model_type),
+                        block.parallel_residual,
                         "{model_type}: only a parallel residual skips it"
                     );
                     norm_divides(&format!("blocks.{l}.ln2"), &block.ln_mlp, &pre);

@@ -165,6 +165,13 @@ fn olmo2_matches_transformers() {
 }
 
 /// Fused qkv and gate-up projections, partial rotary, a window on every layer.
+/// Phi-2: one norm feeding attention and the MLP in parallel, biased projections, a quarter
+/// of each head rotating, per-head query and key LayerNorms, an `lm_head` bias.
+#[test]
+fn phi_matches_transformers() {
+    check_against_transformers("phi", &Device::Cpu);
+}
+
 #[test]
 fn phi3_matches_transformers() {
     check_against_transformers("phi3", &Device::Cpu);

@@ -20,6 +20,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma3_text",
     "olmo2",
     "olmo3",
+    "phi",
     "phi3",
 ];
 

@@ -13,6 +13,7 @@ mod llama;
 mod mistral;
 mod olmo2;
 mod olmo3;
+mod phi;
 mod phi3;
 mod qwen2;
 mod qwen3;
@@ -44,6 +45,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gemma3_text", gemma3::load),
     ("olmo2", olmo2::load),
     ("olmo3", olmo3::load),
+    ("phi", phi::load),
     ("phi3", phi3::load),
 ];
 
