@@ -534,12 +534,40 @@ fn river_and_sun_facts() -> Vec<Request> {
     ]
 }
 
+/// On GPT-2 and on GPT-J (the MEMIT paper's model, whose MLPs read the block's input beside
+/// attention).
 #[test]
 fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
-    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    // GPT-J's first MLP reads only the last token's own embedding (attention runs beside it,
+    // not before it), and both prompts end in " the": their keys there coincide, which MEMIT
+    // refuses (tested below), so GPT-J's batch writes at its second layer.
+    for (arch, layers) in [("gpt2", &[0usize, 1][..]), ("gptj", &[1])] {
+        memit_batch_writes_every_fact(arch, layers);
+    }
+    let model = Model::load(&fixture_dir("gptj"), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
-    let layers = [0usize, 1];
+    let cov = key_covariance(&model, 0, &corpus, 600, None, |_| {}).unwrap();
+    let e = compute_batch(
+        &mut model.clone(),
+        &river_and_sun_facts(),
+        &[0],
+        KeyPosition::PromptLast,
+        &[&cov],
+        &["{}".to_string()],
+        &RomeSettings::default(),
+        &MemitSettings::default(),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("degenerate") && e.contains("layer 0"), "{e}");
+}
+
+fn memit_batch_writes_every_fact(arch: &str, layers: &[usize]) {
+    let mut model = Model::load(&fixture_dir(arch), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 60);
     let covs: Vec<_> = layers
         .iter()
         .map(|&l| key_covariance(&model, l, &corpus, 600, None, |_| {}).unwrap())
@@ -567,7 +595,7 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
     let edit = compute_batch(
         &mut model,
         &requests,
-        &layers,
+        layers,
         KeyPosition::PromptLast,
         &covs.iter().collect::<Vec<_>>(),
         &contexts,
@@ -583,32 +611,40 @@ fn a_memit_batch_writes_every_fact_and_gives_the_model_back_unchanged() {
             "compute_batch leaves layer {l} as it was"
         );
     }
-    assert_eq!(edit.deltas.len(), 2);
-    apply_memit(&mut model, &requests, &layers, edit.deltas);
+    assert_eq!(edit.deltas.len(), layers.len());
+    apply_memit(&mut model, &requests, layers, edit.deltas);
     for (r, b) in requests.iter().zip(&before) {
         let after = nll(&model, r);
-        assert!(after < b - 0.5, "{:?}: NLL {b} → {after}", r.target);
+        assert!(after < b - 0.5, "{arch} {:?}: NLL {b} → {after}", r.target);
     }
-    // Bad batches are refused with the reason.
-    let e = compute_batch(
-        &mut model,
-        &requests,
-        &[1, 0],
-        KeyPosition::PromptLast,
-        &covs.iter().collect::<Vec<_>>(),
-        &contexts,
-        &RomeSettings::default(),
-        &memit,
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("ascending"), "{e}");
+    if layers.len() > 1 {
+        // Layers out of order are refused with the reason.
+        let e = compute_batch(
+            &mut model,
+            &requests,
+            &layers.iter().rev().copied().collect::<Vec<_>>(),
+            KeyPosition::PromptLast,
+            &covs.iter().collect::<Vec<_>>(),
+            &contexts,
+            &RomeSettings::default(),
+            &memit,
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ascending"), "{e}");
+    }
 }
 
 #[test]
 fn a_memit_batch_writes_each_residual_at_its_plain_prompts_key() {
-    let mut model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    for arch in ["gpt2", "gptj"] {
+        memit_batch_writes_each_residual(arch);
+    }
+}
+
+fn memit_batch_writes_each_residual(arch: &str) {
+    let mut model = Model::load(&fixture_dir(arch), &Device::Cpu, DType::F32).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, _) = common::river_corpus(tmp.path(), 60);
     // One layer, the model's last: its residual after the edit is z itself at the key token.
