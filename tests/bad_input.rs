@@ -265,6 +265,30 @@ fn bad_gpt_neo_and_gptj_settings_are_named() {
     }
 }
 
+/// A multimodal wrapper without its language model's config, or with a bad key in it: the
+/// error names the key by its place in the file (`text_config.…`).
+#[test]
+fn bad_multimodal_text_configs_are_named() {
+    let msg = load_err_after("gemma3", |json| {
+        json.as_object_mut().unwrap().remove("text_config");
+    });
+    assert!(
+        msg.contains("text_config") && msg.contains("config.json"),
+        "{msg}"
+    );
+    let msg = load_err_after("gemma3", |json| {
+        json["text_config"]["num_key_value_heads"] = 3.into()
+    });
+    assert!(
+        msg.contains("text_config.num_key_value_heads") && msg.contains('3'),
+        "{msg}"
+    );
+    let msg = load_err_after("gemma3", |json| {
+        json["text_config"]["model_type"] = "mllama".into()
+    });
+    assert!(msg.contains("mllama"), "{msg}");
+}
+
 #[test]
 fn missing_tensor_error_names_the_key() {
     let dir = scratch_copy("gpt2");

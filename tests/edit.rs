@@ -417,8 +417,9 @@ fn undoing_any_edit_gives_the_weights_back_bit_for_bit() {
 #[test]
 fn an_edited_model_is_saved_to_a_new_folder_in_its_checkpoint_layout() {
     // GPT-2 stores the down projection as Conv1D [in, out]; Llama and GPT-J as Linear
-    // [out, in], under their own names.
-    for arch in ["gpt2", "llama", "gptj"] {
+    // [out, in], under their own names; a multimodal Gemma 3 under its language model's
+    // prefix (`language_model.model.`), which the edit keeps.
+    for arch in ["gpt2", "llama", "gptj", "gemma3"] {
         let source = fixture_dir(arch);
         let source_hash = monoscope::table::model_hash(&source).unwrap();
         let mut model = Model::load(&source, &Device::Cpu, DType::F32).unwrap();

@@ -158,6 +158,14 @@ fn gemma3_text_matches_transformers() {
     check_against_transformers("gemma3_text", &Device::Cpu);
 }
 
+/// Gemma 3 4B–27B's checkpoints: the language model of a multimodal Gemma3ForConditionalGeneration
+/// (vision tower left out), its text_config as sparse as the Hub's (Gemma3TextConfig's defaults
+/// for the rest, the global layers' scaling as `rope_scaling`).
+#[test]
+fn gemma3_multimodal_language_model_matches_transformers() {
+    check_against_transformers("gemma3", &Device::Cpu);
+}
+
 /// No input norms, norms after each sublayer, and query and key norms over all heads at once.
 #[test]
 fn olmo2_matches_transformers() {

@@ -69,14 +69,26 @@ impl Model {
         }
         let config = ConfigFile::read(dir)?;
         let model_type = config.model_type()?.to_string();
-        let load = arch::loader(&model_type).ok_or_else(|| Error::UnknownModelType {
+        // A multimodal checkpoint runs as its language model.
+        let wrapped = arch::language_model(&config)?;
+        let decoder = wrapped.as_ref().map_or(&config, |(text, _)| text);
+        let decoder_type = match &wrapped {
+            Some(_) => decoder.model_type().map_err(arch::in_text_config)?,
+            None => &model_type,
+        };
+        let load = arch::loader(decoder_type).ok_or_else(|| Error::UnknownModelType {
             path: config.path.clone(),
-            value: model_type.clone(),
+            value: decoder_type.to_string(),
             supported: arch::supported(),
         })?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let weights = Weights::open(dir, dtype, device)?;
-        let transformer = load(&config, &weights)?;
+        let transformer = match &wrapped {
+            Some((text, rename)) => {
+                load(text, &weights.renamed(rename)).map_err(arch::in_text_config)?
+            }
+            None => load(&config, &weights)?,
+        };
         let vocab = transformer.dims.vocab_size;
         if tokenizer.vocab_size() > vocab {
             return Err(Error::Tokenizer {

@@ -22,6 +22,8 @@ pub struct Weights {
     memory: HashMap<String, Tensor>,
     /// Tensor key → index into `files`.
     routing: HashMap<String, usize>,
+    /// The key a tensor is stored under where it is served under another ([`Weights::renamed`]).
+    stored: HashMap<String, String>,
     dtype: DType,
     device: Device,
 }
@@ -81,6 +83,7 @@ impl Weights {
             dir: dir.to_path_buf(),
             files,
             routing,
+            stored: HashMap::new(),
             memory: HashMap::new(),
             dtype,
             device: device.clone(),
@@ -100,10 +103,34 @@ impl Weights {
             dir: label.into(),
             files: Vec::new(),
             routing: HashMap::new(),
+            stored: HashMap::new(),
             memory: tensors,
             dtype,
             device,
         }
+    }
+
+    /// The same files with each stored key served under `rename(key)` (left out where it
+    /// gives `None`): how a multimodal checkpoint's language model reads as a plain one.
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        let mut routing = HashMap::new();
+        for (key, file) in std::mem::take(&mut self.routing) {
+            if let Some(name) = rename(&key) {
+                self.stored.insert(name.clone(), key);
+                routing.insert(name, file);
+            }
+        }
+        self.routing = routing;
+        self
+    }
+
+    /// The key `key` is stored under in the checkpoint (itself unless [`Weights::renamed`]
+    /// moved it): where an edited tensor is written back.
+    pub fn stored_key(&self, key: &str) -> String {
+        self.stored
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| key.to_string())
     }
 
     pub fn dir(&self) -> &Path {
@@ -154,10 +181,13 @@ impl Weights {
             key: key.to_string(),
         })?;
         let (path, st) = &self.files[idx];
-        let tensor = st.load(key, &Device::Cpu).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            message: format!("tensor `{key}`: {}", root_message(&e)),
-        })?;
+        let stored = self.stored.get(key).map_or(key, String::as_str);
+        let tensor = st
+            .load(stored, &Device::Cpu)
+            .map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                message: format!("tensor `{stored}`: {}", root_message(&e)),
+            })?;
         Ok((path, tensor))
     }
 }

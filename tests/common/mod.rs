@@ -18,6 +18,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "olmo2",
     "olmo3",
     "phi",

@@ -7,6 +7,7 @@
 //! every layer but each `sliding_window_pattern`-th (default 6).
 
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 use super::super::config::{ConfigFile, Rope, RopeScaling};
 use super::super::layers::Transformer;
@@ -25,7 +26,50 @@ struct Gemma3Keys {
 const GLOBAL_THETA: f64 = 1_000_000.0;
 const LOCAL_THETA: f64 = 10_000.0;
 
+/// The config with Gemma3TextConfig's defaults for the keys it leaves out: the multimodal
+/// checkpoints' `text_config` names only what differs (google/gemma-3-4b-it's, six keys).
+fn with_defaults(config: &ConfigFile) -> ConfigFile {
+    let defaults = [
+        ("vocab_size", json!(262_208)),
+        ("hidden_size", json!(2304)),
+        ("intermediate_size", json!(9216)),
+        ("num_hidden_layers", json!(26)),
+        ("num_attention_heads", json!(8)),
+        ("num_key_value_heads", json!(4)),
+        ("head_dim", json!(256)),
+        ("hidden_activation", json!("gelu_pytorch_tanh")),
+        ("max_position_embeddings", json!(131_072)),
+        ("rms_norm_eps", json!(1e-6)),
+        ("query_pre_attn_scalar", json!(256)),
+        ("sliding_window", json!(4096)),
+    ];
+    let mut json = config.json.clone();
+    if let Value::Object(keys) = &mut json {
+        for (key, value) in defaults {
+            keys.entry(key.to_string()).or_insert(value);
+        }
+    }
+    ConfigFile::from_json(config.path.clone(), json)
+}
+
+/// A multimodal Gemma 3 checkpoint's language model weights under the text-only names: the
+/// Hub's `language_model.model.…` and `language_model.lm_head.…`, or transformers v5's
+/// in-memory `model.language_model.…`; the vision tower and projector are left out.
+pub fn language_model_key(key: &str) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("language_model.model.") {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("model.language_model.") {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("language_model.") {
+        return Some(rest.to_string());
+    }
+    (key == "lm_head.weight").then(|| key.to_string())
+}
+
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
+    let config = &with_defaults(config);
     let c = parse(config)?;
     let keys: Gemma3Keys = config.parse()?;
     if keys.use_bidirectional_attention == Some(true) {

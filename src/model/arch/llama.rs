@@ -300,7 +300,7 @@ pub(super) fn load_family(
                     act,
                 },
                 down_proj_source: WeightSource {
-                    key: format!("{p}.mlp.down_proj.weight"),
+                    key: w.stored_key(&format!("{p}.mlp.down_proj.weight")),
                     transposed: false,
                 },
                 parallel_residual: false,

@@ -49,6 +49,57 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("phi3", phi3::load),
 ];
 
+/// Multimodal checkpoints whose language model is one of the decoders above: the wrapper's
+/// `model_type`, its language model's (where `text_config` names none), and how that model's
+/// weights are named. Their `text_config` is the decoder's config.
+const LANGUAGE_MODELS: &[(&str, &str, RenameFn)] =
+    &[("gemma3", "gemma3_text", gemma3::language_model_key)];
+
+/// Maps a multimodal checkpoint's stored weight key to the plain decoder's name for it
+/// (`None`: not the language model's, as a vision tower's).
+pub type RenameFn = fn(&str) -> Option<String>;
+
+/// For a multimodal wrapper config, its language model's config (errors then name keys as
+/// `text_config.KEY`) and the renaming of its weights; `None` for a plain decoder's config.
+pub fn language_model(config: &ConfigFile) -> Result<Option<(ConfigFile, RenameFn)>> {
+    let model_type = config.model_type()?;
+    let Some(&(_, text_type, rename)) = LANGUAGE_MODELS
+        .iter()
+        .find(|(name, ..)| *name == model_type)
+    else {
+        return Ok(None);
+    };
+    let text = match config.json.get("text_config") {
+        Some(Value::Object(text)) => {
+            let mut text = text.clone();
+            text.entry("model_type").or_insert(text_type.into());
+            text
+        }
+        _ => {
+            return Err(config.error(
+                "text_config",
+                format!("missing or not an object (a `{model_type}` config holds its language model's there)"),
+            ));
+        }
+    };
+    Ok(Some((
+        ConfigFile::from_json(config.path.clone(), Value::Object(text)),
+        rename,
+    )))
+}
+
+/// Names a language model's config errors by their place in the wrapper's file.
+pub fn in_text_config(e: Error) -> Error {
+    match e {
+        Error::Config { path, key, message } => Error::Config {
+            path,
+            key: format!("text_config.{key}"),
+            message,
+        },
+        other => other,
+    }
+}
+
 pub fn loader(model_type: &str) -> Option<LoadFn> {
     ARCHITECTURES
         .iter()
@@ -57,9 +108,8 @@ pub fn loader(model_type: &str) -> Option<LoadFn> {
 }
 
 pub fn supported() -> String {
-    ARCHITECTURES
-        .iter()
-        .map(|(name, _)| *name)
+    (ARCHITECTURES.iter().map(|(name, _)| *name))
+        .chain(LANGUAGE_MODELS.iter().map(|(name, ..)| *name))
         .collect::<Vec<_>>()
         .join(", ")
 }
