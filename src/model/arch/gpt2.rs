@@ -17,20 +17,12 @@ struct Gpt2Config {
     n_layer: usize,
     n_head: usize,
     n_inner: Option<usize>,
-    #[serde(default = "default_act")]
+    #[serde(default = "super::gelu_new")]
     activation_function: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::layer_norm_eps")]
     layer_norm_epsilon: f64,
     #[serde(default)]
     scale_attn_by_inverse_layer_idx: bool,
-}
-
-fn default_act() -> String {
-    "gelu_new".to_string()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 /// A `Conv1D`: weight `[in, out]` on disk.

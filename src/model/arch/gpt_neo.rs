@@ -6,9 +6,9 @@
 use serde::Deserialize;
 
 use super::super::config::ConfigFile;
-use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Transformer, WeightSource};
+use super::super::layers::{Attention, Block, Dims, Mlp, Transformer, WeightSource};
 use super::super::weights::Weights;
-use super::{fuse_qkv, linear};
+use super::{fuse_qkv, head_dim, layer_norm, linear, unembedding};
 use crate::error::Result;
 
 #[derive(Deserialize)]
@@ -23,22 +23,14 @@ struct GptNeoConfig {
     attention_types: Option<Vec<(Vec<String>, usize)>>,
     #[serde(default = "default_window")]
     window_size: usize,
-    #[serde(default = "default_act")]
+    #[serde(default = "super::gelu_new")]
     activation_function: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::layer_norm_eps")]
     layer_norm_epsilon: f64,
 }
 
 fn default_window() -> usize {
     256
-}
-
-fn default_act() -> String {
-    "gelu_new".to_string()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -50,13 +42,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ("window_size", c.window_size),
     ])?;
     let (d, nh) = (c.hidden_size, c.num_heads);
-    if !d.is_multiple_of(nh) {
-        return Err(config.error(
-            "num_heads",
-            format!("hidden_size {d} is not divisible by num_heads {nh}"),
-        ));
-    }
-    let hd = d / nh;
+    let hd = head_dim(config, d, nh, "num_heads")?;
     // transformers expands `attention_types` into one kind per layer (`attention_layers`).
     let types = c
         .attention_types
@@ -86,13 +72,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         .collect::<Result<Vec<_>>>()?;
     let act = config.activation("activation_function", &c.activation_function)?;
     let d_mlp = c.intermediate_size.unwrap_or(4 * d);
-    let layer_norm = |name: &str| -> Result<Norm> {
-        Ok(Norm::layer_norm(
-            w.get(&format!("{name}.weight"), &[d])?,
-            w.get(&format!("{name}.bias"), &[d])?,
-            c.layer_norm_epsilon,
-        ))
-    };
+    let layer_norm = |name: &str| layer_norm(w, name, d, c.layer_norm_epsilon);
     let blocks = (0..c.num_layers)
         .map(|l| -> Result<Block> {
             let p = format!("transformer.h.{l}");
@@ -134,10 +114,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         })
         .collect::<Result<Vec<_>>>()?;
     let embed = w.get("transformer.wte.weight", &[c.vocab_size, d])?;
-    let (unembed, tied) = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
-        Some(head) => (head, false),
-        None => (embed.clone(), true),
-    };
+    let (unembed, unembed_bias, tied) = unembedding(w, &embed, c.vocab_size, d)?;
     Ok(Transformer {
         pos_embed: Some(w.get("transformer.wpe.weight", &[c.max_position_embeddings, d])?),
         embed,
@@ -146,7 +123,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ln_final: layer_norm("transformer.ln_f")?,
         unembed,
         tied_embeddings: tied,
-        unembed_bias: None,
+        unembed_bias,
         logit_softcap: None,
         dims: Dims {
             n_layers: c.num_layers,

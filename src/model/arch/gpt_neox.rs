@@ -21,7 +21,7 @@ struct NeoxConfig {
     max_position_embeddings: usize,
     #[serde(default = "default_act")]
     hidden_act: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::layer_norm_eps")]
     layer_norm_eps: f64,
     #[serde(default = "yes")]
     use_parallel_residual: bool,
@@ -36,10 +36,6 @@ struct NeoxConfig {
 
 fn default_act() -> String {
     "gelu".to_string()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 fn yes() -> bool {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::super::config::{ConfigFile, Rope, RopeScaling};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
-use super::{fuse_qkv, linear};
+use super::{fuse_qkv, head_dim, layer_norm, linear, unembedding};
 use crate::error::Result;
 
 #[derive(Deserialize)]
@@ -21,18 +21,10 @@ struct GptjConfig {
     /// `null` rotates every channel.
     rotary_dim: Option<usize>,
     n_inner: Option<usize>,
-    #[serde(default = "default_act")]
+    #[serde(default = "super::gelu_new")]
     activation_function: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::layer_norm_eps")]
     layer_norm_epsilon: f64,
-}
-
-fn default_act() -> String {
-    "gelu_new".to_string()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -43,13 +35,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ("n_head", c.n_head),
     ])?;
     let (d, nh) = (c.n_embd, c.n_head);
-    if !d.is_multiple_of(nh) {
-        return Err(config.error(
-            "n_head",
-            format!("n_embd {d} is not divisible by n_head {nh}"),
-        ));
-    }
-    let hd = d / nh;
+    let hd = head_dim(config, d, nh, "n_head")?;
     // transformers builds its sin/cos table `rotary_dim` wide (or `n_embd` when null) and
     // rotates that many channels of each head.
     let rot_dim = c.rotary_dim.unwrap_or(d);
@@ -66,13 +52,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         scaling: RopeScaling::None,
     };
     let rotary = Rotary::interleaved(rot_dim, &rope, c.n_positions, w.device())?;
-    let layer_norm = |name: &str| -> Result<Norm> {
-        Ok(Norm::layer_norm(
-            w.get(&format!("{name}.weight"), &[d])?,
-            w.get(&format!("{name}.bias"), &[d])?,
-            c.layer_norm_epsilon,
-        ))
-    };
+    let layer_norm = |name: &str| layer_norm(w, name, d, c.layer_norm_epsilon);
     let blocks = (0..c.n_layer)
         .map(|l| -> Result<Block> {
             let p = format!("transformer.h.{l}");
@@ -109,10 +89,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         })
         .collect::<Result<Vec<_>>>()?;
     let embed = w.get("transformer.wte.weight", &[c.vocab_size, d])?;
-    let (unembed, unembed_bias, tied) = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
-        Some(head) => (head, w.get_opt("lm_head.bias", &[c.vocab_size])?, false),
-        None => (embed.clone(), None, true),
-    };
+    let (unembed, unembed_bias, tied) = unembedding(w, &embed, c.vocab_size, d)?;
     Ok(Transformer {
         embed,
         pos_embed: None,

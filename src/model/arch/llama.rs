@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::super::config::{ConfigFile, Rope, RopeParameters, rope};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
-use super::{fuse_qkv, linear};
+use super::{fuse_qkv, linear, partial_rotary};
 use crate::error::Result;
 
 /// The union of the Llama-family config keys; each family member reads the ones it has.
@@ -133,16 +133,12 @@ pub(super) fn load_family(
         None => rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?,
     };
     // Partial rotary (Phi-3 variants): the first channels of each head rotate.
-    let fraction = (c.rope_parameters.as_ref())
-        .and_then(|p| p.partial_rotary_factor)
-        .or(c.partial_rotary_factor)
-        .unwrap_or(1.0);
-    if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(config.error(
-            "partial_rotary_factor",
-            format!("{fraction} is not in (0, 1]"),
-        ));
-    }
+    let fraction = partial_rotary(
+        config,
+        c.rope_parameters.as_ref(),
+        c.partial_rotary_factor,
+        1.0,
+    )?;
     let rot_dim = (hd as f64 * fraction) as usize;
     rope.scaling.check_rotary_width(config, rot_dim)?;
     let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;

@@ -114,6 +114,70 @@ pub fn supported() -> String {
         .join(", ")
 }
 
+/// transformers' default activation for GPT-2, GPT-Neo, GPT-J and Phi (GPT-NeoX's is `gelu`).
+fn gelu_new() -> String {
+    "gelu_new".to_string()
+}
+
+/// transformers' default LayerNorm epsilon for the GPT-2 line.
+fn layer_norm_eps() -> f64 {
+    1e-5
+}
+
+/// The head width `d_model / n_heads`; `heads_key` names the config key when it does not divide.
+fn head_dim(config: &ConfigFile, d_model: usize, n_heads: usize, heads_key: &str) -> Result<usize> {
+    if !d_model.is_multiple_of(n_heads) {
+        return Err(config.error(
+            heads_key,
+            format!("the model width {d_model} is not divisible by {n_heads} heads"),
+        ));
+    }
+    Ok(d_model / n_heads)
+}
+
+/// A LayerNorm with weight and bias at `{prefix}.weight` / `{prefix}.bias`.
+fn layer_norm(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<super::layers::Norm> {
+    Ok(super::layers::Norm::layer_norm(
+        w.get(&format!("{prefix}.weight"), &[dim])?,
+        w.get(&format!("{prefix}.bias"), &[dim])?,
+        eps,
+    ))
+}
+
+/// The fraction of each head that rotates: `rope_parameters.partial_rotary_factor`, else the
+/// older top-level key, else `default`; it must lie in (0, 1].
+fn partial_rotary(
+    config: &ConfigFile,
+    params: Option<&RopeParameters>,
+    legacy: Option<f64>,
+    default: f64,
+) -> Result<f64> {
+    let fraction = (params.and_then(|p| p.partial_rotary_factor))
+        .or(legacy)
+        .unwrap_or(default);
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(config.error(
+            "partial_rotary_factor",
+            format!("{fraction} is not in (0, 1]"),
+        ));
+    }
+    Ok(fraction)
+}
+
+/// The output head: `lm_head.weight` (and its bias, GPT-J and Phi) where the checkpoint has
+/// one, else the token embedding (tied). Returns `(unembed, bias, tied)`.
+fn unembedding(
+    w: &Weights,
+    embed: &candle_core::Tensor,
+    vocab: usize,
+    d_model: usize,
+) -> Result<(candle_core::Tensor, Option<candle_core::Tensor>, bool)> {
+    Ok(match w.get_opt("lm_head.weight", &[vocab, d_model])? {
+        Some(head) => (head, w.get_opt("lm_head.bias", &[vocab])?, false),
+        None => (embed.clone(), None, true),
+    })
+}
+
 /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias` (`[out]`).
 fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
     let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::super::config::{ConfigFile, RopeParameters, rope};
 use super::super::layers::{Attention, Block, Dims, Mlp, Norm, Rotary, Transformer, WeightSource};
 use super::super::weights::Weights;
-use super::{fuse_qkv, linear};
+use super::{fuse_qkv, head_dim, layer_norm, linear, partial_rotary, unembedding};
 use crate::error::Result;
 
 #[derive(Deserialize)]
@@ -21,23 +21,15 @@ struct PhiConfig {
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
     max_position_embeddings: usize,
-    #[serde(default = "default_act")]
+    #[serde(default = "super::gelu_new")]
     hidden_act: String,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::layer_norm_eps")]
     layer_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_parameters: Option<RopeParameters>,
     partial_rotary_factor: Option<f64>,
     #[serde(default)]
     qk_layernorm: bool,
-}
-
-fn default_act() -> String {
-    "gelu_new".to_string()
-}
-
-fn default_eps() -> f64 {
-    1e-5
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -49,41 +41,25 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         ("num_attention_heads", nh),
     ])?;
     let nkv = c.num_key_value_heads.unwrap_or(nh);
-    if !d.is_multiple_of(nh) {
-        return Err(config.error(
-            "num_attention_heads",
-            format!("hidden_size {d} is not divisible by {nh}"),
-        ));
-    }
+    let hd = head_dim(config, d, nh, "num_attention_heads")?;
     if nkv == 0 || !nh.is_multiple_of(nkv) {
         return Err(config.error(
             "num_key_value_heads",
             format!("{nkv} does not divide num_attention_heads {nh}"),
         ));
     }
-    let hd = d / nh;
     let act = config.activation("hidden_act", &c.hidden_act)?;
     let rope = rope(config, c.rope_parameters.as_ref(), c.rope_theta, 10000.0)?;
-    let fraction = (c.rope_parameters.as_ref())
-        .and_then(|p| p.partial_rotary_factor)
-        .or(c.partial_rotary_factor)
-        .unwrap_or(0.5);
-    if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(config.error(
-            "partial_rotary_factor",
-            format!("{fraction} is not in (0, 1]"),
-        ));
-    }
+    let fraction = partial_rotary(
+        config,
+        c.rope_parameters.as_ref(),
+        c.partial_rotary_factor,
+        0.5,
+    )?;
     let rot_dim = (hd as f64 * fraction) as usize;
     rope.scaling.check_rotary_width(config, rot_dim)?;
     let rotary = Rotary::new(rot_dim, &rope, c.max_position_embeddings, w.device())?;
-    let layer_norm = |name: &str, dim: usize| -> Result<Norm> {
-        Ok(Norm::layer_norm(
-            w.get(&format!("{name}.weight"), &[dim])?,
-            w.get(&format!("{name}.bias"), &[dim])?,
-            c.layer_norm_eps,
-        ))
-    };
+    let layer_norm = |name: &str, dim: usize| layer_norm(w, name, dim, c.layer_norm_eps);
     let blocks = (0..c.num_hidden_layers)
         .map(|l| -> Result<Block> {
             let p = format!("model.layers.{l}");
@@ -131,10 +107,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
         })
         .collect::<Result<Vec<_>>>()?;
     let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, d])?;
-    let (unembed, unembed_bias, tied) = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
-        Some(head) => (head, w.get_opt("lm_head.bias", &[c.vocab_size])?, false),
-        None => (embed.clone(), None, true),
-    };
+    let (unembed, unembed_bias, tied) = unembedding(w, &embed, c.vocab_size, d)?;
     Ok(Transformer {
         embed,
         pos_embed: None,
