@@ -185,6 +185,12 @@ fn phi3_matches_transformers() {
     check_against_transformers("phi3", &Device::Cpu);
 }
 
+/// SmolLM3: a layer without any rotary embedding (NoPE) after a rotary one, windowed.
+#[test]
+fn smollm3_matches_transformers() {
+    check_against_transformers("smollm3", &Device::Cpu);
+}
+
 /// LongRoPE: short-context factors for the 5-token prompts, long ones for the longer prompts,
 /// and the greedy continuations cross from one to the other.
 #[test]

@@ -23,6 +23,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "olmo3",
     "phi",
     "phi3",
+    "smollm3",
 ];
 
 /// Runs the binary with `args`, which must succeed, and parses what it prints as JSON.

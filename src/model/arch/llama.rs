@@ -76,6 +76,9 @@ pub(super) struct Family {
     pub rope: Option<Rope>,
     /// The rotary settings of the sliding layers, where they differ (Gemma 3's local base).
     pub sliding_rope: Option<Rope>,
+    /// Which layers rotate their queries and keys (`None`: all); the others see no position
+    /// at all (SmolLM3's NoPE layers).
+    pub rope_layers: Option<Vec<bool>>,
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -252,11 +255,11 @@ pub(super) fn load_family(
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
-                    rotary: Some(if window(l).is_some() {
-                        sliding_rotary.clone()
-                    } else {
-                        rotary.clone()
-                    }),
+                    rotary: match &family.rope_layers {
+                        Some(rotates) if !rotates[l] => None,
+                        _ if window(l).is_some() => Some(sliding_rotary.clone()),
+                        _ => Some(rotary.clone()),
+                    },
                     sliding_window: window(l),
                     qk_norm: if family.qk_norm {
                         // Per head, or over every head's projection at once.

@@ -17,6 +17,7 @@ mod phi;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod smollm3;
 
 use candle_nn::Linear;
 
@@ -47,6 +48,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("olmo3", olmo3::load),
     ("phi", phi::load),
     ("phi3", phi3::load),
+    ("smollm3", smollm3::load),
 ];
 
 /// Multimodal checkpoints whose language model is one of the decoders above: the wrapper's
