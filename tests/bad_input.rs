@@ -236,11 +236,17 @@ fn bad_phi3_settings_are_named() {
     }
 }
 
-/// GPT-Neo's layer kinds that do not cover the layers or name an unknown kind, and GPT-J's
-/// rotary width that is odd or wider than a head.
+/// SmolLM3's rotary flags and GPT-Neo's layer kinds that do not cover the layers, a layer kind
+/// that is not known, and GPT-J's rotary width that is odd or wider than a head.
 #[test]
-fn bad_gpt_neo_and_gptj_settings_are_named() {
-    let cases: [(&str, &str, serde_json::Value, &str); 4] = [
+fn bad_per_layer_and_rotary_settings_are_named() {
+    let cases: [(&str, &str, serde_json::Value, &str); 5] = [
+        (
+            "smollm3",
+            "no_rope_layers",
+            serde_json::json!([1, 0, 1]),
+            "3 entries",
+        ),
         (
             "gpt_neo",
             "attention_types",
