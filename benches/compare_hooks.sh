@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every hook point, monoscope beside TransformerLens on this machine: on the bundled world
 # model and every fixture architecture (GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Llama 3.1 and YaRN rope scaling,
-# Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text and multimodal), OLMo 2, OLMo 3, Phi-2, Phi-3 and its LongRoPE, SmolLM3), one
+# Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text and multimodal), OLMo 1, OLMo 2, OLMo 3, Phi-2, Phi-3 and its LongRoPE, SmolLM3), one
 # prompt with Japanese in it is traced at every hook (`monoscope trace --hooks '*'`), run
 # through TransformerLens's run_with_cache on the same token ids, and each hook's value is
 # compared with TransformerLens's under the same name (max |difference| / max |value|, the

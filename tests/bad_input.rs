@@ -236,11 +236,13 @@ fn bad_phi3_settings_are_named() {
     }
 }
 
-/// SmolLM3's rotary flags and GPT-Neo's layer kinds that do not cover the layers, a layer kind
-/// that is not known, and GPT-J's rotary width that is odd or wider than a head.
+/// OLMo 1's clamp that is not positive, SmolLM3's rotary flags and GPT-Neo's layer kinds that
+/// do not cover the layers, a layer kind that is not known, and GPT-J's rotary width that is
+/// odd or wider than a head.
 #[test]
 fn bad_per_layer_and_rotary_settings_are_named() {
-    let cases: [(&str, &str, serde_json::Value, &str); 5] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        ("olmo", "clip_qkv", (-1.0).into(), "-1"),
         (
             "smollm3",
             "no_rope_layers",

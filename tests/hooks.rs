@@ -1130,12 +1130,17 @@ fn pattern_weights_the_values(
         );
         got
     };
+    // OLMo 1 clamps the projections after their hooks, before anything reads them.
+    let clamped = |x: Tensor| match block.attn.clip_qkv {
+        Some(clip) => x.clamp(-clip, clip).unwrap(),
+        None => x,
+    };
     let (q_in, k_in) = match &block.attn.qk_norm {
         Some((q_norm, k_norm)) => (normed("hook_q", q_norm), normed("hook_k", k_norm)),
         None => {
             let name = format!("blocks.{layer}.attn.hook_q_normed");
             assert!(cache.get_by_name(&name).is_err(), "{model_type}");
-            (hook("hook_q"), hook("hook_k"))
+            (clamped(hook("hook_q")), clamped(hook("hook_k")))
         }
     };
     let (q, k) = match &block.attn.rotary {
@@ -1233,7 +1238,7 @@ fn pattern_weights_the_values(
     }
     for h in 0..nh {
         let kv_head = h / (nh / nkv);
-        let v = qkv.i((.., nh + nkv + kv_head, ..)).unwrap();
+        let v = clamped(qkv.i((.., nh + nkv + kv_head, ..)).unwrap());
         let expected = pattern.i((0, h)).unwrap().matmul(&v).unwrap();
         let got = z.i((0, .., h * hd..(h + 1) * hd)).unwrap();
         let err = max_abs_diff(&expected, &got);

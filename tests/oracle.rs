@@ -166,6 +166,12 @@ fn gemma3_multimodal_language_model_matches_transformers() {
     check_against_transformers("gemma3", &Device::Cpu);
 }
 
+/// OLMo 1: LayerNorms without gain or bias, and q, k and v clamped.
+#[test]
+fn olmo_matches_transformers() {
+    check_against_transformers("olmo", &Device::Cpu);
+}
+
 /// No input norms, norms after each sublayer, and query and key norms over all heads at once.
 #[test]
 fn olmo2_matches_transformers() {

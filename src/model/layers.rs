@@ -100,6 +100,8 @@ pub struct Norm {
     bias: Option<Tensor>,
     eps: f64,
     kind: NormKind,
+    /// False where the gain and bias are fixed ones and zeros (OLMo 1), not parameters.
+    learned: bool,
 }
 
 impl Norm {
@@ -109,6 +111,7 @@ impl Norm {
             bias: Some(bias),
             eps,
             kind: NormKind::LayerNorm,
+            learned: true,
         }
     }
 
@@ -118,7 +121,24 @@ impl Norm {
             bias: None,
             eps,
             kind: NormKind::RmsNorm,
+            learned: true,
         }
+    }
+
+    /// LayerNorm with no learned gain or bias (OLMo 1's): ones and zeros stand in for them.
+    pub fn fixed_layer_norm(
+        d: usize,
+        eps: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: Tensor::ones(d, dtype, device)?,
+            bias: Some(Tensor::zeros(d, dtype, device)?),
+            eps,
+            kind: NormKind::LayerNorm,
+            learned: false,
+        })
     }
 
     /// The identity over `[.., d]` (in `dtype` on `device`), where a block has no input norm.
@@ -128,6 +148,7 @@ impl Norm {
             bias: None,
             eps: 0.0,
             kind: NormKind::Identity,
+            learned: false,
         })
     }
 
@@ -136,11 +157,11 @@ impl Norm {
         self.kind == NormKind::Identity
     }
 
-    /// Learned parameters (an identity has none).
+    /// Learned parameters (an identity or a fixed LayerNorm has none).
     pub fn parameter_count(&self) -> usize {
-        match self.kind {
-            NormKind::Identity => 0,
-            _ => self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count()),
+        match self.learned {
+            false => 0,
+            true => self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count()),
         }
     }
 
@@ -461,6 +482,10 @@ pub struct Attention {
     pub scale: f64,
     /// Gemma 2's `cap · tanh(scores / cap)` on the scaled scores, before the mask.
     pub softcap: Option<f64>,
+    /// OLMo 1's clamp of every query, key and value projection to `[−clip, clip]`, after the
+    /// `hook_q` / `hook_k` / `hook_v` hooks (which hold the raw projections, as in
+    /// TransformerLens).
+    pub clip_qkv: Option<f64>,
 }
 
 /// Keys and values of one layer for all positions seen so far: `[batch, n_kv_heads, t, head_dim]`.
@@ -491,6 +516,15 @@ impl Attention {
         let mut q = split(HookPoint::AttnQ, 0, nh)?;
         let mut k = split(HookPoint::AttnK, nh, nkv)?;
         let mut v = split(HookPoint::AttnV, nh + nkv, nkv)?;
+        if let Some(clip) = self.clip_qkv {
+            // After the hooks, as transformers clamps what its projections (and so
+            // TransformerLens's hooks) return.
+            (q, k, v) = (
+                q.clamp(-clip, clip)?,
+                k.clamp(-clip, clip)?,
+                v.clamp(-clip, clip)?,
+            );
+        }
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             if self.qk_norm_over_heads {
                 q = norm_over_heads(q_norm, &q, needs_grad)?;

@@ -19,6 +19,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "gemma3",
+    "olmo",
     "olmo2",
     "olmo3",
     "phi",

@@ -87,6 +87,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     qk_norm_over_heads: false,
                     scale: 1.0 / ((d / c.n_head) as f64).sqrt(),
                     softcap: None,
+                    clip_qkv: None,
                 },
                 ln_mlp: layer_norm(&format!("h.{l}.ln_2"))?,
                 mlp: Mlp::Plain {

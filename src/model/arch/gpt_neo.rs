@@ -96,6 +96,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     qk_norm_over_heads: false,
                     scale: 1.0,
                     softcap: None,
+                    clip_qkv: None,
                 },
                 ln_mlp: layer_norm(&format!("{p}.ln_2"))?,
                 mlp: Mlp::Plain {

@@ -117,6 +117,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     qk_norm_over_heads: false,
                     scale: 1.0 / (hd as f64).sqrt(),
                     softcap: None,
+                    clip_qkv: None,
                 },
                 ln_mlp: layer_norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp::Plain {

@@ -79,6 +79,11 @@ pub(super) struct Family {
     /// Which layers rotate their queries and keys (`None`: all); the others see no position
     /// at all (SmolLM3's NoPE layers).
     pub rope_layers: Option<Vec<bool>>,
+    /// LayerNorms without gain or bias in place of the RMSNorms (OLMo 1; no norm weights in
+    /// the checkpoint).
+    pub fixed_layer_norms: bool,
+    /// Clamp q, k and v to `[−clip, clip]` (OLMo 1's `clip_qkv`).
+    pub clip_qkv: Option<f64>,
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
@@ -153,6 +158,9 @@ pub(super) fn load_family(
         None => rotary.clone(),
     };
     let rms_of = |key: String, dim: usize| -> Result<Norm> {
+        if family.fixed_layer_norms {
+            return Ok(Norm::fixed_layer_norm(dim, 1e-5, w.dtype(), w.device())?);
+        }
         let weight = w.get(&key, &[dim])?;
         let weight = if family.gemma {
             // Gemma's RMSNorm multiplies by (1 + w), computed in f32 as transformers does.
@@ -278,6 +286,7 @@ pub(super) fn load_family(
                     qk_norm_over_heads: family.qk_norm_over_heads,
                     scale,
                     softcap: family.attn_softcap,
+                    clip_qkv: family.clip_qkv,
                 },
                 ln_mlp: if family.no_input_norms {
                     Norm::identity(d, w.dtype(), w.device())?

@@ -11,6 +11,7 @@ mod gpt_neox;
 mod gptj;
 mod llama;
 mod mistral;
+mod olmo;
 mod olmo2;
 mod olmo3;
 mod phi;
@@ -44,6 +45,7 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
     ("gemma", gemma::load),
     ("gemma2", gemma2::load),
     ("gemma3_text", gemma3::load),
+    ("olmo", olmo::load),
     ("olmo2", olmo2::load),
     ("olmo3", olmo3::load),
     ("phi", phi::load),

@@ -89,6 +89,7 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
                     qk_norm_over_heads: false,
                     scale: 1.0 / (hd as f64).sqrt(),
                     softcap: None,
+                    clip_qkv: None,
                 },
                 ln_mlp: Norm::identity(d, w.dtype(), w.device())?,
                 mlp: Mlp::Plain {
