@@ -237,11 +237,11 @@ fn bad_phi3_settings_are_named() {
 }
 
 /// OLMo 1's clamp that is not positive, SmolLM3's rotary flags and GPT-Neo's layer kinds that
-/// do not cover the layers, a layer kind that is not known, and GPT-J's rotary width that is
-/// odd or wider than a head.
+/// do not cover the layers (a pair repeated 2⁶³ times is refused before it is expanded), a
+/// layer kind that is not known, and GPT-J's rotary width that is odd or wider than a head.
 #[test]
 fn bad_per_layer_and_rotary_settings_are_named() {
-    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 7] = [
         ("olmo", "clip_qkv", (-1.0).into(), "-1"),
         (
             "smollm3",
@@ -254,6 +254,12 @@ fn bad_per_layer_and_rotary_settings_are_named() {
             "attention_types",
             serde_json::json!([[["global"], 3]]),
             "3 layers",
+        ),
+        (
+            "gpt_neo",
+            "attention_types",
+            serde_json::json!([[["global", "local"], 1u64 << 63]]),
+            "more than",
         ),
         (
             "gpt_neo",

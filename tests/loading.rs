@@ -148,6 +148,24 @@ fn the_content_hash_names_the_folder_contents_not_the_path() {
 
 /// Llama 3.1 configs written before transformers v5 spell the scaling as a top-level
 /// `rope_scaling` object (even older ones say `type` for `rope_type`): the same model.
+/// A multimodal Gemma 3 whose config names no BOS token anywhere (as the Hub's do) starts
+/// prompts with Gemma's BOS (Gemma3TextConfig's 2), not its EOS; the wrapper's own EOS stands.
+#[test]
+fn a_multimodal_gemma3_without_a_bos_token_takes_gemmas() {
+    let dir = fixture_dir("gemma3");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert!(
+        config.get("bos_token_id").is_none() && config["text_config"].get("bos_token_id").is_none()
+    );
+    let model = Model::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.bos_token_id, Some(2));
+    assert_eq!(
+        model.eos_token_ids,
+        vec![config["eos_token_id"].as_u64().unwrap() as u32]
+    );
+}
+
 #[test]
 fn legacy_rope_scaling_spellings_load_the_same_model() {
     let rewrite = |edit: &dyn Fn(&mut serde_json::Value)| {

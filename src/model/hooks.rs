@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 pub enum HookPoint {
     /// `hook_embed`: token embeddings (scaled, for Gemma) — `[batch, seq, d_model]`.
     Embed,
-    /// `hook_pos_embed`: learned position embeddings (GPT-2 only) — `[batch, seq, d_model]`.
+    /// `hook_pos_embed`: learned position embeddings (GPT-2, GPT-Neo) — `[batch, seq, d_model]`.
     PosEmbed,
     /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
     ResidPre(usize),
@@ -49,7 +49,8 @@ pub enum HookPoint {
     /// before rotary and any per-head norm (with a KV cache, earlier positions were hooked
     /// when they were computed) — `[.., n_kv_heads·d_head]`.
     AttnK(usize),
-    /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`.
+    /// `blocks.L.attn.hook_v`: every key head's value — `[.., n_kv_heads·d_head]`. (OLMo 1
+    /// clamps q, k and v by `clip_qkv` after these three hooks, as transformers does.)
     AttnV(usize),
     /// `blocks.L.attn.hook_q_normed`: queries after their RMSNorm (Qwen3, Gemma 3: per head;
     /// OLMo 2: over all heads at once), before
@@ -63,6 +64,7 @@ pub enum HookPoint {
     /// `blocks.L.attn.hook_rot_k`: keys after the rotary embedding (rotary models only).
     AttnRotK(usize),
     /// `blocks.L.attn.hook_attn_scores`: every head's scaled, masked scores `q·kᵀ/√d_head`
+    /// (Gemma 2/3: `/√query_pre_attn_scalar`, capped; GPT-Neo: unscaled)
     /// before the softmax, `[batch, n_heads, query, key]` in f32 (masked keys hold −∞, as in
     /// TransformerLens). Interventions select query positions and heads like the pattern's;
     /// the mask is applied again after them, so no intervention lets a query see a later (or

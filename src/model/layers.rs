@@ -197,9 +197,9 @@ impl Norm {
         part.broadcast_mul(&upcast(&self.weight)?.to_dtype(part.dtype())?)
     }
 
-    /// The additive bias (LayerNorm), if any.
+    /// The additive bias (LayerNorm), if any (a fixed LayerNorm's zeros are none).
     pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.bias.as_ref().filter(|_| self.learned)
     }
 
     pub fn forward(&self, x: &Tensor, needs_grad: bool) -> candle_core::Result<Tensor> {
@@ -473,12 +473,14 @@ pub struct Attention {
     pub rotary: Option<Rotary>,
     /// Keys more than this many positions back are masked (Mistral).
     pub sliding_window: Option<usize>,
-    /// RMSNorms over each query and key head before the rotary embedding (Qwen3, Gemma 3).
+    /// Norms over each query and key head before the rotary embedding (Qwen3 and Gemma 3's
+    /// RMSNorms, Phi's LayerNorms).
     pub qk_norm: Option<(Norm, Norm)>,
     /// Whether those norms each span all heads' projection at once rather than one head
     /// (OLMo 2's `q_norm` over `n_heads·d_head`).
     pub qk_norm_over_heads: bool,
-    /// Multiplier on `q·kᵀ`: `1/√d_head`, or Gemma 2/3's `1/√query_pre_attn_scalar`.
+    /// Multiplier on `q·kᵀ`: `1/√d_head`, Gemma 2/3's `1/√query_pre_attn_scalar`, or 1
+    /// (GPT-Neo leaves its scores unscaled).
     pub scale: f64,
     /// Gemma 2's `cap · tanh(scores / cap)` on the scaled scores, before the mask.
     pub softcap: Option<f64>,
@@ -933,7 +935,7 @@ pub struct Dims {
 pub struct Transformer {
     /// `[vocab, d_model]`.
     pub embed: Tensor,
-    /// `[context, d_model]` learned positions (GPT-2).
+    /// `[context, d_model]` learned positions (GPT-2, GPT-Neo).
     pub pos_embed: Option<Tensor>,
     /// Multiplier on token embeddings (Gemma: √d_model, rounded to the run dtype).
     pub embed_scale: Option<f64>,
@@ -941,7 +943,7 @@ pub struct Transformer {
     pub ln_final: Norm,
     /// `[vocab, d_model]`; the same tensor as `embed` when embeddings are tied.
     pub unembed: Tensor,
-    /// `[vocab]`: GPT-J's `lm_head` bias.
+    /// `[vocab]`: the `lm_head` bias of GPT-J and Phi.
     pub unembed_bias: Option<Tensor>,
     pub tied_embeddings: bool,
     /// Gemma 2's `cap · tanh(logits / cap)` on the output logits.

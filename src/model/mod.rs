@@ -104,8 +104,12 @@ impl Model {
         Ok(Self {
             dir: dir.to_path_buf(),
             model_type,
-            eos_token_ids: config.eos_token_ids(),
-            bos_token_id: config.bos_token_id(),
+            // A multimodal wrapper may leave these to its language model's config.
+            eos_token_ids: match config.eos_token_ids() {
+                ids if ids.is_empty() => decoder.eos_token_ids(),
+                ids => ids,
+            },
+            bos_token_id: config.bos_token_id().or(decoder.bos_token_id()),
             transformer,
             tokenizer,
             device: device.clone(),

@@ -27,8 +27,9 @@ const GLOBAL_THETA: f64 = 1_000_000.0;
 const LOCAL_THETA: f64 = 10_000.0;
 
 /// The config with Gemma3TextConfig's defaults for the keys it leaves out: the multimodal
-/// checkpoints' `text_config` names only what differs (google/gemma-3-4b-it's, six keys).
-fn with_defaults(config: &ConfigFile) -> ConfigFile {
+/// checkpoints' `text_config` names only what differs (google/gemma-3-4b-it's, six keys), and
+/// their wrapper config names no BOS token (Gemma's is 2).
+pub fn with_defaults(config: &ConfigFile) -> ConfigFile {
     let defaults = [
         ("vocab_size", json!(262_208)),
         ("hidden_size", json!(2304)),
@@ -42,6 +43,8 @@ fn with_defaults(config: &ConfigFile) -> ConfigFile {
         ("rms_norm_eps", json!(1e-6)),
         ("query_pre_attn_scalar", json!(256)),
         ("sliding_window", json!(4096)),
+        ("bos_token_id", json!(2)),
+        ("eos_token_id", json!(1)),
     ];
     let mut json = config.json.clone();
     if let Value::Object(keys) = &mut json {

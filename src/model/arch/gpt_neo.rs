@@ -47,19 +47,23 @@ pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {
     let types = c
         .attention_types
         .unwrap_or_else(|| vec![(vec!["global".into(), "local".into()], 12)]);
-    let kinds: Vec<String> = (types.iter())
-        .flat_map(|(kinds, times)| std::iter::repeat_n(kinds, *times).flatten().cloned())
-        .collect();
-    if kinds.len() != c.num_layers {
+    // Counted before expanding, so that an absurd repeat count is an error, not an allocation.
+    let expanded = (types.iter()).try_fold(0usize, |n, (kinds, times)| {
+        n.checked_add(kinds.len().checked_mul(*times)?)
+    });
+    if expanded != Some(c.num_layers) {
+        let layers = expanded.map_or("more than usize::MAX".to_string(), |n| n.to_string());
         return Err(config.error(
             "attention_types",
             format!(
-                "expands to {} layers, but num_layers is {}",
-                kinds.len(),
+                "expands to {layers} layers, but num_layers is {}",
                 c.num_layers
             ),
         ));
     }
+    let kinds: Vec<String> = (types.iter())
+        .flat_map(|(kinds, times)| std::iter::repeat_n(kinds, *times).flatten().cloned())
+        .collect();
     let windows = (kinds.iter())
         .map(|kind| match kind.as_str() {
             "global" => Ok(None),

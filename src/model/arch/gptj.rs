@@ -18,13 +18,18 @@ struct GptjConfig {
     n_embd: usize,
     n_layer: usize,
     n_head: usize,
-    /// `null` rotates every channel.
+    /// 64 when absent (GPTJConfig's default); `null` rotates every channel.
+    #[serde(default = "default_rotary_dim")]
     rotary_dim: Option<usize>,
     n_inner: Option<usize>,
     #[serde(default = "super::gelu_new")]
     activation_function: String,
     #[serde(default = "super::layer_norm_eps")]
     layer_norm_epsilon: f64,
+}
+
+fn default_rotary_dim() -> Option<usize> {
+    Some(64)
 }
 
 pub fn load(config: &ConfigFile, w: &Weights) -> Result<Transformer> {

@@ -56,8 +56,16 @@ pub const ARCHITECTURES: &[(&str, LoadFn)] = &[
 /// Multimodal checkpoints whose language model is one of the decoders above: the wrapper's
 /// `model_type`, its language model's (where `text_config` names none), and how that model's
 /// weights are named. Their `text_config` is the decoder's config.
-const LANGUAGE_MODELS: &[(&str, &str, RenameFn)] =
-    &[("gemma3", "gemma3_text", gemma3::language_model_key)];
+const LANGUAGE_MODELS: &[(&str, &str, RenameFn, DefaultsFn)] = &[(
+    "gemma3",
+    "gemma3_text",
+    gemma3::language_model_key,
+    gemma3::with_defaults,
+)];
+
+/// Fills in the language model's config defaults for the keys its file leaves out (the
+/// special tokens included, which the wrapper's own config may not name).
+pub type DefaultsFn = fn(&ConfigFile) -> ConfigFile;
 
 /// Maps a multimodal checkpoint's stored weight key to the plain decoder's name for it
 /// (`None`: not the language model's, as a vision tower's).
@@ -67,7 +75,7 @@ pub type RenameFn = fn(&str) -> Option<String>;
 /// `text_config.KEY`) and the renaming of its weights; `None` for a plain decoder's config.
 pub fn language_model(config: &ConfigFile) -> Result<Option<(ConfigFile, RenameFn)>> {
     let model_type = config.model_type()?;
-    let Some(&(_, text_type, rename)) = LANGUAGE_MODELS
+    let Some(&(_, text_type, rename, defaults)) = LANGUAGE_MODELS
         .iter()
         .find(|(name, ..)| *name == model_type)
     else {
@@ -86,10 +94,8 @@ pub fn language_model(config: &ConfigFile) -> Result<Option<(ConfigFile, RenameF
             ));
         }
     };
-    Ok(Some((
-        ConfigFile::from_json(config.path.clone(), Value::Object(text)),
-        rename,
-    )))
+    let text = ConfigFile::from_json(config.path.clone(), Value::Object(text));
+    Ok(Some((defaults(&text), rename)))
 }
 
 /// Names a language model's config errors by their place in the wrapper's file.
