@@ -166,6 +166,41 @@ fn a_multimodal_gemma3_without_a_bos_token_takes_gemmas() {
     );
 }
 
+/// LongRoPE inside a per-layer-type `rope_parameters` (Gemma 3 / OLMo 3 layout) falls back on
+/// the top-level context lengths, as transformers does: the stretch 64 / 8 gives the attention
+/// factor √(1 + ln 8 / ln 8) = √2 on the full-attention layers only.
+#[test]
+fn longrope_per_layer_type_reads_the_top_level_context_lengths() {
+    let dir = scratch_copy("gemma3_text");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let pairs = json["head_dim"].as_u64().unwrap() as usize / 2;
+    json["original_max_position_embeddings"] = 8.into();
+    json["rope_parameters"]["full_attention"] = serde_json::json!({
+        "rope_type": "longrope",
+        "rope_theta": 1000.0,
+        "short_factor": vec![1.0; pairs],
+        "long_factor": vec![2.0; pairs],
+    });
+    std::fs::write(&path, json.to_string()).unwrap();
+    let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let factors: Vec<f64> = (model.transformer.blocks.iter())
+        .map(|b| {
+            let rope = b.attn.rotary.as_ref().unwrap().rope();
+            rope.scaling.attention_factor()
+        })
+        .collect();
+    let windows: Vec<bool> = (model.transformer.blocks.iter())
+        .map(|b| b.attn.sliding_window.is_some())
+        .collect();
+    for (factor, sliding) in factors.iter().zip(&windows) {
+        let want = if *sliding { 1.0 } else { 2f64.sqrt() };
+        assert!((factor - want).abs() < 1e-12, "{factors:?} {windows:?}");
+    }
+    assert!(windows.contains(&false) && windows.contains(&true));
+}
+
 #[test]
 fn legacy_rope_scaling_spellings_load_the_same_model() {
     let rewrite = |edit: &dyn Fn(&mut serde_json::Value)| {

@@ -258,10 +258,17 @@ fn layer_type_ropes(
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|e| config.error(&section, e.to_string()))?,
         };
-        // Read as if it were the only `rope_parameters`; errors then name its section.
+        // Read as if it were the only `rope_parameters` (errors then name its section), beside
+        // the top-level keys a scaling may fall back on (LongRoPE's context lengths).
+        let top = |key: &str| config.json.get(key).cloned().unwrap_or(Value::Null);
         let scoped = ConfigFile::from_json(
             config.path.clone(),
-            serde_json::json!({ "rope_parameters": per_type.get(layer_type) }),
+            serde_json::json!({
+                "rope_parameters": per_type.get(layer_type),
+                "model_type": top("model_type"),
+                "max_position_embeddings": top("max_position_embeddings"),
+                "original_max_position_embeddings": top("original_max_position_embeddings"),
+            }),
         );
         rope(&scoped, Some(&params), None, default).map_err(|e| match e {
             Error::Config { path, key, message } => Error::Config {
