@@ -1083,6 +1083,34 @@ fn a_second_phrasing_carries_the_edit_to_its_word_order() {
     assert!(stderr.contains("Its capital is"), "{stderr}");
 }
 
+/// On a LongRoPE model, rewriting prompts longer than the original context (8 positions on
+/// the fixture) are refused: their cached prefixes and differentiated suffixes would be
+/// rotated by different frequencies.
+#[test]
+fn rome_refuses_rewriting_prompts_past_a_longrope_switch() {
+    let model = Model::load(&fixture_dir("phi3_longrope"), &Device::Cpu, DType::F32).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (corpus, _) = common::river_corpus(tmp.path(), 20);
+    let cov = key_covariance(&model, 0, &corpus, 200, None, |_| {}).unwrap();
+    let request = Request {
+        prompt: "{} flows past the green hills and the".into(),
+        subject: "the river".into(),
+        target: " sea".into(),
+    };
+    let e = compute_edit(
+        &model,
+        &request,
+        0,
+        KeyPosition::SubjectLast,
+        &cov,
+        &["{}".to_string()],
+        &RomeSettings::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("LongRoPE") && e.contains("8 positions"), "{e}");
+}
+
 #[test]
 fn bad_edit_requests_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

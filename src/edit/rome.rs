@@ -476,6 +476,21 @@ pub(super) fn optimise_value(
         full.extend(&target_ids);
         targets.extend((ids.len()..full.len()).map(|i| (row, i - 1 - key_at, full[i])));
         full.pop();
+        // LongRoPE picks its frequencies by a pass's length: a prefix cached with the short
+        // ones would not match a suffix run with the long ones, so such prompts are refused.
+        if let Some(switch) = model.transformer.rope_switch_length()
+            && full.len() > switch
+        {
+            return Err(Error::InvalidArgument {
+                what: "rewriting prompt",
+                value: p.clone(),
+                message: format!(
+                    "{} tokens with the target, past the {switch} positions after which the \
+                     model's LongRoPE switches frequencies; use shorter prompts or contexts",
+                    full.len()
+                ),
+            });
+        }
         let mut kv = KvCache::default();
         if key_at > 0 {
             model.forward_cached(&model.ids_tensor(&full[..key_at])?, &mut kv, &Hooks::new())?;
