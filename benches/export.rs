@@ -86,6 +86,7 @@ fn manifest() -> Manifest {
             architecture: "topk".into(),
             d_in: 768,
             d_sae: D_SAE as usize,
+            hook_out: None,
         },
         corpus: "bench".into(),
         context_size: 128,

@@ -7,7 +7,7 @@ monoscope's Gemma Scope loader tests (tests/gemma_scope_fixtures.rs).
 
 Regenerate:
     /opt/sparsify-venv/bin/pip install torch transformers==5.24.0 numpy safetensors tokenizers
-    /opt/sparsify-venv/bin/python scripts/gemma_scope_fixtures.py
+    /opt/sparsify-venv/bin/python scripts/gemma_scope_fixtures.py [--transcoders]
 
 Sites, as Gemma Scope names them (and the TransformerLens hook each reads):
     res  the residual stream after block L (`blocks.L.hook_resid_post`): the decoder layer's
@@ -24,9 +24,17 @@ activations in transformers, float32), feature_acts [seq, d_sae] and reconstruct
 subtraction that should not happen cannot pass, and each latent's threshold is its 85th
 percentile pre-activation on the prompt, so about one in seven fires. The `mlp` folder is
 written with np.savez_compressed (deflate), the others with np.savez (stored).
+
+Transcoders (gemma-scope-<model>-transcoders/layer_L/…, the same params.npz arrays with W_dec
+[d_sae, d_out] and b_dec [d_out]) read block L's MLP input (after the pre-MLP norm: the input
+of `mlp`, monoscope's `blocks.L.mlp.hook_in`) and predict its output after the post-MLP norm
+(`blocks.L.hook_mlp_out`); their io.safetensors holds input_ids, x (the MLP input), y (the
+post-norm MLP output), feature_acts and output = acts @ W_dec + b_dec. With --transcoders only
+the transcoder folder is rewritten.
 """
 
 import importlib.metadata
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +72,65 @@ def capture(model, site: str, layer: int, ids: torch.Tensor) -> torch.Tensor:
     return seen["x"][0]
 
 
+def capture_mlp_io(model, layer: int, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Block `layer`'s MLP input and its output after the post-MLP norm."""
+    block = model.model.layers[layer]
+    seen = {}
+
+    def pre_hook(_module, args):
+        seen["x"] = args[0].detach()
+
+    def hook(_module, _inputs, outputs):
+        seen["y"] = outputs.detach()
+
+    handles = [
+        block.mlp.register_forward_pre_hook(pre_hook),
+        block.post_feedforward_layernorm.register_forward_hook(hook),
+    ]
+    with torch.no_grad():
+        model(ids[None])
+    for h in handles:
+        h.remove()
+    return seen["x"][0].numpy().astype(np.float32), seen["y"][0].numpy().astype(np.float32)
+
+
+def write_transcoder(model, ids: torch.Tensor, versions: str, layer: int = 1) -> None:
+    x, y = capture_mlp_io(model, layer, ids)
+    rng = np.random.default_rng(10)
+    d_in, d_out = x.shape[-1], y.shape[-1]
+    w_enc = (rng.standard_normal((d_in, D_SAE)) / (np.sqrt(d_in) * float(x.std()))).astype(np.float32)
+    w_dec = (float(y.std()) * rng.standard_normal((D_SAE, d_out))).astype(np.float32)
+    b_enc = (0.1 * rng.standard_normal(D_SAE)).astype(np.float32)
+    b_dec = (y.mean(0) + 0.5 * float(y.std()) * rng.standard_normal(d_out)).astype(np.float32)
+    pre = x @ w_enc + b_enc
+    threshold = np.maximum(np.quantile(pre, 0.85, axis=0), 1e-3).astype(np.float32)
+    acts = ((pre > threshold) * np.maximum(pre, 0)).astype(np.float32)
+    output = (acts @ w_dec + b_dec).astype(np.float32)
+    l0 = round(float((acts > 0).sum(1).mean()))
+    out = OUT / "gemma-scope-tiny-pt-transcoders" / f"layer_{layer}" / f"width_{D_SAE}" / f"average_l0_{l0}"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "params.npz", W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec, threshold=threshold)
+    save_file(
+        {
+            "input_ids": ids.to(torch.int64),
+            "x": torch.from_numpy(x).contiguous(),
+            "y": torch.from_numpy(y).contiguous(),
+            "feature_acts": torch.from_numpy(acts).contiguous(),
+            "output": torch.from_numpy(output).contiguous(),
+        },
+        str(out / "io.safetensors"),
+        metadata={"generator": versions, "site": "transcoders", "layer": str(layer)},
+    )
+    print(f"{out.relative_to(ROOT)}: x {x.shape}, y {y.shape}")
+
+
 def main() -> None:
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ["torch", "transformers", "numpy"])
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="eager").eval()
     tokenizer = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
     ids = torch.tensor(tokenizer.encode(PROMPT, add_special_tokens=False).ids)
-    for seed, (site, layer, compressed) in enumerate(CASES):
+    only_transcoders = sys.argv[1:] == ["--transcoders"]
+    for seed, (site, layer, compressed) in enumerate([] if only_transcoders else CASES):
         x = capture(model, site, layer, ids).numpy().astype(np.float32)
         d_in = x.shape[-1]
         rng = np.random.default_rng(seed)
@@ -99,6 +160,7 @@ def main() -> None:
             metadata={"generator": versions, "site": site, "layer": str(layer)},
         )
         print(f"{out.relative_to(ROOT)}: x {x.shape}")
+    write_transcoder(model, ids, versions)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ What sae_lens 6.x does at inference (sae_lens/saes/*.py), with
             metadata.training_architecture_details. So inference is the jumprelu formula.
             (The training-time BatchTopK activation is relu first, then top (k * n_tokens)
             over the whole flattened batch.)
+  transcoders (sae_lens/saes/transcoder.py): the same encoders with sae_in = x (never
+            minus b_dec, which is d_out wide; apply_b_dec_to_input must be False), W_dec
+            [d_sae, d_out], b_dec [d_out]; `transcoder` is ReLU, `jumprelu_transcoder`
+            JumpReLU, and the `skip_` kinds add x @ W_skip.T (W_skip [d_out, d_in]) in
+            forward(). Their io.safetensors also holds output = loaded.forward(x). The hook
+            written is metadata.hook_name_out, d_out a top-level key.
 """
 
 import importlib.metadata
@@ -64,10 +70,21 @@ from sae_lens import (
     TopKSAEConfig,
 )
 from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.transcoder import (
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
+    SkipTranscoder,
+    SkipTranscoderConfig,
+    Transcoder,
+    TranscoderConfig,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "saelens")
 D_IN, D_SAE, K, N = 16, 64, 4, 8
+D_OUT = 12  # transcoders write another width than they read
 # Smallest allowed distance between a pre-activation and anything it is compared with
 # (the k-th/k+1-th largest, a threshold), so float reordering cannot flip a decision.
 MARGIN = 1e-3
@@ -85,16 +102,37 @@ def common() -> dict:
     return dict(d_in=D_IN, d_sae=D_SAE, dtype="float32", device="cpu", metadata=metadata())
 
 
+def transcoder_common() -> dict:
+    meta = SAEMetadata(
+        model_name="fixture",
+        hook_name="blocks.0.mlp.hook_in",
+        hook_name_out="blocks.0.hook_mlp_out",
+        context_size=32,
+    )
+    return dict(
+        d_in=D_IN,
+        d_sae=D_SAE,
+        d_out=D_OUT,
+        dtype="float32",
+        device="cpu",
+        apply_b_dec_to_input=False,
+        metadata=meta,
+    )
+
+
 @torch.no_grad()
-def fill(sae, seed: int) -> None:
-    """Deterministic non-trivial weights: W_dec rows of norm 0.5..2, nonzero biases."""
+def fill(sae, seed: int, d_out: int = D_IN) -> None:
+    """Deterministic non-trivial weights: W_dec rows of norm 0.5..2, nonzero biases (and a
+    skip transcoder's W_skip)."""
     g = torch.Generator().manual_seed(seed)
-    w_dec = torch.randn(D_SAE, D_IN, generator=g)
+    w_dec = torch.randn(D_SAE, d_out, generator=g)
     w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * (0.5 + 1.5 * torch.rand(D_SAE, 1, generator=g))
     sae.W_dec.data.copy_(w_dec)
     sae.W_enc.data.copy_(torch.randn(D_IN, D_SAE, generator=g) * 0.4)
     sae.b_enc.data.copy_(torch.randn(D_SAE, generator=g) * 0.3)
-    sae.b_dec.data.copy_(torch.randn(D_IN, generator=g) * 0.2)
+    sae.b_dec.data.copy_(torch.randn(d_out, generator=g) * 0.2)
+    if hasattr(sae, "W_skip"):
+        sae.W_skip.data.copy_(torch.randn(d_out, D_IN, generator=g) * 0.3)
 
 
 def inputs(seed: int) -> torch.Tensor:
@@ -171,11 +209,30 @@ def build_batchtopk():
     return sae, x
 
 
+def build_transcoder(cls, config_cls, seed: int):
+    sae = cls(config_cls(**transcoder_common()))
+    fill(sae, seed, d_out=D_OUT)
+    x = inputs(100 * seed + 1)
+    if hasattr(sae, "threshold"):
+        with torch.no_grad():
+            pre = x @ sae.W_enc + sae.b_enc
+            sae.threshold.data.copy_(thresholds_for(pre, 10 * seed + 1))
+    return sae, x
+
+
 BUILDERS = {
     "standard": build_standard,
     "topk": build_topk,
     "batchtopk": build_batchtopk,
     "jumprelu": build_jumprelu,
+    "transcoder": lambda: build_transcoder(Transcoder, TranscoderConfig, 5),
+    "skip_transcoder": lambda: build_transcoder(SkipTranscoder, SkipTranscoderConfig, 6),
+    "jumprelu_transcoder": lambda: build_transcoder(
+        JumpReLUTranscoder, JumpReLUTranscoderConfig, 7
+    ),
+    "jumprelu_skip_transcoder": lambda: build_transcoder(
+        JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, 8
+    ),
 }
 
 
@@ -201,12 +258,16 @@ def main() -> None:
         recon = loaded.decode(acts)
         if arch != "batchtopk":
             assert torch.equal(acts, sae.encode(x)), arch
+        tensors = {
+            "x": x.contiguous(),
+            "feature_acts": acts.contiguous(),
+            "reconstruction": recon.contiguous(),
+        }
+        if "transcoder" in arch:
+            assert type(loaded) is type(sae), (arch, type(loaded))
+            tensors["output"] = loaded(x).contiguous()
         save_file(
-            {
-                "x": x.contiguous(),
-                "feature_acts": acts.contiguous(),
-                "reconstruction": recon.contiguous(),
-            },
+            tensors,
             os.path.join(out, "io.safetensors"),
             # One key only: safetensors writes its header metadata in hash order.
             metadata={"generator": f"{generator}, arch {arch}"},

@@ -6,7 +6,8 @@ that its encode/decode agree with them.
     /opt/saelens-venv/bin/python scripts/saelens_load_check.py DIR [--io FILE] [--tol 1e-5]
 
 FILE is a safetensors file with float tensors `x` [n, d_in], `feature_acts` [n, d_sae] and
-`reconstruction` [n, d_in] (the layout of tests/fixtures/saelens/<arch>/io.safetensors);
+`reconstruction` [n, d_in] (the layout of tests/fixtures/saelens/<arch>/io.safetensors), and
+for a transcoder `output` [n, d_out] (what its forward() returns, skip path included);
 without --io, DIR/io.safetensors is used when present. Prints one line per check and exits
 1 if any check fails (2 if the directory cannot be loaded at all).
 See scripts/saelens_fixtures.py for installing sae_lens.
@@ -62,7 +63,7 @@ def main() -> int:
     # sae_lens as pre-6.0 and rebuilt from its top-level keys, dropping nested metadata.
     version = cfg.get("sae_lens_version") or cfg.get("metadata", {}).get("sae_lens_version")
     check("v6 config", version is not None, f"sae_lens_version {version!r}")
-    for key in ("model_name", "hook_name", "context_size"):
+    for key in ("model_name", "hook_name", "hook_name_out", "context_size"):
         want = cfg.get("metadata", {}).get(key, cfg.get(key))
         got = getattr(sae.cfg.metadata, key)
         check(f"metadata.{key}", want == got, f"cfg.json {want!r}, sae_lens {got!r}")
@@ -94,6 +95,9 @@ def main() -> int:
     )
     d = max_abs(sae.decode(acts_ref), recon_ref)
     check("decode(ref feature_acts)", d <= args.tol, f"max|diff| {d:.3g}")
+    if "output" in ref:
+        d = max_abs(sae(x), ref["output"])
+        check("forward (transcoder output)", d <= args.tol, f"max|diff| {d:.3g}")
     d = max_abs(sae.decode(acts), recon_ref)
     check("decode(encode(x))", d <= args.tol, f"max|diff| {d:.3g}")
     return 1 if failures else 0

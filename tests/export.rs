@@ -116,6 +116,7 @@ fn run_export(
         sae: &f.sae,
         sae_dir: &f.sae_dir,
         hook: HOOK.parse::<HookPoint>().unwrap(),
+        writes: HOOK.parse::<HookPoint>().unwrap(),
         corpus: &f.corpus,
     };
     let mut batches = 0;
@@ -607,5 +608,67 @@ fn python_readers(export: &Path) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// Exporting a transcoder records the hook it writes in the manifest and reads its features'
+/// logit effects from there (its input, `mlp.hook_in`, has no direct path to the logits).
+#[test]
+fn a_transcoder_export_reads_logit_effects_where_it_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let sae_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sparsify/transcoders/gpt2/h.0.mlp");
+    let out = tmp.path().join("export");
+    let run = monoscope(&[
+        "export",
+        "--model",
+        fixture_dir("gpt2").to_str().unwrap(),
+        "--sae",
+        sae_dir.to_str().unwrap(),
+        "--corpus",
+        text.to_str().unwrap(),
+        "--tokens",
+        "200",
+        "--logit-tokens",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(out.join(MANIFEST)).unwrap()).unwrap();
+    assert_eq!(manifest.hook, "blocks.0.mlp.hook_in");
+    assert_eq!(
+        manifest.sae.hook_out.as_deref(),
+        Some("blocks.0.hook_mlp_out")
+    );
+
+    let model = model();
+    let sae = monoscope::sae::load(&sae_dir, &Device::Cpu, DType::F32)
+        .unwrap()
+        .sae;
+    let names = model.token_names();
+    let want = monoscope::features::logits::logit_effects(
+        &model,
+        "blocks.0.hook_mlp_out".parse().unwrap(),
+        &sae.w_dec,
+        3,
+        &names,
+    )
+    .unwrap()
+    .unwrap();
+    let features = read_table(&out.join("features.parquet")).unwrap();
+    let top = features[0].column(4).as_list::<i32>();
+    for f in [0usize, 41, 79] {
+        let got = top.value(f);
+        let got: Vec<&str> = got.as_string::<i32>().iter().flatten().collect();
+        let expected: Vec<&str> = want[f].top.iter().map(|t| t.token.as_str()).collect();
+        assert_eq!(got, expected, "feature {f}");
     }
 }

@@ -78,6 +78,7 @@ fn the_feature_store_agrees_with_a_brute_force_pass() {
         sae: &sae,
         sae_dir: &sae_dir,
         hook,
+        writes: hook,
         corpus: &corpus,
     };
     let out = tmp.path().join("features");
@@ -272,6 +273,72 @@ fn steering_moves_activations_along_decoder_directions() {
     .unwrap()
     .to_string();
     assert!(e.contains("48"), "{e}");
+}
+
+/// A transcoder steers where it writes: the shift along its decoder rows lands at its output
+/// hook (clamping against the activation its input hook gave earlier in the same pass), and the
+/// hook it reads is left as it was. Handed only the hook it reads, it is refused.
+#[test]
+fn a_transcoder_steers_at_the_hook_it_writes() {
+    let model = model();
+    let input: HookPoint = HOOK.parse().unwrap();
+    let output: HookPoint = "blocks.1.hook_mlp_out".parse().unwrap();
+    let (d_in, d_out, d_sae) = (model.dims().d_mlp, model.dims().d_model, 24);
+    let cpu = Device::Cpu;
+    let sae = monoscope::sae::Sae {
+        architecture: Architecture::Standard,
+        w_enc: Tensor::randn(0f32, 0.3, (d_in, d_sae), &cpu).unwrap(),
+        w_dec: Tensor::randn(0f32, 1.0, (d_sae, d_out), &cpu).unwrap(),
+        b_enc: Tensor::randn(0f32, 0.1, d_sae, &cpu).unwrap(),
+        b_dec: Tensor::zeros(d_out, DType::F32, &cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: false,
+        transcoder: true,
+        w_skip: None,
+    };
+    let site = monoscope::sae::SaeSite { input, output };
+    let ids = model
+        .ids_tensor(&model.encode_prompt("the river flows").unwrap())
+        .unwrap();
+    let clean = model
+        .forward(&ids, &Hooks::new().capture([input, output]))
+        .unwrap();
+    let (x_in, y) = (
+        clean.cache.get(input).unwrap(),
+        clean.cache.get(output).unwrap(),
+    );
+    let acts = sae.encode(x_in).unwrap();
+    let steers = [Steer {
+        feature: 5,
+        value: 3.0,
+    }];
+    for mode in [SteerMode::Add, SteerMode::Clamp] {
+        let hooks = steering_hooks(&sae, site, &steers, mode, &cpu)
+            .unwrap()
+            .capture([input, output]);
+        let steered = model.forward(&ids, &hooks).unwrap();
+        assert_eq!(
+            common::max_abs_diff(steered.cache.get(input).unwrap(), x_in),
+            0.0,
+            "{mode:?}: the input hook is read, not changed"
+        );
+        let amount = match mode {
+            SteerMode::Add => Tensor::full(3f32, acts.dims()[..2].to_vec(), &cpu)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap(),
+            SteerMode::Clamp => acts.narrow(2, 5, 1).unwrap().affine(-1.0, 3.0).unwrap(),
+        };
+        let want = amount.broadcast_mul(&sae.w_dec.i(5).unwrap()).unwrap();
+        let got = (steered.cache.get(output).unwrap() - y).unwrap();
+        let diff = common::max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{mode:?}: {diff}");
+    }
+    let err = steering_hooks(&sae, input, &steers, SteerMode::Add, &cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("hook_name_out"), "{err}");
 }
 
 fn world_sae() -> PathBuf {

@@ -2,7 +2,8 @@
 //! `scripts/gemma_scope_fixtures.py` on the Gemma 2 fixture) load at the hook their path names
 //! and give the encodings and reconstructions of Gemma Scope's reference JumpReLU; each site's
 //! activations are the ones transformers computes at the module Gemma Scope read. Deflated and
-//! stored archives both load; transcoders, a path that names no site, and archives without a
+//! stored archives both load; transcoders read their MLP's input after the pre-MLP norm and
+//! predict its output after the post-MLP norm. A path that names no site and archives without a
 //! needed array are refused by name.
 
 #![allow(clippy::unwrap_used)] // tests and benches may panic on failure
@@ -53,6 +54,46 @@ fn gemma_scope_folders_load_at_their_sites_and_match_the_reference_jumprelu() {
         let share = fired.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(share > 0.05 && share < 0.4, "{site}: {share}");
     }
+}
+
+#[test]
+fn gemma_scope_transcoders_read_the_mlp_input_and_predict_its_post_norm_output() {
+    let model = Model::load(&fixture_dir("gemma2"), &Device::Cpu, DType::F32).unwrap();
+    let dir = scope_dir("gemma-scope-tiny-pt-transcoders", 1, 21);
+    let (sae_dir, input) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
+    let output = sae::output_hook(&sae_dir, input, &model).unwrap();
+    assert_eq!(
+        (input.to_string(), output.to_string()),
+        (
+            "blocks.1.mlp.hook_in".into(),
+            "blocks.1.hook_mlp_out".into()
+        )
+    );
+    let sae = &sae_dir.sae;
+    assert!(sae.transcoder && !sae.apply_b_dec_to_input);
+    let io = io(&dir);
+    let ids: Vec<u32> = io["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let run = model
+        .forward(
+            &model.ids_tensor(&ids).unwrap(),
+            &monoscope::model::Hooks::new().capture([input, output]),
+        )
+        .unwrap();
+    // Gemma 2's MLP input (after the (1 + w) pre-MLP RMSNorm) and post-norm output, as
+    // transformers computes them.
+    for (p, key) in [(input, "x"), (output, "y")] {
+        let err = common::max_relative_error(&run.cache.get(p).unwrap().get(0).unwrap(), &io[key]);
+        assert!(err <= 1e-4, "{p} off by {err}");
+    }
+    let acts = sae.encode(&io["x"]).unwrap();
+    assert!(common::max_relative_error(&acts, &io["feature_acts"]) <= 1e-5);
+    let out = sae.output(&io["x"]).unwrap();
+    assert!(common::max_relative_error(&out, &io["output"]) <= 1e-5);
 }
 
 #[test]
@@ -109,15 +150,6 @@ fn folders_that_are_not_one_sites_sae_or_lack_an_array_are_refused_by_name() {
     let (_, point) =
         sae::load_for_model(&dir, Some("blocks.1.hook_resid_post"), &model, &Device::Cpu).unwrap();
     assert_eq!(point.to_string(), "blocks.1.hook_resid_post");
-
-    let dir = copy_to(
-        tmp.path(),
-        "gemma-scope-2b-pt-transcoders/layer_1/width_128",
-    );
-    let err = sae::load(&dir, &Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("transcoder"), "{err}");
 
     // An archive without the thresholds names the array and the file.
     let dir = tmp

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_dir, max_abs_diff};
 use monoscope::Model;
+use monoscope::model::HookPoint;
 use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use monoscope::sae::eval::{EvalSettings, evaluate};
 use monoscope::sae::run::{RunControl, RunOutcome, RunSettings, StepEngine, run};
@@ -92,6 +93,7 @@ fn metadata(source: &ActivationSource) -> SaeMetadata {
         context_size: 16,
         prepend_bos: true,
         dataset_path: source.corpus().describe(),
+        hook_name_out: String::new(),
     }
 }
 
@@ -273,6 +275,7 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     let report = evaluate(
         &mut src,
         &sae.sae,
+        HOOK.parse().unwrap(),
         &EvalSettings {
             windows: 8,
             dense_threshold: 0.5,
@@ -661,6 +664,8 @@ fn the_eval_metrics_are_exact_for_a_perfect_and_an_empty_reconstruction() {
         b_dec: Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap(),
         threshold: None,
         apply_b_dec_to_input: true,
+        transcoder: false,
+        w_skip: None,
     };
     let empty = monoscope::sae::Sae {
         w_dec: w_dec.zeros_like().unwrap(),
@@ -671,7 +676,14 @@ fn the_eval_metrics_are_exact_for_a_perfect_and_an_empty_reconstruction() {
         dense_threshold: 0.5,
     };
     let eval = |sae: &monoscope::sae::Sae| {
-        evaluate(&mut source(&model, &text), sae, &settings, |_, _| {}).unwrap()
+        evaluate(
+            &mut source(&model, &text),
+            sae,
+            HOOK.parse().unwrap(),
+            &settings,
+            |_, _| {},
+        )
+        .unwrap()
     };
 
     let perfect = eval(&exact);
@@ -734,4 +746,73 @@ fn the_strongest_latents_are_the_encodings_largest_entries() {
             assert!(left_out <= weakest, "k {k}: {left_out} > {weakest}");
         }
     }
+}
+
+/// A transcoder from `mlp.hook_post` to `hook_mlp_out` that is exactly GPT-2's down projection
+/// (`relu(x) − relu(−x) = x`, decoded through `W_projᵀ`; or the same map as its skip path) is
+/// judged where it writes: FVU 0, CE loss recovered and KL score 1 with it spliced in at
+/// `hook_mlp_out`; one that predicts nothing recovers nothing. Given no output hook, it is
+/// refused rather than spliced in where it reads.
+#[test]
+fn a_transcoder_is_judged_and_spliced_in_at_the_hook_it_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let output: HookPoint = "blocks.1.hook_mlp_out".parse().unwrap();
+    let down = model.transformer.blocks[1].mlp.down_proj();
+    let (w_proj, b_proj) = (down.weight().clone(), down.bias().unwrap().clone()); // [d_model, d_mlp]
+    let d = model.dims().d_mlp;
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu).unwrap();
+    let split = Tensor::cat(&[&eye, &eye.neg().unwrap()], 1).unwrap(); // [d, 2d]
+    let exact = monoscope::sae::Sae {
+        architecture: monoscope::sae::Architecture::Standard,
+        w_enc: split.clone(),
+        w_dec: split.t().unwrap().matmul(&w_proj.t().unwrap()).unwrap(), // [2d, d_model]
+        b_enc: Tensor::zeros(2 * d, DType::F32, &Device::Cpu).unwrap(),
+        b_dec: b_proj.clone(),
+        threshold: None,
+        apply_b_dec_to_input: false,
+        transcoder: true,
+        w_skip: None,
+    };
+    let through_skip = monoscope::sae::Sae {
+        w_dec: exact.w_dec.zeros_like().unwrap(),
+        w_skip: Some(w_proj.clone()),
+        ..exact.clone()
+    };
+    let nothing = monoscope::sae::Sae {
+        w_dec: exact.w_dec.zeros_like().unwrap(),
+        b_dec: b_proj.zeros_like().unwrap(),
+        ..exact.clone()
+    };
+    let settings = EvalSettings {
+        windows: 8,
+        dense_threshold: 0.5,
+    };
+    let eval = |sae: &monoscope::sae::Sae, writes: HookPoint| {
+        evaluate(
+            &mut source(&model, &text),
+            sae,
+            writes,
+            &settings,
+            |_, _| {},
+        )
+    };
+    for (name, sae) in [("exact", &exact), ("skip", &through_skip)] {
+        let r = eval(sae, output).unwrap();
+        assert!(r.fvu < 1e-8, "{name}: FVU {}", r.fvu);
+        assert!(
+            (r.ce_zero - r.ce_clean).abs() > 0.01,
+            "{name}: zeroing hook_mlp_out should change the loss: {r:?}"
+        );
+        assert!((r.ce_loss_recovered - 1.0).abs() < 1e-4, "{name}: {r:?}");
+        assert!((r.kl_score - 1.0).abs() < 1e-4, "{name}: {r:?}");
+        assert!(r.l0 > 0.0, "{name}: {r:?}");
+    }
+    let r = eval(&nothing, output).unwrap();
+    assert!(r.ce_loss_recovered.abs() < 1e-4, "{r:?}");
+    assert!(r.fvu >= 1.0, "FVU {}", r.fvu);
+
+    let err = eval(&exact, HOOK.parse().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("hook_name_out"), "{err}");
 }

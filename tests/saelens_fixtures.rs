@@ -18,7 +18,16 @@ use common::max_abs_diff;
 use monoscope::sae::saelens::{self, SaeDir};
 use monoscope::sae::{Architecture, Sae};
 
-const ARCHITECTURES: [&str; 4] = ["standard", "topk", "batchtopk", "jumprelu"];
+const ARCHITECTURES: [&str; 8] = [
+    "standard",
+    "topk",
+    "batchtopk",
+    "jumprelu",
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",
+];
 const TOLERANCE: f32 = 1e-5;
 
 fn fixture(arch: &str) -> PathBuf {
@@ -27,7 +36,8 @@ fn fixture(arch: &str) -> PathBuf {
         .join(arch)
 }
 
-/// `x`, `feature_acts` and `reconstruction` as SAELens computed them.
+/// `x`, `feature_acts` and `reconstruction` (and a transcoder's `output`) as SAELens computed
+/// them.
 fn io(arch: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(arch).join("io.safetensors"), &Device::Cpu).unwrap()
 }
@@ -49,15 +59,25 @@ fn saelens_written_saes_match_saelens_outputs() {
     for arch in ARCHITECTURES {
         let loaded = load(&fixture(arch));
         let expected = match arch {
-            "standard" => Architecture::Standard,
+            "standard" | "transcoder" | "skip_transcoder" => Architecture::Standard,
             "topk" => Architecture::TopK { k: 4 },
             // SAELens saves a BatchTopK SAE as a JumpReLU.
             _ => Architecture::JumpRelu,
         };
         assert_eq!(loaded.sae.architecture, expected, "{arch}");
         assert_eq!(loaded.metadata.model_name, "fixture");
-        assert_eq!(loaded.metadata.hook_name, "blocks.0.mlp.hook_post");
         assert_eq!(loaded.metadata.context_size, 32);
+        let transcoder = arch.contains("transcoder");
+        assert_eq!(loaded.sae.transcoder, transcoder, "{arch}");
+        assert_eq!(loaded.sae.w_skip.is_some(), arch.contains("skip"), "{arch}");
+        if transcoder {
+            assert_eq!(loaded.metadata.hook_name, "blocks.0.mlp.hook_in");
+            assert_eq!(loaded.metadata.hook_name_out, "blocks.0.hook_mlp_out");
+            assert_eq!((loaded.sae.d_in(), loaded.sae.d_out()), (16, 12), "{arch}");
+        } else {
+            assert_eq!(loaded.metadata.hook_name, "blocks.0.mlp.hook_post");
+            assert_eq!(loaded.metadata.hook_name_out, "");
+        }
         let io = io(arch);
         let acts = loaded.sae.encode(&io["x"]).unwrap();
         let d = max_abs_diff(&acts, &io["feature_acts"]);
@@ -70,6 +90,15 @@ fn saelens_written_saes_match_saelens_outputs() {
         assert!(
             d <= TOLERANCE,
             "{arch}: decode differs from sae_lens by {d}"
+        );
+        // A transcoder's forward (with its skip path); an SAE's output is its reconstruction.
+        let output = loaded.sae.output(&io["x"]).unwrap();
+        let expected = io.get("output").unwrap_or(&io["reconstruction"]);
+        assert_eq!(io.contains_key("output"), transcoder, "{arch}");
+        let d = max_abs_diff(&output, expected);
+        assert!(
+            d <= TOLERANCE,
+            "{arch}: output differs from sae_lens by {d}"
         );
     }
 }
@@ -103,16 +132,28 @@ fn saved_cases(scratch: &Path) -> Vec<(String, SaeDir)> {
     let mut f64_dir = load(&fixture("standard"));
     f64_dir.sae = f64_dir.sae.to_dtype(DType::F64).unwrap();
     cases.push(("standard_f64".into(), f64_dir));
+    // A top-k transcoder (sparsify's kind; SAELens has no such class): saved as `topk` with
+    // `d_out` and `hook_name_out`.
+    let mut topk_transcoder = load(&fixture("topk"));
+    topk_transcoder.sae.transcoder = true;
+    topk_transcoder.sae.apply_b_dec_to_input = false;
+    topk_transcoder.metadata.hook_name_out = "blocks.0.hook_mlp_out".into();
+    cases.push(("topk_transcoder".into(), topk_transcoder));
     cases
 }
 
-/// In the SAE's dtype (SAELens's decode wants activations of its own dtype).
-fn write_io(path: &Path, x: &Tensor, acts: &Tensor, recon: &Tensor) {
-    let map = HashMap::from([
-        ("x".to_string(), x.to_dtype(acts.dtype()).unwrap()),
+/// In the SAE's dtype (SAELens's decode wants activations of its own dtype); a transcoder's
+/// `output` too.
+fn write_io(path: &Path, sae: &Sae, x: &Tensor, acts: &Tensor, recon: &Tensor) {
+    let x = x.to_dtype(acts.dtype()).unwrap();
+    let mut map = HashMap::from([
         ("feature_acts".to_string(), acts.clone()),
         ("reconstruction".to_string(), recon.clone()),
     ]);
+    if sae.transcoder {
+        map.insert("output".to_string(), sae.output(&x).unwrap());
+    }
+    map.insert("x".to_string(), x);
     candle_core::safetensors::save(&map, path).unwrap();
 }
 
@@ -122,9 +163,11 @@ fn saved_saes_reload_to_identical_outputs() {
     let keep = std::env::var_os("MONOSCOPE_SAVE_FIXTURES_TO").map(PathBuf::from);
     let out_root = keep.clone().unwrap_or_else(|| scratch.path().join("saved"));
     for (name, sae_dir) in saved_cases(scratch.path()) {
+        // The longest fixture name the case starts with (`jumprelu_transcoder`, not `jumprelu`).
         let arch = ARCHITECTURES
             .into_iter()
-            .find(|a| name.starts_with(a))
+            .filter(|a| name.starts_with(a))
+            .max_by_key(|a| a.len())
             .unwrap();
         let io = io(arch);
         let x = &io["x"];
@@ -139,10 +182,17 @@ fn saved_saes_reload_to_identical_outputs() {
             ref a => a.clone(),
         };
         assert_eq!(reloaded.sae.architecture, expected_arch, "{name}");
+        assert_eq!(reloaded.sae.transcoder, sae_dir.sae.transcoder, "{name}");
         let (acts2, recon2) = outputs(&reloaded.sae, x);
         assert_eq!(max_abs_diff(&acts, &acts2), 0.0, "{name}: encode");
         assert_eq!(max_abs_diff(&recon, &recon2), 0.0, "{name}: decode");
-        if name != "topk_rescale" {
+        let (out, out2) = (sae_dir.sae.output(x), reloaded.sae.output(x));
+        assert_eq!(
+            max_abs_diff(&out.unwrap(), &out2.unwrap()),
+            0.0,
+            "{name}: output"
+        );
+        if name != "topk_rescale" && name != "topk_transcoder" {
             // Still SAELens's outputs (the rescaled variant has no SAELens reference here).
             assert!(
                 max_abs_diff(&acts, &io["feature_acts"]) <= TOLERANCE,
@@ -150,7 +200,7 @@ fn saved_saes_reload_to_identical_outputs() {
             );
         }
         if keep.is_some() {
-            write_io(&dir.join("io.safetensors"), x, &acts, &recon);
+            write_io(&dir.join("io.safetensors"), &sae_dir.sae, x, &acts, &recon);
             if name == "topk_rescale" {
                 // The unfolded source folder too, for sae_lens to compute with rescaling.
                 let src = dir.with_file_name("topk_rescale_src");
@@ -162,8 +212,71 @@ fn saved_saes_reload_to_identical_outputs() {
                     )
                     .unwrap();
                 }
-                write_io(&src.join("io.safetensors"), x, &acts, &recon);
+                write_io(&src.join("io.safetensors"), &sae_dir.sae, x, &acts, &recon);
             }
         }
     }
+}
+
+/// Copies the `arch` fixture into `scratch/name`, with `edit` applied to its cfg.json.
+fn edited_fixture(
+    scratch: &Path,
+    arch: &str,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let dir = scratch.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture(arch).join(saelens::WEIGHTS_FILE),
+        dir.join(saelens::WEIGHTS_FILE),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixture(arch).join(saelens::CONFIG_FILE)).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join(saelens::CONFIG_FILE), cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn transcoders_that_cannot_hold_are_refused_by_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    // SAELens itself refuses a transcoder that subtracts b_dec (of the output width) from
+    // its input.
+    let dir = edited_fixture(scratch.path(), "transcoder", "b_dec_in", |cfg| {
+        cfg["apply_b_dec_to_input"] = true.into();
+    });
+    let err = saelens::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("apply_b_dec_to_input"), "{err}");
+    // A d_out that disagrees with the weights names the tensor.
+    let dir = edited_fixture(scratch.path(), "transcoder", "d_out", |cfg| {
+        cfg["d_out"] = 16.into();
+    });
+    let err = saelens::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("W_dec") && err.contains("sae_weights"),
+        "{err}"
+    );
+    // A skip transcoder without W_skip.
+    let dir = edited_fixture(scratch.path(), "transcoder", "no_skip", |cfg| {
+        cfg["architecture"] = "skip_transcoder".into();
+    });
+    let err = saelens::load(&dir, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("W_skip"), "{err}");
+    // SAELens has no top-k skip transcoder: saving one is refused and writes nothing.
+    let mut sae_dir = load(&fixture("skip_transcoder"));
+    sae_dir.sae.architecture = Architecture::TopK { k: 4 };
+    let out = scratch.path().join("topk_skip");
+    let err = saelens::save(&out, &sae_dir, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("skip transcoder"), "{err}");
+    assert!(!out.exists());
 }

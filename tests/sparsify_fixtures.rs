@@ -1,7 +1,9 @@
 //! SAE folders written by EleutherAI's sparsify (`scripts/sparsify_fixtures.py`) load in
 //! monoscope at the hook their folder names, and give sparsify's own encodings and
 //! reconstructions; the hook's activations are the ones sparsify's trainer captured from the
-//! same module in transformers. Sparse coders that are not one hook's SAE are refused by name.
+//! same module in transformers. Transcoders load at the module's input and output hooks and give
+//! sparsify's own outputs, skip connections included. Sparse coders that monoscope cannot run
+//! are refused by name.
 
 #![allow(clippy::unwrap_used)] // tests and benches may panic on failure
 
@@ -84,7 +86,8 @@ fn edited_copy(root: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value
 fn sparse_coders_that_are_not_one_hooks_sae_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let cases: [(&str, serde_json::Value); 4] = [
-        ("transcode", true.into()),
+        ("signed", true.into()),
+        // A skip connection on an SAE (not a transcoder).
         ("skip_connection", true.into()),
         ("activation", "groupmax".into()),
         ("k", 0.into()),
@@ -112,6 +115,71 @@ fn sparse_coders_that_are_not_one_hooks_sae_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("encoder.weight"), "{err}");
+}
+
+/// (fixture model, transcoder hookpoint folder, the hooks its module reads and writes).
+const TRANSCODER_CASES: [(&str, &str, &str, &str); 3] = [
+    (
+        "gpt2",
+        "h.0.mlp",
+        "blocks.0.mlp.hook_in",
+        "blocks.0.hook_mlp_out",
+    ),
+    (
+        "llama",
+        "layers.1.mlp",
+        "blocks.1.mlp.hook_in",
+        "blocks.1.hook_mlp_out",
+    ),
+    (
+        "gpt_neox",
+        "layers.1.mlp.act",
+        "blocks.1.mlp.hook_pre",
+        "blocks.1.mlp.hook_post",
+    ),
+];
+
+#[test]
+fn sparsify_transcoders_read_and_write_their_modules_hooks_and_match_sparsify() {
+    for (model_type, hookpoint, hook_in, hook_out) in TRANSCODER_CASES {
+        let what = format!("{model_type} transcoder {hookpoint}");
+        let model = Model::load(&fixture_dir(model_type), &Device::Cpu, DType::F32).unwrap();
+        let dir = sparsify_dir("transcoders", model_type).join(hookpoint);
+        let (sae_dir, point) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
+        let out_point = sae::output_hook(&sae_dir, point, &model).unwrap();
+        assert_eq!(
+            (point.to_string(), out_point.to_string()),
+            (hook_in.to_string(), hook_out.to_string()),
+            "{what}"
+        );
+        assert!(sae_dir.sae.transcoder && !sae_dir.sae.apply_b_dec_to_input);
+        let io = io(&dir);
+        assert_eq!(sae_dir.sae.w_skip.is_some(), model_type != "gpt2", "{what}");
+        // The module's input and output as transformers computed them are monoscope's hooks.
+        let ids: Vec<u32> = io["input_ids"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let run = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &monoscope::model::Hooks::new().capture([point, out_point]),
+            )
+            .unwrap();
+        for (p, key) in [(point, "x"), (out_point, "y")] {
+            let captured = run.cache.get(p).unwrap().get(0).unwrap();
+            let err = common::max_relative_error(&captured, &io[key]);
+            assert!(err <= 1e-4, "{what}: {p} off by {err}");
+        }
+        let acts = sae_dir.sae.encode(&io["x"]).unwrap();
+        let err = common::max_relative_error(&acts, &io["feature_acts"]);
+        assert!(err <= 1e-5, "{what}: feature activations off by {err}");
+        let output = sae_dir.sae.output(&io["x"]).unwrap();
+        let err = common::max_relative_error(&output, &io["output"]);
+        assert!(err <= 1e-5, "{what}: output off by {err}");
+    }
 }
 
 #[test]
@@ -165,4 +233,59 @@ fn sae_eval_runs_on_a_sparsify_folder() {
     let l0 = report["l0"].as_f64().unwrap();
     assert!(l0 > 0.0 && l0 <= 8.0, "{report}");
     assert!(report["fvu"].as_f64().unwrap().is_finite(), "{report}");
+}
+
+/// `sae eval` judges a sparsify transcoder at the module output it predicts (its own L0 of at
+/// most k), and an output hook that does not come after its input is refused by name.
+#[test]
+fn sae_eval_runs_on_a_sparsify_transcoder_and_refuses_an_earlier_output_hook() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &text,
+        "The capital of Japan is Tokyo.\nThe capital of France is Paris.\n日本の首都は東京です。\n",
+    )
+    .unwrap();
+    let sae = sparsify_dir("transcoders", "llama").join("layers.1.mlp");
+    let model = fixture_dir("llama");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "sae",
+            "eval",
+            "--sae",
+            sae.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            text.to_str().unwrap(),
+            "--context-size",
+            "8",
+            "--windows",
+            "4",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let plain = args(&[]);
+    let report = monoscope_json(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let l0 = report["l0"].as_f64().unwrap();
+    assert!(l0 > 0.0 && l0 <= 8.0, "{report}");
+    assert!(report["fvu"].as_f64().unwrap().is_finite(), "{report}");
+    assert!(report["ce_sae"].as_f64().unwrap().is_finite(), "{report}");
+
+    let earlier = args(&["--hook-out", "blocks.0.hook_mlp_out"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(&earlier)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("blocks.0.hook_mlp_out") && stderr.contains("does not come after"),
+        "{stderr}"
+    );
 }

@@ -46,7 +46,7 @@ pub struct ExportArgs {
 
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
+    let (sae_dir, site) = args.sae.load(&model, &candle_core::Device::Cpu)?;
     let corpus = args.corpus.corpus()?;
     let settings = ExportSettings {
         segment: args.corpus.segments(&model, sae_dir.metadata.context_size),
@@ -76,7 +76,8 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         model: &model,
         sae: &sae_dir.sae,
         sae_dir: &args.sae.dir,
-        hook,
+        hook: site.input,
+        writes: site.output,
         corpus: &corpus,
     };
     let report = export(&input, &args.out, &settings, existing, &CANCEL, |p| {

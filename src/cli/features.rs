@@ -90,7 +90,7 @@ pub fn run(command: &FeaturesCommand) -> anyhow::Result<()> {
 
 fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
+    let (sae_dir, site) = args.sae.load(&model, &candle_core::Device::Cpu)?;
     let corpus = args.corpus.corpus()?;
     let settings = BuildSettings {
         segment: args.corpus.segments(&model, sae_dir.metadata.context_size),
@@ -116,7 +116,8 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
         model: &model,
         sae: &sae_dir.sae,
         sae_dir: &args.sae.dir,
-        hook,
+        hook: site.input,
+        writes: site.output,
         corpus: &corpus,
     };
     let report = build(
@@ -161,7 +162,8 @@ fn build_store(args: &BuildArgs) -> anyhow::Result<()> {
 
 fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let (sae_dir, hook) = args.sae.load(&model, &candle_core::Device::Cpu)?;
+    let (sae_dir, site) = args.sae.load(&model, &candle_core::Device::Cpu)?;
+    let hook = site.input;
     let context = sae_dir.metadata.context_size;
     let mut settings = ScoreSettings::new(SegmentSettings {
         context_size: if context > 0 { context } else { 128 }.min(model.dims().context_length),

@@ -44,6 +44,9 @@ pub struct GenerateArgs {
     /// sparsify folder's hookpoint name, or a Gemma Scope path's site and layer).
     #[arg(long, requires = "sae")]
     hook: Option<String>,
+    /// Hook a transcoder writes, where it steers (default: the one its folder names).
+    #[arg(long, requires = "sae")]
+    hook_out: Option<String>,
     /// Steer with SAE features: FEATURE=VALUE[,FEATURE=VALUE…] (needs --sae).
     #[arg(long, requires = "sae")]
     steer: Option<String>,
@@ -89,14 +92,20 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let (hooks, steering) = match (&args.sae, &args.steer) {
         (Some(dir), Some(spec)) => {
-            let (sae_dir, hook) = load_sae(dir, args.hook.as_deref(), &model, &model.device)?;
-            check_sae_fits(&model, hook, &sae_dir.sae, dir)?;
+            let (sae_dir, site) = load_sae(
+                dir,
+                args.hook.as_deref(),
+                args.hook_out.as_deref(),
+                &model,
+                &model.device,
+            )?;
+            check_sae_fits(&model, site.input, &sae_dir.sae, dir)?;
             let steers = parse_steers(spec)?;
             let mode = match args.steer_mode {
                 SteerModeArg::Clamp => SteerMode::Clamp,
                 SteerModeArg::Add => SteerMode::Add,
             };
-            let hooks = steering_hooks(&sae_dir.sae, hook, &steers, mode, &model.device)
+            let hooks = steering_hooks(&sae_dir.sae, site, &steers, mode, &model.device)
                 .with_context(|| format!("steering with {}", dir.display()))?;
             let described: Vec<serde_json::Value> = steers
                 .iter()
@@ -104,7 +113,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
                 .collect();
             let info = serde_json::json!({
                 "sae": dir.display().to_string(),
-                "hook": hook.to_string(),
+                "hook": site.input.to_string(),
+                "hook_out": site.output.to_string(),
                 "mode": format!("{:?}", args.steer_mode).to_lowercase(),
                 "features": described,
             });

@@ -104,10 +104,16 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     let request = &requests[0].1;
     let features = match &args.sae {
         Some(dir) => {
-            let (sae, hook) = super::sae::load_sae(dir, None, &model, &model.device)?;
-            let found =
-                patch_features(&model, &sae.sae, hook, request, args.top_features, &CANCEL)?
-                    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+            let (sae, site) = super::sae::load_sae(dir, None, None, &model, &model.device)?;
+            let found = patch_features(
+                &model,
+                &sae.sae,
+                site.input,
+                request,
+                args.top_features,
+                &CANCEL,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
             Some(found)
         }
         None => None,

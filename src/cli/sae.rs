@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::device::parse_dtype;
+use crate::sae::SaeSite;
 use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
 use crate::sae::eval::{EvalSettings, evaluate};
 use crate::sae::run::{
@@ -286,6 +287,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         context_size: source.settings.context_size,
         prepend_bos: source.settings.prepend_bos,
         dataset_path: source.corpus().describe(),
+        hook_name_out: String::new(),
     };
     install_ctrl_c("stopping after this step and writing a checkpoint");
     let total = settings.train.total_steps;
@@ -367,8 +369,8 @@ fn model_name(dir: &Path) -> String {
 fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let device = model.device.clone();
-    let (sae_dir, hook) = args.sae.load(&model, &device)?;
-    let hook = hook.to_string();
+    let (sae_dir, site) = args.sae.load(&model, &device)?;
+    let hook = site.input.to_string();
     let mut corpus = args.corpus.clone();
     if corpus.context_size.is_none() && sae_dir.metadata.context_size > 0 {
         corpus.context_size = Some(
@@ -386,6 +388,7 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let report = evaluate(
         &mut source,
         &sae_dir.sae,
+        site.output,
         &EvalSettings {
             windows: args.windows,
             dense_threshold: args.dense_threshold,
@@ -412,6 +415,10 @@ pub struct SaeArgs {
     /// sparsify folder's hookpoint name, or a Gemma Scope path's site and layer).
     #[arg(long)]
     pub hook: Option<String>,
+    /// Hook a transcoder writes (default: the one its folder names: SAELens
+    /// metadata.hook_name_out, or a sparsify transcoder's module output).
+    #[arg(long)]
+    pub hook_out: Option<String>,
 }
 
 impl SaeArgs {
@@ -420,19 +427,33 @@ impl SaeArgs {
         &self,
         model: &crate::model::Model,
         device: &candle_core::Device,
-    ) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
-        load_sae(&self.dir, self.hook.as_deref(), model, device)
+    ) -> anyhow::Result<(saelens::SaeDir, SaeSite)> {
+        load_sae(
+            &self.dir,
+            self.hook.as_deref(),
+            self.hook_out.as_deref(),
+            model,
+            device,
+        )
     }
 }
 
-/// Loads an SAE (in f32) and resolves the hook it reads: `hook`, or else the SAE's
-/// hook its folder names, which must exist in `model`.
+/// Loads an SAE (in f32) and resolves the hooks it reads and writes: `hook` (`hook_out`), or
+/// else the hooks its folder names, which must exist in `model`.
 pub fn load_sae(
     dir: &Path,
     hook: Option<&str>,
+    hook_out: Option<&str>,
     model: &crate::model::Model,
     device: &candle_core::Device,
-) -> anyhow::Result<(saelens::SaeDir, crate::model::HookPoint)> {
-    crate::sae::load_for_model(dir, hook, model, device)
-        .with_context(|| format!("loading SAE {}", dir.display()))
+) -> anyhow::Result<(saelens::SaeDir, SaeSite)> {
+    let load = || -> crate::error::Result<(saelens::SaeDir, SaeSite)> {
+        let (mut sae_dir, input) = crate::sae::load_for_model(dir, hook, model, device)?;
+        if let Some(out) = hook_out {
+            sae_dir.metadata.hook_name_out = out.to_string();
+        }
+        let output = crate::sae::output_hook(&sae_dir, input, model)?;
+        Ok((sae_dir, SaeSite { input, output }))
+    };
+    load().with_context(|| format!("loading SAE {}", dir.display()))
 }

@@ -187,7 +187,10 @@ fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Resul
     let mut saes: Vec<TracedSae> = Vec::with_capacity(dirs.len());
     for (i, dir) in dirs.iter().enumerate() {
         let hook = hooks.get(i).map(String::as_str);
-        let (sae_dir, point) = super::sae::load_sae(dir, hook, model, &model.device)?;
+        let (sae_dir, site) = super::sae::load_sae(dir, hook, None, model, &model.device)?;
+        // The trace records each SAE's reconstruction and error at the hook it reads.
+        sae_dir.sae.require_not_transcoder("trace --sae")?;
+        let point = site.input;
         crate::sae::codes::check_sae_fits(model, point, &sae_dir.sae, dir)?;
         if let Some(other) = saes.iter().position(|s| s.hook == point) {
             anyhow::bail!(

@@ -71,6 +71,10 @@ pub struct SaeRef {
     pub architecture: String,
     pub d_in: usize,
     pub d_sae: usize,
+    /// A transcoder's output hook (where `features.parquet`'s logit effects are read from);
+    /// absent for an SAE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_out: Option<String>,
 }
 
 /// `manifest.json`: what was exported, from what, and which files hold it.
@@ -210,6 +214,7 @@ pub fn export(
             architecture: input.sae.architecture.name().to_string(),
             d_in: input.sae.d_in(),
             d_sae: input.sae.d_sae(),
+            hook_out: input.sae.transcoder.then(|| input.writes.to_string()),
         },
         corpus: input.corpus.describe(),
         context_size: settings.segment.context_size,
@@ -343,7 +348,7 @@ pub fn export(
         out,
         input.model,
         input.sae,
-        input.hook,
+        input.writes,
         &manifest,
         settings.logit_tokens,
         &token_names,

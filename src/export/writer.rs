@@ -342,7 +342,7 @@ pub fn write_features(
     out: &Path,
     model: &Model,
     sae: &Sae,
-    hook: HookPoint,
+    writes: HookPoint,
     manifest: &Manifest,
     logit_tokens: usize,
     token_names: &[String],
@@ -350,7 +350,7 @@ pub fn write_features(
     let (count, sum, max) = feature_totals(out, manifest)?;
     let d_sae = count.len();
     let tokens = manifest.token_count.max(1) as f64;
-    let effects = logit_effects(model, hook, &sae.w_dec, logit_tokens, token_names)?;
+    let effects = logit_effects(model, writes, &sae.w_dec, logit_tokens, token_names)?;
     let mut top = ListBuilder::new(StringBuilder::new());
     let mut bottom = ListBuilder::new(StringBuilder::new());
     for f in 0..d_sae {

@@ -82,7 +82,8 @@ pub fn logit_effects(
         | HookPoint::Ln2PostNormalized(_) => (None, true),
         // Not a direction in any space the model writes from (the pattern is not even one
         // vector per token: SAEs cannot be trained there).
-        HookPoint::MlpPre(_)
+        HookPoint::MlpIn(_)
+        | HookPoint::MlpPre(_)
         | HookPoint::MlpPreLinear(_)
         | HookPoint::Ln1Scale(_)
         | HookPoint::Ln1Normalized(_)

@@ -104,7 +104,7 @@ pub fn build(
     let token_names = input.model.token_names();
     let effects = logits::logit_effects(
         input.model,
-        input.hook,
+        input.writes,
         &input.sae.w_dec,
         settings.logit_tokens,
         &token_names,

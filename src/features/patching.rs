@@ -66,6 +66,8 @@ pub fn patch_features(
     top: usize,
     cancel: &AtomicBool,
 ) -> Result<Option<FeaturePatchReport>> {
+    // Attribution here runs through the SAE's error term at the hook it reads.
+    sae.require_not_transcoder("feature patching")?;
     let width = model.hook_width(hook)?;
     if width != sae.d_in() {
         return Err(Error::InvalidArgument {

@@ -6,14 +6,18 @@
 //! Clamping keeps the SAE's reconstruction error, as Anthropic's and Neuronpedia's steering
 //! does: `x' = x + Σ_f (v_f − a_f(x))·W_dec[f]`, `a_f(x)` the feature's activation on `x`
 //! (so other features and the error term are untouched). Adding is `x' = x + Σ_f v_f·W_dec[f]`.
+//!
+//! A transcoder steers where it writes: its decoder directions live in its output hook's space,
+//! so the shift is added there, and clamping reads the feature's activation from the input hook
+//! earlier in the same forward pass.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::hooks::{HookPoint, Hooks, Intervention, InterventionOp};
-use crate::sae::Sae;
+use crate::model::hooks::{Hooks, Intervention, InterventionOp};
+use crate::sae::{Sae, SaeSite};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SteerMode {
@@ -68,14 +72,17 @@ pub fn parse_steers(spec: &str) -> Result<Vec<Steer>> {
         })
 }
 
-/// Hooks that steer `steers` at `hook` (the SAE's). The SAE is moved to `device` in f32.
+/// Hooks that steer `steers` at the SAE's `site` (a [`HookPoint`](crate::model::HookPoint) for an SAE). The SAE is moved
+/// to `device` in f32.
 pub fn steering_hooks(
     sae: &Sae,
-    hook: HookPoint,
+    site: impl Into<SaeSite>,
     steers: &[Steer],
     mode: SteerMode,
     device: &Device,
 ) -> Result<Hooks> {
+    let site = site.into();
+    site.check(sae)?;
     if steers.is_empty() {
         return Ok(Hooks::new());
     }
@@ -94,30 +101,68 @@ pub fn steering_hooks(
         b_enc: sae.b_enc.to_device(device)?,
         b_dec: sae.b_dec.to_device(device)?,
         threshold: sae.threshold.map(|t| t.to_device(device)).transpose()?,
+        w_skip: sae.w_skip.map(|t| t.to_device(device)).transpose()?,
         ..sae
     };
     let ids: Vec<u32> = steers.iter().map(|s| s.feature).collect();
     let ids = Tensor::new(ids.as_slice(), device)?;
     let values: Vec<f32> = steers.iter().map(|s| s.value).collect();
     let values = Tensor::new(values.as_slice(), device)?; // [n]
-    let directions = sae.w_dec.index_select(&ids, 0)?; // [n, d_in]
+    let directions = sae.w_dec.index_select(&ids, 0)?; // [n, d_out]
+    let encode = move |x: &Tensor| -> candle_core::Result<Tensor> {
+        sae.encode(&x.to_dtype(DType::F32)?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .index_select(&ids, D::Minus1) // [b, s, n]
+    };
+    // The steered features' activations, read at the input hook: for an SAE in the hook that
+    // it also shifts; for a transcoder earlier in the pass, kept here until its output hook.
+    let read_at_input = Arc::new(Mutex::new(None::<Tensor>));
+    let read = read_at_input.clone();
+    let separate_output = site.output != site.input;
+    let encode_here = encode.clone();
     let f = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let amounts = match mode {
             SteerMode::Add => values.broadcast_as(steer_shape(&xf, values.dim(0)?)?)?,
             SteerMode::Clamp => {
-                let acts = sae
-                    .encode(&xf)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-                    .index_select(&ids, D::Minus1)?; // [b, s, n]
+                let acts = if separate_output {
+                    read.lock()
+                        .map_err(|_| candle_core::Error::Msg("steering state poisoned".into()))?
+                        .take()
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg(
+                                "the transcoder's input hook did not run before its output hook"
+                                    .into(),
+                            )
+                        })?
+                } else {
+                    encode_here(&xf)?
+                };
                 values.broadcast_sub(&acts)?
             }
         };
-        let shift = amounts.broadcast_matmul(&directions)?; // [b, s, d_in]
+        let shift = amounts.broadcast_matmul(&directions)?; // [b, s, d_out]
         (xf + shift)?.to_dtype(dtype)
     };
-    Ok(Hooks::new().intervene(hook, Intervention::new(InterventionOp::Func(Arc::new(f)))))
+    let hooks = Hooks::new().intervene(
+        site.output,
+        Intervention::new(InterventionOp::Func(Arc::new(f))),
+    );
+    if !(separate_output && mode == SteerMode::Clamp) {
+        return Ok(hooks);
+    }
+    let stash = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+        let acts = encode(x)?;
+        *read_at_input
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("steering state poisoned".into()))? = Some(acts);
+        Ok(x.clone())
+    };
+    Ok(hooks.intervene(
+        site.input,
+        Intervention::new(InterventionOp::Func(Arc::new(stash))),
+    ))
 }
 
 /// `[b, s, n]` for activations `[b, s, d]`.

@@ -25,6 +25,8 @@ pub struct OpenSae {
     pub dir: PathBuf,
     pub sae: SaeDir,
     pub hook: HookPoint,
+    /// The hook its decoder writes: `hook` for an SAE, a transcoder's output hook.
+    pub hook_out: HookPoint,
     /// Where what the window derives from this SAE and model (feature store, labels) is
     /// cached; named by both contents' hashes, computed once when the SAE opens.
     pub cache_dir: PathBuf,
@@ -34,6 +36,14 @@ pub struct OpenSae {
 }
 
 impl OpenSae {
+    /// The hooks it reads and writes.
+    pub fn site(&self) -> crate::sae::SaeSite {
+        crate::sae::SaeSite {
+            input: self.hook,
+            output: self.hook_out,
+        }
+    }
+
     /// The SAE on `model` over `corpus`, as feature statistics and exports read it.
     pub fn coding_input<'a>(&'a self, model: &'a Model, corpus: &'a Corpus) -> CodingInput<'a> {
         CodingInput {
@@ -41,6 +51,7 @@ impl OpenSae {
             sae: &self.sae.sae,
             sae_dir: &self.dir,
             hook: self.hook,
+            writes: self.hook_out,
             corpus,
         }
     }
@@ -219,6 +230,7 @@ impl Workbench {
             job.set_message(format!("loading {}", dir.display()));
             let (sae, hook) = load_for_model(&dir, None, &model, &candle_core::Device::Cpu)?;
             crate::sae::codes::check_sae_fits(&model, hook, &sae.sae, &dir)?;
+            let hook_out = crate::sae::output_hook(&sae, hook, &model)?;
             let model_hash = model.content_hash()?;
             let sae_hash = crate::table::sae_hash(&dir)?;
             Ok(OpenSae {
@@ -226,6 +238,7 @@ impl Workbench {
                 dir,
                 sae,
                 hook,
+                hook_out,
                 sae_hash,
                 model_hash,
             })
@@ -442,11 +455,15 @@ impl Workbench {
         }
         if let Some(sae) = &self.sae {
             ui.separator();
+            let site = if sae.sae.sae.transcoder {
+                format!("transcoder {} → {}", sae.hook, sae.hook_out)
+            } else {
+                sae.hook.to_string()
+            };
             ui.label(format!(
-                "SAE {} ({} on {}, {} latents)",
+                "SAE {} ({} on {site}, {} latents)",
                 short_path(&sae.dir),
                 sae.sae.sae.architecture.name(),
-                sae.hook,
                 sae.sae.sae.d_sae()
             ));
         }

@@ -99,6 +99,10 @@ pub enum HookPoint {
     Ln2Scale(usize),
     /// `blocks.L.ln2.hook_normalized`: the MLP norm's normalised input, before its gain and bias.
     Ln2Normalized(usize),
+    /// `blocks.L.mlp.hook_in`: the MLP's input, after its norm's gain and bias (what the up
+    /// and gate projections read; TransformerBridge's and circuit-tracer's name): where
+    /// transcoders read — `[.., d_model]`.
+    MlpIn(usize),
     /// `blocks.L.mlp.hook_pre`: FFN pre-activation (for gated MLPs, the gate's) — `[.., d_mlp]`.
     MlpPre(usize),
     /// `blocks.L.mlp.hook_pre_linear`: a gated MLP's up projection, the factor that
@@ -151,6 +155,7 @@ impl HookPoint {
             | Self::Ln1PostNormalized(l)
             | Self::AttnOut(l)
             | Self::ResidMid(l)
+            | Self::MlpIn(l)
             | Self::MlpPre(l)
             | Self::MlpPreLinear(l)
             | Self::MlpPost(l)
@@ -197,6 +202,7 @@ impl fmt::Display for HookPoint {
             Self::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             Self::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Self::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
+            Self::MlpIn(l) => write!(f, "blocks.{l}.mlp.hook_in"),
             Self::MlpPreLinear(l) => write!(f, "blocks.{l}.mlp.hook_pre_linear"),
             Self::MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
             Self::Ln2PostIn(l) => write!(f, "blocks.{l}.ln2_post.hook_in"),
@@ -225,7 +231,7 @@ impl FromStr for HookPoint {
                     attn.hook_rot_k, attn.hook_attn_scores, attn.hook_pattern, attn.hook_z, \
                     ln1_post.hook_in, ln1_post.hook_scale, ln1_post.hook_normalized, \
                     hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
-                    mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, ln2_post.hook_in, \
+                    mlp.hook_in, mlp.hook_pre, mlp.hook_pre_linear, mlp.hook_post, ln2_post.hook_in, \
                     ln2_post.hook_scale, ln2_post.hook_normalized, hook_mlp_out, \
                     hook_resid_post}, \
                     ln_final.hook_scale, ln_final.hook_normalized"
@@ -263,6 +269,7 @@ impl FromStr for HookPoint {
             "ln1_post.hook_normalized" => Self::Ln1PostNormalized(layer),
             "hook_attn_out" => Self::AttnOut(layer),
             "hook_resid_mid" => Self::ResidMid(layer),
+            "mlp.hook_in" => Self::MlpIn(layer),
             "mlp.hook_pre" => Self::MlpPre(layer),
             "mlp.hook_pre_linear" => Self::MlpPreLinear(layer),
             "mlp.hook_post" => Self::MlpPost(layer),

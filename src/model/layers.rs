@@ -765,6 +765,7 @@ impl Mlp {
         layer: usize,
         hooks: &mut HookRunner,
     ) -> candle_core::Result<Tensor> {
+        let x = &hooks.hook(HookPoint::MlpIn(layer), x.clone())?; // [b, s, d_model]
         match self {
             Self::Plain { fc, proj, act } => {
                 let pre = hooks.hook(HookPoint::MlpPre(layer), linear(x, fc)?)?; // [b, s, d_mlp]
@@ -1089,7 +1090,7 @@ impl Transformer {
             if !block.ln_mlp.is_identity() {
                 points.extend([HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l)]);
             }
-            points.push(HookPoint::MlpPre(l));
+            points.extend([HookPoint::MlpIn(l), HookPoint::MlpPre(l)]);
             if matches!(block.mlp, Mlp::Gated { .. }) {
                 points.push(HookPoint::MlpPreLinear(l));
             }

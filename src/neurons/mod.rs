@@ -340,6 +340,8 @@ pub fn key_contexts(
             b_dec: Tensor::zeros(d_mlp, DType::F32, &device)?,
             threshold: None,
             apply_b_dec_to_input: false,
+            transcoder: false,
+            w_skip: None,
         };
         let encoder = SparseEncoder::new(&sae)?;
         let settings = StatsSettings {

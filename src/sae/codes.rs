@@ -350,6 +350,10 @@ pub struct CodingInput<'a> {
     pub sae: &'a Sae,
     /// The SAE's folder (its content hash goes into the outputs).
     pub sae_dir: &'a Path,
+    /// The hook the SAE reads.
     pub hook: HookPoint,
+    /// The hook its decoder writes, where its logit effects are read: `hook` for an SAE, the
+    /// output hook for a transcoder.
+    pub writes: HookPoint,
     pub corpus: &'a Corpus,
 }

@@ -12,6 +12,11 @@
 //! - KL score: `1 − KL_sae / KL_zero`, `KL_·` the mean `KL(p_clean ‖ p_·)` of next-token
 //!   distributions;
 //! - delta LM loss: `CE_sae − CE_clean`.
+//!
+//! A transcoder is judged where it writes: `x` above is its output hook's activation, `x̂` its
+//! prediction from the input hook, and the splice replaces the output hook. The input hook comes
+//! earlier in the pass, so the clean run's input is also the spliced run's and one clean pass
+//! gives every prediction.
 
 use std::sync::Arc;
 
@@ -19,9 +24,10 @@ use candle_core::{D, DType, Tensor};
 use candle_nn::ops::log_softmax;
 use serde::Serialize;
 
-use super::Sae;
 use super::activations::{ActivationSource, ChunkSource};
+use super::{Sae, SaeSite};
 use crate::error::{Error, Result};
+use crate::model::HookPoint;
 use crate::model::hooks::{Hooks, Intervention, InterventionOp};
 
 /// What to evaluate on.
@@ -115,30 +121,34 @@ impl EvalReport {
     }
 }
 
-/// Runs the evaluation over `settings.windows` windows drawn from `source`.
+/// Runs the evaluation over `settings.windows` windows drawn from `source` (which reads the
+/// SAE's input hook); `output` is the hook the SAE writes ([`super::output_hook`]).
 pub fn evaluate(
     source: &mut ActivationSource,
     sae: &Sae,
+    output: HookPoint,
     settings: &EvalSettings,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
     let model = source.model();
-    let hook = source.hook;
+    let input = source.hook;
+    SaeSite { input, output }.check(sae)?;
     let d_in = source.d_in();
     if sae.d_in() != d_in {
         return Err(Error::InvalidArgument {
             what: "SAE",
             value: format!("d_in {}", sae.d_in()),
-            message: format!("the hook `{hook}` is {d_in} wide"),
+            message: format!("the hook `{input}` is {d_in} wide"),
         });
     }
+    let d_out = sae.d_out();
     let sae = sae.to_dtype(DType::F32)?;
     let per_batch = source.settings.windows_per_forward;
     let ctx = source.settings.context_size;
     let d_sae = sae.d_sae();
     let mut fires = vec![0u64; d_sae];
     let (mut tokens, mut active) = (0usize, 0f64);
-    let (mut sq_err, mut sum, mut sum_sq) = (0f64, vec![0f64; d_in], 0f64);
+    let (mut sq_err, mut sum, mut sum_sq) = (0f64, vec![0f64; d_out], 0f64);
     let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl_sae, mut kl_zero) =
         (0f64, 0f64, 0f64, 0f64, 0f64);
     let mut predictions = 0usize;
@@ -146,7 +156,7 @@ pub fn evaluate(
     while done < settings.windows {
         let n = per_batch.min(settings.windows - done);
         let ids = source.next_windows(n)?;
-        let input = Tensor::from_vec(ids.clone(), (n, ctx), &model.device)?;
+        let ids_tensor = Tensor::from_vec(ids.clone(), (n, ctx), &model.device)?;
         // Which positions the SAE covers (special tokens are left alone, as in training).
         let keep: Vec<f32> = ids
             .iter()
@@ -154,10 +164,12 @@ pub fn evaluate(
             .collect();
         let keep = Tensor::from_vec(keep, (n, ctx, 1), &model.device)?;
 
-        let clean = model.forward(&input, &Hooks::new().capture([hook]))?;
-        let x = clean.cache.require(hook)?.to_dtype(DType::F32)?;
-        let acts = sae.encode(&x)?;
-        let x_hat = sae.decode(&acts)?;
+        let clean = model.forward(&ids_tensor, &Hooks::new().capture([input, output]))?;
+        let x_in = clean.cache.require(input)?.to_dtype(DType::F32)?;
+        let acts = sae.encode(&x_in)?;
+        // What the SAE puts at its output hook, and what the model had there.
+        let x_hat = sae.output(&x_in)?;
+        let x = clean.cache.require(output)?.to_dtype(DType::F32)?;
 
         // Reconstruction statistics over kept positions.
         let kept_rows = keep.sum_all()?.to_scalar::<f32>()? as usize;
@@ -184,13 +196,13 @@ pub fn evaluate(
                 v.broadcast_mul(&k.affine(-1.0, 1.0)?)?
                     .add(&r.broadcast_mul(&k)?)
             };
-            let hooks =
-                Hooks::new().intervene(hook, Intervention::new(InterventionOp::Func(Arc::new(f))));
-            Ok(model.forward(&input, &hooks)?.logits)
+            let hooks = Hooks::new()
+                .intervene(output, Intervention::new(InterventionOp::Func(Arc::new(f))));
+            Ok(model.forward(&ids_tensor, &hooks)?.logits)
         };
         let sae_logits = splice(x_hat.clone())?;
         let zero_logits = splice(x_hat.zeros_like()?)?;
-        let targets = input.narrow(1, 1, ctx - 1)?.contiguous()?;
+        let targets = ids_tensor.narrow(1, 1, ctx - 1)?.contiguous()?;
         let clean_lp = log_probs(&clean.logits, ctx)?;
         let sae_lp = log_probs(&sae_logits, ctx)?;
         let zero_lp = log_probs(&zero_logits, ctx)?;

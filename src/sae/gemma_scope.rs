@@ -8,7 +8,9 @@
 //! Gemma Scope's JumpReLU encodes `pre = x @ W_enc + b_enc` (no `b_dec` subtracted from the
 //! input) and keeps `pre` where it exceeds the latent's threshold; it decodes
 //! `acts @ W_dec + b_dec`: a JumpReLU [`Sae`] with `apply_b_dec_to_input` off. Gemma Scope's
-//! transcoders (an MLP's input in, its output out) are refused by name.
+//! transcoders (`gemma-scope-…-transcoders`) are the same JumpReLU reading block L's MLP input
+//! after its pre-MLP norm (`blocks.L.mlp.hook_in`) and predicting the MLP's output after its
+//! post-MLP norm (`blocks.L.hook_mlp_out`), SAELens's mapping too.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,14 +32,8 @@ pub fn is_gemma_scope_dir(dir: &Path) -> bool {
 /// a `gemma-scope-…` component (`-res`, `-mlp`, `-att`; also inside a Hugging Face cache's
 /// `models--google--gemma-scope-…` folder).
 pub fn hook_for_path(dir: &Path) -> Option<String> {
-    let parts: Vec<String> = dir
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    let layer: usize = parts
-        .iter()
-        .rev()
-        .find_map(|p| p.strip_prefix("layer_")?.parse().ok())?;
+    let parts = path_parts(dir);
+    let layer = layer_of_path(dir)?;
     let site = parts
         .iter()
         .rev()
@@ -54,26 +50,35 @@ pub fn hook_for_path(dir: &Path) -> Option<String> {
     Some(format!("blocks.{layer}.{hook}"))
 }
 
+fn path_parts(dir: &Path) -> Vec<String> {
+    dir.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The `L` of the last `layer_L` component.
+fn layer_of_path(dir: &Path) -> Option<usize> {
+    path_parts(dir)
+        .iter()
+        .rev()
+        .find_map(|p| p.strip_prefix("layer_")?.parse().ok())
+}
+
+/// Whether a `gemma-scope-…` component names transcoders (`gemma-scope-2b-pt-transcoders`).
+fn is_transcoder_path(dir: &Path) -> bool {
+    path_parts(dir)
+        .iter()
+        .any(|p| p.contains("gemma-scope") && p.contains("transcoder"))
+}
+
 /// What [`hook_for_path`] understands, for error messages.
-pub const KNOWN_PATHS: &str = "…/gemma-scope-<model>-<res|mlp|att>/layer_L/…";
+pub const KNOWN_PATHS: &str = "…/gemma-scope-<model>-<res|mlp|att|transcoders>/layer_L/…";
 
 /// Loads a Gemma Scope folder onto `device` in `dtype`. `metadata.hook_name` is the hook its
 /// path names, or empty when it names none.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     let path = dir.join(WEIGHTS_FILE);
-    let transcoder = dir.components().any(|c| {
-        let part = c.as_os_str().to_string_lossy();
-        part.contains("gemma-scope") && part.contains("transcoder")
-    });
-    if transcoder {
-        return Err(Error::InvalidArgument {
-            what: "Gemma Scope folder",
-            value: dir.display().to_string(),
-            message: "is a transcoder's (an MLP's input in, its output out); monoscope's SAE \
-                      tools read and write one hook"
-                .into(),
-        });
-    }
+    let transcoder = is_transcoder_path(dir);
     let arrays: HashMap<String, Tensor> = Tensor::read_npz(&path)
         .map_err(|e| Error::InvalidArgument {
             what: "Gemma Scope weights",
@@ -97,11 +102,20 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
         b_dec: get("b_dec")?,
         threshold: Some(get("threshold")?),
         apply_b_dec_to_input: false,
+        transcoder,
+        w_skip: None,
     };
     sae.validate(&path)?;
-    let metadata = SaeMetadata {
-        hook_name: hook_for_path(dir).unwrap_or_default(),
-        ..SaeMetadata::default()
+    let metadata = match (transcoder, layer_of_path(dir)) {
+        (true, Some(layer)) => SaeMetadata {
+            hook_name: format!("blocks.{layer}.mlp.hook_in"),
+            hook_name_out: format!("blocks.{layer}.hook_mlp_out"),
+            ..SaeMetadata::default()
+        },
+        _ => SaeMetadata {
+            hook_name: hook_for_path(dir).unwrap_or_default(),
+            ..SaeMetadata::default()
+        },
     };
     Ok(SaeDir {
         sae,

@@ -5,7 +5,14 @@
 //!
 //! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
-//! `W_dec [d_sae, d_in]`.
+//! `W_dec [d_sae, d_out]`, where `d_out = d_in` for an SAE.
+//!
+//! A *transcoder* (Dunefsky et al. 2024; SAELens's `transcoder` family, sparsify's
+//! `transcode`) has the same encoder but predicts another hook from it — an MLP's output from
+//! its input — so its decoder writes `d_out` values at that other hook, optionally plus an affine
+//! skip path `x @ W_skipᵀ` (`W_skip [d_out, d_in]`). It never subtracts `b_dec` (which lives
+//! in the output space) from its input. Which hook it writes is the folder's
+//! `metadata.hook_name_out`; [`output_hook`] resolves it against a model.
 
 pub mod activations;
 pub mod codes;
@@ -120,6 +127,95 @@ pub fn load_for_model(
     }
 }
 
+/// Where an SAE sits in a model: the hook it reads and the hook its decoder writes — the same
+/// hook for an SAE, a later one for a transcoder ([`output_hook`]). A bare [`HookPoint`] is an
+/// SAE's site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaeSite {
+    pub input: HookPoint,
+    pub output: HookPoint,
+}
+
+impl From<HookPoint> for SaeSite {
+    fn from(hook: HookPoint) -> Self {
+        Self {
+            input: hook,
+            output: hook,
+        }
+    }
+}
+
+impl SaeSite {
+    /// Checks that a transcoder is given its own output hook (a site built from one hook would
+    /// write its predictions where it reads).
+    pub fn check(&self, sae: &Sae) -> Result<()> {
+        if sae.transcoder && self.input == self.output {
+            return Err(Error::InvalidArgument {
+                what: "transcoder",
+                value: format!("reading {}", self.input),
+                message: "needs the hook it writes (metadata.hook_name_out or --hook-out); it \
+                          does not write where it reads"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The hook an SAE's decoder writes, in `model`: `input` (the hook it reads) for an SAE; for a
+/// transcoder, `metadata.hook_name_out`, which must be one per-token hook of the model that comes
+/// after `input` in the forward pass (so that splicing it in leaves the transcoder's own input
+/// unchanged) and is `d_out` wide.
+pub fn output_hook(sae_dir: &SaeDir, input: HookPoint, model: &Model) -> Result<HookPoint> {
+    if !sae_dir.sae.transcoder {
+        return Ok(input);
+    }
+    let name = &sae_dir.metadata.hook_name_out;
+    if name.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "transcoder",
+            value: format!("reading {input}"),
+            message: "names no hook it writes (metadata.hook_name_out); pass it with --hook-out"
+                .into(),
+        });
+    }
+    let point = match model.resolve_hooks(&[name.as_str()])?[..] {
+        [point] => point,
+        ref points => {
+            return Err(Error::InvalidArgument {
+                what: "transcoder output hook",
+                value: name.clone(),
+                message: format!(
+                    "names {} hook points; a transcoder writes one",
+                    points.len()
+                ),
+            });
+        }
+    };
+    let order = |p: HookPoint| model.hook_points().iter().position(|&q| q == p);
+    if order(point) <= order(input) {
+        return Err(Error::InvalidArgument {
+            what: "transcoder output hook",
+            value: name.clone(),
+            message: format!(
+                "does not come after the hook the transcoder reads ({input}) in the forward pass"
+            ),
+        });
+    }
+    let width = model.hook_width(point)?;
+    if width != sae_dir.sae.d_out() {
+        return Err(Error::InvalidArgument {
+            what: "transcoder output hook",
+            value: name.clone(),
+            message: format!(
+                "is {width} wide but the transcoder writes d_out = {}",
+                sae_dir.sae.d_out()
+            ),
+        });
+    }
+    Ok(point)
+}
+
 /// How latent activations are computed from pre-activations.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Architecture {
@@ -152,25 +248,34 @@ impl Architecture {
     }
 }
 
-/// An SAE ready to encode and decode activations.
+/// An SAE (or a transcoder) ready to encode and decode activations.
 #[derive(Clone, Debug)]
 pub struct Sae {
     pub architecture: Architecture,
     /// `[d_in, d_sae]`.
     pub w_enc: Tensor,
-    /// `[d_sae, d_in]`.
+    /// `[d_sae, d_out]`.
     pub w_dec: Tensor,
     /// `[d_sae]`.
     pub b_enc: Tensor,
-    /// `[d_in]`.
+    /// `[d_out]`.
     pub b_dec: Tensor,
     /// `[d_sae]`, for JumpReLU and BatchTopK.
     pub threshold: Option<Tensor>,
     pub apply_b_dec_to_input: bool,
+    /// Whether the decoder predicts another hook than the encoder reads (see the module doc).
+    pub transcoder: bool,
+    /// `[d_out, d_in]`: a skip transcoder's affine path from input to output.
+    pub w_skip: Option<Tensor>,
 }
 
 impl Sae {
     pub fn d_in(&self) -> usize {
+        self.w_enc.dim(0).unwrap_or(0)
+    }
+
+    /// Width of what the decoder writes: `d_in` for an SAE, the output hook's for a transcoder.
+    pub fn d_out(&self) -> usize {
         self.b_dec.dim(0).unwrap_or(0)
     }
 
@@ -180,8 +285,8 @@ impl Sae {
 
     /// Checks shapes against each other; errors name the tensor.
     pub fn validate(&self, source: &std::path::Path) -> Result<()> {
-        let (d_in, d_sae) = (self.d_in(), self.d_sae());
-        for (key, size) in [("d_in", d_in), ("d_sae", d_sae)] {
+        let (d_in, d_sae, d_out) = (self.d_in(), self.d_sae(), self.d_out());
+        for (key, size) in [("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)] {
             if size == 0 {
                 return Err(Error::config(source, key, "is 0; must be at least 1"));
             }
@@ -198,9 +303,39 @@ impl Sae {
             Ok(())
         };
         check("W_enc", &self.w_enc, &[d_in, d_sae])?;
-        check("W_dec", &self.w_dec, &[d_sae, d_in])?;
+        check("W_dec", &self.w_dec, &[d_sae, d_out])?;
         if let Some(t) = &self.threshold {
             check("threshold", t, &[d_sae])?;
+        }
+        if let Some(t) = &self.w_skip {
+            check("W_skip", t, &[d_out, d_in])?;
+        }
+        if !self.transcoder {
+            if d_out != d_in {
+                return Err(Error::config(
+                    source,
+                    "b_dec",
+                    format!(
+                        "is {d_out} wide but W_enc reads {d_in}: an SAE decodes what it reads \
+                         (only a transcoder writes another width)"
+                    ),
+                ));
+            }
+            if self.w_skip.is_some() {
+                return Err(Error::config(
+                    source,
+                    "W_skip",
+                    "is a skip transcoder's weight, but the SAE is not a transcoder",
+                ));
+            }
+        }
+        if self.transcoder && self.apply_b_dec_to_input {
+            return Err(Error::config(
+                source,
+                "apply_b_dec_to_input",
+                "is true, but a transcoder never subtracts b_dec (an output-space bias) from \
+                 its input",
+            ));
         }
         // A diverged or corrupt save (inf or NaN) would poison every code computed from it.
         let tensors = [
@@ -209,6 +344,7 @@ impl Sae {
             ("b_enc", Some(&self.b_enc)),
             ("b_dec", Some(&self.b_dec)),
             ("threshold", self.threshold.as_ref()),
+            ("W_skip", self.w_skip.as_ref()),
         ];
         for (key, t) in tensors {
             let Some(t) = t else { continue };
@@ -294,11 +430,40 @@ impl Sae {
             .collect())
     }
 
-    /// Reconstruction `[.., d_in]` of latent activations `[.., d_sae]`.
+    /// Reconstruction `[.., d_out]` of latent activations `[.., d_sae]` (for a skip transcoder,
+    /// without the skip path, which needs the input: see [`Sae::output`]).
     pub fn decode(&self, acts: &Tensor) -> Result<Tensor> {
         Ok(acts
             .broadcast_matmul(&self.w_dec)?
             .broadcast_add(&self.b_dec)?)
+    }
+
+    /// What the SAE puts in place of its output hook for input `x` `[.., d_in]`: the
+    /// reconstruction of `x`, or a transcoder's prediction (with its skip path), `[.., d_out]`.
+    pub fn output(&self, x: &Tensor) -> Result<Tensor> {
+        let decoded = self.decode(&self.encode(x)?)?;
+        match &self.w_skip {
+            None => Ok(decoded),
+            Some(w_skip) => {
+                let x = x.to_dtype(w_skip.dtype())?;
+                Ok((decoded + x.broadcast_matmul(&w_skip.t()?)?)?)
+            }
+        }
+    }
+
+    /// Refuses a transcoder where a tool reconstructs the hook the SAE reads (error terms,
+    /// splicing at the input hook): `what` names the tool for the message.
+    pub fn require_not_transcoder(&self, what: &'static str) -> Result<()> {
+        if self.transcoder {
+            return Err(Error::InvalidArgument {
+                what,
+                value: "a transcoder".into(),
+                message: "works on SAEs that reconstruct the hook they read; a transcoder \
+                          predicts another hook"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Converts every tensor to `dtype`.
@@ -310,6 +475,11 @@ impl Sae {
         out.b_dec = self.b_dec.to_dtype(dtype)?;
         out.threshold = self
             .threshold
+            .as_ref()
+            .map(|t| t.to_dtype(dtype))
+            .transpose()?;
+        out.w_skip = self
+            .w_skip
             .as_ref()
             .map(|t| t.to_dtype(dtype))
             .transpose()?;

@@ -8,6 +8,13 @@
 //! JumpReLU with the learned threshold per latent, the training `k` kept under
 //! `metadata.training_architecture_details`. Such a folder loads back as
 //! [`Architecture::JumpRelu`] (the same maths).
+//!
+//! Transcoders use SAELens's transcoder family: `transcoder` (ReLU), `skip_transcoder` (ReLU and
+//! `W_skip`), `jumprelu_transcoder` and `jumprelu_skip_transcoder`, with `d_out` at the top level
+//! and the hook they write as `metadata.hook_name_out`. SAELens has no top-k transcoder class: a
+//! top-k transcoder (sparsify's kind) is saved as `topk` with `d_out` and `hook_name_out`, which
+//! SAELens's `HookedSAETransformer` splices at that output hook; a top-k *skip* transcoder has
+//! no SAELens form and is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -38,6 +45,9 @@ pub struct SaeMetadata {
     pub context_size: usize,
     pub prepend_bos: bool,
     pub dataset_path: String,
+    /// The hook a transcoder writes (empty for an SAE, which writes the hook it reads).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hook_name_out: String,
 }
 
 /// An SAE with its metadata, as stored in a directory.
@@ -122,6 +132,41 @@ fn is_pre_6(cfg: &Value) -> bool {
     major.is_none_or(|m| m < 6)
 }
 
+/// What a config's `architecture` says: the activation, whether the SAE is a transcoder, and
+/// whether it has a skip path (`W_skip`).
+struct Declared {
+    architecture: Architecture,
+    transcoder: bool,
+    skip: bool,
+}
+
+/// The architecture named by a config of either generation, SAELens's transcoder names
+/// included; a `hook_name_out` makes any architecture a transcoder.
+fn declared(path: &Path, cfg: &Value) -> Result<Declared> {
+    let name = cfg.get("architecture").and_then(Value::as_str);
+    let (base, transcoder, skip) = match name {
+        Some("transcoder") => ("standard", true, false),
+        Some("skip_transcoder") => ("standard", true, true),
+        Some("jumprelu_transcoder") => ("jumprelu", true, false),
+        Some("jumprelu_skip_transcoder") => ("jumprelu", true, true),
+        _ => {
+            let out = lookup(cfg, "hook_name_out").and_then(Value::as_str);
+            return Ok(Declared {
+                architecture: architecture(path, cfg)?,
+                transcoder: out.is_some_and(|o| !o.is_empty()),
+                skip: false,
+            });
+        }
+    };
+    let mut plain = cfg.clone();
+    plain["architecture"] = base.into();
+    Ok(Declared {
+        architecture: architecture(path, &plain)?,
+        transcoder,
+        skip,
+    })
+}
+
 /// The architecture named by a config of either generation.
 fn architecture(path: &Path, cfg: &Value) -> Result<Architecture> {
     let k = || -> Result<usize> {
@@ -163,7 +208,10 @@ fn architecture(path: &Path, cfg: &Value) -> Result<Architecture> {
             return Err(config_error(
                 path,
                 "architecture",
-                format!("`{other}` is not supported (standard, topk, batchtopk, jumprelu)"),
+                format!(
+                    "`{other}` is not supported (standard, topk, batchtopk, jumprelu, \
+                     transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder)"
+                ),
             ));
         }
     })
@@ -231,12 +279,18 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
         });
     }
     let cfg: Value = read_json(&cfg_path)?;
-    let architecture = architecture(&cfg_path, &cfg)?;
+    let Declared {
+        architecture,
+        transcoder,
+        skip,
+    } = declared(&cfg_path, &cfg)?;
     let d_in = usize_key(&cfg_path, &cfg, "d_in")?;
     let d_sae = usize_key(&cfg_path, &cfg, "d_sae")?;
+    let d_out = optional_count(&cfg_path, &cfg, &["d_out"])?.unwrap_or(d_in);
     check_normalization(&cfg_path, &cfg)?;
+    // SAELens's default, which its transcoder configs must turn off.
     let apply_b_dec_to_input =
-        optional_bool(&cfg_path, &cfg, "apply_b_dec_to_input")?.unwrap_or(true);
+        optional_bool(&cfg_path, &cfg, "apply_b_dec_to_input")?.unwrap_or(!transcoder);
     // SAELens reads it for top-k SAEs only (other configs have no such field).
     let rescale = matches!(architecture, Architecture::TopK { .. })
         && optional_bool(&cfg_path, &cfg, "rescale_acts_by_decoder_norm")?.unwrap_or(false);
@@ -246,14 +300,21 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     } else {
         None
     };
+    let w_skip = if skip {
+        Some(weights.get("W_skip", &[d_out, d_in])?)
+    } else {
+        None
+    };
     let mut sae = Sae {
         w_enc: weights.get("W_enc", &[d_in, d_sae])?,
-        w_dec: weights.get("W_dec", &[d_sae, d_in])?,
+        w_dec: weights.get("W_dec", &[d_sae, d_out])?,
         b_enc: weights.get("b_enc", &[d_sae])?,
-        b_dec: weights.get("b_dec", &[d_in])?,
+        b_dec: weights.get("b_dec", &[d_out])?,
         threshold,
         architecture,
         apply_b_dec_to_input,
+        transcoder,
+        w_skip,
     };
     sae.validate(&dir.join(WEIGHTS_FILE))?;
     if rescale {
@@ -266,7 +327,11 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
         None
     };
     // An SAE of one attention head's `hook_z` slice: monoscope hooks whole activations only.
-    let head_keys = ["hook_head_index", "hook_point_head_index"];
+    let head_keys = [
+        "hook_head_index",
+        "hook_point_head_index",
+        "hook_head_index_out",
+    ];
     if let Some(head) = optional_count(&cfg_path, &cfg, &head_keys)? {
         let key = head_keys
             .into_iter()
@@ -285,6 +350,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
         // SAELens's default (pre-6.0 configs may omit it).
         prepend_bos: optional_bool(&cfg_path, &cfg, "prepend_bos")?.unwrap_or(true),
         dataset_path: string_key(&cfg, &["dataset_path"]),
+        hook_name_out: string_key(&cfg, &["hook_name_out"]),
     };
     Ok(SaeDir {
         sae,
@@ -293,8 +359,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     })
 }
 
-/// The v6 `cfg.json` of an SAE.
-pub fn config_json(sae: &Sae, metadata: &SaeMetadata) -> Value {
+/// The v6 `cfg.json` of an SAE; an error for a top-k skip transcoder, which SAELens cannot
+/// express.
+pub fn config_json(sae: &Sae, metadata: &SaeMetadata) -> Result<Value> {
     let dtype = match sae.w_enc.dtype() {
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
@@ -314,6 +381,23 @@ pub fn config_json(sae: &Sae, metadata: &SaeMetadata) -> Value {
         }
         ref other => other.name(),
     };
+    let architecture = match (architecture, sae.transcoder, sae.w_skip.is_some()) {
+        (name, false, _) => name,
+        ("standard", true, false) => "transcoder",
+        ("standard", true, true) => "skip_transcoder",
+        ("jumprelu", true, false) => "jumprelu_transcoder",
+        ("jumprelu", true, true) => "jumprelu_skip_transcoder",
+        (name, true, false) => name,
+        (name, true, true) => {
+            return Err(Error::InvalidArgument {
+                what: "SAE",
+                value: format!("a {name} skip transcoder"),
+                message: "has no SAELens form (SAELens's skip transcoders are ReLU or \
+                          JumpReLU)"
+                    .into(),
+            });
+        }
+    };
     let mut cfg = serde_json::json!({
         "architecture": architecture,
         "d_in": sae.d_in(),
@@ -329,7 +413,10 @@ pub fn config_json(sae: &Sae, metadata: &SaeMetadata) -> Value {
         cfg["k"] = k.into();
         cfg["rescale_acts_by_decoder_norm"] = false.into();
     }
-    cfg
+    if sae.transcoder {
+        cfg["d_out"] = sae.d_out().into();
+    }
+    Ok(cfg)
 }
 
 /// Writes `dir` (created if missing; refuses to replace an existing SAE unless `overwrite`).
@@ -351,6 +438,7 @@ pub fn save(dir: &Path, sae_dir: &SaeDir, overwrite: bool) -> Result<()> {
             message: "has no threshold to save".into(),
         });
     }
+    let cfg = config_json(sae, &sae_dir.metadata)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::from([
         ("W_enc".to_string(), sae.w_enc.clone()),
@@ -360,6 +448,9 @@ pub fn save(dir: &Path, sae_dir: &SaeDir, overwrite: bool) -> Result<()> {
     ]);
     if let Some(t) = &sae.threshold {
         tensors.insert("threshold".to_string(), t.clone());
+    }
+    if let Some(t) = &sae.w_skip {
+        tensors.insert("W_skip".to_string(), t.clone());
     }
     write_atomic(&dir.join(WEIGHTS_FILE), |tmp| {
         candle_core::safetensors::save(&tensors, tmp)?;
@@ -372,13 +463,10 @@ pub fn save(dir: &Path, sae_dir: &SaeDir, overwrite: bool) -> Result<()> {
             Ok(())
         })?;
     }
-    let json =
-        serde_json::to_string_pretty(&config_json(sae, &sae_dir.metadata)).map_err(|source| {
-            Error::Json {
-                path: cfg_path.clone(),
-                source,
-            }
-        })?;
+    let json = serde_json::to_string_pretty(&cfg).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
     // cfg.json last: a folder with a cfg.json is a complete SAE.
     write_atomic(&cfg_path, |tmp| {
         std::fs::write(tmp, json).map_err(|e| Error::io(tmp, e))
@@ -402,6 +490,8 @@ mod tests {
             b_dec: Tensor::randn(0f32, 0.1, d_in, &dev).unwrap(),
             threshold,
             apply_b_dec_to_input: true,
+            transcoder: false,
+            w_skip: None,
         }
     }
 
@@ -496,7 +586,7 @@ mod tests {
             context_size: 128,
             ..SaeMetadata::default()
         };
-        let cfg = config_json(&random_sae(Architecture::TopK { k: 3 }, 4, 6), &metadata);
+        let cfg = config_json(&random_sae(Architecture::TopK { k: 3 }, 4, 6), &metadata).unwrap();
         assert_eq!(cfg["architecture"], "topk");
         assert_eq!(cfg["k"], 3);
         assert_eq!(cfg["rescale_acts_by_decoder_norm"], false);
@@ -511,14 +601,17 @@ mod tests {
         assert!(!is_pre_6(&cfg));
 
         let batch = random_sae(Architecture::BatchTopK { k: 5 }, 4, 6);
-        let cfg = config_json(&batch, &metadata);
+        let cfg = config_json(&batch, &metadata).unwrap();
         assert_eq!(cfg["architecture"], "jumprelu");
         assert!(cfg.get("k").is_none());
         assert_eq!(cfg["metadata"]["training_architecture"], "batchtopk");
         assert_eq!(cfg["metadata"]["training_architecture_details"]["k"], 5);
 
         let f64_sae = batch.to_dtype(DType::F64).unwrap();
-        assert_eq!(config_json(&f64_sae, &metadata)["dtype"], "float64");
+        assert_eq!(
+            config_json(&f64_sae, &metadata).unwrap()["dtype"],
+            "float64"
+        );
     }
 
     #[test]
@@ -776,6 +869,8 @@ mod tests {
             b_dec: Tensor::zeros(d_in, DType::F32, &Device::Cpu).unwrap(),
             threshold: None,
             apply_b_dec_to_input: true,
+            transcoder: false,
+            w_skip: None,
         };
         let x = Tensor::randn(0f32, 1.0, (4, d_in), &Device::Cpu).unwrap();
         for dtype in [DType::F32, DType::F64, DType::BF16] {

@@ -140,6 +140,8 @@ mod tests {
             b_dec: randn(&[d_in], 4),
             threshold,
             apply_b_dec_to_input,
+            transcoder: false,
+            w_skip: None,
         }
     }
 

@@ -8,8 +8,11 @@
 //! sparsify's SAE encodes `relu((x − b_dec) @ encoder.weightᵀ + encoder.bias)` and keeps the
 //! `k` largest per token; it decodes `acts @ W_dec + b_dec` — a top-k SAE in SAELens's form with
 //! `W_enc = encoder.weightᵀ` and `b_dec` applied to the input, so it loads as an [`Sae`].
-//! Transcoders (`transcode`: a module's input in, its output out), linear skip connections and
-//! GroupMax activations have no such form and are refused by name.
+//! A transcoder (`transcode`: the hookpoint module's input in, its output out) encodes `x`
+//! without subtracting `b_dec`, and its `skip_connection` adds `x @ W_skipᵀ`: it loads as a
+//! transcoder [`Sae`] reading the module's input hook and writing its output hook
+//! ([`transcoder_hooks_for_hookpoint`]). Signed latents and GroupMax activations are refused by
+//! name.
 
 use std::path::Path;
 
@@ -37,18 +40,7 @@ pub fn is_sparsify_dir(dir: &Path) -> bool {
 /// base model (`layers.6`, `h.6.mlp`); a leading `model.`, `gpt_neox.` or `transformer.` is
 /// accepted too.
 pub fn hook_for_hookpoint(hookpoint: &str) -> Option<String> {
-    let mut rest = hookpoint;
-    for prefix in ["base_model.", "model.", "gpt_neox.", "transformer."] {
-        rest = rest.strip_prefix(prefix).unwrap_or(rest);
-    }
-    let rest = rest
-        .strip_prefix("layers.")
-        .or_else(|| rest.strip_prefix("h."))?;
-    let (layer, module) = match rest.split_once('.') {
-        Some((layer, module)) => (layer, module),
-        None => (rest, ""),
-    };
-    let layer: usize = layer.parse().ok()?;
+    let (layer, module) = layer_and_module(hookpoint)?;
     let hook = match module {
         "" => "hook_resid_post",
         "mlp" => "hook_mlp_out",
@@ -57,6 +49,39 @@ pub fn hook_for_hookpoint(hookpoint: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blocks.{layer}.{hook}"))
+}
+
+/// The monoscope hooks a sparsify transcoder of `hookpoint` reads and writes: the module's
+/// input and output. A decoder layer reads `hook_resid_pre` and writes `hook_resid_post`, an MLP
+/// reads `mlp.hook_in` (after its norm) and writes `hook_mlp_out`, a non-gated MLP's activation
+/// reads `mlp.hook_pre` and writes `mlp.hook_post`. Attention has no input hook after its
+/// norm's gain: `None`, as for unknown modules.
+pub fn transcoder_hooks_for_hookpoint(hookpoint: &str) -> Option<(String, String)> {
+    let (layer, module) = layer_and_module(hookpoint)?;
+    let (input, output) = match module {
+        "" => ("hook_resid_pre", "hook_resid_post"),
+        "mlp" => ("mlp.hook_in", "hook_mlp_out"),
+        "mlp.act" => ("mlp.hook_pre", "mlp.hook_post"),
+        _ => return None,
+    };
+    Some((
+        format!("blocks.{layer}.{input}"),
+        format!("blocks.{layer}.{output}"),
+    ))
+}
+
+/// `(layer, module path inside the layer)` of a hookpoint (`layers.6.mlp` → `(6, "mlp")`),
+/// after any leading `base_model.`, `model.`, `gpt_neox.` or `transformer.`.
+fn layer_and_module(hookpoint: &str) -> Option<(usize, &str)> {
+    let mut rest = hookpoint;
+    for prefix in ["base_model.", "model.", "gpt_neox.", "transformer."] {
+        rest = rest.strip_prefix(prefix).unwrap_or(rest);
+    }
+    let rest = rest
+        .strip_prefix("layers.")
+        .or_else(|| rest.strip_prefix("h."))?;
+    let (layer, module) = rest.split_once('.').unwrap_or((rest, ""));
+    Some((layer.parse().ok()?, module))
 }
 
 /// What [`hook_for_hookpoint`] understands, for error messages.
@@ -76,6 +101,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     }
     let cfg: Value = read_json(&cfg_path)?;
     refuse(&cfg_path, &cfg)?;
+    let transcoder = optional_bool(&cfg_path, &cfg, "transcode")? == Some(true);
+    let skip = optional_bool(&cfg_path, &cfg, "skip_connection")? == Some(true);
     let d_in = usize_key(&cfg_path, &cfg, "d_in")?;
     let k = usize_key(&cfg_path, &cfg, "k")?;
     // sparsify: `num_latents or d_in * expansion_factor`.
@@ -95,15 +122,30 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
         w_dec: weights.get("W_dec", &[d_sae, d_in])?,
         b_dec: weights.get("b_dec", &[d_in])?,
         threshold: None,
-        apply_b_dec_to_input: true,
+        apply_b_dec_to_input: !transcoder,
+        transcoder,
+        w_skip: if skip {
+            Some(weights.get("W_skip", &[d_in, d_in])?)
+        } else {
+            None
+        },
     };
     sae.validate(&weights_path)?;
     let hookpoint = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let (hook_name, hook_name_out) = if transcoder {
+        transcoder_hooks_for_hookpoint(&hookpoint).unwrap_or_default()
+    } else {
+        (
+            hook_for_hookpoint(&hookpoint).unwrap_or_default(),
+            String::new(),
+        )
+    };
     let metadata = SaeMetadata {
-        hook_name: hook_for_hookpoint(&hookpoint).unwrap_or_default(),
+        hook_name,
+        hook_name_out,
         ..SaeMetadata::default()
     };
     Ok(SaeDir {
@@ -115,19 +157,13 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
 
 /// Refuses the sparse coders that are not an SAE of one hook.
 fn refuse(path: &Path, cfg: &Value) -> Result<()> {
-    if optional_bool(path, cfg, "transcode")? == Some(true) {
-        return Err(Error::config(
-            path,
-            "transcode",
-            "is true: a transcoder reads a module's input and predicts its output, and \
-             monoscope's SAE tools read and write one hook",
-        ));
-    }
-    if optional_bool(path, cfg, "skip_connection")? == Some(true) {
+    if optional_bool(path, cfg, "skip_connection")? == Some(true)
+        && optional_bool(path, cfg, "transcode")? != Some(true)
+    {
         return Err(Error::config(
             path,
             "skip_connection",
-            "is true: decoding through a linear skip connection is not supported",
+            "is true for an SAE: a skip connection is supported on transcoders only",
         ));
     }
     if optional_bool(path, cfg, "signed")? == Some(true) {
@@ -150,7 +186,28 @@ fn refuse(path: &Path, cfg: &Value) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::hook_for_hookpoint;
+    use super::{hook_for_hookpoint, transcoder_hooks_for_hookpoint};
+
+    #[test]
+    fn transcoder_hookpoints_map_to_their_modules_input_and_output_hooks() {
+        let hooks = |hp| transcoder_hooks_for_hookpoint(hp);
+        let pair = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(
+            hooks("layers.3"),
+            pair("blocks.3.hook_resid_pre", "blocks.3.hook_resid_post")
+        );
+        assert_eq!(
+            hooks("model.layers.2.mlp"),
+            pair("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out")
+        );
+        assert_eq!(
+            hooks("h.1.mlp.act"),
+            pair("blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post")
+        );
+        // Attention's input after its norm's gain is no monoscope hook.
+        assert_eq!(hooks("layers.1.self_attn"), None);
+        assert_eq!(hooks("embed_tokens"), None);
+    }
 
     #[test]
     fn hookpoints_map_to_the_hooks_their_modules_write() {

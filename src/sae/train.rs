@@ -898,6 +898,8 @@ impl SaeTrainer {
                 .map(|t| Tensor::from_vec(t, d_sae, device))
                 .transpose()?,
             apply_b_dec_to_input: true,
+            transcoder: false,
+            w_skip: None,
         })
     }
 

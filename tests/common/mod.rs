@@ -152,6 +152,8 @@ pub fn random_sae(
         b_dec: randn(&[d_in], 0.1),
         threshold,
         apply_b_dec_to_input: true,
+        transcoder: false,
+        w_skip: None,
     };
     let metadata = SaeMetadata {
         model_name: "fixture".into(),
@@ -159,6 +161,7 @@ pub fn random_sae(
         context_size: 16,
         prepend_bos: true,
         dataset_path: "test".into(),
+        hook_name_out: String::new(),
     };
     save(
         dir,

@@ -145,9 +145,14 @@ impl Features {
                                 windows: 64,
                                 ..Default::default()
                             };
-                            Ok(evaluate(&mut source, &sae.sae.sae, &settings, |done, total| {
-                                job.set_progress(done as u64, total as u64, "windows")
-                            })?)
+                            let writes = sae.hook_out;
+                            Ok(evaluate(
+                                &mut source,
+                                &sae.sae.sae,
+                                writes,
+                                &settings,
+                                |done, total| job.set_progress(done as u64, total as u64, "windows"),
+                            )?)
                         }));
                     }
                 }

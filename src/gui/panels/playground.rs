@@ -597,7 +597,7 @@ fn continue_prompt(
     let mut hooks = match sae_steering {
         Some((s, steers, mode)) if !steers.is_empty() => Some(steering_hooks(
             &s.sae.sae,
-            s.hook,
+            s.site(),
             steers,
             mode,
             &model.device,

@@ -254,6 +254,7 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         context_size: source.settings.context_size,
         prepend_bos: source.settings.prepend_bos,
         dataset_path: source.corpus().describe(),
+        hook_name_out: String::new(),
     };
     let started = std::time::Instant::now();
     let outcome = run(
