@@ -109,7 +109,7 @@ fn compare(path: &str, steps: usize, engine: &StepEngine) -> anyhow::Result<()> 
                 .loss;
         }
         let elapsed = timed_from.elapsed().as_secs_f64();
-        let sae = trainer.with_host(|t| t.to_sae(1.0, &Device::Cpu))?;
+        let sae = trainer.with_host(|t| t.to_sae(1.0, 1.0, &Device::Cpu))?;
         let x = Tensor::from_slice(&eval, (eval.len() / D_IN, D_IN), &Device::Cpu)?;
         let mut sq_err = 0f64;
         let mut active = 0f64;

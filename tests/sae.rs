@@ -816,3 +816,132 @@ fn a_transcoder_is_judged_and_spliced_in_at_the_hook_it_writes() {
     let err = eval(&exact, HOOK.parse().unwrap()).unwrap_err().to_string();
     assert!(err.contains("hook_name_out"), "{err}");
 }
+
+/// A transcoder trains from `blocks.1.mlp.hook_in` to `blocks.1.hook_mlp_out`: its FVU against
+/// the MLP's output falls well below where it starts, it saves as a SAELens transcoder that
+/// loads and evaluates at its output hook, and a resumed run reaches the same weights as an
+/// uninterrupted one.
+#[test]
+fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = corpus(tmp.path());
+    let model = model();
+    let (hook_in, hook_out) = ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out");
+    let pairs = || {
+        ActivationSource::new(
+            &model,
+            Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+            hook_in,
+            windows(),
+        )
+        .unwrap()
+        .with_target(hook_out)
+        .unwrap()
+    };
+    // The target must come later in the pass than the input.
+    let backwards = ActivationSource::new(
+        &model,
+        Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+        hook_out,
+        windows(),
+    )
+    .unwrap()
+    .with_target(hook_in)
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(backwards.contains("does not come after"), "{backwards}");
+    let src = pairs();
+    let (d_in, (_, d_out)) = (src.hook_width(), src.target().unwrap());
+    assert_eq!(src.d_in(), d_in + d_out, "rows are [x | y]");
+    // Its encoder starts random (not as the decoder's transpose): a longer, faster run.
+    let mut s = settings(d_in, 300);
+    s.train.lr = 3e-3;
+    s.train.transcode_to = Some(d_out);
+    let meta = SaeMetadata {
+        hook_name: hook_in.into(),
+        hook_name_out: hook_out.into(),
+        ..metadata(&src)
+    };
+    let never = AtomicBool::new(false);
+    let straight = tmp.path().join("straight");
+    let mut src = pairs();
+    let outcome = run(
+        &mut src,
+        &s,
+        &meta,
+        &straight,
+        RunControl::new(&never),
+        |_| {},
+    )
+    .unwrap();
+    let RunOutcome::Finished(last) = outcome else {
+        panic!("not finished")
+    };
+    let log = std::fs::read_to_string(straight.join("training/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    let first_fvu = first["fvu"].as_f64().unwrap();
+    assert!(
+        last.fvu < 0.5 * first_fvu,
+        "FVU {first_fvu} at the first step, {} at the last",
+        last.fvu
+    );
+
+    let loaded = saelens::load(&straight, &Device::Cpu, DType::F32).unwrap();
+    assert!(loaded.sae.transcoder && !loaded.sae.apply_b_dec_to_input);
+    assert_eq!((loaded.sae.d_in(), loaded.sae.d_out()), (d_in, d_out));
+    assert_eq!(loaded.metadata.hook_name_out, hook_out);
+    let mut eval_src = ActivationSource::new(
+        &model,
+        Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+        hook_in,
+        windows(),
+    )
+    .unwrap();
+    let report = evaluate(
+        &mut eval_src,
+        &loaded.sae,
+        hook_out.parse().unwrap(),
+        &EvalSettings {
+            windows: 8,
+            dense_threshold: 0.5,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(report.fvu < 0.5 * first_fvu, "{report:?}");
+    eprintln!(
+        "transcoder: training FVU {first_fvu:.3} → {:.3}; eval FVU {:.3}, L0 {:.1}, CE loss \
+         recovered {:.3}",
+        last.fvu, report.fvu, report.l0, report.ce_loss_recovered
+    );
+
+    let resumed = tmp.path().join("resumed");
+    let cancel = AtomicBool::new(false);
+    let mut src = pairs();
+    let outcome = run(
+        &mut src,
+        &s,
+        &meta,
+        &resumed,
+        RunControl::new(&cancel),
+        |m| {
+            if m.step == 9 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
+    let mut src = pairs();
+    let control = RunControl::new(&never).resuming(true);
+    run(&mut src, &s, &meta, &resumed, control, |_| {}).unwrap();
+    let (a, b) = (weights(&straight), weights(&resumed));
+    for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
+        assert_eq!(
+            max_abs_diff(&a[key], &b[key]),
+            0.0,
+            "{key} differs after resume"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::device::parse_dtype;
 use crate::sae::SaeSite;
-use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
 use crate::sae::eval::{EvalSettings, evaluate};
 use crate::sae::run::{
     RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run as run_training,
@@ -101,6 +101,10 @@ pub struct TrainArgs {
     /// Hook to train on, e.g. blocks.4.mlp.hook_post.
     #[arg(long)]
     hook: String,
+    /// Train a transcoder: predict this later hook (e.g. blocks.4.hook_mlp_out) from --hook
+    /// (e.g. blocks.4.mlp.hook_in) instead of reconstructing --hook.
+    #[arg(long)]
+    hook_out: Option<String>,
     #[command(flatten)]
     corpus: CorpusArgs,
     /// Output folder for the SAE (cfg.json, sae_weights.safetensors, training/).
@@ -233,10 +237,14 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     }
     let model = args.model.load()?;
     let mut source = args.corpus.source(&model, &args.hook)?;
+    if let Some(out) = &args.hook_out {
+        source = source.with_target(out)?;
+    }
     if let Some(dir) = &args.cache {
         source = source.with_cache(dir, parse_dtype(&args.cache_dtype)?)?;
     }
-    let d_in = source.d_in();
+    let d_in = source.hook_width();
+    let d_out = source.target().map(|(_, width)| width);
     let d_sae = match args.d_sae {
         Some(d_sae) => d_sae,
         None => args
@@ -246,7 +254,8 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     };
     let architecture = args.arch.with(&ArchitectureKnobs {
         k: args.k,
-        aux_k: args.aux_k.unwrap_or(d_in / 2),
+        // AuxK explains the residual, which lives where the decoder writes.
+        aux_k: args.aux_k.unwrap_or(d_out.unwrap_or(d_in) / 2),
         aux_coefficient: args.aux_coefficient,
         l1_coefficient: args.l1_coefficient,
         l0_coefficient: args.l0_coefficient,
@@ -265,6 +274,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     train.dead_after_tokens = args.dead_after_tokens;
     train.seed = args.seed;
     train.matryoshka = args.matryoshka.clone();
+    train.transcode_to = d_out;
     train.b_dec_init = match args.b_dec_init {
         BDecInitArg::GeometricMedian => BDecInit::GeometricMedian,
         BDecInitArg::Mean => BDecInit::Mean,
@@ -287,7 +297,10 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         context_size: source.settings.context_size,
         prepend_bos: source.settings.prepend_bos,
         dataset_path: source.corpus().describe(),
-        hook_name_out: String::new(),
+        hook_name_out: source
+            .target()
+            .map(|(out, _)| out.to_string())
+            .unwrap_or_default(),
     };
     install_ctrl_c("stopping after this step and writing a checkpoint");
     let total = settings.train.total_steps;
@@ -296,10 +309,16 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
     )?;
     let engine = StepEngine::for_run(&model.device, &settings.train);
+    let what = match d_out {
+        Some(d_out) => format!(
+            "transcoder ({d_in} → {d_sae} → {d_out}) from {} to {}",
+            metadata.hook_name, metadata.hook_name_out
+        ),
+        None => format!("SAE ({d_in} → {d_sae}) on {}", metadata.hook_name),
+    };
     eprintln!(
-        "training a {} SAE ({d_in} → {d_sae}) on {} over {} for {} tokens, with {}",
+        "training a {} {what} over {} for {} tokens, with {}",
         settings.train.architecture.name(),
-        metadata.hook_name,
         metadata.dataset_path,
         args.tokens,
         engine.describe()

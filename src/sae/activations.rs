@@ -410,6 +410,8 @@ pub struct ActivationSource<'m> {
     windows_read: u64,
     chunks: u64,
     d_in: usize,
+    /// A transcoder's target: the hook it predicts and its width. Rows are then `[x | y]`.
+    target: Option<(HookPoint, usize)>,
     cache: Option<DiskCache>,
 }
 
@@ -460,8 +462,65 @@ impl<'m> ActivationSource<'m> {
             windows_read: 0,
             chunks: 0,
             d_in,
+            target: None,
             cache: None,
         })
+    }
+
+    /// Pairs every row with the same position's activation at `hook_out` (an exact hook name
+    /// later in the forward pass): rows become `[x | y]`, what a transcoder trains on. Call
+    /// before [`Self::with_cache`].
+    pub fn with_target(mut self, hook_out: &str) -> Result<Self> {
+        let points = self.model.resolve_hooks(&[hook_out])?;
+        let [point] = points[..] else {
+            return Err(Error::InvalidArgument {
+                what: "output hook",
+                value: hook_out.into(),
+                message: format!(
+                    "names {} hook points; a transcoder writes one",
+                    points.len()
+                ),
+            });
+        };
+        let order = |p: HookPoint| self.model.hook_points().iter().position(|&q| q == p);
+        if order(point) <= order(self.hook) {
+            return Err(Error::InvalidArgument {
+                what: "output hook",
+                value: hook_out.into(),
+                message: format!(
+                    "does not come after the hook the transcoder reads ({}) in the forward pass",
+                    self.hook
+                ),
+            });
+        }
+        if self.cache.is_some() {
+            return Err(Error::InvalidArgument {
+                what: "output hook",
+                value: hook_out.into(),
+                message: "must be set before the activation cache".into(),
+            });
+        }
+        let width = self.model.hook_width(point)?;
+        self.target = Some((point, width));
+        Ok(self)
+    }
+
+    /// Width of the hook read (without a transcoder's target).
+    pub fn hook_width(&self) -> usize {
+        self.d_in
+    }
+
+    /// A transcoder's target hook and its width.
+    pub fn target(&self) -> Option<(HookPoint, usize)> {
+        self.target
+    }
+
+    /// The hooks read, as named in caches and errors: `hook`, or `hook -> hook_out`.
+    fn hooks_read(&self) -> String {
+        match self.target {
+            Some((out, _)) => format!("{} -> {out}", self.hook),
+            None => self.hook.to_string(),
+        }
     }
 
     pub fn corpus(&self) -> &Corpus {
@@ -493,10 +552,10 @@ impl<'m> ActivationSource<'m> {
         let manifest = CacheManifest {
             format: 2,
             model: self.model.content_hash()?,
-            hook: self.hook.to_string(),
+            hook: self.hooks_read(),
             corpus: self.corpus.fingerprint()?,
             window: self.settings.clone(),
-            d_in: self.d_in,
+            d_in: self.row_width(),
             dtype: format!("{dtype:?}").to_lowercase(),
             shards: Vec::new(),
         };
@@ -567,27 +626,37 @@ impl<'m> ActivationSource<'m> {
         let ctx = self.settings.context_size;
         let ids = self.next_windows(n)?;
         let input = Tensor::from_vec(ids.clone(), (n, ctx), &self.model.device)?;
-        let mut hooks = Hooks::new().capture([self.hook]);
-        if let Some(layer) = self.hook.layer() {
+        let last = self.target.map_or(self.hook, |(out, _)| out);
+        let mut hooks =
+            Hooks::new().capture(std::iter::once(self.hook).chain(self.target.map(|(p, _)| p)));
+        if let Some(layer) = last.layer() {
             hooks = hooks.stop_at_layer(layer + 1);
         }
         let out = self.model.forward(&input, &hooks)?;
-        let acts = out
-            .cache
-            .require(self.hook)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
-        let d = self.d_in;
-        let mut rows = Vec::with_capacity(acts.len());
-        for (t, (&id, row)) in ids.iter().zip(acts.chunks_exact(d)).enumerate() {
+        let values = |point: HookPoint| -> Result<Vec<f32>> {
+            Ok(out
+                .cache
+                .require(point)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_device(&Device::Cpu)?
+                .to_vec1::<f32>()?)
+        };
+        let acts = values(self.hook)?;
+        let targets = match self.target {
+            Some((point, _)) => values(point)?,
+            None => Vec::new(),
+        };
+        let (d, d_out) = (self.d_in, self.target.map_or(0, |(_, w)| w));
+        let mut rows = Vec::with_capacity(acts.len() + targets.len());
+        for (t, (&id, x)) in ids.iter().zip(acts.chunks_exact(d)).enumerate() {
             if self.is_excluded(id) {
                 continue;
             }
-            if row.iter().any(|v| !v.is_finite()) {
+            let y = &targets[(t * d_out).min(targets.len())..][..d_out];
+            if x.iter().chain(y).any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite {
-                    what: format!("activations at hook `{}`", self.hook),
+                    what: format!("activations at hook `{}`", self.hooks_read()),
                     at: format!(
                         "forward batch {} (window {}, position {})",
                         self.chunks,
@@ -596,15 +665,23 @@ impl<'m> ActivationSource<'m> {
                     ),
                 });
             }
-            rows.extend_from_slice(row);
+            rows.extend_from_slice(x);
+            rows.extend_from_slice(y);
         }
         Ok(rows)
     }
 }
 
+impl ActivationSource<'_> {
+    /// Width of a row: the hook's, plus the target's for a transcoder.
+    fn row_width(&self) -> usize {
+        self.d_in + self.target.map_or(0, |(_, w)| w)
+    }
+}
+
 impl ChunkSource for ActivationSource<'_> {
     fn d_in(&self) -> usize {
-        self.d_in
+        self.row_width()
     }
 
     fn next_chunk(&mut self) -> Result<Vec<f32>> {
@@ -616,8 +693,9 @@ impl ChunkSource for ActivationSource<'_> {
                 None => {
                     self.seek_windows(index)?;
                     let rows = self.compute_chunk()?;
+                    let width = self.row_width();
                     if let Some(cache) = self.cache.as_mut() {
-                        cache.append(index, &rows, self.d_in)?;
+                        cache.append(index, &rows, width)?;
                     }
                     rows
                 }
@@ -856,13 +934,16 @@ impl MixingBuffer {
     }
 
     /// Mean Euclidean norm of the rows currently held (for normalisation).
-    pub fn mean_norm(&self) -> f64 {
+    /// Mean norm over the held rows of the values in `columns` (a transcoder's input or its
+    /// target part of each row).
+    pub fn mean_norm(&self, columns: std::ops::Range<usize>) -> f64 {
         let rows = self.data.len() / self.d_in.max(1);
         if rows == 0 {
             return 0.0;
         }
         self.data
             .chunks_exact(self.d_in)
+            .map(|r| &r[columns.clone()])
             .map(|r| f64::from(super::cpu::dot(r, r)).sqrt())
             .sum::<f64>()
             / rows as f64

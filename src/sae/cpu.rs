@@ -325,6 +325,9 @@ pub fn pair_dots(
 /// - `g_w_enc_t[j] += Σ g_pre[p] · x_in[row(p)]` (encoder columns, stored as rows),
 /// - `g_b_enc[j] += Σ g_pre[p]`.
 ///
+/// `x_in` and encoder rows are `d_in` wide; `g_out` and decoder rows `d_out` (a transcoder's
+/// output width; `d_in` for an SAE).
+///
 /// Parallel over latents; each latent's sum runs in row order, so results are deterministic.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_latent_grads(
@@ -335,12 +338,13 @@ pub fn accumulate_latent_grads(
     g_pre: &[f32],
     x_in: &[f32],
     d_in: usize,
+    d_out: usize,
     g_w_dec: &mut [f32],
     g_w_enc_t: &mut [f32],
     g_b_enc: &mut [f32],
 ) {
     g_w_dec
-        .par_chunks_mut(d_in)
+        .par_chunks_mut(d_out)
         .zip(g_w_enc_t.par_chunks_mut(d_in))
         .zip(g_b_enc.par_iter_mut())
         .enumerate()
@@ -350,7 +354,7 @@ pub fn accumulate_latent_grads(
                 let b = by_latent.row[e] as usize;
                 axpy(
                     active.value[p],
-                    &g_out[nesting.offset(b, j, d_in)..][..d_in],
+                    &g_out[nesting.offset(b, j, d_out)..][..d_out],
                     gd,
                 );
                 axpy(g_pre[p], &x_in[b * d_in..][..d_in], ge);
@@ -569,6 +573,7 @@ mod tests {
             Nesting::NONE,
             &dots,
             &x,
+            d_in,
             d_in,
             &mut g_w_dec,
             &mut g_w_enc_t,

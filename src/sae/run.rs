@@ -29,7 +29,9 @@ pub struct RunSettings {
     pub train: TrainConfig,
     /// Rows held by the mixing buffer.
     pub buffer_rows: usize,
-    /// Scale inputs to mean norm √d_in during training (folded into the saved weights).
+    /// Scale inputs to mean norm √d_in during training (folded into the saved weights). A
+    /// transcoder's targets get their own scale, to mean norm √d_out: training fits
+    /// `s_y·y ≈ f(s_x·x)`, and the saved weights compute `f(s_x·x)/s_y`.
     pub normalize: bool,
     /// Write a checkpoint every this many tokens (0: only at the end or on cancel).
     pub checkpoint_every_tokens: u64,
@@ -67,6 +69,9 @@ struct CheckpointState {
     settings: RunSettings,
     metadata: SaeMetadata,
     input_scale: f32,
+    /// A transcoder's target scale (absent: the input scale, as for an SAE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_scale: Option<f32>,
     chunks_read: u64,
     buffer_refills: u64,
     /// Rows of the saved buffer already handed out.
@@ -225,34 +230,48 @@ pub fn run(
     let paths = RunPaths {
         out: out.to_path_buf(),
     };
+    // A row: the hook's activation, or a transcoder's input and target side by side.
     let d_in = source.d_in();
-    if settings.train.d_in != d_in {
+    if settings.train.row_width() != d_in {
         return Err(Error::InvalidArgument {
             what: "SAE d_in",
-            value: settings.train.d_in.to_string(),
+            value: settings.train.row_width().to_string(),
             message: format!("the hook `{}` is {d_in} wide", metadata.hook_name),
         });
     }
     let mut buffer = MixingBuffer::new(d_in, settings.buffer_rows, settings.train.seed);
-    let (host, input_scale) = if resume {
+    let x_width = settings.train.d_in;
+    let (host, scaling) = if resume {
         restore(&paths, settings, metadata, source, &mut buffer)?
     } else {
         refuse_existing(&paths)?;
         std::fs::create_dir_all(paths.training()).map_err(|e| Error::io(paths.training(), e))?;
         std::fs::write(paths.metrics(), "").map_err(|e| Error::io(paths.metrics(), e))?;
         buffer.fill(source)?;
-        let scale = if settings.normalize {
-            let norm = buffer.mean_norm();
-            if norm > 0.0 {
-                ((d_in as f64).sqrt() / norm) as f32
+        let scale_of = |columns: std::ops::Range<usize>| -> f32 {
+            let norm = buffer.mean_norm(columns.clone());
+            if settings.normalize && norm > 0.0 {
+                ((columns.len() as f64).sqrt() / norm) as f32
             } else {
                 1.0
             }
-        } else {
-            1.0
         };
-        let first = scaled(buffer.unread(), settings.train.batch_size * d_in, scale);
-        (SaeTrainer::new(settings.train.clone(), &first)?, scale)
+        let input = scale_of(0..x_width);
+        let scaling = Scaling {
+            input,
+            output: if d_in > x_width {
+                scale_of(x_width..d_in)
+            } else {
+                input
+            },
+        };
+        let first = scaling.apply(
+            buffer.unread(),
+            settings.train.batch_size * d_in,
+            d_in,
+            x_width,
+        );
+        (SaeTrainer::new(settings.train.clone(), &first)?, scaling)
     };
     let mut trainer = Trainer::new(host, &engine)?;
 
@@ -260,7 +279,7 @@ pub fn run(
         paths: &paths,
         settings,
         metadata,
-        input_scale,
+        scaling,
     };
     let mut log = std::fs::OpenOptions::new()
         .append(true)
@@ -277,10 +296,10 @@ pub fn run(
             });
         }
         let rows = buffer.next_batch(source, batch)?;
-        let metrics = if input_scale == 1.0 {
+        let metrics = if scaling.is_identity() {
             trainer.step(rows)?
         } else {
-            let x = scaled(rows, rows.len(), input_scale);
+            let x = scaling.apply(rows, rows.len(), d_in, x_width);
             trainer.step(&x)?
         };
         if !metrics.loss.is_finite() {
@@ -311,7 +330,7 @@ pub fn run(
     let (sae, sparsity) = trainer.with_host(|trainer| {
         checkpoint.save(trainer, &buffer, source)?;
         let sae = trainer
-            .to_sae(input_scale, &Device::Cpu)?
+            .to_sae(scaling.input, scaling.output, &Device::Cpu)?
             .to_dtype(settings.save_dtype.into())?;
         let sparsity = trainer.log_sparsity();
         Ok((
@@ -337,11 +356,31 @@ fn next_multiple(tokens: u64, every: u64) -> u64 {
         .map_or(u64::MAX, |q| (q + 1) * every)
 }
 
-fn scaled(rows: &[f32], len: usize, scale: f32) -> Vec<f32> {
-    rows[..len.min(rows.len())]
-        .iter()
-        .map(|v| v * scale)
-        .collect()
+/// The factors training data is multiplied by: a row's first `d_in` values by `input`, a
+/// transcoder's target values after them by `output`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Scaling {
+    input: f32,
+    output: f32,
+}
+
+impl Scaling {
+    fn is_identity(&self) -> bool {
+        self.input == 1.0 && self.output == 1.0
+    }
+
+    /// The first `len` values of `rows` (rows `width` wide, inputs in the first `d_in`
+    /// columns), scaled.
+    fn apply(&self, rows: &[f32], len: usize, width: usize, d_in: usize) -> Vec<f32> {
+        rows[..len.min(rows.len())]
+            .chunks(width)
+            .flat_map(|row| {
+                row.iter()
+                    .enumerate()
+                    .map(move |(i, v)| v * if i < d_in { self.input } else { self.output })
+            })
+            .collect()
+    }
 }
 
 fn refuse_existing(paths: &RunPaths) -> Result<()> {
@@ -373,7 +412,7 @@ struct Checkpoint<'a> {
     paths: &'a RunPaths,
     settings: &'a RunSettings,
     metadata: &'a SaeMetadata,
-    input_scale: f32,
+    scaling: Scaling,
 }
 
 impl Checkpoint<'_> {
@@ -388,13 +427,14 @@ impl Checkpoint<'_> {
             paths,
             settings,
             metadata,
-            input_scale,
+            scaling,
         } = *self;
         let (held, used, refills) = buffer.state();
         let state = CheckpointState {
             settings: settings.clone(),
             metadata: metadata.clone(),
-            input_scale,
+            input_scale: scaling.input,
+            output_scale: (scaling.output != scaling.input).then_some(scaling.output),
             chunks_read: source.chunks_read(),
             buffer_refills: refills,
             buffer_used: used,
@@ -407,8 +447,9 @@ impl Checkpoint<'_> {
         std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
         let tensors = trainer.state_tensors()?;
         candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
-        let rows = held.len() / settings.train.d_in;
-        let buffer_tensor = Tensor::from_slice(held, (rows, settings.train.d_in), &Device::Cpu)?;
+        let width = settings.train.row_width();
+        let rows = held.len() / width;
+        let buffer_tensor = Tensor::from_slice(held, (rows, width), &Device::Cpu)?;
         candle_core::safetensors::save(
             &HashMap::from([("rows".to_string(), buffer_tensor)]),
             new.join(BUFFER_FILE),
@@ -442,7 +483,7 @@ fn restore(
     metadata: &SaeMetadata,
     source: &mut dyn ChunkSource,
     buffer: &mut MixingBuffer,
-) -> Result<(SaeTrainer, f32)> {
+) -> Result<(SaeTrainer, Scaling)> {
     let mut dir = paths.checkpoint();
     if !dir.exists() {
         // A crash between the two renames leaves only the old one.
@@ -499,11 +540,11 @@ fn restore(
             dir: buffer_file.clone(),
             key: "rows".into(),
         })?;
-    if rows.dims().get(1) != Some(&settings.train.d_in) {
+    if rows.dims().get(1) != Some(&settings.train.row_width()) {
         return Err(Error::TensorShape {
             path: buffer_file,
             key: "rows".into(),
-            expected: vec![0, settings.train.d_in],
+            expected: vec![0, settings.train.row_width()],
             actual: rows.dims().to_vec(),
         });
     }
@@ -525,7 +566,11 @@ fn restore(
     );
     source.skip_to(state.chunks_read)?;
     truncate_metrics(&paths.metrics(), trainer.step)?;
-    Ok((trainer, state.input_scale))
+    let scaling = Scaling {
+        input: state.input_scale,
+        output: state.output_scale.unwrap_or(state.input_scale),
+    };
+    Ok((trainer, scaling))
 }
 
 /// Drops logged steps after `step`, so a resumed log reads as one run.

@@ -55,7 +55,8 @@ impl TensorTrainer {
         let supported = matches!(
             config.architecture,
             TrainArchitecture::TopK { .. } | TrainArchitecture::Standard { .. }
-        ) && config.matryoshka.is_empty();
+        ) && config.matryoshka.is_empty()
+            && config.transcode_to.is_none();
         if supported {
             Ok(())
         } else {
@@ -328,7 +329,9 @@ impl TensorTrainer {
 
 /// The error for an SAE this engine does not train.
 fn unsupported(config: &TrainConfig, device: &Device) -> Error {
-    let what = if config.matryoshka.is_empty() {
+    let what = if config.transcode_to.is_some() {
+        format!("{} transcoder", config.architecture.name())
+    } else if config.matryoshka.is_empty() {
         config.architecture.name().to_string()
     } else {
         format!("Matryoshka {}", config.architecture.name())

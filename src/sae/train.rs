@@ -196,6 +196,10 @@ pub struct TrainConfig {
     /// 2025). Empty: a plain SAE.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matryoshka: Vec<usize>,
+    /// A transcoder's output width: its batches' rows are `[x | y]`, `d_in + d_out` wide, and
+    /// it learns to predict `y` from `x` (never subtracting `b_dec` from `x`). `None`: an SAE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcode_to: Option<usize>,
 }
 
 impl TrainConfig {
@@ -225,7 +229,18 @@ impl TrainConfig {
             b_dec_init: BDecInit::GeometricMedian,
             seed: 0,
             matryoshka: Vec::new(),
+            transcode_to: None,
         }
+    }
+
+    /// Width of what the decoder writes: `d_in` for an SAE, a transcoder's `d_out`.
+    pub fn d_out(&self) -> usize {
+        self.transcode_to.unwrap_or(self.d_in)
+    }
+
+    /// Width of a training row: `d_in`, or `d_in + d_out` for a transcoder's `[x | y]`.
+    pub fn row_width(&self) -> usize {
+        self.d_in + self.transcode_to.unwrap_or(0)
     }
 
     /// Rejects settings that cannot train; errors name the setting.
@@ -237,11 +252,11 @@ impl TrainConfig {
                 message: message.into(),
             })
         };
-        if self.d_in == 0 || self.d_sae == 0 {
+        if self.d_in == 0 || self.d_sae == 0 || self.d_out() == 0 {
             return bad(
                 "SAE size",
-                format!("{}x{}", self.d_in, self.d_sae),
-                "d_in and d_sae must be positive",
+                format!("{}x{}x{}", self.d_in, self.d_sae, self.d_out()),
+                "d_in, d_sae and d_out must be positive",
             );
         }
         if self.batch_size == 0 {
@@ -271,11 +286,11 @@ impl TrainConfig {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            if self.architecture.top_k().is_none() {
+            if self.architecture.top_k().is_none() || self.transcode_to.is_some() {
                 return bad(
                     "matryoshka prefixes",
                     sizes(),
-                    "nest a topk or batchtopk SAE",
+                    "nest a topk or batchtopk SAE (not a transcoder)",
                 );
             }
             let ascending = self.matryoshka.windows(2).all(|w| w[0] < w[1]);
@@ -434,24 +449,39 @@ pub struct SaeTrainer {
 }
 
 impl SaeTrainer {
-    /// A fresh SAE; `first_batch` (`[rows, d_in]`) sets `b_dec`.
+    /// A fresh SAE; `first_batch` (`[rows, d_in]`, a transcoder's `[rows, d_in + d_out]`)
+    /// sets `b_dec` (from what the decoder writes).
     pub fn new(config: TrainConfig, first_batch: &[f32]) -> Result<Self> {
         config.validate()?;
-        let (d_in, d_sae) = (config.d_in, config.d_sae);
+        let (d_in, d_sae, d_out) = (config.d_in, config.d_sae, config.d_out());
         let mut rng = StdRng::seed_from_u64(config.seed);
-        let mut w_dec: Vec<f32> = (0..d_sae * d_in)
-            .map(|_| crate::world::train::normal(&mut rng) as f32)
-            .collect();
-        for row in w_dec.chunks_exact_mut(d_in) {
-            let norm = cpu::dot(row, row).sqrt().max(f32::MIN_POSITIVE);
-            row.iter_mut()
-                .for_each(|v| *v *= config.decoder_init_norm / norm);
-        }
-        let w_enc_t = w_dec.clone();
+        let mut random_rows = |width: usize| -> Vec<f32> {
+            let mut w: Vec<f32> = (0..d_sae * width)
+                .map(|_| crate::world::train::normal(&mut rng) as f32)
+                .collect();
+            for row in w.chunks_exact_mut(width) {
+                let norm = cpu::dot(row, row).sqrt().max(f32::MIN_POSITIVE);
+                row.iter_mut()
+                    .for_each(|v| *v *= config.decoder_init_norm / norm);
+            }
+            w
+        };
+        let w_dec = random_rows(d_out);
+        // An SAE's encoder starts as its decoder's transpose; a transcoder's reads another
+        // space, so it starts random (at the same row norm).
+        let w_enc_t = if config.transcode_to.is_some() {
+            random_rows(d_in)
+        } else {
+            w_dec.clone()
+        };
+        let targets = match config.transcode_to {
+            Some(_) => split_rows(first_batch, d_in, d_out).1,
+            None => first_batch.to_vec(),
+        };
         let b_dec = match config.b_dec_init {
-            BDecInit::Zeros => vec![0.0; d_in],
-            BDecInit::Mean => mean_row(first_batch, d_in),
-            BDecInit::GeometricMedian => geometric_median(first_batch, d_in, 100),
+            BDecInit::Zeros => vec![0.0; d_out],
+            BDecInit::Mean => mean_row(&targets, d_out),
+            BDecInit::GeometricMedian => geometric_median(&targets, d_out, 100),
         };
         let log_threshold = match config.architecture {
             TrainArchitecture::JumpRelu { init_threshold, .. } => vec![init_threshold.ln(); d_sae],
@@ -489,13 +519,13 @@ impl SaeTrainer {
     /// One optimisation step on `x` (`[rows, d_in]`, finite values).
     pub fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
         let pass = self.backward(x)?;
-        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
+        let (d_out, d_sae) = (self.config.d_out(), self.config.d_sae);
         let arch = &self.config.architecture;
         let rows = pass.rows;
         let lr = self.config.lr_at(self.step);
         if arch.constrains_decoder() {
             let w_dec = &mut self.params[W_DEC];
-            remove_parallel_component(&mut w_dec.grad, &w_dec.value, d_in);
+            remove_parallel_component(&mut w_dec.grad, &w_dec.value, d_out);
         }
         let grad_norm = self
             .params
@@ -522,7 +552,7 @@ impl SaeTrainer {
             adam.apply(&mut p.value, &p.grad, &mut p.m, &mut p.v);
         }
         if arch.constrains_decoder() {
-            normalize_rows(&mut self.params[W_DEC].value, d_in);
+            normalize_rows(&mut self.params[W_DEC].value, d_out);
         }
 
         self.firing.record(
@@ -558,8 +588,17 @@ impl SaeTrainer {
 
     /// Forward pass and gradients (into each parameter's `grad`) for the batch `x`.
     fn backward(&mut self, x: &[f32]) -> Result<Pass> {
-        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
-        let rows = batch_rows(x, d_in)?;
+        let (d_in, d_sae, d_out) = (self.config.d_in, self.config.d_sae, self.config.d_out());
+        let transcoder = self.config.transcode_to.is_some();
+        let rows = batch_rows(x, self.config.row_width())?;
+        // A transcoder's rows are `[x | y]`: it encodes x and is trained to predict y.
+        let split;
+        let (x, target) = if transcoder {
+            split = split_rows(x, d_in, d_out);
+            (split.0.as_slice(), split.1.as_slice())
+        } else {
+            (x, x)
+        };
         let step = self.step;
         let penalty_scale = self.config.penalty_scale(step);
         let arch = self.config.architecture.clone();
@@ -578,9 +617,12 @@ impl SaeTrainer {
             ..
         } = self;
         let [w_enc_t, w_dec_p, b_enc_p, b_dec_p, log_threshold] = params;
-        // Encoder input and pre-activations (bias added on the fly by the selection).
+        // Encoder input and pre-activations (bias added on the fly by the selection). A
+        // transcoder's b_dec lives in the output space and is never subtracted.
         x_in.resize(rows * d_in, 0.0);
-        {
+        if transcoder {
+            x_in.copy_from_slice(x);
+        } else {
             let b_dec = &b_dec_p.value;
             x_in.par_chunks_mut(d_in)
                 .zip(x.par_chunks(d_in))
@@ -640,15 +682,15 @@ impl SaeTrainer {
             ends: &config.matryoshka,
         };
         let dense = nesting.groups() == 1 && active.len() * 16 > rows * d_sae;
-        x_hat.resize(rows * d_in, 0.0);
+        x_hat.resize(rows * d_out, 0.0);
         if dense {
             scatter_values(&active, &active.value, d_sae, pre);
-            for row in x_hat.chunks_exact_mut(d_in) {
+            for row in x_hat.chunks_exact_mut(d_out) {
                 row.copy_from_slice(&b_dec_p.value);
             }
             cpu::matmul(
                 MatRef::new(pre, rows, d_sae),
-                MatRef::new(&w_dec_p.value, d_sae, d_in),
+                MatRef::new(&w_dec_p.value, d_sae, d_out),
                 x_hat,
                 true,
             );
@@ -656,18 +698,24 @@ impl SaeTrainer {
             cpu::sparse_decode(&active, &w_dec_p.value, Some(&b_dec_p.value), x_hat);
         }
         let mut g_e = std::mem::take(x_hat);
-        g_e.par_chunks_mut(d_in)
-            .zip(x.par_chunks(d_in))
+        g_e.par_chunks_mut(d_out)
+            .zip(target.par_chunks(d_out))
             .for_each(|(e, x)| e.iter_mut().zip(x).for_each(|(e, &x)| *e -= x));
         let sq_error = cpu::sum_squares(&g_e);
-        let total_variance = cpu::total_variance(x, d_in);
+        let total_variance = cpu::total_variance(target, d_out);
         let mse = sq_error / rows as f64;
         let scale = 2.0 / rows as f32;
         g_e.par_iter_mut().for_each(|g| *g *= scale);
         // Matryoshka: what reaches each group's latents, and the prefixes' own error.
         let (nested, prefix_sq_error) = if nesting.groups() > 1 {
-            let (g, sq) =
-                nested_output_grads(&active, nesting, &w_dec_p.value, &b_dec_p.value, x, scale);
+            let (g, sq) = nested_output_grads(
+                &active,
+                nesting,
+                &w_dec_p.value,
+                &b_dec_p.value,
+                target,
+                scale,
+            );
             (Some(g), sq)
         } else {
             (None, 0.0)
@@ -679,14 +727,14 @@ impl SaeTrainer {
         let mut g_pre = if dense {
             dense_grad.resize(rows * d_sae, 0.0);
             cpu::matmul(
-                MatRef::new(&g_e, rows, d_in),
-                MatRef::new(w_dec, d_sae, d_in).t(),
+                MatRef::new(&g_e, rows, d_out),
+                MatRef::new(w_dec, d_sae, d_out).t(),
                 dense_grad,
                 false,
             );
             gather_pairs(&active, dense_grad, d_sae)
         } else {
-            cpu::pair_dots(&active, g_out, w_dec, d_in, nesting)
+            cpu::pair_dots(&active, g_out, w_dec, d_out, nesting)
         };
 
         // Sparsity penalties.
@@ -695,7 +743,7 @@ impl SaeTrainer {
         match arch {
             TrainArchitecture::Standard { l1_coefficient } => {
                 let lambda = l1_coefficient * penalty_scale / rows as f32;
-                let norms = row_norms(w_dec, d_in);
+                let norms = row_norms(w_dec, d_out);
                 let mut act_sums = vec![0f64; d_sae];
                 for (p, (&j, &v)) in active.latent.iter().zip(&active.value).enumerate() {
                     let j = j as usize;
@@ -724,7 +772,7 @@ impl SaeTrainer {
                 for &(b, j, _) in &near {
                     let (b, j) = (b as usize, j as usize);
                     let theta = threshold[j];
-                    let g_act = cpu::dot(&g_e[b * d_in..][..d_in], &w_dec[j * d_in..][..d_in]);
+                    let g_act = cpu::dot(&g_e[b * d_out..][..d_out], &w_dec[j * d_out..][..d_out]);
                     let g_theta = -(theta * g_act + lambda) / bandwidth;
                     g_log[j] += g_theta * theta;
                 }
@@ -738,7 +786,7 @@ impl SaeTrainer {
             scatter_values(&active, &g_pre, d_sae, dense_grad);
             cpu::matmul(
                 MatRef::new(pre, rows, d_sae).t(),
-                MatRef::new(&g_e, rows, d_in),
+                MatRef::new(&g_e, rows, d_out),
                 &mut w_dec_p.grad,
                 true,
             );
@@ -760,6 +808,7 @@ impl SaeTrainer {
                 &g_pre,
                 x_in,
                 d_in,
+                d_out,
                 &mut w_dec_p.grad,
                 &mut w_enc_t.grad,
                 &mut b_enc_p.grad,
@@ -768,8 +817,8 @@ impl SaeTrainer {
         if let Some(scale) = decoder_norm_grad {
             w_dec_p
                 .grad
-                .par_chunks_mut(d_in)
-                .zip(w_dec_p.value.par_chunks(d_in))
+                .par_chunks_mut(d_out)
+                .zip(w_dec_p.value.par_chunks(d_out))
                 .zip(scale.par_iter())
                 .for_each(|((g, w), &s)| cpu::axpy(s, w, g));
         }
@@ -791,18 +840,18 @@ impl SaeTrainer {
         {
             let aux_scale = (n_dead as f32 / aux_k as f32).min(1.0) * aux_coefficient;
             if let Some(aux) = aux_active.as_ref().filter(|a| !a.is_empty()) {
-                let mut e_aux = vec![0f32; rows * d_in];
+                let mut e_aux = vec![0f32; rows * d_out];
                 cpu::sparse_decode(aux, &w_dec_p.value, None, &mut e_aux);
                 // ê − (x − x̂) = ê + e, with e = g_e·B/2.
                 let half_b = rows as f32 / 2.0;
                 e_aux
-                    .par_chunks_mut(d_in)
-                    .zip(g_e.par_chunks(d_in))
+                    .par_chunks_mut(d_out)
+                    .zip(g_e.par_chunks(d_out))
                     .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g * half_b));
                 auxiliary_loss = f64::from(aux_scale) * cpu::sum_squares(&e_aux) / rows as f64;
                 let s = aux_scale * 2.0 / rows as f32;
                 e_aux.par_iter_mut().for_each(|v| *v *= s);
-                let g_aux = cpu::pair_dots(aux, &e_aux, &w_dec_p.value, d_in, cpu::Nesting::NONE);
+                let g_aux = cpu::pair_dots(aux, &e_aux, &w_dec_p.value, d_out, cpu::Nesting::NONE);
                 cpu::accumulate_latent_grads(
                     aux,
                     &aux.by_latent(d_sae),
@@ -811,6 +860,7 @@ impl SaeTrainer {
                     &g_aux,
                     x_in,
                     d_in,
+                    d_out,
                     &mut w_dec_p.grad,
                     &mut w_enc_t.grad,
                     &mut b_enc_p.grad,
@@ -821,19 +871,21 @@ impl SaeTrainer {
         // b_dec: directly through the output (every prefix's, when nested: group 0's
         // gradient rows sum them), and through the encoder input x − b_dec.
         let direct = match &nested {
-            Some(g) => cpu::column_sums_of_rows(g, d_in, nesting.groups()),
-            None => cpu::column_sums(&g_e, d_in),
+            Some(g) => cpu::column_sums_of_rows(g, d_out, nesting.groups()),
+            None => cpu::column_sums(&g_e, d_out),
         };
         let mut g_b_dec: Vec<f32> = direct.into_iter().map(|v| v as f32).collect();
-        let mut through_encoder = vec![0f32; d_in];
-        cpu::matmul(
-            MatRef::new(&b_enc_p.grad, 1, d_sae),
-            MatRef::new(&w_enc_t.value, d_sae, d_in),
-            &mut through_encoder,
-            false,
-        );
-        for (g, t) in g_b_dec.iter_mut().zip(&through_encoder) {
-            *g -= t;
+        if !transcoder {
+            let mut through_encoder = vec![0f32; d_in];
+            cpu::matmul(
+                MatRef::new(&b_enc_p.grad, 1, d_sae),
+                MatRef::new(&w_enc_t.value, d_sae, d_in),
+                &mut through_encoder,
+                false,
+            );
+            for (g, t) in g_b_dec.iter_mut().zip(&through_encoder) {
+                *g -= t;
+            }
         }
         b_dec_p.grad.copy_from_slice(&g_b_dec);
         *x_hat = g_e;
@@ -854,10 +906,11 @@ impl SaeTrainer {
         })
     }
 
-    /// The SAE as trained, for data multiplied by `input_scale` during training; the scale is
-    /// folded into the weights so the result takes raw activations.
-    pub fn to_sae(&self, input_scale: f32, device: &Device) -> Result<Sae> {
-        let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
+    /// The SAE as trained, for inputs multiplied by `input_scale` and targets (the inputs
+    /// themselves for an SAE) by `output_scale` during training; the scales are folded into the
+    /// weights so the result takes raw activations.
+    pub fn to_sae(&self, input_scale: f32, output_scale: f32, device: &Device) -> Result<Sae> {
+        let (d_in, d_sae, d_out) = (self.config.d_in, self.config.d_sae, self.config.d_out());
         let s = input_scale;
         let w_enc_t = &self.params[W_ENC_T].value;
         let mut w_enc = vec![0f32; d_in * d_sae];
@@ -888,17 +941,21 @@ impl SaeTrainer {
             architecture,
             w_enc: Tensor::from_vec(w_enc, (d_in, d_sae), device)?,
             w_dec: Tensor::from_vec(
-                scaled(&self.params[W_DEC].value, 1.0 / s),
-                (d_sae, d_in),
+                scaled(&self.params[W_DEC].value, 1.0 / output_scale),
+                (d_sae, d_out),
                 device,
             )?,
             b_enc: Tensor::from_vec(self.params[B_ENC].value.clone(), d_sae, device)?,
-            b_dec: Tensor::from_vec(scaled(&self.params[B_DEC].value, 1.0 / s), d_in, device)?,
+            b_dec: Tensor::from_vec(
+                scaled(&self.params[B_DEC].value, 1.0 / output_scale),
+                d_out,
+                device,
+            )?,
             threshold: threshold
                 .map(|t| Tensor::from_vec(t, d_sae, device))
                 .transpose()?,
-            apply_b_dec_to_input: true,
-            transcoder: false,
+            apply_b_dec_to_input: self.config.transcode_to.is_none(),
+            transcoder: self.config.transcode_to.is_some(),
             w_skip: None,
         })
     }
@@ -1002,6 +1059,21 @@ impl SaeTrainer {
         trainer.batch_threshold = counters.batch_threshold;
         Ok(trainer)
     }
+}
+
+/// A transcoder's batch `[rows, d_in + d_out]` as its inputs `[rows, d_in]` and targets
+/// `[rows, d_out]`.
+fn split_rows(x: &[f32], d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / (d_in + d_out);
+    let (mut inputs, mut targets) = (
+        Vec::with_capacity(rows * d_in),
+        Vec::with_capacity(rows * d_out),
+    );
+    for row in x.chunks_exact(d_in + d_out) {
+        inputs.extend_from_slice(&row[..d_in]);
+        targets.extend_from_slice(&row[d_in..]);
+    }
+    (inputs, targets)
 }
 
 /// The rows of a training batch `x` of width `d_in`; an error unless it has a whole number.
@@ -1519,6 +1591,106 @@ mod tests {
         let x = random(rows * d_in, 7, 1.0);
         let mask = top_k_mask(&pre_activations(&t, &x), k, &vec![true; d_sae]);
         check_gradients(t, &x, &mask, None, None);
+    }
+
+    /// A transcoder's gradients (rows `[x | y]`: encode x without b_dec, predict y) agree with
+    /// autograd, for top-k and for the decoder-norm-weighted L1 of `standard`.
+    #[test]
+    fn transcoder_gradients_match_autograd() {
+        let (d_in, d_out, d_sae, rows, k) = (12, 7, 40, 9, 5);
+        let architectures = [
+            (
+                TrainArchitecture::TopK {
+                    k,
+                    aux_k: 0,
+                    aux_coefficient: 0.0,
+                },
+                None,
+            ),
+            (
+                TrainArchitecture::Standard {
+                    l1_coefficient: 0.3,
+                },
+                Some(0.3f32),
+            ),
+        ];
+        for (architecture, l1) in architectures {
+            let mut config = TrainConfig::new(architecture.clone(), d_in, d_sae);
+            config.transcode_to = Some(d_out);
+            config.b_dec_init = BDecInit::Zeros;
+            let mut t = SaeTrainer::new(config, &[]).unwrap();
+            t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
+            t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
+            t.params[B_ENC].value = random(d_sae, 3, 0.1);
+            t.params[B_DEC].value = random(d_out, 4, 0.1);
+            let rows_xy = random(rows * (d_in + d_out), 7, 1.0);
+            let (x, y) = split_rows(&rows_xy, d_in, d_out);
+
+            let dev = Device::Cpu;
+            let var = |i: usize, shape: &[usize]| {
+                Var::from_tensor(&Tensor::from_slice(&t.params[i].value, shape, &dev).unwrap())
+                    .unwrap()
+            };
+            let w_enc_t = var(W_ENC_T, &[d_sae, d_in]);
+            let w_dec = var(W_DEC, &[d_sae, d_out]);
+            let b_enc = var(B_ENC, &[d_sae]);
+            let b_dec = var(B_DEC, &[d_out]);
+            let xt = Tensor::from_slice(&x, (rows, d_in), &dev).unwrap();
+            let yt = Tensor::from_slice(&y, (rows, d_out), &dev).unwrap();
+            let pre = xt
+                .matmul(&w_enc_t.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b_enc)
+                .unwrap();
+            let pre_rows = pre.to_vec2::<f32>().unwrap();
+            let mask: Vec<f32> = match architecture {
+                TrainArchitecture::TopK { .. } => top_k_mask(&pre_rows, k, &vec![true; d_sae]),
+                _ => pre_rows
+                    .iter()
+                    .flatten()
+                    .map(|&v| f32::from(u8::from(v > 0.0)))
+                    .collect(),
+            };
+            let mask = Tensor::from_slice(&mask, (rows, d_sae), &dev).unwrap();
+            let acts = (&pre * &mask).unwrap();
+            let y_hat = acts.matmul(&w_dec).unwrap().broadcast_add(&b_dec).unwrap();
+            let n = rows as f64;
+            let mut loss = ((&y_hat - &yt).unwrap().sqr().unwrap().sum_all().unwrap() / n).unwrap();
+            if let Some(lambda) = l1 {
+                let norms = w_dec.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+                let penalty = acts
+                    .broadcast_mul(&norms)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .affine(f64::from(lambda) / n, 0.0)
+                    .unwrap();
+                loss = (loss + penalty).unwrap();
+            }
+            let grads = loss.backward().unwrap();
+            let pass = t.backward(&rows_xy).unwrap();
+            for (i, v) in [&w_enc_t, &w_dec, &b_enc, &b_dec].iter().enumerate() {
+                let reference: Vec<f32> = grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_close(t.params[i].name, &t.params[i].grad, &reference);
+            }
+            // FVU is measured against the target's variance.
+            let sq_error = (&y_hat - &yt)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let fvu = f64::from(sq_error) / cpu::total_variance(&y, d_out);
+            assert!((pass.fvu - fvu).abs() < 1e-4 * fvu, "{} vs {fvu}", pass.fvu);
+        }
     }
 
     #[test]
