@@ -71,29 +71,10 @@ fn gemma_scope_transcoders_read_the_mlp_input_and_predict_its_post_norm_output()
     );
     let sae = &sae_dir.sae;
     assert!(sae.transcoder && !sae.apply_b_dec_to_input);
-    let io = io(&dir);
-    let ids: Vec<u32> = io["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    let run = model
-        .forward(
-            &model.ids_tensor(&ids).unwrap(),
-            &monoscope::model::Hooks::new().capture([input, output]),
-        )
-        .unwrap();
     // Gemma 2's MLP input (after the (1 + w) pre-MLP RMSNorm) and post-norm output, as
     // transformers computes them.
-    for (p, key) in [(input, "x"), (output, "y")] {
-        let err = common::max_relative_error(&run.cache.get(p).unwrap().get(0).unwrap(), &io[key]);
-        assert!(err <= 1e-4, "{p} off by {err}");
-    }
-    let acts = sae.encode(&io["x"]).unwrap();
-    assert!(common::max_relative_error(&acts, &io["feature_acts"]) <= 1e-5);
-    let out = sae.output(&io["x"]).unwrap();
-    assert!(common::max_relative_error(&out, &io["output"]) <= 1e-5);
+    let site = sae::SaeSite { input, output };
+    common::check_transcoder_against_reference(&model, sae, site, &io(&dir), "transcoder");
 }
 
 #[test]

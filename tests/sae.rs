@@ -102,20 +102,19 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
 }
 
 /// Trains into `out` on `engine`, cancelled after step 9 (a checkpoint is written); calls
-/// `between` with the checkpointed folder, then resumes in a fresh source to the end.
-fn cancel_at_9_then_resume(
-    model: &Model,
-    text: &Path,
+/// `between` with the checkpointed folder, then resumes in a fresh source (from
+/// `make_source`) to the end.
+fn cancel_at_9_then_resume<'m>(
+    make_source: impl Fn() -> ActivationSource<'m>,
+    meta: &SaeMetadata,
     s: &RunSettings,
     out: &Path,
     engine: StepEngine,
     between: impl FnOnce(),
 ) {
     let cancel = AtomicBool::new(false);
-    let mut src = source(model, text);
-    let meta = metadata(&src);
     let control = RunControl::new(&cancel).on(engine.clone());
-    let outcome = run(&mut src, s, &meta, out, control, |m| {
+    let outcome = run(&mut make_source(), s, meta, out, control, |m| {
         if m.step == 9 {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -123,10 +122,9 @@ fn cancel_at_9_then_resume(
     .unwrap();
     assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
     between();
-    let mut src = source(model, text);
     let never = AtomicBool::new(false);
     let control = RunControl::new(&never).on(engine).resuming(true);
-    run(&mut src, s, &meta, out, control, |_| {}).unwrap();
+    run(&mut make_source(), s, meta, out, control, |_| {}).unwrap();
 }
 
 /// Trains the test SAE with the CPU kernels and with the tensor engine on `device`, checks
@@ -181,7 +179,9 @@ fn the_tensor_engine_trains_the_same_sae_and_resumes_exactly() {
     let s = settings(source(&model, &text).d_in(), 24);
     let resumed = tmp.path().join("resumed");
     let engine = StepEngine::Tensors(Device::Cpu);
-    cancel_at_9_then_resume(&model, &text, &s, &resumed, engine, || {});
+    let meta = metadata(&source(&model, &text));
+    let make_source = || source(&model, &text);
+    cancel_at_9_then_resume(make_source, &meta, &s, &resumed, engine, || {});
     let c = weights(&resumed);
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
         assert_eq!(
@@ -232,7 +232,8 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!(last.step, 24);
 
     let resumed = tmp.path().join("resumed");
-    cancel_at_9_then_resume(&model, &text, &s, &resumed, StepEngine::Cpu, || {
+    let make_source = || source(&model, &text);
+    cancel_at_9_then_resume(make_source, &meta, &s, &resumed, StepEngine::Cpu, || {
         assert!(resumed.join("training/checkpoint/state.json").is_file());
         assert!(!resumed.join(saelens::CONFIG_FILE).exists());
         // Without --resume the folder is refused.
@@ -917,25 +918,7 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     );
 
     let resumed = tmp.path().join("resumed");
-    let cancel = AtomicBool::new(false);
-    let mut src = pairs();
-    let outcome = run(
-        &mut src,
-        &s,
-        &meta,
-        &resumed,
-        RunControl::new(&cancel),
-        |m| {
-            if m.step == 9 {
-                cancel.store(true, Ordering::Relaxed);
-            }
-        },
-    )
-    .unwrap();
-    assert_eq!(outcome, RunOutcome::Cancelled { step: 9 });
-    let mut src = pairs();
-    let control = RunControl::new(&never).resuming(true);
-    run(&mut src, &s, &meta, &resumed, control, |_| {}).unwrap();
+    cancel_at_9_then_resume(pairs, &meta, &s, &resumed, StepEngine::Cpu, || {});
     let (a, b) = (weights(&straight), weights(&resumed));
     for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
         assert_eq!(

@@ -156,29 +156,11 @@ fn sparsify_transcoders_read_and_write_their_modules_hooks_and_match_sparsify() 
         let io = io(&dir);
         assert_eq!(sae_dir.sae.w_skip.is_some(), model_type != "gpt2", "{what}");
         // The module's input and output as transformers computed them are monoscope's hooks.
-        let ids: Vec<u32> = io["input_ids"]
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        let run = model
-            .forward(
-                &model.ids_tensor(&ids).unwrap(),
-                &monoscope::model::Hooks::new().capture([point, out_point]),
-            )
-            .unwrap();
-        for (p, key) in [(point, "x"), (out_point, "y")] {
-            let captured = run.cache.get(p).unwrap().get(0).unwrap();
-            let err = common::max_relative_error(&captured, &io[key]);
-            assert!(err <= 1e-4, "{what}: {p} off by {err}");
-        }
-        let acts = sae_dir.sae.encode(&io["x"]).unwrap();
-        let err = common::max_relative_error(&acts, &io["feature_acts"]);
-        assert!(err <= 1e-5, "{what}: feature activations off by {err}");
-        let output = sae_dir.sae.output(&io["x"]).unwrap();
-        let err = common::max_relative_error(&output, &io["output"]);
-        assert!(err <= 1e-5, "{what}: output off by {err}");
+        let site = sae::SaeSite {
+            input: point,
+            output: out_point,
+        };
+        common::check_transcoder_against_reference(&model, &sae_dir.sae, site, &io, &what);
     }
 }
 
@@ -205,31 +187,47 @@ fn a_run_folder_names_its_hookpoints_and_an_unknown_hookpoint_asks_for_a_hook() 
     assert_eq!(point.to_string(), "blocks.1.hook_resid_post");
 }
 
-#[test]
-fn sae_eval_runs_on_a_sparsify_folder() {
-    let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("corpus.txt");
+/// `sae eval` of `sae` with the fixture model `model` on a three-line corpus written into
+/// `dir`, plus `extra` arguments.
+fn eval_args(dir: &Path, sae: &Path, model: &str, extra: &[&str]) -> Vec<String> {
+    let text = dir.join("corpus.txt");
     std::fs::write(
         &text,
         "The capital of Japan is Tokyo.\nThe capital of France is Paris.\n日本の首都は東京です。\n",
     )
     .unwrap();
-    let sae = sparsify_dir("gpt_neox", "layers.1");
-    let report = monoscope_json(&[
+    let (sae, model, text) = (
+        sae.to_str().unwrap(),
+        fixture_dir(model),
+        text.to_str().unwrap().to_string(),
+    );
+    let args = [
         "sae",
         "eval",
         "--sae",
-        sae.to_str().unwrap(),
+        sae,
         "--model",
-        fixture_dir("gpt_neox").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--corpus",
-        text.to_str().unwrap(),
+        &text,
         "--context-size",
         "8",
         "--windows",
         "4",
         "--json",
-    ]);
+    ];
+    args.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn sae_eval_runs_on_a_sparsify_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sae = sparsify_dir("gpt_neox", "layers.1");
+    let report = monoscope_json(&strs(&eval_args(tmp.path(), &sae, "gpt_neox", &[])));
     let l0 = report["l0"].as_f64().unwrap();
     assert!(l0 > 0.0 && l0 <= 8.0, "{report}");
     assert!(report["fvu"].as_f64().unwrap().is_finite(), "{report}");
@@ -240,44 +238,19 @@ fn sae_eval_runs_on_a_sparsify_folder() {
 #[test]
 fn sae_eval_runs_on_a_sparsify_transcoder_and_refuses_an_earlier_output_hook() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("corpus.txt");
-    std::fs::write(
-        &text,
-        "The capital of Japan is Tokyo.\nThe capital of France is Paris.\n日本の首都は東京です。\n",
-    )
-    .unwrap();
     let sae = sparsify_dir("transcoders", "llama").join("layers.1.mlp");
-    let model = fixture_dir("llama");
-    let args = |extra: &[&'static str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "sae",
-            "eval",
-            "--sae",
-            sae.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--corpus",
-            text.to_str().unwrap(),
-            "--context-size",
-            "8",
-            "--windows",
-            "4",
-            "--json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let plain = args(&[]);
-    let report = monoscope_json(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let report = monoscope_json(&strs(&eval_args(tmp.path(), &sae, "llama", &[])));
     let l0 = report["l0"].as_f64().unwrap();
     assert!(l0 > 0.0 && l0 <= 8.0, "{report}");
     assert!(report["fvu"].as_f64().unwrap().is_finite(), "{report}");
     assert!(report["ce_sae"].as_f64().unwrap().is_finite(), "{report}");
 
-    let earlier = args(&["--hook-out", "blocks.0.hook_mlp_out"]);
+    let earlier = eval_args(
+        tmp.path(),
+        &sae,
+        "llama",
+        &["--hook-out", "blocks.0.hook_mlp_out"],
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args(&earlier)
         .output()

@@ -265,15 +265,9 @@ pub fn check_sae_against_reference(
     io: &std::collections::HashMap<String, Tensor>,
     what: &str,
 ) -> Tensor {
-    let ids: Vec<u32> = io["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
     let out = model
         .forward(
-            &model.ids_tensor(&ids).unwrap(),
+            &model.ids_tensor(&io_ids(io)).unwrap(),
             &monoscope::model::Hooks::new().capture([point]),
         )
         .unwrap();
@@ -288,4 +282,44 @@ pub fn check_sae_against_reference(
     let err = max_relative_error(&recon, &io["reconstruction"]);
     assert!(err <= 1e-5, "{what}: reconstruction off by {err}");
     acts
+}
+
+/// A reference's token ids (`input_ids`, int64).
+pub fn io_ids(io: &std::collections::HashMap<String, Tensor>) -> Vec<u32> {
+    io["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect()
+}
+
+/// Checks a transcoder against a reference made by its own package: the model's activations at
+/// `input` and `output` on the reference's tokens are its `x` and `y` (max relative error
+/// ≤ 1e-4), and on `x` the transcoder's encodings and output (skip path included) are its
+/// `feature_acts` and `output` (≤ 1e-5).
+pub fn check_transcoder_against_reference(
+    model: &monoscope::Model,
+    sae: &monoscope::sae::Sae,
+    site: monoscope::sae::SaeSite,
+    io: &std::collections::HashMap<String, Tensor>,
+    what: &str,
+) {
+    let run = model
+        .forward(
+            &model.ids_tensor(&io_ids(io)).unwrap(),
+            &monoscope::model::Hooks::new().capture([site.input, site.output]),
+        )
+        .unwrap();
+    for (point, key) in [(site.input, "x"), (site.output, "y")] {
+        let captured = run.cache.get(point).unwrap().get(0).unwrap();
+        let err = max_relative_error(&captured, &io[key]);
+        assert!(err <= 1e-4, "{what}: {point} off by {err}");
+    }
+    let acts = sae.encode(&io["x"]).unwrap();
+    let err = max_relative_error(&acts, &io["feature_acts"]);
+    assert!(err <= 1e-5, "{what}: feature activations off by {err}");
+    let out = sae.output(&io["x"]).unwrap();
+    let err = max_relative_error(&out, &io["output"]);
+    assert!(err <= 1e-5, "{what}: output off by {err}");
 }
