@@ -821,7 +821,8 @@ fn a_transcoder_is_judged_and_spliced_in_at_the_hook_it_writes() {
 /// A transcoder trains from `blocks.1.mlp.hook_in` to `blocks.1.hook_mlp_out`: its FVU against
 /// the MLP's output falls well below where it starts, it saves as a SAELens transcoder that
 /// loads and evaluates at its output hook, and a resumed run reaches the same weights as an
-/// uninterrupted one.
+/// uninterrupted one; likewise a JumpReLU skip transcoder, whose learned `W_skip` is saved in
+/// SAELens's `jumprelu_skip_transcoder` form.
 #[test]
 fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -925,6 +926,55 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
             max_abs_diff(&a[key], &b[key]),
             0.0,
             "{key} differs after resume"
+        );
+    }
+
+    // With a skip path (a JumpReLU skip transcoder): W_skip is learned, saved in SAELens's
+    // form, and resumed exactly too.
+    let mut s = s;
+    s.train.architecture = TrainArchitecture::JumpRelu {
+        l0_coefficient: 0.01,
+        bandwidth: 0.05,
+        init_threshold: 0.01,
+    };
+    s.train.skip_connection = true;
+    let straight = tmp.path().join("skip");
+    let outcome = run(
+        &mut pairs(),
+        &s,
+        &meta,
+        &straight,
+        RunControl::new(&never),
+        |_| {},
+    )
+    .unwrap();
+    let RunOutcome::Finished(last) = outcome else {
+        panic!("not finished")
+    };
+    assert!(last.fvu < 0.5 * first_fvu, "skip: FVU {}", last.fvu);
+    let cfg = std::fs::read_to_string(straight.join(saelens::CONFIG_FILE)).unwrap();
+    assert!(cfg.contains("jumprelu_skip_transcoder"), "{cfg}");
+    let loaded = saelens::load(&straight, &Device::Cpu, DType::F32).unwrap();
+    let w_skip = loaded.sae.w_skip.as_ref().unwrap();
+    assert_eq!(w_skip.dims(), [d_out, d_in]);
+    assert!(
+        w_skip
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    let resumed = tmp.path().join("skip-resumed");
+    cancel_at_9_then_resume(pairs, &meta, &s, &resumed, StepEngine::Cpu, || {});
+    let (a, b) = (weights(&straight), weights(&resumed));
+    for key in ["W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip"] {
+        assert_eq!(
+            max_abs_diff(&a[key], &b[key]),
+            0.0,
+            "skip: {key} differs after resume"
         );
     }
 }

@@ -105,6 +105,10 @@ pub struct TrainArgs {
     /// (e.g. blocks.4.mlp.hook_in) instead of reconstructing --hook.
     #[arg(long)]
     hook_out: Option<String>,
+    /// With --hook-out: also learn an affine skip path, predicting decode(encode(x)) +
+    /// x @ W_skipᵀ (a skip transcoder; standard, batchtopk or jumprelu).
+    #[arg(long, requires = "hook_out")]
+    skip: bool,
     #[command(flatten)]
     corpus: CorpusArgs,
     /// Output folder for the SAE (cfg.json, sae_weights.safetensors, training/).
@@ -275,6 +279,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     train.seed = args.seed;
     train.matryoshka = args.matryoshka.clone();
     train.transcode_to = d_out;
+    train.skip_connection = args.skip;
     train.b_dec_init = match args.b_dec_init {
         BDecInitArg::GeometricMedian => BDecInit::GeometricMedian,
         BDecInitArg::Mean => BDecInit::Mean,

@@ -200,6 +200,10 @@ pub struct TrainConfig {
     /// it learns to predict `y` from `x` (never subtracting `b_dec` from `x`). `None`: an SAE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transcode_to: Option<usize>,
+    /// A transcoder's affine skip path: it also learns `W_skip` (`[d_out, d_in]`, starting at
+    /// zero) and predicts `decode(encode(x)) + x @ W_skipᵀ`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_connection: bool,
 }
 
 impl TrainConfig {
@@ -230,6 +234,7 @@ impl TrainConfig {
             seed: 0,
             matryoshka: Vec::new(),
             transcode_to: None,
+            skip_connection: false,
         }
     }
 
@@ -341,6 +346,25 @@ impl TrainConfig {
         if !(weight >= 0.0 && weight.is_finite()) {
             return bad(what, weight.to_string(), "must be a number ≥ 0");
         }
+        if self.skip_connection {
+            if self.transcode_to.is_none() {
+                return bad(
+                    "skip connection",
+                    "on".into(),
+                    "is a transcoder's (give it an output hook)",
+                );
+            }
+            // SAELens, where the result is saved, has skip transcoders of ReLU and JumpReLU
+            // only (BatchTopK is saved as a JumpReLU).
+            if matches!(self.architecture, TrainArchitecture::TopK { .. }) {
+                return bad(
+                    "skip connection",
+                    "topk".into(),
+                    "a top-k skip transcoder has no SAELens form: use batchtopk, jumprelu or \
+                     standard",
+                );
+            }
+        }
         if let Some(clip) = self.grad_clip
             && !(clip > 0.0 && clip.is_finite())
         {
@@ -407,6 +431,7 @@ const W_DEC: usize = 1;
 const B_ENC: usize = 2;
 const B_DEC: usize = 3;
 const LOG_THRESHOLD: usize = 4;
+const W_SKIP: usize = 5;
 
 /// What one step measured.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -433,7 +458,7 @@ pub struct StepMetrics {
 /// allocates little beyond the active set.
 pub struct SaeTrainer {
     pub config: TrainConfig,
-    params: [Param; 5],
+    params: [Param; 6],
     /// Steps taken.
     pub step: u64,
     /// Rows trained on.
@@ -494,6 +519,11 @@ impl SaeTrainer {
                 Param::new("b_enc", vec![0.0; d_sae]),
                 Param::new("b_dec", b_dec),
                 Param::new("log_threshold", log_threshold),
+                // Empty unless the transcoder has a skip path.
+                Param::new(
+                    "W_skip",
+                    vec![0.0; usize::from(config.skip_connection) * d_out * d_in],
+                ),
             ],
             step: 0,
             tokens: 0,
@@ -616,7 +646,7 @@ impl SaeTrainer {
             config,
             ..
         } = self;
-        let [w_enc_t, w_dec_p, b_enc_p, b_dec_p, log_threshold] = params;
+        let [w_enc_t, w_dec_p, b_enc_p, b_dec_p, log_threshold, w_skip] = params;
         // Encoder input and pre-activations (bias added on the fly by the selection). A
         // transcoder's b_dec lives in the output space and is never subtracted.
         x_in.resize(rows * d_in, 0.0);
@@ -697,6 +727,14 @@ impl SaeTrainer {
         } else {
             cpu::sparse_decode(&active, &w_dec_p.value, Some(&b_dec_p.value), x_hat);
         }
+        if config.skip_connection {
+            cpu::matmul(
+                MatRef::new(x_in, rows, d_in),
+                MatRef::new(&w_skip.value, d_out, d_in).t(),
+                x_hat,
+                true,
+            );
+        }
         let mut g_e = std::mem::take(x_hat);
         g_e.par_chunks_mut(d_out)
             .zip(target.par_chunks(d_out))
@@ -706,6 +744,15 @@ impl SaeTrainer {
         let mse = sq_error / rows as f64;
         let scale = 2.0 / rows as f32;
         g_e.par_iter_mut().for_each(|g| *g *= scale);
+        if config.skip_connection {
+            // ∂/∂W_skip of Σ‖e‖²/B: g_eᵀ x.
+            cpu::matmul(
+                MatRef::new(&g_e, rows, d_out).t(),
+                MatRef::new(x_in, rows, d_in),
+                &mut w_skip.grad,
+                false,
+            );
+        }
         // Matryoshka: what reaches each group's latents, and the prefixes' own error.
         let (nested, prefix_sq_error) = if nesting.groups() > 1 {
             let (g, sq) = nested_output_grads(
@@ -956,7 +1003,18 @@ impl SaeTrainer {
                 .transpose()?,
             apply_b_dec_to_input: self.config.transcode_to.is_none(),
             transcoder: self.config.transcode_to.is_some(),
-            w_skip: None,
+            // Trained as `s_y·y ≈ … + (s_x·x) @ W_skipᵀ`.
+            w_skip: self
+                .config
+                .skip_connection
+                .then(|| {
+                    Tensor::from_vec(
+                        scaled(&self.params[W_SKIP].value, s / output_scale),
+                        (d_out, d_in),
+                        device,
+                    )
+                })
+                .transpose()?,
         })
     }
 
@@ -1007,6 +1065,10 @@ impl SaeTrainer {
         config.validate()?;
         let mut trainer = Self::new(config, &[])?;
         let get = |key: String, len: usize| -> Result<Vec<f32>> {
+            // Checkpoints from before a parameter existed lack it where it is empty.
+            if len == 0 && !tensors.contains_key(&key) {
+                return Ok(Vec::new());
+            }
             let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
                 dir: source.to_path_buf(),
                 key: key.clone(),
@@ -1468,7 +1530,15 @@ mod tests {
             .broadcast_add(&b_enc)
             .unwrap();
         let acts = (&pre * &mask).unwrap();
-        let x_hat = acts.matmul(&w_dec).unwrap().broadcast_add(&b_dec).unwrap();
+        let mut x_hat = acts.matmul(&w_dec).unwrap().broadcast_add(&b_dec).unwrap();
+        // A skip transcoder adds its inputs through W_skip.
+        let w_skip = t
+            .config
+            .skip_connection
+            .then(|| var(W_SKIP, &[d_out, d_in]));
+        if let Some(w_skip) = &w_skip {
+            x_hat = (x_hat + encoded.matmul(&w_skip.t().unwrap()).unwrap()).unwrap();
+        }
         let n = rows as f64;
         let mut loss = ((&x_hat - &x).unwrap().sqr().unwrap().sum_all().unwrap() / n).unwrap();
         // Matryoshka: each prefix reconstructs on its own too.
@@ -1514,18 +1584,25 @@ mod tests {
             loss = (loss + aux_loss).unwrap();
         }
         let grads = loss.backward().unwrap();
-        [&w_enc_t, &w_dec, &b_enc, &b_dec]
-            .iter()
-            .map(|v| {
-                grads
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect()
+        [
+            Some(&w_enc_t),
+            Some(&w_dec),
+            Some(&b_enc),
+            Some(&b_dec),
+            w_skip.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
     }
 
     /// Pre-activations computed independently of the trainer, `[rows][d_sae]` (a transcoder's
@@ -1589,7 +1666,10 @@ mod tests {
     ) {
         let reference = autograd(&t, x, mask, aux, l1);
         t.backward(x).unwrap();
-        for (i, r) in reference.iter().enumerate() {
+        for (&i, r) in [W_ENC_T, W_DEC, B_ENC, B_DEC, W_SKIP]
+            .iter()
+            .zip(&reference)
+        {
             assert_close(t.params[i].name, &t.params[i].grad, r);
         }
     }
@@ -1612,8 +1692,8 @@ mod tests {
     }
 
     /// A transcoder's gradients (rows `[x | y]`: encode x without b_dec, predict y) agree with
-    /// autograd, for top-k and for the decoder-norm-weighted L1 of `standard`; its FVU is
-    /// measured against the target's variance.
+    /// autograd, for top-k and for the decoder-norm-weighted L1 of `standard`, with and without
+    /// a skip path; its FVU is measured against the target's variance.
     #[test]
     fn transcoder_gradients_match_autograd() {
         let (d_in, d_out, d_sae, rows, k) = (12, 7, 40, 9, 5);
@@ -1625,11 +1705,20 @@ mod tests {
         let l1 = TrainArchitecture::Standard {
             l1_coefficient: 0.3,
         };
-        for (architecture, penalty) in [(top_k, None), (l1, Some(0.3f32))] {
+        let cases = [
+            (top_k, None, false),
+            (l1.clone(), Some(0.3f32), false),
+            (l1, Some(0.3f32), true),
+        ];
+        for (architecture, penalty, skip) in cases {
             let mut config = TrainConfig::new(architecture.clone(), d_in, d_sae);
             config.transcode_to = Some(d_out);
+            config.skip_connection = skip;
             config.b_dec_init = BDecInit::Zeros;
             let mut t = SaeTrainer::new(config, &[]).unwrap();
+            if skip {
+                t.params[W_SKIP].value = random(d_out * d_in, 5, 0.3);
+            }
             t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
             t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
             t.params[B_ENC].value = random(d_sae, 3, 0.1);
