@@ -931,7 +931,6 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
 
     // With a skip path (a JumpReLU skip transcoder): W_skip is learned, saved in SAELens's
     // form, and resumed exactly too.
-    let mut s = s;
     s.train.architecture = TrainArchitecture::JumpRelu {
         l0_coefficient: 0.01,
         bandwidth: 0.05,
