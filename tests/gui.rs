@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::down_proj;
@@ -1083,4 +1083,37 @@ fn every_panel_renders_like_its_snapshot() {
         );
     }
     results.unwrap();
+}
+
+/// A transcoder opens in the window at both its hooks: the status line names the hook it reads
+/// and the one it writes.
+#[test]
+fn a_transcoder_opens_at_the_hooks_it_reads_and_writes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let options = GuiOptions {
+        model: Some(root.join("tests/fixtures/models/gpt2")),
+        sae: Some(root.join("tests/fixtures/sparsify/transcoders/gpt2/h.0.mlp")),
+        screenshots: None,
+    };
+    let mut h = harness_with(App::new(options, Remembered::default()));
+    wait_for(&mut h, "the transcoder", |h| {
+        h.state().workbench.sae.is_some()
+    });
+    let sae = h.state().workbench.sae.as_ref().unwrap();
+    assert!(sae.sae.sae.transcoder);
+    assert_eq!(
+        (sae.hook.to_string(), sae.hook_out.to_string()),
+        (
+            "blocks.0.mlp.hook_in".to_string(),
+            "blocks.0.hook_mlp_out".to_string()
+        )
+    );
+    h.step();
+    assert!(
+        has_label(
+            &h,
+            "transcoder blocks.0.mlp.hook_in → blocks.0.hook_mlp_out"
+        ),
+        "the status line names both hooks"
+    );
 }
