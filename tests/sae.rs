@@ -18,7 +18,7 @@ use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowS
 use monoscope::sae::eval::{EvalSettings, evaluate};
 use monoscope::sae::run::{RunControl, RunOutcome, RunSettings, StepEngine, run};
 use monoscope::sae::saelens::{self, SaeMetadata};
-use monoscope::sae::train::{TrainArchitecture, TrainConfig};
+use monoscope::sae::train::{StepMetrics, TrainArchitecture, TrainConfig};
 
 const HOOK: &str = "blocks.1.mlp.hook_post";
 
@@ -99,6 +99,20 @@ fn metadata(source: &ActivationSource) -> SaeMetadata {
 
 fn weights(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join(saelens::WEIGHTS_FILE), &Device::Cpu).unwrap()
+}
+
+/// Trains `s` from `src` into `out` without interruption; the last step's metrics.
+fn train_to_end(
+    src: &mut ActivationSource,
+    s: &RunSettings,
+    meta: &SaeMetadata,
+    out: &Path,
+) -> StepMetrics {
+    let never = AtomicBool::new(false);
+    match run(src, s, meta, out, RunControl::new(&never), |_| {}).unwrap() {
+        RunOutcome::Finished(last) => last,
+        other => panic!("not finished: {other:?}"),
+    }
 }
 
 /// Trains into `out` on `engine`, cancelled after step 9 (a checkpoint is written); calls
@@ -217,18 +231,7 @@ fn resumed_training_reaches_the_same_weights_as_an_uninterrupted_run() {
     let mut src = source(&model, &text);
     let s = settings(src.d_in(), 24);
     let meta = metadata(&src);
-    let outcome = run(
-        &mut src,
-        &s,
-        &meta,
-        &straight,
-        RunControl::new(&never),
-        |_| {},
-    )
-    .unwrap();
-    let RunOutcome::Finished(last) = outcome else {
-        panic!("not finished")
-    };
+    let last = train_to_end(&mut src, &s, &meta, &straight);
     assert_eq!(last.step, 24);
 
     let resumed = tmp.path().join("resumed");
@@ -865,21 +868,9 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
         hook_name_out: hook_out.into(),
         ..metadata(&src)
     };
-    let never = AtomicBool::new(false);
     let straight = tmp.path().join("straight");
     let mut src = pairs();
-    let outcome = run(
-        &mut src,
-        &s,
-        &meta,
-        &straight,
-        RunControl::new(&never),
-        |_| {},
-    )
-    .unwrap();
-    let RunOutcome::Finished(last) = outcome else {
-        panic!("not finished")
-    };
+    let last = train_to_end(&mut src, &s, &meta, &straight);
     let log = std::fs::read_to_string(straight.join("training/metrics.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     let first_fvu = first["fvu"].as_f64().unwrap();
@@ -938,18 +929,7 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     };
     s.train.skip_connection = true;
     let straight = tmp.path().join("skip");
-    let outcome = run(
-        &mut pairs(),
-        &s,
-        &meta,
-        &straight,
-        RunControl::new(&never),
-        |_| {},
-    )
-    .unwrap();
-    let RunOutcome::Finished(last) = outcome else {
-        panic!("not finished")
-    };
+    let last = train_to_end(&mut pairs(), &s, &meta, &straight);
     assert!(last.fvu < 0.5 * first_fvu, "skip: FVU {}", last.fvu);
     let cfg = std::fs::read_to_string(straight.join(saelens::CONFIG_FILE)).unwrap();
     assert!(cfg.contains("jumprelu_skip_transcoder"), "{cfg}");

@@ -471,28 +471,7 @@ impl<'m> ActivationSource<'m> {
     /// later in the forward pass): rows become `[x | y]`, what a transcoder trains on. Call
     /// before [`Self::with_cache`].
     pub fn with_target(mut self, hook_out: &str) -> Result<Self> {
-        let points = self.model.resolve_hooks(&[hook_out])?;
-        let [point] = points[..] else {
-            return Err(Error::InvalidArgument {
-                what: "output hook",
-                value: hook_out.into(),
-                message: format!(
-                    "names {} hook points; a transcoder writes one",
-                    points.len()
-                ),
-            });
-        };
-        let order = |p: HookPoint| self.model.hook_points().iter().position(|&q| q == p);
-        if order(point) <= order(self.hook) {
-            return Err(Error::InvalidArgument {
-                what: "output hook",
-                value: hook_out.into(),
-                message: format!(
-                    "does not come after the hook the transcoder reads ({}) in the forward pass",
-                    self.hook
-                ),
-            });
-        }
+        let point = super::resolve_output_hook(self.model, self.hook, hook_out)?;
         if self.cache.is_some() {
             return Err(Error::InvalidArgument {
                 what: "output hook",

@@ -179,29 +179,7 @@ pub fn output_hook(sae_dir: &SaeDir, input: HookPoint, model: &Model) -> Result<
                 .into(),
         });
     }
-    let point = match model.resolve_hooks(&[name.as_str()])?[..] {
-        [point] => point,
-        ref points => {
-            return Err(Error::InvalidArgument {
-                what: "transcoder output hook",
-                value: name.clone(),
-                message: format!(
-                    "names {} hook points; a transcoder writes one",
-                    points.len()
-                ),
-            });
-        }
-    };
-    let order = |p: HookPoint| model.hook_points().iter().position(|&q| q == p);
-    if order(point) <= order(input) {
-        return Err(Error::InvalidArgument {
-            what: "transcoder output hook",
-            value: name.clone(),
-            message: format!(
-                "does not come after the hook the transcoder reads ({input}) in the forward pass"
-            ),
-        });
-    }
+    let point = resolve_output_hook(model, input, name)?;
     let width = model.hook_width(point)?;
     if width != sae_dir.sae.d_out() {
         return Err(Error::InvalidArgument {
@@ -212,6 +190,33 @@ pub fn output_hook(sae_dir: &SaeDir, input: HookPoint, model: &Model) -> Result<
                 sae_dir.sae.d_out()
             ),
         });
+    }
+    Ok(point)
+}
+
+/// The hook point `name` names in `model` as a transcoder's output: exactly one, and later in
+/// the forward pass than `input`, the hook it reads (so that splicing it in, or capturing both
+/// in one pass, sees the transcoder's own input unchanged).
+pub fn resolve_output_hook(model: &Model, input: HookPoint, name: &str) -> Result<HookPoint> {
+    let bad = |message: String| Error::InvalidArgument {
+        what: "transcoder output hook",
+        value: name.to_string(),
+        message,
+    };
+    let point = match model.resolve_hooks(&[name])?[..] {
+        [point] => point,
+        ref points => {
+            return Err(bad(format!(
+                "names {} hook points; a transcoder writes one",
+                points.len()
+            )));
+        }
+    };
+    let order = |p: HookPoint| model.hook_points().iter().position(|&q| q == p);
+    if order(point) <= order(input) {
+        return Err(bad(format!(
+            "does not come after the hook the transcoder reads ({input}) in the forward pass"
+        )));
     }
     Ok(point)
 }

@@ -471,6 +471,8 @@ pub struct SaeTrainer {
     pre: Vec<f32>,
     x_hat: Vec<f32>,
     dense_grad: Vec<f32>,
+    /// A transcoder's targets, split from its `[x | y]` rows.
+    targets: Vec<f32>,
 }
 
 impl SaeTrainer {
@@ -533,6 +535,7 @@ impl SaeTrainer {
             pre: Vec::new(),
             x_hat: Vec::new(),
             dense_grad: Vec::new(),
+            targets: Vec::new(),
             config,
         })
     }
@@ -621,14 +624,6 @@ impl SaeTrainer {
         let (d_in, d_sae, d_out) = (self.config.d_in, self.config.d_sae, self.config.d_out());
         let transcoder = self.config.transcode_to.is_some();
         let rows = batch_rows(x, self.config.row_width())?;
-        // A transcoder's rows are `[x | y]`: it encodes x and is trained to predict y.
-        let split;
-        let (x, target) = if transcoder {
-            split = split_rows(x, d_in, d_out);
-            (split.0.as_slice(), split.1.as_slice())
-        } else {
-            (x, x)
-        };
         let step = self.step;
         let penalty_scale = self.config.penalty_scale(step);
         let arch = self.config.architecture.clone();
@@ -643,15 +638,25 @@ impl SaeTrainer {
             pre,
             x_hat,
             dense_grad,
+            targets,
             config,
             ..
         } = self;
         let [w_enc_t, w_dec_p, b_enc_p, b_dec_p, log_threshold, w_skip] = params;
         // Encoder input and pre-activations (bias added on the fly by the selection). A
-        // transcoder's b_dec lives in the output space and is never subtracted.
+        // transcoder's rows are `[x | y]`: it encodes x as it is (its b_dec lives in the output
+        // space) and is trained to predict y, the target here.
         x_in.resize(rows * d_in, 0.0);
-        if transcoder {
-            x_in.copy_from_slice(x);
+        let target: &[f32] = if transcoder {
+            targets.clear();
+            for (row, o) in x
+                .chunks_exact(d_in + d_out)
+                .zip(x_in.chunks_exact_mut(d_in))
+            {
+                o.copy_from_slice(&row[..d_in]);
+                targets.extend_from_slice(&row[d_in..]);
+            }
+            targets
         } else {
             let b_dec = &b_dec_p.value;
             x_in.par_chunks_mut(d_in)
@@ -661,7 +666,8 @@ impl SaeTrainer {
                         *o = x - b;
                     }
                 });
-        }
+            x
+        };
         pre.resize(rows * d_sae, 0.0);
         cpu::matmul(
             MatRef::new(x_in, rows, d_in),
