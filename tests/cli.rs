@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{MODEL_TYPES, fixture_dir, max_relative_error, monoscope_json, reference};
 use monoscope::model::Model;
 
@@ -372,6 +372,116 @@ fn trace_runs_saes_at_their_hooks_and_splices_them_in() {
     let mlp_sae = sparsify.join("layers.1.mlp.act");
     let err = bad(&["--sae", mlp_sae.to_str().unwrap(), "--sae-hook", resid]);
     assert!(err.contains("d_in") && err.contains(resid), "{err}");
+}
+
+/// `trace --sae` runs a transcoder as SAELens attaches one: it reads `blocks.1.mlp.hook_in`,
+/// and its tensors are saved under the hook it writes (`blocks.1.hook_mlp_out`), with the
+/// prediction (skip path included) plus the error giving that hook's value back; `--splice`
+/// puts the prediction in that hook's place and leaves the hook it reads as it was. An SAE
+/// spliced into the hook a transcoder reads feeds it the reconstruction.
+#[test]
+fn trace_runs_a_transcoder_from_the_hook_it_reads_to_the_hook_it_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = fixture_dir("llama");
+    let transcoder_dir = model_dir.join("../../sparsify/transcoders/llama/layers.1.mlp");
+    let (input, output) = ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out");
+    let both = format!("{input},{output}");
+    let trace = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let args = [
+            &[
+                "trace",
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--prompt",
+                "The capital of Japan is Tokyo.",
+                "--hooks",
+                &both,
+                "--sae",
+                transcoder_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        monoscope_json(&args);
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()
+    };
+    let get = |t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str| {
+        t.get(key)
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .clone()
+    };
+    let diff = common::max_abs_diff;
+    let sae = monoscope::sae::load(&transcoder_dir, &Device::Cpu, DType::F32)
+        .unwrap()
+        .sae;
+    assert!(sae.transcoder && sae.w_skip.is_some());
+    let key = |name: &str| format!("{output}.{name}");
+
+    let plain = trace("plain.safetensors", &[]);
+    assert!(!plain.contains_key(&format!("{input}.hook_sae_input")));
+    let x = get(&plain, &key("hook_sae_input"));
+    assert_eq!(diff(&x, &get(&plain, input)), 0.0);
+    let acts = get(&plain, &key("hook_sae_acts_post"));
+    assert!(diff(&acts, &sae.encode(&x).unwrap()) < 1e-6);
+    let recons = get(&plain, &key("hook_sae_recons"));
+    assert!(diff(&recons, &sae.output(&x).unwrap()) < 1e-6);
+    // The skip path is in the prediction.
+    assert!(diff(&recons, &sae.decode(&acts).unwrap()) > 1e-3);
+    let error = get(&plain, &key("hook_sae_error"));
+    assert!(diff(&(&recons + &error).unwrap(), &get(&plain, output)) < 1e-5);
+    assert!(
+        error
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-3
+    );
+
+    let spliced = trace("spliced.safetensors", &["--splice"]);
+    assert_eq!(diff(&get(&spliced, input), &x), 0.0);
+    assert!(diff(&get(&spliced, output), &recons) < 1e-5);
+    assert!(diff(&get(&spliced, "logits"), &get(&plain, "logits")) > 1e-3);
+
+    // With an SAE spliced in where the transcoder reads, the transcoder reads its output.
+    let (d, d_sae) = (x.dim(2).unwrap(), 16);
+    let sae_dir = tmp.path().join("hook_in_sae");
+    let hook_in_sae = monoscope::sae::Sae {
+        architecture: monoscope::sae::Architecture::TopK { k: 4 },
+        w_enc: Tensor::randn(0f32, 0.3, (d, d_sae), &Device::Cpu).unwrap(),
+        w_dec: Tensor::randn(0f32, 0.3, (d_sae, d), &Device::Cpu).unwrap(),
+        b_enc: Tensor::zeros(d_sae, DType::F32, &Device::Cpu).unwrap(),
+        b_dec: Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: false,
+        transcoder: false,
+        w_skip: None,
+    };
+    let saved = monoscope::sae::saelens::SaeDir {
+        sae: hook_in_sae,
+        metadata: monoscope::sae::saelens::SaeMetadata {
+            hook_name: input.into(),
+            ..Default::default()
+        },
+        sparsity: None,
+    };
+    monoscope::sae::saelens::save(&sae_dir, &saved, false).unwrap();
+    let chained = trace(
+        "chained.safetensors",
+        &["--sae", sae_dir.to_str().unwrap(), "--splice"],
+    );
+    let in_recons = get(&chained, &format!("{input}.hook_sae_recons"));
+    assert!(diff(&in_recons, &x) > 1e-3);
+    assert_eq!(
+        diff(&get(&chained, &key("hook_sae_input")), &in_recons),
+        0.0
+    );
 }
 
 /// Output into a pipe whose reader has gone (`monoscope info | head -1`) ends the command

@@ -933,6 +933,43 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     assert!(!out.join("sae_weights.safetensors").exists());
 }
 
+/// "MLP transcoder" turns the form into a transcoder from the layer's `mlp.hook_in` to its
+/// `hook_mlp_out`; a short run saves one whose config names both hooks, and it opens at them.
+#[test]
+fn a_transcoder_trains_from_the_form_and_opens_at_its_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("transcoder");
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Train");
+    h.get_by_label("MLP transcoder").click();
+    h.step();
+    replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    replace_text(&mut h, "Tokens", "8192");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the transcoder", |h| {
+        h.state()
+            .workbench
+            .sae
+            .as_ref()
+            .is_some_and(|s| s.sae.sae.transcoder)
+    });
+    let sae = h.state().workbench.sae.as_ref().unwrap();
+    assert_eq!(
+        (sae.hook.to_string(), sae.hook_out.to_string()),
+        (
+            "blocks.4.mlp.hook_in".to_string(),
+            "blocks.4.hook_mlp_out".to_string()
+        )
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["metadata"]["hook_name"], "blocks.4.mlp.hook_in");
+    assert_eq!(cfg["metadata"]["hook_name_out"], "blocks.4.hook_mlp_out");
+}
+
 #[test]
 fn a_tiny_export_writes_parquet_that_reads_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -435,8 +435,6 @@ fn the_patch_command_patches_each_head_at_each_token() {
 /// by the estimate, and the hook's whole value patched is a plain `Replace`.
 #[test]
 fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
-    use monoscope::features::patching::patch_features;
-    use monoscope::patching::PromptPair;
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F64).unwrap();
     let (sae, hook) = monoscope::sae::load_for_model(
@@ -446,7 +444,62 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
         &Device::Cpu,
     )
     .unwrap();
-    let w_dec = sae.sae.w_dec.to_dtype(DType::F64).unwrap();
+    check_feature_patching(&model, &sae.sae, hook.into());
+}
+
+/// A transcoder's features are read at the hook it reads (`blocks.4.mlp.hook_in`) and patched
+/// where it writes (`blocks.4.hook_mlp_out`): the same checks as an SAE's, with every patch
+/// made at the output hook; one handed only the hook it reads is refused.
+#[test]
+fn transcoder_feature_patching_reads_one_hook_and_patches_the_other() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = Model::load(&dir.join("assets/world"), &Device::Cpu, DType::F64).unwrap();
+    let d = model.dims().d_model;
+    let site = monoscope::sae::SaeSite {
+        input: "blocks.4.mlp.hook_in".parse().unwrap(),
+        output: "blocks.4.hook_mlp_out".parse().unwrap(),
+    };
+    let cpu = Device::Cpu;
+    let d_sae = 96;
+    let transcoder = monoscope::sae::Sae {
+        architecture: monoscope::sae::Architecture::TopK { k: 12 },
+        w_enc: Tensor::randn(0f32, 0.2, (d, d_sae), &cpu).unwrap(),
+        w_dec: Tensor::randn(0f32, 0.3, (d_sae, d), &cpu).unwrap(),
+        b_enc: Tensor::randn(0f32, 0.1, d_sae, &cpu).unwrap(),
+        b_dec: Tensor::zeros(d, DType::F32, &cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: false,
+        transcoder: true,
+        w_skip: Some(Tensor::randn(0f32, 0.05, (d, d), &cpu).unwrap()),
+    };
+    check_feature_patching(&model, &transcoder, site);
+
+    let pair = monoscope::patching::PromptPair {
+        clean: "The capital of Japan is",
+        corrupted: "The capital of France is",
+        answer: Some(" Tokyo"),
+        wrong: Some(" Paris"),
+    };
+    let request = PatchRequest::from_prompts(&model, &pair, Direction::Denoise).unwrap();
+    let err = monoscope::features::patching::patch_features(
+        &model,
+        &transcoder,
+        site.input,
+        &request,
+        4,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hook_name_out"), "{err}");
+}
+
+/// Patches the features of `sae` at `site` between "Japan" and "France" both ways and checks
+/// the report against patches made alone through the hook mechanism at the output hook.
+fn check_feature_patching(model: &Model, sae: &monoscope::sae::Sae, site: monoscope::sae::SaeSite) {
+    use monoscope::features::patching::patch_features;
+    use monoscope::patching::PromptPair;
+    let w_dec = sae.w_dec.to_dtype(DType::F64).unwrap();
     let (clean, corrupted) = ("The capital of Japan is", "The capital of France is");
     for direction in [Direction::Denoise, Direction::Noise] {
         let pair = PromptPair {
@@ -455,15 +508,17 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
             answer: Some(" Tokyo"),
             wrong: Some(" Paris"),
         };
-        let request = PatchRequest::from_prompts(&model, &pair, direction).unwrap();
-        let report = patch_features(&model, &sae.sae, hook, &request, 6, &AtomicBool::new(false))
+        let request = PatchRequest::from_prompts(model, &pair, direction).unwrap();
+        let report = patch_features(model, sae, site, &request, 6, &AtomicBool::new(false))
             .unwrap()
             .unwrap();
+        assert_eq!(report.hook, site.input.to_string());
+        assert_eq!(report.hook_out, site.output.to_string());
         assert_eq!(report.features.len(), 6);
         assert!(report.changed >= 6);
         let base = request.base_ids().to_vec();
         let ld = |ids: &[u32], hooks: &Hooks| {
-            logit_diff_between(&model, ids, hooks, request.answer, request.wrong)
+            logit_diff_between(model, ids, hooks, request.answer, request.wrong)
         };
         let metric = |hooks: &Hooks| ld(&base, hooks);
         let (m_clean, m_corrupt) = (
@@ -483,7 +538,7 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
             let with = |scale: f64| {
                 let shift = direction_vec.affine(change * scale, 0.0).unwrap();
                 Hooks::new().intervene(
-                    hook,
+                    site.output,
                     Intervention::new(InterventionOp::Add(shift))
                         .at_positions(vec![e.position as i64]),
                 )
@@ -508,15 +563,16 @@ fn sae_feature_patching_agrees_with_patching_each_feature_alone() {
             assert!(estimate.abs() <= last_strength + 1e-9);
             last_strength = estimate.abs();
         }
-        // The hook's whole value from the other run.
+        // The output hook's whole value from the other run.
         let source = match direction {
             Direction::Denoise => &request.clean,
             Direction::Noise => &request.corrupted,
         };
-        let value = capture(&model, source, hook);
-        let whole = normalise(metric(
-            &Hooks::new().intervene(hook, Intervention::new(InterventionOp::Replace(value))),
-        ));
+        let value = capture(model, source, site.output);
+        let whole = normalise(metric(&Hooks::new().intervene(
+            site.output,
+            Intervention::new(InterventionOp::Replace(value)),
+        )));
         assert!(
             (whole - report.whole_hook as f64).abs() < 1e-5,
             "{whole} {}",

@@ -55,7 +55,8 @@ pub struct PatchArgs {
     #[arg(long)]
     attribution: bool,
     /// Also find the features of this SAE (at its hook) whose change between the runs moves
-    /// the answer most: estimated for every feature at every token, the strongest patched.
+    /// the answer most: estimated for every feature at every token, the strongest patched. A
+    /// transcoder's features are read at its input hook and patched at the hook it writes.
     #[arg(long, value_name = "DIR")]
     sae: Option<std::path::PathBuf>,
     /// SAE features patched and listed.
@@ -105,15 +106,9 @@ pub fn run(args: &PatchArgs) -> anyhow::Result<()> {
     let features = match &args.sae {
         Some(dir) => {
             let (sae, site) = super::sae::load_sae(dir, None, None, &model, &model.device)?;
-            let found = patch_features(
-                &model,
-                &sae.sae,
-                site.input,
-                request,
-                args.top_features,
-                &CANCEL,
-            )?
-            .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+            let found =
+                patch_features(&model, &sae.sae, site, request, args.top_features, &CANCEL)?
+                    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
             Some(found)
         }
         None => None,
@@ -218,7 +213,15 @@ fn print_features(f: &FeaturePatchReport) {
     println!(
         "
 SAE features at {} ({} token × feature activations differ between the runs)",
-        f.hook, f.changed
+        if f.hook == f.hook_out {
+            f.hook.clone()
+        } else {
+            format!(
+                "{} (a transcoder: read there, written at {})",
+                f.hook, f.hook_out
+            )
+        },
+        f.changed
     );
     println!(
         "  every feature's change patched at once: {:.2}; the hook's whole value: {:.2} (the \

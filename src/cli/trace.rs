@@ -1,6 +1,8 @@
 //! `monoscope trace`: capture hook values for one prompt into a safetensors file, with SAEs
 //! run at their hooks (SAELens's `run_with_cache_with_saes`): each SAE's input, latent
 //! activations, reconstruction and error, optionally with the reconstructions spliced in.
+//! A transcoder is run as SAELens attaches one: it reads its input hook, and its prediction,
+//! error and splice belong to the hook it writes, under whose name its tensors are saved.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use clap::Args;
 
 use super::{ModelArgs, print_json, write_new_file};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
-use crate::sae::Sae;
+use crate::sae::{Sae, SaeSite};
 
 #[derive(Args)]
 pub struct TraceArgs {
@@ -25,15 +27,17 @@ pub struct TraceArgs {
     hooks: Option<String>,
     /// An SAE folder to run at its hook (repeatable). Adds, under SAELens's names,
     /// `HOOK.hook_sae_input`, `HOOK.hook_sae_acts_post` [1, seq, d_sae], `HOOK.hook_sae_recons`
-    /// and `HOOK.hook_sae_error` (input − reconstruction).
+    /// and `HOOK.hook_sae_error` (input − reconstruction). For a transcoder HOOK is the hook it
+    /// writes: `hook_sae_input` is the value of the hook it reads, `hook_sae_recons` its
+    /// prediction (skip path included) and `hook_sae_error` HOOK's value − the prediction.
     #[arg(long = "sae", value_name = "DIR")]
     saes: Vec<PathBuf>,
     /// The hook each --sae reads, once per --sae in the same order (default: the hook each
     /// folder names).
     #[arg(long = "sae-hook", value_name = "HOOK", requires = "saes")]
     sae_hooks: Vec<String>,
-    /// Splice each SAE's reconstruction into the forward pass in place of its hook's value
-    /// (no error term), so later hooks, later SAEs and the logits are the spliced model's.
+    /// Splice each SAE's reconstruction into the forward pass in place of its hook's value (a
+    /// transcoder's prediction in place of the hook it writes; no error term), so later hooks, later SAEs and the logits are the spliced model's.
     #[arg(long, requires = "saes")]
     splice: bool,
     /// Output safetensors file: `input_ids`, `logits`, and one tensor per hook (f32).
@@ -65,8 +69,13 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     let saes = load_saes(&model, &args.saes, &args.sae_hooks)?;
     let ids = model.encode_prompt(&args.prompt)?;
     let mut hooks = Hooks::new().capture(points);
+    // Every SAE's output hook first, so that a transcoder reading a hook where another SAE is
+    // spliced in reads the spliced value (interventions at one hook run in the order given).
     for spliced in &saes {
-        hooks = hooks.intervene(spliced.hook, spliced.intervention(args.splice));
+        hooks = hooks.intervene(spliced.site.output, spliced.at_output(args.splice));
+    }
+    for transcoder in saes.iter().filter(|s| s.site.input != s.site.output) {
+        hooks = hooks.intervene(transcoder.site.input, transcoder.at_input());
     }
     let out = model.forward(&model.ids_tensor(&ids)?, &hooks)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -91,7 +100,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     }
     for spliced in &saes {
         for (name, value) in spliced.outputs()? {
-            tensors.insert(format!("{}.{name}", spliced.hook), value);
+            tensors.insert(format!("{}.{name}", spliced.site.output), value);
         }
     }
     write_new_file(&args.out, args.force, |tmp| {
@@ -123,46 +132,83 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An SAE run at its hook during the traced forward pass.
+/// An SAE run at its hook during the traced forward pass (a transcoder: at the hook it reads
+/// and the hook it writes).
 struct TracedSae {
     sae: Sae,
-    hook: HookPoint,
-    /// The hook's value as it reached the SAE (after any earlier splice), set by the pass.
+    site: SaeSite,
+    /// The input hook's value as it reached the SAE (after any earlier splice), set by the pass.
     input: Arc<Mutex<Option<Tensor>>>,
+    /// The output hook's value as the model gave it, before any splice; a transcoder's only.
+    output: Arc<Mutex<Option<Tensor>>>,
+}
+
+/// Keeps `x` in `slot`.
+fn record(slot: &Mutex<Option<Tensor>>, x: &Tensor) {
+    if let Ok(mut slot) = slot.lock() {
+        *slot = Some(x.clone());
+    }
+}
+
+/// The value last kept in `slot`.
+fn recorded(slot: &Mutex<Option<Tensor>>) -> Option<Tensor> {
+    slot.lock().ok().and_then(|slot| slot.clone())
 }
 
 impl TracedSae {
-    /// Records the hook's value, and passes it on or replaces it with the reconstruction.
-    fn intervention(&self, splice: bool) -> Intervention {
-        let (sae, input) = (self.sae.clone(), Arc::clone(&self.input));
+    /// A transcoder's input hook: records the value read.
+    fn at_input(&self) -> Intervention {
+        let input = Arc::clone(&self.input);
         let f = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-            if let Ok(mut slot) = input.lock() {
-                *slot = Some(x.clone());
-            }
-            if !splice {
-                return Ok(x.clone());
-            }
-            let recons = sae
-                .encode(&x.to_dtype(DType::F32)?)
-                .and_then(|acts| sae.decode(&acts))
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            recons.to_dtype(x.dtype())
+            record(&input, x);
+            Ok(x.clone())
         };
         Intervention::new(InterventionOp::Func(Arc::new(f)))
     }
 
-    /// The SAE's tensors for the recorded input, moved to the CPU (f32), under SAELens's names.
+    /// The hook the SAE writes: records its value (for an SAE, also the input), and passes it
+    /// on or replaces it with the SAE's output for the recorded input.
+    fn at_output(&self, splice: bool) -> Intervention {
+        let (sae, input, output) = (
+            self.sae.clone(),
+            Arc::clone(&self.input),
+            Arc::clone(&self.output),
+        );
+        let transcoder = self.site.input != self.site.output;
+        let f = move |y: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+            record(if transcoder { &output } else { &input }, y);
+            if !splice {
+                return Ok(y.clone());
+            }
+            let x = recorded(&input).ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "the transcoder's input hook did not run before its output hook".into(),
+                )
+            })?;
+            let predicted = sae
+                .output(&x.to_dtype(DType::F32)?)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            predicted.to_dtype(y.dtype())
+        };
+        Intervention::new(InterventionOp::Func(Arc::new(f)))
+    }
+
+    /// The SAE's tensors for the recorded values, moved to the CPU (f32), under SAELens's names.
     fn outputs(&self) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
-        let input = self
-            .input
-            .lock()
-            .ok()
-            .and_then(|slot| slot.clone())
-            .with_context(|| format!("the forward pass never reached {}", self.hook))?;
-        let input = input.to_dtype(DType::F32)?;
+        let missing = |point: HookPoint| format!("the forward pass never reached {point}");
+        let input = recorded(&self.input)
+            .with_context(|| missing(self.site.input))?
+            .to_dtype(DType::F32)?;
+        let target = if self.site.input == self.site.output {
+            input.clone()
+        } else {
+            recorded(&self.output)
+                .with_context(|| missing(self.site.output))?
+                .to_dtype(DType::F32)?
+        };
         let acts = self.sae.encode(&input)?;
-        let recons = self.sae.decode(&acts)?;
-        let error = (&input - &recons)?;
+        let recons = self.sae.output(&input)?;
+        let error = (&target - &recons)?;
         let cpu = |t: Tensor| t.to_device(&candle_core::Device::Cpu);
         Ok(vec![
             ("hook_sae_input", cpu(input)?),
@@ -173,8 +219,8 @@ impl TracedSae {
     }
 }
 
-/// Loads each SAE (f32, on the model's device) at its hook (`hooks`: none, or one per SAE); two SAEs may not
-/// share a hook.
+/// Loads each SAE (f32, on the model's device) at its hook (`hooks`: none, or one per SAE;
+/// a transcoder's output hook from its folder); two SAEs may not write one hook.
 fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Result<Vec<TracedSae>> {
     if !hooks.is_empty() && hooks.len() != dirs.len() {
         anyhow::bail!(
@@ -188,21 +234,20 @@ fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Resul
     for (i, dir) in dirs.iter().enumerate() {
         let hook = hooks.get(i).map(String::as_str);
         let (sae_dir, site) = super::sae::load_sae(dir, hook, None, model, &model.device)?;
-        // The trace records each SAE's reconstruction and error at the hook it reads.
-        sae_dir.sae.require_not_transcoder("trace --sae")?;
-        let point = site.input;
-        crate::sae::codes::check_sae_fits(model, point, &sae_dir.sae, dir)?;
-        if let Some(other) = saes.iter().position(|s| s.hook == point) {
+        crate::sae::codes::check_sae_fits(model, site.input, &sae_dir.sae, dir)?;
+        let point = site.output;
+        if let Some(other) = saes.iter().position(|s| s.site.output == point) {
             anyhow::bail!(
-                "{} and {} both read {point}: trace one SAE per hook",
+                "{} and {} both write {point}: trace one SAE per hook",
                 dirs[other].display(),
                 dir.display()
             );
         }
         saes.push(TracedSae {
             sae: sae_dir.sae,
-            hook: point,
+            site,
             input: Arc::default(),
+            output: Arc::default(),
         });
     }
     Ok(saes)

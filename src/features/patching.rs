@@ -10,6 +10,11 @@
 //! each). Two more runs bound the SAE's share: every feature's change at every token at once
 //! (the error term kept from the base run), and the hook's whole value patched.
 //!
+//! A transcoder reads one hook and writes another ([`SaeSite`]): its features are read from
+//! the input hook's value, and each change `Δf_i·W_dec[i]` lands at the output hook, beside the
+//! transcoder's error there (its skip path, if any, is kept from the base run with the error).
+//! The gradient is taken at the output hook, and the hook patched whole is the output hook.
+//!
 //! Scores are on the patching scale: 0 is the corrupted run, 1 the clean run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +25,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 use crate::patching::{Direction, PairedRuns, PatchRequest, metric_gradients};
-use crate::sae::Sae;
+use crate::sae::{Sae, SaeSite};
 
 /// Patched runs per forward pass.
 const BATCH: usize = 32;
@@ -41,7 +46,10 @@ pub struct FeatureEffect {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FeaturePatchReport {
+    /// The hook the features are read from.
     pub hook: String,
+    /// The hook their changes are added at: `hook` for an SAE, a later one for a transcoder.
+    pub hook_out: String,
     pub direction: Direction,
     /// The clean prompt's tokens (positions index them).
     pub tokens: Vec<String>,
@@ -56,27 +64,34 @@ pub struct FeaturePatchReport {
     pub features: Vec<FeatureEffect>,
 }
 
-/// Finds the features at `hook` (the SAE's) whose change between the runs moves the metric
-/// most; `request.sites` and `request.attribution` are not used. `None` when cancelled.
+/// Finds the features of the SAE at `site` (a hook, or a transcoder's input and output hooks)
+/// whose change between the runs moves the metric most; `request.sites` and
+/// `request.attribution` are not used. `None` when cancelled.
 pub fn patch_features(
     model: &Model,
     sae: &Sae,
-    hook: HookPoint,
+    site: impl Into<SaeSite>,
     request: &PatchRequest,
     top: usize,
     cancel: &AtomicBool,
 ) -> Result<Option<FeaturePatchReport>> {
-    // Attribution here runs through the SAE's error term at the hook it reads.
-    sae.require_not_transcoder("feature patching")?;
-    let width = model.hook_width(hook)?;
-    if width != sae.d_in() {
-        return Err(Error::InvalidArgument {
-            what: "SAE",
-            value: format!("d_in {}", sae.d_in()),
-            message: format!("`{hook}` of {} is {width} wide", model.dir.display()),
-        });
+    let site = site.into();
+    site.check(sae)?;
+    for (point, width_wanted, what) in [
+        (site.input, sae.d_in(), "d_in"),
+        (site.output, sae.d_out(), "d_out"),
+    ] {
+        let width = model.hook_width(point)?;
+        if width != width_wanted {
+            return Err(Error::InvalidArgument {
+                what: "SAE",
+                value: format!("{what} {width_wanted}"),
+                message: format!("`{point}` of {} is {width} wide", model.dir.display()),
+            });
+        }
     }
-    let runs = PairedRuns::new(model, request, &[hook])?;
+    let hook = site.output;
+    let runs = PairedRuns::new(model, request, &[site.input, site.output])?;
     let metric = &runs.metric;
     let (base, source) = runs.base_and_source(request.direction);
     let base_ids = request.base_ids();
@@ -87,10 +102,13 @@ pub fn patch_features(
         DType::F32
     };
     let sae = sae.to_dtype(work)?;
-    let x_base = base.cache.require(hook)?.get(0)?.to_dtype(work)?; // [seq, d]
-    let x_source = source.cache.require(hook)?.get(0)?.to_dtype(work)?;
-    let f_base = sae.encode(&x_base)?; // [seq, d_sae]
-    let f_source = sae.encode(&x_source)?;
+    let read = |cache: &crate::model::ActivationCache, point: HookPoint| -> Result<Tensor> {
+        Ok(cache.require(point)?.get(0)?.to_dtype(work)?) // [seq, d]
+    };
+    let f_base = sae.encode(&read(&base.cache, site.input)?)?; // [seq, d_sae]
+    let f_source = sae.encode(&read(&source.cache, site.input)?)?;
+    // The value patched whole: the output hook's, which is the input's for an SAE.
+    let (y_base, y_source) = (read(&base.cache, hook)?, read(&source.cache, hook)?);
     let (f_clean, f_corrupted) = match request.direction {
         Direction::Denoise => (&f_source, &f_base),
         Direction::Noise => (&f_base, &f_source),
@@ -160,7 +178,7 @@ pub fn patch_features(
         Ok(metric.normalised(&logits)?[0])
     };
     let all_features = one_run(delta_f.matmul(&sae.w_dec)?)?;
-    let whole_hook = one_run((&x_source - &x_base)?)?;
+    let whole_hook = one_run((&y_source - &y_base)?)?;
     let activation = |f: &Tensor, p: usize, i: usize| -> Result<f32> {
         Ok(f.i((p, i))?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
     };
@@ -179,7 +197,8 @@ pub fn patch_features(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(FeaturePatchReport {
-        hook: hook.to_string(),
+        hook: site.input.to_string(),
+        hook_out: site.output.to_string(),
         direction: request.direction,
         tokens: model.tokenizer.tokens_display(&request.clean),
         all_features,

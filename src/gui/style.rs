@@ -138,6 +138,10 @@ pub mod explain {
     pub const CE_RECOVERED: &str = "CE loss recovered = (CE_zero-ablated − CE_with_SAE) / \
         (CE_zero-ablated − CE_clean): the share of the model's next-token loss kept when the \
         hook's value is replaced by the SAE's reconstruction (100% = as good as clean).";
+    pub const TRANSCODER: &str = "An SAE reconstructs the hook it reads. A transcoder \
+        (Dunefsky et al. 2024) reads one hook and predicts a later one — usually an MLP's \
+        input and its output — so its features stand in for the MLP's computation; its FVU \
+        is against the hook it predicts.";
     pub const DELTA_LM: &str = "ΔLM loss = CE_with_SAE − CE_clean, nats per token.";
     pub const DENSITY: &str = "Density: the fraction of tokens on which the feature fires.";
     pub const MAX_ACT: &str = "The largest activation seen over the statistics' tokens.";

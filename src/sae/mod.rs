@@ -456,21 +456,6 @@ impl Sae {
         }
     }
 
-    /// Refuses a transcoder where a tool reconstructs the hook the SAE reads (error terms,
-    /// splicing at the input hook): `what` names the tool for the message.
-    pub fn require_not_transcoder(&self, what: &'static str) -> Result<()> {
-        if self.transcoder {
-            return Err(Error::InvalidArgument {
-                what,
-                value: "a transcoder".into(),
-                message: "works on SAEs that reconstruct the hook they read; a transcoder \
-                          predicts another hook"
-                    .into(),
-            });
-        }
-        Ok(())
-    }
-
     /// Converts every tensor to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut out = self.clone();

@@ -275,7 +275,12 @@ const FEATURES_SHOWN: usize = 8;
 
 /// The SAE features whose change moves the answer most; returns a clicked feature.
 fn feature_table(ui: &mut egui::Ui, f: &FeaturePatchReport, wb: &Workbench) -> Option<u32> {
-    ui.strong(format!("SAE features at {}", f.hook))
+    let at = if f.hook == f.hook_out {
+        f.hook.clone()
+    } else {
+        format!("{} → {}", f.hook, f.hook_out)
+    };
+    ui.strong(format!("SAE features at {at}"))
         .on_hover_text(explain::FEATURE_PATCHING);
     ui.label(format!(
         "every feature's change patched at once: {:.2}; the hook's whole value: {:.2} \
@@ -483,7 +488,7 @@ fn run_patch(
             let found = patch_features(
                 model,
                 &open.sae.sae,
-                open.hook,
+                open.site(),
                 &request,
                 FEATURES_SHOWN,
                 job.cancel_flag(),

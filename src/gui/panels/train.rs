@@ -1,6 +1,6 @@
-//! Train: capture a hook's activations over a corpus and train an SAE on them, with live
-//! curves of loss, L0, FVU, dead latents and throughput; pause, cancel (a checkpoint stays),
-//! and open the result in Features.
+//! Train: capture a hook's activations over a corpus and train an SAE on them (or a
+//! transcoder, which predicts a later hook from them), with live curves of loss, L0, FVU, dead
+//! latents and throughput; pause, cancel (a checkpoint stays), and open the result in Features.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
-use crate::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
+use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
 use crate::sae::run::{RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run};
 use crate::sae::saelens::SaeMetadata;
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
@@ -22,6 +22,10 @@ use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
 #[derive(Clone, Debug)]
 pub struct TrainForm {
     pub hook: String,
+    /// The hook a transcoder predicts; empty for an SAE, which reconstructs `hook`.
+    pub hook_out: String,
+    /// A transcoder's affine skip path `W_skip` (not for TopK).
+    pub skip: bool,
     arch: ArchitectureKind,
     pub k: usize,
     l1: f32,
@@ -37,6 +41,8 @@ impl Default for TrainForm {
     fn default() -> Self {
         Self {
             hook: "blocks.4.mlp.hook_post".into(),
+            hook_out: String::new(),
+            skip: false,
             arch: ArchitectureKind::TopK,
             k: 32,
             l1: 5.0,
@@ -140,6 +146,11 @@ impl Train {
                     }
                 });
             ui.end_row();
+            ui.label("Predicts").on_hover_text(explain::TRANSCODER);
+            ui.horizontal(|ui| {
+                transcoder_ui(ui, f, model);
+            });
+            ui.end_row();
             ui.label("Architecture");
             ui.horizontal(|ui| {
                 ui.radio_value(&mut f.arch, ArchitectureKind::TopK, "TopK");
@@ -200,10 +211,15 @@ impl Train {
     }
 
     pub fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
+        let what = if self.form.hook_out.is_empty() {
+            "train SAE"
+        } else {
+            "train transcoder"
+        };
         let model = model.clone();
         let form = self.form.clone();
         self.last_series = None;
-        self.job = Some(wb.spawn("train SAE", move |job| train(&model, &form, job)));
+        self.job = Some(wb.spawn(what, move |job| train(&model, &form, job)));
     }
 }
 
@@ -221,14 +237,22 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         windows_per_forward: 32,
     };
     let mut source = ActivationSource::new(model, corpus, &f.hook, settings)?;
-    let d_in = source.d_in();
+    if !f.hook_out.is_empty() {
+        source = source.with_target(&f.hook_out)?;
+    }
+    let d_in = source.hook_width();
+    let d_out = source.target().map(|(_, width)| width);
     let architecture = f.arch.with(&ArchitectureKnobs {
         k: f.k,
         l1_coefficient: f.l1,
         l0_coefficient: f.l1,
+        // AuxK explains the residual, which lives where the decoder writes.
+        aux_k: d_out.unwrap_or(d_in) / 2,
         ..ArchitectureKnobs::defaults(d_in)
     });
     let mut train = TrainConfig::new(architecture, d_in, f.expansion * d_in);
+    train.transcode_to = d_out;
+    train.skip_connection = d_out.is_some() && f.skip;
     train.batch_size = f.batch_size;
     train.total_steps = f.tokens.div_ceil(f.batch_size.max(1) as u64);
     train.lr = f.lr;
@@ -254,7 +278,10 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         context_size: source.settings.context_size,
         prepend_bos: source.settings.prepend_bos,
         dataset_path: source.corpus().describe(),
-        hook_name_out: String::new(),
+        hook_name_out: source
+            .target()
+            .map(|(out, _)| out.to_string())
+            .unwrap_or_default(),
     };
     let started = std::time::Instant::now();
     let outcome = run(
@@ -282,6 +309,59 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         RunOutcome::Finished(_) => Ended::Finished(out),
         RunOutcome::Cancelled { step } => Ended::Cancelled(step),
     })
+}
+
+/// What the coder predicts: the hook it reads (an SAE), or a later hook (a transcoder), with a
+/// shortcut for the usual transcoder of the chosen layer's MLP and the skip-path switch.
+fn transcoder_ui(ui: &mut egui::Ui, f: &mut TrainForm, model: &Model) {
+    const ITSELF: &str = "its input (an SAE)";
+    let shown = if f.hook_out.is_empty() {
+        ITSELF
+    } else {
+        f.hook_out.as_str()
+    };
+    let points = model.hook_points();
+    let input = points.iter().position(|h| h.to_string() == f.hook);
+    egui::ComboBox::from_id_salt("hook out")
+        .selected_text(shown)
+        .height(400.0)
+        .show_ui(ui, |ui| {
+            ui.selectable_value(&mut f.hook_out, String::new(), ITSELF);
+            // A transcoder predicts a hook later in the forward pass than the one it reads.
+            let later = input.map_or(&points[..0], |i| &points[i + 1..]);
+            for h in later.iter().filter(|h| h.per_token()) {
+                let name = h.to_string();
+                ui.selectable_value(&mut f.hook_out, name.clone(), name);
+            }
+        });
+    let layer = f
+        .hook
+        .parse::<crate::model::HookPoint>()
+        .ok()
+        .and_then(|h| h.layer())
+        .unwrap_or(model.dims().n_layers / 2);
+    let mlp_in = format!("blocks.{layer}.mlp.hook_in");
+    if points.iter().any(|h| h.to_string() == mlp_in)
+        && ui
+            .button("MLP transcoder")
+            .on_hover_text(format!(
+                "read {mlp_in} (the MLP's input after its norm) and predict \
+                 blocks.{layer}.hook_mlp_out: a sparse stand-in for the layer's MLP"
+            ))
+            .clicked()
+    {
+        f.hook = mlp_in;
+        f.hook_out = format!("blocks.{layer}.hook_mlp_out");
+    }
+    let can_skip = !f.hook_out.is_empty() && f.arch != ArchitectureKind::TopK;
+    if !can_skip {
+        f.skip = false;
+    }
+    ui.add_enabled(can_skip, egui::Checkbox::new(&mut f.skip, "skip path"))
+        .on_hover_text(
+            "also learn an affine W_skip from input to output (a skip transcoder; not for \
+             TopK, which SAELens cannot save with one)",
+        );
 }
 
 /// Five small live charts against tokens trained on.
