@@ -14,6 +14,7 @@ use monoscope::gui::{App, GuiOptions, PanelKind, Remembered};
 use monoscope::model::generate::{GenerateOptions, generate, next_token_top_k};
 use monoscope::model::{HookPoint, Hooks, Model};
 use monoscope::path_patching::{PathRequest, Receiver, path_patch};
+use monoscope::sae::activations::{ActivationSource, Corpus, WindowSettings};
 use monoscope::saliency::{SaliencyRequest, saliency};
 use monoscope::steering::{Readout, SteeringVectors};
 use std::sync::atomic::AtomicBool;
@@ -1152,5 +1153,57 @@ fn a_transcoder_opens_at_the_hooks_it_reads_and_writes() {
             "transcoder blocks.0.mlp.hook_in → blocks.0.hook_mlp_out"
         ),
         "the status line names both hooks"
+    );
+
+    // "Evaluate SAE" judges it where it writes: the figures the library gives with the
+    // prediction spliced in at hook_mlp_out over the same windows.
+    open_panel(&mut h, "Features");
+    wait_for(&mut h, "the evaluate button", |h| {
+        has_label(h, "Evaluate SAE")
+    });
+    h.get_by_label("Evaluate SAE").click();
+    wait_for(&mut h, "the evaluation", |h| {
+        has_label(h, "CE loss recovered")
+    });
+    let shown = |prefix: &str| -> f64 {
+        let text = texts_containing(&h, prefix)
+            .into_iter()
+            .find(|t| t.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` label"));
+        text[prefix.len()..].trim_end_matches('%').parse().unwrap()
+    };
+    let open = h.state().workbench.sae.clone().unwrap();
+    let model = h.state().workbench.model.clone().unwrap();
+    let segments =
+        monoscope::gui::workbench::window_segments(&model, open.sae.metadata.context_size);
+    let settings = WindowSettings {
+        context_size: segments.context_size,
+        prepend_bos: true,
+        exclude_special: true,
+        windows_per_forward: 16,
+    };
+    let mut source = ActivationSource::new(
+        &model,
+        Corpus::parse("world", "text").unwrap(),
+        &open.hook.to_string(),
+        settings,
+    )
+    .unwrap();
+    let want = monoscope::sae::eval::evaluate(
+        &mut source,
+        &open.sae.sae,
+        open.hook_out,
+        &monoscope::sae::eval::EvalSettings {
+            windows: 64,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert!((shown("FVU ") - want.fvu).abs() < 1e-3, "FVU {}", want.fvu);
+    assert!(
+        (shown("CE loss recovered ") - 100.0 * want.ce_loss_recovered).abs() < 0.1,
+        "CE loss recovered {}",
+        want.ce_loss_recovered
     );
 }

@@ -920,6 +920,45 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
         );
     }
 
+    // The tensor engine (what trains on a CUDA device), run on the CPU, trains the same
+    // transcoder as the kernels over a short run, a skip path included (ReLU + L1).
+    let mut short = s.clone();
+    short.train.total_steps = 24;
+    for skip in [false, true] {
+        if skip {
+            short.train.architecture = TrainArchitecture::Standard {
+                l1_coefficient: 0.5,
+            };
+            short.train.skip_connection = true;
+        }
+        let never = AtomicBool::new(false);
+        let (by_kernels, by_tensors) = (
+            tmp.path().join(format!("kernels-{skip}")),
+            tmp.path().join(format!("tensors-{skip}")),
+        );
+        let kernels = RunControl::new(&never);
+        run(&mut pairs(), &short, &meta, &by_kernels, kernels, |_| {}).unwrap();
+        let tensors = RunControl::new(&never).on(StepEngine::Tensors(Device::Cpu));
+        run(&mut pairs(), &short, &meta, &by_tensors, tensors, |_| {}).unwrap();
+        let (a, b) = (weights(&by_kernels), weights(&by_tensors));
+        let keys: &[&str] = if skip {
+            &["W_enc", "W_dec", "b_enc", "b_dec", "W_skip"]
+        } else {
+            &["W_enc", "W_dec", "b_enc", "b_dec"]
+        };
+        for &key in keys {
+            let scale = a[key]
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let err = max_abs_diff(&a[key], &b[key]) / scale;
+            assert!(err < 1e-3, "skip {skip}: {key} differs by {err} (relative)");
+        }
+    }
+
     // With a skip path (a JumpReLU skip transcoder): W_skip is learned, saved in SAELens's
     // form, and resumed exactly too.
     s.train.architecture = TrainArchitecture::JumpRelu {
@@ -956,4 +995,48 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
             "skip: {key} differs after resume"
         );
     }
+
+    // Nested (a Matryoshka BatchTopK skip transcoder, whose every prefix predicts the output on
+    // its own): it learns, its first prefix alone predicts better than nothing, and it saves in
+    // SAELens's JumpReLU skip transcoder form.
+    s.train.architecture = TrainArchitecture::BatchTopK {
+        k: 4,
+        aux_k: 8,
+        aux_coefficient: 1.0 / 32.0,
+        threshold_lr: 0.01,
+    };
+    let d_sae = s.train.d_sae;
+    s.train.matryoshka = vec![d_sae / 8, d_sae / 2];
+    let nested = tmp.path().join("nested");
+    let last = train_to_end(&mut pairs(), &s, &meta, &nested);
+    assert!(last.fvu < 0.5 * first_fvu, "nested: FVU {}", last.fvu);
+    let cfg = std::fs::read_to_string(nested.join(saelens::CONFIG_FILE)).unwrap();
+    assert!(cfg.contains("jumprelu_skip_transcoder"), "{cfg}");
+    let report = evaluate(
+        &mut ActivationSource::new(
+            &model,
+            Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+            hook_in,
+            windows(),
+        )
+        .unwrap(),
+        &saelens::load(&nested, &Device::Cpu, DType::F32)
+            .unwrap()
+            .sae,
+        hook_out.parse().unwrap(),
+        &EvalSettings {
+            windows: 8,
+            dense_threshold: 0.5,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(report.fvu < 0.5 * first_fvu, "nested: {report:?}");
+    let log = std::fs::read_to_string(nested.join("training/metrics.jsonl")).unwrap();
+    let end: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let part = |key: &str| end[key].as_f64().unwrap();
+    assert!(
+        part("loss") > part("mse") + part("auxiliary_loss") + 1e-6,
+        "the prefixes' own error is in the loss: {end}"
+    );
 }

@@ -167,8 +167,9 @@ pub struct TrainArgs {
     /// b_dec initialisation.
     #[arg(long, value_enum, default_value = "geometric-median")]
     b_dec_init: BDecInitArg,
-    /// Matryoshka SAE (topk, batchtopk): sizes of the nested dictionaries that must each
-    /// reconstruct alone, e.g. 128,512,2048; general features gather in the first latents.
+    /// Matryoshka SAE or transcoder (topk, batchtopk): sizes of the nested dictionaries that
+    /// must each reconstruct (or predict) alone, e.g. 128,512,2048; general features gather in
+    /// the first latents.
     #[arg(long, value_delimiter = ',')]
     matryoshka: Vec<usize>,
     /// Train on raw activations (by default they are scaled to mean norm √d_in, and the
@@ -321,8 +322,13 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         ),
         None => format!("SAE ({d_in} → {d_sae}) on {}", metadata.hook_name),
     };
+    let nesting = if settings.train.matryoshka.is_empty() {
+        String::new()
+    } else {
+        format!(" (Matryoshka, prefixes {:?})", settings.train.matryoshka)
+    };
     eprintln!(
-        "training a {} {what} over {} for {} tokens, with {}",
+        "training a {} {what}{nesting} over {} for {} tokens, with {}",
         settings.train.architecture.name(),
         metadata.dataset_path,
         args.tokens,

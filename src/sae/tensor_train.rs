@@ -1,8 +1,9 @@
 //! The SAE training step on candle tensors, so that it runs on any candle device — a CUDA GPU
 //! when monoscope is built with `--features cuda`. On the CPU the hand-written kernels of
 //! [`super::train::SaeTrainer`] are faster and cover every architecture; this engine covers
-//! `topk` (with AuxK) and `standard`, with the same parameters, losses and update, and is
-//! checked against [`SaeTrainer`] step for step on the CPU.
+//! `topk` (with AuxK) and `standard`, as SAEs and as transcoders (a skip path included), with
+//! the same parameters, losses and update, and is checked against [`SaeTrainer`] step for step
+//! on the CPU.
 //!
 //! Top-k decoding stays sparse: the selected latents' decoder rows are gathered
 //! (`index_select`) and weighted, never the dense `d_sae × d_in` product, and autograd turns
@@ -21,12 +22,14 @@ use super::train::{
 use crate::error::{Error, Result};
 
 /// Names of the trained tensors in [`SaeTrainer::state_tensors`], in `TensorTrainer::params`
-/// order. (`log_threshold`, JumpReLU's, is carried through untouched.)
-const PARAM_NAMES: [&str; 4] = ["W_enc_T", "W_dec", "b_enc", "b_dec"];
+/// order; `W_skip` only for a skip transcoder. (`log_threshold`, JumpReLU's, is carried
+/// through untouched.)
+const PARAM_NAMES: [&str; 5] = ["W_enc_T", "W_dec", "b_enc", "b_dec", "W_skip"];
 const W_ENC_T: usize = 0;
 const W_DEC: usize = 1;
 const B_ENC: usize = 2;
 const B_DEC: usize = 3;
+const W_SKIP: usize = 4;
 
 /// Rows wider than this are ranked in blocks first: candle's CUDA arg-sort holds a row,
 /// padded to a power of two, in 48 KB of shared memory, so it takes at most 8,192 columns.
@@ -37,7 +40,7 @@ const SORT_WIDTH: usize = 4096;
 pub struct TensorTrainer {
     config: TrainConfig,
     device: Device,
-    /// `W_enc_T`, `W_dec`, `b_enc`, `b_dec`, as in [`PARAM_NAMES`].
+    /// `W_enc_T`, `W_dec`, `b_enc`, `b_dec` (and `W_skip`), as in [`PARAM_NAMES`].
     params: Vec<Var>,
     adam_m: Vec<Tensor>,
     adam_v: Vec<Tensor>,
@@ -55,8 +58,7 @@ impl TensorTrainer {
         let supported = matches!(
             config.architecture,
             TrainArchitecture::TopK { .. } | TrainArchitecture::Standard { .. }
-        ) && config.matryoshka.is_empty()
-            && config.transcode_to.is_none();
+        ) && config.matryoshka.is_empty();
         if supported {
             Ok(())
         } else {
@@ -68,13 +70,15 @@ impl TensorTrainer {
     pub fn from_host(host: &SaeTrainer, device: &Device) -> Result<Self> {
         let config = host.config.clone();
         Self::supports(&config, device)?;
-        let (d_in, d_sae) = (config.d_in, config.d_sae);
+        let (d_in, d_sae, d_out) = (config.d_in, config.d_sae, config.d_out());
         let state = host.state_tensors()?;
         let shape = |i: usize| -> Vec<usize> {
             match i {
-                W_ENC_T | W_DEC => vec![d_sae, d_in],
+                W_ENC_T => vec![d_sae, d_in],
+                W_DEC => vec![d_sae, d_out],
                 B_ENC => vec![d_sae],
-                _ => vec![d_in],
+                W_SKIP => vec![d_out, d_in],
+                _ => vec![d_out],
             }
         };
         let load = |key: String, i: usize| -> Result<Tensor> {
@@ -86,7 +90,7 @@ impl TensorTrainer {
         };
         let mut params = Vec::new();
         let (mut adam_m, mut adam_v) = (Vec::new(), Vec::new());
-        for (i, name) in PARAM_NAMES.iter().enumerate() {
+        for (i, name) in trained(&config) {
             params.push(Var::from_tensor(&load(name.to_string(), i)?)?);
             adam_m.push(load(format!("{name}.adam_m"), i)?);
             adam_v.push(load(format!("{name}.adam_v"), i)?);
@@ -115,7 +119,7 @@ impl TensorTrainer {
     pub fn to_host(&self) -> Result<SaeTrainer> {
         let cpu = Device::Cpu;
         let mut state = HashMap::new();
-        for (i, name) in PARAM_NAMES.iter().enumerate() {
+        for (i, name) in trained(&self.config) {
             for (suffix, t) in [
                 ("", self.params[i].as_tensor()),
                 (".adam_m", &self.adam_m[i]),
@@ -147,12 +151,13 @@ impl TensorTrainer {
         )
     }
 
-    /// One optimisation step on `x` (`[rows, d_in]`, finite values): the same update as
-    /// [`SaeTrainer::step`].
+    /// One optimisation step on `x` (`[rows, d_in]`, a transcoder's `[rows, d_in + d_out]`
+    /// rows `[x | y]`; finite values): the same update as [`SaeTrainer::step`].
     pub fn step(&mut self, x: &[f32]) -> Result<StepMetrics> {
         let (d_in, d_sae) = (self.config.d_in, self.config.d_sae);
-        let rows = batch_rows(x, d_in)?;
-        let x = Tensor::from_slice(x, (rows, d_in), &self.device)?;
+        let width = self.config.row_width();
+        let rows = batch_rows(x, width)?;
+        let batch = Tensor::from_slice(x, (rows, width), &self.device)?;
         let (w_enc_t, w_dec) = (
             self.params[W_ENC_T].as_tensor(),
             self.params[W_DEC].as_tensor(),
@@ -161,7 +166,15 @@ impl TensorTrainer {
             self.params[B_ENC].as_tensor(),
             self.params[B_DEC].as_tensor(),
         );
-        let x_in = x.broadcast_sub(b_dec)?;
+        // An SAE encodes x − b_dec and reconstructs x; a transcoder encodes its x as it is
+        // (its b_dec lives in the output space) and predicts its y.
+        let (x_in, x) = match self.config.transcode_to {
+            Some(d_out) => (
+                batch.narrow(1, 0, d_in)?.contiguous()?,
+                batch.narrow(1, d_in, d_out)?.contiguous()?,
+            ),
+            None => (batch.broadcast_sub(b_dec)?, batch),
+        };
         let pre = x_in.matmul(&w_enc_t.t()?)?.broadcast_add(b_enc)?;
 
         let dead = self.firing.dead_mask(self.config.dead_after_tokens);
@@ -187,7 +200,11 @@ impl TensorTrainer {
             }
             _ => return Err(unsupported(&self.config, &self.device)),
         };
-        let e = decoded.broadcast_add(b_dec)?.sub(&x)?;
+        let mut x_hat = decoded.broadcast_add(b_dec)?;
+        if let Some(w_skip) = self.params.get(W_SKIP) {
+            x_hat = (x_hat + x_in.matmul(&w_skip.as_tensor().t()?)?)?;
+        }
+        let e = x_hat.sub(&x)?;
         let sq_error = e.sqr()?.sum_all()?;
         let mut loss = (&sq_error / rows as f64)?;
 
@@ -329,9 +346,7 @@ impl TensorTrainer {
 
 /// The error for an SAE this engine does not train.
 fn unsupported(config: &TrainConfig, device: &Device) -> Error {
-    let what = if config.transcode_to.is_some() {
-        format!("{} transcoder", config.architecture.name())
-    } else if config.matryoshka.is_empty() {
+    let what = if config.matryoshka.is_empty() {
         config.architecture.name().to_string()
     } else {
         format!("Matryoshka {}", config.architecture.name())
@@ -345,6 +360,12 @@ fn unsupported(config: &TrainConfig, device: &Device) -> Error {
             crate::device::device_name(device)
         ),
     }
+}
+
+/// The trained parameters of `config`'s SAE: `(index, name)`, `W_skip` for a skip transcoder.
+fn trained(config: &TrainConfig) -> impl Iterator<Item = (usize, &'static str)> {
+    let count = if config.skip_connection { 5 } else { 4 };
+    PARAM_NAMES.into_iter().take(count).enumerate()
 }
 
 /// Indices (`u32`, `[rows, k]`, largest first) of the `k` largest values of each row of
@@ -422,7 +443,7 @@ mod tests {
     }
 
     fn config(architecture: TrainArchitecture) -> TrainConfig {
-        let mut c = TrainConfig::new(architecture, 16, 96);
+        let mut c = TrainConfig::new(architecture, D_IN, 96);
         c.batch_size = 40;
         c.total_steps = 6;
         c.lr = 3e-2;
@@ -433,10 +454,12 @@ mod tests {
         c
     }
 
+    const D_IN: usize = 16;
+
     /// Batches with a few strong directions, so that some latents win every time and others
-    /// go dead.
-    fn batch(step: u64) -> Vec<f32> {
-        let (rows, d_in) = (40, 16);
+    /// go dead; rows `width` wide (a transcoder's `[x | y]` share the directions).
+    fn batch(step: u64, width: usize) -> Vec<f32> {
+        let (rows, d_in) = (40, width);
         let noise = random(rows * d_in, 100 + step);
         let basis = random(4 * d_in, 7);
         (0..rows * d_in)
@@ -461,11 +484,17 @@ mod tests {
     fn engines_agree(architecture: TrainArchitecture, grad_clip: Option<f32>) {
         let mut c = config(architecture);
         c.grad_clip = grad_clip;
-        let mut host = SaeTrainer::new(c, &batch(0)).unwrap();
+        agree(c);
+    }
+
+    /// [`engines_agree`] for a given configuration.
+    fn agree(c: TrainConfig) {
+        let width = c.row_width();
+        let mut host = SaeTrainer::new(c, &batch(0, width)).unwrap();
         let mut device = TensorTrainer::from_host(&host, &Device::Cpu).unwrap();
         let mut saw_aux = false;
         for step in 0..6 {
-            let x = batch(step);
+            let x = batch(step, width);
             let a = host.step(&x).unwrap();
             let b = device.step(&x).unwrap();
             for (what, u, v) in [
@@ -491,7 +520,16 @@ mod tests {
             host.state_tensors().unwrap(),
             device.to_host().unwrap().state_tensors().unwrap(),
         );
-        for name in ["W_enc_T", "W_dec", "b_enc", "b_dec", "W_dec.adam_v"] {
+        let skip = host.config.skip_connection;
+        let names = [
+            "W_enc_T",
+            "W_dec",
+            "b_enc",
+            "b_dec",
+            "W_dec.adam_v",
+            "W_skip",
+        ];
+        for name in names.into_iter().take(if skip { 6 } else { 5 }) {
             let (a, b): (Vec<f32>, Vec<f32>) =
                 (s[name].to_vec1().unwrap(), t[name].to_vec1().unwrap());
             let err = max_relative_error(&a, &b);
@@ -532,6 +570,24 @@ mod tests {
         );
     }
 
+    /// Transcoders (rows `[x | y]`): top-k with AuxK, and ReLU + L1 with a skip path `W_skip`.
+    #[test]
+    fn a_transcoder_step_on_tensors_matches_the_hand_written_one() {
+        let mut c = config(TrainArchitecture::TopK {
+            k: 6,
+            aux_k: 8,
+            aux_coefficient: 0.5,
+        });
+        c.transcode_to = Some(10);
+        agree(c.clone());
+        c.architecture = TrainArchitecture::Standard {
+            l1_coefficient: 0.3,
+        };
+        c.skip_connection = true;
+        c.grad_clip = Some(1.0);
+        agree(c);
+    }
+
     #[test]
     fn blocked_top_k_picks_what_a_full_sort_picks() {
         let (rows, n) = (5, 37);
@@ -556,7 +612,7 @@ mod tests {
             bandwidth: 0.05,
             init_threshold: 0.01,
         });
-        let host = SaeTrainer::new(c.clone(), &batch(0)).unwrap();
+        let host = SaeTrainer::new(c.clone(), &batch(0, D_IN)).unwrap();
         let e = TensorTrainer::from_host(&host, &Device::Cpu)
             .err()
             .unwrap()
@@ -568,7 +624,7 @@ mod tests {
             aux_coefficient: 0.0,
         };
         c.matryoshka = vec![8, 32];
-        let host = SaeTrainer::new(c, &batch(0)).unwrap();
+        let host = SaeTrainer::new(c, &batch(0, D_IN)).unwrap();
         let e = TensorTrainer::from_host(&host, &Device::Cpu)
             .err()
             .unwrap()

@@ -291,11 +291,11 @@ impl TrainConfig {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            if self.architecture.top_k().is_none() || self.transcode_to.is_some() {
+            if self.architecture.top_k().is_none() {
                 return bad(
                     "matryoshka prefixes",
                     sizes(),
-                    "nest a topk or batchtopk SAE (not a transcoder)",
+                    "nest a topk or batchtopk SAE or transcoder",
                 );
             }
             let ascending = self.matryoshka.windows(2).all(|w| w[0] < w[1]);
@@ -733,14 +733,21 @@ impl SaeTrainer {
         } else {
             cpu::sparse_decode(&active, &w_dec_p.value, Some(&b_dec_p.value), x_hat);
         }
-        if config.skip_connection {
+        // A skip transcoder's `x @ W_skipᵀ`, part of every prefix's output when nested.
+        let skipped = config.skip_connection.then(|| {
+            let mut skipped = vec![0f32; rows * d_out];
             cpu::matmul(
                 MatRef::new(x_in, rows, d_in),
                 MatRef::new(&w_skip.value, d_out, d_in).t(),
-                x_hat,
-                true,
+                &mut skipped,
+                false,
             );
-        }
+            x_hat
+                .par_iter_mut()
+                .zip(skipped.par_iter())
+                .for_each(|(o, &v)| *o += v);
+            skipped
+        });
         let mut g_e = std::mem::take(x_hat);
         g_e.par_chunks_mut(d_out)
             .zip(target.par_chunks(d_out))
@@ -750,15 +757,6 @@ impl SaeTrainer {
         let mse = sq_error / rows as f64;
         let scale = 2.0 / rows as f32;
         g_e.par_iter_mut().for_each(|g| *g *= scale);
-        if config.skip_connection {
-            // ∂/∂W_skip of Σ‖e‖²/B: g_eᵀ x.
-            cpu::matmul(
-                MatRef::new(&g_e, rows, d_out).t(),
-                MatRef::new(x_in, rows, d_in),
-                &mut w_skip.grad,
-                false,
-            );
-        }
         // Matryoshka: what reaches each group's latents, and the prefixes' own error.
         let (nested, prefix_sq_error) = if nesting.groups() > 1 {
             let (g, sq) = nested_output_grads(
@@ -766,6 +764,7 @@ impl SaeTrainer {
                 nesting,
                 &w_dec_p.value,
                 &b_dec_p.value,
+                skipped.as_deref(),
                 target,
                 scale,
             );
@@ -774,6 +773,28 @@ impl SaeTrainer {
             (None, 0.0)
         };
         let g_out = nested.as_deref().unwrap_or(&g_e);
+        if config.skip_connection {
+            // ∂/∂W_skip of the loss: g_outᵀ x, with what reaches every output (group 0's rows
+            // when nested, as the skip path is in every prefix).
+            let groups = nesting.groups();
+            let g_every: std::borrow::Cow<[f32]> = if groups > 1 {
+                g_out
+                    .chunks_exact(d_out)
+                    .step_by(groups)
+                    .flatten()
+                    .copied()
+                    .collect::<Vec<f32>>()
+                    .into()
+            } else {
+                g_out.into()
+            };
+            cpu::matmul(
+                MatRef::new(&g_every, rows, d_out).t(),
+                MatRef::new(x_in, rows, d_in),
+                &mut w_skip.grad,
+                false,
+            );
+        }
 
         // Gradient reaching each active latent's activation.
         let w_dec = &w_dec_p.value;
@@ -1332,13 +1353,16 @@ fn remove_parallel_component(g: &mut [f32], w: &[f32], d: usize) {
 /// Overwrites `out` (`[rows, d_sae]`) with one value per active pair, zeros elsewhere.
 /// Matryoshka's output gradients, `[rows, groups, d_in]`: group `h`'s latents appear in the
 /// reconstruction of every prefix `g ≥ h`, so theirs is `Σ_{g ≥ h} scale · (x̂_g − x)`, with
-/// `x̂_g` decoded from the latents of groups `0..=g`. Also returns the squared error of the
-/// prefixes short of the whole dictionary, `Σ_{g < last} ‖x̂_g − x‖²`.
+/// `x̂_g` decoded from the latents of groups `0..=g` (plus a skip transcoder's `skipped`,
+/// `[rows, d_in]`, in every prefix). Also returns the squared error of the prefixes short of
+/// the whole dictionary, `Σ_{g < last} ‖x̂_g − x‖²`. (`d_in` here is the output's width: a
+/// transcoder's `d_out`, `x` its target.)
 fn nested_output_grads(
     active: &Active,
     nesting: cpu::Nesting,
     w_dec: &[f32],
     b_dec: &[f32],
+    skipped: Option<&[f32]>,
     x: &[f32],
     scale: f32,
 ) -> (Vec<f32>, f64) {
@@ -1353,6 +1377,9 @@ fn nested_output_grads(
             let (latents, values) = active.row(b);
             // Residual of each prefix: x̂_g − x.
             let mut residual: Vec<f32> = b_dec.iter().zip(x).map(|(&c, &x)| c - x).collect();
+            if let Some(skipped) = skipped {
+                cpu::axpy(1.0, &skipped[b * d_in..][..d_in], &mut residual);
+            }
             let mut sq_error = 0f64;
             for (g, slot) in out.chunks_exact_mut(d_in).enumerate() {
                 for (&j, &v) in latents.iter().zip(values) {
@@ -1549,13 +1576,16 @@ mod tests {
         let mut loss = ((&x_hat - &x).unwrap().sqr().unwrap().sum_all().unwrap() / n).unwrap();
         // Matryoshka: each prefix reconstructs on its own too.
         for &m in &t.config.matryoshka {
-            let prefix_hat = acts
+            let mut prefix_hat = acts
                 .narrow(1, 0, m)
                 .unwrap()
                 .matmul(&w_dec.narrow(0, 0, m).unwrap())
                 .unwrap()
                 .broadcast_add(&b_dec)
                 .unwrap();
+            if let Some(w_skip) = &w_skip {
+                prefix_hat = (prefix_hat + encoded.matmul(&w_skip.t().unwrap()).unwrap()).unwrap();
+            }
             let prefix = (&prefix_hat - &x)
                 .unwrap()
                 .sqr()
@@ -1772,6 +1802,68 @@ mod tests {
             .collect();
         assert_eq!(groups.len(), 3, "the batch uses every group");
         check_gradients(t, &x, &mask, None, None);
+    }
+
+    /// A Matryoshka transcoder (rows `[x | y]`): every prefix predicts y on its own, a skip
+    /// path included in each; top-k without and batch top-k with a skip path, against autograd.
+    #[test]
+    fn matryoshka_transcoder_gradients_match_autograd() {
+        let (d_in, d_out, d_sae, rows, k) = (12, 7, 40, 9, 5);
+        let cases = [
+            (
+                TrainArchitecture::TopK {
+                    k,
+                    aux_k: 0,
+                    aux_coefficient: 0.0,
+                },
+                false,
+            ),
+            (
+                TrainArchitecture::BatchTopK {
+                    k,
+                    aux_k: 0,
+                    aux_coefficient: 0.0,
+                    threshold_lr: 0.01,
+                },
+                true,
+            ),
+        ];
+        for (architecture, skip) in cases {
+            let mut config = TrainConfig::new(architecture.clone(), d_in, d_sae);
+            config.transcode_to = Some(d_out);
+            config.skip_connection = skip;
+            config.matryoshka = vec![4, 15];
+            config.b_dec_init = BDecInit::Zeros;
+            let mut t = SaeTrainer::new(config, &[]).unwrap();
+            if skip {
+                t.params[W_SKIP].value = random(d_out * d_in, 5, 0.3);
+            }
+            t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
+            t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
+            t.params[B_ENC].value = random(d_sae, 3, 0.1);
+            t.params[B_DEC].value = random(d_out, 4, 0.1);
+            let x = random(rows * (d_in + d_out), 7, 1.0);
+            let pre = pre_activations(&t, &x);
+            let mask = match architecture {
+                TrainArchitecture::BatchTopK { .. } => {
+                    let flat: Vec<f32> = pre.iter().flatten().copied().collect();
+                    let mut sorted = flat.clone();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    let cut = sorted[k * rows - 1];
+                    flat.iter()
+                        .map(|&v| f32::from(u8::from(v >= cut && v > 0.0)))
+                        .collect()
+                }
+                _ => top_k_mask(&pre, k, &vec![true; d_sae]),
+            };
+            let groups: std::collections::BTreeSet<usize> = mask
+                .chunks(d_sae)
+                .flat_map(|row| (0..d_sae).filter(|&j| row[j] > 0.0))
+                .map(|j| cpu::Nesting { ends: &[4, 15] }.group(j))
+                .collect();
+            assert_eq!(groups.len(), 3, "skip {skip}: the batch uses every group");
+            check_gradients(t, &x, &mask, None, None);
+        }
     }
 
     #[test]
