@@ -8,6 +8,7 @@
 
 pub mod allocator;
 pub mod attention;
+pub mod attribution_graph;
 pub mod causal;
 pub mod cli;
 pub mod composition;

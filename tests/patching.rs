@@ -516,6 +516,26 @@ fn check_feature_patching(model: &Model, sae: &monoscope::sae::Sae, site: monosc
         assert_eq!(report.hook_out, site.output.to_string());
         assert_eq!(report.features.len(), 6);
         assert!(report.changed >= 6);
+        // The activations are the SAE's encoding of the hook it reads, in each run.
+        let sae64 = sae.to_dtype(DType::F64).unwrap();
+        let encoded = |ids: &[u32]| {
+            let x = capture(model, ids, site.input);
+            sae64.encode(&x).unwrap().get(0).unwrap()
+        };
+        let (f_clean, f_corrupted) = (encoded(&request.clean), encoded(&request.corrupted));
+        for e in &report.features {
+            let at = |f: &Tensor| {
+                f.i((e.position, e.feature as usize))
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            assert!((at(&f_clean) - e.clean as f64).abs() < 1e-5, "{e:?}");
+            assert!(
+                (at(&f_corrupted) - e.corrupted as f64).abs() < 1e-5,
+                "{e:?}"
+            );
+        }
         let base = request.base_ids().to_vec();
         let ld = |ids: &[u32], hooks: &Hooks| {
             logit_diff_between(model, ids, hooks, request.answer, request.wrong)
@@ -563,6 +583,21 @@ fn check_feature_patching(model: &Model, sae: &monoscope::sae::Sae, site: monosc
             assert!(estimate.abs() <= last_strength + 1e-9);
             last_strength = estimate.abs();
         }
+        // Every feature's change at every token at once, added where the SAE writes.
+        let (f_source, f_base) = match direction {
+            Direction::Denoise => (&f_clean, &f_corrupted),
+            Direction::Noise => (&f_corrupted, &f_clean),
+        };
+        let shift = (f_source - f_base).unwrap().matmul(&w_dec).unwrap();
+        let all = normalise(metric(&Hooks::new().intervene(
+            site.output,
+            Intervention::new(InterventionOp::Add(shift.unsqueeze(0).unwrap())),
+        )));
+        assert!(
+            (all - report.all_features as f64).abs() < 1e-5,
+            "{all} {}",
+            report.all_features
+        );
         // The output hook's whole value from the other run.
         let source = match direction {
             Direction::Denoise => &request.clean,

@@ -997,8 +997,8 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     }
 
     // Nested (a Matryoshka BatchTopK skip transcoder, whose every prefix predicts the output on
-    // its own): it learns, its first prefix alone predicts better than nothing, and it saves in
-    // SAELens's JumpReLU skip transcoder form.
+    // its own): it learns, its prefixes' error is in its loss, and it saves in SAELens's JumpReLU
+    // skip transcoder form.
     s.train.architecture = TrainArchitecture::BatchTopK {
         k: 4,
         aux_k: 8,

@@ -225,7 +225,7 @@ SAE features at {} ({} token × feature activations differ between the runs)",
     );
     println!(
         "  every feature's change patched at once: {:.2}; the hook's whole value: {:.2} (the \
-         rest is the SAE's error term)",
+         rest is the SAE's error term, and a skip transcoder's skip path)",
         f.all_features, f.whole_hook
     );
     println!(

@@ -37,7 +37,8 @@ pub struct TraceArgs {
     #[arg(long = "sae-hook", value_name = "HOOK", requires = "saes")]
     sae_hooks: Vec<String>,
     /// Splice each SAE's reconstruction into the forward pass in place of its hook's value (a
-    /// transcoder's prediction in place of the hook it writes; no error term), so later hooks, later SAEs and the logits are the spliced model's.
+    /// transcoder's prediction in place of the hook it writes; no error term), so later hooks,
+    /// later SAEs and the logits are the spliced model's.
     #[arg(long, requires = "saes")]
     splice: bool,
     /// Output safetensors file: `input_ids`, `logits`, and one tensor per hook (f32).

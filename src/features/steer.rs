@@ -94,16 +94,7 @@ pub fn steering_hooks(
             message: format!("the SAE has features 0..{}", d_sae.saturating_sub(1)),
         });
     }
-    let sae = sae.to_dtype(DType::F32)?;
-    let sae = Sae {
-        w_enc: sae.w_enc.to_device(device)?,
-        w_dec: sae.w_dec.to_device(device)?,
-        b_enc: sae.b_enc.to_device(device)?,
-        b_dec: sae.b_dec.to_device(device)?,
-        threshold: sae.threshold.map(|t| t.to_device(device)).transpose()?,
-        w_skip: sae.w_skip.map(|t| t.to_device(device)).transpose()?,
-        ..sae
-    };
+    let sae = sae.to_dtype(DType::F32)?.to_device(device)?;
     let ids: Vec<u32> = steers.iter().map(|s| s.feature).collect();
     let ids = Tensor::new(ids.as_slice(), device)?;
     let values: Vec<f32> = steers.iter().map(|s| s.value).collect();

@@ -400,7 +400,12 @@ impl Intervention {
     /// key]`, starting at absolute position `offset`).
     fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let full = match &self.op {
-            InterventionOp::Replace(v) => v.to_dtype(x.dtype())?.broadcast_as(x.shape())?,
+            // Made contiguous: a broadcast value (stride 0 over the batch) cannot feed a
+            // matrix product, as a replaced attention pattern does.
+            InterventionOp::Replace(v) => v
+                .to_dtype(x.dtype())?
+                .broadcast_as(x.shape())?
+                .contiguous()?,
             InterventionOp::Add(v) => x.broadcast_add(&v.to_dtype(x.dtype())?)?,
             InterventionOp::Scale(s) => x.affine(*s, 0.0)?,
             InterventionOp::Zero => x.zeros_like()?,

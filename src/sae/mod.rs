@@ -456,6 +456,20 @@ impl Sae {
         }
     }
 
+    /// Moves every tensor to `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let move_to = |t: &Tensor| t.to_device(device);
+        Ok(Self {
+            w_enc: move_to(&self.w_enc)?,
+            w_dec: move_to(&self.w_dec)?,
+            b_enc: move_to(&self.b_enc)?,
+            b_dec: move_to(&self.b_dec)?,
+            threshold: self.threshold.as_ref().map(move_to).transpose()?,
+            w_skip: self.w_skip.as_ref().map(move_to).transpose()?,
+            ..self.clone()
+        })
+    }
+
     /// Converts every tensor to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut out = self.clone();

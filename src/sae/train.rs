@@ -1350,7 +1350,6 @@ fn remove_parallel_component(g: &mut [f32], w: &[f32], d: usize) {
     });
 }
 
-/// Overwrites `out` (`[rows, d_sae]`) with one value per active pair, zeros elsewhere.
 /// Matryoshka's output gradients, `[rows, groups, d_in]`: group `h`'s latents appear in the
 /// reconstruction of every prefix `g ≥ h`, so theirs is `Σ_{g ≥ h} scale · (x̂_g − x)`, with
 /// `x̂_g` decoded from the latents of groups `0..=g` (plus a skip transcoder's `skipped`,
@@ -1406,6 +1405,7 @@ fn nested_output_grads(
     (out, prefix_sq_error)
 }
 
+/// Overwrites `out` (`[rows, d_sae]`) with one value per active pair, zeros elsewhere.
 fn scatter_values(active: &Active, values: &[f32], d_sae: usize, out: &mut [f32]) {
     out.par_chunks_mut(d_sae).enumerate().for_each(|(b, row)| {
         row.fill(0.0);

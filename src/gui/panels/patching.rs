@@ -284,7 +284,8 @@ fn feature_table(ui: &mut egui::Ui, f: &FeaturePatchReport, wb: &Workbench) -> O
         .on_hover_text(explain::FEATURE_PATCHING);
     ui.label(format!(
         "every feature's change patched at once: {:.2}; the hook's whole value: {:.2} \
-         (the rest is the SAE's error term); {} token × feature activations differ",
+         (the rest is the SAE's error term, and a skip transcoder's skip path); {} token × \
+         feature activations differ",
         f.all_features, f.whole_hook, f.changed
     ));
     let mut clicked = None;

@@ -315,13 +315,18 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
 /// shortcut for the usual transcoder of the chosen layer's MLP and the skip-path switch.
 fn transcoder_ui(ui: &mut egui::Ui, f: &mut TrainForm, model: &Model) {
     const ITSELF: &str = "its input (an SAE)";
-    let shown = if f.hook_out.is_empty() {
-        ITSELF
-    } else {
-        f.hook_out.as_str()
-    };
     let points = model.hook_points();
     let input = points.iter().position(|h| h.to_string() == f.hook);
+    // A hook picked before the input moved to or past it is no longer one to predict.
+    let output = points.iter().position(|h| h.to_string() == f.hook_out);
+    if output.is_some_and(|o| input.is_none_or(|i| o <= i)) {
+        f.hook_out.clear();
+    }
+    let shown = if f.hook_out.is_empty() {
+        ITSELF.to_string()
+    } else {
+        f.hook_out.clone()
+    };
     egui::ComboBox::from_id_salt("hook out")
         .selected_text(shown)
         .height(400.0)

@@ -1,0 +1,912 @@
+//! Attribution graphs (Ameisen et al. 2025, "Circuit Tracing"; what circuit-tracer's
+//! `attribute` computes): the direct, linear effects between transcoder features, error nodes,
+//! token embeddings and the top next-token logits on one prompt, in the prompt's *local
+//! replacement model*.
+//!
+//! The replacement model is the model with every MLP's output written as its transcoder's
+//! features (each `a·W_dec[f]`), the transcoder's `b_dec` and skip path, and an error node (the
+//! MLP's true output − the transcoder's prediction), so that it reproduces the model exactly.
+//! On one prompt it is made linear by freezing what is not: every attention pattern and every
+//! norm's divisor (`hook_pattern`, `hook_scale`) are held at their values on the prompt, and
+//! every feature's activation is a fixed node value (gradients stop at the features; a skip
+//! path stays linear and passes them). Every target — a feature's pre-activation, read at its
+//! transcoder's input hook, or a logit at the last position less the mean logit — is then an
+//! affine function of the nodes' values, and the edge from source `s` to target `t` is `s`'s
+//! value times the gradient along it: `a_s·(∂t/∂mlp_out · W_dec[s])` for a feature,
+//! `∂t/∂mlp_out · error` for an error node, `∂t/∂hook_embed · embedding` for a token. The
+//! edges into a target sum to its value less its value with every node at zero (the biases'
+//! share), which the tests check, with each single edge against removing that node alone.
+//!
+//! As in circuit-tracer: one error node per layer and position; a layer without a transcoder
+//! keeps its MLP output whole in its error nodes; the first position's features and errors are
+//! left out (folded into the biases) when it holds the BOS token, whose activations are
+//! outliers; logit targets are the most probable next tokens until their probabilities add up to
+//! `desired_logit_probability`, at most `max_logits` of them, read before any logit soft-cap.
+//! Positional embeddings and every bias are not nodes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, IndexOp, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::sae::{Sae, SaeSite};
+
+/// A transcoder standing in for one layer's MLP: it writes `blocks.L.hook_mlp_out` and reads
+/// a hook of the same block before it (`mlp.hook_in`, `ln2.hook_normalized`, …).
+#[derive(Clone, Debug)]
+pub struct LayerTranscoder {
+    pub sae: Sae,
+    pub site: SaeSite,
+}
+
+impl LayerTranscoder {
+    /// The layer whose MLP it replaces; an error unless it writes an MLP's output and reads
+    /// the same block.
+    pub fn layer(&self) -> Result<usize> {
+        let bad = |message: String| Error::InvalidArgument {
+            what: "transcoder",
+            value: format!("{} → {}", self.site.input, self.site.output),
+            message,
+        };
+        let HookPoint::MlpOut(layer) = self.site.output else {
+            return Err(bad(
+                "an attribution graph needs transcoders that write an MLP's output \
+                 (blocks.L.hook_mlp_out)"
+                    .into(),
+            ));
+        };
+        if self.site.input.layer() != Some(layer) {
+            return Err(bad(format!(
+                "reads another block than the MLP it replaces (layer {layer})"
+            )));
+        }
+        Ok(layer)
+    }
+}
+
+/// How many logits to explain, and how targets are batched.
+#[derive(Clone, Debug)]
+pub struct GraphSettings {
+    /// At most this many logit targets.
+    pub max_logits: usize,
+    /// Logit targets are added, most probable first, until their probabilities reach this.
+    pub desired_logit_probability: f32,
+    /// Targets per backward pass (rows of the replacement model's batch).
+    pub batch_rows: usize,
+    /// Refuse a graph with more active features than this (the adjacency is dense: its size
+    /// grows with the square of the node count).
+    pub max_feature_nodes: usize,
+}
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        Self {
+            max_logits: 10,
+            desired_logit_probability: 0.95,
+            batch_rows: 32,
+            max_feature_nodes: 20_000,
+        }
+    }
+}
+
+/// A transcoder feature active at one position.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActiveFeature {
+    pub layer: usize,
+    pub position: usize,
+    pub feature: u32,
+    pub activation: f32,
+}
+
+/// A next-token logit explained by the graph.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogitTarget {
+    pub token_id: u32,
+    /// The token as shown (byte-level pieces made readable).
+    pub token: String,
+    pub probability: f32,
+}
+
+/// The kinds of node, in the order the adjacency lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// An index into [`AttributionGraph::features`].
+    Feature(usize),
+    Error {
+        layer: usize,
+        position: usize,
+    },
+    Token {
+        position: usize,
+    },
+    /// An index into [`AttributionGraph::logits`].
+    Logit(usize),
+}
+
+/// A prompt's attribution graph, unpruned.
+#[derive(Clone, Debug)]
+pub struct AttributionGraph {
+    pub input_ids: Vec<u32>,
+    /// The prompt's tokens as shown.
+    pub tokens: Vec<String>,
+    pub n_layers: usize,
+    /// Active features, by layer, position and feature id.
+    pub features: Vec<ActiveFeature>,
+    pub logits: Vec<LogitTarget>,
+    /// Row-major `[nodes, nodes]`: entry `(t, s)` is the direct effect of node `s` on node
+    /// `t`. Nodes are features, then errors (layer by layer, each over every position), then
+    /// tokens, then logits; only feature and logit rows have entries.
+    pub adjacency: Vec<f32>,
+    /// Whether the first position's features and errors were left out (a BOS token).
+    pub first_position_left_out: bool,
+}
+
+impl AttributionGraph {
+    pub fn n_positions(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn n_nodes(&self) -> usize {
+        self.features.len() + (self.n_layers + 1) * self.n_positions() + self.logits.len()
+    }
+
+    /// The index of a node in the adjacency.
+    pub fn index(&self, node: Node) -> usize {
+        let (f, s) = (self.features.len(), self.n_positions());
+        match node {
+            Node::Feature(i) => i,
+            Node::Error { layer, position } => f + layer * s + position,
+            Node::Token { position } => f + self.n_layers * s + position,
+            Node::Logit(i) => f + (self.n_layers + 1) * s + i,
+        }
+    }
+
+    /// The node at an adjacency index.
+    pub fn node(&self, index: usize) -> Node {
+        let (f, s) = (self.features.len(), self.n_positions());
+        if index < f {
+            Node::Feature(index)
+        } else if index < f + self.n_layers * s {
+            let (layer, position) = ((index - f) / s, (index - f) % s);
+            Node::Error { layer, position }
+        } else if index < f + (self.n_layers + 1) * s {
+            Node::Token {
+                position: index - f - self.n_layers * s,
+            }
+        } else {
+            Node::Logit(index - f - (self.n_layers + 1) * s)
+        }
+    }
+
+    /// The direct effect of `source` on `target`.
+    pub fn edge(&self, target: usize, source: usize) -> f32 {
+        self.adjacency[target * self.n_nodes() + source]
+    }
+}
+
+/// One layer of the replacement model on the prompt.
+struct Layer {
+    /// The transcoder (f32 weights in the model's dtype, on its device), if the layer has one.
+    transcoder: Option<LayerTranscoder>,
+    /// `mlp_out − skip(x)` on the prompt, `[1, seq, d_model]`: what the frozen MLP writes
+    /// besides its skip path — the features' sum, `b_dec` and the errors.
+    fixed: Tensor,
+    /// Error nodes, `[seq, d_model]` (zero where left out).
+    error: Tensor,
+}
+
+/// The prompt's replacement model, frozen: what every backward pass runs through.
+struct Replacement<'a> {
+    model: &'a Model,
+    ids: Vec<u32>,
+    layers: Vec<Layer>,
+    /// Patterns and norm divisors on the prompt, `(point, value)`.
+    frozen: Vec<(HookPoint, Tensor)>,
+    /// `hook_embed` on the prompt, `[seq, d_model]`: the token nodes.
+    embeddings: Tensor,
+    /// Active features with their decoder rows times their activations (`[features, d]`).
+    features: Vec<ActiveFeature>,
+    scaled_decoders: Tensor,
+}
+
+/// A backward pass's target: what its row of the batch reads.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A feature's pre-activation: its encoder column dotted with the input hook at a position.
+    Feature {
+        layer: usize,
+        position: usize,
+        encoder: Tensor,
+    },
+    /// `normed · direction` at the last position, `direction` the token's unembedding row
+    /// less the mean row.
+    Logit { direction: Tensor },
+}
+
+/// What one linearised forward pass kept for building targets.
+struct Pass {
+    /// Each transcoder's input hook value, per layer.
+    inputs: Vec<Option<Tensor>>,
+    /// The final norm's output.
+    normed: Tensor,
+    output: crate::model::ForwardOutput,
+}
+
+/// The attribution graph of `ids` through `transcoders` (at most one per layer); `None` when
+/// cancelled. `progress(done, total)` counts targets.
+pub fn attribute(
+    model: &Model,
+    transcoders: &[LayerTranscoder],
+    ids: &[u32],
+    settings: &GraphSettings,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Option<AttributionGraph>> {
+    let (replacement, logits) = Replacement::new(model, transcoders, ids, settings)?;
+    let n_features = replacement.features.len();
+    let n_positions = ids.len();
+    let n_layers = model.dims().n_layers;
+    let n_nodes = n_features + (n_layers + 1) * n_positions + logits.len();
+    let mut adjacency = vec![0f32; n_nodes * n_nodes];
+    let targets = replacement.targets(&logits)?;
+    let total = targets.len();
+    let rows = settings.batch_rows.max(1);
+    let pass = replacement.forward(rows, &[])?;
+    for (done, chunk) in targets.chunks(rows).enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let batch: Vec<Target> = chunk.iter().map(|(_, t)| t.clone()).collect();
+        let edges = replacement.edges(&pass, &batch)?; // [rows, n_nodes − logits]
+        for ((node, _), row) in chunk.iter().zip(edges) {
+            adjacency[node * n_nodes..][..row.len()].copy_from_slice(&row);
+        }
+        progress((done * rows + chunk.len()).min(total), total);
+    }
+    Ok(Some(AttributionGraph {
+        tokens: model.tokenizer.tokens_display(ids),
+        input_ids: ids.to_vec(),
+        n_layers,
+        features: replacement.features,
+        logits,
+        adjacency,
+        first_position_left_out: leaves_out_first(model, ids),
+    }))
+}
+
+/// An error that only a bug in this module can cause.
+fn internal(message: String) -> Error {
+    Error::Candle(candle_core::Error::Msg(message))
+}
+
+/// Whether the first position holds the BOS token (its features and errors are left out).
+fn leaves_out_first(model: &Model, ids: &[u32]) -> bool {
+    ids.len() > 1 && model.bos_token_id.is_some_and(|bos| ids[0] == bos)
+}
+
+/// The norm divisors' hook points in `model`, which the replacement model freezes.
+fn is_norm_scale(point: HookPoint) -> bool {
+    matches!(
+        point,
+        HookPoint::Ln1Scale(_)
+            | HookPoint::Ln2Scale(_)
+            | HookPoint::Ln1PostScale(_)
+            | HookPoint::Ln2PostScale(_)
+            | HookPoint::LnFinalScale
+    )
+}
+
+/// Each logit target's unembedding row less the mean row (what a demeaned logit reads).
+fn logit_directions(model: &Model, logits: &[LogitTarget]) -> Result<Vec<Tensor>> {
+    let unembed = &model.transformer.unembed; // [vocab, d_model]
+    let mean = unembed.to_dtype(DType::F32)?.mean_keepdim(0)?.squeeze(0)?;
+    logits
+        .iter()
+        .map(|l| {
+            let row = unembed.i(l.token_id as usize)?.to_dtype(DType::F32)?;
+            Ok((row - &mean)?.to_dtype(model.dtype)?)
+        })
+        .collect()
+}
+
+impl<'a> Replacement<'a> {
+    /// Runs the prompt once, and freezes what the graph holds fixed.
+    fn new(
+        model: &'a Model,
+        transcoders: &[LayerTranscoder],
+        ids: &[u32],
+        settings: &GraphSettings,
+    ) -> Result<(Self, Vec<LogitTarget>)> {
+        let n_layers = model.dims().n_layers;
+        let mut by_layer: Vec<Option<LayerTranscoder>> = vec![None; n_layers];
+        for t in transcoders {
+            let layer = t.layer()?;
+            if layer >= n_layers {
+                return Err(Error::InvalidArgument {
+                    what: "transcoder",
+                    value: t.site.output.to_string(),
+                    message: format!("the model has {n_layers} layers"),
+                });
+            }
+            if by_layer[layer].is_some() {
+                return Err(Error::InvalidArgument {
+                    what: "transcoders",
+                    value: format!("two for layer {layer}"),
+                    message: "an attribution graph takes one transcoder per layer".into(),
+                });
+            }
+            t.site.check(&t.sae)?;
+            for (point, width) in [(t.site.input, t.sae.d_in()), (t.site.output, t.sae.d_out())] {
+                let have = model.hook_width(point)?;
+                if have != width {
+                    return Err(Error::InvalidArgument {
+                        what: "transcoder",
+                        value: format!("{point}"),
+                        message: format!("is {have} wide in the model, the transcoder {width}"),
+                    });
+                }
+            }
+            by_layer[layer] = Some(LayerTranscoder {
+                sae: t.sae.to_dtype(model.dtype)?.to_device(&model.device)?,
+                site: t.site,
+            });
+        }
+        let frozen_points: Vec<HookPoint> = model
+            .hook_points()
+            .iter()
+            .copied()
+            .filter(|&p| is_norm_scale(p) || matches!(p, HookPoint::AttnPattern(_)))
+            .collect();
+        let inputs: Vec<HookPoint> = by_layer.iter().flatten().map(|t| t.site.input).collect();
+        let captured = frozen_points
+            .iter()
+            .copied()
+            .chain(inputs)
+            .chain((0..n_layers).map(HookPoint::MlpOut))
+            .chain([HookPoint::Embed]);
+        let clean = model.forward(&model.ids_tensor(ids)?, &Hooks::new().capture(captured))?;
+        let logits = logit_targets(model, &clean.logits, settings)?;
+        let frozen = frozen_points
+            .iter()
+            .map(|&p| Ok((p, clean.cache.require(p)?.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        let embeddings = clean.cache.require(HookPoint::Embed)?.get(0)?;
+
+        let left_out = leaves_out_first(model, ids);
+        let seq = ids.len();
+        let first_only = {
+            let mut m = vec![0f32; seq];
+            if left_out {
+                m[0] = 1.0;
+            }
+            Tensor::from_vec(m, (1, seq, 1), &model.device)?.to_dtype(model.dtype)?
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        let mut features = Vec::new();
+        let mut decoders = Vec::new();
+        for (layer, transcoder) in by_layer.into_iter().enumerate() {
+            let mlp_out = clean.cache.require(HookPoint::MlpOut(layer))?; // [1, seq, d]
+            let kept = (1.0 - &first_only)?; // positions whose parts are nodes
+            let Some(t) = transcoder else {
+                layers.push(Layer {
+                    fixed: mlp_out.clone(),
+                    error: mlp_out.broadcast_mul(&kept)?.get(0)?,
+                    transcoder: None,
+                });
+                continue;
+            };
+            let x = clean.cache.require(t.site.input)?;
+            let acts = t.sae.encode(x)?; // [1, seq, d_sae]
+            let prediction = t.sae.output(x)?;
+            let skip = skip_path(&t.sae, x)?;
+            let fixed = (mlp_out - &skip)?;
+            let error = (mlp_out - &prediction)?.broadcast_mul(&kept)?.get(0)?;
+            // (f64, so that an f64 model's node values are exact.)
+            let values = acts.get(0)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            for (position, row) in values.iter().enumerate() {
+                if left_out && position == 0 {
+                    continue;
+                }
+                for (feature, &activation) in row.iter().enumerate() {
+                    if activation > 0.0 {
+                        features.push(ActiveFeature {
+                            layer,
+                            position,
+                            feature: feature as u32,
+                            activation: activation as f32,
+                        });
+                        decoders.push(t.sae.w_dec.i(feature)?.affine(activation, 0.0)?);
+                    }
+                }
+            }
+            layers.push(Layer {
+                transcoder: Some(t),
+                fixed,
+                error,
+            });
+        }
+        if features.len() > settings.max_feature_nodes {
+            return Err(Error::InvalidArgument {
+                what: "prompt",
+                value: format!("{} active transcoder features", features.len()),
+                message: format!(
+                    "the graph takes at most {} (its adjacency is dense): use a shorter prompt",
+                    settings.max_feature_nodes
+                ),
+            });
+        }
+        let d_model = model.dims().d_model;
+        let scaled_decoders = if decoders.is_empty() {
+            Tensor::zeros((0, d_model), model.dtype, &model.device)?
+        } else {
+            Tensor::stack(&decoders, 0)?
+        };
+        Ok((
+            Self {
+                model,
+                ids: ids.to_vec(),
+                layers,
+                frozen,
+                embeddings,
+                features,
+                scaled_decoders,
+            },
+            logits,
+        ))
+    }
+
+    /// Every target with its adjacency row: the logits (the last rows), then the features.
+    fn targets(&self, logits: &[LogitTarget]) -> Result<Vec<(usize, Target)>> {
+        let n_layers = self.layers.len();
+        let n_nodes = self.features.len() + (n_layers + 1) * self.ids.len() + logits.len();
+        let mut targets = Vec::with_capacity(self.features.len() + logits.len());
+        for (i, direction) in logit_directions(self.model, logits)?
+            .into_iter()
+            .enumerate()
+        {
+            targets.push((n_nodes - logits.len() + i, Target::Logit { direction }));
+        }
+        for (i, f) in self.features.iter().enumerate() {
+            targets.push((i, self.feature_target(f)?));
+        }
+        Ok(targets)
+    }
+
+    fn feature_target(&self, f: &ActiveFeature) -> Result<Target> {
+        let t = self.layers[f.layer]
+            .transcoder
+            .as_ref()
+            .ok_or_else(|| internal(format!("layer {} has no transcoder", f.layer)))?;
+        Ok(Target::Feature {
+            layer: f.layer,
+            position: f.position,
+            encoder: t.sae.w_enc.i((.., f.feature as usize))?,
+        })
+    }
+
+    /// The linearised model run on `rows` copies of the prompt, with the nodes in `removed`
+    /// (adjacency indices) set to zero; every MLP output and `hook_embed` a gradient leaf.
+    fn forward(&self, rows: usize, removed: &[usize]) -> Result<Pass> {
+        let model = self.model;
+        let n_layers = self.layers.len();
+        let seq = self.ids.len();
+        let n_features = self.features.len();
+        let mut hooks = Hooks::new().grad(HookPoint::Embed);
+        for (point, value) in &self.frozen {
+            hooks = hooks.intervene(
+                *point,
+                Intervention::new(InterventionOp::Replace(value.clone())),
+            );
+        }
+        // What each removed node contributes, taken off where it is written.
+        let d = model.dims().d_model;
+        // (In f64, so that an f64 model's removals are exact.)
+        let mut taken = vec![vec![0f64; seq * d]; n_layers + 1];
+        let dec = self.scaled_decoders.to_dtype(DType::F64)?;
+        for &node in removed {
+            let (slot, position, value) = if node < n_features {
+                let f = &self.features[node];
+                (f.layer, f.position, dec.i(node)?)
+            } else if node < n_features + n_layers * seq {
+                let (layer, position) = ((node - n_features) / seq, (node - n_features) % seq);
+                let error = self.layers[layer].error.i(position)?;
+                (layer, position, error.to_dtype(DType::F64)?)
+            } else {
+                let position = node - n_features - n_layers * seq;
+                let e = self.embeddings.i(position)?.to_dtype(DType::F64)?;
+                (n_layers, position, e)
+            };
+            let value = value.to_vec1::<f64>()?;
+            for (t, v) in taken[slot][position * d..][..d].iter_mut().zip(value) {
+                *t += v;
+            }
+        }
+        let taken: Vec<Tensor> = taken
+            .into_iter()
+            .map(|t| Tensor::from_vec(t, (1, seq, d), &model.device)?.to_dtype(model.dtype))
+            .collect::<candle_core::Result<_>>()?;
+        let embed = (self.embeddings.unsqueeze(0)? - &taken[n_layers])?;
+        hooks = hooks.intervene(
+            HookPoint::Embed,
+            Intervention::new(InterventionOp::Replace(embed)),
+        );
+        let stash: Arc<Mutex<Vec<Option<Tensor>>>> = Arc::new(Mutex::new(vec![None; n_layers]));
+        for (layer, l) in self.layers.iter().enumerate() {
+            let fixed = (&l.fixed - &taken[layer])?;
+            let out = HookPoint::MlpOut(layer);
+            hooks = hooks.grad(out);
+            let Some(t) = &l.transcoder else {
+                hooks = hooks.intervene(out, Intervention::new(InterventionOp::Replace(fixed)));
+                continue;
+            };
+            let read = Arc::clone(&stash);
+            let keep = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+                if let Ok(mut slots) = read.lock() {
+                    slots[layer] = Some(x.clone());
+                }
+                Ok(x.clone())
+            };
+            hooks = hooks.intervene(
+                t.site.input,
+                Intervention::new(InterventionOp::Func(Arc::new(keep))),
+            );
+            let (read, sae) = (Arc::clone(&stash), t.sae.clone());
+            let write = move |y: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+                let x = read
+                    .lock()
+                    .ok()
+                    .and_then(|slots| slots[layer].clone())
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "layer {layer}: the transcoder's input hook did not run first"
+                        ))
+                    })?;
+                let skip =
+                    skip_path(&sae, &x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                fixed.broadcast_as(y.shape())?.add(&skip)
+            };
+            hooks = hooks.intervene(
+                out,
+                Intervention::new(InterventionOp::Func(Arc::new(write))),
+            );
+        }
+        let normed_slot = Arc::new(Mutex::new(None::<Tensor>));
+        let read = Arc::clone(&normed_slot);
+        let keep = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+            if let Ok(mut slot) = read.lock() {
+                *slot = Some(x.clone());
+            }
+            Ok(x.clone())
+        };
+        hooks = hooks.intervene(
+            HookPoint::LnFinal,
+            Intervention::new(InterventionOp::Func(Arc::new(keep))),
+        );
+        let ids = model.ids_tensor(&self.ids)?.repeat((rows, 1))?;
+        let output = model.forward(&ids, &hooks)?;
+        let missing = |what: &str| internal(format!("the replacement pass never reached {what}"));
+        let inputs = stash
+            .lock()
+            .map_err(|_| internal("the replacement pass's state is poisoned".into()))?
+            .clone();
+        let normed = normed_slot
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| missing("the final norm"))?;
+        Ok(Pass {
+            inputs,
+            normed,
+            output,
+        })
+    }
+
+    /// Each target's value in `pass` (row `r` of the batch reads `targets[r]`), summed: the
+    /// scalar whose gradient gives every row's edges at once.
+    fn target_values(&self, pass: &Pass, targets: &[Target]) -> Result<Tensor> {
+        let rows = pass.normed.dim(0)?;
+        let seq = self.ids.len();
+        let mut per_row: Vec<Tensor> = Vec::with_capacity(targets.len());
+        for (r, target) in targets.iter().enumerate() {
+            if r >= rows {
+                break;
+            }
+            let value = match target {
+                Target::Logit { direction } => {
+                    let normed = pass.normed.i((r, seq - 1))?;
+                    (normed * direction)?.sum_all()?
+                }
+                Target::Feature {
+                    layer,
+                    position,
+                    encoder,
+                } => {
+                    let x = pass.inputs[*layer].as_ref().ok_or_else(|| {
+                        internal(format!("layer {layer}: no transcoder input kept"))
+                    })?;
+                    (x.i((r, *position))? * encoder)?.sum_all()?
+                }
+            };
+            per_row.push(value);
+        }
+        Ok(Tensor::stack(&per_row, 0)?)
+    }
+
+    /// The edges into each of `targets` (one per row of `pass`'s batch), over every source node
+    /// (features, errors, tokens): `[targets][sources]`.
+    fn edges(&self, pass: &Pass, targets: &[Target]) -> Result<Vec<Vec<f32>>> {
+        let values = self.target_values(pass, targets)?;
+        let grads = values.sum_all()?.backward()?;
+        let rows = targets.len();
+        let model = self.model;
+        let seq = self.ids.len();
+        let gradient_at = |point: HookPoint| -> Result<Tensor> {
+            let leaf = pass
+                .output
+                .grad_leaf(point)
+                .ok_or_else(|| internal(format!("no gradient leaf at {point}")))?;
+            Ok(match grads.get(leaf) {
+                Some(g) => g.narrow(0, 0, rows)?.to_dtype(DType::F32)?,
+                None => {
+                    Tensor::zeros((rows, seq, model.dims().d_model), DType::F32, &model.device)?
+                }
+            })
+        };
+        let dec = self.scaled_decoders.to_dtype(DType::F32)?;
+        let mut parts: Vec<Tensor> = Vec::new();
+        // Features, layer by layer (they are sorted by layer), then each layer's errors.
+        let mut feature_parts = Vec::new();
+        let mut error_parts = Vec::new();
+        let mut start = 0;
+        for (layer, l) in self.layers.iter().enumerate() {
+            let g = gradient_at(HookPoint::MlpOut(layer))?; // [rows, seq, d]
+            let count = self.features[start..]
+                .iter()
+                .take_while(|f| f.layer == layer)
+                .count();
+            if count > 0 {
+                let positions: Vec<u32> = self.features[start..start + count]
+                    .iter()
+                    .map(|f| f.position as u32)
+                    .collect();
+                let positions = Tensor::new(positions.as_slice(), &model.device)?;
+                let at = g.index_select(&positions, 1)?; // [rows, count, d]
+                let d = dec.narrow(0, start, count)?; // [count, d]
+                feature_parts.push(at.broadcast_mul(&d.unsqueeze(0)?)?.sum(2)?);
+            }
+            start += count;
+            let error = l.error.to_dtype(DType::F32)?; // [seq, d]
+            error_parts.push(g.broadcast_mul(&error.unsqueeze(0)?)?.sum(2)?); // [rows, seq]
+        }
+        parts.extend(feature_parts);
+        parts.extend(error_parts);
+        let g = gradient_at(HookPoint::Embed)?;
+        let e = self.embeddings.to_dtype(DType::F32)?;
+        parts.push(g.broadcast_mul(&e.unsqueeze(0)?)?.sum(2)?);
+        let all = Tensor::cat(&parts, 1)?; // [rows, sources]
+        Ok(all.to_vec2::<f32>()?)
+    }
+}
+
+/// `x @ W_skipᵀ` for a skip transcoder, zeros of the output's width otherwise.
+fn skip_path(sae: &Sae, x: &Tensor) -> Result<Tensor> {
+    Ok(match &sae.w_skip {
+        Some(w) => x.broadcast_matmul(&w.t()?)?,
+        None => {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = sae.d_out();
+            }
+            Tensor::zeros(dims, x.dtype(), x.device())?
+        }
+    })
+}
+
+/// The most probable next tokens at the last position until their probabilities add up to
+/// `desired_logit_probability` (at most `max_logits`), as circuit-tracer picks them.
+fn logit_targets(
+    model: &Model,
+    logits: &Tensor,
+    settings: &GraphSettings,
+) -> Result<Vec<LogitTarget>> {
+    let seq = logits.dim(1)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits.i((0, seq - 1))?.to_dtype(DType::F32)?)?
+        .to_vec1::<f32>()?;
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut chosen = Vec::new();
+    let mut cumulative = 0f32;
+    for &t in order.iter().take(settings.max_logits.max(1)) {
+        chosen.push(LogitTarget {
+            token_id: t as u32,
+            token: model
+                .tokenizer
+                .tokens_display(&[t as u32])
+                .pop()
+                .unwrap_or_default(),
+            probability: probs[t],
+        });
+        cumulative += probs[t];
+        if cumulative >= settings.desired_logit_probability {
+            break;
+        }
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::sae::Architecture;
+    use candle_core::Device;
+
+    fn fixture(model_type: &str) -> Model {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(model_type);
+        Model::load(&dir, &Device::Cpu, DType::F64).unwrap()
+    }
+
+    /// A random top-k transcoder from `blocks.L.mlp.hook_in` to `blocks.L.hook_mlp_out`.
+    fn transcoder(model: &Model, layer: usize, skip: bool, seed: u64) -> LayerTranscoder {
+        let d = model.dims().d_model;
+        let d_sae = 24;
+        let cpu = Device::Cpu;
+        let randn = |shape: (usize, usize), std: f64, salt: u64| {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 31 + salt);
+            let n = shape.0 * shape.1;
+            let data: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() - 0.5) * std as f32)
+                .collect();
+            Tensor::from_vec(data, shape, &cpu).unwrap()
+        };
+        LayerTranscoder {
+            sae: Sae {
+                architecture: Architecture::TopK { k: 6 },
+                w_enc: randn((d, d_sae), 1.0, 1),
+                w_dec: randn((d_sae, d), 0.6, 2),
+                b_enc: randn((1, d_sae), 0.2, 3).squeeze(0).unwrap(),
+                b_dec: randn((1, d), 0.2, 4).squeeze(0).unwrap(),
+                threshold: None,
+                apply_b_dec_to_input: false,
+                transcoder: true,
+                w_skip: skip.then(|| randn((d, d), 0.2, 5)),
+            },
+            site: SaeSite {
+                input: HookPoint::MlpIn(layer),
+                output: HookPoint::MlpOut(layer),
+            },
+        }
+    }
+
+    /// Each target's value in the replacement model with `removed` nodes at zero.
+    fn values(r: &Replacement, targets: &[(usize, Target)], removed: &[usize]) -> Vec<f64> {
+        let pass = r.forward(targets.len(), removed).unwrap();
+        let batch: Vec<Target> = targets.iter().map(|(_, t)| t.clone()).collect();
+        r.target_values(&pass, &batch)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// On fixture models in f64, with a skip transcoder on layer 0 and a plain one on layer 1
+    /// (or none, leaving that MLP whole in its error nodes): the replacement model gives the
+    /// model's logits; the edges into every target sum to its value less its value with every
+    /// node at zero; and removing one node changes every target by exactly that node's edge.
+    #[test]
+    fn edges_are_the_replacement_models_exact_direct_effects() {
+        for (model_type, second_layer, with_bos) in [
+            ("gpt2", true, true),
+            ("llama", false, false),
+            ("gpt_neox", true, false),
+        ] {
+            let model = fixture(model_type);
+            let mut transcoders = vec![transcoder(&model, 0, true, 1)];
+            if second_layer {
+                transcoders.push(transcoder(&model, 1, false, 2));
+            }
+            let mut ids = model
+                .encode_prompt("The capital of Japan is Tokyo.")
+                .unwrap();
+            if with_bos {
+                ids.insert(0, model.bos_token_id.unwrap());
+            }
+            let settings = GraphSettings {
+                batch_rows: 7,
+                ..Default::default()
+            };
+            let graph = attribute(
+                &model,
+                &transcoders,
+                &ids,
+                &settings,
+                &AtomicBool::new(false),
+                &mut |_, _| {},
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(graph.first_position_left_out, with_bos, "{model_type}");
+            assert!(
+                graph.features.len() > 20,
+                "{model_type}: {}",
+                graph.features.len()
+            );
+            assert!(!graph.logits.is_empty());
+            let (r, logits) = Replacement::new(&model, &transcoders, &ids, &settings).unwrap();
+            assert_eq!(r.features, graph.features);
+
+            // The replacement model is the model.
+            let clean = model
+                .forward(&model.ids_tensor(&ids).unwrap(), &Hooks::new())
+                .unwrap();
+            let pass = r.forward(1, &[]).unwrap();
+            let diff = (pass.output.logits - &clean.logits)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-9, "{model_type}: logits differ by {diff}");
+
+            let targets = r.targets(&logits).unwrap();
+            let n = graph.n_nodes();
+            let sources = n - graph.logits.len();
+            let full = values(&r, &targets, &[]);
+            let all: Vec<usize> = (0..sources).collect();
+            let none = values(&r, &targets, &all);
+            for (k, &(row, _)) in targets.iter().enumerate() {
+                let sum: f64 = (0..sources).map(|s| f64::from(graph.edge(row, s))).sum();
+                let want = full[k] - none[k];
+                assert!(
+                    (sum - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{model_type}: target {:?}: edges sum to {sum}, value less biases {want}",
+                    graph.node(row)
+                );
+            }
+            // One node of each kind removed alone.
+            let some = [
+                graph.index(Node::Feature(3)),
+                graph.index(Node::Feature(graph.features.len() - 1)),
+                graph.index(Node::Error {
+                    layer: 0,
+                    position: 2,
+                }),
+                graph.index(Node::Error {
+                    layer: 1,
+                    position: 3,
+                }),
+                graph.index(Node::Token { position: 1 }),
+            ];
+            for source in some {
+                let without = values(&r, &targets, &[source]);
+                for (k, &(row, _)) in targets.iter().enumerate() {
+                    let want = full[k] - without[k];
+                    let edge = f64::from(graph.edge(row, source));
+                    assert!(
+                        (edge - want).abs() < 1e-4 * want.abs().max(1e-3),
+                        "{model_type}: {:?} → {:?}: edge {edge}, effect {want}",
+                        graph.node(source),
+                        graph.node(row)
+                    );
+                }
+            }
+            // Causality: nothing reaches back to an earlier position or layer.
+            for (t, f) in graph.features.iter().enumerate() {
+                for (s, g) in graph.features.iter().enumerate() {
+                    if g.layer >= f.layer || g.position > f.position {
+                        assert_eq!(graph.edge(t, s), 0.0, "{model_type}: {g:?} → {f:?}");
+                    }
+                }
+            }
+        }
+    }
+}
