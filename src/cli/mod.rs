@@ -1,5 +1,6 @@
 //! Command-line front end: clap arguments → validated library calls → text or `--json`.
 
+mod attribute;
 mod edit;
 mod export;
 mod features;
@@ -87,6 +88,10 @@ enum Command {
     /// Which prompt tokens a prediction rests on: gradient × input and integrated gradients
     /// at the token embeddings, per token.
     Saliency(Box<saliency::SaliencyArgs>),
+    /// A prompt's attribution graph (circuit tracing): the direct effects between per-layer
+    /// transcoder features, error nodes, tokens and the top logits in the local replacement
+    /// model, pruned and written as circuit-tracer's graph file.
+    Attribute(Box<attribute::AttributeArgs>),
     /// A steering vector from contrasting prompts (activation addition): the mean activation
     /// of prompts that show a behaviour minus that of prompts that do not, at chosen hooks;
     /// `generate --vector` adds it while the model runs.
@@ -192,6 +197,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::PathPatch(args) => path_patch::run(&args),
         Command::TraceFact(args) => trace_fact::run(&args),
         Command::Saliency(args) => saliency::run(&args),
+        Command::Attribute(args) => attribute::run(&args),
         Command::TunedLens(command) => tuned_lens::run(&command),
         Command::Vector(args) => vector::run(&args),
         Command::Edit(args) => edit::run(&args),

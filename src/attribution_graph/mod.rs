@@ -34,6 +34,9 @@ use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
 use crate::sae::{Sae, SaeSite};
 
+pub mod graph_file;
+pub mod prune;
+
 /// A transcoder standing in for one layer's MLP: it writes `blocks.L.hook_mlp_out` and reads
 /// a hook of the same block before it (`mlp.hook_in`, `ln2.hook_normalized`, …).
 #[derive(Clone, Debug)]

@@ -1,0 +1,204 @@
+//! A pruned attribution graph as circuit-tracer's graph file (`create_graph_files`: the JSON
+//! its local viewer and Neuronpedia's circuit viewer read), node ids, fields and link list
+//! spelled as circuit-tracer 0.5 writes them.
+
+use serde::Serialize;
+
+use super::prune::Pruned;
+use super::{AttributionGraph, Node};
+
+/// `graph-metadata`'s entry and the file's header.
+#[derive(Clone, Debug, Serialize)]
+pub struct Metadata {
+    pub slug: String,
+    /// Which transcoders made the graph (circuit-tracer's `scan`).
+    pub scan: String,
+    pub transcoder_list: Vec<String>,
+    pub prompt_tokens: Vec<String>,
+    pub prompt: String,
+    pub node_threshold: f32,
+    pub schema_version: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[allow(non_snake_case)] // the viewer's spelling
+struct QParams {
+    pinnedIds: Vec<String>,
+    supernodes: Vec<Vec<String>>,
+    linkType: String,
+    clickedId: String,
+    sg_pos: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[allow(non_snake_case)]
+struct GraphNode {
+    node_id: String,
+    feature: i64,
+    layer: String,
+    ctx_idx: usize,
+    feature_type: &'static str,
+    token_prob: f32,
+    is_target_logit: bool,
+    run_idx: u32,
+    reverse_ctx_idx: u32,
+    jsNodeId: String,
+    clerp: String,
+    influence: Option<f32>,
+    activation: Option<f32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Link {
+    source: String,
+    target: String,
+    weight: f32,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Serialize)]
+#[allow(non_snake_case)]
+pub struct GraphFile {
+    pub metadata: Metadata,
+    qParams: QParams,
+    nodes: Vec<GraphNode>,
+    links: Vec<Link>,
+}
+
+impl GraphFile {
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+}
+
+/// circuit-tracer's id for a (layer, feature) pair (the Cantor pairing).
+fn cantor(x: i64, y: i64) -> i64 {
+    (x + y) * (x + y + 1) / 2 + y
+}
+
+impl AttributionGraph {
+    /// The pruned graph as circuit-tracer's graph file: kept nodes that keep an edge (tokens
+    /// and logits always), and the kept edges between them.
+    pub fn graph_file(&self, pruned: &Pruned, metadata: Metadata) -> GraphFile {
+        let n = self.n_nodes();
+        let nodes: Vec<Option<GraphNode>> = (0..n)
+            .map(|i| pruned.nodes[i].then(|| self.graph_node(i, pruned)))
+            .collect();
+        let mut links = Vec::new();
+        let mut connected = vec![false; n];
+        for t in 0..n {
+            for s in 0..n {
+                if !pruned.edges[t * n + s] {
+                    continue;
+                }
+                if let (Some(target), Some(source)) = (&nodes[t], &nodes[s]) {
+                    links.push(Link {
+                        source: source.node_id.clone(),
+                        target: target.node_id.clone(),
+                        weight: self.edge(t, s),
+                    });
+                    connected[t] = true;
+                    connected[s] = true;
+                }
+            }
+        }
+        let nodes = nodes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, node)| {
+                let node = node?;
+                let always = matches!(node.feature_type, "embedding" | "logit");
+                (connected[i] || always).then_some(node)
+            })
+            .collect();
+        GraphFile {
+            metadata,
+            qParams: QParams {
+                pinnedIds: Vec::new(),
+                supernodes: Vec::new(),
+                linkType: "both".into(),
+                clickedId: String::new(),
+                sg_pos: String::new(),
+            },
+            nodes,
+            links,
+        }
+    }
+
+    fn graph_node(&self, index: usize, pruned: &Pruned) -> GraphNode {
+        let influence = Some(pruned.cumulative_influence[index]);
+        let blank = GraphNode {
+            node_id: String::new(),
+            feature: 0,
+            layer: String::new(),
+            ctx_idx: 0,
+            feature_type: "",
+            token_prob: 0.0,
+            is_target_logit: false,
+            run_idx: 0,
+            reverse_ctx_idx: 0,
+            jsNodeId: String::new(),
+            clerp: String::new(),
+            influence,
+            activation: None,
+        };
+        match self.node(index) {
+            Node::Feature(i) => {
+                let f = &self.features[i];
+                GraphNode {
+                    node_id: format!("{}_{}_{}", f.layer, f.feature, f.position),
+                    feature: cantor(f.layer as i64, i64::from(f.feature)),
+                    layer: f.layer.to_string(),
+                    ctx_idx: f.position,
+                    feature_type: "cross layer transcoder",
+                    jsNodeId: format!("{}_{}-0", f.layer, f.feature),
+                    activation: Some(f.activation),
+                    ..blank
+                }
+            }
+            Node::Error { layer, position } => GraphNode {
+                node_id: format!("0_{layer}_{position}"),
+                feature: -1,
+                layer: layer.to_string(),
+                ctx_idx: position,
+                feature_type: "mlp reconstruction error",
+                jsNodeId: format!("{layer}_{position}-0"),
+                ..blank
+            },
+            Node::Token { position } => {
+                let vocab = self.input_ids[position];
+                GraphNode {
+                    node_id: format!("E_{vocab}_{position}"),
+                    feature: position as i64,
+                    layer: "E".into(),
+                    ctx_idx: position,
+                    feature_type: "embedding",
+                    jsNodeId: format!("E_{vocab}-{position}"),
+                    ..blank
+                }
+            }
+            Node::Logit(i) => {
+                let l = &self.logits[i];
+                let layer = (self.n_layers + 1).to_string();
+                let position = self.n_positions() - 1;
+                GraphNode {
+                    node_id: format!("{layer}_{}_{position}", l.token_id),
+                    feature: i64::from(l.token_id),
+                    layer,
+                    ctx_idx: position,
+                    feature_type: "logit",
+                    token_prob: l.probability,
+                    is_target_logit: i == 0,
+                    jsNodeId: format!("L_{}-{position}", l.token_id),
+                    clerp: format!("Output \"{}\" (p={:.3})", l.token, l.probability),
+                    influence: None,
+                    ..blank
+                }
+            }
+        }
+    }
+}

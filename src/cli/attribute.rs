@@ -1,0 +1,264 @@
+//! `monoscope attribute`: a prompt's attribution graph through per-layer transcoders, pruned
+//! and written as circuit-tracer's graph file (its local viewer and Neuronpedia read it).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, write_new_file};
+use crate::attribution_graph::graph_file::Metadata;
+use crate::attribution_graph::{AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute};
+use crate::gui::widgets::display_token;
+
+#[derive(Args)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// A transcoder folder that writes a layer's `hook_mlp_out`, or a folder of them (one per
+    /// layer; repeatable). Layers without one keep their MLP output whole in error nodes.
+    #[arg(long = "transcoders", value_name = "DIR", required = true)]
+    transcoders: Vec<PathBuf>,
+    /// Output graph file (JSON in circuit-tracer's graph-file schema).
+    #[arg(long, value_parser = super::output_path, value_name = "FILE")]
+    out: PathBuf,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Keep the nodes holding this share of the influence on the logits.
+    #[arg(long, default_value_t = 0.8)]
+    node_threshold: f32,
+    /// Keep the edges holding this share of the edge influence among the kept nodes.
+    #[arg(long, default_value_t = 0.98)]
+    edge_threshold: f32,
+    /// At most this many logit targets …
+    #[arg(long, default_value_t = 10)]
+    max_logits: usize,
+    /// … the most probable next tokens until their probabilities add up to this.
+    #[arg(long, default_value_t = 0.95)]
+    logit_probability: f32,
+    /// Targets per backward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// The graph's name in the file (default: the output file's stem).
+    #[arg(long)]
+    slug: Option<String>,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The transcoder folders named: each folder that is one, and the transcoder folders inside
+/// each that is not.
+fn transcoder_dirs(dirs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        if crate::sae::is_sae_dir(dir) {
+            out.push(dir.clone());
+            continue;
+        }
+        let mut inner: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| {
+                format!(
+                    "{}: not a transcoder folder or a folder of them",
+                    dir.display()
+                )
+            })?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| crate::sae::is_sae_dir(p))
+            .collect();
+        if inner.is_empty() {
+            anyhow::bail!("{}: holds no transcoder folders", dir.display());
+        }
+        inner.sort();
+        out.extend(inner);
+    }
+    Ok(out)
+}
+
+pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let ids = model.encode_prompt(&args.prompt)?;
+    let dirs = transcoder_dirs(&args.transcoders)?;
+    let transcoders = dirs
+        .iter()
+        .map(|dir| {
+            let (sae_dir, site) = super::sae::load_sae(dir, None, None, &model, &model.device)?;
+            let t = LayerTranscoder {
+                sae: sae_dir.sae,
+                site,
+            };
+            t.layer().with_context(|| format!("{}", dir.display()))?;
+            Ok(t)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = GraphSettings {
+        max_logits: args.max_logits,
+        desired_logit_probability: args.logit_probability,
+        batch_rows: args.batch,
+        ..Default::default()
+    };
+    // Thresholds are checked before the long part.
+    if !(0.0..=1.0).contains(&args.node_threshold) || !(0.0..=1.0).contains(&args.edge_threshold) {
+        anyhow::bail!(
+            "--node-threshold {} and --edge-threshold {} must be between 0 and 1",
+            args.node_threshold,
+            args.edge_threshold
+        );
+    }
+    install_ctrl_c("stopping after this batch");
+    let bar = progress_bar(0, "attribution {bar:30} {pos}/{len} targets")?;
+    let started = std::time::Instant::now();
+    let graph = attribute(
+        &model,
+        &transcoders,
+        &ids,
+        &settings,
+        &CANCEL,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?
+    .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
+    let scores = graph.scores()?;
+    let slug = args.slug.clone().unwrap_or_else(|| {
+        args.out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "graph".into())
+    });
+    let metadata = Metadata {
+        slug,
+        scan: scan_name(&model.dir, &dirs),
+        transcoder_list: dirs.iter().map(|d| d.display().to_string()).collect(),
+        prompt_tokens: graph.tokens.clone(),
+        prompt: args.prompt.clone(),
+        node_threshold: args.node_threshold,
+        schema_version: 1,
+    };
+    let file = graph.graph_file(&pruned, metadata);
+    write_new_file(&args.out, args.force, |tmp| {
+        std::fs::write(tmp, serde_json::to_vec(&file)?)?;
+        Ok(())
+    })?;
+    let summary = Summary::new(&graph, &file, scores, seconds, &args.out);
+    if args.json {
+        return print_json(&summary);
+    }
+    summary.print(&graph);
+    Ok(())
+}
+
+/// circuit-tracer's `scan`: which model and transcoders made the graph.
+fn scan_name(model: &Path, dirs: &[PathBuf]) -> String {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let parent = dirs
+        .first()
+        .and_then(|d| d.parent())
+        .map(name)
+        .unwrap_or_default();
+    format!("{}/{}", name(model), parent)
+}
+
+#[derive(serde::Serialize)]
+struct Summary {
+    out: String,
+    tokens: Vec<String>,
+    active_features: usize,
+    nodes: usize,
+    kept_nodes: usize,
+    kept_links: usize,
+    logits: Vec<crate::attribution_graph::LogitTarget>,
+    replacement_score: f32,
+    completeness_score: f32,
+    seconds: f64,
+}
+
+impl Summary {
+    fn new(
+        graph: &AttributionGraph,
+        file: &crate::attribution_graph::graph_file::GraphFile,
+        scores: crate::attribution_graph::prune::GraphScores,
+        seconds: f64,
+        out: &Path,
+    ) -> Self {
+        Self {
+            out: out.display().to_string(),
+            tokens: graph.tokens.clone(),
+            active_features: graph.features.len(),
+            nodes: graph.n_nodes(),
+            kept_nodes: file.node_count(),
+            kept_links: file.link_count(),
+            logits: graph.logits.clone(),
+            replacement_score: scores.replacement,
+            completeness_score: scores.completeness,
+            seconds,
+        }
+    }
+
+    fn print(&self, graph: &AttributionGraph) {
+        println!(
+            "wrote {} ({} of {} nodes, {} links) in {:.1} s",
+            self.out, self.kept_nodes, self.nodes, self.kept_links, self.seconds
+        );
+        println!(
+            "{} active transcoder features over {} tokens; replacement score {:.3}, \
+             completeness score {:.3}",
+            self.active_features,
+            self.tokens.len(),
+            self.replacement_score,
+            self.completeness_score
+        );
+        for (i, l) in graph.logits.iter().enumerate() {
+            let row = graph.index(Node::Logit(i));
+            // The strongest direct inputs of each logit.
+            let mut inputs: Vec<(usize, f32)> = (0..row)
+                .map(|s| (s, graph.edge(row, s)))
+                .filter(|&(_, w)| w != 0.0)
+                .collect();
+            inputs.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+            let named: Vec<String> = inputs
+                .iter()
+                .take(5)
+                .map(|&(s, w)| format!("{} {w:+.2}", describe(graph, s)))
+                .collect();
+            println!(
+                "  '{}' (p {:.3}): {}",
+                display_token(&l.token),
+                l.probability,
+                named.join(", ")
+            );
+        }
+    }
+}
+
+/// A node as people read it: `L4 f123 @5 'Tokyo'`, `error L2 @3`, `token 'Japan' @3`.
+fn describe(graph: &AttributionGraph, index: usize) -> String {
+    let token = |p: usize| display_token(&graph.tokens[p]);
+    match graph.node(index) {
+        Node::Feature(i) => {
+            let f = &graph.features[i];
+            format!(
+                "L{} f{} @{} '{}'",
+                f.layer,
+                f.feature,
+                f.position,
+                token(f.position)
+            )
+        }
+        Node::Error { layer, position } => format!("error L{layer} @{position}"),
+        Node::Token { position } => format!("token '{}' @{position}", token(position)),
+        Node::Logit(i) => format!("logit '{}'", display_token(&graph.logits[i].token)),
+    }
+}

@@ -1,0 +1,272 @@
+//! `monoscope attribute` end to end on a fixture model with transcoders saved in SAELens's
+//! format: the graph file is circuit-tracer's schema, its links are the library's edges, and
+//! bad transcoders and thresholds are refused by name. (The graph's exactness is checked in
+//! `src/attribution_graph`'s unit tests.)
+
+#![allow(clippy::unwrap_used)] // tests may panic on failure
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_dir, monoscope_json};
+use monoscope::Model;
+use monoscope::attribution_graph::{GraphSettings, LayerTranscoder, Node, attribute};
+use monoscope::sae::saelens::{SaeDir, SaeMetadata, save};
+use monoscope::sae::{Architecture, Sae, SaeSite};
+
+const PROMPT: &str = "The capital of Japan is Tokyo.";
+
+/// Uniform values in ±`scale`, `[rows, cols]`, from a seeded generator (tests repeat).
+fn uniform(rows: usize, cols: usize, scale: f32, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+}
+
+/// A random JumpReLU skip transcoder for `layer`'s MLP, saved under `dir/layer_L`.
+fn save_transcoder(model: &Model, dir: &Path, layer: usize) -> LayerTranscoder {
+    let d = model.dims().d_model;
+    let d_sae = 32;
+    let cpu = Device::Cpu;
+    let seed = 10 * layer as u64;
+    let vector =
+        |n: usize, scale: f32, salt: u64| uniform(1, n, scale, seed + salt).squeeze(0).unwrap();
+    let sae = Sae {
+        architecture: Architecture::JumpRelu,
+        w_enc: uniform(d, d_sae, 0.8, seed + 1),
+        w_dec: uniform(d_sae, d, 0.5, seed + 2),
+        b_enc: vector(d_sae, 0.2, 3),
+        b_dec: vector(d, 0.2, 4),
+        threshold: Some(Tensor::full(0.4f32, d_sae, &cpu).unwrap()),
+        apply_b_dec_to_input: false,
+        transcoder: true,
+        w_skip: Some(uniform(d, d, 0.15, seed + 5)),
+    };
+    let site = SaeSite {
+        input: format!("blocks.{layer}.mlp.hook_in").parse().unwrap(),
+        output: format!("blocks.{layer}.hook_mlp_out").parse().unwrap(),
+    };
+    let saved = SaeDir {
+        sae: sae.clone(),
+        metadata: SaeMetadata {
+            hook_name: site.input.to_string(),
+            hook_name_out: site.output.to_string(),
+            ..Default::default()
+        },
+        sparsity: None,
+    };
+    save(&dir.join(format!("layer_{layer}")), &saved, false).unwrap();
+    LayerTranscoder { sae, site }
+}
+
+fn attribute_command(model: &Path, transcoders: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_monoscope"));
+    c.args([
+        "attribute",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+    ])
+    .args(["--transcoders", transcoders.to_str().unwrap()])
+    .args(["--out", out.to_str().unwrap()])
+    .args(extra);
+    c
+}
+
+/// The file holds every token and logit node, links only between its nodes, and each link's
+/// weight is the library's edge between those nodes; at thresholds of 1 every edge is a link.
+#[test]
+fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = fixture_dir("gpt2");
+    let model = Model::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let set = tmp.path().join("transcoders");
+    let transcoders: Vec<LayerTranscoder> =
+        (0..2).map(|l| save_transcoder(&model, &set, l)).collect();
+    let out = tmp.path().join("graph.json");
+    let path = out.to_str().unwrap();
+    let summary = monoscope_json(&[
+        "attribute",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--transcoders",
+        set.to_str().unwrap(),
+        "--out",
+        path,
+        "--node-threshold",
+        "1",
+        "--edge-threshold",
+        "1",
+        "--json",
+    ]);
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let ids = model.encode_prompt(PROMPT).unwrap();
+    let graph = attribute(
+        &model,
+        &transcoders,
+        &ids,
+        &GraphSettings::default(),
+        &AtomicBool::new(false),
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(summary["active_features"], graph.features.len());
+    assert_eq!(file["metadata"]["slug"], "graph");
+    assert_eq!(file["metadata"]["prompt"], PROMPT);
+    assert_eq!(
+        file["metadata"]["prompt_tokens"].as_array().unwrap().len(),
+        ids.len()
+    );
+    for key in ["pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"] {
+        assert!(file["qParams"].get(key).is_some(), "qParams.{key}");
+    }
+
+    // Node ids as circuit-tracer spells them, mapped to the library's nodes. (Its error ids
+    // `0_L_P` can coincide with a layer-0 feature's `0_F_P`; links name ids only, so a kind is
+    // told by the node list.)
+    let mut by_id: HashMap<(String, &str), usize> = HashMap::new();
+    for i in 0..graph.n_nodes() {
+        let key = match graph.node(i) {
+            Node::Feature(f) => {
+                let f = &graph.features[f];
+                (
+                    format!("{}_{}_{}", f.layer, f.feature, f.position),
+                    "cross layer transcoder",
+                )
+            }
+            Node::Error { layer, position } => {
+                (format!("0_{layer}_{position}"), "mlp reconstruction error")
+            }
+            Node::Token { position } => (format!("E_{}_{position}", ids[position]), "embedding"),
+            Node::Logit(l) => (
+                format!(
+                    "{}_{}_{}",
+                    graph.n_layers + 1,
+                    graph.logits[l].token_id,
+                    ids.len() - 1
+                ),
+                "logit",
+            ),
+        };
+        by_id.insert(key, i);
+    }
+    let nodes = file["nodes"].as_array().unwrap();
+    let kinds = |kind: &str| nodes.iter().filter(|n| n["feature_type"] == kind).count();
+    assert_eq!(kinds("embedding"), ids.len());
+    assert_eq!(kinds("logit"), graph.logits.len());
+    assert!(kinds("cross layer transcoder") > 0 && kinds("mlp reconstruction error") > 0);
+    let mut listed: HashMap<&str, Vec<usize>> = HashMap::new();
+    for n in nodes {
+        let id = n["node_id"].as_str().unwrap();
+        let kind = n["feature_type"].as_str().unwrap();
+        let index = by_id
+            .get(&(id.to_string(), kind))
+            .unwrap_or_else(|| panic!("{id} ({kind}) is no node of the graph"));
+        listed.entry(id).or_default().push(*index);
+        assert!(n["jsNodeId"].is_string());
+    }
+    let links = file["links"].as_array().unwrap();
+    for link in links {
+        let (s, t) = (
+            link["source"].as_str().unwrap(),
+            link["target"].as_str().unwrap(),
+        );
+        let got = link["weight"].as_f64().unwrap() as f32;
+        let close = |want: f32| (got - want).abs() <= 1e-4 * want.abs().max(1e-3);
+        let matches = listed[t]
+            .iter()
+            .any(|&ti| listed[s].iter().any(|&si| close(graph.edge(ti, si))));
+        assert!(matches, "{link}: no such edge in the library's graph");
+    }
+    // At thresholds of 1 every direct input of a logit is linked to it. (Nodes that cannot
+    // reach the logits — a last-layer feature before the last position — have no influence
+    // and go, with their edges, at any threshold.)
+    let linked: std::collections::HashSet<(&str, &str)> = links
+        .iter()
+        .map(|l| (l["source"].as_str().unwrap(), l["target"].as_str().unwrap()))
+        .collect();
+    let id_of = |i: usize| {
+        by_id
+            .iter()
+            .find(|(_, j)| **j == i)
+            .map(|((id, _), _)| id.clone())
+            .unwrap()
+    };
+    let mut direct = 0;
+    for l in 0..graph.logits.len() {
+        let t = graph.index(Node::Logit(l));
+        for s in 0..t {
+            if graph.edge(t, s) != 0.0 {
+                direct += 1;
+                let (si, ti) = (id_of(s), id_of(t));
+                assert!(linked.contains(&(si.as_str(), ti.as_str())), "{si} → {ti}");
+            }
+        }
+    }
+    assert!(direct > 10, "{direct}");
+
+    // Default thresholds keep fewer, and an existing file is kept unless --force.
+    let pruned = attribute_command(&model_dir, &set, &out, &["--json"])
+        .output()
+        .unwrap();
+    assert!(!pruned.status.success());
+    assert!(String::from_utf8_lossy(&pruned.stderr).contains("--force"));
+    let pruned = attribute_command(&model_dir, &set, &out, &["--force", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        pruned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    assert!(summary["kept_links"].as_u64().unwrap() < links.len() as u64);
+    let replacement = summary["replacement_score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&replacement), "{summary}");
+}
+
+/// An SAE that does not write an MLP's output, two transcoders for one layer, a folder with
+/// none and a threshold out of range are refused by name, and nothing is written.
+#[test]
+fn bad_transcoders_and_thresholds_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = fixture_dir("gpt2");
+    let model = Model::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let out = tmp.path().join("graph.json");
+    let refused = |transcoders: &[&Path], extra: &[&str]| -> String {
+        let mut c = attribute_command(&model_dir, transcoders[0], &out, extra);
+        for t in &transcoders[1..] {
+            c.args(["--transcoders", t.to_str().unwrap()]);
+        }
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{transcoders:?} {extra:?}");
+        assert!(!out.exists(), "nothing is written");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // An attention-output SAE (sparsify's `h.1.attn`) writes no MLP output.
+    let attn = fixture_dir("gpt2").join("../../sparsify/gpt2/h.1.attn");
+    let err = refused(&[&attn], &[]);
+    assert!(err.contains("hook_mlp_out"), "{err}");
+    let set = tmp.path().join("set");
+    save_transcoder(&model, &set, 1);
+    let err = refused(&[&set, &set.join("layer_1")], &[]);
+    assert!(err.contains("layer 1"), "{err}");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = refused(&[&empty], &[]);
+    assert!(err.contains("no transcoder folders"), "{err}");
+    let err = refused(&[&set], &["--node-threshold", "1.5"]);
+    assert!(err.contains("--node-threshold"), "{err}");
+}
