@@ -19,8 +19,9 @@
 //!
 //! As in circuit-tracer: one error node per layer and position; a layer without a transcoder
 //! keeps its MLP output whole in its error nodes; the first position's features and errors are
-//! left out (folded into the biases) when it holds the BOS token, whose activations are
-//! outliers; logit targets are the most probable next tokens until their probabilities add up to
+//! left out (folded into the biases) — whatever its token, the first position is where a model
+//! sinks its attention, and its activations are outliers (on the world model a third of a
+//! short prompt's active features sit there); logit targets are the most probable next tokens until their probabilities add up to
 //! `desired_logit_probability`, at most `max_logits` of them, read before any logit soft-cap.
 //! Positional embeddings and every bias are not nodes.
 
@@ -143,7 +144,8 @@ pub struct AttributionGraph {
     /// `t`. Nodes are features, then errors (layer by layer, each over every position), then
     /// tokens, then logits; only feature and logit rows have entries.
     pub adjacency: Vec<f32>,
-    /// Whether the first position's features and errors were left out (a BOS token).
+    /// Whether the first position's features and errors were left out (in every prompt of
+    /// more than one token).
     pub first_position_left_out: bool,
 }
 
@@ -276,7 +278,7 @@ pub fn attribute(
         features: replacement.features,
         logits,
         adjacency,
-        first_position_left_out: leaves_out_first(model, ids),
+        first_position_left_out: leaves_out_first(ids),
     }))
 }
 
@@ -285,9 +287,10 @@ fn internal(message: String) -> Error {
     Error::Candle(candle_core::Error::Msg(message))
 }
 
-/// Whether the first position holds the BOS token (its features and errors are left out).
-fn leaves_out_first(model: &Model, ids: &[u32]) -> bool {
-    ids.len() > 1 && model.bos_token_id.is_some_and(|bos| ids[0] == bos)
+/// Whether the first position's features and errors are left out: always, but in a prompt of
+/// one token, which would leave nothing.
+fn leaves_out_first(ids: &[u32]) -> bool {
+    ids.len() > 1
 }
 
 /// The norm divisors' hook points in `model`, which the replacement model freezes.
@@ -378,7 +381,7 @@ impl<'a> Replacement<'a> {
             .collect::<Result<Vec<_>>>()?;
         let embeddings = clean.cache.require(HookPoint::Embed)?.get(0)?;
 
-        let left_out = leaves_out_first(model, ids);
+        let left_out = leaves_out_first(ids);
         let seq = ids.len();
         let first_only = {
             let mut m = vec![0f32; seq];
@@ -835,7 +838,7 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-            assert_eq!(graph.first_position_left_out, with_bos, "{model_type}");
+            assert!(graph.first_position_left_out, "{model_type}");
             assert!(
                 graph.features.len() > 20,
                 "{model_type}: {}",
