@@ -270,3 +270,126 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     let err = refused(&[&set], &["--node-threshold", "1.5"]);
     assert!(err.contains("--node-threshold"), "{err}");
 }
+
+/// circuit-tracer 0.5.0's own graphs (`scripts/circuit_tracer_fixtures.py`: the GPT-2 fixture
+/// in TransformerLens with a JumpReLU skip transcoder per layer, two prompts, one of them
+/// Japanese): monoscope finds the same active features with the same activations, the same
+/// logit targets and probabilities, and the same unpruned adjacency matrix, node for node.
+#[test]
+fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let root = fixture_dir("gpt2").join("../../circuit_tracer/gpt2");
+    let transcoders: Vec<LayerTranscoder> = (0..model.dims().n_layers)
+        .map(|l| {
+            let dir = root.join(format!("transcoders/layer_{l}"));
+            let (sae_dir, input) =
+                monoscope::sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
+            let output = monoscope::sae::output_hook(&sae_dir, input, &model).unwrap();
+            LayerTranscoder {
+                sae: sae_dir.sae,
+                site: SaeSite { input, output },
+            }
+        })
+        .collect();
+    let reference =
+        candle_core::safetensors::load(root.join("graphs.safetensors"), &Device::Cpu).unwrap();
+    let get = |key: String| {
+        reference
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key}"))
+            .clone()
+    };
+    for prompt in 0..2 {
+        let ids: Vec<u32> = get(format!("{prompt}.input_ids"))
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let graph = attribute(
+            &model,
+            &transcoders,
+            &ids,
+            &GraphSettings::default(),
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .unwrap();
+        let active = get(format!("{prompt}.active_features"))
+            .to_vec2::<i64>()
+            .unwrap();
+        let ours: Vec<Vec<i64>> = graph
+            .features
+            .iter()
+            .map(|f| vec![f.layer as i64, f.position as i64, i64::from(f.feature)])
+            .collect();
+        assert_eq!(ours, active, "prompt {prompt}: active features");
+        let values = get(format!("{prompt}.activation_values"))
+            .to_vec1::<f32>()
+            .unwrap();
+        for (f, &v) in graph.features.iter().zip(&values) {
+            assert!(
+                (f.activation - v).abs() <= 1e-4 * v.abs().max(1.0),
+                "{f:?}: {v}"
+            );
+        }
+        let tokens: Vec<u32> = get(format!("{prompt}.logit_tokens"))
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let ours: Vec<u32> = graph.logits.iter().map(|l| l.token_id).collect();
+        assert_eq!(ours, tokens, "prompt {prompt}: logit targets");
+        let probabilities = get(format!("{prompt}.logit_probabilities"))
+            .to_vec1::<f32>()
+            .unwrap();
+        for (l, &p) in graph.logits.iter().zip(&probabilities) {
+            assert!((l.probability - p).abs() < 1e-5, "{l:?}: {p}");
+        }
+        let theirs = get(format!("{prompt}.adjacency")).to_vec2::<f32>().unwrap();
+        let n = graph.n_nodes();
+        assert_eq!(theirs.len(), n, "prompt {prompt}: node count");
+        let scale = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let mut worst = 0f32;
+        let mut bad = Vec::new();
+        for (t, row) in theirs.iter().enumerate() {
+            for (s, &want) in row.iter().enumerate() {
+                let d = (graph.edge(t, s) - want).abs();
+                worst = worst.max(d);
+                if d > 1e-3 {
+                    bad.push((graph.node(t), graph.node(s), graph.edge(t, s), want));
+                }
+            }
+        }
+        let kind = |n: &Node| match n {
+            Node::Feature(i) => format!("F{}", graph.features[*i].layer),
+            Node::Error { layer, .. } => format!("E{layer}"),
+            Node::Token { .. } => "T".into(),
+            Node::Logit(_) => "L".into(),
+        };
+        let mut by_kind: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for b in &bad {
+            *by_kind.entry((kind(&b.0), kind(&b.1))).or_default() += 1;
+        }
+        eprintln!("DIFF {by_kind:?}");
+        let mut all_kind: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for (t, row) in theirs.iter().enumerate() {
+            for (s, &want) in row.iter().enumerate() {
+                if want != 0.0 || graph.edge(t, s) != 0.0 {
+                    *all_kind
+                        .entry((kind(&graph.node(t)), kind(&graph.node(s))))
+                        .or_default() += 1;
+                }
+            }
+        }
+        eprintln!("ALL {all_kind:?}");
+        eprintln!("{} differing", bad.len());
+        eprintln!("prompt {prompt}: {n} nodes, largest edge {scale}, largest difference {worst}");
+        assert!(
+            worst <= 1e-4 * scale,
+            "prompt {prompt}: edges differ by {worst}"
+        );
+    }
+}

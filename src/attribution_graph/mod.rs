@@ -226,8 +226,8 @@ enum Target {
         position: usize,
         encoder: Tensor,
     },
-    /// `normed · direction` at the last position, `direction` the token's unembedding row
-    /// less the mean row.
+    /// The final norm's output at the last position dotted with `direction`, the token's
+    /// unembedding row less the mean row: the logit less the mean logit, before any soft-cap.
     Logit { direction: Tensor },
 }
 
@@ -235,7 +235,7 @@ enum Target {
 struct Pass {
     /// Each transcoder's input hook value, per layer.
     inputs: Vec<Option<Tensor>>,
-    /// The final norm's output.
+    /// `ln_final.hook_normalized`: the final norm's input over its divisor, before its gain.
     normed: Tensor,
     output: crate::model::ForwardOutput,
 }
@@ -622,7 +622,10 @@ impl<'a> Replacement<'a> {
             }
             let value = match target {
                 Target::Logit { direction } => {
+                    // `ln_final.hook_normalized` is before the norm's gain and bias, which
+                    // the unembedding reads after.
                     let normed = pass.normed.i((r, seq - 1))?;
+                    let normed = self.model.transformer.ln_final.affine(&normed)?;
                     (normed * direction)?.sum_all()?
                 }
                 Target::Feature {

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Reference attribution graphs from circuit-tracer itself, for `tests/attribution.rs`.
+
+Builds the GPT-2 fixture model (tests/fixtures/models/gpt2) as a TransformerLens
+HookedTransformer (weights converted by TransformerLens, layer norms not folded, as
+circuit-tracer loads models), gives it one random JumpReLU skip transcoder per layer (from
+`blocks.L.ln2.hook_normalized`, which unfolded is monoscope's `blocks.L.mlp.hook_in`, to
+`blocks.L.hook_mlp_out`), runs circuit-tracer's `attribute` on fixed prompts, and writes:
+
+  OUT/transcoders/layer_L/   each transcoder as a SAELens `jumprelu_skip_transcoder` folder
+  OUT/graphs.safetensors     per prompt i: `i.input_ids`, `i.active_features` [n, 3] (layer,
+                             position, feature), `i.activation_values`, `i.logit_tokens`,
+                             `i.logit_probabilities` and `i.adjacency` (circuit-tracer's
+                             unpruned adjacency matrix)
+
+Run with a Python that has circuit-tracer 0.5.0, TransformerLens and transformers, e.g.
+    /opt/saelens-venv/bin/pip install --no-deps circuit-tracer==0.5.0
+    /opt/saelens-venv/bin/python scripts/circuit_tracer_fixtures.py
+(circuit-tracer 0.5.0 pins transformers<=4.57.3 and huggingface-hub<1; it runs with
+transformers 5 and huggingface-hub 1 once the one constant it imports from the hub exists,
+which this script supplies.)
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import huggingface_hub.constants as hub_constants
+
+# circuit-tracer 0.5.0 imports a constant huggingface-hub 1.x no longer defines.
+if not hasattr(hub_constants, "HF_HUB_ENABLE_HF_TRANSFER"):
+    hub_constants.HF_HUB_ENABLE_HF_TRANSFER = False
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformer_lens import HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: E402
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
+
+from circuit_tracer import attribute  # noqa: E402
+from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: E402
+    TransformerLensReplacementModel,
+)
+from circuit_tracer.transcoder.activation_functions import JumpReLU  # noqa: E402
+from circuit_tracer.transcoder.single_layer_transcoder import (  # noqa: E402
+    SingleLayerTranscoder,
+    TranscoderSet,
+)
+
+PROMPTS = ["The capital of Japan is", "日本の首都は東京"]
+D_TRANSCODER = 32
+THRESHOLD = 0.3
+
+
+def transcoder(layer, d_model, generator):
+    """A random JumpReLU skip transcoder (float32), its weights as SAELens names them."""
+    g = lambda *shape, scale: (torch.rand(*shape, generator=generator) * 2 - 1) * scale  # noqa: E731
+    return {
+        "W_enc": g(d_model, D_TRANSCODER, scale=0.8),  # SAELens: [d_in, d_sae]
+        "W_dec": g(D_TRANSCODER, d_model, scale=0.5),
+        "b_enc": g(D_TRANSCODER, scale=0.2),
+        "b_dec": g(d_model, scale=0.2),
+        "threshold": torch.full((D_TRANSCODER,), THRESHOLD),
+        "W_skip": g(d_model, d_model, scale=0.15),  # [d_out, d_in]
+    }
+
+
+def save_saelens(weights, layer, d_model, out):
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "sae_weights.safetensors")
+    cfg = {
+        "d_in": d_model,
+        "d_sae": D_TRANSCODER,
+        "d_out": d_model,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "architecture": "jumprelu_skip_transcoder",
+        "metadata": {
+            "sae_lens_version": "6.54.12",
+            "sae_lens_training_version": "6.54.12",
+            "model_name": "gpt2-fixture",
+            "hook_name": f"blocks.{layer}.ln2.hook_normalized",
+            "hook_name_out": f"blocks.{layer}.hook_mlp_out",
+            "context_size": 32,
+        },
+    }
+    (out / "cfg.json").write_text(json.dumps(cfg))
+
+
+def circuit_tracer_transcoder(weights, layer, d_model):
+    t = SingleLayerTranscoder(
+        d_model,
+        D_TRANSCODER,
+        JumpReLU(weights["threshold"].clone()),
+        layer,
+        skip_connection=True,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    with torch.no_grad():
+        t.W_enc.copy_(weights["W_enc"].T)  # circuit-tracer: [d_transcoder, d_model]
+        t.W_dec.copy_(weights["W_dec"])
+        t.b_enc.copy_(weights["b_enc"])
+        t.b_dec.copy_(weights["b_dec"])
+        t.W_skip.copy_(weights["W_skip"])
+    return t
+
+
+def main():
+    root = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(root / "tests/fixtures/models/gpt2"))
+    ap.add_argument("--out", default=str(root / "tests/fixtures/circuit_tracer/gpt2"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        n_ctx=c.n_positions,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+        device="cpu",
+        dtype=torch.float32,
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(args.model, "tokenizer.json"))
+    # The BOS token starts every prompt (circuit-tracer puts a special token first and leaves
+    # its position out of the graph); naming it makes circuit-tracer see it as special.
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(c.bos_token_id)
+    generator = torch.Generator().manual_seed(1)
+    per_layer = [transcoder(l, c.n_embd, generator) for l in range(c.n_layer)]
+    for layer, w in enumerate(per_layer):
+        save_saelens(w, layer, c.n_embd, out / "transcoders" / f"layer_{layer}")
+    transcoders = TranscoderSet(
+        {l: circuit_tracer_transcoder(w, l, c.n_embd) for l, w in enumerate(per_layer)},
+        feature_input_hook="ln2.hook_normalized",
+        feature_output_hook="hook_mlp_out",
+        scan="gpt2-fixture",
+    )
+    model = TransformerLensReplacementModel(cfg)
+    model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    model.tokenizer = tokenizer  # (set_tokenizer would reload it by name)
+    model._configure_replacement_model(transcoders)
+    model.eval()
+
+    tensors = {}
+    summary = []
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([c.bos_token_id] + tokenizer.encode(prompt), dtype=torch.long)
+        graph = attribute(ids, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=64)
+        tensors[f"{i}.input_ids"] = ids
+        tensors[f"{i}.active_features"] = graph.active_features[graph.selected_features].long()
+        tensors[f"{i}.activation_values"] = graph.activation_values[graph.selected_features].float()
+        tensors[f"{i}.logit_tokens"] = torch.tensor(
+            [t.vocab_idx for t in graph.logit_targets], dtype=torch.long
+        )
+        tensors[f"{i}.logit_probabilities"] = graph.logit_probabilities.float()
+        tensors[f"{i}.adjacency"] = graph.adjacency_matrix.float().contiguous()
+        summary.append(
+            {
+                "prompt": prompt,
+                "tokens": len(ids),
+                "active_features": int(len(graph.selected_features)),
+                "nodes": int(graph.adjacency_matrix.shape[0]),
+            }
+        )
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "graphs.safetensors")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
