@@ -110,15 +110,10 @@ def circuit_tracer_transcoder(weights, layer, d_model):
     return t
 
 
-def main():
-    root = Path(__file__).resolve().parent.parent
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(root / "tests/fixtures/models/gpt2"))
-    ap.add_argument("--out", default=str(root / "tests/fixtures/circuit_tracer/gpt2"))
-    args = ap.parse_args()
-    out = Path(args.out)
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+def hooked_gpt2(model_dir):
+    """A GPT-2 Hugging Face folder as circuit-tracer's TransformerLens replacement model (not
+    yet given transcoders; layer norms not folded), its tokenizer (BOS named) and HF config."""
+    hf = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     c = hf.config
     cfg = HookedTransformerConfig(
         n_layers=c.n_layer,
@@ -137,10 +132,26 @@ def main():
         device="cpu",
         dtype=torch.float32,
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(args.model, "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"))
     # The BOS token starts every prompt (circuit-tracer puts a special token first and leaves
     # its position out of the graph); naming it makes circuit-tracer see it as special.
     tokenizer.bos_token = tokenizer.convert_ids_to_tokens(c.bos_token_id)
+    model = TransformerLensReplacementModel(cfg)
+    model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    model.tokenizer = tokenizer  # (set_tokenizer would reload it by name)
+    model.eval()
+    return model, tokenizer, c
+
+
+def main():
+    root = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(root / "tests/fixtures/models/gpt2"))
+    ap.add_argument("--out", default=str(root / "tests/fixtures/circuit_tracer/gpt2"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    torch.manual_seed(0)
+    model, tokenizer, c = hooked_gpt2(args.model)
     generator = torch.Generator().manual_seed(1)
     per_layer = [transcoder(l, c.n_embd, generator) for l in range(c.n_layer)]
     for layer, w in enumerate(per_layer):
@@ -151,11 +162,7 @@ def main():
         feature_output_hook="hook_mlp_out",
         scan="gpt2-fixture",
     )
-    model = TransformerLensReplacementModel(cfg)
-    model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
-    model.tokenizer = tokenizer  # (set_tokenizer would reload it by name)
     model._configure_replacement_model(transcoders)
-    model.eval()
 
     tensors = {}
     summary = []

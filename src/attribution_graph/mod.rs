@@ -190,6 +190,64 @@ impl AttributionGraph {
     pub fn edge(&self, target: usize, source: usize) -> f32 {
         self.adjacency[target * self.n_nodes() + source]
     }
+
+    /// The unpruned graph as tensors (on the CPU), named as circuit-tracer's `Graph` names
+    /// its fields: `input_ids`, `active_features` `[n, 3]` (layer, position, feature),
+    /// `activation_values`, `logit_tokens`, `logit_probabilities` and `adjacency`.
+    pub fn tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let cpu = &candle_core::Device::Cpu;
+        let n = self.n_nodes();
+        let ints = |v: Vec<i64>| Tensor::new(v.as_slice(), cpu);
+        let active: Vec<i64> = self
+            .features
+            .iter()
+            .flat_map(|f| [f.layer as i64, f.position as i64, i64::from(f.feature)])
+            .collect();
+        let entries = [
+            (
+                "input_ids",
+                ints(self.input_ids.iter().map(|&i| i64::from(i)).collect())?,
+            ),
+            (
+                "active_features",
+                Tensor::from_vec(active, (self.features.len(), 3), cpu)?,
+            ),
+            (
+                "activation_values",
+                Tensor::new(
+                    self.features
+                        .iter()
+                        .map(|f| f.activation)
+                        .collect::<Vec<f32>>()
+                        .as_slice(),
+                    cpu,
+                )?,
+            ),
+            (
+                "logit_tokens",
+                ints(self.logits.iter().map(|l| i64::from(l.token_id)).collect())?,
+            ),
+            (
+                "logit_probabilities",
+                Tensor::new(
+                    self.logits
+                        .iter()
+                        .map(|l| l.probability)
+                        .collect::<Vec<f32>>()
+                        .as_slice(),
+                    cpu,
+                )?,
+            ),
+            (
+                "adjacency",
+                Tensor::from_slice(&self.adjacency, (n, n), cpu)?,
+            ),
+        ];
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect())
+    }
 }
 
 /// One layer of the replacement model on the prompt.
@@ -201,6 +259,8 @@ struct Layer {
     fixed: Tensor,
     /// Error nodes, `[seq, d_model]` (zero where left out).
     error: Tensor,
+    /// The same in f32, for the edges.
+    error_f32: Tensor,
 }
 
 /// The prompt's replacement model, frozen: what every backward pass runs through.
@@ -215,6 +275,11 @@ struct Replacement<'a> {
     /// Active features with their decoder rows times their activations (`[features, d]`).
     features: Vec<ActiveFeature>,
     scaled_decoders: Tensor,
+    /// The features in runs of one layer and position, for the edges: `(layer, position,
+    /// first feature, their scaled decoder rows transposed ([d_model, count], f32))`.
+    groups: Vec<(usize, usize, usize, Tensor)>,
+    /// `embeddings` in f32, for the edges.
+    embeddings_f32: Tensor,
 }
 
 /// A backward pass's target: what its row of the batch reads.
@@ -224,11 +289,11 @@ enum Target {
     Feature {
         layer: usize,
         position: usize,
-        encoder: Tensor,
+        encoder: Vec<f64>,
     },
     /// The final norm's output at the last position dotted with `direction`, the token's
     /// unembedding row less the mean row: the logit less the mean logit, before any soft-cap.
-    Logit { direction: Tensor },
+    Logit { direction: Vec<f64> },
 }
 
 /// What one linearised forward pass kept for building targets.
@@ -380,6 +445,7 @@ impl<'a> Replacement<'a> {
             .map(|&p| Ok((p, clean.cache.require(p)?.clone())))
             .collect::<Result<Vec<_>>>()?;
         let embeddings = clean.cache.require(HookPoint::Embed)?.get(0)?;
+        let embeddings_f32 = embeddings.to_dtype(DType::F32)?;
 
         let left_out = leaves_out_first(ids);
         let seq = ids.len();
@@ -397,9 +463,11 @@ impl<'a> Replacement<'a> {
             let mlp_out = clean.cache.require(HookPoint::MlpOut(layer))?; // [1, seq, d]
             let kept = (1.0 - &first_only)?; // positions whose parts are nodes
             let Some(t) = transcoder else {
+                let error = mlp_out.broadcast_mul(&kept)?.get(0)?;
                 layers.push(Layer {
                     fixed: mlp_out.clone(),
-                    error: mlp_out.broadcast_mul(&kept)?.get(0)?,
+                    error_f32: error.to_dtype(DType::F32)?,
+                    error,
                     transcoder: None,
                 });
                 continue;
@@ -431,6 +499,7 @@ impl<'a> Replacement<'a> {
             layers.push(Layer {
                 transcoder: Some(t),
                 fixed,
+                error_f32: error.to_dtype(DType::F32)?,
                 error,
             });
         }
@@ -450,6 +519,14 @@ impl<'a> Replacement<'a> {
         } else {
             Tensor::stack(&decoders, 0)?
         };
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for run in features.chunk_by(|a, b| (a.layer, a.position) == (b.layer, b.position)) {
+            let rows = scaled_decoders.narrow(0, start, run.len())?;
+            let transposed = rows.to_dtype(DType::F32)?.t()?.contiguous()?;
+            groups.push((run[0].layer, run[0].position, start, transposed));
+            start += run.len();
+        }
         Ok((
             Self {
                 model,
@@ -459,6 +536,8 @@ impl<'a> Replacement<'a> {
                 embeddings,
                 features,
                 scaled_decoders,
+                groups,
+                embeddings_f32,
             },
             logits,
         ))
@@ -473,6 +552,7 @@ impl<'a> Replacement<'a> {
             .into_iter()
             .enumerate()
         {
+            let direction = direction.to_dtype(DType::F64)?.to_vec1()?;
             targets.push((n_nodes - logits.len() + i, Target::Logit { direction }));
         }
         for (i, f) in self.features.iter().enumerate() {
@@ -489,7 +569,12 @@ impl<'a> Replacement<'a> {
         Ok(Target::Feature {
             layer: f.layer,
             position: f.position,
-            encoder: t.sae.w_enc.i((.., f.feature as usize))?,
+            encoder: t
+                .sae
+                .w_enc
+                .i((.., f.feature as usize))?
+                .to_dtype(DType::F64)?
+                .to_vec1()?,
         })
     }
 
@@ -610,93 +695,123 @@ impl<'a> Replacement<'a> {
         })
     }
 
-    /// Each target's value in `pass` (row `r` of the batch reads `targets[r]`), summed: the
-    /// scalar whose gradient gives every row's edges at once.
+    /// Each target's value in `pass` (row `r` of the batch reads `targets[r]`), `[targets]`:
+    /// each row's read-out placed in a selector as wide as the value it reads, so that a batch
+    /// costs one product per layer rather than one per target.
     fn target_values(&self, pass: &Pass, targets: &[Target]) -> Result<Tensor> {
+        let model = self.model;
         let rows = pass.normed.dim(0)?;
         let seq = self.ids.len();
-        let mut per_row: Vec<Tensor> = Vec::with_capacity(targets.len());
-        for (r, target) in targets.iter().enumerate() {
-            if r >= rows {
-                break;
+        let selector = |data: Vec<f64>, shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::from_vec(data, shape, &model.device)?.to_dtype(model.dtype)?)
+        };
+        let mut parts: Vec<Tensor> = Vec::new();
+        // Logits: the final norm's output at the last position, after its gain and bias
+        // (`ln_final.hook_normalized` is before them, and the unembedding reads after).
+        let d = model.dims().d_model;
+        let mut read = vec![0f64; rows * d];
+        let mut any = false;
+        for (r, target) in targets.iter().enumerate().take(rows) {
+            if let Target::Logit { direction } = target {
+                read[r * d..][..d].copy_from_slice(direction);
+                any = true;
             }
-            let value = match target {
-                Target::Logit { direction } => {
-                    // `ln_final.hook_normalized` is before the norm's gain and bias, which
-                    // the unembedding reads after.
-                    let normed = pass.normed.i((r, seq - 1))?;
-                    let normed = self.model.transformer.ln_final.affine(&normed)?;
-                    (normed * direction)?.sum_all()?
-                }
-                Target::Feature {
-                    layer,
+        }
+        if any {
+            let normed = pass.normed.i((.., seq - 1))?.contiguous()?; // [rows, d]
+            let normed = model.transformer.ln_final.affine(&normed)?;
+            parts.push((normed * selector(read, &[rows, d])?)?.sum(1)?);
+        }
+        // Features: their encoder columns at their positions of their layer's input hook.
+        for (layer, x) in pass.inputs.iter().enumerate() {
+            let Some(x) = x else { continue };
+            let width = x.dim(2)?;
+            let mut read: Option<Vec<f64>> = None;
+            for (r, target) in targets.iter().enumerate().take(rows) {
+                if let Target::Feature {
+                    layer: l,
                     position,
                     encoder,
-                } => {
-                    let x = pass.inputs[*layer].as_ref().ok_or_else(|| {
-                        internal(format!("layer {layer}: no transcoder input kept"))
-                    })?;
-                    (x.i((r, *position))? * encoder)?.sum_all()?
+                } = target
+                    && *l == layer
+                {
+                    let slot = read.get_or_insert_with(|| vec![0f64; rows * seq * width]);
+                    slot[(r * seq + position) * width..][..width].copy_from_slice(encoder);
                 }
-            };
-            per_row.push(value);
+            }
+            if let Some(read) = read {
+                parts.push((x * selector(read, &[rows, seq, width])?)?.sum((1, 2))?);
+            }
         }
-        Ok(Tensor::stack(&per_row, 0)?)
+        let mut parts = parts.into_iter();
+        let first = parts
+            .next()
+            .ok_or_else(|| internal("a batch without targets".into()))?;
+        let total = parts.try_fold(first, |acc, p| acc + p)?;
+        Ok(total.narrow(0, 0, targets.len().min(rows))?)
     }
 
     /// The edges into each of `targets` (one per row of `pass`'s batch), over every source node
-    /// (features, errors, tokens): `[targets][sources]`.
+    /// (features, errors, tokens): `[targets][sources]`. The features of one layer and
+    /// position take one matrix product: the gradient there times their (activation-scaled)
+    /// decoder rows.
     fn edges(&self, pass: &Pass, targets: &[Target]) -> Result<Vec<Vec<f32>>> {
         let values = self.target_values(pass, targets)?;
         let grads = values.sum_all()?.backward()?;
         let rows = targets.len();
-        let model = self.model;
         let seq = self.ids.len();
-        let gradient_at = |point: HookPoint| -> Result<Tensor> {
+        let n_layers = self.layers.len();
+        let n_features = self.features.len();
+        let mut out = vec![vec![0f32; n_features + (n_layers + 1) * seq]; rows];
+        // `[rows, seq, d]` in f32, or `None` where no target reaches.
+        let gradient_at = |point: HookPoint| -> Result<Option<Tensor>> {
             let leaf = pass
                 .output
                 .grad_leaf(point)
                 .ok_or_else(|| internal(format!("no gradient leaf at {point}")))?;
-            Ok(match grads.get(leaf) {
-                Some(g) => g.narrow(0, 0, rows)?.to_dtype(DType::F32)?,
-                None => {
-                    Tensor::zeros((rows, seq, model.dims().d_model), DType::F32, &model.device)?
-                }
-            })
+            grads
+                .get(leaf)
+                .map(|g| Ok(g.narrow(0, 0, rows)?.to_dtype(DType::F32)?))
+                .transpose()
         };
-        let dec = self.scaled_decoders.to_dtype(DType::F32)?;
-        let mut parts: Vec<Tensor> = Vec::new();
-        // Features, layer by layer (they are sorted by layer), then each layer's errors.
-        let mut feature_parts = Vec::new();
-        let mut error_parts = Vec::new();
-        let mut start = 0;
+        // `Σ_d g[r, p, d]·value[p, d]` into each row's columns `first..first + seq`.
+        let per_position =
+            |g: &Tensor, value: &Tensor, first: usize, out: &mut [Vec<f32>]| -> Result<()> {
+                let dots = g
+                    .broadcast_mul(&value.unsqueeze(0)?)?
+                    .sum(2)?
+                    .to_vec2::<f32>()?;
+                for (row, dots) in out.iter_mut().zip(dots) {
+                    row[first..first + seq].copy_from_slice(&dots);
+                }
+                Ok(())
+            };
+        let mut groups = self.groups.iter().peekable();
         for (layer, l) in self.layers.iter().enumerate() {
-            let g = gradient_at(HookPoint::MlpOut(layer))?; // [rows, seq, d]
-            let count = self.features[start..]
-                .iter()
-                .take_while(|f| f.layer == layer)
-                .count();
-            if count > 0 {
-                let positions: Vec<u32> = self.features[start..start + count]
-                    .iter()
-                    .map(|f| f.position as u32)
-                    .collect();
-                let positions = Tensor::new(positions.as_slice(), &model.device)?;
-                let at = g.index_select(&positions, 1)?; // [rows, count, d]
-                let d = dec.narrow(0, start, count)?; // [count, d]
-                feature_parts.push(at.broadcast_mul(&d.unsqueeze(0)?)?.sum(2)?);
+            let Some(g) = gradient_at(HookPoint::MlpOut(layer))? else {
+                while groups.next_if(|group| group.0 == layer).is_some() {}
+                continue;
+            };
+            // Each position's features: the gradient there times their decoder rows.
+            while let Some((_, position, first, decoders_t)) =
+                groups.next_if(|group| group.0 == layer)
+            {
+                let dots = g.i((.., *position))?.matmul(decoders_t)?.to_vec2::<f32>()?;
+                for (row, dots) in out.iter_mut().zip(dots) {
+                    row[*first..*first + dots.len()].copy_from_slice(&dots);
+                }
             }
-            start += count;
-            let error = l.error.to_dtype(DType::F32)?; // [seq, d]
-            error_parts.push(g.broadcast_mul(&error.unsqueeze(0)?)?.sum(2)?); // [rows, seq]
+            per_position(&g, &l.error_f32, n_features + layer * seq, &mut out)?;
         }
-        parts.extend(feature_parts);
-        parts.extend(error_parts);
-        let g = gradient_at(HookPoint::Embed)?;
-        let e = self.embeddings.to_dtype(DType::F32)?;
-        parts.push(g.broadcast_mul(&e.unsqueeze(0)?)?.sum(2)?);
-        let all = Tensor::cat(&parts, 1)?; // [rows, sources]
-        Ok(all.to_vec2::<f32>()?)
+        if let Some(g) = gradient_at(HookPoint::Embed)? {
+            per_position(
+                &g,
+                &self.embeddings_f32,
+                n_features + n_layers * seq,
+                &mut out,
+            )?;
+        }
+        Ok(out)
     }
 }
 

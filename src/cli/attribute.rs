@@ -45,6 +45,15 @@ pub struct AttributeArgs {
     /// The graph's name in the file (default: the output file's stem).
     #[arg(long)]
     slug: Option<String>,
+    /// Put the model's BOS token before the prompt, as circuit-tracer does (its position is
+    /// left out of the graph either way).
+    #[arg(long)]
+    bos: bool,
+    /// Also write the unpruned graph as safetensors: `input_ids`, `active_features` [n, 3]
+    /// (layer, position, feature), `activation_values`, `logit_tokens`,
+    /// `logit_probabilities` and `adjacency` [nodes, nodes] (target × source).
+    #[arg(long, value_parser = super::output_path, value_name = "FILE")]
+    adjacency: Option<PathBuf>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -81,7 +90,24 @@ fn transcoder_dirs(dirs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let ids = model.encode_prompt(&args.prompt)?;
+    let mut ids = model.encode_prompt(&args.prompt)?;
+    if args.bos {
+        let bos = model
+            .bos_token_id
+            .with_context(|| format!("--bos: {} names no BOS token", model.dir.display()))?;
+        ids.insert(0, bos);
+        let max = model.dims().context_length;
+        if ids.len() > max {
+            return Err(crate::Error::PromptTooLong {
+                tokens: ids.len(),
+                max,
+            }
+            .into());
+        }
+    }
+    if let Some(path) = &args.adjacency {
+        super::refuse_existing(path, args.force)?;
+    }
     let dirs = transcoder_dirs(&args.transcoders)?;
     let transcoders = dirs
         .iter()
@@ -148,6 +174,12 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         std::fs::write(tmp, serde_json::to_vec(&file)?)?;
         Ok(())
     })?;
+    if let Some(path) = &args.adjacency {
+        write_new_file(path, args.force, |tmp| {
+            candle_core::safetensors::save(&graph.tensors()?, tmp)?;
+            Ok(())
+        })?;
+    }
     let summary = Summary::new(&graph, &file, scores, seconds, &args.out);
     if args.json {
         return print_json(&summary);
