@@ -15,7 +15,9 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_dir, monoscope_json};
 use monoscope::Model;
-use monoscope::attribution_graph::{GraphSettings, LayerTranscoder, Node, attribute};
+use monoscope::attribution_graph::{
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute,
+};
 use monoscope::sae::saelens::{SaeDir, SaeMetadata, save};
 use monoscope::sae::{Architecture, Sae, SaeSite};
 
@@ -67,6 +69,20 @@ fn save_transcoder(model: &Model, dir: &Path, layer: usize) -> LayerTranscoder {
     LayerTranscoder { sae, site }
 }
 
+/// The library's graph of `ids` with the default settings.
+fn graph_of(model: &Model, transcoders: &[LayerTranscoder], ids: &[u32]) -> AttributionGraph {
+    attribute(
+        model,
+        transcoders,
+        ids,
+        &GraphSettings::default(),
+        &AtomicBool::new(false),
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .unwrap()
+}
+
 fn attribute_command(model: &Path, transcoders: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_monoscope"));
     c.args([
@@ -112,16 +128,7 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
     ]);
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let ids = model.encode_prompt(PROMPT).unwrap();
-    let graph = attribute(
-        &model,
-        &transcoders,
-        &ids,
-        &GraphSettings::default(),
-        &AtomicBool::new(false),
-        &mut |_, _| {},
-    )
-    .unwrap()
-    .unwrap();
+    let graph = graph_of(&model, &transcoders, &ids);
     assert_eq!(summary["active_features"], graph.features.len());
     assert_eq!(file["metadata"]["slug"], "graph");
     assert_eq!(file["metadata"]["prompt"], PROMPT);
@@ -306,16 +313,7 @@ fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
             .into_iter()
             .map(|i| i as u32)
             .collect();
-        let graph = attribute(
-            &model,
-            &transcoders,
-            &ids,
-            &GraphSettings::default(),
-            &AtomicBool::new(false),
-            &mut |_, _| {},
-        )
-        .unwrap()
-        .unwrap();
+        let graph = graph_of(&model, &transcoders, &ids);
         let active = get(format!("{prompt}.active_features"))
             .to_vec2::<i64>()
             .unwrap();

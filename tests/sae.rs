@@ -141,6 +141,26 @@ fn cancel_at_9_then_resume<'m>(
     run(&mut make_source(), s, meta, out, control, |_| {}).unwrap();
 }
 
+/// Each of `keys` agrees in `a` and `b` to 1e-3 of its largest value.
+fn assert_close_relative(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    keys: &[&str],
+    what: &str,
+) {
+    for &key in keys {
+        let scale = a[key]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_abs_diff(&a[key], &b[key]) / scale;
+        assert!(err < 1e-3, "{what}: {key} differs by {err} (relative)");
+    }
+}
+
 /// Trains the test SAE with the CPU kernels and with the tensor engine on `device`, checks
 /// that they reach the same weights, and returns the tensor engine's output folder.
 fn engines_train_the_same_sae(model: &Model, text: &Path, dir: &Path, device: Device) -> PathBuf {
@@ -167,17 +187,7 @@ fn engines_train_the_same_sae(model: &Model, text: &Path, dir: &Path, device: De
     .unwrap();
     assert!(aux_ran, "no latent went dead, so AuxK was not exercised");
     let (a, b) = (weights(&kernels_dir), weights(&tensors_dir));
-    for key in ["W_enc", "W_dec", "b_enc", "b_dec"] {
-        let scale = a[key]
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let err = max_abs_diff(&a[key], &b[key]) / scale;
-        assert!(err < 1e-3, "{key}: the engines differ by {err} (relative)");
-    }
+    assert_close_relative(&a, &b, &["W_enc", "W_dec", "b_enc", "b_dec"], "the engines");
     tensors_dir
 }
 
@@ -946,17 +956,7 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
         } else {
             &["W_enc", "W_dec", "b_enc", "b_dec"]
         };
-        for &key in keys {
-            let scale = a[key]
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let err = max_abs_diff(&a[key], &b[key]) / scale;
-            assert!(err < 1e-3, "skip {skip}: {key} differs by {err} (relative)");
-        }
+        assert_close_relative(&a, &b, keys, &format!("skip {skip}"));
     }
 
     // With a skip path (a JumpReLU skip transcoder): W_skip is learned, saved in SAELens's

@@ -1727,6 +1727,30 @@ mod tests {
         check_gradients(t, &x, &mask, None, None);
     }
 
+    /// A transcoder trainer (`(d_in, d_out, d_sae)`, nested at `matryoshka`) with random
+    /// weights, a random skip path if `skip`, and `b_dec` not fitted to data.
+    fn random_transcoder(
+        architecture: TrainArchitecture,
+        (d_in, d_out, d_sae): (usize, usize, usize),
+        skip: bool,
+        matryoshka: &[usize],
+    ) -> SaeTrainer {
+        let mut config = TrainConfig::new(architecture, d_in, d_sae);
+        config.transcode_to = Some(d_out);
+        config.skip_connection = skip;
+        config.matryoshka = matryoshka.to_vec();
+        config.b_dec_init = BDecInit::Zeros;
+        let mut t = SaeTrainer::new(config, &[]).unwrap();
+        if skip {
+            t.params[W_SKIP].value = random(d_out * d_in, 5, 0.3);
+        }
+        t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
+        t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
+        t.params[B_ENC].value = random(d_sae, 3, 0.1);
+        t.params[B_DEC].value = random(d_out, 4, 0.1);
+        t
+    }
+
     /// A transcoder's gradients (rows `[x | y]`: encode x without b_dec, predict y) agree with
     /// autograd, for top-k and for the decoder-norm-weighted L1 of `standard`, with and without
     /// a skip path; its FVU is measured against the target's variance.
@@ -1747,18 +1771,7 @@ mod tests {
             (l1, Some(0.3f32), true),
         ];
         for (architecture, penalty, skip) in cases {
-            let mut config = TrainConfig::new(architecture.clone(), d_in, d_sae);
-            config.transcode_to = Some(d_out);
-            config.skip_connection = skip;
-            config.b_dec_init = BDecInit::Zeros;
-            let mut t = SaeTrainer::new(config, &[]).unwrap();
-            if skip {
-                t.params[W_SKIP].value = random(d_out * d_in, 5, 0.3);
-            }
-            t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
-            t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
-            t.params[B_ENC].value = random(d_sae, 3, 0.1);
-            t.params[B_DEC].value = random(d_out, 4, 0.1);
+            let mut t = random_transcoder(architecture.clone(), (d_in, d_out, d_sae), skip, &[]);
             let x = random(rows * (d_in + d_out), 7, 1.0);
             let pre = pre_activations(&t, &x);
             let mask: Vec<f32> = match architecture {
@@ -1829,19 +1842,7 @@ mod tests {
             ),
         ];
         for (architecture, skip) in cases {
-            let mut config = TrainConfig::new(architecture.clone(), d_in, d_sae);
-            config.transcode_to = Some(d_out);
-            config.skip_connection = skip;
-            config.matryoshka = vec![4, 15];
-            config.b_dec_init = BDecInit::Zeros;
-            let mut t = SaeTrainer::new(config, &[]).unwrap();
-            if skip {
-                t.params[W_SKIP].value = random(d_out * d_in, 5, 0.3);
-            }
-            t.params[W_ENC_T].value = random(d_sae * d_in, 1, 0.5);
-            t.params[W_DEC].value = random(d_sae * d_out, 2, 0.5);
-            t.params[B_ENC].value = random(d_sae, 3, 0.1);
-            t.params[B_DEC].value = random(d_out, 4, 0.1);
+            let t = random_transcoder(architecture.clone(), (d_in, d_out, d_sae), skip, &[4, 15]);
             let x = random(rows * (d_in + d_out), 7, 1.0);
             let pre = pre_activations(&t, &x);
             let mask = match architecture {
