@@ -894,24 +894,29 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     assert!(loaded.sae.transcoder && !loaded.sae.apply_b_dec_to_input);
     assert_eq!((loaded.sae.d_in(), loaded.sae.d_out()), (d_in, d_out));
     assert_eq!(loaded.metadata.hook_name_out, hook_out);
-    let mut eval_src = ActivationSource::new(
-        &model,
-        Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
-        hook_in,
-        windows(),
-    )
-    .unwrap();
-    let report = evaluate(
-        &mut eval_src,
-        &loaded.sae,
-        hook_out.parse().unwrap(),
-        &EvalSettings {
+    // Judged where it writes, over the test corpus.
+    let judge = |sae: &monoscope::sae::Sae| {
+        let mut source = ActivationSource::new(
+            &model,
+            Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
+            hook_in,
+            windows(),
+        )
+        .unwrap();
+        let settings = EvalSettings {
             windows: 8,
             dense_threshold: 0.5,
-        },
-        |_, _| {},
-    )
-    .unwrap();
+        };
+        evaluate(
+            &mut source,
+            sae,
+            hook_out.parse().unwrap(),
+            &settings,
+            |_, _| {},
+        )
+        .unwrap()
+    };
+    let report = judge(&loaded.sae);
     assert!(report.fvu < 0.5 * first_fvu, "{report:?}");
     eprintln!(
         "transcoder: training FVU {first_fvu:.3} → {:.3}; eval FVU {:.3}, L0 {:.1}, CE loss \
@@ -1012,25 +1017,11 @@ fn a_transcoder_trains_from_the_mlp_input_to_its_output_and_resumes_exactly() {
     assert!(last.fvu < 0.5 * first_fvu, "nested: FVU {}", last.fvu);
     let cfg = std::fs::read_to_string(nested.join(saelens::CONFIG_FILE)).unwrap();
     assert!(cfg.contains("jumprelu_skip_transcoder"), "{cfg}");
-    let report = evaluate(
-        &mut ActivationSource::new(
-            &model,
-            Corpus::parse(text.to_str().unwrap(), "text").unwrap(),
-            hook_in,
-            windows(),
-        )
-        .unwrap(),
+    let report = judge(
         &saelens::load(&nested, &Device::Cpu, DType::F32)
             .unwrap()
             .sae,
-        hook_out.parse().unwrap(),
-        &EvalSettings {
-            windows: 8,
-            dense_threshold: 0.5,
-        },
-        |_, _| {},
-    )
-    .unwrap();
+    );
     assert!(report.fvu < 0.5 * first_fvu, "nested: {report:?}");
     let log = std::fs::read_to_string(nested.join("training/metrics.jsonl")).unwrap();
     let end: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
