@@ -11,7 +11,9 @@ circuit-tracer loads models), gives it one random JumpReLU skip transcoder per l
   OUT/graphs.safetensors     per prompt i: `i.input_ids`, `i.active_features` [n, 3] (layer,
                              position, feature), `i.activation_values`, `i.logit_tokens`,
                              `i.logit_probabilities` and `i.adjacency` (circuit-tracer's
-                             unpruned adjacency matrix)
+                             unpruned adjacency matrix); `i.node_mask`, `i.edge_mask`
+                             and `i.cumulative_scores` of its `prune_graph` at 0.8 / 0.98,
+                             and `i.scores` (replacement, completeness)
 
 Run with a Python that has circuit-tracer 0.5.0, TransformerLens and transformers, e.g.
     /opt/saelens-venv/bin/pip install --no-deps circuit-tracer==0.5.0
@@ -39,6 +41,7 @@ from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_wei
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 from circuit_tracer import attribute  # noqa: E402
+from circuit_tracer.graph import compute_graph_scores, prune_graph  # noqa: E402
 from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: E402
     TransformerLensReplacementModel,
 )
@@ -177,6 +180,12 @@ def main():
         )
         tensors[f"{i}.logit_probabilities"] = graph.logit_probabilities.float()
         tensors[f"{i}.adjacency"] = graph.adjacency_matrix.float().contiguous()
+        # Pruning at circuit-tracer's defaults, and the graph's scores.
+        node_mask, edge_mask, cumulative = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
+        tensors[f"{i}.node_mask"] = node_mask.to(torch.uint8)
+        tensors[f"{i}.edge_mask"] = edge_mask.to(torch.uint8)
+        tensors[f"{i}.cumulative_scores"] = cumulative.float()
+        tensors[f"{i}.scores"] = torch.tensor(compute_graph_scores(graph), dtype=torch.float32)
         summary.append(
             {
                 "prompt": prompt,

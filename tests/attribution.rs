@@ -371,5 +371,54 @@ fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
             worst <= 1e-4 * scale,
             "prompt {prompt}: edges differ by {worst}"
         );
+
+        // Pruned at circuit-tracer's defaults: the same nodes and edges, the same cumulative
+        // influence, the same replacement and completeness scores.
+        let pruned = graph.prune(0.8, 0.98).unwrap();
+        let mask = |key: &str| -> Vec<bool> {
+            get(format!("{prompt}.{key}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+                .into_iter()
+                .map(|v| v != 0)
+                .collect()
+        };
+        assert_eq!(
+            pruned.nodes,
+            mask("node_mask"),
+            "prompt {prompt}: kept nodes"
+        );
+        assert_eq!(
+            pruned.edges,
+            mask("edge_mask"),
+            "prompt {prompt}: kept edges"
+        );
+        assert!(pruned.edges.iter().filter(|&&e| e).count() > 50);
+        let cumulative = get(format!("{prompt}.cumulative_scores"))
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, (a, b)) in pruned
+            .cumulative_influence
+            .iter()
+            .zip(&cumulative)
+            .enumerate()
+        {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "prompt {prompt}: node {i}: {a} vs {b}"
+            );
+        }
+        let want = get(format!("{prompt}.scores")).to_vec1::<f32>().unwrap();
+        let scores = graph.scores().unwrap();
+        assert!(
+            (scores.replacement - want[0]).abs() < 1e-5,
+            "{scores:?} vs {want:?}"
+        );
+        assert!(
+            (scores.completeness - want[1]).abs() < 1e-5,
+            "{scores:?} vs {want:?}"
+        );
     }
 }

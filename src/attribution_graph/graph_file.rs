@@ -1,6 +1,9 @@
-//! A pruned attribution graph as circuit-tracer's graph file (`create_graph_files`: the JSON
-//! its local viewer and Neuronpedia's circuit viewer read), node ids, fields and link list
-//! spelled as circuit-tracer 0.5 writes them.
+//! A pruned attribution graph as circuit-tracer's graph file (the `SLUG.json` its
+//! `create_graph_files` writes and its viewer and Neuronpedia's read), node ids, fields and link
+//! list spelled as circuit-tracer 0.5 writes them — the error nodes' ids `0_L_P` included,
+//! which can coincide with a layer-0 feature's `0_F_P` (a node's `feature_type` tells them
+//! apart). The `graph-metadata.json` index circuit-tracer's local server keeps beside the
+//! graphs is not written.
 
 use serde::Serialize;
 

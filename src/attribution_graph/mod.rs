@@ -48,7 +48,9 @@ pub struct LayerTranscoder {
 
 impl LayerTranscoder {
     /// The layer whose MLP it replaces; an error unless it writes an MLP's output and reads
-    /// the same block.
+    /// a hook of the same block that is linear in the residual stream once attention patterns
+    /// and norm divisors are frozen (inside the MLP, or at a query/key norm, the graph would
+    /// no longer add up).
     pub fn layer(&self) -> Result<usize> {
         let bad = |message: String| Error::InvalidArgument {
             what: "transcoder",
@@ -66,6 +68,23 @@ impl LayerTranscoder {
             return Err(bad(format!(
                 "reads another block than the MLP it replaces (layer {layer})"
             )));
+        }
+        let linear = matches!(
+            self.site.input,
+            HookPoint::ResidPre(_)
+                | HookPoint::Ln1Normalized(_)
+                | HookPoint::AttnOut(_)
+                | HookPoint::ResidMid(_)
+                | HookPoint::Ln2Normalized(_)
+                | HookPoint::MlpIn(_)
+        );
+        if !linear {
+            return Err(bad(
+                "an attribution graph reads features where the frozen model is linear: \
+                 hook_resid_pre, ln1.hook_normalized, hook_attn_out, hook_resid_mid, \
+                 ln2.hook_normalized or mlp.hook_in"
+                    .into(),
+            ));
         }
         Ok(layer)
     }
@@ -191,9 +210,10 @@ impl AttributionGraph {
         self.adjacency[target * self.n_nodes() + source]
     }
 
-    /// The unpruned graph as tensors (on the CPU), named as circuit-tracer's `Graph` names
-    /// its fields: `input_ids`, `active_features` `[n, 3]` (layer, position, feature),
-    /// `activation_values`, `logit_tokens`, `logit_probabilities` and `adjacency`.
+    /// The unpruned graph as tensors (on the CPU): `input_ids`, `active_features` `[n, 3]`
+    /// (layer, position, feature), `activation_values`, `logit_tokens`, `logit_probabilities`
+    /// and `adjacency` (circuit-tracer's `Graph` fields under the names
+    /// `scripts/circuit_tracer_fixtures.py` saves them by).
     pub fn tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         let cpu = &candle_core::Device::Cpu;
         let n = self.n_nodes();
@@ -252,7 +272,7 @@ impl AttributionGraph {
 
 /// One layer of the replacement model on the prompt.
 struct Layer {
-    /// The transcoder (f32 weights in the model's dtype, on its device), if the layer has one.
+    /// The transcoder (in the model's dtype, on its device), if the layer has one.
     transcoder: Option<LayerTranscoder>,
     /// `mlp_out − skip(x)` on the prompt, `[1, seq, d_model]`: what the frozen MLP writes
     /// besides its skip path — the features' sum, `b_dec` and the errors.
@@ -315,6 +335,10 @@ pub fn attribute(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<AttributionGraph>> {
+    if ids.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    model.check_length(ids.len())?;
     let (replacement, logits) = Replacement::new(model, transcoders, ids, settings)?;
     let n_features = replacement.features.len();
     let n_positions = ids.len();
@@ -906,6 +930,26 @@ mod tests {
                 output: HookPoint::MlpOut(layer),
             },
         }
+    }
+
+    /// A transcoder that reads inside the MLP (or anywhere the frozen model is not linear) is
+    /// refused: its edges would not add up.
+    #[test]
+    fn transcoders_must_read_where_the_frozen_model_is_linear() {
+        let model = fixture("gpt2");
+        let mut t = transcoder(&model, 1, false, 3);
+        assert_eq!(t.layer().unwrap(), 1);
+        for input in [
+            HookPoint::MlpPost(1),
+            HookPoint::MlpPre(1),
+            HookPoint::AttnQ(1),
+        ] {
+            t.site.input = input;
+            let err = t.layer().unwrap_err().to_string();
+            assert!(err.contains("linear"), "{input}: {err}");
+        }
+        t.site.input = HookPoint::MlpIn(0);
+        assert!(t.layer().unwrap_err().to_string().contains("another block"));
     }
 
     /// Each target's value in the replacement model with `removed` nodes at zero.

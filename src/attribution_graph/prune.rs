@@ -70,8 +70,14 @@ impl AttributionGraph {
         let (n_logits, n_tokens) = (self.logits.len(), self.n_positions());
         let n_features = self.features.len();
         let w = self.logit_weights();
+        if let Some(i) = self.adjacency.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "attribution graph edge".into(),
+                at: format!("{:?} → {:?}", self.node(i / n), self.node(i % n)),
+            });
+        }
         let influence = influence_of(&normalised(&self.adjacency, n), &w, n)?;
-        let cut = threshold(&influence, node_threshold);
+        let cut = threshold(influence.clone(), node_threshold);
         let mut nodes: Vec<bool> = influence.iter().map(|&v| v >= cut).collect();
         for keep in &mut nodes[n - n_logits - n_tokens..] {
             *keep = true;
@@ -91,8 +97,7 @@ impl AttributionGraph {
             .for_each(|(row, &t)| row.iter_mut().for_each(|a| *a *= t));
         // Only edges of positive score are ranked: the rest are no edges.
         let positive: Vec<f32> = scores.par_iter().copied().filter(|&v| v > 0.0).collect();
-        let edge_cut = threshold(&positive, edge_threshold);
-        drop(positive);
+        let edge_cut = threshold(positive, edge_threshold);
         // (An edge of weight zero is no edge, whatever the threshold.)
         let mut edges: Vec<bool> = scores.iter().map(|&s| s >= edge_cut && s > 0.0).collect();
         drop(scores);
@@ -211,9 +216,10 @@ fn times(v: &[f32], a: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-/// The score at which the highest scores, summed, first reach `fraction` of the total.
-fn threshold(scores: &[f32], fraction: f32) -> f32 {
-    let mut sorted = scores.to_vec();
+/// The score at which the highest scores, summed, first reach `fraction` of the total (sums in
+/// f64: at a fraction of 1 that is the smallest score that is not zero, where circuit-tracer's
+/// f32 sums may fall short of 1 and take every score, zeros included).
+fn threshold(mut sorted: Vec<f32>, fraction: f32) -> f32 {
     sorted.par_sort_unstable_by(|a, b| b.total_cmp(a));
     let total: f64 = sorted.iter().map(|&v| f64::from(v)).sum();
     if sorted.is_empty() {

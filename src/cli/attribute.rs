@@ -90,23 +90,17 @@ fn transcoder_dirs(dirs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
+    // The outputs are checked before the long part.
+    for path in std::iter::once(&args.out).chain(&args.adjacency) {
+        super::refuse_existing(path, args.force)?;
+    }
     let mut ids = model.encode_prompt(&args.prompt)?;
     if args.bos {
         let bos = model
             .bos_token_id
             .with_context(|| format!("--bos: {} names no BOS token", model.dir.display()))?;
         ids.insert(0, bos);
-        let max = model.dims().context_length;
-        if ids.len() > max {
-            return Err(crate::Error::PromptTooLong {
-                tokens: ids.len(),
-                max,
-            }
-            .into());
-        }
-    }
-    if let Some(path) = &args.adjacency {
-        super::refuse_existing(path, args.force)?;
+        model.check_length(ids.len())?;
     }
     let dirs = transcoder_dirs(&args.transcoders)?;
     let transcoders = dirs
@@ -171,13 +165,12 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     };
     let file = graph.graph_file(&pruned, metadata);
     write_new_file(&args.out, args.force, |tmp| {
-        std::fs::write(tmp, serde_json::to_vec(&file)?)?;
-        Ok(())
+        std::fs::write(tmp, serde_json::to_vec(&file)?)
+            .with_context(|| format!("writing {}", args.out.display()))
     })?;
     if let Some(path) = &args.adjacency {
         write_new_file(path, args.force, |tmp| {
-            candle_core::safetensors::save(&graph.tensors()?, tmp)?;
-            Ok(())
+            Ok(crate::files::write_safetensors(&graph.tensors()?, tmp)?)
         })?;
     }
     let summary = Summary::new(&graph, &file, scores, seconds, &args.out);

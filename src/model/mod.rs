@@ -208,7 +208,8 @@ impl Model {
         Ok(ids)
     }
 
-    fn check_length(&self, tokens: usize) -> Result<()> {
+    /// Refuses a sequence of `tokens` longer than the context window.
+    pub fn check_length(&self, tokens: usize) -> Result<()> {
         let max = self.dims().context_length;
         if tokens > max {
             return Err(Error::PromptTooLong { tokens, max });

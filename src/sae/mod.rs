@@ -34,9 +34,6 @@ use crate::error::{Error, Result};
 use crate::model::{HookPoint, Model};
 use saelens::SaeDir;
 
-/// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
-/// (`sae.safetensors`), Gemma Scope's (`params.npz`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
-/// hookpoint) is refused with the names to choose from.
 /// Whether `dir` holds one SAE in a format [`load`] reads.
 pub fn is_sae_dir(dir: &Path) -> bool {
     sparsify::is_sparsify_dir(dir)
@@ -44,6 +41,9 @@ pub fn is_sae_dir(dir: &Path) -> bool {
         || dir.join(saelens::CONFIG_FILE).is_file()
 }
 
+/// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
+/// (`sae.safetensors`), Gemma Scope's (`params.npz`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
+/// hookpoint) is refused with the names to choose from.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     if sparsify::is_sparsify_dir(dir) {
         return sparsify::load(dir, device, dtype);
