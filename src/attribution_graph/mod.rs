@@ -309,11 +309,12 @@ enum Target {
     Feature {
         layer: usize,
         position: usize,
-        encoder: Vec<f64>,
+        feature: u32,
     },
-    /// The final norm's output at the last position dotted with `direction`, the token's
-    /// unembedding row less the mean row: the logit less the mean logit, before any soft-cap.
-    Logit { direction: Vec<f64> },
+    /// The final norm's output at the last position dotted with `direction` (`[d_model]`),
+    /// the token's unembedding row less the mean row: the logit less the mean logit, before
+    /// any soft-cap.
+    Logit { direction: Tensor },
 }
 
 /// What one linearised forward pass kept for building targets.
@@ -576,30 +577,17 @@ impl<'a> Replacement<'a> {
             .into_iter()
             .enumerate()
         {
-            let direction = direction.to_dtype(DType::F64)?.to_vec1()?;
             targets.push((n_nodes - logits.len() + i, Target::Logit { direction }));
         }
         for (i, f) in self.features.iter().enumerate() {
-            targets.push((i, self.feature_target(f)?));
+            let target = Target::Feature {
+                layer: f.layer,
+                position: f.position,
+                feature: f.feature,
+            };
+            targets.push((i, target));
         }
         Ok(targets)
-    }
-
-    fn feature_target(&self, f: &ActiveFeature) -> Result<Target> {
-        let t = self.layers[f.layer]
-            .transcoder
-            .as_ref()
-            .ok_or_else(|| internal(format!("layer {} has no transcoder", f.layer)))?;
-        Ok(Target::Feature {
-            layer: f.layer,
-            position: f.position,
-            encoder: t
-                .sae
-                .w_enc
-                .i((.., f.feature as usize))?
-                .to_dtype(DType::F64)?
-                .to_vec1()?,
-        })
     }
 
     /// The linearised model run on `rows` copies of the prompt, with the nodes in `removed`
@@ -720,59 +708,98 @@ impl<'a> Replacement<'a> {
     }
 
     /// Each target's value in `pass` (row `r` of the batch reads `targets[r]`), `[targets]`:
-    /// each row's read-out placed in a selector as wide as the value it reads, so that a batch
-    /// costs one product per layer rather than one per target.
+    /// per layer, the rows' input-hook vectors at their positions gathered and dotted with the
+    /// features' encoder columns (gathered on the device too), and likewise the final norm's
+    /// output for the logits — a few products per batch, whatever its size.
     fn target_values(&self, pass: &Pass, targets: &[Target]) -> Result<Tensor> {
         let model = self.model;
+        let device = &model.device;
         let rows = pass.normed.dim(0)?;
         let seq = self.ids.len();
-        let selector = |data: Vec<f64>, shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(data, shape, &model.device)?.to_dtype(model.dtype)?)
+        let count = targets.len().min(rows);
+        // (the targets read, their values in that order)
+        let mut pieces: Vec<(Vec<usize>, Tensor)> = Vec::new();
+        let at = |read: &[usize], position: &dyn Fn(usize) -> usize| -> Result<Tensor> {
+            let flat: Vec<u32> = read
+                .iter()
+                .map(|&r| (r * seq + position(r)) as u32)
+                .collect();
+            Ok(Tensor::new(flat.as_slice(), device)?)
         };
-        let mut parts: Vec<Tensor> = Vec::new();
         // Logits: the final norm's output at the last position, after its gain and bias
         // (`ln_final.hook_normalized` is before them, and the unembedding reads after).
-        let d = model.dims().d_model;
-        let mut read = vec![0f64; rows * d];
-        let mut any = false;
-        for (r, target) in targets.iter().enumerate().take(rows) {
-            if let Target::Logit { direction } = target {
-                read[r * d..][..d].copy_from_slice(direction);
-                any = true;
-            }
-        }
-        if any {
-            let normed = pass.normed.i((.., seq - 1))?.contiguous()?; // [rows, d]
+        let logit_rows: Vec<usize> = (0..count)
+            .filter(|&r| matches!(targets[r], Target::Logit { .. }))
+            .collect();
+        if !logit_rows.is_empty() {
+            let d = pass.normed.dim(2)?;
+            let normed = pass
+                .normed
+                .contiguous()?
+                .reshape((rows * seq, d))?
+                .index_select(&at(&logit_rows, &|_| seq - 1)?, 0)?;
             let normed = model.transformer.ln_final.affine(&normed)?;
-            parts.push((normed * selector(read, &[rows, d])?)?.sum(1)?);
+            let directions = logit_rows
+                .iter()
+                .map(|&r| match &targets[r] {
+                    Target::Logit { direction } => Ok(direction.clone()),
+                    Target::Feature { .. } => Err(internal("a logit row reads a feature".into())),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let values = (normed * Tensor::stack(&directions, 0)?)?.sum(1)?;
+            pieces.push((logit_rows, values));
         }
-        // Features: their encoder columns at their positions of their layer's input hook.
+        // Features, layer by layer.
         for (layer, x) in pass.inputs.iter().enumerate() {
             let Some(x) = x else { continue };
-            let width = x.dim(2)?;
-            let mut read: Option<Vec<f64>> = None;
-            for (r, target) in targets.iter().enumerate().take(rows) {
+            let mut read = Vec::new();
+            let mut positions = Vec::new();
+            let mut ids = Vec::new();
+            for (r, target) in targets.iter().enumerate().take(count) {
                 if let Target::Feature {
                     layer: l,
                     position,
-                    encoder,
+                    feature,
                 } = target
                     && *l == layer
                 {
-                    let slot = read.get_or_insert_with(|| vec![0f64; rows * seq * width]);
-                    slot[(r * seq + position) * width..][..width].copy_from_slice(encoder);
+                    read.push(r);
+                    positions.push(*position);
+                    ids.push(*feature);
                 }
             }
-            if let Some(read) = read {
-                parts.push((x * selector(read, &[rows, seq, width])?)?.sum((1, 2))?);
+            if read.is_empty() {
+                continue;
             }
+            let t = self.layers[layer]
+                .transcoder
+                .as_ref()
+                .ok_or_else(|| internal(format!("layer {layer} has no transcoder")))?;
+            let width = x.dim(2)?;
+            let slot: std::collections::HashMap<usize, usize> =
+                read.iter().copied().zip(positions).collect();
+            let inputs = x
+                .contiguous()?
+                .reshape((rows * seq, width))?
+                .index_select(&at(&read, &|r| slot[&r])?, 0)?; // [read, width]
+            let encoders = t
+                .sae
+                .w_enc
+                .index_select(&Tensor::new(ids.as_slice(), device)?, 1)?
+                .t()?; // [read, width]
+            pieces.push((read, (inputs * encoders)?.sum(1)?));
         }
-        let mut parts = parts.into_iter();
-        let first = parts
-            .next()
-            .ok_or_else(|| internal("a batch without targets".into()))?;
-        let total = parts.try_fold(first, |acc, p| acc + p)?;
-        Ok(total.narrow(0, 0, targets.len().min(rows))?)
+        // Back into the targets' order.
+        let mut slot_of = vec![0u32; count];
+        for (slot, &target) in pieces.iter().flat_map(|(read, _)| read).enumerate() {
+            slot_of[target] = slot as u32;
+        }
+        let values: Vec<Tensor> = pieces.into_iter().map(|(_, v)| v).collect();
+        if values.is_empty() {
+            return Err(internal("a batch without targets".into()));
+        }
+        let values = Tensor::cat(&values, 0)?;
+        Ok(values.index_select(&Tensor::new(slot_of.as_slice(), device)?, 0)?)
     }
 
     /// The edges into each of `targets` (one per row of `pass`'s batch), over every source node
