@@ -239,6 +239,14 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
         String::from_utf8_lossy(&pruned.stderr)
     );
     let summary: serde_json::Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    // circuit-tracer's viewer lists the folder's graphs from its index: one entry per slug.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("graph-metadata.json")).unwrap())
+            .unwrap();
+    let graphs = index["graphs"].as_array().unwrap();
+    assert_eq!(graphs.len(), 1, "{index}");
+    assert_eq!(graphs[0]["slug"], "graph");
+    assert_eq!(graphs[0]["prompt"], PROMPT);
     assert!(summary["kept_links"].as_u64().unwrap() < links.len() as u64);
     let replacement = summary["replacement_score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&replacement), "{summary}");
@@ -276,6 +284,12 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     assert!(err.contains("no transcoder folders"), "{err}");
     let err = refused(&[&set], &["--node-threshold", "1.5"]);
     assert!(err.contains("--node-threshold"), "{err}");
+    // A graph index that is not one is named, and kept.
+    let index = tmp.path().join("graph-metadata.json");
+    std::fs::write(&index, "not json").unwrap();
+    let err = refused(&[&set], &[]);
+    assert!(err.contains("graph-metadata.json"), "{err}");
+    assert_eq!(std::fs::read_to_string(&index).unwrap(), "not json");
 }
 
 /// circuit-tracer 0.5.0's own graphs (`scripts/circuit_tracer_fixtures.py`: the GPT-2 fixture

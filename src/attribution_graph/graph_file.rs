@@ -2,13 +2,62 @@
 //! `create_graph_files` writes and its viewer and Neuronpedia's read), node ids, fields and link
 //! list spelled as circuit-tracer 0.5 writes them — the error nodes' ids `0_L_P` included,
 //! which can coincide with a layer-0 feature's `0_F_P` (a node's `feature_type` tells them
-//! apart). The `graph-metadata.json` index circuit-tracer's local server keeps beside the
-//! graphs is not written.
+//! apart) — and the `graph-metadata.json` index beside it that circuit-tracer's local server
+//! lists graphs from (`add_graph_metadata`: one entry per slug, the newest kept).
+
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::prune::Pruned;
 use super::{AttributionGraph, Node};
+use crate::error::{Error, Result};
+
+/// The index of the graphs in a folder, `graph-metadata.json`, beside `graph_file`.
+pub fn graph_index_path(graph_file: &Path) -> PathBuf {
+    graph_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("graph-metadata.json")
+}
+
+/// circuit-tracer's `graph-metadata.json`: `{"graphs": [metadata, …]}`. Other keys and
+/// entries are kept as they are.
+#[derive(Clone, Debug)]
+pub struct GraphIndex(serde_json::Value);
+
+impl GraphIndex {
+    /// The index at `path`, or a new one where there is none; an index that is not one is an
+    /// error naming the file (it is not replaced).
+    pub fn read(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Ok(Self(serde_json::json!({ "graphs": [] })));
+        }
+        let value: serde_json::Value = crate::files::read_json(path)?;
+        if !value.get("graphs").is_some_and(serde_json::Value::is_array) {
+            return Err(Error::config(path, "graphs", "missing or not a list"));
+        }
+        Ok(Self(value))
+    }
+
+    /// Adds `metadata`, replacing an entry of the same slug.
+    pub fn add(&mut self, metadata: &Metadata) {
+        if let Some(graphs) = self.0.get_mut("graphs").and_then(|g| g.as_array_mut()) {
+            graphs.retain(|g| g.get("slug").and_then(|s| s.as_str()) != Some(&metadata.slug));
+            graphs.push(serde_json::to_value(metadata).unwrap_or_default());
+        }
+    }
+
+    /// Writes the index to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.0).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+}
 
 /// `graph-metadata`'s entry and the file's header.
 #[derive(Clone, Debug, Serialize)]

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, write_new_file};
-use crate::attribution_graph::graph_file::Metadata;
+use crate::attribution_graph::graph_file::{GraphIndex, Metadata, graph_index_path};
 use crate::attribution_graph::{AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute};
 use crate::gui::widgets::display_token;
 
@@ -42,9 +42,6 @@ pub struct AttributeArgs {
     /// Targets per backward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// The graph's name in the file (default: the output file's stem).
-    #[arg(long)]
-    slug: Option<String>,
     /// Put the model's BOS token before the prompt, as circuit-tracer does (its position is
     /// left out of the graph either way).
     #[arg(long)]
@@ -94,6 +91,8 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     for path in std::iter::once(&args.out).chain(&args.adjacency) {
         super::refuse_existing(path, args.force)?;
     }
+    let index_path = graph_index_path(&args.out);
+    let mut index = GraphIndex::read(&index_path)?;
     let mut ids = model.encode_prompt(&args.prompt)?;
     if args.bos {
         let bos = model
@@ -148,12 +147,12 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
     let scores = graph.scores()?;
-    let slug = args.slug.clone().unwrap_or_else(|| {
-        args.out
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "graph".into())
-    });
+    // circuit-tracer's viewer finds a graph as `SLUG.json` beside its index.
+    let slug = args
+        .out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "graph".into());
     let metadata = Metadata {
         slug,
         scan: scan_name(&model.dir, &dirs),
@@ -163,11 +162,13 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         node_threshold: args.node_threshold,
         schema_version: 1,
     };
+    index.add(&metadata);
     let file = graph.graph_file(&pruned, metadata);
     write_new_file(&args.out, args.force, |tmp| {
         std::fs::write(tmp, serde_json::to_vec(&file)?)
             .with_context(|| format!("writing {}", args.out.display()))
     })?;
+    crate::files::write_atomic(&index_path, |tmp| index.write(tmp))?;
     if let Some(path) = &args.adjacency {
         write_new_file(path, args.force, |tmp| {
             Ok(crate::files::write_safetensors(&graph.tensors()?, tmp)?)
