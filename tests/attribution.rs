@@ -284,6 +284,8 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     assert!(err.contains("no transcoder folders"), "{err}");
     let err = refused(&[&set], &["--node-threshold", "1.5"]);
     assert!(err.contains("--node-threshold"), "{err}");
+    let err = refused(&[&set], &["--max-feature-nodes", "3"]);
+    assert!(err.contains("active transcoder features"), "{err}");
     // A graph index that is not one is named, and kept.
     let index = tmp.path().join("graph-metadata.json");
     std::fs::write(&index, "not json").unwrap();

@@ -42,6 +42,10 @@ pub struct AttributeArgs {
     /// Targets per backward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Refuse a prompt with more active features than this (the unpruned adjacency is dense:
+    /// 20,000 features make a 1.6 GB matrix).
+    #[arg(long, default_value_t = GraphSettings::default().max_feature_nodes)]
+    max_feature_nodes: usize,
     /// Put the model's BOS token before the prompt, as circuit-tracer does (its position is
     /// left out of the graph either way).
     #[arg(long)]
@@ -118,7 +122,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         max_logits: args.max_logits,
         desired_logit_probability: args.logit_probability,
         batch_rows: args.batch,
-        ..Default::default()
+        max_feature_nodes: args.max_feature_nodes,
     };
     // Thresholds are checked before the long part.
     if !(0.0..=1.0).contains(&args.node_threshold) || !(0.0..=1.0).contains(&args.edge_threshold) {
