@@ -991,9 +991,9 @@ mod tests {
             .unwrap()
     }
 
-    /// On fixture models in f64, with a skip transcoder on layer 0 and a plain one on layer 1
-    /// (or none, leaving that MLP whole in its error nodes): the replacement model gives the
-    /// model's logits; the edges into every target sum to its value less its value with every
+    /// On fixture models in f64 (GPT-2, Llama, GPT-NeoX, Gemma 2 and 3, OLMo 2), with a skip
+    /// transcoder on layer 0 and a plain one on layer 1 (or none, leaving that MLP whole in its
+    /// error nodes): the replacement model gives the model's logits; the edges into every target sum to its value less its value with every
     /// node at zero; and removing one node changes every target by exactly that node's edge.
     #[test]
     fn edges_are_the_replacement_models_exact_direct_effects() {
@@ -1001,6 +1001,12 @@ mod tests {
             ("gpt2", true, true),
             ("llama", false, false),
             ("gpt_neox", true, false),
+            // Post-norms around both sublayers, soft-capped attention and logits.
+            ("gemma2", true, false),
+            // Per-head query and key norms, local and global layers.
+            ("gemma3_text", true, false),
+            // Norms on the sublayers' outputs only, query and key norms over all heads.
+            ("olmo2", true, false),
         ] {
             let model = fixture(model_type);
             let mut transcoders = vec![transcoder(&model, 0, true, 1)];
