@@ -268,6 +268,34 @@ fn trace_writes_the_requested_hooks_and_the_reference_logits() {
     assert!(max_relative_error(&pattern, &tensors["p0.blocks.1.attn.hook_pattern"]) < 1e-4);
 }
 
+/// `monoscope trace` of "The capital of Japan is Tokyo." on `model` at `hooks` with `extra`
+/// arguments (the SAEs), into `out`, read back.
+fn trace_file(
+    model: &std::path::Path,
+    hooks: &str,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::collections::HashMap<String, Tensor> {
+    let args = [
+        &[
+            "trace",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The capital of Japan is Tokyo.",
+            "--hooks",
+            hooks,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ][..],
+        extra,
+    ]
+    .concat();
+    monoscope_json(&args);
+    candle_core::safetensors::load(out, &Device::Cpu).unwrap()
+}
+
 /// `trace --sae` runs SAEs at their hooks (SAELens's `run_with_cache_with_saes`): each SAE's
 /// input is the hook's value, its activations are the SAE's encoding of it, and
 /// reconstruction + error give the input back; with `--splice` the reconstructions replace
@@ -281,30 +309,20 @@ fn trace_runs_saes_at_their_hooks_and_splices_them_in() {
         sparsify.join("layers.0.attention"),
         sparsify.join("layers.1"),
     );
+    let saes = [
+        "--sae",
+        resid_sae.to_str().unwrap(),
+        "--sae",
+        attn_sae.to_str().unwrap(),
+    ];
     let trace = |name: &str, extra: &[&str]| {
-        let out = tmp.path().join(name);
-        let args = [
-            &[
-                "trace",
-                "--model",
-                model.to_str().unwrap(),
-                "--prompt",
-                "The capital of Japan is Tokyo.",
-                "--hooks",
-                "blocks.1.hook_resid_post",
-                "--sae",
-                resid_sae.to_str().unwrap(),
-                "--sae",
-                attn_sae.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ][..],
-            extra,
-        ]
-        .concat();
-        monoscope_json(&args);
-        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()
+        let args = [&saes[..], extra].concat();
+        trace_file(
+            &model,
+            "blocks.1.hook_resid_post",
+            &tmp.path().join(name),
+            &args,
+        )
     };
     let plain = trace("plain.safetensors", &[]);
     let spliced = trace("spliced.safetensors", &["--splice"]);
@@ -387,27 +405,8 @@ fn trace_runs_a_transcoder_from_the_hook_it_reads_to_the_hook_it_writes() {
     let (input, output) = ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out");
     let both = format!("{input},{output}");
     let trace = |name: &str, extra: &[&str]| {
-        let out = tmp.path().join(name);
-        let args = [
-            &[
-                "trace",
-                "--model",
-                model_dir.to_str().unwrap(),
-                "--prompt",
-                "The capital of Japan is Tokyo.",
-                "--hooks",
-                &both,
-                "--sae",
-                transcoder_dir.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ][..],
-            extra,
-        ]
-        .concat();
-        monoscope_json(&args);
-        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()
+        let args = [&["--sae", transcoder_dir.to_str().unwrap()][..], extra].concat();
+        trace_file(&model_dir, &both, &tmp.path().join(name), &args)
     };
     let get = |t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str| {
         t.get(key)
@@ -433,16 +432,7 @@ fn trace_runs_a_transcoder_from_the_hook_it_reads_to_the_hook_it_writes() {
     assert!(diff(&recons, &sae.decode(&acts).unwrap()) > 1e-3);
     let error = get(&plain, &key("hook_sae_error"));
     assert!(diff(&(&recons + &error).unwrap(), &get(&plain, output)) < 1e-5);
-    assert!(
-        error
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 1e-3
-    );
+    assert!(common::max_abs(&error) > 1e-3);
 
     let spliced = trace("spliced.safetensors", &["--splice"]);
     assert_eq!(diff(&get(&spliced, input), &x), 0.0);

@@ -25,14 +25,14 @@
 //! `desired_logit_probability`, at most `max_logits` of them, read before any logit soft-cap.
 //! Positional embeddings and every bias are not nodes.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, IndexOp, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash};
 use crate::sae::{Sae, SaeSite};
 
 pub mod graph_file;
@@ -383,18 +383,6 @@ fn leaves_out_first(ids: &[u32]) -> bool {
     ids.len() > 1
 }
 
-/// The norm divisors' hook points in `model`, which the replacement model freezes.
-fn is_norm_scale(point: HookPoint) -> bool {
-    matches!(
-        point,
-        HookPoint::Ln1Scale(_)
-            | HookPoint::Ln2Scale(_)
-            | HookPoint::Ln1PostScale(_)
-            | HookPoint::Ln2PostScale(_)
-            | HookPoint::LnFinalScale
-    )
-}
-
 /// Each logit target's unembedding row less the mean row (what a demeaned logit reads).
 fn logit_directions(model: &Model, logits: &[LogitTarget]) -> Result<Vec<Tensor>> {
     let unembed = &model.transformer.unembed; // [vocab, d_model]
@@ -454,7 +442,7 @@ impl<'a> Replacement<'a> {
             .hook_points()
             .iter()
             .copied()
-            .filter(|&p| is_norm_scale(p) || matches!(p, HookPoint::AttnPattern(_)))
+            .filter(|p| p.is_norm_scale() || matches!(p, HookPoint::AttnPattern(_)))
             .collect();
         let inputs: Vec<HookPoint> = by_layer.iter().flatten().map(|t| t.site.input).collect();
         let captured = frozen_points
@@ -636,7 +624,8 @@ impl<'a> Replacement<'a> {
             HookPoint::Embed,
             Intervention::new(InterventionOp::Replace(embed)),
         );
-        let stash: Arc<Mutex<Vec<Option<Tensor>>>> = Arc::new(Mutex::new(vec![None; n_layers]));
+        // One each (clones of a stash share it).
+        let inputs: Vec<Stash> = (0..n_layers).map(|_| Stash::default()).collect();
         for (layer, l) in self.layers.iter().enumerate() {
             let fixed = (&l.fixed - &taken[layer])?;
             let out = HookPoint::MlpOut(layer);
@@ -645,28 +634,10 @@ impl<'a> Replacement<'a> {
                 hooks = hooks.intervene(out, Intervention::new(InterventionOp::Replace(fixed)));
                 continue;
             };
-            let read = Arc::clone(&stash);
-            let keep = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-                if let Ok(mut slots) = read.lock() {
-                    slots[layer] = Some(x.clone());
-                }
-                Ok(x.clone())
-            };
-            hooks = hooks.intervene(
-                t.site.input,
-                Intervention::new(InterventionOp::Func(Arc::new(keep))),
-            );
-            let (read, sae) = (Arc::clone(&stash), t.sae.clone());
+            hooks = hooks.intervene(t.site.input, inputs[layer].keeper());
+            let (read, sae) = (inputs[layer].clone(), t.sae.clone());
             let write = move |y: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-                let x = read
-                    .lock()
-                    .ok()
-                    .and_then(|slots| slots[layer].clone())
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "layer {layer}: the transcoder's input hook did not run first"
-                        ))
-                    })?;
+                let x = read.require("the transcoder's input hook")?;
                 let skip =
                     skip_path(&sae, &x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 fixed.broadcast_as(y.shape())?.add(&skip)
@@ -676,32 +647,15 @@ impl<'a> Replacement<'a> {
                 Intervention::new(InterventionOp::Func(Arc::new(write))),
             );
         }
-        let normed_slot = Arc::new(Mutex::new(None::<Tensor>));
-        let read = Arc::clone(&normed_slot);
-        let keep = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-            if let Ok(mut slot) = read.lock() {
-                *slot = Some(x.clone());
-            }
-            Ok(x.clone())
-        };
-        hooks = hooks.intervene(
-            HookPoint::LnFinal,
-            Intervention::new(InterventionOp::Func(Arc::new(keep))),
-        );
+        let normed = Stash::default();
+        hooks = hooks.intervene(HookPoint::LnFinal, normed.keeper());
         let ids = model.ids_tensor(&self.ids)?.repeat((rows, 1))?;
         let output = model.forward(&ids, &hooks)?;
-        let missing = |what: &str| internal(format!("the replacement pass never reached {what}"));
-        let inputs = stash
-            .lock()
-            .map_err(|_| internal("the replacement pass's state is poisoned".into()))?
-            .clone();
-        let normed = normed_slot
-            .lock()
-            .ok()
-            .and_then(|s| s.clone())
-            .ok_or_else(|| missing("the final norm"))?;
+        let normed = normed
+            .get()
+            .ok_or_else(|| internal("the replacement pass never reached the final norm".into()))?;
         Ok(Pass {
-            inputs,
+            inputs: inputs.iter().map(Stash::get).collect(),
             normed,
             output,
         })

@@ -26,6 +26,8 @@ pub struct Pruned {
     /// Per node: the share of the total influence held by the nodes at least as influential
     /// (what circuit-tracer's viewer calls a node's cumulative influence).
     pub cumulative_influence: Vec<f32>,
+    /// The unpruned graph's scores ([`AttributionGraph::scores`]), from the same influence.
+    pub scores: GraphScores,
 }
 
 /// circuit-tracer's two measures of how much of a graph its features explain.
@@ -76,7 +78,10 @@ impl AttributionGraph {
                 at: format!("{:?} → {:?}", self.node(i / n), self.node(i % n)),
             });
         }
-        let influence = influence_of(&normalised(&self.adjacency, n), &w, n)?;
+        let normal = normalised(&self.adjacency, n);
+        let influence = influence_of(&normal, &w, n)?;
+        let graph_scores = self.scores_from(&normal, &influence, &w);
+        drop(normal);
         let cut = threshold(influence.clone(), node_threshold);
         let mut nodes: Vec<bool> = influence.iter().map(|&v| v >= cut).collect();
         for keep in &mut nodes[n - n_logits - n_tokens..] {
@@ -130,18 +135,25 @@ impl AttributionGraph {
             nodes,
             edges,
             cumulative_influence: cumulative(&influence),
+            scores: graph_scores,
         })
     }
 
     /// circuit-tracer's replacement and completeness scores of the unpruned graph.
     pub fn scores(&self) -> Result<GraphScores> {
         let n = self.n_nodes();
-        let n_features = self.features.len();
-        let errors = n_features..n_features + self.n_layers * self.n_positions();
-        let tokens = errors.end..errors.end + self.n_positions();
         let w = self.logit_weights();
         let normal = normalised(&self.adjacency, n);
         let influence = influence_of(&normal, &w, n)?;
+        Ok(self.scores_from(&normal, &influence, &w))
+    }
+
+    /// The scores from the normalised adjacency, the nodes' influence and the logit weights.
+    fn scores_from(&self, normal: &[f32], influence: &[f32], w: &[f32]) -> GraphScores {
+        let n = self.n_nodes();
+        let n_features = self.features.len();
+        let errors = n_features..n_features + self.n_layers * self.n_positions();
+        let tokens = errors.end..errors.end + self.n_positions();
         let token_influence: f64 = influence[tokens].iter().map(|&v| f64::from(v)).sum();
         let error_influence: f64 = influence[errors.clone()]
             .iter()
@@ -154,12 +166,12 @@ impl AttributionGraph {
             weighted += f64::from(1.0 - from_errors) * weight;
             total += weight;
         }
-        Ok(GraphScores {
+        GraphScores {
             replacement: (token_influence
                 / (token_influence + error_influence).max(f64::MIN_POSITIVE))
                 as f32,
             completeness: (weighted / total.max(f64::MIN_POSITIVE)) as f32,
-        })
+        }
     }
 }
 

@@ -150,7 +150,6 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
-    let scores = graph.scores()?;
     // circuit-tracer's viewer finds a graph as `SLUG.json` beside its index.
     let slug = args
         .out
@@ -178,7 +177,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
             Ok(crate::files::write_safetensors(&graph.tensors()?, tmp)?)
         })?;
     }
-    let summary = Summary::new(&graph, &file, scores, seconds, &args.out);
+    let summary = Summary::new(&graph, &file, pruned.scores, seconds, &args.out);
     if args.json {
         return print_json(&summary);
     }

@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
 
 use super::{ModelArgs, print_json, write_new_file};
-use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model};
+use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash};
 use crate::sae::{Sae, SaeSite};
 
 #[derive(Args)]
@@ -76,7 +76,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<()> {
         hooks = hooks.intervene(spliced.site.output, spliced.at_output(args.splice));
     }
     for transcoder in saes.iter().filter(|s| s.site.input != s.site.output) {
-        hooks = hooks.intervene(transcoder.site.input, transcoder.at_input());
+        hooks = hooks.intervene(transcoder.site.input, transcoder.input.keeper());
     }
     let out = model.forward(&model.ids_tensor(&ids)?, &hooks)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -139,53 +139,23 @@ struct TracedSae {
     sae: Sae,
     site: SaeSite,
     /// The input hook's value as it reached the SAE (after any earlier splice), set by the pass.
-    input: Arc<Mutex<Option<Tensor>>>,
+    input: Stash,
     /// The output hook's value as the model gave it, before any splice; a transcoder's only.
-    output: Arc<Mutex<Option<Tensor>>>,
-}
-
-/// Keeps `x` in `slot`.
-fn record(slot: &Mutex<Option<Tensor>>, x: &Tensor) {
-    if let Ok(mut slot) = slot.lock() {
-        *slot = Some(x.clone());
-    }
-}
-
-/// The value last kept in `slot`.
-fn recorded(slot: &Mutex<Option<Tensor>>) -> Option<Tensor> {
-    slot.lock().ok().and_then(|slot| slot.clone())
+    output: Stash,
 }
 
 impl TracedSae {
-    /// A transcoder's input hook: records the value read.
-    fn at_input(&self) -> Intervention {
-        let input = Arc::clone(&self.input);
-        let f = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-            record(&input, x);
-            Ok(x.clone())
-        };
-        Intervention::new(InterventionOp::Func(Arc::new(f)))
-    }
-
-    /// The hook the SAE writes: records its value (for an SAE, also the input), and passes it
-    /// on or replaces it with the SAE's output for the recorded input.
+    /// The hook the SAE writes: keeps its value (for an SAE, as the input), and passes it on
+    /// or replaces it with the SAE's output for the kept input.
     fn at_output(&self, splice: bool) -> Intervention {
-        let (sae, input, output) = (
-            self.sae.clone(),
-            Arc::clone(&self.input),
-            Arc::clone(&self.output),
-        );
+        let (sae, input, output) = (self.sae.clone(), self.input.clone(), self.output.clone());
         let transcoder = self.site.input != self.site.output;
         let f = move |y: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-            record(if transcoder { &output } else { &input }, y);
+            if transcoder { &output } else { &input }.put(y.clone());
             if !splice {
                 return Ok(y.clone());
             }
-            let x = recorded(&input).ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "the transcoder's input hook did not run before its output hook".into(),
-                )
-            })?;
+            let x = input.require("the transcoder's input hook")?;
             let predicted = sae
                 .output(&x.to_dtype(DType::F32)?)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -197,13 +167,13 @@ impl TracedSae {
     /// The SAE's tensors for the recorded values, moved to the CPU (f32), under SAELens's names.
     fn outputs(&self) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
         let missing = |point: HookPoint| format!("the forward pass never reached {point}");
-        let input = recorded(&self.input)
+        let input = (self.input.get())
             .with_context(|| missing(self.site.input))?
             .to_dtype(DType::F32)?;
         let target = if self.site.input == self.site.output {
             input.clone()
         } else {
-            recorded(&self.output)
+            (self.output.get())
                 .with_context(|| missing(self.site.output))?
                 .to_dtype(DType::F32)?
         };
@@ -247,8 +217,8 @@ fn load_saes(model: &Model, dirs: &[PathBuf], hooks: &[String]) -> anyhow::Resul
         saes.push(TracedSae {
             sae: sae_dir.sae,
             site,
-            input: Arc::default(),
-            output: Arc::default(),
+            input: Stash::default(),
+            output: Stash::default(),
         });
     }
     Ok(saes)

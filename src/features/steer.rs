@@ -11,12 +11,12 @@
 //! so the shift is added there, and clamping reads the feature's activation from the input hook
 //! earlier in the same forward pass.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::hooks::{Hooks, Intervention, InterventionOp};
+use crate::model::hooks::{Hooks, Intervention, InterventionOp, Stash};
 use crate::sae::{Sae, SaeSite};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn steering_hooks(
     };
     // The steered features' activations, read at the input hook: for an SAE in the hook that
     // it also shifts; for a transcoder earlier in the pass, kept here until its output hook.
-    let read_at_input = Arc::new(Mutex::new(None::<Tensor>));
+    let read_at_input = Stash::default();
     let read = read_at_input.clone();
     let separate_output = site.output != site.input;
     let encode_here = encode.clone();
@@ -118,15 +118,7 @@ pub fn steering_hooks(
             SteerMode::Add => values.broadcast_as(steer_shape(&xf, values.dim(0)?)?)?,
             SteerMode::Clamp => {
                 let acts = if separate_output {
-                    read.lock()
-                        .map_err(|_| candle_core::Error::Msg("steering state poisoned".into()))?
-                        .take()
-                        .ok_or_else(|| {
-                            candle_core::Error::Msg(
-                                "the transcoder's input hook did not run before its output hook"
-                                    .into(),
-                            )
-                        })?
+                    read.require("the transcoder's input hook")?
                 } else {
                     encode_here(&xf)?
                 };
@@ -144,10 +136,7 @@ pub fn steering_hooks(
         return Ok(hooks);
     }
     let stash = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
-        let acts = encode(x)?;
-        *read_at_input
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("steering state poisoned".into()))? = Some(acts);
+        read_at_input.put(encode(x)?);
         Ok(x.clone())
     };
     Ok(hooks.intervene(

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Tensor, Var};
 
@@ -173,6 +173,19 @@ impl HookPoint {
     /// not.
     pub fn per_token(&self) -> bool {
         !matches!(self, Self::AttnScores(_) | Self::AttnPattern(_))
+    }
+
+    /// Whether the value is a norm's divisor (`hook_scale`): what makes a block non-linear in
+    /// its input besides attention and the MLP, and what a linearised model freezes.
+    pub fn is_norm_scale(&self) -> bool {
+        matches!(
+            self,
+            Self::Ln1Scale(_)
+                | Self::Ln2Scale(_)
+                | Self::Ln1PostScale(_)
+                | Self::Ln2PostScale(_)
+                | Self::LnFinalScale
+        )
     }
 }
 
@@ -678,6 +691,42 @@ impl<'a> HookRunner<'a> {
             self.cache.append(point, x.clone())?;
         }
         Ok(x)
+    }
+}
+
+/// A value one hook keeps for a later one in the same forward pass (a transcoder reads one hook
+/// and writes another; the hook it writes needs what the hook it reads saw). Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct Stash(Arc<Mutex<Option<Tensor>>>);
+
+impl Stash {
+    pub fn put(&self, value: Tensor) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(value);
+        }
+    }
+
+    /// The value kept, if any (it stays kept).
+    pub fn get(&self) -> Option<Tensor> {
+        self.0.lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// The value kept, or an error saying `which` hook should have run first (for use inside
+    /// an intervention).
+    pub fn require(&self, which: &str) -> candle_core::Result<Tensor> {
+        self.get().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{which} did not run before the hook that reads it"))
+        })
+    }
+
+    /// An intervention that keeps the hook's value and passes it on unchanged.
+    pub fn keeper(&self) -> Intervention {
+        let stash = self.clone();
+        let keep = move |x: &Tensor, _offset: usize| -> candle_core::Result<Tensor> {
+            stash.put(x.clone());
+            Ok(x.clone())
+        };
+        Intervention::new(InterventionOp::Func(Arc::new(keep)))
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 pub use config::ConfigFile;
-pub use hooks::{ActivationCache, HookPoint, Hooks, Intervention, InterventionOp};
+pub use hooks::{ActivationCache, HookPoint, Hooks, Intervention, InterventionOp, Stash};
 pub use layers::{Dims, KvCache, Transformer, WeightSource};
 pub use tokenizer::Tokenizer;
 
