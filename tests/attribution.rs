@@ -252,6 +252,48 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
     assert!((0.0..=1.0).contains(&replacement), "{summary}");
 }
 
+/// On the bundled model `attribute` needs no --transcoders: it traces through the bundled set,
+/// one transcoder per layer, and explains the model's own most likely next token.
+#[test]
+fn the_bundled_model_is_traced_through_its_bundled_transcoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("japan.json");
+    let prompt = "The capital of Japan is";
+    let summary = common::monoscope_json(&[
+        "attribute",
+        "--prompt",
+        prompt,
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let model = Model::load(
+        &monoscope::cli::bundled_model_dir(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let ids = model.encode_prompt(prompt).unwrap();
+    let top = monoscope::model::generate::next_token_top_k(
+        &model,
+        &ids,
+        1,
+        &monoscope::model::Hooks::new(),
+    )
+    .unwrap();
+    assert_eq!(summary["logits"][0]["token_id"], top[0].id, "{summary}");
+    assert!(summary["kept_nodes"].as_u64().unwrap() > 0, "{summary}");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let list = file["metadata"]["transcoder_list"].as_array().unwrap();
+    let layers: Vec<String> = (0..model.dims().n_layers)
+        .map(|l| format!("layer_{l}"))
+        .collect();
+    assert_eq!(list.len(), layers.len(), "{list:?}");
+    for (dir, layer) in list.iter().zip(&layers) {
+        assert!(dir.as_str().unwrap().ends_with(layer.as_str()), "{dir}");
+    }
+}
+
 /// An SAE that does not write an MLP's output, two transcoders for one layer, a folder with
 /// none and a threshold out of range are refused by name, and nothing is written.
 #[test]
@@ -282,6 +324,18 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     std::fs::create_dir(&empty).unwrap();
     let err = refused(&[&empty], &[]);
     assert!(err.contains("no transcoder folders"), "{err}");
+    // Without --transcoders only the bundled model has a default set.
+    let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["attribute", "--model", model_dir.to_str().unwrap()])
+        .args(["--prompt", PROMPT, "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--transcoders"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
     let err = refused(&[&set], &["--node-threshold", "1.5"]);
     assert!(err.contains("--node-threshold"), "{err}");
     let err = refused(&[&set], &["--max-feature-nodes", "3"]);

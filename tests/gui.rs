@@ -794,6 +794,97 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
     });
 }
 
+/// The Circuits panel traces its prompt through the bundled transcoders as it opens, shows the
+/// top logit selected with the strongest kept inputs the library finds, and steps to one.
+#[test]
+fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
+    use monoscope::attribution_graph::{GraphSettings, Node, attribute, load_transcoders};
+    use monoscope::gui::widgets::display_token;
+
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Circuits");
+    wait_for(&mut h, "the graph", |h| {
+        has_label(h, "Selected: logit") && !h.state().busy()
+    });
+    // The library's graph of the same prompt, pruned at the panel's thresholds.
+    let model = h.state().workbench.model.clone().unwrap();
+    let transcoders =
+        load_transcoders(&[monoscope::cli::bundled_transcoders_dir()], &model).unwrap();
+    let ids = model.encode_prompt("The capital of Japan is").unwrap();
+    let cancel = AtomicBool::new(false);
+    let settings = GraphSettings::default();
+    let graph = attribute(
+        &model,
+        &transcoders,
+        &ids,
+        &settings,
+        &cancel,
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    let pruned = graph.prune(0.8, 0.98).unwrap();
+    let top = graph.index(Node::Logit(0));
+    let top_name = graph.describe(top, display_token);
+    assert!(
+        has_label(&h, &format!("Selected: {top_name}")),
+        "{top_name}"
+    );
+    let n = graph.n_nodes();
+    let kept = |t: usize, s: usize| pruned.nodes[s] && pruned.edges[t * n + s];
+    let (source, weight) = graph
+        .strongest_inputs(top)
+        .into_iter()
+        .find(|&(s, _)| kept(top, s))
+        .unwrap();
+    let name = graph.describe(source, display_token);
+    assert!(has_label(&h, &format!("{weight:+.3}")), "{name} {weight}");
+    // Step to the logit's strongest kept feature input: it lists the logit among its outputs,
+    // and its top contexts in the world corpus, the library's.
+    let (source, _) = graph
+        .strongest_inputs(top)
+        .into_iter()
+        .find(|&(s, _)| kept(top, s) && matches!(graph.node(s), Node::Feature(_)))
+        .unwrap();
+    let name = graph.describe(source, display_token);
+    h.get_by_label(&name).click();
+    h.run_steps(2);
+    assert!(has_label(&h, &format!("Selected: {name}")), "{name}");
+    assert!(
+        h.query_all_by_label(&top_name).next().is_some(),
+        "{top_name}"
+    );
+    wait_for(&mut h, "the feature's contexts", |h| !h.state().busy());
+    let Node::Feature(i) = graph.node(source) else {
+        unreachable!()
+    };
+    let feature = &graph.features[i];
+    let transcoder = &transcoders[feature.layer];
+    let corpus = Corpus::parse("world", "text").unwrap();
+    let hook = transcoder.site.input;
+    let tops = monoscope::features::top_contexts(
+        &model,
+        &transcoder.sae,
+        hook,
+        &corpus,
+        20_000,
+        3,
+        &cancel,
+    )
+    .unwrap()
+    .unwrap();
+    let best = &tops[feature.feature as usize][0];
+    let shown = format!("{:.2}", best.activation);
+    assert!(h.query_all_by_label(&shown).next().is_some(), "{best:?}");
+    // A folder that holds no transcoders is a message, not a crash.
+    replace_text(&mut h, "Transcoders", "/nonexistent/transcoders");
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the refusal", |h| {
+        has_message(h, &["/nonexistent/transcoders"]) && !h.state().busy()
+    });
+}
+
 #[test]
 fn a_feature_page_shows_its_top_contexts() {
     let mut h = harness();

@@ -25,6 +25,7 @@
 //! `desired_logit_probability`, at most `max_logits` of them, read before any logit soft-cap.
 //! Positional embeddings and every bias are not nodes.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -47,6 +48,22 @@ pub struct LayerTranscoder {
 }
 
 impl LayerTranscoder {
+    /// Loads the transcoder folder `dir` for `model`, checking it can stand in for an MLP.
+    pub fn load(dir: &Path, model: &Model) -> Result<Self> {
+        let (sae_dir, input) = crate::sae::load_for_model(dir, None, model, &model.device)?;
+        let output = crate::sae::output_hook(&sae_dir, input, model)?;
+        let transcoder = Self {
+            sae: sae_dir.sae,
+            site: SaeSite { input, output },
+        };
+        transcoder.layer().map_err(|e| Error::InvalidArgument {
+            what: "transcoder folder",
+            value: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(transcoder)
+    }
+
     /// The layer whose MLP it replaces; an error unless it writes an MLP's output and reads
     /// a hook of the same block that is linear in the residual stream once attention patterns
     /// and norm divisors are frozen (inside the MLP, or at a query/key norm, the graph would
@@ -88,6 +105,45 @@ impl LayerTranscoder {
         }
         Ok(layer)
     }
+}
+
+/// The transcoder folders named: each folder that is one, and the transcoder folders inside
+/// each that is not (sorted by name).
+pub fn transcoder_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        if crate::sae::is_sae_dir(dir) {
+            out.push(dir.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut inner: Vec<PathBuf> = entries
+            .filter_map(std::result::Result::ok)
+            .map(|e| e.path())
+            .filter(|p| crate::sae::is_sae_dir(p))
+            .collect();
+        if inner.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "transcoder folder",
+                value: dir.display().to_string(),
+                message: "holds no transcoder folders (and is not one)".into(),
+            });
+        }
+        inner.sort();
+        out.extend(inner);
+    }
+    Ok(out)
+}
+
+/// Loads every transcoder in `dirs` (see [`transcoder_dirs`]) for `model`.
+pub fn load_transcoders(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
+    transcoder_dirs(dirs)?
+        .iter()
+        .map(|dir| LayerTranscoder::load(dir, model))
+        .collect()
 }
 
 /// How many logits to explain, and how targets are batched.
@@ -203,6 +259,37 @@ impl AttributionGraph {
         } else {
             Node::Logit(index - f - (self.n_layers + 1) * s)
         }
+    }
+
+    /// A node as people read it: `L4 f123 @5 'Tokyo'`, `error L2 @3`, `token 'Japan' @3`,
+    /// `logit 'Tokyo'`, each token shown through `show`.
+    pub fn describe(&self, index: usize, show: impl Fn(&str) -> String) -> String {
+        let token = |p: usize| show(&self.tokens[p]);
+        match self.node(index) {
+            Node::Feature(i) => {
+                let f = &self.features[i];
+                format!(
+                    "L{} f{} @{} '{}'",
+                    f.layer,
+                    f.feature,
+                    f.position,
+                    token(f.position)
+                )
+            }
+            Node::Error { layer, position } => format!("error L{layer} @{position}"),
+            Node::Token { position } => format!("token '{}' @{position}", token(position)),
+            Node::Logit(i) => format!("logit '{}'", show(&self.logits[i].token)),
+        }
+    }
+
+    /// The direct inputs of `target` by size, largest first, zeros left out.
+    pub fn strongest_inputs(&self, target: usize) -> Vec<(usize, f32)> {
+        let mut inputs: Vec<(usize, f32)> = (0..self.n_nodes())
+            .map(|s| (s, self.edge(target, s)))
+            .filter(|&(_, w)| w != 0.0)
+            .collect();
+        inputs.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        inputs
     }
 
     /// The direct effect of `source` on `target`.

@@ -8,7 +8,9 @@ use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, write_new_file};
 use crate::attribution_graph::graph_file::{GraphIndex, Metadata, graph_index_path};
-use crate::attribution_graph::{AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute};
+use crate::attribution_graph::{
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
+};
 use crate::gui::widgets::display_token;
 
 #[derive(Args)]
@@ -19,7 +21,8 @@ pub struct AttributeArgs {
     prompt: String,
     /// A transcoder folder that writes a layer's `hook_mlp_out`, or a folder of them (one per
     /// layer; repeatable). Layers without one keep their MLP output whole in error nodes.
-    #[arg(long = "transcoders", value_name = "DIR", required = true)]
+    /// Default with the bundled model: its bundled transcoders.
+    #[arg(long = "transcoders", value_name = "DIR")]
     transcoders: Vec<PathBuf>,
     /// Output graph file (JSON in circuit-tracer's graph-file schema).
     #[arg(long, value_parser = super::output_path, value_name = "FILE")]
@@ -60,35 +63,6 @@ pub struct AttributeArgs {
     json: bool,
 }
 
-/// The transcoder folders named: each folder that is one, and the transcoder folders inside
-/// each that is not.
-fn transcoder_dirs(dirs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for dir in dirs {
-        if crate::sae::is_sae_dir(dir) {
-            out.push(dir.clone());
-            continue;
-        }
-        let mut inner: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| {
-                format!(
-                    "{}: not a transcoder folder or a folder of them",
-                    dir.display()
-                )
-            })?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| crate::sae::is_sae_dir(p))
-            .collect();
-        if inner.is_empty() {
-            anyhow::bail!("{}: holds no transcoder folders", dir.display());
-        }
-        inner.sort();
-        out.extend(inner);
-    }
-    Ok(out)
-}
-
 pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     // The outputs are checked before the long part.
@@ -105,19 +79,19 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         ids.insert(0, bos);
         model.check_length(ids.len())?;
     }
-    let dirs = transcoder_dirs(&args.transcoders)?;
+    let named = match (args.transcoders.is_empty(), &args.model.model) {
+        (false, _) => args.transcoders.clone(),
+        (true, None) => vec![super::bundled_transcoders_dir()],
+        (true, Some(dir)) => anyhow::bail!(
+            "--transcoders DIR is needed with --model {} (the bundled transcoders fit the bundled model only)",
+            dir.display()
+        ),
+    };
+    let dirs = transcoder_dirs(&named)?;
     let transcoders = dirs
         .iter()
-        .map(|dir| {
-            let (sae_dir, site) = super::sae::load_sae(dir, None, None, &model, &model.device)?;
-            let t = LayerTranscoder {
-                sae: sae_dir.sae,
-                site,
-            };
-            t.layer().with_context(|| format!("{}", dir.display()))?;
-            Ok(t)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|dir| LayerTranscoder::load(dir, &model))
+        .collect::<crate::error::Result<Vec<_>>>()?;
     let settings = GraphSettings {
         max_logits: args.max_logits,
         desired_logit_probability: args.logit_probability,
@@ -252,15 +226,11 @@ impl Summary {
         for (i, l) in graph.logits.iter().enumerate() {
             let row = graph.index(Node::Logit(i));
             // The strongest direct inputs of each logit.
-            let mut inputs: Vec<(usize, f32)> = (0..row)
-                .map(|s| (s, graph.edge(row, s)))
-                .filter(|&(_, w)| w != 0.0)
-                .collect();
-            inputs.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+            let inputs = graph.strongest_inputs(row);
             let named: Vec<String> = inputs
                 .iter()
                 .take(5)
-                .map(|&(s, w)| format!("{} {w:+.2}", describe(graph, s)))
+                .map(|&(s, w)| format!("{} {w:+.2}", graph.describe(s, display_token)))
                 .collect();
             println!(
                 "  '{}' (p {:.3}): {}",
@@ -269,25 +239,5 @@ impl Summary {
                 named.join(", ")
             );
         }
-    }
-}
-
-/// A node as people read it: `L4 f123 @5 'Tokyo'`, `error L2 @3`, `token 'Japan' @3`.
-fn describe(graph: &AttributionGraph, index: usize) -> String {
-    let token = |p: usize| display_token(&graph.tokens[p]);
-    match graph.node(index) {
-        Node::Feature(i) => {
-            let f = &graph.features[i];
-            format!(
-                "L{} f{} @{} '{}'",
-                f.layer,
-                f.feature,
-                f.position,
-                token(f.position)
-            )
-        }
-        Node::Error { layer, position } => format!("error L{layer} @{position}"),
-        Node::Token { position } => format!("token '{}' @{position}", token(position)),
-        Node::Logit(i) => format!("logit '{}'", display_token(&graph.logits[i].token)),
     }
 }

@@ -148,6 +148,11 @@ pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world")
 }
 
+/// Where the bundled world model's transcoders live (one per layer, for attribution graphs).
+pub fn bundled_transcoders_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/transcoders/world-btk-skip")
+}
+
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Model> {
         let device = self.device.parse::<DeviceChoice>()?.open()?;

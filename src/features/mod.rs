@@ -45,6 +45,52 @@ pub struct BuildReport {
     pub total_time: Duration,
 }
 
+/// Each feature's `top_n` strongest contexts (ten tokens before the peak, three after) over
+/// the first `tokens` tokens of `corpus`, in one streaming pass with `sae` reading `hook`:
+/// a quick look at what features fire on without a feature store (a knowledge neuron's keys,
+/// a circuit's features). `None` when cancelled.
+pub fn top_contexts(
+    model: &crate::model::Model,
+    sae: &crate::sae::Sae,
+    hook: crate::model::HookPoint,
+    corpus: &crate::sae::activations::Corpus,
+    tokens: u64,
+    top_n: usize,
+    cancel: &AtomicBool,
+) -> Result<Option<Vec<Vec<stats::Context>>>> {
+    let encoder = SparseEncoder::new(sae)?;
+    let settings = StatsSettings {
+        top_n,
+        intervals: 1,
+        samples_per_interval: 0,
+        histogram_bins: 1,
+        context_before: 10,
+        context_after: 3,
+    };
+    let mut stats = FeatureStats::new(encoder.d_sae(), settings)?;
+    let mut coder = DocumentCoder::new(
+        model,
+        &encoder,
+        hook,
+        SegmentSettings {
+            context_size: 128.min(model.dims().context_length),
+            prepend_bos: true,
+            exclude_special: true,
+            segments_per_forward: 16,
+        },
+        tokenised(model, corpus.documents(0)?, 0),
+        0,
+        Some(tokens),
+    )?;
+    while let Some(batch) = coder.next_batch()? {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        stats.observe(&batch);
+    }
+    Ok(Some(stats.finish().into_iter().map(|s| s.top).collect()))
+}
+
 /// One streaming pass over the corpus, then logit effects and neighbours; writes the store
 /// into `out` (created if missing; it must not hold anything but an older store).
 pub fn build(

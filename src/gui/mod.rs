@@ -310,11 +310,12 @@ mod screenshots {
     use super::{PanelKind, Workbench};
 
     /// Training last: its result becomes the open SAE.
-    const TOUR: [PanelKind; 9] = [
+    const TOUR: [PanelKind; 10] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
         PanelKind::Patching,
+        PanelKind::Circuits,
         PanelKind::Features,
         PanelKind::Neurons,
         PanelKind::Edit,

@@ -142,6 +142,30 @@ pub mod explain {
         (Dunefsky et al. 2024) reads one hook and predicts a later one — usually an MLP's \
         input and its output — so its features stand in for the MLP's computation; its FVU \
         is against the hook it predicts.";
+    pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
+        layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
+        whole MLP output in error nodes.";
+    pub const NODE_THRESHOLD: &str = "Pruning keeps the most influential nodes that together \
+        hold this share of the influence on the logits (tokens and logits always); \
+        circuit-tracer's default is 0.8.";
+    pub const EDGE_THRESHOLD: &str = "Pruning then keeps the edges that hold this share of the \
+        edge influence among the kept nodes; circuit-tracer's default is 0.98.";
+    pub const REPLACEMENT_SCORE: &str = "Replacement score (circuit-tracer): the share of the \
+        tokens' and error nodes' influence on the logits that is the tokens'. 1 when every path \
+        from the prompt to the logits runs through transcoder features.";
+    pub const COMPLETENESS_SCORE: &str = "Completeness score (circuit-tracer): the share of \
+        each node's inputs that do not come from error nodes, weighted by the node's influence \
+        on the logits.";
+    pub const ATTRIBUTION_EDGE: &str = "An edge is its source's direct, linear effect on its \
+        target in the prompt's local replacement model (attention patterns and norm divisors \
+        frozen): the source's value times the gradient along the path. Red raises the target \
+        (a feature's pre-activation, or a logit less the mean logit), blue lowers it.";
+    pub const ERROR_NODE: &str = "An error node is what the layer's transcoder fails to \
+        predict of the MLP's output at that token, kept so the graph reproduces the model \
+        exactly; its edges are paths the features do not explain.";
+    pub const FEATURE_LOGIT_EFFECTS: &str = "The feature's decoder row pushed straight to the \
+        logits through the final norm's gain and the unembedding (the direct path only: later \
+        layers may change what it does).";
     pub const DELTA_LM: &str = "ΔLM loss = CE_with_SAE − CE_clean, nats per token.";
     pub const DENSITY: &str = "Density: the fraction of tokens on which the feature fires.";
     pub const MAX_ACT: &str = "The largest activation seen over the statistics' tokens.";

@@ -311,9 +311,6 @@ pub fn key_contexts(
     tokens: u64,
     top_n: usize,
 ) -> Result<Vec<Vec<crate::features::stats::Context>>> {
-    use crate::features::stats::{FeatureStats, StatsSettings};
-    use crate::sae::codes::{DocumentCoder, SegmentSettings, tokenised};
-    use crate::sae::sparse::SparseEncoder;
     use crate::sae::{Architecture, Sae};
 
     let d_mlp = model.dims().d_mlp;
@@ -343,35 +340,19 @@ pub fn key_contexts(
             transcoder: false,
             w_skip: None,
         };
-        let encoder = SparseEncoder::new(&sae)?;
-        let settings = StatsSettings {
-            top_n,
-            intervals: 1,
-            samples_per_interval: 0,
-            histogram_bins: 1,
-            context_before: 10,
-            context_after: 3,
-        };
-        let mut stats = FeatureStats::new(n, settings)?;
-        let mut coder = DocumentCoder::new(
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let tops = crate::features::top_contexts(
             model,
-            &encoder,
+            &sae,
             HookPoint::MlpPost(layer),
-            SegmentSettings {
-                context_size: 128.min(model.dims().context_length),
-                prepend_bos: true,
-                exclude_special: true,
-                segments_per_forward: 16,
-            },
-            tokenised(model, corpus.documents(0)?, 0),
-            0,
-            Some(tokens),
-        )?;
-        while let Some(batch) = coder.next_batch()? {
-            stats.observe(&batch);
-        }
-        for (summary, &i) in stats.finish().into_iter().zip(&chosen) {
-            out[i] = summary.top;
+            corpus,
+            tokens,
+            top_n,
+            &never,
+        )?
+        .unwrap_or_default();
+        for (top, &i) in tops.into_iter().zip(&chosen) {
+            out[i] = top;
         }
     }
     Ok(out)

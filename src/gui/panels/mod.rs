@@ -2,6 +2,7 @@
 //! [`all`].
 
 mod attention;
+mod circuits;
 mod edit;
 mod export;
 mod features;
@@ -22,6 +23,7 @@ pub enum PanelKind {
     Lens,
     Attention,
     Patching,
+    Circuits,
     Train,
     Features,
     Neurons,
@@ -30,11 +32,12 @@ pub enum PanelKind {
 }
 
 impl PanelKind {
-    pub const ALL: [PanelKind; 9] = [
+    pub const ALL: [PanelKind; 10] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
         PanelKind::Patching,
+        PanelKind::Circuits,
         PanelKind::Train,
         PanelKind::Features,
         PanelKind::Neurons,
@@ -48,6 +51,7 @@ impl PanelKind {
             PanelKind::Lens => "Lens",
             PanelKind::Attention => "Attention",
             PanelKind::Patching => "Patching",
+            PanelKind::Circuits => "Circuits",
             PanelKind::Train => "Train",
             PanelKind::Features => "Features",
             PanelKind::Neurons => "Neurons",
@@ -69,6 +73,9 @@ impl PanelKind {
             }
             PanelKind::Patching => {
                 "Activation patching: which blocks, tokens and heads carry a clean prompt's answer"
+            }
+            PanelKind::Circuits => {
+                "Attribution graph of a prompt through per-layer transcoders (circuit tracing)"
             }
             PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
             PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
@@ -93,6 +100,7 @@ pub fn all() -> Vec<Box<dyn Panel>> {
         Box::<lens::Lens>::default(),
         Box::<attention::Attention>::default(),
         Box::<patching::Patching>::default(),
+        Box::<circuits::Circuits>::default(),
         Box::<train::Train>::default(),
         Box::<features::Features>::default(),
         Box::<neurons::Neurons>::default(),

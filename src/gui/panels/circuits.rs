@@ -1,0 +1,747 @@
+//! Circuits: a prompt's attribution graph through per-layer transcoders (circuit-tracer's local
+//! replacement model, [`crate::attribution_graph`]), pruned as circuit-tracer prunes it and
+//! drawn as a layer × token graph: the prompt's token embeddings at the bottom, each layer's
+//! active features and error nodes above their token, the top next-token logits along the top,
+//! edges coloured by sign. A node's inputs and outputs are listed as buttons, so a circuit can
+//! be walked from a logit down to the tokens. The graph is recomputed after a model edit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use egui::{Color32, Pos2, Rect, Sense, Stroke, pos2, vec2};
+
+use super::{Panel, PanelKind, Reader, need_model, running, take};
+use crate::attribution_graph::prune::GraphScores;
+use crate::attribution_graph::{
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, load_transcoders,
+};
+use crate::features::logits::logit_effects;
+use crate::features::stats::Context;
+use crate::features::top_contexts;
+use crate::gui::style::{diverging_colour, explain};
+use crate::gui::widgets::{display_token, job_row, prompt_row, token_chips};
+use crate::gui::workbench::Workbench;
+use crate::jobs::{Job, JobHandle};
+use crate::model::{HookPoint, Model};
+use crate::sae::activations::Corpus;
+
+/// Height of one row of the graph (the embeddings, a layer, the logits).
+const ROW_HEIGHT: f32 = 40.0;
+/// Width of the row labels left of the graph.
+const LABEL_WIDTH: f32 = 56.0;
+/// Edges drawn faintly behind the selected node's, strongest first (a short prompt keeps tens
+/// of thousands, which would hide the graph and slow every frame).
+const DRAWN_EDGES: usize = 400;
+/// The selected node's strongest edges drawn, each way.
+const SELECTED_EDGES: usize = 40;
+/// Least room between two nodes of a cell before its nodes wrap onto another line, in points.
+const NODE_SPACING: f32 = 9.0;
+/// Lines a crowded cell wraps onto, at most.
+const CELL_LINES: usize = 3;
+/// Inputs and outputs listed for the selected node.
+const LISTED: usize = 8;
+/// Tokens of the world corpus searched for a layer's features' top contexts.
+const CONTEXT_TOKENS: u64 = 20_000;
+/// Top contexts shown per feature.
+const CONTEXTS: usize = 3;
+/// How near the pointer must be to a node to hover it, in points.
+const PICK_RADIUS: f32 = 8.0;
+
+/// What a graph answers.
+#[derive(Clone, Debug, PartialEq)]
+struct Query {
+    prompt: String,
+    transcoders: PathBuf,
+    bos: bool,
+    node_threshold: f32,
+    edge_threshold: f32,
+}
+
+/// A kept node and where it is drawn: `column` is its token position; `row` 0 the embeddings,
+/// `1 + layer` a layer, `n_layers + 1` the logits; `slot` of `slots` its place in its cell.
+struct ShownNode {
+    index: usize,
+    column: usize,
+    row: usize,
+    slot: usize,
+    slots: usize,
+    label: String,
+}
+
+/// A graph ready to draw.
+struct Circuit {
+    /// Tells graphs apart (a selection belongs to one).
+    serial: u64,
+    graph: AttributionGraph,
+    scores: GraphScores,
+    nodes: Vec<ShownNode>,
+    /// Kept edges `(target, source, weight)` as indices into `nodes`, strongest first.
+    edges: Vec<(usize, usize, f32)>,
+    /// A graph node's index into `nodes`.
+    place: HashMap<usize, usize>,
+    transcoders: Arc<Vec<LayerTranscoder>>,
+    seconds: f64,
+}
+
+impl Circuit {
+    /// The kept node at `index` (a graph index): its description.
+    fn describe(&self, index: usize) -> String {
+        self.graph.describe(index, display_token)
+    }
+
+    /// The kept edges into (`inputs`) or out of `index`, strongest first: (graph index, weight).
+    fn neighbours(&self, index: usize, inputs: bool) -> Vec<(usize, f32)> {
+        let Some(&at) = self.place.get(&index) else {
+            return Vec::new();
+        };
+        self.edges
+            .iter()
+            .filter_map(|&(t, s, w)| match inputs {
+                true if t == at => Some((self.nodes[s].index, w)),
+                false if s == at => Some((self.nodes[t].index, w)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub struct Circuits {
+    prompt: String,
+    transcoders: String,
+    bos: bool,
+    node_threshold: f32,
+    edge_threshold: f32,
+    reader: Reader<Query, Circuit>,
+    /// The selected node (graph index) of the graph with that serial.
+    selected: Option<(u64, usize)>,
+    looks: FeatureLooks,
+}
+
+/// Which transcoder layer's features, on which model version: a key for their top contexts.
+type LayerKey = (PathBuf, u64, usize);
+
+/// What the panel finds out about features beyond the graph: the selected one's logit effects,
+/// and the top contexts of each layer's features in the world corpus (found in the background
+/// the first time a feature of that layer is selected).
+#[derive(Default)]
+struct FeatureLooks {
+    /// The selected feature's logit effects, for that (serial, node).
+    effects: Option<((u64, usize), String)>,
+    contexts: HashMap<LayerKey, Arc<Vec<Vec<Context>>>>,
+    /// Layers whose contexts were asked for (a failed search is not retried).
+    asked: std::collections::HashSet<LayerKey>,
+    job: Option<Job<(LayerKey, Vec<Vec<Context>>)>>,
+}
+
+impl Default for Circuits {
+    fn default() -> Self {
+        Self {
+            prompt: "The capital of Japan is".into(),
+            transcoders: String::new(),
+            bos: false,
+            node_threshold: 0.8,
+            edge_threshold: 0.98,
+            reader: Reader::default(),
+            selected: None,
+            looks: FeatureLooks::default(),
+        }
+    }
+}
+
+impl Panel for Circuits {
+    fn kind(&self) -> PanelKind {
+        PanelKind::Circuits
+    }
+
+    fn busy(&self) -> bool {
+        self.reader.busy() || running(&self.looks.job)
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
+        self.reader.poll(wb);
+        if let Some((key, tops)) = take(&mut self.looks.job, wb) {
+            self.looks.contexts.insert(key, Arc::new(tops));
+        }
+        let Some(model) = need_model(ui, wb) else {
+            return;
+        };
+        let on_bundled = wb.model_dir == crate::cli::bundled_model_dir();
+        let asked = self.form(ui, &model, on_bundled);
+        let dir = self.transcoders_dir(wb);
+        if let Some(dir) = &dir
+            && (asked || self.reader.asked_mut().is_none())
+        {
+            self.reader.ask(self.query(dir));
+        }
+        let worker = model.clone();
+        self.reader
+            .run_due(wb, "attribution graph", move |query, job| {
+                trace(&worker, query, job)
+            });
+        if let Some(job) = self.reader.job() {
+            ui.horizontal(|ui| job_row(ui, job));
+        }
+        if let Some(job) = &self.looks.job {
+            ui.horizontal(|ui| job_row(ui, job));
+        }
+        if dir.is_none() {
+            ui.label(
+                "Name a folder of per-layer transcoders (one per MLP, each writing \
+                 blocks.L.hook_mlp_out): the Train panel's \"MLP transcoder\" trains one.",
+            );
+        }
+        let Some(answer) = self.reader.answer() else {
+            return;
+        };
+        let circuit = &answer.value;
+        let selected = match self.selected {
+            Some((serial, node)) if serial == circuit.serial => node,
+            _ => {
+                // A new graph opens on its most probable logit.
+                let top = circuit.graph.index(Node::Logit(0));
+                self.selected = Some((circuit.serial, top));
+                top
+            }
+        };
+        ui.separator();
+        summary(ui, circuit);
+        let mut picked = graph_view(ui, circuit, selected);
+        ui.separator();
+        let layer_key = |layer| {
+            (
+                answer.question.transcoders.clone(),
+                answer.model_version,
+                layer,
+            )
+        };
+        picked = picked.or(details(
+            ui,
+            wb,
+            &model,
+            circuit,
+            selected,
+            &mut self.looks,
+            layer_key,
+        ));
+        if let Some(node) = picked {
+            self.selected = Some((circuit.serial, node));
+        }
+    }
+}
+
+impl Circuits {
+    /// The folder named, else the bundled transcoders with the bundled model.
+    fn transcoders_dir(&self, wb: &Workbench) -> Option<PathBuf> {
+        let typed = self.transcoders.trim();
+        if !typed.is_empty() {
+            return Some(PathBuf::from(typed));
+        }
+        let bundled = crate::cli::bundled_transcoders_dir();
+        (wb.model_dir == crate::cli::bundled_model_dir() && bundled.is_dir()).then_some(bundled)
+    }
+
+    /// The prompt, transcoders and thresholds; whether a graph was asked for.
+    fn form(&mut self, ui: &mut egui::Ui, model: &Model, on_bundled: bool) -> bool {
+        let mut asked = prompt_row(ui, &mut self.prompt, "Trace");
+        ui.horizontal(|ui| {
+            let label = ui
+                .label("Transcoders")
+                .on_hover_text(explain::TRANSCODER_SET);
+            let hint = match on_bundled {
+                true => "the bundled transcoders (assets/transcoders/world-btk-skip)",
+                false => "a folder of per-layer transcoders",
+            };
+            let field = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.transcoders)
+                        .desired_width(360.0)
+                        .hint_text(hint),
+                )
+                .labelled_by(label.id);
+            asked |= crate::gui::widgets::entered(ui, &field);
+            if ui.button("Browse…").clicked()
+                && let Some(dir) = crate::gui::pick_folder("Transcoders")
+            {
+                self.transcoders = dir.display().to_string();
+                asked = true;
+            }
+            let has_bos = model.bos_token_id.is_some();
+            asked |= ui
+                .add_enabled(has_bos, egui::Checkbox::new(&mut self.bos, "BOS first"))
+                .on_hover_text(
+                    "Put the model's BOS token before the prompt, as circuit-tracer does: the \
+                     first position's features and errors are left out of the graph",
+                )
+                .changed();
+            for (label, value, about) in [
+                (
+                    "Node threshold",
+                    &mut self.node_threshold,
+                    explain::NODE_THRESHOLD,
+                ),
+                (
+                    "Edge threshold",
+                    &mut self.edge_threshold,
+                    explain::EDGE_THRESHOLD,
+                ),
+            ] {
+                ui.label(label).on_hover_text(about);
+                asked |= ui
+                    .add(egui::DragValue::new(value).range(0.0..=1.0).speed(0.01))
+                    .on_hover_text(about)
+                    .drag_stopped();
+            }
+        });
+        asked
+    }
+
+    fn query(&self, transcoders: &std::path::Path) -> Query {
+        Query {
+            prompt: self.prompt.clone(),
+            transcoders: transcoders.to_path_buf(),
+            bos: self.bos,
+            node_threshold: self.node_threshold,
+            edge_threshold: self.edge_threshold,
+        }
+    }
+}
+
+/// The selected node: what it is (a feature's logit effects, kept in `effects`), and its
+/// strongest kept inputs and outputs as buttons. Returns a node picked among them.
+fn details(
+    ui: &mut egui::Ui,
+    wb: &mut Workbench,
+    model: &Arc<Model>,
+    circuit: &Circuit,
+    selected: usize,
+    looks: &mut FeatureLooks,
+    layer_key: impl Fn(usize) -> LayerKey,
+) -> Option<usize> {
+    let graph = &circuit.graph;
+    ui.horizontal(|ui| {
+        ui.strong(format!("Selected: {}", circuit.describe(selected)));
+        match graph.node(selected) {
+            Node::Feature(i) => {
+                ui.label(format!("activation {:.3}", graph.features[i].activation));
+            }
+            Node::Logit(i) => {
+                ui.label(format!("p {:.3}", graph.logits[i].probability));
+            }
+            Node::Error { .. } => {
+                ui.label("(the MLP output its transcoder misses)")
+                    .on_hover_text(explain::ERROR_NODE);
+            }
+            Node::Token { .. } => {}
+        }
+    });
+    if let Node::Feature(i) = graph.node(selected) {
+        let key = (circuit.serial, selected);
+        if looks.effects.as_ref().map(|e| e.0) != Some(key) {
+            let text = feature_effects(model, circuit, i)
+                .unwrap_or_else(|e| format!("logit effects unavailable: {e}"));
+            looks.effects = Some((key, text));
+        }
+        if let Some((_, text)) = &looks.effects {
+            ui.label(text.as_str())
+                .on_hover_text(explain::FEATURE_LOGIT_EFFECTS);
+        }
+        feature_contexts(ui, wb, model, circuit, i, looks, layer_key);
+    }
+    let mut picked = None;
+    ui.columns(2, |columns| {
+        for (ui, inputs) in columns.iter_mut().zip([true, false]) {
+            let list = circuit.neighbours(selected, inputs);
+            ui.strong(match inputs {
+                true => format!("Inputs ({} kept edges)", list.len()),
+                false => format!("Outputs ({} kept edges)", list.len()),
+            });
+            egui::Grid::new(("circuit edges", inputs))
+                .striped(true)
+                .show(ui, |ui| {
+                    for &(node, weight) in list.iter().take(LISTED) {
+                        if ui.button(circuit.describe(node)).clicked() {
+                            picked = Some(node);
+                        }
+                        ui.label(format!("{weight:+.3}"));
+                        ui.end_row();
+                    }
+                });
+        }
+    });
+    picked
+}
+
+/// The feature's strongest contexts in the world corpus, searched for in the background for
+/// every feature of its layer at once.
+fn feature_contexts(
+    ui: &mut egui::Ui,
+    wb: &mut Workbench,
+    model: &Arc<Model>,
+    circuit: &Circuit,
+    feature: usize,
+    looks: &mut FeatureLooks,
+    layer_key: impl Fn(usize) -> LayerKey,
+) {
+    let f = &circuit.graph.features[feature];
+    let key = layer_key(f.layer);
+    let Some(tops) = looks.contexts.get(&key) else {
+        let transcoder = circuit
+            .transcoders
+            .iter()
+            .find(|t| t.site.output == HookPoint::MlpOut(f.layer));
+        if let Some(transcoder) = transcoder
+            && looks.job.is_none()
+            && looks.asked.insert(key.clone())
+        {
+            let (model, sae, hook) = (model.clone(), transcoder.sae.clone(), transcoder.site.input);
+            let layer = f.layer;
+            looks.job = Some(wb.spawn("top contexts", move |job| {
+                job.set_message(format!("layer {layer}'s features, {CONTEXT_TOKENS} tokens"));
+                let corpus = Corpus::parse("world", "text")?;
+                let tops = top_contexts(
+                    &model,
+                    &sae,
+                    hook,
+                    &corpus,
+                    CONTEXT_TOKENS,
+                    CONTEXTS,
+                    job.cancel_flag(),
+                )?
+                .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+                Ok((key, tops))
+            }));
+        }
+        return;
+    };
+    let contexts = tops.get(f.feature as usize).map_or(&[][..], Vec::as_slice);
+    if contexts.is_empty() {
+        ui.label(format!(
+            "Fires nowhere in the world corpus's first {CONTEXT_TOKENS} tokens"
+        ));
+    }
+    for c in contexts {
+        ui.horizontal(|ui| {
+            ui.label(egui::RichText::new(format!("{:.2}", c.activation)).monospace())
+                .on_hover_text("one of the contexts of the world corpus that fire it most");
+            let tokens = model.tokenizer.tokens_display(&c.token_ids);
+            token_chips(
+                ui,
+                &tokens,
+                Some(&c.token_activations),
+                c.activation.abs().max(1e-6),
+                Some(c.peak as usize),
+            );
+        });
+    }
+}
+
+/// Serials for graphs (a selection names the graph it was made in).
+static SERIAL: AtomicU64 = AtomicU64::new(0);
+
+/// Loads the transcoders, computes and prunes the graph, and lays it out (in the background).
+fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circuit> {
+    let started = std::time::Instant::now();
+    job.set_message("loading transcoders");
+    let transcoders = load_transcoders(std::slice::from_ref(&query.transcoders), model)?;
+    let mut ids = model.encode_prompt(&query.prompt)?;
+    if query.bos
+        && let Some(bos) = model.bos_token_id
+    {
+        ids.insert(0, bos);
+        model.check_length(ids.len())?;
+    }
+    job.set_message("");
+    let graph = attribute(
+        model,
+        &transcoders,
+        &ids,
+        &GraphSettings::default(),
+        job.cancel_flag(),
+        &mut |done, total| job.set_progress(done as u64, total as u64, "targets"),
+    )?
+    .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+    job.set_message("pruning");
+    let pruned = graph.prune(query.node_threshold, query.edge_threshold)?;
+    let (nodes, place) = layout(&graph, &pruned.nodes);
+    let n = graph.n_nodes();
+    let mut edges: Vec<(usize, usize, f32)> = pruned
+        .edges
+        .iter()
+        .enumerate()
+        .filter(|&(_, &kept)| kept)
+        .filter_map(|(e, _)| {
+            let (t, s) = (e / n, e % n);
+            Some((*place.get(&t)?, *place.get(&s)?, graph.adjacency[e]))
+        })
+        .collect();
+    edges.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
+    Ok(Circuit {
+        serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+        scores: pruned.scores,
+        nodes,
+        edges,
+        place,
+        transcoders: Arc::new(transcoders),
+        seconds: started.elapsed().as_secs_f64(),
+        graph,
+    })
+}
+
+/// Where each kept node is drawn: tokens at the bottom, a layer's features then its error node
+/// above their token, the logits spread along the top.
+fn layout(graph: &AttributionGraph, kept: &[bool]) -> (Vec<ShownNode>, HashMap<usize, usize>) {
+    let top_row = graph.n_layers + 1;
+    let mut cells: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
+    for index in (0..graph.n_nodes()).filter(|&i| kept[i]) {
+        let cell = match graph.node(index) {
+            Node::Feature(i) => (1 + graph.features[i].layer, graph.features[i].position),
+            Node::Error { layer, position } => (1 + layer, position),
+            Node::Token { position } => (0, position),
+            Node::Logit(_) => (top_row, 0),
+        };
+        cells.entry(cell).or_default().push(index);
+    }
+    let mut nodes = Vec::new();
+    for ((row, column), members) in cells {
+        let slots = members.len();
+        for (slot, index) in members.into_iter().enumerate() {
+            let label = match graph.node(index) {
+                Node::Logit(i) => display_token(&graph.logits[i].token),
+                Node::Token { position } => display_token(&graph.tokens[position]),
+                _ => String::new(),
+            };
+            nodes.push(ShownNode {
+                index,
+                column,
+                row,
+                slot,
+                slots,
+                label,
+            });
+        }
+    }
+    let place = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.index, i))
+        .collect();
+    (nodes, place)
+}
+
+/// Nodes, scores and timing in one line.
+fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
+    let graph = &circuit.graph;
+    ui.horizontal_wrapped(|ui| {
+        ui.label(format!(
+            "{} active features over {} tokens; kept {} of {} nodes and {} edges",
+            graph.features.len(),
+            graph.n_positions(),
+            circuit.nodes.len(),
+            graph.n_nodes(),
+            circuit.edges.len()
+        ));
+        ui.label(format!(
+            "replacement score {:.3}",
+            circuit.scores.replacement
+        ))
+        .on_hover_text(explain::REPLACEMENT_SCORE);
+        ui.label(format!("completeness {:.3}", circuit.scores.completeness))
+            .on_hover_text(explain::COMPLETENESS_SCORE);
+        ui.label(format!("{:.1} s", circuit.seconds));
+        ui.label("· red: excites, blue: inhibits")
+            .on_hover_text(explain::ATTRIBUTION_EDGE);
+    });
+}
+
+/// Draws the graph; returns a clicked node (a graph index).
+fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<usize> {
+    let graph = &circuit.graph;
+    let rows = graph.n_layers + 2;
+    let size = vec2(ui.available_width(), rows as f32 * ROW_HEIGHT + 16.0);
+    let (response, painter) = ui.allocate_painter(size, Sense::click());
+    let area = Rect::from_min_max(
+        response.rect.min + vec2(LABEL_WIDTH, 0.0),
+        response.rect.max - vec2(0.0, 16.0),
+    );
+    let columns = graph.n_positions().max(1) as f32;
+    let column_width = area.width() / columns;
+    let visuals = ui.visuals().clone();
+    let dark = visuals.dark_mode;
+    let text = visuals.text_color();
+    let font = egui::FontId::proportional(11.0);
+    let position = |n: &ShownNode| -> Pos2 {
+        let y = area.bottom() - (n.row as f32 + 0.5) * ROW_HEIGHT;
+        let (left, width) = match n.row == graph.n_layers + 1 {
+            true => (area.left(), area.width()),
+            false => (area.left() + n.column as f32 * column_width, column_width),
+        };
+        // A crowded cell wraps onto up to CELL_LINES lines.
+        let fits = ((width / NODE_SPACING) as usize).max(1);
+        let lines = n.slots.div_ceil(fits).clamp(1, CELL_LINES);
+        let per_line = n.slots.div_ceil(lines);
+        let (line, slot) = (n.slot / per_line, n.slot % per_line);
+        let in_line = per_line.min(n.slots - line * per_line);
+        let line_gap = ROW_HEIGHT / (CELL_LINES as f32 + 1.0);
+        pos2(
+            left + width * (slot as f32 + 1.0) / (in_line as f32 + 1.0),
+            y + (line as f32 - (lines as f32 - 1.0) / 2.0) * line_gap,
+        )
+    };
+    let points: Vec<Pos2> = circuit.nodes.iter().map(position).collect();
+    // Row labels and column tokens.
+    for row in 0..rows {
+        let label = match row {
+            0 => "tokens".to_string(),
+            r if r == rows - 1 => "logits".to_string(),
+            r => format!("L{}", r - 1),
+        };
+        let y = area.bottom() - (row as f32 + 0.5) * ROW_HEIGHT;
+        painter.text(
+            pos2(response.rect.left() + 4.0, y),
+            egui::Align2::LEFT_CENTER,
+            label,
+            font.clone(),
+            visuals.weak_text_color(),
+        );
+    }
+    for (p, token) in graph.tokens.iter().enumerate() {
+        painter.text(
+            pos2(
+                area.left() + (p as f32 + 0.5) * column_width,
+                area.bottom() + 2.0,
+            ),
+            egui::Align2::CENTER_TOP,
+            display_token(token),
+            font.clone(),
+            text,
+        );
+    }
+    // Edges: the strongest faintly, the selected node's strongest on top.
+    let chosen = circuit.place.get(&selected).copied();
+    let largest = circuit.edges.first().map_or(1.0, |e| e.2.abs().max(1e-12));
+    let stroke_of = |w: f32, alpha: f32| {
+        let t = w / largest;
+        let width = 0.5 + 2.5 * t.abs().sqrt();
+        let colour = diverging_colour(t.signum() * (0.35 + 0.65 * t.abs().sqrt()), dark);
+        Stroke::new(width, colour.gamma_multiply(alpha))
+    };
+    for &(t, s, w) in circuit.edges.iter().take(DRAWN_EDGES) {
+        painter.line_segment([points[s], points[t]], stroke_of(w, 0.3));
+    }
+    let into = circuit.edges.iter().filter(|e| Some(e.0) == chosen);
+    let out_of = circuit.edges.iter().filter(|e| Some(e.1) == chosen);
+    for &(t, s, w) in into.take(SELECTED_EDGES).chain(out_of.take(SELECTED_EDGES)) {
+        painter.line_segment([points[s], points[t]], stroke_of(w, 1.0));
+    }
+    // Nodes.
+    let hovered = response
+        .hover_pos()
+        .and_then(|pointer| nearest(&points, pointer));
+    for (i, (n, &at)) in circuit.nodes.iter().zip(&points).enumerate() {
+        let fill = match graph.node(n.index) {
+            Node::Feature(_) => text,
+            Node::Error { .. } => visuals.weak_text_color(),
+            Node::Token { .. } | Node::Logit(_) => Color32::from_rgb(90, 180, 110),
+        };
+        let radius = if Some(i) == chosen || Some(i) == hovered {
+            6.0
+        } else {
+            3.5
+        };
+        match graph.node(n.index) {
+            Node::Error { .. } => {
+                painter.rect_filled(
+                    Rect::from_center_size(at, vec2(2.0, 2.0) * radius),
+                    0.0,
+                    fill,
+                );
+            }
+            _ => {
+                painter.circle_filled(at, radius, fill);
+            }
+        }
+        if Some(i) == chosen {
+            painter.circle_stroke(
+                at,
+                radius + 3.0,
+                Stroke::new(2.0, visuals.selection.stroke.color),
+            );
+        }
+        if matches!(graph.node(n.index), Node::Logit(_)) {
+            painter.text(
+                at - vec2(0.0, radius + 2.0),
+                egui::Align2::CENTER_BOTTOM,
+                &n.label,
+                font.clone(),
+                text,
+            );
+        }
+    }
+    let hovered = hovered.map(|i| circuit.nodes[i].index);
+    if let Some(node) = hovered {
+        response
+            .clone()
+            .on_hover_text_at_pointer(hover_text(circuit, node));
+    }
+    response.clicked().then_some(hovered).flatten()
+}
+
+/// The node nearest `pointer` within [`PICK_RADIUS`].
+fn nearest(points: &[Pos2], pointer: Pos2) -> Option<usize> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.distance(pointer)))
+        .filter(|&(_, d)| d <= PICK_RADIUS)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+fn hover_text(circuit: &Circuit, node: usize) -> String {
+    let graph = &circuit.graph;
+    let mut text = circuit.describe(node);
+    match graph.node(node) {
+        Node::Feature(i) => text += &format!("\nactivation {:.3}", graph.features[i].activation),
+        Node::Logit(i) => text += &format!("\np {:.3}", graph.logits[i].probability),
+        _ => {}
+    }
+    let (inputs, outputs) = (
+        circuit.neighbours(node, true),
+        circuit.neighbours(node, false),
+    );
+    text += &format!(
+        "\n{} inputs, {} outputs kept · click to select",
+        inputs.len(),
+        outputs.len()
+    );
+    text
+}
+
+/// The tokens a feature's decoder row pushes up and down along the direct path to the logits.
+fn feature_effects(model: &Model, circuit: &Circuit, feature: usize) -> anyhow::Result<String> {
+    let f = &circuit.graph.features[feature];
+    let transcoder = circuit
+        .transcoders
+        .iter()
+        .find(|t| t.site.output == HookPoint::MlpOut(f.layer))
+        .ok_or_else(|| anyhow::anyhow!("no transcoder for layer {}", f.layer))?;
+    let row = transcoder.sae.w_dec.narrow(0, f.feature as usize, 1)?;
+    let names = model.token_names();
+    let effects = logit_effects(model, HookPoint::MlpOut(f.layer), &row, 5, &names)?
+        .and_then(|mut e| e.pop())
+        .ok_or_else(|| anyhow::anyhow!("no direct path to the logits"))?;
+    let list = |tokens: &[crate::features::logits::TokenEffect]| {
+        tokens
+            .iter()
+            .map(|t| display_token(&t.token))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Ok(format!(
+        "promotes: {}   suppresses: {}",
+        list(&effects.top),
+        list(&effects.bottom)
+    ))
+}
