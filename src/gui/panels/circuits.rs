@@ -541,7 +541,9 @@ fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
             circuit.nodes.len(),
             graph.n_nodes(),
             circuit.edges.len()
-        ));
+        ))
+        // The time stays off the panel, so that it looks the same from run to run.
+        .on_hover_text(format!("traced and pruned in {:.1} s", circuit.seconds));
         ui.label(format!(
             "replacement score {:.3}",
             circuit.scores.replacement
@@ -549,7 +551,6 @@ fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
         .on_hover_text(explain::REPLACEMENT_SCORE);
         ui.label(format!("completeness {:.3}", circuit.scores.completeness))
             .on_hover_text(explain::COMPLETENESS_SCORE);
-        ui.label(format!("{:.1} s", circuit.seconds));
         ui.label("· red: excites, blue: inhibits")
             .on_hover_text(explain::ATTRIBUTION_EDGE);
     });
