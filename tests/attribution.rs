@@ -492,3 +492,84 @@ fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
         );
     }
 }
+
+/// A feature intervention adds `(v − a)·W_dec[f]` to its layer's MLP output at its position and
+/// nothing else: what that MLP writes into the stream moves by exactly that, there and only
+/// there. With no change, or each feature set to its own activation, the model's
+/// distribution is the graph's.
+#[test]
+fn feature_interventions_move_the_stream_by_the_decoder_row_where_the_feature_is() {
+    use monoscope::attribution_graph::intervene::{FeatureChange, intervene, intervention_hooks};
+    use monoscope::attribution_graph::load_transcoders;
+    use monoscope::model::{HookPoint, Hooks};
+
+    let model = Model::load(
+        &monoscope::cli::bundled_model_dir(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let transcoders =
+        load_transcoders(&[monoscope::cli::bundled_transcoders_dir()], &model).unwrap();
+    let ids = model.encode_prompt("The capital of Japan is").unwrap();
+    let graph = graph_of(&model, &transcoders, &ids);
+    let same = intervene(&model, &transcoders, &graph, &[], 5).unwrap();
+    for (l, (b, a)) in graph.logits.iter().zip(same.before.iter().zip(&same.after)) {
+        assert!((l.probability - b).abs() < 1e-5, "{l:?} {b}");
+        assert_eq!(a, b);
+    }
+    let own: Vec<FeatureChange> = (0..graph.features.len())
+        .map(|i| FeatureChange {
+            feature: i,
+            value: graph.features[i].activation,
+        })
+        .collect();
+    let unchanged = intervene(&model, &transcoders, &graph, &own, 5).unwrap();
+    assert_eq!(unchanged.after, same.before);
+    // One feature per layer, at different positions, each set to 3 more than it is.
+    let mut changes = Vec::new();
+    for (layer, position) in [(1, 1), (4, 3), (7, ids.len() - 1)] {
+        let i = graph
+            .features
+            .iter()
+            .position(|f| f.layer == layer && f.position == position)
+            .unwrap();
+        changes.push(FeatureChange {
+            feature: i,
+            value: graph.features[i].activation + 3.0,
+        });
+    }
+    let run = |hooks: Hooks, layer: usize| {
+        let hooks = hooks.capture([HookPoint::ResidMid(layer), HookPoint::ResidPost(layer)]);
+        let out = model
+            .forward(&model.ids_tensor(&ids).unwrap(), &hooks)
+            .unwrap();
+        let post = out.cache.get(HookPoint::ResidPost(layer)).unwrap().clone();
+        let mid = out.cache.get(HookPoint::ResidMid(layer)).unwrap().clone();
+        (post - mid).unwrap().squeeze(0).unwrap() // the MLP's output as it entered the stream
+    };
+    // Each alone (an earlier change moves a later layer's MLP through the stream).
+    for change in &changes {
+        let f = &graph.features[change.feature];
+        let hooks = intervention_hooks(&model, &transcoders, &graph, &[*change]).unwrap();
+        let moved = (run(hooks.clone(), f.layer) - run(Hooks::new(), f.layer)).unwrap();
+        let expected = transcoders[f.layer]
+            .sae
+            .w_dec
+            .get(f.feature as usize)
+            .unwrap()
+            .affine(3.0, 0.0)
+            .unwrap();
+        for p in 0..ids.len() {
+            let row = moved.get(p).unwrap();
+            let err = match p == f.position {
+                true => common::max_abs_diff(&row, &expected),
+                false => common::max_abs(&row),
+            };
+            assert!(err < 1e-4, "layer {} position {p}: {err}", f.layer);
+        }
+    }
+    let moved = intervene(&model, &transcoders, &graph, &changes, 5).unwrap();
+    assert_ne!(moved.after, moved.before);
+    assert_eq!(moved.top_after.len(), 5);
+}

@@ -798,6 +798,7 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
 /// top logit selected with the strongest kept inputs the library finds, and steps to one.
 #[test]
 fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
+    use monoscope::attribution_graph::intervene::{FeatureChange, intervene};
     use monoscope::attribution_graph::{GraphSettings, Node, attribute, load_transcoders};
     use monoscope::gui::widgets::display_token;
 
@@ -877,6 +878,17 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     let best = &tops[feature.feature as usize][0];
     let shown = format!("{:.2}", best.activation);
     assert!(h.query_all_by_label(&shown).next().is_some(), "{best:?}");
+    // Ablating it: the logits before and after are the library's intervention's.
+    h.get_by_label("Ablate").click();
+    h.run_steps(2);
+    wait_for(&mut h, "the intervention", |h| !h.state().busy());
+    let change = FeatureChange {
+        feature: i,
+        value: 0.0,
+    };
+    let result = intervene(&model, &transcoders, &graph, &[change], 8).unwrap();
+    let row = format!("{:.3} → {:.3}", result.before[0], result.after[0]);
+    assert!(h.query_all_by_label(&row).next().is_some(), "{row}");
     // A folder that holds no transcoders is a message, not a crash.
     replace_text(&mut h, "Transcoders", "/nonexistent/transcoders");
     h.key_press(egui::Key::Enter);

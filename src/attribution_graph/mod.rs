@@ -37,6 +37,7 @@ use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash}
 use crate::sae::{Sae, SaeSite};
 
 pub mod graph_file;
+pub mod intervene;
 pub mod prune;
 
 /// A transcoder standing in for one layer's MLP: it writes `blocks.L.hook_mlp_out` and reads

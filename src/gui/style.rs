@@ -160,6 +160,10 @@ pub mod explain {
         target in the prompt's local replacement model (attention patterns and norm divisors \
         frozen): the source's value times the gradient along the path. Red raises the target \
         (a feature's pre-activation, or a logit less the mean logit), blue lowers it.";
+    pub const FEATURE_INTERVENTION: &str = "Set features of the graph to new activations and \
+        rerun the prompt: each change adds (new − old)·W_dec[f] to its layer's MLP output at \
+        its token, and the real model runs on from there (attention, norms and later MLPs \
+        respond; the graph holds them fixed, so its edges predict only the direct part).";
     pub const ERROR_NODE: &str = "An error node is what the layer's transcoder fails to \
         predict of the MLP's output at that token, kept so the graph reproduces the model \
         exactly; its edges are paths the features do not explain.";

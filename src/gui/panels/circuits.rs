@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use egui::{Color32, Pos2, Rect, Sense, Stroke, pos2, vec2};
 
 use super::{Panel, PanelKind, Reader, need_model, running, take};
+use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::GraphScores;
 use crate::attribution_graph::{
     AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, load_transcoders,
@@ -74,7 +75,7 @@ struct ShownNode {
 struct Circuit {
     /// Tells graphs apart (a selection belongs to one).
     serial: u64,
-    graph: AttributionGraph,
+    graph: Arc<AttributionGraph>,
     scores: GraphScores,
     nodes: Vec<ShownNode>,
     /// Kept edges `(target, source, weight)` as indices into `nodes`, strongest first.
@@ -114,9 +115,134 @@ pub struct Circuits {
     node_threshold: f32,
     edge_threshold: f32,
     reader: Reader<Query, Circuit>,
+    interventions: Interventions,
     /// The selected node (graph index) of the graph with that serial.
     selected: Option<(u64, usize)>,
     looks: FeatureLooks,
+}
+
+/// Features of the shown graph set to new activations, and what the model then predicts.
+#[derive(Default)]
+struct Interventions {
+    /// The graph the changes belong to (its serial).
+    serial: u64,
+    changes: Vec<FeatureChange>,
+    /// The value typed for "Set to".
+    value: f32,
+    reader: Reader<(u64, Vec<FeatureChange>), Intervened>,
+}
+
+impl Interventions {
+    /// Buttons that change the selected feature, the changes made, and the logits before and
+    /// after them. Returns a node picked (a changed feature's button selects it).
+    fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        wb: &mut Workbench,
+        model: &Arc<Model>,
+        circuit: &Circuit,
+        selected: usize,
+    ) -> Option<usize> {
+        self.reader.poll(wb);
+        if self.serial != circuit.serial {
+            self.serial = circuit.serial;
+            self.changes.clear();
+        }
+        let graph = &circuit.graph;
+        ui.separator();
+        let mut picked = None;
+        let before = self.changes.clone();
+        ui.horizontal(|ui| {
+            ui.strong("Interventions")
+                .on_hover_text(explain::FEATURE_INTERVENTION);
+            let Node::Feature(i) = graph.node(selected) else {
+                ui.label("select a feature to set its activation");
+                return;
+            };
+            let a = graph.features[i].activation;
+            ui.label(format!("{}:", circuit.describe(selected)));
+            for (label, value) in [("Ablate", 0.0), ("Double", 2.0 * a), ("Negate", -a)] {
+                if ui.button(label).clicked() {
+                    set_change(&mut self.changes, i, value);
+                }
+            }
+            ui.label("Set to");
+            ui.add(egui::DragValue::new(&mut self.value).speed(0.05));
+            if ui.button("Set").clicked() {
+                set_change(&mut self.changes, i, self.value);
+            }
+        });
+        let mut removed = None;
+        for (k, change) in self.changes.iter().enumerate() {
+            ui.horizontal(|ui| {
+                let index = graph.index(Node::Feature(change.feature));
+                if ui.button(circuit.describe(index)).clicked() {
+                    picked = Some(index);
+                }
+                let was = graph.features[change.feature].activation;
+                ui.label(format!("{was:.3} → {:.3}", change.value));
+                if ui.small_button("Remove").clicked() {
+                    removed = Some(k);
+                }
+            });
+        }
+        if let Some(k) = removed {
+            self.changes.remove(k);
+        }
+        if !self.changes.is_empty() {
+            ui.horizontal(|ui| {
+                if ui.button("Clear interventions").clicked() {
+                    self.changes.clear();
+                }
+            });
+        }
+        if self.changes != before && !self.changes.is_empty() {
+            self.reader.ask((self.serial, self.changes.clone()));
+        }
+        let (model, transcoders, shown) = (
+            model.clone(),
+            circuit.transcoders.clone(),
+            circuit.graph.clone(),
+        );
+        self.reader
+            .run_due(wb, "intervention", move |(_, changes), _| {
+                Ok(intervene(&model, &transcoders, &shown, changes, LISTED)?)
+            });
+        let answer = self.reader.answer()?;
+        if answer.question != (self.serial, self.changes.clone()) || self.changes.is_empty() {
+            return picked;
+        }
+        let result = &answer.value;
+        egui::Grid::new("intervention logits")
+            .striped(true)
+            .show(ui, |ui| {
+                ui.strong("logit");
+                ui.strong("p before → after");
+                ui.end_row();
+                for (l, (b, a)) in graph
+                    .logits
+                    .iter()
+                    .zip(result.before.iter().zip(&result.after))
+                {
+                    ui.label(display_token(&l.token));
+                    ui.label(format!("{b:.3} → {a:.3}"));
+                    ui.end_row();
+                }
+            });
+        let top: Vec<String> = result
+            .top_after
+            .iter()
+            .map(|t| format!("{} {:.3}", display_token(&t.token), t.prob))
+            .collect();
+        ui.label(format!("Most likely after: {}", top.join(", ")));
+        picked
+    }
+}
+
+/// Sets feature `feature`'s change to `value` (replacing an earlier one).
+fn set_change(changes: &mut Vec<FeatureChange>, feature: usize, value: f32) {
+    changes.retain(|c| c.feature != feature);
+    changes.push(FeatureChange { feature, value });
 }
 
 /// Which transcoder layer's features, on which model version: a key for their top contexts.
@@ -144,6 +270,7 @@ impl Default for Circuits {
             node_threshold: 0.8,
             edge_threshold: 0.98,
             reader: Reader::default(),
+            interventions: Interventions::default(),
             selected: None,
             looks: FeatureLooks::default(),
         }
@@ -156,7 +283,7 @@ impl Panel for Circuits {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy() || running(&self.looks.job)
+        self.reader.busy() || running(&self.looks.job) || self.interventions.reader.busy()
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
@@ -216,15 +343,23 @@ impl Panel for Circuits {
                 layer,
             )
         };
-        picked = picked.or(details(
-            ui,
-            wb,
-            &model,
-            circuit,
-            selected,
-            &mut self.looks,
-            layer_key,
-        ));
+        // Left: the selected node and the interventions; right: its inputs and outputs.
+        ui.columns(2, |columns| {
+            let [left, right] = columns else {
+                return;
+            };
+            about_node(
+                left,
+                wb,
+                &model,
+                circuit,
+                selected,
+                &mut self.looks,
+                layer_key,
+            );
+            picked = picked.or(self.interventions.ui(left, wb, &model, circuit, selected));
+            picked = picked.or(neighbours(right, circuit, selected));
+        });
         if let Some(node) = picked {
             self.selected = Some((circuit.serial, node));
         }
@@ -308,9 +443,8 @@ impl Circuits {
     }
 }
 
-/// The selected node: what it is (a feature's logit effects, kept in `effects`), and its
-/// strongest kept inputs and outputs as buttons. Returns a node picked among them.
-fn details(
+/// The selected node: what it is, and for a feature its logit effects and top contexts.
+fn about_node(
     ui: &mut egui::Ui,
     wb: &mut Workbench,
     model: &Arc<Model>,
@@ -318,7 +452,7 @@ fn details(
     selected: usize,
     looks: &mut FeatureLooks,
     layer_key: impl Fn(usize) -> LayerKey,
-) -> Option<usize> {
+) {
     let graph = &circuit.graph;
     ui.horizontal(|ui| {
         ui.strong(format!("Selected: {}", circuit.describe(selected)));
@@ -349,6 +483,10 @@ fn details(
         }
         feature_contexts(ui, wb, model, circuit, i, looks, layer_key);
     }
+}
+
+/// The selected node's strongest kept inputs and outputs as buttons; returns one clicked.
+fn neighbours(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<usize> {
     let mut picked = None;
     ui.columns(2, |columns| {
         for (ui, inputs) in columns.iter_mut().zip([true, false]) {
@@ -485,7 +623,7 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         place,
         transcoders: Arc::new(transcoders),
         seconds: started.elapsed().as_secs_f64(),
-        graph,
+        graph: Arc::new(graph),
     })
 }
 
