@@ -411,9 +411,10 @@ mod screenshots {
                         });
                         wb.requests.extend(densest.map(PanelRequest::Feature));
                     }
-                    PanelKind::Edit | PanelKind::Neurons | PanelKind::Train => {
-                        wb.requests.push(PanelRequest::Start(kind))
-                    }
+                    PanelKind::Edit
+                    | PanelKind::Neurons
+                    | PanelKind::Train
+                    | PanelKind::Circuits => wb.requests.push(PanelRequest::Start(kind)),
                     _ => {}
                 }
             }

@@ -23,7 +23,7 @@ use crate::features::stats::Context;
 use crate::features::top_contexts;
 use crate::gui::style::{diverging_colour, explain};
 use crate::gui::widgets::{display_token, job_row, prompt_row, token_chips};
-use crate::gui::workbench::Workbench;
+use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::{Job, JobHandle};
 use crate::model::{HookPoint, Model};
 use crate::sae::activations::Corpus;
@@ -332,6 +332,15 @@ impl Panel for Circuits {
                 top
             }
         };
+        // The screenshot tour's demo: one step down from the logit, to its strongest feature.
+        if wb.take_request(&PanelRequest::Start(PanelKind::Circuits))
+            && let Some(&(feature, _)) = circuit
+                .neighbours(selected, true)
+                .iter()
+                .find(|&&(n, _)| matches!(circuit.graph.node(n), Node::Feature(_)))
+        {
+            self.selected = Some((circuit.serial, feature));
+        }
         ui.separator();
         summary(ui, circuit);
         let mut picked = graph_view(ui, circuit, selected);
