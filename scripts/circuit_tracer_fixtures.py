@@ -54,6 +54,9 @@ from circuit_tracer.transcoder.single_layer_transcoder import (  # noqa: E402
 PROMPTS = ["The capital of Japan is", "日本の首都は東京"]
 D_TRANSCODER = 32
 THRESHOLD = 0.3
+# The graph made with a feature-node limit: at most this many features, ranked in batches of this.
+LIMITED_FEATURES = 40
+LIMITED_BATCH = 8
 
 
 def transcoder(layer, d_model, generator):
@@ -194,6 +197,31 @@ def main():
                 "nodes": int(graph.adjacency_matrix.shape[0]),
             }
         )
+    # The first prompt again with at most LIMITED_FEATURES feature nodes: circuit-tracer ranks
+    # the features by their influence on the logits through the rows found so far and
+    # attributes the most influential first (LIMITED_BATCH rows a pass, its default
+    # update_interval of 4 passes between rankings), keeping only those as nodes.
+    ids = torch.tensor([c.bos_token_id] + tokenizer.encode(PROMPTS[0]), dtype=torch.long)
+    graph = attribute(
+        ids,
+        model,
+        max_n_logits=10,
+        desired_logit_prob=0.95,
+        batch_size=LIMITED_BATCH,
+        max_feature_nodes=LIMITED_FEATURES,
+    )
+    tensors["limited.input_ids"] = ids
+    tensors["limited.active_features"] = graph.active_features.long()
+    tensors["limited.selected_features"] = graph.selected_features.long()
+    tensors["limited.adjacency"] = graph.adjacency_matrix.float().contiguous()
+    summary.append(
+        {
+            "prompt": PROMPTS[0],
+            "max_feature_nodes": LIMITED_FEATURES,
+            "active_features": int(len(graph.active_features)),
+            "nodes": int(graph.adjacency_matrix.shape[0]),
+        }
+    )
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "graphs.safetensors")
     print(json.dumps(summary, indent=1))
 

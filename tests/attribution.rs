@@ -338,8 +338,6 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     assert!(!out.exists(), "nothing is written");
     let err = refused(&[&set], &["--node-threshold", "1.5"]);
     assert!(err.contains("--node-threshold"), "{err}");
-    let err = refused(&[&set], &["--max-feature-nodes", "3"]);
-    assert!(err.contains("active transcoder features"), "{err}");
     // A graph index that is not one is named, and kept.
     let index = tmp.path().join("graph-metadata.json");
     std::fs::write(&index, "not json").unwrap();
@@ -348,28 +346,117 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     assert_eq!(std::fs::read_to_string(&index).unwrap(), "not json");
 }
 
+/// The GPT-2 fixture, the transcoders `scripts/circuit_tracer_fixtures.py` gave circuit-tracer
+/// (one per layer) and its graphs.
+fn circuit_tracer_fixture() -> (Model, Vec<LayerTranscoder>, HashMap<String, Tensor>) {
+    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
+    let root = circuit_tracer_dir();
+    let transcoders: Vec<LayerTranscoder> = (0..model.dims().n_layers)
+        .map(|l| LayerTranscoder::load(&root.join(format!("transcoders/layer_{l}")), &model))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let reference =
+        candle_core::safetensors::load(root.join("graphs.safetensors"), &Device::Cpu).unwrap();
+    (model, transcoders, reference)
+}
+
+fn circuit_tracer_dir() -> std::path::PathBuf {
+    fixture_dir("gpt2").join("../../circuit_tracer/gpt2")
+}
+
+/// circuit-tracer's graph of the first prompt with at most 40 feature nodes, ranked by
+/// influence in batches of 8 (`scripts/circuit_tracer_fixtures.py`): monoscope keeps the same
+/// features and finds the same edges among them, in the library and through `attribute
+/// --max-feature-nodes` (its `--adjacency` file).
+#[test]
+fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
+    let (model, transcoders, reference) = circuit_tracer_fixture();
+    let get = |key: &str| reference[&format!("limited.{key}")].clone();
+    let ids: Vec<u32> = get("input_ids")
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let settings = GraphSettings {
+        batch_rows: 8,
+        max_feature_nodes: 40,
+        ..GraphSettings::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let graph = attribute(
+        &model,
+        &transcoders,
+        &ids,
+        &settings,
+        &cancel,
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    let active: Vec<Vec<i64>> = graph
+        .active_features
+        .iter()
+        .map(|f| vec![f.layer as i64, f.position as i64, i64::from(f.feature)])
+        .collect();
+    assert_eq!(active, get("active_features").to_vec2::<i64>().unwrap());
+    assert!(active.len() > 100, "{} active features", active.len());
+    let selected: Vec<i64> = graph.selected_features.iter().map(|&f| f as i64).collect();
+    assert_eq!(selected, get("selected_features").to_vec1::<i64>().unwrap());
+    assert_eq!(graph.features.len(), 40);
+    let theirs = get("adjacency").to_vec2::<f32>().unwrap();
+    assert_eq!(theirs.len(), graph.n_nodes());
+    let scale = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let mut worst = 0f32;
+    for (t, row) in theirs.iter().enumerate() {
+        for (s, &want) in row.iter().enumerate() {
+            worst = worst.max((graph.edge(t, s) - want).abs());
+        }
+    }
+    assert!(
+        worst <= 1e-4 * scale,
+        "edges differ by {worst} (largest {scale})"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, adjacency) = (tmp.path().join("g.json"), tmp.path().join("g.safetensors"));
+    let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "attribute",
+            "--model",
+            fixture_dir("gpt2").to_str().unwrap(),
+        ])
+        .args(["--prompt", "The capital of Japan is", "--bos"])
+        .args([
+            "--transcoders",
+            circuit_tracer_dir().join("transcoders").to_str().unwrap(),
+        ])
+        .args(["--max-feature-nodes", "40", "--batch", "8"])
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--adjacency", adjacency.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let written = candle_core::safetensors::load(&adjacency, &Device::Cpu).unwrap();
+    let selected_cli = written["selected_features"].to_vec1::<i64>().unwrap();
+    assert_eq!(selected_cli, selected);
+    let n = graph.n_nodes();
+    let cli = written["adjacency"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(cli.len(), n * n);
+    assert_eq!(cli, graph.adjacency);
+}
+
 /// circuit-tracer 0.5.0's own graphs (`scripts/circuit_tracer_fixtures.py`: the GPT-2 fixture
 /// in TransformerLens with a JumpReLU skip transcoder per layer, two prompts, one of them
 /// Japanese): monoscope finds the same active features with the same activations, the same
 /// logit targets and probabilities, and the same unpruned adjacency matrix, node for node.
 #[test]
 fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
-    let model = Model::load(&fixture_dir("gpt2"), &Device::Cpu, DType::F32).unwrap();
-    let root = fixture_dir("gpt2").join("../../circuit_tracer/gpt2");
-    let transcoders: Vec<LayerTranscoder> = (0..model.dims().n_layers)
-        .map(|l| {
-            let dir = root.join(format!("transcoders/layer_{l}"));
-            let (sae_dir, input) =
-                monoscope::sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
-            let output = monoscope::sae::output_hook(&sae_dir, input, &model).unwrap();
-            LayerTranscoder {
-                sae: sae_dir.sae,
-                site: SaeSite { input, output },
-            }
-        })
-        .collect();
-    let reference =
-        candle_core::safetensors::load(root.join("graphs.safetensors"), &Device::Cpu).unwrap();
+    let (model, transcoders, reference) = circuit_tracer_fixture();
     let get = |key: String| {
         reference
             .get(&key)

@@ -156,8 +156,8 @@ pub struct GraphSettings {
     pub desired_logit_probability: f32,
     /// Targets per backward pass (rows of the replacement model's batch).
     pub batch_rows: usize,
-    /// Refuse a graph with more active features than this (the adjacency is dense: its size
-    /// grows with the square of the node count).
+    /// At most this many feature nodes, the most influential on the logits (the adjacency is
+    /// dense: its size grows with the square of the node count).
     pub max_feature_nodes: usize,
 }
 
@@ -213,8 +213,13 @@ pub struct AttributionGraph {
     /// The prompt's tokens as shown.
     pub tokens: Vec<String>,
     pub n_layers: usize,
-    /// Active features, by layer, position and feature id.
+    /// The feature nodes, by layer, position and feature id: every active feature unless
+    /// `max_feature_nodes` left some out.
     pub features: Vec<ActiveFeature>,
+    /// Every active feature, and which of them are nodes (`features[i]` is
+    /// `active_features[selected_features[i]]`).
+    pub active_features: Vec<ActiveFeature>,
+    pub selected_features: Vec<usize>,
     pub logits: Vec<LogitTarget>,
     /// Row-major `[nodes, nodes]`: entry `(t, s)` is the direct effect of node `s` on node
     /// `t`. Nodes are features, then errors (layer by layer, each over every position), then
@@ -299,15 +304,16 @@ impl AttributionGraph {
     }
 
     /// The unpruned graph as tensors (on the CPU): `input_ids`, `active_features` `[n, 3]`
-    /// (layer, position, feature), `activation_values`, `logit_tokens`, `logit_probabilities`
-    /// and `adjacency` (circuit-tracer's `Graph` fields under the names
+    /// (layer, position, feature) with their `activation_values`, `selected_features` (which
+    /// of them are nodes), `logit_tokens`, `logit_probabilities` and `adjacency`
+    /// (circuit-tracer's `Graph` fields under the names
     /// `scripts/circuit_tracer_fixtures.py` saves them by).
     pub fn tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         let cpu = &candle_core::Device::Cpu;
         let n = self.n_nodes();
         let ints = |v: Vec<i64>| Tensor::new(v.as_slice(), cpu);
         let active: Vec<i64> = self
-            .features
+            .active_features
             .iter()
             .flat_map(|f| [f.layer as i64, f.position as i64, i64::from(f.feature)])
             .collect();
@@ -318,12 +324,16 @@ impl AttributionGraph {
             ),
             (
                 "active_features",
-                Tensor::from_vec(active, (self.features.len(), 3), cpu)?,
+                Tensor::from_vec(active, (self.active_features.len(), 3), cpu)?,
+            ),
+            (
+                "selected_features",
+                ints(self.selected_features.iter().map(|&f| f as i64).collect())?,
             ),
             (
                 "activation_values",
                 Tensor::new(
-                    self.features
+                    self.active_features
                         .iter()
                         .map(|f| f.activation)
                         .collect::<Vec<f32>>()
@@ -414,8 +424,18 @@ struct Pass {
     output: crate::model::ForwardOutput,
 }
 
+/// Passes of feature rows between two rankings of the features by influence, when
+/// `max_feature_nodes` leaves some out (circuit-tracer's `update_interval`).
+const UPDATE_INTERVAL: usize = 4;
+
 /// The attribution graph of `ids` through `transcoders` (at most one per layer); `None` when
 /// cancelled. `progress(done, total)` counts targets.
+///
+/// With more active features than `settings.max_feature_nodes`, only that many become nodes,
+/// chosen as circuit-tracer chooses them: after the logits' rows, the features are ranked by
+/// their influence on the logits through the rows found so far ([`partial_influences`]), the
+/// most influential `UPDATE_INTERVAL` batches of them get their rows, and so on until the
+/// limit; the other features' edges are dropped.
 pub fn attribute(
     model: &Model,
     transcoders: &[LayerTranscoder],
@@ -429,35 +449,164 @@ pub fn attribute(
     }
     model.check_length(ids.len())?;
     let (replacement, logits) = Replacement::new(model, transcoders, ids, settings)?;
-    let n_features = replacement.features.len();
-    let n_positions = ids.len();
+    let n_active = replacement.features.len();
     let n_layers = model.dims().n_layers;
-    let n_nodes = n_features + (n_layers + 1) * n_positions + logits.len();
-    let mut adjacency = vec![0f32; n_nodes * n_nodes];
-    let targets = replacement.targets(&logits)?;
-    let total = targets.len();
-    let rows = settings.batch_rows.max(1);
-    let pass = replacement.forward(rows, &[])?;
-    for (done, chunk) in targets.chunks(rows).enumerate() {
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(None);
+    let n_logits = logits.len();
+    // Every node of the graph without a limit.
+    let n_all = n_active + (n_layers + 1) * ids.len() + n_logits;
+    let limit = settings.max_feature_nodes.min(n_active);
+    let targets = replacement.targets(&logits)?; // the logits first, then every feature
+    let (logit_targets, feature_targets) = targets.split_at(n_logits);
+    let total = n_logits + limit;
+    let batch = settings.batch_rows.max(1);
+    let pass = replacement.forward(batch, &[])?;
+    let mut done = 0;
+    // Computes the rows of `chunk`'s targets and hands each to `keep`; false when cancelled.
+    let mut rows_of =
+        |chunk: &[(usize, Target)], keep: &mut dyn FnMut(usize, Vec<f32>)| -> Result<bool> {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let batch: Vec<Target> = chunk.iter().map(|(_, t)| t.clone()).collect();
+            let edges = replacement.edges(&pass, &batch)?; // [rows, n_all − logits]
+            for ((node, _), row) in chunk.iter().zip(edges) {
+                keep(*node, row);
+            }
+            done += chunk.len();
+            progress(done, total);
+            Ok(true)
+        };
+    let (adjacency, selected) = if limit == n_active {
+        // Every feature is a node: rows go straight into the adjacency.
+        let mut adjacency = vec![0f32; n_all * n_all];
+        let mut keep = |node: usize, row: Vec<f32>| {
+            adjacency[node * n_all..][..row.len()].copy_from_slice(&row);
+        };
+        for chunk in targets.chunks(batch) {
+            if !rows_of(chunk, &mut keep)? {
+                return Ok(None);
+            }
         }
-        let batch: Vec<Target> = chunk.iter().map(|(_, t)| t.clone()).collect();
-        let edges = replacement.edges(&pass, &batch)?; // [rows, n_nodes − logits]
-        for ((node, _), row) in chunk.iter().zip(edges) {
-            adjacency[node * n_nodes..][..row.len()].copy_from_slice(&row);
+        (adjacency, (0..n_active).collect())
+    } else {
+        let probabilities: Vec<f32> = logits.iter().map(|l| l.probability).collect();
+        let mut rows: Vec<(usize, Vec<f32>)> = Vec::with_capacity(total);
+        let mut keep = |node: usize, row: Vec<f32>| rows.push((node, row));
+        for chunk in logit_targets.chunks(batch) {
+            if !rows_of(chunk, &mut keep)? {
+                return Ok(None);
+            }
         }
-        progress((done * rows + chunk.len()).min(total), total);
-    }
+        let mut visited = vec![false; n_active];
+        let mut n_visited = 0;
+        while n_visited < limit {
+            let influence = partial_influences(&rows, &probabilities, n_all);
+            let mut ranked: Vec<usize> = (0..n_active).filter(|&f| !visited[f]).collect();
+            ranked.sort_by(|&a, &b| influence[b].total_cmp(&influence[a]));
+            ranked.truncate((UPDATE_INTERVAL * batch).min(limit - n_visited));
+            n_visited += ranked.len();
+            let queue: Vec<(usize, Target)> = ranked
+                .iter()
+                .map(|&f| {
+                    visited[f] = true;
+                    feature_targets[f].clone()
+                })
+                .collect();
+            let mut keep = |node: usize, row: Vec<f32>| rows.push((node, row));
+            for chunk in queue.chunks(batch) {
+                if !rows_of(chunk, &mut keep)? {
+                    return Ok(None);
+                }
+            }
+        }
+        let selected: Vec<usize> = (0..n_active).filter(|&f| visited[f]).collect();
+        (select_features(rows, &selected, n_active, n_all), selected)
+    };
+    let features = selected
+        .iter()
+        .map(|&f| replacement.features[f].clone())
+        .collect();
     Ok(Some(AttributionGraph {
         tokens: model.tokenizer.tokens_display(ids),
         input_ids: ids.to_vec(),
         n_layers,
-        features: replacement.features,
+        features,
+        active_features: replacement.features,
+        selected_features: selected,
         logits,
         adjacency,
         first_position_left_out: leaves_out_first(ids),
     }))
+}
+
+/// circuit-tracer's `compute_partial_influences`: each node's influence on the logits (see
+/// [`prune`]) through the rows found so far, `rows` holding (node, edges from every node but
+/// the logits) and the logits the last `logit_probabilities.len()` of `n_all` nodes. A node
+/// without a row passes no influence on.
+fn partial_influences(
+    rows: &[(usize, Vec<f32>)],
+    logit_probabilities: &[f32],
+    n_all: usize,
+) -> Vec<f32> {
+    let normalised: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|(_, row)| {
+            let sum = row.iter().map(|w| w.abs()).sum::<f32>().max(1e-8);
+            row.iter().map(|w| w.abs() / sum).collect()
+        })
+        .collect();
+    let mut reach = vec![0f32; n_all];
+    reach[n_all - logit_probabilities.len()..].copy_from_slice(logit_probabilities);
+    let mut influence = vec![0f32; n_all];
+    // The graph is acyclic, so paths end within (layers + 2) steps; circuit-tracer stops at 128.
+    for _ in 0..128 {
+        let mut next = vec![0f32; n_all];
+        for ((node, _), row) in rows.iter().zip(&normalised) {
+            let w = reach[*node];
+            if w != 0.0 {
+                next.iter_mut().zip(row).for_each(|(n, v)| *n += w * v);
+            }
+        }
+        if next.iter().all(|&v| v == 0.0) {
+            break;
+        }
+        influence.iter_mut().zip(&next).for_each(|(i, v)| *i += v);
+        reach = next;
+    }
+    influence
+}
+
+/// The adjacency of the graph whose feature nodes are `selected` (sorted indices into the
+/// `n_active` active features): `rows` (a node among all `n_all` nodes of the graph without a
+/// limit, its edges from all but the logits) with the other features' rows and columns dropped.
+fn select_features(
+    rows: Vec<(usize, Vec<f32>)>,
+    selected: &[usize],
+    n_active: usize,
+    n_all: usize,
+) -> Vec<f32> {
+    let kept = selected.len();
+    let n_nodes = n_all - n_active + kept;
+    // Each node's index in the graph (`None`: a feature left out).
+    let mut index: Vec<Option<usize>> = (0..n_all)
+        .map(|c| (c >= n_active).then(|| c - n_active + kept))
+        .collect();
+    for (i, &f) in selected.iter().enumerate() {
+        index[f] = Some(i);
+    }
+    let mut adjacency = vec![0f32; n_nodes * n_nodes];
+    for (node, row) in rows {
+        let Some(target) = index[node] else {
+            continue;
+        };
+        let out = &mut adjacency[target * n_nodes..][..n_nodes];
+        for (column, w) in row.into_iter().enumerate() {
+            if let Some(source) = index[column] {
+                out[source] = w;
+            }
+        }
+    }
+    adjacency
 }
 
 /// An error that only a bug in this module can cause.
@@ -602,16 +751,6 @@ impl<'a> Replacement<'a> {
                 fixed,
                 error_f32: error.to_dtype(DType::F32)?,
                 error,
-            });
-        }
-        if features.len() > settings.max_feature_nodes {
-            return Err(Error::InvalidArgument {
-                what: "prompt",
-                value: format!("{} active transcoder features", features.len()),
-                message: format!(
-                    "the graph takes at most {} (its adjacency is dense): use a shorter prompt",
-                    settings.max_feature_nodes
-                ),
             });
         }
         let d_model = model.dims().d_model;

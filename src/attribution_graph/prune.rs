@@ -306,6 +306,8 @@ mod tests {
             tokens: vec!["a".into()],
             n_layers: 1,
             features: vec![feature(0), feature(1)],
+            active_features: vec![feature(0), feature(1)],
+            selected_features: vec![0, 1],
             logits: vec![LogitTarget {
                 token_id: 9,
                 token: "b".into(),

@@ -45,8 +45,9 @@ pub struct AttributeArgs {
     /// Targets per backward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Refuse a prompt with more active features than this (the unpruned adjacency is dense:
-    /// 20,000 features make a 1.6 GB matrix).
+    /// At most this many feature nodes: with more active features, the most influential on
+    /// the logits are kept, ranked as circuit-tracer ranks them (the unpruned adjacency is
+    /// dense: 20,000 nodes make a 1.6 GB matrix).
     #[arg(long, default_value_t = GraphSettings::default().max_feature_nodes)]
     max_feature_nodes: usize,
     /// Put the model's BOS token before the prompt, as circuit-tracer does (its position is
@@ -55,7 +56,8 @@ pub struct AttributeArgs {
     bos: bool,
     /// Also write the unpruned graph as safetensors: `input_ids`, `active_features` [n, 3]
     /// (layer, position, feature), `activation_values`, `logit_tokens`,
-    /// `logit_probabilities` and `adjacency` [nodes, nodes] (target × source).
+    /// `logit_probabilities` and `adjacency` [nodes, nodes] (target × source), with
+    /// `selected_features` (which active features are nodes).
     #[arg(long, value_parser = super::output_path, value_name = "FILE")]
     adjacency: Option<PathBuf>,
     /// Print a JSON summary instead of text.
@@ -179,6 +181,8 @@ struct Summary {
     out: String,
     tokens: Vec<String>,
     active_features: usize,
+    /// The active features kept as nodes (all but those `--max-feature-nodes` left out).
+    feature_nodes: usize,
     nodes: usize,
     kept_nodes: usize,
     kept_links: usize,
@@ -199,7 +203,8 @@ impl Summary {
         Self {
             out: out.display().to_string(),
             tokens: graph.tokens.clone(),
-            active_features: graph.features.len(),
+            active_features: graph.active_features.len(),
+            feature_nodes: graph.features.len(),
             nodes: graph.n_nodes(),
             kept_nodes: file.node_count(),
             kept_links: file.link_count(),
@@ -216,9 +221,10 @@ impl Summary {
             self.out, self.kept_nodes, self.nodes, self.kept_links, self.seconds
         );
         println!(
-            "{} active transcoder features over {} tokens; replacement score {:.3}, \
-             completeness score {:.3}",
+            "{} active transcoder features ({} of them nodes) over {} tokens; replacement \
+             score {:.3}, completeness score {:.3}",
             self.active_features,
+            self.feature_nodes,
             self.tokens.len(),
             self.replacement_score,
             self.completeness_score

@@ -681,9 +681,13 @@ fn layout(graph: &AttributionGraph, kept: &[bool]) -> (Vec<ShownNode>, HashMap<u
 fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
     let graph = &circuit.graph;
     ui.horizontal_wrapped(|ui| {
+        let nodes = match graph.features.len() < graph.active_features.len() {
+            true => format!(" ({} of them nodes)", graph.features.len()),
+            false => String::new(),
+        };
         ui.label(format!(
-            "{} active features over {} tokens; kept {} of {} nodes and {} edges",
-            graph.features.len(),
+            "{} active features{nodes} over {} tokens; kept {} of {} nodes and {} edges",
+            graph.active_features.len(),
             graph.n_positions(),
             circuit.nodes.len(),
             graph.n_nodes(),
