@@ -878,6 +878,23 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     let best = &tops[feature.feature as usize][0];
     let shown = format!("{:.2}", best.activation);
     assert!(h.query_all_by_label(&shown).next().is_some(), "{best:?}");
+    // The graph saved as circuit-tracer's graph file, with its folder's index; saving over it
+    // is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("japan.json");
+    replace_text(&mut h, "Graph file", file.to_str().unwrap());
+    h.get_by_label("Save graph").click();
+    wait_for(&mut h, "the graph file", |h| {
+        has_message(h, &["wrote", "japan.json"]) && !h.state().busy()
+    });
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let kept = pruned.nodes.iter().filter(|&&k| k).count();
+    assert_eq!(saved["nodes"].as_array().unwrap().len(), kept);
+    assert!(tmp.path().join("graph-metadata.json").is_file());
+    h.get_by_label("Save graph").click();
+    wait_for(&mut h, "the refusal to replace it", |h| {
+        has_message(h, &["already exists"]) && !h.state().busy()
+    });
     // Ablating it: the logits before and after are the library's intervention's.
     h.get_by_label("Ablate").click();
     h.run_steps(2);

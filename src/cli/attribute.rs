@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, write_new_file};
-use crate::attribution_graph::graph_file::{GraphIndex, Metadata, graph_index_path};
+use crate::attribution_graph::graph_file::{GraphFile, GraphIndex, Metadata, graph_index_path};
+use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
     AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
 };
@@ -71,8 +72,8 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     for path in std::iter::once(&args.out).chain(&args.adjacency) {
         super::refuse_existing(path, args.force)?;
     }
-    let index_path = graph_index_path(&args.out);
-    let mut index = GraphIndex::read(&index_path)?;
+    // A graph index that cannot be read is refused before the long part.
+    GraphIndex::read(&graph_index_path(&args.out))?;
     let mut ids = model.encode_prompt(&args.prompt)?;
     if args.bos {
         let bos = model
@@ -126,28 +127,15 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
-    // circuit-tracer's viewer finds a graph as `SLUG.json` beside its index.
-    let slug = args
-        .out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "graph".into());
-    let metadata = Metadata {
-        slug,
-        scan: scan_name(&model.dir, &dirs),
-        transcoder_list: dirs.iter().map(|d| d.display().to_string()).collect(),
-        prompt_tokens: graph.tokens.clone(),
-        prompt: args.prompt.clone(),
+    let file = GraphToWrite {
+        graph: &graph,
+        pruned: &pruned,
+        prompt: &args.prompt,
+        model_dir: &model.dir,
+        transcoder_dirs: &dirs,
         node_threshold: args.node_threshold,
-        schema_version: 1,
-    };
-    index.add(&metadata);
-    let file = graph.graph_file(&pruned, metadata);
-    write_new_file(&args.out, args.force, |tmp| {
-        std::fs::write(tmp, serde_json::to_vec(&file)?)
-            .with_context(|| format!("writing {}", args.out.display()))
-    })?;
-    crate::files::write_atomic(&index_path, |tmp| index.write(tmp))?;
+    }
+    .write(&args.out, args.force)?;
     if let Some(path) = &args.adjacency {
         write_new_file(path, args.force, |tmp| {
             Ok(crate::files::write_safetensors(&graph.tensors()?, tmp)?)
@@ -159,6 +147,52 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     }
     summary.print(&graph);
     Ok(())
+}
+
+/// A pruned graph and what made it: what a graph file is written from.
+pub struct GraphToWrite<'a> {
+    pub graph: &'a AttributionGraph,
+    pub pruned: &'a Pruned,
+    pub prompt: &'a str,
+    pub model_dir: &'a Path,
+    pub transcoder_dirs: &'a [PathBuf],
+    pub node_threshold: f32,
+}
+
+impl GraphToWrite<'_> {
+    /// Writes the graph to `out` in circuit-tracer's graph-file schema (refusing an existing
+    /// file unless `force`; written under a temporary name, then renamed) and adds it to the
+    /// folder's `graph-metadata.json`, where circuit-tracer's viewer finds it as `SLUG.json`.
+    pub fn write(&self, out: &Path, force: bool) -> anyhow::Result<GraphFile> {
+        super::refuse_existing(out, force)?;
+        let index_path = graph_index_path(out);
+        let mut index = GraphIndex::read(&index_path)?;
+        let slug = out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "graph".into());
+        let metadata = Metadata {
+            slug,
+            scan: scan_name(self.model_dir, self.transcoder_dirs),
+            transcoder_list: self
+                .transcoder_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect(),
+            prompt_tokens: self.graph.tokens.clone(),
+            prompt: self.prompt.to_string(),
+            node_threshold: self.node_threshold,
+            schema_version: 1,
+        };
+        index.add(&metadata);
+        let file = self.graph.graph_file(self.pruned, metadata);
+        write_new_file(out, force, |tmp| {
+            std::fs::write(tmp, serde_json::to_vec(&file)?)
+                .with_context(|| format!("writing {}", out.display()))
+        })?;
+        crate::files::write_atomic(&index_path, |tmp| index.write(tmp))?;
+        Ok(file)
+    }
 }
 
 /// circuit-tracer's `scan`: which model and transcoders made the graph.

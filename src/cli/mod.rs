@@ -1,6 +1,6 @@
 //! Command-line front end: clap arguments → validated library calls → text or `--json`.
 
-mod attribute;
+pub mod attribute;
 mod edit;
 mod export;
 mod features;

@@ -164,6 +164,9 @@ pub mod explain {
         rerun the prompt: each change adds (new − old)·W_dec[f] to its layer's MLP output at \
         its token, and the real model runs on from there (attention, norms and later MLPs \
         respond; the graph holds them fixed, so its edges predict only the direct part).";
+    pub const GRAPH_FILE: &str = "Write the pruned graph as circuit-tracer's graph file \
+        (JSON), which its local viewer and Neuronpedia's circuit viewer open; the folder's \
+        graph-metadata.json index is updated too. An existing file is not replaced.";
     pub const ERROR_NODE: &str = "An error node is what the layer's transcoder fails to \
         predict of the MLP's output at that token, kept so the graph reproduces the model \
         exactly; its edges are paths the features do not explain.";

@@ -15,8 +15,9 @@ use egui::{Color32, Pos2, Rect, Sense, Stroke, pos2, vec2};
 use super::{Panel, PanelKind, Reader, need_model, running, take};
 use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::GraphScores;
+use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
-    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, load_transcoders,
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
 };
 use crate::features::logits::logit_effects;
 use crate::features::stats::Context;
@@ -76,6 +77,9 @@ struct Circuit {
     /// Tells graphs apart (a selection belongs to one).
     serial: u64,
     graph: Arc<AttributionGraph>,
+    pruned: Arc<Pruned>,
+    /// The transcoder folders it was traced through (for the graph file).
+    transcoder_dirs: Vec<PathBuf>,
     scores: GraphScores,
     nodes: Vec<ShownNode>,
     /// Kept edges `(target, source, weight)` as indices into `nodes`, strongest first.
@@ -83,10 +87,18 @@ struct Circuit {
     /// A graph node's index into `nodes`.
     place: HashMap<usize, usize>,
     transcoders: Arc<Vec<LayerTranscoder>>,
+    /// Each kept feature's most promoted tokens (its decoder row's direct logit effect), by
+    /// graph index: a label to read the graph by.
+    promotes: HashMap<usize, String>,
     seconds: f64,
 }
 
 impl Circuit {
+    /// What a kept feature promotes ("" for other nodes).
+    fn promotes(&self, index: usize) -> &str {
+        self.promotes.get(&index).map_or("", String::as_str)
+    }
+
     /// The kept node at `index` (a graph index): its description.
     fn describe(&self, index: usize) -> String {
         self.graph.describe(index, display_token)
@@ -116,9 +128,68 @@ pub struct Circuits {
     edge_threshold: f32,
     reader: Reader<Query, Circuit>,
     interventions: Interventions,
+    save: SaveForm,
     /// The selected node (graph index) of the graph with that serial.
     selected: Option<(u64, usize)>,
     looks: FeatureLooks,
+}
+
+/// Writing the shown graph as circuit-tracer's graph file.
+#[derive(Default)]
+struct SaveForm {
+    path: String,
+    job: Option<Job<PathBuf>>,
+}
+
+impl SaveForm {
+    fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        wb: &mut Workbench,
+        model: &Model,
+        circuit: &Circuit,
+        query: &Query,
+    ) {
+        if let Some(path) = take(&mut self.job, wb) {
+            wb.info(format!("wrote {}", path.display()));
+        }
+        ui.horizontal(|ui| {
+            let label = ui.label("Graph file").on_hover_text(explain::GRAPH_FILE);
+            let field = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.path)
+                        .desired_width(320.0)
+                        .hint_text("japan.json"),
+                )
+                .labelled_by(label.id);
+            let asked = crate::gui::widgets::entered(ui, &field);
+            let path = PathBuf::from(self.path.trim());
+            let can = !self.path.trim().is_empty() && self.job.is_none();
+            if (ui
+                .add_enabled(can, egui::Button::new("Save graph"))
+                .clicked()
+                || asked)
+                && can
+            {
+                let (graph, pruned) = (circuit.graph.clone(), circuit.pruned.clone());
+                let dirs = circuit.transcoder_dirs.clone();
+                let (prompt, model_dir) = (query.prompt.clone(), model.dir.clone());
+                let node_threshold = query.node_threshold;
+                self.job = Some(wb.spawn("saving the graph", move |_| {
+                    crate::cli::attribute::GraphToWrite {
+                        graph: &graph,
+                        pruned: &pruned,
+                        prompt: &prompt,
+                        model_dir: &model_dir,
+                        transcoder_dirs: &dirs,
+                        node_threshold,
+                    }
+                    .write(&path, false)?;
+                    Ok(path)
+                }));
+            }
+        });
+    }
 }
 
 /// Features of the shown graph set to new activations, and what the model then predicts.
@@ -271,6 +342,7 @@ impl Default for Circuits {
             edge_threshold: 0.98,
             reader: Reader::default(),
             interventions: Interventions::default(),
+            save: SaveForm::default(),
             selected: None,
             looks: FeatureLooks::default(),
         }
@@ -283,7 +355,10 @@ impl Panel for Circuits {
     }
 
     fn busy(&self) -> bool {
-        self.reader.busy() || running(&self.looks.job) || self.interventions.reader.busy()
+        self.reader.busy()
+            || running(&self.looks.job)
+            || self.interventions.reader.busy()
+            || running(&self.save.job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
@@ -343,6 +418,7 @@ impl Panel for Circuits {
         }
         ui.separator();
         summary(ui, circuit);
+        self.save.ui(ui, wb, &model, circuit, &answer.question);
         let mut picked = graph_view(ui, circuit, selected);
         ui.separator();
         let layer_key = |layer| {
@@ -512,6 +588,11 @@ fn neighbours(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<u
                             picked = Some(node);
                         }
                         ui.label(format!("{weight:+.3}"));
+                        let promotes = circuit.promotes(node);
+                        if !promotes.is_empty() {
+                            ui.weak(format!("→ {promotes}"))
+                                .on_hover_text(explain::FEATURE_LOGIT_EFFECTS);
+                        }
                         ui.end_row();
                     }
                 });
@@ -591,7 +672,11 @@ static SERIAL: AtomicU64 = AtomicU64::new(0);
 fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circuit> {
     let started = std::time::Instant::now();
     job.set_message("loading transcoders");
-    let transcoders = load_transcoders(std::slice::from_ref(&query.transcoders), model)?;
+    let dirs = transcoder_dirs(std::slice::from_ref(&query.transcoders))?;
+    let transcoders = dirs
+        .iter()
+        .map(|dir| LayerTranscoder::load(dir, model))
+        .collect::<crate::error::Result<Vec<_>>>()?;
     let mut ids = model.encode_prompt(&query.prompt)?;
     if query.bos
         && let Some(bos) = model.bos_token_id
@@ -624,6 +709,8 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         })
         .collect();
     edges.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
+    job.set_message("labelling features");
+    let promotes = promoted_tokens(model, &transcoders, &graph, &nodes)?;
     Ok(Circuit {
         serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         scores: pruned.scores,
@@ -631,9 +718,54 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         edges,
         place,
         transcoders: Arc::new(transcoders),
+        promotes,
+        pruned: Arc::new(pruned),
+        transcoder_dirs: dirs,
         seconds: started.elapsed().as_secs_f64(),
         graph: Arc::new(graph),
     })
+}
+
+/// Each kept feature's three most promoted tokens along the direct path to the logits, by
+/// graph index (one product per layer for all its kept features).
+fn promoted_tokens(
+    model: &Model,
+    transcoders: &[LayerTranscoder],
+    graph: &AttributionGraph,
+    nodes: &[ShownNode],
+) -> anyhow::Result<HashMap<usize, String>> {
+    let mut by_layer: std::collections::BTreeMap<usize, Vec<(usize, u32)>> = Default::default();
+    for n in nodes {
+        if let Node::Feature(i) = graph.node(n.index) {
+            let f = &graph.features[i];
+            by_layer
+                .entry(f.layer)
+                .or_default()
+                .push((n.index, f.feature));
+        }
+    }
+    let names = model.token_names();
+    let mut out = HashMap::new();
+    for (layer, kept) in by_layer {
+        let Some(t) = transcoders
+            .iter()
+            .find(|t| t.site.output == HookPoint::MlpOut(layer))
+        else {
+            continue;
+        };
+        let ids: Vec<u32> = kept.iter().map(|&(_, f)| f).collect();
+        let ids = candle_core::Tensor::new(ids.as_slice(), t.sae.w_dec.device())?;
+        let rows = t.sae.w_dec.index_select(&ids, 0)?;
+        let Some(effects) = logit_effects(model, HookPoint::MlpOut(layer), &rows, 3, &names)?
+        else {
+            continue;
+        };
+        for ((index, _), e) in kept.iter().zip(effects) {
+            let tokens: Vec<String> = e.top.iter().map(|t| display_token(&t.token)).collect();
+            out.insert(*index, tokens.join(" "));
+        }
+    }
+    Ok(out)
 }
 
 /// Where each kept node is drawn: tokens at the bottom, a layer's features then its error node
@@ -855,7 +987,13 @@ fn hover_text(circuit: &Circuit, node: usize) -> String {
     let graph = &circuit.graph;
     let mut text = circuit.describe(node);
     match graph.node(node) {
-        Node::Feature(i) => text += &format!("\nactivation {:.3}", graph.features[i].activation),
+        Node::Feature(i) => {
+            text += &format!(
+                "\nactivation {:.3}\npromotes {}",
+                graph.features[i].activation,
+                circuit.promotes(node)
+            );
+        }
         Node::Logit(i) => text += &format!("\np {:.3}", graph.logits[i].probability),
         _ => {}
     }
