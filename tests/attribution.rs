@@ -10,14 +10,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_dir, monoscope_json};
 use monoscope::Model;
-use monoscope::attribution_graph::{
-    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute,
-};
+use monoscope::attribution_graph::{AttributionGraph, GraphSettings, LayerTranscoder, Node};
 use monoscope::sae::saelens::{SaeDir, SaeMetadata, save};
 use monoscope::sae::{Architecture, Sae, SaeSite};
 
@@ -71,16 +68,7 @@ fn save_transcoder(model: &Model, dir: &Path, layer: usize) -> LayerTranscoder {
 
 /// The library's graph of `ids` with the default settings.
 fn graph_of(model: &Model, transcoders: &[LayerTranscoder], ids: &[u32]) -> AttributionGraph {
-    attribute(
-        model,
-        transcoders,
-        ids,
-        &GraphSettings::default(),
-        &AtomicBool::new(false),
-        &mut |_, _| {},
-    )
-    .unwrap()
-    .unwrap()
+    common::attribution_graph(model, transcoders, ids, &GraphSettings::default())
 }
 
 fn attribute_command(model: &Path, transcoders: &Path, out: &Path, extra: &[&str]) -> Command {
@@ -383,17 +371,7 @@ fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
         max_feature_nodes: 40,
         ..GraphSettings::default()
     };
-    let cancel = AtomicBool::new(false);
-    let graph = attribute(
-        &model,
-        &transcoders,
-        &ids,
-        &settings,
-        &cancel,
-        &mut |_, _| {},
-    )
-    .unwrap()
-    .unwrap();
+    let graph = common::attribution_graph(&model, &transcoders, &ids, &settings);
     let active: Vec<Vec<i64>> = graph
         .active_features
         .iter()

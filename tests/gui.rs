@@ -799,7 +799,7 @@ fn the_patching_panel_shows_where_the_clean_answer_comes_back_and_opens_a_head()
 #[test]
 fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     use monoscope::attribution_graph::intervene::{FeatureChange, intervene};
-    use monoscope::attribution_graph::{GraphSettings, Node, attribute, load_transcoders};
+    use monoscope::attribution_graph::{GraphSettings, Node, load_transcoders};
     use monoscope::gui::widgets::display_token;
 
     let mut h = harness();
@@ -814,17 +814,7 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
         load_transcoders(&[monoscope::cli::bundled_transcoders_dir()], &model).unwrap();
     let ids = model.encode_prompt("The capital of Japan is").unwrap();
     let cancel = AtomicBool::new(false);
-    let settings = GraphSettings::default();
-    let graph = attribute(
-        &model,
-        &transcoders,
-        &ids,
-        &settings,
-        &cancel,
-        &mut |_, _| {},
-    )
-    .unwrap()
-    .unwrap();
+    let graph = common::attribution_graph(&model, &transcoders, &ids, &GraphSettings::default());
     let pruned = graph.prune(0.8, 0.98).unwrap();
     let top = graph.index(Node::Logit(0));
     let top_name = graph.describe(top, display_token);

@@ -323,3 +323,23 @@ pub fn check_transcoder_against_reference(
     let err = max_relative_error(&out, &io["output"]);
     assert!(err <= 1e-5, "{what}: output off by {err}");
 }
+
+/// The library's attribution graph of `ids` through `transcoders` (never cancelled).
+pub fn attribution_graph(
+    model: &monoscope::Model,
+    transcoders: &[monoscope::attribution_graph::LayerTranscoder],
+    ids: &[u32],
+    settings: &monoscope::attribution_graph::GraphSettings,
+) -> monoscope::attribution_graph::AttributionGraph {
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    monoscope::attribution_graph::attribute(
+        model,
+        transcoders,
+        ids,
+        settings,
+        &cancel,
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .unwrap()
+}
