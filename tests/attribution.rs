@@ -270,7 +270,28 @@ fn the_bundled_model_is_traced_through_its_bundled_transcoders() {
     )
     .unwrap();
     assert_eq!(summary["logits"][0]["token_id"], top[0].id, "{summary}");
-    assert!(summary["kept_nodes"].as_u64().unwrap() > 0, "{summary}");
+    // Every active feature is a node (no limit reached), and some survive pruning.
+    let features = summary["feature_nodes"].as_u64().unwrap();
+    assert!(features > 0, "{summary}");
+    assert_eq!(summary["active_features"], features, "{summary}");
+    let kept = summary["kept_nodes"].as_u64().unwrap();
+    let floor = (summary["tokens"].as_array().unwrap().len()
+        + summary["logits"].as_array().unwrap().len()) as u64;
+    assert!(kept > floor, "no feature or error node kept: {summary}");
+    // The bundled model named by another path (a link to it) still needs no --transcoders.
+    let link = tmp.path().join("world");
+    std::os::unix::fs::symlink(monoscope::cli::bundled_model_dir(), &link).unwrap();
+    let linked = common::monoscope_json(&[
+        "attribute",
+        "--model",
+        link.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--out",
+        tmp.path().join("linked.json").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(linked["feature_nodes"], features, "{linked}");
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let list = file["metadata"]["transcoder_list"].as_array().unwrap();
     let layers: Vec<String> = (0..model.dims().n_layers)
@@ -312,6 +333,14 @@ fn bad_transcoders_and_thresholds_are_refused_by_name() {
     std::fs::create_dir(&empty).unwrap();
     let err = refused(&[&empty], &[]);
     assert!(err.contains("no transcoder folders"), "{err}");
+    // A graph file's name ends in .json (the viewer looks for SLUG.json).
+    let txt = tmp.path().join("graph.txt");
+    let o = attribute_command(&model_dir, &set, &txt, &[])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(".json"), "{err}");
+    assert!(!txt.exists());
     // Without --transcoders only the bundled model has a default set.
     let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
         .args(["attribute", "--model", model_dir.to_str().unwrap()])
@@ -372,6 +401,13 @@ fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
         ..GraphSettings::default()
     };
     let graph = common::attribution_graph(&model, &transcoders, &ids, &settings);
+    // (0 is no limit, as circuit-tracer reads it.)
+    let unlimited = GraphSettings {
+        max_feature_nodes: 0,
+        ..settings.clone()
+    };
+    let all = common::attribution_graph(&model, &transcoders, &ids, &unlimited);
+    assert_eq!(all.features, all.active_features);
     let active: Vec<Vec<i64>> = graph
         .active_features
         .iter()
@@ -634,6 +670,9 @@ fn feature_interventions_move_the_stream_by_the_decoder_row_where_the_feature_is
             assert!(err < 1e-4, "layer {} position {p}: {err}", f.layer);
         }
     }
+    let twice = [changes[0], changes[0]];
+    let err = intervene(&model, &transcoders, &graph, &twice, 5).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
     let moved = intervene(&model, &transcoders, &graph, &changes, 5).unwrap();
     assert_ne!(moved.after, moved.before);
     assert_eq!(moved.top_after.len(), 5);

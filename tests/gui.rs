@@ -830,7 +830,12 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
         .find(|&(s, _)| kept(top, s))
         .unwrap();
     let name = graph.describe(source, display_token);
-    assert!(has_label(&h, &format!("{weight:+.3}")), "{name} {weight}");
+    assert!(h.query_all_by_label(&name).next().is_some(), "{name}");
+    let shown = format!("{weight:+.3}");
+    assert!(
+        h.query_all_by_label(&shown).next().is_some(),
+        "{name} {weight}"
+    );
     // Step to the logit's strongest kept feature input: it lists the logit among its outputs,
     // and its top contexts in the world corpus, the library's.
     let (source, _) = graph

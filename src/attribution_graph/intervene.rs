@@ -79,14 +79,21 @@ pub fn intervention_hooks(
     let n = graph.n_positions();
     // One added tensor per layer touched, [positions, d_model].
     let mut deltas: std::collections::BTreeMap<usize, Vec<f32>> = Default::default();
-    for change in changes {
+    for (k, change) in changes.iter().enumerate() {
+        if changes[..k].iter().any(|c| c.feature == change.feature) {
+            return Err(Error::InvalidArgument {
+                what: "feature intervention",
+                value: change.feature.to_string(),
+                message: "the feature is changed twice".into(),
+            });
+        }
         let f = graph
             .features
             .get(change.feature)
             .ok_or_else(|| Error::InvalidArgument {
                 what: "feature intervention",
                 value: change.feature.to_string(),
-                message: format!("the graph has {} active features", graph.features.len()),
+                message: format!("the graph has {} feature nodes", graph.features.len()),
             })?;
         let transcoder = transcoders
             .iter()

@@ -156,8 +156,8 @@ pub struct GraphSettings {
     pub desired_logit_probability: f32,
     /// Targets per backward pass (rows of the replacement model's batch).
     pub batch_rows: usize,
-    /// At most this many feature nodes, the most influential on the logits (the adjacency is
-    /// dense: its size grows with the square of the node count).
+    /// At most this many feature nodes, the most influential on the logits; 0 for no limit
+    /// (the adjacency is dense: its size grows with the square of the node count).
     pub max_feature_nodes: usize,
 }
 
@@ -454,7 +454,11 @@ pub fn attribute(
     let n_logits = logits.len();
     // Every node of the graph without a limit.
     let n_all = n_active + (n_layers + 1) * ids.len() + n_logits;
-    let limit = settings.max_feature_nodes.min(n_active);
+    // 0: no limit (as circuit-tracer reads it).
+    let limit = match settings.max_feature_nodes {
+        0 => n_active,
+        max => max.min(n_active),
+    };
     let targets = replacement.targets(&logits)?; // the logits first, then every feature
     let (logit_targets, feature_targets) = targets.split_at(n_logits);
     let total = n_logits + limit;
@@ -548,25 +552,44 @@ fn partial_influences(
     logit_probabilities: &[f32],
     n_all: usize,
 ) -> Vec<f32> {
-    let normalised: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|(_, row)| {
-            let sum = row.iter().map(|w| w.abs()).sum::<f32>().max(1e-8);
-            row.iter().map(|w| w.abs() / sum).collect()
-        })
+    use rayon::prelude::*;
+    // Each row's share of its absolute sum, taken as it is read (no normalised copy).
+    let sums: Vec<f32> = rows
+        .par_iter()
+        .map(|(_, row)| row.iter().map(|w| w.abs()).sum::<f32>().max(1e-8))
         .collect();
     let mut reach = vec![0f32; n_all];
     reach[n_all - logit_probabilities.len()..].copy_from_slice(logit_probabilities);
     let mut influence = vec![0f32; n_all];
     // The graph is acyclic, so paths end within (layers + 2) steps; circuit-tracer stops at 128.
     for _ in 0..128 {
-        let mut next = vec![0f32; n_all];
-        for ((node, _), row) in rows.iter().zip(&normalised) {
-            let w = reach[*node];
-            if w != 0.0 {
-                next.iter_mut().zip(row).for_each(|(n, v)| *n += w * v);
-            }
+        let weights: Vec<(usize, f32)> = rows
+            .iter()
+            .zip(&sums)
+            .enumerate()
+            .filter(|(_, ((node, _), _))| reach[*node] != 0.0)
+            .map(|(r, ((node, _), sum))| (r, reach[*node] / sum))
+            .collect();
+        if weights.is_empty() {
+            break;
         }
+        // Columns in parallel, rows in order (the same sums whatever the thread count).
+        let mut next = vec![0f32; n_all];
+        next.par_chunks_mut(1024)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let start = chunk * 1024;
+                for &(r, w) in &weights {
+                    let row = &rows[r].1;
+                    if start >= row.len() {
+                        continue;
+                    }
+                    let end = (start + out.len()).min(row.len());
+                    for (o, v) in out.iter_mut().zip(&row[start..end]) {
+                        *o += w * v.abs();
+                    }
+                }
+            });
         if next.iter().all(|&v| v == 0.0) {
             break;
         }

@@ -46,9 +46,9 @@ pub struct AttributeArgs {
     /// Targets per backward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// At most this many feature nodes: with more active features, the most influential on
-    /// the logits are kept, ranked as circuit-tracer ranks them (the unpruned adjacency is
-    /// dense: 20,000 nodes make a 1.6 GB matrix).
+    /// At most this many feature nodes (0: no limit): with more active features, the most
+    /// influential on the logits are kept, ranked as circuit-tracer ranks them (the unpruned
+    /// adjacency is dense: 20,000 nodes make a 1.6 GB matrix).
     #[arg(long, default_value_t = GraphSettings::default().max_feature_nodes)]
     max_feature_nodes: usize,
     /// Put the model's BOS token before the prompt, as circuit-tracer does (its position is
@@ -72,7 +72,8 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     for path in std::iter::once(&args.out).chain(&args.adjacency) {
         super::refuse_existing(path, args.force)?;
     }
-    // A graph index that cannot be read is refused before the long part.
+    // A graph file name or index that cannot be used is refused before the long part.
+    check_graph_path(&args.out)?;
     GraphIndex::read(&graph_index_path(&args.out))?;
     let mut ids = model.encode_prompt(&args.prompt)?;
     if args.bos {
@@ -85,6 +86,9 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     let named = match (args.transcoders.is_empty(), &args.model.model) {
         (false, _) => args.transcoders.clone(),
         (true, None) => vec![super::bundled_transcoders_dir()],
+        (true, Some(dir)) if super::is_bundled_model(dir) => {
+            vec![super::bundled_transcoders_dir()]
+        }
         (true, Some(dir)) => anyhow::bail!(
             "--transcoders DIR is needed with --model {} (the bundled transcoders fit the bundled model only)",
             dir.display()
@@ -164,6 +168,7 @@ impl GraphToWrite<'_> {
     /// file unless `force`; written under a temporary name, then renamed) and adds it to the
     /// folder's `graph-metadata.json`, where circuit-tracer's viewer finds it as `SLUG.json`.
     pub fn write(&self, out: &Path, force: bool) -> anyhow::Result<GraphFile> {
+        check_graph_path(out)?;
         super::refuse_existing(out, force)?;
         let index_path = graph_index_path(out);
         let mut index = GraphIndex::read(&index_path)?;
@@ -193,6 +198,18 @@ impl GraphToWrite<'_> {
         crate::files::write_atomic(&index_path, |tmp| index.write(tmp))?;
         Ok(file)
     }
+}
+
+/// Refuses a graph file name without `.json`: circuit-tracer's viewer finds a graph as
+/// `SLUG.json` beside its index.
+fn check_graph_path(out: &Path) -> anyhow::Result<()> {
+    if out.extension().is_none_or(|e| e != "json") {
+        anyhow::bail!(
+            "{}: a graph file's name ends in .json (circuit-tracer's viewer finds it as SLUG.json)",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// circuit-tracer's `scan`: which model and transcoders made the graph.

@@ -148,6 +148,13 @@ pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/world")
 }
 
+/// Whether `dir` is the bundled world model's folder, however the path is spelled.
+pub fn is_bundled_model(dir: &Path) -> bool {
+    let bundled = bundled_model_dir();
+    dir == bundled
+        || matches!((dir.canonicalize(), bundled.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Where the bundled world model's transcoders live (one per layer, for attribution graphs).
 pub fn bundled_transcoders_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/transcoders/world-btk-skip")

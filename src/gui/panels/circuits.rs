@@ -54,6 +54,8 @@ const PICK_RADIUS: f32 = 8.0;
 /// What a graph answers.
 #[derive(Clone, Debug, PartialEq)]
 struct Query {
+    /// The model folder it is for (another model opened starts afresh).
+    model: PathBuf,
     prompt: String,
     transcoders: PathBuf,
     bos: bool,
@@ -87,9 +89,11 @@ struct Circuit {
     /// A graph node's index into `nodes`.
     place: HashMap<usize, usize>,
     transcoders: Arc<Vec<LayerTranscoder>>,
-    /// Each kept feature's most promoted tokens (its decoder row's direct logit effect), by
-    /// graph index: a label to read the graph by.
+    /// Each kept feature's three most promoted tokens (its decoder row's direct logit
+    /// effect), by graph index: a label to read the graph by.
     promotes: HashMap<usize, String>,
+    /// Each kept feature's five most promoted and suppressed tokens, as a line.
+    effects: HashMap<usize, String>,
     seconds: f64,
 }
 
@@ -211,13 +215,15 @@ impl Interventions {
         ui: &mut egui::Ui,
         wb: &mut Workbench,
         model: &Arc<Model>,
-        circuit: &Circuit,
-        selected: usize,
+        (circuit, selected, stale): (&Circuit, usize, bool),
     ) -> Option<usize> {
         self.reader.poll(wb);
         if self.serial != circuit.serial {
-            self.serial = circuit.serial;
-            self.changes.clear();
+            // A new graph: the old one's changes and their answer mean nothing for it.
+            *self = Self {
+                serial: circuit.serial,
+                ..Self::default()
+            };
         }
         let graph = &circuit.graph;
         ui.separator();
@@ -275,6 +281,10 @@ impl Interventions {
             circuit.transcoders.clone(),
             circuit.graph.clone(),
         );
+        if stale {
+            ui.weak("the model changed: interventions wait for its new graph");
+            return picked;
+        }
         self.reader
             .run_due(wb, "intervention", move |(_, changes), _| {
                 Ok(intervene(&model, &transcoders, &shown, changes, LISTED)?)
@@ -324,8 +334,6 @@ type LayerKey = (PathBuf, u64, usize);
 /// the first time a feature of that layer is selected).
 #[derive(Default)]
 struct FeatureLooks {
-    /// The selected feature's logit effects, for that (serial, node).
-    effects: Option<((u64, usize), String)>,
     contexts: HashMap<LayerKey, Arc<Vec<Vec<Context>>>>,
     /// Layers whose contexts were asked for (a failed search is not retried).
     asked: std::collections::HashSet<LayerKey>,
@@ -369,13 +377,24 @@ impl Panel for Circuits {
         let Some(model) = need_model(ui, wb) else {
             return;
         };
-        let on_bundled = wb.model_dir == crate::cli::bundled_model_dir();
+        // Another model opened: nothing of the last one's graph carries over.
+        if self
+            .reader
+            .asked_mut()
+            .is_some_and(|q| q.model != wb.model_dir)
+        {
+            self.reader = Reader::default();
+            self.interventions = Interventions::default();
+            self.looks = FeatureLooks::default();
+            self.selected = None;
+        }
+        let on_bundled = crate::cli::is_bundled_model(&wb.model_dir);
         let asked = self.form(ui, &model, on_bundled);
         let dir = self.transcoders_dir(wb);
         if let Some(dir) = &dir
             && (asked || self.reader.asked_mut().is_none())
         {
-            self.reader.ask(self.query(dir));
+            self.reader.ask(self.query(&wb.model_dir, dir));
         }
         let worker = model.clone();
         self.reader
@@ -442,7 +461,10 @@ impl Panel for Circuits {
                 &mut self.looks,
                 layer_key,
             );
-            picked = picked.or(self.interventions.ui(left, wb, &model, circuit, selected));
+            // The model was edited since: the graph is being traced again on the new weights.
+            let stale = answer.model_version != wb.model_version;
+            let shown = (circuit, selected, stale);
+            picked = picked.or(self.interventions.ui(left, wb, &model, shown));
             picked = picked.or(neighbours(right, circuit, selected));
         });
         if let Some(node) = picked {
@@ -459,7 +481,7 @@ impl Circuits {
             return Some(PathBuf::from(typed));
         }
         let bundled = crate::cli::bundled_transcoders_dir();
-        (wb.model_dir == crate::cli::bundled_model_dir() && bundled.is_dir()).then_some(bundled)
+        (crate::cli::is_bundled_model(&wb.model_dir) && bundled.is_dir()).then_some(bundled)
     }
 
     /// The prompt, transcoders and thresholds; whether a graph was asked for.
@@ -508,17 +530,19 @@ impl Circuits {
                 ),
             ] {
                 ui.label(label).on_hover_text(about);
-                asked |= ui
+                let field = ui
                     .add(egui::DragValue::new(value).range(0.0..=1.0).speed(0.01))
-                    .on_hover_text(about)
-                    .drag_stopped();
+                    .on_hover_text(about);
+                // A drag let go of, or a value typed in.
+                asked |= field.drag_stopped() || field.lost_focus();
             }
         });
         asked
     }
 
-    fn query(&self, transcoders: &std::path::Path) -> Query {
+    fn query(&self, model: &std::path::Path, transcoders: &std::path::Path) -> Query {
         Query {
+            model: model.to_path_buf(),
             prompt: self.prompt.clone(),
             transcoders: transcoders.to_path_buf(),
             bos: self.bos,
@@ -556,13 +580,7 @@ fn about_node(
         }
     });
     if let Node::Feature(i) = graph.node(selected) {
-        let key = (circuit.serial, selected);
-        if looks.effects.as_ref().map(|e| e.0) != Some(key) {
-            let text = feature_effects(model, circuit, i)
-                .unwrap_or_else(|e| format!("logit effects unavailable: {e}"));
-            looks.effects = Some((key, text));
-        }
-        if let Some((_, text)) = &looks.effects {
+        if let Some(text) = circuit.effects.get(&selected) {
             ui.label(text.as_str())
                 .on_hover_text(explain::FEATURE_LOGIT_EFFECTS);
         }
@@ -619,6 +637,9 @@ fn feature_contexts(
             .transcoders
             .iter()
             .find(|t| t.site.output == HookPoint::MlpOut(f.layer));
+        if looks.job.is_none() && looks.asked.contains(&key) {
+            ui.weak("top contexts unavailable (the search failed or was cancelled)");
+        }
         if let Some(transcoder) = transcoder
             && looks.job.is_none()
             && looks.asked.insert(key.clone())
@@ -710,7 +731,7 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         .collect();
     edges.sort_by(|a, b| b.2.abs().total_cmp(&a.2.abs()));
     job.set_message("labelling features");
-    let promotes = promoted_tokens(model, &transcoders, &graph, &nodes)?;
+    let (promotes, effects) = promoted_tokens(model, &transcoders, &graph, &nodes)?;
     Ok(Circuit {
         serial: SERIAL.fetch_add(1, Ordering::Relaxed),
         scores: pruned.scores,
@@ -719,6 +740,7 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         place,
         transcoders: Arc::new(transcoders),
         promotes,
+        effects,
         pruned: Arc::new(pruned),
         transcoder_dirs: dirs,
         seconds: started.elapsed().as_secs_f64(),
@@ -726,14 +748,15 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
     })
 }
 
-/// Each kept feature's three most promoted tokens along the direct path to the logits, by
-/// graph index (one product per layer for all its kept features).
+/// Each kept feature's direct-path logit effects, by graph index: its three most promoted
+/// tokens (a label), and its five most promoted and suppressed as a line (one product per
+/// layer for all its kept features; here, in the background, because the unembedding is big).
 fn promoted_tokens(
     model: &Model,
     transcoders: &[LayerTranscoder],
     graph: &AttributionGraph,
     nodes: &[ShownNode],
-) -> anyhow::Result<HashMap<usize, String>> {
+) -> anyhow::Result<(HashMap<usize, String>, HashMap<usize, String>)> {
     let mut by_layer: std::collections::BTreeMap<usize, Vec<(usize, u32)>> = Default::default();
     for n in nodes {
         if let Node::Feature(i) = graph.node(n.index) {
@@ -745,7 +768,15 @@ fn promoted_tokens(
         }
     }
     let names = model.token_names();
-    let mut out = HashMap::new();
+    let (mut labels, mut lines) = (HashMap::new(), HashMap::new());
+    let list = |tokens: &[crate::features::logits::TokenEffect], n: usize| {
+        let shown: Vec<String> = tokens
+            .iter()
+            .take(n)
+            .map(|t| display_token(&t.token))
+            .collect();
+        shown.join(" ")
+    };
     for (layer, kept) in by_layer {
         let Some(t) = transcoders
             .iter()
@@ -756,16 +787,21 @@ fn promoted_tokens(
         let ids: Vec<u32> = kept.iter().map(|&(_, f)| f).collect();
         let ids = candle_core::Tensor::new(ids.as_slice(), t.sae.w_dec.device())?;
         let rows = t.sae.w_dec.index_select(&ids, 0)?;
-        let Some(effects) = logit_effects(model, HookPoint::MlpOut(layer), &rows, 3, &names)?
+        let Some(effects) = logit_effects(model, HookPoint::MlpOut(layer), &rows, 5, &names)?
         else {
             continue;
         };
         for ((index, _), e) in kept.iter().zip(effects) {
-            let tokens: Vec<String> = e.top.iter().map(|t| display_token(&t.token)).collect();
-            out.insert(*index, tokens.join(" "));
+            labels.insert(*index, list(&e.top, 3));
+            let line = format!(
+                "promotes: {}   suppresses: {}",
+                list(&e.top, 5),
+                list(&e.bottom, 5)
+            );
+            lines.insert(*index, line);
         }
     }
-    Ok(out)
+    Ok((labels, lines))
 }
 
 /// Where each kept node is drawn: tokens at the bottom, a layer's features then its error node
@@ -1007,31 +1043,4 @@ fn hover_text(circuit: &Circuit, node: usize) -> String {
         outputs.len()
     );
     text
-}
-
-/// The tokens a feature's decoder row pushes up and down along the direct path to the logits.
-fn feature_effects(model: &Model, circuit: &Circuit, feature: usize) -> anyhow::Result<String> {
-    let f = &circuit.graph.features[feature];
-    let transcoder = circuit
-        .transcoders
-        .iter()
-        .find(|t| t.site.output == HookPoint::MlpOut(f.layer))
-        .ok_or_else(|| anyhow::anyhow!("no transcoder for layer {}", f.layer))?;
-    let row = transcoder.sae.w_dec.narrow(0, f.feature as usize, 1)?;
-    let names = model.token_names();
-    let effects = logit_effects(model, HookPoint::MlpOut(f.layer), &row, 5, &names)?
-        .and_then(|mut e| e.pop())
-        .ok_or_else(|| anyhow::anyhow!("no direct path to the logits"))?;
-    let list = |tokens: &[crate::features::logits::TokenEffect]| {
-        tokens
-            .iter()
-            .map(|t| display_token(&t.token))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    Ok(format!(
-        "promotes: {}   suppresses: {}",
-        list(&effects.top),
-        list(&effects.bottom)
-    ))
 }
