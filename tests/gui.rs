@@ -901,6 +901,16 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     let result = intervene(&model, &transcoders, &graph, &[change], 8).unwrap();
     let row = format!("{:.3} → {:.3}", result.before[0], result.after[0]);
     assert!(h.query_all_by_label(&row).next().is_some(), "{row}");
+    // Another prompt is traced anew (not the last graph pruned again): its own top logit.
+    let france = "The capital of France is";
+    replace_text(&mut h, "Prompt", france);
+    h.key_press(egui::Key::Enter);
+    let ids = model.encode_prompt(france).unwrap();
+    let graph = common::attribution_graph(&model, &transcoders, &ids, &GraphSettings::default());
+    let top_name = graph.describe(graph.index(Node::Logit(0)), display_token);
+    wait_for(&mut h, &top_name, |h| {
+        has_label(h, &format!("Selected: {top_name}")) && !h.state().busy()
+    });
     // A folder that holds no transcoders is a message, not a crash.
     replace_text(&mut h, "Transcoders", "/nonexistent/transcoders");
     h.key_press(egui::Key::Enter);

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use egui::{Color32, Pos2, Rect, Sense, Stroke, pos2, vec2};
 
@@ -61,6 +61,17 @@ struct Query {
     bos: bool,
     node_threshold: f32,
     edge_threshold: f32,
+}
+
+impl Query {
+    /// What the graph itself depends on (the thresholds only prune it).
+    fn without_thresholds(self) -> Self {
+        Self {
+            node_threshold: 0.0,
+            edge_threshold: 0.0,
+            ..self
+        }
+    }
 }
 
 /// A kept node and where it is drawn: `column` is its token position; `row` 0 the embeddings,
@@ -131,6 +142,8 @@ pub struct Circuits {
     node_threshold: f32,
     edge_threshold: f32,
     reader: Reader<Query, Circuit>,
+    /// The last graph traced (new thresholds prune it again rather than trace anew).
+    last: Arc<Mutex<Option<Traced>>>,
     interventions: Interventions,
     save: SaveForm,
     /// The selected node (graph index) of the graph with that serial.
@@ -349,6 +362,7 @@ impl Default for Circuits {
             node_threshold: 0.8,
             edge_threshold: 0.98,
             reader: Reader::default(),
+            last: Arc::default(),
             interventions: Interventions::default(),
             save: SaveForm::default(),
             selected: None,
@@ -396,10 +410,10 @@ impl Panel for Circuits {
         {
             self.reader.ask(self.query(&wb.model_dir, dir));
         }
-        let worker = model.clone();
+        let (worker, memo, version) = (model.clone(), self.last.clone(), wb.model_version);
         self.reader
             .run_due(wb, "attribution graph", move |query, job| {
-                trace(&worker, query, job)
+                trace(&worker, query, job, &memo, version)
             });
         if let Some(job) = self.reader.job() {
             ui.horizontal(|ui| job_row(ui, job));
@@ -690,31 +704,36 @@ fn feature_contexts(
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// Loads the transcoders, computes and prunes the graph, and lays it out (in the background).
-fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circuit> {
+fn trace(
+    model: &Model,
+    query: &Query,
+    job: &JobHandle,
+    memo: &Mutex<Option<Traced>>,
+    model_version: u64,
+) -> anyhow::Result<Circuit> {
     let started = std::time::Instant::now();
-    job.set_message("loading transcoders");
-    let dirs = transcoder_dirs(std::slice::from_ref(&query.transcoders))?;
-    let transcoders = dirs
-        .iter()
-        .map(|dir| LayerTranscoder::load(dir, model))
-        .collect::<crate::error::Result<Vec<_>>>()?;
-    let mut ids = model.encode_prompt(&query.prompt)?;
-    if query.bos
-        && let Some(bos) = model.bos_token_id
-    {
-        ids.insert(0, bos);
-        model.check_length(ids.len())?;
-    }
-    job.set_message("");
-    let graph = attribute(
-        model,
-        &transcoders,
-        &ids,
-        &GraphSettings::default(),
-        job.cancel_flag(),
-        &mut |done, total| job.set_progress(done as u64, total as u64, "targets"),
-    )?
-    .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+    let key = (query.clone().without_thresholds(), model_version);
+    let remembered = memo
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().filter(|t| t.key == key).cloned());
+    let traced = match remembered {
+        // Only the thresholds changed: prune the same graph again.
+        Some(traced) => traced,
+        None => {
+            let traced = attribute_anew(model, query, job, key)?;
+            if let Ok(mut m) = memo.lock() {
+                *m = Some(traced.clone());
+            }
+            traced
+        }
+    };
+    let Traced {
+        graph,
+        transcoders,
+        dirs,
+        ..
+    } = traced;
     job.set_message("pruning");
     let pruned = graph.prune(query.node_threshold, query.edge_threshold)?;
     let (nodes, place) = layout(&graph, &pruned.nodes);
@@ -738,13 +757,61 @@ fn trace(model: &Model, query: &Query, job: &JobHandle) -> anyhow::Result<Circui
         nodes,
         edges,
         place,
-        transcoders: Arc::new(transcoders),
+        transcoders,
         promotes,
         effects,
         pruned: Arc::new(pruned),
         transcoder_dirs: dirs,
         seconds: started.elapsed().as_secs_f64(),
+        graph,
+    })
+}
+
+/// A graph as traced, before pruning, with what it was traced for.
+#[derive(Clone)]
+struct Traced {
+    /// The query less its thresholds, and the model version.
+    key: (Query, u64),
+    graph: Arc<AttributionGraph>,
+    transcoders: Arc<Vec<LayerTranscoder>>,
+    dirs: Vec<PathBuf>,
+}
+
+/// Loads the transcoders and computes the query's graph.
+fn attribute_anew(
+    model: &Model,
+    query: &Query,
+    job: &JobHandle,
+    key: (Query, u64),
+) -> anyhow::Result<Traced> {
+    job.set_message("loading transcoders");
+    let dirs = transcoder_dirs(std::slice::from_ref(&query.transcoders))?;
+    let transcoders = dirs
+        .iter()
+        .map(|dir| LayerTranscoder::load(dir, model))
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    let mut ids = model.encode_prompt(&query.prompt)?;
+    if query.bos
+        && let Some(bos) = model.bos_token_id
+    {
+        ids.insert(0, bos);
+        model.check_length(ids.len())?;
+    }
+    job.set_message("");
+    let graph = attribute(
+        model,
+        &transcoders,
+        &ids,
+        &GraphSettings::default(),
+        job.cancel_flag(),
+        &mut |done, total| job.set_progress(done as u64, total as u64, "targets"),
+    )?
+    .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+    Ok(Traced {
+        key,
         graph: Arc::new(graph),
+        transcoders: Arc::new(transcoders),
+        dirs,
     })
 }
 
