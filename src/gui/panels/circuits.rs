@@ -31,6 +31,10 @@ use crate::sae::activations::Corpus;
 
 /// Height of one row of the graph (the embeddings, a layer, the logits).
 const ROW_HEIGHT: f32 = 40.0;
+/// Narrowest a token's column gets before the graph scrolls sideways, in points.
+const MIN_COLUMN_WIDTH: f32 = 90.0;
+/// Token columns the logits spread over (the last ones).
+const LOGIT_COLUMNS: usize = 6;
 /// Width of the row labels left of the graph.
 const LABEL_WIDTH: f32 = 56.0;
 /// Edges drawn faintly behind the selected node's, strongest first (a short prompt keeps tens
@@ -452,7 +456,17 @@ impl Panel for Circuits {
         ui.separator();
         summary(ui, circuit);
         self.save.ui(ui, wb, &model, circuit, &answer.question);
-        let mut picked = graph_view(ui, circuit, selected);
+        // A long prompt scrolls sideways rather than crowding its tokens; the row labels stay.
+        let mut picked = ui
+            .horizontal_top(|ui| {
+                row_labels(ui, circuit.graph.n_layers);
+                egui::ScrollArea::horizontal()
+                    .id_salt("circuit graph")
+                    .stick_to_right(true)
+                    .show(ui, |ui| graph_view(ui, circuit, selected))
+                    .inner
+            })
+            .inner;
         ui.separator();
         let layer_key = |layer| {
             (
@@ -872,7 +886,7 @@ fn promoted_tokens(
 }
 
 /// Where each kept node is drawn: tokens at the bottom, a layer's features then its error node
-/// above their token, the logits spread along the top.
+/// above their token, the logits along the top over the last tokens.
 fn layout(graph: &AttributionGraph, kept: &[bool]) -> (Vec<ShownNode>, HashMap<usize, usize>) {
     let top_row = graph.n_layers + 1;
     let mut cells: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
@@ -942,17 +956,37 @@ fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
     });
 }
 
+/// The graph's row names, level with its rows: tokens, each layer, logits.
+fn row_labels(ui: &mut egui::Ui, n_layers: usize) {
+    let rows = n_layers + 2;
+    let size = vec2(LABEL_WIDTH, rows as f32 * ROW_HEIGHT + 16.0);
+    let (rect, _) = ui.allocate_exact_size(size, Sense::hover());
+    let bottom = rect.bottom() - 16.0;
+    for row in 0..rows {
+        let label = match row {
+            0 => "tokens".to_string(),
+            r if r == rows - 1 => "logits".to_string(),
+            r => format!("L{}", r - 1),
+        };
+        ui.painter().text(
+            pos2(rect.left() + 4.0, bottom - (row as f32 + 0.5) * ROW_HEIGHT),
+            egui::Align2::LEFT_CENTER,
+            label,
+            egui::FontId::proportional(11.0),
+            ui.visuals().weak_text_color(),
+        );
+    }
+}
+
 /// Draws the graph; returns a clicked node (a graph index).
 fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<usize> {
     let graph = &circuit.graph;
     let rows = graph.n_layers + 2;
-    let size = vec2(ui.available_width(), rows as f32 * ROW_HEIGHT + 16.0);
-    let (response, painter) = ui.allocate_painter(size, Sense::click());
-    let area = Rect::from_min_max(
-        response.rect.min + vec2(LABEL_WIDTH, 0.0),
-        response.rect.max - vec2(0.0, 16.0),
-    );
     let columns = graph.n_positions().max(1) as f32;
+    let width = ui.available_width().max(columns * MIN_COLUMN_WIDTH);
+    let size = vec2(width, rows as f32 * ROW_HEIGHT + 16.0);
+    let (response, painter) = ui.allocate_painter(size, Sense::click());
+    let area = Rect::from_min_max(response.rect.min, response.rect.max - vec2(0.0, 16.0));
     let column_width = area.width() / columns;
     let visuals = ui.visuals().clone();
     let dark = visuals.dark_mode;
@@ -960,8 +994,10 @@ fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<u
     let font = egui::FontId::proportional(11.0);
     let position = |n: &ShownNode| -> Pos2 {
         let y = area.bottom() - (n.row as f32 + 0.5) * ROW_HEIGHT;
+        // The logits spread over the last few columns, above the token they follow.
+        let logit_span = graph.n_positions().clamp(1, LOGIT_COLUMNS) as f32 * column_width;
         let (left, width) = match n.row == graph.n_layers + 1 {
-            true => (area.left(), area.width()),
+            true => (area.right() - logit_span, logit_span),
             false => (area.left() + n.column as f32 * column_width, column_width),
         };
         // A crowded cell wraps onto up to CELL_LINES lines.
@@ -977,22 +1013,7 @@ fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<u
         )
     };
     let points: Vec<Pos2> = circuit.nodes.iter().map(position).collect();
-    // Row labels and column tokens.
-    for row in 0..rows {
-        let label = match row {
-            0 => "tokens".to_string(),
-            r if r == rows - 1 => "logits".to_string(),
-            r => format!("L{}", r - 1),
-        };
-        let y = area.bottom() - (row as f32 + 0.5) * ROW_HEIGHT;
-        painter.text(
-            pos2(response.rect.left() + 4.0, y),
-            egui::Align2::LEFT_CENTER,
-            label,
-            font.clone(),
-            visuals.weak_text_color(),
-        );
-    }
+    // Column tokens.
     for (p, token) in graph.tokens.iter().enumerate() {
         painter.text(
             pos2(
