@@ -292,6 +292,68 @@ fn the_bundled_model_is_traced_through_its_bundled_transcoders() {
         "--json",
     ]);
     assert_eq!(linked["feature_nodes"], features, "{linked}");
+    // --intervene: the logit's strongest feature input ablated, as the library's intervention;
+    // a feature that is not a node is refused by name.
+    let transcoders = monoscope::attribution_graph::load_transcoders(
+        &[monoscope::cli::bundled_transcoders_dir()],
+        &model,
+    )
+    .unwrap();
+    let graph = graph_of(&model, &transcoders, &ids);
+    let top = graph.index(Node::Logit(0));
+    let (source, _) = graph
+        .strongest_inputs(top)
+        .into_iter()
+        .find(|&(s, _)| matches!(graph.node(s), Node::Feature(_)))
+        .unwrap();
+    let Node::Feature(i) = graph.node(source) else {
+        unreachable!()
+    };
+    let f = &graph.features[i];
+    let change = format!("{}:{}:{}=0", f.layer, f.position, f.feature);
+    let out2 = tmp.path().join("ablated.json");
+    let ablated = common::monoscope_json(&[
+        "attribute",
+        "--prompt",
+        prompt,
+        "--out",
+        out2.to_str().unwrap(),
+        "--json",
+        "--intervene",
+        &change,
+    ]);
+    let expected = monoscope::attribution_graph::intervene::intervene(
+        &model,
+        &transcoders,
+        &graph,
+        &[monoscope::attribution_graph::intervene::FeatureChange {
+            feature: i,
+            value: 0.0,
+        }],
+        5,
+    )
+    .unwrap();
+    let after: Vec<f64> = ablated["intervention"]["after"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(after.len(), expected.after.len());
+    for (a, e) in after.iter().zip(&expected.after) {
+        assert!((a - f64::from(*e)).abs() < 1e-5, "{a} {e}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["attribute", "--prompt", prompt, "--intervene", "0:0:0=1"])
+        .args(["--out", tmp.path().join("not.json").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--intervene 0:0:0"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("not.json").exists());
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let list = file["metadata"]["transcoder_list"].as_array().unwrap();
     let layers: Vec<String> = (0..model.dims().n_layers)

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, write_new_file};
 use crate::attribution_graph::graph_file::{GraphFile, GraphIndex, Metadata, graph_index_path};
+use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
     AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
@@ -61,6 +62,11 @@ pub struct AttributeArgs {
     /// `selected_features` (which active features are nodes).
     #[arg(long, value_parser = super::output_path, value_name = "FILE")]
     adjacency: Option<PathBuf>,
+    /// Then set a feature node to a new activation and run the prompt again (repeatable):
+    /// `LAYER:POSITION:FEATURE=VALUE`, e.g. `6:4:1729=0` ablates feature 1729 of layer 6's
+    /// transcoder at token 4. Prints the logit targets' probabilities before and after.
+    #[arg(long = "intervene", value_name = "L:P:F=V", value_parser = parse_change)]
+    intervene: Vec<(usize, usize, u32, f32)>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -129,6 +135,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     )?
     .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
     bar.finish_and_clear();
+    let changes = resolve_changes(&graph, &args.intervene)?;
     let seconds = started.elapsed().as_secs_f64();
     let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
     let file = GraphToWrite {
@@ -145,12 +152,85 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
             Ok(crate::files::write_safetensors(&graph.tensors()?, tmp)?)
         })?;
     }
-    let summary = Summary::new(&graph, &file, pruned.scores, seconds, &args.out);
+    let mut summary = Summary::new(&graph, &file, pruned.scores, seconds, &args.out);
+    if !changes.is_empty() {
+        summary.intervention = Some(intervene(&model, &transcoders, &graph, &changes, 5)?);
+    }
     if args.json {
         return print_json(&summary);
     }
     summary.print(&graph);
+    if let Some(result) = &summary.intervention {
+        print_intervention(&graph, &changes, result);
+    }
     Ok(())
+}
+
+/// `--intervene`'s `LAYER:POSITION:FEATURE=VALUE`.
+fn parse_change(text: &str) -> Result<(usize, usize, u32, f32), String> {
+    let bad = || format!("`{text}`: expected LAYER:POSITION:FEATURE=VALUE, e.g. 6:4:1729=0");
+    let (site, value) = text.split_once('=').ok_or_else(bad)?;
+    let parts: Vec<&str> = site.split(':').collect();
+    let [layer, position, feature] = parts.as_slice() else {
+        return Err(bad());
+    };
+    Ok((
+        layer.trim().parse().map_err(|_| bad())?,
+        position.trim().parse().map_err(|_| bad())?,
+        feature.trim().parse().map_err(|_| bad())?,
+        value.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
+/// The graph's feature node for each `--intervene`, or an error naming one that is not a node.
+fn resolve_changes(
+    graph: &AttributionGraph,
+    asked: &[(usize, usize, u32, f32)],
+) -> anyhow::Result<Vec<FeatureChange>> {
+    asked
+        .iter()
+        .map(|&(layer, position, feature, value)| {
+            let index = graph
+                .features
+                .iter()
+                .position(|f| (f.layer, f.position, f.feature) == (layer, position, feature))
+                .with_context(|| {
+                    format!(
+                        "--intervene {layer}:{position}:{feature}: feature {feature} of layer \
+                         {layer} is not a feature node at token {position} (not active there, \
+                         or left out by --max-feature-nodes)"
+                    )
+                })?;
+            Ok(FeatureChange {
+                feature: index,
+                value,
+            })
+        })
+        .collect()
+}
+
+fn print_intervention(graph: &AttributionGraph, changes: &[FeatureChange], result: &Intervened) {
+    let named: Vec<String> = changes
+        .iter()
+        .map(|c| {
+            let node = graph.index(Node::Feature(c.feature));
+            format!("{} → {}", graph.describe(node, display_token), c.value)
+        })
+        .collect();
+    println!("intervention: {}", named.join(", "));
+    for (l, (b, a)) in graph
+        .logits
+        .iter()
+        .zip(result.before.iter().zip(&result.after))
+    {
+        println!("  '{}': p {b:.3} → {a:.3}", display_token(&l.token));
+    }
+    let top: Vec<String> = result
+        .top_after
+        .iter()
+        .map(|t| format!("'{}' {:.3}", display_token(&t.token), t.prob))
+        .collect();
+    println!("  most likely after: {}", top.join(", "));
 }
 
 /// A pruned graph and what made it: what a graph file is written from.
@@ -241,6 +321,9 @@ struct Summary {
     replacement_score: f32,
     completeness_score: f32,
     seconds: f64,
+    /// `--intervene`'s result: the logit targets before and after, the top tokens after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intervention: Option<Intervened>,
 }
 
 impl Summary {
@@ -263,6 +346,7 @@ impl Summary {
             replacement_score: scores.replacement,
             completeness_score: scores.completeness,
             seconds,
+            intervention: None,
         }
     }
 
