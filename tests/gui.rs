@@ -911,6 +911,18 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     wait_for(&mut h, &top_name, |h| {
         has_label(h, &format!("Selected: {top_name}")) && !h.state().busy()
     });
+    // With the graph drawn and no job left, the window comes to rest (no redraw loop), for a
+    // prompt whose graph fits and for one wide enough to scroll sideways.
+    h.try_run()
+        .expect("the Circuits panel keeps asking for frames");
+    let long = "The capital of France is Paris. 日本の首都は東京です。 The capital of Italy is";
+    replace_text(&mut h, "Prompt", long);
+    h.key_press(egui::Key::Enter);
+    wait_for(&mut h, "the long prompt's graph", |h| {
+        has_label(h, "over 23 tokens") && !h.state().busy()
+    });
+    h.try_run()
+        .expect("the scrolled graph keeps asking for frames");
     // A folder that holds no transcoders is a message, not a crash.
     replace_text(&mut h, "Transcoders", "/nonexistent/transcoders");
     h.key_press(egui::Key::Enter);

@@ -456,17 +456,19 @@ impl Panel for Circuits {
         ui.separator();
         summary(ui, circuit);
         self.save.ui(ui, wb, &model, circuit, &answer.question);
-        // A long prompt scrolls sideways rather than crowding its tokens; the row labels stay.
-        let mut picked = ui
-            .horizontal_top(|ui| {
-                row_labels(ui, circuit.graph.n_layers);
-                egui::ScrollArea::horizontal()
-                    .id_salt("circuit graph")
-                    .stick_to_right(true)
-                    .show(ui, |ui| graph_view(ui, circuit, selected))
-                    .inner
-            })
-            .inner;
+        // A long prompt scrolls sideways rather than crowding its tokens. Only then: a scroll
+        // area sized by the view it sits in would resize itself from pass to pass.
+        let needed = LABEL_WIDTH + circuit.graph.n_positions().max(1) as f32 * MIN_COLUMN_WIDTH;
+        let mut picked = if needed <= ui.available_width() {
+            let width = ui.available_width();
+            graph_view(ui, circuit, selected, width)
+        } else {
+            egui::ScrollArea::horizontal()
+                .id_salt("circuit graph")
+                .stick_to_right(true)
+                .show(ui, |ui| graph_view(ui, circuit, selected, needed))
+                .inner
+        };
         ui.separator();
         let layer_key = |layer| {
             (
@@ -956,37 +958,17 @@ fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
     });
 }
 
-/// The graph's row names, level with its rows: tokens, each layer, logits.
-fn row_labels(ui: &mut egui::Ui, n_layers: usize) {
-    let rows = n_layers + 2;
-    let size = vec2(LABEL_WIDTH, rows as f32 * ROW_HEIGHT + 16.0);
-    let (rect, _) = ui.allocate_exact_size(size, Sense::hover());
-    let bottom = rect.bottom() - 16.0;
-    for row in 0..rows {
-        let label = match row {
-            0 => "tokens".to_string(),
-            r if r == rows - 1 => "logits".to_string(),
-            r => format!("L{}", r - 1),
-        };
-        ui.painter().text(
-            pos2(rect.left() + 4.0, bottom - (row as f32 + 0.5) * ROW_HEIGHT),
-            egui::Align2::LEFT_CENTER,
-            label,
-            egui::FontId::proportional(11.0),
-            ui.visuals().weak_text_color(),
-        );
-    }
-}
-
-/// Draws the graph; returns a clicked node (a graph index).
-fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<usize> {
+/// Draws the graph `width` points wide; returns a clicked node (a graph index).
+fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize, width: f32) -> Option<usize> {
     let graph = &circuit.graph;
     let rows = graph.n_layers + 2;
     let columns = graph.n_positions().max(1) as f32;
-    let width = ui.available_width().max(columns * MIN_COLUMN_WIDTH);
     let size = vec2(width, rows as f32 * ROW_HEIGHT + 16.0);
     let (response, painter) = ui.allocate_painter(size, Sense::click());
-    let area = Rect::from_min_max(response.rect.min, response.rect.max - vec2(0.0, 16.0));
+    let area = Rect::from_min_max(
+        response.rect.min + vec2(LABEL_WIDTH, 0.0),
+        response.rect.max - vec2(0.0, 16.0),
+    );
     let column_width = area.width() / columns;
     let visuals = ui.visuals().clone();
     let dark = visuals.dark_mode;
@@ -1013,7 +995,24 @@ fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize) -> Option<u
         )
     };
     let points: Vec<Pos2> = circuit.nodes.iter().map(position).collect();
-    // Column tokens.
+    // Row labels and column tokens.
+    for row in 0..rows {
+        let label = match row {
+            0 => "tokens".to_string(),
+            r if r == rows - 1 => "logits".to_string(),
+            r => format!("L{}", r - 1),
+        };
+        painter.text(
+            pos2(
+                response.rect.left() + 4.0,
+                area.bottom() - (row as f32 + 0.5) * ROW_HEIGHT,
+            ),
+            egui::Align2::LEFT_CENTER,
+            label,
+            font.clone(),
+            visuals.weak_text_color(),
+        );
+    }
     for (p, token) in graph.tokens.iter().enumerate() {
         painter.text(
             pos2(
