@@ -327,7 +327,10 @@ mod screenshots {
         dir: PathBuf,
         next: usize,
         shown_since: Option<Instant>,
-        requested: bool,
+        /// When the screenshot was asked for. A pass that egui discards does not see the
+        /// input of the pass before it, so the screenshot's event can be lost; after a while
+        /// it is asked for again.
+        requested: Option<Instant>,
         /// Time of frames drawn while a job ran (eframe's: wall clock from update to painted),
         /// seconds, with the UI thread's own CPU time in it and the panel shown.
         busy_frames: Vec<(f32, Option<f32>, PanelKind)>,
@@ -350,7 +353,7 @@ mod screenshots {
                 dir,
                 next: 0,
                 shown_since: None,
-                requested: false,
+                requested: None,
                 busy_frames: Vec::new(),
                 last_thread_cpu: None,
                 busy_gaps: Vec::new(),
@@ -422,9 +425,12 @@ mod screenshots {
             if busy || since.elapsed() < Duration::from_secs(2) {
                 return;
             }
-            if !self.requested {
+            if self
+                .requested
+                .is_none_or(|at| at.elapsed() > Duration::from_secs(3))
+            {
                 ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::UserData::default()));
-                self.requested = true;
+                self.requested = Some(Instant::now());
                 return;
             }
             let image = ctx.input(|i| {
@@ -445,7 +451,7 @@ mod screenshots {
                     }));
                 self.next += 1;
                 self.shown_since = None;
-                self.requested = false;
+                self.requested = None;
             }
         }
 
