@@ -141,8 +141,12 @@ pub fn transcoder_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// Loads every transcoder in `dirs` (see [`transcoder_dirs`]) for `model`.
 pub fn load_transcoders(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
-    transcoder_dirs(dirs)?
-        .iter()
+    load_each(&transcoder_dirs(dirs)?, model)
+}
+
+/// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]).
+pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
+    dirs.iter()
         .map(|dir| LayerTranscoder::load(dir, model))
         .collect()
 }

@@ -11,7 +11,7 @@ use crate::attribution_graph::graph_file::{GraphFile, GraphIndex, Metadata, grap
 use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
-    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
+    AttributionGraph, GraphSettings, Node, attribute, load_each, transcoder_dirs,
 };
 use crate::gui::widgets::display_token;
 
@@ -101,10 +101,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         ),
     };
     let dirs = transcoder_dirs(&named)?;
-    let transcoders = dirs
-        .iter()
-        .map(|dir| LayerTranscoder::load(dir, &model))
-        .collect::<crate::error::Result<Vec<_>>>()?;
+    let transcoders = load_each(&dirs, &model)?;
     let settings = GraphSettings {
         max_logits: args.max_logits,
         desired_logit_probability: args.logit_probability,

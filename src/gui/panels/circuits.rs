@@ -17,7 +17,7 @@ use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::GraphScores;
 use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
-    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, transcoder_dirs,
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, load_each, transcoder_dirs,
 };
 use crate::features::logits::logit_effects;
 use crate::features::stats::Context;
@@ -802,10 +802,7 @@ fn attribute_anew(
 ) -> anyhow::Result<Traced> {
     job.set_message("loading transcoders");
     let dirs = transcoder_dirs(std::slice::from_ref(&query.transcoders))?;
-    let transcoders = dirs
-        .iter()
-        .map(|dir| LayerTranscoder::load(dir, model))
-        .collect::<crate::error::Result<Vec<_>>>()?;
+    let transcoders = load_each(&dirs, model)?;
     let mut ids = model.encode_prompt(&query.prompt)?;
     if query.bos
         && let Some(bos) = model.bos_token_id
