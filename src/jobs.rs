@@ -220,6 +220,14 @@ impl<T: Send + 'static> Job<T> {
     }
 }
 
+/// A job nobody can take the result of any more (its panel replaced it or closed) is asked to
+/// stop, so superseded work does not keep the cores from the work that replaced it.
+impl<T> Drop for Job<T> {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
 impl<T> Job<T> {
     /// Whether the work is still going (false once it ended, taken or not).
     pub fn is_running(&self) -> bool {
@@ -353,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn cancel_stops_a_paused_job_and_a_panic_becomes_an_error() {
+    fn cancel_stops_a_paused_job() {
         let job = Job::spawn(
             "wait",
             || {},
@@ -372,7 +380,36 @@ mod tests {
         job.cancel();
         let result: Result<(), String> = job.wait();
         assert_eq!(result, Err("cancelled".into()));
+    }
 
+    /// Dropping a job's only handle (a panel replacing it) stops its work.
+    #[test]
+    fn a_dropped_job_is_cancelled() {
+        let (sender, stopped) = channel();
+        let started = Arc::new(AtomicBool::new(false));
+        let running = started.clone();
+        let job: Job<()> = Job::spawn(
+            "endless",
+            || {},
+            move |h| {
+                running.store(true, Ordering::SeqCst);
+                while !h.is_cancelled() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                sender.send(()).unwrap();
+                Ok(())
+            },
+        );
+        while !started.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(job.is_running());
+        drop(job);
+        assert_eq!(stopped.recv_timeout(Duration::from_secs(10)), Ok(()));
+    }
+
+    #[test]
+    fn a_panic_in_a_job_becomes_an_error() {
         let job = Job::spawn("boom", || {}, |_| -> anyhow::Result<()> { panic!("boom") });
         let err = job.wait().unwrap_err();
         assert!(err.contains("boom"), "{err}");

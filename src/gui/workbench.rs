@@ -245,21 +245,12 @@ impl Workbench {
         }));
     }
 
-    /// Cancels the loading of the SAE open until now, its store and labels: their results
-    /// would belong to what is being replaced.
+    /// Drops (and so cancels) the loading of the SAE open until now, its store and labels:
+    /// their results would belong to what is being replaced.
     fn drop_sae_jobs(&mut self) {
-        let jobs = [
-            self.sae_job.take().map(|j| Box::new(j) as Box<dyn JobView>),
-            self.store_job
-                .take()
-                .map(|j| Box::new(j) as Box<dyn JobView>),
-            self.label_job
-                .take()
-                .map(|j| Box::new(j) as Box<dyn JobView>),
-        ];
-        for job in jobs.into_iter().flatten() {
-            job.cancel();
-        }
+        self.sae_job = None;
+        self.store_job = None;
+        self.label_job = None;
     }
 
     /// Replaces the model's weights (after an edit or an undo).

@@ -132,7 +132,7 @@ fn take<T: Send + 'static>(
     wb: &mut Workbench,
 ) -> Option<T> {
     let result = slot.as_mut()?.poll()?;
-    let name = slot.take().map(|j| j.name).unwrap_or_default();
+    let name = slot.take().map(|j| j.name.clone()).unwrap_or_default();
     match result {
         Ok(value) => Some(value),
         Err(e) => {
@@ -192,8 +192,13 @@ impl<Q: Clone + PartialEq + Send + 'static, R: Send + 'static> Reader<Q, R> {
         }
     }
 
-    /// Asks `question`, even if it is the one that last ran (and failed).
+    /// Asks `question`, even if it is the one that last ran (and failed). A job still at work
+    /// on another question is dropped, which cancels it: its answer would be stale on arrival,
+    /// and the new question's job starts at once instead of after it.
     pub fn ask(&mut self, question: Q) {
+        if running(&self.job) && self.started.as_ref().is_some_and(|(q, _)| *q != question) {
+            self.job = None;
+        }
         self.asked = Some(question);
         self.started = None;
     }
@@ -226,5 +231,62 @@ impl<Q: Clone + PartialEq + Send + 'static, R: Send + 'static> Reader<Q, R> {
                 value,
             })
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    /// A new question cancels the job at work on the last one, whose end then shows no
+    /// error, and the new question's answer arrives.
+    #[test]
+    fn a_new_question_cancels_the_job_at_work_on_the_last_one() {
+        let mut wb = Workbench::new(egui::Context::default());
+        let mut reader: Reader<u32, u32> = Reader::default();
+        let (stopped_tx, stopped) = mpsc::channel();
+        let started = Arc::new(AtomicBool::new(false));
+        let work = |started: Arc<AtomicBool>, stopped_tx: mpsc::Sender<u32>| {
+            move |q: &u32, job: &crate::jobs::JobHandle| {
+                started.store(true, Ordering::SeqCst);
+                if *q == 1 {
+                    // The slow question: works until it is cancelled.
+                    while !job.is_cancelled() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    stopped_tx.send(*q)?;
+                    anyhow::bail!("cancelled");
+                }
+                Ok(q * 10)
+            }
+        };
+        reader.ask(1);
+        reader.run_due(&wb, "slow", work(started.clone(), stopped_tx.clone()));
+        while !started.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(reader.busy());
+        reader.ask(2);
+        reader.run_due(&wb, "quick", work(started.clone(), stopped_tx));
+        assert_eq!(stopped.recv_timeout(Duration::from_secs(10)), Ok(1));
+        for _ in 0..10_000 {
+            reader.poll(&mut wb);
+            if reader.answer().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let answer = reader.answer().expect("the second question's answer");
+        assert_eq!((answer.question, answer.value), (2, 20));
+        assert!(wb.messages().is_empty(), "{:?}", wb.messages());
+
+        // The same question asked again while it runs keeps its job.
+        reader.ask(1);
+        reader.run_due(&wb, "slow", work(started.clone(), mpsc::channel().0));
+        reader.ask(1);
+        assert!(reader.busy());
     }
 }
