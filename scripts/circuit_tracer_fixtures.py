@@ -13,7 +13,13 @@ circuit-tracer loads models), gives it one random JumpReLU skip transcoder per l
                              `i.logit_probabilities` and `i.adjacency` (circuit-tracer's
                              unpruned adjacency matrix); `i.node_mask`, `i.edge_mask`
                              and `i.cumulative_scores` of its `prune_graph` at 0.8 / 0.98,
-                             and `i.scores` (replacement, completeness)
+                             and `i.scores` (replacement, completeness); `limited.*`, the
+                             first prompt's graph with a feature-node limit; `clt.*`, the
+                             first prompt's graph through the cross-layer transcoder below
+  OUT/clt/                   a random JumpReLU cross-layer transcoder reading
+                             `blocks.L.hook_resid_mid`, written by circuit-tracer's own
+                             `CrossLayerTranscoder.to_safetensors` (W_enc_L / W_dec_L files),
+                             with the `config.yaml` its Hugging Face repositories carry
 
 Run with a Python that has circuit-tracer 0.5.0, TransformerLens and transformers, e.g.
     /opt/saelens-venv/bin/pip install --no-deps circuit-tracer==0.5.0
@@ -46,6 +52,10 @@ from circuit_tracer.replacement_model.replacement_model_transformerlens import (
     TransformerLensReplacementModel,
 )
 from circuit_tracer.transcoder.activation_functions import JumpReLU  # noqa: E402
+from circuit_tracer.transcoder.cross_layer_transcoder import (  # noqa: E402
+    CrossLayerTranscoder,
+    load_clt,
+)
 from circuit_tracer.transcoder.single_layer_transcoder import (  # noqa: E402
     SingleLayerTranscoder,
     TranscoderSet,
@@ -114,6 +124,33 @@ def circuit_tracer_transcoder(weights, layer, d_model):
         t.b_dec.copy_(weights["b_dec"])
         t.W_skip.copy_(weights["W_skip"])
     return t
+
+
+def cross_layer_transcoder(model, ids, n_layers, d_model, generator):
+    """A random JumpReLU cross-layer transcoder (float32) from `hook_resid_mid` to every later
+    `hook_mlp_out`, its encoder scaled to the residual stream's size on `ids`."""
+    _, cache = model.run_with_cache(ids[None])
+    resid = torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0, 1:] for l in range(n_layers)])
+    # Pre-activations of about unit size.
+    enc_scale = 1.7 / (resid.norm(dim=-1).mean().item())
+    g = lambda *shape, scale: (torch.rand(*shape, generator=generator) * 2 - 1) * scale  # noqa: E731
+    clt = CrossLayerTranscoder(
+        n_layers,
+        D_TRANSCODER,
+        d_model,
+        activation_function="jump_relu",
+        lazy_decoder=False,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    with torch.no_grad():
+        clt.W_enc.copy_(g(n_layers, D_TRANSCODER, d_model, scale=enc_scale))
+        clt.b_enc.copy_(g(n_layers, D_TRANSCODER, scale=0.2))
+        clt.b_dec.copy_(g(n_layers, d_model, scale=0.2))
+        for i in range(n_layers):
+            clt.W_dec[i].copy_(g(D_TRANSCODER, n_layers - i, d_model, scale=0.5))
+        clt.activation_function.threshold.fill_(THRESHOLD)
+    return clt
 
 
 def hooked_gpt2(model_dir):
@@ -219,6 +256,44 @@ def main():
             "prompt": PROMPTS[0],
             "max_feature_nodes": LIMITED_FEATURES,
             "active_features": int(len(graph.active_features)),
+            "nodes": int(graph.adjacency_matrix.shape[0]),
+        }
+    )
+    # The first prompt through a cross-layer transcoder, saved by circuit-tracer and loaded
+    # back by its `load_clt` (decoders read lazily from the files, as for a Hugging Face CLT).
+    model, tokenizer, c = hooked_gpt2(args.model)
+    clt = cross_layer_transcoder(model, ids, c.n_layer, c.n_embd, generator)
+    clt_dir = out / "clt"
+    clt.to_safetensors(str(clt_dir))
+    (clt_dir / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\n"
+        "model_name: gpt2-fixture\n"
+        'feature_input_hook: "hook_resid_mid"\n'
+        'feature_output_hook: "hook_mlp_out"\n'
+    )
+    loaded = load_clt(
+        str(clt_dir),
+        feature_input_hook="hook_resid_mid",
+        feature_output_hook="hook_mlp_out",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    model._configure_replacement_model(loaded)
+    graph = attribute(ids, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=64)
+    tensors["clt.input_ids"] = ids.clone()
+    tensors["clt.active_features"] = graph.active_features[graph.selected_features].long()
+    tensors["clt.activation_values"] = graph.activation_values[graph.selected_features].float()
+    tensors["clt.logit_tokens"] = torch.tensor(
+        [t.vocab_idx for t in graph.logit_targets], dtype=torch.long
+    )
+    tensors["clt.logit_probabilities"] = graph.logit_probabilities.float()
+    tensors["clt.adjacency"] = graph.adjacency_matrix.float().contiguous()
+    summary.append(
+        {
+            "prompt": PROMPTS[0],
+            "transcoder": "cross-layer",
+            "active_features": int(len(graph.selected_features)),
+            "by_layer": [int((graph.active_features[:, 0] == l).sum()) for l in range(c.n_layer)],
             "nodes": int(graph.adjacency_matrix.shape[0]),
         }
     )

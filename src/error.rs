@@ -43,7 +43,7 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
-    #[error("{dir}: tensor `{key}` not found in the model weights")]
+    #[error("{dir}: tensor `{key}` not found in its safetensors files")]
     MissingTensor { dir: PathBuf, key: String },
 
     #[error("{path}: tensor `{key}` has shape {actual:?}, expected {expected:?}")]

@@ -63,7 +63,11 @@ fn save_transcoder(model: &Model, dir: &Path, layer: usize) -> LayerTranscoder {
         sparsity: None,
     };
     save(&dir.join(format!("layer_{layer}")), &saved, false).unwrap();
-    LayerTranscoder { sae, site }
+    LayerTranscoder {
+        sae,
+        site,
+        later: Vec::new(),
+    }
 }
 
 /// The library's graph of `ids` with the default settings.
@@ -526,6 +530,85 @@ fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
     assert_eq!(cli, graph.adjacency);
 }
 
+/// The input ids of circuit-tracer's graph `prefix` in its fixture.
+fn reference_ids(reference: &HashMap<String, Tensor>, prefix: &str) -> Vec<u32> {
+    reference[&format!("{prefix}.input_ids")]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect()
+}
+
+/// `graph` has circuit-tracer's graph `prefix`'s active features with their activations, its
+/// logit targets and probabilities, and its unpruned adjacency matrix, node for node.
+fn assert_matches_circuit_tracer(
+    graph: &AttributionGraph,
+    reference: &HashMap<String, Tensor>,
+    prefix: &str,
+) {
+    let get = |key: String| {
+        reference
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key}"))
+            .clone()
+    };
+    let active = get(format!("{prefix}.active_features"))
+        .to_vec2::<i64>()
+        .unwrap();
+    let ours: Vec<Vec<i64>> = graph
+        .features
+        .iter()
+        .map(|f| vec![f.layer as i64, f.position as i64, i64::from(f.feature)])
+        .collect();
+    assert_eq!(ours, active, "{prefix}: active features");
+    let values = get(format!("{prefix}.activation_values"))
+        .to_vec1::<f32>()
+        .unwrap();
+    for (f, &v) in graph.features.iter().zip(&values) {
+        assert!(
+            (f.activation - v).abs() <= 1e-4 * v.abs().max(1.0),
+            "{f:?}: {v}"
+        );
+    }
+    let tokens: Vec<u32> = get(format!("{prefix}.logit_tokens"))
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let ours: Vec<u32> = graph.logits.iter().map(|l| l.token_id).collect();
+    assert_eq!(ours, tokens, "{prefix}: logit targets");
+    let probabilities = get(format!("{prefix}.logit_probabilities"))
+        .to_vec1::<f32>()
+        .unwrap();
+    for (l, &p) in graph.logits.iter().zip(&probabilities) {
+        assert!((l.probability - p).abs() < 1e-5, "{l:?}: {p}");
+    }
+    let theirs = get(format!("{prefix}.adjacency")).to_vec2::<f32>().unwrap();
+    let n = graph.n_nodes();
+    assert_eq!(theirs.len(), n, "{prefix}: node count");
+    let scale = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let mut worst = 0f32;
+    let mut feature_to_feature = 0;
+    for (t, row) in theirs.iter().enumerate() {
+        for (s, &want) in row.iter().enumerate() {
+            worst = worst.max((graph.edge(t, s) - want).abs());
+            let both = matches!(
+                (graph.node(t), graph.node(s)),
+                (Node::Feature(_), Node::Feature(_))
+            );
+            feature_to_feature += usize::from(both && want != 0.0);
+        }
+    }
+    assert!(
+        feature_to_feature > 100,
+        "{feature_to_feature} feature → feature edges"
+    );
+    eprintln!("{prefix}: {n} nodes, largest edge {scale}, largest difference {worst}");
+    assert!(worst <= 1e-4 * scale, "{prefix}: edges differ by {worst}");
+}
+
 /// circuit-tracer 0.5.0's own graphs (`scripts/circuit_tracer_fixtures.py`: the GPT-2 fixture
 /// in TransformerLens with a JumpReLU skip transcoder per layer, two prompts, one of them
 /// Japanese): monoscope finds the same active features with the same activations, the same
@@ -540,71 +623,9 @@ fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
             .clone()
     };
     for prompt in 0..2 {
-        let ids: Vec<u32> = get(format!("{prompt}.input_ids"))
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
+        let ids = reference_ids(&reference, &prompt.to_string());
         let graph = graph_of(&model, &transcoders, &ids);
-        let active = get(format!("{prompt}.active_features"))
-            .to_vec2::<i64>()
-            .unwrap();
-        let ours: Vec<Vec<i64>> = graph
-            .features
-            .iter()
-            .map(|f| vec![f.layer as i64, f.position as i64, i64::from(f.feature)])
-            .collect();
-        assert_eq!(ours, active, "prompt {prompt}: active features");
-        let values = get(format!("{prompt}.activation_values"))
-            .to_vec1::<f32>()
-            .unwrap();
-        for (f, &v) in graph.features.iter().zip(&values) {
-            assert!(
-                (f.activation - v).abs() <= 1e-4 * v.abs().max(1.0),
-                "{f:?}: {v}"
-            );
-        }
-        let tokens: Vec<u32> = get(format!("{prompt}.logit_tokens"))
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        let ours: Vec<u32> = graph.logits.iter().map(|l| l.token_id).collect();
-        assert_eq!(ours, tokens, "prompt {prompt}: logit targets");
-        let probabilities = get(format!("{prompt}.logit_probabilities"))
-            .to_vec1::<f32>()
-            .unwrap();
-        for (l, &p) in graph.logits.iter().zip(&probabilities) {
-            assert!((l.probability - p).abs() < 1e-5, "{l:?}: {p}");
-        }
-        let theirs = get(format!("{prompt}.adjacency")).to_vec2::<f32>().unwrap();
-        let n = graph.n_nodes();
-        assert_eq!(theirs.len(), n, "prompt {prompt}: node count");
-        let scale = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-        let mut worst = 0f32;
-        let mut feature_to_feature = 0;
-        for (t, row) in theirs.iter().enumerate() {
-            for (s, &want) in row.iter().enumerate() {
-                worst = worst.max((graph.edge(t, s) - want).abs());
-                let both = matches!(
-                    (graph.node(t), graph.node(s)),
-                    (Node::Feature(_), Node::Feature(_))
-                );
-                feature_to_feature += usize::from(both && want != 0.0);
-            }
-        }
-        assert!(
-            feature_to_feature > 100,
-            "{feature_to_feature} feature → feature edges"
-        );
-        eprintln!("prompt {prompt}: {n} nodes, largest edge {scale}, largest difference {worst}");
-        assert!(
-            worst <= 1e-4 * scale,
-            "prompt {prompt}: edges differ by {worst}"
-        );
-
+        assert_matches_circuit_tracer(&graph, &reference, &prompt.to_string());
         // Pruned at circuit-tracer's defaults: the same nodes and edges, the same cumulative
         // influence, the same replacement and completeness scores.
         let pruned = graph.prune(0.8, 0.98).unwrap();
@@ -654,6 +675,211 @@ fn graphs_match_circuit_tracers_on_the_same_model_and_transcoders() {
             "{scores:?} vs {want:?}"
         );
     }
+}
+
+/// circuit-tracer's graph through a cross-layer transcoder (`scripts/circuit_tracer_fixtures.py`:
+/// a random JumpReLU CLT on the GPT-2 fixture, reading `hook_resid_mid`, written by
+/// circuit-tracer's `to_safetensors` and loaded back by its `load_clt`): monoscope, given the
+/// same folder, finds the same features, logits and adjacency — a layer-0 feature's edges
+/// summing what it writes into both MLP outputs — in the library and through `attribute
+/// --transcoders` (its `--adjacency` file).
+#[test]
+fn graphs_through_a_cross_layer_transcoder_match_circuit_tracers() {
+    use monoscope::attribution_graph::load_transcoders;
+    let (model, _, reference) = circuit_tracer_fixture();
+    let clt = circuit_tracer_dir().join("clt");
+    let transcoders = load_transcoders(std::slice::from_ref(&clt), &model).unwrap();
+    assert_eq!(transcoders.len(), 2);
+    assert_eq!(transcoders[0].later.len(), 1);
+    assert!(transcoders[1].later.is_empty());
+    assert_eq!(
+        transcoders[0].site.input.to_string(),
+        "blocks.0.hook_resid_mid"
+    );
+    let ids = reference_ids(&reference, "clt");
+    let graph = graph_of(&model, &transcoders, &ids);
+    assert!(graph.features.iter().any(|f| f.layer == 0));
+    assert_matches_circuit_tracer(&graph, &reference, "clt");
+
+    // The command line, on the same folder.
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "The capital of Japan is";
+    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args(["attribute", "--model"])
+        .arg(fixture_dir("gpt2"))
+        .arg("--transcoders")
+        .arg(&clt)
+        .args(["--prompt", prompt, "--bos", "--adjacency"])
+        .arg(dir.path().join("adjacency.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("graph.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written =
+        candle_core::safetensors::load(dir.path().join("adjacency.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        written["input_ids"].to_vec1::<i64>().unwrap(),
+        reference["clt.input_ids"].to_vec1::<i64>().unwrap()
+    );
+    let ours = written["adjacency"].to_vec2::<f32>().unwrap();
+    let theirs = reference["clt.adjacency"].to_vec2::<f32>().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
+    }
+}
+
+/// A bad cross-layer transcoder folder is refused by file and key: a layer's file missing,
+/// a decoder of the wrong shape, a config naming another kind or a hook the model lacks.
+#[test]
+fn bad_cross_layer_transcoders_are_refused_by_file_and_key() {
+    use monoscope::attribution_graph::load_transcoders;
+    let (model, _, _) = circuit_tracer_fixture();
+    let source = circuit_tracer_dir().join("clt");
+    let copy = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    };
+    let root = tempfile::tempdir().unwrap();
+    let refused = |dir: &Path| -> String {
+        load_transcoders(&[dir.to_path_buf()], &model)
+            .unwrap_err()
+            .to_string()
+    };
+    let missing = root.path().join("missing");
+    copy(&missing);
+    std::fs::remove_file(missing.join("W_enc_1.safetensors")).unwrap();
+    let err = refused(&missing);
+    assert!(
+        err.contains("1 encoder files") && err.contains("2 layers"),
+        "{err}"
+    );
+
+    let swapped = root.path().join("swapped");
+    copy(&swapped);
+    // Layer 1's decoder (one layer written) under layer 0's name.
+    let layer_1 =
+        candle_core::safetensors::load(source.join("W_dec_1.safetensors"), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("W_dec_0".to_string(), layer_1["W_dec_1"].clone())]),
+        swapped.join("W_dec_0.safetensors"),
+    )
+    .unwrap();
+    let err = refused(&swapped);
+    assert!(
+        err.contains("W_dec_0") && err.contains("[32, 2, 64]"),
+        "{err}"
+    );
+
+    let kind = root.path().join("kind");
+    copy(&kind);
+    std::fs::write(kind.join("config.yaml"), "model_kind: transcoder_set\n").unwrap();
+    let err = refused(&kind);
+    assert!(
+        err.contains("config.yaml") && err.contains("model_kind"),
+        "{err}"
+    );
+
+    let hook = root.path().join("hook");
+    copy(&hook);
+    std::fs::write(
+        hook.join("config.yaml"),
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_nowhere\n",
+    )
+    .unwrap();
+    let err = refused(&hook);
+    assert!(
+        err.contains("feature_input_hook") && err.contains("blocks.0.hook_nowhere"),
+        "{err}"
+    );
+    let inside = root.path().join("inside");
+    copy(&inside);
+    std::fs::write(
+        inside.join("config.yaml"),
+        "feature_input_hook: mlp.hook_post\n",
+    )
+    .unwrap();
+    let err = refused(&inside);
+    assert!(
+        err.contains("feature_input_hook") && err.contains("linear"),
+        "{err}"
+    );
+}
+
+/// Setting a cross-layer feature changes every MLP output it writes by its decoder row to that
+/// layer: with the same change at its own layer, the later layer's output differs by exactly
+/// `(v − a)·W_dec[f, k]`, at the feature's position only.
+#[test]
+fn a_cross_layer_feature_intervention_writes_every_layer_the_feature_writes() {
+    use monoscope::attribution_graph::intervene::{FeatureChange, intervention_hooks};
+    use monoscope::attribution_graph::load_transcoders;
+    use monoscope::model::{HookPoint, Hooks, Intervention, InterventionOp};
+    let (model, _, reference) = circuit_tracer_fixture();
+    let clt = circuit_tracer_dir().join("clt");
+    let transcoders = load_transcoders(&[clt], &model).unwrap();
+    let ids = reference_ids(&reference, "clt");
+    let graph = graph_of(&model, &transcoders, &ids);
+    let i = graph.features.iter().position(|f| f.layer == 0).unwrap();
+    let f = graph.features[i].clone();
+    let change = FeatureChange {
+        feature: i,
+        value: f.activation + 3.0,
+    };
+    let both = intervention_hooks(&model, &transcoders, &graph, &[change]).unwrap();
+    // The same change written into layer 0 only.
+    let d = model.dims().d_model;
+    let mut own = vec![0f32; ids.len() * d];
+    let row: Vec<f32> = transcoders[0]
+        .sae
+        .w_dec
+        .get(f.feature as usize)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (o, w) in own[f.position * d..][..d].iter_mut().zip(&row) {
+        *o = 3.0 * w;
+    }
+    let own = Tensor::from_vec(own, (1, ids.len(), d), &Device::Cpu).unwrap();
+    let first_only = Hooks::new().intervene(
+        HookPoint::MlpOut(0),
+        Intervention::new(InterventionOp::Add(own)),
+    );
+    let mlp_out = |hooks: Hooks| {
+        let out = model
+            .forward(
+                &model.ids_tensor(&ids).unwrap(),
+                &hooks.capture([HookPoint::ResidMid(1), HookPoint::ResidPost(1)]),
+            )
+            .unwrap();
+        let post = out.cache.get(HookPoint::ResidPost(1)).unwrap().clone();
+        let mid = out.cache.get(HookPoint::ResidMid(1)).unwrap().clone();
+        (post - mid).unwrap().squeeze(0).unwrap()
+    };
+    let moved = (mlp_out(both) - mlp_out(first_only)).unwrap();
+    let expected = transcoders[0].later[0]
+        .get(f.feature as usize)
+        .unwrap()
+        .affine(3.0, 0.0)
+        .unwrap();
+    for p in 0..ids.len() {
+        let row = moved.get(p).unwrap();
+        let err = match p == f.position {
+            true => common::max_abs_diff(&row, &expected),
+            false => common::max_abs(&row),
+        };
+        assert!(err < 1e-5, "position {p}: {err}");
+    }
+    assert!(common::max_abs(&expected) > 0.1);
 }
 
 /// A feature intervention adds `(v − a)·W_dec[f]` to its layer's MLP output at its position and

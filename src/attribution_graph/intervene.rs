@@ -3,7 +3,8 @@
 //! (circuit-tracer's `feature_intervention`, with nothing frozen).
 //!
 //! A transcoder's output is linear in its features, so setting feature `f` at position `p` from
-//! `a` to `v` changes its layer's MLP output there by `(v − a)·W_dec[f]`; that is added at
+//! `a` to `v` changes its layer's MLP output there by `(v − a)·W_dec[f]` (a cross-layer
+//! feature's, every MLP output it writes by its decoder row to that layer); that is added at
 //! `blocks.L.hook_mlp_out` and the real model runs on from it: attention, norms and every later
 //! MLP respond (the graph itself holds them fixed, so a graph edge predicts only the direct,
 //! first-order part of the change).
@@ -68,7 +69,8 @@ pub fn intervene(
 }
 
 /// The hooks that make `changes` on the graph's prompt: one addition at each touched layer's
-/// `hook_mlp_out`, `(v − a)·W_dec[f]` at each changed feature's position.
+/// `hook_mlp_out`, `(v − a)·W_dec[f]` at each changed feature's position (for each layer a
+/// cross-layer feature writes).
 pub fn intervention_hooks(
     model: &Model,
     transcoders: &[LayerTranscoder],
@@ -103,18 +105,18 @@ pub fn intervention_hooks(
                 value: format!("layer {}", f.layer),
                 message: "no transcoder writes this layer's MLP output".into(),
             })?;
-        let row: Vec<f32> = transcoder
-            .sae
-            .w_dec
-            .i(f.feature as usize)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let delta = deltas
-            .entry(f.layer)
-            .or_insert_with(|| vec![0.0; n * d_model]);
         let scale = change.value - f.activation;
-        for (d, w) in delta[f.position * d_model..][..d_model].iter_mut().zip(row) {
-            *d += scale * w;
+        for (layer, decoder) in transcoder.writes()? {
+            let row: Vec<f32> = decoder
+                .i(f.feature as usize)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let delta = deltas
+                .entry(layer)
+                .or_insert_with(|| vec![0.0; n * d_model]);
+            for (d, w) in delta[f.position * d_model..][..d_model].iter_mut().zip(row) {
+                *d += scale * w;
+            }
         }
     }
     let mut hooks = Hooks::new();

@@ -36,16 +36,21 @@ use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash};
 use crate::sae::{Sae, SaeSite};
 
+pub mod cross_layer;
 pub mod graph_file;
 pub mod intervene;
 pub mod prune;
 
 /// A transcoder standing in for one layer's MLP: it writes `blocks.L.hook_mlp_out` and reads
-/// a hook of the same block before it (`mlp.hook_in`, `ln2.hook_normalized`, …).
+/// a hook of the same block before it (`mlp.hook_in`, `ln2.hook_normalized`, …). One layer of
+/// a cross-layer transcoder ([`cross_layer`]) also writes every later MLP's output.
 #[derive(Clone, Debug)]
 pub struct LayerTranscoder {
     pub sae: Sae,
     pub site: SaeSite,
+    /// A cross-layer transcoder's decoders to the later layers: `later[k]` (`[d_sae, d_out]`)
+    /// is what the features add to layer `L + 1 + k`'s MLP output. Empty for a per-layer one.
+    pub later: Vec<Tensor>,
 }
 
 impl LayerTranscoder {
@@ -56,6 +61,7 @@ impl LayerTranscoder {
         let transcoder = Self {
             sae: sae_dir.sae,
             site: SaeSite { input, output },
+            later: Vec::new(),
         };
         transcoder.layer().map_err(|e| Error::InvalidArgument {
             what: "transcoder folder",
@@ -65,55 +71,99 @@ impl LayerTranscoder {
         Ok(transcoder)
     }
 
-    /// The layer whose MLP it replaces; an error unless it writes an MLP's output and reads
-    /// a hook of the same block that is linear in the residual stream once attention patterns
-    /// and norm divisors are frozen (inside the MLP, or at a query/key norm, the graph would
-    /// no longer add up).
+    /// The layer whose MLP it replaces (see [`site_layer`]).
     pub fn layer(&self) -> Result<usize> {
-        let bad = |message: String| Error::InvalidArgument {
-            what: "transcoder",
-            value: format!("{} → {}", self.site.input, self.site.output),
-            message,
-        };
-        let HookPoint::MlpOut(layer) = self.site.output else {
-            return Err(bad(
-                "an attribution graph needs transcoders that write an MLP's output \
-                 (blocks.L.hook_mlp_out)"
-                    .into(),
-            ));
-        };
-        if self.site.input.layer() != Some(layer) {
-            return Err(bad(format!(
-                "reads another block than the MLP it replaces (layer {layer})"
-            )));
+        site_layer(&self.site)
+    }
+
+    /// Every MLP output its features write, from its own layer on, with the decoder
+    /// (`[d_sae, d_out]`) that writes it.
+    pub fn writes(&self) -> Result<Vec<(usize, &Tensor)>> {
+        let layer = self.layer()?;
+        Ok(std::iter::once(&self.sae.w_dec)
+            .chain(&self.later)
+            .enumerate()
+            .map(|(k, w)| (layer + k, w))
+            .collect())
+    }
+
+    /// What the features write into the residual stream in all, `[d_sae, d_out]`: the decoder,
+    /// summed over the layers a cross-layer transcoder writes (their direct-path effects).
+    pub fn total_decoder(&self) -> Result<Tensor> {
+        let mut total = self.sae.w_dec.clone();
+        for w in &self.later {
+            total = (total + w)?;
         }
-        let linear = matches!(
-            self.site.input,
-            HookPoint::ResidPre(_)
-                | HookPoint::Ln1Normalized(_)
-                | HookPoint::AttnOut(_)
-                | HookPoint::ResidMid(_)
-                | HookPoint::Ln2Normalized(_)
-                | HookPoint::MlpIn(_)
-        );
-        if !linear {
-            return Err(bad(
-                "an attribution graph reads features where the frozen model is linear: \
-                 hook_resid_pre, ln1.hook_normalized, hook_attn_out, hook_resid_mid, \
-                 ln2.hook_normalized or mlp.hook_in"
-                    .into(),
-            ));
-        }
-        Ok(layer)
+        Ok(total)
+    }
+
+    /// The same transcoder in `dtype` on `device`.
+    fn to(&self, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            sae: self.sae.to_dtype(dtype)?.to_device(device)?,
+            site: self.site,
+            later: self
+                .later
+                .iter()
+                .map(|w| w.to_dtype(dtype)?.to_device(device))
+                .collect::<candle_core::Result<_>>()?,
+        })
     }
 }
 
-/// The transcoder folders named: each folder that is one, and the transcoder folders inside
-/// each that is not (sorted by name).
+/// The layer whose MLP a transcoder at `site` replaces; an error unless it writes an MLP's output and reads
+/// a hook of the same block that is linear in the residual stream once attention patterns
+/// and norm divisors are frozen (inside the MLP, or at a query/key norm, the graph would
+/// no longer add up).
+pub fn site_layer(site: &SaeSite) -> Result<usize> {
+    let bad = |message: String| Error::InvalidArgument {
+        what: "transcoder",
+        value: format!("{} → {}", site.input, site.output),
+        message,
+    };
+    let HookPoint::MlpOut(layer) = site.output else {
+        return Err(bad(
+            "an attribution graph needs transcoders that write an MLP's output \
+                 (blocks.L.hook_mlp_out)"
+                .into(),
+        ));
+    };
+    if site.input.layer() != Some(layer) {
+        return Err(bad(format!(
+            "reads another block than the MLP it replaces (layer {layer})"
+        )));
+    }
+    let linear = matches!(
+        site.input,
+        HookPoint::ResidPre(_)
+            | HookPoint::Ln1Normalized(_)
+            | HookPoint::AttnOut(_)
+            | HookPoint::ResidMid(_)
+            | HookPoint::Ln2Normalized(_)
+            | HookPoint::MlpIn(_)
+    );
+    if !linear {
+        return Err(bad(
+            "an attribution graph reads features where the frozen model is linear: \
+                 hook_resid_pre, ln1.hook_normalized, hook_attn_out, hook_resid_mid, \
+                 ln2.hook_normalized or mlp.hook_in"
+                .into(),
+        ));
+    }
+    Ok(layer)
+}
+
+/// Whether `dir` is a transcoder folder: a per-layer one (an SAE folder) or a cross-layer one.
+fn is_transcoder_dir(dir: &Path) -> bool {
+    crate::sae::is_sae_dir(dir) || cross_layer::is_cross_layer_dir(dir)
+}
+
+/// The transcoder folders named: each folder that is one (per-layer or cross-layer), and the
+/// transcoder folders inside each that is not (sorted by name).
 pub fn transcoder_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for dir in dirs {
-        if crate::sae::is_sae_dir(dir) {
+        if is_transcoder_dir(dir) {
             out.push(dir.clone());
             continue;
         }
@@ -124,7 +174,7 @@ pub fn transcoder_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         let mut inner: Vec<PathBuf> = entries
             .filter_map(std::result::Result::ok)
             .map(|e| e.path())
-            .filter(|p| crate::sae::is_sae_dir(p))
+            .filter(|p| is_transcoder_dir(p))
             .collect();
         if inner.is_empty() {
             return Err(Error::InvalidArgument {
@@ -144,11 +194,18 @@ pub fn load_transcoders(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTran
     load_each(&transcoder_dirs(dirs)?, model)
 }
 
-/// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]).
+/// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]); a
+/// cross-layer one gives a transcoder for every layer.
 pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
-    dirs.iter()
-        .map(|dir| LayerTranscoder::load(dir, model))
-        .collect()
+    let mut out = Vec::new();
+    for dir in dirs {
+        if cross_layer::is_cross_layer_dir(dir) {
+            out.extend(cross_layer::load(dir, model)?);
+        } else {
+            out.push(LayerTranscoder::load(dir, model)?);
+        }
+    }
+    Ok(out)
 }
 
 /// How many logits to explain, and how targets are batched.
@@ -394,14 +451,22 @@ struct Replacement<'a> {
     frozen: Vec<(HookPoint, Tensor)>,
     /// `hook_embed` on the prompt, `[seq, d_model]`: the token nodes.
     embeddings: Tensor,
-    /// Active features with their decoder rows times their activations (`[features, d]`).
     features: Vec<ActiveFeature>,
-    scaled_decoders: Tensor,
-    /// The features in runs of one layer and position, for the edges: `(layer, position,
-    /// first feature, their scaled decoder rows transposed ([d_model, count], f32))`.
-    groups: Vec<(usize, usize, usize, Tensor)>,
+    /// The features in runs of one layer and position, with what they write.
+    groups: Vec<FeatureGroup>,
     /// `embeddings` in f32, for the edges.
     embeddings_f32: Tensor,
+}
+
+/// The active features of one layer and position (a run of [`Replacement::features`]) and
+/// what they write: for each MLP output they reach, their decoder rows times their activations.
+struct FeatureGroup {
+    position: usize,
+    /// The run's first feature.
+    first: usize,
+    /// `(layer written, rows [count, d] in the model's dtype, the same transposed ([d, count])
+    /// in f32 for the edges)`.
+    writes: Vec<(usize, Tensor, Tensor)>,
 }
 
 /// A backward pass's target: what its row of the batch reads.
@@ -687,6 +752,16 @@ impl<'a> Replacement<'a> {
                 });
             }
             t.site.check(&t.sae)?;
+            for (out, w) in t.writes()?.into_iter().skip(1) {
+                let want = [t.sae.d_sae(), model.hook_width(HookPoint::MlpOut(out))?];
+                if w.dims() != want {
+                    return Err(Error::InvalidArgument {
+                        what: "transcoder",
+                        value: format!("{}'s decoder to layer {out}", t.site.output),
+                        message: format!("is {:?}, not {want:?}", w.dims()),
+                    });
+                }
+            }
             for (point, width) in [(t.site.input, t.sae.d_in()), (t.site.output, t.sae.d_out())] {
                 let have = model.hook_width(point)?;
                 if have != width {
@@ -697,10 +772,17 @@ impl<'a> Replacement<'a> {
                     });
                 }
             }
-            by_layer[layer] = Some(LayerTranscoder {
-                sae: t.sae.to_dtype(model.dtype)?.to_device(&model.device)?,
-                site: t.site,
-            });
+            if layer + 1 + t.later.len() > n_layers {
+                return Err(Error::InvalidArgument {
+                    what: "transcoder",
+                    value: t.site.output.to_string(),
+                    message: format!(
+                        "writes {} later layers; the model has {n_layers}",
+                        t.later.len()
+                    ),
+                });
+            }
+            by_layer[layer] = Some(t.to(model.dtype, &model.device)?);
         }
         let frozen_points: Vec<HookPoint> = model
             .hook_points()
@@ -733,14 +815,39 @@ impl<'a> Replacement<'a> {
             }
             Tensor::from_vec(m, (1, seq, 1), &model.device)?.to_dtype(model.dtype)?
         };
+        let kept = (1.0 - &first_only)?; // positions whose parts are nodes
+        // Every layer's features first: a cross-layer transcoder's also write later layers.
+        let acts: Vec<Option<Tensor>> = by_layer
+            .iter()
+            .map(|t| {
+                t.as_ref()
+                    .map(|t| t.sae.encode(clean.cache.require(t.site.input)?))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?; // each [1, seq, d_sae]
+        // What earlier layers' features write into each MLP output, [1, seq, d].
+        let mut from_earlier: Vec<Option<Tensor>> = vec![None; n_layers];
+        for (t, a) in by_layer.iter().zip(&acts) {
+            let (Some(t), Some(a)) = (t, a) else { continue };
+            for (out, w) in t.writes()?.into_iter().skip(1) {
+                let add = a.broadcast_matmul(w)?;
+                from_earlier[out] = Some(match from_earlier[out].take() {
+                    Some(sum) => (sum + add)?,
+                    None => add,
+                });
+            }
+        }
         let mut layers = Vec::with_capacity(n_layers);
         let mut features = Vec::new();
-        let mut decoders = Vec::new();
         for (layer, transcoder) in by_layer.into_iter().enumerate() {
             let mlp_out = clean.cache.require(HookPoint::MlpOut(layer))?; // [1, seq, d]
-            let kept = (1.0 - &first_only)?; // positions whose parts are nodes
-            let Some(t) = transcoder else {
-                let error = mlp_out.broadcast_mul(&kept)?.get(0)?;
+            let earlier = from_earlier[layer].take();
+            let (Some(t), Some(layer_acts)) = (transcoder, &acts[layer]) else {
+                let rest = match &earlier {
+                    Some(e) => (mlp_out - e)?,
+                    None => mlp_out.clone(),
+                };
+                let error = rest.broadcast_mul(&kept)?.get(0)?;
                 layers.push(Layer {
                     fixed: mlp_out.clone(),
                     error_f32: error.to_dtype(DType::F32)?,
@@ -750,13 +857,14 @@ impl<'a> Replacement<'a> {
                 continue;
             };
             let x = clean.cache.require(t.site.input)?;
-            let acts = t.sae.encode(x)?; // [1, seq, d_sae]
-            let prediction = t.sae.output(x)?;
+            let mut prediction = t.sae.output(x)?;
+            if let Some(e) = &earlier {
+                prediction = (prediction + e)?;
+            }
             let skip = skip_path(&t.sae, x)?;
             let fixed = (mlp_out - &skip)?;
             let error = (mlp_out - &prediction)?.broadcast_mul(&kept)?.get(0)?;
-            // (f64, so that an f64 model's node values are exact.)
-            let values = acts.get(0)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let values = layer_acts.get(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (position, row) in values.iter().enumerate() {
                 if left_out && position == 0 {
                     continue;
@@ -767,9 +875,8 @@ impl<'a> Replacement<'a> {
                             layer,
                             position,
                             feature: feature as u32,
-                            activation: activation as f32,
+                            activation,
                         });
-                        decoders.push(t.sae.w_dec.i(feature)?.affine(activation, 0.0)?);
                     }
                 }
             }
@@ -780,18 +887,36 @@ impl<'a> Replacement<'a> {
                 error,
             });
         }
-        let d_model = model.dims().d_model;
-        let scaled_decoders = if decoders.is_empty() {
-            Tensor::zeros((0, d_model), model.dtype, &model.device)?
-        } else {
-            Tensor::stack(&decoders, 0)?
-        };
         let mut groups = Vec::new();
         let mut start = 0;
         for run in features.chunk_by(|a, b| (a.layer, a.position) == (b.layer, b.position)) {
-            let rows = scaled_decoders.narrow(0, start, run.len())?;
-            let transposed = rows.to_dtype(DType::F32)?.t()?.contiguous()?;
-            groups.push((run[0].layer, run[0].position, start, transposed));
+            let (layer, position) = (run[0].layer, run[0].position);
+            let (Some(t), Some(layer_acts)) = (&layers[layer].transcoder, &acts[layer]) else {
+                return Err(internal(format!(
+                    "features at layer {layer} without a transcoder"
+                )));
+            };
+            let ids: Vec<u32> = run.iter().map(|f| f.feature).collect();
+            let ids = Tensor::new(ids.as_slice(), &model.device)?;
+            // The activations in the model's dtype (exact for an f64 model), [count, 1].
+            let scales = layer_acts
+                .i((0, position))?
+                .index_select(&ids, 0)?
+                .unsqueeze(1)?;
+            let writes = t
+                .writes()?
+                .into_iter()
+                .map(|(out, w)| {
+                    let rows = w.index_select(&ids, 0)?.broadcast_mul(&scales)?;
+                    let transposed = rows.to_dtype(DType::F32)?.t()?.contiguous()?;
+                    Ok((out, rows, transposed))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            groups.push(FeatureGroup {
+                position,
+                first: start,
+                writes,
+            });
             start += run.len();
         }
         Ok((
@@ -802,7 +927,6 @@ impl<'a> Replacement<'a> {
                 frozen,
                 embeddings,
                 features,
-                scaled_decoders,
                 groups,
                 embeddings_f32,
             },
@@ -850,23 +974,28 @@ impl<'a> Replacement<'a> {
         let d = model.dims().d_model;
         // (In f64, so that an f64 model's removals are exact.)
         let mut taken = vec![vec![0f64; seq * d]; n_layers + 1];
-        let dec = self.scaled_decoders.to_dtype(DType::F64)?;
         for &node in removed {
-            let (slot, position, value) = if node < n_features {
-                let f = &self.features[node];
-                (f.layer, f.position, dec.i(node)?)
+            // (slot written: a layer, or n_layers for the embedding; position; value)
+            let parts: Vec<(usize, usize, Tensor)> = if node < n_features {
+                let group = &self.groups[self.groups.partition_point(|g| g.first <= node) - 1];
+                group
+                    .writes
+                    .iter()
+                    .map(|(out, rows, _)| Ok((*out, group.position, rows.i(node - group.first)?)))
+                    .collect::<Result<_>>()?
             } else if node < n_features + n_layers * seq {
                 let (layer, position) = ((node - n_features) / seq, (node - n_features) % seq);
                 let error = self.layers[layer].error.i(position)?;
-                (layer, position, error.to_dtype(DType::F64)?)
+                vec![(layer, position, error)]
             } else {
                 let position = node - n_features - n_layers * seq;
-                let e = self.embeddings.i(position)?.to_dtype(DType::F64)?;
-                (n_layers, position, e)
+                vec![(n_layers, position, self.embeddings.i(position)?)]
             };
-            let value = value.to_vec1::<f64>()?;
-            for (t, v) in taken[slot][position * d..][..d].iter_mut().zip(value) {
-                *t += v;
+            for (slot, position, value) in parts {
+                let value = value.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                for (t, v) in taken[slot][position * d..][..d].iter_mut().zip(value) {
+                    *t += v;
+                }
             }
         }
         let taken: Vec<Tensor> = taken
@@ -1045,19 +1174,22 @@ impl<'a> Replacement<'a> {
                 }
                 Ok(())
             };
-        let mut groups = self.groups.iter().peekable();
         for (layer, l) in self.layers.iter().enumerate() {
             let Some(g) = gradient_at(HookPoint::MlpOut(layer))? else {
-                while groups.next_if(|group| group.0 == layer).is_some() {}
                 continue;
             };
-            // Each position's features: the gradient there times their decoder rows.
-            while let Some((_, position, first, decoders_t)) =
-                groups.next_if(|group| group.0 == layer)
-            {
-                let dots = g.i((.., *position))?.matmul(decoders_t)?.to_vec2::<f32>()?;
-                for (row, dots) in out.iter_mut().zip(dots) {
-                    row[*first..*first + dots.len()].copy_from_slice(&dots);
+            // Each position's features that write this layer: the gradient there times their
+            // decoder rows to it (summed over the layers a cross-layer feature writes).
+            for group in &self.groups {
+                for (_, _, decoders_t) in group.writes.iter().filter(|w| w.0 == layer) {
+                    let dots = g
+                        .i((.., group.position))?
+                        .matmul(decoders_t)?
+                        .to_vec2::<f32>()?;
+                    for (row, dots) in out.iter_mut().zip(dots) {
+                        let columns = &mut row[group.first..group.first + dots.len()];
+                        columns.iter_mut().zip(dots).for_each(|(c, d)| *c += d);
+                    }
                 }
             }
             per_position(&g, &l.error_f32, n_features + layer * seq, &mut out)?;
@@ -1164,7 +1296,40 @@ mod tests {
                 input: HookPoint::MlpIn(layer),
                 output: HookPoint::MlpOut(layer),
             },
+            later: Vec::new(),
         }
+    }
+
+    /// A random cross-layer transcoder: every layer's features read `hook_resid_mid` (their
+    /// encoders scaled to its size on `ids`) and write their own MLP output and every later
+    /// one's.
+    fn cross_layer(model: &Model, ids: &[u32], seed: u64) -> Vec<LayerTranscoder> {
+        let n_layers = model.dims().n_layers;
+        let resid = model
+            .forward(
+                &model.ids_tensor(ids).unwrap(),
+                &Hooks::new().capture((0..n_layers).map(HookPoint::ResidMid)),
+            )
+            .unwrap();
+        (0..n_layers)
+            .map(|layer| {
+                let x = resid.cache.require(HookPoint::ResidMid(layer)).unwrap();
+                let norm = x.sqr().unwrap().sum(2).unwrap().sqrt().unwrap();
+                let norm = norm.mean_all().unwrap().to_scalar::<f64>().unwrap();
+                let mut t = transcoder(model, layer, false, seed + layer as u64);
+                t.site.input = HookPoint::ResidMid(layer);
+                t.sae.architecture = Architecture::Standard;
+                // Pre-activations of a few units, as the per-layer ones have.
+                t.sae.w_enc = (&t.sae.w_enc * (8.0 / norm)).unwrap();
+                t.later = (layer + 1..n_layers)
+                    .map(|out| {
+                        let other = transcoder(model, out, false, seed * 7 + 100 + out as u64);
+                        (other.sae.w_dec * 0.5).unwrap()
+                    })
+                    .collect();
+                t
+            })
+            .collect()
     }
 
     /// A transcoder that reads inside the MLP (or anywhere the frozen model is not linear) is
@@ -1205,16 +1370,19 @@ mod tests {
     /// node at zero; and removing one node changes every target by exactly that node's edge.
     #[test]
     fn edges_are_the_replacement_models_exact_direct_effects() {
-        for (model_type, second_layer, with_bos) in [
-            ("gpt2", true, true),
-            ("llama", false, false),
-            ("gpt_neox", true, false),
+        for (model_type, second_layer, with_bos, cross) in [
+            ("gpt2", true, true, false),
+            ("llama", false, false, false),
+            ("gpt_neox", true, false, false),
             // Post-norms around both sublayers, soft-capped attention and logits.
-            ("gemma2", true, false),
+            ("gemma2", true, false, false),
             // Per-head query and key norms, local and global layers.
-            ("gemma3_text", true, false),
+            ("gemma3_text", true, false, false),
             // Norms on the sublayers' outputs only, query and key norms over all heads.
-            ("olmo2", true, false),
+            ("olmo2", true, false, false),
+            // Cross-layer transcoders: features that write several MLP outputs.
+            ("gpt2", true, true, true),
+            ("gemma2", true, false, true),
         ] {
             let model = fixture(model_type);
             let mut transcoders = vec![transcoder(&model, 0, true, 1)];
@@ -1226,6 +1394,9 @@ mod tests {
                 .unwrap();
             if with_bos {
                 ids.insert(0, model.bos_token_id.unwrap());
+            }
+            if cross {
+                transcoders = cross_layer(&model, &ids, 3);
             }
             let settings = GraphSettings {
                 batch_rows: 7,
@@ -1266,6 +1437,49 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-9, "{model_type}: logits differ by {diff}");
 
+            // Past the first position, each MLP's output is its error node, the features
+            // writing it (from its layer or, cross-layer, an earlier one), its b_dec and its
+            // skip path (what `fixed` leaves out).
+            let mlp_outs = model
+                .forward(
+                    &model.ids_tensor(&ids).unwrap(),
+                    &Hooks::new().capture((0..model.dims().n_layers).map(HookPoint::MlpOut)),
+                )
+                .unwrap();
+            for (layer, l) in r.layers.iter().enumerate() {
+                let mlp_out = mlp_outs.cache.require(HookPoint::MlpOut(layer)).unwrap();
+                let mut rebuilt = (l.error.unsqueeze(0).unwrap() + (mlp_out - &l.fixed).unwrap())
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_vec2::<f64>()
+                    .unwrap();
+                for group in &r.groups {
+                    for (_, rows, _) in group.writes.iter().filter(|w| w.0 == layer) {
+                        let sum = rows.sum(0).unwrap().to_vec1::<f64>().unwrap();
+                        rebuilt[group.position]
+                            .iter_mut()
+                            .zip(sum)
+                            .for_each(|(r, s)| *r += s);
+                    }
+                }
+                let bias = match &l.transcoder {
+                    Some(t) => t.sae.b_dec.to_vec1::<f64>().unwrap(),
+                    None => vec![0.0; model.dims().d_model],
+                };
+                let want = mlp_out.get(0).unwrap().to_vec2::<f64>().unwrap();
+                for (position, (got, want)) in rebuilt.iter().zip(&want).enumerate().skip(1) {
+                    for ((g, w), b) in got.iter().zip(want).zip(&bias) {
+                        assert!(
+                            (g + b - w).abs() < 1e-9 * w.abs().max(1.0),
+                            "{model_type} (cross-layer: {cross}): layer {layer} @{position}: \
+                             nodes and biases give {}, the MLP {w}",
+                            g + b
+                        );
+                    }
+                }
+            }
+
             let targets = r.targets(&logits).unwrap();
             let n = graph.n_nodes();
             let sources = n - graph.logits.len();
@@ -1302,7 +1516,7 @@ mod tests {
                     let edge = f64::from(graph.edge(row, source));
                     assert!(
                         (edge - want).abs() < 1e-4 * want.abs().max(1e-3),
-                        "{model_type}: {:?} → {:?}: edge {edge}, effect {want}",
+                        "{model_type} (cross-layer: {cross}): {:?} → {:?}: edge {edge}, effect {want}",
                         graph.node(source),
                         graph.node(row)
                     );

@@ -1,4 +1,5 @@
-//! `monoscope attribute`: a prompt's attribution graph through per-layer transcoders, pruned
+//! `monoscope attribute`: a prompt's attribution graph through per-layer or cross-layer
+//! transcoders, pruned
 //! and written as circuit-tracer's graph file (its local viewer and Neuronpedia read it).
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,8 @@ pub struct AttributeArgs {
     #[arg(long)]
     prompt: String,
     /// A transcoder folder that writes a layer's `hook_mlp_out`, or a folder of them (one per
-    /// layer; repeatable). Layers without one keep their MLP output whole in error nodes.
+    /// layer; repeatable), or a cross-layer transcoder in circuit-tracer's format (W_enc_L /
+    /// W_dec_L files). Layers without one keep their MLP output whole in error nodes.
     /// Default with the bundled model: its bundled transcoders.
     #[arg(long = "transcoders", value_name = "DIR")]
     transcoders: Vec<PathBuf>,

@@ -163,6 +163,24 @@ impl Weights {
         Ok(tensor.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 
+    /// The shape `key` is stored with, read without loading it.
+    pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        if let Some(tensor) = self.memory.get(key) {
+            return Ok(tensor.dims().to_vec());
+        }
+        let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
+            dir: self.dir.clone(),
+            key: key.to_string(),
+        })?;
+        let (path, st) = &self.files[idx];
+        let stored = self.stored.get(key).map_or(key, String::as_str);
+        let view = st.get(stored).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            message: format!("tensor `{stored}`: {}", root_message(&e)),
+        })?;
+        Ok(view.shape().to_vec())
+    }
+
     /// Loads `key` when present; `Ok(None)` when absent (optional biases, untied heads).
     pub fn get_opt(&self, key: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         if self.contains(key) {

@@ -1,4 +1,5 @@
-//! Circuits: a prompt's attribution graph through per-layer transcoders (circuit-tracer's local
+//! Circuits: a prompt's attribution graph through per-layer or cross-layer transcoders
+//! (circuit-tracer's local
 //! replacement model, [`crate::attribution_graph`]), pruned as circuit-tracer prunes it and
 //! drawn as a layer × token graph: the prompt's token embeddings at the bottom, each layer's
 //! active features and error nodes above their token, the top next-token logits along the top,
@@ -428,7 +429,8 @@ impl Panel for Circuits {
         if dir.is_none() {
             ui.label(
                 "Name a folder of per-layer transcoders (one per MLP, each writing \
-                 blocks.L.hook_mlp_out): the Train panel's \"MLP transcoder\" trains one.",
+                 blocks.L.hook_mlp_out; the Train panel's \"MLP transcoder\" trains one) or a \
+                 cross-layer transcoder in circuit-tracer's format (W_enc_L / W_dec_L files).",
             );
         }
         let Some(answer) = self.reader.answer() else {
@@ -831,6 +833,7 @@ fn attribute_anew(
 /// Each kept feature's direct-path logit effects, by graph index: its three most promoted
 /// tokens (a label), and its five most promoted and suppressed as a line (one product per
 /// layer for all its kept features; here, in the background, because the unembedding is big).
+/// A cross-layer feature's is that of everything it writes.
 fn promoted_tokens(
     model: &Model,
     transcoders: &[LayerTranscoder],
@@ -866,7 +869,7 @@ fn promoted_tokens(
         };
         let ids: Vec<u32> = kept.iter().map(|&(_, f)| f).collect();
         let ids = candle_core::Tensor::new(ids.as_slice(), t.sae.w_dec.device())?;
-        let rows = t.sae.w_dec.index_select(&ids, 0)?;
+        let rows = t.total_decoder()?.index_select(&ids, 0)?;
         let Some(effects) = logit_effects(model, HookPoint::MlpOut(layer), &rows, 5, &names)?
         else {
             continue;
