@@ -16,6 +16,9 @@ circuit-tracer loads models), gives it one random JumpReLU skip transcoder per l
                              and `i.scores` (replacement, completeness); `limited.*`, the
                              first prompt's graph with a feature-node limit; `clt.*`, the
                              first prompt's graph through the cross-layer transcoder below
+  OUT/transcoder_set/        the same per-layer transcoders as circuit-tracer saves them
+                             (`SingleLayerTranscoder.to_safetensors`, layer_L.safetensors),
+                             with the `config.yaml` its Hugging Face repositories carry
   OUT/clt/                   a random JumpReLU cross-layer transcoder reading
                              `blocks.L.hook_resid_mid`, written by circuit-tracer's own
                              `CrossLayerTranscoder.to_safetensors` (W_enc_L / W_dec_L files),
@@ -206,6 +209,22 @@ def main():
         scan="gpt2-fixture",
     )
     model._configure_replacement_model(transcoders)
+    # The same transcoders in circuit-tracer's own per-layer format.
+    set_dir = out / "transcoder_set"
+    set_dir.mkdir(parents=True, exist_ok=True)
+    for layer in range(c.n_layer):
+        transcoders.transcoders[layer].to_safetensors(str(set_dir / f"layer_{layer}.safetensors"))
+    listed = "".join(
+        f"  - hf://example/gpt2-fixture-transcoders/layer_{l}.safetensors\n"
+        for l in range(c.n_layer)
+    )
+    (set_dir / "config.yaml").write_text(
+        "model_kind: transcoder_set\n"
+        "model_name: gpt2-fixture\n"
+        'feature_input_hook: "ln2.hook_normalized"\n'
+        'feature_output_hook: "hook_mlp_out"\n'
+        f"transcoders:\n{listed}"
+    )
 
     tensors = {}
     summary = []

@@ -736,6 +736,91 @@ fn graphs_through_a_cross_layer_transcoder_match_circuit_tracers() {
     }
 }
 
+/// circuit-tracer's per-layer transcoders in its own format (`SingleLayerTranscoder
+/// .to_safetensors` files and the `config.yaml` that lists them by `hf://` address and names
+/// their hooks) trace to circuit-tracer's graphs, as the same weights in SAELens folders do.
+#[test]
+fn circuit_tracers_own_transcoder_set_traces_to_its_graphs() {
+    use monoscope::attribution_graph::load_transcoders;
+    let (model, _, reference) = circuit_tracer_fixture();
+    let set = circuit_tracer_dir().join("transcoder_set");
+    let transcoders = load_transcoders(std::slice::from_ref(&set), &model).unwrap();
+    assert_eq!(transcoders.len(), 2);
+    for (layer, t) in transcoders.iter().enumerate() {
+        assert_eq!(
+            (t.site.input.to_string(), t.site.output.to_string()),
+            (
+                format!("blocks.{layer}.ln2.hook_normalized"),
+                format!("blocks.{layer}.hook_mlp_out")
+            )
+        );
+        assert_eq!(t.sae.architecture, Architecture::JumpRelu);
+        assert!(t.sae.w_skip.is_some() && t.later.is_empty());
+    }
+    for prompt in ["0", "1"] {
+        let graph = graph_of(&model, &transcoders, &reference_ids(&reference, prompt));
+        assert_matches_circuit_tracer(&graph, &reference, prompt);
+    }
+}
+
+/// A circuit-tracer transcoder set that does not fit is refused by file and key: a listed
+/// file that is not there, more layers than the model, or `mlp.hook_out` on a model whose MLP
+/// output passes through a norm.
+#[test]
+fn bad_circuit_tracer_transcoder_sets_are_refused_by_file_and_key() {
+    use monoscope::attribution_graph::load_transcoders;
+    let (model, _, _) = circuit_tracer_fixture();
+    let source = circuit_tracer_dir().join("transcoder_set");
+    let root = tempfile::tempdir().unwrap();
+    let copy = |name: &str, config: &str| {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for l in 0..2 {
+            let file = format!("layer_{l}.safetensors");
+            std::fs::copy(source.join(&file), dir.join(&file)).unwrap();
+        }
+        std::fs::write(dir.join("config.yaml"), config).unwrap();
+        dir
+    };
+    let refused = |model: &Model, dir: &Path| -> String {
+        load_transcoders(&[dir.to_path_buf()], model)
+            .unwrap_err()
+            .to_string()
+    };
+    let missing = copy(
+        "missing",
+        "model_kind: transcoder_set\ntranscoders:\n  - hf://a/b/layer_0.safetensors\n  \
+         - hf://a/b/layer_9.safetensors\n",
+    );
+    let err = refused(&model, &missing);
+    assert!(
+        err.contains("config.yaml") && err.contains("transcoders") && err.contains("layer_9"),
+        "{err}"
+    );
+    let three = copy(
+        "three",
+        "model_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\n\
+         feature_output_hook: hook_mlp_out\n",
+    );
+    std::fs::copy(
+        source.join("layer_0.safetensors"),
+        three.join("layer_2.safetensors"),
+    )
+    .unwrap();
+    let err = refused(&model, &three);
+    assert!(
+        err.contains("3 layers' files") && err.contains("2 layers"),
+        "{err}"
+    );
+    let gemma = Model::load(&fixture_dir("gemma2"), &Device::Cpu, DType::F32).unwrap();
+    let post_norm = copy("post_norm", "model_kind: transcoder_set\n");
+    let err = refused(&gemma, &post_norm);
+    assert!(
+        err.contains("feature_output_hook") && err.contains("ln2_post.hook_in"),
+        "{err}"
+    );
+}
+
 /// A bad cross-layer transcoder folder is refused by file and key: a layer's file missing,
 /// a decoder of the wrong shape, a config naming another kind or a hook the model lacks.
 #[test]

@@ -36,14 +36,14 @@ use crate::error::{Error, Result};
 use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash};
 use crate::sae::{Sae, SaeSite};
 
-pub mod cross_layer;
+pub mod circuit_tracer;
 pub mod graph_file;
 pub mod intervene;
 pub mod prune;
 
 /// A transcoder standing in for one layer's MLP: it writes `blocks.L.hook_mlp_out` and reads
 /// a hook of the same block before it (`mlp.hook_in`, `ln2.hook_normalized`, …). One layer of
-/// a cross-layer transcoder ([`cross_layer`]) also writes every later MLP's output.
+/// a cross-layer transcoder ([`circuit_tracer`]) also writes every later MLP's output.
 #[derive(Clone, Debug)]
 pub struct LayerTranscoder {
     pub sae: Sae,
@@ -153,9 +153,10 @@ pub fn site_layer(site: &SaeSite) -> Result<usize> {
     Ok(layer)
 }
 
-/// Whether `dir` is a transcoder folder: a per-layer one (an SAE folder) or a cross-layer one.
+/// Whether `dir` is a transcoder folder: a per-layer one (an SAE folder), or a set or a
+/// cross-layer transcoder in circuit-tracer's formats.
 fn is_transcoder_dir(dir: &Path) -> bool {
-    crate::sae::is_sae_dir(dir) || cross_layer::is_cross_layer_dir(dir)
+    crate::sae::is_sae_dir(dir) || circuit_tracer::is_circuit_tracer_dir(dir)
 }
 
 /// The transcoder folders named: each folder that is one (per-layer or cross-layer), and the
@@ -194,13 +195,13 @@ pub fn load_transcoders(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTran
     load_each(&transcoder_dirs(dirs)?, model)
 }
 
-/// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]); a
-/// cross-layer one gives a transcoder for every layer.
+/// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]); one in
+/// circuit-tracer's formats gives a transcoder for each of its layers.
 pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
     let mut out = Vec::new();
     for dir in dirs {
-        if cross_layer::is_cross_layer_dir(dir) {
-            out.extend(cross_layer::load(dir, model)?);
+        if !crate::sae::is_sae_dir(dir) && circuit_tracer::is_circuit_tracer_dir(dir) {
+            out.extend(circuit_tracer::load(dir, model)?);
         } else {
             out.push(LayerTranscoder::load(dir, model)?);
         }

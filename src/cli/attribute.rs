@@ -23,8 +23,9 @@ pub struct AttributeArgs {
     #[arg(long)]
     prompt: String,
     /// A transcoder folder that writes a layer's `hook_mlp_out`, or a folder of them (one per
-    /// layer; repeatable), or a cross-layer transcoder in circuit-tracer's format (W_enc_L /
-    /// W_dec_L files). Layers without one keep their MLP output whole in error nodes.
+    /// layer; repeatable), or a transcoder set or cross-layer transcoder in circuit-tracer's
+    /// formats (layer_L.safetensors, or W_enc_L / W_dec_L files, with their config.yaml).
+    /// Layers without one keep their MLP output whole in error nodes.
     /// Default with the bundled model: its bundled transcoders.
     #[arg(long = "transcoders", value_name = "DIR")]
     transcoders: Vec<PathBuf>,

@@ -430,7 +430,7 @@ impl Panel for Circuits {
             ui.label(
                 "Name a folder of per-layer transcoders (one per MLP, each writing \
                  blocks.L.hook_mlp_out; the Train panel's \"MLP transcoder\" trains one) or a \
-                 cross-layer transcoder in circuit-tracer's format (W_enc_L / W_dec_L files).",
+                 circuit-tracer transcoder folder (a set, or a cross-layer transcoder).",
             );
         }
         let Some(answer) = self.reader.answer() else {
