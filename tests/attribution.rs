@@ -14,7 +14,9 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_dir, monoscope_json};
 use monoscope::Model;
-use monoscope::attribution_graph::{AttributionGraph, GraphSettings, LayerTranscoder, Node};
+use monoscope::attribution_graph::{
+    AttributionGraph, GraphSettings, LaterDecoders, LayerTranscoder, Node,
+};
 use monoscope::sae::saelens::{SaeDir, SaeMetadata, save};
 use monoscope::sae::{Architecture, Sae, SaeSite};
 
@@ -66,7 +68,7 @@ fn save_transcoder(model: &Model, dir: &Path, layer: usize) -> LayerTranscoder {
     LayerTranscoder {
         sae,
         site,
-        later: Vec::new(),
+        later: LaterDecoders::None,
     }
 }
 
@@ -690,8 +692,8 @@ fn graphs_through_a_cross_layer_transcoder_match_circuit_tracers() {
     let clt = circuit_tracer_dir().join("clt");
     let transcoders = load_transcoders(std::slice::from_ref(&clt), &model).unwrap();
     assert_eq!(transcoders.len(), 2);
-    assert_eq!(transcoders[0].later.len(), 1);
-    assert!(transcoders[1].later.is_empty());
+    assert_eq!(transcoders[0].later.count(), 1);
+    assert_eq!(transcoders[1].later.count(), 0);
     assert_eq!(
         transcoders[0].site.input.to_string(),
         "blocks.0.hook_resid_mid"
@@ -755,7 +757,7 @@ fn circuit_tracers_own_transcoder_set_traces_to_its_graphs() {
             )
         );
         assert_eq!(t.sae.architecture, Architecture::JumpRelu);
-        assert!(t.sae.w_skip.is_some() && t.later.is_empty());
+        assert!(t.sae.w_skip.is_some() && t.later.count() == 0);
     }
     for prompt in ["0", "1"] {
         let graph = graph_of(&model, &transcoders, &reference_ids(&reference, prompt));
@@ -951,11 +953,10 @@ fn a_cross_layer_feature_intervention_writes_every_layer_the_feature_writes() {
         (post - mid).unwrap().squeeze(0).unwrap()
     };
     let moved = (mlp_out(both) - mlp_out(first_only)).unwrap();
-    let expected = transcoders[0].later[0]
-        .get(f.feature as usize)
-        .unwrap()
-        .affine(3.0, 0.0)
-        .unwrap();
+    let rows = transcoders[0].decoder_rows(&[f.feature]).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].0, 1);
+    let expected = rows[1].1.get(0).unwrap().affine(3.0, 0.0).unwrap();
     for p in 0..ids.len() {
         let row = moved.get(p).unwrap();
         let err = match p == f.position {

@@ -17,14 +17,17 @@
 //!   `b_dec_L` (the bias of layer `L`'s output) and, for a JumpReLU, `threshold_L`;
 //!   `W_dec_L.safetensors` holds `W_dec_L` `[features, n_layers − L, d_model]`, row `k` of a
 //!   feature written into layer `L + k`'s MLP output. Default hooks: `hook_resid_mid` →
-//!   `hook_mlp_out`. Decoders are read whole, not lazily as circuit-tracer reads them: a CLT
-//!   must fit in memory.
+//!   `hook_mlp_out`. As in circuit-tracer, the decoders to later layers stay in their mapped
+//!   files and only the active features' rows are read (over all layers a large model's CLT
+//!   decoders are tens of gigabytes); the encoders and each layer's decoder to its own MLP are
+//!   loaded.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, IndexOp, Tensor};
 
-use super::LayerTranscoder;
+use super::{LaterDecoders, LayerTranscoder};
 use crate::error::{Error, Result};
 use crate::model::weights::Weights;
 use crate::model::{HookPoint, Model};
@@ -40,6 +43,9 @@ fn encoder_file(layer: usize) -> String {
 fn decoder_file(layer: usize) -> String {
     format!("W_dec_{layer}.safetensors")
 }
+
+/// Features whose decoder rows are read at once while the own layer's decoder is gathered.
+const DECODER_CHUNK: usize = 512;
 
 fn layer_file(layer: usize) -> String {
     format!("layer_{layer}.safetensors")
@@ -325,7 +331,7 @@ fn set_member(path: &Path, model: &Model, site: SaeSite) -> Result<LayerTranscod
     Ok(LayerTranscoder {
         sae,
         site,
-        later: Vec::new(),
+        later: LaterDecoders::None,
     })
 }
 
@@ -347,15 +353,36 @@ fn cross_layer(dir: &Path, model: &Model, layer: usize, site: SaeSite) -> Result
     let key = |name: &str| format!("{name}_{layer}");
     let d_sae = encoder.shape(&key("W_enc"))?.first().copied().unwrap_or(0);
     let threshold = encoder.get_opt(&key("threshold"), &[d_sae])?;
-    let decoder = Weights::open_file(&dir.join(decoder_file(layer)), DType::F32, device)?;
-    let w_dec = decoder.get(&key("W_dec"), &[d_sae, n_layers - layer, d_model])?;
+    // The decoders stay in their mapped file: the own layer's rows are read now, a few
+    // hundred features at a time; the later layers' as a prompt needs them.
+    let decoder_path = dir.join(decoder_file(layer));
+    let decoder = Weights::open_file(&decoder_path, DType::F32, device)?;
+    let w_dec_key = key("W_dec");
+    let want = [d_sae, n_layers - layer, d_model];
+    let shape = decoder.shape(&w_dec_key)?;
+    if shape != want {
+        return Err(Error::TensorShape {
+            path: decoder_path,
+            key: w_dec_key,
+            expected: want.to_vec(),
+            actual: shape,
+        });
+    }
+    let own = (0..d_sae as u32)
+        .step_by(DECODER_CHUNK)
+        .map(|start| {
+            let end = (start + DECODER_CHUNK as u32).min(d_sae as u32);
+            let ids: Vec<u32> = (start..end).collect();
+            Ok(decoder.rows(&w_dec_key, &ids)?.i((.., 0))?.contiguous()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let sae = Sae {
         architecture: jump_relu_or_relu(&threshold),
         w_enc: encoder
             .get(&key("W_enc"), &[d_sae, d_in])?
             .t()?
             .contiguous()?,
-        w_dec: w_dec.i((.., 0))?.contiguous()?,
+        w_dec: Tensor::cat(&own, 0)?,
         b_enc: encoder.get(&key("b_enc"), &[d_sae])?,
         b_dec: encoder.get(&key("b_dec"), &[d_model])?,
         threshold,
@@ -364,9 +391,14 @@ fn cross_layer(dir: &Path, model: &Model, layer: usize, site: SaeSite) -> Result
         w_skip: None,
     };
     sae.validate(&dir.join(encoder_file(layer)))?;
-    let later = (1..n_layers - layer)
-        .map(|k| Ok(w_dec.i((.., k))?.contiguous()?))
-        .collect::<Result<Vec<_>>>()?;
+    let later = match n_layers - layer - 1 {
+        0 => LaterDecoders::None,
+        count => LaterDecoders::Mapped {
+            weights: Arc::new(decoder),
+            key: w_dec_key,
+            count,
+        },
+    };
     Ok(LayerTranscoder { sae, site, later })
 }
 

@@ -106,11 +106,8 @@ pub fn intervention_hooks(
                 message: "no transcoder writes this layer's MLP output".into(),
             })?;
         let scale = change.value - f.activation;
-        for (layer, decoder) in transcoder.writes()? {
-            let row: Vec<f32> = decoder
-                .i(f.feature as usize)?
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
+        for (layer, rows) in transcoder.decoder_rows(&[f.feature])? {
+            let row: Vec<f32> = rows.get(0)?.to_dtype(DType::F32)?.to_vec1()?;
             let delta = deltas
                 .entry(layer)
                 .or_insert_with(|| vec![0.0; n * d_model]);

@@ -46,11 +46,52 @@ pub mod prune;
 /// a cross-layer transcoder ([`circuit_tracer`]) also writes every later MLP's output.
 #[derive(Clone, Debug)]
 pub struct LayerTranscoder {
+    /// The encoder, and the decoder to its own layer's MLP output with `b_dec` and any skip
+    /// path.
     pub sae: Sae,
     pub site: SaeSite,
-    /// A cross-layer transcoder's decoders to the later layers: `later[k]` (`[d_sae, d_out]`)
-    /// is what the features add to layer `L + 1 + k`'s MLP output. Empty for a per-layer one.
-    pub later: Vec<Tensor>,
+    /// A cross-layer transcoder's decoders to the later layers.
+    pub later: LaterDecoders,
+}
+
+/// A cross-layer transcoder's decoders to the layers after its own: what layer `L`'s features
+/// add to layer `L + 1 + k`'s MLP output.
+#[derive(Clone, Default)]
+pub enum LaterDecoders {
+    /// A per-layer transcoder: none.
+    #[default]
+    None,
+    /// `[d_sae, d_out]` per later layer, in memory.
+    InMemory(Vec<Tensor>),
+    /// Read a few rows at a time from a memory-mapped `[d_sae, 1 + count, d_out]` tensor whose
+    /// row `[f, 1 + k]` writes layer `L + 1 + k` (a CLT's `W_dec_L`: tens of gigabytes over
+    /// all layers of a large model, of which a prompt needs the active features' rows).
+    Mapped {
+        weights: Arc<crate::model::weights::Weights>,
+        key: String,
+        count: usize,
+    },
+}
+
+impl std::fmt::Debug for LaterDecoders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "None"),
+            Self::InMemory(w) => write!(f, "InMemory({} layers)", w.len()),
+            Self::Mapped { key, count, .. } => write!(f, "Mapped({key}, {count} layers)"),
+        }
+    }
+}
+
+impl LaterDecoders {
+    /// How many later layers are written.
+    pub fn count(&self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::InMemory(w) => w.len(),
+            Self::Mapped { count, .. } => *count,
+        }
+    }
 }
 
 impl LayerTranscoder {
@@ -61,7 +102,7 @@ impl LayerTranscoder {
         let transcoder = Self {
             sae: sae_dir.sae,
             site: SaeSite { input, output },
-            later: Vec::new(),
+            later: LaterDecoders::None,
         };
         transcoder.layer().map_err(|e| Error::InvalidArgument {
             what: "transcoder folder",
@@ -76,37 +117,62 @@ impl LayerTranscoder {
         site_layer(&self.site)
     }
 
-    /// Every MLP output its features write, from its own layer on, with the decoder
-    /// (`[d_sae, d_out]`) that writes it.
-    pub fn writes(&self) -> Result<Vec<(usize, &Tensor)>> {
+    /// The decoder rows of `features` (ids, on the transcoder's device) for every MLP output
+    /// they write, from their own layer on: `(layer, [features, d_out])` in the transcoder's
+    /// dtype.
+    pub fn decoder_rows(&self, features: &[u32]) -> Result<Vec<(usize, Tensor)>> {
         let layer = self.layer()?;
-        Ok(std::iter::once(&self.sae.w_dec)
-            .chain(&self.later)
-            .enumerate()
-            .map(|(k, w)| (layer + k, w))
-            .collect())
-    }
-
-    /// What the features write into the residual stream in all, `[d_sae, d_out]`: the decoder,
-    /// summed over the layers a cross-layer transcoder writes (their direct-path effects).
-    pub fn total_decoder(&self) -> Result<Tensor> {
-        let mut total = self.sae.w_dec.clone();
-        for w in &self.later {
-            total = (total + w)?;
+        let w_dec = &self.sae.w_dec;
+        let ids = Tensor::new(features, w_dec.device())?;
+        let mut rows = vec![(layer, w_dec.index_select(&ids, 0)?)];
+        match &self.later {
+            LaterDecoders::None => {}
+            LaterDecoders::InMemory(later) => {
+                for (k, w) in later.iter().enumerate() {
+                    rows.push((layer + 1 + k, w.index_select(&ids, 0)?));
+                }
+            }
+            LaterDecoders::Mapped {
+                weights,
+                key,
+                count,
+            } => {
+                let all = weights
+                    .rows(key, features)?
+                    .to_dtype(w_dec.dtype())?
+                    .to_device(w_dec.device())?; // [features, 1 + count, d_out]
+                for k in 1..=*count {
+                    rows.push((layer + k, all.i((.., k))?.contiguous()?));
+                }
+            }
         }
-        Ok(total)
+        Ok(rows)
     }
 
-    /// The same transcoder in `dtype` on `device`.
+    /// What `features` write into the residual stream in all, `[features, d_out]`: their
+    /// decoder rows summed over the layers they write (their direct-path effects).
+    pub fn total_decoder_rows(&self, features: &[u32]) -> Result<Tensor> {
+        let mut rows = self.decoder_rows(features)?.into_iter().map(|(_, r)| r);
+        let first = rows
+            .next()
+            .ok_or_else(|| internal("a transcoder without a decoder".into()))?;
+        rows.try_fold(first, |sum, r| Ok((sum + r)?))
+    }
+
+    /// The same transcoder in `dtype` on `device` (mapped decoders are converted as read).
     fn to(&self, dtype: DType, device: &candle_core::Device) -> Result<Self> {
         Ok(Self {
             sae: self.sae.to_dtype(dtype)?.to_device(device)?,
             site: self.site,
-            later: self
-                .later
-                .iter()
-                .map(|w| w.to_dtype(dtype)?.to_device(device))
-                .collect::<candle_core::Result<_>>()?,
+            later: match &self.later {
+                LaterDecoders::InMemory(later) => LaterDecoders::InMemory(
+                    later
+                        .iter()
+                        .map(|w| w.to_dtype(dtype)?.to_device(device))
+                        .collect::<candle_core::Result<_>>()?,
+                ),
+                other => other.clone(),
+            },
         })
     }
 }
@@ -753,14 +819,28 @@ impl<'a> Replacement<'a> {
                 });
             }
             t.site.check(&t.sae)?;
-            for (out, w) in t.writes()?.into_iter().skip(1) {
-                let want = [t.sae.d_sae(), model.hook_width(HookPoint::MlpOut(out))?];
-                if w.dims() != want {
-                    return Err(Error::InvalidArgument {
-                        what: "transcoder",
-                        value: format!("{}'s decoder to layer {out}", t.site.output),
-                        message: format!("is {:?}, not {want:?}", w.dims()),
-                    });
+            if layer + 1 + t.later.count() > n_layers {
+                return Err(Error::InvalidArgument {
+                    what: "transcoder",
+                    value: t.site.output.to_string(),
+                    message: format!(
+                        "writes {} later layers; the model has {n_layers}",
+                        t.later.count()
+                    ),
+                });
+            }
+            // (A mapped decoder's shape was checked as its file was opened.)
+            if let LaterDecoders::InMemory(later) = &t.later {
+                for (k, w) in later.iter().enumerate() {
+                    let out = layer + 1 + k;
+                    let want = [t.sae.d_sae(), model.hook_width(HookPoint::MlpOut(out))?];
+                    if w.dims() != want {
+                        return Err(Error::InvalidArgument {
+                            what: "transcoder",
+                            value: format!("{}'s decoder to layer {out}", t.site.output),
+                            message: format!("is {:?}, not {want:?}", w.dims()),
+                        });
+                    }
                 }
             }
             for (point, width) in [(t.site.input, t.sae.d_in()), (t.site.output, t.sae.d_out())] {
@@ -772,16 +852,6 @@ impl<'a> Replacement<'a> {
                         message: format!("is {have} wide in the model, the transcoder {width}"),
                     });
                 }
-            }
-            if layer + 1 + t.later.len() > n_layers {
-                return Err(Error::InvalidArgument {
-                    what: "transcoder",
-                    value: t.site.output.to_string(),
-                    message: format!(
-                        "writes {} later layers; the model has {n_layers}",
-                        t.later.len()
-                    ),
-                });
             }
             by_layer[layer] = Some(t.to(model.dtype, &model.device)?);
         }
@@ -817,108 +887,97 @@ impl<'a> Replacement<'a> {
             Tensor::from_vec(m, (1, seq, 1), &model.device)?.to_dtype(model.dtype)?
         };
         let kept = (1.0 - &first_only)?; // positions whose parts are nodes
-        // Every layer's features first: a cross-layer transcoder's also write later layers.
-        let acts: Vec<Option<Tensor>> = by_layer
-            .iter()
-            .map(|t| {
-                t.as_ref()
-                    .map(|t| t.sae.encode(clean.cache.require(t.site.input)?))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?; // each [1, seq, d_sae]
-        // What earlier layers' features write into each MLP output, [1, seq, d].
-        let mut from_earlier: Vec<Option<Tensor>> = vec![None; n_layers];
-        for (t, a) in by_layer.iter().zip(&acts) {
-            let (Some(t), Some(a)) = (t, a) else { continue };
-            for (out, w) in t.writes()?.into_iter().skip(1) {
-                let add = a.broadcast_matmul(w)?;
-                from_earlier[out] = Some(match from_earlier[out].take() {
-                    Some(sum) => (sum + add)?,
-                    None => add,
-                });
-            }
-        }
-        let mut layers = Vec::with_capacity(n_layers);
+        let d_model = model.dims().d_model;
+        // Every layer's active features and what they write (a cross-layer transcoder's, into
+        // later layers too), before any layer's error: the errors need what earlier layers'
+        // features write.
         let mut features = Vec::new();
-        for (layer, transcoder) in by_layer.into_iter().enumerate() {
-            let mlp_out = clean.cache.require(HookPoint::MlpOut(layer))?; // [1, seq, d]
-            let earlier = from_earlier[layer].take();
-            let (Some(t), Some(layer_acts)) = (transcoder, &acts[layer]) else {
-                let rest = match &earlier {
-                    Some(e) => (mlp_out - e)?,
-                    None => mlp_out.clone(),
-                };
-                let error = rest.broadcast_mul(&kept)?.get(0)?;
-                layers.push(Layer {
-                    fixed: mlp_out.clone(),
-                    error_f32: error.to_dtype(DType::F32)?,
-                    error,
-                    transcoder: None,
-                });
-                continue;
-            };
-            let x = clean.cache.require(t.site.input)?;
-            let mut prediction = t.sae.output(x)?;
-            if let Some(e) = &earlier {
-                prediction = (prediction + e)?;
-            }
-            let skip = skip_path(&t.sae, x)?;
-            let fixed = (mlp_out - &skip)?;
-            let error = (mlp_out - &prediction)?.broadcast_mul(&kept)?.get(0)?;
-            let values = layer_acts.get(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut groups = Vec::new();
+        for (layer, t) in by_layer.iter().enumerate() {
+            let Some(t) = t else { continue };
+            let acts = t.sae.encode(clean.cache.require(t.site.input)?)?.get(0)?; // [seq, d_sae]
+            let values = acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (position, row) in values.iter().enumerate() {
                 if left_out && position == 0 {
                     continue;
                 }
-                for (feature, &activation) in row.iter().enumerate() {
-                    if activation > 0.0 {
-                        features.push(ActiveFeature {
-                            layer,
-                            position,
-                            feature: feature as u32,
-                            activation,
-                        });
-                    }
+                let ids: Vec<u32> = (0..row.len() as u32)
+                    .filter(|&f| row[f as usize] > 0.0)
+                    .collect();
+                if ids.is_empty() {
+                    continue;
                 }
+                // The activations in the model's dtype (exact for an f64 model), [count, 1].
+                let scales = acts
+                    .i(position)?
+                    .index_select(&Tensor::new(ids.as_slice(), &model.device)?, 0)?
+                    .unsqueeze(1)?;
+                let writes = t
+                    .decoder_rows(&ids)?
+                    .into_iter()
+                    .map(|(out, rows)| {
+                        let rows = rows.broadcast_mul(&scales)?;
+                        let transposed = rows.to_dtype(DType::F32)?.t()?.contiguous()?;
+                        Ok((out, rows, transposed))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                groups.push(FeatureGroup {
+                    position,
+                    first: features.len(),
+                    writes,
+                });
+                features.extend(ids.iter().map(|&feature| ActiveFeature {
+                    layer,
+                    position,
+                    feature,
+                    activation: row[feature as usize],
+                }));
             }
+        }
+        // What the feature nodes write into each MLP output, [1, seq, d].
+        let mut written: Vec<Vec<Option<Tensor>>> = vec![vec![None; seq]; n_layers];
+        for group in &groups {
+            for (out, rows, _) in &group.writes {
+                let sum = rows.sum(0)?;
+                let slot = &mut written[*out][group.position];
+                *slot = Some(match slot.take() {
+                    Some(before) => (before + sum)?,
+                    None => sum,
+                });
+            }
+        }
+        let zeros = Tensor::zeros(d_model, model.dtype, &model.device)?;
+        let written = written
+            .into_iter()
+            .map(|per_position| {
+                let rows: Vec<Tensor> = per_position
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| zeros.clone()))
+                    .collect();
+                Ok(Tensor::stack(&rows, 0)?.unsqueeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Each layer's error: the MLP's output less what the nodes write and the biases (b_dec,
+        // the skip path) — at the positions whose parts are nodes.
+        let mut layers = Vec::with_capacity(n_layers);
+        for (layer, (transcoder, written)) in by_layer.into_iter().zip(written).enumerate() {
+            let mlp_out = clean.cache.require(HookPoint::MlpOut(layer))?; // [1, seq, d]
+            let (fixed, rest) = match &transcoder {
+                Some(t) => {
+                    let skip = skip_path(&t.sae, clean.cache.require(t.site.input)?)?;
+                    let fixed = (mlp_out - &skip)?;
+                    let rest = fixed.broadcast_sub(&t.sae.b_dec)?;
+                    (fixed, rest)
+                }
+                None => (mlp_out.clone(), mlp_out.clone()),
+            };
+            let error = (rest - written)?.broadcast_mul(&kept)?.get(0)?;
             layers.push(Layer {
-                transcoder: Some(t),
+                transcoder,
                 fixed,
                 error_f32: error.to_dtype(DType::F32)?,
                 error,
             });
-        }
-        let mut groups = Vec::new();
-        let mut start = 0;
-        for run in features.chunk_by(|a, b| (a.layer, a.position) == (b.layer, b.position)) {
-            let (layer, position) = (run[0].layer, run[0].position);
-            let (Some(t), Some(layer_acts)) = (&layers[layer].transcoder, &acts[layer]) else {
-                return Err(internal(format!(
-                    "features at layer {layer} without a transcoder"
-                )));
-            };
-            let ids: Vec<u32> = run.iter().map(|f| f.feature).collect();
-            let ids = Tensor::new(ids.as_slice(), &model.device)?;
-            // The activations in the model's dtype (exact for an f64 model), [count, 1].
-            let scales = layer_acts
-                .i((0, position))?
-                .index_select(&ids, 0)?
-                .unsqueeze(1)?;
-            let writes = t
-                .writes()?
-                .into_iter()
-                .map(|(out, w)| {
-                    let rows = w.index_select(&ids, 0)?.broadcast_mul(&scales)?;
-                    let transposed = rows.to_dtype(DType::F32)?.t()?.contiguous()?;
-                    Ok((out, rows, transposed))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            groups.push(FeatureGroup {
-                position,
-                first: start,
-                writes,
-            });
-            start += run.len();
         }
         Ok((
             Self {
@@ -1297,7 +1356,7 @@ mod tests {
                 input: HookPoint::MlpIn(layer),
                 output: HookPoint::MlpOut(layer),
             },
-            later: Vec::new(),
+            later: LaterDecoders::None,
         }
     }
 
@@ -1322,12 +1381,14 @@ mod tests {
                 t.sae.architecture = Architecture::Standard;
                 // Pre-activations of a few units, as the per-layer ones have.
                 t.sae.w_enc = (&t.sae.w_enc * (8.0 / norm)).unwrap();
-                t.later = (layer + 1..n_layers)
-                    .map(|out| {
-                        let other = transcoder(model, out, false, seed * 7 + 100 + out as u64);
-                        (other.sae.w_dec * 0.5).unwrap()
-                    })
-                    .collect();
+                t.later = LaterDecoders::InMemory(
+                    (layer + 1..n_layers)
+                        .map(|out| {
+                            let other = transcoder(model, out, false, seed * 7 + 100 + out as u64);
+                            (other.sae.w_dec * 0.5).unwrap()
+                        })
+                        .collect(),
+                );
                 t
             })
             .collect()

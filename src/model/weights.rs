@@ -181,6 +181,52 @@ impl Weights {
         Ok(view.shape().to_vec())
     }
 
+    /// Rows `rows` of `key` (indices along its first dimension), `[rows.len(), ..]` in the run
+    /// dtype on the run device, read from the mapped file without loading the rest: how a
+    /// cross-layer transcoder's decoders, tens of gigabytes for a large model, are used.
+    pub fn rows(&self, key: &str, rows: &[u32]) -> Result<Tensor> {
+        if let Some(tensor) = self.memory.get(key) {
+            let ids = Tensor::new(rows, tensor.device())?;
+            return Ok(tensor
+                .index_select(&ids, 0)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?);
+        }
+        let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
+            dir: self.dir.clone(),
+            key: key.to_string(),
+        })?;
+        let (path, st) = &self.files[idx];
+        let stored = self.stored.get(key).map_or(key, String::as_str);
+        let bad = |message: String| Error::Safetensors {
+            path: path.clone(),
+            message: format!("tensor `{stored}`: {message}"),
+        };
+        let view = st.get(stored).map_err(|e| bad(root_message(&e)))?;
+        let dtype = DType::try_from(view.dtype()).map_err(|e| bad(root_message(&e)))?;
+        let shape = view.shape();
+        let Some((&n_rows, rest)) = shape.split_first() else {
+            return Err(bad("a scalar has no rows".into()));
+        };
+        let row_bytes = rest.iter().product::<usize>() * dtype.size_in_bytes();
+        let data = view.data();
+        let mut bytes = Vec::with_capacity(rows.len() * row_bytes);
+        for &row in rows {
+            let row = row as usize;
+            if row >= n_rows {
+                return Err(bad(format!("row {row} of {n_rows}")));
+            }
+            bytes.extend_from_slice(&data[row * row_bytes..][..row_bytes]);
+        }
+        let mut out_shape = shape.to_vec();
+        out_shape[0] = rows.len();
+        Ok(
+            Tensor::from_raw_buffer(&bytes, dtype, &out_shape, &Device::Cpu)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?,
+        )
+    }
+
     /// Loads `key` when present; `Ok(None)` when absent (optional biases, untied heads).
     pub fn get_opt(&self, key: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         if self.contains(key) {
@@ -238,4 +284,42 @@ fn root_message(e: &candle_core::Error) -> String {
         msg = root_message(inner);
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Rows read from the mapped file are the stored tensor's rows, in any stored dtype and in
+    /// any order, converted to the run dtype; a row past the end is an error naming the file.
+    #[test]
+    fn rows_read_from_the_mapped_file_are_the_tensors_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let values: Vec<f32> = (0..30).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let full = Tensor::from_vec(values, (5, 2, 3), &Device::Cpu).unwrap();
+        let stored = full.to_dtype(DType::BF16).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), stored.clone())]), &path)
+            .unwrap();
+        let weights = Weights::open_file(&path, DType::F32, &Device::Cpu).unwrap();
+        let rows = weights.rows("w", &[4, 0, 4]).unwrap();
+        assert_eq!(rows.dims(), [3, 2, 3]);
+        assert_eq!(rows.dtype(), DType::F32);
+        let want = stored
+            .to_dtype(DType::F32)
+            .unwrap()
+            .index_select(&Tensor::new(&[4u32, 0, 4], &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        assert_eq!(
+            rows.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let err = weights.rows("w", &[5]).unwrap_err().to_string();
+        assert!(
+            err.contains("w.safetensors") && err.contains("row 5 of 5"),
+            "{err}"
+        );
+        assert!(weights.rows("nothing", &[0]).is_err());
+    }
 }

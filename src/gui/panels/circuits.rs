@@ -868,8 +868,7 @@ fn promoted_tokens(
             continue;
         };
         let ids: Vec<u32> = kept.iter().map(|&(_, f)| f).collect();
-        let ids = candle_core::Tensor::new(ids.as_slice(), t.sae.w_dec.device())?;
-        let rows = t.total_decoder()?.index_select(&ids, 0)?;
+        let rows = t.total_decoder_rows(&ids)?;
         let Some(effects) = logit_effects(model, HookPoint::MlpOut(layer), &rows, 5, &names)?
         else {
             continue;
