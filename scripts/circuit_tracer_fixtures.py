@@ -129,9 +129,12 @@ def circuit_tracer_transcoder(weights, layer, d_model):
     return t
 
 
-def cross_layer_transcoder(model, ids, n_layers, d_model, generator):
+def cross_layer_transcoder(
+    model, ids, n_layers, d_model, generator, width=D_TRANSCODER, threshold=THRESHOLD
+):
     """A random JumpReLU cross-layer transcoder (float32) from `hook_resid_mid` to every later
-    `hook_mlp_out`, its encoder scaled to the residual stream's size on `ids`."""
+    `hook_mlp_out`, `width` features a layer, its encoder scaled to the residual stream's size
+    on `ids` (pre-activations of about unit size; `threshold` sets how many fire)."""
     _, cache = model.run_with_cache(ids[None])
     resid = torch.stack([cache[f"blocks.{l}.hook_resid_mid"][0, 1:] for l in range(n_layers)])
     # Pre-activations of about unit size.
@@ -139,7 +142,7 @@ def cross_layer_transcoder(model, ids, n_layers, d_model, generator):
     g = lambda *shape, scale: (torch.rand(*shape, generator=generator) * 2 - 1) * scale  # noqa: E731
     clt = CrossLayerTranscoder(
         n_layers,
-        D_TRANSCODER,
+        width,
         d_model,
         activation_function="jump_relu",
         lazy_decoder=False,
@@ -147,12 +150,12 @@ def cross_layer_transcoder(model, ids, n_layers, d_model, generator):
         dtype=torch.float32,
     )
     with torch.no_grad():
-        clt.W_enc.copy_(g(n_layers, D_TRANSCODER, d_model, scale=enc_scale))
-        clt.b_enc.copy_(g(n_layers, D_TRANSCODER, scale=0.2))
+        clt.W_enc.copy_(g(n_layers, width, d_model, scale=enc_scale))
+        clt.b_enc.copy_(g(n_layers, width, scale=0.2))
         clt.b_dec.copy_(g(n_layers, d_model, scale=0.2))
         for i in range(n_layers):
-            clt.W_dec[i].copy_(g(D_TRANSCODER, n_layers - i, d_model, scale=0.5))
-        clt.activation_function.threshold.fill_(THRESHOLD)
+            clt.W_dec[i].copy_(g(width, n_layers - i, d_model, scale=0.5))
+        clt.activation_function.threshold.fill_(threshold)
     return clt
 
 

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """circuit-tracer 0.5.0's `attribute` on a GPT-2-architecture Hugging Face folder with a folder
 of per-layer transcoders as monoscope saves them (SAELens `jumprelu_skip_transcoder` or
-`jumprelu_transcoder` folders `layer_L`), for benches/compare_attribution.sh.
+`jumprelu_transcoder` folders `layer_L`), or a cross-layer transcoder in circuit-tracer's own
+format (W_enc_L / W_dec_L files, loaded by its `load_clt` with lazy decoders, its default), for
+benches/compare_attribution.sh.
 
 A transcoder reading monoscope's `blocks.L.mlp.hook_in` (the MLP's input after the norm's gain
 and bias) is given to circuit-tracer at `ln2.hook_normalized` (before them) with the gain and
 bias folded into its encoder and skip path, which is exact:
   W_enc' = diag(w)·W_enc, b_enc' = b_enc + b·W_enc, W_skip' = W_skip·diag(w),
   b_dec' = b_dec + W_skip·b.
-Prints JSON: the seconds `attribute` took (model and transcoders loaded), and the node counts;
+Prints JSON: the seconds `attribute` took (model and transcoders loaded), the process's peak
+resident memory, and the node counts;
 writes the unpruned graph as safetensors under the names `monoscope attribute --adjacency` uses.
 """
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -26,6 +30,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from circuit_tracer import attribute  # noqa: E402
 from circuit_tracer.transcoder.activation_functions import JumpReLU  # noqa: E402
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt  # noqa: E402
 from circuit_tracer.transcoder.single_layer_transcoder import (  # noqa: E402
     SingleLayerTranscoder,
     TranscoderSet,
@@ -75,16 +80,23 @@ def main():
     ap.add_argument("--batch-size", type=int, default=512)
     args = ap.parse_args()
     model, tokenizer, c = ct.hooked_gpt2(args.model)
-    folders = sorted(p for p in Path(args.transcoders).iterdir() if (p / "cfg.json").is_file())
-    transcoders = dict(load_transcoder(f, model) for f in folders)
-    model._configure_replacement_model(
-        TranscoderSet(
-            transcoders,
+    if (Path(args.transcoders) / "W_enc_0.safetensors").is_file():
+        replacement = load_clt(
+            args.transcoders,
+            feature_input_hook="hook_resid_mid",
+            feature_output_hook="hook_mlp_out",
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+    else:
+        folders = sorted(p for p in Path(args.transcoders).iterdir() if (p / "cfg.json").is_file())
+        replacement = TranscoderSet(
+            dict(load_transcoder(f, model) for f in folders),
             feature_input_hook="ln2.hook_normalized",
             feature_output_hook="hook_mlp_out",
             scan="monoscope",
         )
-    )
+    model._configure_replacement_model(replacement)
     ids = torch.tensor([c.bos_token_id] + tokenizer.encode(args.prompt), dtype=torch.long)
     started = time.perf_counter()
     graph = attribute(ids, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=args.batch_size)
@@ -103,6 +115,7 @@ def main():
             {
                 "seconds": seconds,
                 "threads": torch.get_num_threads(),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "active_features": int(len(graph.selected_features)),
                 "nodes": int(graph.adjacency_matrix.shape[0]),
             }
