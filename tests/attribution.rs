@@ -244,6 +244,52 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
     assert!(summary["kept_links"].as_u64().unwrap() < links.len() as u64);
     let replacement = summary["replacement_score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&replacement), "{summary}");
+
+    // Supernodes go into qParams as Neuronpedia reads them: [label, node id, …].
+    let (a, b) = (&graph.features[0], &graph.features[1]);
+    let group = format!(
+        "a pair={}:{}:{},{}:{}:{}",
+        a.layer, a.position, a.feature, b.layer, b.position, b.feature
+    );
+    monoscope_json(&[
+        "attribute",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--transcoders",
+        set.to_str().unwrap(),
+        "--out",
+        path,
+        "--force",
+        "--node-threshold",
+        "1",
+        "--edge-threshold",
+        "1",
+        "--supernode",
+        &group,
+        "--json",
+    ]);
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(
+        file["qParams"]["supernodes"],
+        serde_json::json!([[
+            "a pair",
+            id_of(graph.index(Node::Feature(0))),
+            id_of(graph.index(Node::Feature(1)))
+        ]])
+    );
+    let bad = attribute_command(
+        &model_dir,
+        &set,
+        &out,
+        &["--force", "--supernode", "x=1:0:999999"],
+    )
+    .output()
+    .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--supernode 1:0:999999"), "{err}");
 }
 
 /// On the bundled model `attribute` needs no --transcoders: it traces through the bundled set,

@@ -851,7 +851,6 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
         h.query_all_by_label(&top_name).next().is_some(),
         "{top_name}"
     );
-    wait_for(&mut h, "the feature's contexts", |h| !h.state().busy());
     let Node::Feature(i) = graph.node(source) else {
         unreachable!()
     };
@@ -872,7 +871,10 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     .unwrap();
     let best = &tops[feature.feature as usize][0];
     let shown = format!("{:.2}", best.activation);
-    assert!(h.query_all_by_label(&shown).next().is_some(), "{best:?}");
+    // (A job that has ended is no longer busy, but its result shows a frame later.)
+    wait_for(&mut h, "the feature's contexts", |h| {
+        h.query_all_by_label(&shown).next().is_some() && !h.state().busy()
+    });
     // The graph saved as circuit-tracer's graph file, with its folder's index; saving over it
     // is refused.
     let tmp = tempfile::tempdir().unwrap();
@@ -883,8 +885,8 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
         has_message(h, &["wrote", "japan.json"]) && !h.state().busy()
     });
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    let kept = pruned.nodes.iter().filter(|&&k| k).count();
-    assert_eq!(saved["nodes"].as_array().unwrap().len(), kept);
+    let kept_count = pruned.nodes.iter().filter(|&&k| k).count();
+    assert_eq!(saved["nodes"].as_array().unwrap().len(), kept_count);
     assert!(tmp.path().join("graph-metadata.json").is_file());
     h.get_by_label("Save graph").click();
     wait_for(&mut h, "the refusal to replace it", |h| {
@@ -901,6 +903,78 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     let result = intervene(&model, &transcoders, &graph, &[change], 8).unwrap();
     let row = format!("{:.3} → {:.3}", result.before[0], result.after[0]);
     assert!(h.query_all_by_label(&row).next().is_some(), "{row}");
+    // A supernode of the logit's two strongest kept feature inputs: its summed effect on each
+    // logit is the library's, its ablation sets both to zero, and the saved graph carries it.
+    let features: Vec<usize> = graph
+        .strongest_inputs(top)
+        .into_iter()
+        .filter(|&(s, _)| kept(top, s) && matches!(graph.node(s), Node::Feature(_)))
+        .map(|(s, _)| s)
+        .take(2)
+        .collect();
+    assert_eq!(features[0], source);
+    replace_text(&mut h, "group name", "capital");
+    h.get_by_label("Add to supernode").click();
+    h.run_steps(2);
+    h.get_by_label(&top_name).click(); // back to the logit, then its second feature
+    h.run_steps(2);
+    let second = graph.describe(features[1], display_token);
+    assert!(has_label(&h, &format!("Selected: {top_name}")), "{top_name}");
+    h.get_by_label(&second).click();
+    h.run_steps(2);
+    assert!(has_label(&h, &format!("Selected: {second}")), "{second}");
+    // (Its contexts arrive and move the buttons below: click once they are in.)
+    wait_for(&mut h, "the second feature's contexts", |h| !h.state().busy());
+    h.run_steps(2);
+    h.get_by_label("Add to supernode").click();
+    h.run_steps(2);
+    let effects: Vec<String> = (0..graph.logits.len().min(8))
+        .map(|l| {
+            let w = graph.group_effect(&[graph.index(Node::Logit(l))], &features);
+            format!("'{}' {w:+.3}", display_token(&graph.logits[l].token))
+        })
+        .collect();
+    let line = format!("capital → {}", effects.join(", "));
+    assert!(
+        has_label(&h, &line),
+        "{line} / {:?}",
+        texts_containing(&h, "capital →")
+    );
+    h.get_by_label("Ablate supernode").click();
+    h.run_steps(2);
+    wait_for(&mut h, "the supernode's ablation", |h| !h.state().busy());
+    let both: Vec<FeatureChange> = features
+        .iter()
+        .map(|&s| FeatureChange {
+            feature: match graph.node(s) {
+                Node::Feature(f) => f,
+                _ => unreachable!(),
+            },
+            value: 0.0,
+        })
+        .collect();
+    let result = intervene(&model, &transcoders, &graph, &both, 8).unwrap();
+    let row = format!("{:.3} → {:.3}", result.before[0], result.after[0]);
+    assert!(h.query_all_by_label(&row).next().is_some(), "{row}");
+    let grouped = tmp.path().join("grouped.json");
+    replace_text(&mut h, "Graph file", grouped.to_str().unwrap());
+    h.get_by_label("Save graph").click();
+    wait_for(&mut h, "the graph file with its supernode", |h| {
+        has_message(h, &["wrote", "grouped.json"]) && !h.state().busy()
+    });
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&grouped).unwrap()).unwrap();
+    let id = |s: usize| match graph.node(s) {
+        Node::Feature(f) => {
+            let f = &graph.features[f];
+            format!("{}_{}_{}", f.layer, f.feature, f.position)
+        }
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        saved["qParams"]["supernodes"],
+        serde_json::json!([["capital", id(features[0]), id(features[1])]])
+    );
     // Another prompt is traced anew (not the last graph pruned again): its own top logit.
     let france = "The capital of France is";
     replace_text(&mut h, "Prompt", france);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::prune::Pruned;
-use super::{AttributionGraph, Node};
+use super::{AttributionGraph, Node, Supernode};
 use crate::error::{Error, Result};
 
 /// The index of the graphs in a folder, `graph-metadata.json`, beside `graph_file`.
@@ -134,8 +134,14 @@ fn cantor(x: i64, y: i64) -> i64 {
 
 impl AttributionGraph {
     /// The pruned graph as circuit-tracer's graph file: kept nodes that keep an edge (tokens
-    /// and logits always), and the kept edges between them.
-    pub fn graph_file(&self, pruned: &Pruned, metadata: Metadata) -> GraphFile {
+    /// and logits always), and the kept edges between them; `supernodes` go in its `qParams`
+    /// as Neuronpedia's viewer reads them (`[label, node id, …]`, members the file keeps).
+    pub fn graph_file(
+        &self,
+        pruned: &Pruned,
+        metadata: Metadata,
+        supernodes: &[Supernode],
+    ) -> GraphFile {
         let n = self.n_nodes();
         let nodes: Vec<Option<GraphNode>> = (0..n)
             .map(|i| pruned.nodes[i].then(|| self.graph_node(i, pruned)))
@@ -158,20 +164,32 @@ impl AttributionGraph {
                 }
             }
         }
-        let nodes = nodes
+        let written: Vec<Option<GraphNode>> = nodes
             .into_iter()
             .enumerate()
-            .filter_map(|(i, node)| {
+            .map(|(i, node)| {
                 let node = node?;
                 let always = matches!(node.feature_type, "embedding" | "logit");
                 (connected[i] || always).then_some(node)
             })
             .collect();
+        let supernodes = supernodes
+            .iter()
+            .filter_map(|group| {
+                let ids: Vec<String> = group
+                    .nodes
+                    .iter()
+                    .filter_map(|&i| Some(written.get(i)?.as_ref()?.node_id.clone()))
+                    .collect();
+                (!ids.is_empty()).then(|| std::iter::once(group.label.clone()).chain(ids).collect())
+            })
+            .collect();
+        let nodes = written.into_iter().flatten().collect();
         GraphFile {
             metadata,
             qParams: QParams {
                 pinnedIds: Vec::new(),
-                supernodes: Vec::new(),
+                supernodes,
                 linkType: "both".into(),
                 clickedId: String::new(),
                 sg_pos: String::new(),

@@ -334,6 +334,15 @@ pub enum Node {
     Logit(usize),
 }
 
+/// Nodes of a graph read as one (Neuronpedia's supernodes): features that play one part in a
+/// circuit ("say a capital"), named by the person who grouped them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Supernode {
+    pub label: String,
+    /// Adjacency indices.
+    pub nodes: Vec<usize>,
+}
+
 /// A prompt's attribution graph, unpruned.
 #[derive(Clone, Debug)]
 pub struct AttributionGraph {
@@ -414,6 +423,15 @@ impl AttributionGraph {
             Node::Token { position } => format!("token '{}' @{position}", token(position)),
             Node::Logit(i) => format!("logit '{}'", show(&self.logits[i].token)),
         }
+    }
+
+    /// The summed direct effect of the nodes `sources` on the nodes `targets` (two supernodes,
+    /// or a supernode and a logit): the edge of the graph in which each group is one node.
+    pub fn group_effect(&self, targets: &[usize], sources: &[usize]) -> f32 {
+        targets
+            .iter()
+            .flat_map(|&t| sources.iter().map(move |&s| self.edge(t, s)))
+            .sum()
     }
 
     /// The direct inputs of `target` by size, largest first, zeros left out.

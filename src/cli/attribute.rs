@@ -12,7 +12,7 @@ use crate::attribution_graph::graph_file::{GraphFile, GraphIndex, Metadata, grap
 use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
-    AttributionGraph, GraphSettings, Node, attribute, load_each, transcoder_dirs,
+    AttributionGraph, GraphSettings, Node, Supernode, attribute, load_each, transcoder_dirs,
 };
 use crate::gui::widgets::display_token;
 
@@ -70,6 +70,10 @@ pub struct AttributeArgs {
     /// transcoder at token 4. Prints the logit targets' probabilities before and after.
     #[arg(long = "intervene", value_name = "L:P:F=V", value_parser = parse_change)]
     intervene: Vec<(usize, usize, u32, f32)>,
+    /// Group feature nodes into a named supernode in the graph file, as Neuronpedia's viewer
+    /// shows them (repeatable): `LABEL=L:P:F,L:P:F,…`, e.g. `say a capital=6:4:1729,5:4:88`.
+    #[arg(long = "supernode", value_name = "LABEL=L:P:F,…", value_parser = parse_supernode)]
+    supernodes: Vec<SupernodeArg>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -136,6 +140,23 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
     .ok_or_else(|| anyhow::anyhow!("cancelled: nothing written"))?;
     bar.finish_and_clear();
     let changes = resolve_changes(&graph, &args.intervene)?;
+    let supernodes = args
+        .supernodes
+        .iter()
+        .map(|SupernodeArg { label, members }| {
+            let nodes = members
+                .iter()
+                .map(|&(l, p, f)| {
+                    let node = feature_node(&graph, l, p, f, "--supernode")?;
+                    Ok(graph.index(Node::Feature(node)))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Supernode {
+                label: label.clone(),
+                nodes,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let seconds = started.elapsed().as_secs_f64();
     let pruned = graph.prune(args.node_threshold, args.edge_threshold)?;
     let file = GraphToWrite {
@@ -145,6 +166,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         model_dir: &model.dir,
         transcoder_dirs: &dirs,
         node_threshold: args.node_threshold,
+        supernodes: &supernodes,
     }
     .write(&args.out, args.force)?;
     if let Some(path) = &args.adjacency {
@@ -182,6 +204,65 @@ fn parse_change(text: &str) -> Result<(usize, usize, u32, f32), String> {
     ))
 }
 
+/// A feature by layer, position (token) and id, as the command line names it.
+type FeatureAt = (usize, usize, u32);
+
+/// One `--supernode`: its label and members.
+#[derive(Clone, Debug)]
+pub struct SupernodeArg {
+    label: String,
+    members: Vec<FeatureAt>,
+}
+
+/// `--supernode`'s `LABEL=L:P:F,L:P:F,…`.
+fn parse_supernode(text: &str) -> Result<SupernodeArg, String> {
+    let bad = || format!("`{text}`: expected LABEL=L:P:F,L:P:F,…, e.g. capital=6:4:1729,5:4:88");
+    let (label, members) = text.split_once('=').ok_or_else(bad)?;
+    if label.trim().is_empty() {
+        return Err(bad());
+    }
+    let members = members
+        .split(',')
+        .map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            let [layer, position, feature] = parts.as_slice() else {
+                return Err(bad());
+            };
+            Ok((
+                layer.trim().parse().map_err(|_| bad())?,
+                position.trim().parse().map_err(|_| bad())?,
+                feature.trim().parse().map_err(|_| bad())?,
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(SupernodeArg {
+        label: label.trim().to_string(),
+        members,
+    })
+}
+
+/// The index into the graph's feature nodes of `feature` of `layer`'s transcoder at token
+/// `position`, or an error naming it (and the `flag` that asked) when it is not a node.
+fn feature_node(
+    graph: &AttributionGraph,
+    layer: usize,
+    position: usize,
+    feature: u32,
+    flag: &str,
+) -> anyhow::Result<usize> {
+    graph
+        .features
+        .iter()
+        .position(|f| (f.layer, f.position, f.feature) == (layer, position, feature))
+        .with_context(|| {
+            format!(
+                "{flag} {layer}:{position}:{feature}: feature {feature} of layer {layer} is not \
+                 a feature node at token {position} (not active there, or left out by \
+                 --max-feature-nodes)"
+            )
+        })
+}
+
 /// The graph's feature node for each `--intervene`, or an error naming one that is not a node.
 fn resolve_changes(
     graph: &AttributionGraph,
@@ -190,19 +271,8 @@ fn resolve_changes(
     asked
         .iter()
         .map(|&(layer, position, feature, value)| {
-            let index = graph
-                .features
-                .iter()
-                .position(|f| (f.layer, f.position, f.feature) == (layer, position, feature))
-                .with_context(|| {
-                    format!(
-                        "--intervene {layer}:{position}:{feature}: feature {feature} of layer \
-                         {layer} is not a feature node at token {position} (not active there, \
-                         or left out by --max-feature-nodes)"
-                    )
-                })?;
             Ok(FeatureChange {
-                feature: index,
+                feature: feature_node(graph, layer, position, feature, "--intervene")?,
                 value,
             })
         })
@@ -241,6 +311,8 @@ pub struct GraphToWrite<'a> {
     pub model_dir: &'a Path,
     pub transcoder_dirs: &'a [PathBuf],
     pub node_threshold: f32,
+    /// Groups of nodes, written to the file's `qParams` for Neuronpedia's viewer.
+    pub supernodes: &'a [crate::attribution_graph::Supernode],
 }
 
 impl GraphToWrite<'_> {
@@ -270,7 +342,9 @@ impl GraphToWrite<'_> {
             schema_version: 1,
         };
         index.add(&metadata);
-        let file = self.graph.graph_file(self.pruned, metadata);
+        let file = self
+            .graph
+            .graph_file(self.pruned, metadata, self.supernodes);
         write_new_file(out, force, |tmp| {
             std::fs::write(tmp, serde_json::to_vec(&file)?)
                 .with_context(|| format!("writing {}", out.display()))

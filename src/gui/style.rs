@@ -164,6 +164,10 @@ pub mod explain {
         rerun the prompt: each change adds (new − old)·W_dec[f] to its layer's MLP output at \
         its token, and the real model runs on from there (attention, norms and later MLPs \
         respond; the graph holds them fixed, so its edges predict only the direct part).";
+    pub const SUPERNODES: &str = "Group nodes that play one part in the circuit (\"say a \
+        capital\") under a name: each group's summed direct effect on the logits and on the other \
+        groups is listed, the group can be ablated at once, and the saved graph file carries the \
+        groups for Neuronpedia's viewer.";
     pub const GRAPH_FILE: &str = "Write the pruned graph as circuit-tracer's graph file \
         (JSON), which its local viewer and Neuronpedia's circuit viewer open; the folder's \
         graph-metadata.json index is updated too. An existing file is not replaced.";

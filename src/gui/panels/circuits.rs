@@ -18,7 +18,8 @@ use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::GraphScores;
 use crate::attribution_graph::prune::Pruned;
 use crate::attribution_graph::{
-    AttributionGraph, GraphSettings, LayerTranscoder, Node, attribute, load_each, transcoder_dirs,
+    AttributionGraph, GraphSettings, LayerTranscoder, Node, Supernode, attribute, load_each,
+    transcoder_dirs,
 };
 use crate::features::logits::logit_effects;
 use crate::features::stats::Context;
@@ -154,6 +155,128 @@ pub struct Circuits {
     /// The selected node (graph index) of the graph with that serial.
     selected: Option<(u64, usize)>,
     looks: FeatureLooks,
+    supernodes: Supernodes,
+}
+
+/// Nodes of the shown graph grouped into named supernodes.
+#[derive(Default)]
+struct Supernodes {
+    /// The graph the groups belong to (its serial).
+    serial: u64,
+    /// The name typed for the next group.
+    name: String,
+    groups: Vec<Supernode>,
+}
+
+impl Supernodes {
+    /// The form that adds the selected node to a named group, and each group: its members
+    /// (buttons that select them), its summed direct effect on the logits and on the other
+    /// groups. Returns a node picked, and the feature nodes of a group to ablate.
+    fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        circuit: &Circuit,
+        selected: usize,
+    ) -> (Option<usize>, Option<Vec<usize>>) {
+        if self.serial != circuit.serial {
+            *self = Self {
+                serial: circuit.serial,
+                name: std::mem::take(&mut self.name),
+                ..Self::default()
+            };
+        }
+        let graph = &circuit.graph;
+        let (mut picked, mut ablate) = (None, None);
+        ui.separator();
+        ui.horizontal(|ui| {
+            ui.strong("Supernodes").on_hover_text(explain::SUPERNODES);
+            let label = ui.label("group name");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.name)
+                    .desired_width(140.0)
+                    .hint_text("say a capital"),
+            )
+            .labelled_by(label.id);
+            let name = self.name.trim().to_string();
+            if ui
+                .add_enabled(!name.is_empty(), egui::Button::new("Add to supernode"))
+                .on_hover_text(format!("add {} to the group", circuit.describe(selected)))
+                .clicked()
+            {
+                match self.groups.iter_mut().find(|g| g.label == name) {
+                    Some(group) if !group.nodes.contains(&selected) => group.nodes.push(selected),
+                    Some(_) => {}
+                    None => self.groups.push(Supernode {
+                        label: name,
+                        nodes: vec![selected],
+                    }),
+                }
+            }
+        });
+        let mut deleted = None;
+        for (k, group) in self.groups.iter_mut().enumerate() {
+            let mut taken_out = None;
+            ui.horizontal_wrapped(|ui| {
+                ui.strong(&group.label);
+                for (m, &node) in group.nodes.iter().enumerate() {
+                    if ui.button(circuit.describe(node)).clicked() {
+                        picked = Some(node);
+                    }
+                    if ui
+                        .small_button("−")
+                        .on_hover_text("take it out of the group")
+                        .clicked()
+                    {
+                        taken_out = Some(m);
+                    }
+                }
+                let features: Vec<usize> = group
+                    .nodes
+                    .iter()
+                    .filter_map(|&n| match graph.node(n) {
+                        Node::Feature(i) => Some(i),
+                        _ => None,
+                    })
+                    .collect();
+                if ui
+                    .add_enabled(!features.is_empty(), egui::Button::new("Ablate supernode"))
+                    .on_hover_text("set every feature of the group to zero (Interventions)")
+                    .clicked()
+                {
+                    ablate = Some(features);
+                }
+                if ui.small_button("Delete supernode").clicked() {
+                    deleted = Some(k);
+                }
+            });
+            if let Some(m) = taken_out {
+                group.nodes.remove(m);
+            }
+        }
+        if let Some(k) = deleted {
+            self.groups.remove(k);
+        }
+        self.groups.retain(|g| !g.nodes.is_empty());
+        // Each group's effects: on the logits, then on the other groups.
+        for group in &self.groups {
+            let mut effects: Vec<String> = (0..graph.logits.len())
+                .map(|l| {
+                    let logit = graph.index(Node::Logit(l));
+                    let w = graph.group_effect(&[logit], &group.nodes);
+                    format!("'{}' {w:+.3}", display_token(&graph.logits[l].token))
+                })
+                .take(LISTED)
+                .collect();
+            for other in self.groups.iter().filter(|o| o.label != group.label) {
+                let w = graph.group_effect(&other.nodes, &group.nodes);
+                if w != 0.0 {
+                    effects.push(format!("{} {w:+.3}", other.label));
+                }
+            }
+            ui.label(format!("{} → {}", group.label, effects.join(", ")));
+        }
+        (picked, ablate)
+    }
 }
 
 /// Writing the shown graph as circuit-tracer's graph file.
@@ -169,8 +292,7 @@ impl SaveForm {
         ui: &mut egui::Ui,
         wb: &mut Workbench,
         model: &Model,
-        circuit: &Circuit,
-        query: &Query,
+        (circuit, query, supernodes): (&Circuit, &Query, &[Supernode]),
     ) {
         if let Some(path) = take(&mut self.job, wb) {
             wb.info(format!("wrote {}", path.display()));
@@ -197,6 +319,7 @@ impl SaveForm {
                 let dirs = circuit.transcoder_dirs.clone();
                 let (prompt, model_dir) = (query.prompt.clone(), model.dir.clone());
                 let node_threshold = query.node_threshold;
+                let supernodes = supernodes.to_vec();
                 self.job = Some(wb.spawn("saving the graph", move |_| {
                     crate::cli::attribute::GraphToWrite {
                         graph: &graph,
@@ -205,6 +328,7 @@ impl SaveForm {
                         model_dir: &model_dir,
                         transcoder_dirs: &dirs,
                         node_threshold,
+                        supernodes: &supernodes,
                     }
                     .write(&path, false)?;
                     Ok(path)
@@ -226,6 +350,19 @@ struct Interventions {
 }
 
 impl Interventions {
+    /// Sets `features` (of the graph with `serial`) to zero, beside the other changes.
+    fn ablate(&mut self, serial: u64, features: &[usize]) {
+        if self.serial != serial {
+            *self = Self {
+                serial,
+                ..Self::default()
+            };
+        }
+        for &f in features {
+            set_change(&mut self.changes, f, 0.0);
+        }
+    }
+
     /// Buttons that change the selected feature, the changes made, and the logits before and
     /// after them. Returns a node picked (a changed feature's button selects it).
     fn ui(
@@ -246,7 +383,6 @@ impl Interventions {
         let graph = &circuit.graph;
         ui.separator();
         let mut picked = None;
-        let before = self.changes.clone();
         ui.horizontal(|ui| {
             ui.strong("Interventions")
                 .on_hover_text(explain::FEATURE_INTERVENTION);
@@ -291,8 +427,11 @@ impl Interventions {
                 }
             });
         }
-        if self.changes != before && !self.changes.is_empty() {
-            self.reader.ask((self.serial, self.changes.clone()));
+        // (Asked whenever the changes differ from those last asked: a supernode's ablation
+        // adds changes from outside this form.)
+        let question = (self.serial, self.changes.clone());
+        if !self.changes.is_empty() && self.reader.asked() != Some(&question) {
+            self.reader.ask(question);
         }
         let (model, transcoders, shown) = (
             model.clone(),
@@ -372,6 +511,7 @@ impl Default for Circuits {
             save: SaveForm::default(),
             selected: None,
             looks: FeatureLooks::default(),
+            supernodes: Supernodes::default(),
         }
     }
 }
@@ -457,7 +597,8 @@ impl Panel for Circuits {
         }
         ui.separator();
         summary(ui, circuit);
-        self.save.ui(ui, wb, &model, circuit, &answer.question);
+        let shown = (circuit, &answer.question, self.supernodes.groups.as_slice());
+        self.save.ui(ui, wb, &model, shown);
         // A long prompt scrolls sideways rather than crowding its tokens. Only then: a scroll
         // area sized by the view it sits in would resize itself from pass to pass.
         let needed = LABEL_WIDTH + circuit.graph.n_positions().max(1) as f32 * MIN_COLUMN_WIDTH;
@@ -496,6 +637,11 @@ impl Panel for Circuits {
             // The model was edited since: the graph is being traced again on the new weights.
             let stale = answer.model_version != wb.model_version;
             let shown = (circuit, selected, stale);
+            let (from_group, ablate) = self.supernodes.ui(left, circuit, selected);
+            picked = picked.or(from_group);
+            if let Some(features) = ablate {
+                self.interventions.ablate(circuit.serial, &features);
+            }
             picked = picked.or(self.interventions.ui(left, wb, &model, shown));
             picked = picked.or(neighbours(right, circuit, selected));
         });

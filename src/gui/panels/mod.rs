@@ -203,6 +203,10 @@ impl<Q: Clone + PartialEq + Send + 'static, R: Send + 'static> Reader<Q, R> {
         self.started = None;
     }
 
+    pub fn asked(&self) -> Option<&Q> {
+        self.asked.as_ref()
+    }
+
     pub fn asked_mut(&mut self) -> Option<&mut Q> {
         self.asked.as_mut()
     }
