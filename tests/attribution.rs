@@ -914,39 +914,30 @@ fn bad_cross_layer_transcoders_are_refused_by_file_and_key() {
         "{err}"
     );
 
-    let kind = root.path().join("kind");
-    copy(&kind);
-    std::fs::write(kind.join("config.yaml"), "model_kind: transcoder_set\n").unwrap();
-    let err = refused(&kind);
-    assert!(
-        err.contains("config.yaml") && err.contains("model_kind"),
-        "{err}"
-    );
-
-    let hook = root.path().join("hook");
-    copy(&hook);
-    std::fs::write(
-        hook.join("config.yaml"),
-        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_nowhere\n",
-    )
-    .unwrap();
-    let err = refused(&hook);
-    assert!(
-        err.contains("feature_input_hook") && err.contains("blocks.0.hook_nowhere"),
-        "{err}"
-    );
-    let inside = root.path().join("inside");
-    copy(&inside);
-    std::fs::write(
-        inside.join("config.yaml"),
-        "feature_input_hook: mlp.hook_post\n",
-    )
-    .unwrap();
-    let err = refused(&inside);
-    assert!(
-        err.contains("feature_input_hook") && err.contains("linear"),
-        "{err}"
-    );
+    // Configs that do not fit the folder or the model.
+    for (name, config, needles) in [
+        (
+            "kind",
+            "model_kind: transcoder_set\n",
+            ["config.yaml", "model_kind"],
+        ),
+        (
+            "hook",
+            "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_nowhere\n",
+            ["feature_input_hook", "blocks.0.hook_nowhere"],
+        ),
+        (
+            "inside",
+            "feature_input_hook: mlp.hook_post\n",
+            ["feature_input_hook", "linear"],
+        ),
+    ] {
+        let dir = root.path().join(name);
+        copy(&dir);
+        std::fs::write(dir.join("config.yaml"), config).unwrap();
+        let err = refused(&dir);
+        assert!(needles.iter().all(|n| err.contains(n)), "{name}: {err}");
+    }
 }
 
 /// Setting a cross-layer feature changes every MLP output it writes by its decoder row to that

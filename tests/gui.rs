@@ -919,12 +919,17 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     h.get_by_label(&top_name).click(); // back to the logit, then its second feature
     h.run_steps(2);
     let second = graph.describe(features[1], display_token);
-    assert!(has_label(&h, &format!("Selected: {top_name}")), "{top_name}");
+    assert!(
+        has_label(&h, &format!("Selected: {top_name}")),
+        "{top_name}"
+    );
     h.get_by_label(&second).click();
     h.run_steps(2);
     assert!(has_label(&h, &format!("Selected: {second}")), "{second}");
     // (Its contexts arrive and move the buttons below: click once they are in.)
-    wait_for(&mut h, "the second feature's contexts", |h| !h.state().busy());
+    wait_for(&mut h, "the second feature's contexts", |h| {
+        !h.state().busy()
+    });
     h.run_steps(2);
     h.get_by_label("Add to supernode").click();
     h.run_steps(2);

@@ -192,20 +192,30 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
 fn parse_change(text: &str) -> Result<(usize, usize, u32, f32), String> {
     let bad = || format!("`{text}`: expected LAYER:POSITION:FEATURE=VALUE, e.g. 6:4:1729=0");
     let (site, value) = text.split_once('=').ok_or_else(bad)?;
-    let parts: Vec<&str> = site.split(':').collect();
-    let [layer, position, feature] = parts.as_slice() else {
-        return Err(bad());
-    };
+    let (layer, position, feature) = parse_feature_at(site).ok_or_else(bad)?;
     Ok((
-        layer.trim().parse().map_err(|_| bad())?,
-        position.trim().parse().map_err(|_| bad())?,
-        feature.trim().parse().map_err(|_| bad())?,
+        layer,
+        position,
+        feature,
         value.trim().parse().map_err(|_| bad())?,
     ))
 }
 
 /// A feature by layer, position (token) and id, as the command line names it.
 type FeatureAt = (usize, usize, u32);
+
+/// `LAYER:POSITION:FEATURE`.
+fn parse_feature_at(text: &str) -> Option<FeatureAt> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [layer, position, feature] = parts.as_slice() else {
+        return None;
+    };
+    Some((
+        layer.trim().parse().ok()?,
+        position.trim().parse().ok()?,
+        feature.trim().parse().ok()?,
+    ))
+}
 
 /// One `--supernode`: its label and members.
 #[derive(Clone, Debug)]
@@ -223,17 +233,7 @@ fn parse_supernode(text: &str) -> Result<SupernodeArg, String> {
     }
     let members = members
         .split(',')
-        .map(|m| {
-            let parts: Vec<&str> = m.split(':').collect();
-            let [layer, position, feature] = parts.as_slice() else {
-                return Err(bad());
-            };
-            Ok((
-                layer.trim().parse().map_err(|_| bad())?,
-                position.trim().parse().map_err(|_| bad())?,
-                feature.trim().parse().map_err(|_| bad())?,
-            ))
-        })
+        .map(|m| parse_feature_at(m).ok_or_else(bad))
         .collect::<Result<_, _>>()?;
     Ok(SupernodeArg {
         label: label.trim().to_string(),

@@ -168,12 +168,7 @@ impl Weights {
         if let Some(tensor) = self.memory.get(key) {
             return Ok(tensor.dims().to_vec());
         }
-        let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
-            dir: self.dir.clone(),
-            key: key.to_string(),
-        })?;
-        let (path, st) = &self.files[idx];
-        let stored = self.stored.get(key).map_or(key, String::as_str);
+        let (path, st, stored) = self.locate(key)?;
         let view = st.get(stored).map_err(|e| Error::Safetensors {
             path: path.clone(),
             message: format!("tensor `{stored}`: {}", root_message(&e)),
@@ -192,12 +187,7 @@ impl Weights {
                 .to_dtype(self.dtype)?
                 .to_device(&self.device)?);
         }
-        let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
-            dir: self.dir.clone(),
-            key: key.to_string(),
-        })?;
-        let (path, st) = &self.files[idx];
-        let stored = self.stored.get(key).map_or(key, String::as_str);
+        let (path, st, stored) = self.locate(key)?;
         let bad = |message: String| Error::Safetensors {
             path: path.clone(),
             message: format!("tensor `{stored}`: {message}"),
@@ -236,16 +226,21 @@ impl Weights {
         }
     }
 
-    fn load(&self, key: &str) -> Result<(&Path, Tensor)> {
-        if let Some(tensor) = self.memory.get(key) {
-            return Ok((&self.dir, tensor.clone()));
-        }
+    /// The file `key` is stored in, its mapping and the key it is stored under there.
+    fn locate<'a>(&'a self, key: &'a str) -> Result<(&'a PathBuf, &'a MmapedSafetensors, &'a str)> {
         let idx = *self.routing.get(key).ok_or_else(|| Error::MissingTensor {
             dir: self.dir.clone(),
             key: key.to_string(),
         })?;
         let (path, st) = &self.files[idx];
-        let stored = self.stored.get(key).map_or(key, String::as_str);
+        Ok((path, st, self.stored.get(key).map_or(key, String::as_str)))
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> Result<(&'a Path, Tensor)> {
+        if let Some(tensor) = self.memory.get(key) {
+            return Ok((&self.dir, tensor.clone()));
+        }
+        let (path, st, stored) = self.locate(key)?;
         let tensor = st
             .load(stored, &Device::Cpu)
             .map_err(|e| Error::Safetensors {
