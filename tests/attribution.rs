@@ -103,23 +103,28 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
     let transcoders: Vec<LayerTranscoder> =
         (0..2).map(|l| save_transcoder(&model, &set, l)).collect();
     let out = tmp.path().join("graph.json");
-    let path = out.to_str().unwrap();
-    let summary = monoscope_json(&[
-        "attribute",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--transcoders",
-        set.to_str().unwrap(),
-        "--out",
-        path,
-        "--node-threshold",
-        "1",
-        "--edge-threshold",
-        "1",
-        "--json",
-    ]);
+    // `attribute` keeping every node and edge, with `extra` arguments.
+    let unpruned = |extra: &[&str]| {
+        let mut args = vec![
+            "attribute",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--transcoders",
+            set.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--node-threshold",
+            "1",
+            "--edge-threshold",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        monoscope_json(&args)
+    };
+    let summary = unpruned(&[]);
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let ids = model.encode_prompt(PROMPT).unwrap();
     let graph = graph_of(&model, &transcoders, &ids);
@@ -251,25 +256,7 @@ fn the_graph_file_is_circuit_tracers_schema_with_the_librarys_edges() {
         "a pair={}:{}:{},{}:{}:{}",
         a.layer, a.position, a.feature, b.layer, b.position, b.feature
     );
-    monoscope_json(&[
-        "attribute",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--transcoders",
-        set.to_str().unwrap(),
-        "--out",
-        path,
-        "--force",
-        "--node-threshold",
-        "1",
-        "--edge-threshold",
-        "1",
-        "--supernode",
-        &group,
-        "--json",
-    ]);
+    unpruned(&["--force", "--supernode", &group]);
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(
         file["qParams"]["supernodes"],
