@@ -533,26 +533,10 @@ fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
         "edges differ by {worst} (largest {scale})"
     );
 
-    let tmp = tempfile::tempdir().unwrap();
-    let (out, adjacency) = (tmp.path().join("g.json"), tmp.path().join("g.safetensors"));
-    let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args([
-            "attribute",
-            "--model",
-            fixture_dir("gpt2").to_str().unwrap(),
-        ])
-        .args(["--prompt", "The capital of Japan is", "--bos"])
-        .args([
-            "--transcoders",
-            circuit_tracer_dir().join("transcoders").to_str().unwrap(),
-        ])
-        .args(["--max-feature-nodes", "40", "--batch", "8"])
-        .args(["--out", out.to_str().unwrap()])
-        .args(["--adjacency", adjacency.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let written = candle_core::safetensors::load(&adjacency, &Device::Cpu).unwrap();
+    let written = circuit_tracer_prompt_through_cli(
+        &circuit_tracer_dir().join("transcoders"),
+        &["--max-feature-nodes", "40", "--batch", "8"],
+    );
     let selected_cli = written["selected_features"].to_vec1::<i64>().unwrap();
     assert_eq!(selected_cli, selected);
     let n = graph.n_nodes();
@@ -563,6 +547,32 @@ fn a_feature_node_limit_keeps_the_features_circuit_tracer_keeps() {
         .unwrap();
     assert_eq!(cli.len(), n * n);
     assert_eq!(cli, graph.adjacency);
+}
+
+/// `monoscope attribute` on the GPT-2 fixture and circuit-tracer's first prompt (BOS first, as
+/// circuit-tracer puts it) through `transcoders`, with `extra` arguments: the tensors its
+/// `--adjacency` file holds.
+fn circuit_tracer_prompt_through_cli(
+    transcoders: &Path,
+    extra: &[&str],
+) -> HashMap<String, Tensor> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, adjacency) = (tmp.path().join("g.json"), tmp.path().join("g.safetensors"));
+    let o = Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "attribute",
+            "--model",
+            fixture_dir("gpt2").to_str().unwrap(),
+        ])
+        .args(["--prompt", "The capital of Japan is", "--bos"])
+        .args(["--transcoders", transcoders.to_str().unwrap()])
+        .args(extra)
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--adjacency", adjacency.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    candle_core::safetensors::load(&adjacency, &Device::Cpu).unwrap()
 }
 
 /// The input ids of circuit-tracer's graph `prefix` in its fixture.
@@ -737,27 +747,7 @@ fn graphs_through_a_cross_layer_transcoder_match_circuit_tracers() {
     assert_matches_circuit_tracer(&graph, &reference, "clt");
 
     // The command line, on the same folder.
-    let dir = tempfile::tempdir().unwrap();
-    let prompt = "The capital of Japan is";
-    let out = Command::new(env!("CARGO_BIN_EXE_monoscope"))
-        .args(["attribute", "--model"])
-        .arg(fixture_dir("gpt2"))
-        .arg("--transcoders")
-        .arg(&clt)
-        .args(["--prompt", prompt, "--bos", "--adjacency"])
-        .arg(dir.path().join("adjacency.safetensors"))
-        .arg("--out")
-        .arg(dir.path().join("graph.json"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let written =
-        candle_core::safetensors::load(dir.path().join("adjacency.safetensors"), &Device::Cpu)
-            .unwrap();
+    let written = circuit_tracer_prompt_through_cli(&clt, &[]);
     assert_eq!(
         written["input_ids"].to_vec1::<i64>().unwrap(),
         reference["clt.input_ids"].to_vec1::<i64>().unwrap()
