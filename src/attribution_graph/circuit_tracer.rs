@@ -33,16 +33,10 @@ use crate::model::weights::Weights;
 use crate::model::{HookPoint, Model};
 use crate::sae::{Architecture, Sae, SaeSite};
 
-/// The optional description beside the weights.
-pub const CONFIG_FILE: &str = "config.yaml";
-
-fn encoder_file(layer: usize) -> String {
-    format!("W_enc_{layer}.safetensors")
-}
-
-fn decoder_file(layer: usize) -> String {
-    format!("W_dec_{layer}.safetensors")
-}
+/// The optional description beside the weights (the file names of a CLT's are
+/// [`crate::sae::clt`]'s, which writes them).
+pub use crate::sae::clt::CONFIG_FILE;
+use crate::sae::clt::{decoder_file, encoder_file};
 
 /// Features whose decoder rows are read at once while the own layer's decoder is gathered.
 const DECODER_CHUNK: usize = 512;

@@ -37,6 +37,7 @@ use crate::model::{HookPoint, Hooks, Intervention, InterventionOp, Model, Stash}
 use crate::sae::{Sae, SaeSite};
 
 pub mod circuit_tracer;
+pub mod fidelity;
 pub mod graph_file;
 pub mod intervene;
 pub mod prune;

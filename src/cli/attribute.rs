@@ -96,18 +96,7 @@ pub fn run(args: &AttributeArgs) -> anyhow::Result<()> {
         ids.insert(0, bos);
         model.check_length(ids.len())?;
     }
-    let named = match (args.transcoders.is_empty(), &args.model.model) {
-        (false, _) => args.transcoders.clone(),
-        (true, None) => vec![super::bundled_transcoders_dir()],
-        (true, Some(dir)) if super::is_bundled_model(dir) => {
-            vec![super::bundled_transcoders_dir()]
-        }
-        (true, Some(dir)) => anyhow::bail!(
-            "--transcoders DIR is needed with --model {} (the bundled transcoders fit the bundled model only)",
-            dir.display()
-        ),
-    };
-    let dirs = transcoder_dirs(&named)?;
+    let dirs = transcoder_dirs(&super::transcoders_named(&args.transcoders, &args.model)?)?;
     let transcoders = load_each(&dirs, &model)?;
     let settings = GraphSettings {
         max_logits: args.max_logits,

@@ -1,6 +1,7 @@
 //! Command-line front end: clap arguments → validated library calls → text or `--json`.
 
 pub mod attribute;
+mod clt;
 mod edit;
 mod export;
 mod features;
@@ -68,6 +69,10 @@ enum Command {
     /// Sparse autoencoders: train on a hook's activations, evaluate.
     #[command(subcommand)]
     Sae(sae::SaeCommand),
+    /// Cross-layer transcoders: train one on the model's activations (circuit-tracer's
+    /// format, for `attribute`); score any transcoders as a replacement for the MLPs.
+    #[command(subcommand)]
+    Clt(clt::CltCommand),
     /// SAE features: build the statistics the GUI shows, score them against ground truth.
     #[command(subcommand)]
     Features(features::FeaturesCommand),
@@ -160,6 +165,20 @@ pub fn bundled_transcoders_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/transcoders/world-btk-skip")
 }
 
+/// The transcoder folders a command was given with `--transcoders`, or the bundled ones when
+/// none were and the model is the bundled one.
+pub fn transcoders_named(named: &[PathBuf], model: &ModelArgs) -> anyhow::Result<Vec<PathBuf>> {
+    match (named.is_empty(), &model.model) {
+        (false, _) => Ok(named.to_vec()),
+        (true, None) => Ok(vec![bundled_transcoders_dir()]),
+        (true, Some(dir)) if is_bundled_model(dir) => Ok(vec![bundled_transcoders_dir()]),
+        (true, Some(dir)) => anyhow::bail!(
+            "--transcoders DIR is needed with --model {} (the bundled transcoders fit the bundled model only)",
+            dir.display()
+        ),
+    }
+}
+
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Model> {
         let device = self.device.parse::<DeviceChoice>()?.open()?;
@@ -202,6 +221,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Heads(args) => heads::run(&args),
         Command::World(command) => world::run(&command),
         Command::Sae(command) => sae::run(&command),
+        Command::Clt(command) => clt::run(&command),
         Command::Features(command) => features::run(&command),
         Command::Export(args) => export::run(&args),
         Command::Neurons(args) => neurons::run(&args),

@@ -76,7 +76,7 @@ impl CorpusArgs {
         }
     }
 
-    fn source<'m>(
+    pub(super) fn source<'m>(
         &self,
         model: &'m crate::model::Model,
         hook: &str,

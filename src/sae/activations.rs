@@ -410,8 +410,9 @@ pub struct ActivationSource<'m> {
     windows_read: u64,
     chunks: u64,
     d_in: usize,
-    /// A transcoder's target: the hook it predicts and its width. Rows are then `[x | y]`.
-    target: Option<(HookPoint, usize)>,
+    /// Hooks read beside `hook` at the same positions, with their widths: a transcoder's
+    /// target (rows `[x | y]`), or a cross-layer transcoder's other inputs and targets.
+    more: Vec<(HookPoint, usize)>,
     cache: Option<DiskCache>,
 }
 
@@ -462,7 +463,7 @@ impl<'m> ActivationSource<'m> {
             windows_read: 0,
             chunks: 0,
             d_in,
-            target: None,
+            more: Vec::new(),
             cache: None,
         })
     }
@@ -480,7 +481,29 @@ impl<'m> ActivationSource<'m> {
             });
         }
         let width = self.model.hook_width(point)?;
-        self.target = Some((point, width));
+        self.more = vec![(point, width)];
+        Ok(self)
+    }
+
+    /// Reads `hooks` beside the first hook at the same positions: rows become the
+    /// concatenation of every hook's value in that order (a cross-layer transcoder reads every
+    /// layer's input and target at once). Call before [`Self::with_cache`].
+    pub fn with_columns(mut self, hooks: &[HookPoint]) -> Result<Self> {
+        if self.cache.is_some() {
+            return Err(Error::InvalidArgument {
+                what: "hooks read",
+                value: hooks
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                message: "must be set before the activation cache".into(),
+            });
+        }
+        self.more = hooks
+            .iter()
+            .map(|&h| Ok((h, self.model.hook_width(h)?)))
+            .collect::<Result<_>>()?;
         Ok(self)
     }
 
@@ -489,16 +512,26 @@ impl<'m> ActivationSource<'m> {
         self.d_in
     }
 
-    /// A transcoder's target hook and its width.
+    /// A transcoder's target hook and its width (`None` unless exactly one hook is read beside
+    /// the first).
     pub fn target(&self) -> Option<(HookPoint, usize)> {
-        self.target
+        match self.more[..] {
+            [target] => Some(target),
+            _ => None,
+        }
     }
 
-    /// The hooks read, as named in caches and errors: `hook`, or `hook -> hook_out`.
+    /// The hooks read, as named in caches and errors: `hook`, `hook -> hook_out`, or every
+    /// hook of a cross-layer transcoder's rows.
     fn hooks_read(&self) -> String {
-        match self.target {
-            Some((out, _)) => format!("{} -> {out}", self.hook),
-            None => self.hook.to_string(),
+        match &self.more[..] {
+            [] => self.hook.to_string(),
+            [(out, _)] => format!("{} -> {out}", self.hook),
+            more => std::iter::once(self.hook)
+                .chain(more.iter().map(|&(h, _)| h))
+                .map(|h| h.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 
@@ -605,11 +638,14 @@ impl<'m> ActivationSource<'m> {
         let ctx = self.settings.context_size;
         let ids = self.next_windows(n)?;
         let input = Tensor::from_vec(ids.clone(), (n, ctx), &self.model.device)?;
-        let last = self.target.map_or(self.hook, |(out, _)| out);
-        let mut hooks =
-            Hooks::new().capture(std::iter::once(self.hook).chain(self.target.map(|(p, _)| p)));
-        if let Some(layer) = last.layer() {
-            hooks = hooks.stop_at_layer(layer + 1);
+        let points: Vec<HookPoint> = std::iter::once(self.hook)
+            .chain(self.more.iter().map(|&(p, _)| p))
+            .collect();
+        let mut hooks = Hooks::new().capture(points.iter().copied());
+        // Stop after the last block read, unless a hook after every block is read.
+        let layers: Option<Vec<usize>> = points.iter().map(|p| p.layer()).collect();
+        if let Some(last) = layers.and_then(|l| l.into_iter().max()) {
+            hooks = hooks.stop_at_layer(last + 1);
         }
         let out = self.model.forward(&input, &hooks)?;
         let values = |point: HookPoint| -> Result<Vec<f32>> {
@@ -621,19 +657,23 @@ impl<'m> ActivationSource<'m> {
                 .to_device(&Device::Cpu)?
                 .to_vec1::<f32>()?)
         };
-        let acts = values(self.hook)?;
-        let targets = match self.target {
-            Some((point, _)) => values(point)?,
-            None => Vec::new(),
-        };
-        let (d, d_out) = (self.d_in, self.target.map_or(0, |(_, w)| w));
-        let mut rows = Vec::with_capacity(acts.len() + targets.len());
-        for (t, (&id, x)) in ids.iter().zip(acts.chunks_exact(d)).enumerate() {
+        let widths: Vec<usize> = std::iter::once(self.d_in)
+            .chain(self.more.iter().map(|&(_, w)| w))
+            .collect();
+        let columns = points
+            .iter()
+            .map(|&p| values(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut rows = Vec::with_capacity(columns.iter().map(Vec::len).sum());
+        for (t, &id) in ids.iter().enumerate() {
             if self.is_excluded(id) {
                 continue;
             }
-            let y = &targets[(t * d_out).min(targets.len())..][..d_out];
-            if x.iter().chain(y).any(|v| !v.is_finite()) {
+            let start = rows.len();
+            for (column, &w) in columns.iter().zip(&widths) {
+                rows.extend_from_slice(&column[t * w..(t + 1) * w]);
+            }
+            if rows[start..].iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite {
                     what: format!("activations at hook `{}`", self.hooks_read()),
                     at: format!(
@@ -644,17 +684,15 @@ impl<'m> ActivationSource<'m> {
                     ),
                 });
             }
-            rows.extend_from_slice(x);
-            rows.extend_from_slice(y);
         }
         Ok(rows)
     }
 }
 
 impl ActivationSource<'_> {
-    /// Width of a row: the hook's, plus the target's for a transcoder.
+    /// Width of a row: the hook's, plus those of the hooks read beside it.
     fn row_width(&self) -> usize {
-        self.d_in + self.target.map_or(0, |(_, w)| w)
+        self.d_in + self.more.iter().map(|&(_, w)| w).sum::<usize>()
     }
 }
 

@@ -270,20 +270,20 @@ fn histogram(density: &[f64], tokens: usize) -> Vec<DensityBin> {
 }
 
 /// `[batch, ctx − 1, vocab]` log-probabilities of the predicting positions.
-fn log_probs(logits: &Tensor, ctx: usize) -> Result<Tensor> {
+pub(crate) fn log_probs(logits: &Tensor, ctx: usize) -> Result<Tensor> {
     Ok(log_softmax(
         &logits.narrow(1, 0, ctx - 1)?.to_dtype(DType::F32)?,
         D::Minus1,
     )?)
 }
 
-fn nll_sum(log_probs: &Tensor, targets: &Tensor) -> Result<f64> {
+pub(crate) fn nll_sum(log_probs: &Tensor, targets: &Tensor) -> Result<f64> {
     let picked = log_probs.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
     Ok(-f64::from(picked.sum_all()?.to_scalar::<f32>()?))
 }
 
 /// `Σ KL(p ‖ q)` over positions, from log-probabilities.
-fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<f64> {
+pub(crate) fn kl_sum(log_p: &Tensor, log_q: &Tensor) -> Result<f64> {
     let kl = (log_p.exp()? * (log_p - log_q)?)?;
     Ok(f64::from(kl.sum_all()?.to_scalar::<f32>()?))
 }

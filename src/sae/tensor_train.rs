@@ -408,7 +408,7 @@ pub fn top_k_indices(scores: &Tensor, k: usize, width: usize) -> Result<Tensor> 
 }
 
 /// `Σ_p acts[b, p] · W_dec[latents[b, p]]` per row: only the selected decoder rows are read.
-fn sparse_decode(w_dec: &Tensor, latents: &Tensor, acts: &Tensor) -> Result<Tensor> {
+pub(crate) fn sparse_decode(w_dec: &Tensor, latents: &Tensor, acts: &Tensor) -> Result<Tensor> {
     let (rows, k) = latents.dims2()?;
     let d_in = w_dec.dim(1)?;
     let picked = w_dec.index_select(&latents.flatten_all()?, 0)?;
@@ -420,7 +420,7 @@ fn sparse_decode(w_dec: &Tensor, latents: &Tensor, acts: &Tensor) -> Result<Tens
 
 /// How many times each latent fired in the batch (`f32`, `[d_sae]`): scattered per row, then
 /// summed over rows (an `index_add` into `[d_sae]` would run as one CUDA thread over all pairs).
-fn latent_counts(latents: &Tensor, fired: &Tensor, d_sae: usize) -> Result<Tensor> {
+pub(crate) fn latent_counts(latents: &Tensor, fired: &Tensor, d_sae: usize) -> Result<Tensor> {
     let rows = latents.dim(0)?;
     let zeros = Tensor::zeros((rows, d_sae), DType::F32, latents.device())?;
     Ok(zeros

@@ -1,0 +1,316 @@
+//! `monoscope clt train|eval`: train a cross-layer transcoder on the model's own activations,
+//! and score transcoders (a CLT, or per-layer ones) as a replacement for the model's MLPs.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::sae::CorpusArgs;
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
+use crate::attribution_graph::fidelity::{FidelityReport, score};
+use crate::attribution_graph::{LayerTranscoder, load_each, transcoder_dirs};
+use crate::model::{HookPoint, Model};
+use crate::sae::clt::{CltConfig, CltStepMetrics, train};
+use crate::sae::run::SaveDtype;
+
+#[derive(Subcommand)]
+pub enum CltCommand {
+    /// Train a cross-layer transcoder: one encoder per layer, each layer's features writing
+    /// its own MLP output and every later one's (circuit-tracer's CLT format).
+    Train(Box<TrainArgs>),
+    /// How faithfully transcoders (a CLT, a circuit-tracer transcoder set, or per-layer
+    /// transcoder folders) stand in for the MLPs: per-layer FVU and L0, and the replacement
+    /// model's CE loss recovered, KL and top-1 agreement with every MLP replaced at once.
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Output folder (must not exist, or be empty); written whole or not at all.
+    #[arg(long, value_parser = super::output_path, value_name = "DIR")]
+    out: PathBuf,
+    /// Features per layer (default: 8 × the input width).
+    #[arg(long)]
+    features: Option<usize>,
+    /// Mean features firing per token and layer (BatchTopK while training).
+    #[arg(long, default_value_t = 16)]
+    k: usize,
+    /// Training tokens.
+    #[arg(long, default_value_t = 1_000_000)]
+    tokens: u64,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: u64,
+    /// Fraction of the steps at the end over which the learning rate falls to zero.
+    #[arg(long, default_value_t = 0.2)]
+    decay_fraction: f64,
+    /// Dead features per layer that AuxK asks to explain the error (default: half the output
+    /// width; 0 turns AuxK off).
+    #[arg(long)]
+    aux_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0 / 32.0)]
+    aux_coefficient: f32,
+    /// A feature that has not fired for this many tokens is dead.
+    #[arg(long, default_value_t = 200_000)]
+    dead_after_tokens: u64,
+    /// Rows in the shuffling buffer (default: 16 batches).
+    #[arg(long)]
+    buffer_rows: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The hook each layer's features read, within a block (TransformerLens name).
+    #[arg(long, default_value = "hook_resid_mid")]
+    input_hook: String,
+    /// The hook each layer's features write, within a block.
+    #[arg(long, default_value = "hook_mlp_out")]
+    output_hook: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    save_dtype: SaveDtype,
+    /// Windows to score the saved CLT on afterwards (as `clt eval`; 0: skip).
+    #[arg(long, default_value_t = 32)]
+    eval_windows: usize,
+    /// Print the final step's figures and the evaluation as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Transcoders as `attribute --transcoders` takes them (repeatable). Default with the
+    /// bundled model: its bundled per-layer transcoders.
+    #[arg(long = "transcoders", value_name = "DIR")]
+    transcoders: Vec<PathBuf>,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Windows to run.
+    #[arg(long, default_value_t = 64)]
+    windows: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: &CltCommand) -> anyhow::Result<()> {
+    match command {
+        CltCommand::Train(args) => train_clt(args),
+        CltCommand::Eval(args) => eval(args),
+    }
+}
+
+/// Layer `layer`'s hook named `within` a block (`hook_resid_mid` → `blocks.L.hook_resid_mid`).
+fn block_hook(model: &Model, layer: usize, within: &str) -> anyhow::Result<HookPoint> {
+    let name = format!("blocks.{layer}.{within}");
+    let points = model.resolve_hooks(&[name.as_str()])?;
+    match points[..] {
+        [point] => Ok(point),
+        _ => anyhow::bail!("{name} names {} hook points, not one", points.len()),
+    }
+}
+
+#[derive(Serialize)]
+struct TrainReport<'a> {
+    out: &'a std::path::Path,
+    finished: bool,
+    last_step: &'a CltStepMetrics,
+    evaluation: Option<FidelityReport>,
+}
+
+fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.out.exists() && !args.out.is_dir() {
+        anyhow::bail!("{} exists and is not a folder", args.out.display());
+    }
+    if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
+        anyhow::bail!(
+            "{} already exists and is not empty; choose a new folder",
+            args.out.display()
+        );
+    }
+    let model = args.model.load()?;
+    let n_layers = model.dims().n_layers;
+    let inputs = (0..n_layers)
+        .map(|l| block_hook(&model, l, &args.input_hook))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outputs = (0..n_layers)
+        .map(|l| block_hook(&model, l, &args.output_hook))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let columns: Vec<HookPoint> = inputs[1..].iter().chain(&outputs).copied().collect();
+    let mut source = args
+        .corpus
+        .source(&model, &inputs[0].to_string())?
+        .with_columns(&columns)?;
+    let d_in = source.hook_width();
+    let d_out = model.hook_width(outputs[0])?;
+    let features = match args.features {
+        Some(f) => f,
+        None => 8 * d_in,
+    };
+    let mut config = CltConfig::new(n_layers, d_in, d_out, features, args.k);
+    config.batch_size = args.batch_size;
+    config.total_steps = args.tokens.div_ceil(args.batch_size.max(1) as u64);
+    config.lr = args.lr;
+    config.warmup_steps = args.warmup_steps;
+    config.decay_steps = (config.total_steps as f64 * args.decay_fraction.clamp(0.0, 1.0)) as u64;
+    config.aux_k = args.aux_k.unwrap_or(d_out / 2);
+    config.aux_coefficient = args.aux_coefficient;
+    config.dead_after_tokens = args.dead_after_tokens;
+    config.seed = args.seed;
+    config.validate()?;
+
+    eprintln!(
+        "training a cross-layer transcoder ({n_layers} layers × {features} features, k {}, \
+         {} → {}) over {} for {} tokens",
+        args.k,
+        args.input_hook,
+        args.output_hook,
+        source.corpus().describe(),
+        args.tokens
+    );
+    install_ctrl_c("stopping after this step and saving the CLT trained so far");
+    let total = config.total_steps;
+    let bar = progress_bar(
+        total,
+        "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+    )?;
+    let started = Instant::now();
+    let mut log = Vec::new();
+    let mut last = CltStepMetrics::default();
+    let (trainer, finished) = train(
+        &mut source,
+        config,
+        args.buffer_rows
+            .unwrap_or(args.batch_size.saturating_mul(16)),
+        &CANCEL,
+        |m| {
+            let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(m.step);
+            let msg = format!(
+                "loss {:.3} FVU {:.4} L0 {:.1} dead {:.1}% {:.0} tok/s",
+                m.loss,
+                CltStepMetrics::mean(&m.fvu),
+                CltStepMetrics::mean(&m.l0),
+                100.0 * CltStepMetrics::mean(&m.dead_fraction),
+                rate
+            );
+            if bar.is_hidden() {
+                if m.step % 50 == 0 || m.step == total {
+                    eprintln!("step {}/{total} {msg}", m.step);
+                }
+            } else {
+                bar.set_message(msg);
+            }
+            if m.step % 10 == 0 || m.step == total {
+                log.push(m.clone());
+            }
+            last = m.clone();
+        },
+    )
+    .context("training the cross-layer transcoder")?;
+    bar.finish_and_clear();
+    if !finished {
+        log.push(last.clone());
+    }
+    trainer
+        .save(
+            &args.out,
+            args.save_dtype.into(),
+            &args.input_hook,
+            &args.output_hook,
+        )
+        .with_context(|| format!("saving the CLT into {}", args.out.display()))?;
+    let metrics_path = args.out.join("training-metrics.jsonl");
+    let mut file = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("writing {}", metrics_path.display()))?;
+    for m in &log {
+        writeln!(file, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("writing {}", metrics_path.display()))?;
+    }
+    drop(trainer);
+    let evaluation = if args.eval_windows > 0 && !CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
+        let transcoders = load_each(std::slice::from_ref(&args.out), &model)
+            .with_context(|| format!("reading back {}", args.out.display()))?;
+        Some(evaluate(
+            &args.corpus,
+            &model,
+            &transcoders,
+            args.eval_windows,
+        )?)
+    } else {
+        None
+    };
+    if args.json {
+        return print_json(&TrainReport {
+            out: &args.out,
+            finished,
+            last_step: &last,
+            evaluation,
+        });
+    }
+    let stopped = if finished {
+        String::new()
+    } else {
+        format!(" (stopped by Ctrl-C at step {} of {total})", last.step)
+    };
+    println!(
+        "cross-layer transcoder written to {}{stopped}: training FVU {:.4}, L0 {:.1} per layer, \
+         dead {:.1}%",
+        args.out.display(),
+        CltStepMetrics::mean(&last.fvu),
+        CltStepMetrics::mean(&last.l0),
+        100.0 * CltStepMetrics::mean(&last.dead_fraction)
+    );
+    if let Some(report) = evaluation {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// Scores `transcoders` on `windows` windows of the corpus, with a progress bar.
+fn evaluate(
+    corpus: &CorpusArgs,
+    model: &Model,
+    transcoders: &[LayerTranscoder],
+    windows: usize,
+) -> anyhow::Result<FidelityReport> {
+    let first = transcoders
+        .first()
+        .context("no transcoders to evaluate")?
+        .site
+        .input
+        .to_string();
+    let mut source = corpus.source(model, &first)?;
+    let bar = progress_bar(
+        windows as u64,
+        "{elapsed_precise} [{bar:30}] window {pos}/{len} (eta {eta})",
+    )?;
+    let report = score(&mut source, transcoders, windows, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .context("scoring the replacement model")?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let dirs = transcoder_dirs(&super::transcoders_named(&args.transcoders, &args.model)?)?;
+    let transcoders = load_each(&dirs, &model)?;
+    let report = evaluate(&args.corpus, &model, &transcoders, args.windows)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
