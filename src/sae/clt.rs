@@ -7,8 +7,9 @@
 //!
 //! The recipe is the one `utahnlp/crosslayer-coding` recommends: BatchTopK per layer while
 //! training (the `k · batch` largest pre-activations of a layer's features across the batch
-//! fire), turned into a JumpReLU at save time, with a running average of each layer's batch
-//! threshold as its fixed threshold. The loss sums every layer's squared error (each layer's
+//! fire), turned into a JumpReLU after training: each layer's fixed threshold is the mean batch
+//! threshold over a few batches with the final weights, so about `k` features fire per token
+//! and layer. The loss sums every layer's squared error (each layer's
 //! inputs and targets scaled to a mean norm of √d first, so that no layer outweighs the others,
 //! and the scales folded into the saved weights), plus AuxK for dead features as for TopK SAEs.
 //! Each token's candidates are its layer's `4k` largest pre-activations (a token can take at
@@ -47,6 +48,9 @@ pub fn decoder_file(layer: usize) -> String {
 /// monoscope).
 pub const CONFIG_FILE: &str = "config.yaml";
 
+/// Batches the JumpReLU thresholds are measured on after training.
+const CALIBRATION_BATCHES: usize = 8;
+
 /// Each token's candidates per layer, in multiples of `k`.
 const CANDIDATES_PER_K: usize = 4;
 
@@ -73,8 +77,6 @@ pub struct CltConfig {
     pub decay_steps: u64,
     pub total_steps: u64,
     pub batch_size: usize,
-    /// Rate of the running averages that become the JumpReLU thresholds.
-    pub threshold_rate: f32,
     pub seed: u64,
 }
 
@@ -95,7 +97,6 @@ impl CltConfig {
             decay_steps: 0,
             total_steps: 1000,
             batch_size: 1024,
-            threshold_rate: 0.01,
             seed: 0,
         }
     }
@@ -190,7 +191,9 @@ struct Pass {
     loss: f64,
     fvu: Vec<f64>,
     l0: Vec<f64>,
-    /// Each layer's picked features, then those AuxK picked (layers with dead features).
+    /// Each layer's picked features, then those AuxK picked (layers with dead features);
+    /// the gradient test reads them to skip steps that move a pick.
+    #[cfg_attr(not(test), allow(dead_code))]
     picked: Vec<cpu::Active>,
 }
 
@@ -216,7 +219,7 @@ impl Param {
 }
 
 /// Training state on the host: the parameters with their gradients and Adam moments, the
-/// thresholds' running averages and the features' firing counters. The step is written by
+/// JumpReLU thresholds and the features' firing counters. The step is written by
 /// hand on [`cpu`]'s kernels, as the CPU SAE trainer's: one dense product per layer (the
 /// encoder), and decoding and every gradient over the picked features only (a CLT's decoder
 /// rows are `n_layers − L` times an SAE's, so gathering them as tensors would copy gigabytes a
@@ -233,7 +236,8 @@ pub struct CltTrainer {
     w_dec: Vec<Param>,
     /// `[n_layers · d_out]`.
     b_dec: Param,
-    /// Per layer: the running average of the batch threshold (in the scaled units).
+    /// Per layer: the JumpReLU threshold of the saved CLT (in the scaled units), set by
+    /// [`Self::calibrate`].
     thresholds: Vec<f32>,
     /// Per layer and feature: tokens since it last fired.
     since_fired: Vec<Vec<u64>>,
@@ -358,6 +362,65 @@ impl CltTrainer {
         pre
     }
 
+    /// Layer `layer`'s BatchTopK picks for its pre-activations `pre` (`[rows, features]`,
+    /// without `b_enc`): the `k · rows` largest of the rows' candidates (each row's `4k`
+    /// largest positive values), and the batch threshold, the smallest value picked (∞ if
+    /// none is).
+    fn batch_top_k(&self, pre: &[f32], layer: usize) -> (cpu::Active, f32) {
+        let c = &self.config;
+        let rows = pre.len() / c.features;
+        let picks = rows * c.k;
+        let top = cpu::top_k_rows(
+            pre,
+            &self.b_enc[layer].value,
+            (CANDIDATES_PER_K * c.k).min(c.features),
+        );
+        let threshold = if top.len() > picks {
+            let mut values = top.value.clone();
+            let (_, &mut kth, _) = values.select_nth_unstable_by(picks - 1, |a, b| b.total_cmp(a));
+            kth
+        } else {
+            top.value.iter().copied().fold(f32::INFINITY, f32::min)
+        };
+        let active = cpu::Active::from_rows(
+            (0..rows)
+                .map(|b| {
+                    let (latents, values) = top.row(b);
+                    latents
+                        .iter()
+                        .zip(values)
+                        .filter(|&(_, &v)| v >= threshold)
+                        .map(|(&j, &v)| (j, v))
+                        .collect()
+                })
+                .collect(),
+        );
+        (active, threshold)
+    }
+
+    /// Sets each layer's JumpReLU threshold, what the saved CLT uses in place of BatchTopK, to
+    /// the mean over `batches` of the batch threshold BatchTopK picks with the current weights,
+    /// so that about `k` features per layer fire on a token on average.
+    pub fn calibrate<'a>(&mut self, batches: impl IntoIterator<Item = &'a [f32]>) {
+        let n = self.config.n_layers;
+        let (mut sums, mut counts) = (vec![0f64; n], vec![0usize; n]);
+        for rows in batches {
+            for l in 0..n {
+                let x = self.columns(rows, l, false);
+                let (_, threshold) = self.batch_top_k(&self.pre_activations(&x, l), l);
+                if threshold.is_finite() {
+                    sums[l] += f64::from(threshold);
+                    counts[l] += 1;
+                }
+            }
+        }
+        for (l, threshold) in self.thresholds.iter_mut().enumerate() {
+            if counts[l] > 0 {
+                *threshold = (sums[l] / counts[l] as f64) as f32;
+            }
+        }
+    }
+
     /// One Adam step on a batch of rows (unscaled, as the activation source gives them).
     pub fn step(&mut self, rows: &[f32]) -> Result<CltStepMetrics> {
         let Pass { loss, fvu, l0, .. } = self.forward_backward(rows)?;
@@ -386,7 +449,7 @@ impl CltTrainer {
     }
 
     /// The loss of a batch, each layer's FVU, L0 and picks; every parameter's gradient left in
-    /// its `grad`. Updates the firing counters and the thresholds' running averages.
+    /// its `grad`. Updates the firing counters.
     fn forward_backward(&mut self, rows: &[f32]) -> Result<Pass> {
         let c = self.config.clone();
         let (n, d_in, d_out, f) = (c.n_layers, c.d_in, c.d_out, c.features);
@@ -399,9 +462,6 @@ impl CltTrainer {
                 message: format!("needs whole rows of {width} values"),
             });
         }
-        let candidates = (CANDIDATES_PER_K * c.k).min(f);
-        let picks = batch * c.k;
-
         // Forward: each layer's picked features and what they write.
         let mut inputs = Vec::with_capacity(n);
         let mut pre_acts = Vec::with_capacity(n);
@@ -414,30 +474,7 @@ impl CltTrainer {
         for l in 0..n {
             let x = self.columns(rows, l, false);
             let pre = self.pre_activations(&x, l);
-            let bias = &self.b_enc[l].value;
-            let top = cpu::top_k_rows(&pre, bias, candidates);
-            // The batch threshold: the `picks`-th largest candidate (all are positive).
-            let threshold = if top.len() > picks {
-                let mut values = top.value.clone();
-                let (_, &mut kth, _) =
-                    values.select_nth_unstable_by(picks - 1, |a, b| b.total_cmp(a));
-                kth
-            } else {
-                top.value.iter().copied().fold(f32::INFINITY, f32::min)
-            };
-            let active = cpu::Active::from_rows(
-                (0..batch)
-                    .map(|b| {
-                        let (latents, values) = top.row(b);
-                        latents
-                            .iter()
-                            .zip(values)
-                            .filter(|&(_, &v)| v >= threshold)
-                            .map(|(&j, &v)| (j, v))
-                            .collect()
-                    })
-                    .collect(),
-            );
+            let (active, _) = self.batch_top_k(&pre, l);
             l0.push(active.len() as f64 / batch as f64);
             let mut fired = vec![false; f];
             for &j in &active.latent {
@@ -448,14 +485,6 @@ impl CltTrainer {
                     0
                 } else {
                     since.saturating_add(batch as u64)
-                };
-            }
-            if threshold.is_finite() {
-                let rate = c.threshold_rate;
-                self.thresholds[l] = if self.step == 0 {
-                    threshold
-                } else {
-                    (1.0 - rate) * self.thresholds[l] + rate * threshold
                 };
             }
             let writes = (n - l) * d_out;
@@ -608,6 +637,21 @@ impl CltTrainer {
                 dead as f64 / since.len().max(1) as f64
             })
             .collect()
+    }
+
+    /// [`Self::calibrate`] on the next [`CALIBRATION_BATCHES`] batches of `buffer`.
+    fn calibrate_on(
+        &mut self,
+        buffer: &mut MixingBuffer,
+        source: &mut dyn ChunkSource,
+    ) -> Result<()> {
+        let batch = self.config.batch_size;
+        let mut rows = Vec::new();
+        for _ in 0..CALIBRATION_BATCHES {
+            rows.push(buffer.next_batch(source, batch)?.to_vec());
+        }
+        self.calibrate(rows.iter().map(Vec::as_slice));
+        Ok(())
     }
 
     /// The trained CLT in circuit-tracer's tensors, scales folded in: per layer, the encoder
@@ -771,6 +815,7 @@ pub fn train(
     let mut trainer = CltTrainer::new(config, &first)?;
     while trainer.step < trainer.config.total_steps {
         if cancel.load(Ordering::Relaxed) {
+            trainer.calibrate_on(&mut buffer, source)?;
             return Ok((trainer, false));
         }
         let rows = buffer.next_batch(source, batch)?;
@@ -783,6 +828,7 @@ pub fn train(
         }
         on_step(&metrics);
     }
+    trainer.calibrate_on(&mut buffer, source)?;
     Ok((trainer, true))
 }
 
@@ -855,6 +901,8 @@ mod tests {
             trainer.step(&toy_rows(&config, 64, 2 + step)).unwrap();
         }
         let rows = toy_rows(&config, 32, 777);
+        trainer.calibrate([toy_rows(&config, 64, 778).as_slice()]);
+        assert!(trainer.thresholds.iter().all(|&t| t > 0.0));
         let layers = trainer.tensors(DType::F32).unwrap();
         let data = Tensor::from_slice(&rows, (32, config.row_width()), &Device::Cpu).unwrap();
         for target in 0..3 {
