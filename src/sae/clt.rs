@@ -48,6 +48,9 @@ pub fn decoder_file(layer: usize) -> String {
 /// monoscope).
 pub const CONFIG_FILE: &str = "config.yaml";
 
+/// One layer's saved tensors: its encoder file's and its decoder file's.
+pub type LayerFiles = (HashMap<String, Tensor>, HashMap<String, Tensor>);
+
 /// Batches the JumpReLU thresholds are measured on after training.
 const CALIBRATION_BATCHES: usize = 8;
 
@@ -656,10 +659,7 @@ impl CltTrainer {
 
     /// The trained CLT in circuit-tracer's tensors, scales folded in: per layer, the encoder
     /// file's and the decoder file's tensors.
-    pub fn tensors(
-        &self,
-        dtype: DType,
-    ) -> Result<Vec<(HashMap<String, Tensor>, HashMap<String, Tensor>)>> {
+    pub fn tensors(&self, dtype: DType) -> Result<Vec<LayerFiles>> {
         let c = &self.config;
         let (n, d_in, d_out, f) = (c.n_layers, c.d_in, c.d_out, c.features);
         let cpu = Device::Cpu;
@@ -985,7 +985,7 @@ mod tests {
         let base = at.forward_backward(rows).unwrap().picked;
         let mut checked = [0; 4];
         for layer in 0..trainer.config.n_layers {
-            for which in 0..4 {
+            for (which, checked) in checked.iter_mut().enumerate() {
                 let grad = param(&mut at, which, layer).grad.clone();
                 let mut order: Vec<usize> = (0..grad.len())
                     .filter(|&i| grad[i] != 0.0 && eligible(which, layer, i))
@@ -1014,7 +1014,7 @@ mod tests {
                         (numeric - analytic).abs() <= 0.02 * analytic.abs().max(1e-2),
                         "parameter {which} layer {layer} entry {i}: {numeric} vs {analytic}"
                     );
-                    checked[which] += 1;
+                    *checked += 1;
                 }
             }
         }
