@@ -115,7 +115,7 @@ fn a_trained_clt_reads_back_as_circuit_tracers_format_and_predicts_what_it_learn
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("clt");
     trainer
-        .save(&out, DType::F32, "hook_resid_mid", "hook_mlp_out")
+        .save(&out, DType::F32, ("hook_resid_mid", "hook_mlp_out"), &[])
         .unwrap();
     let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
     assert!(
@@ -269,6 +269,11 @@ fn clt_train_writes_a_folder_that_scores_and_traces() {
     assert_eq!(evaluation["layers"].as_array().unwrap().len(), 8);
     let recovered = evaluation["ce_loss_recovered"].as_f64().unwrap();
     assert!(recovered.is_finite(), "{evaluation}");
+    // The saved JumpReLUs fire about k features a token, as BatchTopK did in training.
+    for layer in evaluation["layers"].as_array().unwrap() {
+        let l0 = layer["l0"].as_f64().unwrap();
+        assert!((2.0..=8.0).contains(&l0), "{evaluation}");
+    }
     for l in 0..8 {
         assert!(out.join(format!("W_enc_{l}.safetensors")).is_file());
         assert!(out.join(format!("W_dec_{l}.safetensors")).is_file());
@@ -285,6 +290,8 @@ fn clt_train_writes_a_folder_that_scores_and_traces() {
         "32",
         "--windows",
         "4",
+        "--corpus",
+        "world:1",
         "--json",
     ]);
     assert_eq!(again["tokens"], evaluation["tokens"]);
@@ -337,8 +344,12 @@ fn bad_clt_settings_are_refused_by_name() {
         std::fs::read_to_string(taken.join("notes.txt")).unwrap(),
         "mine"
     );
-    fails_naming(&with(&["--tokens", "256", "--k", "33"]), "k");
-    fails_naming(&with(&["--tokens", "256", "--k", "0"]), "k");
+    fails_naming(&with(&["--tokens", "256", "--k", "33"]), "value for k");
+    fails_naming(&with(&["--tokens", "256", "--k", "0"]), "value for k");
+    fails_naming(
+        &with(&["--tokens", "256", "--output-hook", "hook_resid_post"]),
+        "--output-hook hook_resid_post",
+    );
     fails_naming(&with(&["--tokens", "0"]), "tokens");
     fails_naming(&with(&["--input-hook", "hook_nonsense"]), "hook_nonsense");
     fails_naming(
@@ -355,5 +366,19 @@ fn bad_clt_settings_are_refused_by_name() {
     fails_naming(
         &["clt", "eval", "--transcoders", wrong.to_str().unwrap()],
         "holds no transcoder",
+    );
+    let layer_4 =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/transcoders/world-btk-skip/layer_4");
+    let layer_4 = layer_4.to_str().unwrap();
+    fails_naming(
+        &[
+            "clt",
+            "eval",
+            "--transcoders",
+            layer_4,
+            "--transcoders",
+            layer_4,
+        ],
+        "two for layer 4",
     );
 }

@@ -3,7 +3,8 @@
 //! its error nodes; how much of the model's behaviour the features carry without them is what
 //! this measures (Ameisen et al. 2025 report the same kind of figures for their CLTs).
 //!
-//! Over non-special positions of the evaluation windows:
+//! Features and MLP outputs are compared, and MLP outputs replaced, at the evaluation windows'
+//! non-special positions; the next-token figures count every prediction (as `sae eval`'s do):
 //! - per layer written, open-loop FVU `Σ‖y − ŷ‖² / Σ‖y − ȳ‖²` of the MLP output `y` against the
 //!   transcoders' prediction `ŷ` from the clean run's inputs (every feature that writes the
 //!   layer, from its own layer or an earlier one), and L0: features of that layer firing per
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{D, DType, Tensor};
 use serde::Serialize;
 
-use super::{LayerTranscoder, skip_path};
+use super::{LayerTranscoder, by_layer, skip_path};
 use crate::error::{Error, Result};
 use crate::model::HookPoint;
 use crate::model::hooks::{Hooks, Intervention, InterventionOp};
@@ -127,6 +128,12 @@ pub fn score(
     }
     let model = source.model();
     let ctx = source.settings.context_size;
+    // One per layer, fitting the model, in its dtype (as an attribution graph takes them).
+    let transcoders: Vec<LayerTranscoder> = by_layer(model, transcoders)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let transcoders = transcoders.as_slice();
     // The hook each written layer's MLP output is read and replaced at.
     let mut outputs: BTreeMap<usize, HookPoint> = BTreeMap::new();
     for t in transcoders {

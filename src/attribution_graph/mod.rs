@@ -276,6 +276,71 @@ pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>
     Ok(out)
 }
 
+/// `transcoders` by the layer whose MLP each replaces, converted to the model's dtype and
+/// device; an error unless each fits the model (its hooks' widths, the later layers it writes)
+/// and no two replace the same layer.
+pub fn by_layer(
+    model: &Model,
+    transcoders: &[LayerTranscoder],
+) -> Result<Vec<Option<LayerTranscoder>>> {
+    let n_layers = model.dims().n_layers;
+    let mut by_layer: Vec<Option<LayerTranscoder>> = vec![None; n_layers];
+    for t in transcoders {
+        let layer = t.layer()?;
+        if layer >= n_layers {
+            return Err(Error::InvalidArgument {
+                what: "transcoder",
+                value: t.site.output.to_string(),
+                message: format!("the model has {n_layers} layers"),
+            });
+        }
+        if by_layer[layer].is_some() {
+            return Err(Error::InvalidArgument {
+                what: "transcoders",
+                value: format!("two for layer {layer}"),
+                message: "an attribution graph takes one transcoder per layer".into(),
+            });
+        }
+        t.site.check(&t.sae)?;
+        if layer + 1 + t.later.count() > n_layers {
+            return Err(Error::InvalidArgument {
+                what: "transcoder",
+                value: t.site.output.to_string(),
+                message: format!(
+                    "writes {} later layers; the model has {n_layers}",
+                    t.later.count()
+                ),
+            });
+        }
+        // (A mapped decoder's shape was checked as its file was opened.)
+        if let LaterDecoders::InMemory(later) = &t.later {
+            for (k, w) in later.iter().enumerate() {
+                let out = layer + 1 + k;
+                let want = [t.sae.d_sae(), model.hook_width(HookPoint::MlpOut(out))?];
+                if w.dims() != want {
+                    return Err(Error::InvalidArgument {
+                        what: "transcoder",
+                        value: format!("{}'s decoder to layer {out}", t.site.output),
+                        message: format!("is {:?}, not {want:?}", w.dims()),
+                    });
+                }
+            }
+        }
+        for (point, width) in [(t.site.input, t.sae.d_in()), (t.site.output, t.sae.d_out())] {
+            let have = model.hook_width(point)?;
+            if have != width {
+                return Err(Error::InvalidArgument {
+                    what: "transcoder",
+                    value: format!("{point}"),
+                    message: format!("is {have} wide in the model, the transcoder {width}"),
+                });
+            }
+        }
+        by_layer[layer] = Some(t.to(model.dtype, &model.device)?);
+    }
+    Ok(by_layer)
+}
+
 /// How many logits to explain, and how targets are batched.
 #[derive(Clone, Debug)]
 pub struct GraphSettings {
@@ -820,60 +885,7 @@ impl<'a> Replacement<'a> {
         settings: &GraphSettings,
     ) -> Result<(Self, Vec<LogitTarget>)> {
         let n_layers = model.dims().n_layers;
-        let mut by_layer: Vec<Option<LayerTranscoder>> = vec![None; n_layers];
-        for t in transcoders {
-            let layer = t.layer()?;
-            if layer >= n_layers {
-                return Err(Error::InvalidArgument {
-                    what: "transcoder",
-                    value: t.site.output.to_string(),
-                    message: format!("the model has {n_layers} layers"),
-                });
-            }
-            if by_layer[layer].is_some() {
-                return Err(Error::InvalidArgument {
-                    what: "transcoders",
-                    value: format!("two for layer {layer}"),
-                    message: "an attribution graph takes one transcoder per layer".into(),
-                });
-            }
-            t.site.check(&t.sae)?;
-            if layer + 1 + t.later.count() > n_layers {
-                return Err(Error::InvalidArgument {
-                    what: "transcoder",
-                    value: t.site.output.to_string(),
-                    message: format!(
-                        "writes {} later layers; the model has {n_layers}",
-                        t.later.count()
-                    ),
-                });
-            }
-            // (A mapped decoder's shape was checked as its file was opened.)
-            if let LaterDecoders::InMemory(later) = &t.later {
-                for (k, w) in later.iter().enumerate() {
-                    let out = layer + 1 + k;
-                    let want = [t.sae.d_sae(), model.hook_width(HookPoint::MlpOut(out))?];
-                    if w.dims() != want {
-                        return Err(Error::InvalidArgument {
-                            what: "transcoder",
-                            value: format!("{}'s decoder to layer {out}", t.site.output),
-                            message: format!("is {:?}, not {want:?}", w.dims()),
-                        });
-                    }
-                }
-            }
-            for (point, width) in [(t.site.input, t.sae.d_in()), (t.site.output, t.sae.d_out())] {
-                let have = model.hook_width(point)?;
-                if have != width {
-                    return Err(Error::InvalidArgument {
-                        what: "transcoder",
-                        value: format!("{point}"),
-                        message: format!("is {have} wide in the model, the transcoder {width}"),
-                    });
-                }
-            }
-            by_layer[layer] = Some(t.to(model.dtype, &model.device)?);
-        }
+        let by_layer = by_layer(model, transcoders)?;
         let frozen_points: Vec<HookPoint> = model
             .hook_points()
             .iter()

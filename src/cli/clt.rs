@@ -12,8 +12,9 @@ use serde::Serialize;
 use super::sae::CorpusArgs;
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::attribution_graph::fidelity::{FidelityReport, score};
-use crate::attribution_graph::{LayerTranscoder, load_each, transcoder_dirs};
+use crate::attribution_graph::{LayerTranscoder, load_each, site_layer, transcoder_dirs};
 use crate::model::{HookPoint, Model};
+use crate::sae::SaeSite;
 use crate::sae::clt::{CltConfig, CltStepMetrics, train};
 use crate::sae::run::SaveDtype;
 
@@ -80,6 +81,10 @@ pub struct TrainArgs {
     /// Windows to score the saved CLT on afterwards (as `clt eval`; 0: skip).
     #[arg(long, default_value_t = 32)]
     eval_windows: usize,
+    /// The corpus it is scored on (default: `world:1`, a held-out generation of the world
+    /// corpus, when training on the world corpus; the training corpus otherwise).
+    #[arg(long)]
+    eval_corpus: Option<String>,
     /// Print the final step's figures and the evaluation as JSON.
     #[arg(long)]
     json: bool,
@@ -145,6 +150,20 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     let outputs = (0..n_layers)
         .map(|l| block_hook(&model, l, &args.output_hook))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Refused now rather than after training: each layer's pair must be one an attribution
+    // graph can stand in for an MLP with.
+    for (layer, (&input, &output)) in inputs.iter().zip(&outputs).enumerate() {
+        let site = SaeSite { input, output };
+        if site_layer(&site).ok() != Some(layer) {
+            anyhow::bail!(
+                "--input-hook {} → --output-hook {}: a cross-layer transcoder's layer reads a \
+                 hook of its block before the MLP (hook_resid_mid, ln2.hook_normalized, \
+                 mlp.hook_in) and writes that block's hook_mlp_out",
+                args.input_hook,
+                args.output_hook
+            );
+        }
+    }
     let columns: Vec<HookPoint> = inputs[1..].iter().chain(&outputs).copied().collect();
     let mut source = args
         .corpus
@@ -221,27 +240,29 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     if !finished {
         log.push(last.clone());
     }
+    let mut metrics = Vec::new();
+    for m in &log {
+        writeln!(metrics, "{}", serde_json::to_string(m)?)?;
+    }
     trainer
         .save(
             &args.out,
             args.save_dtype.into(),
-            &args.input_hook,
-            &args.output_hook,
+            (&args.input_hook, &args.output_hook),
+            &[("training-metrics.jsonl", metrics)],
         )
         .with_context(|| format!("saving the CLT into {}", args.out.display()))?;
-    let metrics_path = args.out.join("training-metrics.jsonl");
-    let mut file = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("writing {}", metrics_path.display()))?;
-    for m in &log {
-        writeln!(file, "{}", serde_json::to_string(m)?)
-            .with_context(|| format!("writing {}", metrics_path.display()))?;
-    }
     drop(trainer);
     let evaluation = if args.eval_windows > 0 && !CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
         let transcoders = load_each(std::slice::from_ref(&args.out), &model)
             .with_context(|| format!("reading back {}", args.out.display()))?;
+        let held_out = match (&args.eval_corpus, args.corpus.is_world()) {
+            (Some(spec), _) => args.corpus.with_corpus(spec),
+            (None, true) => args.corpus.with_corpus("world:1"),
+            (None, false) => args.corpus.clone(),
+        };
         Some(evaluate(
-            &args.corpus,
+            &held_out,
             &model,
             &transcoders,
             args.eval_windows,

@@ -50,6 +50,19 @@ pub struct CorpusArgs {
 }
 
 impl CorpusArgs {
+    /// The same windowing over another corpus.
+    pub fn with_corpus(&self, spec: &str) -> Self {
+        Self {
+            corpus: spec.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the corpus is the bundled world corpus (any seed).
+    pub fn is_world(&self) -> bool {
+        self.corpus == "world" || self.corpus.starts_with("world:")
+    }
+
     pub fn corpus(&self) -> anyhow::Result<Corpus> {
         Ok(Corpus::parse(&self.corpus, &self.text_field)?)
     }

@@ -189,6 +189,21 @@ impl CltStepMetrics {
     }
 }
 
+/// Per layer, the sum and the number of the batch thresholds seen while calibrating.
+struct ThresholdSums {
+    total: Vec<f64>,
+    count: Vec<usize>,
+}
+
+impl ThresholdSums {
+    fn new(n_layers: usize) -> Self {
+        Self {
+            total: vec![0.0; n_layers],
+            count: vec![0; n_layers],
+        }
+    }
+}
+
 /// What one forward and backward pass found.
 struct Pass {
     loss: f64,
@@ -405,21 +420,30 @@ impl CltTrainer {
     /// the mean over `batches` of the batch threshold BatchTopK picks with the current weights,
     /// so that about `k` features per layer fire on a token on average.
     pub fn calibrate<'a>(&mut self, batches: impl IntoIterator<Item = &'a [f32]>) {
-        let n = self.config.n_layers;
-        let (mut sums, mut counts) = (vec![0f64; n], vec![0usize; n]);
+        let mut sums = ThresholdSums::new(self.config.n_layers);
         for rows in batches {
-            for l in 0..n {
-                let x = self.columns(rows, l, false);
-                let (_, threshold) = self.batch_top_k(&self.pre_activations(&x, l), l);
-                if threshold.is_finite() {
-                    sums[l] += f64::from(threshold);
-                    counts[l] += 1;
-                }
+            self.add_batch_thresholds(rows, &mut sums);
+        }
+        self.set_thresholds(&sums);
+    }
+
+    /// Adds each layer's batch threshold for `rows` to `sums`.
+    fn add_batch_thresholds(&self, rows: &[f32], sums: &mut ThresholdSums) {
+        for l in 0..self.config.n_layers {
+            let x = self.columns(rows, l, false);
+            let (_, threshold) = self.batch_top_k(&self.pre_activations(&x, l), l);
+            if threshold.is_finite() {
+                sums.total[l] += f64::from(threshold);
+                sums.count[l] += 1;
             }
         }
+    }
+
+    /// Each layer's threshold: the mean of its batch thresholds in `sums` (kept where none).
+    fn set_thresholds(&mut self, sums: &ThresholdSums) {
         for (l, threshold) in self.thresholds.iter_mut().enumerate() {
-            if counts[l] > 0 {
-                *threshold = (sums[l] / counts[l] as f64) as f32;
+            if sums.count[l] > 0 {
+                *threshold = (sums.total[l] / sums.count[l] as f64) as f32;
             }
         }
     }
@@ -649,11 +673,11 @@ impl CltTrainer {
         source: &mut dyn ChunkSource,
     ) -> Result<()> {
         let batch = self.config.batch_size;
-        let mut rows = Vec::new();
+        let mut sums = ThresholdSums::new(self.config.n_layers);
         for _ in 0..CALIBRATION_BATCHES {
-            rows.push(buffer.next_batch(source, batch)?.to_vec());
+            self.add_batch_thresholds(buffer.next_batch(source, batch)?, &mut sums);
         }
-        self.calibrate(rows.iter().map(Vec::as_slice));
+        self.set_thresholds(&sums);
         Ok(())
     }
 
@@ -705,32 +729,60 @@ impl CltTrainer {
     }
 
     /// Writes the CLT into `dir` (created; it must not exist, or be an empty folder) in
-    /// circuit-tracer's format, through a temporary sibling folder renamed at the end.
+    /// circuit-tracer's format, with `extra` files (name, contents) beside it, through a
+    /// temporary sibling folder renamed when complete (and removed if anything fails).
     pub fn save(
         &self,
         dir: &Path,
         dtype: DType,
-        input_hook: &str,
-        output_hook: &str,
+        hooks: (&str, &str),
+        extra: &[(&str, Vec<u8>)],
     ) -> Result<()> {
         crate::files::require_output_path("cross-layer transcoder folder", dir)?;
-        let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-        if not_empty || dir.is_file() {
-            return Err(Error::InvalidArgument {
+        let refuse = |message: &str| {
+            Err(Error::InvalidArgument {
                 what: "cross-layer transcoder folder",
                 value: dir.display().to_string(),
-                message: "already exists and is not empty; choose a new folder".into(),
-            });
+                message: message.into(),
+            })
+        };
+        let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if not_empty || dir.is_file() {
+            return refuse("already exists and is not empty; choose a new folder");
         }
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "clt".into());
+        let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return refuse("names no folder of its own; give a new folder's name");
+        };
         let staging = dir.with_file_name(format!(".{name}.partial"));
         if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+            return refuse(&format!(
+                "has a leftover {} beside it; remove it first",
+                staging.display()
+            ));
         }
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let written = self
+            .write_into(&staging, dtype, hooks, extra)
+            .and_then(|()| {
+                if dir.is_dir() {
+                    std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e))?;
+                }
+                std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        written
+    }
+
+    /// The files of [`Self::save`], written into `staging`.
+    fn write_into(
+        &self,
+        staging: &Path,
+        dtype: DType,
+        (input_hook, output_hook): (&str, &str),
+        extra: &[(&str, Vec<u8>)],
+    ) -> Result<()> {
         for (l, (encoder, decoder)) in self.tensors(dtype)?.into_iter().enumerate() {
             crate::files::write_safetensors(&encoder, &staging.join(encoder_file(l)))?;
             crate::files::write_safetensors(&decoder, &staging.join(decoder_file(l)))?;
@@ -744,13 +796,28 @@ impl CltTrainer {
              feature_output_hook: \"{output_hook}\"\n",
             c.features, c.k, self.tokens
         );
-        let config_path = staging.join(CONFIG_FILE);
-        std::fs::write(&config_path, config).map_err(|e| Error::io(&config_path, e))?;
-        if dir.is_dir() {
-            std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let files = std::iter::once((CONFIG_FILE, config.into_bytes()))
+            .chain(extra.iter().map(|(name, bytes)| (*name, bytes.clone())));
+        for (name, bytes) in files {
+            let path = staging.join(name);
+            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
         }
-        std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))?;
         Ok(())
+    }
+
+    /// Features firing per token in each layer for `rows` (unscaled), through JumpReLUs at
+    /// the calibrated thresholds: the saved CLT's L0.
+    pub fn firing(&self, rows: &[f32]) -> Vec<f64> {
+        let batch = (rows.len() / self.config.row_width()).max(1);
+        (0..self.config.n_layers)
+            .map(|l| {
+                let x = self.columns(rows, l, false);
+                let threshold = self.thresholds[l];
+                let pre = self.pre_activations(&x, l);
+                let active = cpu::select_rows(&pre, &self.b_enc[l].value, |_, v| v > threshold);
+                active.len() as f64 / batch as f64
+            })
+            .collect()
     }
 
     /// Layer `layer`'s MLP-output prediction `[rows, d_out]` for `rows` (unscaled, as
@@ -854,11 +921,12 @@ mod tests {
             for _ in 0..3 {
                 let c = rng.random_range(0..concepts);
                 let a = 0.5 + rng.random::<f32>();
-                for (v, &u) in row[..n * d_in].iter_mut().zip(&inputs[c]) {
-                    *v += a * u;
+                // Each layer at its own scale, so that a scale folded into the wrong layer shows.
+                for (i, (v, &u)) in row[..n * d_in].iter_mut().zip(&inputs[c]).enumerate() {
+                    *v += a * u * (1 + i / d_in) as f32 * 3.0;
                 }
-                for (v, &u) in row[n * d_in..].iter_mut().zip(&outputs[c]) {
-                    *v += a * u;
+                for (i, (v, &u)) in row[n * d_in..].iter_mut().zip(&outputs[c]).enumerate() {
+                    *v += a * u / (1 + i / d_out) as f32 * 0.2;
                 }
             }
         }
@@ -886,7 +954,15 @@ mod tests {
             );
             assert!((end.l0[l] - 4.0).abs() < 0.5, "{end:?}");
         }
-        assert!(end.lr < config.lr * 1.0001);
+        // Calibrated on held-out rows, the JumpReLUs fire about k features a token.
+        trainer.calibrate([toy_rows(&config, 256, 5000).as_slice()]);
+        for (l, l0) in trainer
+            .firing(&toy_rows(&config, 256, 6000))
+            .iter()
+            .enumerate()
+        {
+            assert!((3.0..=5.0).contains(l0), "layer {l}: {l0}");
+        }
     }
 
     /// The saved tensors, read back, compute what the trainer predicts: the scales are folded
@@ -1066,7 +1142,7 @@ mod tests {
     fn bad_settings_are_refused_by_name() {
         let config = CltConfig::new(2, 4, 4, 8, 9);
         let err = CltTrainer::new(config, &[0.0; 16]).err().unwrap();
-        assert!(err.to_string().contains('k'), "{err}");
+        assert!(err.to_string().contains("value for k"), "{err}");
         let mut config = CltConfig::new(2, 4, 4, 8, 2);
         config.total_steps = 0;
         let err = config.validate().unwrap_err().to_string();
