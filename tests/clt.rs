@@ -348,7 +348,7 @@ fn bad_clt_settings_are_refused_by_name() {
     fails_naming(&with(&["--tokens", "256", "--k", "0"]), "value for k");
     fails_naming(
         &with(&["--tokens", "256", "--output-hook", "hook_resid_post"]),
-        "--output-hook hook_resid_post",
+        "hook_resid_mid → hook_resid_post",
     );
     fails_naming(&with(&["--tokens", "0"]), "tokens");
     fails_naming(&with(&["--input-hook", "hook_nonsense"]), "hook_nonsense");

@@ -892,17 +892,19 @@ fn the_circuits_panel_traces_a_prompt_and_walks_from_the_logit_to_its_inputs() {
     wait_for(&mut h, "the refusal to replace it", |h| {
         has_message(h, &["already exists"]) && !h.state().busy()
     });
-    // Ablating it: the logits before and after are the library's intervention's.
-    h.get_by_label("Ablate").click();
-    h.run_steps(2);
-    wait_for(&mut h, "the intervention", |h| !h.state().busy());
+    // Ablating it: the logits before and after are the library's intervention's. (Waited
+    // for by the row itself: an ended job is no longer busy a frame before its result shows.)
     let change = FeatureChange {
         feature: i,
         value: 0.0,
     };
     let result = intervene(&model, &transcoders, &graph, &[change], 8).unwrap();
     let row = format!("{:.3} → {:.3}", result.before[0], result.after[0]);
-    assert!(h.query_all_by_label(&row).next().is_some(), "{row}");
+    h.get_by_label("Ablate").click();
+    h.run_steps(2);
+    wait_for(&mut h, "the intervention's row", |h| {
+        h.query_all_by_label(&row).next().is_some() && !h.state().busy()
+    });
     // A supernode of the logit's two strongest kept feature inputs: its summed effect on each
     // logit is the library's, its ablation sets both to zero, and the saved graph carries it.
     let features: Vec<usize> = graph
@@ -1185,6 +1187,40 @@ fn a_transcoder_trains_from_the_form_and_opens_at_its_hooks() {
         serde_json::from_slice(&std::fs::read(out.join("cfg.json")).unwrap()).unwrap();
     assert_eq!(cfg["metadata"]["hook_name"], "blocks.4.mlp.hook_in");
     assert_eq!(cfg["metadata"]["hook_name_out"], "blocks.4.hook_mlp_out");
+}
+
+/// "a cross-layer transcoder" trains a CLT over every layer from the form; it opens in Circuits,
+/// which traces its prompt through it: the active features are the library's through the saved
+/// folder.
+#[test]
+fn a_cross_layer_transcoder_trains_from_the_form_and_is_traced_in_circuits() {
+    use monoscope::attribution_graph::{GraphSettings, load_each};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clt");
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Train");
+    h.get_by_label("a cross-layer transcoder").click();
+    h.step();
+    replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    replace_text(&mut h, "Tokens", "8192");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the graph through the CLT", |h| {
+        h.state().current == PanelKind::Circuits
+            && has_label(h, "Selected: logit")
+            && !h.state().busy()
+    });
+    assert!(has_message(&h, &["cross-layer transcoder written to"]));
+    let model = h.state().workbench.model.clone().unwrap();
+    let transcoders = load_each(std::slice::from_ref(&out), &model).unwrap();
+    assert_eq!(transcoders.len(), model.dims().n_layers);
+    let ids = model.encode_prompt("The capital of Japan is").unwrap();
+    let graph = common::attribution_graph(&model, &transcoders, &ids, &GraphSettings::default());
+    let shown = format!("{} active features over", graph.active_features.len());
+    assert!(has_label(&h, &shown), "{shown}");
 }
 
 #[test]

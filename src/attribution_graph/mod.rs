@@ -276,6 +276,49 @@ pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>
     Ok(out)
 }
 
+/// The hooks a cross-layer transcoder reads and writes in every layer: `input` and `output`
+/// named within a block (`hook_resid_mid` → `blocks.L.hook_resid_mid`). An error unless each
+/// layer's pair is one that can stand in for its MLP in an attribution graph (see
+/// [`site_layer`]), so that a CLT is not trained only to be refused afterwards.
+pub fn cross_layer_sites(
+    model: &Model,
+    input: &str,
+    output: &str,
+) -> Result<(Vec<HookPoint>, Vec<HookPoint>)> {
+    let block_hook = |layer: usize, within: &str| -> Result<HookPoint> {
+        let name = format!("blocks.{layer}.{within}");
+        let points = model.resolve_hooks(&[name.as_str()])?;
+        match points[..] {
+            [point] => Ok(point),
+            _ => Err(Error::InvalidArgument {
+                what: "hook within a block",
+                value: within.into(),
+                message: format!("{name} names {} hook points, not one", points.len()),
+            }),
+        }
+    };
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    for layer in 0..model.dims().n_layers {
+        let site = SaeSite {
+            input: block_hook(layer, input)?,
+            output: block_hook(layer, output)?,
+        };
+        if site_layer(&site).ok() != Some(layer) {
+            return Err(Error::InvalidArgument {
+                what: "cross-layer transcoder hooks",
+                value: format!("{input} → {output}"),
+                message: "each layer must read a hook of its block before the MLP \
+                          (hook_resid_mid, ln2.hook_normalized, mlp.hook_in) and write that \
+                          block's hook_mlp_out"
+                    .into(),
+            });
+        }
+        inputs.push(site.input);
+        outputs.push(site.output);
+    }
+    Ok((inputs, outputs))
+}
+
 /// `transcoders` by the layer whose MLP each replaces, converted to the model's dtype and
 /// device; an error unless each fits the model (its hooks' widths, the later layers it writes)
 /// and no two replace the same layer.

@@ -12,10 +12,9 @@ use serde::Serialize;
 use super::sae::CorpusArgs;
 use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
 use crate::attribution_graph::fidelity::{FidelityReport, score};
-use crate::attribution_graph::{LayerTranscoder, load_each, site_layer, transcoder_dirs};
-use crate::model::{HookPoint, Model};
-use crate::sae::SaeSite;
-use crate::sae::clt::{CltConfig, CltStepMetrics, train};
+use crate::attribution_graph::{LayerTranscoder, cross_layer_sites, load_each, transcoder_dirs};
+use crate::model::Model;
+use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, train};
 use crate::sae::run::SaveDtype;
 
 #[derive(Subcommand)]
@@ -114,16 +113,6 @@ pub fn run(command: &CltCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Layer `layer`'s hook named `within` a block (`hook_resid_mid` → `blocks.L.hook_resid_mid`).
-fn block_hook(model: &Model, layer: usize, within: &str) -> anyhow::Result<HookPoint> {
-    let name = format!("blocks.{layer}.{within}");
-    let points = model.resolve_hooks(&[name.as_str()])?;
-    match points[..] {
-        [point] => Ok(point),
-        _ => anyhow::bail!("{name} names {} hook points, not one", points.len()),
-    }
-}
-
 #[derive(Serialize)]
 struct TrainReport<'a> {
     out: &'a std::path::Path,
@@ -144,31 +133,15 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     }
     let model = args.model.load()?;
     let n_layers = model.dims().n_layers;
-    let inputs = (0..n_layers)
-        .map(|l| block_hook(&model, l, &args.input_hook))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let outputs = (0..n_layers)
-        .map(|l| block_hook(&model, l, &args.output_hook))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Refused now rather than after training: each layer's pair must be one an attribution
-    // graph can stand in for an MLP with.
-    for (layer, (&input, &output)) in inputs.iter().zip(&outputs).enumerate() {
-        let site = SaeSite { input, output };
-        if site_layer(&site).ok() != Some(layer) {
-            anyhow::bail!(
-                "--input-hook {} → --output-hook {}: a cross-layer transcoder's layer reads a \
-                 hook of its block before the MLP (hook_resid_mid, ln2.hook_normalized, \
-                 mlp.hook_in) and writes that block's hook_mlp_out",
-                args.input_hook,
-                args.output_hook
-            );
-        }
-    }
-    let columns: Vec<HookPoint> = inputs[1..].iter().chain(&outputs).copied().collect();
-    let mut source = args
-        .corpus
-        .source(&model, &inputs[0].to_string())?
-        .with_columns(&columns)?;
+    let (inputs, outputs) = cross_layer_sites(&model, &args.input_hook, &args.output_hook)?;
+    let corpus = args.corpus.corpus()?;
+    let mut source = activation_source(
+        &model,
+        corpus,
+        args.corpus.windows(&model),
+        &inputs,
+        &outputs,
+    )?;
     let d_in = source.hook_width();
     let d_out = model.hook_width(outputs[0])?;
     let features = match args.features {

@@ -89,21 +89,30 @@ impl CorpusArgs {
         }
     }
 
-    pub(super) fn source<'m>(
-        &self,
-        model: &'m crate::model::Model,
-        hook: &str,
-    ) -> anyhow::Result<ActivationSource<'m>> {
-        let corpus = self.corpus()?;
-        let settings = WindowSettings {
+    /// The windows activations are read in.
+    pub(super) fn windows(&self, model: &crate::model::Model) -> WindowSettings {
+        WindowSettings {
             context_size: self
                 .context_size
                 .unwrap_or(128.min(model.dims().context_length)),
             prepend_bos: !self.no_bos,
             exclude_special: !self.include_special,
             windows_per_forward: self.windows_per_forward,
-        };
-        Ok(ActivationSource::new(model, corpus, hook, settings)?)
+        }
+    }
+
+    pub(super) fn source<'m>(
+        &self,
+        model: &'m crate::model::Model,
+        hook: &str,
+    ) -> anyhow::Result<ActivationSource<'m>> {
+        let corpus = self.corpus()?;
+        Ok(ActivationSource::new(
+            model,
+            corpus,
+            hook,
+            self.windows(model),
+        )?)
     }
 }
 

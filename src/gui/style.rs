@@ -142,6 +142,11 @@ pub mod explain {
         (Dunefsky et al. 2024) reads one hook and predicts a later one — usually an MLP's \
         input and its output — so its features stand in for the MLP's computation; its FVU \
         is against the hook it predicts.";
+    pub const CROSS_LAYER: &str = "A cross-layer transcoder (CLT) has features in every layer: \
+        each reads its layer's residual stream (hook_resid_mid) and writes its own MLP's output \
+        and every later MLP's, so one feature can stand for what several MLPs compute. \
+        Attribution graphs through a CLT need fewer features than through one transcoder per \
+        layer. Saved in circuit-tracer's format; the Circuits panel traces through it.";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
         layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
         whole MLP output in error nodes.";

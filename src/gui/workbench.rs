@@ -76,6 +76,8 @@ pub enum PanelRequest {
     Feature(u32),
     /// Start this panel's main action (the screenshot tour's demo).
     Start(PanelKind),
+    /// Trace the Circuits panel's prompt through the transcoders in this folder.
+    Trace(PathBuf),
     /// Show head `layer.head`'s attention pattern on `prompt`.
     Pattern {
         prompt: String,

@@ -850,6 +850,25 @@ impl CltTrainer {
     }
 }
 
+/// The rows a CLT trains on: every layer's `inputs[l]`, then every layer's `outputs[l]`, at the
+/// same positions of `corpus`'s windows.
+pub fn activation_source<'m>(
+    model: &'m crate::model::Model,
+    corpus: super::activations::Corpus,
+    settings: super::activations::WindowSettings,
+    inputs: &[crate::model::HookPoint],
+    outputs: &[crate::model::HookPoint],
+) -> Result<super::activations::ActivationSource<'m>> {
+    let (first, rest) = inputs.split_first().ok_or_else(|| Error::InvalidArgument {
+        what: "cross-layer transcoder hooks",
+        value: "none".into(),
+        message: "needs one input hook per layer".into(),
+    })?;
+    let columns: Vec<_> = rest.iter().chain(outputs).copied().collect();
+    super::activations::ActivationSource::new(model, corpus, &first.to_string(), settings)?
+        .with_columns(&columns)
+}
+
 /// Trains `config` on rows from `source` (each layer's input, then each layer's target, as
 /// [`super::activations::ActivationSource::with_columns`] reads them), shuffled through a
 /// mixing buffer of `buffer_rows` rows; `on_step` after every step. Returns the trainer and

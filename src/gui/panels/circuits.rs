@@ -547,8 +547,18 @@ impl Panel for Circuits {
             self.looks = FeatureLooks::default();
             self.selected = None;
         }
+        // Transcoders just trained in the Train panel.
+        let mut traced = false;
+        wb.requests.retain(|r| match r {
+            PanelRequest::Trace(dir) => {
+                self.transcoders = dir.display().to_string();
+                traced = true;
+                false
+            }
+            _ => true,
+        });
         let on_bundled = crate::cli::is_bundled_model(&wb.model_dir);
-        let asked = self.form(ui, &model, on_bundled);
+        let asked = self.form(ui, &model, on_bundled) || traced;
         let dir = self.transcoders_dir(wb);
         if let Some(dir) = &dir
             && (asked || self.reader.asked_mut().is_none())

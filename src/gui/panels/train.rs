@@ -1,6 +1,8 @@
 //! Train: capture a hook's activations over a corpus and train an SAE on them (or a
 //! transcoder, which predicts a later hook from them), with live curves of loss, L0, FVU, dead
 //! latents and throughput; pause, cancel (a checkpoint stays), and open the result in Features.
+//! Or train a cross-layer transcoder over every layer (cancel saves what was learnt) and trace
+//! through it in Circuits.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,19 +10,32 @@ use std::sync::Arc;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 use super::{Panel, PanelKind, need_model, running, take};
+use crate::attribution_graph::cross_layer_sites;
 use crate::gui::style::explain;
 use crate::gui::widgets::{folder_field, job_row};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
 use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
+use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, train as clt_train};
 use crate::sae::run::{RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run};
 use crate::sae::saelens::SaeMetadata;
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
 
+/// What the form trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coder {
+    /// An SAE on one hook, or a transcoder from one hook to a later one.
+    Single,
+    /// A cross-layer transcoder: every layer's MLP, each layer's features writing it and every
+    /// later one.
+    CrossLayer,
+}
+
 /// The training form.
 #[derive(Clone, Debug)]
 pub struct TrainForm {
+    pub coder: Coder,
     pub hook: String,
     /// The hook a transcoder predicts; empty for an SAE, which reconstructs `hook`.
     pub hook_out: String,
@@ -40,6 +55,7 @@ pub struct TrainForm {
 impl Default for TrainForm {
     fn default() -> Self {
         Self {
+            coder: Coder::Single,
             hook: "blocks.4.mlp.hook_post".into(),
             hook_out: String::new(),
             skip: false,
@@ -59,6 +75,9 @@ impl Default for TrainForm {
 enum Ended {
     Finished(PathBuf),
     Cancelled(u64),
+    /// A cross-layer transcoder saved into the folder: after every step, or (`false`) when
+    /// cancelled.
+    CrossLayer(PathBuf, bool),
 }
 
 #[derive(Default)]
@@ -91,6 +110,18 @@ impl Panel for Train {
                 }
                 Ended::Cancelled(step) => wb.info(format!(
                     "training stopped at step {step}; a checkpoint is in the output folder"
+                )),
+                Ended::CrossLayer(dir, true) => {
+                    wb.info(format!(
+                        "cross-layer transcoder written to {}",
+                        dir.display()
+                    ));
+                    wb.requests.push(PanelRequest::Trace(dir));
+                    wb.goto = Some(PanelKind::Circuits);
+                }
+                Ended::CrossLayer(dir, false) => wb.info(format!(
+                    "training stopped; the cross-layer transcoder learnt so far is in {}",
+                    dir.display()
                 )),
             }
         }
@@ -134,6 +165,16 @@ impl Panel for Train {
 impl Train {
     fn form_ui(&mut self, ui: &mut egui::Ui, model: &Model) {
         let f = &mut self.form;
+        ui.horizontal(|ui| {
+            ui.label("Train");
+            ui.radio_value(&mut f.coder, Coder::Single, "an SAE or a transcoder");
+            ui.radio_value(&mut f.coder, Coder::CrossLayer, "a cross-layer transcoder")
+                .on_hover_text(explain::CROSS_LAYER);
+        });
+        if f.coder == Coder::CrossLayer {
+            cross_layer_form(ui, f, model);
+            return;
+        }
         egui::Grid::new("train-form").num_columns(2).show(ui, |ui| {
             ui.label("Hook");
             egui::ComboBox::from_id_salt("hook")
@@ -211,15 +252,18 @@ impl Train {
     }
 
     pub fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
-        let what = if self.form.hook_out.is_empty() {
-            "train SAE"
-        } else {
-            "train transcoder"
-        };
         let model = model.clone();
         let form = self.form.clone();
         self.last_series = None;
-        self.job = Some(wb.spawn(what, move |job| train(&model, &form, job)));
+        self.job = Some(match form.coder {
+            Coder::CrossLayer => wb.spawn("train CLT", move |job| {
+                train_cross_layer(&model, &form, job)
+            }),
+            Coder::Single if form.hook_out.is_empty() => {
+                wb.spawn("train SAE", move |job| train(&model, &form, job))
+            }
+            Coder::Single => wb.spawn("train transcoder", move |job| train(&model, &form, job)),
+        });
     }
 }
 
@@ -309,6 +353,124 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         RunOutcome::Finished(_) => Ended::Finished(out),
         RunOutcome::Cancelled { step } => Ended::Cancelled(step),
     })
+}
+
+/// The cross-layer transcoder's settings: features per layer (expansion × the model's width),
+/// k, tokens, batch, learning rate, corpus and folder.
+fn cross_layer_form(ui: &mut egui::Ui, f: &mut TrainForm, model: &Model) {
+    egui::Grid::new("clt-form").num_columns(2).show(ui, |ui| {
+        ui.label("Reads → writes")
+            .on_hover_text(explain::CROSS_LAYER);
+        ui.label("blocks.L.hook_resid_mid → blocks.L.hook_mlp_out and every later layer's");
+        ui.end_row();
+        ui.label("k")
+            .on_hover_text("features firing per token and layer (BatchTopK)");
+        ui.add(egui::DragValue::new(&mut f.k).range(1..=1024));
+        ui.end_row();
+        ui.label("Expansion").on_hover_text(format!(
+            "features per layer = expansion × d_model ({})",
+            model.dims().d_model
+        ));
+        ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
+        ui.end_row();
+        let label = ui.label("Tokens");
+        ui.add(
+            egui::DragValue::new(&mut f.tokens)
+                .range(1_000..=1_000_000_000)
+                .speed(10_000),
+        )
+        .labelled_by(label.id);
+        ui.end_row();
+        ui.label("Batch size");
+        ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
+        ui.end_row();
+        ui.label("Learning rate");
+        ui.add(
+            egui::DragValue::new(&mut f.lr)
+                .speed(1e-5)
+                .range(1e-6..=1e-1),
+        );
+        ui.end_row();
+        ui.label("Corpus").on_hover_text(
+            "world (the bundled generated corpus), or a .txt / .jsonl / .parquet file",
+        );
+        ui.text_edit_singleline(&mut f.corpus);
+        ui.end_row();
+        let label = ui.label("Output folder");
+        ui.horizontal(|ui| {
+            folder_field(ui, &mut f.out, "Folder for the cross-layer transcoder")
+                .labelled_by(label.id);
+        });
+        ui.end_row();
+    });
+}
+
+/// Trains a cross-layer transcoder as `monoscope clt train` does, and saves it (also when
+/// cancelled: a CLT has no checkpoint to resume, so what was learnt is kept).
+fn train_cross_layer(
+    model: &Model,
+    f: &TrainForm,
+    job: &crate::jobs::JobHandle,
+) -> anyhow::Result<Ended> {
+    let out = PathBuf::from(f.out.trim());
+    if out.as_os_str().is_empty() {
+        anyhow::bail!("choose an output folder");
+    }
+    if std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_some()) {
+        anyhow::bail!(
+            "{} already exists and is not empty; choose a new folder",
+            out.display()
+        );
+    }
+    let (input, output) = ("hook_resid_mid", "hook_mlp_out");
+    let (inputs, outputs) = cross_layer_sites(model, input, output)?;
+    job.set_message("filling the activation buffer");
+    let settings = WindowSettings {
+        context_size: 128.min(model.dims().context_length),
+        prepend_bos: true,
+        exclude_special: true,
+        windows_per_forward: 32,
+    };
+    let corpus = Corpus::parse(f.corpus.trim(), "text")?;
+    let mut source = activation_source(model, corpus, settings, &inputs, &outputs)?;
+    let (n, d) = (model.dims().n_layers, source.hook_width());
+    let d_out = model.hook_width(outputs[0])?;
+    let mut config = CltConfig::new(n, d, d_out, f.expansion * d, f.k);
+    config.batch_size = f.batch_size;
+    config.total_steps = f.tokens.div_ceil(f.batch_size.max(1) as u64);
+    config.lr = f64::from(f.lr);
+    config.warmup_steps = config.warmup_steps.min(config.total_steps / 10);
+    config.decay_steps = config.total_steps / 5;
+    config.dead_after_tokens = f.tokens.min(1_000_000) / 5;
+    let total = config.total_steps;
+    let started = std::time::Instant::now();
+    // A row holds every layer's input and output: 16 batches of them could take gigabytes, so
+    // the mixing buffer is capped at 256 MB (but holds at least two batches).
+    let row_bytes = 4 * config.row_width();
+    let buffer_rows = (16 * f.batch_size).min((256 << 20) / row_bytes.max(1));
+    let (trainer, finished) = clt_train(
+        &mut source,
+        config,
+        buffer_rows.max(2 * f.batch_size),
+        job.cancel_flag(),
+        |m| {
+            job.wait_while_paused();
+            job.set_progress(m.step, total, "steps");
+            job.set_message(format!("step {} of {total}", m.step));
+            if m.step % 2 == 0 || m.step == total {
+                let x = m.tokens as f64;
+                job.record("loss", x, m.loss);
+                job.record("L0", x, CltStepMetrics::mean(&m.l0));
+                job.record("FVU", x, CltStepMetrics::mean(&m.fvu));
+                job.record("dead %", x, 100.0 * CltStepMetrics::mean(&m.dead_fraction));
+                let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                job.record("tokens/s", x, rate);
+            }
+        },
+    )?;
+    job.set_message("saving");
+    trainer.save(&out, candle_core::DType::F32, (input, output), &[])?;
+    Ok(Ended::CrossLayer(out, finished))
 }
 
 /// What the coder predicts: the hook it reads (an SAE), or a later hook (a transcoder), with a
