@@ -164,13 +164,7 @@ pub fn score(
     let mut done = 0;
     while done < windows {
         let n = per_batch.min(windows - done);
-        let ids = source.next_windows(n)?;
-        let ids_tensor = Tensor::from_vec(ids.clone(), (n, ctx), &model.device)?;
-        let keep: Vec<f32> = ids
-            .iter()
-            .map(|id| f32::from(u8::from(!source.is_excluded(*id))))
-            .collect();
-        let keep = Tensor::from_vec(keep, (n, ctx, 1), &model.device)?;
+        let (ids_tensor, keep) = source.next_window_batch(n)?;
         tokens += keep.sum_all()?.to_scalar::<f32>()? as usize;
 
         // Open loop: every prediction from the clean run's inputs.

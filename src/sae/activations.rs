@@ -557,6 +557,23 @@ impl<'m> ActivationSource<'m> {
         Ok(ids)
     }
 
+    /// The next `n` windows for an evaluation on `model`'s device: their ids, as a `[n,
+    /// context]` tensor, and a `[n, context, 1]` f32 mask of the positions kept (1) and left out
+    /// as special tokens (0).
+    pub fn next_window_batch(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        let ids = self.next_windows(n)?;
+        let ctx = self.settings.context_size;
+        let device = &self.model.device;
+        let keep: Vec<f32> = ids
+            .iter()
+            .map(|&id| f32::from(u8::from(!self.is_excluded(id))))
+            .collect();
+        Ok((
+            Tensor::from_vec(ids, (n, ctx), device)?,
+            Tensor::from_vec(keep, (n, ctx, 1), device)?,
+        ))
+    }
+
     /// Keeps every chunk in (and reads chunks back from) a sharded cache in `dir`.
     pub fn with_cache(mut self, dir: &Path, dtype: DType) -> Result<Self> {
         // Contents, not paths: a model rebuilt or a corpus edited in place must not be read

@@ -152,18 +152,9 @@ impl CltConfig {
 
     /// Learning rate at `step`: linear warm-up, constant, then a linear fall to zero.
     fn lr_at(&self, step: u64) -> f64 {
-        let warm = if self.warmup_steps > 0 {
-            ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
-        } else {
-            1.0
-        };
-        let left = self.total_steps.saturating_sub(step);
-        let decay = if self.decay_steps > 0 && left < self.decay_steps {
-            left as f64 / self.decay_steps as f64
-        } else {
-            1.0
-        };
-        self.lr * warm * decay
+        let factor =
+            super::train::lr_schedule(step, self.warmup_steps, self.decay_steps, self.total_steps);
+        self.lr * f64::from(factor)
     }
 }
 

@@ -155,14 +155,8 @@ pub fn evaluate(
     let mut done = 0;
     while done < settings.windows {
         let n = per_batch.min(settings.windows - done);
-        let ids = source.next_windows(n)?;
-        let ids_tensor = Tensor::from_vec(ids.clone(), (n, ctx), &model.device)?;
         // Which positions the SAE covers (special tokens are left alone, as in training).
-        let keep: Vec<f32> = ids
-            .iter()
-            .map(|id| f32::from(u8::from(!source.is_excluded(*id))))
-            .collect();
-        let keep = Tensor::from_vec(keep, (n, ctx, 1), &model.device)?;
+        let (ids_tensor, keep) = source.next_window_batch(n)?;
 
         let clean = model.forward(&ids_tensor, &Hooks::new().capture([input, output]))?;
         let x_in = clean.cache.require(input)?.to_dtype(DType::F32)?;

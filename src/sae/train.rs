@@ -379,18 +379,7 @@ impl TrainConfig {
 
     /// Learning rate at `step` (0-based).
     pub fn lr_at(&self, step: u64) -> f32 {
-        let warm = if self.warmup_steps > 0 {
-            ((step + 1) as f32 / self.warmup_steps as f32).min(1.0)
-        } else {
-            1.0
-        };
-        let left = self.total_steps.saturating_sub(step);
-        let decay = if self.decay_steps > 0 && left < self.decay_steps {
-            left as f32 / self.decay_steps as f32
-        } else {
-            1.0
-        };
-        self.lr * warm * decay
+        self.lr * lr_schedule(step, self.warmup_steps, self.decay_steps, self.total_steps)
     }
 
     pub(crate) fn penalty_scale(&self, step: u64) -> f32 {
@@ -1148,6 +1137,23 @@ impl SaeTrainer {
         trainer.batch_threshold = counters.batch_threshold;
         Ok(trainer)
     }
+}
+
+/// The learning rate's factor at `step` of `total`: a linear warm-up over `warmup` steps, 1,
+/// then a linear fall to zero over the last `decay` steps.
+pub fn lr_schedule(step: u64, warmup: u64, decay: u64, total: u64) -> f32 {
+    let warm = if warmup > 0 {
+        ((step + 1) as f32 / warmup as f32).min(1.0)
+    } else {
+        1.0
+    };
+    let left = total.saturating_sub(step);
+    let fall = if decay > 0 && left < decay {
+        left as f32 / decay as f32
+    } else {
+        1.0
+    };
+    warm * fall
 }
 
 /// A transcoder's batch `[rows, d_in + d_out]` as its inputs `[rows, d_in]` and targets

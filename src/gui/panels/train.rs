@@ -216,38 +216,12 @@ impl Train {
                 }
             }
             ui.end_row();
-            ui.label("Expansion")
-                .on_hover_text("d_sae = expansion × d_in");
-            ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
-            ui.end_row();
-            let label = ui.label("Tokens");
-            ui.add(
-                egui::DragValue::new(&mut f.tokens)
-                    .range(1_000..=1_000_000_000)
-                    .speed(10_000),
-            )
-            .labelled_by(label.id);
-            ui.end_row();
-            ui.label("Batch size");
-            ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
-            ui.end_row();
-            ui.label("Learning rate");
-            ui.add(
-                egui::DragValue::new(&mut f.lr)
-                    .speed(1e-5)
-                    .range(1e-6..=1e-1),
+            run_rows(
+                ui,
+                f,
+                "d_sae = expansion × d_in".into(),
+                "Folder for the SAE",
             );
-            ui.end_row();
-            ui.label("Corpus").on_hover_text(
-                "world (the bundled generated corpus), or a .txt / .jsonl / .parquet file",
-            );
-            ui.text_edit_singleline(&mut f.corpus);
-            ui.end_row();
-            let label = ui.label("Output folder");
-            ui.horizontal(|ui| {
-                folder_field(ui, &mut f.out, "Folder for the SAE").labelled_by(label.id);
-            });
-            ui.end_row();
         });
     }
 
@@ -335,18 +309,8 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         &out,
         RunControl::new(job.cancel_flag()).on(StepEngine::for_run(&model.device, &settings.train)),
         |m| {
-            job.wait_while_paused();
-            job.set_progress(m.step, total, "steps");
-            job.set_message(format!("step {} of {total}", m.step));
-            if m.step % 2 == 0 || m.step == total {
-                let x = m.tokens as f64;
-                job.record("loss", x, m.loss);
-                job.record("L0", x, m.l0);
-                job.record("FVU", x, m.fvu);
-                job.record("dead %", x, 100.0 * m.dead_fraction);
-                let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                job.record("tokens/s", x, rate);
-            }
+            let curves = [m.loss, m.l0, m.fvu, 100.0 * m.dead_fraction];
+            report_step(job, started, (m.step, total, m.tokens), curves);
         },
     )?;
     Ok(match outcome {
@@ -367,42 +331,47 @@ fn cross_layer_form(ui: &mut egui::Ui, f: &mut TrainForm, model: &Model) {
             .on_hover_text("features firing per token and layer (BatchTopK)");
         ui.add(egui::DragValue::new(&mut f.k).range(1..=1024));
         ui.end_row();
-        ui.label("Expansion").on_hover_text(format!(
+        let tip = format!(
             "features per layer = expansion × d_model ({})",
             model.dims().d_model
-        ));
-        ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
-        ui.end_row();
-        let label = ui.label("Tokens");
-        ui.add(
-            egui::DragValue::new(&mut f.tokens)
-                .range(1_000..=1_000_000_000)
-                .speed(10_000),
-        )
-        .labelled_by(label.id);
-        ui.end_row();
-        ui.label("Batch size");
-        ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
-        ui.end_row();
-        ui.label("Learning rate");
-        ui.add(
-            egui::DragValue::new(&mut f.lr)
-                .speed(1e-5)
-                .range(1e-6..=1e-1),
         );
-        ui.end_row();
-        ui.label("Corpus").on_hover_text(
-            "world (the bundled generated corpus), or a .txt / .jsonl / .parquet file",
-        );
-        ui.text_edit_singleline(&mut f.corpus);
-        ui.end_row();
-        let label = ui.label("Output folder");
-        ui.horizontal(|ui| {
-            folder_field(ui, &mut f.out, "Folder for the cross-layer transcoder")
-                .labelled_by(label.id);
-        });
-        ui.end_row();
+        run_rows(ui, f, tip, "Folder for the cross-layer transcoder");
     });
+}
+
+/// The form rows every kind of training shares, from the expansion (`expansion_tip` says what
+/// it multiplies) to the output folder (`folder_title`: the file dialog's title).
+fn run_rows(ui: &mut egui::Ui, f: &mut TrainForm, expansion_tip: String, folder_title: &str) {
+    ui.label("Expansion").on_hover_text(expansion_tip);
+    ui.add(egui::DragValue::new(&mut f.expansion).range(1..=128));
+    ui.end_row();
+    let label = ui.label("Tokens");
+    ui.add(
+        egui::DragValue::new(&mut f.tokens)
+            .range(1_000..=1_000_000_000)
+            .speed(10_000),
+    )
+    .labelled_by(label.id);
+    ui.end_row();
+    ui.label("Batch size");
+    ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
+    ui.end_row();
+    ui.label("Learning rate");
+    ui.add(
+        egui::DragValue::new(&mut f.lr)
+            .speed(1e-5)
+            .range(1e-6..=1e-1),
+    );
+    ui.end_row();
+    ui.label("Corpus")
+        .on_hover_text("world (the bundled generated corpus), or a .txt / .jsonl / .parquet file");
+    ui.text_edit_singleline(&mut f.corpus);
+    ui.end_row();
+    let label = ui.label("Output folder");
+    ui.horizontal(|ui| {
+        folder_field(ui, &mut f.out, folder_title).labelled_by(label.id);
+    });
+    ui.end_row();
 }
 
 /// Trains a cross-layer transcoder as `monoscope clt train` does, and saves it (also when
@@ -454,23 +423,40 @@ fn train_cross_layer(
         buffer_rows.max(2 * f.batch_size),
         job.cancel_flag(),
         |m| {
-            job.wait_while_paused();
-            job.set_progress(m.step, total, "steps");
-            job.set_message(format!("step {} of {total}", m.step));
-            if m.step % 2 == 0 || m.step == total {
-                let x = m.tokens as f64;
-                job.record("loss", x, m.loss);
-                job.record("L0", x, CltStepMetrics::mean(&m.l0));
-                job.record("FVU", x, CltStepMetrics::mean(&m.fvu));
-                job.record("dead %", x, 100.0 * CltStepMetrics::mean(&m.dead_fraction));
-                let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                job.record("tokens/s", x, rate);
-            }
+            let curves = [
+                m.loss,
+                CltStepMetrics::mean(&m.l0),
+                CltStepMetrics::mean(&m.fvu),
+                100.0 * CltStepMetrics::mean(&m.dead_fraction),
+            ];
+            report_step(job, started, (m.step, total, m.tokens), curves);
         },
     )?;
     job.set_message("saving");
     trainer.save(&out, candle_core::DType::F32, (input, output), &[])?;
     Ok(Ended::CrossLayer(out, finished))
+}
+
+/// Reports step `step` of `total` (`tokens` trained on) to the job, waiting while it is paused,
+/// and every other step the curves [`charts`] draws: loss, L0, FVU and dead %, then tokens/s.
+fn report_step(
+    job: &crate::jobs::JobHandle,
+    started: std::time::Instant,
+    (step, total, tokens): (u64, u64, u64),
+    [loss, l0, fvu, dead_percent]: [f64; 4],
+) {
+    job.wait_while_paused();
+    job.set_progress(step, total, "steps");
+    job.set_message(format!("step {step} of {total}"));
+    if step % 2 == 0 || step == total {
+        let x = tokens as f64;
+        job.record("loss", x, loss);
+        job.record("L0", x, l0);
+        job.record("FVU", x, fvu);
+        job.record("dead %", x, dead_percent);
+        let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        job.record("tokens/s", x, rate);
+    }
 }
 
 /// What the coder predicts: the hook it reads (an SAE), or a later hook (a transcoder), with a
