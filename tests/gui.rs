@@ -1208,12 +1208,15 @@ fn a_cross_layer_transcoder_trains_from_the_form_and_is_traced_in_circuits() {
     h.key_press(egui::Key::Enter);
     h.step();
     h.get_by_label("Start training").click();
+    // (Checked as it shows: messages fade after a few seconds.)
+    wait_for(&mut h, "the saved CLT", |h| {
+        has_message(h, &["cross-layer transcoder written to"])
+    });
     wait_for(&mut h, "the graph through the CLT", |h| {
         h.state().current == PanelKind::Circuits
             && has_label(h, "Selected: logit")
             && !h.state().busy()
     });
-    assert!(has_message(&h, &["cross-layer transcoder written to"]));
     let model = h.state().workbench.model.clone().unwrap();
     let transcoders = load_each(std::slice::from_ref(&out), &model).unwrap();
     assert_eq!(transcoders.len(), model.dims().n_layers);
