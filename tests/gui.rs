@@ -1226,6 +1226,44 @@ fn a_cross_layer_transcoder_trains_from_the_form_and_is_traced_in_circuits() {
     assert!(has_label(&h, &shown), "{shown}");
 }
 
+/// "Score the replacement model" scores the graph's transcoders on held-out text: the line
+/// shown is the library's score with the panel's settings (world:1, 16 windows of 64 tokens).
+#[test]
+fn the_circuits_panel_scores_its_replacement_model() {
+    use monoscope::attribution_graph::fidelity::score;
+    use monoscope::attribution_graph::load_transcoders;
+    use monoscope::sae::activations::{ActivationSource, Corpus, WindowSettings};
+
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Circuits");
+    wait_for(&mut h, "the graph", |h| {
+        has_label(h, "Selected: logit") && !h.state().busy()
+    });
+    h.get_by_label("Score the replacement model").click();
+    let model = h.state().workbench.model.clone().unwrap();
+    let transcoders =
+        load_transcoders(&[monoscope::cli::bundled_transcoders_dir()], &model).unwrap();
+    let settings = WindowSettings {
+        context_size: 64,
+        windows_per_forward: 8,
+        ..WindowSettings::default()
+    };
+    let mut source = ActivationSource::new(
+        &model,
+        Corpus::parse("world:1", "text").unwrap(),
+        &transcoders[0].site.input.to_string(),
+        settings,
+    )
+    .unwrap();
+    let report = score(&mut source, &transcoders, 16, |_, _| {}).unwrap();
+    let line = format!(
+        "over {} held-out tokens: CE loss recovered {:.3}, KL {:.3}",
+        report.tokens, report.ce_loss_recovered, report.kl_replaced
+    );
+    wait_for(&mut h, "the score", |h| has_label(h, &line));
+}
+
 #[test]
 fn a_tiny_export_writes_parquet_that_reads_back() {
     let dir = tempfile::tempdir().unwrap();

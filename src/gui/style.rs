@@ -147,6 +147,13 @@ pub mod explain {
         and every later MLP's, so one feature can stand for what several MLPs compute. \
         Attribution graphs through a CLT need fewer features than through one transcoder per \
         layer. Saved in circuit-tracer's format; the Circuits panel traces through it.";
+    pub const REPLACEMENT_MODEL: &str = "Runs held-out text (the world corpus generated \
+        with another seed) through the model with every MLP output the transcoders write \
+        replaced by their prediction at once, errors compounding from layer to layer: the \
+        share of the loss that zeroing those outputs costs which the features recover, the KL \
+        from the model's next-token distribution, and how often both pick the same next \
+        token. Hover the result for each layer's FVU and L0 (open loop, from the model's own \
+        inputs).";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
         layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
         whole MLP output in error nodes.";

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use egui::{Color32, Pos2, Rect, Sense, Stroke, pos2, vec2};
 
 use super::{Panel, PanelKind, Reader, need_model, running, take};
+use crate::attribution_graph::fidelity::{FidelityReport, score};
 use crate::attribution_graph::intervene::{FeatureChange, Intervened, intervene};
 use crate::attribution_graph::prune::GraphScores;
 use crate::attribution_graph::prune::Pruned;
@@ -29,7 +30,7 @@ use crate::gui::widgets::{display_token, job_row, prompt_row, token_chips};
 use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::{Job, JobHandle};
 use crate::model::{HookPoint, Model};
-use crate::sae::activations::Corpus;
+use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
 
 /// Height of one row of the graph (the embeddings, a layer, the logits).
 const ROW_HEIGHT: f32 = 40.0;
@@ -156,6 +157,7 @@ pub struct Circuits {
     selected: Option<(u64, usize)>,
     looks: FeatureLooks,
     supernodes: Supernodes,
+    fidelity: Fidelity,
 }
 
 /// Nodes of the shown graph grouped into named supernodes.
@@ -483,6 +485,87 @@ fn set_change(changes: &mut Vec<FeatureChange>, feature: usize, value: f32) {
     changes.push(FeatureChange { feature, value });
 }
 
+/// Held-out text the replacement model is scored on: windows of the world corpus generated
+/// with another seed than the bundled corpus's, `FIDELITY_WINDOWS` of `FIDELITY_CONTEXT` tokens.
+const FIDELITY_CORPUS: &str = "world:1";
+const FIDELITY_WINDOWS: usize = 16;
+const FIDELITY_CONTEXT: usize = 64;
+
+/// Which transcoders (folders), on which model version: what a replacement score is of.
+type FidelityKey = (Vec<PathBuf>, u64);
+
+/// How faithful the graph's transcoders are as a replacement for the MLPs
+/// ([`crate::attribution_graph::fidelity`]), scored on demand on held-out text.
+#[derive(Default)]
+struct Fidelity {
+    job: Option<Job<(FidelityKey, FidelityReport)>>,
+    report: Option<(FidelityKey, FidelityReport)>,
+}
+
+impl Fidelity {
+    fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench, model: &Arc<Model>, circuit: &Circuit) {
+        if let Some(done) = take(&mut self.job, wb) {
+            self.report = Some(done);
+        }
+        let key = (circuit.transcoder_dirs.clone(), wb.model_version);
+        ui.horizontal_wrapped(|ui| {
+            let clicked = ui
+                .add_enabled(
+                    self.job.is_none(),
+                    egui::Button::new("Score the replacement model"),
+                )
+                .on_hover_text(explain::REPLACEMENT_MODEL)
+                .clicked();
+            if clicked {
+                let (model, transcoders, key) =
+                    (model.clone(), circuit.transcoders.clone(), key.clone());
+                self.job = Some(wb.spawn("replacement score", move |job| {
+                    let first = transcoders
+                        .first()
+                        .ok_or_else(|| anyhow::anyhow!("a graph without transcoders"))?;
+                    let settings = WindowSettings {
+                        context_size: FIDELITY_CONTEXT.min(model.dims().context_length),
+                        windows_per_forward: 8,
+                        ..WindowSettings::default()
+                    };
+                    let mut source = ActivationSource::new(
+                        &model,
+                        Corpus::parse(FIDELITY_CORPUS, "text")?,
+                        &first.site.input.to_string(),
+                        settings,
+                    )?;
+                    let report =
+                        score(&mut source, &transcoders, FIDELITY_WINDOWS, |done, all| {
+                            job.set_progress(done as u64, all as u64, "windows")
+                        })?;
+                    Ok((key, report))
+                }));
+            }
+            if let Some(job) = &self.job {
+                job_row(ui, job);
+            }
+            if let Some((of, r)) = &self.report
+                && *of == key
+            {
+                let layers: Vec<String> = r
+                    .layers
+                    .iter()
+                    .map(|l| format!("layer {}: FVU {:.3}, L0 {:.1}", l.layer, l.fvu, l.l0))
+                    .collect();
+                ui.label(format!(
+                    "over {} held-out tokens: CE loss recovered {:.3}, KL {:.3}, top-1 \
+                     agreement {:.1}%",
+                    r.tokens,
+                    r.ce_loss_recovered,
+                    r.kl_replaced,
+                    100.0 * r.top1_agreement
+                ))
+                .on_hover_text(layers.join("\n"));
+            }
+        });
+    }
+}
+
 /// Which transcoder layer's features, on which model version: a key for their top contexts.
 type LayerKey = (PathBuf, u64, usize);
 
@@ -512,6 +595,7 @@ impl Default for Circuits {
             selected: None,
             looks: FeatureLooks::default(),
             supernodes: Supernodes::default(),
+            fidelity: Fidelity::default(),
         }
     }
 }
@@ -526,6 +610,7 @@ impl Panel for Circuits {
             || running(&self.looks.job)
             || self.interventions.reader.busy()
             || running(&self.save.job)
+            || running(&self.fidelity.job)
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
@@ -609,6 +694,7 @@ impl Panel for Circuits {
         summary(ui, circuit);
         let shown = (circuit, &answer.question, self.supernodes.groups.as_slice());
         self.save.ui(ui, wb, &model, shown);
+        self.fidelity.ui(ui, wb, &model, circuit);
         // A long prompt scrolls sideways rather than crowding its tokens. Only then: a scroll
         // area sized by the view it sits in would resize itself from pass to pass.
         let needed = LABEL_WIDTH + circuit.graph.n_positions().max(1) as f32 * MIN_COLUMN_WIDTH;
