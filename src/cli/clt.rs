@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::sae::CorpusArgs;
-use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, show_training_step};
 use crate::attribution_graph::fidelity::{FidelityReport, score};
 use crate::attribution_graph::{LayerTranscoder, cross_layer_sites, load_each, transcoder_dirs};
 use crate::model::Model;
@@ -186,22 +186,13 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
         &CANCEL,
         |m| {
             let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(m.step);
-            let msg = format!(
-                "loss {:.3} FVU {:.4} L0 {:.1} dead {:.1}% {:.0} tok/s",
+            let curves = [
                 m.loss,
-                CltStepMetrics::mean(&m.fvu),
                 CltStepMetrics::mean(&m.l0),
-                100.0 * CltStepMetrics::mean(&m.dead_fraction),
-                rate
-            );
-            if bar.is_hidden() {
-                if m.step % 50 == 0 || m.step == total {
-                    eprintln!("step {}/{total} {msg}", m.step);
-                }
-            } else {
-                bar.set_message(msg);
-            }
+                CltStepMetrics::mean(&m.fvu),
+                CltStepMetrics::mean(&m.dead_fraction),
+            ];
+            show_training_step(&bar, (m.step, total), curves, rate);
             if m.step % 10 == 0 || m.step == total {
                 log.push(m.clone());
             }

@@ -316,6 +316,28 @@ pub fn progress_bar(len: u64, template: &str) -> anyhow::Result<ProgressBar> {
     Ok(bar)
 }
 
+/// Shows a training step on `bar` (or, with the bar hidden as in a pipe, on stderr every 50
+/// steps): step `step` of `total`, then loss, L0, FVU, dead % and tokens/s.
+pub fn show_training_step(
+    bar: &ProgressBar,
+    (step, total): (u64, u64),
+    [loss, l0, fvu, dead_fraction]: [f64; 4],
+    tokens_per_second: f64,
+) {
+    bar.set_position(step);
+    let msg = format!(
+        "loss {loss:.4} L0 {l0:.1} FVU {fvu:.4} dead {:.1}% {tokens_per_second:.0} tok/s",
+        100.0 * dead_fraction
+    );
+    if bar.is_hidden() {
+        if step % 50 == 0 || step == total {
+            eprintln!("step {step}/{total} {msg}");
+        }
+    } else {
+        bar.set_message(msg);
+    }
+}
+
 /// Peak resident memory of this process in bytes (Linux; `None` elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar};
+use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, show_training_step};
 use crate::device::parse_dtype;
 use crate::sae::SaeSite;
 use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
@@ -367,22 +367,8 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         |m| {
             let t0 = *first_tokens.get_or_insert(m.tokens);
             let rate = (m.tokens - t0) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(m.step);
-            let msg = format!(
-                "loss {:.4} L0 {:.1} FVU {:.4} dead {:.1}% {:.0} tok/s",
-                m.loss,
-                m.l0,
-                m.fvu,
-                100.0 * m.dead_fraction,
-                rate
-            );
-            if bar.is_hidden() {
-                if m.step % 50 == 0 || m.step == total {
-                    eprintln!("step {}/{total} {msg}", m.step);
-                }
-            } else {
-                bar.set_message(msg);
-            }
+            let curves = [m.loss, m.l0, m.fvu, m.dead_fraction];
+            show_training_step(&bar, (m.step, total), curves, rate);
         },
     )
     .with_context(|| format!("training the SAE into {}", args.out.display()))?;
