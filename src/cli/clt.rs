@@ -14,7 +14,7 @@ use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, show_tr
 use crate::attribution_graph::fidelity::{FidelityReport, score};
 use crate::attribution_graph::{LayerTranscoder, cross_layer_sites, load_each, transcoder_dirs};
 use crate::model::Model;
-use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, train};
+use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, check_output_folder, train};
 use crate::sae::run::SaveDtype;
 
 #[derive(Subcommand)]
@@ -122,15 +122,7 @@ struct TrainReport<'a> {
 }
 
 fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
-    if args.out.exists() && !args.out.is_dir() {
-        anyhow::bail!("{} exists and is not a folder", args.out.display());
-    }
-    if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
-        anyhow::bail!(
-            "{} already exists and is not empty; choose a new folder",
-            args.out.display()
-        );
-    }
+    check_output_folder(&args.out)?;
     let model = args.model.load()?;
     let n_layers = model.dims().n_layers;
     let (inputs, outputs) = cross_layer_sites(&model, &args.input_hook, &args.output_hook)?;

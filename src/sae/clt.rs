@@ -729,28 +729,7 @@ impl CltTrainer {
         hooks: (&str, &str),
         extra: &[(&str, Vec<u8>)],
     ) -> Result<()> {
-        crate::files::require_output_path("cross-layer transcoder folder", dir)?;
-        let refuse = |message: &str| {
-            Err(Error::InvalidArgument {
-                what: "cross-layer transcoder folder",
-                value: dir.display().to_string(),
-                message: message.into(),
-            })
-        };
-        let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-        if not_empty || dir.is_file() {
-            return refuse("already exists and is not empty; choose a new folder");
-        }
-        let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-            return refuse("names no folder of its own; give a new folder's name");
-        };
-        let staging = dir.with_file_name(format!(".{name}.partial"));
-        if staging.exists() {
-            return refuse(&format!(
-                "has a leftover {} beside it; remove it first",
-                staging.display()
-            ));
-        }
+        let staging = check_output_folder(dir)?;
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         let written = self
             .write_into(&staging, dtype, hooks, extra)
@@ -839,6 +818,36 @@ impl CltTrainer {
         sum.iter_mut().for_each(|v| *v /= s_out);
         sum
     }
+}
+
+/// Refuses an output folder a CLT cannot be saved into — empty, a file, a folder that is not
+/// empty, `.` or `..`, or one beside a leftover staging folder — before any training, and again
+/// when saving. Returns the staging folder [`CltTrainer::save`] writes into.
+pub fn check_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
+    crate::files::require_output_path("cross-layer transcoder folder", dir)?;
+    let refuse = |message: String| Error::InvalidArgument {
+        what: "cross-layer transcoder folder",
+        value: dir.display().to_string(),
+        message,
+    };
+    let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if not_empty || dir.is_file() {
+        return Err(refuse(
+            "already exists and is not empty; choose a new folder".into(),
+        ));
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| refuse("names no folder of its own; give a new folder's name".into()))?;
+    let staging = dir.with_file_name(format!(".{name}.partial"));
+    if staging.exists() {
+        return Err(refuse(format!(
+            "has a leftover {} beside it; remove it first",
+            staging.display()
+        )));
+    }
+    Ok(staging)
 }
 
 /// The rows a CLT trains on: every layer's `inputs[l]`, then every layer's `outputs[l]`, at the
@@ -943,6 +952,15 @@ mod tests {
         data
     }
 
+    /// A trainer for `config` after `steps` steps on batches of `rows` toy rows.
+    fn stepped(config: &CltConfig, rows: usize, steps: u64) -> CltTrainer {
+        let mut trainer = CltTrainer::new(config.clone(), &toy_rows(config, rows, 1)).unwrap();
+        for step in 0..steps {
+            trainer.step(&toy_rows(config, rows, 2 + step)).unwrap();
+        }
+        trainer
+    }
+
     #[test]
     fn training_explains_the_targets_and_keeps_about_k_features_per_layer() {
         let mut config = CltConfig::new(2, 12, 10, 64, 4);
@@ -981,11 +999,7 @@ mod tests {
     fn the_saved_tensors_predict_what_the_trainer_predicts() {
         let mut config = CltConfig::new(3, 6, 5, 16, 2);
         config.batch_size = 64;
-        let first = toy_rows(&config, 64, 1);
-        let mut trainer = CltTrainer::new(config.clone(), &first).unwrap();
-        for step in 0..20 {
-            trainer.step(&toy_rows(&config, 64, 2 + step)).unwrap();
-        }
+        let mut trainer = stepped(&config, 64, 20);
         let rows = toy_rows(&config, 32, 777);
         trainer.calibrate([toy_rows(&config, 64, 778).as_slice()]);
         assert!(trainer.thresholds.iter().all(|&t| t > 0.0));
@@ -1116,11 +1130,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         let mut config = CltConfig::new(3, 6, 5, 16, 3);
         config.aux_k = 0;
-        let first = toy_rows(&config, 48, 1);
-        let mut trainer = CltTrainer::new(config.clone(), &first).unwrap();
-        for step in 0..5 {
-            trainer.step(&toy_rows(&config, 48, 2 + step)).unwrap();
-        }
+        let trainer = stepped(&config, 48, 5);
         let rows = toy_rows(&config, 48, 99);
         let checked = check_gradients(&trainer, &rows, 6, |_, _, _| true);
         assert!(checked.iter().all(|&n| n >= 6), "{checked:?}");
@@ -1128,10 +1138,7 @@ mod tests {
         // A wider dictionary, so that a batch leaves features unpicked.
         let mut config = CltConfig::new(3, 6, 5, 96, 2);
         config.aux_k = 0;
-        let mut trainer = CltTrainer::new(config.clone(), &first).unwrap();
-        for step in 0..5 {
-            trainer.step(&toy_rows(&config, 48, 2 + step)).unwrap();
-        }
+        let mut trainer = stepped(&config, 48, 5);
         let mut main = trainer.clone();
         main.forward_backward(&rows).unwrap();
         trainer.config.aux_k = 4;

@@ -17,7 +17,9 @@ use crate::gui::workbench::{PanelRequest, Workbench};
 use crate::jobs::Job;
 use crate::model::Model;
 use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
-use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, train as clt_train};
+use crate::sae::clt::{
+    CltConfig, CltStepMetrics, activation_source, check_output_folder, train as clt_train,
+};
 use crate::sae::run::{RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run};
 use crate::sae::saelens::SaeMetadata;
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
@@ -382,15 +384,7 @@ fn train_cross_layer(
     job: &crate::jobs::JobHandle,
 ) -> anyhow::Result<Ended> {
     let out = PathBuf::from(f.out.trim());
-    if out.as_os_str().is_empty() {
-        anyhow::bail!("choose an output folder");
-    }
-    if std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_some()) {
-        anyhow::bail!(
-            "{} already exists and is not empty; choose a new folder",
-            out.display()
-        );
-    }
+    check_output_folder(&out)?;
     let (input, output) = ("hook_resid_mid", "hook_mlp_out");
     let (inputs, outputs) = cross_layer_sites(model, input, output)?;
     job.set_message("filling the activation buffer");
