@@ -384,6 +384,32 @@ fn concept_scores_on_the_world_model_are_consistent() {
     }
     let probe_mean = scored.iter().map(|c| c.probe.unwrap().f1).sum::<f64>() / scored.len() as f64;
     assert!((probe_mean - report.mean_probe_f1.unwrap()).abs() < 1e-12);
+    // k-sparse probes: one per k, nested latent sets, means over the scored concepts, and
+    // more latents read more of each concept on average.
+    let ks: Vec<usize> = report.mean_sparse_probe_f1.iter().map(|m| m.k).collect();
+    assert_eq!(ks, settings.sparse_probe_ks);
+    for (i, m) in report.mean_sparse_probe_f1.iter().enumerate() {
+        let mean = scored
+            .iter()
+            .map(|c| c.sparse_probes[i].evaluation.f1)
+            .sum::<f64>()
+            / scored.len() as f64;
+        assert!((mean - m.f1).abs() < 1e-12);
+    }
+    for c in &scored {
+        assert_eq!(
+            c.sparse_probe_latents.len(),
+            *ks.last().unwrap(),
+            "{}",
+            c.concept
+        );
+    }
+    let (first, last) = (
+        report.mean_sparse_probe_f1[0].f1,
+        report.mean_sparse_probe_f1.last().unwrap().f1,
+    );
+    assert!(last > first + 0.1, "k-sparse means {first} → {last}");
+    assert!(last <= report.mean_probe_f1.unwrap() + 0.05, "{last}");
     // The dense reference reads the script of the text straight off the hook.
     let japanese = scored.iter().find(|c| c.concept == "lang:ja").unwrap();
     assert!(japanese.probe.unwrap().f1 > 0.9, "{:?}", japanese.probe);
@@ -397,6 +423,27 @@ fn concept_scores_on_the_world_model_are_consistent() {
     let relation_f1 =
         relations.iter().map(|c| c.evaluation.f1).sum::<f64>() / relations.len() as f64;
     assert!(relation_f1 > 0.4, "{relation_f1}");
+}
+
+#[test]
+fn features_score_refuses_a_sparse_probe_k_of_zero() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_monoscope"))
+        .args([
+            "features",
+            "score",
+            "--sae",
+            world_sae().to_str().unwrap(),
+            "--sparse-probe-k",
+            "1,0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--sparse-probe-k") && stderr.contains("\"0\""),
+        "{stderr}"
+    );
 }
 
 #[test]

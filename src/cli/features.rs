@@ -36,8 +36,34 @@ pub struct ScoreArgs {
     /// Fact-list documents per language in each split.
     #[arg(long, default_value_t = 200)]
     fact_lists: usize,
+    /// The k of the k-sparse probes on the SAE's latents, comma-separated (SAEBench's sparse
+    /// probing); "none" skips them.
+    #[arg(long, default_value = "1,2,5,10,20", value_parser = parse_ks)]
+    sparse_probe_k: SparseProbeKs,
     #[arg(long)]
     json: bool,
+}
+
+/// The largest k: each probe is fitted on a dense `[tokens, k]` matrix of the selection split.
+const MAX_SPARSE_PROBE_K: usize = 256;
+
+/// A list of k for `--sparse-probe-k`.
+#[derive(Clone, Debug)]
+struct SparseProbeKs(Vec<usize>);
+
+fn parse_ks(text: &str) -> Result<SparseProbeKs, String> {
+    if text == "none" {
+        return Ok(SparseProbeKs(Vec::new()));
+    }
+    let ks = (text.split(','))
+        .map(|k| match k.trim().parse::<usize>() {
+            Ok(k) if (1..=MAX_SPARSE_PROBE_K).contains(&k) => Ok(k),
+            _ => Err(format!(
+                "{k:?} is not a k from 1 to {MAX_SPARSE_PROBE_K} (a list such as 1,2,5, or none)"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(SparseProbeKs(ks))
 }
 
 #[derive(Args)]
@@ -173,6 +199,7 @@ fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     });
     settings.docs_per_country = args.docs_per_country;
     settings.fact_lists = args.fact_lists;
+    settings.sparse_probe_ks = args.sparse_probe_k.0.clone();
     let bar = progress_bar(0, "{elapsed_precise} {msg}")?;
     let report = score(&model, &sae_dir.sae, hook, &settings, |phase, tokens| {
         bar.set_message(format!("{phase}: {tokens} tokens"));

@@ -1,13 +1,15 @@
 //! What SAE features mean: per-feature statistics and contexts over a corpus ([`stats`]),
 //! logit effects and decoder neighbours ([`logits`]), the on-disk feature store the GUI
 //! opens ([`store`]), steering ([`steer`]), ground-truth scoring on the world corpus
-//! ([`score`]) against dense linear probes of the same hook ([`probe`]), and the features
+//! ([`score`]) against dense linear probes of the same hook ([`probe`]) and k-sparse probes
+//! of the latents ([`sparse_probe`]), and the features
 //! that carry a clean prompt's answer over a corrupted one's ([`patching`]).
 
 pub mod logits;
 pub mod patching;
 pub mod probe;
 pub mod score;
+pub mod sparse_probe;
 pub mod stats;
 pub mod steer;
 pub mod store;

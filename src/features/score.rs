@@ -28,10 +28,15 @@
 //! (precision ≥ 0.9 on the selection split) while covering a real part of it (recall ≥ 0.05)
 //! but not all of it (recall < 0.9). A concept with two or more of them is split; their
 //! union's recall is reported next to the best single feature's.
+//!
+//! Between the two, k-sparse probes ([`super::sparse_probe`]): a logistic regression on the
+//! k latents that differ most on the concept, for a few k — how many latents the concept
+//! is spread over.
 
 use serde::Serialize;
 
 use super::probe::{LinearProbes, ProbeSettings, RowSample};
+use super::sparse_probe::{self, SparseProbeScore};
 use crate::error::Result;
 use crate::model::Model;
 use crate::model::hooks::HookPoint;
@@ -162,6 +167,8 @@ pub struct ScoreSettings {
     pub evaluation_seed: u64,
     /// Fit the dense reference probes (seconds of extra work; the window's labels skip it).
     pub probes: bool,
+    /// The k of the k-sparse probes on the SAE's latents (none: skipped).
+    pub sparse_probe_ks: Vec<usize>,
 }
 
 impl ScoreSettings {
@@ -174,6 +181,7 @@ impl ScoreSettings {
             selection_seed: 1_000_001,
             evaluation_seed: 1_000_002,
             probes: true,
+            sparse_probe_ks: vec![1, 2, 5, 10, 20],
         }
     }
 }
@@ -187,7 +195,7 @@ pub struct Detection {
 }
 
 impl Detection {
-    fn new(true_positives: u64, fires: u64, positives: u64) -> Self {
+    pub(super) fn new(true_positives: u64, fires: u64, positives: u64) -> Self {
         let precision = true_positives as f64 / fires.max(1) as f64;
         let recall = true_positives as f64 / positives.max(1) as f64;
         let f1 = if true_positives == 0 {
@@ -225,6 +233,18 @@ pub struct ConceptScore {
     pub split_features: Vec<u32>,
     /// Recall of those features together (selection split).
     pub split_union_recall: f64,
+    /// The latents the k-sparse probes read, best first (the first k for each k).
+    pub sparse_probe_latents: Vec<u32>,
+    /// The k-sparse probes on the evaluation split, one per k of
+    /// [`ScoreSettings::sparse_probe_ks`].
+    pub sparse_probes: Vec<SparseProbeScore>,
+}
+
+/// The mean F1 of the k-sparse probes at one k.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SparseProbeMean {
+    pub k: usize,
+    pub f1: f64,
 }
 
 /// The per-concept table and its summary.
@@ -235,6 +255,8 @@ pub struct ScoreReport {
     pub mean_f1: f64,
     /// The same mean for the dense linear probes, when fitted.
     pub mean_probe_f1: Option<f64>,
+    /// Mean over the scored concepts of each k-sparse probe's F1.
+    pub mean_sparse_probe_f1: Vec<SparseProbeMean>,
     /// Scored concepts with two or more split features.
     pub split_concepts: usize,
     pub selection_tokens: u64,
@@ -294,6 +316,43 @@ impl ScoreReport {
                 "mean dense-probe F1 over the same concepts (a logistic regression of the hook's activations per concept; the reference): {mean:.3}\n"
             ));
         }
+        if !self.mean_sparse_probe_f1.is_empty() {
+            s.push_str(&self.render_sparse_probes());
+        }
+        s
+    }
+
+    /// The k-sparse probes' table: F1 per concept and k, then the means.
+    fn render_sparse_probes(&self) -> String {
+        let mut s = String::from(
+            "\nk-sparse probes (a logistic regression on the k latents whose mean activation differs most on the concept; held-out F1):\n",
+        );
+        s.push_str(&format!("{:<24}", "concept"));
+        for m in &self.mean_sparse_probe_f1 {
+            s.push_str(&format!(" {:>7}", format!("k={}", m.k)));
+        }
+        s.push_str(&format!(" {:>7}  first latents\n", "all-yes"));
+        for c in self.concepts.iter().filter(|c| c.scored) {
+            s.push_str(&format!("{:<24}", c.concept));
+            for p in &c.sparse_probes {
+                s.push_str(&format!(" {:>7.3}", p.evaluation.f1));
+            }
+            s.push_str(&format!(
+                " {:>7.3}",
+                Detection::new(c.positives, self.evaluation_tokens, c.positives).f1
+            ));
+            let first: Vec<String> = (c.sparse_probe_latents.iter().take(5))
+                .map(u32::to_string)
+                .collect();
+            s.push_str(&format!("  {}\n", first.join(",")));
+        }
+        s.push_str(&format!("{:<24}", "mean"));
+        for m in &self.mean_sparse_probe_f1 {
+            s.push_str(&format!(" {:>7.3}", m.f1));
+        }
+        s.push_str(
+            "\n(all-yes: the F1 of saying every token has the concept; a probe may learn that a latent's silence is the concept, and for a frequent concept such as lang:ja that alone scores high)\n",
+        );
         s
     }
 }
@@ -391,9 +450,10 @@ pub fn score(
     });
     drop(sample);
     let (mut probe_hits, mut probe_fires) = (vec![0u64; n_concepts], vec![0u64; n_concepts]);
-    let (evaluation, _) = splits.count(
+    let sparse_probes = !settings.sparse_probe_ks.is_empty();
+    let (evaluation, evaluation_rows) = splits.count(
         settings.evaluation_seed,
-        false,
+        sparse_probes,
         |inputs, flags| {
             let Some(probes) = &probes else {
                 return;
@@ -410,8 +470,21 @@ pub fn score(
         |t| on_progress("evaluation split", t),
     )?;
     let d_sae = encoder.d_sae();
+    if sparse_probes {
+        on_progress("fitting the k-sparse probes after", selection.tokens);
+    }
+    let mut sparse = sparse_probe::score_all(
+        &rows,
+        &evaluation_rows,
+        n_concepts,
+        d_sae,
+        &settings.sparse_probe_ks,
+    )
+    .into_iter();
+    drop(evaluation_rows);
     let mut scores = Vec::new();
     for (c, concept) in splits.concepts.iter().enumerate() {
+        let (sparse_probe_latents, sparse_probes) = sparse.next().unwrap_or_default();
         let (best, level, chosen) = selection.best(c);
         let split_features: Vec<u32> = (0..d_sae)
             .filter(|&f| {
@@ -434,16 +507,24 @@ pub fn score(
                 .map(|_| Detection::new(probe_hits[c], probe_fires[c], evaluation.positives[c])),
             split_union_recall: union_recall(&rows, c, &split_features),
             split_features,
+            sparse_probe_latents,
+            sparse_probes,
         });
     }
-    let mean_over_scored = |f1: fn(&ConceptScore) -> f64| {
+    let mean_over_scored = |f1: &dyn Fn(&ConceptScore) -> f64| {
         let scored: Vec<f64> = scores.iter().filter(|s| s.scored).map(f1).collect();
         scored.iter().sum::<f64>() / scored.len().max(1) as f64
     };
-    let mean_f1 = mean_over_scored(|s| s.evaluation.f1);
+    let mean_f1 = mean_over_scored(&|s| s.evaluation.f1);
     let mean_probe_f1 = probes
         .is_some()
-        .then(|| mean_over_scored(|s| s.probe.map_or(0.0, |p| p.f1)));
+        .then(|| mean_over_scored(&|s| s.probe.map_or(0.0, |p| p.f1)));
+    let mean_sparse_probe_f1 = (settings.sparse_probe_ks.iter().enumerate())
+        .map(|(i, &k)| SparseProbeMean {
+            k,
+            f1: mean_over_scored(&|s| s.sparse_probes.get(i).map_or(0.0, |p| p.evaluation.f1)),
+        })
+        .collect();
     Ok(ScoreReport {
         split_concepts: scores
             .iter()
@@ -452,15 +533,18 @@ pub fn score(
         concepts: scores,
         mean_f1,
         mean_probe_f1,
+        mean_sparse_probe_f1,
         selection_tokens: selection.tokens,
         evaluation_tokens: evaluation.tokens,
     })
 }
 
 /// One token of a split: the features that fire, and which concepts it has.
-struct TokenRow {
-    latents: Vec<u32>,
-    concepts: Vec<bool>,
+pub(super) struct TokenRow {
+    pub latents: Vec<u32>,
+    /// The latents' activations.
+    pub values: Vec<f32>,
+    pub concepts: Vec<bool>,
 }
 
 /// What generating and coding a split needs.
@@ -571,6 +655,7 @@ impl Splits<'_> {
                 if keep_rows {
                     rows.push(TokenRow {
                         latents: latents.to_vec(),
+                        values: values.to_vec(),
                         concepts: flag.clone(),
                     });
                 }

@@ -398,6 +398,7 @@ impl Workbench {
             settings.docs_per_country = 1;
             settings.fact_lists = 100;
             settings.probes = false;
+            settings.sparse_probe_ks.clear();
             let report = crate::features::score::score(
                 &model,
                 &sae.sae.sae,
