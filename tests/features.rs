@@ -360,7 +360,10 @@ fn concept_scores_on_the_world_model_are_consistent() {
     settings.docs_per_country = 0;
     settings.fact_lists = 60;
     let hook: HookPoint = "blocks.4.mlp.hook_post".parse().unwrap();
-    let report = score(&model, &sae.sae, hook, &settings, |_, _| {}).unwrap();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let report = score(&model, &sae.sae, hook, &settings, &never, |_, _| {})
+        .unwrap()
+        .expect("not cancelled");
     use monoscope::world::knowledge::{EntityKind, Lang, Relation};
     let scored: Vec<_> = report.concepts.iter().filter(|c| c.scored).collect();
     // Every entity kind and relation in each language, plus "Japanese text".

@@ -83,6 +83,20 @@ fn replace_text(h: &mut Harness<'static, App>, label: &str, text: &str) {
     h.step();
 }
 
+/// Scrolls the last node labelled `label` into the 1000-pixel-high window (scrolling takes a
+/// few frames).
+fn scroll_into_view(h: &mut Harness<'static, App>, label: &str) {
+    h.query_all_by_label(label).last().unwrap().scroll_to_me();
+    for _ in 0..20 {
+        h.step();
+        let rect = h.query_all_by_label(label).last().unwrap().rect();
+        if rect.min.y >= 0.0 && rect.max.y <= 1000.0 {
+            return;
+        }
+    }
+    panic!("{label} stays out of view");
+}
+
 fn open_panel(h: &mut Harness<'static, App>, title: &str) {
     h.get_by_label(title).click();
     h.step();
@@ -1262,6 +1276,70 @@ fn the_circuits_panel_scores_its_replacement_model() {
         report.tokens, report.ce_loss_recovered, report.kl_replaced
     );
     wait_for(&mut h, "the score", |h| has_label(h, &line));
+}
+
+#[test]
+fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
+    use monoscope::features::score::{ScoreSettings, score};
+
+    let mut h = harness();
+    wait_for(&mut h, "the SAE and its feature store", |h| {
+        h.state().workbench.store.is_some() && !h.state().busy()
+    });
+    open_panel(&mut h, "Concepts");
+    replace_text(&mut h, "Paragraphs per country", "0");
+    replace_text(&mut h, "Fact lists", "30");
+    replace_text(&mut h, "k-sparse probes", "1,5");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Score the SAE").click();
+
+    // The same scoring through the library: the window must show its figures.
+    let (model, sae) = {
+        let wb = &h.state().workbench;
+        (wb.model.clone().unwrap(), wb.sae.clone().unwrap())
+    };
+    let mut settings = ScoreSettings::new(monoscope::gui::workbench::window_segments(
+        &model,
+        sae.sae.metadata.context_size,
+    ));
+    settings.docs_per_country = 0;
+    settings.fact_lists = 30;
+    settings.sparse_probe_ks = vec![1, 5];
+    let never = AtomicBool::new(false);
+    let report = score(&model, &sae.sae.sae, sae.hook, &settings, &never, |_, _| {})
+        .unwrap()
+        .unwrap();
+    let summary = format!(
+        "Mean best-feature F1 {:.3} over 27 concepts ({} held-out tokens)",
+        report.mean_f1, report.evaluation_tokens
+    );
+    wait_for(&mut h, &summary, |h| has_label(h, &summary));
+    assert!(has_label(&h, "k-sparse probes: mean F1 k=1 "));
+    assert!(has_label(&h, "Dense probes of the hook: mean F1 "));
+
+    // A concept's own k-sparse curve, then its best feature's page in Features.
+    let japanese = report
+        .concepts
+        .iter()
+        .find(|c| c.concept == "lang:ja")
+        .unwrap();
+    // The table runs below the window's bottom: scroll to the row first.
+    scroll_into_view(&mut h, "lang:ja");
+    h.get_by_label("lang:ja").click();
+    h.step();
+    h.step();
+    assert!(has_label(
+        &h,
+        "F1 of the k-sparse probes: the mean, and lang:ja"
+    ));
+    let button = format!("#{}", japanese.best_feature);
+    scroll_into_view(&mut h, &button);
+    h.query_all_by_label(&button).last().unwrap().click();
+    wait_for(&mut h, "the feature page", |h| {
+        h.state().current == PanelKind::Features
+            && has_label(h, &format!("Feature #{}", japanese.best_feature))
+    });
 }
 
 #[test]

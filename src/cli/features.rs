@@ -201,15 +201,25 @@ fn score_features(args: &ScoreArgs) -> anyhow::Result<()> {
     settings.fact_lists = args.fact_lists;
     settings.sparse_probe_ks = args.sparse_probe_k.0.clone();
     let bar = progress_bar(0, "{elapsed_precise} {msg}")?;
-    let report = score(&model, &sae_dir.sae, hook, &settings, |phase, tokens| {
-        bar.set_message(format!("{phase}: {tokens} tokens"));
-    })
+    // Nothing is written: Ctrl-C may end the process at once.
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let report = score(
+        &model,
+        &sae_dir.sae,
+        hook,
+        &settings,
+        &never,
+        |phase, tokens| {
+            bar.set_message(format!("{phase}: {tokens} tokens"));
+        },
+    )
     .with_context(|| {
         format!(
             "scoring {} against the world labels",
             args.sae.dir.display()
         )
-    })?;
+    })?
+    .context("scoring stopped")?;
     bar.finish_and_clear();
     if args.json {
         return print_json(&report);

@@ -33,6 +33,8 @@
 //! k latents that differ most on the concept, for a few k — how many latents the concept
 //! is spread over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
 
 use super::probe::{LinearProbes, ProbeSettings, RowSample};
@@ -413,14 +415,16 @@ impl Counts {
     }
 }
 
-/// Scores `sae` (reading `hook` of `model`) against the world corpus's labels.
+/// Scores `sae` (reading `hook` of `model`) against the world corpus's labels. `None` when
+/// `cancel` was set.
 pub fn score(
     model: &Model,
     sae: &Sae,
     hook: HookPoint,
     settings: &ScoreSettings,
+    cancel: &AtomicBool,
     mut on_progress: impl FnMut(&str, u64),
-) -> Result<ScoreReport> {
+) -> Result<Option<ScoreReport>> {
     let encoder = SparseEncoder::new(sae)?;
     let splits = Splits {
         model,
@@ -429,11 +433,12 @@ pub fn score(
         settings,
         kb: KnowledgeBase::bundled()?,
         concepts: Concept::all(),
+        cancel,
     };
     let n_concepts = splits.concepts.len();
     let rows_for_probes = if settings.probes { PROBE_ROWS } else { 0 };
     let mut sample = RowSample::new(encoder.d_in(), rows_for_probes, settings.selection_seed);
-    let (selection, rows) = splits.count(
+    let Some((selection, rows)) = splits.count(
         settings.selection_seed,
         true,
         |inputs, flags| {
@@ -442,7 +447,10 @@ pub fn score(
             }
         },
         |t| on_progress("selection split", t),
-    )?;
+    )?
+    else {
+        return Ok(None);
+    };
     // (No rows, no probes: a split of zero tokens has nothing to fit.)
     let probes = (settings.probes && !sample.is_empty()).then(|| {
         on_progress("fitting the dense probes after", selection.tokens);
@@ -451,7 +459,7 @@ pub fn score(
     drop(sample);
     let (mut probe_hits, mut probe_fires) = (vec![0u64; n_concepts], vec![0u64; n_concepts]);
     let sparse_probes = !settings.sparse_probe_ks.is_empty();
-    let (evaluation, evaluation_rows) = splits.count(
+    let Some((evaluation, evaluation_rows)) = splits.count(
         settings.evaluation_seed,
         sparse_probes,
         |inputs, flags| {
@@ -468,19 +476,25 @@ pub fn score(
             }
         },
         |t| on_progress("evaluation split", t),
-    )?;
+    )?
+    else {
+        return Ok(None);
+    };
     let d_sae = encoder.d_sae();
     if sparse_probes {
         on_progress("fitting the k-sparse probes after", selection.tokens);
     }
-    let mut sparse = sparse_probe::score_all(
+    let Some(sparse) = sparse_probe::score_all(
         &rows,
         &evaluation_rows,
         n_concepts,
         d_sae,
         &settings.sparse_probe_ks,
-    )
-    .into_iter();
+        cancel,
+    ) else {
+        return Ok(None);
+    };
+    let mut sparse = sparse.into_iter();
     drop(evaluation_rows);
     let mut scores = Vec::new();
     for (c, concept) in splits.concepts.iter().enumerate() {
@@ -525,7 +539,7 @@ pub fn score(
             f1: mean_over_scored(&|s| s.sparse_probes.get(i).map_or(0.0, |p| p.evaluation.f1)),
         })
         .collect();
-    Ok(ScoreReport {
+    Ok(Some(ScoreReport {
         split_concepts: scores
             .iter()
             .filter(|s| s.scored && s.split_features.len() >= 2)
@@ -536,7 +550,7 @@ pub fn score(
         mean_sparse_probe_f1,
         selection_tokens: selection.tokens,
         evaluation_tokens: evaluation.tokens,
-    })
+    }))
 }
 
 /// One token of a split: the features that fire, and which concepts it has.
@@ -555,17 +569,19 @@ struct Splits<'a> {
     settings: &'a ScoreSettings,
     kb: KnowledgeBase,
     concepts: Vec<Concept>,
+    cancel: &'a AtomicBool,
 }
 
 impl Splits<'_> {
     /// Generates the split with `seed`, runs the model and SAE over it, and calls `visit`
     /// with each batch's codes, its activations (`[token, d_in]`; empty when no probes are
-    /// fitted) and the concept flags of its tokens (`[token][concept]`).
+    /// fitted) and the concept flags of its tokens (`[token][concept]`). `false` when
+    /// cancelled.
     fn for_each_batch(
         &self,
         seed: u64,
         mut visit: impl FnMut(&Active, &[f32], &[Vec<bool>]),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let config = CorpusConfig {
             seed,
             docs_per_country: self.settings.docs_per_country,
@@ -608,24 +624,27 @@ impl Splits<'_> {
             coder = coder.keep_inputs();
         }
         while let Some(batch) = coder.next_batch()? {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
             let flags: Vec<Vec<bool>> = batch
                 .addresses()
                 .map(|(doc, pos, _)| labels[doc as usize][pos as usize].clone())
                 .collect();
             visit(&batch.codes, &batch.inputs, &flags);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Counts for one split; with `keep_rows`, also every token's firing set and concepts.
-    /// `on_inputs` sees each batch's activations and concept flags.
+    /// `on_inputs` sees each batch's activations and concept flags. `None` when cancelled.
     fn count(
         &self,
         seed: u64,
         keep_rows: bool,
         mut on_inputs: impl FnMut(&[f32], &[Vec<bool>]),
         mut on_progress: impl FnMut(u64),
-    ) -> Result<(Counts, Vec<TokenRow>)> {
+    ) -> Result<Option<(Counts, Vec<TokenRow>)>> {
         let d_sae = self.encoder.d_sae();
         let n = self.concepts.len();
         let mut rows = Vec::new();
@@ -635,7 +654,7 @@ impl Splits<'_> {
             fires: vec![[0; LEVELS]; d_sae],
             both: vec![vec![[0; LEVELS]; d_sae]; n],
         };
-        self.for_each_batch(seed, |codes, inputs, flags| {
+        let finished = self.for_each_batch(seed, |codes, inputs, flags| {
             on_inputs(inputs, flags);
             for (r, flag) in flags.iter().enumerate() {
                 counts.tokens += 1;
@@ -662,7 +681,7 @@ impl Splits<'_> {
             }
             on_progress(counts.tokens);
         })?;
-        Ok((counts, rows))
+        Ok(finished.then_some((counts, rows)))
     }
 }
 

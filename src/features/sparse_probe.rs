@@ -10,6 +10,7 @@
 //! latents: a concept that one latent carries needs no second one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -123,22 +124,26 @@ fn score_concept(
 }
 
 /// Every concept's ranked latents (the first `max(ks)`) and its k-sparse probe scores, one
-/// concept per rayon task.
+/// concept per rayon task. `None` when `cancel` was set.
 pub(super) fn score_all(
     selection: &[TokenRow],
     evaluation: &[TokenRow],
     concepts: usize,
     d_sae: usize,
     ks: &[usize],
-) -> Vec<(Vec<u32>, Vec<SparseProbeScore>)> {
+    cancel: &AtomicBool,
+) -> Option<Vec<(Vec<u32>, Vec<SparseProbeScore>)>> {
     let keep = ks.iter().copied().max().unwrap_or(0);
     let ranked = rank_latents(selection, concepts, d_sae, keep);
     ranked
         .into_par_iter()
         .enumerate()
         .map(|(c, ranked)| {
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
             let scores = score_concept(selection, evaluation, c, &ranked, ks);
-            (ranked, scores)
+            Some((ranked, scores))
         })
         .collect()
 }
@@ -195,7 +200,15 @@ mod tests {
     #[test]
     fn a_concept_spread_over_two_latents_needs_k_two() {
         let (selection, evaluation) = (rows(1, 4000), rows(2, 4000));
-        let scores = score_all(&selection, &evaluation, 2, 64, &[1, 2, 5]);
+        let scores = score_all(
+            &selection,
+            &evaluation,
+            2,
+            64,
+            &[1, 2, 5],
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         let f1 = |c: usize, i: usize| scores[c].1[i].evaluation.f1;
         // Concept 0 is the union of two latents: one alone finds about half of it.
         assert!(f1(0, 0) < 0.8, "k 1: {}", f1(0, 0));
@@ -212,8 +225,23 @@ mod tests {
     #[test]
     fn a_k_beyond_the_firing_latents_uses_them_all() {
         let selection = rows(1, 500);
-        let scores = score_all(&selection, &selection, 2, 64, &[100]);
+        let scores = score_all(
+            &selection,
+            &selection,
+            2,
+            64,
+            &[100],
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         assert_eq!(scores[0].0.len(), 32, "latents 3, 7 and 10..40 fire");
         assert!(scores[0].1[0].evaluation.f1 > 0.9);
+    }
+
+    #[test]
+    fn a_set_cancel_flag_stops_the_fits() {
+        let selection = rows(1, 500);
+        let cancel = AtomicBool::new(true);
+        assert!(score_all(&selection, &selection, 2, 64, &[1, 2], &cancel).is_none());
     }
 }

@@ -310,13 +310,14 @@ mod screenshots {
     use super::{PanelKind, Workbench};
 
     /// Training last: its result becomes the open SAE.
-    const TOUR: [PanelKind; 10] = [
+    const TOUR: [PanelKind; 11] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
         PanelKind::Patching,
         PanelKind::Circuits,
         PanelKind::Features,
+        PanelKind::Concepts,
         PanelKind::Neurons,
         PanelKind::Edit,
         PanelKind::Export,
@@ -417,7 +418,8 @@ mod screenshots {
                     PanelKind::Edit
                     | PanelKind::Neurons
                     | PanelKind::Train
-                    | PanelKind::Circuits => wb.requests.push(PanelRequest::Start(kind)),
+                    | PanelKind::Circuits
+                    | PanelKind::Concepts => wb.requests.push(PanelRequest::Start(kind)),
                     _ => {}
                 }
             }

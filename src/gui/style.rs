@@ -154,6 +154,19 @@ pub mod explain {
         from the model's next-token distribution, and how often both pick the same next \
         token. Hover the result for each layer's FVU and L0 (open loop, from the model's own \
         inputs).";
+    pub const CONCEPT_F1: &str = "The best single feature's F1 at detecting the concept \
+        (\"the feature is above its threshold\" against \"the token has the concept\"), \
+        with feature and threshold chosen on one generated split and F1 measured on another. \
+        F1 = 2·precision·recall / (precision + recall). Issue 5 asks a mean of 0.8.";
+    pub const DENSE_PROBE: &str = "A logistic regression of the hook's standardised \
+        activations per concept, fitted on the first split and scored on the second: what a \
+        linear read-out of the hook reaches. A concept the probe finds and no feature does is \
+        one the SAE spread over several features.";
+    pub const SPARSE_PROBE: &str = "k-sparse probe (SAEBench): a logistic regression on the k \
+        latents whose mean activation differs most between the concept's tokens and the rest. \
+        The k at which it nears the dense probe says over how many latents the concept is \
+        spread. A probe may learn that a latent's silence means the concept: for a frequent \
+        concept (lang:ja) that alone scores the F1 of calling every token positive.";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
         layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
         whole MLP output in error nodes.";

@@ -404,8 +404,10 @@ impl Workbench {
                 &sae.sae.sae,
                 sae.hook,
                 &settings,
+                job.cancel_flag(),
                 |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
-            )?;
+            )?
+            .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
             let labels: HashMap<u32, String> = report
                 .concepts
                 .iter()

@@ -3,6 +3,7 @@
 
 mod attention;
 mod circuits;
+mod concepts;
 mod edit;
 mod export;
 mod features;
@@ -26,13 +27,14 @@ pub enum PanelKind {
     Circuits,
     Train,
     Features,
+    Concepts,
     Neurons,
     Edit,
     Export,
 }
 
 impl PanelKind {
-    pub const ALL: [PanelKind; 10] = [
+    pub const ALL: [PanelKind; 11] = [
         PanelKind::Playground,
         PanelKind::Lens,
         PanelKind::Attention,
@@ -40,6 +42,7 @@ impl PanelKind {
         PanelKind::Circuits,
         PanelKind::Train,
         PanelKind::Features,
+        PanelKind::Concepts,
         PanelKind::Neurons,
         PanelKind::Edit,
         PanelKind::Export,
@@ -54,6 +57,7 @@ impl PanelKind {
             PanelKind::Circuits => "Circuits",
             PanelKind::Train => "Train",
             PanelKind::Features => "Features",
+            PanelKind::Concepts => "Concepts",
             PanelKind::Neurons => "Neurons",
             PanelKind::Edit => "Edit",
             PanelKind::Export => "Export",
@@ -79,6 +83,9 @@ impl PanelKind {
             }
             PanelKind::Train => "Capture a hook's activations and train a sparse autoencoder",
             PanelKind::Features => "Browse the SAE's features: contexts, histograms, logit effects",
+            PanelKind::Concepts => {
+                "Score the SAE against the world's ground-truth concepts: best features, probes"
+            }
             PanelKind::Neurons => "Knowledge neurons of a fact (integrated gradients)",
             PanelKind::Edit => "Trace a fact, edit it with ROME, check, undo, save",
             PanelKind::Export => "Export feature activations to Parquet",
@@ -103,6 +110,7 @@ pub fn all() -> Vec<Box<dyn Panel>> {
         Box::<circuits::Circuits>::default(),
         Box::<train::Train>::default(),
         Box::<features::Features>::default(),
+        Box::<concepts::Concepts>::default(),
         Box::<neurons::Neurons>::default(),
         Box::<edit::Edit>::default(),
         Box::<export::Export>::default(),
