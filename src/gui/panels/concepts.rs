@@ -4,7 +4,7 @@
 //! text, a dense linear probe of the hook as the reference, and k-sparse probes whose curve
 //! says over how many latents the concept is spread.
 
-use egui_plot::{HLine, Legend, Line, Plot, PlotPoints, uniform_grid_spacer};
+use egui_plot::{Corner, HLine, Legend, Line, Plot, PlotPoints, uniform_grid_spacer};
 
 use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings, score};
@@ -248,7 +248,10 @@ fn sparse_probe_plot(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<&
         .include_y(0.0)
         .include_y(1.0)
         .y_axis_label("F1")
-        .legend(Legend::default())
+        .legend(Legend::default().position(Corner::RightBottom))
+        // The points are the table's figures: no coordinate read-out under the pointer.
+        .show_x(false)
+        .show_y(false)
         .x_grid_spacer(uniform_grid_spacer(|_| [1.0, 1.0, 1.0]))
         .x_axis_formatter(move |mark, _| {
             let i = mark.value.round();
