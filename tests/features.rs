@@ -413,6 +413,25 @@ fn concept_scores_on_the_world_model_are_consistent() {
     );
     assert!(last > first + 0.1, "k-sparse means {first} → {last}");
     assert!(last <= report.mean_probe_f1.unwrap() + 0.05, "{last}");
+    // Absorption is scored on the concept's tokens its dense probe finds: as many as the
+    // probe's true positives.
+    for c in &scored {
+        let a = c
+            .absorption
+            .as_ref()
+            .expect("an SAE with probes has absorption");
+        let probe = c.probe.unwrap();
+        let found = (probe.recall * c.positives as f64).round() as u64;
+        assert_eq!(a.tokens, found, "{}", c.concept);
+        assert!(a.main_features.contains(&c.best_feature), "{}", c.concept);
+        assert!((0.0..=1.0).contains(&a.mean_fraction) && (0.0..=1.0).contains(&a.full_rate));
+    }
+    let absorbed = scored
+        .iter()
+        .map(|c| c.absorption.as_ref().unwrap().mean_fraction)
+        .sum::<f64>()
+        / scored.len() as f64;
+    assert!((absorbed - report.mean_absorption.unwrap()).abs() < 1e-12);
     // The dense reference reads the script of the text straight off the hook.
     let japanese = scored.iter().find(|c| c.concept == "lang:ja").unwrap();
     assert!(japanese.probe.unwrap().f1 > 0.9, "{:?}", japanese.probe);

@@ -1317,6 +1317,11 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
     wait_for(&mut h, &summary, |h| has_label(h, &summary));
     assert!(has_label(&h, "k-sparse probes: mean F1 k=1 "));
     assert!(has_label(&h, "Dense probes of the hook: mean F1 "));
+    let absorption = format!(
+        "Feature absorption: mean fraction {:.3}",
+        report.mean_absorption.unwrap()
+    );
+    assert!(has_label(&h, &absorption), "{absorption}");
 
     // A concept's own k-sparse curve, then its best feature's page in Features.
     let japanese = report

@@ -5,6 +5,7 @@
 //! of the latents ([`sparse_probe`]), and the features
 //! that carry a clean prompt's answer over a corrupted one's ([`patching`]).
 
+pub mod absorption;
 pub mod logits;
 pub mod patching;
 pub mod probe;

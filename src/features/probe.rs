@@ -182,6 +182,18 @@ impl LinearProbes {
         self.bias.len()
     }
 
+    /// Probe `concept`'s direction in the raw activations' space (its weights over the
+    /// standard deviations), and the mean activation the probe centres on: the logit is
+    /// `(x − mean)·direction + bias`.
+    pub fn raw_direction(&self, concept: usize) -> (Vec<f32>, &[f32]) {
+        let d = self.d();
+        let direction = (self.weight[concept * d..][..d].iter())
+            .zip(&self.inv_std)
+            .map(|(&w, &s)| w * s)
+            .collect();
+        (direction, &self.mean)
+    }
+
     /// Width of the rows the probes read.
     fn d(&self) -> usize {
         self.mean.len()

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
+use super::absorption::{Absorption, AbsorptionScore};
 use super::probe::{LinearProbes, ProbeSettings, RowSample};
 use super::sparse_probe::{self, SparseProbeScore};
 use crate::error::Result;
@@ -240,6 +241,8 @@ pub struct ConceptScore {
     /// The k-sparse probes on the evaluation split, one per k of
     /// [`ScoreSettings::sparse_probe_ks`].
     pub sparse_probes: Vec<SparseProbeScore>,
+    /// Feature absorption on the evaluation split (with the dense probes, for an SAE).
+    pub absorption: Option<AbsorptionScore>,
 }
 
 /// The mean F1 of the k-sparse probes at one k.
@@ -259,6 +262,10 @@ pub struct ScoreReport {
     pub mean_probe_f1: Option<f64>,
     /// Mean over the scored concepts of each k-sparse probe's F1.
     pub mean_sparse_probe_f1: Vec<SparseProbeMean>,
+    /// Mean over the scored concepts of the mean absorption fraction, and of the share of
+    /// tokens fully absorbed (when measured).
+    pub mean_absorption: Option<f64>,
+    pub mean_full_absorption: Option<f64>,
     /// Scored concepts with two or more split features.
     pub split_concepts: usize,
     pub selection_tokens: u64,
@@ -321,6 +328,35 @@ impl ScoreReport {
         if !self.mean_sparse_probe_f1.is_empty() {
             s.push_str(&self.render_sparse_probes());
         }
+        if let (Some(mean), Some(full)) = (self.mean_absorption, self.mean_full_absorption) {
+            s.push_str(&self.render_absorption(mean, full));
+        }
+        s
+    }
+
+    /// The absorption table: per concept, its main features and how much of its probe's
+    /// projection other latents carry instead.
+    fn render_absorption(&self, mean: f64, full: f64) -> String {
+        let mut s = format!(
+            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7}  {:<24} {}\n",
+            "concept", "tokens", "absorbed", "fully", "main features", "top absorbers (tokens)"
+        );
+        for c in self.concepts.iter().filter(|c| c.scored) {
+            let Some(a) = &c.absorption else { continue };
+            let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+            s.push_str(&format!(
+                "{:<24} {:>7} {:>9.3} {:>7.3}  {:<24} {}\n",
+                c.concept,
+                a.tokens,
+                a.mean_fraction,
+                a.full_rate,
+                list(&mut a.main_features.iter().map(u32::to_string)),
+                list(&mut a.top_absorbers.iter().map(|(f, n)| format!("{f} ({n})"))),
+            ));
+        }
+        s.push_str(&format!(
+            "mean absorption fraction {mean:.3}; mean share of tokens fully absorbed {full:.3}\n"
+        ));
         s
     }
 
@@ -441,7 +477,7 @@ pub fn score(
     let Some((selection, rows)) = splits.count(
         settings.selection_seed,
         true,
-        |inputs, flags| {
+        |_, inputs, flags| {
             for (row, flag) in inputs.chunks_exact(encoder.d_in()).zip(flags) {
                 sample.offer(row, flag);
             }
@@ -457,21 +493,65 @@ pub fn score(
         LinearProbes::fit(&sample, &ProbeSettings::default())
     });
     drop(sample);
+    let d_sae = encoder.d_sae();
+    // Each concept's best feature and threshold, and the features it is split into.
+    let chosen: Vec<(usize, usize, Detection)> =
+        (0..n_concepts).map(|c| selection.best(c)).collect();
+    let split_features: Vec<Vec<u32>> = (0..n_concepts)
+        .map(|c| {
+            (0..d_sae)
+                .filter(|&f| {
+                    let d = selection.detection(c, f, 0);
+                    d.precision >= SPLIT_PRECISION
+                        && (SPLIT_MIN_RECALL..SPLIT_MAX_RECALL).contains(&d.recall)
+                })
+                .map(|f| f as u32)
+                .collect()
+        })
+        .collect();
+    // Absorption reads the decoder in the probes' space: an SAE's, not a transcoder's.
+    let mut absorption = match &probes {
+        Some(probes) if !sae.transcoder => {
+            let w_dec = sae.w_dec.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+            let main = (chosen.iter().zip(&split_features))
+                .map(|(&(best, ..), split)| {
+                    let mut main = split.clone();
+                    if !main.contains(&(best as u32)) {
+                        main.push(best as u32);
+                    }
+                    main
+                })
+                .collect();
+            Some(Absorption::new(
+                &w_dec.to_vec1::<f32>()?,
+                encoder.d_in(),
+                probes,
+                main,
+            ))
+        }
+        _ => None,
+    };
     let (mut probe_hits, mut probe_fires) = (vec![0u64; n_concepts], vec![0u64; n_concepts]);
     let sparse_probes = !settings.sparse_probe_ks.is_empty();
     let Some((evaluation, evaluation_rows)) = splits.count(
         settings.evaluation_seed,
         sparse_probes,
-        |inputs, flags| {
+        |codes, inputs, flags| {
             let Some(probes) = &probes else {
                 return;
             };
             let logits = probes.logits(inputs);
-            for (row, flag) in logits.chunks_exact(probes.concepts()).zip(flags) {
+            let rows = logits.chunks_exact(probes.concepts()).zip(flags);
+            for (r, (row, flag)) in rows.enumerate() {
                 for (c, (&logit, &on)) in row.iter().zip(flag).enumerate() {
                     let fires = logit > probes.threshold[c];
                     probe_fires[c] += u64::from(fires);
                     probe_hits[c] += u64::from(fires && on);
+                    if let Some(absorption) = absorption.as_mut().filter(|_| fires && on) {
+                        let (latents, values) = codes.row(r);
+                        let x = &inputs[r * encoder.d_in()..][..encoder.d_in()];
+                        absorption.add_token(c, x, latents, values);
+                    }
                 }
             }
         },
@@ -480,7 +560,6 @@ pub fn score(
     else {
         return Ok(None);
     };
-    let d_sae = encoder.d_sae();
     if sparse_probes {
         on_progress("fitting the k-sparse probes after", selection.tokens);
     }
@@ -496,18 +575,11 @@ pub fn score(
     };
     let mut sparse = sparse.into_iter();
     drop(evaluation_rows);
+    let mut absorption = absorption.map(Absorption::finish).map(Vec::into_iter);
     let mut scores = Vec::new();
-    for (c, concept) in splits.concepts.iter().enumerate() {
+    let per_concept = (splits.concepts.iter()).zip(chosen).zip(split_features);
+    for (c, ((concept, (best, level, chosen)), split_features)) in per_concept.enumerate() {
         let (sparse_probe_latents, sparse_probes) = sparse.next().unwrap_or_default();
-        let (best, level, chosen) = selection.best(c);
-        let split_features: Vec<u32> = (0..d_sae)
-            .filter(|&f| {
-                let d = selection.detection(c, f, 0);
-                d.precision >= SPLIT_PRECISION
-                    && (SPLIT_MIN_RECALL..SPLIT_MAX_RECALL).contains(&d.recall)
-            })
-            .map(|f| f as u32)
-            .collect();
         scores.push(ConceptScore {
             concept: concept.name(),
             scored: concept.is_scored(),
@@ -523,6 +595,7 @@ pub fn score(
             split_features,
             sparse_probe_latents,
             sparse_probes,
+            absorption: absorption.as_mut().and_then(Iterator::next),
         });
     }
     let mean_over_scored = |f1: &dyn Fn(&ConceptScore) -> f64| {
@@ -533,6 +606,11 @@ pub fn score(
     let mean_probe_f1 = probes
         .is_some()
         .then(|| mean_over_scored(&|s| s.probe.map_or(0.0, |p| p.f1)));
+    let has_absorption = scores.iter().any(|s| s.absorption.is_some());
+    let mean_absorption = has_absorption
+        .then(|| mean_over_scored(&|s| s.absorption.as_ref().map_or(0.0, |a| a.mean_fraction)));
+    let mean_full_absorption = has_absorption
+        .then(|| mean_over_scored(&|s| s.absorption.as_ref().map_or(0.0, |a| a.full_rate)));
     let mean_sparse_probe_f1 = (settings.sparse_probe_ks.iter().enumerate())
         .map(|(i, &k)| SparseProbeMean {
             k,
@@ -548,6 +626,8 @@ pub fn score(
         mean_f1,
         mean_probe_f1,
         mean_sparse_probe_f1,
+        mean_absorption,
+        mean_full_absorption,
         selection_tokens: selection.tokens,
         evaluation_tokens: evaluation.tokens,
     }))
@@ -637,12 +717,13 @@ impl Splits<'_> {
     }
 
     /// Counts for one split; with `keep_rows`, also every token's firing set and concepts.
-    /// `on_inputs` sees each batch's activations and concept flags. `None` when cancelled.
+    /// `on_batch` sees each batch's codes, activations and concept flags. `None` when
+    /// cancelled.
     fn count(
         &self,
         seed: u64,
         keep_rows: bool,
-        mut on_inputs: impl FnMut(&[f32], &[Vec<bool>]),
+        mut on_batch: impl FnMut(&Active, &[f32], &[Vec<bool>]),
         mut on_progress: impl FnMut(u64),
     ) -> Result<Option<(Counts, Vec<TokenRow>)>> {
         let d_sae = self.encoder.d_sae();
@@ -655,7 +736,7 @@ impl Splits<'_> {
             both: vec![vec![[0; LEVELS]; d_sae]; n],
         };
         let finished = self.for_each_batch(seed, |codes, inputs, flags| {
-            on_inputs(inputs, flags);
+            on_batch(codes, inputs, flags);
             for (r, flag) in flags.iter().enumerate() {
                 counts.tokens += 1;
                 let (latents, values) = codes.row(r);

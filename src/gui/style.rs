@@ -167,6 +167,13 @@ pub mod explain {
         The k at which it nears the dense probe says over how many latents the concept is \
         spread. A probe may learn that a latent's silence means the concept: for a frequent \
         concept (lang:ja) that alone scores the F1 of calling every token positive.";
+    pub const ABSORPTION: &str = "Feature absorption (Chanin et al. 2024; SAEBench's \
+        rule): on the held-out tokens with the concept that its dense probe finds, the share of \
+        the activation's projection on the probe direction that latents other than the main \
+        ones (best and split features) carry — latents aligned with the probe (cosine ≥ 0.1), \
+        the three largest — instead of the main features. Fully absorbed: the main features \
+        are silent and one latent (cosine ≥ 0.025) carries at least 40%. A continent absorbed \
+        into an \"Africa\" latent is the textbook case.";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
         layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
         whole MLP output in error nodes.";

@@ -214,6 +214,13 @@ fn summary_ui(ui: &mut egui::Ui, report: &ScoreReport) {
         ui.label(format!("Dense probes of the hook: mean F1 {mean:.3}"))
             .on_hover_text(explain::DENSE_PROBE);
     }
+    if let (Some(mean), Some(full)) = (report.mean_absorption, report.mean_full_absorption) {
+        ui.label(format!(
+            "Feature absorption: mean fraction {mean:.3}, tokens fully absorbed {:.1}%",
+            100.0 * full
+        ))
+        .on_hover_text(explain::ABSORPTION);
+    }
     if !report.mean_sparse_probe_f1.is_empty() {
         let means: Vec<String> = (report.mean_sparse_probe_f1.iter())
             .map(|m| format!("k={} {:.3}", m.k, m.f1))
@@ -283,7 +290,7 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
     let ks: Vec<usize> = report.mean_sparse_probe_f1.iter().map(|m| m.k).collect();
     egui::Grid::new("concept-table")
         .striped(true)
-        .num_columns(8 + ks.len())
+        .num_columns(9 + ks.len())
         .show(ui, |ui| {
             ui.strong("concept");
             ui.strong("tokens");
@@ -297,6 +304,7 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
                 ui.strong(format!("k={k}"))
                     .on_hover_text(explain::SPARSE_PROBE);
             }
+            ui.strong("absorbed").on_hover_text(explain::ABSORPTION);
             ui.strong("split").on_hover_text(
                 "Features that fire almost only on the concept (precision ≥ 0.9) and cover part \
                  of it: two or more mean the SAE split it",
@@ -324,6 +332,17 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
                 for p in &c.sparse_probes {
                     ui.label(format!("{:.3}", p.evaluation.f1));
                 }
+                match &c.absorption {
+                    Some(a) => ui.label(format!("{:.3}", a.mean_fraction)).on_hover_text(format!(
+                        "main features {:?}; fully absorbed on {:.1}% of {} tokens; top absorbers \
+                         (latent, tokens): {:?}",
+                        a.main_features,
+                        100.0 * a.full_rate,
+                        a.tokens,
+                        a.top_absorbers
+                    )),
+                    None => ui.label("-"),
+                };
                 ui.label(if c.split_features.len() >= 2 {
                     format!(
                         "{} features (union recall {:.2})",
