@@ -17,11 +17,12 @@
 //! A token is *fully* absorbed when every main feature is silent and the single latent with
 //! the largest share has cosine ≥ 0.025 with the probe and carries ≥ 40% of the projection.
 //!
-//! Two choices differ from SAEBench, both because the world's probes differ from its
-//! first-letter ones: the projection is of the activation minus the probe's mean (the probe is
-//! fitted on standardised activations of a post-GELU hook, whose mean is far from 0), and a
-//! latent's share is its activation times its decoder row's projection (SAEBench multiplies by
-//! the cosine, which is the same for unit-norm decoder rows).
+//! Two choices differ from SAEBench: the projection is of the activation minus the SAE's decoder
+//! bias, so that the latents' shares add up to it but for the reconstruction error (SAEBench
+//! projects the raw activation, which on a post-GELU hook such as `mlp.hook_post` sits far
+//! from 0, shifting every comparison by the bias's projection), and a latent's share is its
+//! activation times its decoder row's projection (SAEBench multiplies by the cosine, the same
+//! for unit-norm decoder rows). A token whose projection is not positive is not absorbed.
 
 use std::collections::HashMap;
 
@@ -42,6 +43,9 @@ const LISTED_ABSORBERS: usize = 5;
 pub struct AbsorptionScore {
     /// The concept's main features: its best feature and its split features.
     pub main_features: Vec<u32>,
+    /// Each main feature's decoder cosine with the probe direction (how well the probe and
+    /// the features agree on what the concept is).
+    pub main_cosines: Vec<f32>,
     /// Tokens scored: the concept's held-out tokens that its dense probe finds.
     pub tokens: u64,
     /// Mean absorption fraction over those tokens.
@@ -57,7 +61,7 @@ pub struct AbsorptionScore {
 /// aligned other latents (positive, largest first, at most [`MAX_ABSORBERS`]).
 fn absorption_fraction(projection: f32, main: f32, absorbers: &[f32]) -> f32 {
     let absorbed: f32 = absorbers.iter().sum();
-    if main >= projection || absorbed < PROJECTION_SHARE * projection {
+    if projection <= 0.0 || main >= projection || absorbed < PROJECTION_SHARE * projection {
         return 0.0;
     }
     if main <= 0.0 {
@@ -72,7 +76,7 @@ pub(super) struct Absorption {
     d_in: usize,
     /// Per concept, sorted.
     main: Vec<Vec<u32>>,
-    /// Per concept: the probe's unit direction, and the mean's projection on it.
+    /// Per concept: the probe's unit direction, and the decoder bias's projection on it.
     direction: Vec<Vec<f32>>,
     offset: Vec<f32>,
     /// `[concept][feature]`: the decoder row's projection on the direction, and its cosine.
@@ -85,9 +89,14 @@ pub(super) struct Absorption {
 }
 
 impl Absorption {
-    /// For an SAE's decoder `w_dec` (`[d_sae, d_in]`, rows writing the hook the probes read),
-    /// the probes, and each concept's main features.
-    pub fn new(w_dec: &[f32], d_in: usize, probes: &LinearProbes, main: Vec<Vec<u32>>) -> Self {
+    /// For an SAE's decoder `w_dec` (`[d_sae, d_in]`, rows writing the hook the probes read)
+    /// and bias `b_dec`, the probes, and each concept's main features.
+    pub fn new(
+        (w_dec, b_dec): (&[f32], &[f32]),
+        probes: &LinearProbes,
+        main: Vec<Vec<u32>>,
+    ) -> Self {
+        let d_in = b_dec.len();
         let concepts = main.len();
         let norms: Vec<f32> = w_dec
             .chunks_exact(d_in)
@@ -96,7 +105,7 @@ impl Absorption {
         let (mut direction, mut offset, mut along, mut cosine) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for c in 0..concepts {
-            let (raw, mean) = probes.raw_direction(c);
+            let raw = probes.raw_direction(c);
             let norm = dot(&raw, &raw).sqrt().max(f32::MIN_POSITIVE);
             let unit: Vec<f32> = raw.iter().map(|v| v / norm).collect();
             let row_along: Vec<f32> = w_dec.chunks_exact(d_in).map(|r| dot(r, &unit)).collect();
@@ -106,7 +115,7 @@ impl Absorption {
                     .collect(),
             );
             along.push(row_along);
-            offset.push(dot(mean, &unit));
+            offset.push(dot(b_dec, &unit));
             direction.push(unit);
         }
         let main = main
@@ -177,12 +186,16 @@ impl Absorption {
     pub fn finish(self) -> Vec<AbsorptionScore> {
         (self.main.into_iter().enumerate())
             .map(|(c, main_features)| {
+                let main_cosines = (main_features.iter())
+                    .map(|&f| self.cosine[c][f as usize])
+                    .collect();
                 let tokens = self.tokens[c];
                 let mut top: Vec<(u32, u64)> = self.top_absorber[c].clone().into_iter().collect();
                 top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
                 top.truncate(LISTED_ABSORBERS);
                 AbsorptionScore {
                     main_features,
+                    main_cosines,
                     tokens,
                     mean_fraction: self.fraction_sum[c] / tokens.max(1) as f64,
                     full_rate: self.full[c] as f64 / tokens.max(1) as f64,
@@ -216,6 +229,9 @@ mod tests {
         assert!((absorption_fraction(1.0, 0.25, &[0.4, 0.2]) - 0.6 / 0.85).abs() < 1e-6);
         // Capped: the absorbers overshoot what the main features leave.
         assert!((absorption_fraction(1.0, 0.5, &[0.9]) - 0.5).abs() < 1e-6);
+        // Nothing to absorb: the activation does not point along the probe.
+        assert_eq!(absorption_fraction(-1.0, -2.0, &[]), 0.0);
+        assert_eq!(absorption_fraction(0.0, -0.5, &[0.1]), 0.0);
     }
 
     /// A concept along axis 0 of a 4-wide hook; latent 0 is its main feature, latent 1 an
@@ -240,7 +256,8 @@ mod tests {
             0.9, 0.3, 0.0, 0.0, // an absorber
             0.0, 0.0, 1.0, 0.0, // unrelated
         ];
-        let mut absorption = Absorption::new(&w_dec, d, &probes, vec![vec![0]]);
+        let b_dec = [0.6, 0.0, 0.0, 0.0];
+        let mut absorption = Absorption::new((&w_dec, &b_dec), &probes, vec![vec![0]]);
         // Carried by the main feature: not absorbed.
         absorption.add_token(0, &[2.0, 0.0, 0.0, 0.0], &[0, 2], &[2.0, 1.0]);
         // Main feature silent, the absorber carries it: fully absorbed.
@@ -251,5 +268,6 @@ mod tests {
         assert!((s.mean_fraction - 0.5).abs() < 1e-6, "{s:?}");
         assert!((s.full_rate - 0.5).abs() < 1e-6, "{s:?}");
         assert_eq!(s.top_absorbers, vec![(1, 1)]);
+        assert!(s.main_cosines[0] > 0.9, "the probe reads axis 0: {s:?}");
     }
 }

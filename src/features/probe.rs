@@ -182,16 +182,14 @@ impl LinearProbes {
         self.bias.len()
     }
 
-    /// Probe `concept`'s direction in the raw activations' space (its weights over the
-    /// standard deviations), and the mean activation the probe centres on: the logit is
-    /// `(x − mean)·direction + bias`.
-    pub fn raw_direction(&self, concept: usize) -> (Vec<f32>, &[f32]) {
+    /// Probe `concept`'s direction in the raw activations' space: its weights over the
+    /// standard deviations (the logit is `(x − mean)·direction + bias`).
+    pub fn raw_direction(&self, concept: usize) -> Vec<f32> {
         let d = self.d();
-        let direction = (self.weight[concept * d..][..d].iter())
+        (self.weight[concept * d..][..d].iter())
             .zip(&self.inv_std)
             .map(|(&w, &s)| w * s)
-            .collect();
-        (direction, &self.mean)
+            .collect()
     }
 
     /// Width of the rows the probes read.

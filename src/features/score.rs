@@ -262,8 +262,8 @@ pub struct ScoreReport {
     pub mean_probe_f1: Option<f64>,
     /// Mean over the scored concepts of each k-sparse probe's F1.
     pub mean_sparse_probe_f1: Vec<SparseProbeMean>,
-    /// Mean over the scored concepts of the mean absorption fraction, and of the share of
-    /// tokens fully absorbed (when measured).
+    /// Mean over the scored concepts (those with tokens to score) of the mean absorption
+    /// fraction, and of the share of tokens fully absorbed (when measured).
     pub mean_absorption: Option<f64>,
     pub mean_full_absorption: Option<f64>,
     /// Scored concepts with two or more split features.
@@ -338,19 +338,27 @@ impl ScoreReport {
     /// projection other latents carry instead.
     fn render_absorption(&self, mean: f64, full: f64) -> String {
         let mut s = format!(
-            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7}  {:<24} {}\n",
-            "concept", "tokens", "absorbed", "fully", "main features", "top absorbers (tokens)"
+            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7}  {:<46} {}\n",
+            "concept",
+            "tokens",
+            "absorbed",
+            "fully",
+            "main features (decoder cosine with the probe)",
+            "top absorbers (tokens)"
         );
         for c in self.concepts.iter().filter(|c| c.scored) {
             let Some(a) = &c.absorption else { continue };
             let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
             s.push_str(&format!(
-                "{:<24} {:>7} {:>9.3} {:>7.3}  {:<24} {}\n",
+                "{:<24} {:>7} {:>9.3} {:>7.3}  {:<46} {}\n",
                 c.concept,
                 a.tokens,
                 a.mean_fraction,
                 a.full_rate,
-                list(&mut a.main_features.iter().map(u32::to_string)),
+                list(
+                    &mut (a.main_features.iter().zip(&a.main_cosines))
+                        .map(|(f, cos)| format!("{f} (cos {cos:.2})"))
+                ),
                 list(&mut a.top_absorbers.iter().map(|(f, n)| format!("{f} ({n})"))),
             ));
         }
@@ -512,22 +520,23 @@ pub fn score(
     // Absorption reads the decoder in the probes' space: an SAE's, not a transcoder's.
     let mut absorption = match &probes {
         Some(probes) if !sae.transcoder => {
-            let w_dec = sae.w_dec.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+            let host = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            };
             let main = (chosen.iter().zip(&split_features))
-                .map(|(&(best, ..), split)| {
+                .map(|(&(best, _, detection), split)| {
                     let mut main = split.clone();
-                    if !main.contains(&(best as u32)) {
+                    // (A concept no feature detects has no best feature.)
+                    if detection.f1 > 0.0 && !main.contains(&(best as u32)) {
                         main.push(best as u32);
                     }
                     main
                 })
                 .collect();
-            Some(Absorption::new(
-                &w_dec.to_vec1::<f32>()?,
-                encoder.d_in(),
-                probes,
-                main,
-            ))
+            let (w_dec, b_dec) = (host(&sae.w_dec)?, host(&sae.b_dec)?);
+            Some(Absorption::new((&w_dec, &b_dec), probes, main))
         }
         _ => None,
     };
@@ -563,15 +572,15 @@ pub fn score(
     if sparse_probes {
         on_progress("fitting the k-sparse probes after", selection.tokens);
     }
-    let Some(sparse) = sparse_probe::score_all(
-        &rows,
-        &evaluation_rows,
-        n_concepts,
-        d_sae,
-        &settings.sparse_probe_ks,
-        cancel,
-    ) else {
-        return Ok(None);
+    let sparse = if sparse_probes {
+        let ks = &settings.sparse_probe_ks;
+        let all = sparse_probe::score_all(&rows, &evaluation_rows, n_concepts, d_sae, ks, cancel);
+        let Some(all) = all else {
+            return Ok(None);
+        };
+        all
+    } else {
+        Vec::new()
     };
     let mut sparse = sparse.into_iter();
     drop(evaluation_rows);
@@ -606,11 +615,15 @@ pub fn score(
     let mean_probe_f1 = probes
         .is_some()
         .then(|| mean_over_scored(&|s| s.probe.map_or(0.0, |p| p.f1)));
-    let has_absorption = scores.iter().any(|s| s.absorption.is_some());
-    let mean_absorption = has_absorption
-        .then(|| mean_over_scored(&|s| s.absorption.as_ref().map_or(0.0, |a| a.mean_fraction)));
-    let mean_full_absorption = has_absorption
-        .then(|| mean_over_scored(&|s| s.absorption.as_ref().map_or(0.0, |a| a.full_rate)));
+    // Over the scored concepts with tokens to score (a probe that finds none says nothing).
+    let absorption_mean = |of: fn(&AbsorptionScore) -> f64| {
+        let values: Vec<f64> = (scores.iter().filter(|s| s.scored))
+            .filter_map(|s| s.absorption.as_ref().filter(|a| a.tokens > 0).map(of))
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    let mean_absorption = absorption_mean(|a| a.mean_fraction);
+    let mean_full_absorption = absorption_mean(|a| a.full_rate);
     let mean_sparse_probe_f1 = (settings.sparse_probe_ks.iter().enumerate())
         .map(|(i, &k)| SparseProbeMean {
             k,

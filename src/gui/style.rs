@@ -160,8 +160,9 @@ pub mod explain {
         F1 = 2·precision·recall / (precision + recall). Issue 5 asks a mean of 0.8.";
     pub const DENSE_PROBE: &str = "A logistic regression of the hook's standardised \
         activations per concept, fitted on the first split and scored on the second: what a \
-        linear read-out of the hook reaches. A concept the probe finds and no feature does is \
-        one the SAE spread over several features.";
+        linear read-out of the hook reaches. A concept the probe finds and no single feature \
+        does is one the SAE spread over several features, or does not represent as such \
+        (the k-sparse probes tell which).";
     pub const SPARSE_PROBE: &str = "k-sparse probe (SAEBench): a logistic regression on the k \
         latents whose mean activation differs most between the concept's tokens and the rest. \
         The k at which it nears the dense probe says over how many latents the concept is \

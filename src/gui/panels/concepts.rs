@@ -334,9 +334,10 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
                 }
                 match &c.absorption {
                     Some(a) => ui.label(format!("{:.3}", a.mean_fraction)).on_hover_text(format!(
-                        "main features {:?}; fully absorbed on {:.1}% of {} tokens; top absorbers \
+                        "main features {:?} (decoder cosines with the probe {:.2?}); fully absorbed on {:.1}% of {} tokens; top absorbers \
                          (latent, tokens): {:?}",
                         a.main_features,
+                        a.main_cosines,
                         100.0 * a.full_rate,
                         a.tokens,
                         a.top_absorbers
