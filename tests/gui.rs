@@ -1345,6 +1345,11 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
         h.state().current == PanelKind::Features
             && has_label(h, &format!("Feature #{}", japanese.best_feature))
     });
+    // The page says what the feature does for the scored concepts.
+    for role in report.roles_of(japanese.best_feature) {
+        assert!(has_label(&h, &role), "{role}");
+    }
+    assert!(has_label(&h, "best feature of lang:ja"));
 }
 
 #[test]

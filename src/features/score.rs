@@ -273,6 +273,38 @@ pub struct ScoreReport {
 }
 
 impl ScoreReport {
+    /// What the report says `feature` does for the scored concepts: which it is the best
+    /// feature of, a split piece of, an absorber of, and which k-sparse probes read it.
+    pub fn roles_of(&self, feature: u32) -> Vec<String> {
+        let mut roles = Vec::new();
+        for c in self.concepts.iter().filter(|c| c.scored) {
+            let name = &c.concept;
+            if c.best_feature == feature && c.selection.f1 > 0.0 {
+                roles.push(format!(
+                    "best feature of {name} (held-out F1 {:.3})",
+                    c.evaluation.f1
+                ));
+            } else if c.split_features.contains(&feature) {
+                roles.push(format!("one of the features {name} is split into"));
+            }
+            if let Some(a) = &c.absorption
+                && let Some((_, n)) = a.top_absorbers.iter().find(|(f, _)| *f == feature)
+            {
+                roles.push(format!(
+                    "absorbs {name}: the largest absorber on {n} of its {} tokens",
+                    a.tokens
+                ));
+            }
+            if let Some(rank) = c.sparse_probe_latents.iter().position(|&f| f == feature) {
+                roles.push(format!(
+                    "latent {} of {name}'s k-sparse probes (by mean difference)",
+                    rank + 1
+                ));
+            }
+        }
+        roles
+    }
+
     pub fn render(&self) -> String {
         let mut s = format!(
             "{:<24} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>9}  {}\n",
@@ -840,6 +872,68 @@ mod tests {
         assert_eq!(holds(ConceptKind::Relation(Relation::Capital), en), vec![3]);
         assert!(holds(ConceptKind::Relation(Relation::Capital), Some(Lang::Ja)).is_empty());
         assert!(holds(ConceptKind::Japanese, None).is_empty());
+    }
+
+    #[test]
+    fn a_features_roles_name_every_concept_it_serves() {
+        let detection = Detection::new(8, 10, 10);
+        let concept = |name: &str, best: u32, scored: bool| ConceptScore {
+            concept: name.into(),
+            positives: 10,
+            best_feature: best,
+            threshold: 0.0,
+            selection: detection,
+            evaluation: detection,
+            probe: None,
+            scored,
+            split_features: vec![best, 7],
+            split_union_recall: 0.9,
+            sparse_probe_latents: vec![best, 9, 7],
+            sparse_probes: Vec::new(),
+            absorption: Some(AbsorptionScore {
+                main_features: vec![best],
+                main_cosines: vec![0.3],
+                tokens: 10,
+                mean_fraction: 0.5,
+                full_rate: 0.0,
+                top_absorbers: vec![(9, 4)],
+            }),
+        };
+        let report = ScoreReport {
+            concepts: vec![
+                concept("entity:continent:en", 3, true),
+                concept("entity:continent", 7, false),
+            ],
+            mean_f1: 0.8,
+            mean_probe_f1: None,
+            mean_sparse_probe_f1: Vec::new(),
+            mean_absorption: None,
+            mean_full_absorption: None,
+            split_concepts: 1,
+            selection_tokens: 100,
+            evaluation_tokens: 100,
+        };
+        assert_eq!(
+            report.roles_of(3),
+            [
+                "best feature of entity:continent:en (held-out F1 0.800)",
+                "latent 1 of entity:continent:en's k-sparse probes (by mean difference)"
+            ]
+        );
+        assert_eq!(
+            report.roles_of(9),
+            [
+                "absorbs entity:continent:en: the largest absorber on 4 of its 10 tokens",
+                "latent 2 of entity:continent:en's k-sparse probes (by mean difference)"
+            ]
+        );
+        // Feature 7 is a split piece of the scored concept; the merged (unscored) concept,
+        // whose best feature it is, is left out.
+        assert_eq!(
+            report.roles_of(7)[0],
+            "one of the features entity:continent:en is split into"
+        );
+        assert!(report.roles_of(11).is_empty());
     }
 
     #[test]

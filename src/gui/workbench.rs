@@ -98,6 +98,9 @@ pub struct Workbench {
     pub store: Option<Arc<FeatureStore>>,
     /// Ground-truth concept names of features (world model only), from `features score`.
     pub labels: HashMap<u32, String>,
+    /// The Concepts panel's last scores, and the SAE they are of: feature pages list what
+    /// each feature does for the concepts.
+    pub concept_scores: Option<(PathBuf, Arc<crate::features::score::ScoreReport>)>,
     pub history: EditHistory,
     pub kb: Arc<KnowledgeBase>,
     /// Panel to switch to, set by a panel.
@@ -133,6 +136,7 @@ impl Workbench {
             sae: None,
             store: None,
             labels: HashMap::new(),
+            concept_scores: None,
             history: EditHistory::new(),
             kb: Arc::new(kb),
             goto: None,

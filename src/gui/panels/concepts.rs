@@ -53,7 +53,7 @@ impl ScoreForm {
 /// A finished score and the SAE it was made for.
 struct Scored {
     sae: std::path::PathBuf,
-    report: ScoreReport,
+    report: std::sync::Arc<ScoreReport>,
 }
 
 #[derive(Default)]
@@ -77,6 +77,7 @@ impl Panel for Concepts {
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         if let Some(done) = take(&mut self.job, wb) {
             self.selected = None;
+            wb.concept_scores = Some((done.sae.clone(), done.report.clone()));
             self.last = Some(done);
         }
         if need_model(ui, wb).is_none() {
@@ -196,7 +197,7 @@ impl Concepts {
             .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
             Ok(Scored {
                 sae: sae.dir.clone(),
-                report,
+                report: std::sync::Arc::new(report),
             })
         }));
     }

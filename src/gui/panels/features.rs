@@ -330,6 +330,18 @@ fn feature_page(ui: &mut egui::Ui, wb: &mut Workbench, store: &FeatureStore, f: 
         ui.label(format!("ground-truth concept: {label}"))
             .on_hover_text("the world concept this feature detects best (features score)");
     }
+    let scores = (wb.concept_scores.as_ref())
+        .filter(|(dir, _)| wb.sae.as_ref().is_some_and(|s| &s.dir == dir));
+    if let Some((_, report)) = scores {
+        let roles = report.roles_of(f.feature);
+        if !roles.is_empty() {
+            ui.label("In the Concepts panel's scores:")
+                .on_hover_text(explain::ABSORPTION);
+            for role in roles {
+                ui.label(format!("  • {role}"));
+            }
+        }
+    }
     egui::Grid::new("feature-stats")
         .num_columns(2)
         .show(ui, |ui| {
