@@ -16,6 +16,15 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Writes `value` as pretty JSON to `path`, in place; errors name the file.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
 /// Why an empty output path is refused (shared with the CLI's flag parser).
 pub const EMPTY_OUTPUT_PATH: &str = "is empty; name the folder or file to write";
 

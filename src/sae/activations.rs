@@ -888,6 +888,11 @@ pub struct MixingBuffer {
 }
 
 impl MixingBuffer {
+    /// Values per row.
+    pub fn width(&self) -> usize {
+        self.d_in
+    }
+
     pub fn new(d_in: usize, capacity: usize, seed: u64) -> Self {
         Self {
             d_in,

@@ -207,8 +207,8 @@ impl RunPaths {
     }
 }
 
-const STATE_JSON: &str = "state.json";
-const TRAINER_FILE: &str = "trainer.safetensors";
+pub(crate) const STATE_JSON: &str = "state.json";
+pub(crate) const TRAINER_FILE: &str = "trainer.safetensors";
 const BUFFER_FILE: &str = "buffer.safetensors";
 
 /// Trains an SAE into `out`. With `control.resume`, continues from
@@ -429,7 +429,7 @@ impl Checkpoint<'_> {
             metadata,
             scaling,
         } = *self;
-        let (held, used, refills) = buffer.state();
+        let (_, used, refills) = buffer.state();
         let state = CheckpointState {
             settings: settings.clone(),
             metadata: metadata.clone(),
@@ -440,41 +440,115 @@ impl Checkpoint<'_> {
             buffer_used: used,
             counters: trainer.state_counters(),
         };
-        let new = paths.training().join("checkpoint.new");
-        if new.exists() {
-            std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-        }
-        std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-        let tensors = trainer.state_tensors()?;
-        candle_core::safetensors::save(&tensors, new.join(TRAINER_FILE))?;
-        let width = settings.train.row_width();
-        let rows = held.len() / width;
-        let buffer_tensor = Tensor::from_slice(held, (rows, width), &Device::Cpu)?;
-        candle_core::safetensors::save(
-            &HashMap::from([("rows".to_string(), buffer_tensor)]),
-            new.join(BUFFER_FILE),
-        )?;
-        let json = serde_json::to_string_pretty(&state).map_err(|source| Error::Json {
-            path: new.join(STATE_JSON),
-            source,
-        })?;
-        std::fs::write(new.join(STATE_JSON), json)
-            .map_err(|e| Error::io(new.join(STATE_JSON), e))?;
-        // Swap in: the old checkpoint is removed only once the new one is complete.
-        let current = paths.checkpoint();
-        let old = paths.training().join("checkpoint.old");
-        if current.exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-            }
-            std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
-        }
-        std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
+        swap_in_checkpoint(&paths.training(), |new| {
+            candle_core::safetensors::save(&trainer.state_tensors()?, new.join(TRAINER_FILE))?;
+            save_buffer(new, buffer)?;
+            crate::files::write_json(&new.join(STATE_JSON), &state)
+        })
+    }
+}
+
+/// Writes a checkpoint through `write` into `training/checkpoint.new`, then swaps it in for
+/// `training/checkpoint`: the old one is removed only once the new one is complete.
+pub(crate) fn swap_in_checkpoint(
+    training: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let new = training.join("checkpoint.new");
+    if new.exists() {
+        std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+    }
+    std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
+    write(&new)?;
+    let current = training.join("checkpoint");
+    let old = training.join("checkpoint.old");
+    if current.exists() {
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
-        Ok(())
+        std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
     }
+    std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint in `training` to resume from: `checkpoint`, or `checkpoint.old` where a crash
+/// between [`swap_in_checkpoint`]'s two renames left only that.
+pub(crate) fn checkpoint_to_resume(training: &Path) -> Result<PathBuf> {
+    let dir = training.join("checkpoint");
+    if dir.exists() {
+        return Ok(dir);
+    }
+    let old = training.join("checkpoint.old");
+    if old.exists() {
+        return Ok(old);
+    }
+    Err(Error::MissingFile {
+        path: dir,
+        what: "training checkpoint to resume from",
+    })
+}
+
+/// The tensors of a checkpoint's safetensors file.
+pub(crate) fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Saves the mixing buffer's rows into checkpoint folder `dir`.
+pub(crate) fn save_buffer(dir: &Path, buffer: &MixingBuffer) -> Result<()> {
+    let (held, _, _) = buffer.state();
+    let width = buffer.width();
+    let rows = Tensor::from_slice(held, (held.len() / width.max(1), width), &Device::Cpu)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("rows".to_string(), rows)]),
+        dir.join(BUFFER_FILE),
+    )?;
+    Ok(())
+}
+
+/// Refills `buffer` from checkpoint folder `dir`: its rows, of which `used` were handed out,
+/// after `refills` refills.
+pub(crate) fn restore_buffer(
+    dir: &Path,
+    buffer: &mut MixingBuffer,
+    used: usize,
+    refills: u64,
+) -> Result<()> {
+    let buffer_file = dir.join(BUFFER_FILE);
+    let width = buffer.width();
+    let rows = load_tensors(&buffer_file)?
+        .remove("rows")
+        .ok_or_else(|| Error::MissingTensor {
+            dir: buffer_file.clone(),
+            key: "rows".into(),
+        })?;
+    if rows.dims().get(1) != Some(&width) {
+        return Err(Error::TensorShape {
+            path: buffer_file,
+            key: "rows".into(),
+            expected: vec![0, width],
+            actual: rows.dims().to_vec(),
+        });
+    }
+    if used > rows.dim(0)? {
+        return Err(Error::InvalidArgument {
+            what: "checkpoint buffer_used",
+            value: used.to_string(),
+            message: format!(
+                "{} holds only {} rows (a corrupt checkpoint)",
+                buffer_file.display(),
+                rows.dim(0)?
+            ),
+        });
+    }
+    buffer.restore(rows.flatten_all()?.to_vec1()?, used, refills);
+    Ok(())
 }
 
 fn restore(
@@ -484,19 +558,7 @@ fn restore(
     source: &mut dyn ChunkSource,
     buffer: &mut MixingBuffer,
 ) -> Result<(SaeTrainer, Scaling)> {
-    let mut dir = paths.checkpoint();
-    if !dir.exists() {
-        // A crash between the two renames leaves only the old one.
-        let old = paths.training().join("checkpoint.old");
-        if old.exists() {
-            dir = old;
-        } else {
-            return Err(Error::MissingFile {
-                path: dir,
-                what: "training checkpoint to resume from",
-            });
-        }
-    }
+    let dir = checkpoint_to_resume(&paths.training())?;
     let state: CheckpointState = read_json(&dir.join(STATE_JSON))?;
     let mut expected = state.settings.clone();
     expected.train.total_steps = settings.train.total_steps;
@@ -519,51 +581,14 @@ fn restore(
             ),
         });
     }
-    let load = |file: &str| -> Result<HashMap<String, Tensor>> {
-        let path = dir.join(file);
-        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Safetensors {
-            path,
-            message: e.to_string(),
-        })
-    };
-    let tensors = load(TRAINER_FILE)?;
+    let tensors = load_tensors(&dir.join(TRAINER_FILE))?;
     let trainer = SaeTrainer::from_state(
         settings.train.clone(),
         &state.counters,
         &tensors,
         &dir.join(TRAINER_FILE),
     )?;
-    let buffer_file = dir.join(BUFFER_FILE);
-    let rows = load(BUFFER_FILE)?
-        .remove("rows")
-        .ok_or_else(|| Error::MissingTensor {
-            dir: buffer_file.clone(),
-            key: "rows".into(),
-        })?;
-    if rows.dims().get(1) != Some(&settings.train.row_width()) {
-        return Err(Error::TensorShape {
-            path: buffer_file,
-            key: "rows".into(),
-            expected: vec![0, settings.train.row_width()],
-            actual: rows.dims().to_vec(),
-        });
-    }
-    if state.buffer_used > rows.dim(0)? {
-        return Err(Error::InvalidArgument {
-            what: "checkpoint buffer_used",
-            value: state.buffer_used.to_string(),
-            message: format!(
-                "{} holds only {} rows (a corrupt checkpoint)",
-                buffer_file.display(),
-                rows.dim(0)?
-            ),
-        });
-    }
-    buffer.restore(
-        rows.flatten_all()?.to_vec1()?,
-        state.buffer_used,
-        state.buffer_refills,
-    );
+    restore_buffer(&dir, buffer, state.buffer_used, state.buffer_refills)?;
     source.skip_to(state.chunks_read)?;
     truncate_metrics(&paths.metrics(), trainer.step)?;
     let scaling = Scaling {
