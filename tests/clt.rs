@@ -18,7 +18,7 @@ use monoscope::attribution_graph::fidelity::score;
 use monoscope::attribution_graph::{LayerTranscoder, load_each};
 use monoscope::model::HookPoint;
 use monoscope::sae::activations::{ActivationSource, ChunkSource, Corpus, WindowSettings};
-use monoscope::sae::clt::{CltConfig, train};
+use monoscope::sae::clt::{Checkpoints, CltConfig, TrainedClt, train, train_checkpointed};
 use monoscope::sae::eval::{EvalSettings, evaluate};
 
 fn world_dir() -> PathBuf {
@@ -311,6 +311,121 @@ fn clt_train_writes_a_folder_that_scores_and_traces() {
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&graph).unwrap()).unwrap();
     assert!(!file["nodes"].as_array().unwrap().is_empty());
+}
+
+/// Trains a small CLT on the world model with checkpoints in `dir`; `stop_at` sets the cancel
+/// flag after that step.
+fn checkpointed_run(dir: &Path, resume: bool, stop_at: Option<u64>) -> TrainedClt {
+    let model = world();
+    let (n, d) = (model.dims().n_layers, model.dims().d_model);
+    let mut config = CltConfig::new(n, d, d, 48, 4);
+    config.batch_size = 128;
+    config.total_steps = 9;
+    config.warmup_steps = 2;
+    config.decay_steps = 3;
+    let checkpoints = Checkpoints {
+        dir: dir.to_path_buf(),
+        every_tokens: 2 * 128,
+        resume,
+        identity: "the world model".into(),
+    };
+    let cancel = AtomicBool::new(false);
+    train_checkpointed(
+        &mut clt_source(&model),
+        config,
+        512,
+        &cancel,
+        &checkpoints,
+        |m| {
+            if Some(m.step) == stop_at {
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_resumed_clt_run_reaches_the_weights_of_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = checkpointed_run(&tmp.path().join("straight"), false, None);
+    assert!(straight.finished);
+    assert_eq!(straight.log.last().unwrap().step, 9);
+
+    let resumed_dir = tmp.path().join("resumed");
+    let stopped = checkpointed_run(&resumed_dir, false, Some(5));
+    assert!(!stopped.finished);
+    assert_eq!(stopped.log.last().unwrap().step, 5);
+    let checkpoint = resumed_dir.join("training/checkpoint");
+    assert!(checkpoint.join("state.json").is_file());
+    let resumed = checkpointed_run(&resumed_dir, true, None);
+    assert!(resumed.finished);
+
+    // The same metrics at every logged step, and the same saved tensors, bit for bit.
+    assert_eq!(resumed.log, straight.log);
+    let (a, b) = (
+        straight.trainer.tensors(DType::F32).unwrap(),
+        resumed.trainer.tensors(DType::F32).unwrap(),
+    );
+    for (layer, ((enc_a, dec_a), (enc_b, dec_b))) in a.iter().zip(&b).enumerate() {
+        for (key, t) in enc_a.iter().chain(dec_a) {
+            let u = enc_b.get(key).or_else(|| dec_b.get(key)).unwrap();
+            let (t, u) = (
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                u.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(t, u, "layer {layer}: {key}");
+        }
+    }
+
+    // A checkpoint of other settings is refused by name.
+    std::fs::write(
+        checkpoint.join("state.json"),
+        std::fs::read_to_string(checkpoint.join("state.json"))
+            .unwrap()
+            .replace("\"k\": 4", "\"k\": 5"),
+    )
+    .unwrap();
+    let model = world();
+    let (n, d) = (model.dims().n_layers, model.dims().d_model);
+    let mut config = CltConfig::new(n, d, d, 48, 4);
+    config.batch_size = 128;
+    config.total_steps = 9;
+    config.warmup_steps = 2;
+    config.decay_steps = 3;
+    let err = train_checkpointed(
+        &mut clt_source(&model),
+        config,
+        512,
+        &AtomicBool::new(false),
+        &Checkpoints {
+            dir: resumed_dir.clone(),
+            every_tokens: 0,
+            resume: true,
+            identity: "the world model".into(),
+        },
+        |_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("other settings"), "{err}");
+}
+
+#[test]
+fn clt_train_points_an_interrupted_run_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clt");
+    let out_str = out.to_str().unwrap();
+    // Nothing to resume: the missing checkpoint is named.
+    fails_naming(
+        &["clt", "train", "--out", out_str, "--resume"],
+        "training checkpoint to resume from",
+    );
+    // An interrupted run's folder beside --out: a fresh start is refused, with the way on.
+    std::fs::create_dir_all(dir.path().join(".clt.partial/training/checkpoint")).unwrap();
+    fails_naming(&["clt", "train", "--out", out_str], "pass --resume");
+    assert!(!out.exists());
 }
 
 fn fails_naming(args: &[&str], needle: &str) {

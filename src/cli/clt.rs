@@ -14,7 +14,10 @@ use super::{CANCEL, ModelArgs, install_ctrl_c, print_json, progress_bar, show_tr
 use crate::attribution_graph::fidelity::{FidelityReport, score};
 use crate::attribution_graph::{LayerTranscoder, cross_layer_sites, load_each, transcoder_dirs};
 use crate::model::Model;
-use crate::sae::clt::{CltConfig, CltStepMetrics, activation_source, check_output_folder, train};
+use crate::sae::clt::{
+    Checkpoints, CltConfig, CltStepMetrics, activation_source, check_output_folder,
+    resumed_output_folder, train_checkpointed,
+};
 use crate::sae::run::SaveDtype;
 
 #[derive(Subcommand)]
@@ -34,9 +37,16 @@ pub struct TrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     corpus: CorpusArgs,
-    /// Output folder (must not exist, or be empty); written whole or not at all.
+    /// Output folder (must not exist, or be empty); written whole or not at all. While
+    /// training, the run's checkpoints are in `.DIR.partial/` beside it.
     #[arg(long, value_parser = super::output_path, value_name = "DIR")]
     out: PathBuf,
+    /// Checkpoint every this many tokens (0: only on Ctrl-C).
+    #[arg(long, default_value_t = 1_000_000)]
+    checkpoint_every: u64,
+    /// Continue the interrupted run whose checkpoint is beside --out (the same settings).
+    #[arg(long)]
+    resume: bool,
     /// Features per layer (default: 8 × the input width).
     #[arg(long)]
     features: Option<usize>,
@@ -122,7 +132,11 @@ struct TrainReport<'a> {
 }
 
 fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
-    check_output_folder(&args.out)?;
+    let staging = if args.resume {
+        resumed_output_folder(&args.out)?
+    } else {
+        check_output_folder(&args.out)?
+    };
     let model = args.model.load()?;
     let n_layers = model.dims().n_layers;
     let (inputs, outputs) = cross_layer_sites(&model, &args.input_hook, &args.output_hook)?;
@@ -161,23 +175,39 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
         source.corpus().describe(),
         args.tokens
     );
-    install_ctrl_c("stopping after this step and saving the CLT trained so far");
+    install_ctrl_c("stopping after this step and writing a checkpoint");
     let total = config.total_steps;
     let bar = progress_bar(
         total,
         "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
     )?;
     let started = Instant::now();
-    let mut log = Vec::new();
-    let mut last = CltStepMetrics::default();
-    let (trainer, finished) = train(
+    let mut first_tokens = None;
+    // What a checkpoint must match to be resumed, besides the settings.
+    let identity = format!(
+        "model {} ({}), corpus {}, hooks {} → {}",
+        model.dir.display(),
+        model.model_type,
+        source.corpus().describe(),
+        args.input_hook,
+        args.output_hook
+    );
+    let checkpoints = Checkpoints {
+        dir: staging.clone(),
+        every_tokens: args.checkpoint_every,
+        resume: args.resume,
+        identity,
+    };
+    let run = train_checkpointed(
         &mut source,
         config,
         args.buffer_rows
             .unwrap_or(args.batch_size.saturating_mul(16)),
         &CANCEL,
+        &checkpoints,
         |m| {
-            let rate = m.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let t0 = *first_tokens.get_or_insert(m.tokens);
+            let rate = (m.tokens - t0) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let curves = [
                 m.loss,
                 CltStepMetrics::mean(&m.l0),
@@ -185,23 +215,36 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
                 CltStepMetrics::mean(&m.dead_fraction),
             ];
             show_training_step(&bar, (m.step, total), curves, rate);
-            if m.step % 10 == 0 || m.step == total {
-                log.push(m.clone());
-            }
-            last = m.clone();
         },
     )
     .context("training the cross-layer transcoder")?;
     bar.finish_and_clear();
-    if !finished {
-        log.push(last.clone());
+    let last = run.log.last().cloned().unwrap_or_default();
+    if !run.finished {
+        if args.json {
+            return print_json(&TrainReport {
+                out: &args.out,
+                finished: false,
+                last_step: &last,
+                evaluation: None,
+            });
+        }
+        println!(
+            "stopped at step {} of {total}; checkpoint in {}; continue with the same command \
+             plus --resume",
+            last.step,
+            staging.join("training/checkpoint").display()
+        );
+        return Ok(());
     }
     let mut metrics = Vec::new();
-    for m in &log {
+    for m in &run.log {
         writeln!(metrics, "{}", serde_json::to_string(m)?)?;
     }
+    let trainer = run.trainer;
     trainer
-        .save(
+        .finish_in(
+            &staging,
             &args.out,
             args.save_dtype.into(),
             (&args.input_hook, &args.output_hook),
@@ -229,18 +272,13 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&TrainReport {
             out: &args.out,
-            finished,
+            finished: true,
             last_step: &last,
             evaluation,
         });
     }
-    let stopped = if finished {
-        String::new()
-    } else {
-        format!(" (stopped by Ctrl-C at step {} of {total})", last.step)
-    };
     println!(
-        "cross-layer transcoder written to {}{stopped}: training FVU {:.4}, L0 {:.1} per layer, \
+        "cross-layer transcoder written to {}: training FVU {:.4}, L0 {:.1} per layer, \
          dead {:.1}%",
         args.out.display(),
         CltStepMetrics::mean(&last.fvu),

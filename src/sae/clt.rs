@@ -28,10 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::activations::{ChunkSource, MixingBuffer};
 use super::cpu::{self, AdamStep, MatRef, Nesting};
+use super::run::{STATE_JSON, TRAINER_FILE};
 use crate::error::{Error, Result};
 
 /// Layer `L`'s encoder file: its encoder, encoder bias, output bias and threshold.
@@ -58,7 +59,7 @@ const CALIBRATION_BATCHES: usize = 8;
 const CANDIDATES_PER_K: usize = 4;
 
 /// What to train.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CltConfig {
     pub n_layers: usize,
     /// Width of each layer's input hook.
@@ -159,7 +160,7 @@ impl CltConfig {
 }
 
 /// One step's figures (every per-layer list has one entry per layer).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CltStepMetrics {
     pub step: u64,
     pub tokens: u64,
@@ -634,6 +635,105 @@ impl CltTrainer {
         })
     }
 
+    fn params(&self) -> impl Iterator<Item = &Param> {
+        self.w_enc_t
+            .iter()
+            .chain(self.b_enc.iter())
+            .chain(self.w_dec.iter())
+            .chain(std::iter::once(&self.b_dec))
+    }
+
+    /// The state a checkpoint keeps: every parameter with its Adam moments, the features'
+    /// firing counters and the scales (steps and tokens go in the checkpoint's JSON).
+    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let cpu = Device::Cpu;
+        let mut out = HashMap::new();
+        for ((name, _), p) in param_names(&self.config).into_iter().zip(self.params()) {
+            for (part, values) in [("value", &p.value), ("m", &p.m), ("v", &p.v)] {
+                let t = Tensor::from_slice(values, values.len(), &cpu)?;
+                out.insert(format!("{name}.{part}"), t);
+            }
+        }
+        for (l, since) in self.since_fired.iter().enumerate() {
+            // Token counts: far below i64::MAX.
+            let counts: Vec<i64> = since.iter().map(|&t| t as i64).collect();
+            out.insert(format!("since_fired.{l}"), Tensor::new(counts, &cpu)?);
+        }
+        out.insert(
+            "input_scale".into(),
+            Tensor::new(&self.input_scale[..], &cpu)?,
+        );
+        out.insert(
+            "output_scale".into(),
+            Tensor::new(&self.output_scale[..], &cpu)?,
+        );
+        Ok(out)
+    }
+
+    /// A trainer from [`Self::state_tensors`]' tensors (read from `path`) after `step` steps
+    /// and `tokens` tokens; a missing or mis-shaped tensor is refused by name.
+    fn from_state(
+        config: CltConfig,
+        (step, tokens): (u64, u64),
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        let get = |key: &str, len: usize| -> Result<&Tensor> {
+            let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
+                dir: path.to_path_buf(),
+                key: key.into(),
+            })?;
+            if t.dims() != [len] {
+                return Err(Error::TensorShape {
+                    path: path.to_path_buf(),
+                    key: key.into(),
+                    expected: vec![len],
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        let floats =
+            |key: &str, len: usize| -> Result<Vec<f32>> { Ok(get(key, len)?.to_vec1::<f32>()?) };
+        let mut params = Vec::new();
+        for (name, len) in param_names(&config) {
+            params.push(Param {
+                value: floats(&format!("{name}.value"), len)?,
+                grad: vec![0.0; len],
+                m: floats(&format!("{name}.m"), len)?,
+                v: floats(&format!("{name}.v"), len)?,
+            });
+        }
+        let (n, f) = (config.n_layers, config.features);
+        let mut params = params.into_iter();
+        let w_enc_t: Vec<Param> = params.by_ref().take(n).collect();
+        let b_enc: Vec<Param> = params.by_ref().take(n).collect();
+        let w_dec: Vec<Param> = params.by_ref().take(n).collect();
+        let b_dec = params.next().ok_or_else(|| Error::MissingTensor {
+            dir: path.to_path_buf(),
+            key: "b_dec.value".into(),
+        })?;
+        let since_fired = (0..n)
+            .map(|l| {
+                let counts = get(&format!("since_fired.{l}"), f)?.to_vec1::<i64>()?;
+                Ok(counts.into_iter().map(|t| t.max(0) as u64).collect())
+            })
+            .collect::<Result<Vec<Vec<u64>>>>()?;
+        Ok(Self {
+            thresholds: vec![0.0; n],
+            since_fired,
+            input_scale: floats("input_scale", n)?,
+            output_scale: floats("output_scale", n)?,
+            step,
+            tokens,
+            w_enc_t,
+            b_enc,
+            w_dec,
+            b_dec,
+            config,
+        })
+    }
+
     fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
         self.w_enc_t
             .iter_mut()
@@ -730,17 +830,36 @@ impl CltTrainer {
         extra: &[(&str, Vec<u8>)],
     ) -> Result<()> {
         let staging = check_output_folder(dir)?;
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        let written = self
-            .write_into(&staging, dtype, hooks, extra)
+        self.finish_in(&staging, dir, dtype, hooks, extra)
+    }
+
+    /// [`Self::save`] for a checkpointed run whose folder is `staging` (the one
+    /// [`check_output_folder`] names; created if no checkpoint was written): the CLT is written
+    /// into it, its `training/` removed, and it is renamed to `dir`. If anything fails, a staging folder with a checkpoint is kept
+    /// (a rerun with `--resume` finishes it), one without is removed.
+    pub fn finish_in(
+        &self,
+        staging: &Path,
+        dir: &Path,
+        dtype: DType,
+        hooks: (&str, &str),
+        extra: &[(&str, Vec<u8>)],
+    ) -> Result<()> {
+        let training = staging.join("training");
+        let written = std::fs::create_dir_all(staging)
+            .map_err(|e| Error::io(staging, e))
+            .and_then(|()| self.write_into(staging, dtype, hooks, extra))
             .and_then(|()| {
+                if training.exists() {
+                    std::fs::remove_dir_all(&training).map_err(|e| Error::io(&training, e))?;
+                }
                 if dir.is_dir() {
                     std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e))?;
                 }
-                std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))
+                std::fs::rename(staging, dir).map_err(|e| Error::io(dir, e))
             });
-        if written.is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
+        if written.is_err() && !training.exists() {
+            let _ = std::fs::remove_dir_all(staging);
         }
         written
     }
@@ -820,10 +939,145 @@ impl CltTrainer {
     }
 }
 
+/// The trainer's parameters in [`CltTrainer::params`]' order, with their lengths: every
+/// layer's encoder, every layer's encoder bias, every layer's decoder, the output biases.
+fn param_names(c: &CltConfig) -> Vec<(String, usize)> {
+    let (n, d_in, d_out, f) = (c.n_layers, c.d_in, c.d_out, c.features);
+    let layers = |name: &str, len: &dyn Fn(usize) -> usize| -> Vec<(String, usize)> {
+        (0..n).map(|l| (format!("{name}.{l}"), len(l))).collect()
+    };
+    let mut names = layers("w_enc_t", &|_| f * d_in);
+    names.extend(layers("b_enc", &|_| f));
+    names.extend(layers("w_dec", &|l| f * (n - l) * d_out));
+    names.push(("b_dec".into(), n * d_out));
+    names
+}
+
+/// Where a checkpointed run keeps its state, and when it writes it.
+#[derive(Clone, Debug)]
+pub struct Checkpoints {
+    /// The run's folder: checkpoints go in its `training/checkpoint/`.
+    pub dir: std::path::PathBuf,
+    /// Tokens between checkpoints (0: only when stopped).
+    pub every_tokens: u64,
+    /// Continue the checkpoint in `dir` instead of starting afresh.
+    pub resume: bool,
+    /// What a resumed run must match besides its settings: the model, corpus and hooks.
+    pub identity: String,
+}
+
+impl Checkpoints {
+    fn training(&self) -> std::path::PathBuf {
+        self.dir.join("training")
+    }
+}
+
+/// A checkpoint's JSON: everything besides the tensors.
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    config: CltConfig,
+    identity: String,
+    step: u64,
+    tokens: u64,
+    chunks_read: u64,
+    buffer_refills: u64,
+    buffer_used: usize,
+    /// The metrics logged so far (see [`train_checkpointed`]).
+    log: Vec<CltStepMetrics>,
+}
+
+/// Writes a checkpoint of `trainer`, the mixing buffer and the stream position.
+fn save_checkpoint(
+    checkpoints: &Checkpoints,
+    trainer: &CltTrainer,
+    buffer: &MixingBuffer,
+    source: &dyn ChunkSource,
+    log: &[CltStepMetrics],
+) -> Result<()> {
+    let (_, used, refills) = buffer.state();
+    let state = CheckpointState {
+        config: trainer.config.clone(),
+        identity: checkpoints.identity.clone(),
+        step: trainer.step,
+        tokens: trainer.tokens,
+        chunks_read: source.chunks_read(),
+        buffer_refills: refills,
+        buffer_used: used,
+        log: log.to_vec(),
+    };
+    super::run::swap_in_checkpoint(&checkpoints.training(), |new| {
+        crate::files::write_safetensors(&trainer.state_tensors()?, &new.join(TRAINER_FILE))?;
+        super::run::save_buffer(new, buffer)?;
+        crate::files::write_json(&new.join(STATE_JSON), &state)
+    })
+}
+
+/// The trainer and metrics log of the checkpoint in `checkpoints.dir`, with `buffer` and
+/// `source` put back where they were; refused unless it was made with `config` and the same
+/// identity.
+fn restore_checkpoint(
+    checkpoints: &Checkpoints,
+    config: &CltConfig,
+    buffer: &mut MixingBuffer,
+    source: &mut dyn ChunkSource,
+) -> Result<(CltTrainer, Vec<CltStepMetrics>)> {
+    let dir = super::run::checkpoint_to_resume(&checkpoints.training())?;
+    let state: CheckpointState = crate::files::read_json(&dir.join(STATE_JSON))?;
+    let mismatch = |message: String| Error::InvalidArgument {
+        what: "resume",
+        value: dir.display().to_string(),
+        message,
+    };
+    if &state.config != config {
+        return Err(mismatch(format!(
+            "the checkpoint was made with other settings ({:?}); resume with the same ones",
+            state.config
+        )));
+    }
+    if state.identity != checkpoints.identity {
+        return Err(mismatch(format!(
+            "the checkpoint is of another run ({}), not {}",
+            state.identity, checkpoints.identity
+        )));
+    }
+    let path = dir.join(TRAINER_FILE);
+    let tensors = super::run::load_tensors(&path)?;
+    let trainer =
+        CltTrainer::from_state(config.clone(), (state.step, state.tokens), &tensors, &path)?;
+    super::run::restore_buffer(&dir, buffer, state.buffer_used, state.buffer_refills)?;
+    source.skip_to(state.chunks_read)?;
+    Ok((trainer, state.log))
+}
+
 /// Refuses an output folder a CLT cannot be saved into — empty, a file, a folder that is not
 /// empty, `.` or `..`, or one beside a leftover staging folder — before any training, and again
 /// when saving. Returns the staging folder [`CltTrainer::save`] writes into.
 pub fn check_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
+    let staging = free_output_folder(dir)?;
+    if staging.exists() {
+        let what = if staging.join("training").exists() {
+            "an interrupted run's checkpoint: pass --resume to continue it, or remove it"
+        } else {
+            "a leftover; remove it first"
+        };
+        return Err(Error::InvalidArgument {
+            what: "cross-layer transcoder folder",
+            value: dir.display().to_string(),
+            message: format!("has {} beside it, {what}", staging.display()),
+        });
+    }
+    Ok(staging)
+}
+
+/// [`check_output_folder`] for a run that continues the checkpoint in the staging folder:
+/// `dir` must still be free; the staging folder is returned (resuming finds the checkpoint in
+/// it, or says where it is missing).
+pub fn resumed_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
+    free_output_folder(dir)
+}
+
+/// Refuses `dir` unless a CLT can be written there; returns its staging folder's path.
+fn free_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
     crate::files::require_output_path("cross-layer transcoder folder", dir)?;
     let refuse = |message: String| Error::InvalidArgument {
         what: "cross-layer transcoder folder",
@@ -840,14 +1094,7 @@ pub fn check_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| refuse("names no folder of its own; give a new folder's name".into()))?;
-    let staging = dir.with_file_name(format!(".{name}.partial"));
-    if staging.exists() {
-        return Err(refuse(format!(
-            "has a leftover {} beside it; remove it first",
-            staging.display()
-        )));
-    }
-    Ok(staging)
+    Ok(dir.with_file_name(format!(".{name}.partial")))
 }
 
 /// The rows a CLT trains on: every layer's `inputs[l]`, then every layer's `outputs[l]`, at the
@@ -879,8 +1126,55 @@ pub fn train(
     config: CltConfig,
     buffer_rows: usize,
     cancel: &AtomicBool,
-    mut on_step: impl FnMut(&CltStepMetrics),
+    on_step: impl FnMut(&CltStepMetrics),
 ) -> Result<(CltTrainer, bool)> {
+    let run = train_run(source, config, buffer_rows, cancel, None, on_step)?;
+    Ok((run.trainer, run.finished))
+}
+
+/// A training run's result.
+pub struct TrainedClt {
+    /// Calibrated, ready to save.
+    pub trainer: CltTrainer,
+    /// Whether every step ran (`false`: cancelled).
+    pub finished: bool,
+    /// Every [`LOG_EVERY_STEPS`]th step's metrics, and the last step's, resumed runs'
+    /// included.
+    pub log: Vec<CltStepMetrics>,
+}
+
+/// Steps between logged metrics.
+pub const LOG_EVERY_STEPS: u64 = 10;
+
+/// [`train`] with checkpoints in `checkpoints.dir` (every `every_tokens` tokens, and when
+/// cancelled), or continuing the one there: a resumed run reaches the weights an uninterrupted
+/// one does.
+pub fn train_checkpointed(
+    source: &mut dyn ChunkSource,
+    config: CltConfig,
+    buffer_rows: usize,
+    cancel: &AtomicBool,
+    checkpoints: &Checkpoints,
+    on_step: impl FnMut(&CltStepMetrics),
+) -> Result<TrainedClt> {
+    train_run(
+        source,
+        config,
+        buffer_rows,
+        cancel,
+        Some(checkpoints),
+        on_step,
+    )
+}
+
+fn train_run(
+    source: &mut dyn ChunkSource,
+    config: CltConfig,
+    buffer_rows: usize,
+    cancel: &AtomicBool,
+    checkpoints: Option<&Checkpoints>,
+    mut on_step: impl FnMut(&CltStepMetrics),
+) -> Result<TrainedClt> {
     config.validate()?;
     let width = config.row_width();
     if source.d_in() != width {
@@ -895,14 +1189,29 @@ pub fn train(
     }
     let batch = config.batch_size;
     let mut buffer = MixingBuffer::new(width, buffer_rows.max(2 * batch), config.seed);
-    buffer.fill(source)?;
-    let unread = buffer.unread();
-    let first = unread[..unread.len().min(batch * width)].to_vec();
-    let mut trainer = CltTrainer::new(config, &first)?;
-    while trainer.step < trainer.config.total_steps {
+    let (mut trainer, mut log) = match checkpoints.filter(|c| c.resume) {
+        Some(c) => restore_checkpoint(c, &config, &mut buffer, source)?,
+        None => {
+            buffer.fill(source)?;
+            let unread = buffer.unread();
+            let first = unread[..unread.len().min(batch * width)].to_vec();
+            (CltTrainer::new(config, &first)?, Vec::new())
+        }
+    };
+    let total = trainer.config.total_steps;
+    let every = checkpoints.map_or(0, |c| c.every_tokens);
+    let mut next_checkpoint = super::run::next_multiple(trainer.tokens, every);
+    while trainer.step < total {
         if cancel.load(Ordering::Relaxed) {
+            if let Some(c) = checkpoints {
+                save_checkpoint(c, &trainer, &buffer, source, &log)?;
+            }
             trainer.calibrate_on(&mut buffer, source)?;
-            return Ok((trainer, false));
+            return Ok(TrainedClt {
+                trainer,
+                finished: false,
+                log,
+            });
         }
         let rows = buffer.next_batch(source, batch)?;
         let metrics = trainer.step(rows)?;
@@ -912,10 +1221,27 @@ pub fn train(
                 at: format!("step {} (try a lower learning rate)", metrics.step),
             });
         }
+        // The last logged entry is always the latest step: replace an unlogged one.
+        if log.last().is_some_and(|m| m.step % LOG_EVERY_STEPS != 0) {
+            log.pop();
+        }
+        log.push(metrics.clone());
         on_step(&metrics);
+        if let Some(c) = checkpoints
+            && every > 0
+            && trainer.tokens >= next_checkpoint
+            && trainer.step < total
+        {
+            save_checkpoint(c, &trainer, &buffer, source, &log)?;
+            next_checkpoint = super::run::next_multiple(trainer.tokens, every);
+        }
     }
     trainer.calibrate_on(&mut buffer, source)?;
-    Ok((trainer, true))
+    Ok(TrainedClt {
+        trainer,
+        finished: true,
+        log,
+    })
 }
 
 #[cfg(test)]

@@ -350,7 +350,8 @@ pub fn run(
     Ok(RunOutcome::Finished(last))
 }
 
-fn next_multiple(tokens: u64, every: u64) -> u64 {
+/// The first multiple of `every` above `tokens` (never, for `every` 0).
+pub(crate) fn next_multiple(tokens: u64, every: u64) -> u64 {
     tokens
         .checked_div(every)
         .map_or(u64::MAX, |q| (q + 1) * every)
