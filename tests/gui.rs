@@ -1254,6 +1254,8 @@ fn the_circuits_panel_scores_its_replacement_model() {
     wait_for(&mut h, "the graph", |h| {
         has_label(h, "Selected: logit") && !h.state().busy()
     });
+    // Scored on another held-out corpus than the default world:1.
+    replace_text(&mut h, "on", "world:2");
     h.get_by_label("Score the replacement model").click();
     let model = h.state().workbench.model.clone().unwrap();
     let transcoders =
@@ -1265,7 +1267,7 @@ fn the_circuits_panel_scores_its_replacement_model() {
     };
     let mut source = ActivationSource::new(
         &model,
-        Corpus::parse("world:1", "text").unwrap(),
+        Corpus::parse("world:2", "text").unwrap(),
         &transcoders[0].site.input.to_string(),
         settings,
     )

@@ -485,21 +485,34 @@ fn set_change(changes: &mut Vec<FeatureChange>, feature: usize, value: f32) {
     changes.push(FeatureChange { feature, value });
 }
 
-/// Held-out text the replacement model is scored on: windows of the world corpus generated
-/// with another seed than the bundled corpus's, `FIDELITY_WINDOWS` of `FIDELITY_CONTEXT` tokens.
+/// Held-out text the replacement model is scored on by default: the world corpus generated
+/// with another seed than the bundled corpus's; `FIDELITY_WINDOWS` of `FIDELITY_CONTEXT`
+/// tokens of it.
 const FIDELITY_CORPUS: &str = "world:1";
 const FIDELITY_WINDOWS: usize = 16;
 const FIDELITY_CONTEXT: usize = 64;
 
-/// Which transcoders (folders), on which model version: what a replacement score is of.
-type FidelityKey = (Vec<PathBuf>, u64);
+/// Which transcoders (folders), on which model version and corpus: what a replacement score
+/// is of.
+type FidelityKey = (Vec<PathBuf>, u64, String);
 
 /// How faithful the graph's transcoders are as a replacement for the MLPs
 /// ([`crate::attribution_graph::fidelity`]), scored on demand on held-out text.
-#[derive(Default)]
 struct Fidelity {
+    /// What it is scored on: `world:SEED`, or a text, JSONL or Parquet file.
+    corpus: String,
     job: Option<Job<(FidelityKey, FidelityReport)>>,
     report: Option<(FidelityKey, FidelityReport)>,
+}
+
+impl Default for Fidelity {
+    fn default() -> Self {
+        Self {
+            corpus: FIDELITY_CORPUS.into(),
+            job: None,
+            report: None,
+        }
+    }
 }
 
 impl Fidelity {
@@ -507,7 +520,12 @@ impl Fidelity {
         if let Some(done) = take(&mut self.job, wb) {
             self.report = Some(done);
         }
-        let key = (circuit.transcoder_dirs.clone(), wb.model_version);
+        let corpus = self.corpus.trim().to_string();
+        let key = (
+            circuit.transcoder_dirs.clone(),
+            wb.model_version,
+            corpus.clone(),
+        );
         ui.horizontal_wrapped(|ui| {
             let clicked = ui
                 .add_enabled(
@@ -516,6 +534,15 @@ impl Fidelity {
                 )
                 .on_hover_text(explain::REPLACEMENT_MODEL)
                 .clicked();
+            let label = ui.label("on").on_hover_text(
+                "The held-out text: world:SEED (the world corpus generated with that seed; \
+                 the bundled model trained on world:0), or a .txt, .jsonl or .parquet file",
+            );
+            ui.add_enabled(
+                self.job.is_none(),
+                egui::TextEdit::singleline(&mut self.corpus).desired_width(140.0),
+            )
+            .labelled_by(label.id);
             if clicked {
                 let (model, transcoders, key) =
                     (model.clone(), circuit.transcoders.clone(), key.clone());
@@ -530,7 +557,7 @@ impl Fidelity {
                     };
                     let mut source = ActivationSource::new(
                         &model,
-                        Corpus::parse(FIDELITY_CORPUS, "text")?,
+                        Corpus::parse(&corpus, "text")?,
                         &first.site.input.to_string(),
                         settings,
                     )?;
