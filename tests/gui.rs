@@ -1513,6 +1513,54 @@ fn every_panel_renders_like_its_snapshot() {
     results.unwrap();
 }
 
+/// Supernodes are drawn merged over the graph: the logit and its two strongest kept inputs in
+/// two groups, their rings, names and the arrow of their summed effect, compared with an image.
+#[test]
+fn supernodes_are_drawn_over_the_graph_like_their_snapshot() {
+    let mut h = rendering_harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Circuits");
+    wait_for(&mut h, "the graph", |h| {
+        has_label(h, "Selected: logit") && !h.state().busy()
+    });
+    let selected = texts_containing(&h, "Selected: logit").remove(0);
+    let logit = selected.trim_start_matches("Selected: ").to_string();
+    replace_text(&mut h, "group name", "say T");
+    h.get_by_label("Add to supernode").click();
+    h.run_steps(2);
+    // The logit's two strongest inputs that are features, from its Inputs list.
+    let inputs: Vec<String> = texts_containing(&h, " @")
+        .into_iter()
+        .filter(|t| t.starts_with('L') && t.contains(" f"))
+        .take(2)
+        .collect();
+    assert_eq!(inputs.len(), 2, "{inputs:?}");
+    replace_text(&mut h, "group name", "Japan → T");
+    for input in &inputs {
+        assert!(has_label(&h, "Selected: logit"), "{input}");
+        h.query_all_by_label(input).next().unwrap().click();
+        h.run_steps(2);
+        wait_for(&mut h, "the feature's contexts", |h| !h.state().busy());
+        h.run_steps(2);
+        h.get_by_label("Add to supernode").click();
+        h.run_steps(2);
+        // Back to the logit (its button in the group) for the next input.
+        h.query_all_by_label(&logit).next().unwrap().click();
+        h.run_steps(2);
+    }
+    assert!(
+        has_label(&h, "Japan → T → "),
+        "{:?}",
+        texts_containing(&h, "→")
+    );
+    h.key_press(egui::Key::Escape);
+    h.input_mut().events.push(egui::Event::PointerGone);
+    wait_for(&mut h, "a quiet window", |h| !h.state().busy());
+    h.run_steps(3);
+    let options = egui_kittest::SnapshotOptions::new().failed_pixel_count_threshold(1400);
+    h.snapshot_options("circuits_supernodes", &options);
+}
+
 /// A transcoder opens in the window at both its hooks: the status line names the hook it reads
 /// and the one it writes.
 #[test]

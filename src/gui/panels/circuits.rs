@@ -725,14 +725,19 @@ impl Panel for Circuits {
         // A long prompt scrolls sideways rather than crowding its tokens. Only then: a scroll
         // area sized by the view it sits in would resize itself from pass to pass.
         let needed = LABEL_WIDTH + circuit.graph.n_positions().max(1) as f32 * MIN_COLUMN_WIDTH;
+        // (Groups of an earlier graph name nodes of that graph: none until they are reset.)
+        let groups = match self.supernodes.serial == circuit.serial {
+            true => self.supernodes.groups.as_slice(),
+            false => &[],
+        };
         let mut picked = if needed <= ui.available_width() {
             let width = ui.available_width();
-            graph_view(ui, circuit, selected, width)
+            graph_view(ui, circuit, selected, width, groups)
         } else {
             egui::ScrollArea::horizontal()
                 .id_salt("circuit graph")
                 .stick_to_right(true)
-                .show(ui, |ui| graph_view(ui, circuit, selected, needed))
+                .show(ui, |ui| graph_view(ui, circuit, selected, needed, groups))
                 .inner
         };
         ui.separator();
@@ -1226,8 +1231,15 @@ fn summary(ui: &mut egui::Ui, circuit: &Circuit) {
     });
 }
 
-/// Draws the graph `width` points wide; returns a clicked node (a graph index).
-fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize, width: f32) -> Option<usize> {
+/// Draws the graph `width` points wide, with the supernode `groups` over it; returns a clicked
+/// node (a graph index).
+fn graph_view(
+    ui: &mut egui::Ui,
+    circuit: &Circuit,
+    selected: usize,
+    width: f32,
+    groups: &[Supernode],
+) -> Option<usize> {
     let graph = &circuit.graph;
     let rows = graph.n_layers + 2;
     let columns = graph.n_positions().max(1) as f32;
@@ -1354,6 +1366,7 @@ fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize, width: f32)
             );
         }
     }
+    draw_supernodes(&painter, circuit, groups, &points, dark);
     let hovered = hovered.map(|i| circuit.nodes[i].index);
     if let Some(node) = hovered {
         response
@@ -1361,6 +1374,116 @@ fn graph_view(ui: &mut egui::Ui, circuit: &Circuit, selected: usize, width: f32)
             .on_hover_text_at_pointer(hover_text(circuit, node));
     }
     response.clicked().then_some(hovered).flatten()
+}
+
+/// Colours of supernodes, in the order the groups were made.
+const GROUP_COLOURS: [Color32; 6] = [
+    Color32::from_rgb(230, 160, 40),
+    Color32::from_rgb(80, 170, 230),
+    Color32::from_rgb(200, 90, 200),
+    Color32::from_rgb(120, 200, 90),
+    Color32::from_rgb(230, 90, 90),
+    Color32::from_rgb(150, 150, 230),
+];
+
+/// A supernode as drawn: its shown members' places and their centre.
+struct GroupPlace {
+    members: Vec<Pos2>,
+    centre: Pos2,
+}
+
+/// Where a group's name is drawn: above its members' centre (below it at the top of the
+/// view, `top`), so that a group of one node does not hide it.
+fn label_at(place: &GroupPlace, top: f32) -> Pos2 {
+    let above = place.centre - vec2(0.0, 18.0);
+    if above.y < top + 10.0 {
+        place.centre + vec2(0.0, 18.0)
+    } else {
+        above
+    }
+}
+
+/// Where each group's shown members are, and their centre (`None`: none of them is shown).
+fn group_places(
+    circuit: &Circuit,
+    groups: &[Supernode],
+    points: &[Pos2],
+) -> Vec<Option<GroupPlace>> {
+    groups
+        .iter()
+        .map(|g| {
+            let members: Vec<Pos2> = (g.nodes.iter())
+                .filter_map(|n| circuit.place.get(n).map(|&i| points[i]))
+                .collect();
+            let n = members.len() as f32;
+            let sum = members
+                .iter()
+                .fold(vec2(0.0, 0.0), |acc, p| acc + p.to_vec2());
+            (!members.is_empty()).then(|| GroupPlace {
+                centre: (sum / n).to_pos2(),
+                members,
+            })
+        })
+        .collect()
+}
+
+/// Supernodes drawn merged over the graph, as Neuronpedia's graph view shows them: each
+/// group's members ringed in its colour and joined to its name at their centre, and each
+/// group's summed direct effect on every other group as an arrow between the names (red
+/// raises, blue lowers; width by size).
+fn draw_supernodes(
+    painter: &egui::Painter,
+    circuit: &Circuit,
+    groups: &[Supernode],
+    points: &[Pos2],
+    dark: bool,
+) {
+    let places = group_places(circuit, groups, points);
+    let top = painter.clip_rect().top();
+    let graph = &circuit.graph;
+    let links: Vec<(usize, usize, f32)> = (0..groups.len())
+        .flat_map(|a| (0..groups.len()).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| (a, b, graph.group_effect(&groups[b].nodes, &groups[a].nodes)))
+        .filter(|&(_, _, w)| w != 0.0)
+        .collect();
+    let largest = links.iter().map(|l| l.2.abs()).fold(1e-12, f32::max);
+    for &(a, b, w) in &links {
+        let (Some(from), Some(to)) = (&places[a], &places[b]) else {
+            continue;
+        };
+        let t = w / largest;
+        let colour = diverging_colour(t.signum() * (0.4 + 0.6 * t.abs().sqrt()), dark);
+        let stroke = Stroke::new(1.5 + 3.5 * t.abs().sqrt(), colour);
+        // From label to label, stopping short of the target's, with a head of fixed size.
+        let (start, end) = (label_at(from, top), label_at(to, top));
+        let along = end - start;
+        let length = along.length();
+        if length < 30.0 {
+            continue;
+        }
+        let dir = along / length;
+        let tip = start + dir * (length - 18.0);
+        painter.line_segment([start, tip], stroke);
+        let rot = egui::emath::Rot2::from_angle(0.45);
+        for side in [rot * -dir, rot.inverse() * -dir] {
+            painter.line_segment([tip, tip + side * 11.0], stroke);
+        }
+    }
+    let font = egui::FontId::proportional(13.0);
+    for (k, (group, place)) in groups.iter().zip(&places).enumerate() {
+        let Some(place) = place else { continue };
+        let colour = GROUP_COLOURS[k % GROUP_COLOURS.len()];
+        for &at in &place.members {
+            let stroke = Stroke::new(1.0, colour.gamma_multiply(0.6));
+            painter.line_segment([at, label_at(place, top)], stroke);
+            painter.circle_stroke(at, 7.0, Stroke::new(2.0, colour));
+        }
+        let galley = painter.layout_no_wrap(group.label.clone(), font.clone(), Color32::BLACK);
+        let rect = Rect::from_center_size(label_at(place, top), galley.size() + vec2(10.0, 6.0));
+        painter.rect_filled(rect, 4.0, colour);
+        painter.galley(rect.min + vec2(5.0, 3.0), galley, Color32::BLACK);
+    }
 }
 
 /// The node nearest `pointer` within [`PICK_RADIUS`].
