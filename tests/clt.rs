@@ -313,16 +313,24 @@ fn clt_train_writes_a_folder_that_scores_and_traces() {
     assert!(!file["nodes"].as_array().unwrap().is_empty());
 }
 
+/// 25 steps of 128 tokens: the log keeps steps 10 and 20 and the last, and features die after
+/// two steps without firing, so that AuxK and the firing counters shape the weights.
+fn small_config(model: &Model) -> CltConfig {
+    let (n, d) = (model.dims().n_layers, model.dims().d_model);
+    let mut config = CltConfig::new(n, d, d, 48, 4);
+    config.batch_size = 128;
+    config.total_steps = 25;
+    config.warmup_steps = 2;
+    config.decay_steps = 5;
+    config.dead_after_tokens = 256;
+    config
+}
+
 /// Trains a small CLT on the world model with checkpoints in `dir`; `stop_at` sets the cancel
 /// flag after that step.
 fn checkpointed_run(dir: &Path, resume: bool, stop_at: Option<u64>) -> TrainedClt {
     let model = world();
     let (n, d) = (model.dims().n_layers, model.dims().d_model);
-    let mut config = CltConfig::new(n, d, d, 48, 4);
-    config.batch_size = 128;
-    config.total_steps = 9;
-    config.warmup_steps = 2;
-    config.decay_steps = 3;
     let checkpoints = Checkpoints {
         dir: dir.to_path_buf(),
         every_tokens: 2 * 128,
@@ -332,7 +340,7 @@ fn checkpointed_run(dir: &Path, resume: bool, stop_at: Option<u64>) -> TrainedCl
     let cancel = AtomicBool::new(false);
     train_checkpointed(
         &mut clt_source(&model),
-        config,
+        small_config(&model),
         512,
         &cancel,
         &checkpoints,
@@ -350,18 +358,29 @@ fn a_resumed_clt_run_reaches_the_weights_of_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = checkpointed_run(&tmp.path().join("straight"), false, None);
     assert!(straight.finished);
-    assert_eq!(straight.log.last().unwrap().step, 9);
+    let steps: Vec<u64> = straight.log.iter().map(|m| m.step).collect();
+    assert_eq!(steps, [10, 20, 25]);
+    assert!(
+        straight
+            .log
+            .iter()
+            .any(|m| m.dead_fraction.iter().any(|&d| d > 0.0)),
+        "some features die, so AuxK acts: {:?}",
+        straight.log
+    );
 
     let resumed_dir = tmp.path().join("resumed");
-    let stopped = checkpointed_run(&resumed_dir, false, Some(5));
+    let stopped = checkpointed_run(&resumed_dir, false, Some(12));
     assert!(!stopped.finished);
-    assert_eq!(stopped.log.last().unwrap().step, 5);
+    let steps: Vec<u64> = stopped.log.iter().map(|m| m.step).collect();
+    assert_eq!(steps, [10, 12]);
     let checkpoint = resumed_dir.join("training/checkpoint");
     assert!(checkpoint.join("state.json").is_file());
     let resumed = checkpointed_run(&resumed_dir, true, None);
     assert!(resumed.finished);
 
-    // The same metrics at every logged step, and the same saved tensors, bit for bit.
+    // The same metrics at every logged step (step 10's read back from the checkpoint), and
+    // the same saved tensors, bit for bit.
     assert_eq!(resumed.log, straight.log);
     let (a, b) = (
         straight.trainer.tensors(DType::F32).unwrap(),
@@ -378,7 +397,23 @@ fn a_resumed_clt_run_reaches_the_weights_of_an_uninterrupted_one() {
         }
     }
 
-    // A checkpoint of other settings is refused by name.
+    // Saving puts the CLT at its name and drops the run's checkpoint.
+    let out = tmp.path().join("clt");
+    resumed
+        .trainer
+        .finish_in(
+            &resumed_dir,
+            &out,
+            DType::F32,
+            ("hook_resid_mid", "hook_mlp_out"),
+            &[],
+        )
+        .unwrap();
+    assert!(out.join("W_enc_0.safetensors").is_file() && out.join("config.yaml").is_file());
+    assert!(!out.join("training").exists() && !resumed_dir.exists());
+
+    // A checkpoint of other settings is refused by name (the straight run's last one).
+    let checkpoint = tmp.path().join("straight/training/checkpoint");
     std::fs::write(
         checkpoint.join("state.json"),
         std::fs::read_to_string(checkpoint.join("state.json"))
@@ -387,19 +422,13 @@ fn a_resumed_clt_run_reaches_the_weights_of_an_uninterrupted_one() {
     )
     .unwrap();
     let model = world();
-    let (n, d) = (model.dims().n_layers, model.dims().d_model);
-    let mut config = CltConfig::new(n, d, d, 48, 4);
-    config.batch_size = 128;
-    config.total_steps = 9;
-    config.warmup_steps = 2;
-    config.decay_steps = 3;
     let err = train_checkpointed(
         &mut clt_source(&model),
-        config,
+        small_config(&model),
         512,
         &AtomicBool::new(false),
         &Checkpoints {
-            dir: resumed_dir.clone(),
+            dir: tmp.path().join("straight"),
             every_tokens: 0,
             resume: true,
             identity: "the world model".into(),

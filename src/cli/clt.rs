@@ -184,11 +184,15 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut first_tokens = None;
     // What a checkpoint must match to be resumed, besides the settings.
+    let buffer_rows = args
+        .buffer_rows
+        .unwrap_or(args.batch_size.saturating_mul(16));
     let identity = format!(
-        "model {} ({}), corpus {}, hooks {} → {}",
+        "model {} ({}), corpus {} in {:?}, hooks {} → {}, {buffer_rows} buffer rows",
         model.dir.display(),
         model.model_type,
         source.corpus().describe(),
+        args.corpus.windows(&model),
         args.input_hook,
         args.output_hook
     );
@@ -201,8 +205,7 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     let run = train_checkpointed(
         &mut source,
         config,
-        args.buffer_rows
-            .unwrap_or(args.batch_size.saturating_mul(16)),
+        buffer_rows,
         &CANCEL,
         &checkpoints,
         |m| {
@@ -250,7 +253,14 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
             (&args.input_hook, &args.output_hook),
             &[("training-metrics.jsonl", metrics)],
         )
-        .with_context(|| format!("saving the CLT into {}", args.out.display()))?;
+        .with_context(|| {
+            format!(
+                "saving the CLT into {} (the checkpoint in {} is kept: the same command with \
+                 --resume saves it again)",
+                args.out.display(),
+                staging.display()
+            )
+        })?;
     drop(trainer);
     let evaluation = if args.eval_windows > 0 && !CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
         let transcoders = load_each(std::slice::from_ref(&args.out), &model)

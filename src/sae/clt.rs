@@ -835,8 +835,9 @@ impl CltTrainer {
 
     /// [`Self::save`] for a checkpointed run whose folder is `staging` (the one
     /// [`check_output_folder`] names; created if no checkpoint was written): the CLT is written
-    /// into it, its `training/` removed, and it is renamed to `dir`. If anything fails, a staging folder with a checkpoint is kept
-    /// (a rerun with `--resume` finishes it), one without is removed.
+    /// into it, it is renamed to `dir`, and then its checkpoint removed. If anything fails
+    /// before the rename, a staging folder with a checkpoint is kept (a rerun with `--resume`
+    /// finishes it), one without is removed.
     pub fn finish_in(
         &self,
         staging: &Path,
@@ -845,23 +846,29 @@ impl CltTrainer {
         hooks: (&str, &str),
         extra: &[(&str, Vec<u8>)],
     ) -> Result<()> {
-        let training = staging.join("training");
+        // A checkpoint in the staging folder outlives a failed save: `--resume` finishes it.
+        let checkpointed = staging.join("training").exists();
         let written = std::fs::create_dir_all(staging)
             .map_err(|e| Error::io(staging, e))
             .and_then(|()| self.write_into(staging, dtype, hooks, extra))
             .and_then(|()| {
-                if training.exists() {
-                    std::fs::remove_dir_all(&training).map_err(|e| Error::io(&training, e))?;
-                }
                 if dir.is_dir() {
                     std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e))?;
                 }
                 std::fs::rename(staging, dir).map_err(|e| Error::io(dir, e))
             });
-        if written.is_err() && !training.exists() {
-            let _ = std::fs::remove_dir_all(staging);
+        if written.is_err() {
+            if !checkpointed {
+                let _ = std::fs::remove_dir_all(staging);
+            }
+            return written;
         }
-        written
+        // Only now, with the CLT in place, is the checkpoint no longer needed.
+        let training = dir.join("training");
+        if checkpointed {
+            std::fs::remove_dir_all(&training).map_err(|e| Error::io(&training, e))?;
+        }
+        Ok(())
     }
 
     /// The files of [`Self::save`], written into `staging`.
@@ -1134,7 +1141,7 @@ pub fn train(
 
 /// A training run's result.
 pub struct TrainedClt {
-    /// Calibrated, ready to save.
+    /// Calibrated, ready to save (except a cancelled checkpointed run's: it is resumed).
     pub trainer: CltTrainer,
     /// Whether every step ran (`false`: cancelled).
     pub finished: bool,
@@ -1146,9 +1153,9 @@ pub struct TrainedClt {
 /// Steps between logged metrics.
 pub const LOG_EVERY_STEPS: u64 = 10;
 
-/// [`train`] with checkpoints in `checkpoints.dir` (every `every_tokens` tokens, and when
-/// cancelled), or continuing the one there: a resumed run reaches the weights an uninterrupted
-/// one does.
+/// [`train`] with checkpoints in `checkpoints.dir` (every `every_tokens` tokens, when
+/// cancelled, and at the end), or continuing the one there: a resumed run reaches the weights an
+/// uninterrupted one does.
 pub fn train_checkpointed(
     source: &mut dyn ChunkSource,
     config: CltConfig,
@@ -1203,10 +1210,11 @@ fn train_run(
     let mut next_checkpoint = super::run::next_multiple(trainer.tokens, every);
     while trainer.step < total {
         if cancel.load(Ordering::Relaxed) {
-            if let Some(c) = checkpoints {
-                save_checkpoint(c, &trainer, &buffer, source, &log)?;
+            // A checkpointed run is continued, not saved: no thresholds to set.
+            match checkpoints {
+                Some(c) => save_checkpoint(c, &trainer, &buffer, source, &log)?,
+                None => trainer.calibrate_on(&mut buffer, source)?,
             }
-            trainer.calibrate_on(&mut buffer, source)?;
             return Ok(TrainedClt {
                 trainer,
                 finished: false,
@@ -1235,6 +1243,10 @@ fn train_run(
             save_checkpoint(c, &trainer, &buffer, source, &log)?;
             next_checkpoint = super::run::next_multiple(trainer.tokens, every);
         }
+    }
+    // The last checkpoint: should saving fail, `--resume` saves without training again.
+    if let Some(c) = checkpoints {
+        save_checkpoint(c, &trainer, &buffer, source, &log)?;
     }
     trainer.calibrate_on(&mut buffer, source)?;
     Ok(TrainedClt {

@@ -442,7 +442,7 @@ impl Checkpoint<'_> {
             counters: trainer.state_counters(),
         };
         swap_in_checkpoint(&paths.training(), |new| {
-            candle_core::safetensors::save(&trainer.state_tensors()?, new.join(TRAINER_FILE))?;
+            crate::files::write_safetensors(&trainer.state_tensors()?, &new.join(TRAINER_FILE))?;
             save_buffer(new, buffer)?;
             crate::files::write_json(&new.join(STATE_JSON), &state)
         })
@@ -506,9 +506,9 @@ pub(crate) fn save_buffer(dir: &Path, buffer: &MixingBuffer) -> Result<()> {
     let (held, _, _) = buffer.state();
     let width = buffer.width();
     let rows = Tensor::from_slice(held, (held.len() / width.max(1), width), &Device::Cpu)?;
-    candle_core::safetensors::save(
+    crate::files::write_safetensors(
         &HashMap::from([("rows".to_string(), rows)]),
-        dir.join(BUFFER_FILE),
+        &dir.join(BUFFER_FILE),
     )?;
     Ok(())
 }
