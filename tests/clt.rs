@@ -330,7 +330,6 @@ fn small_config(model: &Model) -> CltConfig {
 /// flag after that step.
 fn checkpointed_run(dir: &Path, resume: bool, stop_at: Option<u64>) -> TrainedClt {
     let model = world();
-    let (n, d) = (model.dims().n_layers, model.dims().d_model);
     let checkpoints = Checkpoints {
         dir: dir.to_path_buf(),
         every_tokens: 2 * 128,
