@@ -252,6 +252,21 @@ pub struct SparseProbeMean {
     pub f1: f64,
 }
 
+impl ConceptScore {
+    /// "N features (union recall R)" for a concept split across features, "-" otherwise.
+    pub fn split_text(&self) -> String {
+        if self.split_features.len() >= 2 {
+            format!(
+                "{} features (union recall {:.2})",
+                self.split_features.len(),
+                self.split_union_recall
+            )
+        } else {
+            "-".into()
+        }
+    }
+}
+
 /// The per-concept table and its summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ScoreReport {
@@ -324,15 +339,7 @@ impl ScoreReport {
                     "-- merged across languages (not scored: shows splitting by language) --\n",
                 );
             }
-            let split = if c.split_features.len() >= 2 {
-                format!(
-                    "{} features (union recall {:.2})",
-                    c.split_features.len(),
-                    c.split_union_recall
-                )
-            } else {
-                "-".into()
-            };
+            let split = c.split_text();
             s.push_str(&format!(
                 "{:<24} {:>8} {:>8} {:>7.3} {:>9.3} {:>7.3} {:>7.3} {:>9}  {split}\n",
                 c.concept,

@@ -403,15 +403,7 @@ impl Workbench {
             settings.fact_lists = 100;
             settings.probes = false;
             settings.sparse_probe_ks.clear();
-            let report = crate::features::score::score(
-                &model,
-                &sae.sae.sae,
-                sae.hook,
-                &settings,
-                job.cancel_flag(),
-                |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
-            )?
-            .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+            let report = score_in_job(&model, &sae, &settings, job)?;
             let labels: HashMap<u32, String> = report
                 .concepts
                 .iter()
@@ -539,6 +531,25 @@ impl<T> JobView for Job<T> {
     fn cancel(&self) {
         Job::cancel(self)
     }
+}
+
+/// Scores the open SAE against the world's labels (`features score`) in a job: its phases as
+/// the job's message, its cancel flag obeyed.
+pub fn score_in_job(
+    model: &Model,
+    sae: &OpenSae,
+    settings: &crate::features::score::ScoreSettings,
+    job: &crate::jobs::JobHandle,
+) -> anyhow::Result<crate::features::score::ScoreReport> {
+    crate::features::score::score(
+        model,
+        &sae.sae.sae,
+        sae.hook,
+        settings,
+        job.cancel_flag(),
+        |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
+    )?
+    .ok_or_else(|| anyhow::anyhow!("cancelled"))
 }
 
 /// How the window cuts documents for an SAE: its context size (`sae_context`, 0: unknown →

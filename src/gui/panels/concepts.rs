@@ -7,10 +7,10 @@
 use egui_plot::{Corner, HLine, Legend, Line, Plot, PlotPoints, uniform_grid_spacer};
 
 use super::{Panel, PanelKind, need_model, running, take};
-use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings, score};
+use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
-use crate::gui::workbench::{PanelRequest, Workbench, window_segments};
+use crate::gui::workbench::{PanelRequest, Workbench, score_in_job, window_segments};
 use crate::jobs::Job;
 
 /// The size of the generated splits and the probes to fit.
@@ -186,15 +186,7 @@ impl Concepts {
             settings.fact_lists = form.fact_lists;
             settings.probes = form.dense_probes;
             settings.sparse_probe_ks = ks;
-            let report = score(
-                &model,
-                &sae.sae.sae,
-                sae.hook,
-                &settings,
-                job.cancel_flag(),
-                |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
-            )?
-            .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+            let report = score_in_job(&model, &sae, &settings, job)?;
             Ok(Scored {
                 sae: sae.dir.clone(),
                 report: std::sync::Arc::new(report),
@@ -345,15 +337,7 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
                     )),
                     None => ui.label("-"),
                 };
-                ui.label(if c.split_features.len() >= 2 {
-                    format!(
-                        "{} features (union recall {:.2})",
-                        c.split_features.len(),
-                        c.split_union_recall
-                    )
-                } else {
-                    "-".into()
-                });
+                ui.label(c.split_text());
                 ui.end_row();
             }
         });
