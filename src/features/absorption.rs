@@ -46,6 +46,10 @@ pub struct AbsorptionScore {
     /// Each main feature's decoder cosine with the probe direction (how well the probe and
     /// the features agree on what the concept is).
     pub main_cosines: Vec<f32>,
+    /// The probe direction's cosine with the concept's mean difference (mean activation on
+    /// it minus off it): near 1, the probe reads the concept where its activations differ;
+    /// far below, the fit leans on directions of little variance.
+    pub probe_alignment: f32,
     /// Tokens scored: the concept's held-out tokens that its dense probe finds.
     pub tokens: u64,
     /// Mean absorption fraction over those tokens.
@@ -82,6 +86,8 @@ pub(super) struct Absorption {
     /// `[concept][feature]`: the decoder row's projection on the direction, and its cosine.
     along: Vec<Vec<f32>>,
     cosine: Vec<Vec<f32>>,
+    /// Per concept: the direction's cosine with the concept's mean difference.
+    alignment: Vec<f32>,
     tokens: Vec<u64>,
     fraction_sum: Vec<f64>,
     full: Vec<u64>,
@@ -90,10 +96,12 @@ pub(super) struct Absorption {
 
 impl Absorption {
     /// For an SAE's decoder `w_dec` (`[d_sae, d_in]`, rows writing the hook the probes read)
-    /// and bias `b_dec`, the probes, and each concept's main features.
+    /// and bias `b_dec`, the probes and each concept's mean difference, and each concept's
+    /// main features.
     pub fn new(
         (w_dec, b_dec): (&[f32], &[f32]),
         probes: &LinearProbes,
+        mean_differences: &[Vec<f32>],
         main: Vec<Vec<u32>>,
     ) -> Self {
         let d_in = b_dec.len();
@@ -104,7 +112,8 @@ impl Absorption {
             .collect();
         let (mut direction, mut offset, mut along, mut cosine) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for c in 0..concepts {
+        let mut alignment = Vec::new();
+        for (c, difference) in mean_differences.iter().enumerate().take(concepts) {
             let raw = probes.raw_direction(c);
             let norm = dot(&raw, &raw).sqrt().max(f32::MIN_POSITIVE);
             let unit: Vec<f32> = raw.iter().map(|v| v / norm).collect();
@@ -116,6 +125,8 @@ impl Absorption {
             );
             along.push(row_along);
             offset.push(dot(b_dec, &unit));
+            let norm = dot(difference, difference).sqrt().max(f32::MIN_POSITIVE);
+            alignment.push(dot(difference, &unit) / norm);
             direction.push(unit);
         }
         let main = main
@@ -132,6 +143,7 @@ impl Absorption {
             offset,
             along,
             cosine,
+            alignment,
             tokens: vec![0; concepts],
             fraction_sum: vec![0.0; concepts],
             full: vec![0; concepts],
@@ -196,6 +208,7 @@ impl Absorption {
                 AbsorptionScore {
                     main_features,
                     main_cosines,
+                    probe_alignment: self.alignment[c],
                     tokens,
                     mean_fraction: self.fraction_sum[c] / tokens.max(1) as f64,
                     full_rate: self.full[c] as f64 / tokens.max(1) as f64,
@@ -257,7 +270,13 @@ mod tests {
             0.0, 0.0, 1.0, 0.0, // unrelated
         ];
         let b_dec = [0.6, 0.0, 0.0, 0.0];
-        let mut absorption = Absorption::new((&w_dec, &b_dec), &probes, vec![vec![0]]);
+        let differences = sample.mean_differences();
+        assert!(
+            differences[0][0] > 1.5,
+            "the concept adds 2 to axis 0: {differences:?}"
+        );
+        let mut absorption =
+            Absorption::new((&w_dec, &b_dec), &probes, &differences, vec![vec![0]]);
         // Carried by the main feature: not absorbed.
         absorption.add_token(0, &[2.0, 0.0, 0.0, 0.0], &[0, 2], &[2.0, 1.0]);
         // Main feature silent, the absorber carries it: fully absorbed.
@@ -269,5 +288,9 @@ mod tests {
         assert!((s.full_rate - 0.5).abs() < 1e-6, "{s:?}");
         assert_eq!(s.top_absorbers, vec![(1, 1)]);
         assert!(s.main_cosines[0] > 0.9, "the probe reads axis 0: {s:?}");
+        assert!(
+            s.probe_alignment > 0.9,
+            "and so does the mean difference: {s:?}"
+        );
     }
 }

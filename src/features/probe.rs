@@ -80,6 +80,29 @@ impl RowSample {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
+
+    /// Each concept's mean row on it minus its mean row off it (`[concepts][d]`): the
+    /// simplest direction that reads the concept, to check a fitted probe's direction against.
+    pub fn mean_differences(&self) -> Vec<Vec<f32>> {
+        let concepts = self.labels.first().map_or(0, Vec::len);
+        (0..concepts)
+            .map(|c| {
+                let (mut on, mut off) = (vec![0f64; self.d], vec![0f64; self.d]);
+                let mut n_on = 0usize;
+                for (row, labels) in self.rows.chunks_exact(self.d).zip(&self.labels) {
+                    let sum = if labels[c] { &mut on } else { &mut off };
+                    n_on += usize::from(labels[c]);
+                    for (s, &v) in sum.iter_mut().zip(row) {
+                        *s += f64::from(v);
+                    }
+                }
+                let n_off = self.labels.len() - n_on;
+                (on.iter().zip(&off))
+                    .map(|(&a, &b)| (a / n_on.max(1) as f64 - b / n_off.max(1) as f64) as f32)
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 /// One fitted probe per concept, with each one's detection threshold on its logit.

@@ -377,11 +377,12 @@ impl ScoreReport {
     /// projection other latents carry instead.
     fn render_absorption(&self, mean: f64, full: f64) -> String {
         let mut s = format!(
-            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7}  {:<46} {}\n",
+            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7} {:>7}  {:<46} {}\n",
             "concept",
             "tokens",
             "absorbed",
             "fully",
+            "aligned",
             "main features (decoder cosine with the probe)",
             "top absorbers (tokens)"
         );
@@ -389,11 +390,12 @@ impl ScoreReport {
             let Some(a) = &c.absorption else { continue };
             let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
             s.push_str(&format!(
-                "{:<24} {:>7} {:>9.3} {:>7.3}  {:<46} {}\n",
+                "{:<24} {:>7} {:>9.3} {:>7.3} {:>7.2}  {:<46} {}\n",
                 c.concept,
                 a.tokens,
                 a.mean_fraction,
                 a.full_rate,
+                a.probe_alignment,
                 list(
                     &mut (a.main_features.iter().zip(&a.main_cosines))
                         .map(|(f, cos)| format!("{f} (cos {cos:.2})"))
@@ -402,7 +404,7 @@ impl ScoreReport {
             ));
         }
         s.push_str(&format!(
-            "mean absorption fraction {mean:.3}; mean share of tokens fully absorbed {full:.3}\n"
+            "mean absorption fraction {mean:.3}; mean share of tokens fully absorbed {full:.3}\n(aligned: the probe direction's cosine with the concept's mean difference; low means the probe leans on directions of little variance)\n"
         ));
         s
     }
@@ -539,6 +541,7 @@ pub fn score(
         on_progress("fitting the dense probes after", selection.tokens);
         LinearProbes::fit(&sample, &ProbeSettings::default())
     });
+    let mean_differences = probes.as_ref().map(|_| sample.mean_differences());
     drop(sample);
     let d_sae = encoder.d_sae();
     // Each concept's best feature and threshold, and the features it is split into.
@@ -557,8 +560,8 @@ pub fn score(
         })
         .collect();
     // Absorption reads the decoder in the probes' space: an SAE's, not a transcoder's.
-    let mut absorption = match &probes {
-        Some(probes) if !sae.transcoder => {
+    let mut absorption = match (&probes, mean_differences) {
+        (Some(probes), Some(mean_differences)) if !sae.transcoder => {
             let host = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
                 Ok(t.to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
@@ -575,7 +578,12 @@ pub fn score(
                 })
                 .collect();
             let (w_dec, b_dec) = (host(&sae.w_dec)?, host(&sae.b_dec)?);
-            Some(Absorption::new((&w_dec, &b_dec), probes, main))
+            Some(Absorption::new(
+                (&w_dec, &b_dec),
+                probes,
+                &mean_differences,
+                main,
+            ))
         }
         _ => None,
     };
@@ -900,6 +908,7 @@ mod tests {
             absorption: Some(AbsorptionScore {
                 main_features: vec![best],
                 main_cosines: vec![0.3],
+                probe_alignment: 0.9,
                 tokens: 10,
                 mean_fraction: 0.5,
                 full_rate: 0.0,
