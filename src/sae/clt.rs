@@ -31,8 +31,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::activations::{ChunkSource, MixingBuffer};
+use super::checkpoint::{self, STATE_JSON, TRAINER_FILE};
 use super::cpu::{self, AdamStep, MatRef, Nesting};
-use super::run::{STATE_JSON, TRAINER_FILE};
 use crate::error::{Error, Result};
 
 /// Layer `L`'s encoder file: its encoder, encoder bias, output bias and threshold.
@@ -678,23 +678,9 @@ impl CltTrainer {
         tensors: &HashMap<String, Tensor>,
         path: &Path,
     ) -> Result<Self> {
-        let get = |key: &str, len: usize| -> Result<&Tensor> {
-            let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
-                dir: path.to_path_buf(),
-                key: key.into(),
-            })?;
-            if t.dims() != [len] {
-                return Err(Error::TensorShape {
-                    path: path.to_path_buf(),
-                    key: key.into(),
-                    expected: vec![len],
-                    actual: t.dims().to_vec(),
-                });
-            }
-            Ok(t)
+        let floats = |key: &str, len: usize| -> Result<Vec<f32>> {
+            Ok(checkpoint::vector(tensors, key, len, path)?.to_vec1::<f32>()?)
         };
-        let floats =
-            |key: &str, len: usize| -> Result<Vec<f32>> { Ok(get(key, len)?.to_vec1::<f32>()?) };
         let mut params = Vec::new();
         for (name, len) in param_names(&config) {
             params.push(Param {
@@ -714,10 +700,7 @@ impl CltTrainer {
             key: "b_dec.value".into(),
         })?;
         let since_fired = (0..n)
-            .map(|l| {
-                let counts = get(&format!("since_fired.{l}"), f)?.to_vec1::<i64>()?;
-                Ok(counts.into_iter().map(|t| t.max(0) as u64).collect())
-            })
+            .map(|l| checkpoint::counts(tensors, &format!("since_fired.{l}"), f, path))
             .collect::<Result<Vec<Vec<u64>>>>()?;
         Ok(Self {
             thresholds: vec![0.0; n],
@@ -1012,9 +995,9 @@ fn save_checkpoint(
         buffer_used: used,
         log: log.to_vec(),
     };
-    super::run::swap_in_checkpoint(&checkpoints.training(), |new| {
+    checkpoint::swap_in_checkpoint(&checkpoints.training(), |new| {
         crate::files::write_safetensors(&trainer.state_tensors()?, &new.join(TRAINER_FILE))?;
-        super::run::save_buffer(new, buffer)?;
+        checkpoint::save_buffer(new, buffer)?;
         crate::files::write_json(&new.join(STATE_JSON), &state)
     })
 }
@@ -1028,7 +1011,7 @@ fn restore_checkpoint(
     buffer: &mut MixingBuffer,
     source: &mut dyn ChunkSource,
 ) -> Result<(CltTrainer, Vec<CltStepMetrics>)> {
-    let dir = super::run::checkpoint_to_resume(&checkpoints.training())?;
+    let dir = checkpoint::checkpoint_to_resume(&checkpoints.training())?;
     let state: CheckpointState = crate::files::read_json(&dir.join(STATE_JSON))?;
     let mismatch = |message: String| Error::InvalidArgument {
         what: "resume",
@@ -1048,10 +1031,10 @@ fn restore_checkpoint(
         )));
     }
     let path = dir.join(TRAINER_FILE);
-    let tensors = super::run::load_tensors(&path)?;
+    let tensors = checkpoint::load_tensors(&path)?;
     let trainer =
         CltTrainer::from_state(config.clone(), (state.step, state.tokens), &tensors, &path)?;
-    super::run::restore_buffer(&dir, buffer, state.buffer_used, state.buffer_refills)?;
+    checkpoint::restore_buffer(&dir, buffer, state.buffer_used, state.buffer_refills)?;
     source.skip_to(state.chunks_read)?;
     Ok((trainer, state.log))
 }

@@ -15,6 +15,7 @@
 //! `metadata.hook_name_out`; [`output_hook`] resolves it against a model.
 
 pub mod activations;
+pub(crate) mod checkpoint;
 pub mod clt;
 pub mod codes;
 pub mod cpu;

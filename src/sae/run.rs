@@ -8,7 +8,6 @@
 //! - `training/checkpoint/`: parameters, Adam moments, counters, the buffer's unread rows and the
 //!   stream position. SAELens never looks in `training/`, so the folder stays loadable.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +16,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::activations::{ChunkSource, MixingBuffer};
+use super::checkpoint::{
+    STATE_JSON, TRAINER_FILE, checkpoint_to_resume, load_tensors, restore_buffer, save_buffer,
+    swap_in_checkpoint,
+};
 use super::saelens::{self, SaeDir, SaeMetadata};
 use super::tensor_train::TensorTrainer;
 use super::train::{SaeTrainer, StepMetrics, TrainConfig, TrainerCounters};
@@ -206,10 +209,6 @@ impl RunPaths {
         self.training().join("metrics.jsonl")
     }
 }
-
-pub(crate) const STATE_JSON: &str = "state.json";
-pub(crate) const TRAINER_FILE: &str = "trainer.safetensors";
-const BUFFER_FILE: &str = "buffer.safetensors";
 
 /// Trains an SAE into `out`. With `control.resume`, continues from
 /// `out/training/checkpoint` (the settings must match, except that `total_steps` may grow);
@@ -447,109 +446,6 @@ impl Checkpoint<'_> {
             crate::files::write_json(&new.join(STATE_JSON), &state)
         })
     }
-}
-
-/// Writes a checkpoint through `write` into `training/checkpoint.new`, then swaps it in for
-/// `training/checkpoint`: the old one is removed only once the new one is complete.
-pub(crate) fn swap_in_checkpoint(
-    training: &Path,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    let new = training.join("checkpoint.new");
-    if new.exists() {
-        std::fs::remove_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-    }
-    std::fs::create_dir_all(&new).map_err(|e| Error::io(&new, e))?;
-    write(&new)?;
-    let current = training.join("checkpoint");
-    let old = training.join("checkpoint.old");
-    if current.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        std::fs::rename(&current, &old).map_err(|e| Error::io(&current, e))?;
-    }
-    std::fs::rename(&new, &current).map_err(|e| Error::io(&new, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
-}
-
-/// The checkpoint in `training` to resume from: `checkpoint`, or `checkpoint.old` where a crash
-/// between [`swap_in_checkpoint`]'s two renames left only that.
-pub(crate) fn checkpoint_to_resume(training: &Path) -> Result<PathBuf> {
-    let dir = training.join("checkpoint");
-    if dir.exists() {
-        return Ok(dir);
-    }
-    let old = training.join("checkpoint.old");
-    if old.exists() {
-        return Ok(old);
-    }
-    Err(Error::MissingFile {
-        path: dir,
-        what: "training checkpoint to resume from",
-    })
-}
-
-/// The tensors of a checkpoint's safetensors file.
-pub(crate) fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
-/// Saves the mixing buffer's rows into checkpoint folder `dir`.
-pub(crate) fn save_buffer(dir: &Path, buffer: &MixingBuffer) -> Result<()> {
-    let (held, _, _) = buffer.state();
-    let width = buffer.width();
-    let rows = Tensor::from_slice(held, (held.len() / width.max(1), width), &Device::Cpu)?;
-    crate::files::write_safetensors(
-        &HashMap::from([("rows".to_string(), rows)]),
-        &dir.join(BUFFER_FILE),
-    )?;
-    Ok(())
-}
-
-/// Refills `buffer` from checkpoint folder `dir`: its rows, of which `used` were handed out,
-/// after `refills` refills.
-pub(crate) fn restore_buffer(
-    dir: &Path,
-    buffer: &mut MixingBuffer,
-    used: usize,
-    refills: u64,
-) -> Result<()> {
-    let buffer_file = dir.join(BUFFER_FILE);
-    let width = buffer.width();
-    let rows = load_tensors(&buffer_file)?
-        .remove("rows")
-        .ok_or_else(|| Error::MissingTensor {
-            dir: buffer_file.clone(),
-            key: "rows".into(),
-        })?;
-    if rows.dims().get(1) != Some(&width) {
-        return Err(Error::TensorShape {
-            path: buffer_file,
-            key: "rows".into(),
-            expected: vec![0, width],
-            actual: rows.dims().to_vec(),
-        });
-    }
-    if used > rows.dim(0)? {
-        return Err(Error::InvalidArgument {
-            what: "checkpoint buffer_used",
-            value: used.to_string(),
-            message: format!(
-                "{} holds only {} rows (a corrupt checkpoint)",
-                buffer_file.display(),
-                rows.dim(0)?
-            ),
-        });
-    }
-    buffer.restore(rows.flatten_all()?.to_vec1()?, used, refills);
-    Ok(())
 }
 
 fn restore(

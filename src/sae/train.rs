@@ -1108,25 +1108,7 @@ impl SaeTrainer {
             p.v = get(format!("{}.adam_v", p.name), n)?;
         }
         let d_sae = trainer.config.d_sae;
-        let counts = |key: &str| -> Result<Vec<u64>> {
-            let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
-                dir: source.to_path_buf(),
-                key: key.into(),
-            })?;
-            if t.dims() != [d_sae] {
-                return Err(Error::TensorShape {
-                    path: source.to_path_buf(),
-                    key: key.into(),
-                    expected: vec![d_sae],
-                    actual: t.dims().to_vec(),
-                });
-            }
-            Ok(t.to_dtype(candle_core::DType::I64)?
-                .to_vec1::<i64>()?
-                .into_iter()
-                .map(|t| t.max(0) as u64)
-                .collect())
-        };
+        let counts = |key: &str| super::checkpoint::counts(tensors, key, d_sae, source);
         trainer.firing = FiringCounters {
             tokens_since_fired: counts("tokens_since_fired")?,
             fire_counts: counts("fire_counts")?,
