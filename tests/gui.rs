@@ -1294,9 +1294,6 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
     replace_text(&mut h, "k-sparse probes", "1,5");
     h.key_press(egui::Key::Enter);
     h.step();
-    h.get_by_label("Score the SAE").click();
-
-    // The same scoring through the library: the window must show its figures.
     let (model, sae) = {
         let wb = &h.state().workbench;
         (wb.model.clone().unwrap(), wb.sae.clone().unwrap())
@@ -1308,6 +1305,12 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
     settings.docs_per_country = 0;
     settings.fact_lists = 30;
     settings.sparse_probe_ks = vec![1, 5];
+    // A score kept by an earlier run would be read instead of made.
+    let cache = monoscope::gui::workbench::concept_score_file(&sae, &settings);
+    let _ = std::fs::remove_file(&cache);
+    h.get_by_label("Score the SAE").click();
+
+    // The same scoring through the library: the window must show its figures.
     let never = AtomicBool::new(false);
     let report = score(&model, &sae.sae.sae, sae.hook, &settings, &never, |_, _| {})
         .unwrap()
@@ -1352,6 +1355,33 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
         assert!(has_label(&h, &role), "{role}");
     }
     assert!(has_label(&h, "best feature of lang:ja"));
+
+    // The score was kept: a new window shows it (and the roles) without scoring again.
+    assert!(cache.is_file(), "{} was not written", cache.display());
+    drop(h);
+    let mut h = harness();
+    wait_for(&mut h, "the kept scores", |h| {
+        h.state().workbench.sae.is_some() && !h.state().busy()
+    });
+    let kept = h.state().workbench.concept_scores.clone().unwrap();
+    assert_eq!(kept.0, sae.dir);
+    assert_eq!(*kept.1, report);
+    open_panel(&mut h, "Concepts");
+    assert!(has_label(&h, &summary), "{summary}");
+    // Asked again with the same settings, the panel reads the kept score.
+    replace_text(&mut h, "Paragraphs per country", "0");
+    replace_text(&mut h, "Fact lists", "30");
+    replace_text(&mut h, "k-sparse probes", "1,5");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    h.get_by_label("Score the SAE").click();
+    wait_for(&mut h, "the kept score", |h| !h.state().busy());
+    assert!(has_label(&h, &summary), "{summary}");
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().modified().unwrap(),
+        written
+    );
 }
 
 #[test]

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::probe::LinearProbes;
 
@@ -39,7 +39,7 @@ const MAX_ABSORBERS: usize = 3;
 const LISTED_ABSORBERS: usize = 5;
 
 /// One concept's absorption on the evaluation split.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AbsorptionScore {
     /// The concept's main features: its best feature and its split features.
     pub main_features: Vec<u32>,

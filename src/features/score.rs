@@ -35,7 +35,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::absorption::{Absorption, AbsorptionScore};
 use super::probe::{LinearProbes, ProbeSettings, RowSample};
@@ -159,7 +159,7 @@ fn name_kinds(kb: &KnowledgeBase, label: &TokenLabel) -> Vec<EntityKind> {
 }
 
 /// Sizes and seeds of the two generated splits.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoreSettings {
     pub segment: SegmentSettings,
     /// Paragraph documents per country and language in each split.
@@ -190,7 +190,7 @@ impl ScoreSettings {
 }
 
 /// Precision, recall and F1 of one feature at one concept.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
     pub precision: f64,
     pub recall: f64,
@@ -215,7 +215,7 @@ impl Detection {
 }
 
 /// The result for one concept.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConceptScore {
     pub concept: String,
     /// Tokens with the concept in the evaluation split.
@@ -246,7 +246,7 @@ pub struct ConceptScore {
 }
 
 /// The mean F1 of the k-sparse probes at one k.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseProbeMean {
     pub k: usize,
     pub f1: f64,
@@ -268,7 +268,7 @@ impl ConceptScore {
 }
 
 /// The per-concept table and its summary.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoreReport {
     pub concepts: Vec<ConceptScore>,
     /// Mean over the scored concepts of the best feature's F1 on the evaluation split.

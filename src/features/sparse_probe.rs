@@ -13,13 +13,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::probe::{LinearProbes, ProbeSettings, RowSample};
 use super::score::{Detection, TokenRow};
 
 /// One k-sparse probe's result on the evaluation split.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseProbeScore {
     pub k: usize,
     pub evaluation: Detection,

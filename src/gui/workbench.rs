@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::edit::history::EditHistory;
+use crate::features::score::{ScoreReport, ScoreSettings};
 use crate::features::store::{self, FeatureStore};
 use crate::features::{BuildSettings, build};
 use crate::jobs::{Job, JobHandle, lower_thread_priority};
@@ -99,8 +100,8 @@ pub struct Workbench {
     /// Ground-truth concept names of features (world model only), from `features score`.
     pub labels: HashMap<u32, String>,
     /// The Concepts panel's last scores, and the SAE they are of: feature pages list what
-    /// each feature does for the concepts.
-    pub concept_scores: Option<(PathBuf, Arc<crate::features::score::ScoreReport>)>,
+    /// each feature does for the concepts. Read from the SAE's cache folder when it opens.
+    pub concept_scores: Option<(PathBuf, Arc<ScoreReport>)>,
     pub history: EditHistory,
     pub kb: Arc<KnowledgeBase>,
     /// Panel to switch to, set by a panel.
@@ -111,6 +112,7 @@ pub struct Workbench {
     sae_job: Option<Job<OpenSae>>,
     store_job: Option<Job<FeatureStore>>,
     label_job: Option<Job<HashMap<u32, String>>>,
+    cached_scores_job: Option<Job<Option<(PathBuf, Arc<ScoreReport>)>>>,
     /// SAE to open once the model has loaded.
     pending_sae: Option<PathBuf>,
 }
@@ -146,6 +148,7 @@ impl Workbench {
             sae_job: None,
             store_job: None,
             label_job: None,
+            cached_scores_job: None,
             pending_sae: None,
         };
         if let Some(n) = notice {
@@ -257,6 +260,7 @@ impl Workbench {
         self.sae_job = None;
         self.store_job = None;
         self.label_job = None;
+        self.cached_scores_job = None;
     }
 
     /// Replaces the model's weights (after an edit or an undo).
@@ -272,6 +276,7 @@ impl Workbench {
             || self.sae_job.is_some()
             || self.store_job.is_some()
             || self.label_job.is_some()
+            || self.cached_scores_job.is_some()
     }
 
     /// Is the model being (re)loaded?
@@ -300,6 +305,7 @@ impl Workbench {
                 Ok(sae) => {
                     let sae = Arc::new(sae);
                     self.sae = Some(sae.clone());
+                    self.read_cached_scores(sae.clone());
                     self.open_store(sae);
                 }
                 Err(e) => {
@@ -323,6 +329,14 @@ impl Workbench {
             match result {
                 Ok(labels) => self.labels = labels,
                 Err(e) => self.error(format!("concept labels: {e}")),
+            }
+        }
+        if let Some(result) = self.cached_scores_job.as_mut().and_then(Job::poll) {
+            self.cached_scores_job = None;
+            match result {
+                Ok(Some(scores)) => self.concept_scores = Some(scores),
+                Ok(None) => {}
+                Err(e) => self.error(format!("cached concept scores: {e}")),
             }
         }
         let now = Instant::now();
@@ -383,6 +397,33 @@ impl Workbench {
         }));
     }
 
+    /// The newest concept score of `sae` in its cache folder (any settings), so feature
+    /// pages and the Concepts panel show it without scoring again. An edited model is not
+    /// the one the cache was made for.
+    fn read_cached_scores(&mut self, sae: Arc<OpenSae>) {
+        if !self.history.is_empty() {
+            return;
+        }
+        self.cached_scores_job = Some(self.spawn("cached concept scores", move |_| {
+            let Ok(entries) = std::fs::read_dir(&sae.cache_dir) else {
+                return Ok(None);
+            };
+            let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with(CONCEPT_SCORES_PREFIX) && name.ends_with(".json")
+                })
+                .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                .collect();
+            files.sort_by(|a, b| b.0.cmp(&a.0));
+            Ok(files.iter().find_map(|(_, path)| {
+                let cached = CachedScore::read(path)?;
+                Some((sae.dir.clone(), Arc::new(cached.report)))
+            }))
+        }));
+    }
+
     /// Ground-truth labels for the bundled model's features (cached beside the store).
     fn start_labels(&mut self) {
         let (Some(model), Some(sae)) = (self.model.clone(), self.sae.clone()) else {
@@ -403,7 +444,7 @@ impl Workbench {
             settings.fact_lists = 100;
             settings.probes = false;
             settings.sparse_probe_ks.clear();
-            let report = score_in_job(&model, &sae, &settings, job)?;
+            let report = score_in_job(&model, &sae, &settings, None, job)?;
             let labels: HashMap<u32, String> = report
                 .concepts
                 .iter()
@@ -534,14 +575,21 @@ impl<T> JobView for Job<T> {
 }
 
 /// Scores the open SAE against the world's labels (`features score`) in a job: its phases as
-/// the job's message, its cancel flag obeyed.
+/// the job's message, its cancel flag obeyed. With `cache` (a file from
+/// [`concept_score_file`]), a score kept there is read instead, and a new one is kept there.
 pub fn score_in_job(
     model: &Model,
     sae: &OpenSae,
-    settings: &crate::features::score::ScoreSettings,
+    settings: &ScoreSettings,
+    cache: Option<&Path>,
     job: &crate::jobs::JobHandle,
-) -> anyhow::Result<crate::features::score::ScoreReport> {
-    crate::features::score::score(
+) -> anyhow::Result<ScoreReport> {
+    if let Some(cached) = cache.and_then(CachedScore::read)
+        && &cached.settings == settings
+    {
+        return Ok(cached.report);
+    }
+    let report = crate::features::score::score(
         model,
         &sae.sae.sae,
         sae.hook,
@@ -549,7 +597,56 @@ pub fn score_in_job(
         job.cancel_flag(),
         |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
     )?
-    .ok_or_else(|| anyhow::anyhow!("cancelled"))
+    .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
+    if let Some(path) = cache {
+        let cached = CachedScore {
+            version: env!("CARGO_PKG_VERSION").into(),
+            settings: settings.clone(),
+            report,
+        };
+        // The cache only saves time: a score that cannot be kept is still shown.
+        if let Err(e) = cached.write(path) {
+            eprintln!("monoscope: not keeping the concept scores: {e}");
+        }
+        return Ok(cached.report);
+    }
+    Ok(report)
+}
+
+const CONCEPT_SCORES_PREFIX: &str = "concepts-";
+
+/// Where a concept score of `sae` with `settings` is kept: in the SAE's cache folder (named
+/// by the SAE's and the model's contents), one file per settings. A score takes about a
+/// minute; the same settings give the same score (the splits and probes are seeded).
+pub fn concept_score_file(sae: &OpenSae, settings: &ScoreSettings) -> PathBuf {
+    let key = serde_json::to_string(settings).unwrap_or_default();
+    let digest = crate::table::sha256_hex(key.as_bytes());
+    sae.cache_dir
+        .join(format!("{CONCEPT_SCORES_PREFIX}{}.json", &digest[..16]))
+}
+
+/// A concept score as kept in the cache, with what made it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedScore {
+    /// The monoscope that scored: another version may score differently.
+    version: String,
+    settings: ScoreSettings,
+    report: ScoreReport,
+}
+
+impl CachedScore {
+    /// The score kept at `path`, if there is one this version of monoscope made.
+    fn read(path: &Path) -> Option<Self> {
+        let cached: Self = crate::files::read_json(path).ok()?;
+        (cached.version == env!("CARGO_PKG_VERSION")).then_some(cached)
+    }
+
+    fn write(&self, path: &Path) -> crate::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        }
+        crate::files::write_atomic(path, |tmp| crate::files::write_json(tmp, self))
+    }
 }
 
 /// How the window cuts documents for an SAE: its context size (`sae_context`, 0: unknown →

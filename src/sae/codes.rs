@@ -21,7 +21,7 @@ use crate::model::Model;
 use crate::model::hooks::{HookPoint, Hooks};
 
 /// How documents become forward passes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentSettings {
     /// Tokens per forward segment, BOS included.
     pub context_size: usize,

@@ -2,7 +2,9 @@
 //! generated world text is labelled token by token; for every concept the panel shows its best
 //! single feature (a button opens it in Features) with precision, recall and F1 on held-out
 //! text, a dense linear probe of the hook as the reference, and k-sparse probes whose curve
-//! says over how many latents the concept is spread.
+//! says over how many latents the concept is spread. Scores are kept in the SAE's cache
+//! folder ([`concept_score_file`]): the newest is shown when the SAE opens, and asking again
+//! with the same settings reads it instead of scoring for a minute.
 
 use egui_plot::{Corner, HLine, Legend, Line, Plot, PlotPoints, uniform_grid_spacer};
 
@@ -10,7 +12,9 @@ use super::{Panel, PanelKind, need_model, running, take};
 use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
-use crate::gui::workbench::{PanelRequest, Workbench, score_in_job, window_segments};
+use crate::gui::workbench::{
+    PanelRequest, Workbench, concept_score_file, score_in_job, window_segments,
+};
 use crate::jobs::Job;
 
 /// The size of the generated splits and the probes to fit.
@@ -50,17 +54,13 @@ impl ScoreForm {
     }
 }
 
-/// A finished score and the SAE it was made for.
-struct Scored {
-    sae: std::path::PathBuf,
-    report: std::sync::Arc<ScoreReport>,
-}
+/// A finished score and the SAE it was made for (shown from [`Workbench::concept_scores`]).
+type Scored = (std::path::PathBuf, std::sync::Arc<ScoreReport>);
 
 #[derive(Default)]
 pub struct Concepts {
     pub form: ScoreForm,
     job: Option<Job<Scored>>,
-    last: Option<Scored>,
     /// The concept whose k-sparse curve is drawn beside the mean (an index into the report).
     selected: Option<usize>,
 }
@@ -77,8 +77,7 @@ impl Panel for Concepts {
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         if let Some(done) = take(&mut self.job, wb) {
             self.selected = None;
-            wb.concept_scores = Some((done.sae.clone(), done.report.clone()));
-            self.last = Some(done);
+            wb.concept_scores = Some(done);
         }
         if need_model(ui, wb).is_none() {
             return;
@@ -94,17 +93,17 @@ impl Panel for Concepts {
              threshold are chosen on the first and scored on the second.",
         );
         self.form_ui(ui, wb);
-        let Some(scored) = &self.last else {
+        let Some((scored_sae, report)) = wb.concept_scores.clone() else {
             return;
         };
         ui.separator();
-        if wb.sae.as_ref().is_some_and(|s| s.dir != scored.sae) {
+        if wb.sae.as_ref().is_some_and(|s| s.dir != scored_sae) {
             ui.weak(format!(
                 "(scored for {}, not the SAE open now)",
-                scored.sae.display()
+                scored_sae.display()
             ));
         }
-        let report = &scored.report;
+        let report = &report;
         summary_ui(ui, report);
         let selected = self.selected.and_then(|i| report.concepts.get(i));
         if !report.mean_sparse_probe_f1.is_empty() {
@@ -178,19 +177,21 @@ impl Concepts {
                 return;
             }
         };
-        let form = self.form.clone();
+        let context = sae.sae.metadata.context_size;
+        let mut settings = ScoreSettings::new(window_segments(&model, context));
+        settings.docs_per_country = self.form.docs_per_country;
+        settings.fact_lists = self.form.fact_lists;
+        settings.probes = self.form.dense_probes;
+        settings.sparse_probe_ks = ks;
+        // A score kept for this SAE, model and settings is read, not made again (not for
+        // an edited model: the cache is named by the model's files).
+        let cache = wb
+            .history
+            .is_empty()
+            .then(|| concept_score_file(&sae, &settings));
         self.job = Some(wb.spawn("concept scores", move |job| {
-            let context = sae.sae.metadata.context_size;
-            let mut settings = ScoreSettings::new(window_segments(&model, context));
-            settings.docs_per_country = form.docs_per_country;
-            settings.fact_lists = form.fact_lists;
-            settings.probes = form.dense_probes;
-            settings.sparse_probe_ks = ks;
-            let report = score_in_job(&model, &sae, &settings, job)?;
-            Ok(Scored {
-                sae: sae.dir.clone(),
-                report: std::sync::Arc::new(report),
-            })
+            let report = score_in_job(&model, &sae, &settings, cache.as_deref(), job)?;
+            Ok((sae.dir.clone(), std::sync::Arc::new(report)))
         }));
     }
 }
