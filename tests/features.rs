@@ -429,7 +429,26 @@ fn concept_scores_on_the_world_model_are_consistent() {
             c.concept
         );
         assert!((0.0..=1.0).contains(&a.mean_fraction) && (0.0..=1.0).contains(&a.full_rate));
+        // The same rule along the concept's mean difference: the same tokens and main
+        // features, a direction whose cosine with the mean difference is 1.
+        let d = c.absorption_by_mean_difference.as_ref().unwrap();
+        assert_eq!((d.tokens, &d.main_features), (a.tokens, &a.main_features));
+        if d.tokens > 0 {
+            assert!(
+                (d.probe_alignment - 1.0).abs() < 1e-4,
+                "{}: {d:?}",
+                c.concept
+            );
+        }
+        assert!((0.0..=1.0).contains(&d.mean_fraction) && (0.0..=1.0).contains(&d.full_rate));
     }
+    let by_difference: Vec<f64> = (scored.iter())
+        .filter_map(|c| c.absorption_by_mean_difference.as_ref())
+        .filter(|a| a.tokens > 0)
+        .map(|a| a.mean_fraction)
+        .collect();
+    let mean = by_difference.iter().sum::<f64>() / by_difference.len() as f64;
+    assert!((mean - report.mean_absorption_by_mean_difference.unwrap()).abs() < 1e-12);
     let with_tokens: Vec<f64> = scored
         .iter()
         .map(|c| c.absorption.as_ref().unwrap())

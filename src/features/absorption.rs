@@ -23,11 +23,17 @@
 //! from 0, shifting every comparison by the bias's projection), and a latent's share is its
 //! activation times its decoder row's projection (SAEBench multiplies by the cosine, the same
 //! for unit-norm decoder rows). A token whose projection is not positive is not absorbed.
+//!
+//! The probe's direction is discriminative: a logistic fit corrects the concept's mean
+//! difference (mean activation on it minus off it) for the activations' covariance, and may
+//! lean on directions of little variance. So the same rule is also run along the mean
+//! difference itself ([`Absorption::new`] takes either direction), on the same tokens.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(doc)]
 use super::probe::LinearProbes;
 
 /// SAEBench's thresholds.
@@ -38,17 +44,17 @@ const MAX_ABSORBERS: usize = 3;
 /// Top absorbing latents listed per concept.
 const LISTED_ABSORBERS: usize = 5;
 
-/// One concept's absorption on the evaluation split.
+/// One concept's absorption on the evaluation split, along one direction.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AbsorptionScore {
     /// The concept's main features: its best feature and its split features.
     pub main_features: Vec<u32>,
-    /// Each main feature's decoder cosine with the probe direction (how well the probe and
+    /// Each main feature's decoder cosine with the direction (how well the direction and
     /// the features agree on what the concept is).
     pub main_cosines: Vec<f32>,
-    /// The probe direction's cosine with the concept's mean difference (mean activation on
-    /// it minus off it): near 1, the probe reads the concept where its activations differ;
-    /// far below, the fit leans on directions of little variance.
+    /// The direction's cosine with the concept's mean difference (mean activation on it
+    /// minus off it): near 1, a probe reads the concept where its activations differ; far
+    /// below, the fit leans on directions of little variance (1 along the mean difference).
     pub probe_alignment: f32,
     /// Tokens scored: the concept's held-out tokens that its dense probe finds.
     pub tokens: u64,
@@ -80,7 +86,7 @@ pub(super) struct Absorption {
     d_in: usize,
     /// Per concept, sorted.
     main: Vec<Vec<u32>>,
-    /// Per concept: the probe's unit direction, and the decoder bias's projection on it.
+    /// Per concept: the unit direction, and the decoder bias's projection on it.
     direction: Vec<Vec<f32>>,
     offset: Vec<f32>,
     /// `[concept][feature]`: the decoder row's projection on the direction, and its cosine.
@@ -96,11 +102,12 @@ pub(super) struct Absorption {
 
 impl Absorption {
     /// For an SAE's decoder `w_dec` (`[d_sae, d_in]`, rows writing the hook the probes read)
-    /// and bias `b_dec`, the probes and each concept's mean difference, and each concept's
-    /// main features.
+    /// and bias `b_dec`, each concept's direction (any length: a probe's
+    /// [`LinearProbes::raw_direction`], or the mean difference itself), each concept's mean
+    /// difference, and each concept's main features.
     pub fn new(
         (w_dec, b_dec): (&[f32], &[f32]),
-        probes: &LinearProbes,
+        directions: &[Vec<f32>],
         mean_differences: &[Vec<f32>],
         main: Vec<Vec<u32>>,
     ) -> Self {
@@ -113,9 +120,8 @@ impl Absorption {
         let (mut direction, mut offset, mut along, mut cosine) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut alignment = Vec::new();
-        for (c, difference) in mean_differences.iter().enumerate().take(concepts) {
-            let raw = probes.raw_direction(c);
-            let norm = dot(&raw, &raw).sqrt().max(f32::MIN_POSITIVE);
+        for (raw, difference) in directions.iter().zip(mean_differences).take(concepts) {
+            let norm = dot(raw, raw).sqrt().max(f32::MIN_POSITIVE);
             let unit: Vec<f32> = raw.iter().map(|v| v / norm).collect();
             let row_along: Vec<f32> = w_dec.chunks_exact(d_in).map(|r| dot(r, &unit)).collect();
             cosine.push(
@@ -226,7 +232,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::probe::{ProbeSettings, RowSample};
+    use crate::features::probe::{LinearProbes, ProbeSettings, RowSample};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -275,8 +281,12 @@ mod tests {
             differences[0][0] > 1.5,
             "the concept adds 2 to axis 0: {differences:?}"
         );
-        let mut absorption =
-            Absorption::new((&w_dec, &b_dec), &probes, &differences, vec![vec![0]]);
+        let mut absorption = Absorption::new(
+            (&w_dec, &b_dec),
+            &[probes.raw_direction(0)],
+            &differences,
+            vec![vec![0]],
+        );
         // Carried by the main feature: not absorbed.
         absorption.add_token(0, &[2.0, 0.0, 0.0, 0.0], &[0, 2], &[2.0, 1.0]);
         // Main feature silent, the absorber carries it: fully absorbed.
@@ -292,5 +302,47 @@ mod tests {
             s.probe_alignment > 0.9,
             "and so does the mean difference: {s:?}"
         );
+    }
+
+    /// The concept moves axis 0 a lot and axis 3 a little, but axis 3 barely varies
+    /// otherwise: the probe leans on axis 3, the mean difference on axis 0. A token carried by
+    /// an absorber along axis 0 is absorbed along the mean difference and not along the probe.
+    #[test]
+    fn the_probe_and_the_mean_difference_can_disagree() {
+        let d = 4;
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut sample = RowSample::new(d, 2000, 0);
+        for _ in 0..2000 {
+            let on = rng.random_bool(0.3);
+            let mut row: Vec<f32> = (0..3).map(|_| rng.random_range(-0.5..0.5)).collect();
+            row.push(rng.random_range(-0.01..0.01));
+            if on {
+                row[0] += 2.0;
+                row[3] += 0.1;
+            }
+            sample.offer(&row, &[on]);
+        }
+        let probes = LinearProbes::fit(&sample, &ProbeSettings::default());
+        let differences = sample.mean_differences();
+        let w_dec = [
+            1.0, 0.0, 0.0, 0.0, // the main feature
+            0.9, 0.3, 0.0, 0.0, // an absorber
+        ];
+        let b_dec = [0.0; 4];
+        let along = |direction: Vec<f32>| {
+            let mut a =
+                Absorption::new((&w_dec, &b_dec), &[direction], &differences, vec![vec![0]]);
+            a.add_token(0, &[2.0, 0.5, 0.0, 0.1], &[1], &[2.0]);
+            a.finish().remove(0)
+        };
+        let by_probe = along(probes.raw_direction(0));
+        assert!(by_probe.probe_alignment < 0.2, "{by_probe:?}");
+        assert!(by_probe.main_cosines[0].abs() < 0.1, "{by_probe:?}");
+        assert_eq!(by_probe.mean_fraction, 0.0, "{by_probe:?}");
+        let by_difference = along(differences[0].clone());
+        assert!((by_difference.probe_alignment - 1.0).abs() < 1e-5);
+        assert!(by_difference.main_cosines[0] > 0.9, "{by_difference:?}");
+        assert_eq!(by_difference.mean_fraction, 1.0, "{by_difference:?}");
+        assert_eq!(by_difference.full_rate, 1.0, "{by_difference:?}");
     }
 }

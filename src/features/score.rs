@@ -241,8 +241,11 @@ pub struct ConceptScore {
     /// The k-sparse probes on the evaluation split, one per k of
     /// [`ScoreSettings::sparse_probe_ks`].
     pub sparse_probes: Vec<SparseProbeScore>,
-    /// Feature absorption on the evaluation split (with the dense probes, for an SAE).
+    /// Feature absorption on the evaluation split along the dense probe's direction, as
+    /// SAEBench measures it (with the dense probes, for an SAE).
     pub absorption: Option<AbsorptionScore>,
+    /// The same along the concept's mean difference, on the same tokens.
+    pub absorption_by_mean_difference: Option<AbsorptionScore>,
 }
 
 /// The mean F1 of the k-sparse probes at one k.
@@ -267,6 +270,10 @@ impl ConceptScore {
     }
 }
 
+/// The version of [`ScoreReport`]'s fields and figures, for reports kept on disk (the window
+/// keeps them): raise it when either changes, and older ones are scored again.
+pub const REPORT_FORMAT: u32 = 2;
+
 /// The per-concept table and its summary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoreReport {
@@ -281,6 +288,9 @@ pub struct ScoreReport {
     /// fraction, and of the share of tokens fully absorbed (when measured).
     pub mean_absorption: Option<f64>,
     pub mean_full_absorption: Option<f64>,
+    /// The same two means along the concepts' mean differences.
+    pub mean_absorption_by_mean_difference: Option<f64>,
+    pub mean_full_absorption_by_mean_difference: Option<f64>,
     /// Scored concepts with two or more split features.
     pub split_concepts: usize,
     pub selection_tokens: u64,
@@ -377,25 +387,33 @@ impl ScoreReport {
     /// projection other latents carry instead.
     fn render_absorption(&self, mean: f64, full: f64) -> String {
         let mut s = format!(
-            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds):\n{:<24} {:>7} {:>9} {:>7} {:>7}  {:<46} {}\n",
+            "\nfeature absorption (SAEBench's rule, on the held-out tokens the dense probe finds; along the probe's direction, then along the mean difference):\n{:<24} {:>7} {:>9} {:>7} {:>7} {:>9} {:>7}  {:<46} {}\n",
             "concept",
             "tokens",
             "absorbed",
             "fully",
             "aligned",
+            "by diff",
+            "fully",
             "main features (decoder cosine with the probe)",
             "top absorbers (tokens)"
         );
         for c in self.concepts.iter().filter(|c| c.scored) {
             let Some(a) = &c.absorption else { continue };
             let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+            let (by_difference, full_by_difference) = c
+                .absorption_by_mean_difference
+                .as_ref()
+                .map_or((f64::NAN, f64::NAN), |d| (d.mean_fraction, d.full_rate));
             s.push_str(&format!(
-                "{:<24} {:>7} {:>9.3} {:>7.3} {:>7.2}  {:<46} {}\n",
+                "{:<24} {:>7} {:>9.3} {:>7.3} {:>7.2} {:>9.3} {:>7.3}  {:<46} {}\n",
                 c.concept,
                 a.tokens,
                 a.mean_fraction,
                 a.full_rate,
                 a.probe_alignment,
+                by_difference,
+                full_by_difference,
                 list(
                     &mut (a.main_features.iter().zip(&a.main_cosines))
                         .map(|(f, cos)| format!("{f} (cos {cos:.2})"))
@@ -404,8 +422,17 @@ impl ScoreReport {
             ));
         }
         s.push_str(&format!(
-            "mean absorption fraction {mean:.3}; mean share of tokens fully absorbed {full:.3}\n(aligned: the probe direction's cosine with the concept's mean difference; low means the probe leans on directions of little variance)\n"
+            "mean absorption fraction {mean:.3}; mean share of tokens fully absorbed {full:.3}\n"
         ));
+        if let (Some(mean), Some(full)) = (
+            self.mean_absorption_by_mean_difference,
+            self.mean_full_absorption_by_mean_difference,
+        ) {
+            s.push_str(&format!(
+                "along the mean differences: mean absorption fraction {mean:.3}; mean share fully absorbed {full:.3}\n"
+            ));
+        }
+        s.push_str("(aligned: the probe direction's cosine with the concept's mean difference; low means the probe leans on directions of little variance)\n");
         s
     }
 
@@ -567,7 +594,7 @@ pub fn score(
                     .flatten_all()?
                     .to_vec1()?)
             };
-            let main = (chosen.iter().zip(&split_features))
+            let main: Vec<Vec<u32>> = (chosen.iter().zip(&split_features))
                 .map(|(&(best, _, detection), split)| {
                     let mut main = split.clone();
                     // (A concept no feature detects has no best feature.)
@@ -578,11 +605,12 @@ pub fn score(
                 })
                 .collect();
             let (w_dec, b_dec) = (host(&sae.w_dec)?, host(&sae.b_dec)?);
-            Some(Absorption::new(
-                (&w_dec, &b_dec),
-                probes,
-                &mean_differences,
-                main,
+            let decoder = (w_dec.as_slice(), b_dec.as_slice());
+            let probe_directions: Vec<Vec<f32>> =
+                (0..n_concepts).map(|c| probes.raw_direction(c)).collect();
+            Some((
+                Absorption::new(decoder, &probe_directions, &mean_differences, main.clone()),
+                Absorption::new(decoder, &mean_differences, &mean_differences, main),
             ))
         }
         _ => None,
@@ -603,10 +631,13 @@ pub fn score(
                     let fires = logit > probes.threshold[c];
                     probe_fires[c] += u64::from(fires);
                     probe_hits[c] += u64::from(fires && on);
-                    if let Some(absorption) = absorption.as_mut().filter(|_| fires && on) {
+                    if let Some((by_probe, by_difference)) =
+                        absorption.as_mut().filter(|_| fires && on)
+                    {
                         let (latents, values) = codes.row(r);
                         let x = &inputs[r * encoder.d_in()..][..encoder.d_in()];
-                        absorption.add_token(c, x, latents, values);
+                        by_probe.add_token(c, x, latents, values);
+                        by_difference.add_token(c, x, latents, values);
                     }
                 }
             }
@@ -631,7 +662,13 @@ pub fn score(
     };
     let mut sparse = sparse.into_iter();
     drop(evaluation_rows);
-    let mut absorption = absorption.map(Absorption::finish).map(Vec::into_iter);
+    let (mut absorption, mut absorption_by_difference) = match absorption {
+        Some((by_probe, by_difference)) => (
+            Some(by_probe.finish().into_iter()),
+            Some(by_difference.finish().into_iter()),
+        ),
+        None => (None, None),
+    };
     let mut scores = Vec::new();
     let per_concept = (splits.concepts.iter()).zip(chosen).zip(split_features);
     for (c, ((concept, (best, level, chosen)), split_features)) in per_concept.enumerate() {
@@ -652,6 +689,8 @@ pub fn score(
             sparse_probe_latents,
             sparse_probes,
             absorption: absorption.as_mut().and_then(Iterator::next),
+            absorption_by_mean_difference: (absorption_by_difference.as_mut())
+                .and_then(Iterator::next),
         });
     }
     let mean_over_scored = |f1: &dyn Fn(&ConceptScore) -> f64| {
@@ -663,14 +702,23 @@ pub fn score(
         .is_some()
         .then(|| mean_over_scored(&|s| s.probe.map_or(0.0, |p| p.f1)));
     // Over the scored concepts with tokens to score (a probe that finds none says nothing).
-    let absorption_mean = |of: fn(&AbsorptionScore) -> f64| {
+    let absorption_mean = |along: fn(&ConceptScore) -> Option<&AbsorptionScore>,
+                           of: fn(&AbsorptionScore) -> f64| {
         let values: Vec<f64> = (scores.iter().filter(|s| s.scored))
-            .filter_map(|s| s.absorption.as_ref().filter(|a| a.tokens > 0).map(of))
+            .filter_map(|s| along(s).filter(|a| a.tokens > 0).map(of))
             .collect();
         (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     };
-    let mean_absorption = absorption_mean(|a| a.mean_fraction);
-    let mean_full_absorption = absorption_mean(|a| a.full_rate);
+    fn by_probe(s: &ConceptScore) -> Option<&AbsorptionScore> {
+        s.absorption.as_ref()
+    }
+    fn by_difference(s: &ConceptScore) -> Option<&AbsorptionScore> {
+        s.absorption_by_mean_difference.as_ref()
+    }
+    let mean_absorption = absorption_mean(by_probe, |a| a.mean_fraction);
+    let mean_full_absorption = absorption_mean(by_probe, |a| a.full_rate);
+    let mean_absorption_by_mean_difference = absorption_mean(by_difference, |a| a.mean_fraction);
+    let mean_full_absorption_by_mean_difference = absorption_mean(by_difference, |a| a.full_rate);
     let mean_sparse_probe_f1 = (settings.sparse_probe_ks.iter().enumerate())
         .map(|(i, &k)| SparseProbeMean {
             k,
@@ -688,6 +736,8 @@ pub fn score(
         mean_sparse_probe_f1,
         mean_absorption,
         mean_full_absorption,
+        mean_absorption_by_mean_difference,
+        mean_full_absorption_by_mean_difference,
         selection_tokens: selection.tokens,
         evaluation_tokens: evaluation.tokens,
     }))
@@ -914,6 +964,7 @@ mod tests {
                 full_rate: 0.0,
                 top_absorbers: vec![(9, 4)],
             }),
+            absorption_by_mean_difference: None,
         };
         let report = ScoreReport {
             concepts: vec![
@@ -925,6 +976,8 @@ mod tests {
             mean_sparse_probe_f1: Vec::new(),
             mean_absorption: None,
             mean_full_absorption: None,
+            mean_absorption_by_mean_difference: None,
+            mean_full_absorption_by_mean_difference: None,
             split_concepts: 1,
             selection_tokens: 100,
             evaluation_tokens: 100,

@@ -174,7 +174,9 @@ pub mod explain {
         ones (best and split features) carry — latents aligned with the probe (cosine ≥ 0.1), \
         the three largest — instead of the main features. Fully absorbed: the main features \
         are silent and one latent (cosine ≥ 0.025) carries at least 40%. A continent absorbed \
-        into an \"Africa\" latent is the textbook case.";
+        into an \"Africa\" latent is the textbook case. The probe's direction is a \
+        discriminative fit that may lean on directions of little variance, so the same rule is \
+        also run along the concept's mean difference (mean activation on it minus off it).";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
         layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
         whole MLP output in error nodes.";

@@ -101,7 +101,7 @@ pub struct Workbench {
     pub labels: HashMap<u32, String>,
     /// The Concepts panel's last scores, and the SAE they are of: feature pages list what
     /// each feature does for the concepts. Read from the SAE's cache folder when it opens.
-    pub concept_scores: Option<(PathBuf, Arc<ScoreReport>)>,
+    pub concept_scores: Option<ConceptScores>,
     pub history: EditHistory,
     pub kb: Arc<KnowledgeBase>,
     /// Panel to switch to, set by a panel.
@@ -112,7 +112,7 @@ pub struct Workbench {
     sae_job: Option<Job<OpenSae>>,
     store_job: Option<Job<FeatureStore>>,
     label_job: Option<Job<HashMap<u32, String>>>,
-    cached_scores_job: Option<Job<Option<(PathBuf, Arc<ScoreReport>)>>>,
+    cached_scores_job: Option<Job<Option<ConceptScores>>>,
     /// SAE to open once the model has loaded.
     pending_sae: Option<PathBuf>,
 }
@@ -416,7 +416,7 @@ impl Workbench {
                 })
                 .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
                 .collect();
-            files.sort_by(|a, b| b.0.cmp(&a.0));
+            files.sort_by_key(|&(modified, _)| std::cmp::Reverse(modified));
             Ok(files.iter().find_map(|(_, path)| {
                 let cached = CachedScore::read(path)?;
                 Some((sae.dir.clone(), Arc::new(cached.report)))
@@ -601,6 +601,7 @@ pub fn score_in_job(
     if let Some(path) = cache {
         let cached = CachedScore {
             version: env!("CARGO_PKG_VERSION").into(),
+            format: crate::features::score::REPORT_FORMAT,
             settings: settings.clone(),
             report,
         };
@@ -612,6 +613,9 @@ pub fn score_in_job(
     }
     Ok(report)
 }
+
+/// A concept score and the SAE it is of.
+pub type ConceptScores = (PathBuf, Arc<ScoreReport>);
 
 const CONCEPT_SCORES_PREFIX: &str = "concepts-";
 
@@ -628,8 +632,9 @@ pub fn concept_score_file(sae: &OpenSae, settings: &ScoreSettings) -> PathBuf {
 /// A concept score as kept in the cache, with what made it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CachedScore {
-    /// The monoscope that scored: another version may score differently.
+    /// The monoscope that scored, and its report's format: another may score differently.
     version: String,
+    format: u32,
     settings: ScoreSettings,
     report: ScoreReport,
 }
@@ -638,7 +643,9 @@ impl CachedScore {
     /// The score kept at `path`, if there is one this version of monoscope made.
     fn read(path: &Path) -> Option<Self> {
         let cached: Self = crate::files::read_json(path).ok()?;
-        (cached.version == env!("CARGO_PKG_VERSION")).then_some(cached)
+        (cached.version == env!("CARGO_PKG_VERSION")
+            && cached.format == crate::features::score::REPORT_FORMAT)
+            .then_some(cached)
     }
 
     fn write(&self, path: &Path) -> crate::Result<()> {

@@ -13,7 +13,7 @@ use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
 use crate::gui::workbench::{
-    PanelRequest, Workbench, concept_score_file, score_in_job, window_segments,
+    ConceptScores, PanelRequest, Workbench, concept_score_file, score_in_job, window_segments,
 };
 use crate::jobs::Job;
 
@@ -54,13 +54,10 @@ impl ScoreForm {
     }
 }
 
-/// A finished score and the SAE it was made for (shown from [`Workbench::concept_scores`]).
-type Scored = (std::path::PathBuf, std::sync::Arc<ScoreReport>);
-
 #[derive(Default)]
 pub struct Concepts {
     pub form: ScoreForm,
-    job: Option<Job<Scored>>,
+    job: Option<Job<ConceptScores>>,
     /// The concept whose k-sparse curve is drawn beside the mean (an index into the report).
     selected: Option<usize>,
 }
@@ -209,8 +206,18 @@ fn summary_ui(ui: &mut egui::Ui, report: &ScoreReport) {
             .on_hover_text(explain::DENSE_PROBE);
     }
     if let (Some(mean), Some(full)) = (report.mean_absorption, report.mean_full_absorption) {
+        let by_difference = match (
+            report.mean_absorption_by_mean_difference,
+            report.mean_full_absorption_by_mean_difference,
+        ) {
+            (Some(mean), Some(full)) => format!(
+                "; along the mean differences {mean:.3}, {:.1}% fully",
+                100.0 * full
+            ),
+            _ => String::new(),
+        };
         ui.label(format!(
-            "Feature absorption: mean fraction {mean:.3}, tokens fully absorbed {:.1}%",
+            "Feature absorption: mean fraction {mean:.3}, tokens fully absorbed {:.1}%{by_difference}",
             100.0 * full
         ))
         .on_hover_text(explain::ABSORPTION);
@@ -329,12 +336,18 @@ fn concept_table(ui: &mut egui::Ui, report: &ScoreReport, selected: Option<usize
                 match &c.absorption {
                     Some(a) => ui.label(format!("{:.3}", a.mean_fraction)).on_hover_text(format!(
                         "main features {:?} (decoder cosines with the probe {:.2?}); fully absorbed on {:.1}% of {} tokens; top absorbers \
-                         (latent, tokens): {:?}",
+                         (latent, tokens): {:?}{}",
                         a.main_features,
                         a.main_cosines,
                         100.0 * a.full_rate,
                         a.tokens,
-                        a.top_absorbers
+                        a.top_absorbers,
+                        c.absorption_by_mean_difference.as_ref().map_or(String::new(), |d| format!(
+                            "\nalong the mean difference: fraction {:.3}, fully absorbed {:.1}%, top absorbers {:?}",
+                            d.mean_fraction,
+                            100.0 * d.full_rate,
+                            d.top_absorbers
+                        ))
                     )),
                     None => ui.label("-"),
                 };
