@@ -1154,6 +1154,10 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     wait_for(&mut h, "the model", model_loaded);
     open_panel(&mut h, "Train");
     replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    replace_text(&mut h, "Tokens", "32768");
+    replace_text(&mut h, "Batch size", "1024");
+    h.key_press(egui::Key::Enter);
+    h.step();
     h.get_by_label("Start training").click();
     wait_for(&mut h, "the first training steps", |h| has_label(h, "FVU:"));
     h.get_by_label("Pause").click();
@@ -1164,6 +1168,35 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     });
     assert!(out.join("training/checkpoint").is_dir());
     assert!(!out.join("sae_weights.safetensors").exists());
+
+    // Continued from the checkpoint, the run goes on from where it stopped to the end, and the
+    // SAE opens.
+    h.get_by_label("continue the stopped run").click();
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the continued run's SAE", |h| {
+        h.state()
+            .workbench
+            .sae
+            .as_ref()
+            .is_some_and(|s| s.dir == out)
+    });
+    assert!(out.join("sae_weights.safetensors").is_file());
+    // One log for both parts, its steps rising to the last without repeats.
+    let steps = logged_steps(&out.join("training/metrics.jsonl"));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&(32_768 / 1024)), "{steps:?}");
+}
+
+/// The `step` of every line of a JSON-lines training log.
+fn logged_steps(path: &std::path::Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| {
+            let m: serde_json::Value = serde_json::from_str(line).unwrap();
+            m["step"].as_u64().unwrap()
+        })
+        .collect()
 }
 
 /// "MLP transcoder" turns the form into a transcoder from the layer's `mlp.hook_in` to its
@@ -1238,6 +1271,55 @@ fn a_cross_layer_transcoder_trains_from_the_form_and_is_traced_in_circuits() {
     let graph = common::attribution_graph(&model, &transcoders, &ids, &GraphSettings::default());
     let shown = format!("{} active features over", graph.active_features.len());
     assert!(has_label(&h, &shown), "{shown}");
+}
+
+/// A cross-layer transcoder's run cancelled in the window leaves a checkpoint beside its folder;
+/// continued, it finishes into the folder with one log for both parts.
+#[test]
+fn a_cross_layer_transcoder_run_cancels_to_a_checkpoint_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clt");
+    let staging = dir.path().join(".clt.partial");
+    let mut h = harness();
+    wait_for(&mut h, "the model", model_loaded);
+    open_panel(&mut h, "Train");
+    h.get_by_label("a cross-layer transcoder").click();
+    h.step();
+    replace_text(&mut h, "Output folder", out.to_str().unwrap());
+    replace_text(&mut h, "Tokens", "16384");
+    replace_text(&mut h, "Batch size", "1024");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the first training steps", |h| has_label(h, "FVU:"));
+    h.get_by_label("Pause").click();
+    h.step();
+    h.get_by_label("Cancel train CLT").click();
+    wait_for(&mut h, "the cancel", |h| {
+        has_message(h, &["training stopped at step"])
+    });
+    assert!(staging.join("training/checkpoint").is_dir());
+    assert!(!out.exists());
+    // Started again without "continue", the run is refused: the checkpoint is named.
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the refusal", |h| {
+        has_message(h, &["pass --resume to continue it"])
+    });
+    h.get_by_label("continue the stopped run").click();
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the continued CLT", |h| {
+        has_message(h, &["cross-layer transcoder written to"])
+    });
+    wait_for(&mut h, "the trace through it", |h| !h.state().busy());
+    assert!(
+        !staging.exists(),
+        "the staging folder is renamed into place"
+    );
+    assert!(!out.join("training").exists(), "the checkpoint is dropped");
+    let steps = logged_steps(&out.join("training-metrics.jsonl"));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&(16_384 / 1024)), "{steps:?}");
 }
 
 /// "Score the replacement model" scores the graph's transcoders on held-out text: the line

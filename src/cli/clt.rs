@@ -1,7 +1,6 @@
 //! `monoscope clt train|eval`: train a cross-layer transcoder on the model's own activations,
 //! and score transcoders (a CLT, or per-layer ones) as a replacement for the model's MLPs.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -187,20 +186,12 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
     let buffer_rows = args
         .buffer_rows
         .unwrap_or(args.batch_size.saturating_mul(16));
-    let identity = format!(
-        "model {} ({}), corpus {} in {:?}, hooks {} → {}, {buffer_rows} buffer rows",
-        model.dir.display(),
-        model.model_type,
-        source.corpus().describe(),
-        args.corpus.windows(&model),
-        args.input_hook,
-        args.output_hook
-    );
+    let hooks = (args.input_hook.as_str(), args.output_hook.as_str());
     let checkpoints = Checkpoints {
         dir: staging.clone(),
         every_tokens: args.checkpoint_every,
         resume: args.resume,
-        identity,
+        identity: Checkpoints::identity_of(&model, &source, hooks, buffer_rows),
     };
     let run = train_checkpointed(
         &mut source,
@@ -240,17 +231,14 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut metrics = Vec::new();
-    for m in &run.log {
-        writeln!(metrics, "{}", serde_json::to_string(m)?)?;
-    }
+    let metrics = run.log_lines();
     let trainer = run.trainer;
     trainer
         .finish_in(
             &staging,
             &args.out,
             args.save_dtype.into(),
-            (&args.input_hook, &args.output_hook),
+            hooks,
             &[("training-metrics.jsonl", metrics)],
         )
         .with_context(|| {

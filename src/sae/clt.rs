@@ -960,6 +960,24 @@ impl Checkpoints {
     fn training(&self) -> std::path::PathBuf {
         self.dir.join("training")
     }
+
+    /// [`Checkpoints::identity`] of a run of `model` over `source`'s corpus and windows, from
+    /// `hooks` (input and output names), with a mixing buffer of `buffer_rows`: the same for
+    /// the command line and the window, so a run started in one continues in the other.
+    pub fn identity_of(
+        model: &crate::model::Model,
+        source: &super::activations::ActivationSource<'_>,
+        (input, output): (&str, &str),
+        buffer_rows: usize,
+    ) -> String {
+        format!(
+            "model {} ({}), corpus {} in {:?}, hooks {input} → {output}, {buffer_rows} buffer rows",
+            model.dir.display(),
+            model.model_type,
+            source.corpus().describe(),
+            source.settings,
+        )
+    }
 }
 
 /// A checkpoint's JSON: everything besides the tensors.
@@ -1046,7 +1064,7 @@ pub fn check_output_folder(dir: &Path) -> Result<std::path::PathBuf> {
     let staging = free_output_folder(dir)?;
     if staging.exists() {
         let what = if staging.join("training").exists() {
-            "an interrupted run's checkpoint: pass --resume to continue it, or remove it"
+            "an interrupted run's checkpoint: pass --resume to continue it (in the window: \"continue the stopped run\"), or remove it"
         } else {
             "a leftover; remove it first"
         };
@@ -1131,6 +1149,20 @@ pub struct TrainedClt {
     /// Every [`LOG_EVERY_STEPS`]th step's metrics, and the last step's, resumed runs'
     /// included.
     pub log: Vec<CltStepMetrics>,
+}
+
+impl TrainedClt {
+    /// The log as JSON lines, one step a line: the folder's `training-metrics.jsonl`.
+    pub fn log_lines(&self) -> Vec<u8> {
+        let lines = self
+            .log
+            .iter()
+            .filter_map(|m| serde_json::to_string(m).ok());
+        lines
+            .map(|line| line + "\n")
+            .collect::<String>()
+            .into_bytes()
+    }
 }
 
 /// Steps between logged metrics.

@@ -389,7 +389,9 @@ fn refuse_existing(paths: &RunPaths) -> Result<()> {
         Err(Error::InvalidArgument {
             what: "SAE output folder",
             value: paths.out.display().to_string(),
-            message: format!("{what}; pass --resume to continue it or choose another folder"),
+            message: format!(
+                "{what}; pass --resume to continue it (in the window: \"continue the stopped run\") or choose another folder"
+            ),
         })
     };
     for name in [

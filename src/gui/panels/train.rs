@@ -1,8 +1,8 @@
 //! Train: capture a hook's activations over a corpus and train an SAE on them (or a
 //! transcoder, which predicts a later hook from them), with live curves of loss, L0, FVU, dead
-//! latents and throughput; pause, cancel (a checkpoint stays), and open the result in Features.
-//! Or train a cross-layer transcoder over every layer (cancel saves what was learnt) and trace
-//! through it in Circuits.
+//! latents and throughput; pause, cancel (a checkpoint stays, and the run continues from it
+//! when asked), and open the result in Features. Or train a cross-layer transcoder over every
+//! layer, with the same checkpoints, and trace through it in Circuits.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,9 +18,10 @@ use crate::jobs::Job;
 use crate::model::Model;
 use crate::sae::activations::{ActivationSource, Corpus, WindowSettings};
 use crate::sae::clt::{
-    CltConfig, CltStepMetrics, activation_source, check_output_folder, train as clt_train,
+    Checkpoints, CltConfig, CltStepMetrics, activation_source, check_output_folder,
+    resumed_output_folder, train_checkpointed,
 };
-use crate::sae::run::{RunControl, RunOutcome, RunSettings, SaveDtype, StepEngine, run};
+use crate::sae::run::{RunControl, RunOutcome, RunPaths, RunSettings, SaveDtype, StepEngine, run};
 use crate::sae::saelens::SaeMetadata;
 use crate::sae::train::{ArchitectureKind, ArchitectureKnobs, TrainConfig};
 
@@ -52,6 +53,8 @@ pub struct TrainForm {
     lr: f32,
     pub corpus: String,
     pub out: String,
+    /// Continue the stopped run whose checkpoint is in (or beside) the output folder.
+    pub resume: bool,
 }
 
 impl Default for TrainForm {
@@ -70,16 +73,17 @@ impl Default for TrainForm {
             lr: 4e-4,
             corpus: "world".into(),
             out: "sae-out".into(),
+            resume: false,
         }
     }
 }
 
 enum Ended {
     Finished(PathBuf),
-    Cancelled(u64),
-    /// A cross-layer transcoder saved into the folder: after every step, or (`false`) when
-    /// cancelled.
-    CrossLayer(PathBuf, bool),
+    /// Stopped at a step, with a checkpoint in the folder.
+    Cancelled(u64, PathBuf),
+    /// A cross-layer transcoder saved into the folder.
+    CrossLayer(PathBuf),
 }
 
 #[derive(Default)]
@@ -104,16 +108,22 @@ impl Panel for Train {
             self.last_series = Some(job.progress());
         }
         if let Some(ended) = take(&mut self.job, wb) {
+            // A finished run leaves no checkpoint to continue.
+            self.form.resume &= matches!(ended, Ended::Cancelled(..));
             match ended {
                 Ended::Finished(dir) => {
                     wb.info(format!("SAE written to {}", dir.display()));
                     wb.open_sae(dir);
                     wb.goto = Some(PanelKind::Features);
                 }
-                Ended::Cancelled(step) => wb.info(format!(
-                    "training stopped at step {step}; a checkpoint is in the output folder"
-                )),
-                Ended::CrossLayer(dir, true) => {
+                Ended::Cancelled(step, checkpoint) => {
+                    wb.info(format!(
+                        "training stopped at step {step}; its checkpoint is in {} (tick \
+                         \"continue the stopped run\" and start again to go on)",
+                        checkpoint.display()
+                    ));
+                }
+                Ended::CrossLayer(dir) => {
                     wb.info(format!(
                         "cross-layer transcoder written to {}",
                         dir.display()
@@ -121,10 +131,6 @@ impl Panel for Train {
                     wb.requests.push(PanelRequest::Trace(dir));
                     wb.goto = Some(PanelKind::Circuits);
                 }
-                Ended::CrossLayer(dir, false) => wb.info(format!(
-                    "training stopped; the cross-layer transcoder learnt so far is in {}",
-                    dir.display()
-                )),
             }
         }
         let Some(model) = need_model(ui, wb) else {
@@ -309,7 +315,9 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         &settings,
         &metadata,
         &out,
-        RunControl::new(job.cancel_flag()).on(StepEngine::for_run(&model.device, &settings.train)),
+        RunControl::new(job.cancel_flag())
+            .resuming(f.resume)
+            .on(StepEngine::for_run(&model.device, &settings.train)),
         |m| {
             let curves = [m.loss, m.l0, m.fvu, 100.0 * m.dead_fraction];
             report_step(job, started, (m.step, total, m.tokens), curves);
@@ -317,7 +325,9 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
     )?;
     Ok(match outcome {
         RunOutcome::Finished(_) => Ended::Finished(out),
-        RunOutcome::Cancelled { step } => Ended::Cancelled(step),
+        RunOutcome::Cancelled { step } => {
+            Ended::Cancelled(step, RunPaths { out: out.clone() }.checkpoint())
+        }
     })
 }
 
@@ -355,8 +365,9 @@ fn run_rows(ui: &mut egui::Ui, f: &mut TrainForm, expansion_tip: String, folder_
     )
     .labelled_by(label.id);
     ui.end_row();
-    ui.label("Batch size");
-    ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536));
+    let label = ui.label("Batch size");
+    ui.add(egui::DragValue::new(&mut f.batch_size).range(16..=65_536))
+        .labelled_by(label.id);
     ui.end_row();
     ui.label("Learning rate");
     ui.add(
@@ -374,17 +385,29 @@ fn run_rows(ui: &mut egui::Ui, f: &mut TrainForm, expansion_tip: String, folder_
         folder_field(ui, &mut f.out, folder_title).labelled_by(label.id);
     });
     ui.end_row();
+    ui.label("");
+    ui.checkbox(&mut f.resume, "continue the stopped run")
+        .on_hover_text(
+            "continue from the checkpoint a cancelled run left for this output folder (the \
+             same settings; as `--resume` does on the command line), reaching the weights an \
+             uninterrupted run would",
+        );
+    ui.end_row();
 }
 
-/// Trains a cross-layer transcoder as `monoscope clt train` does, and saves it (also when
-/// cancelled: a CLT has no checkpoint to resume, so what was learnt is kept).
+/// Trains a cross-layer transcoder as `monoscope clt train` does, with its checkpoints beside
+/// the output folder (every million tokens and when cancelled), and saves it.
 fn train_cross_layer(
     model: &Model,
     f: &TrainForm,
     job: &crate::jobs::JobHandle,
 ) -> anyhow::Result<Ended> {
     let out = PathBuf::from(f.out.trim());
-    check_output_folder(&out)?;
+    let staging = if f.resume {
+        resumed_output_folder(&out)?
+    } else {
+        check_output_folder(&out)?
+    };
     let (input, output) = ("hook_resid_mid", "hook_mlp_out");
     let (inputs, outputs) = cross_layer_sites(model, input, output)?;
     job.set_message("filling the activation buffer");
@@ -410,12 +433,22 @@ fn train_cross_layer(
     // A row holds every layer's input and output: 16 batches of them could take gigabytes, so
     // the mixing buffer is capped at 256 MB (but holds at least two batches).
     let row_bytes = 4 * config.row_width();
-    let buffer_rows = (16 * f.batch_size).min((256 << 20) / row_bytes.max(1));
-    let (trainer, finished) = clt_train(
+    let buffer_rows = (16 * f.batch_size)
+        .min((256 << 20) / row_bytes.max(1))
+        .max(2 * f.batch_size);
+    let hooks = (input, output);
+    let checkpoints = Checkpoints {
+        dir: staging.clone(),
+        every_tokens: 1_000_000,
+        resume: f.resume,
+        identity: Checkpoints::identity_of(model, &source, hooks, buffer_rows),
+    };
+    let run = train_checkpointed(
         &mut source,
         config,
-        buffer_rows.max(2 * f.batch_size),
+        buffer_rows,
         job.cancel_flag(),
+        &checkpoints,
         |m| {
             let curves = [
                 m.loss,
@@ -426,9 +459,16 @@ fn train_cross_layer(
             report_step(job, started, (m.step, total, m.tokens), curves);
         },
     )?;
+    if !run.finished {
+        let step = run.trainer.step;
+        return Ok(Ended::Cancelled(step, staging.join("training/checkpoint")));
+    }
     job.set_message("saving");
-    trainer.save(&out, candle_core::DType::F32, (input, output), &[])?;
-    Ok(Ended::CrossLayer(out, finished))
+    let metrics = run.log_lines();
+    let extra = [("training-metrics.jsonl", metrics)];
+    run.trainer
+        .finish_in(&staging, &out, candle_core::DType::F32, hooks, &extra)?;
+    Ok(Ended::CrossLayer(out))
 }
 
 /// Reports step `step` of `total` (`tokens` trained on) to the job, waiting while it is paused,
