@@ -206,7 +206,7 @@ pub fn load(dir: &Path, model: &Model) -> Result<Vec<LayerTranscoder>> {
 }
 
 /// How many files in `dir` have a name that `wanted` accepts.
-fn count_files(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<usize> {
+pub(super) fn count_files(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<usize> {
     Ok(std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(std::result::Result::ok)
@@ -336,60 +336,121 @@ fn jump_relu_or_relu(threshold: &Option<Tensor>) -> Architecture {
     }
 }
 
+/// Where one layer of a cross-layer transcoder is kept, in circuit-tracer's layout or Gemma
+/// Scope 2's ([`super::gemma_scope_2`]).
+pub(super) struct CltLayerFiles {
+    pub encoder: PathBuf,
+    pub decoder: PathBuf,
+    /// The tensors' keys.
+    pub w_enc: String,
+    pub b_enc: String,
+    pub b_dec: String,
+    pub threshold: String,
+    pub w_dec: String,
+    /// An affine skip path `[d_in, d_out]` (the output gains `x @ skip`), where there is one.
+    pub skip: Option<String>,
+    /// `W_enc` stored `[features, d_in]` (circuit-tracer) rather than `[d_in, features]`.
+    pub encoder_by_feature: bool,
+    /// Where the layer's own output sits on the decoder's second axis: 0 when it holds the own
+    /// and later layers only (circuit-tracer's `W_dec_L`), `L` when it holds every layer.
+    pub own_slot: usize,
+}
+
 /// Layer `layer` of the cross-layer transcoder in `dir`, its decoders to the later layers in
 /// `later`.
 fn cross_layer(dir: &Path, model: &Model, layer: usize, site: SaeSite) -> Result<LayerTranscoder> {
+    let key = |name: &str| format!("{name}_{layer}");
+    let files = CltLayerFiles {
+        encoder: dir.join(encoder_file(layer)),
+        decoder: dir.join(decoder_file(layer)),
+        w_enc: key("W_enc"),
+        b_enc: key("b_enc"),
+        b_dec: key("b_dec"),
+        threshold: key("threshold"),
+        w_dec: key("W_dec"),
+        skip: None,
+        encoder_by_feature: true,
+        own_slot: 0,
+    };
+    cross_layer_from(&files, model, layer, site)
+}
+
+/// Layer `layer` of a cross-layer transcoder kept as `files` say.
+pub(super) fn cross_layer_from(
+    files: &CltLayerFiles,
+    model: &Model,
+    layer: usize,
+    site: SaeSite,
+) -> Result<LayerTranscoder> {
     let n_layers = model.dims().n_layers;
     let d_in = model.hook_width(site.input)?;
     let d_model = model.hook_width(site.output)?;
     let device = &model.device;
-    let encoder = Weights::open_file(&dir.join(encoder_file(layer)), DType::F32, device)?;
-    let key = |name: &str| format!("{name}_{layer}");
-    let d_sae = encoder.shape(&key("W_enc"))?.first().copied().unwrap_or(0);
-    let threshold = encoder.get_opt(&key("threshold"), &[d_sae])?;
+    let encoder = Weights::open_file(&files.encoder, DType::F32, device)?;
+    let shape = encoder.shape(&files.w_enc)?;
+    let d_sae = match (files.encoder_by_feature, &shape[..]) {
+        (true, [features, _]) | (false, [_, features]) => *features,
+        _ => 0,
+    };
+    let threshold = encoder.get_opt(&files.threshold, &[d_sae])?;
     // The decoders stay in their mapped file: the own layer's rows are read now, a few
     // hundred features at a time; the later layers' as a prompt needs them.
-    let decoder_path = dir.join(decoder_file(layer));
-    let decoder = Weights::open_file(&decoder_path, DType::F32, device)?;
-    let w_dec_key = key("W_dec");
-    let want = [d_sae, n_layers - layer, d_model];
-    let shape = decoder.shape(&w_dec_key)?;
+    let decoder = Weights::open_file(&files.decoder, DType::F32, device)?;
+    let own = files.own_slot;
+    let want = [d_sae, own + n_layers - layer, d_model];
+    let shape = decoder.shape(&files.w_dec)?;
     if shape != want {
         return Err(Error::TensorShape {
-            path: decoder_path,
-            key: w_dec_key,
+            path: files.decoder.clone(),
+            key: files.w_dec.clone(),
             expected: want.to_vec(),
             actual: shape,
         });
     }
-    let own = (0..d_sae as u32)
+    let own_rows = (0..d_sae as u32)
         .step_by(DECODER_CHUNK)
         .map(|start| {
             let end = (start + DECODER_CHUNK as u32).min(d_sae as u32);
             let ids: Vec<u32> = (start..end).collect();
-            Ok(decoder.rows(&w_dec_key, &ids)?.i((.., 0))?.contiguous()?)
+            Ok(decoder
+                .rows(&files.w_dec, &ids)?
+                .i((.., own))?
+                .contiguous()?)
         })
         .collect::<Result<Vec<_>>>()?;
+    let w_enc = if files.encoder_by_feature {
+        encoder
+            .get(&files.w_enc, &[d_sae, d_in])?
+            .t()?
+            .contiguous()?
+    } else {
+        encoder.get(&files.w_enc, &[d_in, d_sae])?
+    };
+    let w_skip = match &files.skip {
+        Some(key) => match encoder.get_opt(key, &[d_in, d_model])? {
+            Some(skip) => Some(skip.t()?.contiguous()?),
+            None => None,
+        },
+        None => None,
+    };
     let sae = Sae {
         architecture: jump_relu_or_relu(&threshold),
-        w_enc: encoder
-            .get(&key("W_enc"), &[d_sae, d_in])?
-            .t()?
-            .contiguous()?,
-        w_dec: Tensor::cat(&own, 0)?,
-        b_enc: encoder.get(&key("b_enc"), &[d_sae])?,
-        b_dec: encoder.get(&key("b_dec"), &[d_model])?,
+        w_enc,
+        w_dec: Tensor::cat(&own_rows, 0)?,
+        b_enc: encoder.get(&files.b_enc, &[d_sae])?,
+        b_dec: encoder.get(&files.b_dec, &[d_model])?,
         threshold,
         apply_b_dec_to_input: false,
         transcoder: true,
-        w_skip: None,
+        w_skip,
     };
-    sae.validate(&dir.join(encoder_file(layer)))?;
+    sae.validate(&files.encoder)?;
     let later = match n_layers - layer - 1 {
         0 => LaterDecoders::None,
         count => LaterDecoders::Mapped {
             weights: Arc::new(decoder),
-            key: w_dec_key,
+            key: files.w_dec.clone(),
+            own,
             count,
         },
     };

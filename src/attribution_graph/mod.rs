@@ -38,6 +38,7 @@ use crate::sae::{Sae, SaeSite};
 
 pub mod circuit_tracer;
 pub mod fidelity;
+pub mod gemma_scope_2;
 pub mod graph_file;
 pub mod intervene;
 pub mod prune;
@@ -64,12 +65,15 @@ pub enum LaterDecoders {
     None,
     /// `[d_sae, d_out]` per later layer, in memory.
     InMemory(Vec<Tensor>),
-    /// Read a few rows at a time from a memory-mapped `[d_sae, 1 + count, d_out]` tensor whose
-    /// row `[f, 1 + k]` writes layer `L + 1 + k` (a CLT's `W_dec_L`: tens of gigabytes over
-    /// all layers of a large model, of which a prompt needs the active features' rows).
+    /// Read a few rows at a time from a memory-mapped `[d_sae, own + 1 + count, d_out]` tensor
+    /// whose row `[f, own + 1 + k]` writes layer `L + 1 + k` (a CLT's `W_dec_L`: tens of
+    /// gigabytes over all layers of a large model, of which a prompt needs the active
+    /// features' rows; `own` is 0 for circuit-tracer's, `L` for Gemma Scope 2's, which also
+    /// holds zero rows for the earlier layers).
     Mapped {
         weights: Arc<crate::model::weights::Weights>,
         key: String,
+        own: usize,
         count: usize,
     },
 }
@@ -136,14 +140,15 @@ impl LayerTranscoder {
             LaterDecoders::Mapped {
                 weights,
                 key,
+                own,
                 count,
             } => {
                 let all = weights
                     .rows(key, features)?
                     .to_dtype(w_dec.dtype())?
-                    .to_device(w_dec.device())?; // [features, 1 + count, d_out]
+                    .to_device(w_dec.device())?; // [features, own + 1 + count, d_out]
                 for k in 1..=*count {
-                    rows.push((layer + k, all.i((.., k))?.contiguous()?));
+                    rows.push((layer + k, all.i((.., own + k))?.contiguous()?));
                 }
             }
         }
@@ -220,10 +225,12 @@ pub fn site_layer(site: &SaeSite) -> Result<usize> {
     Ok(layer)
 }
 
-/// Whether `dir` is a transcoder folder: a per-layer one (an SAE folder), or a set or a
-/// cross-layer transcoder in circuit-tracer's formats.
+/// Whether `dir` is a transcoder folder: a per-layer one (an SAE folder), a set or a
+/// cross-layer transcoder in circuit-tracer's formats, or a Gemma Scope 2 cross-layer one.
 fn is_transcoder_dir(dir: &Path) -> bool {
-    crate::sae::is_sae_dir(dir) || circuit_tracer::is_circuit_tracer_dir(dir)
+    crate::sae::is_sae_dir(dir)
+        || circuit_tracer::is_circuit_tracer_dir(dir)
+        || gemma_scope_2::is_gemma_scope_2_clt_dir(dir)
 }
 
 /// The transcoder folders named: each folder that is one (per-layer or cross-layer), and the
@@ -263,11 +270,15 @@ pub fn load_transcoders(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTran
 }
 
 /// Loads each transcoder folder of `dirs` (already resolved by [`transcoder_dirs`]); one in
-/// circuit-tracer's formats gives a transcoder for each of its layers.
+/// circuit-tracer's formats, or a Gemma Scope 2 cross-layer one, gives a transcoder for each of
+/// its layers.
 pub fn load_each(dirs: &[PathBuf], model: &Model) -> Result<Vec<LayerTranscoder>> {
     let mut out = Vec::new();
     for dir in dirs {
-        if !crate::sae::is_sae_dir(dir) && circuit_tracer::is_circuit_tracer_dir(dir) {
+        let one = crate::sae::is_sae_dir(dir);
+        if !one && gemma_scope_2::is_gemma_scope_2_clt_dir(dir) {
+            out.extend(gemma_scope_2::load(dir, model)?);
+        } else if !one && circuit_tracer::is_circuit_tracer_dir(dir) {
             out.extend(circuit_tracer::load(dir, model)?);
         } else {
             out.push(LayerTranscoder::load(dir, model)?);

@@ -205,7 +205,9 @@ pub mod explain {
         groups for Neuronpedia's viewer.";
     pub const GRAPH_FILE: &str = "Write the pruned graph as circuit-tracer's graph file \
         (JSON), which its local viewer and Neuronpedia's circuit viewer open; the folder's \
-        graph-metadata.json index is updated too. An existing file is not replaced.";
+        graph-metadata.json index is updated too. An existing file is not replaced. A \
+        relative path is taken from the folder monoscope was started in; the message after \
+        saving names the whole path.";
     pub const ERROR_NODE: &str = "An error node is what the layer's transcoder fails to \
         predict of the MLP's output at that token, kept so the graph reproduces the model \
         exactly; its edges are paths the features do not explain.";

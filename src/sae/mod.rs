@@ -1,7 +1,7 @@
 //! Sparse autoencoders: the inference-time model (encode / decode for every architecture) and
 //! the folders it is read from: the SAELens format monoscope writes ([`saelens`]), EleutherAI
-//! sparsify's ([`sparsify`]) and Gemma Scope's `params.npz` ([`gemma_scope`]), told apart by
-//! their weight files ([`load`]).
+//! sparsify's ([`sparsify`]), Gemma Scope's `params.npz` ([`gemma_scope`]) and Gemma Scope 2's
+//! `params.safetensors` ([`gemma_scope_2`]), told apart by their weight files ([`load`]).
 //!
 //! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
@@ -21,6 +21,7 @@ pub mod codes;
 pub mod cpu;
 pub mod eval;
 pub mod gemma_scope;
+pub mod gemma_scope_2;
 pub mod run;
 pub mod saelens;
 pub mod sparse;
@@ -40,11 +41,13 @@ use saelens::SaeDir;
 pub fn is_sae_dir(dir: &Path) -> bool {
     sparsify::is_sparsify_dir(dir)
         || gemma_scope::is_gemma_scope_dir(dir)
+        || gemma_scope_2::is_gemma_scope_2_dir(dir)
         || dir.join(saelens::CONFIG_FILE).is_file()
 }
 
 /// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
-/// (`sae.safetensors`), Gemma Scope's (`params.npz`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
+/// (`sae.safetensors`), Gemma Scope's (`params.npz`), Gemma Scope 2's (`params.safetensors`)
+/// or else SAELens's. A folder of SAE folders (a sparsify run, one per
 /// hookpoint) is refused with the names to choose from.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     if sparsify::is_sparsify_dir(dir) {
@@ -52,6 +55,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     }
     if gemma_scope::is_gemma_scope_dir(dir) {
         return gemma_scope::load(dir, device, dtype);
+    }
+    if gemma_scope_2::is_gemma_scope_2_dir(dir) {
+        return gemma_scope_2::load(dir, device, dtype);
     }
     if !dir.join(saelens::CONFIG_FILE).is_file() {
         let mut inner: Vec<String> = std::fs::read_dir(dir)
@@ -110,6 +116,17 @@ pub fn load_for_model(
                     "its path does not say where it reads (monoscope reads {}); pass the hook \
                      it reads",
                     gemma_scope::KNOWN_PATHS
+                ),
+            });
+        }
+        None if gemma_scope_2::is_gemma_scope_2_dir(dir) => {
+            return Err(Error::InvalidArgument {
+                what: "Gemma Scope 2 SAE folder",
+                value: dir.display().to_string(),
+                message: format!(
+                    "neither a config.json nor its path says where it reads (monoscope reads \
+                     {}); pass the hook it reads",
+                    gemma_scope_2::KNOWN_PATHS
                 ),
             });
         }

@@ -333,7 +333,8 @@ impl SaveForm {
                         supernodes: &supernodes,
                     }
                     .write(&path, false)?;
-                    Ok(path)
+                    // Said in full: a relative path is from the window's working folder.
+                    Ok(std::path::absolute(&path).unwrap_or(path))
                 }));
             }
         });
