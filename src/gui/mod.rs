@@ -192,8 +192,9 @@ impl App {
             .button("SAE folder…")
             .on_hover_text(
                 "An SAE folder: SAELens format (cfg.json, sae_weights.safetensors), one \
-                 hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors), or a \
-                 Gemma Scope SAE (params.npz under gemma-scope-…/layer_L/…)",
+                 hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors), a \
+                 Gemma Scope SAE (params.npz under gemma-scope-…/layer_L/…), or a Gemma \
+                 Scope 2 one (params.safetensors under <site>/layer_L_…)",
             )
             .clicked()
         {

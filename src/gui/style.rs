@@ -178,8 +178,9 @@ pub mod explain {
         discriminative fit that may lean on directions of little variance, so the same rule is \
         also run along the concept's mean difference (mean activation on it minus off it).";
     pub const TRANSCODER_SET: &str = "A transcoder folder, or a folder of them (one per \
-        layer), that writes each layer's blocks.L.hook_mlp_out. Layers without one keep their \
-        whole MLP output in error nodes.";
+        layer), that writes each layer's blocks.L.hook_mlp_out, or a cross-layer transcoder \
+        (circuit-tracer's W_enc_L / W_dec_L files, or Gemma Scope 2's params_layer_L). Layers \
+        without one keep their whole MLP output in error nodes.";
     pub const NODE_THRESHOLD: &str = "Pruning keeps the most influential nodes that together \
         hold this share of the influence on the logits (tokens and logits always); \
         circuit-tracer's default is 0.8.";
