@@ -190,10 +190,19 @@ pub fn model_hash(dir: &Path) -> Result<String> {
     )
 }
 
-/// What identifies an SAE folder's content.
+/// What identifies an SAE folder's content, in any format monoscope reads (SAELens's,
+/// sparsify's, Gemma Scope's and Gemma Scope 2's weight and config files): caches of an SAE's
+/// statistics and scores are named by it.
 pub fn sae_hash(dir: &Path) -> Result<String> {
     content_hash(
         dir,
-        &["cfg.json", "sae_weights.safetensors", "sae.safetensors"],
+        &[
+            "cfg.json",
+            "sae_weights.safetensors",
+            "sae.safetensors",
+            "params.npz",
+            "params.safetensors",
+            "config.json",
+        ],
     )
 }

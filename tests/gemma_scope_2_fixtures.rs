@@ -65,6 +65,12 @@ fn gemma_scope_2_saes_load_at_their_sites_and_match_circuit_tracers_reading() {
         let share = fired.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(share > 0.05 && share < 0.4, "{folder}: {share}");
     }
+    // Each is its own SAE to the caches of statistics and scores, which are named by content.
+    let hashes: std::collections::HashSet<String> = SAES
+        .iter()
+        .map(|(folder, _)| monoscope::table::sae_hash(&scope_dir(folder)).unwrap())
+        .collect();
+    assert_eq!(hashes.len(), SAES.len());
 }
 
 #[test]
@@ -193,6 +199,15 @@ fn gemma_scope_2_folders_that_say_nothing_usable_are_refused_by_name() {
         e.contains("Gemma Scope 2") && e.contains("pass the hook"),
         "{e}"
     );
+    // The config decides over the path: placed under another site and layer, the folder still
+    // reads where its config says.
+    let misplaced = tmp.path().join("mlp_out/layer_0_width_128_l0_small");
+    copy(
+        &misplaced,
+        Some(&std::fs::read_to_string(source.join("config.json")).unwrap()),
+    );
+    let (_, point) = sae::load_for_model(&misplaced, None, &model, &Device::Cpu).unwrap();
+    assert_eq!(point.to_string(), "blocks.1.hook_resid_post");
     // Given the hook, the same folder loads.
     let (_, point) = sae::load_for_model(
         &nowhere,

@@ -1406,7 +1406,7 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
     let shown = h.state().workbench.concept_scores.clone().unwrap();
     let best =
         |r: &ScoreReport| -> Vec<u32> { r.concepts.iter().map(|c| c.best_feature).collect() };
-    assert_eq!(best(&shown.1), best(&report));
+    assert_eq!(best(&shown.report), best(&report));
     assert!(has_label(&h, &summary), "{summary}");
     assert!(has_label(&h, "k-sparse probes: mean F1 k=1 "));
     assert!(has_label(&h, "Dense probes of the hook: mean F1 "));

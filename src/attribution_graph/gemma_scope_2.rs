@@ -45,24 +45,10 @@ pub fn load(dir: &Path, model: &Model) -> Result<Vec<LayerTranscoder>> {
             ),
         });
     }
-    (0..n_layers)
-        .map(|layer| {
-            let hook = |name: &str| -> Result<crate::model::HookPoint> {
-                let full = format!("blocks.{layer}.{name}");
-                model
-                    .resolve_hooks(&[&full])?
-                    .first()
-                    .copied()
-                    .ok_or_else(|| Error::InvalidArgument {
-                        what: "Gemma Scope 2 cross-layer transcoder",
-                        value: dir.display().to_string(),
-                        message: format!("reads or writes {full}, which the model does not have"),
-                    })
-            };
-            let site = SaeSite {
-                input: hook("mlp.hook_in")?,
-                output: hook("hook_mlp_out")?,
-            };
+    let (inputs, outputs) = super::cross_layer_sites(model, "mlp.hook_in", "hook_mlp_out")?;
+    (inputs.into_iter().zip(outputs).enumerate())
+        .map(|(layer, (input, output))| {
+            let site = SaeSite { input, output };
             let path = dir.join(layer_file(layer));
             let files = CltLayerFiles {
                 encoder: path.clone(),

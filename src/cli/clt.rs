@@ -227,7 +227,7 @@ fn train_clt(args: &TrainArgs) -> anyhow::Result<()> {
             "stopped at step {} of {total}; checkpoint in {}; continue with the same command \
              plus --resume",
             last.step,
-            staging.join("training/checkpoint").display()
+            checkpoints.checkpoint_dir().display()
         );
         return Ok(());
     }

@@ -99,8 +99,8 @@ pub struct Workbench {
     pub store: Option<Arc<FeatureStore>>,
     /// Ground-truth concept names of features (world model only), from `features score`.
     pub labels: HashMap<u32, String>,
-    /// The Concepts panel's last scores, and the SAE they are of: feature pages list what
-    /// each feature does for the concepts. Read from the SAE's cache folder when it opens.
+    /// The Concepts panel's last scores: feature pages list what each feature does for the
+    /// concepts. Read from the SAE's cache folder when it opens; dropped by an edit.
     pub concept_scores: Option<ConceptScores>,
     pub history: EditHistory,
     pub kb: Arc<KnowledgeBase>,
@@ -268,6 +268,9 @@ impl Workbench {
         drop_off_ui_thread(self.model.replace(Arc::new(model)));
         self.history = history;
         self.model_version += 1;
+        // Scores of the model before the edit; a kept one would be read again for it.
+        self.concept_scores = None;
+        self.cached_scores_job = None;
     }
 
     /// Is anything of the workbench's own still loading?
@@ -334,7 +337,15 @@ impl Workbench {
         if let Some(result) = self.cached_scores_job.as_mut().and_then(Job::poll) {
             self.cached_scores_job = None;
             match result {
-                Ok(Some(scores)) => self.concept_scores = Some(scores),
+                // A score made meanwhile for this SAE is newer than the newest kept one.
+                Ok(Some(scores)) => {
+                    let current = self.sae.as_ref();
+                    let shown = (self.concept_scores.as_ref())
+                        .is_some_and(|c| current.is_some_and(|sae| c.is_for(sae)));
+                    if !shown {
+                        self.concept_scores = Some(scores);
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => self.error(format!("cached concept scores: {e}")),
             }
@@ -419,7 +430,7 @@ impl Workbench {
             files.sort_by_key(|&(modified, _)| std::cmp::Reverse(modified));
             Ok(files.iter().find_map(|(_, path)| {
                 let cached = CachedScore::read(path)?;
-                Some((sae.dir.clone(), Arc::new(cached.report)))
+                Some(ConceptScores::new(&sae, cached.report))
             }))
         }));
     }
@@ -575,16 +586,16 @@ impl<T> JobView for Job<T> {
 }
 
 /// Scores the open SAE against the world's labels (`features score`) in a job: its phases as
-/// the job's message, its cancel flag obeyed. With `cache` (a file from
-/// [`concept_score_file`]), a score kept there is read instead, and a new one is kept there.
+/// the job's message, its cancel flag obeyed. With `kept`, a score kept there is read instead
+/// (if `kept.read`), and a new one is kept there.
 pub fn score_in_job(
     model: &Model,
     sae: &OpenSae,
     settings: &ScoreSettings,
-    cache: Option<&Path>,
+    kept: Option<Kept<'_>>,
     job: &crate::jobs::JobHandle,
 ) -> anyhow::Result<ScoreReport> {
-    if let Some(cached) = cache.and_then(CachedScore::read)
+    if let Some(cached) = (kept.filter(|k| k.read)).and_then(|k| CachedScore::read(k.path))
         && &cached.settings == settings
     {
         return Ok(cached.report);
@@ -598,7 +609,7 @@ pub fn score_in_job(
         |phase, tokens| job.set_message(format!("{phase}: {tokens} tokens")),
     )?
     .ok_or_else(|| anyhow::anyhow!("cancelled"))?;
-    if let Some(path) = cache {
+    if let Some(Kept { path, .. }) = kept {
         let cached = CachedScore {
             version: env!("CARGO_PKG_VERSION").into(),
             format: crate::features::score::REPORT_FORMAT,
@@ -614,8 +625,38 @@ pub fn score_in_job(
     Ok(report)
 }
 
-/// A concept score and the SAE it is of.
-pub type ConceptScores = (PathBuf, Arc<ScoreReport>);
+/// Where a concept score is kept ([`concept_score_file`]), and whether one kept there may be
+/// read instead of scoring.
+#[derive(Clone, Copy, Debug)]
+pub struct Kept<'a> {
+    pub path: &'a Path,
+    pub read: bool,
+}
+
+/// A concept score and the SAE and model it is of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConceptScores {
+    pub sae_dir: PathBuf,
+    /// The SAE's cache folder, named by the SAE's and the model's contents: what the score is
+    /// of (a path alone may hold another SAE, or be opened with another model, later).
+    of: PathBuf,
+    pub report: Arc<ScoreReport>,
+}
+
+impl ConceptScores {
+    pub fn new(sae: &OpenSae, report: ScoreReport) -> Self {
+        Self {
+            sae_dir: sae.dir.clone(),
+            of: sae.cache_dir.clone(),
+            report: Arc::new(report),
+        }
+    }
+
+    /// Whether the scores are of `sae` with the model it was opened for.
+    pub fn is_for(&self, sae: &OpenSae) -> bool {
+        self.of == sae.cache_dir
+    }
+}
 
 const CONCEPT_SCORES_PREFIX: &str = "concepts-";
 
@@ -623,7 +664,13 @@ const CONCEPT_SCORES_PREFIX: &str = "concepts-";
 /// by the SAE's and the model's contents), one file per settings. A score takes about a
 /// minute; the same settings give the same score (the splits and probes are seeded).
 pub fn concept_score_file(sae: &OpenSae, settings: &ScoreSettings) -> PathBuf {
-    let key = serde_json::to_string(settings).unwrap_or_default();
+    // The hooks too: an SAE placed by its path reads another hook when given one.
+    let key = format!(
+        "{} {} {}",
+        sae.hook,
+        sae.hook_out,
+        serde_json::to_string(settings).unwrap_or_default()
+    );
     let digest = crate::table::sha256_hex(key.as_bytes());
     sae.cache_dir
         .join(format!("{CONCEPT_SCORES_PREFIX}{}.json", &digest[..16]))

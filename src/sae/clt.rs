@@ -961,9 +961,15 @@ impl Checkpoints {
         self.dir.join("training")
     }
 
+    /// The folder of the latest checkpoint.
+    pub fn checkpoint_dir(&self) -> std::path::PathBuf {
+        self.training().join("checkpoint")
+    }
+
     /// [`Checkpoints::identity`] of a run of `model` over `source`'s corpus and windows, from
-    /// `hooks` (input and output names), with a mixing buffer of `buffer_rows`: the same for
-    /// the command line and the window, so a run started in one continues in the other.
+    /// `hooks` (input and output names), with a mixing buffer of `buffer_rows`, worded the same
+    /// by the command line and the window. (A run started in one continues in the other only
+    /// with the same settings too, and the window's defaults differ from the command's.)
     pub fn identity_of(
         model: &crate::model::Model,
         source: &super::activations::ActivationSource<'_>,

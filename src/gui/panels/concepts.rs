@@ -13,7 +13,7 @@ use crate::features::score::{ConceptScore, ScoreReport, ScoreSettings};
 use crate::gui::style::explain;
 use crate::gui::widgets::job_row;
 use crate::gui::workbench::{
-    ConceptScores, PanelRequest, Workbench, concept_score_file, score_in_job, window_segments,
+    ConceptScores, Kept, PanelRequest, Workbench, concept_score_file, score_in_job, window_segments,
 };
 use crate::jobs::Job;
 
@@ -90,17 +90,17 @@ impl Panel for Concepts {
              threshold are chosen on the first and scored on the second.",
         );
         self.form_ui(ui, wb);
-        let Some((scored_sae, report)) = wb.concept_scores.clone() else {
+        let Some(scores) = wb.concept_scores.clone() else {
             return;
         };
         ui.separator();
-        if wb.sae.as_ref().is_some_and(|s| s.dir != scored_sae) {
+        if wb.sae.as_ref().is_some_and(|sae| !scores.is_for(sae)) {
             ui.weak(format!(
-                "(scored for {}, not the SAE open now)",
-                scored_sae.display()
+                "(scored for {} with another model, or another SAE, than the one open now)",
+                scores.sae_dir.display()
             ));
         }
-        let report = &report;
+        let report = &scores.report;
         summary_ui(ui, report);
         let selected = self.selected.and_then(|i| report.concepts.get(i));
         if !report.mean_sparse_probe_f1.is_empty() {
@@ -152,18 +152,21 @@ impl Concepts {
                     ui.end_row();
                 });
         });
-        let start = wb.take_request(&PanelRequest::Start(PanelKind::Concepts));
+        // The screenshot tour scores afresh: it measures the window while a real job runs.
+        let tour = wb.take_request(&PanelRequest::Start(PanelKind::Concepts));
         ui.horizontal(|ui| match &self.job {
             None => {
-                if ui.button("Score the SAE").clicked() || start {
-                    self.start(wb);
+                if ui.button("Score the SAE").clicked() || tour {
+                    self.start(wb, !tour);
                 }
             }
             Some(job) => job_row(ui, job),
         });
     }
 
-    pub fn start(&mut self, wb: &mut Workbench) {
+    /// Scores the open SAE with the form's settings; `read_kept`: a score kept for them is
+    /// read instead.
+    pub fn start(&mut self, wb: &mut Workbench, read_kept: bool) {
         let (Some(model), Some(sae)) = (wb.model.clone(), wb.sae.clone()) else {
             return;
         };
@@ -182,13 +185,14 @@ impl Concepts {
         settings.sparse_probe_ks = ks;
         // A score kept for this SAE, model and settings is read, not made again (not for
         // an edited model: the cache is named by the model's files).
-        let cache = wb
-            .history
-            .is_empty()
-            .then(|| concept_score_file(&sae, &settings));
+        let path = (wb.history.is_empty()).then(|| concept_score_file(&sae, &settings));
         self.job = Some(wb.spawn("concept scores", move |job| {
-            let report = score_in_job(&model, &sae, &settings, cache.as_deref(), job)?;
-            Ok((sae.dir.clone(), std::sync::Arc::new(report)))
+            let kept = path.as_deref().map(|path| Kept {
+                path,
+                read: read_kept,
+            });
+            let report = score_in_job(&model, &sae, &settings, kept, job)?;
+            Ok(ConceptScores::new(&sae, report))
         }));
     }
 }

@@ -330,10 +330,10 @@ fn feature_page(ui: &mut egui::Ui, wb: &mut Workbench, store: &FeatureStore, f: 
         ui.label(format!("ground-truth concept: {label}"))
             .on_hover_text("the world concept this feature detects best (features score)");
     }
-    let scores = (wb.concept_scores.as_ref())
-        .filter(|(dir, _)| wb.sae.as_ref().is_some_and(|s| &s.dir == dir));
-    if let Some((_, report)) = scores {
-        let roles = report.roles_of(f.feature);
+    let scores =
+        (wb.concept_scores.as_ref()).filter(|c| wb.sae.as_ref().is_some_and(|sae| c.is_for(sae)));
+    if let Some(scores) = scores {
+        let roles = scores.report.roles_of(f.feature);
         if !roles.is_empty() {
             ui.label("In the Concepts panel's scores:")
                 .on_hover_text(explain::ABSORPTION);

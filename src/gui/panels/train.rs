@@ -233,7 +233,15 @@ impl Train {
         });
     }
 
-    pub fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
+    pub fn start(&mut self, wb: &mut Workbench, model: &Arc<Model>) {
+        if self.form.resume && !wb.history.is_empty() {
+            // The checkpoint names the model's folder, not the edits made to it since.
+            wb.error(
+                "a stopped run cannot be continued on an edited model (its checkpoint does not \
+                 record the edits): undo them, or start a new run",
+            );
+            return;
+        }
         let model = model.clone();
         let form = self.form.clone();
         self.last_series = None;
@@ -309,7 +317,7 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
             .map(|(out, _)| out.to_string())
             .unwrap_or_default(),
     };
-    let started = std::time::Instant::now();
+    let mut pace = Pace::new();
     let outcome = run(
         &mut source,
         &settings,
@@ -320,7 +328,7 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
             .on(StepEngine::for_run(&model.device, &settings.train)),
         |m| {
             let curves = [m.loss, m.l0, m.fvu, 100.0 * m.dead_fraction];
-            report_step(job, started, (m.step, total, m.tokens), curves);
+            report_step(job, &mut pace, (m.step, total, m.tokens), curves);
         },
     )?;
     Ok(match outcome {
@@ -429,7 +437,7 @@ fn train_cross_layer(
     config.decay_steps = config.total_steps / 5;
     config.dead_after_tokens = f.tokens.min(1_000_000) / 5;
     let total = config.total_steps;
-    let started = std::time::Instant::now();
+    let mut pace = Pace::new();
     // A row holds every layer's input and output: 16 batches of them could take gigabytes, so
     // the mixing buffer is capped at 256 MB (but holds at least two batches).
     let row_bytes = 4 * config.row_width();
@@ -456,12 +464,12 @@ fn train_cross_layer(
                 CltStepMetrics::mean(&m.fvu),
                 100.0 * CltStepMetrics::mean(&m.dead_fraction),
             ];
-            report_step(job, started, (m.step, total, m.tokens), curves);
+            report_step(job, &mut pace, (m.step, total, m.tokens), curves);
         },
     )?;
     if !run.finished {
         let step = run.trainer.step;
-        return Ok(Ended::Cancelled(step, staging.join("training/checkpoint")));
+        return Ok(Ended::Cancelled(step, checkpoints.checkpoint_dir()));
     }
     job.set_message("saving");
     let metrics = run.log_lines();
@@ -475,7 +483,7 @@ fn train_cross_layer(
 /// and every other step the curves [`charts`] draws: loss, L0, FVU and dead %, then tokens/s.
 fn report_step(
     job: &crate::jobs::JobHandle,
-    started: std::time::Instant,
+    pace: &mut Pace,
     (step, total, tokens): (u64, u64, u64),
     [loss, l0, fvu, dead_percent]: [f64; 4],
 ) {
@@ -488,8 +496,28 @@ fn report_step(
         job.record("L0", x, l0);
         job.record("FVU", x, fvu);
         job.record("dead %", x, dead_percent);
-        let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        job.record("tokens/s", x, rate);
+        job.record("tokens/s", x, pace.rate(tokens));
+    }
+}
+
+/// Tokens a second since the run (re)started: a continued run's earlier tokens left out.
+struct Pace {
+    started: std::time::Instant,
+    first: Option<u64>,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            first: None,
+        }
+    }
+
+    /// The rate at `tokens` trained on in all (the first report's count is the start).
+    fn rate(&mut self, tokens: u64) -> f64 {
+        let first = *self.first.get_or_insert(tokens);
+        (tokens - first) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 }
 
