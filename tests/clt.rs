@@ -437,7 +437,10 @@ fn a_resumed_clt_run_reaches_the_weights_of_an_uninterrupted_one() {
     .err()
     .unwrap()
     .to_string();
-    assert!(err.contains("other settings"), "{err}");
+    assert!(
+        err.contains("other settings") && err.contains("k: 5 → 4"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -15,6 +15,42 @@ pub(crate) const STATE_JSON: &str = "state.json";
 pub(crate) const TRAINER_FILE: &str = "trainer.safetensors";
 const BUFFER_FILE: &str = "buffer.safetensors";
 
+/// The settings in which `now` differs from `was` (the checkpoint's), as `key: was → now`
+/// with nested keys joined by dots: what a refused resume names.
+pub(crate) fn setting_differences<T: serde::Serialize>(was: &T, now: &T) -> Vec<String> {
+    fn walk(key: &str, was: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<String>) {
+        match (was, now) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                let null = serde_json::Value::Null;
+                for k in keys {
+                    let inner = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    walk(
+                        &inner,
+                        a.get(k).unwrap_or(&null),
+                        b.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if was != now => out.push(format!("{key}: {was} → {now}")),
+            _ => {}
+        }
+    }
+    let (Ok(was), Ok(now)) = (serde_json::to_value(was), serde_json::to_value(now)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk("", &was, &now, &mut out);
+    out
+}
+
 /// Writes a checkpoint through `write` into `training/checkpoint.new`, then swaps it in for
 /// `training/checkpoint`: the old one is removed only once the new one is complete.
 pub(crate) fn swap_in_checkpoint(
@@ -154,4 +190,38 @@ pub(crate) fn counts(
         .into_iter()
         .map(|t| t.max(0) as u64)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize)]
+    struct Inner {
+        lr: f64,
+        k: usize,
+    }
+
+    #[derive(serde::Serialize)]
+    struct Settings {
+        buffer_rows: usize,
+        train: Inner,
+    }
+
+    #[test]
+    fn a_refused_resume_names_each_setting_that_changed() {
+        let was = Settings {
+            buffer_rows: 64,
+            train: Inner { lr: 1e-3, k: 32 },
+        };
+        let now = Settings {
+            buffer_rows: 64,
+            train: Inner { lr: 2e-3, k: 16 },
+        };
+        assert_eq!(
+            setting_differences(&was, &now),
+            ["train.k: 32 → 16", "train.lr: 0.001 → 0.002"]
+        );
+        assert!(setting_differences(&was, &was).is_empty());
+    }
 }

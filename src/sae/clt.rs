@@ -1044,8 +1044,8 @@ fn restore_checkpoint(
     };
     if &state.config != config {
         return Err(mismatch(format!(
-            "the checkpoint was made with other settings ({:?}); resume with the same ones",
-            state.config
+            "the checkpoint was made with other settings ({}); resume with the same ones",
+            checkpoint::setting_differences(&state.config, config).join(", ")
         )));
     }
     if state.identity != checkpoints.identity {

@@ -465,9 +465,11 @@ fn restore(
         return Err(Error::InvalidArgument {
             what: "resume",
             value: dir.display().to_string(),
-            message: "the checkpoint was made with other settings (only the token budget may \
-                      change on resume)"
-                .into(),
+            message: format!(
+                "the checkpoint was made with other settings ({}); only the token budget may \
+                 change on resume",
+                super::checkpoint::setting_differences(&expected, settings).join(", ")
+            ),
         });
     }
     if &state.metadata != metadata {
