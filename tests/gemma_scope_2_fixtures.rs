@@ -77,19 +77,9 @@ fn gemma_scope_2_saes_load_at_their_sites_and_match_circuit_tracers_reading() {
 fn a_gemma_scope_2_affine_transcoder_reads_the_mlp_input_and_adds_its_skip_path() {
     let model = gemma3();
     let dir = scope_dir("transcoder/layer_1_width_128_l0_small_affine");
-    let (sae_dir, input) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
-    let output = sae::output_hook(&sae_dir, input, &model).unwrap();
-    assert_eq!(
-        (input.to_string(), output.to_string()),
-        (
-            "blocks.1.mlp.hook_in".into(),
-            "blocks.1.hook_mlp_out".into()
-        )
-    );
-    let sae = &sae_dir.sae;
+    let (sae, site) = common::load_mlp_transcoder(&model, &dir, 1);
     assert!(sae.transcoder && sae.w_skip.is_some());
-    let site = sae::SaeSite { input, output };
-    common::check_transcoder_against_reference(&model, sae, site, &io(&dir), "transcoder");
+    common::check_transcoder_against_reference(&model, &sae, site, &io(&dir), "transcoder");
 }
 
 #[test]

@@ -60,21 +60,11 @@ fn gemma_scope_folders_load_at_their_sites_and_match_the_reference_jumprelu() {
 fn gemma_scope_transcoders_read_the_mlp_input_and_predict_its_post_norm_output() {
     let model = Model::load(&fixture_dir("gemma2"), &Device::Cpu, DType::F32).unwrap();
     let dir = scope_dir("gemma-scope-tiny-pt-transcoders", 1, 21);
-    let (sae_dir, input) = sae::load_for_model(&dir, None, &model, &Device::Cpu).unwrap();
-    let output = sae::output_hook(&sae_dir, input, &model).unwrap();
-    assert_eq!(
-        (input.to_string(), output.to_string()),
-        (
-            "blocks.1.mlp.hook_in".into(),
-            "blocks.1.hook_mlp_out".into()
-        )
-    );
-    let sae = &sae_dir.sae;
+    let (sae, site) = common::load_mlp_transcoder(&model, &dir, 1);
     assert!(sae.transcoder && !sae.apply_b_dec_to_input);
     // Gemma 2's MLP input (after the (1 + w) pre-MLP RMSNorm) and post-norm output, as
     // transformers computes them.
-    let site = sae::SaeSite { input, output };
-    common::check_transcoder_against_reference(&model, sae, site, &io(&dir), "transcoder");
+    common::check_transcoder_against_reference(&model, &sae, site, &io(&dir), "transcoder");
 }
 
 #[test]

@@ -1153,19 +1153,7 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     let mut h = harness();
     wait_for(&mut h, "the model", model_loaded);
     open_panel(&mut h, "Train");
-    replace_text(&mut h, "Output folder", out.to_str().unwrap());
-    replace_text(&mut h, "Tokens", "32768");
-    replace_text(&mut h, "Batch size", "1024");
-    h.key_press(egui::Key::Enter);
-    h.step();
-    h.get_by_label("Start training").click();
-    wait_for(&mut h, "the first training steps", |h| has_label(h, "FVU:"));
-    h.get_by_label("Pause").click();
-    h.step();
-    h.get_by_label("Cancel train SAE").click();
-    wait_for(&mut h, "the cancel", |h| {
-        has_message(h, &["training stopped at step"])
-    });
+    train_then_cancel(&mut h, &out, "32768", "Cancel train SAE");
     assert!(out.join("training/checkpoint").is_dir());
     assert!(!out.join("sae_weights.safetensors").exists());
 
@@ -1186,6 +1174,24 @@ fn a_training_job_reports_progress_and_cancels_to_a_checkpoint() {
     let steps = logged_steps(&out.join("training/metrics.jsonl"));
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
     assert_eq!(steps.last(), Some(&(32_768 / 1024)), "{steps:?}");
+}
+
+/// Starts the Train panel's form into `out` for `tokens` tokens in batches of 1,024, pauses
+/// once the charts show, and cancels with the button labelled `cancel`.
+fn train_then_cancel(h: &mut Harness<'static, App>, out: &Path, tokens: &str, cancel: &str) {
+    replace_text(h, "Output folder", out.to_str().unwrap());
+    replace_text(h, "Tokens", tokens);
+    replace_text(h, "Batch size", "1024");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.get_by_label("Start training").click();
+    wait_for(h, "the first training steps", |h| has_label(h, "FVU:"));
+    h.get_by_label("Pause").click();
+    h.step();
+    h.get_by_label(cancel).click();
+    wait_for(h, "the cancel", |h| {
+        has_message(h, &["training stopped at step"])
+    });
 }
 
 /// The `step` of every line of a JSON-lines training log.
@@ -1285,19 +1291,7 @@ fn a_cross_layer_transcoder_run_cancels_to_a_checkpoint_and_continues() {
     open_panel(&mut h, "Train");
     h.get_by_label("a cross-layer transcoder").click();
     h.step();
-    replace_text(&mut h, "Output folder", out.to_str().unwrap());
-    replace_text(&mut h, "Tokens", "16384");
-    replace_text(&mut h, "Batch size", "1024");
-    h.key_press(egui::Key::Enter);
-    h.step();
-    h.get_by_label("Start training").click();
-    wait_for(&mut h, "the first training steps", |h| has_label(h, "FVU:"));
-    h.get_by_label("Pause").click();
-    h.step();
-    h.get_by_label("Cancel train CLT").click();
-    wait_for(&mut h, "the cancel", |h| {
-        has_message(h, &["training stopped at step"])
-    });
+    train_then_cancel(&mut h, &out, "16384", "Cancel train CLT");
     assert!(staging.join("training/checkpoint").is_dir());
     assert!(!out.exists());
     // Started again without "continue", the run is refused: the checkpoint is named.

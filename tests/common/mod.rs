@@ -294,6 +294,26 @@ pub fn io_ids(io: &std::collections::HashMap<String, Tensor>) -> Vec<u32> {
         .collect()
 }
 
+/// Loads the transcoder folder `dir` for `model` and checks it reads `blocks.{layer}.mlp.hook_in`
+/// and writes `blocks.{layer}.hook_mlp_out` (the MLP's input after its norm, and its output).
+pub fn load_mlp_transcoder(
+    model: &monoscope::Model,
+    dir: &std::path::Path,
+    layer: usize,
+) -> (monoscope::sae::Sae, monoscope::sae::SaeSite) {
+    let device = candle_core::Device::Cpu;
+    let (sae_dir, input) = monoscope::sae::load_for_model(dir, None, model, &device).unwrap();
+    let output = monoscope::sae::output_hook(&sae_dir, input, model).unwrap();
+    assert_eq!(
+        (input.to_string(), output.to_string()),
+        (
+            format!("blocks.{layer}.mlp.hook_in"),
+            format!("blocks.{layer}.hook_mlp_out")
+        )
+    );
+    (sae_dir.sae, monoscope::sae::SaeSite { input, output })
+}
+
 /// Checks a transcoder against a reference made by its own package: the model's activations at
 /// `input` and `output` on the reference's tokens are its `x` and `y` (max relative error
 /// ≤ 1e-4), and on `x` the transcoder's encodings and output (skip path included) are its
