@@ -193,8 +193,9 @@ impl App {
             .on_hover_text(
                 "An SAE folder: SAELens format (cfg.json, sae_weights.safetensors), one \
                  hookpoint of an EleutherAI sparsify run (cfg.json, sae.safetensors), a \
-                 Gemma Scope SAE (params.npz under gemma-scope-…/layer_L/…), or a Gemma \
-                 Scope 2 one (params.safetensors under <site>/layer_L_…)",
+                 Gemma Scope SAE (params.npz under gemma-scope-…/layer_L/…), a Gemma \
+                 Scope 2 one (params.safetensors under <site>/layer_L_…), or a \
+                 dictionary_learning / SAEBench one (ae.pt and config.json)",
             )
             .clicked()
         {

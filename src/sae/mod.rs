@@ -1,7 +1,8 @@
 //! Sparse autoencoders: the inference-time model (encode / decode for every architecture) and
 //! the folders it is read from: the SAELens format monoscope writes ([`saelens`]), EleutherAI
-//! sparsify's ([`sparsify`]), Gemma Scope's `params.npz` ([`gemma_scope`]) and Gemma Scope 2's
-//! `params.safetensors` ([`gemma_scope_2`]), told apart by their weight files ([`load`]).
+//! sparsify's ([`sparsify`]), Gemma Scope's `params.npz` ([`gemma_scope`]), Gemma Scope 2's
+//! `params.safetensors` ([`gemma_scope_2`]) and dictionary_learning's `ae.pt` (SAEBench's;
+//! [`dictionary_learning`]), told apart by their weight files ([`load`]).
 //!
 //! Encode: `pre = (x − b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc`, then the architecture's
 //! activation; decode: `acts @ W_dec + b_dec`. Shapes: `W_enc [d_in, d_sae]`,
@@ -19,6 +20,7 @@ pub(crate) mod checkpoint;
 pub mod clt;
 pub mod codes;
 pub mod cpu;
+pub mod dictionary_learning;
 pub mod eval;
 pub mod gemma_scope;
 pub mod gemma_scope_2;
@@ -42,12 +44,13 @@ pub fn is_sae_dir(dir: &Path) -> bool {
     sparsify::is_sparsify_dir(dir)
         || gemma_scope::is_gemma_scope_dir(dir)
         || gemma_scope_2::is_gemma_scope_2_dir(dir)
+        || dictionary_learning::is_dictionary_learning_dir(dir)
         || dir.join(saelens::CONFIG_FILE).is_file()
 }
 
 /// Loads the SAE folder `dir` onto `device` in `dtype`, in whichever format it is: sparsify's
-/// (`sae.safetensors`), Gemma Scope's (`params.npz`), Gemma Scope 2's (`params.safetensors`)
-/// or else SAELens's. A folder of SAE folders (a sparsify run, one per
+/// (`sae.safetensors`), Gemma Scope's (`params.npz`), Gemma Scope 2's (`params.safetensors`),
+/// dictionary_learning's (`ae.pt`) or else SAELens's. A folder of SAE folders (a sparsify run, one per
 /// hookpoint) is refused with the names to choose from.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     if sparsify::is_sparsify_dir(dir) {
@@ -58,6 +61,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     }
     if gemma_scope_2::is_gemma_scope_2_dir(dir) {
         return gemma_scope_2::load(dir, device, dtype);
+    }
+    if dictionary_learning::is_dictionary_learning_dir(dir) {
+        return dictionary_learning::load(dir, device, dtype);
     }
     if !dir.join(saelens::CONFIG_FILE).is_file() {
         let mut inner: Vec<String> = std::fs::read_dir(dir)
@@ -118,6 +124,13 @@ pub fn load_for_model(
                     gemma_scope::KNOWN_PATHS
                 ),
             });
+        }
+        None if dictionary_learning::is_dictionary_learning_dir(dir) => {
+            return Err(Error::config(
+                dir.join(dictionary_learning::CONFIG_FILE),
+                "trainer.layer",
+                "is missing, and no submodule_name names a site; pass the hook the SAE reads",
+            ));
         }
         None if gemma_scope_2::is_gemma_scope_2_dir(dir) => {
             return Err(Error::InvalidArgument {
