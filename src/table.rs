@@ -191,7 +191,8 @@ pub fn model_hash(dir: &Path) -> Result<String> {
 }
 
 /// What identifies an SAE folder's content, in any format monoscope reads (SAELens's,
-/// sparsify's, Gemma Scope's and Gemma Scope 2's weight and config files): caches of an SAE's
+/// sparsify's, Gemma Scope's, Gemma Scope 2's and dictionary_learning's weight and config
+/// files): caches of an SAE's
 /// statistics and scores are named by it.
 pub fn sae_hash(dir: &Path) -> Result<String> {
     content_hash(
@@ -202,6 +203,7 @@ pub fn sae_hash(dir: &Path) -> Result<String> {
             "sae.safetensors",
             "params.npz",
             "params.safetensors",
+            "ae.pt",
             "config.json",
         ],
     )

@@ -88,6 +88,11 @@ fn folders_dictionary_learning_cannot_be_read_from_are_refused_by_name() {
         e.contains("trainer.k") && e.contains("AutoEncoderTopK"),
         "{e}"
     );
+    // Two folders with one config and other weights are two SAEs to the caches.
+    let same_config = copy(0, "same-config", &|_| {});
+    std::fs::copy(trainer_dir(1).join("ae.pt"), same_config.join("ae.pt")).unwrap();
+    let hash = |dir: &Path| monoscope::table::sae_hash(dir).unwrap();
+    assert_ne!(hash(&same_config), hash(&trainer_dir(0)));
     let not_torch = copy(0, "not-torch", &|_| {});
     std::fs::write(not_torch.join("ae.pt"), b"not a zip").unwrap();
     let e = error(&not_torch);
