@@ -1395,12 +1395,16 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
         "Mean best-feature F1 {:.3} over 27 concepts ({} held-out tokens)",
         report.mean_f1, report.evaluation_tokens
     );
-    // (A score kept by an earlier run may be shown when the SAE opens: wait for this one.)
-    wait_for(&mut h, "the score", |h| !h.state().busy());
-    let shown = h.state().workbench.concept_scores.clone().unwrap();
+    // A score kept by an earlier run may be shown when the SAE opens: wait for this one (an
+    // ended job stops counting as busy a frame before its result is taken).
     let best =
         |r: &ScoreReport| -> Vec<u32> { r.concepts.iter().map(|c| c.best_feature).collect() };
-    assert_eq!(best(&shown.report), best(&report));
+    let expected = best(&report);
+    wait_for(&mut h, "the score", |h| {
+        let scores = h.state().workbench.concept_scores.as_ref();
+        scores.is_some_and(|s| best(&s.report) == expected) && !h.state().busy()
+    });
+    let shown = h.state().workbench.concept_scores.clone().unwrap();
     assert!(has_label(&h, &summary), "{summary}");
     assert!(has_label(&h, "k-sparse probes: mean F1 k=1 "));
     assert!(has_label(&h, "Dense probes of the hook: mean F1 "));
@@ -1458,6 +1462,8 @@ fn the_concepts_panel_scores_the_sae_and_opens_a_concepts_best_feature() {
     let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
     h.get_by_label("Score the SAE").click();
     wait_for(&mut h, "the kept score", |h| !h.state().busy());
+    h.run_steps(3);
+    assert_eq!(h.state().workbench.concept_scores.as_ref(), Some(&shown));
     assert!(has_label(&h, &summary), "{summary}");
     assert_eq!(
         std::fs::metadata(&cache).unwrap().modified().unwrap(),

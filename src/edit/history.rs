@@ -56,6 +56,17 @@ impl EditHistory {
         &self.edits
     }
 
+    /// "" for the loaded weights; else how many edits and a digest of what they asked, so that
+    /// what was made from an edited model says so (and is told from one edited otherwise).
+    pub fn fingerprint(&self) -> String {
+        if self.edits.is_empty() {
+            return String::new();
+        }
+        let asked = serde_json::to_string(&self.edits).unwrap_or_default();
+        let digest = crate::table::sha256_hex(asked.as_bytes());
+        format!(" (edited: {} edit(s), {})", self.edits.len(), &digest[..12])
+    }
+
     pub fn is_empty(&self) -> bool {
         self.edits.is_empty()
     }

@@ -272,7 +272,7 @@ impl ConceptScore {
 
 /// The version of [`ScoreReport`]'s fields and figures, for reports kept on disk (the window
 /// keeps them): raise it when either changes, and older ones are scored again.
-pub const REPORT_FORMAT: u32 = 2;
+pub const REPORT_FORMAT: u32 = 3;
 
 /// The per-concept table and its summary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

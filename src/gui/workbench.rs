@@ -37,6 +37,12 @@ pub struct OpenSae {
 }
 
 impl OpenSae {
+    /// The hooks it reads and writes, as text (what kept scores of it are keyed by too: an SAE
+    /// placed by its path reads another hook when given one).
+    pub fn hooks(&self) -> String {
+        format!("{} → {}", self.hook, self.hook_out)
+    }
+
     /// The hooks it reads and writes.
     pub fn site(&self) -> crate::sae::SaeSite {
         crate::sae::SaeSite {
@@ -429,7 +435,7 @@ impl Workbench {
                 .collect();
             files.sort_by_key(|&(modified, _)| std::cmp::Reverse(modified));
             Ok(files.iter().find_map(|(_, path)| {
-                let cached = CachedScore::read(path)?;
+                let cached = CachedScore::read(path).filter(|c| c.hooks == sae.hooks())?;
                 Some(ConceptScores::new(&sae, cached.report))
             }))
         }));
@@ -613,6 +619,7 @@ pub fn score_in_job(
         let cached = CachedScore {
             version: env!("CARGO_PKG_VERSION").into(),
             format: crate::features::score::REPORT_FORMAT,
+            hooks: sae.hooks(),
             settings: settings.clone(),
             report,
         };
@@ -664,11 +671,9 @@ const CONCEPT_SCORES_PREFIX: &str = "concepts-";
 /// by the SAE's and the model's contents), one file per settings. A score takes about a
 /// minute; the same settings give the same score (the splits and probes are seeded).
 pub fn concept_score_file(sae: &OpenSae, settings: &ScoreSettings) -> PathBuf {
-    // The hooks too: an SAE placed by its path reads another hook when given one.
     let key = format!(
-        "{} {} {}",
-        sae.hook,
-        sae.hook_out,
+        "{} {}",
+        sae.hooks(),
         serde_json::to_string(settings).unwrap_or_default()
     );
     let digest = crate::table::sha256_hex(key.as_bytes());
@@ -682,6 +687,8 @@ struct CachedScore {
     /// The monoscope that scored, and its report's format: another may score differently.
     version: String,
     format: u32,
+    /// The hooks the SAE was read at ([`OpenSae::hooks`]).
+    hooks: String,
     settings: ScoreSettings,
     report: ScoreReport,
 }

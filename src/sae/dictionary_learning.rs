@@ -16,7 +16,12 @@
 //! type IntStorage"; the SAE loads all the same). The SAE reads `blocks.L.hook_resid_post` for
 //! `trainer.layer` (SAELens's reading; SAEBench's suites are residual-stream SAEs), or the
 //! site `trainer.submodule_name` names (`resid_post_layer_L`, `mlp_out_layer_L`,
-//! `attn_out_layer_L`). Gated autoencoders are refused by name.
+//! `attn_out_layer_L`; any other falls back to the layer's residual stream, as SAELens reads
+//! it). Gated autoencoders are refused by name. The weights are read as saved:
+//! dictionary_learning's own `AutoEncoder.from_pretrained` rescales a standard SAE's decoder
+//! rows to unit norm by default (latents scaled up to match, reconstructions unchanged), which
+//! monoscope, like SAELens, does not, so a standard SAE's activations can differ in scale from
+//! what that loader reports.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -97,7 +102,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
             dir: path.clone(),
             key: key.to_string(),
         })?;
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
+        // Some are saved as transposed views (JumpReLU's W_enc is W_dec.T).
+        Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
     };
     // The encoder as [d_in, d_sae] and the decoder as [d_sae, d_in], from either spelling.
     let linear = || -> Result<(Tensor, Tensor, Tensor)> {

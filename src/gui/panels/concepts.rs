@@ -58,6 +58,8 @@ impl ScoreForm {
 pub struct Concepts {
     pub form: ScoreForm,
     job: Option<Job<ConceptScores>>,
+    /// The model's version when the job started: a score of a model since edited is dropped.
+    job_model: u64,
     /// The concept whose k-sparse curve is drawn beside the mean (an index into the report).
     selected: Option<usize>,
 }
@@ -73,8 +75,12 @@ impl Panel for Concepts {
 
     fn ui(&mut self, ui: &mut egui::Ui, wb: &mut Workbench) {
         if let Some(done) = take(&mut self.job, wb) {
-            self.selected = None;
-            wb.concept_scores = Some(done);
+            if wb.model_version == self.job_model {
+                self.selected = None;
+                wb.concept_scores = Some(done);
+            } else {
+                wb.info("the model changed while the SAE was scored: score it again");
+            }
         }
         if need_model(ui, wb).is_none() {
             return;
@@ -186,6 +192,7 @@ impl Concepts {
         // A score kept for this SAE, model and settings is read, not made again (not for
         // an edited model: the cache is named by the model's files).
         let path = (wb.history.is_empty()).then(|| concept_score_file(&sae, &settings));
+        self.job_model = wb.model_version;
         self.job = Some(wb.spawn("concept scores", move |job| {
             let kept = path.as_deref().map(|path| Kept {
                 path,

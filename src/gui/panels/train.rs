@@ -55,6 +55,9 @@ pub struct TrainForm {
     pub out: String,
     /// Continue the stopped run whose checkpoint is in (or beside) the output folder.
     pub resume: bool,
+    /// The model's edits when the run starts ([`crate::edit::history::EditHistory::fingerprint`]):
+    /// part of what a checkpoint must match, and of the trained SAE's model name.
+    model_edits: String,
 }
 
 impl Default for TrainForm {
@@ -74,6 +77,7 @@ impl Default for TrainForm {
             corpus: "world".into(),
             out: "sae-out".into(),
             resume: false,
+            model_edits: String::new(),
         }
     }
 }
@@ -233,17 +237,10 @@ impl Train {
         });
     }
 
-    pub fn start(&mut self, wb: &mut Workbench, model: &Arc<Model>) {
-        if self.form.resume && !wb.history.is_empty() {
-            // The checkpoint names the model's folder, not the edits made to it since.
-            wb.error(
-                "a stopped run cannot be continued on an edited model (its checkpoint does not \
-                 record the edits): undo them, or start a new run",
-            );
-            return;
-        }
+    pub fn start(&mut self, wb: &Workbench, model: &Arc<Model>) {
         let model = model.clone();
-        let form = self.form.clone();
+        let mut form = self.form.clone();
+        form.model_edits = wb.history.fingerprint();
         self.last_series = None;
         self.job = Some(match form.coder {
             Coder::CrossLayer => wb.spawn("train CLT", move |job| {
@@ -302,12 +299,10 @@ fn train(model: &Model, f: &TrainForm, job: &crate::jobs::JobHandle) -> anyhow::
         save_dtype: SaveDtype::F32,
         train,
     };
+    let folder = model.dir.file_name().map(|n| n.to_string_lossy());
     let metadata = SaeMetadata {
-        model_name: model
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        // A resumed run must be of the same edits, and the SAE says what it was trained on.
+        model_name: format!("{}{}", folder.unwrap_or_default(), f.model_edits),
         hook_name: source.hook.to_string(),
         context_size: source.settings.context_size,
         prepend_bos: source.settings.prepend_bos,
@@ -449,7 +444,7 @@ fn train_cross_layer(
         dir: staging.clone(),
         every_tokens: 1_000_000,
         resume: f.resume,
-        identity: Checkpoints::identity_of(model, &source, hooks, buffer_rows),
+        identity: Checkpoints::identity_of(model, &source, hooks, buffer_rows) + &f.model_edits,
     };
     let run = train_checkpointed(
         &mut source,
@@ -500,24 +495,24 @@ fn report_step(
     }
 }
 
-/// Tokens a second since the run (re)started: a continued run's earlier tokens left out.
+/// Tokens a second from the first step reported (a continued run's earlier tokens, and the
+/// time its buffer took to fill, left out).
+#[derive(Default)]
 struct Pace {
-    started: std::time::Instant,
-    first: Option<u64>,
+    first: Option<(std::time::Instant, u64)>,
 }
 
 impl Pace {
     fn new() -> Self {
-        Self {
-            started: std::time::Instant::now(),
-            first: None,
-        }
+        Self::default()
     }
 
-    /// The rate at `tokens` trained on in all (the first report's count is the start).
+    /// The rate at `tokens` trained on in all.
     fn rate(&mut self, tokens: u64) -> f64 {
-        let first = *self.first.get_or_insert(tokens);
-        (tokens - first) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+        let (started, first) = *self
+            .first
+            .get_or_insert_with(|| (std::time::Instant::now(), tokens));
+        (tokens - first) as f64 / started.elapsed().as_secs_f64().max(1e-9)
     }
 }
 
