@@ -393,8 +393,14 @@ fn undoing_any_edit_gives_the_weights_back_bit_for_bit() {
 
     // The second edit alone, for comparison.
     let mut alone = EditHistory::new();
+    assert_eq!(alone.fingerprint(), "", "the loaded weights");
     alone.apply(&mut model, second.clone()).unwrap();
     let second_only = down_proj(&model, 0);
+    let second_only_edits = alone.fingerprint();
+    assert!(
+        second_only_edits.contains("1 edit(s)"),
+        "{second_only_edits}"
+    );
     alone.undo_all(&mut model).unwrap();
     assert_eq!(bits(&down_proj(&model, 0)), bits(&original));
 
@@ -403,9 +409,12 @@ fn undoing_any_edit_gives_the_weights_back_bit_for_bit() {
     let b = history.apply(&mut model, second).unwrap();
     assert_ne!(a, b);
     assert_eq!(history.edits().len(), 2);
-    // Undo the first (not the last): exactly as if only the second had been applied.
+    assert!(history.fingerprint().contains("2 edit(s)"));
+    // Undo the first (not the last): exactly as if only the second had been applied, and said
+    // to be so (the ids aside).
     history.undo(&mut model, a).unwrap();
     assert_eq!(bits(&down_proj(&model, 0)), bits(&second_only));
+    assert_eq!(history.fingerprint(), second_only_edits);
     assert_eq!(history.edits().len(), 1);
     history.undo(&mut model, b).unwrap();
     assert_eq!(bits(&down_proj(&model, 0)), bits(&original));

@@ -62,7 +62,17 @@ impl EditHistory {
         if self.edits.is_empty() {
             return String::new();
         }
-        let asked = serde_json::to_string(&self.edits).unwrap_or_default();
+        // What was asked and how, not the ids (the same edits undone and redone are the same).
+        let asked: Vec<serde_json::Value> = (self.edits.iter())
+            .filter_map(|e| serde_json::to_value(e).ok())
+            .map(|mut e| {
+                if let Some(fields) = e.as_object_mut() {
+                    fields.remove("id");
+                }
+                e
+            })
+            .collect();
+        let asked = serde_json::to_string(&asked).unwrap_or_default();
         let digest = crate::table::sha256_hex(asked.as_bytes());
         format!(" (edited: {} edit(s), {})", self.edits.len(), &digest[..12])
     }
