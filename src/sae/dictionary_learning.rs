@@ -23,7 +23,6 @@
 //! monoscope, like SAELens, does not, so a standard SAE's activations can differ in scale from
 //! what that loader reports.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -89,22 +88,19 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     let config: Config = crate::files::read_json(&config_path)?;
     let trainer = &config.trainer;
     let path = dir.join(WEIGHTS_FILE);
-    let tensors: HashMap<String, Tensor> = candle_core::pickle::read_all(&path)
-        .map_err(|e| Error::InvalidArgument {
-            what: "dictionary_learning weights",
-            value: path.display().to_string(),
-            message: format!("not a PyTorch state_dict candle can read: {e}"),
-        })?
-        .into_iter()
-        .collect();
-    let get = |key: &str| -> Result<Tensor> {
-        let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
-            dir: path.clone(),
-            key: key.to_string(),
-        })?;
-        // Some are saved as transposed views (JumpReLU's W_enc is W_dec.T).
-        Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+    let file = super::TensorFile {
+        tensors: candle_core::pickle::read_all(&path)
+            .map_err(|e| Error::InvalidArgument {
+                what: "dictionary_learning weights",
+                value: path.display().to_string(),
+                message: format!("not a PyTorch state_dict candle can read: {e}"),
+            })?
+            .into_iter()
+            .collect(),
+        path: path.clone(),
     };
+    // (Some are saved as transposed views: JumpReLU's W_enc is W_dec.T.)
+    let get = |key: &str| file.get(key, dtype, device);
     // The encoder as [d_in, d_sae] and the decoder as [d_sae, d_in], from either spelling.
     let linear = || -> Result<(Tensor, Tensor, Tensor)> {
         Ok((

@@ -12,7 +12,6 @@
 //! after its pre-MLP norm (`blocks.L.mlp.hook_in`) and predicting the MLP's output after its
 //! post-MLP norm (`blocks.L.hook_mlp_out`), SAELens's mapping too.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -79,21 +78,18 @@ pub const KNOWN_PATHS: &str = "…/gemma-scope-<model>-<res|mlp|att|transcoders>
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<SaeDir> {
     let path = dir.join(WEIGHTS_FILE);
     let transcoder = is_transcoder_path(dir);
-    let arrays: HashMap<String, Tensor> = Tensor::read_npz(&path)
-        .map_err(|e| Error::InvalidArgument {
-            what: "Gemma Scope weights",
-            value: path.display().to_string(),
-            message: format!("not a readable .npz of float arrays: {e}"),
-        })?
-        .into_iter()
-        .collect();
-    let get = |key: &str| -> Result<Tensor> {
-        let t = arrays.get(key).ok_or_else(|| Error::MissingTensor {
-            dir: path.clone(),
-            key: key.to_string(),
-        })?;
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    let arrays = super::TensorFile {
+        tensors: Tensor::read_npz(&path)
+            .map_err(|e| Error::InvalidArgument {
+                what: "Gemma Scope weights",
+                value: path.display().to_string(),
+                message: format!("not a readable .npz of float arrays: {e}"),
+            })?
+            .into_iter()
+            .collect(),
+        path: path.clone(),
     };
+    let get = |key: &str| arrays.get(key, dtype, device);
     let sae = Sae {
         architecture: Architecture::JumpRelu,
         w_enc: get("W_enc")?,

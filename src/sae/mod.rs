@@ -39,6 +39,24 @@ use crate::error::{Error, Result};
 use crate::model::{HookPoint, Model};
 use saelens::SaeDir;
 
+/// Tensors read whole from one file (an `.npz`, a PyTorch `state_dict`), and the file.
+pub(crate) struct TensorFile {
+    pub path: std::path::PathBuf,
+    pub tensors: std::collections::HashMap<String, Tensor>,
+}
+
+impl TensorFile {
+    /// `key`, in `dtype` on `device` and contiguous (some files hold transposed views); an error
+    /// naming the file and key where it is missing.
+    pub fn get(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            dir: self.path.clone(),
+            key: key.to_string(),
+        })?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+    }
+}
+
 /// Whether `dir` holds one SAE in a format [`load`] reads.
 pub fn is_sae_dir(dir: &Path) -> bool {
     sparsify::is_sparsify_dir(dir)
