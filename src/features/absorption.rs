@@ -253,22 +253,27 @@ mod tests {
         assert_eq!(absorption_fraction(0.0, -0.5, &[0.1]), 0.0);
     }
 
+    /// 2,000 rows of a 4-wide hook, uniform noise of half-width `noise` per axis, three in ten
+    /// with the concept, which adds `shift`.
+    fn concept_sample(seed: u64, noise: [f32; 4], shift: [f32; 4]) -> RowSample {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut sample = RowSample::new(4, 2000, 0);
+        for _ in 0..2000 {
+            let on = rng.random_bool(0.3);
+            let row: Vec<f32> = (noise.iter().zip(shift))
+                .map(|(&w, s)| rng.random_range(-w..w) + if on { s } else { 0.0 })
+                .collect();
+            sample.offer(&row, &[on]);
+        }
+        sample
+    }
+
     /// A concept along axis 0 of a 4-wide hook; latent 0 is its main feature, latent 1 an
     /// absorber ("the concept, on one entity": direction mostly along axis 0), latent 2 is
     /// orthogonal to it.
     #[test]
     fn a_token_carried_by_an_aligned_other_latent_is_absorbed() {
-        let d = 4;
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut sample = RowSample::new(d, 2000, 0);
-        for _ in 0..2000 {
-            let on = rng.random_bool(0.3);
-            let mut row: Vec<f32> = (0..d).map(|_| rng.random_range(-0.5..0.5)).collect();
-            if on {
-                row[0] += 2.0;
-            }
-            sample.offer(&row, &[on]);
-        }
+        let sample = concept_sample(3, [0.5; 4], [2.0, 0.0, 0.0, 0.0]);
         let probes = LinearProbes::fit(&sample, &ProbeSettings::default());
         let w_dec = [
             1.0, 0.0, 0.0, 0.0, // the main feature
@@ -309,19 +314,7 @@ mod tests {
     /// an absorber along axis 0 is absorbed along the mean difference and not along the probe.
     #[test]
     fn the_probe_and_the_mean_difference_can_disagree() {
-        let d = 4;
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut sample = RowSample::new(d, 2000, 0);
-        for _ in 0..2000 {
-            let on = rng.random_bool(0.3);
-            let mut row: Vec<f32> = (0..3).map(|_| rng.random_range(-0.5..0.5)).collect();
-            row.push(rng.random_range(-0.01..0.01));
-            if on {
-                row[0] += 2.0;
-                row[3] += 0.1;
-            }
-            sample.offer(&row, &[on]);
-        }
+        let sample = concept_sample(5, [0.5, 0.5, 0.5, 0.01], [2.0, 0.0, 0.0, 0.1]);
         let probes = LinearProbes::fit(&sample, &ProbeSettings::default());
         let differences = sample.mean_differences();
         let w_dec = [
